@@ -1,0 +1,3 @@
+//! The `pgcache` command.
+
+fn main() {}

@@ -1,0 +1,381 @@
+//! The key/value cache (`cache_entries`): the Redis GET/SET/DEL replacement.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::data_types::PgInterval;
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::cache::{Cache, CacheKind};
+use crate::error::{Error, Result};
+use crate::input::{check_json, check_key, ttl_interval};
+use crate::manager::CacheManager;
+use crate::schema::cache_entries;
+use crate::sql::{db_now, ExpiresIn};
+
+/// The key/value cache: string keys, values of any serde type stored as JSONB.
+///
+/// Keys are 1 to [`MAX_KEY_BYTES`](crate::MAX_KEY_BYTES) bytes of UTF-8 without NUL;
+/// versioned keys like `user:42:profile:v2` are the norm. Values are
+/// `serde_json::Value` unless you ask for a [`typed`](Self::typed) handle.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use pgcache::{Cache, CacheManager};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Profile { name: String }
+///
+/// let cache = CacheManager::from_env()?;
+/// let profiles = cache.kv().typed::<Profile>();
+/// profiles.set_with_ttl("user:42:profile:v2", &Profile { name: "Ada".into() }, Duration::from_secs(60))?;
+/// let hit: Option<Profile> = profiles.get("user:42:profile:v2")?;
+/// profiles.delete_prefix("user:42:")?;
+/// # Ok::<(), pgcache::Error>(())
+/// ```
+pub struct KvCache<'a, V = serde_json::Value> {
+    manager: &'a CacheManager,
+    ttl: Duration,
+    value: PhantomData<fn() -> V>,
+}
+
+impl<V> std::fmt::Debug for KvCache<'_, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache")
+            .field("ttl", &self.ttl)
+            .field("value", &std::any::type_name::<V>())
+            .finish()
+    }
+}
+
+impl<V> Clone for KvCache<'_, V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<V> Copy for KvCache<'_, V> {}
+
+impl<'a> KvCache<'a> {
+    pub(crate) fn new(manager: &'a CacheManager) -> Self {
+        KvCache {
+            manager,
+            ttl: manager.config().ttl().medium,
+            value: PhantomData,
+        }
+    }
+}
+
+impl<'a, V> KvCache<'a, V> {
+    /// A handle that stores and returns `W` instead (same table, same keys).
+    #[must_use]
+    pub fn typed<W>(self) -> KvCache<'a, W> {
+        KvCache {
+            manager: self.manager,
+            ttl: self.ttl,
+            value: PhantomData,
+        }
+    }
+
+    /// A handle whose [`set`](Cache::set) uses `ttl` instead of the medium preset.
+    #[must_use]
+    pub fn with_default_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Whether `key` holds a live entry.
+    ///
+    /// # Errors
+    /// A bad key, or a connection or database error.
+    pub fn exists(&self, key: &str) -> Result<bool> {
+        check_key(key)?;
+        self.manager.read(CacheKind::Kv, false, |conn| {
+            Ok(remaining(conn, key)?.is_some())
+        })
+    }
+
+    /// Time left before `key` expires; `None` when it holds no live entry.
+    ///
+    /// # Errors
+    /// A bad key, or a connection or database error.
+    pub fn ttl(&self, key: &str) -> Result<Option<Duration>> {
+        check_key(key)?;
+        self.manager.read(CacheKind::Kv, None, |conn| {
+            Ok(remaining(conn, key)?
+                .map(|(expires, now)| (expires - now).to_std().unwrap_or(Duration::ZERO)))
+        })
+    }
+
+    /// Sets a live entry to expire `ttl` from now (Redis `EXPIRE`); true if `key`
+    /// held a live entry.
+    ///
+    /// # Errors
+    /// A bad key or TTL, or a connection or database error.
+    pub fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
+        check_key(key)?;
+        let interval = ttl_interval(ttl)?;
+        self.manager.write(CacheKind::Kv, false, |conn| {
+            Ok(diesel::update(
+                cache_entries::table
+                    .filter(cache_entries::key.eq(key))
+                    .filter(cache_entries::expires_at.gt(db_now())),
+            )
+            .set(cache_entries::expires_at.eq(ExpiresIn(interval)))
+            .execute(conn)?
+                > 0)
+        })
+    }
+
+    /// Deletes every entry whose key starts with `prefix`; returns how many rows were
+    /// removed. `%` and `_` are ordinary characters here, not wildcards, and the
+    /// delete is an index range scan.
+    ///
+    /// # Errors
+    /// An empty or bad prefix (use [`clear`](Self::clear) to delete everything), or a
+    /// connection or database error.
+    pub fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        check_key(prefix).map_err(|e| match e {
+            Error::InvalidInput { reason, .. } => Error::invalid("prefix", reason),
+            other => other,
+        })?;
+        self.manager
+            .write(CacheKind::Kv, 0, |conn| self.delete_prefix_in(conn, prefix))
+    }
+
+    /// [`delete_prefix`](Self::delete_prefix) on your connection, e.g. inside your
+    /// own transaction.
+    ///
+    /// # Errors
+    /// As [`delete_prefix`](Self::delete_prefix).
+    pub fn delete_prefix_in(&self, conn: &mut PgConnection, prefix: &str) -> Result<u64> {
+        check_key(prefix)?;
+        let removed = match prefix_upper_bound(prefix) {
+            Some(upper) => diesel::delete(
+                cache_entries::table
+                    .filter(cache_entries::key.ge(prefix))
+                    .filter(cache_entries::key.lt(upper)),
+            )
+            .execute(conn)?,
+            None => diesel::delete(cache_entries::table.filter(cache_entries::key.ge(prefix)))
+                .execute(conn)?,
+        };
+        Ok(removed as u64)
+    }
+
+    /// Deletes every entry of the key/value cache; returns how many rows were removed.
+    ///
+    /// # Errors
+    /// A connection or database error.
+    pub fn clear(&self) -> Result<u64> {
+        self.manager.write(CacheKind::Kv, 0, |conn| {
+            Ok(diesel::delete(cache_entries::table).execute(conn)? as u64)
+        })
+    }
+}
+
+impl<V: Serialize + DeserializeOwned> KvCache<'_, V> {
+    /// Cache-aside with an explicit TTL (Redis-style `get` then `set ... EX`): the
+    /// live value, or `compute`'s result, stored. Same as
+    /// [`Cache::get_or_compute_with_ttl`].
+    ///
+    /// # Errors
+    /// `compute`'s error (nothing cached), or a cache error converted into `E`.
+    pub fn get_or_set<E, F>(&self, key: &str, ttl: Duration, compute: F) -> Result<V, E>
+    where
+        F: FnOnce() -> Result<V, E>,
+        E: From<Error>,
+    {
+        self.get_or_compute_with_ttl(key, ttl, compute)
+    }
+}
+
+/// `(expires_at, now())` of a live entry.
+fn remaining(
+    conn: &mut PgConnection,
+    key: &str,
+) -> QueryResult<Option<(DateTime<Utc>, DateTime<Utc>)>> {
+    cache_entries::table
+        .filter(cache_entries::key.eq(key))
+        .filter(cache_entries::expires_at.gt(db_now()))
+        .select((cache_entries::expires_at, db_now()))
+        .first(conn)
+        .optional()
+}
+
+/// The smallest string greater than every string starting with `prefix`, in byte
+/// (C collation) order, which for UTF-8 is code point order: the prefix with its last
+/// character incremented. `None` when no such string exists (all `U+10FFFF`).
+fn prefix_upper_bound(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let mut next = last as u32 + 1;
+        if (0xD800..=0xDFFF).contains(&next) {
+            next = 0xE000;
+        }
+        if let Some(c) = char::from_u32(next) {
+            chars.push(c);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+fn to_json<V: Serialize>(value: &V) -> Result<serde_json::Value> {
+    let json = serde_json::to_value(value)?;
+    check_json("value", &json)?;
+    Ok(json)
+}
+
+fn upsert(
+    conn: &mut PgConnection,
+    rows: &[(&str, serde_json::Value)],
+    interval: PgInterval,
+) -> QueryResult<usize> {
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|(key, value)| {
+            (
+                cache_entries::key.eq(*key),
+                cache_entries::value.eq(value),
+                cache_entries::expires_at.eq(ExpiresIn(interval)),
+            )
+        })
+        .collect();
+    diesel::insert_into(cache_entries::table)
+        .values(rows)
+        .on_conflict(cache_entries::key)
+        .do_update()
+        .set((
+            cache_entries::value.eq(excluded(cache_entries::value)),
+            cache_entries::expires_at.eq(excluded(cache_entries::expires_at)),
+            cache_entries::created_at.eq(db_now()),
+        ))
+        .execute(conn)
+}
+
+impl<V: Serialize + DeserializeOwned> Cache for KvCache<'_, V> {
+    type Key = str;
+    type Value = V;
+    type Entry = V;
+
+    const KIND: CacheKind = CacheKind::Kv;
+
+    fn manager(&self) -> &CacheManager {
+        self.manager
+    }
+
+    fn default_ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn into_value(entry: V) -> V {
+        entry
+    }
+
+    fn get_in(&self, conn: &mut PgConnection, key: &str) -> Result<Option<V>> {
+        check_key(key)?;
+        let found: Option<serde_json::Value> = cache_entries::table
+            .filter(cache_entries::key.eq(key))
+            .filter(cache_entries::expires_at.gt(db_now()))
+            .select(cache_entries::value)
+            .first(conn)
+            .optional()?;
+        Ok(found.map(serde_json::from_value).transpose()?)
+    }
+
+    fn get_many_in(&self, conn: &mut PgConnection, keys: &[&str]) -> Result<Vec<Option<V>>> {
+        keys.iter().try_for_each(|k| check_key(k))?;
+        let rows: Vec<(String, serde_json::Value)> = cache_entries::table
+            .filter(cache_entries::key.eq_any(keys))
+            .filter(cache_entries::expires_at.gt(db_now()))
+            .select((cache_entries::key, cache_entries::value))
+            .load(conn)?;
+        let mut by_key: HashMap<String, serde_json::Value> = rows.into_iter().collect();
+        keys.iter()
+            .map(|k| {
+                // A key asked for twice gets the value twice.
+                let value = by_key.get(*k).cloned();
+                value
+                    .map(serde_json::from_value)
+                    .transpose()
+                    .map_err(Error::from)
+            })
+            .collect::<Result<Vec<_>>>()
+            .inspect(|_| by_key.clear())
+    }
+
+    fn set_in(&self, conn: &mut PgConnection, key: &str, value: &V, ttl: Duration) -> Result<()> {
+        check_key(key)?;
+        let interval = ttl_interval(ttl)?;
+        let json = to_json(value)?;
+        upsert(conn, &[(key, json)], interval)?;
+        Ok(())
+    }
+
+    fn set_many_in(
+        &self,
+        conn: &mut PgConnection,
+        entries: &[(&str, &V)],
+        ttl: Duration,
+    ) -> Result<()> {
+        let interval = ttl_interval(ttl)?;
+        // Last write wins for a key given twice; one statement cannot upsert a row
+        // twice.
+        let mut position: HashMap<&str, usize> = HashMap::with_capacity(entries.len());
+        let mut rows: Vec<(&str, serde_json::Value)> = Vec::with_capacity(entries.len());
+        for (key, value) in entries {
+            check_key(key)?;
+            let json = to_json(*value)?;
+            match position.get(key) {
+                Some(&i) => rows[i].1 = json,
+                None => {
+                    position.insert(key, rows.len());
+                    rows.push((key, json));
+                }
+            }
+        }
+        upsert(conn, &rows, interval)?;
+        Ok(())
+    }
+
+    fn delete_in(&self, conn: &mut PgConnection, key: &str) -> Result<bool> {
+        check_key(key)?;
+        let live: Option<bool> =
+            diesel::delete(cache_entries::table.filter(cache_entries::key.eq(key)))
+                .returning(cache_entries::expires_at.gt(db_now()))
+                .get_result(conn)
+                .optional()?;
+        Ok(live == Some(true))
+    }
+
+    fn delete_many_in(&self, conn: &mut PgConnection, keys: &[&str]) -> Result<u64> {
+        keys.iter().try_for_each(|k| check_key(k))?;
+        let live: Vec<bool> =
+            diesel::delete(cache_entries::table.filter(cache_entries::key.eq_any(keys)))
+                .returning(cache_entries::expires_at.gt(db_now()))
+                .get_results(conn)?;
+        Ok(live.into_iter().filter(|l| *l).count() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_upper_bound;
+
+    #[test]
+    fn upper_bound_increments_the_last_character() {
+        assert_eq!(prefix_upper_bound("user:4").as_deref(), Some("user:5"));
+        assert_eq!(prefix_upper_bound("a%").as_deref(), Some("a&"));
+        assert_eq!(prefix_upper_bound("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(prefix_upper_bound("\u{D7FF}").as_deref(), Some("\u{E000}"));
+        assert_eq!(prefix_upper_bound("\u{10FFFF}"), None);
+    }
+}

@@ -1,0 +1,103 @@
+//! Checks applied to every key and value before it reaches the database, so bad
+//! input fails with an error that names it and nothing is stored.
+
+use std::time::Duration;
+
+use diesel::data_types::PgInterval;
+
+use crate::config::check_ttl;
+use crate::error::{Error, Result};
+
+/// Longest key/value key accepted, in bytes (UTF-8). Keys are indexed as they are, so
+/// they must stay well under PostgreSQL's btree row limit.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// Most components an embedding may have.
+pub const MAX_EMBEDDING_DIMENSIONS: usize = 65_536;
+
+/// Checks a key/value key: not empty, at most [`MAX_KEY_BYTES`], no NUL character.
+pub(crate) fn check_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::invalid("key", "a key must not be empty"));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(Error::invalid(
+            "key",
+            format!(
+                "a key is at most {MAX_KEY_BYTES} bytes, this one has {} (starts with {:?})",
+                key.len(),
+                preview(key)
+            ),
+        ));
+    }
+    check_text("key", key)
+}
+
+/// PostgreSQL cannot store NUL in `text`: reject it rather than failing half way.
+pub(crate) fn check_text(what: &'static str, text: &str) -> Result<()> {
+    match text.find('\0') {
+        Some(at) => Err(Error::invalid(
+            what,
+            format!("contains a NUL character at byte {at}, which PostgreSQL cannot store"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// PostgreSQL rejects `\u0000` anywhere in JSONB, in keys as in strings.
+pub(crate) fn check_json(what: &'static str, value: &serde_json::Value) -> Result<()> {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => check_text(what, s),
+        Value::Array(items) => items.iter().try_for_each(|v| check_json(what, v)),
+        Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+            check_text(what, k)?;
+            check_json(what, v)
+        }),
+        Value::Null | Value::Bool(_) | Value::Number(_) => Ok(()),
+    }
+}
+
+/// An embedding must have 1 to [`MAX_EMBEDDING_DIMENSIONS`] finite components.
+pub(crate) fn check_embedding(embedding: &[f32]) -> Result<()> {
+    if embedding.is_empty() {
+        return Err(Error::invalid(
+            "embedding",
+            "an embedding must not be empty",
+        ));
+    }
+    if embedding.len() > MAX_EMBEDDING_DIMENSIONS {
+        return Err(Error::invalid(
+            "embedding",
+            format!(
+                "an embedding has at most {MAX_EMBEDDING_DIMENSIONS} dimensions, this one has {}",
+                embedding.len()
+            ),
+        ));
+    }
+    match embedding.iter().position(|c| !c.is_finite()) {
+        Some(i) => Err(Error::invalid(
+            "embedding",
+            format!(
+                "component {i} is {}, only finite numbers can be cached",
+                embedding[i]
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks a TTL and turns it into the interval added to the database's `now()`.
+pub(crate) fn ttl_interval(ttl: Duration) -> Result<PgInterval> {
+    check_ttl(ttl).map_err(|reason| Error::invalid("ttl", format!("{reason} (got {ttl:?})")))?;
+    // Cannot overflow: MAX_TTL is far below i64::MAX microseconds.
+    Ok(PgInterval::from_microseconds(ttl.as_micros() as i64))
+}
+
+fn preview(text: &str) -> &str {
+    let mut end = text.len().min(32);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}

@@ -1,0 +1,53 @@
+//! # pgcache
+//!
+//! PostgreSQL as the application cache: a key/value cache that replaces Redis's
+//! GET/SET/DEL, and typed caches for AI workloads, all in ordinary tables of the
+//! database the application already has. Cache writes can join the application's
+//! own transactions, so an invalidation commits or rolls back with the data change
+//! that caused it.
+//!
+//! The API is blocking (Diesel and r2d2). Async services call it through
+//! `tokio::task::spawn_blocking`:
+//!
+//! ```no_run
+//! # async fn handler(cache: pgcache::CacheManager) -> Result<(), Box<dyn std::error::Error>> {
+//! use pgcache::Cache;
+//!
+//! let c = cache.clone();
+//! let profile = tokio::task::spawn_blocking(move || c.kv().get("user:42:profile:v2")).await??;
+//! # Ok(()) }
+//! ```
+//!
+//! Start with [`CacheManager`].
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+// Temporary: key hashing and per-entry hit tracking are used by the typed caches,
+// which land in the next change.
+#![allow(dead_code)]
+
+mod cache;
+pub mod caches;
+mod config;
+mod counters;
+mod error;
+mod input;
+mod key;
+mod manager;
+mod migrations;
+mod pool;
+mod schema;
+mod sql;
+
+pub use cache::{Cache, CacheKind};
+pub use caches::KvCache;
+pub use config::{
+    CacheConfig, CacheConfigBuilder, DatabaseUrl, Durability, PoolSettings, TtlPresets,
+    DEFAULT_DATABASE_URL, MAX_TTL,
+};
+pub use error::{Error, Result};
+pub use input::{MAX_EMBEDDING_DIMENSIONS, MAX_KEY_BYTES};
+pub use key::{KeyDigest, KEY_FORMAT_VERSION};
+pub use manager::CacheManager;
+pub use migrations::MIGRATIONS;
+pub use pool::PooledConnection;

@@ -1,0 +1,108 @@
+// @generated automatically by Diesel CLI.
+
+diesel::table! {
+    audio_chunk_cache (key_hash) {
+        key_hash -> Bytea,
+        voice_model_id -> Text,
+        provider -> Text,
+        audio_data -> Nullable<Bytea>,
+        storage_path -> Nullable<Text>,
+        format -> Text,
+        duration_ms -> Int4,
+        sample_rate -> Int4,
+        channels -> Int2,
+        compression -> Nullable<Text>,
+        byte_size -> Int8,
+        owner_id -> Nullable<Uuid>,
+        hit_count -> Int8,
+        last_accessed_at -> Timestamptz,
+        created_at -> Timestamptz,
+        expires_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    cache_cleanup_runs (id) {
+        id -> Int8,
+        started_at -> Timestamptz,
+        finished_at -> Timestamptz,
+        succeeded -> Bool,
+        rows_removed -> Int8,
+        error_message -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    cache_counters (cache_name) {
+        cache_name -> Text,
+        hits -> Int8,
+        misses -> Int8,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    cache_entries (key) {
+        key -> Text,
+        value -> Jsonb,
+        created_at -> Timestamptz,
+        expires_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    cache_leases (lease_key) {
+        lease_key -> Bytea,
+        holder -> Uuid,
+        expires_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    embedding_cache (key_hash) {
+        key_hash -> Bytea,
+        model -> Text,
+        dimensions -> Int4,
+        embedding -> Bytea,
+        owner_id -> Nullable<Uuid>,
+        created_at -> Timestamptz,
+        expires_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    llm_response_cache (key_hash) {
+        key_hash -> Bytea,
+        provider -> Text,
+        model -> Nullable<Text>,
+        response -> Text,
+        owner_id -> Nullable<Uuid>,
+        hit_count -> Int8,
+        last_accessed_at -> Timestamptz,
+        created_at -> Timestamptz,
+        expires_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    vector_search_cache (key_hash) {
+        key_hash -> Bytea,
+        user_id -> Uuid,
+        top_k -> Int4,
+        filters -> Jsonb,
+        results -> Jsonb,
+        created_at -> Timestamptz,
+        expires_at -> Timestamptz,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(
+    audio_chunk_cache,
+    cache_cleanup_runs,
+    cache_counters,
+    cache_entries,
+    cache_leases,
+    embedding_cache,
+    llm_response_cache,
+    vector_search_cache,
+);

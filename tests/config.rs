@@ -1,0 +1,134 @@
+//! Configuration from code and from the environment.
+
+mod common;
+
+use std::time::Duration;
+
+use pgcache::{CacheConfig, CacheManager, Durability, Error};
+
+fn from(vars: &[(&str, &str)]) -> Result<CacheConfig, Error> {
+    CacheConfig::from_vars(vars.iter().copied())
+}
+
+#[test]
+fn defaults_follow_the_spec() {
+    let c = from(&[]).unwrap();
+    assert_eq!(c.database_url().expose(), pgcache::DEFAULT_DATABASE_URL);
+    assert!(c.enabled());
+    assert_eq!(c.ttl().short, Duration::from_secs(300));
+    assert_eq!(c.ttl().medium, Duration::from_secs(3600));
+    assert_eq!(c.ttl().long, Duration::from_secs(86_400));
+    assert_eq!(c.ttl().week, Duration::from_secs(604_800));
+    assert_eq!(c.pool().max_size, 20);
+    assert_eq!(c.pool().idle_timeout, Duration::from_secs(30));
+    assert_eq!(c.pool().connection_timeout, Duration::from_secs(2));
+    assert!(c.run_migrations());
+    assert_eq!(c.durability(), Durability::Full);
+}
+
+#[test]
+fn environment_variables_are_read() {
+    let c = from(&[
+        ("DATABASE_URL", "postgres://app@db:5432/app"),
+        ("ENABLE_CACHING", "false"),
+        ("CACHE_TTL_SHORT", "10"),
+        ("CACHE_TTL_MEDIUM", "20"),
+        ("CACHE_TTL_LONG", "30"),
+        ("CACHE_TTL_WEEK", "40"),
+        ("PGCACHE_POOL_MAX_SIZE", "7"),
+        ("PGCACHE_POOL_CONNECTION_TIMEOUT_MS", "250"),
+        ("PGCACHE_SCHEMA", "cache"),
+        ("PGCACHE_RUN_MIGRATIONS", "no"),
+        ("PGCACHE_DURABILITY", "relaxed"),
+        ("UNRELATED", "ignored"),
+    ])
+    .unwrap();
+    assert!(!c.enabled());
+    assert_eq!(c.ttl().short, Duration::from_secs(10));
+    assert_eq!(c.ttl().week, Duration::from_secs(40));
+    assert_eq!(c.pool().max_size, 7);
+    assert_eq!(c.pool().connection_timeout, Duration::from_millis(250));
+    assert_eq!(c.schema(), Some("cache"));
+    assert!(!c.run_migrations());
+    assert_eq!(c.durability(), Durability::Relaxed);
+}
+
+#[test]
+fn malformed_values_name_the_variable_and_the_value() {
+    for (name, value) in [
+        ("CACHE_TTL_SHORT", "five"),
+        ("CACHE_TTL_MEDIUM", "-1"),
+        ("CACHE_TTL_LONG", "0"),
+        ("ENABLE_CACHING", "maybe"),
+        ("PGCACHE_POOL_MAX_SIZE", "0"),
+        ("PGCACHE_POOL_MAX_SIZE", "lots"),
+        ("PGCACHE_DURABILITY", "eventual"),
+        ("PGCACHE_STATEMENT_TIMEOUT_MS", "0"),
+        ("DATABASE_URL", "mysql://root@localhost/db"),
+    ] {
+        let err = from(&[(name, value)]).unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, Error::Config { .. }), "{message}");
+        assert!(message.contains(name), "{message} should name {name}");
+        assert!(message.contains(value), "{message} should show {value}");
+    }
+}
+
+#[test]
+fn ttl_so_large_it_would_overflow_is_a_config_error() {
+    let err = from(&[("CACHE_TTL_WEEK", "18446744073709551615")]).unwrap_err();
+    assert!(err.to_string().contains("CACHE_TTL_WEEK"), "{err}");
+}
+
+#[test]
+fn passwords_never_appear_in_debug_display_or_errors() {
+    let c = from(&[("DATABASE_URL", "postgres://app:s3cr3t@db:5432/app")]).unwrap();
+    assert!(!format!("{c:?}").contains("s3cr3t"));
+    assert!(!c.database_url().to_string().contains("s3cr3t"));
+    assert!(c.database_url().to_string().contains("app:***@db"));
+    let err = from(&[("DATABASE_URL", "postgres://app:s3cr3t@db:notaport/app")]).unwrap_err();
+    assert!(!err.to_string().contains("s3cr3t"), "{err}");
+    assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+}
+
+#[test]
+fn failed_connection_with_credentials_never_echoes_the_password() {
+    let config = CacheConfig::builder()
+        .database_url("postgres://app:WrongHorse99@127.0.0.1:1/app")
+        .pool_connection_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    assert!(!format!("{config:?}").contains("WrongHorse99"));
+    let err = CacheManager::new(config).unwrap_err();
+    assert!(matches!(err, Error::Connection(_)), "{err}");
+    assert!(!err.to_string().contains("WrongHorse99"), "{err}");
+    assert!(!format!("{err:?}").contains("WrongHorse99"), "{err:?}");
+}
+
+#[test]
+fn unreachable_database_is_a_connection_error_after_the_timeout() {
+    let config = CacheConfig::builder()
+        .database_url("postgres://postgres@127.0.0.1:1/postgres")
+        .pool_connection_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = CacheManager::new(config).unwrap_err();
+    assert!(matches!(err, Error::Connection(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn missing_tables_say_to_run_migrate() {
+    let db = common::TestDb::new();
+    let config = db
+        .config()
+        .schema(format!("{}_empty", db.schema))
+        .run_migrations(false)
+        .build()
+        .unwrap();
+    let cache = CacheManager::new(config).unwrap();
+    let err = pgcache::Cache::get(&cache.kv(), "k").unwrap_err();
+    assert!(matches!(err, Error::MissingTable { .. }), "{err}");
+    assert!(err.to_string().contains("pgcache migrate"), "{err}");
+}
