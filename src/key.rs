@@ -104,6 +104,17 @@ impl KeyHasher {
         self
     }
 
+    /// An optional JSON field, canonicalised; absent differs from `null`.
+    pub(crate) fn opt_json(mut self, value: Option<&serde_json::Value>) -> Self {
+        match value {
+            Some(value) => self.json(value),
+            None => {
+                self.0.update([b'n']);
+                self
+            }
+        }
+    }
+
     /// An embedding field: dimension, then each component's bits (`-0.0` as `0.0`).
     /// Callers reject non-finite components first.
     pub(crate) fn embedding(mut self, embedding: &[f32]) -> Self {

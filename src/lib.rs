@@ -22,9 +22,6 @@
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
-// Temporary: key hashing and per-entry hit tracking are used by the typed caches,
-// which land in the next change.
-#![allow(dead_code)]
 
 mod cache;
 pub mod caches;
@@ -40,7 +37,14 @@ mod schema;
 mod sql;
 
 pub use cache::{Cache, CacheKind};
-pub use caches::KvCache;
+pub use caches::{
+    AudioChunk, AudioChunkCache, AudioChunkKey, AudioChunkStats, AudioData, CachedAudioChunk,
+    CachedEmbedding, CachedLlmResponse, CachedVectorSearch, EmbeddingCache, EmbeddingKey,
+    EvictionReport, InvalidationReport, KvCache, LlmPrompt, LlmResponseCache, TopAudioChunk,
+    TopLlmResponse, VectorSearchCache, VectorSearchQuery, Warmup, WarmupAudioChunk,
+    WarmupEmbedding, WarmupKv, WarmupLlmResponse, WarmupReport, WarmupVectorSearch,
+    DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
+};
 pub use config::{
     CacheConfig, CacheConfigBuilder, DatabaseUrl, Durability, PoolSettings, TtlPresets,
     DEFAULT_DATABASE_URL, MAX_TTL,

@@ -175,10 +175,6 @@ impl CacheManager {
         }
     }
 
-    pub(crate) fn counters(&self) -> &Counters {
-        &self.inner.counters
-    }
-
     fn flush_if_due(&self) {
         if self.inner.counters.claim_flush() {
             if let Err(error) = self.inner.flush() {

@@ -2,6 +2,54 @@
 //! `&mut PgConnection` returning `QueryResult`) and the public handle that implements
 //! [`Cache`](crate::Cache) on top of it.
 
+mod audio_chunk;
+mod common;
+mod embedding;
+mod eviction;
+mod invalidation;
 mod kv;
+mod llm_response;
+mod vector_search;
+mod warmup;
 
+pub use audio_chunk::{
+    AudioChunk, AudioChunkCache, AudioChunkKey, AudioChunkStats, AudioData, CachedAudioChunk,
+    TopAudioChunk, DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
+};
+pub use embedding::{CachedEmbedding, EmbeddingCache, EmbeddingKey};
+pub use eviction::EvictionReport;
+pub use invalidation::InvalidationReport;
 pub use kv::KvCache;
+pub use llm_response::{CachedLlmResponse, LlmPrompt, LlmResponseCache, TopLlmResponse};
+pub use vector_search::{CachedVectorSearch, VectorSearchCache, VectorSearchQuery};
+pub use warmup::{
+    Warmup, WarmupAudioChunk, WarmupEmbedding, WarmupKv, WarmupLlmResponse, WarmupReport,
+    WarmupVectorSearch,
+};
+
+use crate::manager::CacheManager;
+
+/// The AI caches.
+impl CacheManager {
+    /// The embedding cache (query text + model -> vector; default TTL medium).
+    pub fn embedding(&self) -> EmbeddingCache<'_> {
+        EmbeddingCache::new(self)
+    }
+
+    /// The vector-search results cache (per user; default TTL short).
+    pub fn vector_search(&self) -> VectorSearchCache<'_> {
+        VectorSearchCache::new(self)
+    }
+
+    /// The LLM response cache (hit counting, [`top`](LlmResponseCache::top); default
+    /// TTL medium).
+    pub fn llm_response(&self) -> LlmResponseCache<'_> {
+        LlmResponseCache::new(self)
+    }
+
+    /// The TTS audio chunk cache (hit counting, statistics, LRU eviction; default TTL
+    /// short).
+    pub fn audio_chunk(&self) -> AudioChunkCache<'_> {
+        AudioChunkCache::new(self)
+    }
+}

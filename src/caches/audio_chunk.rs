@@ -1,0 +1,718 @@
+//! The audio chunk cache (`audio_chunk_cache`): text + voice model + provider +
+//! settings -> synthesized audio, inline bytes or a storage path, with hit counting,
+//! statistics and LRU eviction to a byte budget.
+//!
+//! # Key rule
+//! An entry is found by the SHA-256 digest of: the key-format version, the domain tag
+//! `audio_chunk`, the text, the voice model id, the provider (each length-prefixed),
+//! the settings as canonical JSON (object keys sorted at every depth, so
+//! `{"speed":1,"pitch":0}` and `{"pitch":0,"speed":1}` meet) and the optional owner.
+//!
+//! # Limits
+//! - Text longer than the handle's maximum ([`DEFAULT_MAX_AUDIO_TEXT_CHARS`] unless
+//!   changed with [`AudioChunkCache::with_max_text_chars`]) is not cached: `set`
+//!   skips it and `get` misses without a query, so long one-off answers do not push
+//!   out the short phrases that repeat.
+//! - Inline audio is at most [`MAX_AUDIO_BYTES`]; larger audio is an error (store it
+//!   elsewhere and cache its path with [`AudioChunk::stored`]).
+//!
+//! Hits are counted as for LLM responses: one `SELECT` per get, hits and last access
+//! written in deferred batches.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::data_types::PgInterval;
+use diesel::dsl::{count_star, sql};
+use diesel::sql_types::{BigInt, Double};
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::common::{
+    check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order,
+    record_hits, upsert_batch,
+};
+use super::eviction::{budget, evict_lru, EvictionReport, LruTable};
+use crate::cache::{Cache, CacheKind};
+use crate::error::{Error, Result};
+use crate::input::{check_json, check_text, ttl_interval};
+use crate::key::{KeyDigest, KeyHasher};
+use crate::manager::CacheManager;
+use crate::schema::audio_chunk_cache;
+use crate::sql::{db_now, ExpiresIn};
+
+/// Longest text (in characters) the audio cache stores unless told otherwise: about
+/// three spoken sentences.
+pub const DEFAULT_MAX_AUDIO_TEXT_CHARS: usize = 500;
+
+/// Largest inline audio accepted, in bytes (16 MiB).
+pub const MAX_AUDIO_BYTES: usize = 16 * 1024 * 1024;
+
+/// How the audio cache takes part in LRU eviction.
+const AUDIO_LRU: LruTable = LruTable {
+    kind: CacheKind::AudioChunk,
+    size: "byte_size",
+    recency: "last_accessed_at",
+    path: "storage_path",
+};
+
+/// What identifies a cached audio chunk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AudioChunkKey {
+    /// The text spoken.
+    pub text: String,
+    /// The voice model, e.g. `voice-123`.
+    pub voice_model_id: String,
+    /// The TTS provider, e.g. `xtts-v2`.
+    pub provider: String,
+    /// Synthesis settings (speed, pitch, ...) as JSON; key order does not matter.
+    /// Default: `{}`.
+    #[serde(default = "no_settings")]
+    pub settings: Value,
+    /// The user the entry belongs to; part of the key, so an owned entry is only
+    /// found with the same owner, and removed by
+    /// [`CacheManager::invalidate_user`]. Default: none (shared).
+    #[serde(default, rename = "owner_id", skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Uuid>,
+}
+
+fn no_settings() -> Value {
+    Value::Object(serde_json::Map::new())
+}
+
+impl AudioChunkKey {
+    /// A key with empty settings and no owner.
+    pub fn new(
+        text: impl Into<String>,
+        voice_model_id: impl Into<String>,
+        provider: impl Into<String>,
+    ) -> Self {
+        AudioChunkKey {
+            text: text.into(),
+            voice_model_id: voice_model_id.into(),
+            provider: provider.into(),
+            settings: no_settings(),
+            owner: None,
+        }
+    }
+
+    /// The same key with synthesis `settings`.
+    #[must_use]
+    pub fn with_settings(mut self, settings: Value) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// The same key, owned by `user`.
+    #[must_use]
+    pub fn owned_by(mut self, user: Uuid) -> Self {
+        self.owner = Some(user);
+        self
+    }
+
+    /// The digest that identifies this key's entry (see the module docs).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a NUL character in the text or settings, or an
+    /// empty voice model or provider.
+    pub fn digest(&self) -> Result<KeyDigest> {
+        digest(self)
+    }
+}
+
+/// Validates `key` and computes its digest.
+pub(crate) fn digest(key: &AudioChunkKey) -> Result<KeyDigest> {
+    check_text("text", &key.text)?;
+    check_name("voice_model_id", &key.voice_model_id)?;
+    check_name("provider", &key.provider)?;
+    check_json("settings", &key.settings)?;
+    Ok(KeyHasher::new("audio_chunk")
+        .text(&key.text)
+        .text(&key.voice_model_id)
+        .text(&key.provider)
+        .json(&key.settings)
+        .opt_uuid(key.owner)
+        .finish())
+}
+
+/// Where the audio of a chunk is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AudioData {
+    /// The bytes, stored in the database (at most [`MAX_AUDIO_BYTES`]).
+    Inline(Vec<u8>),
+    /// A path (file, object-store key) where the caller keeps the audio.
+    Stored {
+        /// The path.
+        path: String,
+        /// Size of the audio there, in bytes (counts towards eviction budgets).
+        byte_size: u64,
+    },
+}
+
+/// A synthesized audio chunk: the value of the audio cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AudioChunk {
+    /// The audio, inline or by path.
+    pub data: AudioData,
+    /// Container or codec, e.g. `opus`, `wav`.
+    pub format: String,
+    /// Duration in milliseconds. Default: 0 (unknown).
+    #[serde(default)]
+    pub duration_ms: u32,
+    /// Sample rate in Hz. Default: 16 000.
+    #[serde(default = "default_sample_rate")]
+    pub sample_rate: u32,
+    /// Channels. Default: 1.
+    #[serde(default = "default_channels")]
+    pub channels: u16,
+    /// Compression applied, if any. Default: none.
+    #[serde(default)]
+    pub compression: Option<String>,
+}
+
+fn default_sample_rate() -> u32 {
+    16_000
+}
+
+fn default_channels() -> u16 {
+    1
+}
+
+impl AudioChunk {
+    /// Inline audio bytes in `format`, 16 kHz mono, duration unknown, uncompressed.
+    pub fn inline(bytes: Vec<u8>, format: impl Into<String>) -> Self {
+        Self::with_data(AudioData::Inline(bytes), format.into())
+    }
+
+    /// Audio kept at `path` (`byte_size` bytes) in `format`, 16 kHz mono, duration
+    /// unknown, uncompressed.
+    pub fn stored(path: impl Into<String>, byte_size: u64, format: impl Into<String>) -> Self {
+        Self::with_data(
+            AudioData::Stored {
+                path: path.into(),
+                byte_size,
+            },
+            format.into(),
+        )
+    }
+
+    fn with_data(data: AudioData, format: String) -> Self {
+        AudioChunk {
+            data,
+            format,
+            duration_ms: 0,
+            sample_rate: default_sample_rate(),
+            channels: default_channels(),
+            compression: None,
+        }
+    }
+
+    /// The same chunk with its duration.
+    #[must_use]
+    pub fn duration_ms(mut self, duration_ms: u32) -> Self {
+        self.duration_ms = duration_ms;
+        self
+    }
+
+    /// The same chunk with its sample rate.
+    #[must_use]
+    pub fn sample_rate(mut self, hz: u32) -> Self {
+        self.sample_rate = hz;
+        self
+    }
+
+    /// The same chunk with its channel count.
+    #[must_use]
+    pub fn channels(mut self, channels: u16) -> Self {
+        self.channels = channels;
+        self
+    }
+
+    /// The same chunk with its compression.
+    #[must_use]
+    pub fn compression(mut self, compression: impl Into<String>) -> Self {
+        self.compression = Some(compression.into());
+        self
+    }
+
+    /// Size of the audio in bytes, inline or at its path.
+    pub fn byte_size(&self) -> u64 {
+        match &self.data {
+            AudioData::Inline(bytes) => bytes.len() as u64,
+            AudioData::Stored { byte_size, .. } => *byte_size,
+        }
+    }
+}
+
+/// A cached audio chunk with its metadata.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct CachedAudioChunk {
+    /// The chunk.
+    pub chunk: AudioChunk,
+    /// Hits counted in the database (hits not yet flushed are not included).
+    pub hit_count: u64,
+    /// Last hit or write, as of the last flush.
+    pub last_accessed_at: DateTime<Utc>,
+    /// When it was written.
+    pub created_at: DateTime<Utc>,
+    /// When it expires (database time).
+    pub expires_at: DateTime<Utc>,
+}
+
+/// One of the most-hit chunks, in [`AudioChunkStats::most_accessed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TopAudioChunk {
+    /// The first 16 hex characters of the entry's digest.
+    pub hash_prefix: String,
+    /// Hits counted.
+    pub hits: u64,
+    /// The voice model.
+    pub voice_model_id: String,
+    /// The provider.
+    pub provider: String,
+}
+
+/// Size and popularity of the live audio entries, from [`AudioChunkCache::stats`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct AudioChunkStats {
+    /// Live entries.
+    pub entries: u64,
+    /// Their audio bytes (inline and by path).
+    pub total_bytes: u64,
+    /// Their average hit count (0 when empty).
+    pub average_hit_count: f64,
+    /// The most-hit entries, most hits first.
+    pub most_accessed: Vec<TopAudioChunk>,
+}
+
+/// The audio chunk cache; get it with [`CacheManager::audio_chunk`].
+///
+/// Default TTL: the short preset (`CACHE_TTL_SHORT`, 5 minutes). Default maximum
+/// text: [`DEFAULT_MAX_AUDIO_TEXT_CHARS`] characters.
+///
+/// ```no_run
+/// use pgcache::{AudioChunk, AudioChunkKey, Cache, CacheManager};
+///
+/// let cache = CacheManager::from_env()?;
+/// let key = AudioChunkKey::new("Hello world", "voice-123", "xtts-v2");
+/// let audio = cache.audio_chunk().get_or_compute(&key, || {
+///     let bytes = vec![0u8; 320]; // synthesize here
+///     Ok::<_, pgcache::Error>(AudioChunk::inline(bytes, "opus").duration_ms(1000).compression("opus"))
+/// })?;
+/// let report = cache.audio_chunk().evict_to_budget(512 * 1024 * 1024, 0.8)?;
+/// for path in report.released_paths { /* delete the file */ }
+/// # Ok::<(), pgcache::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct AudioChunkCache<'a> {
+    manager: &'a CacheManager,
+    ttl: Duration,
+    max_text_chars: Option<usize>,
+}
+
+impl<'a> AudioChunkCache<'a> {
+    pub(crate) fn new(manager: &'a CacheManager) -> Self {
+        AudioChunkCache {
+            manager,
+            ttl: manager.config().ttl().short,
+            max_text_chars: Some(DEFAULT_MAX_AUDIO_TEXT_CHARS),
+        }
+    }
+
+    /// A handle whose [`set`](Cache::set) uses `ttl` instead of the short preset.
+    #[must_use]
+    pub fn with_default_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// A handle that does not cache text longer than `max` characters (`None`: no
+    /// limit). Default: [`DEFAULT_MAX_AUDIO_TEXT_CHARS`].
+    #[must_use]
+    pub fn with_max_text_chars(mut self, max: Option<usize>) -> Self {
+        self.max_text_chars = max;
+        self
+    }
+
+    /// Whether `key`'s text is short enough to be cached by this handle.
+    pub fn caches_text(&self, key: &AudioChunkKey) -> bool {
+        self.max_text_chars
+            .is_none_or(|max| key.text.chars().nth(max).is_none())
+    }
+
+    /// Entries, bytes, average hits and the `top` most-hit live entries. Flushes this
+    /// manager's pending hits first. A maintenance query: it aggregates over the live
+    /// rows.
+    ///
+    /// # Errors
+    /// A connection or database error.
+    pub fn stats(&self, top: usize) -> Result<AudioChunkStats> {
+        self.manager.flush_stats()?;
+        let limit = i64::try_from(top).unwrap_or(i64::MAX);
+        let empty = AudioChunkStats {
+            entries: 0,
+            total_bytes: 0,
+            average_hit_count: 0.0,
+            most_accessed: Vec::new(),
+        };
+        self.manager.read(Self::KIND, empty, |conn| {
+            let live = audio_chunk_cache::expires_at.gt(db_now());
+            // sum and avg of bigint are numeric, which needs a decimal crate: cast.
+            let (entries, bytes, hits): (i64, i64, f64) = audio_chunk_cache::table
+                .filter(live)
+                .select((
+                    count_star(),
+                    sql::<BigInt>("coalesce(sum(byte_size), 0)::bigint"),
+                    sql::<Double>("coalesce(avg(hit_count), 0)::float8"),
+                ))
+                .first(conn)?;
+            let top: Vec<(Vec<u8>, i64, String, String)> = audio_chunk_cache::table
+                .filter(live)
+                .order((audio_chunk_cache::hit_count.desc(), audio_chunk_cache::key_hash))
+                .limit(limit)
+                .select((
+                    audio_chunk_cache::key_hash,
+                    audio_chunk_cache::hit_count,
+                    audio_chunk_cache::voice_model_id,
+                    audio_chunk_cache::provider,
+                ))
+                .load(conn)?;
+            Ok(AudioChunkStats {
+                entries: entries.unsigned_abs(),
+                total_bytes: bytes.unsigned_abs(),
+                average_hit_count: hits,
+                most_accessed: top
+                    .into_iter()
+                    .map(|(hash, hits, voice_model_id, provider)| TopAudioChunk {
+                        hash_prefix: hash_prefix(&hash),
+                        hits: hits.unsigned_abs(),
+                        voice_model_id,
+                        provider,
+                    })
+                    .collect(),
+            })
+        })
+    }
+
+    /// When the audio entries total more than `max_bytes`, evicts entries (expired
+    /// ones first, then the least recently used) until at most
+    /// `max_bytes * low_watermark_fraction` remain, e.g. `(budget, 0.8)` evicts to
+    /// 80 % once over 100 %. Flushes this manager's pending hits first so recent
+    /// reads count as recent. Returns what was removed, including the storage paths
+    /// the caller may now delete.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a fraction outside 0..=1 or a budget over
+    /// `i64::MAX`; a connection or database error.
+    pub fn evict_to_budget(
+        &self,
+        max_bytes: u64,
+        low_watermark_fraction: f64,
+    ) -> Result<EvictionReport> {
+        let (max, target) = budget(max_bytes, low_watermark_fraction)?;
+        self.manager.flush_stats()?;
+        self.manager.write(Self::KIND, EvictionReport::default(), |conn| {
+            Ok(evict_lru(conn, &AUDIO_LRU, max, target)?)
+        })
+    }
+}
+
+/// One validated row, ready to upsert.
+pub(crate) struct Row<'a> {
+    digest: KeyDigest,
+    key: &'a AudioChunkKey,
+    chunk: &'a AudioChunk,
+    duration_ms: i32,
+    sample_rate: i32,
+    channels: i16,
+    byte_size: i64,
+}
+
+/// Validates an entry.
+pub(crate) fn row<'a>(key: &'a AudioChunkKey, chunk: &'a AudioChunk) -> Result<Row<'a>> {
+    let digest = digest(key)?;
+    match &chunk.data {
+        AudioData::Inline(bytes) if bytes.len() > MAX_AUDIO_BYTES => {
+            return Err(Error::invalid(
+                "audio",
+                format!(
+                    "inline audio is at most {MAX_AUDIO_BYTES} bytes, this has {}; \
+                     store it elsewhere and cache its path",
+                    bytes.len()
+                ),
+            ))
+        }
+        AudioData::Inline(_) => {}
+        AudioData::Stored { path, .. } => check_name("storage_path", path)?,
+    }
+    check_name("format", &chunk.format)?;
+    if let Some(compression) = &chunk.compression {
+        check_text("compression", compression)?;
+    }
+    let positive = |what: &'static str, n: i64| {
+        if n > 0 {
+            Ok(())
+        } else {
+            Err(Error::invalid(what, "must be greater than zero"))
+        }
+    };
+    positive("sample_rate", i64::from(chunk.sample_rate))?;
+    positive("channels", i64::from(chunk.channels))?;
+    let fits = |what: &'static str, n: u64, max: u64| {
+        if n <= max {
+            Ok(n)
+        } else {
+            Err(Error::invalid(what, format!("must be at most {max}, got {n}")))
+        }
+    };
+    Ok(Row {
+        digest,
+        key,
+        chunk,
+        duration_ms: fits("duration_ms", chunk.duration_ms.into(), i32::MAX as u64)? as i32,
+        sample_rate: fits("sample_rate", chunk.sample_rate.into(), i32::MAX as u64)? as i32,
+        channels: fits("channels", chunk.channels.into(), i16::MAX as u64)? as i16,
+        byte_size: fits("byte_size", chunk.byte_size(), i64::MAX as u64)? as i64,
+    })
+}
+
+/// Upserts validated rows (all or none). An overwrite starts a fresh entry: hit
+/// count zero.
+pub(crate) fn write(
+    conn: &mut PgConnection,
+    rows: Vec<Row<'_>>,
+    interval: PgInterval,
+) -> QueryResult<usize> {
+    upsert_batch(conn, rows, |r| r.digest, |conn, rows| upsert(conn, rows, interval))
+}
+
+fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> QueryResult<usize> {
+    use audio_chunk_cache as a;
+    let values: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            let (bytes, path) = match &r.chunk.data {
+                AudioData::Inline(bytes) => (Some(bytes.as_slice()), None),
+                AudioData::Stored { path, .. } => (None, Some(path.as_str())),
+            };
+            (
+                (
+                    a::key_hash.eq(r.digest.as_bytes().as_slice()),
+                    a::voice_model_id.eq(r.key.voice_model_id.as_str()),
+                    a::provider.eq(r.key.provider.as_str()),
+                    a::audio_data.eq(bytes),
+                    a::storage_path.eq(path),
+                    a::format.eq(r.chunk.format.as_str()),
+                ),
+                (
+                    a::duration_ms.eq(r.duration_ms),
+                    a::sample_rate.eq(r.sample_rate),
+                    a::channels.eq(r.channels),
+                    a::compression.eq(r.chunk.compression.as_deref()),
+                    a::byte_size.eq(r.byte_size),
+                    a::owner_id.eq(r.key.owner),
+                    a::expires_at.eq(ExpiresIn(interval)),
+                ),
+            )
+        })
+        .collect();
+    diesel::insert_into(a::table)
+        .values(values)
+        .on_conflict(a::key_hash)
+        .do_update()
+        .set((
+            (
+                a::voice_model_id.eq(excluded(a::voice_model_id)),
+                a::provider.eq(excluded(a::provider)),
+                a::audio_data.eq(excluded(a::audio_data)),
+                a::storage_path.eq(excluded(a::storage_path)),
+                a::format.eq(excluded(a::format)),
+                a::duration_ms.eq(excluded(a::duration_ms)),
+                a::sample_rate.eq(excluded(a::sample_rate)),
+            ),
+            (
+                a::channels.eq(excluded(a::channels)),
+                a::compression.eq(excluded(a::compression)),
+                a::byte_size.eq(excluded(a::byte_size)),
+                a::owner_id.eq(excluded(a::owner_id)),
+                a::expires_at.eq(excluded(a::expires_at)),
+                a::hit_count.eq(0),
+                a::last_accessed_at.eq(db_now()),
+                a::created_at.eq(db_now()),
+            ),
+        ))
+        .execute(conn)
+}
+
+type Stored = (
+    (Vec<u8>, Option<Vec<u8>>, Option<String>, String, i32, i32, i16),
+    (Option<String>, i64, i64, DateTime<Utc>, DateTime<Utc>, DateTime<Utc>),
+);
+
+fn load_live(conn: &mut PgConnection, digests: &[KeyDigest]) -> QueryResult<Vec<Stored>> {
+    use audio_chunk_cache as a;
+    a::table
+        .filter(a::key_hash.eq_any(digest_params(digests)))
+        .filter(a::expires_at.gt(db_now()))
+        .select((
+            (
+                a::key_hash,
+                a::audio_data,
+                a::storage_path,
+                a::format,
+                a::duration_ms,
+                a::sample_rate,
+                a::channels,
+            ),
+            (
+                a::compression,
+                a::byte_size,
+                a::hit_count,
+                a::last_accessed_at,
+                a::created_at,
+                a::expires_at,
+            ),
+        ))
+        .load(conn)
+}
+
+fn decode(
+    (
+        (_, bytes, path, format, duration_ms, sample_rate, channels),
+        (compression, byte_size, hits, last_accessed_at, created_at, expires_at),
+    ): Stored,
+) -> CachedAudioChunk {
+    // The table's CHECKs keep exactly one of bytes and path, and the numbers positive.
+    let data = match (bytes, path) {
+        (Some(bytes), _) => AudioData::Inline(bytes),
+        (None, path) => AudioData::Stored {
+            path: path.unwrap_or_default(),
+            byte_size: byte_size.unsigned_abs(),
+        },
+    };
+    CachedAudioChunk {
+        chunk: AudioChunk {
+            data,
+            format,
+            duration_ms: duration_ms.unsigned_abs(),
+            sample_rate: sample_rate.unsigned_abs(),
+            channels: channels.unsigned_abs(),
+            compression,
+        },
+        hit_count: hits.unsigned_abs(),
+        last_accessed_at,
+        created_at,
+        expires_at,
+    }
+}
+
+impl Cache for AudioChunkCache<'_> {
+    type Key = AudioChunkKey;
+    type Value = AudioChunk;
+    type Entry = CachedAudioChunk;
+
+    const KIND: CacheKind = CacheKind::AudioChunk;
+
+    fn manager(&self) -> &CacheManager {
+        self.manager
+    }
+
+    fn default_ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn into_value(entry: CachedAudioChunk) -> AudioChunk {
+        entry.chunk
+    }
+
+    fn get_in(
+        &self,
+        conn: &mut PgConnection,
+        key: &AudioChunkKey,
+    ) -> Result<Option<CachedAudioChunk>> {
+        Ok(self.get_many_in(conn, &[key])?.pop().flatten())
+    }
+
+    fn get_many_in(
+        &self,
+        conn: &mut PgConnection,
+        keys: &[&AudioChunkKey],
+    ) -> Result<Vec<Option<CachedAudioChunk>>> {
+        let digests = digests(keys, digest)?;
+        // Text this handle never caches cannot be found: skip the query for it.
+        let wanted: Vec<KeyDigest> = digests
+            .iter()
+            .zip(keys)
+            .filter(|(_, k)| self.caches_text(k))
+            .map(|(d, _)| *d)
+            .collect();
+        let rows = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            load_live(conn, &wanted)?
+        };
+        let found = in_request_order(&digests, rows, |s| (s.0 .0.clone(), decode(s)))?;
+        record_hits(self.manager, Self::KIND, &digests, &found);
+        Ok(found)
+    }
+
+    fn set_in(
+        &self,
+        conn: &mut PgConnection,
+        key: &AudioChunkKey,
+        chunk: &AudioChunk,
+        ttl: Duration,
+    ) -> Result<()> {
+        self.set_many_in(conn, &[(key, chunk)], ttl)
+    }
+
+    /// Entries whose text is over the handle's maximum are validated, then skipped.
+    fn set_many_in(
+        &self,
+        conn: &mut PgConnection,
+        entries: &[(&AudioChunkKey, &AudioChunk)],
+        ttl: Duration,
+    ) -> Result<()> {
+        let interval = ttl_interval(ttl)?;
+        let rows = entries
+            .iter()
+            .map(|(k, c)| row(k, c))
+            .collect::<Result<Vec<_>>>()?;
+        write(conn, self.cacheable(rows), interval)?;
+        Ok(())
+    }
+
+    fn delete_in(&self, conn: &mut PgConnection, key: &AudioChunkKey) -> Result<bool> {
+        Ok(self.delete_many_in(conn, &[key])? > 0)
+    }
+
+    fn delete_many_in(&self, conn: &mut PgConnection, keys: &[&AudioChunkKey]) -> Result<u64> {
+        Ok(delete_digests(conn, Self::KIND, &digests(keys, digest)?)?)
+    }
+}
+
+impl AudioChunkCache<'_> {
+    /// Drops the rows whose text this handle does not cache.
+    pub(crate) fn cacheable<'r>(&self, rows: Vec<Row<'r>>) -> Vec<Row<'r>> {
+        rows.into_iter().filter(|r| self.caches_text(r.key)).collect()
+    }
+}
+
+/// Deletes every chunk owned by `user`; returns the storage paths released (inline
+/// rows as `None`).
+pub(crate) fn delete_owner(
+    conn: &mut PgConnection,
+    user: Uuid,
+) -> QueryResult<Vec<Option<String>>> {
+    diesel::delete(audio_chunk_cache::table.filter(audio_chunk_cache::owner_id.eq(user)))
+        .returning(audio_chunk_cache::storage_path)
+        .get_results(conn)
+}

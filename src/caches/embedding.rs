@@ -1,0 +1,385 @@
+//! The embedding cache (`embedding_cache`): query text + embedding model -> vector.
+//!
+//! # Key rule
+//! An entry is found by the SHA-256 digest of: the crate's key-format version, the
+//! domain tag `embedding`, the query text, the model name (both length-prefixed, so
+//! `("ab", "c")` and `("a", "bc")` differ) and the optional owner (absent differs from
+//! any user). The text is hashed byte for byte: `"What is AI?"` and `"what is ai?"`
+//! are different keys; normalise before calling if you want them to meet.
+//!
+//! Vectors are stored as little-endian `f32` bytes with their dimension (4 bytes per
+//! component), not as JSON text.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::data_types::PgInterval;
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::common::{
+    check_name, delete_digests, digest_params, digests, in_request_order, upsert_batch,
+};
+use crate::cache::{Cache, CacheKind};
+use crate::error::{Error, Result};
+use crate::input::{check_embedding, check_text, ttl_interval};
+use crate::key::{KeyDigest, KeyHasher};
+use crate::manager::CacheManager;
+use crate::schema::embedding_cache;
+use crate::sql::{db_now, ExpiresIn};
+
+/// What identifies a cached embedding: the query text and the model that embeds it,
+/// optionally owned by a user (see [`owned_by`](Self::owned_by)).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct EmbeddingKey {
+    /// The query text, exactly as embedded.
+    pub text: String,
+    /// The embedding model, e.g. `text-embedding-3-small`.
+    pub model: String,
+    /// The user the entry belongs to; part of the key, so an owned entry is only
+    /// found with the same owner, and removed by
+    /// [`CacheManager::invalidate_user`]. Default: none (shared).
+    #[serde(default, rename = "owner_id", skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Uuid>,
+}
+
+impl EmbeddingKey {
+    /// A shared (unowned) key.
+    pub fn new(text: impl Into<String>, model: impl Into<String>) -> Self {
+        EmbeddingKey {
+            text: text.into(),
+            model: model.into(),
+            owner: None,
+        }
+    }
+
+    /// The same key, owned by `user`.
+    #[must_use]
+    pub fn owned_by(mut self, user: Uuid) -> Self {
+        self.owner = Some(user);
+        self
+    }
+
+    /// The digest that identifies this key's entry (see the module docs).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a NUL character in the text or an empty model.
+    pub fn digest(&self) -> Result<KeyDigest> {
+        digest(self)
+    }
+}
+
+/// Validates `key` and computes its digest.
+pub(crate) fn digest(key: &EmbeddingKey) -> Result<KeyDigest> {
+    check_text("text", &key.text)?;
+    check_name("model", &key.model)?;
+    Ok(KeyHasher::new("embedding")
+        .text(&key.text)
+        .text(&key.model)
+        .opt_uuid(key.owner)
+        .finish())
+}
+
+/// A cached embedding with its metadata.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct CachedEmbedding {
+    /// The vector.
+    pub embedding: Vec<f32>,
+    /// The model that produced it.
+    pub model: String,
+    /// Its number of components.
+    pub dimensions: usize,
+    /// The user it belongs to, if any.
+    pub owner: Option<Uuid>,
+    /// When it was written.
+    pub created_at: DateTime<Utc>,
+    /// When it expires (database time).
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The embedding cache; get it with [`CacheManager::embedding`].
+///
+/// Default TTL: the medium preset (`CACHE_TTL_MEDIUM`, 1 hour).
+///
+/// ```no_run
+/// use pgcache::{Cache, CacheManager, EmbeddingKey};
+///
+/// let cache = CacheManager::from_env()?;
+/// let key = EmbeddingKey::new("What is AI?", "text-embedding-3-small");
+/// let vector = cache.embedding().get_or_compute(&key, || {
+///     Ok::<_, pgcache::Error>(vec![0.1, 0.2, 0.3]) // call the embedding API here
+/// })?;
+/// # Ok::<(), pgcache::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct EmbeddingCache<'a> {
+    manager: &'a CacheManager,
+    ttl: Duration,
+}
+
+impl<'a> EmbeddingCache<'a> {
+    pub(crate) fn new(manager: &'a CacheManager) -> Self {
+        EmbeddingCache {
+            manager,
+            ttl: manager.config().ttl().medium,
+        }
+    }
+
+    /// A handle whose [`set`](Cache::set) uses `ttl` instead of the medium preset.
+    #[must_use]
+    pub fn with_default_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Embeddings of many `texts` under one `model` (shared, unowned entries): one
+    /// read for all of them, `compute` called once with only the missing texts (each
+    /// once, in first-seen order), and one write for what it returns. The result is
+    /// in `texts` order.
+    ///
+    /// # Errors
+    /// `compute`'s error (nothing cached); [`Error::InvalidInput`] when it returns a
+    /// different number of vectors than texts it was given, or a bad vector; a cache
+    /// error converted into `E`.
+    pub fn get_or_compute_many<E, F>(
+        &self,
+        texts: &[&str],
+        model: &str,
+        compute: F,
+    ) -> Result<Vec<Vec<f32>>, E>
+    where
+        F: FnOnce(&[&str]) -> Result<Vec<Vec<f32>>, E>,
+        E: From<Error>,
+    {
+        let keys: Vec<EmbeddingKey> = texts.iter().map(|t| EmbeddingKey::new(*t, model)).collect();
+        let key_refs: Vec<&EmbeddingKey> = keys.iter().collect();
+        let found = self.get_many(&key_refs)?;
+        let mut missing: Vec<&str> = Vec::new();
+        for (text, entry) in texts.iter().zip(&found) {
+            if entry.is_none() && !missing.contains(text) {
+                missing.push(text);
+            }
+        }
+        let mut computed: HashMap<&str, Vec<f32>> = HashMap::new();
+        if !missing.is_empty() {
+            let vectors = compute(&missing)?;
+            if vectors.len() != missing.len() {
+                return Err(Error::invalid(
+                    "embedding",
+                    format!(
+                        "compute returned {} vectors for {} texts",
+                        vectors.len(),
+                        missing.len()
+                    ),
+                )
+                .into());
+            }
+            let new_keys: Vec<EmbeddingKey> =
+                missing.iter().map(|t| EmbeddingKey::new(*t, model)).collect();
+            let entries: Vec<(&EmbeddingKey, &Vec<f32>)> = new_keys.iter().zip(&vectors).collect();
+            self.set_many(&entries, self.ttl)?;
+            computed = missing.into_iter().zip(vectors).collect();
+        }
+        Ok(texts
+            .iter()
+            .zip(found)
+            .map(|(text, entry)| match entry {
+                Some(entry) => entry.embedding,
+                None => computed[text].clone(),
+            })
+            .collect())
+    }
+}
+
+/// One validated row, ready to upsert.
+pub(crate) struct Row<'a> {
+    digest: KeyDigest,
+    key: &'a EmbeddingKey,
+    bytes: Vec<u8>,
+    dimensions: i32,
+}
+
+/// Validates an entry and encodes its vector.
+pub(crate) fn row<'a>(key: &'a EmbeddingKey, embedding: &[f32]) -> Result<Row<'a>> {
+    let digest = digest(key)?;
+    check_embedding(embedding)?;
+    let bytes = embedding.iter().flat_map(|c| c.to_le_bytes()).collect();
+    Ok(Row {
+        digest,
+        key,
+        bytes,
+        // check_embedding caps the length far below i32::MAX.
+        dimensions: embedding.len() as i32,
+    })
+}
+
+/// Upserts validated rows (all or none).
+pub(crate) fn write(
+    conn: &mut PgConnection,
+    rows: Vec<Row<'_>>,
+    interval: PgInterval,
+) -> QueryResult<usize> {
+    upsert_batch(conn, rows, |r| r.digest, |conn, rows| upsert(conn, rows, interval))
+}
+
+fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> QueryResult<usize> {
+    let values: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                embedding_cache::key_hash.eq(r.digest.as_bytes().as_slice()),
+                embedding_cache::model.eq(r.key.model.as_str()),
+                embedding_cache::dimensions.eq(r.dimensions),
+                embedding_cache::embedding.eq(r.bytes.as_slice()),
+                embedding_cache::owner_id.eq(r.key.owner),
+                embedding_cache::expires_at.eq(ExpiresIn(interval)),
+            )
+        })
+        .collect();
+    diesel::insert_into(embedding_cache::table)
+        .values(values)
+        .on_conflict(embedding_cache::key_hash)
+        .do_update()
+        .set((
+            embedding_cache::model.eq(excluded(embedding_cache::model)),
+            embedding_cache::dimensions.eq(excluded(embedding_cache::dimensions)),
+            embedding_cache::embedding.eq(excluded(embedding_cache::embedding)),
+            embedding_cache::owner_id.eq(excluded(embedding_cache::owner_id)),
+            embedding_cache::expires_at.eq(excluded(embedding_cache::expires_at)),
+            embedding_cache::created_at.eq(db_now()),
+        ))
+        .execute(conn)
+}
+
+type Stored = (
+    Vec<u8>,
+    String,
+    Vec<u8>,
+    Option<Uuid>,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
+
+const STORED: (
+    embedding_cache::key_hash,
+    embedding_cache::model,
+    embedding_cache::embedding,
+    embedding_cache::owner_id,
+    embedding_cache::created_at,
+    embedding_cache::expires_at,
+) = (
+    embedding_cache::key_hash,
+    embedding_cache::model,
+    embedding_cache::embedding,
+    embedding_cache::owner_id,
+    embedding_cache::created_at,
+    embedding_cache::expires_at,
+);
+
+fn load_live(conn: &mut PgConnection, digests: &[KeyDigest]) -> QueryResult<Vec<Stored>> {
+    embedding_cache::table
+        .filter(embedding_cache::key_hash.eq_any(digest_params(digests)))
+        .filter(embedding_cache::expires_at.gt(db_now()))
+        .select(STORED)
+        .load(conn)
+}
+
+fn decode((_, model, bytes, owner, created_at, expires_at): Stored) -> CachedEmbedding {
+    let embedding: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    CachedEmbedding {
+        dimensions: embedding.len(),
+        embedding,
+        model,
+        owner,
+        created_at,
+        expires_at,
+    }
+}
+
+impl Cache for EmbeddingCache<'_> {
+    type Key = EmbeddingKey;
+    type Value = Vec<f32>;
+    type Entry = CachedEmbedding;
+
+    const KIND: CacheKind = CacheKind::Embedding;
+
+    fn manager(&self) -> &CacheManager {
+        self.manager
+    }
+
+    fn default_ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn into_value(entry: CachedEmbedding) -> Vec<f32> {
+        entry.embedding
+    }
+
+    fn get_in(&self, conn: &mut PgConnection, key: &EmbeddingKey) -> Result<Option<CachedEmbedding>> {
+        let digest = digest(key)?;
+        Ok(load_live(conn, &[digest])?.pop().map(decode))
+    }
+
+    fn get_many_in(
+        &self,
+        conn: &mut PgConnection,
+        keys: &[&EmbeddingKey],
+    ) -> Result<Vec<Option<CachedEmbedding>>> {
+        let digests = digests(keys, digest)?;
+        let rows = load_live(conn, &digests)?;
+        in_request_order(&digests, rows, |s| (s.0.clone(), decode(s)))
+    }
+
+    fn set_in(
+        &self,
+        conn: &mut PgConnection,
+        key: &EmbeddingKey,
+        value: &Vec<f32>,
+        ttl: Duration,
+    ) -> Result<()> {
+        let interval = ttl_interval(ttl)?;
+        write(conn, vec![row(key, value)?], interval)?;
+        Ok(())
+    }
+
+    fn set_many_in(
+        &self,
+        conn: &mut PgConnection,
+        entries: &[(&EmbeddingKey, &Vec<f32>)],
+        ttl: Duration,
+    ) -> Result<()> {
+        let interval = ttl_interval(ttl)?;
+        let rows = entries
+            .iter()
+            .map(|(k, v)| row(k, v))
+            .collect::<Result<Vec<_>>>()?;
+        write(conn, rows, interval)?;
+        Ok(())
+    }
+
+    fn delete_in(&self, conn: &mut PgConnection, key: &EmbeddingKey) -> Result<bool> {
+        Ok(self.delete_many_in(conn, &[key])? > 0)
+    }
+
+    fn delete_many_in(&self, conn: &mut PgConnection, keys: &[&EmbeddingKey]) -> Result<u64> {
+        Ok(delete_digests(conn, Self::KIND, &digests(keys, digest)?)?)
+    }
+}
+
+/// Deletes every embedding of `model`; returns the rows removed.
+pub(crate) fn delete_model(conn: &mut PgConnection, model: &str) -> QueryResult<usize> {
+    diesel::delete(embedding_cache::table.filter(embedding_cache::model.eq(model))).execute(conn)
+}
+
+/// Deletes every embedding owned by `user`; returns the rows removed.
+pub(crate) fn delete_owner(conn: &mut PgConnection, user: Uuid) -> QueryResult<usize> {
+    diesel::delete(embedding_cache::table.filter(embedding_cache::owner_id.eq(user))).execute(conn)
+}

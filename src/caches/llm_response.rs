@@ -1,0 +1,424 @@
+//! The LLM response cache (`llm_response_cache`): prompt, context, provider (and
+//! model and parameters when given) -> the response text, with hit counting.
+//!
+//! # Key rule
+//! An entry is found by the SHA-256 digest of: the key-format version, the domain tag
+//! `llm_response`, the prompt, the optional context, the provider, the optional
+//! model, the optional parameters as canonical JSON (object keys sorted at every
+//! depth) and the optional owner. Every field is length-prefixed or tagged absent, so
+//! no context differs from an empty context and `("ab", "c")` never meets
+//! `("a", "bc")`.
+//!
+//! # Hit counting
+//! A hit is one `SELECT`; the hit is counted in memory and written, with the last
+//! access time, in a batched `UPDATE` per flush (every `stats_flush_interval`, and
+//! before [`LlmResponseCache::top`]). The counter columns carry no index, so those
+//! updates stay HOT.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::data_types::PgInterval;
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::common::{
+    check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order,
+    record_hits, upsert_batch,
+};
+use crate::cache::{Cache, CacheKind};
+use crate::error::Result;
+use crate::input::{check_json, check_text, ttl_interval};
+use crate::key::{KeyDigest, KeyHasher};
+use crate::manager::CacheManager;
+use crate::schema::llm_response_cache;
+use crate::sql::{db_now, ExpiresIn};
+
+/// An LLM request: what identifies a cached response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlmPrompt {
+    /// The prompt.
+    pub prompt: String,
+    /// Extra context given with the prompt. Default: none.
+    #[serde(default)]
+    pub context: Option<String>,
+    /// The provider, e.g. `gemini-flash`.
+    pub provider: String,
+    /// The model, when the provider serves several. Default: none.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Generation parameters (temperature, max tokens, ...) as JSON; key order does
+    /// not matter. Default: none.
+    #[serde(default)]
+    pub params: Option<Value>,
+    /// The user the entry belongs to; part of the key, so an owned entry is only
+    /// found with the same owner, and removed by
+    /// [`CacheManager::invalidate_user`]. Default: none (shared).
+    #[serde(default, rename = "owner_id", skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Uuid>,
+}
+
+impl LlmPrompt {
+    /// A prompt for `provider`, without context, model, parameters or owner.
+    pub fn new(prompt: impl Into<String>, provider: impl Into<String>) -> Self {
+        LlmPrompt {
+            prompt: prompt.into(),
+            context: None,
+            provider: provider.into(),
+            model: None,
+            params: None,
+            owner: None,
+        }
+    }
+
+    /// The same prompt with `context`.
+    #[must_use]
+    pub fn with_context(mut self, context: impl Into<String>) -> Self {
+        self.context = Some(context.into());
+        self
+    }
+
+    /// The same prompt for `model`.
+    #[must_use]
+    pub fn with_model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
+    }
+
+    /// The same prompt with generation parameters.
+    #[must_use]
+    pub fn with_params(mut self, params: Value) -> Self {
+        self.params = Some(params);
+        self
+    }
+
+    /// The same prompt, owned by `user`.
+    #[must_use]
+    pub fn owned_by(mut self, user: Uuid) -> Self {
+        self.owner = Some(user);
+        self
+    }
+
+    /// The digest that identifies this prompt's entry (see the module docs).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a NUL character in any
+    /// text or parameter, or an empty provider or model.
+    pub fn digest(&self) -> Result<KeyDigest> {
+        digest(self)
+    }
+}
+
+/// Validates `prompt` and computes its digest.
+pub(crate) fn digest(prompt: &LlmPrompt) -> Result<KeyDigest> {
+    check_text("prompt", &prompt.prompt)?;
+    if let Some(context) = &prompt.context {
+        check_text("context", context)?;
+    }
+    check_name("provider", &prompt.provider)?;
+    if let Some(model) = &prompt.model {
+        check_name("model", model)?;
+    }
+    if let Some(params) = &prompt.params {
+        check_json("params", params)?;
+    }
+    Ok(KeyHasher::new("llm_response")
+        .text(&prompt.prompt)
+        .opt_text(prompt.context.as_deref())
+        .text(&prompt.provider)
+        .opt_text(prompt.model.as_deref())
+        .opt_json(prompt.params.as_ref())
+        .opt_uuid(prompt.owner)
+        .finish())
+}
+
+/// A cached response with its metadata.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct CachedLlmResponse {
+    /// The response text.
+    pub response: String,
+    /// The provider that produced it.
+    pub provider: String,
+    /// The model, when the prompt named one.
+    pub model: Option<String>,
+    /// Hits counted in the database (hits not yet flushed are not included).
+    pub hit_count: u64,
+    /// Last hit or write, as of the last flush.
+    pub last_accessed_at: DateTime<Utc>,
+    /// When it was written.
+    pub created_at: DateTime<Utc>,
+    /// When it expires (database time).
+    pub expires_at: DateTime<Utc>,
+}
+
+/// One of the most-hit responses, from [`LlmResponseCache::top`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TopLlmResponse {
+    /// The first 16 hex characters of the entry's digest.
+    pub hash_prefix: String,
+    /// Hits counted.
+    pub hits: u64,
+    /// The provider.
+    pub provider: String,
+    /// The model, when known.
+    pub model: Option<String>,
+}
+
+/// The LLM response cache; get it with [`CacheManager::llm_response`].
+///
+/// Default TTL: the medium preset (`CACHE_TTL_MEDIUM`, 1 hour).
+///
+/// ```no_run
+/// use pgcache::{Cache, CacheManager, LlmPrompt};
+///
+/// let cache = CacheManager::from_env()?;
+/// let prompt = LlmPrompt::new("Explain quantum computing", "gemini-flash")
+///     .with_context("User is a beginner");
+/// let answer = cache.llm_response().get_or_compute(&prompt, || {
+///     Ok::<_, pgcache::Error>("Quantum computers use qubits...".to_owned())
+/// })?;
+/// for top in cache.llm_response().top(10)? {
+///     println!("{}... ({} hits, {})", top.hash_prefix, top.hits, top.provider);
+/// }
+/// # Ok::<(), pgcache::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct LlmResponseCache<'a> {
+    manager: &'a CacheManager,
+    ttl: Duration,
+}
+
+impl<'a> LlmResponseCache<'a> {
+    pub(crate) fn new(manager: &'a CacheManager) -> Self {
+        LlmResponseCache {
+            manager,
+            ttl: manager.config().ttl().medium,
+        }
+    }
+
+    /// A handle whose [`set`](Cache::set) uses `ttl` instead of the medium preset.
+    #[must_use]
+    pub fn with_default_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// The `n` most-hit live responses, most hits first. Flushes this manager's
+    /// pending hits first so they are included (other processes' pending hits are
+    /// not). A maintenance query: it scans the live rows (hit counts are not
+    /// indexed, on purpose).
+    ///
+    /// # Errors
+    /// A connection or database error.
+    pub fn top(&self, n: usize) -> Result<Vec<TopLlmResponse>> {
+        self.manager.flush_stats()?;
+        let limit = i64::try_from(n).unwrap_or(i64::MAX);
+        self.manager.read(Self::KIND, Vec::new(), |conn| {
+            let rows: Vec<(Vec<u8>, i64, String, Option<String>)> = llm_response_cache::table
+                .filter(llm_response_cache::expires_at.gt(db_now()))
+                .order((
+                    llm_response_cache::hit_count.desc(),
+                    llm_response_cache::key_hash,
+                ))
+                .limit(limit)
+                .select((
+                    llm_response_cache::key_hash,
+                    llm_response_cache::hit_count,
+                    llm_response_cache::provider,
+                    llm_response_cache::model,
+                ))
+                .load(conn)?;
+            Ok(rows
+                .into_iter()
+                .map(|(hash, hits, provider, model)| TopLlmResponse {
+                    hash_prefix: hash_prefix(&hash),
+                    hits: hits.unsigned_abs(),
+                    provider,
+                    model,
+                })
+                .collect())
+        })
+    }
+}
+
+/// One validated row, ready to upsert.
+pub(crate) struct Row<'a> {
+    digest: KeyDigest,
+    prompt: &'a LlmPrompt,
+    response: &'a str,
+}
+
+/// Validates an entry.
+pub(crate) fn row<'a>(prompt: &'a LlmPrompt, response: &'a str) -> Result<Row<'a>> {
+    let digest = digest(prompt)?;
+    check_text("response", response)?;
+    Ok(Row {
+        digest,
+        prompt,
+        response,
+    })
+}
+
+/// Upserts validated rows (all or none). An overwrite starts a fresh entry: hit
+/// count zero.
+pub(crate) fn write(
+    conn: &mut PgConnection,
+    rows: Vec<Row<'_>>,
+    interval: PgInterval,
+) -> QueryResult<usize> {
+    upsert_batch(conn, rows, |r| r.digest, |conn, rows| upsert(conn, rows, interval))
+}
+
+fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> QueryResult<usize> {
+    let values: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                llm_response_cache::key_hash.eq(r.digest.as_bytes().as_slice()),
+                llm_response_cache::provider.eq(r.prompt.provider.as_str()),
+                llm_response_cache::model.eq(r.prompt.model.as_deref()),
+                llm_response_cache::response.eq(r.response),
+                llm_response_cache::owner_id.eq(r.prompt.owner),
+                llm_response_cache::expires_at.eq(ExpiresIn(interval)),
+            )
+        })
+        .collect();
+    diesel::insert_into(llm_response_cache::table)
+        .values(values)
+        .on_conflict(llm_response_cache::key_hash)
+        .do_update()
+        .set((
+            llm_response_cache::provider.eq(excluded(llm_response_cache::provider)),
+            llm_response_cache::model.eq(excluded(llm_response_cache::model)),
+            llm_response_cache::response.eq(excluded(llm_response_cache::response)),
+            llm_response_cache::owner_id.eq(excluded(llm_response_cache::owner_id)),
+            llm_response_cache::expires_at.eq(excluded(llm_response_cache::expires_at)),
+            llm_response_cache::hit_count.eq(0),
+            llm_response_cache::last_accessed_at.eq(db_now()),
+            llm_response_cache::created_at.eq(db_now()),
+        ))
+        .execute(conn)
+}
+
+type Stored = (
+    Vec<u8>,
+    String,
+    String,
+    Option<String>,
+    i64,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
+
+fn load_live(conn: &mut PgConnection, digests: &[KeyDigest]) -> QueryResult<Vec<Stored>> {
+    llm_response_cache::table
+        .filter(llm_response_cache::key_hash.eq_any(digest_params(digests)))
+        .filter(llm_response_cache::expires_at.gt(db_now()))
+        .select((
+            llm_response_cache::key_hash,
+            llm_response_cache::response,
+            llm_response_cache::provider,
+            llm_response_cache::model,
+            llm_response_cache::hit_count,
+            llm_response_cache::last_accessed_at,
+            llm_response_cache::created_at,
+            llm_response_cache::expires_at,
+        ))
+        .load(conn)
+}
+
+fn decode(
+    (_, response, provider, model, hits, last_accessed_at, created_at, expires_at): Stored,
+) -> CachedLlmResponse {
+    CachedLlmResponse {
+        response,
+        provider,
+        model,
+        hit_count: hits.unsigned_abs(),
+        last_accessed_at,
+        created_at,
+        expires_at,
+    }
+}
+
+impl Cache for LlmResponseCache<'_> {
+    type Key = LlmPrompt;
+    type Value = String;
+    type Entry = CachedLlmResponse;
+
+    const KIND: CacheKind = CacheKind::LlmResponse;
+
+    fn manager(&self) -> &CacheManager {
+        self.manager
+    }
+
+    fn default_ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn into_value(entry: CachedLlmResponse) -> String {
+        entry.response
+    }
+
+    fn get_in(&self, conn: &mut PgConnection, prompt: &LlmPrompt) -> Result<Option<CachedLlmResponse>> {
+        Ok(self.get_many_in(conn, &[prompt])?.pop().flatten())
+    }
+
+    fn get_many_in(
+        &self,
+        conn: &mut PgConnection,
+        prompts: &[&LlmPrompt],
+    ) -> Result<Vec<Option<CachedLlmResponse>>> {
+        let digests = digests(prompts, digest)?;
+        let rows = load_live(conn, &digests)?;
+        let found = in_request_order(&digests, rows, |s| (s.0.clone(), decode(s)))?;
+        record_hits(self.manager, Self::KIND, &digests, &found);
+        Ok(found)
+    }
+
+    fn set_in(
+        &self,
+        conn: &mut PgConnection,
+        prompt: &LlmPrompt,
+        response: &String,
+        ttl: Duration,
+    ) -> Result<()> {
+        self.set_many_in(conn, &[(prompt, response)], ttl)
+    }
+
+    fn set_many_in(
+        &self,
+        conn: &mut PgConnection,
+        entries: &[(&LlmPrompt, &String)],
+        ttl: Duration,
+    ) -> Result<()> {
+        let interval = ttl_interval(ttl)?;
+        let rows = entries
+            .iter()
+            .map(|(p, r)| row(p, r))
+            .collect::<Result<Vec<_>>>()?;
+        write(conn, rows, interval)?;
+        Ok(())
+    }
+
+    fn delete_in(&self, conn: &mut PgConnection, prompt: &LlmPrompt) -> Result<bool> {
+        Ok(self.delete_many_in(conn, &[prompt])? > 0)
+    }
+
+    fn delete_many_in(&self, conn: &mut PgConnection, prompts: &[&LlmPrompt]) -> Result<u64> {
+        Ok(delete_digests(conn, Self::KIND, &digests(prompts, digest)?)?)
+    }
+}
+
+/// Deletes every response owned by `user`; returns the rows removed.
+pub(crate) fn delete_owner(conn: &mut PgConnection, user: Uuid) -> QueryResult<usize> {
+    diesel::delete(llm_response_cache::table.filter(llm_response_cache::owner_id.eq(user)))
+        .execute(conn)
+}

@@ -1,0 +1,339 @@
+//! The vector-search cache (`vector_search_cache`): a user's query embedding, `top_k`
+//! and filters -> the search results, as JSONB.
+//!
+//! # Key rule
+//! An entry is found by the SHA-256 digest of: the key-format version, the domain tag
+//! `vector_search`, the query embedding (its dimension, then each component's
+//! IEEE-754 bits, `-0.0` taken as `0.0`), `top_k`, the filters as canonical JSON
+//! (object keys sorted at every depth, so `{"a":1,"b":2}` and `{"b":2,"a":1}` meet)
+//! and the user id. NaN and infinite components are rejected, never stored. Reads
+//! filter on the user id as well as the digest, so one user can never read another's
+//! results even through a digest collision.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::data_types::PgInterval;
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::common::{
+    delete_digests, digest_params, digests, in_request_order, upsert_batch,
+};
+use crate::cache::{Cache, CacheKind};
+use crate::error::{Error, Result};
+use crate::input::{check_embedding, check_json, ttl_interval};
+use crate::key::{canonical_json, KeyDigest, KeyHasher};
+use crate::manager::CacheManager;
+use crate::schema::vector_search_cache;
+use crate::sql::{db_now, ExpiresIn};
+
+/// A vector search of one user: what identifies its cached results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VectorSearchQuery {
+    /// The query embedding.
+    pub embedding: Vec<f32>,
+    /// How many results the search asks for (at least 1).
+    pub top_k: u32,
+    /// Search filters, any JSON; key order does not matter. Default: `{}`.
+    #[serde(default = "no_filters")]
+    pub filters: Value,
+    /// The user searching; results are cached per user.
+    pub user_id: Uuid,
+}
+
+fn no_filters() -> Value {
+    Value::Object(serde_json::Map::new())
+}
+
+impl VectorSearchQuery {
+    /// A query without filters.
+    pub fn new(user_id: Uuid, embedding: Vec<f32>, top_k: u32) -> Self {
+        VectorSearchQuery {
+            embedding,
+            top_k,
+            filters: no_filters(),
+            user_id,
+        }
+    }
+
+    /// The same query with `filters`.
+    #[must_use]
+    pub fn with_filters(mut self, filters: Value) -> Self {
+        self.filters = filters;
+        self
+    }
+
+    /// The digest that identifies this query's entry (see the module docs).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for an empty, over-long or non-finite embedding, a
+    /// zero or over-large `top_k`, or a NUL character in the filters.
+    pub fn digest(&self) -> Result<KeyDigest> {
+        digest(self)
+    }
+}
+
+/// Validates `query` and computes its digest.
+pub(crate) fn digest(query: &VectorSearchQuery) -> Result<KeyDigest> {
+    check_embedding(&query.embedding)?;
+    top_k(query)?;
+    check_json("filters", &query.filters)?;
+    Ok(KeyHasher::new("vector_search")
+        .embedding(&query.embedding)
+        .int(i64::from(query.top_k))
+        .json(&query.filters)
+        .opt_uuid(Some(query.user_id))
+        .finish())
+}
+
+fn top_k(query: &VectorSearchQuery) -> Result<i32> {
+    match i32::try_from(query.top_k) {
+        Ok(k) if k > 0 => Ok(k),
+        _ => Err(Error::invalid(
+            "top_k",
+            format!("must be 1 to {}, got {}", i32::MAX, query.top_k),
+        )),
+    }
+}
+
+/// Cached search results with their metadata.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct CachedVectorSearch {
+    /// The results, as stored.
+    pub results: Value,
+    /// The user they belong to.
+    pub user_id: Uuid,
+    /// The `top_k` of the search.
+    pub top_k: u32,
+    /// The filters of the search, in canonical form.
+    pub filters: Value,
+    /// When they were written.
+    pub created_at: DateTime<Utc>,
+    /// When they expire (database time).
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The vector-search results cache; get it with [`CacheManager::vector_search`].
+///
+/// Default TTL: the short preset (`CACHE_TTL_SHORT`, 5 minutes).
+///
+/// ```no_run
+/// use pgcache::{Cache, CacheManager, VectorSearchQuery};
+///
+/// let cache = CacheManager::from_env()?;
+/// let user = uuid::Uuid::new_v4();
+/// let query = VectorSearchQuery::new(user, vec![0.1, 0.2, 0.3], 5)
+///     .with_filters(serde_json::json!({"lang": "en"}));
+/// let results = cache.vector_search().get_or_compute(&query, || {
+///     Ok::<_, pgcache::Error>(serde_json::json!([{"id": 7, "score": 0.93}]))
+/// })?;
+/// # Ok::<(), pgcache::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct VectorSearchCache<'a> {
+    manager: &'a CacheManager,
+    ttl: Duration,
+}
+
+impl<'a> VectorSearchCache<'a> {
+    pub(crate) fn new(manager: &'a CacheManager) -> Self {
+        VectorSearchCache {
+            manager,
+            ttl: manager.config().ttl().short,
+        }
+    }
+
+    /// A handle whose [`set`](Cache::set) uses `ttl` instead of the short preset.
+    #[must_use]
+    pub fn with_default_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+}
+
+/// One validated row, ready to upsert.
+pub(crate) struct Row<'a> {
+    digest: KeyDigest,
+    query: &'a VectorSearchQuery,
+    top_k: i32,
+    filters: Value,
+    results: &'a Value,
+}
+
+/// Validates an entry.
+pub(crate) fn row<'a>(query: &'a VectorSearchQuery, results: &'a Value) -> Result<Row<'a>> {
+    let digest = digest(query)?;
+    check_json("results", results)?;
+    Ok(Row {
+        digest,
+        query,
+        top_k: top_k(query)?,
+        filters: canonical_json(&query.filters),
+        results,
+    })
+}
+
+/// Upserts validated rows (all or none).
+pub(crate) fn write(
+    conn: &mut PgConnection,
+    rows: Vec<Row<'_>>,
+    interval: PgInterval,
+) -> QueryResult<usize> {
+    upsert_batch(conn, rows, |r| r.digest, |conn, rows| upsert(conn, rows, interval))
+}
+
+fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> QueryResult<usize> {
+    let values: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                vector_search_cache::key_hash.eq(r.digest.as_bytes().as_slice()),
+                vector_search_cache::user_id.eq(r.query.user_id),
+                vector_search_cache::top_k.eq(r.top_k),
+                vector_search_cache::filters.eq(&r.filters),
+                vector_search_cache::results.eq(r.results),
+                vector_search_cache::expires_at.eq(ExpiresIn(interval)),
+            )
+        })
+        .collect();
+    diesel::insert_into(vector_search_cache::table)
+        .values(values)
+        .on_conflict(vector_search_cache::key_hash)
+        .do_update()
+        .set((
+            vector_search_cache::user_id.eq(excluded(vector_search_cache::user_id)),
+            vector_search_cache::top_k.eq(excluded(vector_search_cache::top_k)),
+            vector_search_cache::filters.eq(excluded(vector_search_cache::filters)),
+            vector_search_cache::results.eq(excluded(vector_search_cache::results)),
+            vector_search_cache::expires_at.eq(excluded(vector_search_cache::expires_at)),
+            vector_search_cache::created_at.eq(db_now()),
+        ))
+        .execute(conn)
+}
+
+type Stored = (Vec<u8>, Uuid, i32, Value, Value, DateTime<Utc>, DateTime<Utc>);
+
+/// Live rows with these digests that belong to one of `users` (defence in depth:
+/// the digest already covers the user).
+fn load_live(
+    conn: &mut PgConnection,
+    digests: &[KeyDigest],
+    users: &[Uuid],
+) -> QueryResult<Vec<Stored>> {
+    vector_search_cache::table
+        .filter(vector_search_cache::key_hash.eq_any(digest_params(digests)))
+        .filter(vector_search_cache::user_id.eq_any(users))
+        .filter(vector_search_cache::expires_at.gt(db_now()))
+        .select((
+            vector_search_cache::key_hash,
+            vector_search_cache::user_id,
+            vector_search_cache::top_k,
+            vector_search_cache::filters,
+            vector_search_cache::results,
+            vector_search_cache::created_at,
+            vector_search_cache::expires_at,
+        ))
+        .load(conn)
+}
+
+fn decode((_, user_id, top_k, filters, results, created_at, expires_at): Stored) -> CachedVectorSearch {
+    CachedVectorSearch {
+        results,
+        user_id,
+        // The column's CHECK keeps it positive.
+        top_k: top_k.unsigned_abs(),
+        filters,
+        created_at,
+        expires_at,
+    }
+}
+
+impl Cache for VectorSearchCache<'_> {
+    type Key = VectorSearchQuery;
+    type Value = Value;
+    type Entry = CachedVectorSearch;
+
+    const KIND: CacheKind = CacheKind::VectorSearch;
+
+    fn manager(&self) -> &CacheManager {
+        self.manager
+    }
+
+    fn default_ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn into_value(entry: CachedVectorSearch) -> Value {
+        entry.results
+    }
+
+    fn get_in(
+        &self,
+        conn: &mut PgConnection,
+        query: &VectorSearchQuery,
+    ) -> Result<Option<CachedVectorSearch>> {
+        Ok(self.get_many_in(conn, &[query])?.pop().flatten())
+    }
+
+    fn get_many_in(
+        &self,
+        conn: &mut PgConnection,
+        queries: &[&VectorSearchQuery],
+    ) -> Result<Vec<Option<CachedVectorSearch>>> {
+        let digests = digests(queries, digest)?;
+        let users: Vec<Uuid> = queries.iter().map(|q| q.user_id).collect();
+        let rows = load_live(conn, &digests, &users)?;
+        // A row only answers a query of its own user.
+        let found = in_request_order(&digests, rows, |s| (s.0.clone(), decode(s)))?;
+        Ok(found
+            .into_iter()
+            .zip(queries)
+            .map(|(entry, q)| entry.filter(|e| e.user_id == q.user_id))
+            .collect())
+    }
+
+    fn set_in(
+        &self,
+        conn: &mut PgConnection,
+        query: &VectorSearchQuery,
+        results: &Value,
+        ttl: Duration,
+    ) -> Result<()> {
+        self.set_many_in(conn, &[(query, results)], ttl)
+    }
+
+    fn set_many_in(
+        &self,
+        conn: &mut PgConnection,
+        entries: &[(&VectorSearchQuery, &Value)],
+        ttl: Duration,
+    ) -> Result<()> {
+        let interval = ttl_interval(ttl)?;
+        let rows = entries
+            .iter()
+            .map(|(q, v)| row(q, v))
+            .collect::<Result<Vec<_>>>()?;
+        write(conn, rows, interval)?;
+        Ok(())
+    }
+
+    fn delete_in(&self, conn: &mut PgConnection, query: &VectorSearchQuery) -> Result<bool> {
+        Ok(self.delete_many_in(conn, &[query])? > 0)
+    }
+
+    fn delete_many_in(&self, conn: &mut PgConnection, queries: &[&VectorSearchQuery]) -> Result<u64> {
+        Ok(delete_digests(conn, Self::KIND, &digests(queries, digest)?)?)
+    }
+}
+
+/// Deletes every cached search of `user`; returns the rows removed.
+pub(crate) fn delete_owner(conn: &mut PgConnection, user: Uuid) -> QueryResult<usize> {
+    diesel::delete(vector_search_cache::table.filter(vector_search_cache::user_id.eq(user)))
+        .execute(conn)
+}
