@@ -1,0 +1,154 @@
+//! Cache warmup: everything or nothing.
+
+mod common;
+
+use common::TestDb;
+use pgcache::{
+    AudioChunk, AudioChunkKey, Cache, EmbeddingKey, Error, LlmPrompt, VectorSearchQuery, Warmup,
+    WarmupAudioChunk, WarmupEmbedding, WarmupLlmResponse,
+};
+use serde_json::json;
+
+const ALL_TABLES: [&str; 5] = [
+    "cache_entries",
+    "embedding_cache",
+    "vector_search_cache",
+    "llm_response_cache",
+    "audio_chunk_cache",
+];
+
+fn rows(db: &TestDb) -> i64 {
+    ALL_TABLES
+        .iter()
+        .map(|t| db.count(&format!("SELECT count(*) AS n FROM {t}")))
+        .sum()
+}
+
+fn spec_warmup() -> Warmup {
+    serde_json::from_value(json!({
+        "kv": [{"key": "config:v1", "value": {"theme": "dark"}}],
+        "embeddings": [
+            {"text": "What is AI?", "model": "m1", "embedding": [0.1, 0.2]},
+            {"text": "How does ML work?", "model": "m1", "embedding": [0.3, 0.4]}
+        ],
+        "vector_searches": [{
+            "user_id": "00000000-0000-0000-0000-000000000001",
+            "embedding": [0.1, 0.2], "top_k": 5, "filters": {"lang": "en"},
+            "results": [{"id": 1}]
+        }],
+        "llm_responses": [
+            {"prompt": "Explain AI", "provider": "gemini-flash", "response": "AI is..."}
+        ],
+        "audio_chunks": [{
+            "text": "Hello", "voice_model_id": "v1", "provider": "xtts-v2",
+            "data": {"stored": {"path": "audio/hello.opus", "byte_size": 1200}},
+            "format": "opus", "duration_ms": 500
+        }]
+    }))
+    .unwrap()
+}
+
+#[test]
+fn warmup_from_json_stores_every_section_and_reports_counts() {
+    let db = TestDb::new();
+    let report = db.cache.warmup(&spec_warmup()).unwrap();
+    assert_eq!(
+        (report.kv, report.embeddings, report.vector_searches, report.llm_responses, report.audio_chunks),
+        (1, 2, 1, 1, 1)
+    );
+    assert_eq!(report.total(), 6);
+    assert_eq!(rows(&db), 6);
+    let hit = db
+        .cache
+        .embedding()
+        .get(&EmbeddingKey::new("How does ML work?", "m1"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(hit.embedding, vec![0.3, 0.4]);
+    let answer = db
+        .cache
+        .llm_response()
+        .get(&LlmPrompt::new("Explain AI", "gemini-flash"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.response, "AI is...");
+    let search = VectorSearchQuery::new(uuid::Uuid::from_u128(1), vec![0.1, 0.2], 5)
+        .with_filters(json!({"lang": "en"}));
+    assert!(db.cache.vector_search().get(&search).unwrap().is_some());
+    assert!(db
+        .cache
+        .audio_chunk()
+        .get(&AudioChunkKey::new("Hello", "v1", "xtts-v2"))
+        .unwrap()
+        .is_some());
+    assert_eq!(db.cache.kv().get("config:v1").unwrap(), Some(json!({"theme": "dark"})));
+}
+
+#[test]
+fn one_bad_item_rejects_the_whole_warmup_and_names_it() {
+    let db = TestDb::new();
+    let mut warmup = spec_warmup();
+    warmup.llm_responses.push(WarmupLlmResponse {
+        prompt: LlmPrompt::new("fine", "p"),
+        response: "ok".into(),
+    });
+    warmup.llm_responses.push(WarmupLlmResponse {
+        prompt: LlmPrompt::new("bad\0prompt", "p"),
+        response: "never stored".into(),
+    });
+    let err = db.cache.warmup(&warmup).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, Error::InvalidInput { what: "warmup", .. }), "{message}");
+    assert!(message.contains("llm_responses[2]: invalid prompt"), "{message}");
+    assert_eq!(rows(&db), 0, "nothing of the warmup is stored");
+}
+
+#[test]
+fn a_nan_embedding_in_a_warmup_is_named_by_its_index() {
+    let db = TestDb::new();
+    let mut warmup = spec_warmup();
+    warmup.embeddings.push(WarmupEmbedding {
+        key: EmbeddingKey::new("q", "m1"),
+        embedding: vec![f32::NAN],
+    });
+    let message = db.cache.warmup(&warmup).unwrap_err().to_string();
+    assert!(message.contains("embeddings[2]: invalid embedding"), "{message}");
+    assert_eq!(rows(&db), 0);
+}
+
+#[test]
+fn a_database_failure_rolls_back_every_section() {
+    let db = TestDb::new();
+    // A valid warmup that the database refuses half way: the audio table is gone.
+    db.exec("ALTER TABLE audio_chunk_cache RENAME TO audio_chunk_cache_gone");
+    assert!(db.cache.warmup(&spec_warmup()).is_err());
+    db.exec("ALTER TABLE audio_chunk_cache_gone RENAME TO audio_chunk_cache");
+    assert_eq!(rows(&db), 0);
+}
+
+#[test]
+fn duplicate_keys_in_a_warmup_keep_the_last_item() {
+    let db = TestDb::new();
+    let item = |v: f32| WarmupEmbedding {
+        key: EmbeddingKey::new("q", "m1"),
+        embedding: vec![v],
+    };
+    let warmup = Warmup {
+        embeddings: vec![item(1.0), item(2.0)],
+        audio_chunks: vec![WarmupAudioChunk {
+            key: AudioChunkKey::new(&"x".repeat(pgcache::DEFAULT_MAX_AUDIO_TEXT_CHARS + 1), "v", "p"),
+            chunk: AudioChunk::inline(vec![1], "wav"),
+        }],
+        ..Warmup::default()
+    };
+    let report = db.cache.warmup(&warmup).unwrap();
+    assert_eq!((report.embeddings, report.skipped_audio_chunks, report.audio_chunks), (1, 1, 0));
+    let hit = db.cache.embedding().get(&EmbeddingKey::new("q", "m1")).unwrap().unwrap();
+    assert_eq!(hit.embedding, vec![2.0]);
+}
+
+#[test]
+fn unknown_sections_are_rejected() {
+    let err = serde_json::from_value::<Warmup>(json!({"llmResponses": []})).unwrap_err();
+    assert!(err.to_string().contains("llmResponses"), "{err}");
+}
