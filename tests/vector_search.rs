@@ -92,3 +92,20 @@ fn filters_are_stored_in_canonical_form() {
     let stored = db.cache.vector_search().get(&q).unwrap().unwrap().filters;
     assert_eq!(serde_json::to_string(&stored).unwrap(), r#"{"a":{"c":3,"d":2},"b":1}"#);
 }
+
+#[test]
+fn float_results_round_trip_bit_exactly() {
+    // Scores computed in f32 and widened to f64 need every digit: a parser that is
+    // off by one unit in the last place would make cached results differ from fresh
+    // ones, and so every key derived from them.
+    let db = TestDb::new();
+    let user = Uuid::new_v4();
+    let scores: Vec<f64> = [1.950_326_8_f32, 0.1, 2.925_490_1, 5.850_980_3]
+        .iter()
+        .map(|&s| f64::from(s))
+        .collect();
+    let results = json!(scores);
+    db.cache.vector_search().set(&query(user), &results).unwrap();
+    let hit = db.cache.vector_search().get(&query(user)).unwrap().unwrap();
+    assert_eq!(hit.results, results);
+}
