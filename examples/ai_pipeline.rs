@@ -75,13 +75,17 @@ fn handle(cache: &CacheManager, user: Uuid, question: &str) -> Result<(String, u
         .remove(0);
     // RAG service: searchVectors (per user)
     let query = VectorSearchQuery::new(user, embedding, 3).with_filters(json!({"lang": "en"}));
-    let docs = cache.vector_search().get_or_compute(&query, || search(&query))?;
+    let docs = cache
+        .vector_search()
+        .get_or_compute(&query, || search(&query))?;
     // LLM service: generateResponse
     // The answer draws on the user's documents, so it belongs to the user.
     let prompt = LlmPrompt::new(question, "fake-llm")
         .with_context(docs.to_string())
         .owned_by(user);
-    let text = cache.llm_response().get_or_compute(&prompt, || answer(&prompt))?;
+    let text = cache
+        .llm_response()
+        .get_or_compute(&prompt, || answer(&prompt))?;
     // TTS service: synthesize
     let key = AudioChunkKey::new(&text, "voice-123", "fake-tts").owned_by(user);
     let audio = cache
@@ -115,7 +119,10 @@ fn run() -> Result<(), Error> {
         let started = Instant::now();
         for q in questions {
             let (text, bytes) = handle(&cache, user, q)?;
-            println!("[{pass}] {q:<18} -> {} chars of answer, {bytes} bytes of audio", text.len());
+            println!(
+                "[{pass}] {q:<18} -> {} chars of answer, {bytes} bytes of audio",
+                text.len()
+            );
         }
         let took = started.elapsed();
         println!("[{pass}] {} requests in {took:.2?}", questions.len());
@@ -126,7 +133,10 @@ fn run() -> Result<(), Error> {
         timings[0].saturating_sub(timings[1])
     );
     for top in cache.llm_response().top(3)? {
-        println!("top LLM response {}... {} hits ({})", top.hash_prefix, top.hits, top.provider);
+        println!(
+            "top LLM response {}... {} hits ({})",
+            top.hash_prefix, top.hits, top.provider
+        );
     }
     let stats = cache.audio_chunk().stats(3)?;
     println!(

@@ -54,8 +54,12 @@ async fn run() -> Result<(), Error> {
     // Start cold, so the first round misses even when the example ran before.
     let c = cache.clone();
     tokio::task::spawn_blocking(move || {
-        let prompts: Vec<LlmPrompt> = questions.iter().map(|q| LlmPrompt::new(*q, "fake-llm")).collect();
-        c.llm_response().delete_many(&prompts.iter().collect::<Vec<_>>())
+        let prompts: Vec<LlmPrompt> = questions
+            .iter()
+            .map(|q| LlmPrompt::new(*q, "fake-llm"))
+            .collect();
+        c.llm_response()
+            .delete_many(&prompts.iter().collect::<Vec<_>>())
     })
     .await
     .expect("cache task panicked")?;
@@ -69,15 +73,19 @@ async fn run() -> Result<(), Error> {
             let (_, hit) = task.await.expect("request task panicked")?;
             hits += usize::from(hit);
         }
-        println!("round {round}: {} requests, {hits} served from the cache", questions.len());
+        println!(
+            "round {round}: {} requests, {hits} served from the cache",
+            questions.len()
+        );
     }
 
     // Any cache works the same way, e.g. embeddings.
     let c = cache.clone();
     let vector = tokio::task::spawn_blocking(move || {
-        c.embedding().get_or_compute(&EmbeddingKey::new("What is AI?", "fake-embed"), || {
-            Ok::<_, Error>(vec![0.1, 0.2, 0.3])
-        })
+        c.embedding()
+            .get_or_compute(&EmbeddingKey::new("What is AI?", "fake-embed"), || {
+                Ok::<_, Error>(vec![0.1, 0.2, 0.3])
+            })
     })
     .await
     .expect("cache task panicked")?;

@@ -18,10 +18,23 @@ fn inline_audio_round_trips_with_its_metadata() {
         .sample_rate(24_000)
         .channels(2)
         .compression("opus");
-    db.cache.audio_chunk().set(&key("Hello world"), &chunk).unwrap();
-    let hit = db.cache.audio_chunk().get(&key("Hello world")).unwrap().unwrap();
+    db.cache
+        .audio_chunk()
+        .set(&key("Hello world"), &chunk)
+        .unwrap();
+    let hit = db
+        .cache
+        .audio_chunk()
+        .get(&key("Hello world"))
+        .unwrap()
+        .unwrap();
     assert_eq!(hit.chunk, chunk);
-    assert!(db.cache.audio_chunk().get(&key("Goodbye")).unwrap().is_none());
+    assert!(db
+        .cache
+        .audio_chunk()
+        .get(&key("Goodbye"))
+        .unwrap()
+        .is_none());
 }
 
 #[test]
@@ -37,7 +50,10 @@ fn path_based_audio_round_trips() {
             byte_size: 1200
         }
     );
-    assert_eq!(db.count("SELECT byte_size AS n FROM audio_chunk_cache"), 1200);
+    assert_eq!(
+        db.count("SELECT byte_size AS n FROM audio_chunk_cache"),
+        1200
+    );
 }
 
 #[test]
@@ -55,9 +71,16 @@ fn expired_chunks_read_as_misses() {
 fn overwrite_replaces_the_audio_and_keeps_one_row() {
     let db = TestDb::new();
     let audio = db.cache.audio_chunk();
-    audio.set(&key("Hi"), &AudioChunk::inline(vec![1], "wav")).unwrap();
-    audio.set(&key("Hi"), &AudioChunk::stored("a.wav", 10, "wav")).unwrap();
-    assert_eq!(audio.get(&key("Hi")).unwrap().unwrap().chunk.byte_size(), 10);
+    audio
+        .set(&key("Hi"), &AudioChunk::inline(vec![1], "wav"))
+        .unwrap();
+    audio
+        .set(&key("Hi"), &AudioChunk::stored("a.wav", 10, "wav"))
+        .unwrap();
+    assert_eq!(
+        audio.get(&key("Hi")).unwrap().unwrap().chunk.byte_size(),
+        10
+    );
     assert_eq!(db.count("SELECT count(*) AS n FROM audio_chunk_cache"), 1);
 }
 
@@ -72,7 +95,10 @@ fn text_over_the_maximum_length_is_not_cached() {
     assert!(short.get(&key("0123456789")).unwrap().is_some());
     assert!(short.get(&key("0123456789X")).unwrap().is_none());
     let long_text = "x".repeat(pgcache::DEFAULT_MAX_AUDIO_TEXT_CHARS + 1);
-    db.cache.audio_chunk().set(&key(&long_text), &chunk).unwrap();
+    db.cache
+        .audio_chunk()
+        .set(&key(&long_text), &chunk)
+        .unwrap();
     assert_eq!(db.count("SELECT count(*) AS n FROM audio_chunk_cache"), 1);
     let unlimited = db.cache.audio_chunk().with_max_text_chars(None);
     unlimited.set(&key(&long_text), &chunk).unwrap();
@@ -85,9 +111,15 @@ fn inline_audio_over_the_byte_limit_is_an_error() {
     let err = db
         .cache
         .audio_chunk()
-        .set(&key("big"), &AudioChunk::inline(vec![0; MAX_AUDIO_BYTES + 1], "wav"))
+        .set(
+            &key("big"),
+            &AudioChunk::inline(vec![0; MAX_AUDIO_BYTES + 1], "wav"),
+        )
         .unwrap_err();
-    assert!(matches!(err, Error::InvalidInput { what: "audio", .. }), "{err}");
+    assert!(
+        matches!(err, Error::InvalidInput { what: "audio", .. }),
+        "{err}"
+    );
     assert_eq!(db.count("SELECT count(*) AS n FROM audio_chunk_cache"), 0);
 }
 
@@ -97,7 +129,10 @@ fn eviction_removes_least_recently_used_down_to_the_watermark() {
     let audio = db.cache.audio_chunk();
     for i in 0..5 {
         audio
-            .set(&key(&format!("t{i}")), &AudioChunk::stored(format!("p{i}"), 100, "opus"))
+            .set(
+                &key(&format!("t{i}")),
+                &AudioChunk::stored(format!("p{i}"), 100, "opus"),
+            )
             .unwrap();
     }
     // p0 is the least recently used, p4 the most.
@@ -118,13 +153,20 @@ fn eviction_removes_least_recently_used_down_to_the_watermark() {
     assert_eq!((report.rows_removed, report.bytes_freed), (3, 300));
     assert!(audio.get(&key("t1")).unwrap().is_some());
     assert!(audio.get(&key("t4")).unwrap().is_some());
-    assert_eq!(db.count("SELECT sum(byte_size)::bigint AS n FROM audio_chunk_cache"), 200);
+    assert_eq!(
+        db.count("SELECT sum(byte_size)::bigint AS n FROM audio_chunk_cache"),
+        200
+    );
 }
 
 #[test]
 fn eviction_rejects_a_watermark_outside_zero_to_one() {
     let db = TestDb::new();
-    let err = db.cache.audio_chunk().evict_to_budget(100, 1.5).unwrap_err();
+    let err = db
+        .cache
+        .audio_chunk()
+        .evict_to_budget(100, 1.5)
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
 }
 
@@ -132,8 +174,12 @@ fn eviction_rejects_a_watermark_outside_zero_to_one() {
 fn stats_report_entries_bytes_average_hits_and_most_accessed() {
     let db = TestDb::new();
     let audio = db.cache.audio_chunk();
-    audio.set(&key("a"), &AudioChunk::inline(vec![0; 100], "wav")).unwrap();
-    audio.set(&key("b"), &AudioChunk::stored("b.wav", 300, "wav")).unwrap();
+    audio
+        .set(&key("a"), &AudioChunk::inline(vec![0; 100], "wav"))
+        .unwrap();
+    audio
+        .set(&key("b"), &AudioChunk::stored("b.wav", 300, "wav"))
+        .unwrap();
     for _ in 0..3 {
         audio.get(&key("b")).unwrap();
     }
@@ -144,5 +190,8 @@ fn stats_report_entries_bytes_average_hits_and_most_accessed() {
     assert!((stats.average_hit_count - 2.0).abs() < 1e-9, "{stats:?}");
     assert_eq!(stats.most_accessed.len(), 1);
     assert_eq!(stats.most_accessed[0].hits, 3);
-    assert_eq!(stats.most_accessed[0].hash_prefix, key("b").digest().unwrap().to_hex()[..16]);
+    assert_eq!(
+        stats.most_accessed[0].hash_prefix,
+        key("b").digest().unwrap().to_hex()[..16]
+    );
 }

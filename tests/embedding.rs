@@ -15,7 +15,9 @@ fn key(text: &str) -> EmbeddingKey {
 fn set_then_get_returns_the_vector_with_its_metadata() {
     let db = TestDb::new();
     let cache = db.cache.embedding();
-    cache.set(&key("What is AI?"), &vec![0.25, -1.5, 3.0]).unwrap();
+    cache
+        .set(&key("What is AI?"), &vec![0.25, -1.5, 3.0])
+        .unwrap();
     let hit = cache.get(&key("What is AI?")).unwrap().expect("a hit");
     assert_eq!(hit.embedding, vec![0.25, -1.5, 3.0]);
     assert_eq!(hit.dimensions, 3);
@@ -74,17 +76,33 @@ fn vectors_are_stored_as_four_bytes_per_component() {
 fn nan_infinite_and_empty_embeddings_are_rejected_and_nothing_is_stored() {
     let db = TestDb::new();
     let cache = db.cache.embedding();
-    for bad in [vec![1.0, f32::NAN], vec![f32::INFINITY], vec![f32::NEG_INFINITY], vec![]] {
+    for bad in [
+        vec![1.0, f32::NAN],
+        vec![f32::INFINITY],
+        vec![f32::NEG_INFINITY],
+        vec![],
+    ] {
         let err = cache.set(&key("q"), &bad).unwrap_err();
         assert!(
-            matches!(err, Error::InvalidInput { what: "embedding", .. }),
+            matches!(
+                err,
+                Error::InvalidInput {
+                    what: "embedding",
+                    ..
+                }
+            ),
             "{bad:?}: {err}"
         );
     }
     // A bad entry in a batch rejects the whole batch.
     let (good, bad) = (vec![1.0], vec![f32::NAN]);
     let (a, b) = (key("a"), key("b"));
-    assert!(cache.set_many(&[(&a, &good), (&b, &bad)], std::time::Duration::from_secs(60)).is_err());
+    assert!(cache
+        .set_many(
+            &[(&a, &good), (&b, &bad)],
+            std::time::Duration::from_secs(60)
+        )
+        .is_err());
     assert_eq!(db.count("SELECT count(*) AS n FROM embedding_cache"), 0);
 }
 
@@ -96,7 +114,10 @@ fn nul_in_text_is_rejected() {
         .embedding()
         .set(&key("a\0b"), &vec![1.0])
         .unwrap_err();
-    assert!(matches!(err, Error::InvalidInput { what: "text", .. }), "{err}");
+    assert!(
+        matches!(err, Error::InvalidInput { what: "text", .. }),
+        "{err}"
+    );
     let err = db.cache.embedding().get(&key("a\0b")).unwrap_err();
     assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
 }

@@ -26,7 +26,10 @@ fn a_hit_returns_the_response_with_provider_and_model() {
 #[test]
 fn expired_responses_read_as_misses() {
     let db = TestDb::new();
-    db.cache.llm_response().set(&prompt("q"), &"a".to_owned()).unwrap();
+    db.cache
+        .llm_response()
+        .set(&prompt("q"), &"a".to_owned())
+        .unwrap();
     db.expire_all("llm_response_cache");
     assert!(db.cache.llm_response().get(&prompt("q")).unwrap().is_none());
 }
@@ -36,7 +39,9 @@ fn hits_are_counted_in_deferred_batches_and_top_orders_by_hits() {
     let db = TestDb::new();
     let cache = db.cache.llm_response();
     for (text, hits) in [("popular", 3), ("once", 1), ("never", 0)] {
-        cache.set(&prompt(text), &format!("answer to {text}")).unwrap();
+        cache
+            .set(&prompt(text), &format!("answer to {text}"))
+            .unwrap();
         for _ in 0..hits {
             assert!(cache.get(&prompt(text)).unwrap().is_some());
         }
@@ -46,7 +51,10 @@ fn hits_are_counted_in_deferred_batches_and_top_orders_by_hits() {
     assert_eq!(top.len(), 2);
     assert_eq!((top[0].hits, top[1].hits), (3, 1));
     assert_eq!(top[0].provider, "gemini-flash");
-    assert_eq!(top[0].hash_prefix, prompt("popular").digest().unwrap().to_hex()[..16]);
+    assert_eq!(
+        top[0].hash_prefix,
+        prompt("popular").digest().unwrap().to_hex()[..16]
+    );
     assert_eq!(
         db.count("SELECT sum(hit_count)::bigint AS n FROM llm_response_cache"),
         4,
@@ -85,11 +93,20 @@ fn nul_in_prompt_or_params_is_rejected() {
     let db = TestDb::new();
     let cache = db.cache.llm_response();
     let err = cache.set(&prompt("a\0b"), &"x".to_owned()).unwrap_err();
-    assert!(matches!(err, Error::InvalidInput { what: "prompt", .. }), "{err}");
+    assert!(
+        matches!(err, Error::InvalidInput { what: "prompt", .. }),
+        "{err}"
+    );
     let err = cache
-        .set(&prompt("q").with_params(json!({"stop": "\u{0}"})), &"x".to_owned())
+        .set(
+            &prompt("q").with_params(json!({"stop": "\u{0}"})),
+            &"x".to_owned(),
+        )
         .unwrap_err();
-    assert!(matches!(err, Error::InvalidInput { what: "params", .. }), "{err}");
+    assert!(
+        matches!(err, Error::InvalidInput { what: "params", .. }),
+        "{err}"
+    );
     assert_eq!(db.count("SELECT count(*) AS n FROM llm_response_cache"), 0);
 }
 

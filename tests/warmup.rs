@@ -53,7 +53,13 @@ fn warmup_from_json_stores_every_section_and_reports_counts() {
     let db = TestDb::new();
     let report = db.cache.warmup(&spec_warmup()).unwrap();
     assert_eq!(
-        (report.kv, report.embeddings, report.vector_searches, report.llm_responses, report.audio_chunks),
+        (
+            report.kv,
+            report.embeddings,
+            report.vector_searches,
+            report.llm_responses,
+            report.audio_chunks
+        ),
         (1, 2, 1, 1, 1)
     );
     assert_eq!(report.total(), 6);
@@ -81,7 +87,10 @@ fn warmup_from_json_stores_every_section_and_reports_counts() {
         .get(&AudioChunkKey::new("Hello", "v1", "xtts-v2"))
         .unwrap()
         .is_some());
-    assert_eq!(db.cache.kv().get("config:v1").unwrap(), Some(json!({"theme": "dark"})));
+    assert_eq!(
+        db.cache.kv().get("config:v1").unwrap(),
+        Some(json!({"theme": "dark"}))
+    );
 }
 
 #[test]
@@ -98,8 +107,14 @@ fn one_bad_item_rejects_the_whole_warmup_and_names_it() {
     });
     let err = db.cache.warmup(&warmup).unwrap_err();
     let message = err.to_string();
-    assert!(matches!(err, Error::InvalidInput { what: "warmup", .. }), "{message}");
-    assert!(message.contains("llm_responses[2]: invalid prompt"), "{message}");
+    assert!(
+        matches!(err, Error::InvalidInput { what: "warmup", .. }),
+        "{message}"
+    );
+    assert!(
+        message.contains("llm_responses[2]: invalid prompt"),
+        "{message}"
+    );
     assert_eq!(rows(&db), 0, "nothing of the warmup is stored");
 }
 
@@ -112,7 +127,10 @@ fn a_nan_embedding_in_a_warmup_is_named_by_its_index() {
         embedding: vec![f32::NAN],
     });
     let message = db.cache.warmup(&warmup).unwrap_err().to_string();
-    assert!(message.contains("embeddings[2]: invalid embedding"), "{message}");
+    assert!(
+        message.contains("embeddings[2]: invalid embedding"),
+        "{message}"
+    );
     assert_eq!(rows(&db), 0);
 }
 
@@ -136,14 +154,30 @@ fn duplicate_keys_in_a_warmup_keep_the_last_item() {
     let warmup = Warmup {
         embeddings: vec![item(1.0), item(2.0)],
         audio_chunks: vec![WarmupAudioChunk {
-            key: AudioChunkKey::new(&"x".repeat(pgcache::DEFAULT_MAX_AUDIO_TEXT_CHARS + 1), "v", "p"),
+            key: AudioChunkKey::new(
+                "x".repeat(pgcache::DEFAULT_MAX_AUDIO_TEXT_CHARS + 1),
+                "v",
+                "p",
+            ),
             chunk: AudioChunk::inline(vec![1], "wav"),
         }],
         ..Warmup::default()
     };
     let report = db.cache.warmup(&warmup).unwrap();
-    assert_eq!((report.embeddings, report.skipped_audio_chunks, report.audio_chunks), (1, 1, 0));
-    let hit = db.cache.embedding().get(&EmbeddingKey::new("q", "m1")).unwrap().unwrap();
+    assert_eq!(
+        (
+            report.embeddings,
+            report.skipped_audio_chunks,
+            report.audio_chunks
+        ),
+        (1, 1, 0)
+    );
+    let hit = db
+        .cache
+        .embedding()
+        .get(&EmbeddingKey::new("q", "m1"))
+        .unwrap()
+        .unwrap();
     assert_eq!(hit.embedding, vec![2.0]);
 }
 

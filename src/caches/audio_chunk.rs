@@ -24,17 +24,17 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use diesel::data_types::PgInterval;
 use diesel::dsl::{count_star, sql};
-use diesel::sql_types::{BigInt, Double};
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Double};
 use diesel::upsert::excluded;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
 use super::common::{
-    check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order,
-    record_hits, upsert_batch,
+    check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order, record_hits,
+    upsert_batch,
 };
 use super::eviction::{budget, evict_lru, EvictionReport, LruTable};
 use crate::cache::{Cache, CacheKind};
@@ -376,7 +376,10 @@ impl<'a> AudioChunkCache<'a> {
                 .first(conn)?;
             let top: Vec<(Vec<u8>, i64, String, String)> = audio_chunk_cache::table
                 .filter(live)
-                .order((audio_chunk_cache::hit_count.desc(), audio_chunk_cache::key_hash))
+                .order((
+                    audio_chunk_cache::hit_count.desc(),
+                    audio_chunk_cache::key_hash,
+                ))
                 .limit(limit)
                 .select((
                     audio_chunk_cache::key_hash,
@@ -419,9 +422,10 @@ impl<'a> AudioChunkCache<'a> {
     ) -> Result<EvictionReport> {
         let (max, target) = budget(max_bytes, low_watermark_fraction)?;
         self.manager.flush_stats()?;
-        self.manager.write(Self::KIND, EvictionReport::default(), |conn| {
-            Ok(evict_lru(conn, &AUDIO_LRU, max, target)?)
-        })
+        self.manager
+            .write(Self::KIND, EvictionReport::default(), |conn| {
+                Ok(evict_lru(conn, &AUDIO_LRU, max, target)?)
+            })
     }
 }
 
@@ -470,7 +474,10 @@ pub(crate) fn row<'a>(key: &'a AudioChunkKey, chunk: &'a AudioChunk) -> Result<R
         if n <= max {
             Ok(n)
         } else {
-            Err(Error::invalid(what, format!("must be at most {max}, got {n}")))
+            Err(Error::invalid(
+                what,
+                format!("must be at most {max}, got {n}"),
+            ))
         }
     };
     Ok(Row {
@@ -491,7 +498,12 @@ pub(crate) fn write(
     rows: Vec<Row<'_>>,
     interval: PgInterval,
 ) -> QueryResult<usize> {
-    upsert_batch(conn, rows, |r| r.digest, |conn, rows| upsert(conn, rows, interval))
+    upsert_batch(
+        conn,
+        rows,
+        |r| r.digest,
+        |conn, rows| upsert(conn, rows, interval),
+    )
 }
 
 fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> QueryResult<usize> {
@@ -553,8 +565,23 @@ fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> Qu
 }
 
 type Stored = (
-    (Vec<u8>, Option<Vec<u8>>, Option<String>, String, i32, i32, i16),
-    (Option<String>, i64, i64, DateTime<Utc>, DateTime<Utc>, DateTime<Utc>),
+    (
+        Vec<u8>,
+        Option<Vec<u8>>,
+        Option<String>,
+        String,
+        i32,
+        i32,
+        i16,
+    ),
+    (
+        Option<String>,
+        i64,
+        i64,
+        DateTime<Utc>,
+        DateTime<Utc>,
+        DateTime<Utc>,
+    ),
 );
 
 fn load_live(conn: &mut PgConnection, digests: &[KeyDigest]) -> QueryResult<Vec<Stored>> {
@@ -702,7 +729,9 @@ impl Cache for AudioChunkCache<'_> {
 impl AudioChunkCache<'_> {
     /// Drops the rows whose text this handle does not cache.
     pub(crate) fn cacheable<'r>(&self, rows: Vec<Row<'r>>) -> Vec<Row<'r>> {
-        rows.into_iter().filter(|r| self.caches_text(r.key)).collect()
+        rows.into_iter()
+            .filter(|r| self.caches_text(r.key))
+            .collect()
     }
 }
 

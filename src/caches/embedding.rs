@@ -179,8 +179,10 @@ impl<'a> EmbeddingCache<'a> {
                 )
                 .into());
             }
-            let new_keys: Vec<EmbeddingKey> =
-                missing.iter().map(|t| EmbeddingKey::new(*t, model)).collect();
+            let new_keys: Vec<EmbeddingKey> = missing
+                .iter()
+                .map(|t| EmbeddingKey::new(*t, model))
+                .collect();
             let entries: Vec<(&EmbeddingKey, &Vec<f32>)> = new_keys.iter().zip(&vectors).collect();
             self.set_many(&entries, self.ttl)?;
             computed = missing.into_iter().zip(vectors).collect();
@@ -224,7 +226,12 @@ pub(crate) fn write(
     rows: Vec<Row<'_>>,
     interval: PgInterval,
 ) -> QueryResult<usize> {
-    upsert_batch(conn, rows, |r| r.digest, |conn, rows| upsert(conn, rows, interval))
+    upsert_batch(
+        conn,
+        rows,
+        |r| r.digest,
+        |conn, rows| upsert(conn, rows, interval),
+    )
 }
 
 fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> QueryResult<usize> {
@@ -323,7 +330,11 @@ impl Cache for EmbeddingCache<'_> {
         entry.embedding
     }
 
-    fn get_in(&self, conn: &mut PgConnection, key: &EmbeddingKey) -> Result<Option<CachedEmbedding>> {
+    fn get_in(
+        &self,
+        conn: &mut PgConnection,
+        key: &EmbeddingKey,
+    ) -> Result<Option<CachedEmbedding>> {
         let digest = digest(key)?;
         Ok(load_live(conn, &[digest])?.pop().map(decode))
     }

@@ -46,7 +46,10 @@ pub(crate) fn budget(max_bytes: u64, low_watermark: f64) -> Result<(i64, i64)> {
         ));
     }
     let max = i64::try_from(max_bytes).map_err(|_| {
-        Error::invalid("max_bytes", format!("must be at most {}, got {max_bytes}", i64::MAX))
+        Error::invalid(
+            "max_bytes",
+            format!("must be at most {}, got {max_bytes}", i64::MAX),
+        )
     })?;
     // Rounded down: evicting a byte too many is better than staying over the mark.
     Ok((max, (max as f64 * low_watermark) as i64))

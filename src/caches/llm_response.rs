@@ -27,8 +27,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::common::{
-    check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order,
-    record_hits, upsert_batch,
+    check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order, record_hits,
+    upsert_batch,
 };
 use crate::cache::{Cache, CacheKind};
 use crate::error::Result;
@@ -272,7 +272,12 @@ pub(crate) fn write(
     rows: Vec<Row<'_>>,
     interval: PgInterval,
 ) -> QueryResult<usize> {
-    upsert_batch(conn, rows, |r| r.digest, |conn, rows| upsert(conn, rows, interval))
+    upsert_batch(
+        conn,
+        rows,
+        |r| r.digest,
+        |conn, rows| upsert(conn, rows, interval),
+    )
 }
 
 fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> QueryResult<usize> {
@@ -367,7 +372,11 @@ impl Cache for LlmResponseCache<'_> {
         entry.response
     }
 
-    fn get_in(&self, conn: &mut PgConnection, prompt: &LlmPrompt) -> Result<Option<CachedLlmResponse>> {
+    fn get_in(
+        &self,
+        conn: &mut PgConnection,
+        prompt: &LlmPrompt,
+    ) -> Result<Option<CachedLlmResponse>> {
         Ok(self.get_many_in(conn, &[prompt])?.pop().flatten())
     }
 
@@ -413,7 +422,11 @@ impl Cache for LlmResponseCache<'_> {
     }
 
     fn delete_many_in(&self, conn: &mut PgConnection, prompts: &[&LlmPrompt]) -> Result<u64> {
-        Ok(delete_digests(conn, Self::KIND, &digests(prompts, digest)?)?)
+        Ok(delete_digests(
+            conn,
+            Self::KIND,
+            &digests(prompts, digest)?,
+        )?)
     }
 }
 

@@ -21,9 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{
-    delete_digests, digest_params, digests, in_request_order, upsert_batch,
-};
+use super::common::{delete_digests, digest_params, digests, in_request_order, upsert_batch};
 use crate::cache::{Cache, CacheKind};
 use crate::error::{Error, Result};
 use crate::input::{check_embedding, check_json, ttl_interval};
@@ -185,7 +183,12 @@ pub(crate) fn write(
     rows: Vec<Row<'_>>,
     interval: PgInterval,
 ) -> QueryResult<usize> {
-    upsert_batch(conn, rows, |r| r.digest, |conn, rows| upsert(conn, rows, interval))
+    upsert_batch(
+        conn,
+        rows,
+        |r| r.digest,
+        |conn, rows| upsert(conn, rows, interval),
+    )
 }
 
 fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> QueryResult<usize> {
@@ -217,7 +220,15 @@ fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> Qu
         .execute(conn)
 }
 
-type Stored = (Vec<u8>, Uuid, i32, Value, Value, DateTime<Utc>, DateTime<Utc>);
+type Stored = (
+    Vec<u8>,
+    Uuid,
+    i32,
+    Value,
+    Value,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
 
 /// Live rows with these digests that belong to one of `users` (defence in depth:
 /// the digest already covers the user).
@@ -242,7 +253,9 @@ fn load_live(
         .load(conn)
 }
 
-fn decode((_, user_id, top_k, filters, results, created_at, expires_at): Stored) -> CachedVectorSearch {
+fn decode(
+    (_, user_id, top_k, filters, results, created_at, expires_at): Stored,
+) -> CachedVectorSearch {
     CachedVectorSearch {
         results,
         user_id,
@@ -327,8 +340,16 @@ impl Cache for VectorSearchCache<'_> {
         Ok(self.delete_many_in(conn, &[query])? > 0)
     }
 
-    fn delete_many_in(&self, conn: &mut PgConnection, queries: &[&VectorSearchQuery]) -> Result<u64> {
-        Ok(delete_digests(conn, Self::KIND, &digests(queries, digest)?)?)
+    fn delete_many_in(
+        &self,
+        conn: &mut PgConnection,
+        queries: &[&VectorSearchQuery],
+    ) -> Result<u64> {
+        Ok(delete_digests(
+            conn,
+            Self::KIND,
+            &digests(queries, digest)?,
+        )?)
     }
 }
 

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    audio_chunk, embedding, llm_response, vector_search, AudioChunk, AudioChunkKey,
-    EmbeddingKey, LlmPrompt, VectorSearchQuery,
+    audio_chunk, embedding, llm_response, vector_search, AudioChunk, AudioChunkKey, EmbeddingKey,
+    LlmPrompt, VectorSearchQuery,
 };
 use crate::cache::Cache;
 use crate::error::{Error, Result};
@@ -137,9 +137,10 @@ impl WarmupReport {
 /// Names the item an error is about: `llm_responses[3]: invalid prompt: ...`.
 fn at(section: &str, index: usize, error: Error) -> Error {
     match error {
-        Error::InvalidInput { what, reason } => {
-            Error::invalid("warmup", format!("{section}[{index}]: invalid {what}: {reason}"))
-        }
+        Error::InvalidInput { what, reason } => Error::invalid(
+            "warmup",
+            format!("{section}[{index}]: invalid {what}: {reason}"),
+        ),
         other => other,
     }
 }
