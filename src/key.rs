@@ -211,6 +211,16 @@ mod tests {
     }
 
     #[test]
+    fn absent_json_differs_from_null() {
+        assert_ne!(
+            KeyHasher::new("t").opt_json(None).finish(),
+            KeyHasher::new("t")
+                .opt_json(Some(&serde_json::Value::Null))
+                .finish()
+        );
+    }
+
+    #[test]
     fn json_key_order_does_not_matter() {
         let a: serde_json::Value =
             serde_json::from_str(r#"{"b":1,"a":{"y":2,"x":[1,{"d":0,"c":1}]}}"#).unwrap();

@@ -34,12 +34,12 @@ use uuid::Uuid;
 
 use super::common::{
     check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order, record_hits,
-    upsert_batch,
+    store, upsert_batch,
 };
 use super::eviction::{budget, evict_lru, EvictionReport, LruTable};
 use crate::cache::{Cache, CacheKind};
 use crate::error::{Error, Result};
-use crate::input::{check_json, check_text, ttl_interval};
+use crate::input::{check_json, check_text};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::manager::CacheManager;
 use crate::schema::audio_chunk_cache;
@@ -412,6 +412,10 @@ impl<'a> AudioChunkCache<'a> {
     /// reads count as recent. Returns what was removed, including the storage paths
     /// the caller may now delete.
     ///
+    /// A maintenance operation for a periodic job: it ranks every row of the table
+    /// in one statement. Run one eviction at a time; two concurrent runs may each
+    /// evict down to the watermark and so remove more than needed.
+    ///
     /// # Errors
     /// [`Error::InvalidInput`] for a fraction outside 0..=1 or a budget over
     /// `i64::MAX`; a connection or database error.
@@ -708,13 +712,9 @@ impl Cache for AudioChunkCache<'_> {
         entries: &[(&AudioChunkKey, &AudioChunk)],
         ttl: Duration,
     ) -> Result<()> {
-        let interval = ttl_interval(ttl)?;
-        let rows = entries
-            .iter()
-            .map(|(k, c)| row(k, c))
-            .collect::<Result<Vec<_>>>()?;
-        write(conn, self.cacheable(rows), interval)?;
-        Ok(())
+        store(conn, entries, ttl, row, |conn, rows, interval| {
+            write(conn, self.cacheable(rows), interval)
+        })
     }
 
     fn delete_in(&self, conn: &mut PgConnection, key: &AudioChunkKey) -> Result<bool> {

@@ -1,6 +1,9 @@
 //! Pieces every AI cache shares: name checks, batch shaping and digest bookkeeping.
 
 use std::collections::HashMap;
+use std::time::Duration;
+
+use diesel::data_types::PgInterval;
 
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
@@ -9,7 +12,7 @@ use diesel::sql_types::{Array, Bool, Bytea};
 
 use crate::cache::CacheKind;
 use crate::error::{Error, Result};
-use crate::input::check_text;
+use crate::input::{check_text, ttl_interval};
 use crate::key::KeyDigest;
 use crate::manager::CacheManager;
 
@@ -106,6 +109,24 @@ pub(crate) fn delete_digests(
 /// The digests as bind parameters for `key_hash = ANY($1)`.
 pub(crate) fn digest_params(digests: &[KeyDigest]) -> Vec<&[u8]> {
     digests.iter().map(|d| d.as_bytes().as_slice()).collect()
+}
+
+/// Validates every entry into a row, then writes the rows expiring `ttl` from now:
+/// one bad entry rejects the batch before anything is written.
+pub(crate) fn store<'a, K: ?Sized, V: ?Sized, R>(
+    conn: &mut PgConnection,
+    entries: &[(&'a K, &'a V)],
+    ttl: Duration,
+    row: impl Fn(&'a K, &'a V) -> Result<R>,
+    write: impl FnOnce(&mut PgConnection, Vec<R>, PgInterval) -> QueryResult<usize>,
+) -> Result<()> {
+    let interval = ttl_interval(ttl)?;
+    let rows = entries
+        .iter()
+        .map(|(k, v)| row(k, v))
+        .collect::<Result<Vec<_>>>()?;
+    write(conn, rows, interval)?;
+    Ok(())
 }
 
 /// Upserts `rows` in as few statements as possible. A key given twice keeps its last

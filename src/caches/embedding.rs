@@ -22,11 +22,11 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::common::{
-    check_name, delete_digests, digest_params, digests, in_request_order, upsert_batch,
+    check_name, delete_digests, digest_params, digests, in_request_order, store, upsert_batch,
 };
 use crate::cache::{Cache, CacheKind};
 use crate::error::{Error, Result};
-use crate::input::{check_embedding, check_text, ttl_interval};
+use crate::input::{check_embedding, check_text};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::manager::CacheManager;
 use crate::schema::embedding_cache;
@@ -356,9 +356,7 @@ impl Cache for EmbeddingCache<'_> {
         value: &Vec<f32>,
         ttl: Duration,
     ) -> Result<()> {
-        let interval = ttl_interval(ttl)?;
-        write(conn, vec![row(key, value)?], interval)?;
-        Ok(())
+        self.set_many_in(conn, &[(key, value)], ttl)
     }
 
     fn set_many_in(
@@ -367,13 +365,7 @@ impl Cache for EmbeddingCache<'_> {
         entries: &[(&EmbeddingKey, &Vec<f32>)],
         ttl: Duration,
     ) -> Result<()> {
-        let interval = ttl_interval(ttl)?;
-        let rows = entries
-            .iter()
-            .map(|(k, v)| row(k, v))
-            .collect::<Result<Vec<_>>>()?;
-        write(conn, rows, interval)?;
-        Ok(())
+        store(conn, entries, ttl, |k, v| row(k, v), write)
     }
 
     fn delete_in(&self, conn: &mut PgConnection, key: &EmbeddingKey) -> Result<bool> {

@@ -28,11 +28,11 @@ use uuid::Uuid;
 
 use super::common::{
     check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order, record_hits,
-    upsert_batch,
+    store, upsert_batch,
 };
 use crate::cache::{Cache, CacheKind};
 use crate::error::Result;
-use crate::input::{check_json, check_text, ttl_interval};
+use crate::input::{check_json, check_text};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::manager::CacheManager;
 use crate::schema::llm_response_cache;
@@ -408,13 +408,7 @@ impl Cache for LlmResponseCache<'_> {
         entries: &[(&LlmPrompt, &String)],
         ttl: Duration,
     ) -> Result<()> {
-        let interval = ttl_interval(ttl)?;
-        let rows = entries
-            .iter()
-            .map(|(p, r)| row(p, r))
-            .collect::<Result<Vec<_>>>()?;
-        write(conn, rows, interval)?;
-        Ok(())
+        store(conn, entries, ttl, |p, r| row(p, r), write)
     }
 
     fn delete_in(&self, conn: &mut PgConnection, prompt: &LlmPrompt) -> Result<bool> {

@@ -21,10 +21,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{delete_digests, digest_params, digests, in_request_order, upsert_batch};
+use super::common::{
+    delete_digests, digest_params, digests, in_request_order, store, upsert_batch,
+};
 use crate::cache::{Cache, CacheKind};
 use crate::error::{Error, Result};
-use crate::input::{check_embedding, check_json, ttl_interval};
+use crate::input::{check_embedding, check_json};
 use crate::key::{canonical_json, KeyDigest, KeyHasher};
 use crate::manager::CacheManager;
 use crate::schema::vector_search_cache;
@@ -327,13 +329,7 @@ impl Cache for VectorSearchCache<'_> {
         entries: &[(&VectorSearchQuery, &Value)],
         ttl: Duration,
     ) -> Result<()> {
-        let interval = ttl_interval(ttl)?;
-        let rows = entries
-            .iter()
-            .map(|(q, v)| row(q, v))
-            .collect::<Result<Vec<_>>>()?;
-        write(conn, rows, interval)?;
-        Ok(())
+        store(conn, entries, ttl, row, write)
     }
 
     fn delete_in(&self, conn: &mut PgConnection, query: &VectorSearchQuery) -> Result<bool> {
