@@ -186,3 +186,35 @@ fn unknown_sections_are_rejected() {
     let err = serde_json::from_value::<Warmup>(json!({"llmResponses": []})).unwrap_err();
     assert!(err.to_string().contains("llmResponses"), "{err}");
 }
+
+#[test]
+fn with_caching_disabled_warmup_still_validates_and_the_ai_caches_miss() {
+    let config = pgcache::CacheConfig::builder()
+        .database_url("postgres://nobody@127.0.0.1:1/nothing")
+        .enabled(false)
+        .build()
+        .unwrap();
+    let cache = pgcache::CacheManager::new(config).unwrap();
+    assert_eq!(cache.warmup(&spec_warmup()).unwrap().total(), 0);
+    let mut bad = spec_warmup();
+    bad.embeddings[1].embedding = vec![f32::INFINITY];
+    assert!(
+        cache.warmup(&bad).is_err(),
+        "bad input is reported even when disabled"
+    );
+    let key = EmbeddingKey::new("What is AI?", "m1");
+    cache.embedding().set(&key, &vec![1.0]).unwrap();
+    assert!(cache.embedding().get(&key).unwrap().is_none());
+    assert_eq!(
+        cache.invalidate_user(uuid::Uuid::new_v4()).unwrap().total(),
+        0
+    );
+    assert_eq!(
+        cache
+            .audio_chunk()
+            .evict_to_budget(0, 0.5)
+            .unwrap()
+            .rows_removed,
+        0
+    );
+}

@@ -4,10 +4,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use diesel::data_types::PgInterval;
-
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-
 use diesel::sql_types::{Array, Bool, Bytea};
 
 use crate::cache::CacheKind;

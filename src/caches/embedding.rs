@@ -10,7 +10,7 @@
 //! Vectors are stored as little-endian `f32` bytes with their dimension (4 bytes per
 //! component), not as JSON text.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -157,17 +157,16 @@ impl<'a> EmbeddingCache<'a> {
         E: From<Error>,
     {
         let keys: Vec<EmbeddingKey> = texts.iter().map(|t| EmbeddingKey::new(*t, model)).collect();
-        let key_refs: Vec<&EmbeddingKey> = keys.iter().collect();
-        let found = self.get_many(&key_refs)?;
-        let mut missing: Vec<&str> = Vec::new();
-        for (text, entry) in texts.iter().zip(&found) {
-            if entry.is_none() && !missing.contains(text) {
-                missing.push(text);
-            }
-        }
+        let found = self.get_many(&keys.iter().collect::<Vec<_>>())?;
+        // Each missing text once, at its first position.
+        let mut seen = HashSet::new();
+        let missing: Vec<usize> = (0..texts.len())
+            .filter(|&i| found[i].is_none() && seen.insert(texts[i]))
+            .collect();
         let mut computed: HashMap<&str, Vec<f32>> = HashMap::new();
         if !missing.is_empty() {
-            let vectors = compute(&missing)?;
+            let missing_texts: Vec<&str> = missing.iter().map(|&i| texts[i]).collect();
+            let vectors = compute(&missing_texts)?;
             if vectors.len() != missing.len() {
                 return Err(Error::invalid(
                     "embedding",
@@ -179,13 +178,10 @@ impl<'a> EmbeddingCache<'a> {
                 )
                 .into());
             }
-            let new_keys: Vec<EmbeddingKey> = missing
-                .iter()
-                .map(|t| EmbeddingKey::new(*t, model))
-                .collect();
-            let entries: Vec<(&EmbeddingKey, &Vec<f32>)> = new_keys.iter().zip(&vectors).collect();
+            let entries: Vec<(&EmbeddingKey, &Vec<f32>)> =
+                missing.iter().map(|&i| &keys[i]).zip(&vectors).collect();
             self.set_many(&entries, self.ttl)?;
-            computed = missing.into_iter().zip(vectors).collect();
+            computed = missing_texts.into_iter().zip(vectors).collect();
         }
         Ok(texts
             .iter()
