@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::cache::{Cache, CacheKind};
 use crate::error::{Error, Result};
 use crate::input::{check_json, check_key, ttl_interval};
+use crate::key::{KeyDigest, KeyHasher};
 use crate::manager::CacheManager;
 use crate::schema::cache_entries;
 use crate::sql::{db_now, ExpiresIn};
@@ -278,6 +279,11 @@ impl<V: Serialize + DeserializeOwned> Cache for KvCache<'_, V> {
 
     fn into_value(entry: V) -> V {
         entry
+    }
+
+    fn key_digest(&self, key: &str) -> Result<KeyDigest> {
+        check_key(key)?;
+        Ok(KeyHasher::new("kv").text(key).finish())
     }
 
     fn get_in(&self, conn: &mut PgConnection, key: &str) -> Result<Option<V>> {
