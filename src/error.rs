@@ -120,9 +120,10 @@ impl Error {
 
 /// Messages of a lost connection: 57P01 admin shutdown, 57P02 crash shutdown, 57P03
 /// cannot connect now, and libpq's own.
-const CONNECTION_LOST: [&str; 5] = [
+const CONNECTION_LOST: [&str; 6] = [
     "terminating connection",
     "server closed the connection",
+    "connection has been closed unexpectedly",
     "no connection to the server",
     "could not receive data from server",
     "could not send data to server",
