@@ -116,6 +116,20 @@ impl Error {
             _ => false,
         }
     }
+
+    /// True when PostgreSQL aborted the statement to resolve a conflict with another
+    /// transaction (40P01 deadlock, 40001 serialization failure); it rolled back
+    /// whole, so running it again is safe.
+    pub(crate) fn is_retryable_conflict(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind, Error as D};
+        match self {
+            Error::Database(D::DatabaseError(DatabaseErrorKind::SerializationFailure, _)) => true,
+            Error::Database(D::DatabaseError(_, info)) => {
+                info.message().contains("deadlock detected")
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Messages of a lost connection: 57P01 admin shutdown, 57P02 crash shutdown, 57P03

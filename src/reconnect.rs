@@ -9,7 +9,8 @@
 //! an operation that loses its connection is retried once, on a connection that has
 //! just answered a ping; the pings discard the other dead idle connections on the
 //! way. Every cache operation is idempotent (a read, an upsert or a delete), so the
-//! retry cannot apply anything twice.
+//! retry cannot apply anything twice. A statement PostgreSQL aborted to break a
+//! deadlock, or for a serialization failure, is likewise retried once.
 
 use diesel::pg::PgConnection;
 use diesel::r2d2::R2D2Connection;
@@ -31,6 +32,12 @@ pub(crate) fn run_on_pool<T>(
         Err(error) if error.is_connection_lost() => {
             tracing::warn!(%error, "pgcache: connection lost; retrying once on a live connection");
             op(&mut *live_connection(pool)?)
+        }
+        // PostgreSQL rolled the statement back to break a deadlock (or a
+        // serialization conflict): running it again normally succeeds.
+        Err(error) if error.is_retryable_conflict() => {
+            tracing::debug!(%error, "pgcache: retrying once after a conflict");
+            op(&mut *pool.get()?)
         }
         other => other,
     }

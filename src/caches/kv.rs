@@ -348,6 +348,9 @@ impl<V: Serialize + DeserializeOwned> Cache for KvCache<'_, V> {
                 }
             }
         }
+        // Lock rows in one global order, so concurrent batches over overlapping keys
+        // cannot deadlock each other.
+        rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
         upsert(conn, &rows, interval)?;
         Ok(())
     }
