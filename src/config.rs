@@ -61,13 +61,16 @@ fn redact(url: &url::Url) -> String {
     url.to_string()
 }
 
-/// For strings that are not even URLs: hide everything between `://` and the last `@`.
+/// For strings that are not even URLs: hide everything before the last `@` (after
+/// the scheme, when there is a `://`), where a password would be, even if the `://`
+/// itself is mistyped.
 fn mask_credentials(raw: &str) -> String {
-    match (raw.find("://"), raw.rfind('@')) {
-        (Some(start), Some(at)) if at > start + 3 => {
-            format!("{}***{}", &raw[..start + 3], &raw[at..])
+    match raw.rfind('@') {
+        Some(at) => {
+            let start = raw.find("://").map_or(0, |i| i + 3).min(at);
+            format!("{}***{}", &raw[..start], &raw[at..])
         }
-        _ => raw.to_owned(),
+        None => raw.to_owned(),
     }
 }
 
