@@ -214,13 +214,13 @@ fn many_waiters_do_not_starve_unrelated_gets() {
     let (started_tx, started_rx) = mpsc::channel();
     let (finish_tx, finish_rx) = mpsc::channel::<()>();
     let calls = Arc::new(AtomicUsize::new(0));
-    let spawn = |cache: CacheManager, calls: Arc<AtomicUsize>, signal: Option<_>| {
+    type Signal = Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>;
+    let spawn = |cache: CacheManager, calls: Arc<AtomicUsize>, signal: Signal| {
         std::thread::spawn(move || {
             cache.kv().get_or_compute("slow", || {
                 calls.fetch_add(1, Ordering::SeqCst);
+                // Only the first caller blocks, until the unrelated gets are done.
                 if let Some((started_tx, finish_rx)) = signal {
-                    let (started_tx, finish_rx): (mpsc::Sender<()>, mpsc::Receiver<()>) =
-                        (started_tx, finish_rx);
                     started_tx.send(()).unwrap();
                     finish_rx.recv().unwrap();
                 }
