@@ -259,17 +259,57 @@ fn many_waiters_do_not_starve_unrelated_gets() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
+/// Names the schema for [`child_process_computes_the_report`].
+const CHILD_SCHEMA: &str = "PGCACHE_TEST_CHILD_SCHEMA";
+
+/// Not a test on its own: the body of the child processes started by
+/// `concurrent_misses_in_separate_processes_compute_once` (this test binary run
+/// again with only this test selected). Does nothing in a normal run.
 #[test]
-fn disabled_caching_takes_no_lease() {
+fn child_process_computes_the_report() {
+    let Ok(schema) = std::env::var(CHILD_SCHEMA) else {
+        return;
+    };
     let config = pgcache::CacheConfig::builder()
-        .database_url("postgres://nobody@127.0.0.1:1/nothing")
-        .enabled(false)
+        .database_url(common::database_url())
+        .schema(schema)
+        .run_migrations(false)
         .build()
         .unwrap();
     let cache = CacheManager::new(config).unwrap();
-    let v = cache
+    let value = cache
         .kv()
-        .get_or_compute("k", || Ok::<_, Error>(json!(1)))
+        .get_or_compute("report", || {
+            use diesel::connection::SimpleConnection;
+            cache
+                .connection()?
+                .batch_execute("INSERT INTO computations DEFAULT VALUES")?;
+            // Long enough that the other processes miss meanwhile.
+            std::thread::sleep(Duration::from_millis(1000));
+            Ok::<_, Error>(json!("from a child"))
+        })
         .unwrap();
-    assert_eq!(v, json!(1));
+    assert_eq!(value, json!("from a child"));
+}
+
+#[test]
+fn concurrent_misses_in_separate_processes_compute_once() {
+    let db = TestDb::new();
+    db.exec("CREATE TABLE computations (at TIMESTAMPTZ NOT NULL DEFAULT now())");
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            std::process::Command::new(&exe)
+                .args(["--exact", "child_process_computes_the_report"])
+                .env(CHILD_SCHEMA, &db.schema)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().unwrap().success());
+    }
+    assert_eq!(db.count("SELECT count(*) AS n FROM computations"), 1);
+    assert_eq!(leases(&db), 0);
 }
