@@ -6,6 +6,7 @@ use diesel::pg::PgConnection;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
+use crate::key::KeyDigest;
 use crate::manager::CacheManager;
 
 /// The five caches, one table each.
@@ -101,6 +102,14 @@ pub trait Cache {
 
     /// The stored value of a hit, without its metadata.
     fn into_value(entry: Self::Entry) -> Self::Value;
+
+    /// A digest of `key` that is the same in every process: it names the key's
+    /// single-flight lease in [`get_or_compute`](Self::get_or_compute). The typed
+    /// caches return the digest their rows are stored under.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key.
+    fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest>;
 
     /// Reads a live entry on `conn`.
     ///
@@ -246,8 +255,16 @@ pub trait Cache {
     /// the default TTL and returns it. An `Err` from `compute` is returned as it is
     /// and nothing is cached.
     ///
+    /// Single flight: concurrent misses on one key, in any thread of any process
+    /// sharing the database, run `compute` once; the others wait for its result,
+    /// polling without holding a pool connection. If the computing caller fails,
+    /// panics or dies, a waiter takes over (at once, or after the lease TTL for a dead
+    /// process). With caching disabled every call computes.
+    ///
     /// # Errors
-    /// `compute`'s error, or a cache error converted into `E`.
+    /// `compute`'s error, or a cache error converted into `E`:
+    /// [`Error::ComputeTimeout`](crate::Error::ComputeTimeout) when another caller's
+    /// computation of the key outlasts the compute wait timeout.
     fn get_or_compute<E, F>(&self, key: &Self::Key, compute: F) -> Result<Self::Value, E>
     where
         F: FnOnce() -> Result<Self::Value, E>,
@@ -270,11 +287,6 @@ pub trait Cache {
         F: FnOnce() -> Result<Self::Value, E>,
         E: From<crate::Error>,
     {
-        if let Some(entry) = self.get(key)? {
-            return Ok(Self::into_value(entry));
-        }
-        let value = compute()?;
-        self.set_with_ttl(key, &value, ttl)?;
-        Ok(value)
+        crate::single_flight::get_or_compute(self, key, ttl, compute)
     }
 }

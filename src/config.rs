@@ -61,13 +61,16 @@ fn redact(url: &url::Url) -> String {
     url.to_string()
 }
 
-/// For strings that are not even URLs: hide everything between `://` and the last `@`.
+/// For strings that are not even URLs: hide everything before the last `@` (after
+/// the scheme, when there is a `://`), where a password would be, even if the `://`
+/// itself is mistyped.
 fn mask_credentials(raw: &str) -> String {
-    match (raw.find("://"), raw.rfind('@')) {
-        (Some(start), Some(at)) if at > start + 3 => {
-            format!("{}***{}", &raw[..start + 3], &raw[at..])
+    match raw.rfind('@') {
+        Some(at) => {
+            let start = raw.find("://").map_or(0, |i| i + 3).min(at);
+            format!("{}***{}", &raw[..start], &raw[at..])
         }
-        _ => raw.to_owned(),
+        None => raw.to_owned(),
     }
 }
 
@@ -184,6 +187,8 @@ pub struct CacheConfig {
     pub(crate) application_name: String,
     pub(crate) fail_open: bool,
     pub(crate) stats_flush_interval: Duration,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) compute_wait_timeout: Duration,
 }
 
 impl CacheConfig {
@@ -219,6 +224,8 @@ impl CacheConfig {
     /// | `PGCACHE_DURABILITY` | `full` | `full` or `relaxed` |
     /// | `PGCACHE_FAIL_OPEN` | `false` | transient read errors become misses |
     /// | `PGCACHE_STATS_FLUSH_MS` | 1000 | how often hit/miss counters are flushed |
+    /// | `PGCACHE_LEASE_TTL_MS` | 30000 | single flight: a dead computer's lease lapses after this |
+    /// | `PGCACHE_COMPUTE_WAIT_MS` | 60000 | single flight: longest wait for another caller's computation |
     ///
     /// # Errors
     /// [`Error::Config`] naming the first malformed variable and its value.
@@ -249,6 +256,8 @@ impl CacheConfig {
                 "PGCACHE_DURABILITY" => b.durability(Durability::parse(name, value)?),
                 "PGCACHE_FAIL_OPEN" => b.fail_open(parse_bool(name, value)?),
                 "PGCACHE_STATS_FLUSH_MS" => b.stats_flush_interval(parse_millis(name, value)?),
+                "PGCACHE_LEASE_TTL_MS" => b.lease_ttl(parse_millis(name, value)?),
+                "PGCACHE_COMPUTE_WAIT_MS" => b.compute_wait_timeout(parse_millis(name, value)?),
                 _ => b,
             };
         }
@@ -309,6 +318,18 @@ impl CacheConfig {
     pub fn stats_flush_interval(&self) -> Duration {
         self.stats_flush_interval
     }
+
+    /// How long a single-flight lease lasts: if the caller computing a missing entry
+    /// dies, others take over after this.
+    pub fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
+    }
+
+    /// How long `get_or_compute` waits for another caller's computation of the same
+    /// key before giving up with [`Error::ComputeTimeout`].
+    pub fn compute_wait_timeout(&self) -> Duration {
+        self.compute_wait_timeout
+    }
 }
 
 /// Builder for [`CacheConfig`]; every setter consumes and returns the builder.
@@ -326,6 +347,8 @@ pub struct CacheConfigBuilder {
     application_name: String,
     fail_open: bool,
     stats_flush_interval: Duration,
+    lease_ttl: Duration,
+    compute_wait_timeout: Duration,
 }
 
 impl Default for CacheConfigBuilder {
@@ -342,6 +365,8 @@ impl Default for CacheConfigBuilder {
             application_name: "pgcache".to_owned(),
             fail_open: false,
             stats_flush_interval: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(30),
+            compute_wait_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -456,6 +481,24 @@ impl CacheConfigBuilder {
         self
     }
 
+    /// Single flight: how long the lease of a caller computing a missing entry lasts,
+    /// so that if its process dies the key is computed again by someone else after
+    /// at most this long. Set it above your slowest computation: a computation still
+    /// running when its lease lapses may be duplicated. Default: 30 s.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// Single flight: how long `get_or_compute` waits for another caller's
+    /// computation of the same key before returning [`Error::ComputeTimeout`].
+    /// Default: 60 s (longer than the default lease, so waiters outlive a dead
+    /// computer and take over).
+    pub fn compute_wait_timeout(mut self, timeout: Duration) -> Self {
+        self.compute_wait_timeout = timeout;
+        self
+    }
+
     /// Checks every setting and builds the configuration.
     ///
     /// # Errors
@@ -492,11 +535,19 @@ impl CacheConfigBuilder {
             ),
             ("PGCACHE_STATEMENT_TIMEOUT_MS", self.statement_timeout),
             ("PGCACHE_STATS_FLUSH_MS", self.stats_flush_interval),
+            ("PGCACHE_COMPUTE_WAIT_MS", self.compute_wait_timeout),
         ] {
             if d.is_zero() {
                 return Err(Error::config(name, "0", "must be greater than zero"));
             }
         }
+        check_ttl(self.lease_ttl).map_err(|reason| {
+            Error::config(
+                "PGCACHE_LEASE_TTL_MS",
+                self.lease_ttl.as_millis().to_string(),
+                reason,
+            )
+        })?;
         if self.schema.as_deref().is_some_and(str::is_empty) {
             return Err(Error::config("PGCACHE_SCHEMA", "", "must not be empty"));
         }
@@ -512,6 +563,8 @@ impl CacheConfigBuilder {
             application_name: self.application_name,
             fail_open: self.fail_open,
             stats_flush_interval: self.stats_flush_interval,
+            lease_ttl: self.lease_ttl,
+            compute_wait_timeout: self.compute_wait_timeout,
         })
     }
 }

@@ -81,33 +81,94 @@ impl Error {
     }
 
     /// True for failures that may pass on their own (connection refused or lost, pool
-    /// timeout, statement timeout, serialization failure): what fail-open mode turns
-    /// into misses. Bad input, configuration errors and missing tables are never
-    /// transient.
+    /// timeout, statement or lock timeout, serialization failure, deadlock): what
+    /// fail-open mode turns into misses. Bad input, configuration errors (including
+    /// refused credentials and unknown databases or roles), missing tables and
+    /// missing privileges are never transient.
     pub fn is_transient(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error as D};
         match self {
-            Error::Connection(_) => true,
+            Error::Connection(message) => !is_configuration_failure(message),
             Error::Database(D::DatabaseError(kind, info)) => match kind {
+                // Diesel maps SQLSTATE 08xxx and a dead socket to ClosedConnection and
+                // 40001 to SerializationFailure.
                 DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::SerializationFailure => {
                     true
                 }
-                // 57014 query_canceled (statement_timeout), 40P01 deadlock, 57P0x admin
-                // shutdown / crash, 08xxx connection exceptions.
-                _ => {
-                    let message = info.message();
-                    message.contains("canceling statement due to statement timeout")
-                        || message.contains("terminating connection")
-                        || message.contains("deadlock detected")
-                        || message.contains("server closed the connection")
-                        || message.contains("no connection to the server")
-                        || message.contains("could not receive data from server")
-                }
+                // Diesel does not expose the other SQLSTATEs, so recognise PostgreSQL's
+                // (and libpq's) messages for them.
+                _ => is_transient_message(info.message()),
             },
             Error::Database(D::BrokenTransactionManager) => true,
             _ => false,
         }
     }
+
+    /// True when the connection under the failed operation is gone (killed backend,
+    /// server restart, network cut): retrying on another connection may succeed.
+    pub(crate) fn is_connection_lost(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind, Error as D};
+        match self {
+            Error::Database(D::DatabaseError(DatabaseErrorKind::ClosedConnection, _)) => true,
+            Error::Database(D::DatabaseError(_, info)) => {
+                CONNECTION_LOST.iter().any(|m| info.message().contains(m))
+            }
+            _ => false,
+        }
+    }
+
+    /// True when PostgreSQL aborted the statement to resolve a conflict with another
+    /// transaction (40P01 deadlock, 40001 serialization failure); it rolled back
+    /// whole, so running it again is safe.
+    pub(crate) fn is_retryable_conflict(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind, Error as D};
+        match self {
+            Error::Database(D::DatabaseError(DatabaseErrorKind::SerializationFailure, _)) => true,
+            Error::Database(D::DatabaseError(_, info)) => {
+                info.message().contains("deadlock detected")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Messages of a lost connection: 57P01 admin shutdown, 57P02 crash shutdown, 57P03
+/// cannot connect now, and libpq's own.
+const CONNECTION_LOST: [&str; 6] = [
+    "terminating connection",
+    "server closed the connection",
+    "connection has been closed unexpectedly",
+    "no connection to the server",
+    "could not receive data from server",
+    "could not send data to server",
+];
+
+fn is_transient_message(message: &str) -> bool {
+    // 57014 query_canceled (statement_timeout), 55P03 lock_not_available
+    // (lock_timeout), 40P01 deadlock_detected, 57P03 cannot_connect_now.
+    const TRANSIENT: [&str; 4] = [
+        "canceling statement due to statement timeout",
+        "canceling statement due to lock timeout",
+        "deadlock detected",
+        "the database system is",
+    ];
+    TRANSIENT
+        .iter()
+        .chain(CONNECTION_LOST.iter())
+        .any(|m| message.contains(m))
+}
+
+/// Connection failures that waiting will not cure: 28P01 invalid_password, 28000
+/// invalid_authorization_specification, 3D000 invalid_catalog_name.
+fn is_configuration_failure(message: &str) -> bool {
+    const CONFIGURATION: [&str; 5] = [
+        "password authentication failed",
+        "no pg_hba.conf entry",
+        "does not exist",
+        "no password supplied",
+        "is not permitted to log in",
+    ];
+    CONFIGURATION.iter().any(|m| message.contains(m))
 }
 
 impl From<diesel::result::Error> for Error {

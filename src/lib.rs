@@ -33,7 +33,9 @@ mod key;
 mod manager;
 mod migrations;
 mod pool;
+mod reconnect;
 mod schema;
+mod single_flight;
 mod sql;
 
 pub use cache::{Cache, CacheKind};

@@ -184,12 +184,13 @@ impl CacheManager {
     }
 
     /// Runs a read: a miss (`miss`) when caching is disabled, or, in fail-open mode,
-    /// when it fails transiently.
+    /// when it fails transiently. `op` runs a second time, on a live connection, if
+    /// the first connection was dead (see `reconnect`), so it must be idempotent.
     pub(crate) fn read<T>(
         &self,
         kind: CacheKind,
         miss: T,
-        op: impl FnOnce(&mut PgConnection) -> Result<T>,
+        op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
         self.read_with(kind, || miss, op)
     }
@@ -198,18 +199,18 @@ impl CacheManager {
         &self,
         kind: CacheKind,
         miss: impl FnOnce() -> T,
-        op: impl FnOnce(&mut PgConnection) -> Result<T>,
+        op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
         self.run(kind, "read", miss, op)
     }
 
     /// Runs a write: skipped (returning `skipped`) when caching is disabled, or, in
-    /// fail-open mode, when it fails transiently.
+    /// fail-open mode, when it fails transiently. Retried like [`Self::read`].
     pub(crate) fn write<T>(
         &self,
         kind: CacheKind,
         skipped: T,
-        op: impl FnOnce(&mut PgConnection) -> Result<T>,
+        op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
         self.run(kind, "write", || skipped, op)
     }
@@ -219,16 +220,12 @@ impl CacheManager {
         kind: CacheKind,
         what: &'static str,
         fallback: impl FnOnce() -> T,
-        op: impl FnOnce(&mut PgConnection) -> Result<T>,
+        op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
         let Some(pool) = &self.inner.pool else {
             return Ok(fallback());
         };
-        let result = pool
-            .get()
-            .map_err(Error::from)
-            .and_then(|mut conn| op(&mut conn));
-        match result {
+        match crate::reconnect::run_on_pool(pool, op) {
             Err(error) if self.inner.config.fail_open() && error.is_transient() => {
                 self.inner.failed_open.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(cache = %kind, operation = what, %error, "pgcache: failing open");

@@ -664,6 +664,10 @@ impl Cache for AudioChunkCache<'_> {
         entry.chunk
     }
 
+    fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest> {
+        digest(key)
+    }
+
     fn get_in(
         &self,
         conn: &mut PgConnection,

@@ -127,8 +127,8 @@ pub(crate) fn store<'a, K: ?Sized, V: ?Sized, R>(
     Ok(())
 }
 
-/// Upserts `rows` in as few statements as possible. A key given twice keeps its last
-/// row (one statement cannot upsert a row twice), and several statements run in one
+/// Upserts `rows` in as few statements as possible, in key order. A key given twice
+/// keeps its last row (one statement cannot upsert a row twice), and several statements run in one
 /// transaction (a savepoint inside the caller's), so the batch is all-or-nothing.
 pub(crate) fn upsert_batch<R>(
     conn: &mut PgConnection,
@@ -146,7 +146,9 @@ pub(crate) fn upsert_batch<R>(
         position.insert(d, unique.len());
         unique.push(Some(row));
     }
-    let unique: Vec<R> = unique.into_iter().flatten().collect();
+    let mut unique: Vec<R> = unique.into_iter().flatten().collect();
+    // Rows are locked in key order, so two overlapping batches cannot deadlock.
+    unique.sort_unstable_by_key(|row| digest(row));
     match unique.len() {
         0 => Ok(0),
         n if n <= ROWS_PER_STATEMENT => upsert(conn, &unique),

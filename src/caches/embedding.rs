@@ -326,6 +326,10 @@ impl Cache for EmbeddingCache<'_> {
         entry.embedding
     }
 
+    fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest> {
+        digest(key)
+    }
+
     fn get_in(
         &self,
         conn: &mut PgConnection,

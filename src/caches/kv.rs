@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::cache::{Cache, CacheKind};
 use crate::error::{Error, Result};
 use crate::input::{check_json, check_key, ttl_interval};
+use crate::key::{KeyDigest, KeyHasher};
 use crate::manager::CacheManager;
 use crate::schema::cache_entries;
 use crate::sql::{db_now, ExpiresIn};
@@ -280,6 +281,11 @@ impl<V: Serialize + DeserializeOwned> Cache for KvCache<'_, V> {
         entry
     }
 
+    fn key_digest(&self, key: &str) -> Result<KeyDigest> {
+        check_key(key)?;
+        Ok(KeyHasher::new("kv").text(key).finish())
+    }
+
     fn get_in(&self, conn: &mut PgConnection, key: &str) -> Result<Option<V>> {
         check_key(key)?;
         let found: Option<serde_json::Value> = cache_entries::table
@@ -342,6 +348,9 @@ impl<V: Serialize + DeserializeOwned> Cache for KvCache<'_, V> {
                 }
             }
         }
+        // Lock rows in one global order, so concurrent batches over overlapping keys
+        // cannot deadlock each other.
+        rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
         upsert(conn, &rows, interval)?;
         Ok(())
     }

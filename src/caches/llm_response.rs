@@ -372,6 +372,10 @@ impl Cache for LlmResponseCache<'_> {
         entry.response
     }
 
+    fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest> {
+        digest(key)
+    }
+
     fn get_in(
         &self,
         conn: &mut PgConnection,

@@ -288,6 +288,10 @@ impl Cache for VectorSearchCache<'_> {
         entry.results
     }
 
+    fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest> {
+        digest(key)
+    }
+
     fn get_in(
         &self,
         conn: &mut PgConnection,

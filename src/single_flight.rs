@@ -1,0 +1,211 @@
+//! Single flight for `get_or_compute`: concurrent misses on one key, in any thread of
+//! any process, run the computation once.
+//!
+//! The first caller to miss takes a lease, a row of `cache_leases` keyed by the cache
+//! and the key's digest; it computes, stores the value and deletes the lease. The
+//! others poll until the value appears, taking the lease over if it disappears
+//! without a value (the computation failed) or lapses (its process died), and give up
+//! with [`Error::ComputeTimeout`] after the configured wait. A poll checks a
+//! connection out, runs two statements and returns it, so waiters never hold pool
+//! connections while they sleep.
+
+use std::hash::{BuildHasher, Hasher};
+use std::time::{Duration, Instant};
+
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use uuid::Uuid;
+
+use crate::cache::{Cache, CacheKind};
+use crate::error::{Error, Result};
+use crate::input::ttl_interval;
+use crate::manager::CacheManager;
+use crate::schema::cache_leases;
+use crate::sql::{db_now, ExpiresIn};
+
+/// First pause between polls; doubled after each poll up to [`MAX_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(5);
+/// Longest pause between polls: bounds both the delay before a waiter sees the value
+/// and the load many waiters put on the pool.
+const MAX_PAUSE: Duration = Duration::from_millis(100);
+
+/// What one poll found.
+enum Poll<T> {
+    /// The value is there.
+    Found(T),
+    /// We hold the lease and the value is still missing: compute it.
+    Won(Uuid),
+    /// Someone else holds the lease.
+    Busy,
+    /// The lease table could not be reached and fail-open mode is on: compute
+    /// without single flight.
+    Unavailable,
+}
+
+/// The provided `Cache::get_or_compute_with_ttl`.
+pub(crate) fn get_or_compute<C, E, F>(
+    cache: &C,
+    key: &C::Key,
+    ttl: Duration,
+    compute: F,
+) -> Result<C::Value, E>
+where
+    C: Cache + ?Sized,
+    F: FnOnce() -> Result<C::Value, E>,
+    E: From<Error>,
+{
+    if let Some(entry) = cache.get(key)? {
+        return Ok(C::into_value(entry));
+    }
+    let manager = cache.manager();
+    if !manager.is_enabled() {
+        return compute();
+    }
+    // Reject a bad TTL before paying for the computation.
+    ttl_interval(ttl)?;
+    let lease_key = lease_key(C::KIND, &cache.key_digest(key)?);
+    let lease_ttl = manager.config().lease_ttl();
+    let wait_timeout = manager.config().compute_wait_timeout();
+    let started = Instant::now();
+    let mut pause = FIRST_PAUSE;
+    loop {
+        let poll = manager.write(C::KIND, Poll::Unavailable, |conn| {
+            poll(cache, conn, key, &lease_key, lease_ttl)
+        })?;
+        let guard = match poll {
+            Poll::Found(entry) => return Ok(C::into_value(entry)),
+            Poll::Won(holder) => Some(LeaseGuard {
+                manager,
+                kind: C::KIND,
+                lease_key: &lease_key,
+                holder,
+            }),
+            Poll::Unavailable => None,
+            Poll::Busy => {
+                let waited = started.elapsed();
+                if waited >= wait_timeout {
+                    return Err(Error::ComputeTimeout {
+                        waited_ms: waited.as_millis() as u64,
+                    }
+                    .into());
+                }
+                std::thread::sleep(jitter(pause).min(wait_timeout - waited));
+                pause = (pause * 2).min(MAX_PAUSE);
+                continue;
+            }
+        };
+        // An `Err` or a panic drops the guard, which releases the lease: nothing is
+        // cached and the next caller computes.
+        let value = compute()?;
+        cache.set_with_ttl(key, &value, ttl)?;
+        drop(guard);
+        return Ok(value);
+    }
+}
+
+/// Tries to take the lease, then looks for the value. In this order, a caller that
+/// wins the lease just after the previous holder stored the value and released it
+/// still finds the value instead of computing it again.
+fn poll<C: Cache + ?Sized>(
+    cache: &C,
+    conn: &mut PgConnection,
+    key: &C::Key,
+    lease_key: &[u8],
+    lease_ttl: Duration,
+) -> Result<Poll<C::Entry>> {
+    let holder = Uuid::new_v4();
+    let won = try_acquire(conn, lease_key, holder, lease_ttl)?;
+    match cache.get_in(conn, key)? {
+        Some(entry) => {
+            if won {
+                release(conn, lease_key, holder)?;
+            }
+            Ok(Poll::Found(entry))
+        }
+        None if won => Ok(Poll::Won(holder)),
+        None => Ok(Poll::Busy),
+    }
+}
+
+/// The lease row's key: the cache's name and the key's digest, so the caches never
+/// share leases.
+fn lease_key(kind: CacheKind, digest: &crate::KeyDigest) -> Vec<u8> {
+    let mut key = Vec::with_capacity(kind.name().len() + 1 + 32);
+    key.extend_from_slice(kind.name().as_bytes());
+    key.push(b':');
+    key.extend_from_slice(digest.as_bytes());
+    key
+}
+
+/// Inserts the lease, or takes over one that has lapsed; true if `holder` now holds
+/// it. One statement, so two callers can never both win.
+fn try_acquire(
+    conn: &mut PgConnection,
+    lease_key: &[u8],
+    holder: Uuid,
+    ttl: Duration,
+) -> Result<bool> {
+    let expires = ExpiresIn(ttl_interval(ttl)?);
+    let upsert = diesel::insert_into(cache_leases::table)
+        .values((
+            cache_leases::lease_key.eq(lease_key),
+            cache_leases::holder.eq(holder),
+            cache_leases::expires_at.eq(expires),
+        ))
+        .on_conflict(cache_leases::lease_key)
+        .do_update()
+        .set((
+            cache_leases::holder.eq(excluded(cache_leases::holder)),
+            cache_leases::expires_at.eq(excluded(cache_leases::expires_at)),
+        ));
+    // `ON CONFLICT ... DO UPDATE ... WHERE`: take the row over only once it lapsed.
+    let taken: Option<Uuid> = diesel::query_dsl::methods::FilterDsl::filter(
+        upsert,
+        cache_leases::expires_at.le(db_now()),
+    )
+    .returning(cache_leases::holder)
+    .get_result(conn)
+    .optional()?;
+    Ok(taken == Some(holder))
+}
+
+/// Deletes the lease if `holder` still holds it (not if it lapsed and was taken over).
+fn release(conn: &mut PgConnection, lease_key: &[u8], holder: Uuid) -> QueryResult<usize> {
+    diesel::delete(
+        cache_leases::table
+            .filter(cache_leases::lease_key.eq(lease_key))
+            .filter(cache_leases::holder.eq(holder)),
+    )
+    .execute(conn)
+}
+
+/// Releases a won lease when dropped: after the value is stored, when the computation
+/// returns an error, and when it panics.
+struct LeaseGuard<'a> {
+    manager: &'a CacheManager,
+    kind: CacheKind,
+    lease_key: &'a [u8],
+    holder: Uuid,
+}
+
+impl Drop for LeaseGuard<'_> {
+    fn drop(&mut self) {
+        let released = self.manager.write(self.kind, 0, |conn| {
+            Ok(release(conn, self.lease_key, self.holder)?)
+        });
+        if let Err(error) = released {
+            // The lease lapses on its own after the lease TTL.
+            tracing::warn!(cache = %self.kind, %error, "pgcache: releasing a single-flight lease failed");
+        }
+    }
+}
+
+/// `pause` scaled by a random factor in [0.5, 1.5), so waiters that started together
+/// do not poll in lockstep.
+fn jitter(pause: Duration) -> Duration {
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    pause.mul_f64(0.5 + (random % 1000) as f64 / 1000.0)
+}
