@@ -313,3 +313,29 @@ fn concurrent_misses_in_separate_processes_compute_once() {
     assert_eq!(db.count("SELECT count(*) AS n FROM computations"), 1);
     assert_eq!(leases(&db), 0);
 }
+
+#[test]
+fn typed_caches_share_single_flight_an_llm_is_called_once() {
+    let db = TestDb::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let barrier = Arc::new(Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (cache, calls, barrier) = (db.cache.clone(), calls.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let prompt = pgcache::LlmPrompt::new("Explain quantum computing", "gemini-flash");
+                cache.llm_response().get_or_compute(&prompt, || {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(300));
+                    Ok::<_, Error>("Qubits...".to_owned())
+                })
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap().unwrap(), "Qubits...");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(leases(&db), 0);
+}
