@@ -184,6 +184,7 @@ pub struct CacheConfig {
     pub(crate) application_name: String,
     pub(crate) fail_open: bool,
     pub(crate) stats_flush_interval: Duration,
+    pub(crate) janitor_interval: Option<Duration>,
 }
 
 impl CacheConfig {
@@ -219,6 +220,7 @@ impl CacheConfig {
     /// | `PGCACHE_DURABILITY` | `full` | `full` or `relaxed` |
     /// | `PGCACHE_FAIL_OPEN` | `false` | transient read errors become misses |
     /// | `PGCACHE_STATS_FLUSH_MS` | 1000 | how often hit/miss counters are flushed |
+    /// | `PGCACHE_JANITOR_INTERVAL_SECS` | 0 (off) | run cleanup in the background this often |
     ///
     /// # Errors
     /// [`Error::Config`] naming the first malformed variable and its value.
@@ -249,6 +251,10 @@ impl CacheConfig {
                 "PGCACHE_DURABILITY" => b.durability(Durability::parse(name, value)?),
                 "PGCACHE_FAIL_OPEN" => b.fail_open(parse_bool(name, value)?),
                 "PGCACHE_STATS_FLUSH_MS" => b.stats_flush_interval(parse_millis(name, value)?),
+                "PGCACHE_JANITOR_INTERVAL_SECS" => match parse_secs(name, value)? {
+                    Duration::ZERO => b.no_janitor(),
+                    interval => b.janitor_interval(interval),
+                },
                 _ => b,
             };
         }
@@ -309,6 +315,12 @@ impl CacheConfig {
     pub fn stats_flush_interval(&self) -> Duration {
         self.stats_flush_interval
     }
+
+    /// How often the background janitor runs
+    /// [`cleanup`](crate::CacheManager::cleanup); `None` when it is off.
+    pub fn janitor_interval(&self) -> Option<Duration> {
+        self.janitor_interval
+    }
 }
 
 /// Builder for [`CacheConfig`]; every setter consumes and returns the builder.
@@ -326,6 +338,7 @@ pub struct CacheConfigBuilder {
     application_name: String,
     fail_open: bool,
     stats_flush_interval: Duration,
+    janitor_interval: Option<Duration>,
 }
 
 impl Default for CacheConfigBuilder {
@@ -342,6 +355,7 @@ impl Default for CacheConfigBuilder {
             application_name: "pgcache".to_owned(),
             fail_open: false,
             stats_flush_interval: Duration::from_secs(1),
+            janitor_interval: None,
         }
     }
 }
@@ -456,6 +470,20 @@ impl CacheConfigBuilder {
         self
     }
 
+    /// Runs [`cleanup`](crate::CacheManager::cleanup) on a background thread every
+    /// `interval`, for services that do not schedule `pgcache cleanup` with cron. The
+    /// thread stops when the last clone of the manager is dropped. Default: off.
+    pub fn janitor_interval(mut self, interval: Duration) -> Self {
+        self.janitor_interval = Some(interval);
+        self
+    }
+
+    /// Turns the background janitor off (the default).
+    pub fn no_janitor(mut self) -> Self {
+        self.janitor_interval = None;
+        self
+    }
+
     /// Checks every setting and builds the configuration.
     ///
     /// # Errors
@@ -497,6 +525,13 @@ impl CacheConfigBuilder {
                 return Err(Error::config(name, "0", "must be greater than zero"));
             }
         }
+        if self.janitor_interval.is_some_and(|d| d.is_zero()) {
+            return Err(Error::config(
+                "PGCACHE_JANITOR_INTERVAL_SECS",
+                "0",
+                "must be greater than zero (leave unset to turn the janitor off)",
+            ));
+        }
         if self.schema.as_deref().is_some_and(str::is_empty) {
             return Err(Error::config("PGCACHE_SCHEMA", "", "must not be empty"));
         }
@@ -512,6 +547,7 @@ impl CacheConfigBuilder {
             application_name: self.application_name,
             fail_open: self.fail_open,
             stats_flush_interval: self.stats_flush_interval,
+            janitor_interval: self.janitor_interval,
         })
     }
 }

@@ -35,6 +35,7 @@ mod input;
 mod key;
 mod manager;
 mod migrations;
+mod ops;
 mod pool;
 mod schema;
 mod sql;
@@ -50,4 +51,8 @@ pub use input::{MAX_EMBEDDING_DIMENSIONS, MAX_KEY_BYTES};
 pub use key::{KeyDigest, KEY_FORMAT_VERSION};
 pub use manager::CacheManager;
 pub use migrations::MIGRATIONS;
+pub use ops::{
+    Alert, AudioStats, CacheStats, CleanupProgress, CleanupReport, CleanupRun, HealthReport,
+    HealthThresholds, Lookups, TableCleanup, TableStats, TopEntry, CLEANUP_BATCH_SIZE, TOP_ENTRIES,
+};
 pub use pool::PooledConnection;
