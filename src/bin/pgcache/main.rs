@@ -61,7 +61,7 @@ enum Command {
         #[arg(long, default_value_t = 100, value_name = "N")]
         min_lookups: u64,
         /// Space allocated to the cache tables, in MiB (size check skipped without it).
-        #[arg(long, value_name = "MIB")]
+        #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
         size_budget_mb: Option<u64>,
         /// Alert when the cache tables use more than this fraction of the budget.
         #[arg(long, default_value_t = 0.80, value_name = "FRACTION")]
