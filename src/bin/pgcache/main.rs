@@ -17,7 +17,7 @@ use pgcache::{CacheConfig, CacheKind, CacheManager, HealthThresholds};
 
 /// PostgreSQL as the application cache: maintenance commands.
 #[derive(Debug, Parser)]
-#[command(name = "pgcache", version, about)]
+#[command(name = "pgcache", version)]
 struct Cli {
     /// PostgreSQL URL (default: $DATABASE_URL, else postgres://postgres@localhost:5432/postgres).
     #[arg(long, global = true, value_name = "URL")]
