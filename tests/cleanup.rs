@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::TestDb;
 use ops_support::{expired, fill, live, TABLES};
-use pgcache::{CacheKind, CacheManager, Error, CLEANUP_BATCH_SIZE};
+use pgcache::{CacheConfig, CacheKind, CacheManager, Error, CLEANUP_BATCH_SIZE};
 
 /// Fills every table with `expired_rows` expired and `live_rows` live rows.
 fn fill_all(db: &TestDb, expired_rows: u32, live_rows: u32) {
@@ -237,4 +237,23 @@ fn clear_all_empties_every_cache() {
             0
         );
     }
+}
+
+#[test]
+fn janitor_interval_is_read_from_the_environment_and_off_by_default() {
+    let from = |value: &str| CacheConfig::from_vars([("PGCACHE_JANITOR_INTERVAL_SECS", value)]);
+    assert_eq!(
+        from("60").unwrap().janitor_interval(),
+        Some(Duration::from_secs(60))
+    );
+    assert_eq!(from("0").unwrap().janitor_interval(), None);
+    assert_eq!(
+        CacheConfig::builder().build().unwrap().janitor_interval(),
+        None
+    );
+    let err = from("hourly").unwrap_err();
+    assert!(
+        err.to_string().contains("PGCACHE_JANITOR_INTERVAL_SECS"),
+        "{err}"
+    );
 }

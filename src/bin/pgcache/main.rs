@@ -109,11 +109,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<Outcome, String> {
-    let migrate = matches!(cli.command, Command::Migrate { .. });
     let cache = manager(&cli)?;
     match cli.command {
         Command::Migrate { unlogged, logged } => {
-            debug_assert!(migrate);
             let applied = cache.run_migrations().map_err(|e| e.to_string())?;
             if applied.is_empty() {
                 println!("cache tables are up to date");
@@ -199,8 +197,10 @@ fn manager(cli: &Cli) -> Result<CacheManager, String> {
         ("DATABASE_URL", cli.database_url.clone()),
         ("PGCACHE_SCHEMA", cli.schema.clone()),
         ("PGCACHE_RUN_MIGRATIONS", Some("false".to_owned())),
-        // One short-lived process needs one connection and no janitor.
-        ("PGCACHE_POOL_MIN_IDLE", Some("1".to_owned())),
+        // One short-lived process needs one connection and no janitor. No idle
+        // minimum: the pool would refill it from a background thread, and a process
+        // exiting while that thread is inside libpq's connect can die by a signal.
+        ("PGCACHE_POOL_MIN_IDLE", Some("0".to_owned())),
         ("PGCACHE_POOL_MAX_SIZE", Some("2".to_owned())),
         ("PGCACHE_JANITOR_INTERVAL_SECS", Some("0".to_owned())),
         // Caching switched off for the services must not stop their maintenance.
