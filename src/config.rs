@@ -189,6 +189,7 @@ pub struct CacheConfig {
     pub(crate) stats_flush_interval: Duration,
     pub(crate) lease_ttl: Duration,
     pub(crate) compute_wait_timeout: Duration,
+    pub(crate) janitor_interval: Option<Duration>,
 }
 
 impl CacheConfig {
@@ -226,6 +227,7 @@ impl CacheConfig {
     /// | `PGCACHE_STATS_FLUSH_MS` | 1000 | how often hit/miss counters are flushed |
     /// | `PGCACHE_LEASE_TTL_MS` | 30000 | single flight: a dead computer's lease lapses after this |
     /// | `PGCACHE_COMPUTE_WAIT_MS` | 60000 | single flight: longest wait for another caller's computation |
+    /// | `PGCACHE_JANITOR_INTERVAL_SECS` | 0 (off) | run cleanup in the background this often |
     ///
     /// # Errors
     /// [`Error::Config`] naming the first malformed variable and its value.
@@ -258,6 +260,10 @@ impl CacheConfig {
                 "PGCACHE_STATS_FLUSH_MS" => b.stats_flush_interval(parse_millis(name, value)?),
                 "PGCACHE_LEASE_TTL_MS" => b.lease_ttl(parse_millis(name, value)?),
                 "PGCACHE_COMPUTE_WAIT_MS" => b.compute_wait_timeout(parse_millis(name, value)?),
+                "PGCACHE_JANITOR_INTERVAL_SECS" => match parse_secs(name, value)? {
+                    Duration::ZERO => b.no_janitor(),
+                    interval => b.janitor_interval(interval),
+                },
                 _ => b,
             };
         }
@@ -330,6 +336,12 @@ impl CacheConfig {
     pub fn compute_wait_timeout(&self) -> Duration {
         self.compute_wait_timeout
     }
+
+    /// How often the background janitor runs
+    /// [`cleanup`](crate::CacheManager::cleanup); `None` when it is off.
+    pub fn janitor_interval(&self) -> Option<Duration> {
+        self.janitor_interval
+    }
 }
 
 /// Builder for [`CacheConfig`]; every setter consumes and returns the builder.
@@ -349,6 +361,7 @@ pub struct CacheConfigBuilder {
     stats_flush_interval: Duration,
     lease_ttl: Duration,
     compute_wait_timeout: Duration,
+    janitor_interval: Option<Duration>,
 }
 
 impl Default for CacheConfigBuilder {
@@ -367,6 +380,7 @@ impl Default for CacheConfigBuilder {
             stats_flush_interval: Duration::from_secs(1),
             lease_ttl: Duration::from_secs(30),
             compute_wait_timeout: Duration::from_secs(60),
+            janitor_interval: None,
         }
     }
 }
@@ -499,6 +513,20 @@ impl CacheConfigBuilder {
         self
     }
 
+    /// Runs [`cleanup`](crate::CacheManager::cleanup) on a background thread every
+    /// `interval`, for services that do not schedule `pgcache cleanup` with cron. The
+    /// thread stops when the last clone of the manager is dropped. Default: off.
+    pub fn janitor_interval(mut self, interval: Duration) -> Self {
+        self.janitor_interval = Some(interval);
+        self
+    }
+
+    /// Turns the background janitor off (the default).
+    pub fn no_janitor(mut self) -> Self {
+        self.janitor_interval = None;
+        self
+    }
+
     /// Checks every setting and builds the configuration.
     ///
     /// # Errors
@@ -548,6 +576,13 @@ impl CacheConfigBuilder {
                 reason,
             )
         })?;
+        if self.janitor_interval.is_some_and(|d| d.is_zero()) {
+            return Err(Error::config(
+                "PGCACHE_JANITOR_INTERVAL_SECS",
+                "0",
+                "must be greater than zero (leave unset to turn the janitor off)",
+            ));
+        }
         if self.schema.as_deref().is_some_and(str::is_empty) {
             return Err(Error::config("PGCACHE_SCHEMA", "", "must not be empty"));
         }
@@ -565,6 +600,7 @@ impl CacheConfigBuilder {
             stats_flush_interval: self.stats_flush_interval,
             lease_ttl: self.lease_ttl,
             compute_wait_timeout: self.compute_wait_timeout,
+            janitor_interval: self.janitor_interval,
         })
     }
 }

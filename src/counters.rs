@@ -128,6 +128,14 @@ impl Counters {
             }
         }
     }
+    /// Pending (not yet flushed) hits and misses of one cache.
+    pub(crate) fn pending(&self, kind: CacheKind) -> (u64, u64) {
+        let p = &self.pending[kind.index()];
+        (
+            p.hits.load(Ordering::Relaxed),
+            p.misses.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl Batch {

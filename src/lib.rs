@@ -32,6 +32,7 @@ mod input;
 mod key;
 mod manager;
 mod migrations;
+mod ops;
 mod pool;
 mod reconnect;
 mod schema;
@@ -56,4 +57,8 @@ pub use input::{MAX_EMBEDDING_DIMENSIONS, MAX_KEY_BYTES};
 pub use key::{KeyDigest, KEY_FORMAT_VERSION};
 pub use manager::CacheManager;
 pub use migrations::MIGRATIONS;
+pub use ops::{
+    Alert, AudioStats, CacheStats, CleanupProgress, CleanupReport, CleanupRun, HealthReport,
+    HealthThresholds, Lookups, TableCleanup, TableStats, TopEntry, CLEANUP_BATCH_SIZE, TOP_ENTRIES,
+};
 pub use pool::PooledConnection;

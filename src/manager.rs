@@ -2,7 +2,8 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use diesel::pg::PgConnection;
 
@@ -12,6 +13,8 @@ use crate::config::CacheConfig;
 use crate::counters::Counters;
 use crate::error::{Error, Result};
 use crate::key::KeyDigest;
+use crate::ops::janitor::JanitorStop;
+use crate::ops::latency::LatencyRecorder;
 use crate::pool::{build_pool, PgPool, PooledConnection};
 
 /// The entry point: owns the connection pool and the configuration, and hands out
@@ -39,6 +42,18 @@ struct Inner {
     pool: Option<PgPool>,
     counters: Counters,
     failed_open: AtomicU64,
+    latency: LatencyRecorder,
+    /// Dropped with the last clone, which wakes and stops the janitor thread.
+    _janitor: Option<JanitorStop>,
+}
+
+/// A manager reference that does not keep it alive (for the janitor thread).
+pub(crate) struct WeakManager(Weak<Inner>);
+
+impl WeakManager {
+    pub(crate) fn upgrade(&self) -> Option<CacheManager> {
+        self.0.upgrade().map(|inner| CacheManager { inner })
+    }
 }
 
 impl fmt::Debug for CacheManager {
@@ -63,16 +78,22 @@ impl CacheManager {
         } else {
             None
         };
+        let (janitor_stop, janitor) = crate::ops::janitor::prepare(&config, pool.is_some());
         let manager = CacheManager {
             inner: Arc::new(Inner {
                 counters: Counters::new(config.stats_flush_interval()),
                 config,
                 pool,
                 failed_open: AtomicU64::new(0),
+                latency: LatencyRecorder::default(),
+                _janitor: janitor_stop,
             }),
         };
         if manager.inner.config.run_migrations() && manager.inner.pool.is_some() {
             manager.run_migrations()?;
+        }
+        if let Some(janitor) = janitor {
+            janitor.start(&manager);
         }
         Ok(manager)
     }
@@ -175,6 +196,18 @@ impl CacheManager {
         }
     }
 
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    pub(crate) fn latency(&self) -> &LatencyRecorder {
+        &self.inner.latency
+    }
+
+    pub(crate) fn downgrade(&self) -> WeakManager {
+        WeakManager(Arc::downgrade(&self.inner))
+    }
+
     fn flush_if_due(&self) {
         if self.inner.counters.claim_flush() {
             if let Err(error) = self.inner.flush() {
@@ -225,7 +258,11 @@ impl CacheManager {
         let Some(pool) = &self.inner.pool else {
             return Ok(fallback());
         };
-        match crate::reconnect::run_on_pool(pool, op) {
+        let started = Instant::now();
+        let result = crate::reconnect::run_on_pool(pool, op);
+        // Pool wait included: it is part of what the caller waits for.
+        self.inner.latency.record(started.elapsed());
+        match result {
             Err(error) if self.inner.config.fail_open() && error.is_transient() => {
                 self.inner.failed_open.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(cache = %kind, operation = what, %error, "pgcache: failing open");

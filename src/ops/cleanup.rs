@@ -1,0 +1,258 @@
+//! Removing expired rows ([`CacheManager::cleanup`]) and emptying caches
+//! ([`CacheManager::clear`]).
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::sql_types::BigInt;
+use serde::Serialize;
+
+use crate::cache::CacheKind;
+use crate::error::Result;
+use crate::manager::CacheManager;
+use crate::schema::cache_cleanup_runs;
+use crate::sql::db_now;
+
+/// Rows deleted per cleanup statement. Each statement is its own short transaction,
+/// so locks are held briefly and the WAL is written in small steps, however many rows
+/// have expired.
+pub const CLEANUP_BATCH_SIZE: i64 = 5_000;
+
+/// The table of single-flight leases, cleaned with the caches.
+const LEASES_TABLE: &str = "cache_leases";
+
+/// What one [`CacheManager::cleanup`] removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct CleanupReport {
+    /// Per cache table, in [`CacheKind::ALL`] order.
+    pub tables: Vec<TableCleanup>,
+    /// Expired single-flight leases removed.
+    pub leases_removed: u64,
+    /// Wall time of the whole run.
+    #[serde(serialize_with = "as_millis")]
+    pub elapsed: Duration,
+}
+
+/// What cleanup removed from one cache table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct TableCleanup {
+    /// The cache.
+    pub cache: CacheKind,
+    /// Expired rows deleted.
+    pub rows_removed: u64,
+    /// Time spent on this table.
+    #[serde(serialize_with = "as_millis")]
+    pub elapsed: Duration,
+}
+
+/// Reported to the progress callback of [`CacheManager::cleanup_with_progress`]
+/// when a table is started and after every batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CleanupProgress {
+    /// The table being cleaned (a cache table or `cache_leases`).
+    pub table: &'static str,
+    /// Rows removed from this table so far.
+    pub table_rows_removed: u64,
+    /// Rows removed from every table so far in this run.
+    pub rows_removed: u64,
+}
+
+impl CleanupReport {
+    /// Expired cache rows removed over all cache tables (leases not included).
+    pub fn rows_removed(&self) -> u64 {
+        self.tables.iter().map(|t| t.rows_removed).sum()
+    }
+}
+
+impl fmt::Display for CleanupReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "Removed {} expired entries in {:.2} s",
+            self.rows_removed(),
+            self.elapsed.as_secs_f64()
+        )?;
+        for t in &self.tables {
+            writeln!(
+                f,
+                "  {:<14} {:>10}  ({} ms)",
+                t.cache.name(),
+                t.rows_removed,
+                t.elapsed.as_millis()
+            )?;
+        }
+        write!(f, "  {:<14} {:>10}", "leases", self.leases_removed)
+    }
+}
+
+fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl CacheManager {
+    /// Deletes every expired row (`expires_at <= now()`, database clock) from every
+    /// cache table, and expired single-flight leases, in batches of
+    /// [`CLEANUP_BATCH_SIZE`] rows per statement. Rows are claimed with
+    /// `FOR UPDATE SKIP LOCKED`, so cleanups running at the same time (cron on two
+    /// hosts, the janitor) share the work and never wait on or deadlock with each
+    /// other, and live entries are never touched.
+    ///
+    /// The run is recorded in `cache_cleanup_runs` (success or failure), which
+    /// [`health`](CacheManager::health) reads.
+    ///
+    /// ```no_run
+    /// let cache = pgcache::CacheManager::from_env()?;
+    /// let report = cache.cleanup()?;
+    /// println!("{report}");
+    /// # Ok::<(), pgcache::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Connection`](crate::Error::Connection) (also when caching is
+    /// disabled), [`Error::MissingTable`](crate::Error::MissingTable) before
+    /// migrations, or a database error. Batches already deleted stay deleted.
+    pub fn cleanup(&self) -> Result<CleanupReport> {
+        self.cleanup_with_progress(|_| {})
+    }
+
+    /// [`cleanup`](Self::cleanup), calling `progress` when each table starts and after
+    /// each batch (for a progress bar).
+    ///
+    /// # Errors
+    /// As [`cleanup`](Self::cleanup).
+    pub fn cleanup_with_progress(
+        &self,
+        mut progress: impl FnMut(&CleanupProgress),
+    ) -> Result<CleanupReport> {
+        let mut conn = self.connection()?;
+        let started_at: DateTime<Utc> = diesel::select(db_now()).get_result(&mut *conn)?;
+        let clock = Instant::now();
+        let mut tables = Vec::with_capacity(CacheKind::ALL.len());
+        let mut leases_removed = 0;
+        let mut total = 0;
+        let mut outcome = Ok(());
+        for table in CacheKind::ALL
+            .map(CacheKind::table)
+            .into_iter()
+            .chain([LEASES_TABLE])
+        {
+            let table_clock = Instant::now();
+            let mut report = |table_rows_removed| {
+                progress(&CleanupProgress {
+                    table,
+                    table_rows_removed,
+                    rows_removed: total + table_rows_removed,
+                });
+            };
+            report(0);
+            match delete_expired(&mut conn, table, &mut report) {
+                Ok(removed) => {
+                    total += removed;
+                    match CacheKind::ALL.into_iter().find(|k| k.table() == table) {
+                        Some(cache) => tables.push(TableCleanup {
+                            cache,
+                            rows_removed: removed,
+                            elapsed: table_clock.elapsed(),
+                        }),
+                        None => leases_removed = removed,
+                    }
+                }
+                Err(error) => {
+                    outcome = Err(crate::Error::from(error));
+                    break;
+                }
+            }
+        }
+        let report = CleanupReport {
+            tables,
+            leases_removed,
+            elapsed: clock.elapsed(),
+        };
+        let error_message = outcome.as_ref().err().map(ToString::to_string);
+        let recorded = record_run(&mut conn, started_at, report.rows_removed(), error_message);
+        outcome?;
+        recorded?;
+        Ok(report)
+    }
+
+    /// Deletes every entry of one cache, or of all caches (`None`), in one
+    /// transaction; returns the rows removed per cache. Hit and miss counters are
+    /// kept.
+    ///
+    /// # Errors
+    /// [`Error::Connection`](crate::Error::Connection),
+    /// [`Error::MissingTable`](crate::Error::MissingTable) or a database error;
+    /// nothing is deleted then.
+    pub fn clear(&self, cache: Option<CacheKind>) -> Result<Vec<(CacheKind, u64)>> {
+        let kinds: Vec<CacheKind> = match cache {
+            Some(kind) => vec![kind],
+            None => CacheKind::ALL.to_vec(),
+        };
+        let mut conn = self.connection()?;
+        let removed = conn.transaction(|conn| {
+            kinds
+                .into_iter()
+                .map(|kind| Ok((kind, delete_all(conn, kind.table())?)))
+                .collect::<QueryResult<Vec<_>>>()
+        })?;
+        Ok(removed)
+    }
+}
+
+/// Deletes expired rows of `table` batch by batch until a batch comes back short:
+/// the rest is either gone or claimed by a concurrent cleaner, which finishes it.
+/// `on_batch` gets the running total.
+fn delete_expired(
+    conn: &mut PgConnection,
+    table: &str,
+    on_batch: &mut dyn FnMut(u64),
+) -> QueryResult<u64> {
+    // Table names come from a closed list, never from input. `ctid` makes one
+    // statement serve every table whatever its key; the claimed rows are locked, so
+    // their ctid is stable until the delete.
+    let sql = format!(
+        "DELETE FROM {table} WHERE ctid = ANY(ARRAY(\
+         SELECT ctid FROM {table} WHERE expires_at <= now() \
+         LIMIT $1 FOR UPDATE SKIP LOCKED))"
+    );
+    let mut removed = 0;
+    loop {
+        let batch = diesel::sql_query(&sql)
+            .bind::<BigInt, _>(CLEANUP_BATCH_SIZE)
+            .execute(conn)? as u64;
+        removed += batch;
+        if batch > 0 {
+            on_batch(removed);
+        }
+        if batch < CLEANUP_BATCH_SIZE as u64 {
+            return Ok(removed);
+        }
+    }
+}
+
+fn delete_all(conn: &mut PgConnection, table: &str) -> QueryResult<u64> {
+    Ok(diesel::sql_query(format!("DELETE FROM {table}")).execute(conn)? as u64)
+}
+
+fn record_run(
+    conn: &mut PgConnection,
+    started_at: DateTime<Utc>,
+    rows_removed: u64,
+    error_message: Option<String>,
+) -> QueryResult<()> {
+    diesel::insert_into(cache_cleanup_runs::table)
+        .values((
+            cache_cleanup_runs::started_at.eq(started_at),
+            cache_cleanup_runs::succeeded.eq(error_message.is_none()),
+            cache_cleanup_runs::rows_removed.eq(rows_removed as i64),
+            cache_cleanup_runs::error_message.eq(error_message),
+        ))
+        .execute(conn)
+        .map(drop)
+}

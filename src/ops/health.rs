@@ -1,0 +1,399 @@
+//! [`CacheManager::health`]: the spec's alert thresholds, evaluated.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::manager::CacheManager;
+use crate::ops::stats::{human_bytes, percent, total_size, Lookups};
+use crate::schema::cache_cleanup_runs;
+use crate::sql::db_now;
+
+/// The thresholds [`CacheManager::health`] checks. Every setter consumes and returns
+/// the builder; the defaults are the spec's alerting rules.
+#[derive(Debug, Clone, PartialEq)]
+#[must_use]
+pub struct HealthThresholds {
+    min_hit_rate: f64,
+    min_lookups: u64,
+    size_budget_bytes: Option<u64>,
+    max_size_fraction: f64,
+    max_p95: Duration,
+    min_latency_samples: u64,
+    max_cleanup_age: Option<Duration>,
+}
+
+impl Default for HealthThresholds {
+    fn default() -> Self {
+        HealthThresholds {
+            min_hit_rate: 0.70,
+            min_lookups: 100,
+            size_budget_bytes: None,
+            max_size_fraction: 0.80,
+            max_p95: Duration::from_millis(10),
+            min_latency_samples: 100,
+            max_cleanup_age: Some(Duration::from_secs(2 * 3600)),
+        }
+    }
+}
+
+impl HealthThresholds {
+    /// The defaults (see each setter).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Alert when the hit rate over all caches is below `rate` (0.0 to 1.0).
+    /// Default: 0.70.
+    pub fn min_hit_rate(mut self, rate: f64) -> Self {
+        self.min_hit_rate = rate;
+        self
+    }
+
+    /// Judge the hit rate only after this many lookups, so a fresh deployment does
+    /// not alert on its first few misses. Default: 100.
+    pub fn min_lookups(mut self, lookups: u64) -> Self {
+        self.min_lookups = lookups;
+        self
+    }
+
+    /// The space allocated to the cache tables, in bytes (all five tables, indexes
+    /// and TOAST included). Default: none, and the size check is skipped.
+    pub fn size_budget_bytes(mut self, bytes: u64) -> Self {
+        self.size_budget_bytes = Some(bytes);
+        self
+    }
+
+    /// Alert when the cache tables use more than this fraction of the budget.
+    /// Default: 0.80.
+    pub fn max_size_fraction(mut self, fraction: f64) -> Self {
+        self.max_size_fraction = fraction;
+        self
+    }
+
+    /// Alert when the 95th percentile of this process's cache query time (pool wait
+    /// included) is above `p95`. Default: 10 ms.
+    pub fn max_p95_query_time(mut self, p95: Duration) -> Self {
+        self.max_p95 = p95;
+        self
+    }
+
+    /// Judge query time only after this many queries in this process. Default: 100.
+    pub fn min_latency_samples(mut self, samples: u64) -> Self {
+        self.min_latency_samples = samples;
+        self
+    }
+
+    /// Alert when the last successful cleanup finished longer ago than `age`, or none
+    /// was ever recorded. Default: 2 hours (an hourly cron job, with slack).
+    pub fn max_cleanup_age(mut self, age: Duration) -> Self {
+        self.max_cleanup_age = Some(age);
+        self
+    }
+
+    /// Do not check how long ago cleanup ran (a failed last run still alerts).
+    pub fn no_cleanup_age_check(mut self) -> Self {
+        self.max_cleanup_age = None;
+        self
+    }
+}
+
+/// One alert that fires.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "alert", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Alert {
+    /// The hit rate over all caches is below the threshold.
+    LowHitRate {
+        /// Measured hit rate, 0.0 to 1.0.
+        hit_rate: f64,
+        /// The threshold.
+        min_hit_rate: f64,
+        /// Lookups the rate is based on.
+        lookups: u64,
+    },
+    /// The cache tables use more than the allowed part of their budget.
+    SizeOverBudget {
+        /// Bytes used by the cache tables.
+        size_bytes: u64,
+        /// The configured budget.
+        budget_bytes: u64,
+        /// The allowed fraction of the budget.
+        max_fraction: f64,
+    },
+    /// The 95th percentile of cache query time in this process is too high.
+    SlowQueries {
+        /// Measured p95, in milliseconds (rounded up to the histogram bucket).
+        p95_ms: f64,
+        /// The threshold, in milliseconds.
+        max_p95_ms: f64,
+        /// Queries measured.
+        samples: u64,
+    },
+    /// The most recent cleanup run failed.
+    CleanupFailed {
+        /// When it finished.
+        finished_at: DateTime<Utc>,
+        /// Its error.
+        error: String,
+    },
+    /// No cleanup succeeded within the allowed age.
+    CleanupOverdue {
+        /// When the last successful cleanup finished, if ever.
+        last_success: Option<DateTime<Utc>>,
+        /// The allowed age, in seconds.
+        max_age_secs: u64,
+    },
+}
+
+impl fmt::Display for Alert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Alert::LowHitRate { hit_rate, min_hit_rate, lookups } => write!(
+                f,
+                "hit rate {} is below {} (over {lookups} lookups)",
+                percent(Some(*hit_rate)),
+                percent(Some(*min_hit_rate))
+            ),
+            Alert::SizeOverBudget { size_bytes, budget_bytes, max_fraction } => write!(
+                f,
+                "cache size {} is {:.1}% of the {} budget (limit {:.0}%)",
+                human_bytes(*size_bytes),
+                *size_bytes as f64 * 100.0 / *budget_bytes as f64,
+                human_bytes(*budget_bytes),
+                max_fraction * 100.0
+            ),
+            Alert::SlowQueries { p95_ms, max_p95_ms, samples } => write!(
+                f,
+                "p95 cache query time {p95_ms:.1} ms is above {max_p95_ms:.1} ms (over {samples} queries)"
+            ),
+            Alert::CleanupFailed { finished_at, error } => {
+                write!(f, "last cleanup failed at {finished_at}: {error}")
+            }
+            Alert::CleanupOverdue { last_success: Some(at), max_age_secs } => write!(
+                f,
+                "cleanup is overdue: last success at {at}, more than {max_age_secs} s ago"
+            ),
+            Alert::CleanupOverdue { last_success: None, .. } => {
+                write!(f, "cleanup has never run: schedule `pgcache cleanup` or enable the janitor")
+            }
+        }
+    }
+}
+
+/// The last recorded cleanup run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct CleanupRun {
+    /// When it finished.
+    pub finished_at: DateTime<Utc>,
+    /// Whether it succeeded.
+    pub succeeded: bool,
+    /// Expired rows it removed.
+    pub rows_removed: u64,
+    /// Its error, when it failed.
+    pub error_message: Option<String>,
+}
+
+/// What [`CacheManager::health`] measured and which alerts fire.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct HealthReport {
+    /// Firing alerts; empty when healthy.
+    pub alerts: Vec<Alert>,
+    /// Hits and misses over all caches (all processes that flushed, plus this one).
+    pub lookups: Lookups,
+    /// Bytes used by the cache tables.
+    pub size_bytes: u64,
+    /// The configured budget, if any.
+    pub size_budget_bytes: Option<u64>,
+    /// p95 of this process's cache query time in milliseconds; `None` without queries.
+    pub p95_query_ms: Option<f64>,
+    /// Cache queries this process has measured.
+    pub query_samples: u64,
+    /// The most recent cleanup run, if any.
+    pub last_cleanup: Option<CleanupRun>,
+}
+
+impl HealthReport {
+    /// True when no alert fires.
+    pub fn is_healthy(&self) -> bool {
+        self.alerts.is_empty()
+    }
+}
+
+impl fmt::Display for HealthReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_healthy() {
+            writeln!(f, "healthy")?;
+        } else {
+            writeln!(f, "UNHEALTHY: {} alert(s)", self.alerts.len())?;
+            for alert in &self.alerts {
+                writeln!(f, "  ALERT {alert}")?;
+            }
+        }
+        writeln!(
+            f,
+            "  hit rate: {} ({} hits, {} misses)",
+            percent(self.lookups.hit_rate()),
+            self.lookups.hits,
+            self.lookups.misses
+        )?;
+        match self.size_budget_bytes {
+            Some(budget) => writeln!(
+                f,
+                "  size: {} of {} budget",
+                human_bytes(self.size_bytes),
+                human_bytes(budget)
+            )?,
+            None => writeln!(
+                f,
+                "  size: {} (no budget set)",
+                human_bytes(self.size_bytes)
+            )?,
+        }
+        match self.p95_query_ms {
+            Some(p95) => writeln!(
+                f,
+                "  p95 query time: {p95:.2} ms over {} queries in this process",
+                self.query_samples
+            )?,
+            None => writeln!(f, "  p95 query time: n/a (no queries in this process)")?,
+        }
+        match &self.last_cleanup {
+            Some(run) => write!(
+                f,
+                "  last cleanup: {} at {}, {} rows removed",
+                if run.succeeded { "succeeded" } else { "FAILED" },
+                run.finished_at,
+                run.rows_removed
+            ),
+            None => write!(f, "  last cleanup: never"),
+        }
+    }
+}
+
+impl CacheManager {
+    /// Evaluates the alert thresholds: hit rate over all caches, size against the
+    /// budget, p95 query time of this process, and the last cleanup (failed, or
+    /// overdue). Does not count rows, so it is cheap enough for a monitor polling
+    /// every minute.
+    ///
+    /// Query time is measured in this process (every cache operation through this
+    /// manager and its clones), so call `health` inside the service; a separate
+    /// process such as `pgcache health` has too few samples and skips that check.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use pgcache::HealthThresholds;
+    ///
+    /// let cache = pgcache::CacheManager::from_env()?;
+    /// let report = cache.health(&HealthThresholds::new().size_budget_bytes(10 << 30))?;
+    /// if !report.is_healthy() {
+    ///     eprintln!("{report}");
+    /// }
+    /// # Ok::<(), pgcache::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Connection`](crate::Error::Connection),
+    /// [`Error::MissingTable`](crate::Error::MissingTable) or a database error.
+    pub fn health(&self, thresholds: &HealthThresholds) -> Result<HealthReport> {
+        let mut lookups = Lookups::default();
+        for (_, l) in self.lookups()? {
+            lookups.hits += l.hits;
+            lookups.misses += l.misses;
+        }
+        let mut conn = self.connection()?;
+        let size_bytes = total_size(&mut conn)?;
+        let last: Option<(DateTime<Utc>, bool, i64, Option<String>)> = cache_cleanup_runs::table
+            .order(cache_cleanup_runs::id.desc())
+            .select((
+                cache_cleanup_runs::finished_at,
+                cache_cleanup_runs::succeeded,
+                cache_cleanup_runs::rows_removed,
+                cache_cleanup_runs::error_message,
+            ))
+            .first(&mut *conn)
+            .optional()?;
+        let (last_success, now): (Option<DateTime<Utc>>, DateTime<Utc>) = cache_cleanup_runs::table
+            .filter(cache_cleanup_runs::succeeded)
+            .select((diesel::dsl::max(cache_cleanup_runs::finished_at), db_now()))
+            .first(&mut *conn)?;
+        let latency = self.latency();
+        let query_samples = latency.samples();
+        let p95 = latency.quantile(0.95);
+
+        let t = thresholds;
+        let mut alerts = Vec::new();
+        if let Some(rate) = lookups.hit_rate() {
+            if lookups.total() >= t.min_lookups && rate < t.min_hit_rate {
+                alerts.push(Alert::LowHitRate {
+                    hit_rate: rate,
+                    min_hit_rate: t.min_hit_rate,
+                    lookups: lookups.total(),
+                });
+            }
+        }
+        if let Some(budget) = t.size_budget_bytes {
+            if size_bytes as f64 > budget as f64 * t.max_size_fraction {
+                alerts.push(Alert::SizeOverBudget {
+                    size_bytes,
+                    budget_bytes: budget,
+                    max_fraction: t.max_size_fraction,
+                });
+            }
+        }
+        if let Some(p95) = p95 {
+            if query_samples >= t.min_latency_samples && p95 > t.max_p95 {
+                alerts.push(Alert::SlowQueries {
+                    p95_ms: millis(p95),
+                    max_p95_ms: millis(t.max_p95),
+                    samples: query_samples,
+                });
+            }
+        }
+        let last_cleanup =
+            last.map(
+                |(finished_at, succeeded, rows_removed, error_message)| CleanupRun {
+                    finished_at,
+                    succeeded,
+                    rows_removed: rows_removed as u64,
+                    error_message,
+                },
+            );
+        if let Some(run) = last_cleanup.as_ref().filter(|r| !r.succeeded) {
+            alerts.push(Alert::CleanupFailed {
+                finished_at: run.finished_at,
+                error: run.error_message.clone().unwrap_or_default(),
+            });
+        }
+        if let Some(max_age) = t.max_cleanup_age {
+            let overdue = last_success
+                .is_none_or(|at| (now - at).to_std().unwrap_or(Duration::ZERO) > max_age);
+            if overdue {
+                alerts.push(Alert::CleanupOverdue {
+                    last_success,
+                    max_age_secs: max_age.as_secs(),
+                });
+            }
+        }
+        Ok(HealthReport {
+            alerts,
+            lookups,
+            size_bytes,
+            size_budget_bytes: t.size_budget_bytes,
+            p95_query_ms: p95.map(millis),
+            query_samples,
+            last_cleanup,
+        })
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -1,0 +1,381 @@
+//! [`CacheManager::stats`]: entries, sizes, hits and misses of every cache.
+
+use std::fmt;
+
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Double};
+use serde::Serialize;
+
+use crate::cache::CacheKind;
+use crate::error::Result;
+use crate::manager::CacheManager;
+use crate::schema::{audio_chunk_cache, cache_counters, llm_response_cache};
+use crate::sql::db_now;
+
+/// How many entries the "top cached" and "most accessed" lists show.
+pub const TOP_ENTRIES: usize = 5;
+
+/// A snapshot of every cache, from [`CacheManager::stats`]. Its `Display` is the
+/// "Cache Statistics" report; it serializes to JSON for monitoring.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// One entry per cache, in [`CacheKind::ALL`] order.
+    pub caches: Vec<TableStats>,
+    /// Live LLM responses with the most hits, most first (only those hit at least once).
+    pub top_llm_responses: Vec<TopEntry>,
+    /// Audio chunk cache figures.
+    pub audio: AudioStats,
+    /// Rows over all caches, expired ones included.
+    pub total_entries: u64,
+    /// Hits and misses over all caches.
+    pub lookups: Lookups,
+}
+
+/// Figures of one cache table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct TableStats {
+    /// The cache.
+    pub cache: CacheKind,
+    /// Its table.
+    pub table: &'static str,
+    /// Rows in the table, expired ones included.
+    pub entries: u64,
+    /// Rows that have not expired.
+    pub active_entries: u64,
+    /// Expired rows not yet removed by cleanup.
+    pub expired_entries: u64,
+    /// `pg_total_relation_size`: heap, indexes and TOAST, in bytes.
+    pub size_bytes: u64,
+    /// Reads of this cache, counted by every manager that has flushed.
+    pub lookups: Lookups,
+}
+
+/// Hit and miss counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Lookups {
+    /// Reads that found a live entry.
+    pub hits: u64,
+    /// Reads that found nothing or an expired entry.
+    pub misses: u64,
+}
+
+impl Lookups {
+    /// Hits and misses together.
+    pub fn total(self) -> u64 {
+        self.hits + self.misses
+    }
+
+    /// Hits divided by lookups (0.0 to 1.0); `None` before the first lookup.
+    pub fn hit_rate(self) -> Option<f64> {
+        (self.total() > 0).then(|| self.hits as f64 / self.total() as f64)
+    }
+
+    fn add(&mut self, other: Lookups) {
+        self.hits += other.hits;
+        self.misses += other.misses;
+    }
+}
+
+/// One popular entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct TopEntry {
+    /// The entry's key digest, hex.
+    pub key_hash: String,
+    /// Hits served (flushed ones).
+    pub hits: u64,
+    /// Provider that produced the entry.
+    pub provider: String,
+}
+
+/// Audio chunk cache figures, over live entries.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct AudioStats {
+    /// Sum of the chunks' `byte_size` (inline or at their storage path).
+    pub total_bytes: u64,
+    /// Mean hits per chunk.
+    pub average_hit_count: f64,
+    /// Chunks with the most hits, most first (only those hit at least once).
+    pub most_accessed: Vec<TopEntry>,
+}
+
+impl CacheManager {
+    /// Gathers [`CacheStats`]: entries (active and expired), size on disk, hits,
+    /// misses and hit rate per cache, the most hit LLM responses and audio chunks.
+    ///
+    /// Flushes this manager's hit counters first so its own lookups are included;
+    /// other processes' lookups appear once they have flushed (every
+    /// `stats_flush_interval`).
+    ///
+    /// This is a maintenance call: it counts every table's rows (a scan of each
+    /// table), so call it from a dashboard or `pgcache stats`, not on a request path.
+    ///
+    /// ```no_run
+    /// let cache = pgcache::CacheManager::from_env()?;
+    /// println!("{}", cache.stats()?);
+    /// # Ok::<(), pgcache::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Connection`](crate::Error::Connection),
+    /// [`Error::MissingTable`](crate::Error::MissingTable) or a database error.
+    pub fn stats(&self) -> Result<CacheStats> {
+        let lookups = self.lookups()?;
+        let mut conn = self.connection()?;
+        let mut caches = Vec::with_capacity(CacheKind::ALL.len());
+        for (kind, lookups) in lookups {
+            let counts = table_counts(&mut conn, kind.table())?;
+            caches.push(TableStats {
+                cache: kind,
+                table: kind.table(),
+                entries: counts.total as u64,
+                active_entries: counts.active as u64,
+                expired_entries: (counts.total - counts.active) as u64,
+                size_bytes: counts.size_bytes as u64,
+                lookups,
+            });
+        }
+        let top_llm_responses = llm_response_cache::table
+            .filter(llm_response_cache::expires_at.gt(db_now()))
+            .filter(llm_response_cache::hit_count.gt(0))
+            .order(llm_response_cache::hit_count.desc())
+            .limit(TOP_ENTRIES as i64)
+            .select((
+                llm_response_cache::key_hash,
+                llm_response_cache::hit_count,
+                llm_response_cache::provider,
+            ))
+            .load::<(Vec<u8>, i64, String)>(&mut *conn)?
+            .into_iter()
+            .map(top_entry)
+            .collect();
+        let most_accessed = audio_chunk_cache::table
+            .filter(audio_chunk_cache::expires_at.gt(db_now()))
+            .filter(audio_chunk_cache::hit_count.gt(0))
+            .order(audio_chunk_cache::hit_count.desc())
+            .limit(TOP_ENTRIES as i64)
+            .select((
+                audio_chunk_cache::key_hash,
+                audio_chunk_cache::hit_count,
+                audio_chunk_cache::provider,
+            ))
+            .load::<(Vec<u8>, i64, String)>(&mut *conn)?
+            .into_iter()
+            .map(top_entry)
+            .collect();
+        let totals = audio_totals(&mut conn)?;
+        let mut all = Lookups::default();
+        caches.iter().for_each(|c| all.add(c.lookups));
+        Ok(CacheStats {
+            total_entries: caches.iter().map(|c| c.entries).sum(),
+            caches,
+            top_llm_responses,
+            audio: AudioStats {
+                total_bytes: totals.total_bytes as u64,
+                average_hit_count: totals.average_hits,
+                most_accessed,
+            },
+            lookups: all,
+        })
+    }
+
+    /// Hits and misses per cache: the flushed totals of every process plus this
+    /// manager's unflushed counts, after trying to flush them.
+    pub(crate) fn lookups(&self) -> Result<Vec<(CacheKind, Lookups)>> {
+        if let Err(error) = self.flush_stats() {
+            // The counts stay pending and are added below, so nothing is missed.
+            tracing::warn!(%error, "pgcache: flushing hit counters before stats failed");
+        }
+        let flushed: Vec<(String, i64, i64)> = cache_counters::table
+            .select((
+                cache_counters::cache_name,
+                cache_counters::hits,
+                cache_counters::misses,
+            ))
+            .load(&mut *self.connection()?)?;
+        Ok(CacheKind::ALL
+            .into_iter()
+            .map(|kind| {
+                let (hits, misses) = self.counters().pending(kind);
+                let mut lookups = Lookups { hits, misses };
+                if let Some((_, h, m)) = flushed.iter().find(|(name, ..)| name == kind.name()) {
+                    lookups.add(Lookups {
+                        hits: *h as u64,
+                        misses: *m as u64,
+                    });
+                }
+                (kind, lookups)
+            })
+            .collect())
+    }
+}
+
+fn top_entry((key_hash, hits, provider): (Vec<u8>, i64, String)) -> TopEntry {
+    TopEntry {
+        key_hash: hex::encode(key_hash),
+        hits: hits as u64,
+        provider,
+    }
+}
+
+#[derive(QueryableByName)]
+struct TableCounts {
+    #[diesel(sql_type = BigInt)]
+    total: i64,
+    #[diesel(sql_type = BigInt)]
+    active: i64,
+    #[diesel(sql_type = BigInt)]
+    size_bytes: i64,
+}
+
+fn table_counts(conn: &mut PgConnection, table: &str) -> QueryResult<TableCounts> {
+    // Table names come from a closed list, never from input.
+    diesel::sql_query(format!(
+        "SELECT count(*) AS total, count(*) FILTER (WHERE expires_at > now()) AS active, \
+         pg_total_relation_size('{table}'::regclass) AS size_bytes FROM {table}"
+    ))
+    .get_result(conn)
+}
+
+/// Bytes on disk of every cache table (`pg_total_relation_size`), without counting
+/// rows: cheap enough for health checks.
+pub(crate) fn total_size(conn: &mut PgConnection) -> QueryResult<u64> {
+    #[derive(QueryableByName)]
+    struct Size {
+        #[diesel(sql_type = BigInt)]
+        size_bytes: i64,
+    }
+    let sum = CacheKind::ALL
+        .map(|kind| format!("pg_total_relation_size('{}'::regclass)", kind.table()))
+        .join(" + ");
+    let size: Size =
+        diesel::sql_query(format!("SELECT ({sum})::int8 AS size_bytes")).get_result(conn)?;
+    Ok(size.size_bytes as u64)
+}
+
+#[derive(QueryableByName)]
+struct AudioTotals {
+    #[diesel(sql_type = BigInt)]
+    total_bytes: i64,
+    #[diesel(sql_type = Double)]
+    average_hits: f64,
+}
+
+fn audio_totals(conn: &mut PgConnection) -> QueryResult<AudioTotals> {
+    diesel::sql_query(
+        "SELECT coalesce(sum(byte_size), 0)::int8 AS total_bytes, \
+         coalesce(avg(hit_count), 0)::float8 AS average_hits \
+         FROM audio_chunk_cache WHERE expires_at > now()",
+    )
+    .get_result(conn)
+}
+
+/// The spec's heading for each cache.
+fn title(kind: CacheKind) -> &'static str {
+    match kind {
+        CacheKind::Kv => "Key/Value Cache",
+        CacheKind::Embedding => "Embedding Cache",
+        CacheKind::VectorSearch => "Vector Search Cache",
+        CacheKind::LlmResponse => "LLM Response Cache",
+        CacheKind::AudioChunk => "Audio Chunk Cache",
+    }
+}
+
+/// Bytes as `pg_size_pretty` shows them (1024-based), with two decimals.
+pub(crate) fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "kB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
+}
+
+/// A hit rate as a percentage, or `n/a` before the first lookup.
+pub(crate) fn percent(rate: Option<f64>) -> String {
+    rate.map_or_else(|| "n/a".to_owned(), |r| format!("{:.1}%", r * 100.0))
+}
+
+fn write_top(
+    f: &mut fmt::Formatter<'_>,
+    heading: &str,
+    entries: &[TopEntry],
+    provider: bool,
+) -> fmt::Result {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    writeln!(f, "  {heading}:")?;
+    for (i, e) in entries.iter().enumerate() {
+        let hash = e.key_hash.get(..16).unwrap_or(&e.key_hash);
+        if provider {
+            writeln!(
+                f,
+                "    {}. Hash: {hash}... ({} hits, {})",
+                i + 1,
+                e.hits,
+                e.provider
+            )?;
+        } else {
+            writeln!(f, "    {}. Hash: {hash}... ({} hits)", i + 1, e.hits)?;
+        }
+    }
+    Ok(())
+}
+
+impl fmt::Display for CacheStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "=== Cache Statistics ===")?;
+        for c in &self.caches {
+            writeln!(f)?;
+            writeln!(f, "{}:", title(c.cache))?;
+            writeln!(
+                f,
+                "  Total Entries: {} ({} active, {} expired)",
+                c.entries, c.active_entries, c.expired_entries
+            )?;
+            writeln!(f, "  Size on Disk: {}", human_bytes(c.size_bytes))?;
+            writeln!(
+                f,
+                "  Hits: {}, Misses: {}, Hit Rate: {}",
+                c.lookups.hits,
+                c.lookups.misses,
+                percent(c.lookups.hit_rate())
+            )?;
+            match c.cache {
+                CacheKind::LlmResponse => {
+                    write_top(f, "Top Cached Responses", &self.top_llm_responses, true)?;
+                }
+                CacheKind::AudioChunk => {
+                    writeln!(f, "  Total Size: {}", human_bytes(self.audio.total_bytes))?;
+                    writeln!(
+                        f,
+                        "  Average Hit Count: {:.2}",
+                        self.audio.average_hit_count
+                    )?;
+                    write_top(f, "Most Accessed", &self.audio.most_accessed, false)?;
+                }
+                _ => {}
+            }
+        }
+        writeln!(f)?;
+        writeln!(f, "Total Cache Entries: {}", self.total_entries)?;
+        write!(
+            f,
+            "Overall Hit Rate: {} ({} hits, {} misses)",
+            percent(self.lookups.hit_rate()),
+            self.lookups.hits,
+            self.lookups.misses
+        )
+    }
+}

@@ -1,0 +1,247 @@
+//! The real `pgcache` binary against a test schema.
+
+mod common;
+mod ops_support;
+
+use assert_cmd::Command;
+use common::TestDb;
+use ops_support::{expired, fill, live};
+use predicates::prelude::*;
+
+/// `pgcache` pointed at `db`'s schema through the environment, with no terminal.
+fn pgcache(db: &TestDb) -> Command {
+    let mut cmd = Command::cargo_bin("pgcache").unwrap();
+    cmd.env("DATABASE_URL", common::database_url())
+        .env("PGCACHE_SCHEMA", &db.schema)
+        .write_stdin("");
+    cmd
+}
+
+/// Asserts stderr is exactly one `pgcache: ...` line and returns it.
+fn one_line(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr).into_owned();
+    assert_eq!(text.lines().count(), 1, "not one line: {text:?}");
+    assert!(text.starts_with("pgcache: "), "{text:?}");
+    text
+}
+
+fn persistence(db: &TestDb) -> String {
+    let n = db.count(
+        "SELECT count(*) AS n FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace \
+         WHERE s.nspname = current_schema() AND c.relname = 'cache_entries' \
+         AND c.relpersistence = 'u'",
+    );
+    if n == 1 { "unlogged" } else { "logged" }.to_owned()
+}
+
+#[test]
+fn migrate_creates_the_tables_and_switches_durability() {
+    let db = TestDb::new();
+    db.exec(&format!("DROP SCHEMA \"{}\" CASCADE", db.schema));
+    pgcache(&db)
+        .arg("migrate")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("applied 1 migration(s)"));
+    assert_eq!(db.count("SELECT count(*) AS n FROM cache_entries"), 0);
+
+    pgcache(&db)
+        .args(["migrate", "--unlogged"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("up to date").and(predicate::str::contains("UNLOGGED")));
+    assert_eq!(persistence(&db), "unlogged");
+    pgcache(&db)
+        .args(["migrate", "--logged"])
+        .assert()
+        .success();
+    assert_eq!(persistence(&db), "logged");
+}
+
+#[test]
+fn missing_table_is_one_line_pointing_to_migrate() {
+    let db = TestDb::new();
+    db.exec("DROP TABLE cache_entries");
+    for command in ["stats", "cleanup", "health"] {
+        let out = pgcache(&db)
+            .arg(command)
+            .assert()
+            .code(2)
+            .get_output()
+            .clone();
+        let line = one_line(&out.stderr);
+        assert!(
+            line.contains("cache_entries") && line.contains("run `pgcache migrate`"),
+            "{line}"
+        );
+    }
+    // Only `migrate` creates tables.
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'cache_entries'"),
+        0
+    );
+}
+
+#[test]
+fn unreachable_database_is_one_line_without_the_password() {
+    let db = TestDb::new();
+    let out = pgcache(&db)
+        .args([
+            "--database-url",
+            "postgres://postgres:s3cr3t@127.0.0.1:1/postgres",
+            "stats",
+        ])
+        .env("PGCACHE_POOL_CONNECTION_TIMEOUT_MS", "500")
+        .assert()
+        .code(2)
+        .stdout("")
+        .get_output()
+        .clone();
+    let line = one_line(&out.stderr);
+    assert!(line.contains("cannot get a database connection"), "{line}");
+    assert!(!line.contains("s3cr3t"), "{line}");
+}
+
+#[test]
+fn malformed_database_url_is_one_line() {
+    let db = TestDb::new();
+    let out = pgcache(&db)
+        .args(["--database-url", "mysql://x@y/z", "stats"])
+        .assert()
+        .code(2)
+        .get_output()
+        .clone();
+    assert!(one_line(&out.stderr).contains("DATABASE_URL"));
+}
+
+#[test]
+fn bad_arguments_exit_non_zero() {
+    let db = TestDb::new();
+    pgcache(&db)
+        .args(["clear", "redis"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("possible values: kv, embedding"));
+    pgcache(&db)
+        .args(["health", "--min-hit-rate", "high"])
+        .assert()
+        .code(2);
+    pgcache(&db)
+        .args(["migrate", "--logged", "--unlogged"])
+        .assert()
+        .code(2);
+}
+
+#[test]
+fn cleanup_removes_expired_rows_and_stays_quiet_without_a_terminal() {
+    let db = TestDb::new();
+    fill(&db, "cache_entries", "old", 7, "-1 minute");
+    fill(&db, "cache_entries", "new", 3, "1 hour");
+    pgcache(&db)
+        .arg("cleanup")
+        .assert()
+        .success()
+        .stderr("")
+        .stdout(predicate::str::starts_with("Removed 7 expired entries"));
+    assert_eq!(expired(&db, "cache_entries"), 0);
+    assert_eq!(live(&db, "cache_entries"), 3);
+}
+
+#[test]
+fn stats_prints_the_report_or_json() {
+    let db = TestDb::new();
+    fill(&db, "llm_response_cache", "llm", 2, "1 hour");
+    pgcache(&db).arg("stats").assert().success().stdout(
+        predicate::str::starts_with("=== Cache Statistics ===")
+            .and(predicate::str::contains("(2 hits, gemini-flash)"))
+            .and(predicate::str::contains("Total Cache Entries: 2")),
+    );
+    let out = pgcache(&db)
+        .args(["stats", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["total_entries"], 2);
+    assert_eq!(json["top_llm_responses"][0]["hits"], 2);
+}
+
+#[test]
+fn health_exits_1_with_alerts_and_0_when_healthy() {
+    let db = TestDb::new();
+    pgcache(&db).arg("health").assert().code(1).stdout(
+        predicate::str::contains("UNHEALTHY")
+            .and(predicate::str::contains("cleanup has never run")),
+    );
+    let out = pgcache(&db)
+        .args(["health", "--json"])
+        .assert()
+        .code(1)
+        .get_output()
+        .clone();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["alerts"][0]["alert"], "cleanup_overdue");
+
+    pgcache(&db).arg("cleanup").assert().success();
+    pgcache(&db)
+        .args(["health", "--size-budget-mb", "1024"])
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with("healthy"));
+    pgcache(&db)
+        .args([
+            "health",
+            "--size-budget-mb",
+            "1",
+            "--max-size-fraction",
+            "0.01",
+        ])
+        .assert()
+        .code(1)
+        .stdout(
+            predicate::str::contains("ALERT cache size")
+                .and(predicate::str::contains("of the 1.00 MB budget (limit 1%)")),
+        );
+}
+
+#[test]
+fn clear_without_yes_and_without_a_terminal_refuses() {
+    let db = TestDb::new();
+    fill(&db, "cache_entries", "k", 3, "1 hour");
+    let out = pgcache(&db)
+        .args(["clear", "kv"])
+        .assert()
+        .code(2)
+        .get_output()
+        .clone();
+    let line = one_line(&out.stderr);
+    assert!(
+        line.contains("--yes") && line.contains("not a terminal"),
+        "{line}"
+    );
+    assert_eq!(live(&db, "cache_entries"), 3);
+
+    pgcache(&db)
+        .args(["clear", "kv", "--yes"])
+        .assert()
+        .success()
+        .stdout("kv: 3 entries deleted\n");
+    assert_eq!(live(&db, "cache_entries"), 0);
+}
+
+#[test]
+fn clear_all_with_yes_empties_every_cache() {
+    let db = TestDb::new();
+    fill(&db, "cache_entries", "k", 2, "1 hour");
+    fill(&db, "audio_chunk_cache", "a", 2, "1 hour");
+    pgcache(&db)
+        .args(["clear", "--yes"])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("kv: 2 entries deleted")
+                .and(predicate::str::contains("audio_chunk: 2 entries deleted")),
+        );
+    assert_eq!(db.count("SELECT count(*) AS n FROM audio_chunk_cache"), 0);
+}
