@@ -245,3 +245,109 @@ fn clear_all_with_yes_empties_every_cache() {
         );
     assert_eq!(db.count("SELECT count(*) AS n FROM audio_chunk_cache"), 0);
 }
+
+fn warmup_file(text: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
+    file
+}
+
+#[test]
+fn warmup_loads_a_file_and_reports_counts() {
+    let db = TestDb::new();
+    let file = warmup_file(
+        r#"{
+  "kv": [{"key": "config:v1", "value": {"theme": "dark"}}],
+  "embeddings": [{"text": "What is AI?", "model": "m1", "embedding": [0.1, 0.2]}],
+  "llm_responses": [{"prompt": "Explain AI", "provider": "gemini-flash", "response": "AI is..."}]
+}"#,
+    );
+    pgcache(&db)
+        .arg("warmup")
+        .arg(file.path())
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("warmed 3 entries"));
+    assert_eq!(db.count("SELECT count(*) AS n FROM cache_entries"), 1);
+    assert_eq!(db.count("SELECT count(*) AS n FROM embedding_cache"), 1);
+    assert_eq!(db.count("SELECT count(*) AS n FROM llm_response_cache"), 1);
+}
+
+#[test]
+fn malformed_warmup_file_names_line_and_column_and_stores_nothing() {
+    let db = TestDb::new();
+    // Broken half way: the second embedding is cut off on line 4.
+    let file = warmup_file(
+        "{\n  \"embeddings\": [\n    {\"text\": \"a\", \"model\": \"m\", \"embedding\": [0.1]},\n    {\"text\": \"b\", \"model\": \n",
+    );
+    let out = pgcache(&db)
+        .arg("warmup")
+        .arg(file.path())
+        .assert()
+        .code(2)
+        .get_output()
+        .stderr
+        .clone();
+    let line = one_line(&out);
+    assert!(line.contains("malformed warmup file"), "{line}");
+    assert!(line.contains("line 5"), "{line}");
+    assert_eq!(db.count("SELECT count(*) AS n FROM embedding_cache"), 0);
+}
+
+#[test]
+fn warmup_with_a_bad_item_names_it_and_stores_nothing() {
+    let db = TestDb::new();
+    let file = warmup_file(r#"{"kv": [{"key": "ok", "value": 1}, {"key": "", "value": 2}]}"#);
+    let out = pgcache(&db)
+        .arg("warmup")
+        .arg(file.path())
+        .assert()
+        .code(2)
+        .get_output()
+        .stderr
+        .clone();
+    let line = one_line(&out);
+    assert!(line.contains("kv[1]"), "{line}");
+    assert_eq!(db.count("SELECT count(*) AS n FROM cache_entries"), 0);
+}
+
+#[test]
+fn invalidate_user_rejects_a_malformed_uuid_in_one_line() {
+    let db = TestDb::new();
+    let out = pgcache(&db)
+        .args(["invalidate-user", "user-123"])
+        .assert()
+        .code(2)
+        .get_output()
+        .stderr
+        .clone();
+    let line = one_line(&out);
+    assert!(line.contains("invalid user id `user-123`"), "{line}");
+}
+
+#[test]
+fn invalidate_user_deletes_only_that_users_entries() {
+    let db = TestDb::new();
+    let (alice, bob) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
+    let vs = db.cache.vector_search();
+    for user in [alice, bob] {
+        pgcache::Cache::set(
+            &vs,
+            &pgcache::VectorSearchQuery::new(user, vec![0.5, 0.25], 3),
+            &serde_json::json!([{"id": 7}]),
+        )
+        .unwrap();
+    }
+    pgcache(&db)
+        .args(["invalidate-user", &alice.to_string()])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("1 entries deleted"));
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) AS n FROM vector_search_cache WHERE user_id = '{bob}'"
+        )),
+        1
+    );
+    assert_eq!(db.count("SELECT count(*) AS n FROM vector_search_cache"), 1);
+}

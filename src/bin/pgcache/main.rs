@@ -71,6 +71,22 @@ enum Command {
         #[arg(long, default_value_t = 7200, value_name = "SECS")]
         max_cleanup_age_secs: u64,
     },
+    /// Pre-populate the caches from a JSON file (all or nothing).
+    ///
+    /// The file holds any of `kv`, `embeddings`, `vector_searches`, `llm_responses`
+    /// and `audio_chunks` (arrays) and an optional `ttl_secs`; see the README.
+    Warmup {
+        /// The JSON file to load.
+        #[arg(value_name = "FILE.json")]
+        file: std::path::PathBuf,
+    },
+    /// Delete every cache entry that belongs to a user (vector searches, and owned
+    /// embeddings, LLM responses and audio chunks).
+    InvalidateUser {
+        /// The user's id, a UUID.
+        #[arg(value_name = "UUID")]
+        user_id: String,
+    },
     /// Delete every entry of one cache, or of all caches.
     Clear {
         /// The cache to empty (all caches when omitted).
@@ -109,6 +125,15 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<Outcome, String> {
+    // Bad arguments are reported before any connection is attempted.
+    let warmup = match &cli.command {
+        Command::Warmup { file } => Some(read_warmup(file)?),
+        _ => None,
+    };
+    let user = match &cli.command {
+        Command::InvalidateUser { user_id } => Some(parse_user_id(user_id)?),
+        _ => None,
+    };
     let cache = manager(&cli)?;
     match cli.command {
         Command::Migrate { unlogged, logged } => {
@@ -175,6 +200,41 @@ fn run(cli: Cli) -> Result<Outcome, String> {
                 return Ok(Outcome::Unhealthy);
             }
         }
+        Command::Warmup { .. } => {
+            let warmup = warmup.expect("read above");
+            let bar = progress::Spinner::new();
+            bar.message("warming the caches (one transaction)");
+            let report = cache.warmup(&warmup).map_err(|e| e.to_string());
+            bar.finish();
+            let report = report?;
+            println!(
+                "warmed {} entries: {} kv, {} embeddings, {} vector searches, {} LLM responses, \
+                 {} audio chunks ({} skipped: text over the maximum length)",
+                report.total(),
+                report.kv,
+                report.embeddings,
+                report.vector_searches,
+                report.llm_responses,
+                report.audio_chunks,
+                report.skipped_audio_chunks
+            );
+        }
+        Command::InvalidateUser { .. } => {
+            let user = user.expect("parsed above");
+            let report = cache.invalidate_user(user).map_err(|e| e.to_string())?;
+            println!(
+                "user {user}: {} entries deleted ({} vector searches, {} embeddings, \
+                 {} LLM responses, {} audio chunks)",
+                report.total(),
+                report.vector_searches,
+                report.embeddings,
+                report.llm_responses,
+                report.audio_chunks
+            );
+            for path in &report.released_paths {
+                println!("released audio file: {path}");
+            }
+        }
         Command::Clear { cache: kind, yes } => {
             let what = kind.map_or_else(|| "every cache".to_owned(), |k| format!("the {k} cache"));
             if !yes && !confirm(&format!("Delete every entry of {what}?"))? {
@@ -216,6 +276,21 @@ fn manager(cli: &Cli) -> Result<CacheManager, String> {
         .collect();
     let config = CacheConfig::from_vars(vars).map_err(|e| e.to_string())?;
     CacheManager::new(config).map_err(|e| e.to_string())
+}
+
+/// Reads and parses a warmup file; a malformed one is reported with its line and
+/// column, and nothing is stored.
+fn read_warmup(path: &std::path::Path) -> Result<pgcache::Warmup, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read warmup file {}: {e}", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| format!("malformed warmup file {}: {e}", path.display()))
+}
+
+fn parse_user_id(text: &str) -> Result<uuid::Uuid, String> {
+    uuid::Uuid::parse_str(text).map_err(|e| {
+        format!("invalid user id `{text}`: expected a UUID such as 67e55044-10b1-426f-9247-bb680e5fe0c8 ({e})")
+    })
 }
 
 fn to_json(value: &impl serde::Serialize) -> Result<String, String> {

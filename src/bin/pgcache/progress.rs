@@ -23,6 +23,10 @@ impl Spinner {
         Spinner(bar)
     }
 
+    pub(crate) fn message(&self, message: &str) {
+        self.0.set_message(message.to_owned());
+    }
+
     pub(crate) fn update(&self, progress: &CleanupProgress) {
         self.0.set_message(format!(
             "cleaning {}: {} rows removed ({} in total)",
