@@ -116,7 +116,10 @@ pub trait Cache {
     /// # Errors
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key, or a
     /// database error.
-    fn get_in(&self, conn: &mut PgConnection, key: &Self::Key) -> Result<Option<Self::Entry>>;
+    fn get_in(&self, conn: &mut PgConnection, key: &Self::Key) -> Result<Option<Self::Entry>> {
+        // A batch of one; caches with a faster single-key statement override this.
+        Ok(self.get_many_in(conn, &[key])?.pop().flatten())
+    }
 
     /// Reads many entries on `conn` in one round trip; the result is in `keys` order.
     ///

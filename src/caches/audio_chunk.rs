@@ -668,13 +668,6 @@ impl Cache for AudioChunkCache<'_> {
         digest(key)
     }
 
-    fn get_in(
-        &self,
-        conn: &mut PgConnection,
-        key: &AudioChunkKey,
-    ) -> Result<Option<CachedAudioChunk>> {
-        Ok(self.get_many_in(conn, &[key])?.pop().flatten())
-    }
 
     fn get_many_in(
         &self,

@@ -376,13 +376,6 @@ impl Cache for LlmResponseCache<'_> {
         digest(key)
     }
 
-    fn get_in(
-        &self,
-        conn: &mut PgConnection,
-        prompt: &LlmPrompt,
-    ) -> Result<Option<CachedLlmResponse>> {
-        Ok(self.get_many_in(conn, &[prompt])?.pop().flatten())
-    }
 
     fn get_many_in(
         &self,

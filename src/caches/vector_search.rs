@@ -292,13 +292,6 @@ impl Cache for VectorSearchCache<'_> {
         digest(key)
     }
 
-    fn get_in(
-        &self,
-        conn: &mut PgConnection,
-        query: &VectorSearchQuery,
-    ) -> Result<Option<CachedVectorSearch>> {
-        Ok(self.get_many_in(conn, &[query])?.pop().flatten())
-    }
 
     fn get_many_in(
         &self,
