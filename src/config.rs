@@ -150,7 +150,11 @@ impl Default for TtlPresets {
 pub struct PoolSettings {
     /// Most connections open at once (`PGCACHE_POOL_MAX_SIZE`, default 20).
     pub max_size: u32,
-    /// Connections kept open while idle (`PGCACHE_POOL_MIN_IDLE`, default 1).
+    /// Connections the pool keeps open while idle (`PGCACHE_POOL_MIN_IDLE`, default
+    /// 0). Above 0 the pool reopens idle connections from a background thread; a
+    /// short-lived program that exits while such a connection is being set up can be
+    /// killed inside libpq/OpenSSL's exit handlers, so only long-running services
+    /// should raise it.
     pub min_idle: u32,
     /// How long an idle connection is kept (`PGCACHE_POOL_IDLE_TIMEOUT_SECS`, default
     /// 30 s).
@@ -164,7 +168,7 @@ impl Default for PoolSettings {
     fn default() -> Self {
         PoolSettings {
             max_size: 20,
-            min_idle: 1,
+            min_idle: 0,
             idle_timeout: Duration::from_secs(30),
             connection_timeout: Duration::from_secs(2),
         }
@@ -216,7 +220,7 @@ impl CacheConfig {
     /// | `ENABLE_CACHING` | `true` | `false`: every get misses, every set is a no-op |
     /// | `CACHE_TTL_SHORT` / `_MEDIUM` / `_LONG` / `_WEEK` | 300 / 3600 / 86400 / 604800 | TTL presets, seconds |
     /// | `PGCACHE_POOL_MAX_SIZE` | 20 | pool size |
-    /// | `PGCACHE_POOL_MIN_IDLE` | 1 | idle connections kept |
+    /// | `PGCACHE_POOL_MIN_IDLE` | 0 | idle connections kept |
     /// | `PGCACHE_POOL_IDLE_TIMEOUT_SECS` | 30 | idle connection lifetime |
     /// | `PGCACHE_POOL_CONNECTION_TIMEOUT_MS` | 2000 | wait for a connection |
     /// | `PGCACHE_STATEMENT_TIMEOUT_MS` | 5000 | per-statement limit on cache connections |
@@ -428,7 +432,8 @@ impl CacheConfigBuilder {
         self
     }
 
-    /// Idle connections the pool keeps open. Default: 1.
+    /// Idle connections the pool keeps open (see [`PoolSettings::min_idle`] before
+    /// raising it). Default: 0.
     pub fn pool_min_idle(mut self, min_idle: u32) -> Self {
         self.pool.min_idle = min_idle;
         self

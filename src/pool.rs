@@ -66,5 +66,11 @@ pub(crate) fn build_pool(config: &CacheConfig) -> Result<PgPool> {
             sql: session_sql(config),
         }))
         .build(manager)?;
+    // With no idle minimum the pool opens nothing up front: check the server answers
+    // now, so a wrong URL fails at start-up rather than on the first get. Fail-open
+    // services start even while the database is down, and serve misses meanwhile.
+    if !config.fail_open() {
+        drop(pool.get()?);
+    }
     Ok(pool)
 }

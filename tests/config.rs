@@ -20,6 +20,11 @@ fn defaults_follow_the_spec() {
     assert_eq!(c.ttl().long, Duration::from_secs(86_400));
     assert_eq!(c.ttl().week, Duration::from_secs(604_800));
     assert_eq!(c.pool().max_size, 20);
+    assert_eq!(
+        c.pool().min_idle,
+        0,
+        "no background refills unless asked for"
+    );
     assert_eq!(c.pool().idle_timeout, Duration::from_secs(30));
     assert_eq!(c.pool().connection_timeout, Duration::from_secs(2));
     assert!(c.run_migrations());

@@ -668,7 +668,6 @@ impl Cache for AudioChunkCache<'_> {
         digest(key)
     }
 
-
     fn get_many_in(
         &self,
         conn: &mut PgConnection,

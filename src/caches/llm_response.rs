@@ -376,7 +376,6 @@ impl Cache for LlmResponseCache<'_> {
         digest(key)
     }
 
-
     fn get_many_in(
         &self,
         conn: &mut PgConnection,

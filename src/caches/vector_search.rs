@@ -292,7 +292,6 @@ impl Cache for VectorSearchCache<'_> {
         digest(key)
     }
 
-
     fn get_many_in(
         &self,
         conn: &mut PgConnection,
