@@ -27,7 +27,7 @@ pub const DEFAULT_EVICTION_LOW_WATERMARK: f64 = 0.8;
 /// inline or at the storage path), not the table's size on disk, which
 /// [`HealthThresholds::size_budget_bytes`](crate::HealthThresholds::size_budget_bytes)
 /// watches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct SizeBounds {
     /// Most entries (expired ones included until cleanup removes them).
