@@ -4,6 +4,9 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::cache::CacheKind;
+use crate::caches::eviction::{check_bound, check_low_watermark};
+use crate::caches::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
 use crate::error::{Error, Result};
 
 /// The URL used when `DATABASE_URL` is not set.
@@ -194,6 +197,8 @@ pub struct CacheConfig {
     pub(crate) lease_ttl: Duration,
     pub(crate) compute_wait_timeout: Duration,
     pub(crate) janitor_interval: Option<Duration>,
+    pub(crate) size_bounds: [SizeBounds; 5],
+    pub(crate) eviction_low_watermark: f64,
 }
 
 impl CacheConfig {
@@ -232,6 +237,12 @@ impl CacheConfig {
     /// | `PGCACHE_LEASE_TTL_MS` | 30000 | single flight: a dead computer's lease lapses after this |
     /// | `PGCACHE_COMPUTE_WAIT_MS` | 60000 | single flight: longest wait for another caller's computation |
     /// | `PGCACHE_JANITOR_INTERVAL_SECS` | 0 (off) | run cleanup in the background this often |
+    /// | `PGCACHE_<CACHE>_MAX_ENTRIES` | 0 (no bound) | cleanup evicts past this many entries |
+    /// | `PGCACHE_<CACHE>_MAX_BYTES` | 0 (no bound) | cleanup evicts past this many payload bytes |
+    /// | `PGCACHE_EVICTION_LOW_WATERMARK` | 0.8 | eviction goes down to this fraction of a bound |
+    ///
+    /// `<CACHE>` is `KV`, `EMBEDDING`, `VECTOR_SEARCH`, `LLM_RESPONSE` or
+    /// `AUDIO_CHUNK`.
     ///
     /// # Errors
     /// [`Error::Config`] naming the first malformed variable and its value.
@@ -268,7 +279,23 @@ impl CacheConfig {
                     Duration::ZERO => b.no_janitor(),
                     interval => b.janitor_interval(interval),
                 },
-                _ => b,
+                "PGCACHE_EVICTION_LOW_WATERMARK" => {
+                    b.eviction_low_watermark(value.trim().parse().map_err(|_| {
+                        Error::config(name, value, "expected a fraction between 0 and 1")
+                    })?)
+                }
+                _ => match bound_setting(name) {
+                    // 0 means no bound, as unset.
+                    Some((kind, Bound::Entries)) => b.max_entries(
+                        kind,
+                        Some(parse_u64(name, value, "entries")?).filter(|&n| n > 0),
+                    ),
+                    Some((kind, Bound::Bytes)) => b.max_bytes(
+                        kind,
+                        Some(parse_u64(name, value, "bytes")?).filter(|&n| n > 0),
+                    ),
+                    None => b,
+                },
             };
         }
         b.build()
@@ -346,6 +373,16 @@ impl CacheConfig {
     pub fn janitor_interval(&self) -> Option<Duration> {
         self.janitor_interval
     }
+
+    /// The size bounds [`cleanup`](crate::CacheManager::cleanup) enforces on `cache`.
+    pub fn size_bounds(&self, cache: CacheKind) -> SizeBounds {
+        self.size_bounds[cache.index()]
+    }
+
+    /// The fraction of a bound eviction brings an over-bound cache down to.
+    pub fn eviction_low_watermark(&self) -> f64 {
+        self.eviction_low_watermark
+    }
 }
 
 /// Builder for [`CacheConfig`]; every setter consumes and returns the builder.
@@ -366,6 +403,8 @@ pub struct CacheConfigBuilder {
     lease_ttl: Duration,
     compute_wait_timeout: Duration,
     janitor_interval: Option<Duration>,
+    size_bounds: [SizeBounds; 5],
+    eviction_low_watermark: f64,
 }
 
 impl Default for CacheConfigBuilder {
@@ -385,6 +424,8 @@ impl Default for CacheConfigBuilder {
             lease_ttl: Duration::from_secs(30),
             compute_wait_timeout: Duration::from_secs(60),
             janitor_interval: None,
+            size_bounds: [SizeBounds::NONE; 5],
+            eviction_low_watermark: DEFAULT_EVICTION_LOW_WATERMARK,
         }
     }
 }
@@ -532,11 +573,37 @@ impl CacheConfigBuilder {
         self
     }
 
+    /// The most entries `cache` may hold (`None`: no bound): past it,
+    /// [`cleanup`](crate::CacheManager::cleanup) evicts expired entries, then the
+    /// least recently used (LLM responses, audio) or oldest written (the others),
+    /// down to the [low watermark](Self::eviction_low_watermark). Default: none.
+    pub fn max_entries(mut self, cache: CacheKind, max: Option<u64>) -> Self {
+        self.size_bounds[cache.index()].max_entries = max;
+        self
+    }
+
+    /// The most payload bytes `cache` may hold (`None`: no bound; see [`SizeBounds`]
+    /// for what counts), enforced like [`max_entries`](Self::max_entries).
+    /// Default: none.
+    pub fn max_bytes(mut self, cache: CacheKind, max: Option<u64>) -> Self {
+        self.size_bounds[cache.index()].max_bytes = max;
+        self
+    }
+
+    /// The fraction (0 to 1) of a bound that eviction brings an over-bound cache
+    /// down to, so that it is not over again after a few writes. Default:
+    /// [`DEFAULT_EVICTION_LOW_WATERMARK`] (0.8).
+    pub fn eviction_low_watermark(mut self, fraction: f64) -> Self {
+        self.eviction_low_watermark = fraction;
+        self
+    }
+
     /// Checks every setting and builds the configuration.
     ///
     /// # Errors
     /// [`Error::Config`] naming the first invalid setting: a malformed URL, a zero or
-    /// over-long TTL, a zero pool size, a `min_idle` above `max_size`, a zero timeout.
+    /// over-long TTL, a zero pool size, a `min_idle` above `max_size`, a zero timeout,
+    /// a zero or over-large size bound, a low watermark outside 0..=1.
     pub fn build(self) -> Result<CacheConfig> {
         let database_url = DatabaseUrl::parse(&self.database_url)?;
         for (name, ttl) in [
@@ -588,6 +655,7 @@ impl CacheConfigBuilder {
                 "must be greater than zero (leave unset to turn the janitor off)",
             ));
         }
+        check_bounds(&self.size_bounds, self.eviction_low_watermark)?;
         if self.schema.as_deref().is_some_and(str::is_empty) {
             return Err(Error::config("PGCACHE_SCHEMA", "", "must not be empty"));
         }
@@ -606,8 +674,64 @@ impl CacheConfigBuilder {
             lease_ttl: self.lease_ttl,
             compute_wait_timeout: self.compute_wait_timeout,
             janitor_interval: self.janitor_interval,
+            size_bounds: self.size_bounds,
+            eviction_low_watermark: self.eviction_low_watermark,
         })
     }
+}
+
+/// The two bounds a cache may have.
+enum Bound {
+    Entries,
+    Bytes,
+}
+
+/// The environment variable setting `bound` of `cache`, e.g. `PGCACHE_KV_MAX_BYTES`.
+fn bound_variable(cache: CacheKind, bound: &Bound) -> String {
+    let suffix = match bound {
+        Bound::Entries => "MAX_ENTRIES",
+        Bound::Bytes => "MAX_BYTES",
+    };
+    format!("PGCACHE_{}_{suffix}", cache.name().to_ascii_uppercase())
+}
+
+/// Which cache and bound the variable `name` sets, if it is a bound variable.
+fn bound_setting(name: &str) -> Option<(CacheKind, Bound)> {
+    CacheKind::ALL.into_iter().find_map(|cache| {
+        [Bound::Entries, Bound::Bytes]
+            .into_iter()
+            .find(|bound| bound_variable(cache, bound) == name)
+            .map(|bound| (cache, bound))
+    })
+}
+
+fn check_bounds(bounds: &[SizeBounds; 5], low_watermark: f64) -> Result<()> {
+    check_low_watermark(low_watermark).map_err(|reason| {
+        Error::config(
+            "PGCACHE_EVICTION_LOW_WATERMARK",
+            low_watermark.to_string(),
+            reason,
+        )
+    })?;
+    for cache in CacheKind::ALL {
+        let b = bounds[cache.index()];
+        for (bound, max) in [(Bound::Entries, b.max_entries), (Bound::Bytes, b.max_bytes)] {
+            let Some(max) = max else { continue };
+            let reason = match max {
+                0 => "must be greater than zero (leave unset for no bound)".to_owned(),
+                _ => match check_bound(max) {
+                    Ok(_) => continue,
+                    Err(reason) => reason,
+                },
+            };
+            return Err(Error::config(
+                bound_variable(cache, &bound),
+                max.to_string(),
+                reason,
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Why `ttl` is not a valid TTL, if it is not.

@@ -48,6 +48,7 @@ pub use caches::{
     WarmupEmbedding, WarmupKv, WarmupLlmResponse, WarmupReport, WarmupVectorSearch,
     DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
 };
+pub use caches::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
 pub use config::{
     CacheConfig, CacheConfigBuilder, DatabaseUrl, Durability, PoolSettings, TtlPresets,
     DEFAULT_DATABASE_URL, MAX_TTL,

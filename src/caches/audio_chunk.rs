@@ -36,7 +36,7 @@ use super::common::{
     check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order, record_hits,
     store, upsert_batch,
 };
-use super::eviction::{budget, evict_lru, EvictionReport, LruTable};
+use super::eviction::{evict, EvictionReport, Limits, LruTable, SizeBounds};
 use crate::cache::{Cache, CacheKind};
 use crate::error::{Error, Result};
 use crate::input::{check_json, check_text};
@@ -51,14 +51,6 @@ pub const DEFAULT_MAX_AUDIO_TEXT_CHARS: usize = 500;
 
 /// Largest inline audio accepted, in bytes (16 MiB).
 pub const MAX_AUDIO_BYTES: usize = 16 * 1024 * 1024;
-
-/// How the audio cache takes part in LRU eviction.
-const AUDIO_LRU: LruTable = LruTable {
-    kind: CacheKind::AudioChunk,
-    size: "byte_size",
-    recency: "last_accessed_at",
-    path: "storage_path",
-};
 
 /// What identifies a cached audio chunk.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -412,9 +404,10 @@ impl<'a> AudioChunkCache<'a> {
     /// reads count as recent. Returns what was removed, including the storage paths
     /// the caller may now delete.
     ///
-    /// A maintenance operation for a periodic job: it ranks every row of the table
-    /// in one statement. Run one eviction at a time; two concurrent runs may each
-    /// evict down to the watermark and so remove more than needed.
+    /// The same eviction [`CacheManager::cleanup`] runs for a configured
+    /// [`SizeBounds`] (`PGCACHE_AUDIO_CHUNK_MAX_BYTES`), here on demand: a
+    /// maintenance operation that ranks every row of the table, then deletes in
+    /// short batches.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for a fraction outside 0..=1 or a budget over
@@ -424,11 +417,17 @@ impl<'a> AudioChunkCache<'a> {
         max_bytes: u64,
         low_watermark_fraction: f64,
     ) -> Result<EvictionReport> {
-        let (max, target) = budget(max_bytes, low_watermark_fraction)?;
+        let bounds = SizeBounds {
+            max_entries: None,
+            max_bytes: Some(max_bytes),
+        };
+        let limits = Limits::new(bounds, low_watermark_fraction)
+            .map_err(|(what, reason)| Error::invalid(what, reason))?;
         self.manager.flush_stats()?;
         self.manager
             .write(Self::KIND, EvictionReport::default(), |conn| {
-                Ok(evict_lru(conn, &AUDIO_LRU, max, target)?)
+                let table = LruTable::of(Self::KIND);
+                Ok(evict(conn, &table, &limits, &mut |_| {})?)
             })
     }
 }

@@ -1,18 +1,56 @@
-//! Size-bounded caches: least-recently-used eviction down to a byte budget.
+//! Size-bounded caches: eviction of the oldest or least recently used rows down to a
+//! low watermark of an entry-count and/or byte bound.
 //!
-//! The mechanism is one statement per run, parameterised by an [`LruTable`] that
-//! says how a table measures a row's size, its recency and any external storage it
-//! holds, so every cache table can get a size bound by describing itself.
+//! One mechanism for every table, parameterised by an [`LruTable`] that says how a
+//! table measures a row's size, its recency and any external storage it holds.
+//! [`CacheManager::cleanup`](crate::CacheManager::cleanup) enforces the configured
+//! [`SizeBounds`]; the audio cache's `evict_to_budget` runs it on demand.
 
+use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text};
+use serde::Serialize;
 
 use crate::cache::CacheKind;
-use crate::error::{Error, Result};
+use crate::ops::CLEANUP_BATCH_SIZE;
+
+/// The low watermark used unless configured otherwise: a cache over a bound is
+/// evicted down to 80 % of it, so the next few writes do not push it over again.
+pub const DEFAULT_EVICTION_LOW_WATERMARK: f64 = 0.8;
+
+/// Optional size bounds of one cache, enforced by
+/// [`CacheManager::cleanup`](crate::CacheManager::cleanup). Default: no bound.
+///
+/// Bytes are the entries' payload (key/value: key and stored value; embeddings: the
+/// vector; vector search: the results; LLM: the response text; audio: `byte_size`,
+/// inline or at the storage path), not the table's size on disk, which
+/// [`HealthThresholds::size_budget_bytes`](crate::HealthThresholds::size_budget_bytes)
+/// watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct SizeBounds {
+    /// Most entries (expired ones included until cleanup removes them).
+    pub max_entries: Option<u64>,
+    /// Most payload bytes.
+    pub max_bytes: Option<u64>,
+}
+
+impl SizeBounds {
+    /// No bound (the default).
+    pub const NONE: SizeBounds = SizeBounds {
+        max_entries: None,
+        max_bytes: None,
+    };
+
+    /// Whether any bound is set.
+    pub fn is_bounded(&self) -> bool {
+        self.max_entries.is_some() || self.max_bytes.is_some()
+    }
+}
 
 /// What one eviction run removed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct EvictionReport {
     /// Rows deleted.
@@ -23,36 +61,124 @@ pub struct EvictionReport {
     pub released_paths: Vec<String>,
 }
 
-/// How a table takes part in LRU eviction. Every field is trusted SQL written in
-/// this crate, never input.
+/// How a table takes part in eviction. Every field is trusted SQL written in this
+/// crate, never input.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LruTable {
     /// The cache (and so the table).
     pub(crate) kind: CacheKind,
-    /// Expression for a row's size in bytes (`bigint`).
+    /// The table's primary key column.
+    pub(crate) key: &'static str,
+    /// Expression for a row's size in bytes; cheap: sizes of values as stored, so a
+    /// TOASTed value is never fetched.
     pub(crate) size: &'static str,
-    /// Expression ordering rows from least to most recently used.
+    /// Column ordering rows from least to most recently used.
     pub(crate) recency: &'static str,
     /// Expression for external storage a row holds (`text`, may be NULL).
     pub(crate) path: &'static str,
 }
 
-/// Checks an eviction budget; returns `(max_bytes, target_bytes)`.
-pub(crate) fn budget(max_bytes: u64, low_watermark: f64) -> Result<(i64, i64)> {
-    if !(0.0..=1.0).contains(&low_watermark) {
-        return Err(Error::invalid(
-            "low_watermark_fraction",
-            format!("must be between 0 and 1, got {low_watermark}"),
-        ));
+impl LruTable {
+    /// How `kind`'s table is measured and ordered: by last access where hits are
+    /// tracked (LLM responses, audio), by last write elsewhere.
+    pub(crate) const fn of(kind: CacheKind) -> LruTable {
+        let (key, size, recency, path) = match kind {
+            CacheKind::Kv => (
+                "key",
+                "octet_length(key) + pg_column_size(value)",
+                "created_at",
+                "NULL::text",
+            ),
+            CacheKind::Embedding => (
+                "key_hash",
+                "octet_length(embedding)",
+                "created_at",
+                "NULL::text",
+            ),
+            CacheKind::VectorSearch => (
+                "key_hash",
+                "pg_column_size(results)",
+                "created_at",
+                "NULL::text",
+            ),
+            CacheKind::LlmResponse => (
+                "key_hash",
+                "octet_length(response)",
+                "last_accessed_at",
+                "NULL::text",
+            ),
+            CacheKind::AudioChunk => ("key_hash", "byte_size", "last_accessed_at", "storage_path"),
+        };
+        LruTable {
+            kind,
+            key,
+            size,
+            recency,
+            path,
+        }
     }
-    let max = i64::try_from(max_bytes).map_err(|_| {
-        Error::invalid(
-            "max_bytes",
-            format!("must be at most {}, got {max_bytes}", i64::MAX),
-        )
-    })?;
-    // Rounded down: evicting a byte too many is better than staying over the mark.
-    Ok((max, (max as f64 * low_watermark) as i64))
+}
+
+/// Why `fraction` is not a valid low watermark, if it is not.
+pub(crate) fn check_low_watermark(fraction: f64) -> Result<(), String> {
+    if (0.0..=1.0).contains(&fraction) {
+        Ok(())
+    } else {
+        Err(format!("must be between 0 and 1, got {fraction}"))
+    }
+}
+
+/// `max` as the database's `bigint`, or why it does not fit.
+pub(crate) fn check_bound(max: u64) -> Result<i64, String> {
+    i64::try_from(max).map_err(|_| format!("must be at most {}, got {max}", i64::MAX))
+}
+
+/// Checked bounds of one run: `(max, target)` per dimension, `None` when unbounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    rows: Option<(i64, i64)>,
+    bytes: Option<(i64, i64)>,
+}
+
+impl Limits {
+    /// The limits of `bounds` with targets at `low_watermark` of each bound, rounded
+    /// down (evicting one too many is better than staying over the mark). Errors
+    /// name the offending field.
+    pub(crate) fn new(
+        bounds: SizeBounds,
+        low_watermark: f64,
+    ) -> Result<Limits, (&'static str, String)> {
+        check_low_watermark(low_watermark).map_err(|r| ("low_watermark_fraction", r))?;
+        let pair = |what, max: Option<u64>| {
+            max.map(|m| {
+                let max = check_bound(m).map_err(|r| (what, r))?;
+                Ok((max, (max as f64 * low_watermark) as i64))
+            })
+            .transpose()
+        };
+        Ok(Limits {
+            rows: pair("max_entries", bounds.max_entries)?,
+            bytes: pair("max_bytes", bounds.max_bytes)?,
+        })
+    }
+
+    /// Rows and bytes to evict from a table holding `rows` rows of `bytes` bytes:
+    /// each bound that is exceeded is brought down to its target.
+    fn excess(&self, rows: i64, bytes: i64) -> (i64, i64) {
+        let over = |limit: Option<(i64, i64)>, have: i64| match limit {
+            Some((max, target)) if have > max => have - target,
+            _ => 0,
+        };
+        (over(self.rows, rows), over(self.bytes, bytes))
+    }
+}
+
+#[derive(QueryableByName)]
+struct Totals {
+    #[diesel(sql_type = BigInt)]
+    rows: i64,
+    #[diesel(sql_type = BigInt)]
+    bytes: i64,
 }
 
 #[derive(QueryableByName)]
@@ -63,39 +189,108 @@ struct Evicted {
     path: Option<String>,
 }
 
-/// When the rows of `table` total more than `max` bytes, deletes rows until at most
-/// `target` bytes remain: expired rows first, then the least recently used. One
-/// statement, so a concurrent run sees either all or none of this one's deletions.
-pub(crate) fn evict_lru(
+/// The session's list of rows to evict, ranked. Temporary, so it costs no WAL and
+/// concurrent runs on other connections each have their own.
+const PLAN: &str = "pg_temp.pgcache_eviction_plan";
+
+/// When `table` exceeds a bound of `limits`, evicts rows until every exceeded bound
+/// is at its target: expired rows first, then the least recently used (oldest
+/// written, for tables without access tracking). `on_batch` gets the running total.
+///
+/// The table is measured in one read-only scan (no sort) and most runs stop there.
+/// Otherwise one ranking scan writes the doomed keys to a temporary table, and rows
+/// are deleted by rank in batches of [`CLEANUP_BATCH_SIZE`], each its own short
+/// statement claiming rows with `FOR UPDATE SKIP LOCKED`, so no long lock is held and
+/// concurrent cleaners never wait on each other. A row used or rewritten since the
+/// ranking (its recency moved on) is spared.
+pub(crate) fn evict(
     conn: &mut PgConnection,
     table: &LruTable,
-    max: i64,
-    target: i64,
+    limits: &Limits,
+    on_batch: &mut dyn FnMut(&EvictionReport),
 ) -> QueryResult<EvictionReport> {
+    let LruTable {
+        key, size, recency, ..
+    } = *table;
+    let name = table.kind.table();
+    let totals: Totals = diesel::sql_query(format!(
+        "SELECT count(*) AS rows, coalesce(sum({size}), 0)::bigint AS bytes FROM {name}"
+    ))
+    .get_result(conn)?;
+    let (excess_rows, excess_bytes) = limits.excess(totals.rows, totals.bytes);
+    let mut report = EvictionReport::default();
+    if excess_rows <= 0 && excess_bytes <= 0 {
+        return Ok(report);
+    }
+    // A row is doomed while the rows ranked before it do not yet cover both excesses.
+    // The excesses are numbers computed here, never input.
+    conn.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {PLAN}; \
+         CREATE TEMP TABLE pgcache_eviction_plan AS \
+           SELECT n AS evict_n, k AS evict_key, r AS evict_recency FROM ( \
+             SELECT {key} AS k, {recency} AS r, ({size})::bigint AS size, \
+                    row_number() OVER w AS n, sum(({size})::bigint) OVER w AS upto \
+             FROM {name} \
+             WINDOW w AS (ORDER BY expires_at > now(), {recency}, {key} \
+                          ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)) ranked \
+           WHERE n <= {excess_rows} OR upto - size < {excess_bytes}; \
+         ALTER TABLE {PLAN} ADD PRIMARY KEY (evict_n)"
+    ))?;
+    let deleted = delete_planned(conn, table, &mut report, on_batch);
+    let dropped = conn.batch_execute(&format!("DROP TABLE IF EXISTS {PLAN}"));
+    deleted.and(dropped).map(|()| report)
+}
+
+/// Deletes the planned rows in rank order, one batch per statement.
+fn delete_planned(
+    conn: &mut PgConnection,
+    table: &LruTable,
+    report: &mut EvictionReport,
+    on_batch: &mut dyn FnMut(&EvictionReport),
+) -> QueryResult<()> {
+    #[derive(QueryableByName)]
+    struct Planned {
+        #[diesel(sql_type = BigInt)]
+        planned: i64,
+    }
+    let LruTable {
+        key,
+        size,
+        recency,
+        path,
+        ..
+    } = *table;
+    let name = table.kind.table();
+    let planned = diesel::sql_query(format!(
+        "SELECT coalesce(max(evict_n), 0) AS planned FROM {PLAN}"
+    ))
+    .get_result::<Planned>(conn)?
+    .planned;
+    // ctid, as in cleanup: the claimed rows are locked, so it is stable until the
+    // delete.
     let sql = format!(
-        "WITH ranked AS ( \
-           SELECT key_hash, ({size})::bigint AS size, \
-                  sum({size}) OVER (ORDER BY expires_at > now(), {recency}, key_hash \
-                                    ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)::bigint AS upto \
-           FROM {table}), \
-         total AS (SELECT coalesce(sum(size), 0)::bigint AS bytes FROM ranked), \
-         doomed AS ( \
-           SELECT r.key_hash FROM ranked r, total \
-           WHERE total.bytes > $1 AND r.upto - r.size < total.bytes - $2) \
-         DELETE FROM {table} t USING doomed d WHERE t.key_hash = d.key_hash \
-         RETURNING ({size})::bigint AS size, {path} AS path",
-        table = table.kind.table(),
-        size = table.size,
-        recency = table.recency,
-        path = table.path,
+        "DELETE FROM {name} WHERE ctid = ANY(ARRAY( \
+           SELECT c.ctid FROM {name} c JOIN {PLAN} p ON c.{key} = p.evict_key \
+           WHERE p.evict_n > $1 AND p.evict_n <= $2 AND c.{recency} <= p.evict_recency \
+           FOR UPDATE OF c SKIP LOCKED)) \
+         RETURNING ({size})::bigint AS size, {path} AS path"
     );
-    let evicted: Vec<Evicted> = diesel::sql_query(sql)
-        .bind::<BigInt, _>(max)
-        .bind::<BigInt, _>(target)
-        .load(conn)?;
-    Ok(EvictionReport {
-        rows_removed: evicted.len() as u64,
-        bytes_freed: evicted.iter().map(|e| e.size.unsigned_abs()).sum(),
-        released_paths: evicted.into_iter().filter_map(|e| e.path).collect(),
-    })
+    let mut done = 0;
+    while done < planned {
+        let evicted: Vec<Evicted> = diesel::sql_query(&sql)
+            .bind::<BigInt, _>(done)
+            .bind::<BigInt, _>(done + CLEANUP_BATCH_SIZE)
+            .load(conn)?;
+        done += CLEANUP_BATCH_SIZE;
+        if evicted.is_empty() {
+            continue;
+        }
+        report.rows_removed += evicted.len() as u64;
+        report.bytes_freed += evicted.iter().map(|e| e.size.unsigned_abs()).sum::<u64>();
+        report
+            .released_paths
+            .extend(evicted.into_iter().filter_map(|e| e.path));
+        on_batch(report);
+    }
+    Ok(())
 }

@@ -5,7 +5,7 @@
 mod audio_chunk;
 mod common;
 mod embedding;
-mod eviction;
+pub(crate) mod eviction;
 mod invalidation;
 mod kv;
 mod llm_response;
@@ -17,7 +17,7 @@ pub use audio_chunk::{
     TopAudioChunk, DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
 };
 pub use embedding::{CachedEmbedding, EmbeddingCache, EmbeddingKey};
-pub use eviction::EvictionReport;
+pub use eviction::{EvictionReport, SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
 pub use invalidation::InvalidationReport;
 pub use kv::KvCache;
 pub use llm_response::{CachedLlmResponse, LlmPrompt, LlmResponseCache, TopLlmResponse};

@@ -1,5 +1,5 @@
-//! Removing expired rows ([`CacheManager::cleanup`]) and emptying caches
-//! ([`CacheManager::clear`]).
+//! Removing expired rows and enforcing size bounds ([`CacheManager::cleanup`]), and
+//! emptying caches ([`CacheManager::clear`]).
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -11,8 +11,10 @@ use diesel::sql_types::BigInt;
 use serde::Serialize;
 
 use crate::cache::CacheKind;
-use crate::error::Result;
+use crate::caches::eviction::{evict, EvictionReport, Limits, LruTable};
+use crate::error::{Error, Result};
 use crate::manager::CacheManager;
+use crate::ops::stats::human_bytes;
 use crate::schema::cache_cleanup_runs;
 use crate::sql::db_now;
 
@@ -45,6 +47,14 @@ pub struct TableCleanup {
     pub cache: CacheKind,
     /// Expired rows deleted.
     pub rows_removed: u64,
+    /// Rows evicted because the cache was over a configured
+    /// [`SizeBounds`](crate::SizeBounds) bound.
+    pub evicted_rows: u64,
+    /// Payload bytes of the evicted rows.
+    pub evicted_bytes: u64,
+    /// External storage paths of the evicted rows (audio stored outside the
+    /// database): delete those files.
+    pub released_paths: Vec<String>,
     /// Time spent on this table.
     #[serde(serialize_with = "as_millis")]
     pub elapsed: Duration,
@@ -68,6 +78,18 @@ impl CleanupReport {
     pub fn rows_removed(&self) -> u64 {
         self.tables.iter().map(|t| t.rows_removed).sum()
     }
+
+    /// Rows evicted over all cache tables to respect size bounds.
+    pub fn evicted_rows(&self) -> u64 {
+        self.tables.iter().map(|t| t.evicted_rows).sum()
+    }
+
+    /// External storage paths released by eviction, over all cache tables.
+    pub fn released_paths(&self) -> impl Iterator<Item = &str> {
+        self.tables
+            .iter()
+            .flat_map(|t| t.released_paths.iter().map(String::as_str))
+    }
 }
 
 impl fmt::Display for CleanupReport {
@@ -79,15 +101,31 @@ impl fmt::Display for CleanupReport {
             self.elapsed.as_secs_f64()
         )?;
         for t in &self.tables {
-            writeln!(
+            write!(
                 f,
                 "  {:<14} {:>10}  ({} ms)",
                 t.cache.name(),
                 t.rows_removed,
                 t.elapsed.as_millis()
             )?;
+            if t.evicted_rows > 0 {
+                write!(
+                    f,
+                    "  + {} evicted over size bounds ({})",
+                    t.evicted_rows,
+                    human_bytes(t.evicted_bytes)
+                )?;
+            }
+            writeln!(f)?;
         }
-        write!(f, "  {:<14} {:>10}", "leases", self.leases_removed)
+        write!(f, "  {:<14} {:>10}", "leases", self.leases_removed)?;
+        if self.released_paths().next().is_some() {
+            write!(f, "\nReleased storage paths (delete these files):")?;
+            for path in self.released_paths() {
+                write!(f, "\n  {path}")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -101,7 +139,17 @@ impl CacheManager {
     /// [`CLEANUP_BATCH_SIZE`] rows per statement. Rows are claimed with
     /// `FOR UPDATE SKIP LOCKED`, so cleanups running at the same time (cron on two
     /// hosts, the janitor) share the work and never wait on or deadlock with each
-    /// other, and live entries are never touched.
+    /// other.
+    ///
+    /// Then it enforces the configured size bounds
+    /// ([`CacheConfigBuilder::max_entries`](crate::CacheConfigBuilder::max_entries),
+    /// [`max_bytes`](crate::CacheConfigBuilder::max_bytes)): a cache over a bound
+    /// loses its least recently used (LLM responses, audio) or oldest written (the
+    /// others) entries until it is at the
+    /// [low watermark](crate::CacheConfigBuilder::eviction_low_watermark) of the
+    /// bound, in batches as above. This manager's pending hits are flushed first so
+    /// recent reads count as recent. Only bounded caches are measured (a full scan
+    /// each); without bounds, live entries are never touched.
     ///
     /// The run is recorded in `cache_cleanup_runs` (success or failure), which
     /// [`health`](CacheManager::health) reads.
@@ -130,6 +178,13 @@ impl CacheManager {
         &self,
         mut progress: impl FnMut(&CleanupProgress),
     ) -> Result<CleanupReport> {
+        let limits = self.eviction_limits()?;
+        if limits.iter().any(Option::is_some) {
+            // Otherwise entries read since the last flush would look unused.
+            if let Err(error) = self.flush_stats() {
+                tracing::warn!(%error, "pgcache: flushing hits before eviction failed");
+            }
+        }
         let mut conn = self.connection()?;
         let started_at: DateTime<Utc> = diesel::select(db_now()).get_result(&mut *conn)?;
         let clock = Instant::now();
@@ -151,13 +206,27 @@ impl CacheManager {
                 });
             };
             report(0);
-            match delete_expired(&mut conn, table, &mut report) {
-                Ok(removed) => {
-                    total += removed;
-                    match CacheKind::ALL.into_iter().find(|k| k.table() == table) {
+            let cache = CacheKind::ALL.into_iter().find(|k| k.table() == table);
+            let bounded = cache.and_then(|c| Some((LruTable::of(c), limits[c.index()]?)));
+            let cleaned = delete_expired(&mut conn, table, &mut report).and_then(|removed| {
+                let evicted = match bounded {
+                    Some((lru, limits)) => evict(&mut conn, &lru, &limits, &mut |e| {
+                        report(removed + e.rows_removed);
+                    })?,
+                    None => EvictionReport::default(),
+                };
+                Ok((removed, evicted))
+            });
+            match cleaned {
+                Ok((removed, evicted)) => {
+                    total += removed + evicted.rows_removed;
+                    match cache {
                         Some(cache) => tables.push(TableCleanup {
                             cache,
                             rows_removed: removed,
+                            evicted_rows: evicted.rows_removed,
+                            evicted_bytes: evicted.bytes_freed,
+                            released_paths: evicted.released_paths,
                             elapsed: table_clock.elapsed(),
                         }),
                         None => leases_removed = removed,
@@ -175,7 +244,8 @@ impl CacheManager {
             elapsed: clock.elapsed(),
         };
         let error_message = outcome.as_ref().err().map(ToString::to_string);
-        let recorded = record_run(&mut conn, started_at, report.rows_removed(), error_message);
+        let removed = report.rows_removed() + report.evicted_rows();
+        let recorded = record_run(&mut conn, started_at, removed, error_message);
         outcome?;
         recorded?;
         Ok(report)
@@ -202,6 +272,24 @@ impl CacheManager {
                 .collect::<QueryResult<Vec<_>>>()
         })?;
         Ok(removed)
+    }
+}
+
+impl CacheManager {
+    /// The checked limits of every cache with a configured bound, by
+    /// [`CacheKind::index`].
+    fn eviction_limits(&self) -> Result<[Option<Limits>; 5]> {
+        let config = self.config();
+        let mut limits = [None; 5];
+        for cache in CacheKind::ALL {
+            let bounds = config.size_bounds(cache);
+            if bounds.is_bounded() {
+                let checked = Limits::new(bounds, config.eviction_low_watermark())
+                    .map_err(|(what, reason)| Error::invalid(what, reason))?;
+                limits[cache.index()] = Some(checked);
+            }
+        }
+        Ok(limits)
     }
 }
 
