@@ -5,9 +5,9 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::cache::CacheKind;
-use crate::caches::eviction::{check_bound, check_low_watermark};
-use crate::caches::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
 use crate::error::{Error, Result};
+use crate::ops::eviction::{check_bound, check_low_watermark};
+use crate::ops::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
 
 /// The URL used when `DATABASE_URL` is not set.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@localhost:5432/postgres";

@@ -42,13 +42,10 @@ mod sql;
 pub use cache::{Cache, CacheKind};
 pub use caches::{
     AudioChunk, AudioChunkCache, AudioChunkKey, AudioChunkStats, AudioData, CachedAudioChunk,
-    CachedEmbedding, CachedLlmResponse, CachedVectorSearch, EmbeddingCache, EmbeddingKey,
-    EvictionReport, InvalidationReport, KvCache, LlmPrompt, LlmResponseCache, TopAudioChunk,
-    TopLlmResponse, VectorSearchCache, VectorSearchQuery, Warmup, WarmupAudioChunk,
-    WarmupEmbedding, WarmupKv, WarmupLlmResponse, WarmupReport, WarmupVectorSearch,
-    DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
+    CachedEmbedding, CachedLlmResponse, CachedVectorSearch, EmbeddingCache, EmbeddingKey, KvCache,
+    LlmPrompt, LlmResponseCache, TopAudioChunk, TopLlmResponse, VectorSearchCache,
+    VectorSearchQuery, DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
 };
-pub use caches::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
 pub use config::{
     CacheConfig, CacheConfigBuilder, DatabaseUrl, Durability, PoolSettings, TtlPresets,
     DEFAULT_DATABASE_URL, MAX_TTL,
@@ -61,5 +58,9 @@ pub use migrations::MIGRATIONS;
 pub use ops::{
     Alert, AudioStats, CacheStats, CleanupProgress, CleanupReport, CleanupRun, HealthReport,
     HealthThresholds, Lookups, TableCleanup, TableStats, TopEntry, CLEANUP_BATCH_SIZE, TOP_ENTRIES,
+};
+pub use ops::{
+    EvictionReport, InvalidationReport, SizeBounds, Warmup, WarmupAudioChunk, WarmupEmbedding,
+    WarmupKv, WarmupLlmResponse, WarmupReport, WarmupVectorSearch, DEFAULT_EVICTION_LOW_WATERMARK,
 };
 pub use pool::PooledConnection;

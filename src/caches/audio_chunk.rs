@@ -36,12 +36,12 @@ use super::common::{
     check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order, record_hits,
     store, upsert_batch,
 };
-use super::eviction::{evict, EvictionReport, Limits, LruTable, SizeBounds};
 use crate::cache::{Cache, CacheKind};
 use crate::error::{Error, Result};
 use crate::input::{check_json, check_text};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::manager::CacheManager;
+use crate::ops::eviction::{evict, EvictionReport, Limits, LruTable, SizeBounds};
 use crate::schema::audio_chunk_cache;
 use crate::sql::{db_now, ExpiresIn};
 

@@ -2,30 +2,21 @@
 //! `&mut PgConnection` returning `QueryResult`) and the public handle that implements
 //! [`Cache`](crate::Cache) on top of it.
 
-mod audio_chunk;
-mod common;
-mod embedding;
-pub(crate) mod eviction;
-mod invalidation;
+pub(crate) mod audio_chunk;
+pub(crate) mod common;
+pub(crate) mod embedding;
 mod kv;
-mod llm_response;
-mod vector_search;
-mod warmup;
+pub(crate) mod llm_response;
+pub(crate) mod vector_search;
 
 pub use audio_chunk::{
     AudioChunk, AudioChunkCache, AudioChunkKey, AudioChunkStats, AudioData, CachedAudioChunk,
     TopAudioChunk, DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
 };
 pub use embedding::{CachedEmbedding, EmbeddingCache, EmbeddingKey};
-pub use eviction::{EvictionReport, SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
-pub use invalidation::InvalidationReport;
 pub use kv::KvCache;
 pub use llm_response::{CachedLlmResponse, LlmPrompt, LlmResponseCache, TopLlmResponse};
 pub use vector_search::{CachedVectorSearch, VectorSearchCache, VectorSearchQuery};
-pub use warmup::{
-    Warmup, WarmupAudioChunk, WarmupEmbedding, WarmupKv, WarmupLlmResponse, WarmupReport,
-    WarmupVectorSearch,
-};
 
 use crate::manager::CacheManager;
 

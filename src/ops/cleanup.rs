@@ -11,9 +11,9 @@ use diesel::sql_types::BigInt;
 use serde::Serialize;
 
 use crate::cache::CacheKind;
-use crate::caches::eviction::{evict, EvictionReport, Limits, LruTable};
 use crate::error::{Error, Result};
 use crate::manager::CacheManager;
+use crate::ops::eviction::{evict, EvictionReport, Limits, LruTable};
 use crate::ops::stats::human_bytes;
 use crate::schema::cache_cleanup_runs;
 use crate::sql::db_now;

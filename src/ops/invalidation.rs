@@ -3,8 +3,8 @@
 use diesel::prelude::*;
 use uuid::Uuid;
 
-use super::common::check_name;
-use super::{audio_chunk, embedding, llm_response, vector_search};
+use crate::caches::common::check_name;
+use crate::caches::{audio_chunk, embedding, llm_response, vector_search};
 use crate::error::Result;
 use crate::manager::CacheManager;
 

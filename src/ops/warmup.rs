@@ -7,11 +7,11 @@ use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{
+use crate::cache::Cache;
+use crate::caches::{
     audio_chunk, embedding, llm_response, vector_search, AudioChunk, AudioChunkKey, EmbeddingKey,
     LlmPrompt, VectorSearchQuery,
 };
-use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::input::{check_json, check_key, ttl_interval};
 use crate::manager::CacheManager;
