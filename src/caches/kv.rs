@@ -9,6 +9,7 @@ use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, QueryFragment, QueryId};
 use diesel::sql_types::{Array, Jsonb, Text};
+use diesel::PgJsonbExpressionMethods;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -183,6 +184,36 @@ impl<'a, V> KvCache<'a, V> {
 }
 
 impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
+    /// Live entries whose value contains `filter` (JSONB containment, `@>`), in key
+    /// order, at most `limit`: `json!({"plan": "pro"})` finds every cached object with
+    /// that field and value.
+    ///
+    /// This reads the whole table unless it has a GIN index on `value`; add one
+    /// (`CREATE INDEX ON cache_entries USING gin (value jsonb_path_ops)`) when such
+    /// queries are frequent, at some cost to every write.
+    ///
+    /// # Errors
+    /// A filter holding NUL, a stored value that is not a `V`, or a connection or
+    /// database error.
+    pub fn find_containing(
+        &self,
+        filter: &serde_json::Value,
+        limit: usize,
+    ) -> Result<Vec<(String, V)>> {
+        let filter = JsonbOut::new("filter", filter)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.manager.read(CacheKind::Kv, Vec::new(), |conn| {
+            let rows: Vec<(String, JsonbIn<V>)> = cache_entries::table
+                .filter(cache_entries::value.contains(&filter))
+                .filter(cache_entries::expires_at.gt(db_now()))
+                .select((cache_entries::key, cache_entries::value))
+                .order(cache_entries::key)
+                .limit(limit)
+                .load(conn)?;
+            Ok(rows.into_iter().map(|(key, JsonbIn(v))| (key, v)).collect())
+        })
+    }
+
     /// Cache-aside with an explicit TTL (Redis-style `get` then `set ... EX`): the
     /// live value, or `compute`'s result, stored. Same as
     /// [`Cache::get_or_compute_with_ttl`].
