@@ -1,3 +1,0 @@
-//! The `pgcache` command.
-
-fn main() {}
