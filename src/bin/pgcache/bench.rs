@@ -81,6 +81,8 @@ struct Worker {
     value: Value,
     keys: Vec<String>,
     key: String,
+    /// A connection held across iterations, for the `_in` rows.
+    held: Option<pgcache::PooledConnection>,
 }
 
 impl Worker {
@@ -94,6 +96,7 @@ impl Worker {
             value: sample_value(thread as u64),
             keys: Vec::with_capacity(BATCH),
             key: String::with_capacity(32),
+            held: None,
         }
     }
 
@@ -243,6 +246,25 @@ fn operations() -> Vec<Operation> {
         Operation {
             name: "kv get hit",
             lib: |cache, w| Ok(cache.kv().get(w.existing_key())?.is_some()),
+            raw: |raw, w| {
+                let key = w.existing_key();
+                let row = raw.client.query_opt(&raw.get, &[&key])?;
+                Ok(row.map(|r| r.get::<_, Value>(0)).is_some())
+            },
+        },
+        Operation {
+            // What the pool checkout adds: the same read on a connection held by the
+            // caller.
+            name: "kv get_in hit (held conn)",
+            lib: |cache, w| {
+                let mut conn = match w.held.take() {
+                    Some(conn) => conn,
+                    None => cache.connection()?,
+                };
+                let found = cache.kv().get_in(&mut conn, w.existing_key())?;
+                w.held = Some(conn);
+                Ok(found.is_some())
+            },
             raw: |raw, w| {
                 let key = w.existing_key();
                 let row = raw.client.query_opt(&raw.get, &[&key])?;
@@ -461,7 +483,9 @@ fn run_slice<C: Send>(
     out: &mut Samples,
     step: &(dyn Fn(&mut C, &mut Worker) -> BenchResult<bool> + Sync),
 ) -> BenchResult<()> {
-    let per_slice = budget.iterations.map(|n| n.div_ceil(u64::from(budget.slices)));
+    let per_slice = budget
+        .iterations
+        .map(|n| n.div_ceil(u64::from(budget.slices)));
     let started = Instant::now();
     let results: Vec<BenchResult<Vec<u64>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = contexts
@@ -506,12 +530,20 @@ struct Sides<'a> {
     raw_workers: Vec<Worker>,
 }
 
-fn measure(sides: &mut Sides<'_>, op: &Operation, budget: Budget) -> BenchResult<(Figures, Figures)> {
+fn measure(
+    sides: &mut Sides<'_>,
+    op: &Operation,
+    budget: Budget,
+) -> BenchResult<(Figures, Figures)> {
     let threads = sides.raws.len();
     let mut caches = vec![sides.cache; threads];
     let lib_step = |cache: &mut &CacheManager, w: &mut Worker| (op.lib)(cache, w);
     let raw_step = |raw: &mut Raw, w: &mut Worker| (op.raw)(raw, w);
-    for w in sides.lib_workers.iter_mut().chain(sides.raw_workers.iter_mut()) {
+    for w in sides
+        .lib_workers
+        .iter_mut()
+        .chain(sides.raw_workers.iter_mut())
+    {
         w.iteration = 0;
     }
     // Warm-up: prepares statements on every connection involved.
@@ -520,12 +552,36 @@ fn measure(sides: &mut Sides<'_>, op: &Operation, budget: Budget) -> BenchResult
         slices: 1,
         iterations: Some(WARMUP),
     };
-    run_slice(&mut caches, &mut sides.lib_workers, warm, &mut Samples::default(), &lib_step)?;
-    run_slice(&mut sides.raws, &mut sides.raw_workers, warm, &mut Samples::default(), &raw_step)?;
+    run_slice(
+        &mut caches,
+        &mut sides.lib_workers,
+        warm,
+        &mut Samples::default(),
+        &lib_step,
+    )?;
+    run_slice(
+        &mut sides.raws,
+        &mut sides.raw_workers,
+        warm,
+        &mut Samples::default(),
+        &raw_step,
+    )?;
     let (mut lib, mut raw) = (Samples::default(), Samples::default());
     for _ in 0..budget.slices {
-        run_slice(&mut caches, &mut sides.lib_workers, budget, &mut lib, &lib_step)?;
-        run_slice(&mut sides.raws, &mut sides.raw_workers, budget, &mut raw, &raw_step)?;
+        run_slice(
+            &mut caches,
+            &mut sides.lib_workers,
+            budget,
+            &mut lib,
+            &lib_step,
+        )?;
+        run_slice(
+            &mut sides.raws,
+            &mut sides.raw_workers,
+            budget,
+            &mut raw,
+            &raw_step,
+        )?;
     }
     Ok((lib.figures(), raw.figures()))
 }
@@ -539,7 +595,10 @@ struct Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         if let Ok(mut client) = Client::connect(&self.url, NoTls) {
-            let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema));
+            let _ = client.batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                self.schema
+            ));
         }
     }
 }
@@ -553,9 +612,11 @@ pub fn run(args: &BenchArgs) -> BenchResult<()> {
     let rows = args.rows.max(BATCH as u64);
     let mut env = CacheConfig::from_env()?;
     if let Some(url) = &args.database_url {
-        env = CacheConfig::from_vars(std::env::vars().chain([("DATABASE_URL".to_owned(), url.clone())]))?;
+        env = CacheConfig::from_vars(
+            std::env::vars().chain([("DATABASE_URL".to_owned(), url.clone())]),
+        )?;
     }
-    let url = env.database_url().expose().to_owned();
+    let url = plaintext(env.database_url().expose())?;
     let scratch = Scratch {
         url: url.clone(),
         schema: format!("pgcache_bench_{}", uuid::Uuid::new_v4().simple()),
@@ -566,7 +627,11 @@ pub fn run(args: &BenchArgs) -> BenchResult<()> {
         .schema(scratch.schema.clone())
         .pool_max_size(threads as u32 + 2)
         .pool_min_idle(threads as u32)
-        .durability(if relaxed { Durability::Relaxed } else { Durability::Full })
+        .durability(if relaxed {
+            Durability::Relaxed
+        } else {
+            Durability::Full
+        })
         .application_name("pgcache-bench")
         .build()?;
     eprintln!(
@@ -592,7 +657,11 @@ pub fn run(args: &BenchArgs) -> BenchResult<()> {
         iterations: args.iterations,
     };
     let mut results = Vec::new();
-    let passes = if threads == 1 { vec![1] } else { vec![1, threads] };
+    let passes = if threads == 1 {
+        vec![1]
+    } else {
+        vec![1, threads]
+    };
     for (pass, n) in passes.into_iter().enumerate() {
         // Each pass inserts its own new keys (`n:<thread>:<i>`).
         let ids = move |t: usize| pass * 1000 + t;
@@ -629,6 +698,25 @@ pub fn run(args: &BenchArgs) -> BenchResult<()> {
         print!("{}", report.render());
     }
     Ok(())
+}
+
+/// The URL with `sslmode=disable` unless it names an sslmode: libpq's default
+/// (`prefer`) would encrypt the library's connections while the raw side's are
+/// plain, and TLS costs more per round trip than everything pgcache does. The raw
+/// client has no TLS, so a URL requiring it cannot be measured.
+fn plaintext(url: &str) -> BenchResult<String> {
+    let mut parsed = url::Url::parse(url)?;
+    match parsed.query_pairs().find(|(k, _)| k == "sslmode") {
+        Some((_, mode)) if !matches!(&*mode, "disable" | "allow" | "prefer") => Err(format!(
+            "sslmode={mode}: the raw baseline connects without TLS, so it cannot be compared"
+        )
+        .into()),
+        Some(_) => Ok(url.to_owned()),
+        None => {
+            parsed.query_pairs_mut().append_pair("sslmode", "disable");
+            Ok(parsed.to_string())
+        }
+    }
 }
 
 /// Pre-fills both key/value tables with the same rows and creates the raw table and
@@ -690,7 +778,10 @@ fn redis_rows(url: &str, threads: usize, budget: Budget) -> BenchResult<Vec<Row>
         let n = w.random() % 1000;
         let key = w.set_key(format_args!("pgcache_bench:k:{n}"));
         let found: Option<String> = c.get(key)?;
-        Ok(found.map(|s| serde_json::from_str::<Value>(&s)).transpose()?.is_some())
+        Ok(found
+            .map(|s| serde_json::from_str::<Value>(&s))
+            .transpose()?
+            .is_some())
     };
     let set = |c: &mut redis::Connection, w: &mut Worker| -> BenchResult<bool> {
         let n = w.random() % 1000;
@@ -701,7 +792,10 @@ fn redis_rows(url: &str, threads: usize, budget: Budget) -> BenchResult<Vec<Row>
     };
     let mut rows = Vec::new();
     for (name, step) in [
-        ("redis GET", &get as &(dyn Fn(&mut redis::Connection, &mut Worker) -> BenchResult<bool> + Sync)),
+        (
+            "redis GET",
+            &get as &(dyn Fn(&mut redis::Connection, &mut Worker) -> BenchResult<bool> + Sync),
+        ),
         ("redis SET", &set),
     ] {
         let mut workers: Vec<Worker> = (0..threads).map(|t| Worker::new(t, 1000)).collect();
@@ -745,7 +839,12 @@ struct Report {
 /// The spec's "Performance Characteristics" rows and the operation measuring each.
 const SPEC_ROWS: [(&str, &str, &str, &str); 4] = [
     ("Simple GET", "~1-2ms", "~0.5-1ms", "kv get hit"),
-    ("Complex Query", "~2-5ms", "N/A (requires app logic)", "kv get_many(100)"),
+    (
+        "Complex Query",
+        "~2-5ms",
+        "N/A (requires app logic)",
+        "kv get_many(100)",
+    ),
     ("JSONB Query", "~2-3ms", "N/A", "kv jsonb query"),
     ("Transactional", "Yes", "No", "transactional invalidation"),
 ];
@@ -762,8 +861,16 @@ impl Report {
         let _ = writeln!(
             out,
             "\n{:<28} {:>3} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>6} {:>6}",
-            "operation", "thr", "p50 us", "p99 us", "ops/s", "raw p50", "raw p99", "raw ops/s",
-            "p50 x", "ops x"
+            "operation",
+            "thr",
+            "p50 us",
+            "p99 us",
+            "ops/s",
+            "raw p50",
+            "raw p99",
+            "raw ops/s",
+            "p50 x",
+            "ops x"
         );
         let _ = writeln!(out, "{}", "-".repeat(118));
         for r in &self.results {
@@ -781,7 +888,11 @@ impl Report {
                     );
                 }
                 _ => {
-                    let _ = writeln!(out, " {:>9} {:>9} {:>9} | {:>6} {:>6}", "-", "-", "-", "-", "-");
+                    let _ = writeln!(
+                        out,
+                        " {:>9} {:>9} {:>9} | {:>6} {:>6}",
+                        "-", "-", "-", "-", "-"
+                    );
                 }
             }
         }
@@ -791,23 +902,43 @@ impl Report {
             self.disabled_get_ns
         );
 
-        let _ = writeln!(out, "\nThe spec's Performance Characteristics, measured (1 thread, p50):");
+        let _ = writeln!(
+            out,
+            "\nThe spec's Performance Characteristics, measured (1 thread, p50):"
+        );
         let _ = writeln!(
             out,
             "{:<14} | {:<10} | {:<24} | {:<22} | {:<10} | {:<14}",
             "Operation", "spec PG", "spec Redis", "pgcache measured", "raw SQL", "Redis measured"
         );
-        let redis_get = self.find("redis GET", 1).map(|r| format!("{:.3} ms", r.pgcache.p50_us / 1000.0));
+        let redis_get = self
+            .find("redis GET", 1)
+            .map(|r| format!("{:.3} ms", r.pgcache.p50_us / 1000.0));
         for (name, spec_pg, spec_redis, op) in SPEC_ROWS {
             let row = self.find(op, 1);
-            let ms = |f: Option<&Figures>| f.map_or("-".to_owned(), |f| format!("{:.3} ms", f.p50_us / 1000.0));
+            let ms = |f: Option<&Figures>| {
+                f.map_or("-".to_owned(), |f| format!("{:.3} ms", f.p50_us / 1000.0))
+            };
             let measured = ms(row.map(|r| &r.pgcache));
-            let measured = if name == "Transactional" { format!("Yes, {measured}") } else { measured };
-            let redis = if name == "Simple GET" { redis_get.clone().unwrap_or("-".into()) } else { "N/A".into() };
+            let measured = if name == "Transactional" {
+                format!("Yes, {measured}")
+            } else {
+                measured
+            };
+            let redis = if name == "Simple GET" {
+                redis_get.clone().unwrap_or("-".into())
+            } else {
+                "N/A".into()
+            };
             let _ = writeln!(
                 out,
                 "{:<14} | {:<10} | {:<24} | {:<22} | {:<10} | {:<14}",
-                name, spec_pg, spec_redis, measured, ms(row.and_then(|r| r.raw.as_ref())), redis
+                name,
+                spec_pg,
+                spec_redis,
+                measured,
+                ms(row.and_then(|r| r.raw.as_ref())),
+                redis
             );
         }
 
@@ -827,8 +958,17 @@ impl Report {
                 lines.push(format!("{what}: {v:.2} (target <= {limit}) {verdict}"));
             }
         };
-        for op in ["kv get hit", "kv get miss", "kv set new", "kv set overwrite"] {
-            check(format!("{op} p50 / raw"), self.find(op, 1).and_then(|r| r.p50_ratio), 1.25);
+        for op in [
+            "kv get hit",
+            "kv get miss",
+            "kv set new",
+            "kv set overwrite",
+        ] {
+            check(
+                format!("{op} p50 / raw"),
+                self.find(op, 1).and_then(|r| r.p50_ratio),
+                1.25,
+            );
         }
         let single = self.find("kv get hit", 1).map(|r| r.pgcache.p50_us);
         let many = self.find("kv get_many(100)", 1).map(|r| r.pgcache.p50_us);
@@ -840,7 +980,10 @@ impl Report {
         if self.threads > 1 {
             // Throughput ratio must be at least 0.75: judged as its inverse.
             check(
-                format!("raw / pgcache kv get hit throughput, {} threads", self.threads),
+                format!(
+                    "raw / pgcache kv get hit throughput, {} threads",
+                    self.threads
+                ),
                 self.find("kv get hit", self.threads)
                     .and_then(|r| r.throughput_ratio)
                     .map(|t| 1.0 / t),
