@@ -22,7 +22,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match cli.command {
         #[cfg(feature = "bench")]
         Command::Bench(args) => bench::run(&args),
     };
