@@ -184,6 +184,17 @@ impl From<diesel::result::Error> for Error {
                 }
             }
         }
+        if let diesel::result::Error::DeserializationError(cause) = &error {
+            // A stored value that does not fit the requested type (decoded straight
+            // from the row): the same error as decoding it outside the database.
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(cause.as_ref());
+            while let Some(e) = source {
+                if let Some(json) = e.downcast_ref::<serde_json::Error>() {
+                    return Error::Json(serde::de::Error::custom(json));
+                }
+                source = e.source();
+            }
+        }
         Error::Database(error)
     }
 }

@@ -29,6 +29,7 @@ mod config;
 mod counters;
 mod error;
 mod input;
+mod jsonb;
 mod key;
 mod manager;
 mod migrations;

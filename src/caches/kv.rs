@@ -5,16 +5,18 @@ use std::marker::PhantomData;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use diesel::data_types::PgInterval;
-use diesel::pg::PgConnection;
+use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
-use diesel::upsert::excluded;
+use diesel::query_builder::{AstPass, QueryFragment, QueryId};
+use diesel::sql_types::{Array, Jsonb, Text};
+use diesel::PgJsonbExpressionMethods;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::cache::{Cache, CacheKind};
 use crate::error::{Error, Result};
-use crate::input::{check_json, check_key, ttl_interval};
+use crate::input::{check_key, ttl_interval};
+use crate::jsonb::{JsonbIn, JsonbOut, JsonbText};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::manager::CacheManager;
 use crate::schema::cache_entries;
@@ -182,7 +184,37 @@ impl<'a, V> KvCache<'a, V> {
     }
 }
 
-impl<V: Serialize + DeserializeOwned> KvCache<'_, V> {
+impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
+    /// Live entries whose value contains `filter` (JSONB containment, `@>`), in key
+    /// order, at most `limit`: `json!({"plan": "pro"})` finds every cached object with
+    /// that field and value.
+    ///
+    /// This reads the whole table unless it has a GIN index on `value`; add one
+    /// (`CREATE INDEX ON cache_entries USING gin (value jsonb_path_ops)`) when such
+    /// queries are frequent, at some cost to every write.
+    ///
+    /// # Errors
+    /// A filter holding NUL, a stored value that is not a `V`, or a connection or
+    /// database error.
+    pub fn find_containing(
+        &self,
+        filter: &serde_json::Value,
+        limit: usize,
+    ) -> Result<Vec<(String, V)>> {
+        let filter = JsonbOut::new("filter", filter)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.manager.read(CacheKind::Kv, Vec::new(), |conn| {
+            let rows: Vec<(String, JsonbIn<V>)> = cache_entries::table
+                .filter(cache_entries::value.contains(&filter))
+                .filter(cache_entries::expires_at.gt(db_now()))
+                .select((cache_entries::key, cache_entries::value))
+                .order(cache_entries::key)
+                .limit(limit)
+                .load(conn)?;
+            Ok(rows.into_iter().map(|(key, JsonbIn(v))| (key, v)).collect())
+        })
+    }
+
     /// Cache-aside with an explicit TTL (Redis-style `get` then `set ... EX`): the
     /// live value, or `compute`'s result, stored. Same as
     /// [`Cache::get_or_compute_with_ttl`].
@@ -229,40 +261,76 @@ fn prefix_upper_bound(prefix: &str) -> Option<String> {
     None
 }
 
-fn to_json<V: Serialize>(value: &V) -> Result<serde_json::Value> {
-    let json = serde_json::to_value(value)?;
-    check_json("value", &json)?;
-    Ok(json)
+/// What an upsert does to an existing key: new value, new expiry, new `created_at`.
+const ON_CONFLICT_OVERWRITE: &str = " ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
+     expires_at = excluded.expires_at, created_at = now()";
+
+/// The upserts as typed fragments with a static query id: Diesel's own
+/// `insert_into(..).on_conflict(..)` is never put in its prepared-statement cache, and
+/// its multi-row `VALUES` list would be a new statement for every batch size. These
+/// are prepared once per connection and found again by type, without rebuilding
+/// the SQL text.
+struct Upsert<'a> {
+    key: &'a str,
+    value: JsonbOut,
+    expires: ExpiresIn,
 }
 
-fn upsert(
-    conn: &mut PgConnection,
-    rows: &[(&str, serde_json::Value)],
-    interval: PgInterval,
-) -> QueryResult<usize> {
-    let rows: Vec<_> = rows
-        .iter()
-        .map(|(key, value)| {
-            (
-                cache_entries::key.eq(*key),
-                cache_entries::value.eq(value),
-                cache_entries::expires_at.eq(ExpiresIn(interval)),
-            )
-        })
-        .collect();
-    diesel::insert_into(cache_entries::table)
-        .values(rows)
-        .on_conflict(cache_entries::key)
-        .do_update()
-        .set((
-            cache_entries::value.eq(excluded(cache_entries::value)),
-            cache_entries::expires_at.eq(excluded(cache_entries::expires_at)),
-            cache_entries::created_at.eq(db_now()),
-        ))
-        .execute(conn)
+/// The batch as two arrays (`SELECT ... FROM unnest($keys, $values)`): one statement
+/// text for any batch size. Must stay equivalent to [`Upsert`].
+struct UpsertMany<'a> {
+    keys: Vec<&'a str>,
+    values: Vec<JsonbOut>,
+    expires: ExpiresIn,
 }
 
-impl<V: Serialize + DeserializeOwned> Cache for KvCache<'_, V> {
+const INSERT_INTO: &str = "INSERT INTO cache_entries (key, value, expires_at) ";
+
+impl QueryFragment<Pg> for Upsert<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(INSERT_INTO);
+        out.push_sql("VALUES (");
+        out.push_bind_param::<Text, _>(self.key)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Jsonb, _>(&self.value)?;
+        out.push_sql(", ");
+        self.expires.walk_ast(out.reborrow())?;
+        out.push_sql(")");
+        out.push_sql(ON_CONFLICT_OVERWRITE);
+        Ok(())
+    }
+}
+
+impl QueryFragment<Pg> for UpsertMany<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(INSERT_INTO);
+        out.push_sql("SELECT u.k, u.v, ");
+        self.expires.walk_ast(out.reborrow())?;
+        out.push_sql(" FROM unnest(");
+        out.push_bind_param::<Array<Text>, _>(&self.keys)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Jsonb>, _>(&self.values)?;
+        out.push_sql(") AS u(k, v)");
+        out.push_sql(ON_CONFLICT_OVERWRITE);
+        Ok(())
+    }
+}
+
+impl QueryId for Upsert<'_> {
+    type QueryId = Upsert<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl QueryId for UpsertMany<'_> {
+    type QueryId = UpsertMany<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<Conn> RunQueryDsl<Conn> for Upsert<'_> {}
+
+impl<Conn> RunQueryDsl<Conn> for UpsertMany<'_> {}
+
+impl<V: Serialize + DeserializeOwned + 'static> Cache for KvCache<'_, V> {
     type Key = str;
     type Value = V;
     type Entry = V;
@@ -288,41 +356,49 @@ impl<V: Serialize + DeserializeOwned> Cache for KvCache<'_, V> {
 
     fn get_in(&self, conn: &mut PgConnection, key: &str) -> Result<Option<V>> {
         check_key(key)?;
-        let found: Option<serde_json::Value> = cache_entries::table
+        // The key is unique: no LIMIT needed (`first` would bind one more parameter).
+        let found: Option<JsonbIn<V>> = cache_entries::table
             .filter(cache_entries::key.eq(key))
             .filter(cache_entries::expires_at.gt(db_now()))
             .select(cache_entries::value)
-            .first(conn)
+            .get_result(conn)
             .optional()?;
-        Ok(found.map(serde_json::from_value).transpose()?)
+        Ok(found.map(|JsonbIn(value)| value))
     }
 
     fn get_many_in(&self, conn: &mut PgConnection, keys: &[&str]) -> Result<Vec<Option<V>>> {
         keys.iter().try_for_each(|k| check_key(k))?;
-        let rows: Vec<(String, serde_json::Value)> = cache_entries::table
+        let rows: Vec<(String, JsonbText)> = cache_entries::table
             .filter(cache_entries::key.eq_any(keys))
             .filter(cache_entries::expires_at.gt(db_now()))
             .select((cache_entries::key, cache_entries::value))
             .load(conn)?;
-        let mut by_key: HashMap<String, serde_json::Value> = rows.into_iter().collect();
+        let by_key: HashMap<&str, &[u8]> = rows
+            .iter()
+            .map(|(key, JsonbText(text))| (key.as_str(), text.as_slice()))
+            .collect();
+        // Decoded per requested key, so a key asked for twice gets its value twice.
         keys.iter()
             .map(|k| {
-                // A key asked for twice gets the value twice.
-                let value = by_key.get(*k).cloned();
-                value
-                    .map(serde_json::from_value)
+                by_key
+                    .get(k)
+                    .map(|text| serde_json::from_slice(text))
                     .transpose()
                     .map_err(Error::from)
             })
-            .collect::<Result<Vec<_>>>()
-            .inspect(|_| by_key.clear())
+            .collect()
     }
 
     fn set_in(&self, conn: &mut PgConnection, key: &str, value: &V, ttl: Duration) -> Result<()> {
         check_key(key)?;
-        let interval = ttl_interval(ttl)?;
-        let json = to_json(value)?;
-        upsert(conn, &[(key, json)], interval)?;
+        let expires = ExpiresIn(ttl_interval(ttl)?);
+        let value = JsonbOut::new("value", value)?;
+        Upsert {
+            key,
+            value,
+            expires,
+        }
+        .execute(conn)?;
         Ok(())
     }
 
@@ -332,14 +408,14 @@ impl<V: Serialize + DeserializeOwned> Cache for KvCache<'_, V> {
         entries: &[(&str, &V)],
         ttl: Duration,
     ) -> Result<()> {
-        let interval = ttl_interval(ttl)?;
+        let expires = ExpiresIn(ttl_interval(ttl)?);
         // Last write wins for a key given twice; one statement cannot upsert a row
         // twice.
         let mut position: HashMap<&str, usize> = HashMap::with_capacity(entries.len());
-        let mut rows: Vec<(&str, serde_json::Value)> = Vec::with_capacity(entries.len());
+        let mut rows: Vec<(&str, JsonbOut)> = Vec::with_capacity(entries.len());
         for (key, value) in entries {
             check_key(key)?;
-            let json = to_json(*value)?;
+            let json = JsonbOut::new("value", *value)?;
             match position.get(key) {
                 Some(&i) => rows[i].1 = json,
                 None => {
@@ -348,10 +424,16 @@ impl<V: Serialize + DeserializeOwned> Cache for KvCache<'_, V> {
                 }
             }
         }
-        // Lock rows in one global order, so concurrent batches over overlapping keys
-        // cannot deadlock each other.
+        // Lock rows in one global order (unnest keeps array order), so concurrent
+        // batches over overlapping keys cannot deadlock each other.
         rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        upsert(conn, &rows, interval)?;
+        let (keys, values): (Vec<&str>, Vec<JsonbOut>) = rows.into_iter().unzip();
+        UpsertMany {
+            keys,
+            values,
+            expires,
+        }
+        .execute(conn)?;
         Ok(())
     }
 

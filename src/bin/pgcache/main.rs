@@ -6,6 +6,8 @@
 //! them. Errors are one line on stderr and exit status 2; `pgcache health` exits 1
 //! when an alert fires.
 
+#[cfg(feature = "bench")]
+mod bench;
 mod progress;
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -87,6 +89,10 @@ enum Command {
         #[arg(value_name = "UUID")]
         user_id: String,
     },
+    /// Measure the cache against raw prepared SQL (and Redis) on this database, in a
+    /// scratch schema dropped afterwards.
+    #[cfg(feature = "bench")]
+    Bench(bench::BenchArgs),
     /// Delete every entry of one cache, or of all caches.
     Clear {
         /// The cache to empty (all caches when omitted).
@@ -125,6 +131,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<Outcome, String> {
+    // The bench makes its own scratch schema and connections.
+    #[cfg(feature = "bench")]
+    if let Command::Bench(args) = &cli.command {
+        bench::run(args, cli.database_url.as_deref()).map_err(|e| error_chain(&*e))?;
+        return Ok(Outcome::Ok);
+    }
     // Bad arguments are reported before any connection is attempted.
     let warmup = match &cli.command {
         Command::Warmup { file } => Some(read_warmup(file)?),
@@ -235,6 +247,8 @@ fn run(cli: Cli) -> Result<Outcome, String> {
                 println!("released audio file: {path}");
             }
         }
+        #[cfg(feature = "bench")]
+        Command::Bench(_) => unreachable!("handled before connecting"),
         Command::Clear { cache: kind, yes } => {
             let what = kind.map_or_else(|| "every cache".to_owned(), |k| format!("the {k} cache"));
             if !yes && !confirm(&format!("Delete every entry of {what}?"))? {
@@ -291,6 +305,18 @@ fn parse_user_id(text: &str) -> Result<uuid::Uuid, String> {
     uuid::Uuid::parse_str(text).map_err(|e| {
         format!("invalid user id `{text}`: expected a UUID such as 67e55044-10b1-426f-9247-bb680e5fe0c8 ({e})")
     })
+}
+
+/// An error with its causes: some clients' errors say little until their cause.
+#[cfg(feature = "bench")]
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    message
 }
 
 fn to_json(value: &impl serde::Serialize) -> Result<String, String> {

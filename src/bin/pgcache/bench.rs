@@ -1,0 +1,1001 @@
+//! `pgcache bench`: the library against the physical limit, side by side in one run.
+//!
+//! Every operation is a row of [`operations`]: a library closure (through
+//! `CacheManager`, its pool and Diesel) and a raw closure (the same statement,
+//! hand-written and prepared once, over a plain `postgres` connection on an
+//! identically shaped table). Both run in a scratch schema that is dropped
+//! afterwards, alternating in slices so background load hits both alike.
+
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use pgcache::{Cache, CacheConfig, CacheManager, Durability};
+use postgres::types::{to_sql_checked, IsNull, Json, ToSql, Type};
+use postgres::{Client, NoTls, Statement};
+use serde_json::{json, Value};
+
+type BenchResult<T> = std::result::Result<T, Box<dyn StdError + Send + Sync>>;
+
+/// Options of `pgcache bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Threads for the concurrent pass (library: one pool; raw: one connection each).
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Rows pre-filled into each table before measuring.
+    #[arg(long, default_value_t = 10_000)]
+    rows: u64,
+    /// Seconds each operation runs per side and pass.
+    #[arg(long, default_value_t = 0.6)]
+    duration: f64,
+    /// Stop each operation after this many iterations per thread (whichever comes
+    /// first with `--duration`).
+    #[arg(long)]
+    iterations: Option<u64>,
+    /// `full` (synchronous commit) or `relaxed` (`synchronous_commit = off` on both
+    /// sides' connections).
+    #[arg(long, value_enum, default_value_t = Mode::Full)]
+    durability: Mode,
+    /// Make both sides' tables UNLOGGED (no write-ahead log).
+    #[arg(long)]
+    unlogged: bool,
+    /// Also measure Redis GET/SET (e.g. `redis://127.0.0.1:6379`).
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Full,
+    Relaxed,
+}
+
+/// Values written by the set operations: a small profile-like object.
+fn sample_value(n: u64) -> Value {
+    json!({"id": n, "name": "Ada Lovelace", "plan": if n % 100 == 0 { "pro" } else { "free" },
+           "tags": ["a", "b", "c"], "score": 0.75})
+}
+
+const TTL: Duration = Duration::from_secs(3600);
+const BATCH: usize = 100;
+const SPEC_JSONB: &str = r#"{"plan": "pro"}"#;
+
+/// Per-thread state, kept across operations so `delete` can remove the keys
+/// `set new` inserted.
+struct Worker {
+    thread: usize,
+    rows: u64,
+    rng: u64,
+    iteration: u64,
+    inserted: u64,
+    value: Value,
+    keys: Vec<String>,
+    key: String,
+    /// A connection held across iterations, for the `_in` rows.
+    held: Option<pgcache::PooledConnection>,
+}
+
+impl Worker {
+    fn new(thread: usize, rows: u64) -> Self {
+        Worker {
+            thread,
+            rows,
+            rng: 0x9E37_79B9_7F4A_7C15 ^ (thread as u64 + 1),
+            iteration: 0,
+            inserted: 0,
+            value: sample_value(thread as u64),
+            keys: Vec::with_capacity(BATCH),
+            key: String::with_capacity(32),
+            held: None,
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift64: cheap and identical for both sides.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// A pre-filled key, at random.
+    fn existing_key(&mut self) -> &str {
+        let n = self.random() % self.rows;
+        self.set_key(format_args!("k:{n}"))
+    }
+
+    fn missing_key(&mut self) -> &str {
+        let n = self.random();
+        self.set_key(format_args!("missing:{n}"))
+    }
+
+    /// The next key `set new` inserts (and `delete` later removes).
+    fn new_key(&mut self, n: u64) -> &str {
+        let t = self.thread;
+        self.set_key(format_args!("n:{t}:{n}"))
+    }
+
+    fn set_key(&mut self, args: std::fmt::Arguments<'_>) -> &str {
+        self.key.clear();
+        let _ = self.key.write_fmt(args);
+        &self.key
+    }
+
+    /// `BATCH` distinct pre-filled keys from a random start.
+    fn batch_keys(&mut self) {
+        let start = self.random() % self.rows;
+        self.keys.clear();
+        for i in 0..BATCH as u64 {
+            self.keys.push(format!("k:{}", (start + i) % self.rows));
+        }
+    }
+}
+
+/// One side's connection to the raw baseline: statements prepared once.
+struct Raw {
+    client: Client,
+    get: Statement,
+    get_many: Statement,
+    upsert: Statement,
+    upsert_many: Statement,
+    delete: Statement,
+    find: Statement,
+    touch_data: Statement,
+}
+
+impl Raw {
+    fn connect(url: &str, schema: &str, relaxed: bool) -> BenchResult<Self> {
+        let mut client = Client::connect(url, NoTls)?;
+        let mut setup = format!("SET search_path TO \"{schema}\";");
+        if relaxed {
+            setup.push_str(" SET synchronous_commit = off;");
+        }
+        client.batch_execute(&setup)?;
+        const OVERWRITE: &str = " ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
+             expires_at = excluded.expires_at, created_at = now()";
+        let get = client
+            .prepare("SELECT value FROM raw_entries WHERE key = $1 AND expires_at > now()")?;
+        let get_many = client.prepare(
+            "SELECT key, value FROM raw_entries WHERE key = ANY($1) AND expires_at > now()",
+        )?;
+        let upsert = client.prepare(&format!(
+            "INSERT INTO raw_entries (key, value, expires_at) VALUES ($1, $2, now() + $3){OVERWRITE}"
+        ))?;
+        let upsert_many = client.prepare(&format!(
+            "INSERT INTO raw_entries (key, value, expires_at) SELECT u.k, u.v, now() + $3 \
+             FROM unnest($1::text[], $2::jsonb[]) AS u(k, v){OVERWRITE}"
+        ))?;
+        let delete = client
+            .prepare("DELETE FROM raw_entries WHERE key = $1 RETURNING expires_at > now()")?;
+        let find = client.prepare(
+            "SELECT key, value FROM raw_entries WHERE value @> $1 AND expires_at > now() \
+             ORDER BY key LIMIT $2",
+        )?;
+        let touch_data =
+            client.prepare("UPDATE bench_data SET version = version + 1 WHERE id = $1")?;
+        Ok(Raw {
+            client,
+            get,
+            get_many,
+            upsert,
+            upsert_many,
+            delete,
+            find,
+            touch_data,
+        })
+    }
+}
+
+/// A TTL bound as `interval` (microseconds, days, months), as Diesel binds it.
+#[derive(Debug)]
+struct Interval(Duration);
+
+impl ToSql for Interval {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut postgres::types::private::BytesMut,
+    ) -> BenchResult<IsNull> {
+        out.extend_from_slice(&(self.0.as_micros() as i64).to_be_bytes());
+        out.extend_from_slice(&0i32.to_be_bytes());
+        out.extend_from_slice(&0i32.to_be_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::INTERVAL
+    }
+
+    to_sql_checked!();
+}
+
+/// The application's own data table, for the transactional invalidation.
+mod data {
+    diesel::table! {
+        bench_data (id) {
+            id -> Int8,
+            version -> Int8,
+        }
+    }
+}
+
+/// What one iteration of an operation does; `Ok(false)` means there is nothing left
+/// to do (e.g. `delete` ran out of inserted keys).
+type LibFn = fn(&CacheManager, &mut Worker) -> BenchResult<bool>;
+type RawFn = fn(&mut Raw, &mut Worker) -> BenchResult<bool>;
+
+/// A named operation measured on both sides. Typed caches add rows here.
+struct Operation {
+    name: &'static str,
+    lib: LibFn,
+    raw: RawFn,
+}
+
+fn operations() -> Vec<Operation> {
+    vec![
+        Operation {
+            name: "kv get hit",
+            lib: |cache, w| Ok(cache.kv().get(w.existing_key())?.is_some()),
+            raw: |raw, w| {
+                let key = w.existing_key();
+                let row = raw.client.query_opt(&raw.get, &[&key])?;
+                Ok(row.map(|r| r.get::<_, Value>(0)).is_some())
+            },
+        },
+        Operation {
+            // What the pool checkout adds: the same read on a connection held by the
+            // caller.
+            name: "kv get_in hit (held conn)",
+            lib: |cache, w| {
+                let mut conn = match w.held.take() {
+                    Some(conn) => conn,
+                    None => cache.connection()?,
+                };
+                let found = cache.kv().get_in(&mut conn, w.existing_key())?;
+                w.held = Some(conn);
+                Ok(found.is_some())
+            },
+            raw: |raw, w| {
+                let key = w.existing_key();
+                let row = raw.client.query_opt(&raw.get, &[&key])?;
+                Ok(row.map(|r| r.get::<_, Value>(0)).is_some())
+            },
+        },
+        Operation {
+            name: "kv get miss",
+            lib: |cache, w| Ok(cache.kv().get(w.missing_key())?.is_none()),
+            raw: |raw, w| {
+                let key = w.missing_key();
+                let row = raw.client.query_opt(&raw.get, &[&key])?;
+                Ok(row.map(|r| r.get::<_, Value>(0)).is_none())
+            },
+        },
+        Operation {
+            name: "kv set new",
+            lib: |cache, w| {
+                let n = w.inserted;
+                w.inserted += 1;
+                let value = w.value.clone();
+                cache.kv().set_with_ttl(w.new_key(n), &value, TTL)?;
+                Ok(true)
+            },
+            raw: |raw, w| {
+                let n = w.inserted;
+                w.inserted += 1;
+                let value = w.value.clone();
+                let key = w.new_key(n);
+                raw.client
+                    .execute(&raw.upsert, &[&key, &Json(&value), &Interval(TTL)])?;
+                Ok(true)
+            },
+        },
+        Operation {
+            name: "kv set overwrite",
+            lib: |cache, w| {
+                let value = w.value.clone();
+                cache.kv().set_with_ttl(w.existing_key(), &value, TTL)?;
+                Ok(true)
+            },
+            raw: |raw, w| {
+                let value = w.value.clone();
+                let key = w.existing_key();
+                raw.client
+                    .execute(&raw.upsert, &[&key, &Json(&value), &Interval(TTL)])?;
+                Ok(true)
+            },
+        },
+        Operation {
+            name: "kv delete",
+            lib: |cache, w| {
+                let Some(n) = w.next_inserted() else {
+                    return Ok(false);
+                };
+                cache.kv().delete(w.new_key(n))?;
+                Ok(true)
+            },
+            raw: |raw, w| {
+                let Some(n) = w.next_inserted() else {
+                    return Ok(false);
+                };
+                let key = w.new_key(n);
+                raw.client.query_opt(&raw.delete, &[&key])?;
+                Ok(true)
+            },
+        },
+        Operation {
+            name: "kv get_many(100)",
+            lib: |cache, w| {
+                w.batch_keys();
+                let keys: Vec<&str> = w.keys.iter().map(String::as_str).collect();
+                Ok(cache.kv().get_many(&keys)?.len() == BATCH)
+            },
+            raw: |raw, w| {
+                w.batch_keys();
+                let rows = raw.client.query(&raw.get_many, &[&w.keys])?;
+                let by_key: HashMap<&str, Value> =
+                    rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+                let found: Vec<Option<&Value>> =
+                    w.keys.iter().map(|k| by_key.get(k.as_str())).collect();
+                Ok(found.len() == BATCH)
+            },
+        },
+        Operation {
+            name: "kv set_many(100)",
+            lib: |cache, w| {
+                w.batch_keys();
+                let value = w.value.clone();
+                let entries: Vec<(&str, &Value)> =
+                    w.keys.iter().map(|k| (k.as_str(), &value)).collect();
+                cache.kv().set_many(&entries, TTL)?;
+                Ok(true)
+            },
+            raw: |raw, w| {
+                w.batch_keys();
+                let value = w.value.clone();
+                let values: Vec<Json<&Value>> = w.keys.iter().map(|_| Json(&value)).collect();
+                raw.client
+                    .execute(&raw.upsert_many, &[&w.keys, &values, &Interval(TTL)])?;
+                Ok(true)
+            },
+        },
+        Operation {
+            name: "kv jsonb query",
+            lib: |cache, _| {
+                let filter: Value = serde_json::from_str(SPEC_JSONB)?;
+                Ok(!cache.kv().find_containing(&filter, 10)?.is_empty())
+            },
+            raw: |raw, _| {
+                let filter: Value = serde_json::from_str(SPEC_JSONB)?;
+                let rows = raw.client.query(&raw.find, &[&Json(&filter), &10i64])?;
+                let found: Vec<(String, Value)> =
+                    rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+                Ok(!found.is_empty())
+            },
+        },
+        Operation {
+            name: "transactional invalidation",
+            lib: |cache, w| {
+                let id = (w.random() % w.rows) as i64;
+                let key = w.set_key(format_args!("u:{id}:profile")).to_owned();
+                let mut conn = cache.connection()?;
+                conn.transaction(|conn| {
+                    diesel::update(data::bench_data::table.find(id))
+                        .set(data::bench_data::version.eq(data::bench_data::version + 1))
+                        .execute(conn)?;
+                    cache.kv().delete_in(conn, &key)?;
+                    Ok::<_, pgcache::Error>(())
+                })?;
+                Ok(true)
+            },
+            raw: |raw, w| {
+                let id = (w.random() % w.rows) as i64;
+                let key = w.set_key(format_args!("u:{id}:profile")).to_owned();
+                let mut tx = raw.client.transaction()?;
+                tx.execute(&raw.touch_data, &[&id])?;
+                tx.query_opt(&raw.delete, &[&key])?;
+                tx.commit()?;
+                Ok(true)
+            },
+        },
+    ]
+}
+
+impl Worker {
+    /// The next key inserted by `set new` that `delete` has not removed yet.
+    fn next_inserted(&mut self) -> Option<u64> {
+        (self.iteration < self.inserted).then_some(self.iteration)
+    }
+}
+
+/// Latency samples (nanoseconds) and wall time of one side of one operation.
+#[derive(Default)]
+struct Samples {
+    nanos: Vec<u64>,
+    wall: Duration,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct Figures {
+    p50_us: f64,
+    p99_us: f64,
+    ops_per_sec: f64,
+    samples: usize,
+}
+
+impl Samples {
+    fn figures(mut self) -> Figures {
+        self.nanos.sort_unstable();
+        let pick = |q: f64| -> f64 {
+            if self.nanos.is_empty() {
+                return f64::NAN;
+            }
+            let i = ((self.nanos.len() - 1) as f64 * q).round() as usize;
+            self.nanos[i] as f64 / 1000.0
+        };
+        Figures {
+            p50_us: pick(0.50),
+            p99_us: pick(0.99),
+            ops_per_sec: self.nanos.len() as f64 / self.wall.as_secs_f64().max(1e-9),
+            samples: self.nanos.len(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct Row {
+    operation: String,
+    threads: usize,
+    pgcache: Figures,
+    raw: Option<Figures>,
+    /// pgcache p50 / raw p50.
+    p50_ratio: Option<f64>,
+    /// pgcache ops/s / raw ops/s.
+    throughput_ratio: Option<f64>,
+}
+
+/// How long and how often each side of an operation runs.
+#[derive(Clone, Copy)]
+struct Budget {
+    slice: Duration,
+    slices: u32,
+    iterations: Option<u64>,
+}
+
+/// Alternating slices of each side, so a burst of background load hits both.
+const SLICES: u32 = 4;
+const WARMUP: u64 = 30;
+
+/// Runs `step` on `threads` workers for one slice and appends the latencies.
+fn run_slice<C: Send>(
+    contexts: &mut [C],
+    workers: &mut [Worker],
+    budget: Budget,
+    out: &mut Samples,
+    step: &(dyn Fn(&mut C, &mut Worker) -> BenchResult<bool> + Sync),
+) -> BenchResult<()> {
+    let per_slice = budget
+        .iterations
+        .map(|n| n.div_ceil(u64::from(budget.slices)));
+    let started = Instant::now();
+    let results: Vec<BenchResult<Vec<u64>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = contexts
+            .iter_mut()
+            .zip(workers.iter_mut())
+            .map(|(ctx, w)| {
+                scope.spawn(move || {
+                    let mut nanos = Vec::with_capacity(4096);
+                    let begin = Instant::now();
+                    while begin.elapsed() < budget.slice
+                        && per_slice.is_none_or(|n| (nanos.len() as u64) < n)
+                    {
+                        let t = Instant::now();
+                        let more = step(ctx, w)?;
+                        let elapsed = t.elapsed();
+                        w.iteration += 1;
+                        if !more {
+                            break;
+                        }
+                        nanos.push(elapsed.as_nanos() as u64);
+                    }
+                    Ok(nanos)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench thread panicked"))
+            .collect()
+    });
+    out.wall += started.elapsed();
+    for r in results {
+        out.nanos.extend(r?);
+    }
+    Ok(())
+}
+
+struct Sides<'a> {
+    cache: &'a CacheManager,
+    lib_workers: Vec<Worker>,
+    raws: Vec<Raw>,
+    raw_workers: Vec<Worker>,
+}
+
+fn measure(
+    sides: &mut Sides<'_>,
+    op: &Operation,
+    budget: Budget,
+) -> BenchResult<(Figures, Figures)> {
+    let threads = sides.raws.len();
+    let mut caches = vec![sides.cache; threads];
+    let lib_step = |cache: &mut &CacheManager, w: &mut Worker| (op.lib)(cache, w);
+    let raw_step = |raw: &mut Raw, w: &mut Worker| (op.raw)(raw, w);
+    for w in sides
+        .lib_workers
+        .iter_mut()
+        .chain(sides.raw_workers.iter_mut())
+    {
+        w.iteration = 0;
+    }
+    // Warm-up: prepares statements on every connection involved.
+    let warm = Budget {
+        slice: budget.slice,
+        slices: 1,
+        iterations: Some(WARMUP),
+    };
+    run_slice(
+        &mut caches,
+        &mut sides.lib_workers,
+        warm,
+        &mut Samples::default(),
+        &lib_step,
+    )?;
+    run_slice(
+        &mut sides.raws,
+        &mut sides.raw_workers,
+        warm,
+        &mut Samples::default(),
+        &raw_step,
+    )?;
+    let (mut lib, mut raw) = (Samples::default(), Samples::default());
+    for _ in 0..budget.slices {
+        run_slice(
+            &mut caches,
+            &mut sides.lib_workers,
+            budget,
+            &mut lib,
+            &lib_step,
+        )?;
+        run_slice(
+            &mut sides.raws,
+            &mut sides.raw_workers,
+            budget,
+            &mut raw,
+            &raw_step,
+        )?;
+    }
+    // Give held connections back, or the next operations would share fewer.
+    for w in &mut sides.lib_workers {
+        w.held = None;
+    }
+    Ok((lib.figures(), raw.figures()))
+}
+
+/// The scratch schema, dropped however the run ends.
+struct Scratch {
+    url: String,
+    schema: String,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Ok(mut client) = Client::connect(&self.url, NoTls) {
+            let _ = client.batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                self.schema
+            ));
+        }
+    }
+}
+
+/// Entry point of `pgcache bench`: measures the database at `database_url` (default:
+/// `DATABASE_URL` and the other `CacheConfig` variables), in a scratch schema dropped
+/// afterwards.
+///
+/// # Errors
+/// Configuration, connection and database errors, with what failed.
+pub fn run(args: &BenchArgs, database_url: Option<&str>) -> BenchResult<()> {
+    let threads = args.threads.max(1);
+    let rows = args.rows.max(BATCH as u64);
+    let mut env = CacheConfig::from_env()?;
+    if let Some(url) = database_url {
+        env = CacheConfig::from_vars(
+            std::env::vars().chain([("DATABASE_URL".to_owned(), url.to_owned())]),
+        )?;
+    }
+    let url = plaintext(env.database_url().expose())?;
+    let scratch = Scratch {
+        url: url.clone(),
+        schema: format!("pgcache_bench_{}", uuid::Uuid::new_v4().simple()),
+    };
+    let relaxed = args.durability == Mode::Relaxed;
+    let config = CacheConfig::builder()
+        .database_url(url.clone())
+        .schema(scratch.schema.clone())
+        .pool_max_size(threads as u32 + 1)
+        .durability(if relaxed {
+            Durability::Relaxed
+        } else {
+            Durability::Full
+        })
+        .application_name("pgcache-bench")
+        .build()?;
+    eprintln!(
+        "pgcache bench: {} rows, {} thread(s), {}{}, {:.1} s per side and operation, on {} (no TLS)",
+        rows,
+        threads,
+        if relaxed { "relaxed" } else { "full" },
+        if args.unlogged { " + unlogged" } else { "" },
+        args.duration,
+        env.database_url()
+    );
+    let cache = CacheManager::new(config)?;
+    if args.unlogged {
+        cache.set_tables_logged(false)?;
+    }
+    prepare_tables(&url, &scratch.schema, rows, args.unlogged)?;
+
+    let disabled_get_ns = disabled_get_cost()?;
+    let slice = Duration::from_secs_f64(args.duration.max(0.01) / f64::from(SLICES));
+    let budget = Budget {
+        slice,
+        slices: SLICES,
+        iterations: args.iterations,
+    };
+    let mut results = Vec::new();
+    let passes = if threads == 1 {
+        vec![1]
+    } else {
+        vec![1, threads]
+    };
+    for (pass, n) in passes.into_iter().enumerate() {
+        // Each pass inserts its own new keys (`n:<thread>:<i>`).
+        let ids = move |t: usize| pass * 1000 + t;
+        let mut sides = Sides {
+            cache: &cache,
+            lib_workers: (0..n).map(|t| Worker::new(ids(t), rows)).collect(),
+            raws: (0..n)
+                .map(|_| Raw::connect(&url, &scratch.schema, relaxed))
+                .collect::<BenchResult<_>>()?,
+            raw_workers: (0..n).map(|t| Worker::new(ids(t), rows)).collect(),
+        };
+        for op in operations() {
+            let (lib, raw) = measure(&mut sides, &op, budget)?;
+            results.push(Row::new(op.name, n, lib, Some(raw)));
+        }
+        if let Some(redis_url) = &args.redis_url {
+            results.extend(redis_rows(redis_url, n, budget)?);
+        }
+    }
+    drop(cache);
+    drop(scratch);
+
+    let report = Report {
+        rows,
+        threads,
+        durability: if relaxed { "relaxed" } else { "full" },
+        unlogged: args.unlogged,
+        disabled_get_ns,
+        results,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(())
+}
+
+/// The URL with `sslmode=disable` unless it names an sslmode: libpq's default
+/// (`prefer`) would encrypt the library's connections while the raw side's are
+/// plain, and TLS costs more per round trip than everything pgcache does. The raw
+/// client has no TLS, so a URL requiring it cannot be measured.
+fn plaintext(url: &str) -> BenchResult<String> {
+    let mut parsed = url::Url::parse(url)?;
+    match parsed.query_pairs().find(|(k, _)| k == "sslmode") {
+        Some((_, mode)) if !matches!(&*mode, "disable" | "allow" | "prefer") => Err(format!(
+            "sslmode={mode}: the raw baseline connects without TLS, so it cannot be compared"
+        )
+        .into()),
+        Some(_) => Ok(url.to_owned()),
+        None => {
+            parsed.query_pairs_mut().append_pair("sslmode", "disable");
+            Ok(parsed.to_string())
+        }
+    }
+}
+
+/// Pre-fills both key/value tables with the same rows and creates the raw table and
+/// the application data table.
+fn prepare_tables(url: &str, schema: &str, rows: u64, unlogged: bool) -> BenchResult<()> {
+    let mut client = Client::connect(url, NoTls)?;
+    client.batch_execute(&format!("SET search_path TO \"{schema}\""))?;
+    let options: Option<String> = client
+        .query_one(
+            "SELECT array_to_string(reloptions, ', ') FROM pg_class WHERE oid = 'cache_entries'::regclass",
+            &[],
+        )?
+        .get(0);
+    let unlogged = if unlogged { "UNLOGGED " } else { "" };
+    let with = options.map(|o| format!(" WITH ({o})")).unwrap_or_default();
+    let value_sql = "jsonb_build_object('id', g, 'name', 'Ada Lovelace', \
+         'plan', CASE WHEN g % 100 = 0 THEN 'pro' ELSE 'free' END, \
+         'tags', jsonb_build_array('a', 'b', 'c'), 'score', 0.75)";
+    client.batch_execute(&format!(
+        "CREATE {unlogged}TABLE raw_entries (LIKE cache_entries INCLUDING ALL){with};
+         CREATE {unlogged}TABLE bench_data (id BIGINT PRIMARY KEY, version BIGINT NOT NULL DEFAULT 0);
+         INSERT INTO bench_data (id) SELECT g FROM generate_series(0, {last}) g;
+         INSERT INTO cache_entries (key, value, expires_at)
+           SELECT 'k:' || g, {value_sql}, now() + interval '1 day' FROM generate_series(0, {last}) g;
+         INSERT INTO raw_entries SELECT * FROM cache_entries;",
+        last = rows - 1
+    ))?;
+    // Separately: VACUUM cannot run in the implicit transaction of a multi-statement
+    // query.
+    for table in ["cache_entries", "raw_entries", "bench_data"] {
+        client.batch_execute(&format!("VACUUM ANALYZE {table}"))?;
+    }
+    Ok(())
+}
+
+/// Nanoseconds per `kv().get` with `ENABLE_CACHING=false`.
+fn disabled_get_cost() -> BenchResult<f64> {
+    let cache = CacheManager::new(CacheConfig::builder().enabled(false).build()?)?;
+    let kv = cache.kv();
+    const N: u32 = 1_000_000;
+    let started = Instant::now();
+    for _ in 0..N {
+        std::hint::black_box(kv.get(std::hint::black_box("user:42:profile:v2"))?);
+    }
+    Ok(started.elapsed().as_nanos() as f64 / f64::from(N))
+}
+
+fn redis_rows(url: &str, threads: usize, budget: Budget) -> BenchResult<Vec<Row>> {
+    use redis::Commands;
+    let client = redis::Client::open(url)?;
+    let mut conns: Vec<redis::Connection> = (0..threads)
+        .map(|_| client.get_connection())
+        .collect::<Result<_, _>>()?;
+    let text = serde_json::to_string(&sample_value(0))?;
+    for i in 0..1000u64 {
+        let _: () = conns[0].set_ex(format!("pgcache_bench:k:{i}"), &text, 3600)?;
+    }
+    let get = |c: &mut redis::Connection, w: &mut Worker| -> BenchResult<bool> {
+        let n = w.random() % 1000;
+        let key = w.set_key(format_args!("pgcache_bench:k:{n}"));
+        let found: Option<String> = c.get(key)?;
+        Ok(found
+            .map(|s| serde_json::from_str::<Value>(&s))
+            .transpose()?
+            .is_some())
+    };
+    let set = |c: &mut redis::Connection, w: &mut Worker| -> BenchResult<bool> {
+        let n = w.random() % 1000;
+        let text = serde_json::to_string(&w.value)?;
+        let key = w.set_key(format_args!("pgcache_bench:k:{n}"));
+        let _: () = c.set_ex(key, text, 3600)?;
+        Ok(true)
+    };
+    let mut rows = Vec::new();
+    for (name, step) in [
+        (
+            "redis GET",
+            &get as &(dyn Fn(&mut redis::Connection, &mut Worker) -> BenchResult<bool> + Sync),
+        ),
+        ("redis SET", &set),
+    ] {
+        let mut workers: Vec<Worker> = (0..threads).map(|t| Worker::new(t, 1000)).collect();
+        let mut samples = Samples::default();
+        for _ in 0..budget.slices {
+            run_slice(&mut conns, &mut workers, budget, &mut samples, step)?;
+        }
+        rows.push(Row::new(name, threads, samples.figures(), None));
+    }
+    let keys: Vec<String> = (0..1000).map(|i| format!("pgcache_bench:k:{i}")).collect();
+    let _: () = conns[0].del(keys)?;
+    Ok(rows)
+}
+
+impl Row {
+    fn new(operation: &str, threads: usize, pgcache: Figures, raw: Option<Figures>) -> Self {
+        let p50_ratio = raw.as_ref().map(|r| pgcache.p50_us / r.p50_us);
+        let throughput_ratio = raw.as_ref().map(|r| pgcache.ops_per_sec / r.ops_per_sec);
+        Row {
+            operation: operation.to_owned(),
+            threads,
+            pgcache,
+            raw,
+            p50_ratio,
+            throughput_ratio,
+        }
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    rows: u64,
+    threads: usize,
+    durability: &'static str,
+    unlogged: bool,
+    /// Nanoseconds per get with caching disabled.
+    disabled_get_ns: f64,
+    results: Vec<Row>,
+}
+
+/// The spec's "Performance Characteristics" rows and the operation measuring each.
+const SPEC_ROWS: [(&str, &str, &str, &str); 4] = [
+    ("Simple GET", "~1-2ms", "~0.5-1ms", "kv get hit"),
+    (
+        "Complex Query",
+        "~2-5ms",
+        "N/A (requires app logic)",
+        "kv get_many(100)",
+    ),
+    ("JSONB Query", "~2-3ms", "N/A", "kv jsonb query"),
+    ("Transactional", "Yes", "No", "transactional invalidation"),
+];
+
+impl Report {
+    fn find(&self, operation: &str, threads: usize) -> Option<&Row> {
+        self.results
+            .iter()
+            .find(|r| r.operation == operation && r.threads == threads)
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\n{:<28} {:>3} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>6} {:>6}",
+            "operation",
+            "thr",
+            "p50 us",
+            "p99 us",
+            "ops/s",
+            "raw p50",
+            "raw p99",
+            "raw ops/s",
+            "p50 x",
+            "ops x"
+        );
+        let _ = writeln!(out, "{}", "-".repeat(118));
+        for r in &self.results {
+            let _ = write!(
+                out,
+                "{:<28} {:>3} | {:>9.1} {:>9.1} {:>9.0} |",
+                r.operation, r.threads, r.pgcache.p50_us, r.pgcache.p99_us, r.pgcache.ops_per_sec
+            );
+            match (&r.raw, r.p50_ratio, r.throughput_ratio) {
+                (Some(raw), Some(p), Some(t)) => {
+                    let _ = writeln!(
+                        out,
+                        " {:>9.1} {:>9.1} {:>9.0} | {:>6.2} {:>6.2}",
+                        raw.p50_us, raw.p99_us, raw.ops_per_sec, p, t
+                    );
+                }
+                _ => {
+                    let _ = writeln!(
+                        out,
+                        " {:>9} {:>9} {:>9} | {:>6} {:>6}",
+                        "-", "-", "-", "-", "-"
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "\nENABLE_CACHING=false: kv get costs {:.1} ns and opens no connection",
+            self.disabled_get_ns
+        );
+
+        let _ = writeln!(
+            out,
+            "\nThe spec's Performance Characteristics, measured (1 thread, p50):"
+        );
+        let _ = writeln!(
+            out,
+            "{:<14} | {:<10} | {:<24} | {:<22} | {:<10} | {:<14}",
+            "Operation", "spec PG", "spec Redis", "pgcache measured", "raw SQL", "Redis measured"
+        );
+        let redis_get = self
+            .find("redis GET", 1)
+            .map(|r| format!("{:.3} ms", r.pgcache.p50_us / 1000.0));
+        for (name, spec_pg, spec_redis, op) in SPEC_ROWS {
+            let row = self.find(op, 1);
+            let ms = |f: Option<&Figures>| {
+                f.map_or("-".to_owned(), |f| format!("{:.3} ms", f.p50_us / 1000.0))
+            };
+            let measured = ms(row.map(|r| &r.pgcache));
+            let measured = if name == "Transactional" {
+                format!("Yes, {measured}")
+            } else {
+                measured
+            };
+            let redis = if name == "Simple GET" {
+                redis_get.clone().unwrap_or("-".into())
+            } else {
+                "N/A".into()
+            };
+            let _ = writeln!(
+                out,
+                "{:<14} | {:<10} | {:<24} | {:<22} | {:<10} | {:<14}",
+                name,
+                spec_pg,
+                spec_redis,
+                measured,
+                ms(row.and_then(|r| r.raw.as_ref())),
+                redis
+            );
+        }
+
+        let _ = writeln!(out, "\nTargets:");
+        for line in self.targets() {
+            let _ = writeln!(out, "  {line}");
+        }
+        out
+    }
+
+    /// The targets of the performance issue, each judged on this run.
+    fn targets(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        let mut check = |what: String, value: Option<f64>, limit: f64| {
+            if let Some(v) = value {
+                let verdict = if v <= limit { "met" } else { "NOT met" };
+                lines.push(format!("{what}: {v:.2} (target <= {limit}) {verdict}"));
+            }
+        };
+        for op in [
+            "kv get hit",
+            "kv get miss",
+            "kv set new",
+            "kv set overwrite",
+        ] {
+            check(
+                format!("{op} p50 / raw"),
+                self.find(op, 1).and_then(|r| r.p50_ratio),
+                1.25,
+            );
+        }
+        let single = self.find("kv get hit", 1).map(|r| r.pgcache.p50_us);
+        let many = self.find("kv get_many(100)", 1).map(|r| r.pgcache.p50_us);
+        check(
+            "kv get_many(100) p50 / kv get hit p50".to_owned(),
+            many.zip(single).map(|(m, s)| m / s),
+            4.0,
+        );
+        if self.threads > 1 {
+            // Throughput ratio must be at least 0.75: judged as its inverse.
+            check(
+                format!(
+                    "raw / pgcache kv get hit throughput, {} threads",
+                    self.threads
+                ),
+                self.find("kv get hit", self.threads)
+                    .and_then(|r| r.throughput_ratio)
+                    .map(|t| 1.0 / t),
+                1.0 / 0.75,
+            );
+        }
+        check(
+            "ENABLE_CACHING=false get, microseconds".to_owned(),
+            Some(self.disabled_get_ns / 1000.0),
+            1.0,
+        );
+        lines
+    }
+}
