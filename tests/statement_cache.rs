@@ -8,8 +8,11 @@ use std::time::Duration;
 use common::TestDb;
 use diesel::sql_types::Text;
 use diesel::{QueryableByName, RunQueryDsl};
-use pgcache::Cache;
+use pgcache::{
+    AudioChunk, AudioChunkKey, Cache, CacheKind, EmbeddingKey, LlmPrompt, VectorSearchQuery,
+};
 use serde_json::json;
+use uuid::Uuid;
 
 #[derive(QueryableByName)]
 struct Prepared {
@@ -39,14 +42,8 @@ fn kv_hot_paths_prepare_one_statement_per_shape_whatever_the_batch_size() {
         assert_eq!(kv.get(&keys[0]).unwrap(), None);
     }
 
-    let mut conn = db.cache.connection().unwrap();
-    let prepared: Vec<Prepared> = diesel::sql_query(
-        "SELECT statement FROM pg_prepared_statements \
-         WHERE statement LIKE '%cache_entries%' ORDER BY statement",
-    )
-    .load(&mut *conn)
-    .unwrap();
-    let statements: Vec<&str> = prepared.iter().map(|p| p.statement.as_str()).collect();
+    let prepared = prepared_statements(&db, CacheKind::Kv);
+    let statements: Vec<&str> = prepared.iter().map(String::as_str).collect();
     // get, get_many, set, set_many, delete: five shapes, each prepared exactly once.
     assert_eq!(statements.len(), 5, "{statements:#?}");
     let count = |prefix: &str| {
@@ -58,4 +55,86 @@ fn kv_hot_paths_prepare_one_statement_per_shape_whatever_the_batch_size() {
     assert_eq!(count("SELECT"), 2, "{statements:#?}");
     assert_eq!(count("INSERT"), 2, "{statements:#?}");
     assert_eq!(count("DELETE"), 1, "{statements:#?}");
+}
+
+/// The statements prepared on the (single) pooled connection that mention `kind`'s
+/// table.
+fn prepared_statements(db: &TestDb, kind: CacheKind) -> Vec<String> {
+    let mut conn = db.cache.connection().unwrap();
+    let prepared: Vec<Prepared> = diesel::sql_query(format!(
+        "SELECT statement FROM pg_prepared_statements \
+         WHERE statement LIKE '%{}%' ORDER BY statement",
+        kind.table()
+    ))
+    .load(&mut *conn)
+    .unwrap();
+    prepared.into_iter().map(|p| p.statement).collect()
+}
+
+/// Runs a typed cache's hot paths with batches of several sizes, then checks that
+/// each read shape was prepared once: get (`key_hash = $1`) and get_many (`= ANY`).
+/// Their upserts are not checked: Diesel never caches `ON CONFLICT DO UPDATE`.
+fn typed_reads_are_prepared_once<C: Cache>(
+    db: &TestDb,
+    cache: &C,
+    key: impl Fn(usize) -> C::Key,
+    value: &C::Value,
+) where
+    C::Key: Sized,
+{
+    let ttl = Duration::from_secs(60);
+    let mut next = 0;
+    for n in [1, 2, 7, 3] {
+        let keys: Vec<C::Key> = (next..next + n).map(&key).collect();
+        next += n;
+        let refs: Vec<&C::Key> = keys.iter().collect();
+        let entries: Vec<(&C::Key, &C::Value)> = keys.iter().map(|k| (k, value)).collect();
+        cache.set_many(&entries, ttl).unwrap();
+        assert!(cache.get_many(&refs).unwrap().iter().all(Option::is_some));
+        cache.set(&keys[0], value).unwrap();
+        assert!(cache.get(&keys[0]).unwrap().is_some());
+        assert!(cache.get(&key(usize::MAX)).unwrap().is_none());
+    }
+    let statements = prepared_statements(db, C::KIND);
+    let count = |prefix: &str| {
+        statements
+            .iter()
+            .filter(|s| s.trim_start().starts_with(prefix))
+            .count()
+    };
+    assert_eq!(count("SELECT"), 2, "{statements:#?}");
+    assert!(
+        statements.iter().any(|s| s.contains("\"key_hash\" = $1")),
+        "{statements:#?}"
+    );
+}
+
+#[test]
+fn typed_cache_reads_prepare_one_statement_per_shape_whatever_the_batch_size() {
+    let db = TestDb::with(|b| b.pool_max_size(1));
+    typed_reads_are_prepared_once(
+        &db,
+        &db.cache.llm_response(),
+        |n| LlmPrompt::new(format!("prompt {n}"), "gemini-flash"),
+        &"answer".to_owned(),
+    );
+    typed_reads_are_prepared_once(
+        &db,
+        &db.cache.embedding(),
+        |n| EmbeddingKey::new(format!("text {n}"), "model"),
+        &vec![0.5; 8],
+    );
+    typed_reads_are_prepared_once(
+        &db,
+        &db.cache.audio_chunk(),
+        |n| AudioChunkKey::new(format!("text {n}"), "voice", "tts"),
+        &AudioChunk::inline(vec![7; 64], "opus"),
+    );
+    let user = Uuid::new_v4();
+    typed_reads_are_prepared_once(
+        &db,
+        &db.cache.vector_search(),
+        |n| VectorSearchQuery::new(user, vec![n as f32, 1.0], 5),
+        &json!([{"id": 1}]),
+    );
 }

@@ -587,31 +587,66 @@ type Stored = (
     ),
 );
 
+/// The columns of a [`Stored`] row, in its order.
+type StoredColumns = (
+    (
+        audio_chunk_cache::key_hash,
+        audio_chunk_cache::audio_data,
+        audio_chunk_cache::storage_path,
+        audio_chunk_cache::format,
+        audio_chunk_cache::duration_ms,
+        audio_chunk_cache::sample_rate,
+        audio_chunk_cache::channels,
+    ),
+    (
+        audio_chunk_cache::compression,
+        audio_chunk_cache::byte_size,
+        audio_chunk_cache::hit_count,
+        audio_chunk_cache::last_accessed_at,
+        audio_chunk_cache::created_at,
+        audio_chunk_cache::expires_at,
+    ),
+);
+
+/// The columns of a [`Stored`] row.
+const STORED: StoredColumns = (
+    (
+        audio_chunk_cache::key_hash,
+        audio_chunk_cache::audio_data,
+        audio_chunk_cache::storage_path,
+        audio_chunk_cache::format,
+        audio_chunk_cache::duration_ms,
+        audio_chunk_cache::sample_rate,
+        audio_chunk_cache::channels,
+    ),
+    (
+        audio_chunk_cache::compression,
+        audio_chunk_cache::byte_size,
+        audio_chunk_cache::hit_count,
+        audio_chunk_cache::last_accessed_at,
+        audio_chunk_cache::created_at,
+        audio_chunk_cache::expires_at,
+    ),
+);
+
 fn load_live(conn: &mut PgConnection, digests: &[KeyDigest]) -> QueryResult<Vec<Stored>> {
     use audio_chunk_cache as a;
     a::table
         .filter(a::key_hash.eq_any(digest_params(digests)))
         .filter(a::expires_at.gt(db_now()))
-        .select((
-            (
-                a::key_hash,
-                a::audio_data,
-                a::storage_path,
-                a::format,
-                a::duration_ms,
-                a::sample_rate,
-                a::channels,
-            ),
-            (
-                a::compression,
-                a::byte_size,
-                a::hit_count,
-                a::last_accessed_at,
-                a::created_at,
-                a::expires_at,
-            ),
-        ))
+        .select(STORED)
         .load(conn)
+}
+
+/// One live row by `key_hash = $1`: a plain index probe, no array to build or match.
+fn load_one(conn: &mut PgConnection, digest: &KeyDigest) -> QueryResult<Option<Stored>> {
+    use audio_chunk_cache as a;
+    a::table
+        .filter(a::key_hash.eq(digest.as_bytes().as_slice()))
+        .filter(a::expires_at.gt(db_now()))
+        .select(STORED)
+        .get_result(conn)
+        .optional()
 }
 
 fn decode(
@@ -665,6 +700,26 @@ impl Cache for AudioChunkCache<'_> {
 
     fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest> {
         digest(key)
+    }
+
+    fn get_in(
+        &self,
+        conn: &mut PgConnection,
+        key: &AudioChunkKey,
+    ) -> Result<Option<CachedAudioChunk>> {
+        let digest = digest(key)?;
+        // Text this handle never caches cannot be found: skip the query for it.
+        if !self.caches_text(key) {
+            return Ok(None);
+        }
+        let found = load_one(conn, &digest)?.map(decode);
+        record_hits(
+            self.manager,
+            Self::KIND,
+            &[digest],
+            std::slice::from_ref(&found),
+        );
+        Ok(found)
     }
 
     fn get_many_in(

@@ -292,6 +292,16 @@ fn load_live(conn: &mut PgConnection, digests: &[KeyDigest]) -> QueryResult<Vec<
         .load(conn)
 }
 
+/// One live row by `key_hash = $1`: a plain index probe, no array to build or match.
+fn load_one(conn: &mut PgConnection, digest: &KeyDigest) -> QueryResult<Option<Stored>> {
+    embedding_cache::table
+        .filter(embedding_cache::key_hash.eq(digest.as_bytes().as_slice()))
+        .filter(embedding_cache::expires_at.gt(db_now()))
+        .select(STORED)
+        .get_result(conn)
+        .optional()
+}
+
 fn decode((_, model, bytes, owner, created_at, expires_at): Stored) -> CachedEmbedding {
     let embedding: Vec<f32> = bytes
         .chunks_exact(4)
@@ -336,7 +346,7 @@ impl Cache for EmbeddingCache<'_> {
         key: &EmbeddingKey,
     ) -> Result<Option<CachedEmbedding>> {
         let digest = digest(key)?;
-        Ok(load_live(conn, &[digest])?.pop().map(decode))
+        Ok(load_one(conn, &digest)?.map(decode))
     }
 
     fn get_many_in(

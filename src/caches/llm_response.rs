@@ -322,21 +322,43 @@ type Stored = (
     DateTime<Utc>,
 );
 
+/// The columns of a [`Stored`] row.
+const STORED: (
+    llm_response_cache::key_hash,
+    llm_response_cache::response,
+    llm_response_cache::provider,
+    llm_response_cache::model,
+    llm_response_cache::hit_count,
+    llm_response_cache::last_accessed_at,
+    llm_response_cache::created_at,
+    llm_response_cache::expires_at,
+) = (
+    llm_response_cache::key_hash,
+    llm_response_cache::response,
+    llm_response_cache::provider,
+    llm_response_cache::model,
+    llm_response_cache::hit_count,
+    llm_response_cache::last_accessed_at,
+    llm_response_cache::created_at,
+    llm_response_cache::expires_at,
+);
+
 fn load_live(conn: &mut PgConnection, digests: &[KeyDigest]) -> QueryResult<Vec<Stored>> {
     llm_response_cache::table
         .filter(llm_response_cache::key_hash.eq_any(digest_params(digests)))
         .filter(llm_response_cache::expires_at.gt(db_now()))
-        .select((
-            llm_response_cache::key_hash,
-            llm_response_cache::response,
-            llm_response_cache::provider,
-            llm_response_cache::model,
-            llm_response_cache::hit_count,
-            llm_response_cache::last_accessed_at,
-            llm_response_cache::created_at,
-            llm_response_cache::expires_at,
-        ))
+        .select(STORED)
         .load(conn)
+}
+
+/// One live row by `key_hash = $1`: a plain index probe, no array to build or match.
+fn load_one(conn: &mut PgConnection, digest: &KeyDigest) -> QueryResult<Option<Stored>> {
+    llm_response_cache::table
+        .filter(llm_response_cache::key_hash.eq(digest.as_bytes().as_slice()))
+        .filter(llm_response_cache::expires_at.gt(db_now()))
+        .select(STORED)
+        .get_result(conn)
+        .optional()
 }
 
 fn decode(
@@ -374,6 +396,22 @@ impl Cache for LlmResponseCache<'_> {
 
     fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest> {
         digest(key)
+    }
+
+    fn get_in(
+        &self,
+        conn: &mut PgConnection,
+        prompt: &LlmPrompt,
+    ) -> Result<Option<CachedLlmResponse>> {
+        let digest = digest(prompt)?;
+        let found = load_one(conn, &digest)?.map(decode);
+        record_hits(
+            self.manager,
+            Self::KIND,
+            &[digest],
+            std::slice::from_ref(&found),
+        );
+        Ok(found)
     }
 
     fn get_many_in(

@@ -232,6 +232,25 @@ type Stored = (
     DateTime<Utc>,
 );
 
+/// The columns of a [`Stored`] row.
+const STORED: (
+    vector_search_cache::key_hash,
+    vector_search_cache::user_id,
+    vector_search_cache::top_k,
+    vector_search_cache::filters,
+    vector_search_cache::results,
+    vector_search_cache::created_at,
+    vector_search_cache::expires_at,
+) = (
+    vector_search_cache::key_hash,
+    vector_search_cache::user_id,
+    vector_search_cache::top_k,
+    vector_search_cache::filters,
+    vector_search_cache::results,
+    vector_search_cache::created_at,
+    vector_search_cache::expires_at,
+);
+
 /// Live rows with these digests that belong to one of `users` (defence in depth:
 /// the digest already covers the user).
 fn load_live(
@@ -243,16 +262,23 @@ fn load_live(
         .filter(vector_search_cache::key_hash.eq_any(digest_params(digests)))
         .filter(vector_search_cache::user_id.eq_any(users))
         .filter(vector_search_cache::expires_at.gt(db_now()))
-        .select((
-            vector_search_cache::key_hash,
-            vector_search_cache::user_id,
-            vector_search_cache::top_k,
-            vector_search_cache::filters,
-            vector_search_cache::results,
-            vector_search_cache::created_at,
-            vector_search_cache::expires_at,
-        ))
+        .select(STORED)
         .load(conn)
+}
+
+/// The live row of one digest and user, by `key_hash = $1`: a plain index probe.
+fn load_one(
+    conn: &mut PgConnection,
+    digest: &KeyDigest,
+    user: Uuid,
+) -> QueryResult<Option<Stored>> {
+    vector_search_cache::table
+        .filter(vector_search_cache::key_hash.eq(digest.as_bytes().as_slice()))
+        .filter(vector_search_cache::user_id.eq(user))
+        .filter(vector_search_cache::expires_at.gt(db_now()))
+        .select(STORED)
+        .get_result(conn)
+        .optional()
 }
 
 fn decode(
@@ -290,6 +316,15 @@ impl Cache for VectorSearchCache<'_> {
 
     fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest> {
         digest(key)
+    }
+
+    fn get_in(
+        &self,
+        conn: &mut PgConnection,
+        query: &VectorSearchQuery,
+    ) -> Result<Option<CachedVectorSearch>> {
+        let digest = digest(query)?;
+        Ok(load_one(conn, &digest, query.user_id)?.map(decode))
     }
 
     fn get_many_in(

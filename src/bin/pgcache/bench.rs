@@ -17,6 +17,8 @@ use postgres::types::{to_sql_checked, IsNull, Json, ToSql, Type};
 use postgres::{Client, NoTls, Statement};
 use serde_json::{json, Value};
 
+mod typed;
+
 type BenchResult<T> = std::result::Result<T, Box<dyn StdError + Send + Sync>>;
 
 /// Options of `pgcache bench`.
@@ -25,7 +27,8 @@ pub struct BenchArgs {
     /// Threads for the concurrent pass (library: one pool; raw: one connection each).
     #[arg(long, default_value_t = 4)]
     threads: usize,
-    /// Rows pre-filled into each table before measuring.
+    /// Rows pre-filled into each table before measuring (the typed caches' tables,
+    /// whose values are kilobytes, hold at most 2 000).
     #[arg(long, default_value_t = 10_000)]
     rows: u64,
     /// Seconds each operation runs per side and pass.
@@ -147,6 +150,7 @@ struct Raw {
     delete: Statement,
     find: Statement,
     touch_data: Statement,
+    typed: typed::RawTyped,
 }
 
 impl Raw {
@@ -179,6 +183,7 @@ impl Raw {
         )?;
         let touch_data =
             client.prepare("UPDATE bench_data SET version = version + 1 WHERE id = $1")?;
+        let typed = typed::RawTyped::prepare(&mut client)?;
         Ok(Raw {
             client,
             get,
@@ -188,6 +193,7 @@ impl Raw {
             delete,
             find,
             touch_data,
+            typed,
         })
     }
 }
@@ -230,7 +236,7 @@ mod data {
 type LibFn = fn(&CacheManager, &mut Worker) -> BenchResult<bool>;
 type RawFn = fn(&mut Raw, &mut Worker) -> BenchResult<bool>;
 
-/// A named operation measured on both sides. Typed caches add rows here.
+/// A named operation measured on both sides.
 struct Operation {
     name: &'static str,
     lib: LibFn,
@@ -238,6 +244,12 @@ struct Operation {
 }
 
 fn operations() -> Vec<Operation> {
+    let mut operations = kv_operations();
+    operations.extend(typed::operations());
+    operations
+}
+
+fn kv_operations() -> Vec<Operation> {
     vec![
         Operation {
             name: "kv get hit",
@@ -648,7 +660,7 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>) -> BenchResult<()> {
     if args.unlogged {
         cache.set_tables_logged(false)?;
     }
-    prepare_tables(&url, &scratch.schema, rows, args.unlogged)?;
+    prepare_tables(&cache, &url, &scratch.schema, rows, args.unlogged)?;
 
     let disabled_get_ns = disabled_get_cost()?;
     let slice = Duration::from_secs_f64(args.duration.max(0.01) / f64::from(SLICES));
@@ -720,34 +732,53 @@ fn plaintext(url: &str) -> BenchResult<String> {
     }
 }
 
-/// Pre-fills both key/value tables with the same rows and creates the raw table and
-/// the application data table.
-fn prepare_tables(url: &str, schema: &str, rows: u64, unlogged: bool) -> BenchResult<()> {
+/// Pre-fills each cache table and its raw twin with the same rows and creates the
+/// application data table.
+fn prepare_tables(
+    cache: &CacheManager,
+    url: &str,
+    schema: &str,
+    rows: u64,
+    unlogged: bool,
+) -> BenchResult<()> {
     let mut client = Client::connect(url, NoTls)?;
     client.batch_execute(&format!("SET search_path TO \"{schema}\""))?;
-    let options: Option<String> = client
-        .query_one(
-            "SELECT array_to_string(reloptions, ', ') FROM pg_class WHERE oid = 'cache_entries'::regclass",
-            &[],
-        )?
-        .get(0);
     let unlogged = if unlogged { "UNLOGGED " } else { "" };
-    let with = options.map(|o| format!(" WITH ({o})")).unwrap_or_default();
+    // `LIKE ... INCLUDING ALL` copies columns, defaults, checks and indexes but not
+    // the storage options (fillfactor, autovacuum), so those are copied by hand.
+    let create_like = |client: &mut Client, table: &str, raw: &str| -> BenchResult<()> {
+        let options: Option<String> = client
+            .query_one(
+                "SELECT array_to_string(reloptions, ', ') FROM pg_class WHERE oid = $1::text::regclass",
+                &[&table],
+            )?
+            .get(0);
+        let with = options.map(|o| format!(" WITH ({o})")).unwrap_or_default();
+        client.batch_execute(&format!(
+            "CREATE {unlogged}TABLE {raw} (LIKE {table} INCLUDING ALL){with}"
+        ))?;
+        Ok(())
+    };
+    create_like(&mut client, "cache_entries", "raw_entries")?;
     let value_sql = "jsonb_build_object('id', g, 'name', 'Ada Lovelace', \
          'plan', CASE WHEN g % 100 = 0 THEN 'pro' ELSE 'free' END, \
          'tags', jsonb_build_array('a', 'b', 'c'), 'score', 0.75)";
     client.batch_execute(&format!(
-        "CREATE {unlogged}TABLE raw_entries (LIKE cache_entries INCLUDING ALL){with};
-         CREATE {unlogged}TABLE bench_data (id BIGINT PRIMARY KEY, version BIGINT NOT NULL DEFAULT 0);
+        "CREATE {unlogged}TABLE bench_data (id BIGINT PRIMARY KEY, version BIGINT NOT NULL DEFAULT 0);
          INSERT INTO bench_data (id) SELECT g FROM generate_series(0, {last}) g;
          INSERT INTO cache_entries (key, value, expires_at)
            SELECT 'k:' || g, {value_sql}, now() + interval '1 day' FROM generate_series(0, {last}) g;
          INSERT INTO raw_entries SELECT * FROM cache_entries;",
         last = rows - 1
     ))?;
+    typed::prepare_tables(cache, &mut client, rows, create_like)?;
     // Separately: VACUUM cannot run in the implicit transaction of a multi-statement
     // query.
-    for table in ["cache_entries", "raw_entries", "bench_data"] {
+    let tables = ["cache_entries", "raw_entries", "bench_data"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(typed::tables());
+    for table in tables {
         client.batch_execute(&format!("VACUUM ANALYZE {table}"))?;
     }
     Ok(())
@@ -991,6 +1022,14 @@ impl Report {
                 1.0 / 0.75,
             );
         }
+        let llm = self
+            .find("llm get hit (hit tracking)", 1)
+            .map(|r| r.pgcache.p50_us);
+        check(
+            "LLM response get (hit tracking) p50 / kv get hit p50".to_owned(),
+            llm.zip(single).map(|(l, s)| l / s),
+            1.5,
+        );
         check(
             "ENABLE_CACHING=false get, microseconds".to_owned(),
             Some(self.disabled_get_ns / 1000.0),
