@@ -65,3 +65,8 @@ pub use ops::{
     WarmupKv, WarmupLlmResponse, WarmupReport, WarmupVectorSearch, DEFAULT_EVICTION_LOW_WATERMARK,
 };
 pub use pool::PooledConnection;
+
+/// Compiles the README's Rust examples as doctests, so they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
