@@ -35,6 +35,11 @@ impl JsonbOut {
         check_no_nul_escape(what, &text)?;
         Ok(JsonbOut(text))
     }
+
+    /// Length of the JSON text in bytes.
+    pub(crate) fn byte_len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 impl ToSql<Jsonb, Pg> for JsonbOut {

@@ -195,3 +195,33 @@ fn stats_report_entries_bytes_average_hits_and_most_accessed() {
         key("b").digest().unwrap().to_hex()[..16]
     );
 }
+
+#[test]
+fn overwrite_restarts_the_hit_count_and_writes_every_column() {
+    let db = TestDb::new();
+    let audio = db.cache.audio_chunk();
+    let owner = uuid::Uuid::new_v4();
+    let key = key("Hi").owned_by(owner);
+    audio
+        .set(&key, &AudioChunk::inline(vec![1], "wav"))
+        .unwrap();
+    audio.get(&key).unwrap().unwrap();
+    db.cache.flush_stats().unwrap();
+    assert_eq!(db.count("SELECT hit_count AS n FROM audio_chunk_cache"), 1);
+    audio
+        .set(
+            &key,
+            &AudioChunk::stored("a.wav", 10, "wav").compression("zstd"),
+        )
+        .unwrap();
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) AS n FROM audio_chunk_cache WHERE hit_count = 0 \
+             AND voice_model_id = 'voice-123' AND provider = 'xtts-v2' AND format = 'wav' \
+             AND audio_data IS NULL AND storage_path = 'a.wav' AND compression = 'zstd' \
+             AND byte_size = 10 AND owner_id = '{owner}' \
+             AND last_accessed_at = created_at AND expires_at > now()"
+        )),
+        1
+    );
+}

@@ -127,3 +127,27 @@ fn get_or_compute_calls_the_model_once() {
     }
     assert_eq!(calls, 1);
 }
+
+#[test]
+fn set_many_keeps_the_last_value_of_a_key_given_twice_in_any_batch_size() {
+    let db = TestDb::new();
+    let cache = db.cache.llm_response();
+    // Well over the size the upsert was once split at, in one statement now.
+    let prompts: Vec<LlmPrompt> = (0..2500).map(|i| prompt(&format!("q{i}"))).collect();
+    let (first, last) = ("first".to_owned(), "last".to_owned());
+    let mut entries: Vec<(&LlmPrompt, &String)> = prompts.iter().map(|p| (p, &first)).collect();
+    entries.push((&prompts[7], &last));
+    cache
+        .set_many(&entries, std::time::Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM llm_response_cache"),
+        2500
+    );
+    let hit = cache.get(&prompts[7]).unwrap().unwrap();
+    assert_eq!(
+        (hit.response.as_str(), hit.provider.as_str(), hit.model),
+        ("last", "gemini-flash", None)
+    );
+    assert_eq!(cache.get(&prompts[8]).unwrap().unwrap().response, "first");
+}

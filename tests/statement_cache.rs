@@ -72,9 +72,9 @@ fn prepared_statements(db: &TestDb, kind: CacheKind) -> Vec<String> {
 }
 
 /// Runs a typed cache's hot paths with batches of several sizes, then checks that
-/// each read shape was prepared once: get (`key_hash = $1`) and get_many (`= ANY`).
-/// Their upserts are not checked: Diesel never caches `ON CONFLICT DO UPDATE`.
-fn typed_reads_are_prepared_once<C: Cache>(
+/// each shape was prepared once: get (`key_hash = $1`), get_many (`= ANY`) and one
+/// upsert shared by set and set_many of any size.
+fn typed_statements_are_prepared_once<C: Cache>(
     db: &TestDb,
     cache: &C,
     key: impl Fn(usize) -> C::Key,
@@ -84,7 +84,7 @@ fn typed_reads_are_prepared_once<C: Cache>(
 {
     let ttl = Duration::from_secs(60);
     let mut next = 0;
-    for n in [1, 2, 7, 3] {
+    for n in [1, 2, 7, 100, 3] {
         let keys: Vec<C::Key> = (next..next + n).map(&key).collect();
         next += n;
         let refs: Vec<&C::Key> = keys.iter().collect();
@@ -103,6 +103,8 @@ fn typed_reads_are_prepared_once<C: Cache>(
             .count()
     };
     assert_eq!(count("SELECT"), 2, "{statements:#?}");
+    assert_eq!(count("INSERT"), 1, "{statements:#?}");
+    assert_eq!(statements.len(), 3, "{statements:#?}");
     assert!(
         statements.iter().any(|s| s.contains("\"key_hash\" = $1")),
         "{statements:#?}"
@@ -110,28 +112,28 @@ fn typed_reads_are_prepared_once<C: Cache>(
 }
 
 #[test]
-fn typed_cache_reads_prepare_one_statement_per_shape_whatever_the_batch_size() {
+fn typed_cache_gets_and_sets_prepare_one_statement_per_shape_whatever_the_batch_size() {
     let db = TestDb::with(|b| b.pool_max_size(1));
-    typed_reads_are_prepared_once(
+    typed_statements_are_prepared_once(
         &db,
         &db.cache.llm_response(),
         |n| LlmPrompt::new(format!("prompt {n}"), "gemini-flash"),
         &"answer".to_owned(),
     );
-    typed_reads_are_prepared_once(
+    typed_statements_are_prepared_once(
         &db,
         &db.cache.embedding(),
         |n| EmbeddingKey::new(format!("text {n}"), "model"),
         &vec![0.5; 8],
     );
-    typed_reads_are_prepared_once(
+    typed_statements_are_prepared_once(
         &db,
         &db.cache.audio_chunk(),
         |n| AudioChunkKey::new(format!("text {n}"), "voice", "tts"),
         &AudioChunk::inline(vec![7; 64], "opus"),
     );
     let user = Uuid::new_v4();
-    typed_reads_are_prepared_once(
+    typed_statements_are_prepared_once(
         &db,
         &db.cache.vector_search(),
         |n| VectorSearchQuery::new(user, vec![n as f32, 1.0], 5),

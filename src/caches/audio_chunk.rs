@@ -26,15 +26,17 @@ use diesel::data_types::PgInterval;
 use diesel::dsl::{count_star, sql};
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Double};
-use diesel::upsert::excluded;
+use diesel::sql_types::{
+    BigInt, Bytea, Double, Integer, Nullable, SmallInt, Text, Uuid as SqlUuid,
+};
+use diesel::Column;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
 use super::common::{
-    check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order, record_hits,
-    store, upsert_batch,
+    array, check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order,
+    record_hits, store, upsert_batch, UnnestUpsert, UpsertTable,
 };
 use crate::cache::{Cache, CacheKind};
 use crate::error::{Error, Result};
@@ -43,7 +45,7 @@ use crate::key::{KeyDigest, KeyHasher};
 use crate::manager::CacheManager;
 use crate::ops::eviction::{evict, EvictionReport, Limits, LruTable, SizeBounds};
 use crate::schema::audio_chunk_cache;
-use crate::sql::{db_now, ExpiresIn};
+use crate::sql::db_now;
 
 /// Longest text (in characters) the audio cache stores unless told otherwise: about
 /// three spoken sentences.
@@ -505,66 +507,57 @@ pub(crate) fn write(
         conn,
         rows,
         |r| r.digest,
+        |r| inline(r).map_or(0, <[u8]>::len),
         |conn, rows| upsert(conn, rows, interval),
     )
 }
 
+/// The audio bytes stored in the row, if inline.
+fn inline<'r>(row: &'r Row<'_>) -> Option<&'r [u8]> {
+    match &row.chunk.data {
+        AudioData::Inline(bytes) => Some(bytes),
+        AudioData::Stored { .. } => None,
+    }
+}
+
+impl UpsertTable for audio_chunk_cache::table {
+    const KIND: CacheKind = CacheKind::AudioChunk;
+    const COLUMNS: &'static [&'static str] = &[
+        audio_chunk_cache::key_hash::NAME,
+        audio_chunk_cache::voice_model_id::NAME,
+        audio_chunk_cache::provider::NAME,
+        audio_chunk_cache::audio_data::NAME,
+        audio_chunk_cache::storage_path::NAME,
+        audio_chunk_cache::format::NAME,
+        audio_chunk_cache::duration_ms::NAME,
+        audio_chunk_cache::sample_rate::NAME,
+        audio_chunk_cache::channels::NAME,
+        audio_chunk_cache::compression::NAME,
+        audio_chunk_cache::byte_size::NAME,
+        audio_chunk_cache::owner_id::NAME,
+    ];
+    const RESET: &'static str = ", hit_count = 0, last_accessed_at = now()";
+}
+
 fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> QueryResult<usize> {
-    use audio_chunk_cache as a;
-    let values: Vec<_> = rows
-        .iter()
-        .map(|r| {
-            let (bytes, path) = match &r.chunk.data {
-                AudioData::Inline(bytes) => (Some(bytes.as_slice()), None),
-                AudioData::Stored { path, .. } => (None, Some(path.as_str())),
-            };
-            (
-                (
-                    a::key_hash.eq(r.digest.as_bytes().as_slice()),
-                    a::voice_model_id.eq(r.key.voice_model_id.as_str()),
-                    a::provider.eq(r.key.provider.as_str()),
-                    a::audio_data.eq(bytes),
-                    a::storage_path.eq(path),
-                    a::format.eq(r.chunk.format.as_str()),
-                ),
-                (
-                    a::duration_ms.eq(r.duration_ms),
-                    a::sample_rate.eq(r.sample_rate),
-                    a::channels.eq(r.channels),
-                    a::compression.eq(r.chunk.compression.as_deref()),
-                    a::byte_size.eq(r.byte_size),
-                    a::owner_id.eq(r.key.owner),
-                    a::expires_at.eq(ExpiresIn(interval)),
-                ),
-            )
-        })
-        .collect();
-    diesel::insert_into(a::table)
-        .values(values)
-        .on_conflict(a::key_hash)
-        .do_update()
-        .set((
-            (
-                a::voice_model_id.eq(excluded(a::voice_model_id)),
-                a::provider.eq(excluded(a::provider)),
-                a::audio_data.eq(excluded(a::audio_data)),
-                a::storage_path.eq(excluded(a::storage_path)),
-                a::format.eq(excluded(a::format)),
-                a::duration_ms.eq(excluded(a::duration_ms)),
-                a::sample_rate.eq(excluded(a::sample_rate)),
-            ),
-            (
-                a::channels.eq(excluded(a::channels)),
-                a::compression.eq(excluded(a::compression)),
-                a::byte_size.eq(excluded(a::byte_size)),
-                a::owner_id.eq(excluded(a::owner_id)),
-                a::expires_at.eq(excluded(a::expires_at)),
-                a::hit_count.eq(0),
-                a::last_accessed_at.eq(db_now()),
-                a::created_at.eq(db_now()),
-            ),
-        ))
-        .execute(conn)
+    let arrays = (
+        array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
+        array::<Text, _, _>(rows, |r| r.key.voice_model_id.as_str()),
+        array::<Text, _, _>(rows, |r| r.key.provider.as_str()),
+        array::<Nullable<Bytea>, _, _>(rows, inline),
+        array::<Nullable<Text>, _, _>(rows, |r| match &r.chunk.data {
+            AudioData::Inline(_) => None,
+            AudioData::Stored { path, .. } => Some(path.as_str()),
+        }),
+        array::<Text, _, _>(rows, |r| r.chunk.format.as_str()),
+        array::<Integer, _, _>(rows, |r| r.duration_ms),
+        array::<Integer, _, _>(rows, |r| r.sample_rate),
+        array::<SmallInt, _, _>(rows, |r| r.channels),
+        array::<Nullable<Text>, _, _>(rows, |r| r.chunk.compression.as_deref()),
+        array::<BigInt, _, _>(rows, |r| r.byte_size),
+        array::<Nullable<SqlUuid>, _, _>(rows, |r| r.key.owner),
+    );
+    UnnestUpsert::<audio_chunk_cache::table, _>::new(arrays, interval).execute(conn)
 }
 
 type Stored = (

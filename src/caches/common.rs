@@ -1,22 +1,27 @@
 //! Pieces every AI cache shares: name checks, batch shaping and digest bookkeeping.
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::time::Duration;
 
 use diesel::data_types::PgInterval;
-use diesel::pg::PgConnection;
+use diesel::dsl::AsExprOf;
+use diesel::expression::{AsExpression, TypedExpressionType};
+use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, Bool, Bytea};
+use diesel::query_builder::{AstPass, QueryFragment, QueryId};
+use diesel::sql_types::{Array, Bool, Bytea, SqlType};
 
 use crate::cache::CacheKind;
 use crate::error::{Error, Result};
 use crate::input::{check_text, ttl_interval};
 use crate::key::KeyDigest;
 use crate::manager::CacheManager;
+use crate::sql::ExpiresIn;
 
-/// Rows per INSERT: keeps every statement far below PostgreSQL's 65 535 bind
-/// parameters whatever the number of columns.
-const ROWS_PER_STATEMENT: usize = 1000;
+/// Payload bytes per INSERT: PostgreSQL caps one array value (one column of a batch)
+/// at 1 GB, so only batches of large rows (inline audio) are split, far below that.
+const BYTES_PER_STATEMENT: usize = 64 * 1024 * 1024;
 
 /// Hex characters of a digest shown in reports (`top`, `stats`).
 const HASH_PREFIX_CHARS: usize = 16;
@@ -127,13 +132,16 @@ pub(crate) fn store<'a, K: ?Sized, V: ?Sized, R>(
     Ok(())
 }
 
-/// Upserts `rows` in as few statements as possible, in key order. A key given twice
-/// keeps its last row (one statement cannot upsert a row twice), and several statements run in one
-/// transaction (a savepoint inside the caller's), so the batch is all-or-nothing.
+/// Upserts `rows` in as few statements as possible (one unless their `size`s add
+/// up to more than [`BYTES_PER_STATEMENT`]), in key order. A key given twice keeps
+/// its last row (one statement cannot upsert a row twice), and several statements
+/// run in one transaction (a savepoint inside the caller's), so the batch is
+/// all-or-nothing.
 pub(crate) fn upsert_batch<R>(
     conn: &mut PgConnection,
     rows: Vec<R>,
     digest: impl Fn(&R) -> KeyDigest,
+    size: impl Fn(&R) -> usize,
     upsert: impl Fn(&mut PgConnection, &[R]) -> QueryResult<usize>,
 ) -> QueryResult<usize> {
     let mut position: HashMap<KeyDigest, usize> = HashMap::with_capacity(rows.len());
@@ -149,13 +157,128 @@ pub(crate) fn upsert_batch<R>(
     let mut unique: Vec<R> = unique.into_iter().flatten().collect();
     // Rows are locked in key order, so two overlapping batches cannot deadlock.
     unique.sort_unstable_by_key(|row| digest(row));
-    match unique.len() {
-        0 => Ok(0),
-        n if n <= ROWS_PER_STATEMENT => upsert(conn, &unique),
-        _ => conn.transaction(|conn| {
-            unique
-                .chunks(ROWS_PER_STATEMENT)
+    match split_by_size(&unique, size, BYTES_PER_STATEMENT).as_slice() {
+        [] => Ok(0),
+        [all] => upsert(conn, all),
+        chunks => conn.transaction(|conn| {
+            chunks
+                .iter()
                 .try_fold(0, |sum, chunk| Ok(sum + upsert(conn, chunk)?))
         }),
+    }
+}
+
+/// Consecutive runs of `rows` whose sizes add up to at most `max` each (a larger
+/// row alone); no runs for no rows.
+fn split_by_size<R>(rows: &[R], size: impl Fn(&R) -> usize, max: usize) -> Vec<&[R]> {
+    let mut runs = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, row) in rows.iter().enumerate() {
+        let row_bytes = size(row);
+        if i > start && bytes + row_bytes > max {
+            runs.push(&rows[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += row_bytes;
+    }
+    if start < rows.len() {
+        runs.push(&rows[start..]);
+    }
+    runs
+}
+
+/// A typed cache table written by [`UnnestUpsert`]: its column lists, from which
+/// the statement text is rendered.
+pub(crate) trait UpsertTable: 'static {
+    /// The cache whose table this is.
+    const KIND: CacheKind;
+    /// The columns bound as arrays, in the order of the arrays; `key_hash` first.
+    const COLUMNS: &'static [&'static str];
+    /// Assignments an overwrite makes besides the columns, `expires_at` and
+    /// `created_at` (e.g. resetting hit counters), each starting with `, `.
+    const RESET: &'static str;
+}
+
+/// `INSERT INTO t (cols, expires_at) SELECT u.*, now() + $ttl FROM unnest($1, ...)
+/// ON CONFLICT (key_hash) DO UPDATE SET ...`: the rows travel as one array per
+/// column (`A`, a tuple of bound arrays), so the text is the same for any batch size.
+/// With its static query id it is prepared once per connection and found again by
+/// type, which Diesel never does for its own `ON CONFLICT`, nullable or multi-row
+/// inserts.
+pub(crate) struct UnnestUpsert<T, A> {
+    arrays: A,
+    expires: ExpiresIn,
+    table: PhantomData<T>,
+}
+
+impl<T: UpsertTable, A> UnnestUpsert<T, A> {
+    pub(crate) fn new(arrays: A, ttl: PgInterval) -> Self {
+        UnnestUpsert {
+            arrays,
+            expires: ExpiresIn(ttl),
+            table: PhantomData,
+        }
+    }
+}
+
+impl<T: UpsertTable, A: QueryFragment<Pg>> QueryFragment<Pg> for UnnestUpsert<T, A> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("INSERT INTO ");
+        out.push_sql(T::KIND.table());
+        out.push_sql(" (");
+        for column in T::COLUMNS {
+            out.push_sql(column);
+            out.push_sql(", ");
+        }
+        out.push_sql("expires_at) SELECT u.*, ");
+        self.expires.walk_ast(out.reborrow())?;
+        out.push_sql(" FROM unnest(");
+        self.arrays.walk_ast(out.reborrow())?;
+        out.push_sql(") AS u ON CONFLICT (key_hash) DO UPDATE SET ");
+        for column in T::COLUMNS.iter().filter(|c| **c != "key_hash") {
+            out.push_sql(column);
+            out.push_sql(" = excluded.");
+            out.push_sql(column);
+            out.push_sql(", ");
+        }
+        out.push_sql("expires_at = excluded.expires_at, created_at = now()");
+        out.push_sql(T::RESET);
+        Ok(())
+    }
+}
+
+impl<T: UpsertTable, A: QueryId> QueryId for UnnestUpsert<T, A> {
+    type QueryId = UnnestUpsert<T, A::QueryId>;
+    const HAS_STATIC_QUERY_ID: bool = A::HAS_STATIC_QUERY_ID;
+}
+
+impl<T, A, Conn> RunQueryDsl<Conn> for UnnestUpsert<T, A> {}
+
+/// One column of a batch as a bound `ST[]`, for the arrays of an [`UnnestUpsert`].
+pub(crate) fn array<'r, ST, R, V>(
+    rows: &'r [R],
+    value: impl Fn(&'r R) -> V,
+) -> AsExprOf<Vec<V>, Array<ST>>
+where
+    ST: SqlType + TypedExpressionType + 'static,
+    Vec<V>: AsExpression<Array<ST>>,
+{
+    rows.iter()
+        .map(value)
+        .collect::<Vec<_>>()
+        .into_sql::<Array<ST>>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_by_size;
+
+    #[test]
+    fn batches_split_only_where_the_byte_budget_overflows() {
+        let sizes = [3, 4, 1, 9, 2, 2];
+        let runs = split_by_size(&sizes, |s| *s, 8);
+        assert_eq!(runs, vec![&[3, 4, 1][..], &[9], &[2, 2]]);
+        assert_eq!(split_by_size(&sizes, |s| *s, 100), vec![&sizes[..]]);
+        assert!(split_by_size(&[0u8; 0], |_| 1, 8).is_empty());
     }
 }

@@ -17,12 +17,14 @@ use chrono::{DateTime, Utc};
 use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::upsert::excluded;
+use diesel::sql_types::{Bytea, Integer, Nullable, Text, Uuid as SqlUuid};
+use diesel::Column;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::common::{
-    check_name, delete_digests, digest_params, digests, in_request_order, store, upsert_batch,
+    array, check_name, delete_digests, digest_params, digests, in_request_order, store,
+    upsert_batch, UnnestUpsert, UpsertTable,
 };
 use crate::cache::{Cache, CacheKind};
 use crate::error::{Error, Result};
@@ -30,7 +32,7 @@ use crate::input::{check_embedding, check_text};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::manager::CacheManager;
 use crate::schema::embedding_cache;
-use crate::sql::{db_now, ExpiresIn};
+use crate::sql::db_now;
 
 /// What identifies a cached embedding: the query text and the model that embeds it,
 /// optionally owned by a user (see [`owned_by`](Self::owned_by)).
@@ -226,37 +228,32 @@ pub(crate) fn write(
         conn,
         rows,
         |r| r.digest,
+        |r| r.bytes.len(),
         |conn, rows| upsert(conn, rows, interval),
     )
 }
 
+impl UpsertTable for embedding_cache::table {
+    const KIND: CacheKind = CacheKind::Embedding;
+    const COLUMNS: &'static [&'static str] = &[
+        embedding_cache::key_hash::NAME,
+        embedding_cache::model::NAME,
+        embedding_cache::dimensions::NAME,
+        embedding_cache::embedding::NAME,
+        embedding_cache::owner_id::NAME,
+    ];
+    const RESET: &'static str = "";
+}
+
 fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> QueryResult<usize> {
-    let values: Vec<_> = rows
-        .iter()
-        .map(|r| {
-            (
-                embedding_cache::key_hash.eq(r.digest.as_bytes().as_slice()),
-                embedding_cache::model.eq(r.key.model.as_str()),
-                embedding_cache::dimensions.eq(r.dimensions),
-                embedding_cache::embedding.eq(r.bytes.as_slice()),
-                embedding_cache::owner_id.eq(r.key.owner),
-                embedding_cache::expires_at.eq(ExpiresIn(interval)),
-            )
-        })
-        .collect();
-    diesel::insert_into(embedding_cache::table)
-        .values(values)
-        .on_conflict(embedding_cache::key_hash)
-        .do_update()
-        .set((
-            embedding_cache::model.eq(excluded(embedding_cache::model)),
-            embedding_cache::dimensions.eq(excluded(embedding_cache::dimensions)),
-            embedding_cache::embedding.eq(excluded(embedding_cache::embedding)),
-            embedding_cache::owner_id.eq(excluded(embedding_cache::owner_id)),
-            embedding_cache::expires_at.eq(excluded(embedding_cache::expires_at)),
-            embedding_cache::created_at.eq(db_now()),
-        ))
-        .execute(conn)
+    let arrays = (
+        array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
+        array::<Text, _, _>(rows, |r| r.key.model.as_str()),
+        array::<Integer, _, _>(rows, |r| r.dimensions),
+        array::<Bytea, _, _>(rows, |r| r.bytes.as_slice()),
+        array::<Nullable<SqlUuid>, _, _>(rows, |r| r.key.owner),
+    );
+    UnnestUpsert::<embedding_cache::table, _>::new(arrays, interval).execute(conn)
 }
 
 type Stored = (

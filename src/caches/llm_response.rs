@@ -21,14 +21,15 @@ use chrono::{DateTime, Utc};
 use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::upsert::excluded;
+use diesel::sql_types::{Bytea, Nullable, Text, Uuid as SqlUuid};
+use diesel::Column;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
 use super::common::{
-    check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order, record_hits,
-    store, upsert_batch,
+    array, check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order,
+    record_hits, store, upsert_batch, UnnestUpsert, UpsertTable,
 };
 use crate::cache::{Cache, CacheKind};
 use crate::error::Result;
@@ -36,7 +37,7 @@ use crate::input::{check_json, check_text};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::manager::CacheManager;
 use crate::schema::llm_response_cache;
-use crate::sql::{db_now, ExpiresIn};
+use crate::sql::db_now;
 
 /// An LLM request: what identifies a cached response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -276,39 +277,32 @@ pub(crate) fn write(
         conn,
         rows,
         |r| r.digest,
+        |r| r.response.len(),
         |conn, rows| upsert(conn, rows, interval),
     )
 }
 
+impl UpsertTable for llm_response_cache::table {
+    const KIND: CacheKind = CacheKind::LlmResponse;
+    const COLUMNS: &'static [&'static str] = &[
+        llm_response_cache::key_hash::NAME,
+        llm_response_cache::provider::NAME,
+        llm_response_cache::model::NAME,
+        llm_response_cache::response::NAME,
+        llm_response_cache::owner_id::NAME,
+    ];
+    const RESET: &'static str = ", hit_count = 0, last_accessed_at = now()";
+}
+
 fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> QueryResult<usize> {
-    let values: Vec<_> = rows
-        .iter()
-        .map(|r| {
-            (
-                llm_response_cache::key_hash.eq(r.digest.as_bytes().as_slice()),
-                llm_response_cache::provider.eq(r.prompt.provider.as_str()),
-                llm_response_cache::model.eq(r.prompt.model.as_deref()),
-                llm_response_cache::response.eq(r.response),
-                llm_response_cache::owner_id.eq(r.prompt.owner),
-                llm_response_cache::expires_at.eq(ExpiresIn(interval)),
-            )
-        })
-        .collect();
-    diesel::insert_into(llm_response_cache::table)
-        .values(values)
-        .on_conflict(llm_response_cache::key_hash)
-        .do_update()
-        .set((
-            llm_response_cache::provider.eq(excluded(llm_response_cache::provider)),
-            llm_response_cache::model.eq(excluded(llm_response_cache::model)),
-            llm_response_cache::response.eq(excluded(llm_response_cache::response)),
-            llm_response_cache::owner_id.eq(excluded(llm_response_cache::owner_id)),
-            llm_response_cache::expires_at.eq(excluded(llm_response_cache::expires_at)),
-            llm_response_cache::hit_count.eq(0),
-            llm_response_cache::last_accessed_at.eq(db_now()),
-            llm_response_cache::created_at.eq(db_now()),
-        ))
-        .execute(conn)
+    let arrays = (
+        array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
+        array::<Text, _, _>(rows, |r| r.prompt.provider.as_str()),
+        array::<Nullable<Text>, _, _>(rows, |r| r.prompt.model.as_deref()),
+        array::<Text, _, _>(rows, |r| r.response),
+        array::<Nullable<SqlUuid>, _, _>(rows, |r| r.prompt.owner),
+    );
+    UnnestUpsert::<llm_response_cache::table, _>::new(arrays, interval).execute(conn)
 }
 
 type Stored = (

@@ -16,21 +16,24 @@ use chrono::{DateTime, Utc};
 use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::upsert::excluded;
+use diesel::sql_types::{Bytea, Integer, Jsonb, Uuid as SqlUuid};
+use diesel::Column;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
 use super::common::{
-    delete_digests, digest_params, digests, in_request_order, store, upsert_batch,
+    array, delete_digests, digest_params, digests, in_request_order, store, upsert_batch,
+    UnnestUpsert, UpsertTable,
 };
 use crate::cache::{Cache, CacheKind};
 use crate::error::{Error, Result};
 use crate::input::{check_embedding, check_json};
+use crate::jsonb::JsonbOut;
 use crate::key::{canonical_json, KeyDigest, KeyHasher};
 use crate::manager::CacheManager;
 use crate::schema::vector_search_cache;
-use crate::sql::{db_now, ExpiresIn};
+use crate::sql::db_now;
 
 /// A vector search of one user: what identifies its cached results.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,20 +165,19 @@ pub(crate) struct Row<'a> {
     digest: KeyDigest,
     query: &'a VectorSearchQuery,
     top_k: i32,
-    filters: Value,
-    results: &'a Value,
+    filters: JsonbOut,
+    results: JsonbOut,
 }
 
 /// Validates an entry.
 pub(crate) fn row<'a>(query: &'a VectorSearchQuery, results: &'a Value) -> Result<Row<'a>> {
     let digest = digest(query)?;
-    check_json("results", results)?;
     Ok(Row {
         digest,
         query,
         top_k: top_k(query)?,
-        filters: canonical_json(&query.filters),
-        results,
+        filters: JsonbOut::new("filters", &canonical_json(&query.filters))?,
+        results: JsonbOut::new("results", results)?,
     })
 }
 
@@ -189,37 +191,32 @@ pub(crate) fn write(
         conn,
         rows,
         |r| r.digest,
+        |r| r.filters.byte_len() + r.results.byte_len(),
         |conn, rows| upsert(conn, rows, interval),
     )
 }
 
+impl UpsertTable for vector_search_cache::table {
+    const KIND: CacheKind = CacheKind::VectorSearch;
+    const COLUMNS: &'static [&'static str] = &[
+        vector_search_cache::key_hash::NAME,
+        vector_search_cache::user_id::NAME,
+        vector_search_cache::top_k::NAME,
+        vector_search_cache::filters::NAME,
+        vector_search_cache::results::NAME,
+    ];
+    const RESET: &'static str = "";
+}
+
 fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> QueryResult<usize> {
-    let values: Vec<_> = rows
-        .iter()
-        .map(|r| {
-            (
-                vector_search_cache::key_hash.eq(r.digest.as_bytes().as_slice()),
-                vector_search_cache::user_id.eq(r.query.user_id),
-                vector_search_cache::top_k.eq(r.top_k),
-                vector_search_cache::filters.eq(&r.filters),
-                vector_search_cache::results.eq(r.results),
-                vector_search_cache::expires_at.eq(ExpiresIn(interval)),
-            )
-        })
-        .collect();
-    diesel::insert_into(vector_search_cache::table)
-        .values(values)
-        .on_conflict(vector_search_cache::key_hash)
-        .do_update()
-        .set((
-            vector_search_cache::user_id.eq(excluded(vector_search_cache::user_id)),
-            vector_search_cache::top_k.eq(excluded(vector_search_cache::top_k)),
-            vector_search_cache::filters.eq(excluded(vector_search_cache::filters)),
-            vector_search_cache::results.eq(excluded(vector_search_cache::results)),
-            vector_search_cache::expires_at.eq(excluded(vector_search_cache::expires_at)),
-            vector_search_cache::created_at.eq(db_now()),
-        ))
-        .execute(conn)
+    let arrays = (
+        array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
+        array::<SqlUuid, _, _>(rows, |r| r.query.user_id),
+        array::<Integer, _, _>(rows, |r| r.top_k),
+        array::<Jsonb, _, _>(rows, |r| &r.filters),
+        array::<Jsonb, _, _>(rows, |r| &r.results),
+    );
+    UnnestUpsert::<vector_search_cache::table, _>::new(arrays, interval).execute(conn)
 }
 
 type Stored = (
