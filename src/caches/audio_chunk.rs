@@ -36,7 +36,8 @@ use uuid::Uuid;
 
 use super::common::{
     array, check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order,
-    record_hits, store, upsert_batch, UnnestUpsert, UpsertTable,
+    record_hits, store, typed_cache_basics, upsert_batch, with_default_ttl, UnnestUpsert,
+    UpsertTable,
 };
 use crate::cache::{Cache, CacheKind};
 use crate::error::{Error, Result};
@@ -321,12 +322,7 @@ impl<'a> AudioChunkCache<'a> {
         }
     }
 
-    /// A handle whose [`set`](Cache::set) uses `ttl` instead of the short preset.
-    #[must_use]
-    pub fn with_default_ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
-        self
-    }
+    with_default_ttl!("short");
 
     /// A handle that does not cache text longer than `max` characters (`None`: no
     /// limit). Default: [`DEFAULT_MAX_AUDIO_TEXT_CHARS`].
@@ -677,22 +673,10 @@ impl Cache for AudioChunkCache<'_> {
     type Value = AudioChunk;
     type Entry = CachedAudioChunk;
 
-    const KIND: CacheKind = CacheKind::AudioChunk;
-
-    fn manager(&self) -> &CacheManager {
-        self.manager
-    }
-
-    fn default_ttl(&self) -> Duration {
-        self.ttl
-    }
+    typed_cache_basics!(CacheKind::AudioChunk);
 
     fn into_value(entry: CachedAudioChunk) -> AudioChunk {
         entry.chunk
-    }
-
-    fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest> {
-        digest(key)
     }
 
     fn get_in(

@@ -269,6 +269,41 @@ where
         .into_sql::<Array<ST>>()
 }
 
+/// The [`Cache`](crate::Cache) items every typed cache answers alike: its kind, its
+/// manager and default TTL (the handle's `manager` and `ttl` fields), and its key's
+/// digest (the cache module's `digest`, the one its rows are stored under).
+macro_rules! typed_cache_basics {
+    ($kind:expr) => {
+        const KIND: CacheKind = $kind;
+
+        fn manager(&self) -> &CacheManager {
+            self.manager
+        }
+
+        fn default_ttl(&self) -> Duration {
+            self.ttl
+        }
+
+        fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest> {
+            digest(key)
+        }
+    };
+}
+pub(crate) use typed_cache_basics;
+
+/// The typed handles' `with_default_ttl`, documented with the preset it replaces.
+macro_rules! with_default_ttl {
+    ($preset:literal) => {
+        #[doc = concat!("A handle whose [`set`](Cache::set) uses `ttl` instead of the ", $preset, " preset.")]
+        #[must_use]
+        pub fn with_default_ttl(mut self, ttl: Duration) -> Self {
+            self.ttl = ttl;
+            self
+        }
+    };
+}
+pub(crate) use with_default_ttl;
+
 #[cfg(test)]
 mod tests {
     use super::split_by_size;

@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use super::common::{
     array, check_name, delete_digests, digest_params, digests, in_request_order, store,
-    upsert_batch, UnnestUpsert, UpsertTable,
+    typed_cache_basics, upsert_batch, with_default_ttl, UnnestUpsert, UpsertTable,
 };
 use crate::cache::{Cache, CacheKind};
 use crate::error::{Error, Result};
@@ -132,12 +132,7 @@ impl<'a> EmbeddingCache<'a> {
         }
     }
 
-    /// A handle whose [`set`](Cache::set) uses `ttl` instead of the medium preset.
-    #[must_use]
-    pub fn with_default_ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
-        self
-    }
+    with_default_ttl!("medium");
 
     /// Embeddings of many `texts` under one `model` (shared, unowned entries): one
     /// read for all of them, `compute` called once with only the missing texts (each
@@ -319,22 +314,10 @@ impl Cache for EmbeddingCache<'_> {
     type Value = Vec<f32>;
     type Entry = CachedEmbedding;
 
-    const KIND: CacheKind = CacheKind::Embedding;
-
-    fn manager(&self) -> &CacheManager {
-        self.manager
-    }
-
-    fn default_ttl(&self) -> Duration {
-        self.ttl
-    }
+    typed_cache_basics!(CacheKind::Embedding);
 
     fn into_value(entry: CachedEmbedding) -> Vec<f32> {
         entry.embedding
-    }
-
-    fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest> {
-        digest(key)
     }
 
     fn get_in(

@@ -29,7 +29,8 @@ use uuid::Uuid;
 
 use super::common::{
     array, check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order,
-    record_hits, store, upsert_batch, UnnestUpsert, UpsertTable,
+    record_hits, store, typed_cache_basics, upsert_batch, with_default_ttl, UnnestUpsert,
+    UpsertTable,
 };
 use crate::cache::{Cache, CacheKind};
 use crate::error::Result;
@@ -203,12 +204,7 @@ impl<'a> LlmResponseCache<'a> {
         }
     }
 
-    /// A handle whose [`set`](Cache::set) uses `ttl` instead of the medium preset.
-    #[must_use]
-    pub fn with_default_ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
-        self
-    }
+    with_default_ttl!("medium");
 
     /// The `n` most-hit live responses, most hits first. Flushes this manager's
     /// pending hits first so they are included (other processes' pending hits are
@@ -374,22 +370,10 @@ impl Cache for LlmResponseCache<'_> {
     type Value = String;
     type Entry = CachedLlmResponse;
 
-    const KIND: CacheKind = CacheKind::LlmResponse;
-
-    fn manager(&self) -> &CacheManager {
-        self.manager
-    }
-
-    fn default_ttl(&self) -> Duration {
-        self.ttl
-    }
+    typed_cache_basics!(CacheKind::LlmResponse);
 
     fn into_value(entry: CachedLlmResponse) -> String {
         entry.response
-    }
-
-    fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest> {
-        digest(key)
     }
 
     fn get_in(

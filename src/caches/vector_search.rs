@@ -23,8 +23,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::common::{
-    array, delete_digests, digest_params, digests, in_request_order, store, upsert_batch,
-    UnnestUpsert, UpsertTable,
+    array, delete_digests, digest_params, digests, in_request_order, store, typed_cache_basics,
+    upsert_batch, with_default_ttl, UnnestUpsert, UpsertTable,
 };
 use crate::cache::{Cache, CacheKind};
 use crate::error::{Error, Result};
@@ -152,12 +152,7 @@ impl<'a> VectorSearchCache<'a> {
         }
     }
 
-    /// A handle whose [`set`](Cache::set) uses `ttl` instead of the short preset.
-    #[must_use]
-    pub fn with_default_ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
-        self
-    }
+    with_default_ttl!("short");
 }
 
 /// One validated row, ready to upsert.
@@ -297,22 +292,10 @@ impl Cache for VectorSearchCache<'_> {
     type Value = Value;
     type Entry = CachedVectorSearch;
 
-    const KIND: CacheKind = CacheKind::VectorSearch;
-
-    fn manager(&self) -> &CacheManager {
-        self.manager
-    }
-
-    fn default_ttl(&self) -> Duration {
-        self.ttl
-    }
+    typed_cache_basics!(CacheKind::VectorSearch);
 
     fn into_value(entry: CachedVectorSearch) -> Value {
         entry.results
-    }
-
-    fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest> {
-        digest(key)
     }
 
     fn get_in(
