@@ -556,74 +556,31 @@ fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> Qu
     UnnestUpsert::<audio_chunk_cache::table, _>::new(arrays, interval).execute(conn)
 }
 
-type Stored = (
-    (
-        Vec<u8>,
-        Option<Vec<u8>>,
-        Option<String>,
-        String,
-        i32,
-        i32,
-        i16,
-    ),
-    (
-        Option<String>,
-        i64,
-        i64,
-        DateTime<Utc>,
-        DateTime<Utc>,
-        DateTime<Utc>,
-    ),
-);
-
-/// The columns of a [`Stored`] row, in its order.
-type StoredColumns = (
-    (
-        audio_chunk_cache::key_hash,
-        audio_chunk_cache::audio_data,
-        audio_chunk_cache::storage_path,
-        audio_chunk_cache::format,
-        audio_chunk_cache::duration_ms,
-        audio_chunk_cache::sample_rate,
-        audio_chunk_cache::channels,
-    ),
-    (
-        audio_chunk_cache::compression,
-        audio_chunk_cache::byte_size,
-        audio_chunk_cache::hit_count,
-        audio_chunk_cache::last_accessed_at,
-        audio_chunk_cache::created_at,
-        audio_chunk_cache::expires_at,
-    ),
-);
-
-/// The columns of a [`Stored`] row.
-const STORED: StoredColumns = (
-    (
-        audio_chunk_cache::key_hash,
-        audio_chunk_cache::audio_data,
-        audio_chunk_cache::storage_path,
-        audio_chunk_cache::format,
-        audio_chunk_cache::duration_ms,
-        audio_chunk_cache::sample_rate,
-        audio_chunk_cache::channels,
-    ),
-    (
-        audio_chunk_cache::compression,
-        audio_chunk_cache::byte_size,
-        audio_chunk_cache::hit_count,
-        audio_chunk_cache::last_accessed_at,
-        audio_chunk_cache::created_at,
-        audio_chunk_cache::expires_at,
-    ),
-);
+/// A live row as read back.
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = audio_chunk_cache, check_for_backend(diesel::pg::Pg))]
+struct Stored {
+    key_hash: Vec<u8>,
+    audio_data: Option<Vec<u8>>,
+    storage_path: Option<String>,
+    format: String,
+    duration_ms: i32,
+    sample_rate: i32,
+    channels: i16,
+    compression: Option<String>,
+    byte_size: i64,
+    hit_count: i64,
+    last_accessed_at: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+}
 
 fn load_live(conn: &mut PgConnection, digests: &[KeyDigest]) -> QueryResult<Vec<Stored>> {
     use audio_chunk_cache as a;
     a::table
         .filter(a::key_hash.eq_any(digest_params(digests)))
         .filter(a::expires_at.gt(db_now()))
-        .select(STORED)
+        .select(Stored::as_select())
         .load(conn)
 }
 
@@ -633,17 +590,27 @@ fn load_one(conn: &mut PgConnection, digest: &KeyDigest) -> QueryResult<Option<S
     a::table
         .filter(a::key_hash.eq(digest.as_bytes().as_slice()))
         .filter(a::expires_at.gt(db_now()))
-        .select(STORED)
+        .select(Stored::as_select())
         .get_result(conn)
         .optional()
 }
 
-fn decode(
-    (
-        (_, bytes, path, format, duration_ms, sample_rate, channels),
-        (compression, byte_size, hits, last_accessed_at, created_at, expires_at),
-    ): Stored,
-) -> CachedAudioChunk {
+fn decode(row: Stored) -> CachedAudioChunk {
+    let Stored {
+        audio_data: bytes,
+        storage_path: path,
+        format,
+        duration_ms,
+        sample_rate,
+        channels,
+        compression,
+        byte_size,
+        hit_count: hits,
+        last_accessed_at,
+        created_at,
+        expires_at,
+        ..
+    } = row;
     // The table's CHECKs keep exactly one of bytes and path, and the numbers positive.
     let data = match (bytes, path) {
         (Some(bytes), _) => AudioData::Inline(bytes),
@@ -717,7 +684,7 @@ impl Cache for AudioChunkCache<'_> {
         } else {
             load_live(conn, &wanted)?
         };
-        let found = in_request_order(&digests, rows, |s| (s.0 .0.clone(), decode(s)))?;
+        let found = in_request_order(&digests, rows, |s| (s.key_hash.clone(), decode(s)))?;
         record_hits(self.manager, Self::KIND, &digests, &found);
         Ok(found)
     }

@@ -251,36 +251,23 @@ fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> Qu
     UnnestUpsert::<embedding_cache::table, _>::new(arrays, interval).execute(conn)
 }
 
-type Stored = (
-    Vec<u8>,
-    String,
-    Vec<u8>,
-    Option<Uuid>,
-    DateTime<Utc>,
-    DateTime<Utc>,
-);
-
-const STORED: (
-    embedding_cache::key_hash,
-    embedding_cache::model,
-    embedding_cache::embedding,
-    embedding_cache::owner_id,
-    embedding_cache::created_at,
-    embedding_cache::expires_at,
-) = (
-    embedding_cache::key_hash,
-    embedding_cache::model,
-    embedding_cache::embedding,
-    embedding_cache::owner_id,
-    embedding_cache::created_at,
-    embedding_cache::expires_at,
-);
+/// A live row as read back.
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = embedding_cache, check_for_backend(diesel::pg::Pg))]
+struct Stored {
+    key_hash: Vec<u8>,
+    model: String,
+    embedding: Vec<u8>,
+    owner_id: Option<Uuid>,
+    created_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+}
 
 fn load_live(conn: &mut PgConnection, digests: &[KeyDigest]) -> QueryResult<Vec<Stored>> {
     embedding_cache::table
         .filter(embedding_cache::key_hash.eq_any(digest_params(digests)))
         .filter(embedding_cache::expires_at.gt(db_now()))
-        .select(STORED)
+        .select(Stored::as_select())
         .load(conn)
 }
 
@@ -289,12 +276,20 @@ fn load_one(conn: &mut PgConnection, digest: &KeyDigest) -> QueryResult<Option<S
     embedding_cache::table
         .filter(embedding_cache::key_hash.eq(digest.as_bytes().as_slice()))
         .filter(embedding_cache::expires_at.gt(db_now()))
-        .select(STORED)
+        .select(Stored::as_select())
         .get_result(conn)
         .optional()
 }
 
-fn decode((_, model, bytes, owner, created_at, expires_at): Stored) -> CachedEmbedding {
+fn decode(row: Stored) -> CachedEmbedding {
+    let Stored {
+        model,
+        embedding: bytes,
+        owner_id: owner,
+        created_at,
+        expires_at,
+        ..
+    } = row;
     let embedding: Vec<f32> = bytes
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -336,7 +331,7 @@ impl Cache for EmbeddingCache<'_> {
     ) -> Result<Vec<Option<CachedEmbedding>>> {
         let digests = digests(keys, digest)?;
         let rows = load_live(conn, &digests)?;
-        in_request_order(&digests, rows, |s| (s.0.clone(), decode(s)))
+        in_request_order(&digests, rows, |s| (s.key_hash.clone(), decode(s)))
     }
 
     fn set_in(

@@ -301,43 +301,25 @@ fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> Qu
     UnnestUpsert::<llm_response_cache::table, _>::new(arrays, interval).execute(conn)
 }
 
-type Stored = (
-    Vec<u8>,
-    String,
-    String,
-    Option<String>,
-    i64,
-    DateTime<Utc>,
-    DateTime<Utc>,
-    DateTime<Utc>,
-);
-
-/// The columns of a [`Stored`] row.
-const STORED: (
-    llm_response_cache::key_hash,
-    llm_response_cache::response,
-    llm_response_cache::provider,
-    llm_response_cache::model,
-    llm_response_cache::hit_count,
-    llm_response_cache::last_accessed_at,
-    llm_response_cache::created_at,
-    llm_response_cache::expires_at,
-) = (
-    llm_response_cache::key_hash,
-    llm_response_cache::response,
-    llm_response_cache::provider,
-    llm_response_cache::model,
-    llm_response_cache::hit_count,
-    llm_response_cache::last_accessed_at,
-    llm_response_cache::created_at,
-    llm_response_cache::expires_at,
-);
+/// A live row as read back.
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = llm_response_cache, check_for_backend(diesel::pg::Pg))]
+struct Stored {
+    key_hash: Vec<u8>,
+    response: String,
+    provider: String,
+    model: Option<String>,
+    hit_count: i64,
+    last_accessed_at: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+}
 
 fn load_live(conn: &mut PgConnection, digests: &[KeyDigest]) -> QueryResult<Vec<Stored>> {
     llm_response_cache::table
         .filter(llm_response_cache::key_hash.eq_any(digest_params(digests)))
         .filter(llm_response_cache::expires_at.gt(db_now()))
-        .select(STORED)
+        .select(Stored::as_select())
         .load(conn)
 }
 
@@ -346,14 +328,22 @@ fn load_one(conn: &mut PgConnection, digest: &KeyDigest) -> QueryResult<Option<S
     llm_response_cache::table
         .filter(llm_response_cache::key_hash.eq(digest.as_bytes().as_slice()))
         .filter(llm_response_cache::expires_at.gt(db_now()))
-        .select(STORED)
+        .select(Stored::as_select())
         .get_result(conn)
         .optional()
 }
 
-fn decode(
-    (_, response, provider, model, hits, last_accessed_at, created_at, expires_at): Stored,
-) -> CachedLlmResponse {
+fn decode(row: Stored) -> CachedLlmResponse {
+    let Stored {
+        response,
+        provider,
+        model,
+        hit_count: hits,
+        last_accessed_at,
+        created_at,
+        expires_at,
+        ..
+    } = row;
     CachedLlmResponse {
         response,
         provider,
@@ -399,7 +389,7 @@ impl Cache for LlmResponseCache<'_> {
     ) -> Result<Vec<Option<CachedLlmResponse>>> {
         let digests = digests(prompts, digest)?;
         let rows = load_live(conn, &digests)?;
-        let found = in_request_order(&digests, rows, |s| (s.0.clone(), decode(s)))?;
+        let found = in_request_order(&digests, rows, |s| (s.key_hash.clone(), decode(s)))?;
         record_hits(self.manager, Self::KIND, &digests, &found);
         Ok(found)
     }

@@ -214,37 +214,19 @@ fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> Qu
     UnnestUpsert::<vector_search_cache::table, _>::new(arrays, interval).execute(conn)
 }
 
-type Stored = (
-    Vec<u8>,
-    Uuid,
-    i32,
-    Value,
-    Value,
-    DateTime<Utc>,
-    DateTime<Utc>,
-);
+/// A live row as read back.
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = vector_search_cache, check_for_backend(diesel::pg::Pg))]
+struct Stored {
+    key_hash: Vec<u8>,
+    user_id: Uuid,
+    top_k: i32,
+    filters: Value,
+    results: Value,
+    created_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+}
 
-/// The columns of a [`Stored`] row.
-const STORED: (
-    vector_search_cache::key_hash,
-    vector_search_cache::user_id,
-    vector_search_cache::top_k,
-    vector_search_cache::filters,
-    vector_search_cache::results,
-    vector_search_cache::created_at,
-    vector_search_cache::expires_at,
-) = (
-    vector_search_cache::key_hash,
-    vector_search_cache::user_id,
-    vector_search_cache::top_k,
-    vector_search_cache::filters,
-    vector_search_cache::results,
-    vector_search_cache::created_at,
-    vector_search_cache::expires_at,
-);
-
-/// Live rows with these digests that belong to one of `users` (defence in depth:
-/// the digest already covers the user).
 fn load_live(
     conn: &mut PgConnection,
     digests: &[KeyDigest],
@@ -254,7 +236,7 @@ fn load_live(
         .filter(vector_search_cache::key_hash.eq_any(digest_params(digests)))
         .filter(vector_search_cache::user_id.eq_any(users))
         .filter(vector_search_cache::expires_at.gt(db_now()))
-        .select(STORED)
+        .select(Stored::as_select())
         .load(conn)
 }
 
@@ -268,14 +250,21 @@ fn load_one(
         .filter(vector_search_cache::key_hash.eq(digest.as_bytes().as_slice()))
         .filter(vector_search_cache::user_id.eq(user))
         .filter(vector_search_cache::expires_at.gt(db_now()))
-        .select(STORED)
+        .select(Stored::as_select())
         .get_result(conn)
         .optional()
 }
 
-fn decode(
-    (_, user_id, top_k, filters, results, created_at, expires_at): Stored,
-) -> CachedVectorSearch {
+fn decode(row: Stored) -> CachedVectorSearch {
+    let Stored {
+        user_id,
+        top_k,
+        filters,
+        results,
+        created_at,
+        expires_at,
+        ..
+    } = row;
     CachedVectorSearch {
         results,
         user_id,
@@ -316,7 +305,7 @@ impl Cache for VectorSearchCache<'_> {
         let users: Vec<Uuid> = queries.iter().map(|q| q.user_id).collect();
         let rows = load_live(conn, &digests, &users)?;
         // A row only answers a query of its own user.
-        let found = in_request_order(&digests, rows, |s| (s.0.clone(), decode(s)))?;
+        let found = in_request_order(&digests, rows, |s| (s.key_hash.clone(), decode(s)))?;
         Ok(found
             .into_iter()
             .zip(queries)
