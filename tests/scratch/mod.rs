@@ -60,7 +60,7 @@ impl ScratchCluster {
         let port_s = port.to_string();
         let mut args = vec![version.as_str(), name.as_str(), "-p", port_s.as_str()];
         // Small and quick: no fsync (nothing here needs to survive a power cut).
-        args.extend(["-o", "fsync=off", "-o", "listen_addresses=127.0.0.1", "--"]);
+        args.extend(["-o", "fsync=off", "--"]);
         args.extend(initdb_args);
         run("pg_createcluster", &args);
         let cluster = ScratchCluster {
