@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::key::KeyDigest;
+use crate::input::ttl_interval;
 use crate::manager::CacheManager;
+use crate::skipped::Skipped;
 
 /// The five caches, one table each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -111,6 +113,34 @@ pub trait Cache {
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key.
     fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest>;
 
+    /// Checks an entry as [`set_in`](Self::set_in) would, without a connection: bad
+    /// input is reported as such even while the database is down.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key or value.
+    fn check_entry(&self, key: &Self::Key, value: &Self::Value) -> Result<()>;
+
+    /// Whether this handle stores `key` at all (the audio cache skips long text): a
+    /// computation whose result will not be stored takes no single-flight lease.
+    fn caches_key(&self, _key: &Self::Key) -> bool {
+        true
+    }
+
+    /// The delete that undoes a write or delete of `keys` skipped in fail-open mode
+    /// (their old values would read stale after recovery). Digest-keyed tables by
+    /// default.
+    #[doc(hidden)]
+    fn skipped(&self, keys: &[&Self::Key]) -> Option<Skipped> {
+        let digests = keys.iter().map(|k| self.key_digest(k)).collect::<Result<_>>();
+        Some(Skipped::Digests(Self::KIND, digests.ok()?))
+    }
+
+    /// Checks every key before any connection is taken.
+    #[doc(hidden)]
+    fn check_keys(&self, keys: &[&Self::Key]) -> Result<()> {
+        keys.iter().try_for_each(|k| self.key_digest(k).map(drop))
+    }
+
     /// Reads a live entry on `conn`.
     ///
     /// # Errors
@@ -177,6 +207,7 @@ pub trait Cache {
     /// when no connection can be had (a miss instead in fail-open mode).
     fn get(&self, key: &Self::Key) -> Result<Option<Self::Entry>> {
         let manager = self.manager();
+        self.check_keys(&[key])?;
         let found = manager.read(Self::KIND, None, |conn| self.get_in(conn, key))?;
         manager.record_lookups(
             Self::KIND,
@@ -192,6 +223,7 @@ pub trait Cache {
     /// As [`get`](Self::get).
     fn get_many(&self, keys: &[&Self::Key]) -> Result<Vec<Option<Self::Entry>>> {
         let manager = self.manager();
+        self.check_keys(keys)?;
         let misses = || keys.iter().map(|_| None).collect();
         let found = if keys.is_empty() {
             Vec::new()
@@ -216,8 +248,14 @@ pub trait Cache {
     /// # Errors
     /// As [`set`](Self::set).
     fn set_with_ttl(&self, key: &Self::Key, value: &Self::Value, ttl: Duration) -> Result<()> {
-        self.manager()
-            .write(Self::KIND, (), |conn| self.set_in(conn, key, value, ttl))
+        ttl_interval(ttl)?;
+        self.check_entry(key, value)?;
+        self.manager().write(
+            Self::KIND,
+            (),
+            || self.skipped(&[key]),
+            |conn| self.set_in(conn, key, value, ttl),
+        )
     }
 
     /// Stores many entries in one statement with the given TTL; all or none.
@@ -225,11 +263,19 @@ pub trait Cache {
     /// # Errors
     /// As [`set`](Self::set).
     fn set_many(&self, entries: &[(&Self::Key, &Self::Value)], ttl: Duration) -> Result<()> {
+        ttl_interval(ttl)?;
+        entries
+            .iter()
+            .try_for_each(|(k, v)| self.check_entry(k, v))?;
         if entries.is_empty() {
             return Ok(());
         }
-        self.manager()
-            .write(Self::KIND, (), |conn| self.set_many_in(conn, entries, ttl))
+        self.manager().write(
+            Self::KIND,
+            (),
+            || self.skipped(&entries.iter().map(|(k, _)| *k).collect::<Vec<_>>()),
+            |conn| self.set_many_in(conn, entries, ttl),
+        )
     }
 
     /// Deletes an entry; true if a live entry was removed.
@@ -237,8 +283,13 @@ pub trait Cache {
     /// # Errors
     /// As [`set`](Self::set).
     fn delete(&self, key: &Self::Key) -> Result<bool> {
-        self.manager()
-            .write(Self::KIND, false, |conn| self.delete_in(conn, key))
+        self.check_keys(&[key])?;
+        self.manager().write(
+            Self::KIND,
+            false,
+            || self.skipped(&[key]),
+            |conn| self.delete_in(conn, key),
+        )
     }
 
     /// Deletes many entries in one statement; returns how many live entries were
@@ -247,11 +298,16 @@ pub trait Cache {
     /// # Errors
     /// As [`set`](Self::set).
     fn delete_many(&self, keys: &[&Self::Key]) -> Result<u64> {
+        self.check_keys(keys)?;
         if keys.is_empty() {
             return Ok(0);
         }
-        self.manager()
-            .write(Self::KIND, 0, |conn| self.delete_many_in(conn, keys))
+        self.manager().write(
+            Self::KIND,
+            0,
+            || self.skipped(keys),
+            |conn| self.delete_many_in(conn, keys),
+        )
     }
 
     /// Cache-aside: returns the live value, or runs `compute`, stores its result with

@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
@@ -37,23 +36,20 @@ pub(crate) struct Batch {
 pub(crate) struct Counters {
     pending: [Pending; 5],
     entry_hits: Mutex<HashMap<(CacheKind, KeyDigest), u64>>,
-    started: Instant,
-    /// Milliseconds since `started` at which the next flush is due.
-    next_flush_ms: AtomicU64,
-    interval: Duration,
 }
 
 /// Flush early when this many distinct entries have pending hits, to bound memory.
-const MAX_PENDING_ENTRIES: usize = 10_000;
+const FLUSH_AT_ENTRIES: usize = 10_000;
+
+/// Most distinct entries with pending hits: while flushes fail (database down),
+/// hits on further entries are not counted, so memory stays bounded.
+const MAX_PENDING_ENTRIES: usize = 8 * FLUSH_AT_ENTRIES;
 
 impl Counters {
-    pub(crate) fn new(interval: Duration) -> Self {
+    pub(crate) fn new() -> Self {
         Counters {
             pending: Default::default(),
             entry_hits: Mutex::new(HashMap::new()),
-            started: Instant::now(),
-            next_flush_ms: AtomicU64::new(interval.as_millis() as u64),
-            interval,
         }
     }
 
@@ -67,27 +63,19 @@ impl Counters {
         }
     }
 
-    /// Counts one hit on an entry whose table tracks hit counts.
+    /// Counts one hit on an entry whose table tracks hit counts; true when enough
+    /// entries are pending that a flush should run soon.
     pub(crate) fn record_entry_hit(&self, kind: CacheKind, digest: KeyDigest) -> bool {
         let mut map = self.entry_hits.lock().unwrap_or_else(|p| p.into_inner());
-        *map.entry((kind, digest)).or_insert(0) += 1;
-        map.len() >= MAX_PENDING_ENTRIES
-    }
-
-    /// True once per interval, for exactly one caller: that caller flushes.
-    pub(crate) fn claim_flush(&self) -> bool {
-        let now_ms = self.started.elapsed().as_millis() as u64;
-        let due = self.next_flush_ms.load(Ordering::Relaxed);
-        now_ms >= due
-            && self
-                .next_flush_ms
-                .compare_exchange(
-                    due,
-                    now_ms + self.interval.as_millis() as u64,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
+        let len = map.len();
+        match map.get_mut(&(kind, digest)) {
+            Some(n) => *n += 1,
+            None if len < MAX_PENDING_ENTRIES => {
+                map.insert((kind, digest), 1);
+            }
+            None => {}
+        }
+        map.len() >= FLUSH_AT_ENTRIES
     }
 
     /// Takes everything pending; give it back with [`Self::restore`] if writing fails.

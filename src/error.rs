@@ -104,17 +104,10 @@ impl Error {
         }
     }
 
-    /// True when the connection under the failed operation is gone (killed backend,
-    /// server restart, network cut): retrying on another connection may succeed.
-    pub(crate) fn is_connection_lost(&self) -> bool {
-        use diesel::result::{DatabaseErrorKind, Error as D};
-        match self {
-            Error::Database(D::DatabaseError(DatabaseErrorKind::ClosedConnection, _)) => true,
-            Error::Database(D::DatabaseError(_, info)) => {
-                CONNECTION_LOST.iter().any(|m| info.message().contains(m))
-            }
-            _ => false,
-        }
+    /// True for an error the database (or libpq) reported, after which the
+    /// connection may be dead: worth a probe before it goes back to the pool.
+    pub(crate) fn is_database_failure(&self) -> bool {
+        matches!(self, Error::Database(_))
     }
 
     /// True when PostgreSQL aborted the statement to resolve a conflict with another

@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
+mod background;
 mod cache;
 pub mod caches;
 mod config;
@@ -35,9 +36,9 @@ mod manager;
 mod migrations;
 mod ops;
 mod pool;
-mod reconnect;
 mod schema;
 mod single_flight;
+mod skipped;
 mod sql;
 
 pub use cache::{Cache, CacheKind};
@@ -65,6 +66,7 @@ pub use ops::{
     WarmupKv, WarmupLlmResponse, WarmupReport, WarmupVectorSearch, DEFAULT_EVICTION_LOW_WATERMARK,
 };
 pub use pool::PooledConnection;
+pub use skipped::MAX_SKIPPED_KEYS;
 
 /// Compiles the README's Rust examples as doctests, so they cannot drift from the API.
 #[cfg(doctest)]

@@ -1,21 +1,22 @@
 //! [`CacheManager`]: the facade that owns the pool and hands out the caches.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use diesel::pg::PgConnection;
 
+use crate::background::Worker;
 use crate::cache::CacheKind;
 use crate::caches::KvCache;
 use crate::config::CacheConfig;
 use crate::counters::Counters;
 use crate::error::{Error, Result};
 use crate::key::KeyDigest;
-use crate::ops::janitor::JanitorStop;
 use crate::ops::latency::LatencyRecorder;
-use crate::pool::{build_pool, PgPool, PooledConnection};
+use crate::pool::{Pool, PooledConnection};
+use crate::skipped::{Skipped, SkippedWrites};
 
 /// The entry point: owns the connection pool and the configuration, and hands out
 /// one handle per cache table.
@@ -39,21 +40,18 @@ pub struct CacheManager {
 
 struct Inner {
     config: CacheConfig,
-    pool: Option<PgPool>,
+    pool: Option<Pool>,
     counters: Counters,
     failed_open: AtomicU64,
     latency: LatencyRecorder,
-    /// Dropped with the last clone, which wakes and stops the janitor thread.
-    _janitor: Option<JanitorStop>,
-}
-
-/// A manager reference that does not keep it alive (for the janitor thread).
-pub(crate) struct WeakManager(Weak<Inner>);
-
-impl WeakManager {
-    pub(crate) fn upgrade(&self) -> Option<CacheManager> {
-        self.0.upgrade().map(|inner| CacheManager { inner })
-    }
+    /// Fail-open mode started while the database was down: migrations still to run.
+    migrations_pending: AtomicBool,
+    /// Writes and deletes fail-open mode skipped, to replay.
+    skipped: SkippedWrites,
+    /// Flushes counters and catches up after an outage, off the request path.
+    flusher: Option<Worker>,
+    /// Dropped with the last clone, which stops the janitor thread.
+    _janitor: Option<Worker>,
 }
 
 impl fmt::Debug for CacheManager {
@@ -74,26 +72,60 @@ impl CacheManager {
     /// connection timeout; [`Error::Migration`] when migrations fail.
     pub fn new(config: CacheConfig) -> Result<Self> {
         let pool = if config.enabled() {
-            Some(build_pool(&config)?)
+            Some(Pool::new(&config)?)
         } else {
             None
         };
-        let (janitor_stop, janitor) = crate::ops::janitor::prepare(&config, pool.is_some());
-        let manager = CacheManager {
-            inner: Arc::new(Inner {
-                counters: Counters::new(config.stats_flush_interval()),
-                config,
-                pool,
-                failed_open: AtomicU64::new(0),
-                latency: LatencyRecorder::default(),
-                _janitor: janitor_stop,
-            }),
-        };
-        if manager.inner.config.run_migrations() && manager.inner.pool.is_some() {
-            manager.run_migrations()?;
-        }
-        if let Some(janitor) = janitor {
-            janitor.start(&manager);
+        let background = pool.is_some();
+        let inner = Arc::new_cyclic(|weak: &Weak<Inner>| Inner {
+            counters: Counters::new(),
+            flusher: background
+                .then(|| {
+                    Worker::spawn(
+                        "pgcache-flusher",
+                        config.stats_flush_interval(),
+                        weak.clone(),
+                        Inner::background_flush,
+                    )
+                })
+                .flatten(),
+            _janitor: config
+                .janitor_interval()
+                .filter(|_| background)
+                .and_then(|interval| {
+                    Worker::spawn("pgcache-janitor", interval, weak.clone(), |inner| {
+                        crate::ops::janitor::run(&CacheManager {
+                            inner: Arc::clone(inner),
+                        });
+                    })
+                }),
+            config,
+            pool,
+            failed_open: AtomicU64::new(0),
+            latency: LatencyRecorder::default(),
+            migrations_pending: AtomicBool::new(false),
+            skipped: SkippedWrites::default(),
+        });
+        let manager = CacheManager { inner };
+        let config = &manager.inner.config;
+        if manager.inner.pool.is_some() && (config.run_migrations() || config.fail_open()) {
+            // Fail-open mode starts while the database is down, but not when it is
+            // misconfigured: only a transient failure is let through.
+            let started = if config.run_migrations() {
+                manager.run_migrations().map(drop)
+            } else {
+                manager.connection().map(drop)
+            };
+            match started {
+                Err(error) if config.fail_open() && error.is_transient() => {
+                    tracing::warn!(%error, "pgcache: database unavailable at start-up; serving misses until it answers");
+                    manager
+                        .inner
+                        .migrations_pending
+                        .store(config.run_migrations(), Ordering::Release);
+                }
+                other => other?,
+            }
         }
         Ok(manager)
     }
@@ -123,35 +155,49 @@ impl CacheManager {
     }
 
     /// Checks a connection out of the cache's pool (search path and session settings
-    /// applied), for running your own transaction around cache writes.
+    /// applied), for running your own transaction around cache writes. The
+    /// connection has just answered a `SELECT 1` (one round trip), so a connection
+    /// that died in the pool (server restart, killed backend) is never handed out.
     ///
     /// # Errors
     /// [`Error::Connection`] when caching is disabled or no connection is free within
     /// the connection timeout.
     pub fn connection(&self) -> Result<PooledConnection> {
-        match &self.inner.pool {
-            Some(pool) => Ok(pool.get()?),
-            None => Err(Error::Connection(
+        self.pool()?.live()
+    }
+
+    fn pool(&self) -> Result<&Pool> {
+        self.inner.pool.as_ref().ok_or_else(|| {
+            Error::Connection(
                 "caching is disabled (ENABLE_CACHING=false), so there is no pool".to_owned(),
-            )),
-        }
+            )
+        })
+    }
+
+    /// Runs a maintenance operation (stats, cleanup, invalidation, warmup, ...): on a
+    /// pooled connection, once more on a live one if the first was dead, like every
+    /// cache operation; never failing open.
+    ///
+    /// # Errors
+    /// [`Error::Connection`] when caching is disabled or no connection can be had,
+    /// and whatever `op` returns.
+    pub(crate) fn maintain<T>(&self, op: impl Fn(&mut PgConnection) -> Result<T>) -> Result<T> {
+        self.pool()?.run(|conn| {
+            self.inner.catch_up(conn)?;
+            op(conn)
+        })
     }
 
     /// Runs pending migrations into the configured schema (created if missing) and
-    /// returns the versions applied.
+    /// returns the versions applied. Safe to run from many processes at once.
     ///
     /// # Errors
     /// [`Error::Connection`] or [`Error::Migration`].
     pub fn run_migrations(&self) -> Result<Vec<String>> {
-        let mut conn = self.connection()?;
-        if let Some(schema) = self.config().schema() {
-            use diesel::connection::SimpleConnection;
-            conn.batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {}",
-                crate::pool::quote_ident(schema)
-            ))?;
-        }
-        crate::migrations::run_pending(&mut conn)
+        let schema = self.config().schema();
+        let applied = self.maintain(|conn| crate::migrations::run_pending(conn, schema))?;
+        self.inner.migrations_pending.store(false, Ordering::Release);
+        Ok(applied)
     }
 
     /// Makes every cache table `LOGGED` (durable, replicated) or `UNLOGGED` (faster
@@ -160,7 +206,7 @@ impl CacheManager {
     /// # Errors
     /// [`Error::Connection`], or a database error (e.g. missing privileges).
     pub fn set_tables_logged(&self, logged: bool) -> Result<()> {
-        crate::migrations::set_logged(&mut *self.connection()?, logged)
+        self.maintain(|conn| crate::migrations::set_logged(conn, logged))
     }
 
     /// Writes the in-memory hit and miss counters to the database now (this also
@@ -184,14 +230,13 @@ impl CacheManager {
 
     pub(crate) fn record_lookups(&self, kind: CacheKind, hits: u64, misses: u64) {
         self.inner.counters.record_lookups(kind, hits, misses);
-        self.flush_if_due();
     }
 
     pub(crate) fn record_entry_hit(&self, kind: CacheKind, digest: KeyDigest) {
         if self.inner.counters.record_entry_hit(kind, digest) {
-            // Bound the memory held by pending hits: flush now.
-            if let Err(error) = self.inner.flush() {
-                tracing::warn!(%error, "pgcache: flushing hit counters failed");
+            // Bound the memory held by pending hits, without making this get wait.
+            if let Some(flusher) = &self.inner.flusher {
+                flusher.nudge();
             }
         }
     }
@@ -204,21 +249,9 @@ impl CacheManager {
         &self.inner.latency
     }
 
-    pub(crate) fn downgrade(&self) -> WeakManager {
-        WeakManager(Arc::downgrade(&self.inner))
-    }
-
-    fn flush_if_due(&self) {
-        if self.inner.counters.claim_flush() {
-            if let Err(error) = self.inner.flush() {
-                tracing::warn!(%error, "pgcache: flushing hit counters failed; will retry");
-            }
-        }
-    }
-
     /// Runs a read: a miss (`miss`) when caching is disabled, or, in fail-open mode,
     /// when it fails transiently. `op` runs a second time, on a live connection, if
-    /// the first connection was dead (see `reconnect`), so it must be idempotent.
+    /// the first connection was dead (see [`crate::pool`]), so it must be idempotent.
     pub(crate) fn read<T>(
         &self,
         kind: CacheKind,
@@ -238,14 +271,26 @@ impl CacheManager {
     }
 
     /// Runs a write: skipped (returning `skipped`) when caching is disabled, or, in
-    /// fail-open mode, when it fails transiently. Retried like [`Self::read`].
+    /// fail-open mode, when it fails transiently; then `undo` says which keys may now
+    /// be stale, to delete once the database answers. Retried like [`Self::read`].
     pub(crate) fn write<T>(
         &self,
         kind: CacheKind,
         skipped: T,
+        undo: impl FnOnce() -> Option<Skipped>,
         op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
-        self.run(kind, "write", || skipped, op)
+        self.run(
+            kind,
+            "write",
+            || {
+                if let Some(undo) = undo() {
+                    self.inner.skipped.remember(undo);
+                }
+                skipped
+            },
+            op,
+        )
     }
 
     fn run<T>(
@@ -259,7 +304,10 @@ impl CacheManager {
             return Ok(fallback());
         };
         let started = Instant::now();
-        let result = crate::reconnect::run_on_pool(pool, op);
+        let result = pool.run(|conn| {
+            self.inner.catch_up(conn)?;
+            op(conn)
+        });
         // Pool wait included: it is part of what the caller waits for.
         self.inner.latency.record(started.elapsed());
         match result {
@@ -274,6 +322,35 @@ impl CacheManager {
 }
 
 impl Inner {
+    /// After an outage in fail-open mode: runs the migrations start-up could not,
+    /// and the deletes of skipped writes, before anything else uses `conn`. Two
+    /// atomic loads when there is nothing to do.
+    fn catch_up(&self, conn: &mut PgConnection) -> Result<()> {
+        if self.migrations_pending.load(Ordering::Acquire) {
+            crate::migrations::run_pending(conn, self.config.schema())?;
+            self.migrations_pending.store(false, Ordering::Release);
+        }
+        if self.skipped.is_pending() {
+            self.skipped.replay(conn)?;
+        }
+        Ok(())
+    }
+
+    /// The flusher thread's task: counters, and catching up once the database is
+    /// back even if the application sends nothing meanwhile.
+    fn background_flush(self: &Arc<Self>) {
+        if self.migrations_pending.load(Ordering::Acquire) || self.skipped.is_pending() {
+            if let Some(pool) = &self.pool {
+                if let Err(error) = pool.run(|conn| self.catch_up(conn)) {
+                    tracing::debug!(%error, "pgcache: database still unavailable");
+                }
+            }
+        }
+        if let Err(error) = self.flush() {
+            tracing::warn!(%error, "pgcache: flushing hit counters failed; will retry");
+        }
+    }
+
     fn flush(&self) -> Result<()> {
         let Some(pool) = &self.pool else {
             return Ok(());
@@ -282,10 +359,7 @@ impl Inner {
         if batch.is_empty() {
             return Ok(());
         }
-        let written = pool
-            .get()
-            .map_err(Error::from)
-            .and_then(|mut conn| batch.write(&mut conn).map_err(Error::from));
+        let written = pool.run(|conn| Ok(batch.write(conn)?));
         if let Err(error) = written {
             self.counters.restore(batch);
             return Err(error);

@@ -6,6 +6,7 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use crate::cache::CacheKind;
 use crate::error::{Error, Result};
+use crate::pool::quote_ident;
 
 /// The SQL migrations compiled into the crate.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -14,14 +15,26 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 const MIGRATION_LOCK: &str = "SELECT pg_advisory_lock(7262817313)";
 const MIGRATION_UNLOCK: &str = "SELECT pg_advisory_unlock(7262817313)";
 
-/// Runs every pending migration on `conn` (into its current search path) and returns
-/// the versions applied.
-pub(crate) fn run_pending(conn: &mut PgConnection) -> Result<Vec<String>> {
+/// Runs every pending migration on `conn` into `schema` (created if missing; the
+/// connection's search path when `None`) and returns the versions applied.
+///
+/// Everything happens under one advisory lock, `CREATE SCHEMA IF NOT EXISTS`
+/// included: it is not safe against a concurrent create of the same schema, so
+/// replicas starting together on a fresh database would otherwise fail on a unique
+/// violation in `pg_namespace`.
+pub(crate) fn run_pending(conn: &mut PgConnection, schema: Option<&str>) -> Result<Vec<String>> {
     conn.batch_execute(MIGRATION_LOCK)?;
-    let result = conn
-        .run_pending_migrations(MIGRATIONS)
-        .map(|versions| versions.iter().map(ToString::to_string).collect())
-        .map_err(|e| Error::Migration(e.to_string()));
+    let result = match schema {
+        Some(schema) => conn
+            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(schema)))
+            .map_err(Error::from),
+        None => Ok(()),
+    }
+    .and_then(|()| {
+        conn.run_pending_migrations(MIGRATIONS)
+            .map(|versions| versions.iter().map(ToString::to_string).collect())
+            .map_err(|e| Error::Migration(e.to_string()))
+    });
     let unlock = conn.batch_execute(MIGRATION_UNLOCK);
     let versions = result?;
     unlock?;

@@ -1,13 +1,33 @@
-//! The r2d2 pool and the settings every cache connection starts with.
+//! The r2d2 pool, the settings every cache connection starts with, and surviving
+//! connections lost under the pool (killed backends, server restart, network cut)
+//! without restarting the process.
+//!
+//! r2d2 discards a connection when Diesel reports it broken, but Diesel only notices
+//! a dead socket when a statement it *executes* fails: when *preparing* a statement
+//! fails (the first use of each statement on a connection), the connection is not
+//! marked, r2d2 takes it back, and it fails again for the next caller, forever if
+//! calls come more often than the idle timeout. So every failure on a pooled
+//! connection is followed by a probe through the path Diesel does watch
+//! ([`probe`]): a dead connection is then marked and discarded, and the operation is
+//! run once more on a connection that has just answered. After a connection was
+//! found dead, the next checkouts are probed too until every connection the pool
+//! held has been checked: the ones that died at the same moment are discarded
+//! before an operation meets them. A `SELECT 1` before every checkout would double
+//! the cost of a get, so checkouts are not probed otherwise. Every cache operation
+//! is idempotent (a read, an upsert or a delete), so the retry cannot apply anything
+//! twice. A statement PostgreSQL aborted to break a deadlock, or for a serialization
+//! failure, is likewise retried once.
+
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::r2d2::{self, ConnectionManager, CustomizeConnection};
 
 use crate::config::{CacheConfig, Durability};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
-pub(crate) type PgPool = r2d2::Pool<ConnectionManager<PgConnection>>;
+type PgPool = r2d2::Pool<ConnectionManager<PgConnection>>;
 
 /// A connection checked out of the cache's pool; derefs to `PgConnection`.
 pub type PooledConnection = r2d2::PooledConnection<ConnectionManager<PgConnection>>;
@@ -51,26 +71,105 @@ pub(crate) fn session_sql(config: &CacheConfig) -> String {
     sql
 }
 
-pub(crate) fn build_pool(config: &CacheConfig) -> Result<PgPool> {
-    let settings = config.pool();
-    let manager = ConnectionManager::<PgConnection>::new(config.database_url().expose());
-    let pool = r2d2::Pool::builder()
-        .max_size(settings.max_size)
-        .min_idle(Some(settings.min_idle))
-        .idle_timeout(Some(settings.idle_timeout))
-        .connection_timeout(settings.connection_timeout)
-        // A `SELECT 1` before every checkout would double the cost of a get; broken
-        // connections are detected when a query fails and are then discarded.
-        .test_on_check_out(false)
-        .connection_customizer(Box::new(SessionSetup {
-            sql: session_sql(config),
-        }))
-        .build(manager)?;
-    // With no idle minimum the pool opens nothing up front: check the server answers
-    // now, so a wrong URL fails at start-up rather than on the first get. Fail-open
-    // services start even while the database is down, and serve misses meanwhile.
-    if !config.fail_open() {
-        drop(pool.get()?);
+/// Marks `conn` broken if it is dead, so r2d2 discards it when it is given back;
+/// true if it was dead. `batch_execute` goes through Diesel's connection-status
+/// bookkeeping whatever statement failed before.
+fn probe(conn: &mut PgConnection) -> bool {
+    conn.batch_execute("SELECT 1").is_err()
+}
+
+/// The cache's connection pool.
+pub(crate) struct Pool {
+    pool: PgPool,
+    /// Checkouts still to be probed since a connection was found dead.
+    suspect: AtomicU32,
+}
+
+impl Pool {
+    /// Builds the pool; unless in fail-open mode, checks that the server answers, so
+    /// a wrong URL fails at start-up rather than on the first get.
+    pub(crate) fn new(config: &CacheConfig) -> Result<Self> {
+        let settings = config.pool();
+        let manager = ConnectionManager::<PgConnection>::new(config.database_url().expose());
+        let pool = r2d2::Pool::builder()
+            .max_size(settings.max_size)
+            .min_idle(Some(settings.min_idle))
+            .idle_timeout(Some(settings.idle_timeout))
+            .connection_timeout(settings.connection_timeout)
+            // See the module docs: probed after failures instead.
+            .test_on_check_out(false)
+            .connection_customizer(Box::new(SessionSetup {
+                sql: session_sql(config),
+            }))
+            .build(manager)?;
+        let pool = Pool {
+            pool,
+            suspect: AtomicU32::new(0),
+        };
+        if !config.fail_open() {
+            drop(pool.checkout()?);
+        }
+        Ok(pool)
     }
-    Ok(pool)
+
+    /// The pool's current state (for `Debug`).
+    pub(crate) fn state(&self) -> r2d2::State {
+        self.pool.state()
+    }
+
+    /// A connection; probed first while connections are suspect (see the module
+    /// docs).
+    pub(crate) fn checkout(&self) -> Result<PooledConnection> {
+        if self.suspect.load(Ordering::Relaxed) == 0 {
+            return Ok(self.pool.get()?);
+        }
+        self.live()
+    }
+
+    /// A connection that has just answered a probe. Dead ones met on the way are
+    /// discarded. Bounded: the pool holds at most `max_size` dead connections, after
+    /// which it opens a fresh one or fails after its connection timeout.
+    pub(crate) fn live(&self) -> Result<PooledConnection> {
+        for _ in 0..=self.pool.max_size() {
+            let mut conn = self.pool.get()?;
+            let _ = self
+                .suspect
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            if !probe(&mut conn) {
+                return Ok(conn);
+            }
+            self.found_dead();
+        }
+        Err(Error::Connection(
+            "every pooled connection was dead and no new one answered".to_owned(),
+        ))
+    }
+
+    /// Every connection the pool holds may have died with the one just found dead.
+    fn found_dead(&self) {
+        let held = self.pool.state().connections;
+        self.suspect.fetch_max(held, Ordering::Relaxed);
+    }
+
+    /// Runs `op` on a pooled connection; once more, on a live connection, if the
+    /// first one turned out to be dead or PostgreSQL aborted the statement to
+    /// resolve a conflict.
+    pub(crate) fn run<T>(&self, op: impl Fn(&mut PgConnection) -> Result<T>) -> Result<T> {
+        let mut conn = self.checkout()?;
+        match op(&mut conn) {
+            Err(error) if error.is_database_failure() && probe(&mut conn) => {
+                drop(conn);
+                self.found_dead();
+                tracing::warn!(%error, "pgcache: connection lost; retrying once on a live connection");
+                op(&mut *self.live()?)
+            }
+            // PostgreSQL rolled the statement back to break a deadlock (or a
+            // serialization conflict): running it again normally succeeds.
+            Err(error) if error.is_retryable_conflict() => {
+                tracing::debug!(%error, "pgcache: retrying once after a conflict");
+                op(&mut conn)
+            }
+            other => other,
+        }
+    }
 }

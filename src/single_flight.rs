@@ -38,8 +38,8 @@ enum Poll<T> {
     Won(Uuid),
     /// Someone else holds the lease.
     Busy,
-    /// The lease table could not be reached and fail-open mode is on: compute
-    /// without single flight.
+    /// The lease table could not be reached and fail-open mode is on, or the last
+    /// holder's value could not be stored: compute without single flight.
     Unavailable,
 }
 
@@ -59,20 +59,24 @@ where
         return Ok(C::into_value(entry));
     }
     let manager = cache.manager();
-    if !manager.is_enabled() {
-        return compute();
-    }
     // Reject a bad TTL before paying for the computation.
     ttl_interval(ttl)?;
+    // What will not be stored is not worth waiting for: no lease.
+    if !manager.is_enabled() || !cache.caches_key(key) {
+        return compute();
+    }
     let lease_key = lease_key(C::KIND, &cache.key_digest(key)?);
     let lease_ttl = manager.config().lease_ttl();
     let wait_timeout = manager.config().compute_wait_timeout();
     let started = Instant::now();
     let mut pause = FIRST_PAUSE;
     loop {
-        let poll = manager.write(C::KIND, Poll::Unavailable, |conn| {
-            poll(cache, conn, key, &lease_key, lease_ttl)
-        })?;
+        let poll = manager.write(
+            C::KIND,
+            Poll::Unavailable,
+            || None,
+            |conn| poll(cache, conn, key, &lease_key, lease_ttl),
+        )?;
         let guard = match poll {
             Poll::Found(entry) => return Ok(C::into_value(entry)),
             Poll::Won(holder) => Some(LeaseGuard {
@@ -98,7 +102,13 @@ where
         // An `Err` or a panic drops the guard, which releases the lease: nothing is
         // cached and the next caller computes.
         let value = compute()?;
-        cache.set_with_ttl(key, &value, ttl)?;
+        if let Err(error) = cache.set_with_ttl(key, &value, ttl) {
+            if let (Some(guard), Error::InvalidInput { .. }) = (&guard, &error) {
+                // Waiters would wait for a value that never comes, one after another.
+                guard.mark_uncacheable();
+            }
+            return Err(error.into());
+        }
         drop(guard);
         return Ok(value);
     }
@@ -124,8 +134,21 @@ fn poll<C: Cache + ?Sized>(
             Ok(Poll::Found(entry))
         }
         None if won => Ok(Poll::Won(holder)),
+        None if lease_holder(conn, lease_key)? == Some(UNCACHEABLE) => Ok(Poll::Unavailable),
         None => Ok(Poll::Busy),
     }
+}
+
+/// The holder a lease is handed to when its key's value was refused by the cache (a
+/// value too large, say): until the lease lapses, callers compute without waiting.
+const UNCACHEABLE: Uuid = Uuid::nil();
+
+fn lease_holder(conn: &mut PgConnection, lease_key: &[u8]) -> QueryResult<Option<Uuid>> {
+    cache_leases::table
+        .filter(cache_leases::lease_key.eq(lease_key))
+        .select(cache_leases::holder)
+        .get_result(conn)
+        .optional()
 }
 
 /// The lease row's key: the cache's name and the key's digest, so the caches never
@@ -189,9 +212,27 @@ struct LeaseGuard<'a> {
     holder: Uuid,
 }
 
+impl LeaseGuard<'_> {
+    /// Hands the lease to [`UNCACHEABLE`]; dropping the guard then releases nothing.
+    fn mark_uncacheable(&self) {
+        let marked = self.manager.write(self.kind, 0, || None, |conn| {
+            Ok(diesel::update(
+                cache_leases::table
+                    .filter(cache_leases::lease_key.eq(self.lease_key))
+                    .filter(cache_leases::holder.eq(self.holder)),
+            )
+            .set(cache_leases::holder.eq(UNCACHEABLE))
+            .execute(conn)?)
+        });
+        if let Err(error) = marked {
+            tracing::warn!(cache = %self.kind, %error, "pgcache: marking a single-flight lease failed");
+        }
+    }
+}
+
 impl Drop for LeaseGuard<'_> {
     fn drop(&mut self) {
-        let released = self.manager.write(self.kind, 0, |conn| {
+        let released = self.manager.write(self.kind, 0, || None, |conn| {
             Ok(release(conn, self.lease_key, self.holder)?)
         });
         if let Err(error) = released {

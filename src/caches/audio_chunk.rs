@@ -423,7 +423,7 @@ impl<'a> AudioChunkCache<'a> {
             .map_err(|(what, reason)| Error::invalid(what, reason))?;
         self.manager.flush_stats()?;
         self.manager
-            .write(Self::KIND, EvictionReport::default(), |conn| {
+            .write(Self::KIND, EvictionReport::default(), || None, |conn| {
                 let table = LruTable::of(Self::KIND);
                 Ok(evict(conn, &table, &limits, &mut |_| {})?)
             })
@@ -431,6 +431,7 @@ impl<'a> AudioChunkCache<'a> {
 }
 
 /// One validated row, ready to upsert.
+#[derive(Clone)]
 pub(crate) struct Row<'a> {
     digest: KeyDigest,
     key: &'a AudioChunkKey,
@@ -641,6 +642,10 @@ impl Cache for AudioChunkCache<'_> {
     type Entry = CachedAudioChunk;
 
     typed_cache_basics!(CacheKind::AudioChunk);
+
+    fn caches_key(&self, key: &AudioChunkKey) -> bool {
+        self.caches_text(key)
+    }
 
     fn into_value(entry: CachedAudioChunk) -> AudioChunk {
         entry.chunk

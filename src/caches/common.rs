@@ -88,8 +88,10 @@ pub(crate) fn record_hits<E>(
 }
 
 /// Deletes the rows of `kind`'s table with these digests; returns how many of them
-/// were live. The table name comes from the closed [`CacheKind`] enum, never from
-/// input.
+/// were live. The rows are locked in key order first, the order every batch upsert
+/// takes too: a plan that visits them in another order (a bitmap scan, in physical
+/// order) could deadlock against a concurrent `set_many`. The table name comes from
+/// the closed [`CacheKind`] enum, never from input.
 pub(crate) fn delete_digests(
     conn: &mut PgConnection,
     kind: CacheKind,
@@ -101,8 +103,10 @@ pub(crate) fn delete_digests(
         live: bool,
     }
     let removed: Vec<Live> = diesel::sql_query(format!(
-        "DELETE FROM {} WHERE key_hash = ANY($1) RETURNING expires_at > now() AS live",
-        kind.table()
+        "DELETE FROM {t} WHERE key_hash IN (SELECT key_hash FROM {t} \
+         WHERE key_hash = ANY($1) ORDER BY key_hash FOR UPDATE) \
+         RETURNING expires_at > statement_timestamp() AS live",
+        t = kind.table()
     ))
     .bind::<Array<Bytea>, _>(digest_params(digests))
     .load(conn)?;
@@ -199,7 +203,7 @@ pub(crate) trait UpsertTable: 'static {
     const RESET: &'static str;
 }
 
-/// `INSERT INTO t (cols, expires_at) SELECT u.*, now() + $ttl FROM unnest($1, ...)
+/// `INSERT INTO t (cols, expires_at) SELECT u.*, statement_timestamp() + $ttl FROM unnest($1, ...)
 /// ON CONFLICT (key_hash) DO UPDATE SET ...`: the rows travel as one array per
 /// column (`A`, a tuple of bound arrays), so the text is the same for any batch size.
 /// With its static query id it is prepared once per connection and found again by
@@ -270,8 +274,9 @@ where
 }
 
 /// The [`Cache`](crate::Cache) items every typed cache answers alike: its kind, its
-/// manager and default TTL (the handle's `manager` and `ttl` fields), and its key's
-/// digest (the cache module's `digest`, the one its rows are stored under).
+/// manager and default TTL (the handle's `manager` and `ttl` fields), its key's
+/// digest (the cache module's `digest`, the one its rows are stored under) and its
+/// entry check (the module's `row`, which validates what a set stores).
 macro_rules! typed_cache_basics {
     ($kind:expr) => {
         const KIND: CacheKind = $kind;
@@ -286,6 +291,10 @@ macro_rules! typed_cache_basics {
 
         fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest> {
             digest(key)
+        }
+
+        fn check_entry(&self, key: &Self::Key, value: &Self::Value) -> Result<()> {
+            row(key, value).map(drop)
         }
     };
 }

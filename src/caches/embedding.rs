@@ -192,6 +192,7 @@ impl<'a> EmbeddingCache<'a> {
 }
 
 /// One validated row, ready to upsert.
+#[derive(Clone)]
 pub(crate) struct Row<'a> {
     digest: KeyDigest,
     key: &'a EmbeddingKey,

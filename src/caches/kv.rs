@@ -20,6 +20,7 @@ use crate::jsonb::{JsonbIn, JsonbOut, JsonbText};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::manager::CacheManager;
 use crate::schema::cache_entries;
+use crate::skipped::Skipped;
 use crate::sql::{db_now, ExpiresIn};
 
 /// The key/value cache: string keys, values of any serde type stored as JSONB.
@@ -125,7 +126,7 @@ impl<'a, V> KvCache<'a, V> {
     pub fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
         check_key(key)?;
         let interval = ttl_interval(ttl)?;
-        self.manager.write(CacheKind::Kv, false, |conn| {
+        self.manager.write(CacheKind::Kv, false, || None, |conn| {
             Ok(diesel::update(
                 cache_entries::table
                     .filter(cache_entries::key.eq(key))
@@ -149,8 +150,12 @@ impl<'a, V> KvCache<'a, V> {
             Error::InvalidInput { reason, .. } => Error::invalid("prefix", reason),
             other => other,
         })?;
-        self.manager
-            .write(CacheKind::Kv, 0, |conn| self.delete_prefix_in(conn, prefix))
+        self.manager.write(
+            CacheKind::Kv,
+            0,
+            || Some(Skipped::KvPrefix(prefix.to_owned())),
+            |conn| self.delete_prefix_in(conn, prefix),
+        )
     }
 
     /// [`delete_prefix`](Self::delete_prefix) on your connection, e.g. inside your
@@ -160,17 +165,7 @@ impl<'a, V> KvCache<'a, V> {
     /// As [`delete_prefix`](Self::delete_prefix).
     pub fn delete_prefix_in(&self, conn: &mut PgConnection, prefix: &str) -> Result<u64> {
         check_key(prefix)?;
-        let removed = match prefix_upper_bound(prefix) {
-            Some(upper) => diesel::delete(
-                cache_entries::table
-                    .filter(cache_entries::key.ge(prefix))
-                    .filter(cache_entries::key.lt(upper)),
-            )
-            .execute(conn)?,
-            None => diesel::delete(cache_entries::table.filter(cache_entries::key.ge(prefix)))
-                .execute(conn)?,
-        };
-        Ok(removed as u64)
+        Ok(delete_prefix(conn, prefix)? as u64)
     }
 
     /// Deletes every entry of the key/value cache; returns how many rows were removed.
@@ -178,9 +173,10 @@ impl<'a, V> KvCache<'a, V> {
     /// # Errors
     /// A connection or database error.
     pub fn clear(&self) -> Result<u64> {
-        self.manager.write(CacheKind::Kv, 0, |conn| {
-            Ok(diesel::delete(cache_entries::table).execute(conn)? as u64)
-        })
+        self.manager
+            .write(CacheKind::Kv, 0, || Some(Skipped::KvAll), |conn| {
+                Ok(diesel::delete(cache_entries::table).execute(conn)? as u64)
+            })
     }
 }
 
@@ -227,6 +223,21 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
         E: From<Error>,
     {
         self.get_or_compute_with_ttl(key, ttl, compute)
+    }
+}
+
+/// Deletes every entry whose key starts with `prefix` (checked by the caller); an
+/// index range scan, with `%` and `_` as ordinary characters.
+pub(crate) fn delete_prefix(conn: &mut PgConnection, prefix: &str) -> QueryResult<usize> {
+    match prefix_upper_bound(prefix) {
+        Some(upper) => diesel::delete(
+            cache_entries::table
+                .filter(cache_entries::key.ge(prefix))
+                .filter(cache_entries::key.lt(upper)),
+        )
+        .execute(conn),
+        None => diesel::delete(cache_entries::table.filter(cache_entries::key.ge(prefix)))
+            .execute(conn),
     }
 }
 
@@ -354,6 +365,19 @@ impl<V: Serialize + DeserializeOwned + 'static> Cache for KvCache<'_, V> {
         Ok(KeyHasher::new("kv").text(key).finish())
     }
 
+    fn check_entry(&self, key: &str, value: &V) -> Result<()> {
+        check_key(key)?;
+        JsonbOut::new("value", value).map(drop)
+    }
+
+    fn check_keys(&self, keys: &[&str]) -> Result<()> {
+        keys.iter().try_for_each(|k| check_key(k))
+    }
+
+    fn skipped(&self, keys: &[&str]) -> Option<Skipped> {
+        Some(Skipped::KvKeys(keys.iter().map(|k| (*k).to_owned()).collect()))
+    }
+
     fn get_in(&self, conn: &mut PgConnection, key: &str) -> Result<Option<V>> {
         check_key(key)?;
         // The key is unique: no LIMIT needed (`first` would bind one more parameter).
@@ -449,11 +473,22 @@ impl<V: Serialize + DeserializeOwned + 'static> Cache for KvCache<'_, V> {
 
     fn delete_many_in(&self, conn: &mut PgConnection, keys: &[&str]) -> Result<u64> {
         keys.iter().try_for_each(|k| check_key(k))?;
-        let live: Vec<bool> =
-            diesel::delete(cache_entries::table.filter(cache_entries::key.eq_any(keys)))
-                .returning(cache_entries::expires_at.gt(db_now()))
-                .get_results(conn)?;
-        Ok(live.into_iter().filter(|l| *l).count() as u64)
+        #[derive(QueryableByName)]
+        struct Live {
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            live: bool,
+        }
+        // Rows locked in key order, as `set_many` takes them, so the two cannot
+        // deadlock whatever plan the delete gets.
+        let live: Vec<Live> = diesel::sql_query(
+            "DELETE FROM cache_entries WHERE key IN (SELECT key FROM cache_entries \
+             WHERE key = ANY($1) ORDER BY key FOR UPDATE) \
+             RETURNING expires_at > statement_timestamp() AS live",
+        )
+        .bind::<Array<Text>, _>(keys)
+        .load(conn)?;
+        let live = live.into_iter().map(|l| l.live);
+        Ok(live.filter(|l| *l).count() as u64)
     }
 }
 

@@ -245,6 +245,7 @@ impl<'a> LlmResponseCache<'a> {
 }
 
 /// One validated row, ready to upsert.
+#[derive(Clone)]
 pub(crate) struct Row<'a> {
     digest: KeyDigest,
     prompt: &'a LlmPrompt,

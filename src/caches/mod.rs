@@ -5,7 +5,7 @@
 pub(crate) mod audio_chunk;
 pub(crate) mod common;
 pub(crate) mod embedding;
-mod kv;
+pub(crate) mod kv;
 pub(crate) mod llm_response;
 pub(crate) mod vector_search;
 

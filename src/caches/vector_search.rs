@@ -156,6 +156,7 @@ impl<'a> VectorSearchCache<'a> {
 }
 
 /// One validated row, ready to upsert.
+#[derive(Clone)]
 pub(crate) struct Row<'a> {
     digest: KeyDigest,
     query: &'a VectorSearchQuery,

@@ -264,14 +264,14 @@ impl CacheManager {
             Some(kind) => vec![kind],
             None => CacheKind::ALL.to_vec(),
         };
-        let mut conn = self.connection()?;
-        let removed = conn.transaction(|conn| {
-            kinds
-                .into_iter()
-                .map(|kind| Ok((kind, delete_all(conn, kind.table())?)))
-                .collect::<QueryResult<Vec<_>>>()
-        })?;
-        Ok(removed)
+        self.maintain(|conn| {
+            Ok(conn.transaction(|conn| {
+                kinds
+                    .iter()
+                    .map(|kind| Ok((*kind, delete_all(conn, kind.table())?)))
+                    .collect::<QueryResult<Vec<_>>>()
+            })?)
+        })
     }
 }
 

@@ -44,17 +44,18 @@ impl CacheManager {
         if !self.is_enabled() {
             return Ok(InvalidationReport::default());
         }
-        let mut conn = self.connection()?;
-        Ok(conn.transaction(|conn| {
-            let audio = audio_chunk::delete_owner(conn, user)?;
-            QueryResult::Ok(InvalidationReport {
-                embeddings: embedding::delete_owner(conn, user)? as u64,
-                vector_searches: vector_search::delete_owner(conn, user)? as u64,
-                llm_responses: llm_response::delete_owner(conn, user)? as u64,
-                audio_chunks: audio.len() as u64,
-                released_paths: audio.into_iter().flatten().collect(),
-            })
-        })?)
+        self.maintain(|conn| {
+            Ok(conn.transaction(|conn| {
+                let audio = audio_chunk::delete_owner(conn, user)?;
+                QueryResult::Ok(InvalidationReport {
+                    embeddings: embedding::delete_owner(conn, user)? as u64,
+                    vector_searches: vector_search::delete_owner(conn, user)? as u64,
+                    llm_responses: llm_response::delete_owner(conn, user)? as u64,
+                    audio_chunks: audio.len() as u64,
+                    released_paths: audio.into_iter().flatten().collect(),
+                })
+            })?)
+        })
     }
 
     /// Deletes every cached embedding of `model` (a retired embedding model); returns
@@ -68,6 +69,6 @@ impl CacheManager {
         if !self.is_enabled() {
             return Ok(0);
         }
-        Ok(embedding::delete_model(&mut *self.connection()?, model)? as u64)
+        self.maintain(|conn| Ok(embedding::delete_model(conn, model)? as u64))
     }
 }

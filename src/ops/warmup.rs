@@ -208,21 +208,22 @@ impl CacheManager {
         if !self.is_enabled() {
             return Ok(WarmupReport::default());
         }
-        let mut report = WarmupReport {
-            kv: kv.len() as u64,
-            skipped_audio_chunks: (warmup.audio_chunks.len() - audio.len()) as u64,
-            ..WarmupReport::default()
-        };
-        let mut conn = self.connection()?;
-        conn.transaction(|conn| {
-            if !kv.is_empty() {
-                self.kv().set_many_in(conn, &kv, kv_ttl)?;
-            }
-            report.embeddings = embedding::write(conn, embeddings, embedding_ttl)? as u64;
-            report.vector_searches = vector_search::write(conn, searches, vector_ttl)? as u64;
-            report.llm_responses = llm_response::write(conn, responses, llm_ttl)? as u64;
-            report.audio_chunks = audio_chunk::write(conn, audio, audio_ttl)? as u64;
-            Ok::<_, Error>(())
+        let skipped_audio_chunks = (warmup.audio_chunks.len() - audio.len()) as u64;
+        let report = self.maintain(|conn| {
+            conn.transaction(|conn| {
+                if !kv.is_empty() {
+                    self.kv().set_many_in(conn, &kv, kv_ttl)?;
+                }
+                Ok::<_, Error>(WarmupReport {
+                    kv: kv.len() as u64,
+                    skipped_audio_chunks,
+                    embeddings: embedding::write(conn, embeddings.clone(), embedding_ttl)? as u64,
+                    vector_searches: vector_search::write(conn, searches.clone(), vector_ttl)?
+                        as u64,
+                    llm_responses: llm_response::write(conn, responses.clone(), llm_ttl)? as u64,
+                    audio_chunks: audio_chunk::write(conn, audio.clone(), audio_ttl)? as u64,
+                })
+            })
         })?;
         Ok(report)
     }

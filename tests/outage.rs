@@ -1,0 +1,162 @@
+//! A database outage, on a scratch cluster of this test's own: fail-open start-up
+//! while the server is down, bad input reported as such while it is down, and
+//! writes skipped in fail-open mode undone once it is back.
+
+mod scratch;
+
+use std::time::{Duration, Instant};
+
+use pgcache::{Cache, CacheConfig, CacheConfigBuilder, CacheManager, Error, LlmPrompt};
+use scratch::ScratchCluster;
+use serde_json::json;
+
+fn config(cluster: &ScratchCluster) -> CacheConfigBuilder {
+    CacheConfig::builder()
+        .database_url(cluster.url())
+        .schema("outage")
+        .pool_max_size(4)
+        .pool_connection_timeout(Duration::from_millis(500))
+        .stats_flush_interval(Duration::from_millis(50))
+}
+
+/// Polls `check` for up to `limit`; true as soon as it holds.
+fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn fail_open_starts_while_the_database_is_down_and_migrates_once_it_answers() {
+    let cluster = ScratchCluster::start();
+    cluster.stop();
+    let cache = CacheManager::new(config(&cluster).fail_open(true).build().unwrap())
+        .expect("fail-open starts with the database down");
+    assert_eq!(cache.kv().get("k").unwrap(), None);
+    cache.kv().set("k", &json!(1)).unwrap();
+    assert!(cache.failed_open_count() >= 2);
+
+    cluster.start_again();
+    // The tables did not exist; the first operation after recovery creates them.
+    assert!(
+        eventually(Duration::from_secs(5), || cache
+            .kv()
+            .set("k", &json!(2))
+            .is_ok()
+            && cache.kv().get("k").unwrap() == Some(json!(2))),
+        "the cache works once the database answers"
+    );
+    assert!(cache.stats().is_ok(), "migrated: stats finds every table");
+}
+
+#[test]
+fn bad_input_is_reported_as_bad_input_while_the_database_is_down() {
+    let cluster = ScratchCluster::start();
+    let strict = CacheManager::new(config(&cluster).build().unwrap()).unwrap();
+    let lenient = CacheManager::new(config(&cluster).fail_open(true).build().unwrap()).unwrap();
+    cluster.stop();
+    for cache in [&strict, &lenient] {
+        let kv = cache.kv();
+        let started = Instant::now();
+        let errors = [
+            kv.set("", &json!(1)).unwrap_err(),
+            kv.set("k\0", &json!(1)).unwrap_err(),
+            kv.set("k", &json!("\u{0}")).unwrap_err(),
+            kv.set_with_ttl("k", &json!(1), Duration::ZERO)
+                .unwrap_err(),
+            kv.get("").unwrap_err(),
+            kv.delete("").unwrap_err(),
+            kv.set_many(&[("a", &json!(1)), ("", &json!(2))], Duration::from_secs(1))
+                .unwrap_err(),
+            cache
+                .llm_response()
+                .set(&LlmPrompt::new("p", ""), &"r".to_owned())
+                .unwrap_err(),
+            cache
+                .llm_response()
+                .get(&LlmPrompt::new("p", ""))
+                .unwrap_err(),
+        ];
+        for error in errors {
+            assert!(matches!(error, Error::InvalidInput { .. }), "{error}");
+        }
+        // Nothing waited for a connection.
+        assert!(
+            started.elapsed() < Duration::from_millis(400),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(lenient.failed_open_count(), 0, "nothing was failed open");
+}
+
+#[test]
+fn writes_skipped_in_fail_open_mode_leave_nothing_stale_after_recovery() {
+    let cluster = ScratchCluster::start();
+    let cache = CacheManager::new(config(&cluster).fail_open(true).build().unwrap()).unwrap();
+    let other = CacheManager::new(config(&cluster).build().unwrap()).unwrap();
+    let kv = cache.kv();
+    kv.set_many(
+        &[
+            ("deleted", &json!("old")),
+            ("overwritten", &json!("old")),
+            ("user:1:a", &json!("old")),
+            ("kept", &json!("old")),
+        ],
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    let prompt = LlmPrompt::new("p", "provider");
+    cache
+        .llm_response()
+        .set(&prompt, &"old".to_owned())
+        .unwrap();
+
+    cluster.stop();
+    assert!(!kv.delete("deleted").unwrap(), "skipped");
+    kv.set("overwritten", &json!("new")).unwrap();
+    kv.delete_prefix("user:1:").unwrap();
+    cache.llm_response().delete(&prompt).unwrap();
+    assert_eq!(cache.failed_open_count(), 4);
+
+    cluster.start_again();
+    // Another process sees the old values gone without this one doing anything:
+    // the background flusher replays the skipped writes as deletes.
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            other.kv().get("deleted").ok() == Some(None)
+        }),
+        "the skipped delete was replayed"
+    );
+    assert_eq!(other.kv().get("overwritten").unwrap(), None);
+    assert_eq!(other.kv().get("user:1:a").unwrap(), None);
+    assert_eq!(other.llm_response().get(&prompt).unwrap(), None);
+    assert_eq!(other.kv().get("kept").unwrap(), Some(json!("old")));
+}
+
+#[test]
+fn a_skipped_delete_is_replayed_before_the_next_read_of_this_process() {
+    let cluster = ScratchCluster::start();
+    // A flusher that never runs during the test: only the request path replays.
+    let cache = CacheManager::new(
+        config(&cluster)
+            .fail_open(true)
+            .stats_flush_interval(Duration::from_secs(3600))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    cache.kv().set("k", &json!("old")).unwrap();
+    cluster.stop();
+    cache.kv().delete("k").unwrap();
+    cluster.start_again();
+    assert!(eventually(Duration::from_secs(5), || {
+        cache.kv().get("k").ok() == Some(None)
+    }));
+    assert_eq!(cache.failed_open_count(), 1, "the read did not fail open");
+}
