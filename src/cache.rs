@@ -6,8 +6,8 @@ use diesel::pg::PgConnection;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::key::KeyDigest;
 use crate::input::ttl_interval;
+use crate::key::KeyDigest;
 use crate::manager::CacheManager;
 use crate::skipped::Skipped;
 
@@ -131,7 +131,10 @@ pub trait Cache {
     /// default.
     #[doc(hidden)]
     fn skipped(&self, keys: &[&Self::Key]) -> Option<Skipped> {
-        let digests = keys.iter().map(|k| self.key_digest(k)).collect::<Result<_>>();
+        let digests = keys
+            .iter()
+            .map(|k| self.key_digest(k))
+            .collect::<Result<_>>();
         Some(Skipped::Digests(Self::KIND, digests.ok()?))
     }
 

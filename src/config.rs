@@ -233,7 +233,7 @@ impl CacheConfig {
     /// | `PGCACHE_RUN_MIGRATIONS` | `true` | run migrations at start-up |
     /// | `PGCACHE_DURABILITY` | `full` | `full` or `relaxed` |
     /// | `PGCACHE_FAIL_OPEN` | `false` | transient read errors become misses |
-    /// | `PGCACHE_STATS_FLUSH_MS` | 1000 | how often hit/miss counters are flushed |
+    /// | `PGCACHE_STATS_FLUSH_MS` | 1000 | how often a background thread flushes hit/miss counters |
     /// | `PGCACHE_LEASE_TTL_MS` | 30000 | single flight: a dead computer's lease lapses after this |
     /// | `PGCACHE_COMPUTE_WAIT_MS` | 60000 | single flight: longest wait for another caller's computation |
     /// | `PGCACHE_JANITOR_INTERVAL_SECS` | 0 (off) | run cleanup in the background this often |
@@ -528,14 +528,18 @@ impl CacheConfigBuilder {
     }
 
     /// Fail-open mode: reads that fail with a transient error return a miss, writes
-    /// are skipped (each logged and counted). Default: off.
+    /// are skipped (each logged and counted, and undone by a delete of their keys once
+    /// the database answers, so no old value is served after recovery). The manager
+    /// starts while the database is down (not when it is misconfigured) and runs its
+    /// migrations once it answers. Default: off.
     pub fn fail_open(mut self, fail_open: bool) -> Self {
         self.fail_open = fail_open;
         self
     }
 
-    /// How often in-memory hit/miss counters are flushed to the database.
-    /// Default: 1 s.
+    /// How often a background thread writes the in-memory hit/miss counters to the
+    /// database (and, after an outage in fail-open mode, catches up: migrations,
+    /// skipped writes). Default: 1 s.
     pub fn stats_flush_interval(mut self, interval: Duration) -> Self {
         self.stats_flush_interval = interval;
         self

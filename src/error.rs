@@ -152,14 +152,16 @@ fn is_transient_message(message: &str) -> bool {
 }
 
 /// Connection failures that waiting will not cure: 28P01 invalid_password, 28000
-/// invalid_authorization_specification, 3D000 invalid_catalog_name.
+/// invalid_authorization_specification, 3D000 invalid_catalog_name, 42501
+/// insufficient_privilege (a role without CONNECT).
 fn is_configuration_failure(message: &str) -> bool {
-    const CONFIGURATION: [&str; 5] = [
+    const CONFIGURATION: [&str; 6] = [
         "password authentication failed",
         "no pg_hba.conf entry",
         "does not exist",
         "no password supplied",
         "is not permitted to log in",
+        "permission denied",
     ];
     CONFIGURATION.iter().any(|m| message.contains(m))
 }

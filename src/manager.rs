@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use diesel::pg::PgConnection;
@@ -50,6 +50,9 @@ struct Inner {
     skipped: SkippedWrites,
     /// Flushes counters and catches up after an outage, off the request path.
     flusher: Option<Worker>,
+    /// Held through a flush, so `flush_stats` returns only once everything counted
+    /// before it, including what the flusher had in flight, is written.
+    flushing: Mutex<()>,
     /// Dropped with the last clone, which stops the janitor thread.
     _janitor: Option<Worker>,
 }
@@ -105,6 +108,7 @@ impl CacheManager {
             latency: LatencyRecorder::default(),
             migrations_pending: AtomicBool::new(false),
             skipped: SkippedWrites::default(),
+            flushing: Mutex::new(()),
         });
         let manager = CacheManager { inner };
         let config = &manager.inner.config;
@@ -196,7 +200,9 @@ impl CacheManager {
     pub fn run_migrations(&self) -> Result<Vec<String>> {
         let schema = self.config().schema();
         let applied = self.maintain(|conn| crate::migrations::run_pending(conn, schema))?;
-        self.inner.migrations_pending.store(false, Ordering::Release);
+        self.inner
+            .migrations_pending
+            .store(false, Ordering::Release);
         Ok(applied)
     }
 
@@ -355,6 +361,7 @@ impl Inner {
         let Some(pool) = &self.pool else {
             return Ok(());
         };
+        let _flushing = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
         let batch = self.counters.take();
         if batch.is_empty() {
             return Ok(());

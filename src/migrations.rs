@@ -26,7 +26,10 @@ pub(crate) fn run_pending(conn: &mut PgConnection, schema: Option<&str>) -> Resu
     conn.batch_execute(MIGRATION_LOCK)?;
     let result = match schema {
         Some(schema) => conn
-            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(schema)))
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {}",
+                quote_ident(schema)
+            ))
             .map_err(Error::from),
         None => Ok(()),
     }

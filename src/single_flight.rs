@@ -215,15 +215,20 @@ struct LeaseGuard<'a> {
 impl LeaseGuard<'_> {
     /// Hands the lease to [`UNCACHEABLE`]; dropping the guard then releases nothing.
     fn mark_uncacheable(&self) {
-        let marked = self.manager.write(self.kind, 0, || None, |conn| {
-            Ok(diesel::update(
-                cache_leases::table
-                    .filter(cache_leases::lease_key.eq(self.lease_key))
-                    .filter(cache_leases::holder.eq(self.holder)),
-            )
-            .set(cache_leases::holder.eq(UNCACHEABLE))
-            .execute(conn)?)
-        });
+        let marked = self.manager.write(
+            self.kind,
+            0,
+            || None,
+            |conn| {
+                Ok(diesel::update(
+                    cache_leases::table
+                        .filter(cache_leases::lease_key.eq(self.lease_key))
+                        .filter(cache_leases::holder.eq(self.holder)),
+                )
+                .set(cache_leases::holder.eq(UNCACHEABLE))
+                .execute(conn)?)
+            },
+        );
         if let Err(error) = marked {
             tracing::warn!(cache = %self.kind, %error, "pgcache: marking a single-flight lease failed");
         }
@@ -232,9 +237,12 @@ impl LeaseGuard<'_> {
 
 impl Drop for LeaseGuard<'_> {
     fn drop(&mut self) {
-        let released = self.manager.write(self.kind, 0, || None, |conn| {
-            Ok(release(conn, self.lease_key, self.holder)?)
-        });
+        let released = self.manager.write(
+            self.kind,
+            0,
+            || None,
+            |conn| Ok(release(conn, self.lease_key, self.holder)?),
+        );
         if let Err(error) = released {
             // The lease lapses on its own after the lease TTL.
             tracing::warn!(cache = %self.kind, %error, "pgcache: releasing a single-flight lease failed");

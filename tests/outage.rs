@@ -67,8 +67,7 @@ fn bad_input_is_reported_as_bad_input_while_the_database_is_down() {
             kv.set("", &json!(1)).unwrap_err(),
             kv.set("k\0", &json!(1)).unwrap_err(),
             kv.set("k", &json!("\u{0}")).unwrap_err(),
-            kv.set_with_ttl("k", &json!(1), Duration::ZERO)
-                .unwrap_err(),
+            kv.set_with_ttl("k", &json!(1), Duration::ZERO).unwrap_err(),
             kv.get("").unwrap_err(),
             kv.delete("").unwrap_err(),
             kv.set_many(&[("a", &json!(1)), ("", &json!(2))], Duration::from_secs(1))
@@ -159,4 +158,32 @@ fn a_skipped_delete_is_replayed_before_the_next_read_of_this_process() {
         cache.kv().get("k").ok() == Some(None)
     }));
     assert_eq!(cache.failed_open_count(), 1, "the read did not fail open");
+}
+
+#[test]
+fn fail_open_does_not_start_on_a_role_without_connect() {
+    let cluster = ScratchCluster::start();
+    let admin = CacheManager::new(config(&cluster).run_migrations(false).build().unwrap()).unwrap();
+    {
+        use diesel::connection::SimpleConnection;
+        let mut conn = admin.connection().unwrap();
+        conn.batch_execute(
+            "CREATE ROLE no_connect LOGIN; REVOKE CONNECT ON DATABASE postgres FROM PUBLIC",
+        )
+        .unwrap();
+    }
+    let url = format!("postgres://no_connect@127.0.0.1:{}/postgres", cluster.port);
+    for run_migrations in [true, false] {
+        let err = CacheManager::new(
+            config(&cluster)
+                .database_url(url.clone())
+                .fail_open(true)
+                .run_migrations(run_migrations)
+                .build()
+                .unwrap(),
+        )
+        .unwrap_err();
+        assert!(!err.is_transient(), "{err}");
+        assert!(err.to_string().contains("permission denied"), "{err}");
+    }
 }

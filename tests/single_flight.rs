@@ -339,3 +339,71 @@ fn typed_caches_share_single_flight_an_llm_is_called_once() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(leases(&db), 0);
 }
+
+/// Runs `compute` (taking `ms`) through `get_or_compute` on four threads at once;
+/// returns each caller's result and the time the slowest took.
+fn four_callers<T: Send + 'static>(
+    ms: u64,
+    call: impl Fn(&CacheManager, &dyn Fn() -> Result<T, Error>) -> Result<T, Error>
+        + Send
+        + Sync
+        + 'static,
+    value: impl Fn() -> T + Send + Sync + 'static,
+    db: &TestDb,
+) -> (Vec<Result<T, Error>>, Duration) {
+    let (call, value) = (Arc::new(call), Arc::new(value));
+    let barrier = Arc::new(Barrier::new(4));
+    let started = Instant::now();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (cache, barrier) = (db.cache.clone(), barrier.clone());
+            let (call, value) = (call.clone(), value.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                call(&cache, &|| {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    Ok(value())
+                })
+            })
+        })
+        .collect();
+    let results = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    (results, started.elapsed())
+}
+
+#[test]
+fn audio_too_long_to_cache_takes_no_lease_and_callers_do_not_queue() {
+    let db = TestDb::with(|b| b.compute_wait_timeout(Duration::from_millis(1200)));
+    let key = pgcache::AudioChunkKey::new("x".repeat(600), "voice", "tts");
+    let (results, elapsed) = four_callers(
+        500,
+        move |cache, compute| cache.audio_chunk().get_or_compute(&key, compute),
+        || pgcache::AudioChunk::inline(vec![1, 2, 3], "opus"),
+        &db,
+    );
+    for result in results {
+        result.expect("no caller waits for a lease on uncacheable text");
+    }
+    // Four 500 ms syntheses side by side, not one after another.
+    assert!(elapsed < Duration::from_millis(1000), "{elapsed:?}");
+    assert_eq!(leases(&db), 0);
+}
+
+#[test]
+fn a_value_the_cache_refuses_does_not_queue_the_waiters_behind_each_other() {
+    let db = TestDb::new();
+    let (results, elapsed) = four_callers(
+        500,
+        |cache, compute| cache.kv().get_or_compute("k", compute),
+        || json!("NUL \u{0} cannot be stored"),
+        &db,
+    );
+    for result in results {
+        assert!(
+            matches!(result, Err(Error::InvalidInput { .. })),
+            "{result:?}"
+        );
+    }
+    // One computation, then the three waiters side by side (serially: 2 s).
+    assert!(elapsed < Duration::from_millis(1500), "{elapsed:?}");
+}

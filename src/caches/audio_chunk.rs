@@ -422,11 +422,15 @@ impl<'a> AudioChunkCache<'a> {
         let limits = Limits::new(bounds, low_watermark_fraction)
             .map_err(|(what, reason)| Error::invalid(what, reason))?;
         self.manager.flush_stats()?;
-        self.manager
-            .write(Self::KIND, EvictionReport::default(), || None, |conn| {
+        self.manager.write(
+            Self::KIND,
+            EvictionReport::default(),
+            || None,
+            |conn| {
                 let table = LruTable::of(Self::KIND);
                 Ok(evict(conn, &table, &limits, &mut |_| {})?)
-            })
+            },
+        )
     }
 }
 

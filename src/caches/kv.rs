@@ -126,16 +126,21 @@ impl<'a, V> KvCache<'a, V> {
     pub fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
         check_key(key)?;
         let interval = ttl_interval(ttl)?;
-        self.manager.write(CacheKind::Kv, false, || None, |conn| {
-            Ok(diesel::update(
-                cache_entries::table
-                    .filter(cache_entries::key.eq(key))
-                    .filter(cache_entries::expires_at.gt(db_now())),
-            )
-            .set(cache_entries::expires_at.eq(ExpiresIn(interval)))
-            .execute(conn)?
-                > 0)
-        })
+        self.manager.write(
+            CacheKind::Kv,
+            false,
+            || None,
+            |conn| {
+                Ok(diesel::update(
+                    cache_entries::table
+                        .filter(cache_entries::key.eq(key))
+                        .filter(cache_entries::expires_at.gt(db_now())),
+                )
+                .set(cache_entries::expires_at.eq(ExpiresIn(interval)))
+                .execute(conn)?
+                    > 0)
+            },
+        )
     }
 
     /// Deletes every entry whose key starts with `prefix`; returns how many rows were
@@ -173,10 +178,12 @@ impl<'a, V> KvCache<'a, V> {
     /// # Errors
     /// A connection or database error.
     pub fn clear(&self) -> Result<u64> {
-        self.manager
-            .write(CacheKind::Kv, 0, || Some(Skipped::KvAll), |conn| {
-                Ok(diesel::delete(cache_entries::table).execute(conn)? as u64)
-            })
+        self.manager.write(
+            CacheKind::Kv,
+            0,
+            || Some(Skipped::KvAll),
+            |conn| Ok(diesel::delete(cache_entries::table).execute(conn)? as u64),
+        )
     }
 }
 
@@ -236,8 +243,9 @@ pub(crate) fn delete_prefix(conn: &mut PgConnection, prefix: &str) -> QueryResul
                 .filter(cache_entries::key.lt(upper)),
         )
         .execute(conn),
-        None => diesel::delete(cache_entries::table.filter(cache_entries::key.ge(prefix)))
-            .execute(conn),
+        None => {
+            diesel::delete(cache_entries::table.filter(cache_entries::key.ge(prefix))).execute(conn)
+        }
     }
 }
 
@@ -375,7 +383,9 @@ impl<V: Serialize + DeserializeOwned + 'static> Cache for KvCache<'_, V> {
     }
 
     fn skipped(&self, keys: &[&str]) -> Option<Skipped> {
-        Some(Skipped::KvKeys(keys.iter().map(|k| (*k).to_owned()).collect()))
+        Some(Skipped::KvKeys(
+            keys.iter().map(|k| (*k).to_owned()).collect(),
+        ))
     }
 
     fn get_in(&self, conn: &mut PgConnection, key: &str) -> Result<Option<V>> {
