@@ -37,4 +37,6 @@ fn an_entry_written_late_in_a_long_transaction_gets_its_whole_ttl() {
         Ok::<_, Error>(())
     })
     .unwrap();
+    // Committed about 400 ms after the transaction began: still 300 ms to live.
+    assert_eq!(kv.get("k").unwrap(), Some(json!(1)));
 }
