@@ -68,6 +68,14 @@ impl CacheKind {
     pub(crate) fn index(self) -> usize {
         self as usize
     }
+
+    /// Whether the table counts hits per entry (popularity reports, LRU eviction).
+    pub(crate) fn tracks_hits(self) -> bool {
+        match self {
+            CacheKind::LlmResponse | CacheKind::AudioChunk => true,
+            CacheKind::Kv | CacheKind::Embedding | CacheKind::VectorSearch => false,
+        }
+    }
 }
 
 impl std::fmt::Display for CacheKind {

@@ -40,6 +40,7 @@ mod schema;
 mod single_flight;
 mod skipped;
 mod sql;
+mod table;
 
 pub use cache::{Cache, CacheKind};
 pub use caches::{

@@ -34,12 +34,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{
-    array, check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order,
-    record_hits, store, typed_cache_basics, upsert_batch, with_default_ttl, UnnestUpsert,
-    UpsertTable,
-};
-use crate::cache::{Cache, CacheKind};
+use super::common::{array, check_name, hash_prefix, with_default_ttl, UnnestUpsert, UpsertTable};
+use crate::cache::CacheKind;
 use crate::error::{Error, Result};
 use crate::input::{check_json, check_text};
 use crate::key::{KeyDigest, KeyHasher};
@@ -47,6 +43,7 @@ use crate::manager::CacheManager;
 use crate::ops::eviction::{evict, EvictionReport, Limits, LruTable, SizeBounds};
 use crate::schema::audio_chunk_cache;
 use crate::sql::db_now;
+use crate::table::TypedTable;
 
 /// Longest text (in characters) the audio cache stores unless told otherwise: about
 /// three spoken sentences.
@@ -353,7 +350,7 @@ impl<'a> AudioChunkCache<'a> {
             average_hit_count: 0.0,
             most_accessed: Vec::new(),
         };
-        self.manager.read(Self::KIND, empty, |conn| {
+        self.manager.read(CacheKind::AudioChunk, empty, |conn| {
             let live = audio_chunk_cache::expires_at.gt(db_now());
             // sum and avg of bigint are numeric, which needs a decimal crate: cast.
             let (entries, bytes, hits): (i64, i64, f64) = audio_chunk_cache::table
@@ -423,11 +420,11 @@ impl<'a> AudioChunkCache<'a> {
             .map_err(|(what, reason)| Error::invalid(what, reason))?;
         self.manager.flush_stats()?;
         self.manager.write(
-            Self::KIND,
+            CacheKind::AudioChunk,
             EvictionReport::default(),
             || None,
             |conn| {
-                let table = LruTable::of(Self::KIND);
+                let table = LruTable::of(CacheKind::AudioChunk);
                 Ok(evict(conn, &table, &limits, &mut |_| {})?)
             },
         )
@@ -435,8 +432,8 @@ impl<'a> AudioChunkCache<'a> {
 }
 
 /// One validated row, ready to upsert.
-#[derive(Clone)]
-pub(crate) struct Row<'a> {
+#[derive(Debug, Clone)]
+pub struct Row<'a> {
     digest: KeyDigest,
     key: &'a AudioChunkKey,
     chunk: &'a AudioChunk,
@@ -444,73 +441,6 @@ pub(crate) struct Row<'a> {
     sample_rate: i32,
     channels: i16,
     byte_size: i64,
-}
-
-/// Validates an entry.
-pub(crate) fn row<'a>(key: &'a AudioChunkKey, chunk: &'a AudioChunk) -> Result<Row<'a>> {
-    let digest = digest(key)?;
-    match &chunk.data {
-        AudioData::Inline(bytes) if bytes.len() > MAX_AUDIO_BYTES => {
-            return Err(Error::invalid(
-                "audio",
-                format!(
-                    "inline audio is at most {MAX_AUDIO_BYTES} bytes, this has {}; \
-                     store it elsewhere and cache its path",
-                    bytes.len()
-                ),
-            ))
-        }
-        AudioData::Inline(_) => {}
-        AudioData::Stored { path, .. } => check_name("storage_path", path)?,
-    }
-    check_name("format", &chunk.format)?;
-    if let Some(compression) = &chunk.compression {
-        check_text("compression", compression)?;
-    }
-    let positive = |what: &'static str, n: i64| {
-        if n > 0 {
-            Ok(())
-        } else {
-            Err(Error::invalid(what, "must be greater than zero"))
-        }
-    };
-    positive("sample_rate", i64::from(chunk.sample_rate))?;
-    positive("channels", i64::from(chunk.channels))?;
-    let fits = |what: &'static str, n: u64, max: u64| {
-        if n <= max {
-            Ok(n)
-        } else {
-            Err(Error::invalid(
-                what,
-                format!("must be at most {max}, got {n}"),
-            ))
-        }
-    };
-    Ok(Row {
-        digest,
-        key,
-        chunk,
-        duration_ms: fits("duration_ms", chunk.duration_ms.into(), i32::MAX as u64)? as i32,
-        sample_rate: fits("sample_rate", chunk.sample_rate.into(), i32::MAX as u64)? as i32,
-        channels: fits("channels", chunk.channels.into(), i16::MAX as u64)? as i16,
-        byte_size: fits("byte_size", chunk.byte_size(), i64::MAX as u64)? as i64,
-    })
-}
-
-/// Upserts validated rows (all or none). An overwrite starts a fresh entry: hit
-/// count zero.
-pub(crate) fn write(
-    conn: &mut PgConnection,
-    rows: Vec<Row<'_>>,
-    interval: PgInterval,
-) -> QueryResult<usize> {
-    upsert_batch(
-        conn,
-        rows,
-        |r| r.digest,
-        |r| inline(r).map_or(0, <[u8]>::len),
-        |conn, rows| upsert(conn, rows, interval),
-    )
 }
 
 /// The audio bytes stored in the row, if inline.
@@ -540,31 +470,10 @@ impl UpsertTable for audio_chunk_cache::table {
     const RESET: &'static str = ", hit_count = 0, last_accessed_at = now()";
 }
 
-fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> QueryResult<usize> {
-    let arrays = (
-        array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
-        array::<Text, _, _>(rows, |r| r.key.voice_model_id.as_str()),
-        array::<Text, _, _>(rows, |r| r.key.provider.as_str()),
-        array::<Nullable<Bytea>, _, _>(rows, inline),
-        array::<Nullable<Text>, _, _>(rows, |r| match &r.chunk.data {
-            AudioData::Inline(_) => None,
-            AudioData::Stored { path, .. } => Some(path.as_str()),
-        }),
-        array::<Text, _, _>(rows, |r| r.chunk.format.as_str()),
-        array::<Integer, _, _>(rows, |r| r.duration_ms),
-        array::<Integer, _, _>(rows, |r| r.sample_rate),
-        array::<SmallInt, _, _>(rows, |r| r.channels),
-        array::<Nullable<Text>, _, _>(rows, |r| r.chunk.compression.as_deref()),
-        array::<BigInt, _, _>(rows, |r| r.byte_size),
-        array::<Nullable<SqlUuid>, _, _>(rows, |r| r.key.owner),
-    );
-    UnnestUpsert::<audio_chunk_cache::table, _>::new(arrays, interval).execute(conn)
-}
-
 /// A live row as read back.
-#[derive(Queryable, Selectable)]
+#[derive(Debug, QueryableByName)]
 #[diesel(table_name = audio_chunk_cache, check_for_backend(diesel::pg::Pg))]
-struct Stored {
+pub struct Stored {
     key_hash: Vec<u8>,
     audio_data: Option<Vec<u8>>,
     storage_path: Option<String>,
@@ -580,152 +489,145 @@ struct Stored {
     expires_at: DateTime<Utc>,
 }
 
-fn load_live(conn: &mut PgConnection, digests: &[KeyDigest]) -> QueryResult<Vec<Stored>> {
-    use audio_chunk_cache as a;
-    a::table
-        .filter(a::key_hash.eq_any(digest_params(digests)))
-        .filter(a::expires_at.gt(db_now()))
-        .select(Stored::as_select())
-        .load(conn)
-}
-
-/// One live row by `key_hash = $1`: a plain index probe, no array to build or match.
-fn load_one(conn: &mut PgConnection, digest: &KeyDigest) -> QueryResult<Option<Stored>> {
-    use audio_chunk_cache as a;
-    a::table
-        .filter(a::key_hash.eq(digest.as_bytes().as_slice()))
-        .filter(a::expires_at.gt(db_now()))
-        .select(Stored::as_select())
-        .get_result(conn)
-        .optional()
-}
-
-fn decode(row: Stored) -> CachedAudioChunk {
-    let Stored {
-        audio_data: bytes,
-        storage_path: path,
-        format,
-        duration_ms,
-        sample_rate,
-        channels,
-        compression,
-        byte_size,
-        hit_count: hits,
-        last_accessed_at,
-        created_at,
-        expires_at,
-        ..
-    } = row;
-    // The table's CHECKs keep exactly one of bytes and path, and the numbers positive.
-    let data = match (bytes, path) {
-        (Some(bytes), _) => AudioData::Inline(bytes),
-        (None, path) => AudioData::Stored {
-            path: path.unwrap_or_default(),
-            byte_size: byte_size.unsigned_abs(),
-        },
-    };
-    CachedAudioChunk {
-        chunk: AudioChunk {
-            data,
-            format,
-            duration_ms: duration_ms.unsigned_abs(),
-            sample_rate: sample_rate.unsigned_abs(),
-            channels: channels.unsigned_abs(),
-            compression,
-        },
-        hit_count: hits.unsigned_abs(),
-        last_accessed_at,
-        created_at,
-        expires_at,
-    }
-}
-
-impl Cache for AudioChunkCache<'_> {
+impl TypedTable for AudioChunkCache<'_> {
+    const CACHE: CacheKind = CacheKind::AudioChunk;
     type Key = AudioChunkKey;
     type Value = AudioChunk;
     type Entry = CachedAudioChunk;
+    type Row<'r>
+        = Row<'r>
+    where
+        Self: 'r;
+    type Stored = Stored;
+    type Table = audio_chunk_cache::table;
 
-    typed_cache_basics!(CacheKind::AudioChunk);
-
-    fn caches_key(&self, key: &AudioChunkKey) -> bool {
-        self.caches_text(key)
+    fn cache_manager(&self) -> &CacheManager {
+        self.manager
     }
 
-    fn into_value(entry: CachedAudioChunk) -> AudioChunk {
-        entry.chunk
+    fn ttl(&self) -> Duration {
+        self.ttl
     }
 
-    fn get_in(
-        &self,
-        conn: &mut PgConnection,
-        key: &AudioChunkKey,
-    ) -> Result<Option<CachedAudioChunk>> {
+    fn digest(key: &AudioChunkKey) -> Result<KeyDigest> {
+        digest(key)
+    }
+
+    fn row<'r>(key: &'r AudioChunkKey, chunk: &'r AudioChunk) -> Result<Row<'r>> {
         let digest = digest(key)?;
-        // Text this handle never caches cannot be found: skip the query for it.
-        if !self.caches_text(key) {
-            return Ok(None);
+        match &chunk.data {
+            AudioData::Inline(bytes) if bytes.len() > MAX_AUDIO_BYTES => {
+                return Err(Error::invalid(
+                    "audio",
+                    format!(
+                        "inline audio is at most {MAX_AUDIO_BYTES} bytes, this has {}; \
+                         store it elsewhere and cache its path",
+                        bytes.len()
+                    ),
+                ))
+            }
+            AudioData::Inline(_) => {}
+            AudioData::Stored { path, .. } => check_name("storage_path", path)?,
         }
-        let found = load_one(conn, &digest)?.map(decode);
-        record_hits(
-            self.manager,
-            Self::KIND,
-            &[digest],
-            std::slice::from_ref(&found),
-        );
-        Ok(found)
-    }
-
-    fn get_many_in(
-        &self,
-        conn: &mut PgConnection,
-        keys: &[&AudioChunkKey],
-    ) -> Result<Vec<Option<CachedAudioChunk>>> {
-        let digests = digests(keys, digest)?;
-        // Text this handle never caches cannot be found: skip the query for it.
-        let wanted: Vec<KeyDigest> = digests
-            .iter()
-            .zip(keys)
-            .filter(|(_, k)| self.caches_text(k))
-            .map(|(d, _)| *d)
-            .collect();
-        let rows = if wanted.is_empty() {
-            Vec::new()
-        } else {
-            load_live(conn, &wanted)?
+        check_name("format", &chunk.format)?;
+        if let Some(compression) = &chunk.compression {
+            check_text("compression", compression)?;
+        }
+        let positive = |what: &'static str, n: i64| {
+            if n > 0 {
+                Ok(())
+            } else {
+                Err(Error::invalid(what, "must be greater than zero"))
+            }
         };
-        let found = in_request_order(&digests, rows, |s| (s.key_hash.clone(), decode(s)))?;
-        record_hits(self.manager, Self::KIND, &digests, &found);
-        Ok(found)
-    }
-
-    fn set_in(
-        &self,
-        conn: &mut PgConnection,
-        key: &AudioChunkKey,
-        chunk: &AudioChunk,
-        ttl: Duration,
-    ) -> Result<()> {
-        self.set_many_in(conn, &[(key, chunk)], ttl)
-    }
-
-    /// Entries whose text is over the handle's maximum are validated, then skipped.
-    fn set_many_in(
-        &self,
-        conn: &mut PgConnection,
-        entries: &[(&AudioChunkKey, &AudioChunk)],
-        ttl: Duration,
-    ) -> Result<()> {
-        store(conn, entries, ttl, row, |conn, rows, interval| {
-            write(conn, self.cacheable(rows), interval)
+        positive("sample_rate", i64::from(chunk.sample_rate))?;
+        positive("channels", i64::from(chunk.channels))?;
+        let fits = |what: &'static str, n: u64, max: u64| {
+            if n <= max {
+                Ok(n)
+            } else {
+                Err(Error::invalid(
+                    what,
+                    format!("must be at most {max}, got {n}"),
+                ))
+            }
+        };
+        Ok(Row {
+            digest,
+            key,
+            chunk,
+            duration_ms: fits("duration_ms", chunk.duration_ms.into(), i32::MAX as u64)? as i32,
+            sample_rate: fits("sample_rate", chunk.sample_rate.into(), i32::MAX as u64)? as i32,
+            channels: fits("channels", chunk.channels.into(), i16::MAX as u64)? as i16,
+            byte_size: fits("byte_size", chunk.byte_size(), i64::MAX as u64)? as i64,
         })
     }
 
-    fn delete_in(&self, conn: &mut PgConnection, key: &AudioChunkKey) -> Result<bool> {
-        Ok(self.delete_many_in(conn, &[key])? > 0)
+    fn row_digest(row: &Row<'_>) -> KeyDigest {
+        row.digest
     }
 
-    fn delete_many_in(&self, conn: &mut PgConnection, keys: &[&AudioChunkKey]) -> Result<u64> {
-        Ok(delete_digests(conn, Self::KIND, &digests(keys, digest)?)?)
+    fn row_bytes(row: &Row<'_>) -> usize {
+        inline(row).map_or(0, <[u8]>::len)
+    }
+
+    /// An overwrite starts a fresh entry: hit count zero.
+    fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> QueryResult<usize> {
+        let arrays = (
+            array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
+            array::<Text, _, _>(rows, |r| r.key.voice_model_id.as_str()),
+            array::<Text, _, _>(rows, |r| r.key.provider.as_str()),
+            array::<Nullable<Bytea>, _, _>(rows, inline),
+            array::<Nullable<Text>, _, _>(rows, |r| match &r.chunk.data {
+                AudioData::Inline(_) => None,
+                AudioData::Stored { path, .. } => Some(path.as_str()),
+            }),
+            array::<Text, _, _>(rows, |r| r.chunk.format.as_str()),
+            array::<Integer, _, _>(rows, |r| r.duration_ms),
+            array::<Integer, _, _>(rows, |r| r.sample_rate),
+            array::<SmallInt, _, _>(rows, |r| r.channels),
+            array::<Nullable<Text>, _, _>(rows, |r| r.chunk.compression.as_deref()),
+            array::<BigInt, _, _>(rows, |r| r.byte_size),
+            array::<Nullable<SqlUuid>, _, _>(rows, |r| r.key.owner),
+        );
+        UnnestUpsert::<audio_chunk_cache::table, _>::new(arrays, ttl).execute(conn)
+    }
+
+    fn decode(row: Stored) -> (Vec<u8>, CachedAudioChunk) {
+        // The table's CHECKs keep exactly one of bytes and path, and the numbers
+        // positive.
+        let data = match (row.audio_data, row.storage_path) {
+            (Some(bytes), _) => AudioData::Inline(bytes),
+            (None, path) => AudioData::Stored {
+                path: path.unwrap_or_default(),
+                byte_size: row.byte_size.unsigned_abs(),
+            },
+        };
+        let entry = CachedAudioChunk {
+            chunk: AudioChunk {
+                data,
+                format: row.format,
+                duration_ms: row.duration_ms.unsigned_abs(),
+                sample_rate: row.sample_rate.unsigned_abs(),
+                channels: row.channels.unsigned_abs(),
+                compression: row.compression,
+            },
+            hit_count: row.hit_count.unsigned_abs(),
+            last_accessed_at: row.last_accessed_at,
+            created_at: row.created_at,
+            expires_at: row.expires_at,
+        };
+        (row.key_hash, entry)
+    }
+
+    fn value(entry: CachedAudioChunk) -> AudioChunk {
+        entry.chunk
+    }
+
+    /// Text over the handle's maximum is neither read nor written (validated all the
+    /// same).
+    fn stores(&self, key: &AudioChunkKey) -> bool {
+        self.caches_text(key)
     }
 }
 

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::time::Duration;
 
 use diesel::data_types::PgInterval;
 use diesel::dsl::AsExprOf;
@@ -14,9 +13,8 @@ use diesel::sql_types::{Array, Bool, Bytea, SqlType};
 
 use crate::cache::CacheKind;
 use crate::error::{Error, Result};
-use crate::input::{check_text, ttl_interval};
+use crate::input::check_text;
 use crate::key::KeyDigest;
-use crate::manager::CacheManager;
 use crate::sql::ExpiresIn;
 
 /// Payload bytes per INSERT: PostgreSQL caps one array value (one column of a batch)
@@ -34,57 +32,11 @@ pub(crate) fn check_name(what: &'static str, value: &str) -> Result<()> {
     check_text(what, value)
 }
 
-/// The digest of a stored row, read back from its `key_hash` column.
-fn stored_digest(bytes: &[u8]) -> QueryResult<KeyDigest> {
-    KeyDigest::from_slice(bytes).ok_or_else(|| {
-        diesel::result::Error::DeserializationError(
-            format!("key_hash has {} bytes, expected 32", bytes.len()).into(),
-        )
-    })
-}
-
 /// The short hex form of a stored digest used in reports.
 pub(crate) fn hash_prefix(bytes: &[u8]) -> String {
     let mut hex = hex::encode(bytes);
     hex.truncate(HASH_PREFIX_CHARS);
     hex
-}
-
-/// Validates and hashes every key of a batch.
-pub(crate) fn digests<K: ?Sized>(
-    keys: &[&K],
-    digest: impl Fn(&K) -> Result<KeyDigest>,
-) -> Result<Vec<KeyDigest>> {
-    keys.iter().map(|k| digest(k)).collect()
-}
-
-/// Puts rows loaded by digest back in the order (and multiplicity) of the request;
-/// `split` separates a row's `key_hash` from the entry it decodes to.
-pub(crate) fn in_request_order<S, E: Clone>(
-    digests: &[KeyDigest],
-    rows: Vec<S>,
-    split: impl Fn(S) -> (Vec<u8>, E),
-) -> Result<Vec<Option<E>>> {
-    let mut found = HashMap::with_capacity(rows.len());
-    for row in rows {
-        let (hash, entry) = split(row);
-        found.insert(stored_digest(&hash)?, entry);
-    }
-    Ok(digests.iter().map(|d| found.get(d).cloned()).collect())
-}
-
-/// Counts a hit for every entry found, in the manager's deferred per-entry counters.
-pub(crate) fn record_hits<E>(
-    manager: &CacheManager,
-    kind: CacheKind,
-    digests: &[KeyDigest],
-    found: &[Option<E>],
-) {
-    for (digest, entry) in digests.iter().zip(found) {
-        if entry.is_some() {
-            manager.record_entry_hit(kind, *digest);
-        }
-    }
 }
 
 /// Deletes the rows of `kind`'s table with these digests; returns how many of them
@@ -116,24 +68,6 @@ pub(crate) fn delete_digests(
 /// The digests as bind parameters for `key_hash = ANY($1)`.
 pub(crate) fn digest_params(digests: &[KeyDigest]) -> Vec<&[u8]> {
     digests.iter().map(|d| d.as_bytes().as_slice()).collect()
-}
-
-/// Validates every entry into a row, then writes the rows expiring `ttl` from now:
-/// one bad entry rejects the batch before anything is written.
-pub(crate) fn store<'a, K: ?Sized, V: ?Sized, R>(
-    conn: &mut PgConnection,
-    entries: &[(&'a K, &'a V)],
-    ttl: Duration,
-    row: impl Fn(&'a K, &'a V) -> Result<R>,
-    write: impl FnOnce(&mut PgConnection, Vec<R>, PgInterval) -> QueryResult<usize>,
-) -> Result<()> {
-    let interval = ttl_interval(ttl)?;
-    let rows = entries
-        .iter()
-        .map(|(k, v)| row(k, v))
-        .collect::<Result<Vec<_>>>()?;
-    write(conn, rows, interval)?;
-    Ok(())
 }
 
 /// Upserts `rows` in as few statements as possible (one unless their `size`s add
@@ -272,33 +206,6 @@ where
         .collect::<Vec<_>>()
         .into_sql::<Array<ST>>()
 }
-
-/// The [`Cache`](crate::Cache) items every typed cache answers alike: its kind, its
-/// manager and default TTL (the handle's `manager` and `ttl` fields), its key's
-/// digest (the cache module's `digest`, the one its rows are stored under) and its
-/// entry check (the module's `row`, which validates what a set stores).
-macro_rules! typed_cache_basics {
-    ($kind:expr) => {
-        const KIND: CacheKind = $kind;
-
-        fn manager(&self) -> &CacheManager {
-            self.manager
-        }
-
-        fn default_ttl(&self) -> Duration {
-            self.ttl
-        }
-
-        fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest> {
-            digest(key)
-        }
-
-        fn check_entry(&self, key: &Self::Key, value: &Self::Value) -> Result<()> {
-            row(key, value).map(drop)
-        }
-    };
-}
-pub(crate) use typed_cache_basics;
 
 /// The typed handles' `with_default_ttl`, documented with the preset it replaces.
 macro_rules! with_default_ttl {

@@ -22,17 +22,14 @@ use diesel::Column;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::common::{
-    array, check_name, delete_digests, digest_params, digests, in_request_order, store,
-    typed_cache_basics, upsert_batch, with_default_ttl, UnnestUpsert, UpsertTable,
-};
+use super::common::{array, check_name, with_default_ttl, UnnestUpsert, UpsertTable};
 use crate::cache::{Cache, CacheKind};
 use crate::error::{Error, Result};
 use crate::input::{check_embedding, check_text};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::manager::CacheManager;
 use crate::schema::embedding_cache;
-use crate::sql::db_now;
+use crate::table::TypedTable;
 
 /// What identifies a cached embedding: the query text and the model that embeds it,
 /// optionally owned by a user (see [`owned_by`](Self::owned_by)).
@@ -192,41 +189,12 @@ impl<'a> EmbeddingCache<'a> {
 }
 
 /// One validated row, ready to upsert.
-#[derive(Clone)]
-pub(crate) struct Row<'a> {
+#[derive(Debug, Clone)]
+pub struct Row<'a> {
     digest: KeyDigest,
     key: &'a EmbeddingKey,
     bytes: Vec<u8>,
     dimensions: i32,
-}
-
-/// Validates an entry and encodes its vector.
-pub(crate) fn row<'a>(key: &'a EmbeddingKey, embedding: &[f32]) -> Result<Row<'a>> {
-    let digest = digest(key)?;
-    check_embedding(embedding)?;
-    let bytes = embedding.iter().flat_map(|c| c.to_le_bytes()).collect();
-    Ok(Row {
-        digest,
-        key,
-        bytes,
-        // check_embedding caps the length far below i32::MAX.
-        dimensions: embedding.len() as i32,
-    })
-}
-
-/// Upserts validated rows (all or none).
-pub(crate) fn write(
-    conn: &mut PgConnection,
-    rows: Vec<Row<'_>>,
-    interval: PgInterval,
-) -> QueryResult<usize> {
-    upsert_batch(
-        conn,
-        rows,
-        |r| r.digest,
-        |r| r.bytes.len(),
-        |conn, rows| upsert(conn, rows, interval),
-    )
 }
 
 impl UpsertTable for embedding_cache::table {
@@ -241,21 +209,10 @@ impl UpsertTable for embedding_cache::table {
     const RESET: &'static str = "";
 }
 
-fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> QueryResult<usize> {
-    let arrays = (
-        array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
-        array::<Text, _, _>(rows, |r| r.key.model.as_str()),
-        array::<Integer, _, _>(rows, |r| r.dimensions),
-        array::<Bytea, _, _>(rows, |r| r.bytes.as_slice()),
-        array::<Nullable<SqlUuid>, _, _>(rows, |r| r.key.owner),
-    );
-    UnnestUpsert::<embedding_cache::table, _>::new(arrays, interval).execute(conn)
-}
-
 /// A live row as read back.
-#[derive(Queryable, Selectable)]
+#[derive(Debug, QueryableByName)]
 #[diesel(table_name = embedding_cache, check_for_backend(diesel::pg::Pg))]
-struct Stored {
+pub struct Stored {
     key_hash: Vec<u8>,
     model: String,
     embedding: Vec<u8>,
@@ -264,102 +221,81 @@ struct Stored {
     expires_at: DateTime<Utc>,
 }
 
-fn load_live(conn: &mut PgConnection, digests: &[KeyDigest]) -> QueryResult<Vec<Stored>> {
-    embedding_cache::table
-        .filter(embedding_cache::key_hash.eq_any(digest_params(digests)))
-        .filter(embedding_cache::expires_at.gt(db_now()))
-        .select(Stored::as_select())
-        .load(conn)
-}
-
-/// One live row by `key_hash = $1`: a plain index probe, no array to build or match.
-fn load_one(conn: &mut PgConnection, digest: &KeyDigest) -> QueryResult<Option<Stored>> {
-    embedding_cache::table
-        .filter(embedding_cache::key_hash.eq(digest.as_bytes().as_slice()))
-        .filter(embedding_cache::expires_at.gt(db_now()))
-        .select(Stored::as_select())
-        .get_result(conn)
-        .optional()
-}
-
-fn decode(row: Stored) -> CachedEmbedding {
-    let Stored {
-        model,
-        embedding: bytes,
-        owner_id: owner,
-        created_at,
-        expires_at,
-        ..
-    } = row;
-    let embedding: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    CachedEmbedding {
-        dimensions: embedding.len(),
-        embedding,
-        model,
-        owner,
-        created_at,
-        expires_at,
-    }
-}
-
-impl Cache for EmbeddingCache<'_> {
+impl TypedTable for EmbeddingCache<'_> {
+    const CACHE: CacheKind = CacheKind::Embedding;
     type Key = EmbeddingKey;
     type Value = Vec<f32>;
     type Entry = CachedEmbedding;
+    type Row<'r>
+        = Row<'r>
+    where
+        Self: 'r;
+    type Stored = Stored;
+    type Table = embedding_cache::table;
 
-    typed_cache_basics!(CacheKind::Embedding);
-
-    fn into_value(entry: CachedEmbedding) -> Vec<f32> {
-        entry.embedding
+    fn cache_manager(&self) -> &CacheManager {
+        self.manager
     }
 
-    fn get_in(
-        &self,
-        conn: &mut PgConnection,
-        key: &EmbeddingKey,
-    ) -> Result<Option<CachedEmbedding>> {
+    fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn digest(key: &EmbeddingKey) -> Result<KeyDigest> {
+        digest(key)
+    }
+
+    /// Validates an entry and encodes its vector as little-endian `f32` bytes.
+    fn row<'r>(key: &'r EmbeddingKey, embedding: &'r Vec<f32>) -> Result<Row<'r>> {
         let digest = digest(key)?;
-        Ok(load_one(conn, &digest)?.map(decode))
+        check_embedding(embedding)?;
+        Ok(Row {
+            digest,
+            key,
+            bytes: embedding.iter().flat_map(|c| c.to_le_bytes()).collect(),
+            // check_embedding caps the length far below i32::MAX.
+            dimensions: embedding.len() as i32,
+        })
     }
 
-    fn get_many_in(
-        &self,
-        conn: &mut PgConnection,
-        keys: &[&EmbeddingKey],
-    ) -> Result<Vec<Option<CachedEmbedding>>> {
-        let digests = digests(keys, digest)?;
-        let rows = load_live(conn, &digests)?;
-        in_request_order(&digests, rows, |s| (s.key_hash.clone(), decode(s)))
+    fn row_digest(row: &Row<'_>) -> KeyDigest {
+        row.digest
     }
 
-    fn set_in(
-        &self,
-        conn: &mut PgConnection,
-        key: &EmbeddingKey,
-        value: &Vec<f32>,
-        ttl: Duration,
-    ) -> Result<()> {
-        self.set_many_in(conn, &[(key, value)], ttl)
+    fn row_bytes(row: &Row<'_>) -> usize {
+        row.bytes.len()
     }
 
-    fn set_many_in(
-        &self,
-        conn: &mut PgConnection,
-        entries: &[(&EmbeddingKey, &Vec<f32>)],
-        ttl: Duration,
-    ) -> Result<()> {
-        store(conn, entries, ttl, |k, v| row(k, v), write)
+    fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> QueryResult<usize> {
+        let arrays = (
+            array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
+            array::<Text, _, _>(rows, |r| r.key.model.as_str()),
+            array::<Integer, _, _>(rows, |r| r.dimensions),
+            array::<Bytea, _, _>(rows, |r| r.bytes.as_slice()),
+            array::<Nullable<SqlUuid>, _, _>(rows, |r| r.key.owner),
+        );
+        UnnestUpsert::<embedding_cache::table, _>::new(arrays, ttl).execute(conn)
     }
 
-    fn delete_in(&self, conn: &mut PgConnection, key: &EmbeddingKey) -> Result<bool> {
-        Ok(self.delete_many_in(conn, &[key])? > 0)
+    fn decode(row: Stored) -> (Vec<u8>, CachedEmbedding) {
+        let embedding: Vec<f32> = row
+            .embedding
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let entry = CachedEmbedding {
+            dimensions: embedding.len(),
+            embedding,
+            model: row.model,
+            owner: row.owner_id,
+            created_at: row.created_at,
+            expires_at: row.expires_at,
+        };
+        (row.key_hash, entry)
     }
 
-    fn delete_many_in(&self, conn: &mut PgConnection, keys: &[&EmbeddingKey]) -> Result<u64> {
-        Ok(delete_digests(conn, Self::KIND, &digests(keys, digest)?)?)
+    fn value(entry: CachedEmbedding) -> Vec<f32> {
+        entry.embedding
     }
 }
 

@@ -27,18 +27,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{
-    array, check_name, delete_digests, digest_params, digests, hash_prefix, in_request_order,
-    record_hits, store, typed_cache_basics, upsert_batch, with_default_ttl, UnnestUpsert,
-    UpsertTable,
-};
-use crate::cache::{Cache, CacheKind};
+use super::common::{array, check_name, hash_prefix, with_default_ttl, UnnestUpsert, UpsertTable};
+use crate::cache::CacheKind;
 use crate::error::Result;
 use crate::input::{check_json, check_text};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::manager::CacheManager;
 use crate::schema::llm_response_cache;
 use crate::sql::db_now;
+use crate::table::TypedTable;
 
 /// An LLM request: what identifies a cached response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -216,67 +213,41 @@ impl<'a> LlmResponseCache<'a> {
     pub fn top(&self, n: usize) -> Result<Vec<TopLlmResponse>> {
         self.manager.flush_stats()?;
         let limit = i64::try_from(n).unwrap_or(i64::MAX);
-        self.manager.read(Self::KIND, Vec::new(), |conn| {
-            let rows: Vec<(Vec<u8>, i64, String, Option<String>)> = llm_response_cache::table
-                .filter(llm_response_cache::expires_at.gt(db_now()))
-                .order((
-                    llm_response_cache::hit_count.desc(),
-                    llm_response_cache::key_hash,
-                ))
-                .limit(limit)
-                .select((
-                    llm_response_cache::key_hash,
-                    llm_response_cache::hit_count,
-                    llm_response_cache::provider,
-                    llm_response_cache::model,
-                ))
-                .load(conn)?;
-            Ok(rows
-                .into_iter()
-                .map(|(hash, hits, provider, model)| TopLlmResponse {
-                    hash_prefix: hash_prefix(&hash),
-                    hits: hits.unsigned_abs(),
-                    provider,
-                    model,
-                })
-                .collect())
-        })
+        self.manager
+            .read(CacheKind::LlmResponse, Vec::new(), |conn| {
+                let rows: Vec<(Vec<u8>, i64, String, Option<String>)> = llm_response_cache::table
+                    .filter(llm_response_cache::expires_at.gt(db_now()))
+                    .order((
+                        llm_response_cache::hit_count.desc(),
+                        llm_response_cache::key_hash,
+                    ))
+                    .limit(limit)
+                    .select((
+                        llm_response_cache::key_hash,
+                        llm_response_cache::hit_count,
+                        llm_response_cache::provider,
+                        llm_response_cache::model,
+                    ))
+                    .load(conn)?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(hash, hits, provider, model)| TopLlmResponse {
+                        hash_prefix: hash_prefix(&hash),
+                        hits: hits.unsigned_abs(),
+                        provider,
+                        model,
+                    })
+                    .collect())
+            })
     }
 }
 
 /// One validated row, ready to upsert.
-#[derive(Clone)]
-pub(crate) struct Row<'a> {
+#[derive(Debug, Clone)]
+pub struct Row<'a> {
     digest: KeyDigest,
     prompt: &'a LlmPrompt,
     response: &'a str,
-}
-
-/// Validates an entry.
-pub(crate) fn row<'a>(prompt: &'a LlmPrompt, response: &'a str) -> Result<Row<'a>> {
-    let digest = digest(prompt)?;
-    check_text("response", response)?;
-    Ok(Row {
-        digest,
-        prompt,
-        response,
-    })
-}
-
-/// Upserts validated rows (all or none). An overwrite starts a fresh entry: hit
-/// count zero.
-pub(crate) fn write(
-    conn: &mut PgConnection,
-    rows: Vec<Row<'_>>,
-    interval: PgInterval,
-) -> QueryResult<usize> {
-    upsert_batch(
-        conn,
-        rows,
-        |r| r.digest,
-        |r| r.response.len(),
-        |conn, rows| upsert(conn, rows, interval),
-    )
 }
 
 impl UpsertTable for llm_response_cache::table {
@@ -291,21 +262,10 @@ impl UpsertTable for llm_response_cache::table {
     const RESET: &'static str = ", hit_count = 0, last_accessed_at = now()";
 }
 
-fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> QueryResult<usize> {
-    let arrays = (
-        array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
-        array::<Text, _, _>(rows, |r| r.prompt.provider.as_str()),
-        array::<Nullable<Text>, _, _>(rows, |r| r.prompt.model.as_deref()),
-        array::<Text, _, _>(rows, |r| r.response),
-        array::<Nullable<SqlUuid>, _, _>(rows, |r| r.prompt.owner),
-    );
-    UnnestUpsert::<llm_response_cache::table, _>::new(arrays, interval).execute(conn)
-}
-
 /// A live row as read back.
-#[derive(Queryable, Selectable)]
+#[derive(Debug, QueryableByName)]
 #[diesel(table_name = llm_response_cache, check_for_backend(diesel::pg::Pg))]
-struct Stored {
+pub struct Stored {
     key_hash: Vec<u8>,
     response: String,
     provider: String,
@@ -316,114 +276,75 @@ struct Stored {
     expires_at: DateTime<Utc>,
 }
 
-fn load_live(conn: &mut PgConnection, digests: &[KeyDigest]) -> QueryResult<Vec<Stored>> {
-    llm_response_cache::table
-        .filter(llm_response_cache::key_hash.eq_any(digest_params(digests)))
-        .filter(llm_response_cache::expires_at.gt(db_now()))
-        .select(Stored::as_select())
-        .load(conn)
-}
-
-/// One live row by `key_hash = $1`: a plain index probe, no array to build or match.
-fn load_one(conn: &mut PgConnection, digest: &KeyDigest) -> QueryResult<Option<Stored>> {
-    llm_response_cache::table
-        .filter(llm_response_cache::key_hash.eq(digest.as_bytes().as_slice()))
-        .filter(llm_response_cache::expires_at.gt(db_now()))
-        .select(Stored::as_select())
-        .get_result(conn)
-        .optional()
-}
-
-fn decode(row: Stored) -> CachedLlmResponse {
-    let Stored {
-        response,
-        provider,
-        model,
-        hit_count: hits,
-        last_accessed_at,
-        created_at,
-        expires_at,
-        ..
-    } = row;
-    CachedLlmResponse {
-        response,
-        provider,
-        model,
-        hit_count: hits.unsigned_abs(),
-        last_accessed_at,
-        created_at,
-        expires_at,
-    }
-}
-
-impl Cache for LlmResponseCache<'_> {
+impl TypedTable for LlmResponseCache<'_> {
+    const CACHE: CacheKind = CacheKind::LlmResponse;
     type Key = LlmPrompt;
     type Value = String;
     type Entry = CachedLlmResponse;
+    type Row<'r>
+        = Row<'r>
+    where
+        Self: 'r;
+    type Stored = Stored;
+    type Table = llm_response_cache::table;
 
-    typed_cache_basics!(CacheKind::LlmResponse);
-
-    fn into_value(entry: CachedLlmResponse) -> String {
-        entry.response
+    fn cache_manager(&self) -> &CacheManager {
+        self.manager
     }
 
-    fn get_in(
-        &self,
-        conn: &mut PgConnection,
-        prompt: &LlmPrompt,
-    ) -> Result<Option<CachedLlmResponse>> {
+    fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn digest(prompt: &LlmPrompt) -> Result<KeyDigest> {
+        digest(prompt)
+    }
+
+    fn row<'r>(prompt: &'r LlmPrompt, response: &'r String) -> Result<Row<'r>> {
         let digest = digest(prompt)?;
-        let found = load_one(conn, &digest)?.map(decode);
-        record_hits(
-            self.manager,
-            Self::KIND,
-            &[digest],
-            std::slice::from_ref(&found),
+        check_text("response", response)?;
+        Ok(Row {
+            digest,
+            prompt,
+            response,
+        })
+    }
+
+    fn row_digest(row: &Row<'_>) -> KeyDigest {
+        row.digest
+    }
+
+    fn row_bytes(row: &Row<'_>) -> usize {
+        row.response.len()
+    }
+
+    /// An overwrite starts a fresh entry: hit count zero.
+    fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> QueryResult<usize> {
+        let arrays = (
+            array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
+            array::<Text, _, _>(rows, |r| r.prompt.provider.as_str()),
+            array::<Nullable<Text>, _, _>(rows, |r| r.prompt.model.as_deref()),
+            array::<Text, _, _>(rows, |r| r.response),
+            array::<Nullable<SqlUuid>, _, _>(rows, |r| r.prompt.owner),
         );
-        Ok(found)
+        UnnestUpsert::<llm_response_cache::table, _>::new(arrays, ttl).execute(conn)
     }
 
-    fn get_many_in(
-        &self,
-        conn: &mut PgConnection,
-        prompts: &[&LlmPrompt],
-    ) -> Result<Vec<Option<CachedLlmResponse>>> {
-        let digests = digests(prompts, digest)?;
-        let rows = load_live(conn, &digests)?;
-        let found = in_request_order(&digests, rows, |s| (s.key_hash.clone(), decode(s)))?;
-        record_hits(self.manager, Self::KIND, &digests, &found);
-        Ok(found)
+    fn decode(row: Stored) -> (Vec<u8>, CachedLlmResponse) {
+        let entry = CachedLlmResponse {
+            response: row.response,
+            provider: row.provider,
+            model: row.model,
+            hit_count: row.hit_count.unsigned_abs(),
+            last_accessed_at: row.last_accessed_at,
+            created_at: row.created_at,
+            expires_at: row.expires_at,
+        };
+        (row.key_hash, entry)
     }
 
-    fn set_in(
-        &self,
-        conn: &mut PgConnection,
-        prompt: &LlmPrompt,
-        response: &String,
-        ttl: Duration,
-    ) -> Result<()> {
-        self.set_many_in(conn, &[(prompt, response)], ttl)
-    }
-
-    fn set_many_in(
-        &self,
-        conn: &mut PgConnection,
-        entries: &[(&LlmPrompt, &String)],
-        ttl: Duration,
-    ) -> Result<()> {
-        store(conn, entries, ttl, |p, r| row(p, r), write)
-    }
-
-    fn delete_in(&self, conn: &mut PgConnection, prompt: &LlmPrompt) -> Result<bool> {
-        Ok(self.delete_many_in(conn, &[prompt])? > 0)
-    }
-
-    fn delete_many_in(&self, conn: &mut PgConnection, prompts: &[&LlmPrompt]) -> Result<u64> {
-        Ok(delete_digests(
-            conn,
-            Self::KIND,
-            &digests(prompts, digest)?,
-        )?)
+    fn value(entry: CachedLlmResponse) -> String {
+        entry.response
     }
 }
 

@@ -22,18 +22,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{
-    array, delete_digests, digest_params, digests, in_request_order, store, typed_cache_basics,
-    upsert_batch, with_default_ttl, UnnestUpsert, UpsertTable,
-};
-use crate::cache::{Cache, CacheKind};
+use super::common::{array, with_default_ttl, UnnestUpsert, UpsertTable};
+use crate::cache::CacheKind;
 use crate::error::{Error, Result};
 use crate::input::{check_embedding, check_json};
 use crate::jsonb::JsonbOut;
 use crate::key::{canonical_json, KeyDigest, KeyHasher};
 use crate::manager::CacheManager;
 use crate::schema::vector_search_cache;
-use crate::sql::db_now;
+use crate::table::TypedTable;
 
 /// A vector search of one user: what identifies its cached results.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,40 +153,13 @@ impl<'a> VectorSearchCache<'a> {
 }
 
 /// One validated row, ready to upsert.
-#[derive(Clone)]
-pub(crate) struct Row<'a> {
+#[derive(Debug, Clone)]
+pub struct Row<'a> {
     digest: KeyDigest,
     query: &'a VectorSearchQuery,
     top_k: i32,
     filters: JsonbOut,
     results: JsonbOut,
-}
-
-/// Validates an entry.
-pub(crate) fn row<'a>(query: &'a VectorSearchQuery, results: &'a Value) -> Result<Row<'a>> {
-    let digest = digest(query)?;
-    Ok(Row {
-        digest,
-        query,
-        top_k: top_k(query)?,
-        filters: JsonbOut::new("filters", &canonical_json(&query.filters))?,
-        results: JsonbOut::new("results", results)?,
-    })
-}
-
-/// Upserts validated rows (all or none).
-pub(crate) fn write(
-    conn: &mut PgConnection,
-    rows: Vec<Row<'_>>,
-    interval: PgInterval,
-) -> QueryResult<usize> {
-    upsert_batch(
-        conn,
-        rows,
-        |r| r.digest,
-        |r| r.filters.byte_len() + r.results.byte_len(),
-        |conn, rows| upsert(conn, rows, interval),
-    )
 }
 
 impl UpsertTable for vector_search_cache::table {
@@ -204,21 +174,10 @@ impl UpsertTable for vector_search_cache::table {
     const RESET: &'static str = "";
 }
 
-fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], interval: PgInterval) -> QueryResult<usize> {
-    let arrays = (
-        array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
-        array::<SqlUuid, _, _>(rows, |r| r.query.user_id),
-        array::<Integer, _, _>(rows, |r| r.top_k),
-        array::<Jsonb, _, _>(rows, |r| &r.filters),
-        array::<Jsonb, _, _>(rows, |r| &r.results),
-    );
-    UnnestUpsert::<vector_search_cache::table, _>::new(arrays, interval).execute(conn)
-}
-
 /// A live row as read back.
-#[derive(Queryable, Selectable)]
+#[derive(Debug, QueryableByName)]
 #[diesel(table_name = vector_search_cache, check_for_backend(diesel::pg::Pg))]
-struct Stored {
+pub struct Stored {
     key_hash: Vec<u8>,
     user_id: Uuid,
     top_k: i32,
@@ -228,125 +187,79 @@ struct Stored {
     expires_at: DateTime<Utc>,
 }
 
-fn load_live(
-    conn: &mut PgConnection,
-    digests: &[KeyDigest],
-    users: &[Uuid],
-) -> QueryResult<Vec<Stored>> {
-    vector_search_cache::table
-        .filter(vector_search_cache::key_hash.eq_any(digest_params(digests)))
-        .filter(vector_search_cache::user_id.eq_any(users))
-        .filter(vector_search_cache::expires_at.gt(db_now()))
-        .select(Stored::as_select())
-        .load(conn)
-}
-
-/// The live row of one digest and user, by `key_hash = $1`: a plain index probe.
-fn load_one(
-    conn: &mut PgConnection,
-    digest: &KeyDigest,
-    user: Uuid,
-) -> QueryResult<Option<Stored>> {
-    vector_search_cache::table
-        .filter(vector_search_cache::key_hash.eq(digest.as_bytes().as_slice()))
-        .filter(vector_search_cache::user_id.eq(user))
-        .filter(vector_search_cache::expires_at.gt(db_now()))
-        .select(Stored::as_select())
-        .get_result(conn)
-        .optional()
-}
-
-fn decode(row: Stored) -> CachedVectorSearch {
-    let Stored {
-        user_id,
-        top_k,
-        filters,
-        results,
-        created_at,
-        expires_at,
-        ..
-    } = row;
-    CachedVectorSearch {
-        results,
-        user_id,
-        // The column's CHECK keeps it positive.
-        top_k: top_k.unsigned_abs(),
-        filters,
-        created_at,
-        expires_at,
-    }
-}
-
-impl Cache for VectorSearchCache<'_> {
+impl TypedTable for VectorSearchCache<'_> {
+    const CACHE: CacheKind = CacheKind::VectorSearch;
     type Key = VectorSearchQuery;
     type Value = Value;
     type Entry = CachedVectorSearch;
+    type Row<'r>
+        = Row<'r>
+    where
+        Self: 'r;
+    type Stored = Stored;
+    type Table = vector_search_cache::table;
 
-    typed_cache_basics!(CacheKind::VectorSearch);
+    fn cache_manager(&self) -> &CacheManager {
+        self.manager
+    }
 
-    fn into_value(entry: CachedVectorSearch) -> Value {
+    fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn digest(query: &VectorSearchQuery) -> Result<KeyDigest> {
+        digest(query)
+    }
+
+    fn row<'r>(query: &'r VectorSearchQuery, results: &'r Value) -> Result<Row<'r>> {
+        Ok(Row {
+            digest: digest(query)?,
+            query,
+            top_k: top_k(query)?,
+            filters: JsonbOut::new("filters", &canonical_json(&query.filters))?,
+            results: JsonbOut::new("results", results)?,
+        })
+    }
+
+    fn row_digest(row: &Row<'_>) -> KeyDigest {
+        row.digest
+    }
+
+    fn row_bytes(row: &Row<'_>) -> usize {
+        row.filters.byte_len() + row.results.byte_len()
+    }
+
+    fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> QueryResult<usize> {
+        let arrays = (
+            array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
+            array::<SqlUuid, _, _>(rows, |r| r.query.user_id),
+            array::<Integer, _, _>(rows, |r| r.top_k),
+            array::<Jsonb, _, _>(rows, |r| &r.filters),
+            array::<Jsonb, _, _>(rows, |r| &r.results),
+        );
+        UnnestUpsert::<vector_search_cache::table, _>::new(arrays, ttl).execute(conn)
+    }
+
+    fn decode(row: Stored) -> (Vec<u8>, CachedVectorSearch) {
+        let entry = CachedVectorSearch {
+            results: row.results,
+            user_id: row.user_id,
+            // The column's CHECK keeps it positive.
+            top_k: row.top_k.unsigned_abs(),
+            filters: row.filters,
+            created_at: row.created_at,
+            expires_at: row.expires_at,
+        };
+        (row.key_hash, entry)
+    }
+
+    fn value(entry: CachedVectorSearch) -> Value {
         entry.results
     }
 
-    fn get_in(
-        &self,
-        conn: &mut PgConnection,
-        query: &VectorSearchQuery,
-    ) -> Result<Option<CachedVectorSearch>> {
-        let digest = digest(query)?;
-        Ok(load_one(conn, &digest, query.user_id)?.map(decode))
-    }
-
-    fn get_many_in(
-        &self,
-        conn: &mut PgConnection,
-        queries: &[&VectorSearchQuery],
-    ) -> Result<Vec<Option<CachedVectorSearch>>> {
-        let digests = digests(queries, digest)?;
-        let users: Vec<Uuid> = queries.iter().map(|q| q.user_id).collect();
-        let rows = load_live(conn, &digests, &users)?;
-        // A row only answers a query of its own user.
-        let found = in_request_order(&digests, rows, |s| (s.key_hash.clone(), decode(s)))?;
-        Ok(found
-            .into_iter()
-            .zip(queries)
-            .map(|(entry, q)| entry.filter(|e| e.user_id == q.user_id))
-            .collect())
-    }
-
-    fn set_in(
-        &self,
-        conn: &mut PgConnection,
-        query: &VectorSearchQuery,
-        results: &Value,
-        ttl: Duration,
-    ) -> Result<()> {
-        self.set_many_in(conn, &[(query, results)], ttl)
-    }
-
-    fn set_many_in(
-        &self,
-        conn: &mut PgConnection,
-        entries: &[(&VectorSearchQuery, &Value)],
-        ttl: Duration,
-    ) -> Result<()> {
-        store(conn, entries, ttl, row, write)
-    }
-
-    fn delete_in(&self, conn: &mut PgConnection, query: &VectorSearchQuery) -> Result<bool> {
-        Ok(self.delete_many_in(conn, &[query])? > 0)
-    }
-
-    fn delete_many_in(
-        &self,
-        conn: &mut PgConnection,
-        queries: &[&VectorSearchQuery],
-    ) -> Result<u64> {
-        Ok(delete_digests(
-            conn,
-            Self::KIND,
-            &digests(queries, digest)?,
-        )?)
+    /// A row only answers a query of its own user (the digest covers the user too).
+    fn answers(query: &VectorSearchQuery, entry: &CachedVectorSearch) -> bool {
+        entry.user_id == query.user_id
     }
 }
 

@@ -9,12 +9,13 @@ use serde_json::Value;
 
 use crate::cache::Cache;
 use crate::caches::{
-    audio_chunk, embedding, llm_response, vector_search, AudioChunk, AudioChunkKey, EmbeddingKey,
-    LlmPrompt, VectorSearchQuery,
+    AudioChunk, AudioChunkCache, AudioChunkKey, EmbeddingCache, EmbeddingKey, LlmPrompt,
+    LlmResponseCache, VectorSearchCache, VectorSearchQuery,
 };
 use crate::error::{Error, Result};
 use crate::input::{check_json, check_key, ttl_interval};
 use crate::manager::CacheManager;
+use crate::table::{write, TypedTable};
 
 /// Entries to pre-populate, per cache. Deserializes from JSON (`pgcache warmup
 /// FILE.json`) with these snake_case field names; every section may be left out:
@@ -192,16 +193,16 @@ impl CacheManager {
             Ok((e.key.as_str(), &e.value))
         })?;
         let embeddings = rows("embeddings", &warmup.embeddings, |e| {
-            embedding::row(&e.key, &e.embedding)
+            EmbeddingCache::row(&e.key, &e.embedding)
         })?;
         let searches = rows("vector_searches", &warmup.vector_searches, |e| {
-            vector_search::row(&e.query, &e.results)
+            VectorSearchCache::row(&e.query, &e.results)
         })?;
         let responses = rows("llm_responses", &warmup.llm_responses, |e| {
-            llm_response::row(&e.prompt, &e.response)
+            LlmResponseCache::row(&e.prompt, &e.response)
         })?;
         let audio = rows("audio_chunks", &warmup.audio_chunks, |e| {
-            audio_chunk::row(&e.key, &e.chunk)
+            AudioChunkCache::row(&e.key, &e.chunk)
         })?;
         let audio = self.audio_chunk().cacheable(audio);
 
@@ -217,11 +218,20 @@ impl CacheManager {
                 Ok::<_, Error>(WarmupReport {
                     kv: kv.len() as u64,
                     skipped_audio_chunks,
-                    embeddings: embedding::write(conn, embeddings.clone(), embedding_ttl)? as u64,
-                    vector_searches: vector_search::write(conn, searches.clone(), vector_ttl)?
+                    embeddings: write::<EmbeddingCache<'_>>(
+                        conn,
+                        embeddings.clone(),
+                        embedding_ttl,
+                    )? as u64,
+                    vector_searches: write::<VectorSearchCache<'_>>(
+                        conn,
+                        searches.clone(),
+                        vector_ttl,
+                    )? as u64,
+                    llm_responses: write::<LlmResponseCache<'_>>(conn, responses.clone(), llm_ttl)?
                         as u64,
-                    llm_responses: llm_response::write(conn, responses.clone(), llm_ttl)? as u64,
-                    audio_chunks: audio_chunk::write(conn, audio.clone(), audio_ttl)? as u64,
+                    audio_chunks: write::<AudioChunkCache<'_>>(conn, audio.clone(), audio_ttl)?
+                        as u64,
                 })
             })
         })?;

@@ -1,0 +1,358 @@
+//! The typed-table core: one implementation of get, get_many, set, set_many, delete
+//! and delete_many for every digest-keyed cache table (embeddings, vector searches,
+//! LLM responses, audio chunks).
+//!
+//! A table module says only what is its own ([`TypedTable`]): its key and how it is
+//! digested, its value and how it maps to a row, the column arrays of its upsert and
+//! how a stored row decodes. Everything else is here, once: reading live rows by
+//! digest (one prepared statement per table and shape), putting a batch back in
+//! request order, counting hits where the table tracks them, batching upserts in key
+//! order, and deleting by digest. The [`Cache`](crate::Cache) trait comes with it
+//! (a blanket implementation in `cache.rs`).
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use diesel::data_types::PgInterval;
+use diesel::pg::{Pg, PgConnection};
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::{Array, Bytea, Untyped};
+use diesel::{OptionalExtension, QueryResult, QueryableByName, RunQueryDsl};
+
+use crate::cache::{Cache, CacheKind};
+use crate::caches::common::{delete_digests, upsert_batch};
+use crate::error::Result;
+use crate::input::ttl_interval;
+use crate::key::KeyDigest;
+use crate::manager::CacheManager;
+
+/// What one digest-keyed cache table is; implemented by its public handle.
+///
+/// Public only so the blanket [`Cache`](crate::Cache) implementation may name it;
+/// it lives in a private module and cannot be implemented outside the crate.
+pub trait TypedTable {
+    /// Which cache this is.
+    const CACHE: CacheKind;
+    /// What identifies an entry.
+    type Key: ?Sized;
+    /// What is stored.
+    type Value;
+    /// What a hit returns: the value with its metadata.
+    type Entry: Clone;
+    /// A validated entry, ready to upsert.
+    type Row<'a>: Clone
+    where
+        Self: 'a;
+    /// A live row as read back (`SELECT *`, columns matched by name).
+    type Stored: QueryableByName<Pg> + 'static;
+    /// The table's Diesel schema type: names its prepared statements.
+    type Table: 'static;
+
+    /// The manager this handle works through.
+    fn cache_manager(&self) -> &CacheManager;
+
+    /// The TTL of `set`.
+    fn ttl(&self) -> Duration;
+
+    /// Validates `key` and computes the digest its row is stored under.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key.
+    fn digest(key: &Self::Key) -> Result<KeyDigest>;
+
+    /// Validates an entry into a row.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key or value.
+    fn row<'a>(key: &'a Self::Key, value: &'a Self::Value) -> Result<Self::Row<'a>>;
+
+    /// The digest of a row's key.
+    fn row_digest(row: &Self::Row<'_>) -> KeyDigest;
+
+    /// The payload bytes of a row (splits very large batches).
+    fn row_bytes(row: &Self::Row<'_>) -> usize;
+
+    /// Upserts `rows` (distinct keys, in key order) in one statement.
+    fn upsert(
+        conn: &mut PgConnection,
+        rows: &[Self::Row<'_>],
+        ttl: PgInterval,
+    ) -> QueryResult<usize>;
+
+    /// A stored row's `key_hash` and entry.
+    fn decode(stored: Self::Stored) -> (Vec<u8>, Self::Entry);
+
+    /// The stored value of a hit, without its metadata.
+    fn value(entry: Self::Entry) -> Self::Value;
+
+    /// Whether an entry found under `key`'s digest answers `key`: the vector-search
+    /// cache checks the user as well, so a user never sees another's results.
+    fn answers(_key: &Self::Key, _entry: &Self::Entry) -> bool {
+        true
+    }
+
+    /// Whether this handle stores `key` at all (the audio cache skips long text): it
+    /// is then neither read nor written.
+    fn stores(&self, _key: &Self::Key) -> bool {
+        true
+    }
+}
+
+/// Reads the live entry of `key`; counts the hit where the table tracks hits.
+pub(crate) fn get<T: TypedTable>(
+    table: &T,
+    conn: &mut PgConnection,
+    key: &T::Key,
+) -> Result<Option<T::Entry>> {
+    let digest = T::digest(key)?;
+    if !table.stores(key) {
+        return Ok(None);
+    }
+    let found = LiveRows::<T, _>::new(digest.as_bytes().as_slice())
+        .get_result::<T::Stored>(conn)
+        .optional()?
+        .map(|stored| T::decode(stored).1)
+        .filter(|entry| T::answers(key, entry));
+    count_hits(
+        table.cache_manager(),
+        T::CACHE,
+        &[digest],
+        std::slice::from_ref(&found),
+    );
+    Ok(found)
+}
+
+/// Reads many live entries in one statement, in `keys` order.
+pub(crate) fn get_many<T: TypedTable>(
+    table: &T,
+    conn: &mut PgConnection,
+    keys: &[&T::Key],
+) -> Result<Vec<Option<T::Entry>>> {
+    let digests = keys
+        .iter()
+        .map(|k| T::digest(k))
+        .collect::<Result<Vec<_>>>()?;
+    let wanted: Vec<&[u8]> = digests
+        .iter()
+        .zip(keys)
+        .filter(|(_, k)| table.stores(k))
+        .map(|(d, _)| d.as_bytes().as_slice())
+        .collect();
+    let mut by_digest = HashMap::with_capacity(wanted.len());
+    if !wanted.is_empty() {
+        for stored in LiveRows::<T, _>::new(wanted).load::<T::Stored>(conn)? {
+            let (hash, entry) = T::decode(stored);
+            if let Some(digest) = KeyDigest::from_slice(&hash) {
+                by_digest.insert(digest, entry);
+            }
+        }
+    }
+    // Per requested key, so a key asked for twice gets its entry twice.
+    let found: Vec<Option<T::Entry>> = digests
+        .iter()
+        .zip(keys)
+        .map(|(d, k)| by_digest.get(d).filter(|e| T::answers(k, e)).cloned())
+        .collect();
+    count_hits(table.cache_manager(), T::CACHE, &digests, &found);
+    Ok(found)
+}
+
+/// Stores entries expiring `ttl` from now, all or none; keys the handle does not
+/// cache are validated, then skipped.
+pub(crate) fn set_many<T: TypedTable>(
+    table: &T,
+    conn: &mut PgConnection,
+    entries: &[(&T::Key, &T::Value)],
+    ttl: Duration,
+) -> Result<()> {
+    let interval = ttl_interval(ttl)?;
+    let mut rows = Vec::with_capacity(entries.len());
+    for (key, value) in entries {
+        let row = T::row(key, value)?;
+        if table.stores(key) {
+            rows.push(row);
+        }
+    }
+    write::<T>(conn, rows, interval)?;
+    Ok(())
+}
+
+/// Upserts validated rows, all or none: in key order, a key given twice keeping its
+/// last row.
+pub(crate) fn write<T: TypedTable>(
+    conn: &mut PgConnection,
+    rows: Vec<T::Row<'_>>,
+    interval: PgInterval,
+) -> QueryResult<usize> {
+    upsert_batch(conn, rows, T::row_digest, T::row_bytes, |conn, rows| {
+        T::upsert(conn, rows, interval)
+    })
+}
+
+/// Deletes the entries of `keys`; returns how many were live.
+pub(crate) fn delete_many<T: TypedTable>(conn: &mut PgConnection, keys: &[&T::Key]) -> Result<u64> {
+    let digests = keys
+        .iter()
+        .map(|k| T::digest(k))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(delete_digests(conn, T::CACHE, &digests)?)
+}
+
+/// Counts a hit for every entry found, where the table tracks hits per entry.
+fn count_hits<E>(
+    manager: &CacheManager,
+    kind: CacheKind,
+    digests: &[KeyDigest],
+    found: &[Option<E>],
+) {
+    if !kind.tracks_hits() {
+        return;
+    }
+    for (digest, entry) in digests.iter().zip(found) {
+        if entry.is_some() {
+            manager.record_entry_hit(kind, *digest);
+        }
+    }
+}
+
+/// `SELECT * FROM <table> WHERE key_hash = $1` (one digest, a plain index probe) or
+/// `= ANY($1)` (many) `AND expires_at > statement_timestamp()`. With a static query
+/// id per table and shape, Diesel prepares it once per connection.
+struct LiveRows<T, D> {
+    digests: D,
+    table: PhantomData<T>,
+}
+
+impl<T, D> LiveRows<T, D> {
+    fn new(digests: D) -> Self {
+        LiveRows {
+            digests,
+            table: PhantomData,
+        }
+    }
+}
+
+/// How the digests are bound: one, or an array.
+trait DigestParam {
+    /// Names the shape in the statement's query id.
+    type Shape: 'static;
+    fn walk<'b>(&'b self, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()>;
+}
+
+/// The query id of [`LiveRows`]: its table and shape.
+struct LiveRowsId<Table, Shape>(PhantomData<(Table, Shape)>);
+
+impl DigestParam for &[u8] {
+    type Shape = [u8; 1];
+
+    fn walk<'b>(&'b self, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(" = ");
+        out.push_bind_param::<Bytea, _>(self)
+    }
+}
+
+impl DigestParam for Vec<&[u8]> {
+    type Shape = Vec<u8>;
+    fn walk<'b>(&'b self, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(" = ANY(");
+        out.push_bind_param::<Array<Bytea>, _>(self)?;
+        out.push_sql(")");
+        Ok(())
+    }
+}
+
+impl<T: TypedTable, D: DigestParam> QueryFragment<Pg> for LiveRows<T, D> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("SELECT * FROM ");
+        out.push_sql(T::CACHE.table());
+        out.push_sql(" WHERE key_hash");
+        self.digests.walk(&mut out)?;
+        out.push_sql(" AND expires_at > statement_timestamp()");
+        Ok(())
+    }
+}
+
+impl<T: TypedTable, D: DigestParam> QueryId for LiveRows<T, D> {
+    type QueryId = LiveRowsId<T::Table, D::Shape>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<T, D> Query for LiveRows<T, D> {
+    type SqlType = Untyped;
+}
+
+impl<T, D, Conn> RunQueryDsl<Conn> for LiveRows<T, D> {}
+
+/// Every typed table is a [`Cache`]: the connection-level operations are the ones
+/// above; the pooled ones are the trait's provided methods.
+impl<T: TypedTable> Cache for T {
+    type Key = T::Key;
+    type Value = T::Value;
+    type Entry = T::Entry;
+
+    const KIND: CacheKind = T::CACHE;
+
+    fn manager(&self) -> &CacheManager {
+        self.cache_manager()
+    }
+
+    fn default_ttl(&self) -> Duration {
+        self.ttl()
+    }
+
+    fn into_value(entry: T::Entry) -> T::Value {
+        T::value(entry)
+    }
+
+    fn key_digest(&self, key: &T::Key) -> Result<KeyDigest> {
+        T::digest(key)
+    }
+
+    fn check_entry(&self, key: &T::Key, value: &T::Value) -> Result<()> {
+        T::row(key, value).map(drop)
+    }
+
+    fn caches_key(&self, key: &T::Key) -> bool {
+        self.stores(key)
+    }
+
+    fn get_in(&self, conn: &mut PgConnection, key: &T::Key) -> Result<Option<T::Entry>> {
+        get(self, conn, key)
+    }
+
+    fn get_many_in(
+        &self,
+        conn: &mut PgConnection,
+        keys: &[&T::Key],
+    ) -> Result<Vec<Option<T::Entry>>> {
+        get_many(self, conn, keys)
+    }
+
+    fn set_in(
+        &self,
+        conn: &mut PgConnection,
+        key: &T::Key,
+        value: &T::Value,
+        ttl: Duration,
+    ) -> Result<()> {
+        set_many(self, conn, &[(key, value)], ttl)
+    }
+
+    fn set_many_in(
+        &self,
+        conn: &mut PgConnection,
+        entries: &[(&T::Key, &T::Value)],
+        ttl: Duration,
+    ) -> Result<()> {
+        set_many(self, conn, entries, ttl)
+    }
+
+    fn delete_in(&self, conn: &mut PgConnection, key: &T::Key) -> Result<bool> {
+        Ok(delete_many::<T>(conn, &[key])? > 0)
+    }
+
+    fn delete_many_in(&self, conn: &mut PgConnection, keys: &[&T::Key]) -> Result<u64> {
+        delete_many::<T>(conn, keys)
+    }
+}
