@@ -1,88 +1,15 @@
-//! The [`Cache`] trait every cache table implements, and [`CacheKind`].
+//! The [`Cache`] trait every cache table implements.
 
 use std::time::Duration;
 
 use diesel::pg::PgConnection;
-use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::input::ttl_interval;
 use crate::key::KeyDigest;
+use crate::kind::CacheKind;
 use crate::manager::CacheManager;
 use crate::skipped::Skipped;
-
-/// The five caches, one table each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum CacheKind {
-    /// The generic key/value cache (`cache_entries`).
-    Kv,
-    /// Query embeddings (`embedding_cache`).
-    Embedding,
-    /// Vector-search results per user (`vector_search_cache`).
-    VectorSearch,
-    /// LLM responses with hit counts (`llm_response_cache`).
-    LlmResponse,
-    /// TTS audio chunks (`audio_chunk_cache`).
-    AudioChunk,
-}
-
-impl CacheKind {
-    /// Every cache, in a fixed order.
-    pub const ALL: [CacheKind; 5] = [
-        CacheKind::Kv,
-        CacheKind::Embedding,
-        CacheKind::VectorSearch,
-        CacheKind::LlmResponse,
-        CacheKind::AudioChunk,
-    ];
-
-    /// Short name used in counters, the CLI and reports (`kv`, `embedding`, ...).
-    pub fn name(self) -> &'static str {
-        match self {
-            CacheKind::Kv => "kv",
-            CacheKind::Embedding => "embedding",
-            CacheKind::VectorSearch => "vector_search",
-            CacheKind::LlmResponse => "llm_response",
-            CacheKind::AudioChunk => "audio_chunk",
-        }
-    }
-
-    /// The table holding this cache.
-    pub fn table(self) -> &'static str {
-        match self {
-            CacheKind::Kv => "cache_entries",
-            CacheKind::Embedding => "embedding_cache",
-            CacheKind::VectorSearch => "vector_search_cache",
-            CacheKind::LlmResponse => "llm_response_cache",
-            CacheKind::AudioChunk => "audio_chunk_cache",
-        }
-    }
-
-    /// Looks a cache up by [`name`](Self::name).
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|kind| kind.name() == name)
-    }
-
-    pub(crate) fn index(self) -> usize {
-        self as usize
-    }
-
-    /// Whether the table counts hits per entry (popularity reports, LRU eviction).
-    pub(crate) fn tracks_hits(self) -> bool {
-        match self {
-            CacheKind::LlmResponse | CacheKind::AudioChunk => true,
-            CacheKind::Kv | CacheKind::Embedding | CacheKind::VectorSearch => false,
-        }
-    }
-}
-
-impl std::fmt::Display for CacheKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// The blocking interface of every cache table.
 ///

@@ -4,8 +4,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::cache::CacheKind;
 use crate::error::{Error, Result};
+use crate::kind::CacheKind;
 use crate::ops::eviction::{check_bound, check_low_watermark};
 use crate::ops::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
 
@@ -197,7 +197,7 @@ pub struct CacheConfig {
     pub(crate) lease_ttl: Duration,
     pub(crate) compute_wait_timeout: Duration,
     pub(crate) janitor_interval: Option<Duration>,
-    pub(crate) size_bounds: [SizeBounds; 5],
+    pub(crate) size_bounds: [SizeBounds; CacheKind::COUNT],
     pub(crate) eviction_low_watermark: f64,
 }
 
@@ -403,7 +403,7 @@ pub struct CacheConfigBuilder {
     lease_ttl: Duration,
     compute_wait_timeout: Duration,
     janitor_interval: Option<Duration>,
-    size_bounds: [SizeBounds; 5],
+    size_bounds: [SizeBounds; CacheKind::COUNT],
     eviction_low_watermark: f64,
 }
 
@@ -424,7 +424,7 @@ impl Default for CacheConfigBuilder {
             lease_ttl: Duration::from_secs(30),
             compute_wait_timeout: Duration::from_secs(60),
             janitor_interval: None,
-            size_bounds: [SizeBounds::NONE; 5],
+            size_bounds: [SizeBounds::NONE; CacheKind::COUNT],
             eviction_low_watermark: DEFAULT_EVICTION_LOW_WATERMARK,
         }
     }
@@ -709,7 +709,7 @@ fn bound_setting(name: &str) -> Option<(CacheKind, Bound)> {
     })
 }
 
-fn check_bounds(bounds: &[SizeBounds; 5], low_watermark: f64) -> Result<()> {
+fn check_bounds(bounds: &[SizeBounds; CacheKind::COUNT], low_watermark: f64) -> Result<()> {
     check_low_watermark(low_watermark).map_err(|reason| {
         Error::config(
             "PGCACHE_EVICTION_LOW_WATERMARK",

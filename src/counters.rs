@@ -15,8 +15,8 @@ use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bytea};
 
-use crate::cache::CacheKind;
 use crate::key::KeyDigest;
+use crate::kind::CacheKind;
 use crate::schema::cache_counters;
 
 #[derive(Debug, Default)]
@@ -34,7 +34,7 @@ pub(crate) struct Batch {
 
 #[derive(Debug)]
 pub(crate) struct Counters {
-    pending: [Pending; 5],
+    pending: [Pending; CacheKind::COUNT],
     entry_hits: Mutex<HashMap<(CacheKind, KeyDigest), u64>>,
 }
 

@@ -32,6 +32,7 @@ mod error;
 mod input;
 mod jsonb;
 mod key;
+mod kind;
 mod manager;
 mod migrations;
 mod ops;
@@ -42,7 +43,7 @@ mod skipped;
 mod sql;
 mod table;
 
-pub use cache::{Cache, CacheKind};
+pub use cache::Cache;
 pub use caches::{
     AudioChunk, AudioChunkCache, AudioChunkKey, AudioChunkStats, AudioData, CachedAudioChunk,
     CachedEmbedding, CachedLlmResponse, CachedVectorSearch, EmbeddingCache, EmbeddingKey, KvCache,
@@ -56,6 +57,7 @@ pub use config::{
 pub use error::{Error, Result};
 pub use input::{MAX_EMBEDDING_DIMENSIONS, MAX_KEY_BYTES};
 pub use key::{KeyDigest, KEY_FORMAT_VERSION};
+pub use kind::CacheKind;
 pub use manager::CacheManager;
 pub use migrations::MIGRATIONS;
 pub use ops::{

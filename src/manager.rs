@@ -8,12 +8,12 @@ use std::time::Instant;
 use diesel::pg::PgConnection;
 
 use crate::background::Worker;
-use crate::cache::CacheKind;
 use crate::caches::KvCache;
 use crate::config::CacheConfig;
 use crate::counters::Counters;
 use crate::error::{Error, Result};
 use crate::key::KeyDigest;
+use crate::kind::CacheKind;
 use crate::ops::latency::LatencyRecorder;
 use crate::pool::{Pool, PooledConnection};
 use crate::skipped::{Skipped, SkippedWrites};

@@ -4,8 +4,8 @@ use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use crate::cache::CacheKind;
 use crate::error::{Error, Result};
+use crate::kind::CacheKind;
 use crate::pool::quote_ident;
 
 /// The SQL migrations compiled into the crate.

@@ -17,9 +17,10 @@ use diesel::prelude::*;
 use diesel::upsert::excluded;
 use uuid::Uuid;
 
-use crate::cache::{Cache, CacheKind};
+use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::input::ttl_interval;
+use crate::kind::CacheKind;
 use crate::manager::CacheManager;
 use crate::schema::cache_leases;
 use crate::sql::{db_now, ExpiresIn};

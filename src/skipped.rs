@@ -16,10 +16,10 @@ use std::sync::Mutex;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 
-use crate::cache::CacheKind;
 use crate::caches::common::delete_digests;
 use crate::caches::kv::delete_prefix as kv_delete_prefix;
 use crate::key::KeyDigest;
+use crate::kind::CacheKind;
 use crate::schema::cache_entries;
 
 /// Most keys (or prefixes) remembered for replay.

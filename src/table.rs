@@ -20,11 +20,12 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, Bytea, Untyped};
 use diesel::{OptionalExtension, QueryResult, QueryableByName, RunQueryDsl};
 
-use crate::cache::{Cache, CacheKind};
+use crate::cache::Cache;
 use crate::caches::common::{delete_digests, upsert_batch};
 use crate::error::Result;
 use crate::input::ttl_interval;
 use crate::key::KeyDigest;
+use crate::kind::CacheKind;
 use crate::manager::CacheManager;
 
 /// What one digest-keyed cache table is; implemented by its public handle.
@@ -48,6 +49,9 @@ pub trait TypedTable {
     type Stored: QueryableByName<Pg> + 'static;
     /// The table's Diesel schema type: names its prepared statements.
     type Table: 'static;
+    /// The columns [`upsert`](Self::upsert) binds as arrays, in the order of its
+    /// arrays; `key_hash` first.
+    const COLUMNS: &'static [&'static str];
 
     /// The manager this handle works through.
     fn cache_manager(&self) -> &CacheManager;
@@ -73,7 +77,8 @@ pub trait TypedTable {
     /// The payload bytes of a row (splits very large batches).
     fn row_bytes(row: &Self::Row<'_>) -> usize;
 
-    /// Upserts `rows` (distinct keys, in key order) in one statement.
+    /// Upserts `rows` (distinct keys, in key order) in one statement: an
+    /// `UnnestUpsert` of one array per column of [`COLUMNS`](Self::COLUMNS).
     fn upsert(
         conn: &mut PgConnection,
         rows: &[Self::Row<'_>],
@@ -206,7 +211,7 @@ fn count_hits<E>(
     digests: &[KeyDigest],
     found: &[Option<E>],
 ) {
-    if !kind.tracks_hits() {
+    if !kind.descriptor().tracks_hits {
         return;
     }
     for (digest, entry) in digests.iter().zip(found) {

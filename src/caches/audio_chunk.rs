@@ -34,13 +34,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{array, check_name, hash_prefix, with_default_ttl, UnnestUpsert, UpsertTable};
-use crate::cache::CacheKind;
+use super::common::{array, check_name, hash_prefix, with_default_ttl, UnnestUpsert};
 use crate::error::{Error, Result};
 use crate::input::{check_json, check_text};
 use crate::key::{KeyDigest, KeyHasher};
+use crate::kind::CacheKind;
 use crate::manager::CacheManager;
-use crate::ops::eviction::{evict, EvictionReport, Limits, LruTable, SizeBounds};
+use crate::ops::eviction::{evict, EvictionReport, Limits, SizeBounds};
 use crate::schema::audio_chunk_cache;
 use crate::sql::db_now;
 use crate::table::TypedTable;
@@ -423,10 +423,7 @@ impl<'a> AudioChunkCache<'a> {
             CacheKind::AudioChunk,
             EvictionReport::default(),
             || None,
-            |conn| {
-                let table = LruTable::of(CacheKind::AudioChunk);
-                Ok(evict(conn, &table, &limits, &mut |_| {})?)
-            },
+            |conn| Ok(evict(conn, CacheKind::AudioChunk, &limits, &mut |_| {})?),
         )
     }
 }
@@ -449,25 +446,6 @@ fn inline<'r>(row: &'r Row<'_>) -> Option<&'r [u8]> {
         AudioData::Inline(bytes) => Some(bytes),
         AudioData::Stored { .. } => None,
     }
-}
-
-impl UpsertTable for audio_chunk_cache::table {
-    const KIND: CacheKind = CacheKind::AudioChunk;
-    const COLUMNS: &'static [&'static str] = &[
-        audio_chunk_cache::key_hash::NAME,
-        audio_chunk_cache::voice_model_id::NAME,
-        audio_chunk_cache::provider::NAME,
-        audio_chunk_cache::audio_data::NAME,
-        audio_chunk_cache::storage_path::NAME,
-        audio_chunk_cache::format::NAME,
-        audio_chunk_cache::duration_ms::NAME,
-        audio_chunk_cache::sample_rate::NAME,
-        audio_chunk_cache::channels::NAME,
-        audio_chunk_cache::compression::NAME,
-        audio_chunk_cache::byte_size::NAME,
-        audio_chunk_cache::owner_id::NAME,
-    ];
-    const RESET: &'static str = ", hit_count = 0, last_accessed_at = now()";
 }
 
 /// A live row as read back.
@@ -500,6 +478,20 @@ impl TypedTable for AudioChunkCache<'_> {
         Self: 'r;
     type Stored = Stored;
     type Table = audio_chunk_cache::table;
+    const COLUMNS: &'static [&'static str] = &[
+        audio_chunk_cache::key_hash::NAME,
+        audio_chunk_cache::voice_model_id::NAME,
+        audio_chunk_cache::provider::NAME,
+        audio_chunk_cache::audio_data::NAME,
+        audio_chunk_cache::storage_path::NAME,
+        audio_chunk_cache::format::NAME,
+        audio_chunk_cache::duration_ms::NAME,
+        audio_chunk_cache::sample_rate::NAME,
+        audio_chunk_cache::channels::NAME,
+        audio_chunk_cache::compression::NAME,
+        audio_chunk_cache::byte_size::NAME,
+        audio_chunk_cache::owner_id::NAME,
+    ];
 
     fn cache_manager(&self) -> &CacheManager {
         self.manager
@@ -571,7 +563,6 @@ impl TypedTable for AudioChunkCache<'_> {
         inline(row).map_or(0, <[u8]>::len)
     }
 
-    /// An overwrite starts a fresh entry: hit count zero.
     fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> QueryResult<usize> {
         let arrays = (
             array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
@@ -590,7 +581,7 @@ impl TypedTable for AudioChunkCache<'_> {
             array::<BigInt, _, _>(rows, |r| r.byte_size),
             array::<Nullable<SqlUuid>, _, _>(rows, |r| r.key.owner),
         );
-        UnnestUpsert::<audio_chunk_cache::table, _>::new(arrays, ttl).execute(conn)
+        UnnestUpsert::<Self, _>::new(arrays, ttl).execute(conn)
     }
 
     fn decode(row: Stored) -> (Vec<u8>, CachedAudioChunk) {

@@ -11,11 +11,12 @@ use diesel::prelude::*;
 use diesel::query_builder::{AstPass, QueryFragment, QueryId};
 use diesel::sql_types::{Array, Bool, Bytea, SqlType};
 
-use crate::cache::CacheKind;
 use crate::error::{Error, Result};
 use crate::input::check_text;
 use crate::key::KeyDigest;
+use crate::kind::CacheKind;
 use crate::sql::ExpiresIn;
+use crate::table::TypedTable;
 
 /// Payload bytes per INSERT: PostgreSQL caps one array value (one column of a batch)
 /// at 1 GB, so only batches of large rows (inline audio) are split, far below that.
@@ -125,18 +126,6 @@ fn split_by_size<R>(rows: &[R], size: impl Fn(&R) -> usize, max: usize) -> Vec<&
     runs
 }
 
-/// A typed cache table written by [`UnnestUpsert`]: its column lists, from which
-/// the statement text is rendered.
-pub(crate) trait UpsertTable: 'static {
-    /// The cache whose table this is.
-    const KIND: CacheKind;
-    /// The columns bound as arrays, in the order of the arrays; `key_hash` first.
-    const COLUMNS: &'static [&'static str];
-    /// Assignments an overwrite makes besides the columns, `expires_at` and
-    /// `created_at` (e.g. resetting hit counters), each starting with `, `.
-    const RESET: &'static str;
-}
-
 /// `INSERT INTO t (cols, expires_at) SELECT u.*, statement_timestamp() + $ttl FROM unnest($1, ...)
 /// ON CONFLICT (key_hash) DO UPDATE SET ...`: the rows travel as one array per
 /// column (`A`, a tuple of bound arrays), so the text is the same for any batch size.
@@ -149,7 +138,10 @@ pub(crate) struct UnnestUpsert<T, A> {
     table: PhantomData<T>,
 }
 
-impl<T: UpsertTable, A> UnnestUpsert<T, A> {
+/// The query id of an [`UnnestUpsert`]: its table and array types.
+pub(crate) struct UnnestUpsertId<Table, A>(PhantomData<(Table, A)>);
+
+impl<T: TypedTable, A> UnnestUpsert<T, A> {
     pub(crate) fn new(arrays: A, ttl: PgInterval) -> Self {
         UnnestUpsert {
             arrays,
@@ -159,10 +151,11 @@ impl<T: UpsertTable, A> UnnestUpsert<T, A> {
     }
 }
 
-impl<T: UpsertTable, A: QueryFragment<Pg>> QueryFragment<Pg> for UnnestUpsert<T, A> {
+impl<T: TypedTable, A: QueryFragment<Pg>> QueryFragment<Pg> for UnnestUpsert<T, A> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let table = T::CACHE.descriptor();
         out.push_sql("INSERT INTO ");
-        out.push_sql(T::KIND.table());
+        out.push_sql(table.table);
         out.push_sql(" (");
         for column in T::COLUMNS {
             out.push_sql(column);
@@ -180,13 +173,16 @@ impl<T: UpsertTable, A: QueryFragment<Pg>> QueryFragment<Pg> for UnnestUpsert<T,
             out.push_sql(", ");
         }
         out.push_sql("expires_at = excluded.expires_at, created_at = now()");
-        out.push_sql(T::RESET);
+        if table.tracks_hits {
+            // An overwrite is a new entry: its popularity starts again.
+            out.push_sql(", hit_count = 0, last_accessed_at = now()");
+        }
         Ok(())
     }
 }
 
-impl<T: UpsertTable, A: QueryId> QueryId for UnnestUpsert<T, A> {
-    type QueryId = UnnestUpsert<T, A::QueryId>;
+impl<T: TypedTable, A: QueryId> QueryId for UnnestUpsert<T, A> {
+    type QueryId = UnnestUpsertId<T::Table, A::QueryId>;
     const HAS_STATIC_QUERY_ID: bool = A::HAS_STATIC_QUERY_ID;
 }
 

@@ -22,11 +22,12 @@ use diesel::Column;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::common::{array, check_name, with_default_ttl, UnnestUpsert, UpsertTable};
-use crate::cache::{Cache, CacheKind};
+use super::common::{array, check_name, with_default_ttl, UnnestUpsert};
+use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::input::{check_embedding, check_text};
 use crate::key::{KeyDigest, KeyHasher};
+use crate::kind::CacheKind;
 use crate::manager::CacheManager;
 use crate::schema::embedding_cache;
 use crate::table::TypedTable;
@@ -197,18 +198,6 @@ pub struct Row<'a> {
     dimensions: i32,
 }
 
-impl UpsertTable for embedding_cache::table {
-    const KIND: CacheKind = CacheKind::Embedding;
-    const COLUMNS: &'static [&'static str] = &[
-        embedding_cache::key_hash::NAME,
-        embedding_cache::model::NAME,
-        embedding_cache::dimensions::NAME,
-        embedding_cache::embedding::NAME,
-        embedding_cache::owner_id::NAME,
-    ];
-    const RESET: &'static str = "";
-}
-
 /// A live row as read back.
 #[derive(Debug, QueryableByName)]
 #[diesel(table_name = embedding_cache, check_for_backend(diesel::pg::Pg))]
@@ -232,6 +221,13 @@ impl TypedTable for EmbeddingCache<'_> {
         Self: 'r;
     type Stored = Stored;
     type Table = embedding_cache::table;
+    const COLUMNS: &'static [&'static str] = &[
+        embedding_cache::key_hash::NAME,
+        embedding_cache::model::NAME,
+        embedding_cache::dimensions::NAME,
+        embedding_cache::embedding::NAME,
+        embedding_cache::owner_id::NAME,
+    ];
 
     fn cache_manager(&self) -> &CacheManager {
         self.manager
@@ -274,7 +270,7 @@ impl TypedTable for EmbeddingCache<'_> {
             array::<Bytea, _, _>(rows, |r| r.bytes.as_slice()),
             array::<Nullable<SqlUuid>, _, _>(rows, |r| r.key.owner),
         );
-        UnnestUpsert::<embedding_cache::table, _>::new(arrays, ttl).execute(conn)
+        UnnestUpsert::<Self, _>::new(arrays, ttl).execute(conn)
     }
 
     fn decode(row: Stored) -> (Vec<u8>, CachedEmbedding) {

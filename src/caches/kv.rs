@@ -13,11 +13,12 @@ use diesel::PgJsonbExpressionMethods;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::cache::{Cache, CacheKind};
+use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::input::{check_key, ttl_interval};
 use crate::jsonb::{JsonbIn, JsonbOut, JsonbText};
 use crate::key::{KeyDigest, KeyHasher};
+use crate::kind::CacheKind;
 use crate::manager::CacheManager;
 use crate::schema::cache_entries;
 use crate::skipped::Skipped;

@@ -27,11 +27,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{array, check_name, hash_prefix, with_default_ttl, UnnestUpsert, UpsertTable};
-use crate::cache::CacheKind;
+use super::common::{array, check_name, hash_prefix, with_default_ttl, UnnestUpsert};
 use crate::error::Result;
 use crate::input::{check_json, check_text};
 use crate::key::{KeyDigest, KeyHasher};
+use crate::kind::CacheKind;
 use crate::manager::CacheManager;
 use crate::schema::llm_response_cache;
 use crate::sql::db_now;
@@ -250,18 +250,6 @@ pub struct Row<'a> {
     response: &'a str,
 }
 
-impl UpsertTable for llm_response_cache::table {
-    const KIND: CacheKind = CacheKind::LlmResponse;
-    const COLUMNS: &'static [&'static str] = &[
-        llm_response_cache::key_hash::NAME,
-        llm_response_cache::provider::NAME,
-        llm_response_cache::model::NAME,
-        llm_response_cache::response::NAME,
-        llm_response_cache::owner_id::NAME,
-    ];
-    const RESET: &'static str = ", hit_count = 0, last_accessed_at = now()";
-}
-
 /// A live row as read back.
 #[derive(Debug, QueryableByName)]
 #[diesel(table_name = llm_response_cache, check_for_backend(diesel::pg::Pg))]
@@ -287,6 +275,13 @@ impl TypedTable for LlmResponseCache<'_> {
         Self: 'r;
     type Stored = Stored;
     type Table = llm_response_cache::table;
+    const COLUMNS: &'static [&'static str] = &[
+        llm_response_cache::key_hash::NAME,
+        llm_response_cache::provider::NAME,
+        llm_response_cache::model::NAME,
+        llm_response_cache::response::NAME,
+        llm_response_cache::owner_id::NAME,
+    ];
 
     fn cache_manager(&self) -> &CacheManager {
         self.manager
@@ -318,7 +313,6 @@ impl TypedTable for LlmResponseCache<'_> {
         row.response.len()
     }
 
-    /// An overwrite starts a fresh entry: hit count zero.
     fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> QueryResult<usize> {
         let arrays = (
             array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
@@ -327,7 +321,7 @@ impl TypedTable for LlmResponseCache<'_> {
             array::<Text, _, _>(rows, |r| r.response),
             array::<Nullable<SqlUuid>, _, _>(rows, |r| r.prompt.owner),
         );
-        UnnestUpsert::<llm_response_cache::table, _>::new(arrays, ttl).execute(conn)
+        UnnestUpsert::<Self, _>::new(arrays, ttl).execute(conn)
     }
 
     fn decode(row: Stored) -> (Vec<u8>, CachedLlmResponse) {

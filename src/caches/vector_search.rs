@@ -22,12 +22,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{array, with_default_ttl, UnnestUpsert, UpsertTable};
-use crate::cache::CacheKind;
+use super::common::{array, with_default_ttl, UnnestUpsert};
 use crate::error::{Error, Result};
 use crate::input::{check_embedding, check_json};
 use crate::jsonb::JsonbOut;
 use crate::key::{canonical_json, KeyDigest, KeyHasher};
+use crate::kind::CacheKind;
 use crate::manager::CacheManager;
 use crate::schema::vector_search_cache;
 use crate::table::TypedTable;
@@ -162,18 +162,6 @@ pub struct Row<'a> {
     results: JsonbOut,
 }
 
-impl UpsertTable for vector_search_cache::table {
-    const KIND: CacheKind = CacheKind::VectorSearch;
-    const COLUMNS: &'static [&'static str] = &[
-        vector_search_cache::key_hash::NAME,
-        vector_search_cache::user_id::NAME,
-        vector_search_cache::top_k::NAME,
-        vector_search_cache::filters::NAME,
-        vector_search_cache::results::NAME,
-    ];
-    const RESET: &'static str = "";
-}
-
 /// A live row as read back.
 #[derive(Debug, QueryableByName)]
 #[diesel(table_name = vector_search_cache, check_for_backend(diesel::pg::Pg))]
@@ -198,6 +186,13 @@ impl TypedTable for VectorSearchCache<'_> {
         Self: 'r;
     type Stored = Stored;
     type Table = vector_search_cache::table;
+    const COLUMNS: &'static [&'static str] = &[
+        vector_search_cache::key_hash::NAME,
+        vector_search_cache::user_id::NAME,
+        vector_search_cache::top_k::NAME,
+        vector_search_cache::filters::NAME,
+        vector_search_cache::results::NAME,
+    ];
 
     fn cache_manager(&self) -> &CacheManager {
         self.manager
@@ -237,7 +232,7 @@ impl TypedTable for VectorSearchCache<'_> {
             array::<Jsonb, _, _>(rows, |r| &r.filters),
             array::<Jsonb, _, _>(rows, |r| &r.results),
         );
-        UnnestUpsert::<vector_search_cache::table, _>::new(arrays, ttl).execute(conn)
+        UnnestUpsert::<Self, _>::new(arrays, ttl).execute(conn)
     }
 
     fn decode(row: Stored) -> (Vec<u8>, CachedVectorSearch) {

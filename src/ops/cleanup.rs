@@ -10,10 +10,10 @@ use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 use serde::Serialize;
 
-use crate::cache::CacheKind;
 use crate::error::{Error, Result};
+use crate::kind::CacheKind;
 use crate::manager::CacheManager;
-use crate::ops::eviction::{evict, EvictionReport, Limits, LruTable};
+use crate::ops::eviction::{evict, EvictionReport, Limits};
 use crate::ops::stats::human_bytes;
 use crate::schema::cache_cleanup_runs;
 use crate::sql::db_now;
@@ -207,10 +207,10 @@ impl CacheManager {
             };
             report(0);
             let cache = CacheKind::ALL.into_iter().find(|k| k.table() == table);
-            let bounded = cache.and_then(|c| Some((LruTable::of(c), limits[c.index()]?)));
+            let bounded = cache.and_then(|c| Some((c, limits[c.index()]?)));
             let cleaned = delete_expired(&mut conn, table, &mut report).and_then(|removed| {
                 let evicted = match bounded {
-                    Some((lru, limits)) => evict(&mut conn, &lru, &limits, &mut |e| {
+                    Some((kind, limits)) => evict(&mut conn, kind, &limits, &mut |e| {
                         report(removed + e.rows_removed);
                     })?,
                     None => EvictionReport::default(),
@@ -278,9 +278,9 @@ impl CacheManager {
 impl CacheManager {
     /// The checked limits of every cache with a configured bound, by
     /// [`CacheKind::index`].
-    fn eviction_limits(&self) -> Result<[Option<Limits>; 5]> {
+    fn eviction_limits(&self) -> Result<[Option<Limits>; CacheKind::COUNT]> {
         let config = self.config();
-        let mut limits = [None; 5];
+        let mut limits = [None; CacheKind::COUNT];
         for cache in CacheKind::ALL {
             let bounds = config.size_bounds(cache);
             if bounds.is_bounded() {

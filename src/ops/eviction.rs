@@ -1,8 +1,8 @@
 //! Size-bounded caches: eviction of the oldest or least recently used rows down to a
 //! low watermark of an entry-count and/or byte bound.
 //!
-//! One mechanism for every table, parameterised by an [`LruTable`] that says how a
-//! table measures a row's size, its recency and any external storage it holds.
+//! One mechanism for every table, parameterised by the table's descriptor: how it
+//! measures a row's size, its recency and any external storage it holds.
 //! [`CacheManager::cleanup`](crate::CacheManager::cleanup) enforces the configured
 //! [`SizeBounds`]; the audio cache's `evict_to_budget` runs it on demand.
 
@@ -12,7 +12,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text};
 use serde::Serialize;
 
-use crate::cache::CacheKind;
+use crate::kind::CacheKind;
 use crate::ops::CLEANUP_BATCH_SIZE;
 
 /// The low watermark used unless configured otherwise: a cache over a bound is
@@ -59,64 +59,6 @@ pub struct EvictionReport {
     pub bytes_freed: u64,
     /// External storage paths of the removed rows: the caller deletes those files.
     pub released_paths: Vec<String>,
-}
-
-/// How a table takes part in eviction. Every field is trusted SQL written in this
-/// crate, never input.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct LruTable {
-    /// The cache (and so the table).
-    pub(crate) kind: CacheKind,
-    /// The table's primary key column.
-    pub(crate) key: &'static str,
-    /// Expression for a row's size in bytes; cheap: sizes of values as stored, so a
-    /// TOASTed value is never fetched.
-    pub(crate) size: &'static str,
-    /// Column ordering rows from least to most recently used.
-    pub(crate) recency: &'static str,
-    /// Expression for external storage a row holds (`text`, may be NULL).
-    pub(crate) path: &'static str,
-}
-
-impl LruTable {
-    /// How `kind`'s table is measured and ordered: by last access where hits are
-    /// tracked (LLM responses, audio), by last write elsewhere.
-    pub(crate) const fn of(kind: CacheKind) -> LruTable {
-        let (key, size, recency, path) = match kind {
-            CacheKind::Kv => (
-                "key",
-                "octet_length(key) + pg_column_size(value)",
-                "created_at",
-                "NULL::text",
-            ),
-            CacheKind::Embedding => (
-                "key_hash",
-                "octet_length(embedding)",
-                "created_at",
-                "NULL::text",
-            ),
-            CacheKind::VectorSearch => (
-                "key_hash",
-                "pg_column_size(results)",
-                "created_at",
-                "NULL::text",
-            ),
-            CacheKind::LlmResponse => (
-                "key_hash",
-                "octet_length(response)",
-                "last_accessed_at",
-                "NULL::text",
-            ),
-            CacheKind::AudioChunk => ("key_hash", "byte_size", "last_accessed_at", "storage_path"),
-        };
-        LruTable {
-            kind,
-            key,
-            size,
-            recency,
-            path,
-        }
-    }
 }
 
 /// Why `fraction` is not a valid low watermark, if it is not.
@@ -205,14 +147,12 @@ const PLAN: &str = "pg_temp.pgcache_eviction_plan";
 /// ranking (its recency moved on) is spared.
 pub(crate) fn evict(
     conn: &mut PgConnection,
-    table: &LruTable,
+    kind: CacheKind,
     limits: &Limits,
     on_batch: &mut dyn FnMut(&EvictionReport),
 ) -> QueryResult<EvictionReport> {
-    let LruTable {
-        key, size, recency, ..
-    } = *table;
-    let name = table.kind.table();
+    let table = kind.descriptor();
+    let (name, key, size, recency) = (table.table, table.key, table.payload_bytes, table.recency());
     let totals: Totals = diesel::sql_query(format!(
         "SELECT count(*) AS rows, coalesce(sum({size}), 0)::bigint AS bytes FROM {name}"
     ))
@@ -236,7 +176,7 @@ pub(crate) fn evict(
            WHERE n <= {excess_rows} OR upto - size < {excess_bytes}; \
          ALTER TABLE {PLAN} ADD PRIMARY KEY (evict_n)"
     ))?;
-    let deleted = delete_planned(conn, table, &mut report, on_batch);
+    let deleted = delete_planned(conn, kind, &mut report, on_batch);
     let dropped = conn.batch_execute(&format!("DROP TABLE IF EXISTS {PLAN}"));
     deleted.and(dropped).map(|()| report)
 }
@@ -244,7 +184,7 @@ pub(crate) fn evict(
 /// Deletes the planned rows in rank order, one batch per statement.
 fn delete_planned(
     conn: &mut PgConnection,
-    table: &LruTable,
+    kind: CacheKind,
     report: &mut EvictionReport,
     on_batch: &mut dyn FnMut(&EvictionReport),
 ) -> QueryResult<()> {
@@ -253,14 +193,14 @@ fn delete_planned(
         #[diesel(sql_type = BigInt)]
         planned: i64,
     }
-    let LruTable {
-        key,
-        size,
-        recency,
-        path,
-        ..
-    } = *table;
-    let name = table.kind.table();
+    let table = kind.descriptor();
+    let (name, key, size, recency, path) = (
+        table.table,
+        table.key,
+        table.payload_bytes,
+        table.recency(),
+        table.external_path,
+    );
     let planned = diesel::sql_query(format!(
         "SELECT coalesce(max(evict_n), 0) AS planned FROM {PLAN}"
     ))

@@ -7,8 +7,8 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Double};
 use serde::Serialize;
 
-use crate::cache::CacheKind;
 use crate::error::Result;
+use crate::kind::CacheKind;
 use crate::manager::CacheManager;
 use crate::schema::{audio_chunk_cache, cache_counters, llm_response_cache};
 use crate::sql::db_now;
@@ -274,17 +274,6 @@ fn audio_totals(conn: &mut PgConnection) -> QueryResult<AudioTotals> {
     .get_result(conn)
 }
 
-/// The spec's heading for each cache.
-fn title(kind: CacheKind) -> &'static str {
-    match kind {
-        CacheKind::Kv => "Key/Value Cache",
-        CacheKind::Embedding => "Embedding Cache",
-        CacheKind::VectorSearch => "Vector Search Cache",
-        CacheKind::LlmResponse => "LLM Response Cache",
-        CacheKind::AudioChunk => "Audio Chunk Cache",
-    }
-}
-
 /// Bytes as `pg_size_pretty` shows them (1024-based), with two decimals.
 pub(crate) fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["bytes", "kB", "MB", "GB", "TB"];
@@ -338,7 +327,7 @@ impl fmt::Display for CacheStats {
         writeln!(f, "=== Cache Statistics ===")?;
         for c in &self.caches {
             writeln!(f)?;
-            writeln!(f, "{}:", title(c.cache))?;
+            writeln!(f, "{}:", c.cache.descriptor().title)?;
             writeln!(
                 f,
                 "  Total Entries: {} ({} active, {} expired)",

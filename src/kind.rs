@@ -1,0 +1,165 @@
+//! [`CacheKind`] and every fact about each cache table, in one place: its
+//! [`Descriptor`].
+//!
+//! Adding a cache is compiler-guided: a new variant in `cache_kinds!` is a new entry
+//! of [`CacheKind::ALL`] and a new slot of every per-cache array
+//! (`[_; CacheKind::COUNT]`), and [`CacheKind::descriptor`] does not compile until
+//! the new table's descriptor is written.
+
+use serde::{Deserialize, Serialize};
+
+/// What pgcache knows about one cache table.
+#[derive(Debug)]
+pub(crate) struct Descriptor {
+    /// Short name in counters, the CLI and reports (`kv`, `embedding`, ...).
+    pub(crate) name: &'static str,
+    /// The table.
+    pub(crate) table: &'static str,
+    /// Heading in the statistics report.
+    pub(crate) title: &'static str,
+    /// The table's key column.
+    pub(crate) key: &'static str,
+    /// Whether hits are counted per entry (`hit_count`, `last_accessed_at`): for
+    /// popularity reports and least-recently-used eviction; an overwrite resets them.
+    pub(crate) tracks_hits: bool,
+    /// SQL for a row's payload bytes, as stored (never fetches a TOASTed value).
+    pub(crate) payload_bytes: &'static str,
+    /// SQL for external storage a row holds (`text`, may be NULL), released on
+    /// eviction or invalidation.
+    pub(crate) external_path: &'static str,
+}
+
+impl Descriptor {
+    /// The column ordering rows from least to most recently used: last access where
+    /// hits are tracked, last write elsewhere.
+    pub(crate) fn recency(&self) -> &'static str {
+        if self.tracks_hits {
+            "last_accessed_at"
+        } else {
+            "created_at"
+        }
+    }
+}
+
+/// Declares [`CacheKind`] and [`CacheKind::ALL`] from one list, so neither can miss
+/// a cache.
+macro_rules! cache_kinds {
+    ($($(#[$doc:meta])* $variant:ident,)+) => {
+        /// The caches, one table each.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        #[non_exhaustive]
+        pub enum CacheKind {
+            $($(#[$doc])* $variant,)+
+        }
+
+        impl CacheKind {
+            /// Every cache, in a fixed order.
+            pub const ALL: [CacheKind; [$(CacheKind::$variant),+].len()] = [$(CacheKind::$variant),+];
+        }
+    };
+}
+
+cache_kinds! {
+    /// The generic key/value cache (`cache_entries`).
+    Kv,
+    /// Query embeddings (`embedding_cache`).
+    Embedding,
+    /// Vector-search results per user (`vector_search_cache`).
+    VectorSearch,
+    /// LLM responses with hit counts (`llm_response_cache`).
+    LlmResponse,
+    /// TTS audio chunks (`audio_chunk_cache`).
+    AudioChunk,
+}
+
+impl CacheKind {
+    /// How many caches there are: the size of every per-cache array.
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// Everything known about this cache's table.
+    pub(crate) const fn descriptor(self) -> &'static Descriptor {
+        match self {
+            CacheKind::Kv => &Descriptor {
+                name: "kv",
+                table: "cache_entries",
+                title: "Key/Value Cache",
+                key: "key",
+                tracks_hits: false,
+                payload_bytes: "octet_length(key) + pg_column_size(value)",
+                external_path: "NULL::text",
+            },
+            CacheKind::Embedding => &Descriptor {
+                name: "embedding",
+                table: "embedding_cache",
+                title: "Embedding Cache",
+                key: "key_hash",
+                tracks_hits: false,
+                payload_bytes: "octet_length(embedding)",
+                external_path: "NULL::text",
+            },
+            CacheKind::VectorSearch => &Descriptor {
+                name: "vector_search",
+                table: "vector_search_cache",
+                title: "Vector Search Cache",
+                key: "key_hash",
+                tracks_hits: false,
+                payload_bytes: "pg_column_size(results)",
+                external_path: "NULL::text",
+            },
+            CacheKind::LlmResponse => &Descriptor {
+                name: "llm_response",
+                table: "llm_response_cache",
+                title: "LLM Response Cache",
+                key: "key_hash",
+                tracks_hits: true,
+                payload_bytes: "octet_length(response)",
+                external_path: "NULL::text",
+            },
+            CacheKind::AudioChunk => &Descriptor {
+                name: "audio_chunk",
+                table: "audio_chunk_cache",
+                title: "Audio Chunk Cache",
+                key: "key_hash",
+                tracks_hits: true,
+                payload_bytes: "byte_size",
+                external_path: "storage_path",
+            },
+        }
+    }
+
+    /// Short name used in counters, the CLI and reports (`kv`, `embedding`, ...).
+    pub fn name(self) -> &'static str {
+        self.descriptor().name
+    }
+
+    /// The table holding this cache.
+    pub fn table(self) -> &'static str {
+        self.descriptor().table
+    }
+
+    /// Looks a cache up by [`name`](Self::name).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+
+    /// This cache's slot in a `[_; CacheKind::COUNT]` array.
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+// `index` is the position in `ALL`.
+const _: () = {
+    let mut i = 0;
+    while i < CacheKind::COUNT {
+        assert!(CacheKind::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
+impl std::fmt::Display for CacheKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
