@@ -159,14 +159,25 @@ impl CacheManager {
     }
 
     /// Checks a connection out of the cache's pool (search path and session settings
-    /// applied), for running your own transaction around cache writes. The
-    /// connection has just answered a `SELECT 1` (one round trip), so a connection
-    /// that died in the pool (server restart, killed backend) is never handed out.
+    /// applied), for running your own transaction around cache writes. A connection
+    /// on which a statement failed (yours included) is probed before it is handed out
+    /// again, and after any connection was found dead every pooled one is, so a
+    /// connection that died in the pool (server restart, killed backend) is not
+    /// handed out twice.
     ///
     /// # Errors
     /// [`Error::Connection`] when caching is disabled or no connection is free within
     /// the connection timeout.
     pub fn connection(&self) -> Result<PooledConnection> {
+        self.pool()?.checkout()
+    }
+
+    /// A connection that has just answered a `SELECT 1`, for maintenance operations
+    /// that run several statements on one connection.
+    ///
+    /// # Errors
+    /// [`Error::Connection`] when caching is disabled or no connection can be had.
+    pub(crate) fn live_connection(&self) -> Result<PooledConnection> {
         self.pool()?.live()
     }
 

@@ -3,26 +3,29 @@
 //! without restarting the process.
 //!
 //! r2d2 discards a connection when Diesel reports it broken, but Diesel only notices
-//! a dead socket when a statement it *executes* fails: when *preparing* a statement
-//! fails (the first use of each statement on a connection), the connection is not
+//! a dead socket when a statement it *executes* fails: when *preparing* a query
+//! fails (the first use of each query on a connection), the connection is not
 //! marked, r2d2 takes it back, and it fails again for the next caller, forever if
-//! calls come more often than the idle timeout. So every failure on a pooled
-//! connection is followed by a probe through the path Diesel does watch
-//! ([`probe`]): a dead connection is then marked and discarded, and the operation is
-//! run once more on a connection that has just answered. After a connection was
-//! found dead, the next checkouts are probed too until every connection the pool
-//! held has been checked: the ones that died at the same moment are discarded
-//! before an operation meets them. A `SELECT 1` before every checkout would double
-//! the cost of a get, so checkouts are not probed otherwise. Every cache operation
+//! calls come more often than the idle timeout. So after any statement failed on a
+//! pooled connection (seen by an instrumentation installed on every one, whoever ran
+//! the statement: a cache operation or your own transaction on
+//! `cache.connection()`), the next `max_size` checkouts are probed through the path
+//! Diesel does watch ([`probe`]): the connections that died at the same moment
+//! (server restart, killed backends) are marked and discarded before an operation
+//! meets them. A cache operation whose connection turns out dead is run once more on
+//! one that has just answered. A `SELECT 1` before every checkout would double the
+//! cost of a get, so while nothing fails, nothing is probed. Every cache operation
 //! is idempotent (a read, an upsert or a delete), so the retry cannot apply anything
 //! twice. A statement PostgreSQL aborted to break a deadlock, or for a serialization
 //! failure, is likewise retried once.
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
-use diesel::connection::SimpleConnection;
+use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
 use diesel::pg::PgConnection;
 use diesel::r2d2::{self, ConnectionManager, CustomizeConnection};
+use diesel::Connection;
 
 use crate::config::{CacheConfig, Durability};
 use crate::error::{Error, Result};
@@ -37,12 +40,46 @@ pub type PooledConnection = r2d2::PooledConnection<ConnectionManager<PgConnectio
 #[derive(Debug)]
 struct SessionSetup {
     sql: String,
+    suspicion: Suspicion,
 }
 
 impl CustomizeConnection<PgConnection, r2d2::Error> for SessionSetup {
     fn on_acquire(&self, conn: &mut PgConnection) -> std::result::Result<(), r2d2::Error> {
+        conn.set_instrumentation(self.suspicion.clone());
         conn.batch_execute(&self.sql)
             .map_err(r2d2::Error::QueryError)
+    }
+}
+
+/// How many checkouts are still to be probed; shared by the pool and the
+/// instrumentation of each of its connections.
+#[derive(Debug, Clone)]
+struct Suspicion {
+    remaining: Arc<AtomicU32>,
+    pool_size: u32,
+}
+
+impl Suspicion {
+    /// Every pooled connection may be dead: probe each at its next checkout.
+    fn raise(&self) {
+        self.remaining.fetch_max(self.pool_size, Ordering::Relaxed);
+    }
+
+    /// Whether this checkout is to be probed.
+    fn take(&self) -> bool {
+        self.remaining.load(Ordering::Relaxed) > 0
+            && self
+                .remaining
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+    }
+}
+
+impl Instrumentation for Suspicion {
+    fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+        if let InstrumentationEvent::FinishQuery { error: Some(_), .. } = event {
+            self.raise();
+        }
     }
 }
 
@@ -81,8 +118,7 @@ fn probe(conn: &mut PgConnection) -> bool {
 /// The cache's connection pool.
 pub(crate) struct Pool {
     pool: PgPool,
-    /// Checkouts still to be probed since a connection was found dead.
-    suspect: AtomicU32,
+    suspicion: Suspicion,
 }
 
 impl Pool {
@@ -90,6 +126,10 @@ impl Pool {
     /// a wrong URL fails at start-up rather than on the first get.
     pub(crate) fn new(config: &CacheConfig) -> Result<Self> {
         let settings = config.pool();
+        let suspicion = Suspicion {
+            remaining: Arc::new(AtomicU32::new(0)),
+            pool_size: settings.max_size,
+        };
         let manager = ConnectionManager::<PgConnection>::new(config.database_url().expose());
         let pool = r2d2::Pool::builder()
             .max_size(settings.max_size)
@@ -100,12 +140,10 @@ impl Pool {
             .test_on_check_out(false)
             .connection_customizer(Box::new(SessionSetup {
                 sql: session_sql(config),
+                suspicion: suspicion.clone(),
             }))
             .build(manager)?;
-        let pool = Pool {
-            pool,
-            suspect: AtomicU32::new(0),
-        };
+        let pool = Pool { pool, suspicion };
         if !config.fail_open() {
             drop(pool.checkout()?);
         }
@@ -117,38 +155,36 @@ impl Pool {
         self.pool.state()
     }
 
-    /// A connection; probed first while connections are suspect (see the module
-    /// docs).
+    /// A connection not known to be dead: probed first while connections are
+    /// suspect (see the module docs). Dead ones met on the way are discarded.
+    /// Bounded: the pool holds at most `max_size` dead connections, after which it
+    /// opens a fresh one or fails after its connection timeout.
     pub(crate) fn checkout(&self) -> Result<PooledConnection> {
-        if self.suspect.load(Ordering::Relaxed) == 0 {
-            return Ok(self.pool.get()?);
-        }
-        self.live()
-    }
-
-    /// A connection that has just answered a probe. Dead ones met on the way are
-    /// discarded. Bounded: the pool holds at most `max_size` dead connections, after
-    /// which it opens a fresh one or fails after its connection timeout.
-    pub(crate) fn live(&self) -> Result<PooledConnection> {
         for _ in 0..=self.pool.max_size() {
             let mut conn = self.pool.get()?;
-            let _ = self
-                .suspect
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-            if !probe(&mut conn) {
+            if !self.suspicion.take() || !probe(&mut conn) {
                 return Ok(conn);
             }
-            self.found_dead();
+            self.suspicion.raise();
         }
         Err(Error::Connection(
             "every pooled connection was dead and no new one answered".to_owned(),
         ))
     }
 
-    /// Every connection the pool holds may have died with the one just found dead.
-    fn found_dead(&self) {
-        let held = self.pool.state().connections;
-        self.suspect.fetch_max(held, Ordering::Relaxed);
+    /// A connection that has just answered a probe, for maintenance work (statistics,
+    /// health, cleanup) whose cost dwarfs the extra round trip.
+    pub(crate) fn live(&self) -> Result<PooledConnection> {
+        for _ in 0..=self.pool.max_size() {
+            let mut conn = self.checkout()?;
+            if !probe(&mut conn) {
+                return Ok(conn);
+            }
+            self.suspicion.raise();
+        }
+        Err(Error::Connection(
+            "every pooled connection was dead and no new one answered".to_owned(),
+        ))
     }
 
     /// Runs `op` on a pooled connection; once more, on a live connection, if the
@@ -159,9 +195,9 @@ impl Pool {
         match op(&mut conn) {
             Err(error) if error.is_database_failure() && probe(&mut conn) => {
                 drop(conn);
-                self.found_dead();
+                self.suspicion.raise();
                 tracing::warn!(%error, "pgcache: connection lost; retrying once on a live connection");
-                op(&mut *self.live()?)
+                op(&mut *self.checkout()?)
             }
             // PostgreSQL rolled the statement back to break a deadlock (or a
             // serialization conflict): running it again normally succeeds.

@@ -92,3 +92,24 @@ fn a_dead_connection_is_never_handed_out_twice() {
             .unwrap_or_else(|e| panic!("stats call {i} after the restart: {e}"));
     }
 }
+
+#[test]
+fn your_own_transactions_on_connection_fail_at_most_once_after_a_restart() {
+    let cluster = ScratchCluster::start();
+    let cache = manager(&cluster, 4);
+    fill_pool(&cache, 4);
+    cluster.restart();
+    let mut failures = 0;
+    for _ in 0..8 {
+        let mut conn = cache.connection().unwrap();
+        if conn
+            .transaction(|conn| cache.kv().delete_in(conn, "nothing"))
+            .is_err()
+        {
+            failures += 1;
+        }
+    }
+    // The first may meet a connection that died idle; it is probed, found dead, and
+    // every other pooled connection is probed at its next checkout.
+    assert!(failures <= 1, "{failures} transactions failed");
+}

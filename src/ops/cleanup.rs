@@ -185,7 +185,7 @@ impl CacheManager {
                 tracing::warn!(%error, "pgcache: flushing hits before eviction failed");
             }
         }
-        let mut conn = self.connection()?;
+        let mut conn = self.live_connection()?;
         let started_at: DateTime<Utc> = diesel::select(db_now()).get_result(&mut *conn)?;
         let clock = Instant::now();
         let mut tables = Vec::with_capacity(CacheKind::ALL.len());

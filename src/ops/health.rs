@@ -308,7 +308,7 @@ impl CacheManager {
             lookups.hits += l.hits;
             lookups.misses += l.misses;
         }
-        let mut conn = self.connection()?;
+        let mut conn = self.live_connection()?;
         let size_bytes = total_size(&mut conn)?;
         let last: Option<(DateTime<Utc>, bool, i64, Option<String>)> = cache_cleanup_runs::table
             .order(cache_cleanup_runs::id.desc())

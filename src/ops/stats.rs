@@ -125,7 +125,7 @@ impl CacheManager {
     /// [`Error::MissingTable`](crate::Error::MissingTable) or a database error.
     pub fn stats(&self) -> Result<CacheStats> {
         let lookups = self.lookups()?;
-        let mut conn = self.connection()?;
+        let mut conn = self.live_connection()?;
         let mut caches = Vec::with_capacity(CacheKind::ALL.len());
         for (kind, lookups) in lookups {
             let counts = table_counts(&mut conn, kind.table())?;
@@ -196,7 +196,7 @@ impl CacheManager {
                 cache_counters::hits,
                 cache_counters::misses,
             ))
-            .load(&mut *self.connection()?)?;
+            .load(&mut *self.live_connection()?)?;
         Ok(CacheKind::ALL
             .into_iter()
             .map(|kind| {
