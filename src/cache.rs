@@ -1,7 +1,11 @@
-//! The [`Cache`] trait every cache table implements.
+//! The [`Cache`] trait: what users call on every cache handle. What each table
+//! supplies is the crate-private [`Storage`] supertrait, so the public trait shows
+//! only operations and cannot be implemented outside the crate.
 
+use std::cmp::Ordering;
 use std::time::Duration;
 
+use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
 
 use crate::error::Result;
@@ -11,82 +15,154 @@ use crate::kind::CacheKind;
 use crate::manager::CacheManager;
 use crate::skipped::Skipped;
 
-/// The blocking interface of every cache table.
+pub(crate) use storage::Storage;
+
+mod storage {
+    use super::*;
+
+    /// What one cache table supplies to the shared operations of [`Cache`]: keys and
+    /// entries checked before a connection is taken, then read, written and removed
+    /// on a connection. Implemented by the key/value cache and, through the
+    /// typed-table core, by every digest-keyed table.
+    pub trait Storage {
+        /// What identifies an entry.
+        type Key: ?Sized;
+        /// What is stored.
+        type Value;
+        /// What a hit returns: the value, with metadata for the typed caches.
+        type Entry;
+        /// A key checked before any connection is taken (its digest, for the
+        /// digest-keyed tables), so the work is not done twice.
+        type CheckedKey;
+        /// An entry validated before any connection is taken, ready to write.
+        type Row<'a>
+        where
+            Self: 'a;
+
+        /// Which cache this is.
+        const KIND: CacheKind;
+
+        /// The manager (pool, configuration, counters) this cache works through.
+        fn manager(&self) -> &CacheManager;
+
+        /// The TTL of `set` and `get_or_compute`.
+        fn default_ttl(&self) -> Duration;
+
+        /// The stored value of a hit, without its metadata.
+        fn into_value(entry: Self::Entry) -> Self::Value;
+
+        /// A digest of `key`, the same in every process: it names the key's
+        /// single-flight lease.
+        fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest>;
+
+        /// Validates a key.
+        fn check_key(&self, key: &Self::Key) -> Result<Self::CheckedKey>;
+
+        /// Validates an entry into a row.
+        fn check_entry<'a>(
+            &self,
+            key: &'a Self::Key,
+            value: &'a Self::Value,
+        ) -> Result<Self::Row<'a>>;
+
+        /// The order rows are written in (every multi-row write locks rows in key
+        /// order, so overlapping batches cannot deadlock); equal for the same key.
+        fn row_order(a: &Self::Row<'_>, b: &Self::Row<'_>) -> Ordering;
+
+        /// Whether this handle stores `key` at all (the audio cache skips long text).
+        fn stores(&self, _key: &Self::Key) -> bool {
+            true
+        }
+
+        /// The delete that undoes a write or delete of `keys` skipped in fail-open
+        /// mode (their old values would read stale after recovery).
+        fn skipped(&self, keys: &[&Self::Key], checked: &[Self::CheckedKey]) -> Skipped;
+
+        /// Reads the live entry of one checked key.
+        fn read_one(
+            &self,
+            conn: &mut PgConnection,
+            key: &Self::Key,
+            checked: &Self::CheckedKey,
+        ) -> Result<Option<Self::Entry>>;
+
+        /// Reads the live entries of checked keys in one statement, in `keys` order.
+        fn read_many(
+            &self,
+            conn: &mut PgConnection,
+            keys: &[&Self::Key],
+            checked: &[Self::CheckedKey],
+        ) -> Result<Vec<Option<Self::Entry>>>;
+
+        /// Upserts rows with distinct keys, in [`row_order`](Self::row_order),
+        /// expiring `ttl` after the statement's time; all or none.
+        fn write(
+            &self,
+            conn: &mut PgConnection,
+            rows: &[Self::Row<'_>],
+            ttl: PgInterval,
+        ) -> Result<()>;
+
+        /// Deletes the entries of checked keys, locking rows in key order; returns
+        /// how many were live.
+        fn remove(
+            &self,
+            conn: &mut PgConnection,
+            keys: &[&Self::Key],
+            checked: &[Self::CheckedKey],
+        ) -> Result<u64>;
+    }
+}
+
+/// Validates every entry of a batch into rows with distinct keys (a key given twice
+/// keeps its last value), in write order.
+pub(crate) fn check_entries<'a, C: Storage + ?Sized>(
+    cache: &C,
+    entries: &[(&'a C::Key, &'a C::Value)],
+) -> Result<Vec<C::Row<'a>>> {
+    let rows = entries
+        .iter()
+        .map(|(k, v)| cache.check_entry(k, v))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(distinct_in_write_order::<C>(rows))
+}
+
+/// Rows in write order, a key given twice keeping its last row (one statement cannot
+/// upsert a row twice).
+pub(crate) fn distinct_in_write_order<'a, C: Storage + ?Sized>(
+    mut rows: Vec<C::Row<'a>>,
+) -> Vec<C::Row<'a>> {
+    // Stable sort of the reversed batch, then keep the first of each key: its last.
+    rows.reverse();
+    rows.sort_by(C::row_order);
+    rows.dedup_by(|later, kept| C::row_order(later, kept) == Ordering::Equal);
+    rows
+}
+
+fn check_keys<C: Storage + ?Sized>(cache: &C, keys: &[&C::Key]) -> Result<Vec<C::CheckedKey>> {
+    keys.iter().map(|k| cache.check_key(k)).collect()
+}
+
+/// The blocking interface of every cache handle (`cache.kv()`, `cache.embedding()`,
+/// ...).
 ///
-/// Implementors supply the connection-level operations (`*_in`), which are also the
-/// transactional API: pass a connection inside your own transaction and the cache
-/// write commits or rolls back with your data. The provided methods take a pooled
-/// connection, honour `ENABLE_CACHING=false` and fail-open mode, and count hits and
-/// misses, identically for every cache.
+/// The `*_in` methods run on a connection you pass, which is also the transactional
+/// API: pass a connection inside your own transaction and the cache write commits
+/// or rolls back with your data. The others take a pooled connection, honour
+/// `ENABLE_CACHING=false` and fail-open mode, and count hits and misses, identically
+/// for every cache. Every key, value and TTL is checked before a connection is
+/// taken.
 ///
 /// Async callers run these inside `tokio::task::spawn_blocking`.
-pub trait Cache {
-    /// What identifies an entry.
-    type Key: ?Sized;
-    /// What is stored.
-    type Value;
-    /// What a hit returns: the value, with metadata for the typed caches.
-    type Entry;
-
-    /// Which cache this is.
-    const KIND: CacheKind;
-
-    /// The manager (pool, configuration, counters) this cache works through.
-    fn manager(&self) -> &CacheManager;
-
-    /// The TTL used by [`set`](Self::set) and [`get_or_compute`](Self::get_or_compute).
-    fn default_ttl(&self) -> Duration;
-
-    /// The stored value of a hit, without its metadata.
-    fn into_value(entry: Self::Entry) -> Self::Value;
-
-    /// A digest of `key` that is the same in every process: it names the key's
-    /// single-flight lease in [`get_or_compute`](Self::get_or_compute). The typed
-    /// caches return the digest their rows are stored under.
-    ///
-    /// # Errors
-    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key.
-    fn key_digest(&self, key: &Self::Key) -> Result<KeyDigest>;
-
-    /// Checks an entry as [`set_in`](Self::set_in) would, without a connection: bad
-    /// input is reported as such even while the database is down.
-    ///
-    /// # Errors
-    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key or value.
-    fn check_entry(&self, key: &Self::Key, value: &Self::Value) -> Result<()>;
-
-    /// Whether this handle stores `key` at all (the audio cache skips long text): a
-    /// computation whose result will not be stored takes no single-flight lease.
-    fn caches_key(&self, _key: &Self::Key) -> bool {
-        true
-    }
-
-    /// The delete that undoes a write or delete of `keys` skipped in fail-open mode
-    /// (their old values would read stale after recovery). Digest-keyed tables by
-    /// default.
-    #[doc(hidden)]
-    fn skipped(&self, keys: &[&Self::Key]) -> Option<Skipped> {
-        let digests = keys
-            .iter()
-            .map(|k| self.key_digest(k))
-            .collect::<Result<_>>();
-        Some(Skipped::Digests(Self::KIND, digests.ok()?))
-    }
-
-    /// Checks every key before any connection is taken.
-    #[doc(hidden)]
-    fn check_keys(&self, keys: &[&Self::Key]) -> Result<()> {
-        keys.iter().try_for_each(|k| self.key_digest(k).map(drop))
-    }
-
+pub trait Cache: Storage {
     /// Reads a live entry on `conn`.
     ///
     /// # Errors
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key, or a
     /// database error.
     fn get_in(&self, conn: &mut PgConnection, key: &Self::Key) -> Result<Option<Self::Entry>> {
-        // A batch of one; caches with a faster single-key statement override this.
-        Ok(self.get_many_in(conn, &[key])?.pop().flatten())
+        let checked = self.check_key(key)?;
+        self.read_one(conn, key, &checked)
     }
 
     /// Reads many entries on `conn` in one round trip; the result is in `keys` order.
@@ -97,10 +173,13 @@ pub trait Cache {
         &self,
         conn: &mut PgConnection,
         keys: &[&Self::Key],
-    ) -> Result<Vec<Option<Self::Entry>>>;
+    ) -> Result<Vec<Option<Self::Entry>>> {
+        let checked = check_keys(self, keys)?;
+        self.read_many(conn, keys, &checked)
+    }
 
     /// Stores (inserts or overwrites) an entry on `conn`, expiring `ttl` after the
-    /// database's `now()`.
+    /// statement's time.
     ///
     /// # Errors
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key, value or
@@ -111,7 +190,9 @@ pub trait Cache {
         key: &Self::Key,
         value: &Self::Value,
         ttl: Duration,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.set_many_in(conn, &[(key, value)], ttl)
+    }
 
     /// Stores many entries on `conn` in one statement; all or none are stored.
     ///
@@ -122,20 +203,32 @@ pub trait Cache {
         conn: &mut PgConnection,
         entries: &[(&Self::Key, &Self::Value)],
         ttl: Duration,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let interval = ttl_interval(ttl)?;
+        let rows = check_entries(self, entries)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.write(conn, &rows, interval)
+    }
 
     /// Deletes an entry on `conn`; true if a live entry was removed.
     ///
     /// # Errors
     /// As [`get_in`](Self::get_in).
-    fn delete_in(&self, conn: &mut PgConnection, key: &Self::Key) -> Result<bool>;
+    fn delete_in(&self, conn: &mut PgConnection, key: &Self::Key) -> Result<bool> {
+        Ok(self.delete_many_in(conn, &[key])? > 0)
+    }
 
     /// Deletes many entries on `conn` in one statement; returns how many live entries
     /// were removed.
     ///
     /// # Errors
     /// As [`get_in`](Self::get_in).
-    fn delete_many_in(&self, conn: &mut PgConnection, keys: &[&Self::Key]) -> Result<u64>;
+    fn delete_many_in(&self, conn: &mut PgConnection, keys: &[&Self::Key]) -> Result<u64> {
+        let checked = check_keys(self, keys)?;
+        self.remove(conn, keys, &checked)
+    }
 
     /// Reads a live entry; `None` on a miss, on an expired entry, and when caching is
     /// disabled.
@@ -145,8 +238,8 @@ pub trait Cache {
     /// when no connection can be had (a miss instead in fail-open mode).
     fn get(&self, key: &Self::Key) -> Result<Option<Self::Entry>> {
         let manager = self.manager();
-        self.check_keys(&[key])?;
-        let found = manager.read(Self::KIND, None, |conn| self.get_in(conn, key))?;
+        let checked = self.check_key(key)?;
+        let found = manager.read(Self::KIND, None, |conn| self.read_one(conn, key, &checked))?;
         manager.record_lookups(
             Self::KIND,
             u64::from(found.is_some()),
@@ -161,12 +254,14 @@ pub trait Cache {
     /// As [`get`](Self::get).
     fn get_many(&self, keys: &[&Self::Key]) -> Result<Vec<Option<Self::Entry>>> {
         let manager = self.manager();
-        self.check_keys(keys)?;
+        let checked = check_keys(self, keys)?;
         let misses = || keys.iter().map(|_| None).collect();
         let found = if keys.is_empty() {
             Vec::new()
         } else {
-            manager.read_with(Self::KIND, misses, |conn| self.get_many_in(conn, keys))?
+            manager.read_with(Self::KIND, misses, |conn| {
+                self.read_many(conn, keys, &checked)
+            })?
         };
         let hits = found.iter().filter(|e| e.is_some()).count() as u64;
         manager.record_lookups(Self::KIND, hits, found.len() as u64 - hits);
@@ -186,14 +281,7 @@ pub trait Cache {
     /// # Errors
     /// As [`set`](Self::set).
     fn set_with_ttl(&self, key: &Self::Key, value: &Self::Value, ttl: Duration) -> Result<()> {
-        ttl_interval(ttl)?;
-        self.check_entry(key, value)?;
-        self.manager().write(
-            Self::KIND,
-            (),
-            || self.skipped(&[key]),
-            |conn| self.set_in(conn, key, value, ttl),
-        )
+        self.set_many(&[(key, value)], ttl)
     }
 
     /// Stores many entries in one statement with the given TTL; all or none.
@@ -201,18 +289,20 @@ pub trait Cache {
     /// # Errors
     /// As [`set`](Self::set).
     fn set_many(&self, entries: &[(&Self::Key, &Self::Value)], ttl: Duration) -> Result<()> {
-        ttl_interval(ttl)?;
-        entries
-            .iter()
-            .try_for_each(|(k, v)| self.check_entry(k, v))?;
-        if entries.is_empty() {
+        let interval = ttl_interval(ttl)?;
+        let rows = check_entries(self, entries)?;
+        if rows.is_empty() {
             return Ok(());
         }
         self.manager().write(
             Self::KIND,
             (),
-            || self.skipped(&entries.iter().map(|(k, _)| *k).collect::<Vec<_>>()),
-            |conn| self.set_many_in(conn, entries, ttl),
+            || {
+                let keys: Vec<&Self::Key> = entries.iter().map(|(k, _)| *k).collect();
+                let checked = check_keys(self, &keys).ok()?;
+                Some(self.skipped(&keys, &checked))
+            },
+            |conn| self.write(conn, &rows, interval),
         )
     }
 
@@ -221,13 +311,7 @@ pub trait Cache {
     /// # Errors
     /// As [`set`](Self::set).
     fn delete(&self, key: &Self::Key) -> Result<bool> {
-        self.check_keys(&[key])?;
-        self.manager().write(
-            Self::KIND,
-            false,
-            || self.skipped(&[key]),
-            |conn| self.delete_in(conn, key),
-        )
+        Ok(self.delete_many(&[key])? > 0)
     }
 
     /// Deletes many entries in one statement; returns how many live entries were
@@ -236,15 +320,15 @@ pub trait Cache {
     /// # Errors
     /// As [`set`](Self::set).
     fn delete_many(&self, keys: &[&Self::Key]) -> Result<u64> {
-        self.check_keys(keys)?;
+        let checked = check_keys(self, keys)?;
         if keys.is_empty() {
             return Ok(0);
         }
         self.manager().write(
             Self::KIND,
             0,
-            || self.skipped(keys),
-            |conn| self.delete_many_in(conn, keys),
+            || Some(self.skipped(keys, &checked)),
+            |conn| self.remove(conn, keys, &checked),
         )
     }
 
@@ -287,3 +371,6 @@ pub trait Cache {
         crate::single_flight::get_or_compute(self, key, ttl, compute)
     }
 }
+
+/// Every table's storage gets the whole [`Cache`] interface.
+impl<T: Storage + ?Sized> Cache for T {}

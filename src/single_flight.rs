@@ -63,7 +63,7 @@ where
     // Reject a bad TTL before paying for the computation.
     ttl_interval(ttl)?;
     // What will not be stored is not worth waiting for: no lease.
-    if !manager.is_enabled() || !cache.caches_key(key) {
+    if !manager.is_enabled() || !cache.stores(key) {
         return compute();
     }
     let lease_key = lease_key(C::KIND, &cache.key_digest(key)?);

@@ -7,9 +7,10 @@
 //! how a stored row decodes. Everything else is here, once: reading live rows by
 //! digest (one prepared statement per table and shape), putting a batch back in
 //! request order, counting hits where the table tracks them, batching upserts in key
-//! order, and deleting by digest. The [`Cache`](crate::Cache) trait comes with it
-//! (a blanket implementation in `cache.rs`).
+//! order, and deleting by digest. The [`Cache`](crate::Cache) trait comes with it:
+//! every `TypedTable` is a cache's `Storage`.
 
+use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::time::Duration;
@@ -20,13 +21,13 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, Bytea, Untyped};
 use diesel::{OptionalExtension, QueryResult, QueryableByName, RunQueryDsl};
 
-use crate::cache::Cache;
-use crate::caches::common::{delete_digests, upsert_batch};
+use crate::cache::Storage;
+use crate::caches::common::{delete_digests, write_batches};
 use crate::error::Result;
-use crate::input::ttl_interval;
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
 use crate::manager::CacheManager;
+use crate::skipped::Skipped;
 
 /// What one digest-keyed cache table is; implemented by its public handle.
 ///
@@ -74,6 +75,9 @@ pub trait TypedTable {
     /// The digest of a row's key.
     fn row_digest(row: &Self::Row<'_>) -> KeyDigest;
 
+    /// The key a row was made from.
+    fn row_key<'r>(row: &'r Self::Row<'_>) -> &'r Self::Key;
+
     /// The payload bytes of a row (splits very large batches).
     fn row_bytes(row: &Self::Row<'_>) -> usize;
 
@@ -104,13 +108,14 @@ pub trait TypedTable {
     }
 }
 
-/// Reads the live entry of `key`; counts the hit where the table tracks hits.
-pub(crate) fn get<T: TypedTable>(
+/// Reads the live entry stored under `digest` (`key`'s); counts the hit where the
+/// table tracks hits.
+fn read_one<T: TypedTable>(
     table: &T,
     conn: &mut PgConnection,
     key: &T::Key,
+    digest: &KeyDigest,
 ) -> Result<Option<T::Entry>> {
-    let digest = T::digest(key)?;
     if !table.stores(key) {
         return Ok(None);
     }
@@ -122,22 +127,19 @@ pub(crate) fn get<T: TypedTable>(
     count_hits(
         table.cache_manager(),
         T::CACHE,
-        &[digest],
+        std::slice::from_ref(digest),
         std::slice::from_ref(&found),
     );
     Ok(found)
 }
 
 /// Reads many live entries in one statement, in `keys` order.
-pub(crate) fn get_many<T: TypedTable>(
+fn read_many<T: TypedTable>(
     table: &T,
     conn: &mut PgConnection,
     keys: &[&T::Key],
+    digests: &[KeyDigest],
 ) -> Result<Vec<Option<T::Entry>>> {
-    let digests = keys
-        .iter()
-        .map(|k| T::digest(k))
-        .collect::<Result<Vec<_>>>()?;
     let wanted: Vec<&[u8]> = digests
         .iter()
         .zip(keys)
@@ -159,49 +161,8 @@ pub(crate) fn get_many<T: TypedTable>(
         .zip(keys)
         .map(|(d, k)| by_digest.get(d).filter(|e| T::answers(k, e)).cloned())
         .collect();
-    count_hits(table.cache_manager(), T::CACHE, &digests, &found);
+    count_hits(table.cache_manager(), T::CACHE, digests, &found);
     Ok(found)
-}
-
-/// Stores entries expiring `ttl` from now, all or none; keys the handle does not
-/// cache are validated, then skipped.
-pub(crate) fn set_many<T: TypedTable>(
-    table: &T,
-    conn: &mut PgConnection,
-    entries: &[(&T::Key, &T::Value)],
-    ttl: Duration,
-) -> Result<()> {
-    let interval = ttl_interval(ttl)?;
-    let mut rows = Vec::with_capacity(entries.len());
-    for (key, value) in entries {
-        let row = T::row(key, value)?;
-        if table.stores(key) {
-            rows.push(row);
-        }
-    }
-    write::<T>(conn, rows, interval)?;
-    Ok(())
-}
-
-/// Upserts validated rows, all or none: in key order, a key given twice keeping its
-/// last row.
-pub(crate) fn write<T: TypedTable>(
-    conn: &mut PgConnection,
-    rows: Vec<T::Row<'_>>,
-    interval: PgInterval,
-) -> QueryResult<usize> {
-    upsert_batch(conn, rows, T::row_digest, T::row_bytes, |conn, rows| {
-        T::upsert(conn, rows, interval)
-    })
-}
-
-/// Deletes the entries of `keys`; returns how many were live.
-pub(crate) fn delete_many<T: TypedTable>(conn: &mut PgConnection, keys: &[&T::Key]) -> Result<u64> {
-    let digests = keys
-        .iter()
-        .map(|k| T::digest(k))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(delete_digests(conn, T::CACHE, &digests)?)
 }
 
 /// Counts a hit for every entry found, where the table tracks hits per entry.
@@ -289,12 +250,16 @@ impl<T, D> Query for LiveRows<T, D> {
 
 impl<T, D, Conn> RunQueryDsl<Conn> for LiveRows<T, D> {}
 
-/// Every typed table is a [`Cache`]: the connection-level operations are the ones
-/// above; the pooled ones are the trait's provided methods.
-impl<T: TypedTable> Cache for T {
+/// Every typed table is a cache's storage (and so a [`Cache`](crate::Cache)).
+impl<T: TypedTable> Storage for T {
     type Key = T::Key;
     type Value = T::Value;
     type Entry = T::Entry;
+    type CheckedKey = KeyDigest;
+    type Row<'a>
+        = T::Row<'a>
+    where
+        Self: 'a;
 
     const KIND: CacheKind = T::CACHE;
 
@@ -314,50 +279,73 @@ impl<T: TypedTable> Cache for T {
         T::digest(key)
     }
 
-    fn check_entry(&self, key: &T::Key, value: &T::Value) -> Result<()> {
-        T::row(key, value).map(drop)
+    fn check_key(&self, key: &T::Key) -> Result<KeyDigest> {
+        T::digest(key)
     }
 
-    fn caches_key(&self, key: &T::Key) -> bool {
-        self.stores(key)
+    fn check_entry<'a>(&self, key: &'a T::Key, value: &'a T::Value) -> Result<T::Row<'a>> {
+        T::row(key, value)
     }
 
-    fn get_in(&self, conn: &mut PgConnection, key: &T::Key) -> Result<Option<T::Entry>> {
-        get(self, conn, key)
+    fn row_order(a: &T::Row<'_>, b: &T::Row<'_>) -> Ordering {
+        T::row_digest(a).cmp(&T::row_digest(b))
     }
 
-    fn get_many_in(
-        &self,
-        conn: &mut PgConnection,
-        keys: &[&T::Key],
-    ) -> Result<Vec<Option<T::Entry>>> {
-        get_many(self, conn, keys)
+    fn stores(&self, key: &T::Key) -> bool {
+        TypedTable::stores(self, key)
     }
 
-    fn set_in(
+    fn skipped(&self, _keys: &[&T::Key], digests: &[KeyDigest]) -> Skipped {
+        Skipped::Digests(T::CACHE, digests.to_vec())
+    }
+
+    fn read_one(
         &self,
         conn: &mut PgConnection,
         key: &T::Key,
-        value: &T::Value,
-        ttl: Duration,
-    ) -> Result<()> {
-        set_many(self, conn, &[(key, value)], ttl)
+        digest: &KeyDigest,
+    ) -> Result<Option<T::Entry>> {
+        read_one(self, conn, key, digest)
     }
 
-    fn set_many_in(
+    fn read_many(
         &self,
         conn: &mut PgConnection,
-        entries: &[(&T::Key, &T::Value)],
-        ttl: Duration,
-    ) -> Result<()> {
-        set_many(self, conn, entries, ttl)
+        keys: &[&T::Key],
+        digests: &[KeyDigest],
+    ) -> Result<Vec<Option<T::Entry>>> {
+        read_many(self, conn, keys, digests)
     }
 
-    fn delete_in(&self, conn: &mut PgConnection, key: &T::Key) -> Result<bool> {
-        Ok(delete_many::<T>(conn, &[key])? > 0)
+    /// Rows of keys this handle does not store are skipped (validated all the same).
+    fn write(&self, conn: &mut PgConnection, rows: &[T::Row<'_>], ttl: PgInterval) -> Result<()> {
+        let stored: Vec<T::Row<'_>> = rows
+            .iter()
+            .filter(|r| self.stores(T::row_key(r)))
+            .cloned()
+            .collect();
+        write_rows::<T>(conn, &stored, ttl)?;
+        Ok(())
     }
 
-    fn delete_many_in(&self, conn: &mut PgConnection, keys: &[&T::Key]) -> Result<u64> {
-        delete_many::<T>(conn, keys)
+    fn remove(
+        &self,
+        conn: &mut PgConnection,
+        _keys: &[&T::Key],
+        digests: &[KeyDigest],
+    ) -> Result<u64> {
+        Ok(delete_digests(conn, T::CACHE, digests)?)
     }
+}
+
+/// Upserts rows with distinct keys, in key order, in as few statements as the
+/// byte budget allows (several in one transaction, so all or none).
+pub(crate) fn write_rows<T: TypedTable>(
+    conn: &mut PgConnection,
+    rows: &[T::Row<'_>],
+    ttl: PgInterval,
+) -> QueryResult<usize> {
+    write_batches(conn, rows, T::row_bytes, |conn, rows| {
+        T::upsert(conn, rows, ttl)
+    })
 }

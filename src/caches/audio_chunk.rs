@@ -559,6 +559,10 @@ impl TypedTable for AudioChunkCache<'_> {
         row.digest
     }
 
+    fn row_key<'r>(row: &'r Row<'_>) -> &'r AudioChunkKey {
+        row.key
+    }
+
     fn row_bytes(row: &Row<'_>) -> usize {
         inline(row).map_or(0, <[u8]>::len)
     }

@@ -1,6 +1,5 @@
 //! Pieces every AI cache shares: name checks, batch shaping and digest bookkeeping.
 
-use std::collections::HashMap;
 use std::marker::PhantomData;
 
 use diesel::data_types::PgInterval;
@@ -71,32 +70,17 @@ pub(crate) fn digest_params(digests: &[KeyDigest]) -> Vec<&[u8]> {
     digests.iter().map(|d| d.as_bytes().as_slice()).collect()
 }
 
-/// Upserts `rows` in as few statements as possible (one unless their `size`s add
-/// up to more than [`BYTES_PER_STATEMENT`]), in key order. A key given twice keeps
-/// its last row (one statement cannot upsert a row twice), and several statements
-/// run in one transaction (a savepoint inside the caller's), so the batch is
+/// Upserts `rows` (distinct keys, in key order) in as few statements as possible:
+/// one unless their `size`s add up to more than [`BYTES_PER_STATEMENT`]; several run
+/// in one transaction (a savepoint inside the caller's), so the batch is
 /// all-or-nothing.
-pub(crate) fn upsert_batch<R>(
+pub(crate) fn write_batches<R>(
     conn: &mut PgConnection,
-    rows: Vec<R>,
-    digest: impl Fn(&R) -> KeyDigest,
+    rows: &[R],
     size: impl Fn(&R) -> usize,
     upsert: impl Fn(&mut PgConnection, &[R]) -> QueryResult<usize>,
 ) -> QueryResult<usize> {
-    let mut position: HashMap<KeyDigest, usize> = HashMap::with_capacity(rows.len());
-    let mut unique: Vec<Option<R>> = Vec::with_capacity(rows.len());
-    for row in rows {
-        let d = digest(&row);
-        if let Some(&earlier) = position.get(&d) {
-            unique[earlier] = None;
-        }
-        position.insert(d, unique.len());
-        unique.push(Some(row));
-    }
-    let mut unique: Vec<R> = unique.into_iter().flatten().collect();
-    // Rows are locked in key order, so two overlapping batches cannot deadlock.
-    unique.sort_unstable_by_key(|row| digest(row));
-    match split_by_size(&unique, size, BYTES_PER_STATEMENT).as_slice() {
+    match split_by_size(rows, size, BYTES_PER_STATEMENT).as_slice() {
         [] => Ok(0),
         [all] => upsert(conn, all),
         chunks => conn.transaction(|conn| {

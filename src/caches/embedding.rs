@@ -258,6 +258,10 @@ impl TypedTable for EmbeddingCache<'_> {
         row.digest
     }
 
+    fn row_key<'r>(row: &'r Row<'_>) -> &'r EmbeddingKey {
+        row.key
+    }
+
     fn row_bytes(row: &Row<'_>) -> usize {
         row.bytes.len()
     }

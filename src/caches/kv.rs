@@ -5,15 +5,16 @@ use std::marker::PhantomData;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use diesel::data_types::PgInterval;
 use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
-use diesel::query_builder::{AstPass, QueryFragment, QueryId};
-use diesel::sql_types::{Array, Jsonb, Text};
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::{Array, Jsonb, Text, Untyped};
 use diesel::PgJsonbExpressionMethods;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Storage};
 use crate::error::{Error, Result};
 use crate::input::{check_key, ttl_interval};
 use crate::jsonb::{JsonbIn, JsonbOut, JsonbText};
@@ -94,6 +95,16 @@ impl<'a, V> KvCache<'a, V> {
     pub fn with_default_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self
+    }
+
+    /// The digest naming `key`'s single-flight lease (`cache_leases`), the same in
+    /// every process.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a bad key.
+    pub fn key_digest(&self, key: &str) -> Result<KeyDigest> {
+        check_key(key)?;
+        Ok(KeyHasher::new("kv").text(key).finish())
     }
 
     /// Whether `key` holds a live entry.
@@ -292,7 +303,7 @@ const ON_CONFLICT_OVERWRITE: &str = " ON CONFLICT (key) DO UPDATE SET value = ex
 /// the SQL text.
 struct Upsert<'a> {
     key: &'a str,
-    value: JsonbOut,
+    value: &'a JsonbOut,
     expires: ExpiresIn,
 }
 
@@ -300,7 +311,7 @@ struct Upsert<'a> {
 /// text for any batch size. Must stay equivalent to [`Upsert`].
 struct UpsertMany<'a> {
     keys: Vec<&'a str>,
-    values: Vec<JsonbOut>,
+    values: Vec<&'a JsonbOut>,
     expires: ExpiresIn,
 }
 
@@ -312,7 +323,7 @@ impl QueryFragment<Pg> for Upsert<'_> {
         out.push_sql("VALUES (");
         out.push_bind_param::<Text, _>(self.key)?;
         out.push_sql(", ");
-        out.push_bind_param::<Jsonb, _>(&self.value)?;
+        out.push_bind_param::<Jsonb, _>(self.value)?;
         out.push_sql(", ");
         self.expires.walk_ast(out.reborrow())?;
         out.push_sql(")");
@@ -350,10 +361,61 @@ impl<Conn> RunQueryDsl<Conn> for Upsert<'_> {}
 
 impl<Conn> RunQueryDsl<Conn> for UpsertMany<'_> {}
 
-impl<V: Serialize + DeserializeOwned + 'static> Cache for KvCache<'_, V> {
+/// `DELETE ... WHERE key IN (SELECT key ... ORDER BY key FOR UPDATE) RETURNING
+/// live`: rows locked in key order, as `set_many` takes them, so the two cannot
+/// deadlock whatever plan the delete gets. Static query id: prepared once.
+struct DeleteMany<'a> {
+    keys: &'a [&'a str],
+}
+
+impl QueryFragment<Pg> for DeleteMany<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(
+            "DELETE FROM cache_entries WHERE key IN (SELECT key FROM cache_entries \
+             WHERE key = ANY(",
+        );
+        out.push_bind_param::<Array<Text>, _>(self.keys)?;
+        out.push_sql(
+            ") ORDER BY key FOR UPDATE) RETURNING expires_at > statement_timestamp() AS live",
+        );
+        Ok(())
+    }
+}
+
+impl QueryId for DeleteMany<'_> {
+    type QueryId = DeleteMany<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for DeleteMany<'_> {
+    type SqlType = Untyped;
+}
+
+impl<Conn> RunQueryDsl<Conn> for DeleteMany<'_> {}
+
+#[derive(QueryableByName)]
+struct Live {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    live: bool,
+}
+
+/// A key/value entry validated for writing.
+#[derive(Debug, Clone)]
+pub struct Row<'a> {
+    key: &'a str,
+    value: JsonbOut,
+}
+
+impl<V: Serialize + DeserializeOwned + 'static> Storage for KvCache<'_, V> {
     type Key = str;
     type Value = V;
     type Entry = V;
+    /// Keys are stored as they are: nothing to compute.
+    type CheckedKey = ();
+    type Row<'a>
+        = Row<'a>
+    where
+        Self: 'a;
 
     const KIND: CacheKind = CacheKind::Kv;
 
@@ -370,27 +432,30 @@ impl<V: Serialize + DeserializeOwned + 'static> Cache for KvCache<'_, V> {
     }
 
     fn key_digest(&self, key: &str) -> Result<KeyDigest> {
+        KvCache::key_digest(self, key)
+    }
+
+    fn check_key(&self, key: &str) -> Result<()> {
+        check_key(key)
+    }
+
+    fn check_entry<'a>(&self, key: &'a str, value: &'a V) -> Result<Row<'a>> {
         check_key(key)?;
-        Ok(KeyHasher::new("kv").text(key).finish())
+        Ok(Row {
+            key,
+            value: JsonbOut::new("value", value)?,
+        })
     }
 
-    fn check_entry(&self, key: &str, value: &V) -> Result<()> {
-        check_key(key)?;
-        JsonbOut::new("value", value).map(drop)
+    fn row_order(a: &Row<'_>, b: &Row<'_>) -> std::cmp::Ordering {
+        a.key.cmp(b.key)
     }
 
-    fn check_keys(&self, keys: &[&str]) -> Result<()> {
-        keys.iter().try_for_each(|k| check_key(k))
+    fn skipped(&self, keys: &[&str], _checked: &[()]) -> Skipped {
+        Skipped::KvKeys(keys.iter().map(|k| (*k).to_owned()).collect())
     }
 
-    fn skipped(&self, keys: &[&str]) -> Option<Skipped> {
-        Some(Skipped::KvKeys(
-            keys.iter().map(|k| (*k).to_owned()).collect(),
-        ))
-    }
-
-    fn get_in(&self, conn: &mut PgConnection, key: &str) -> Result<Option<V>> {
-        check_key(key)?;
+    fn read_one(&self, conn: &mut PgConnection, key: &str, _checked: &()) -> Result<Option<V>> {
         // The key is unique: no LIMIT needed (`first` would bind one more parameter).
         let found: Option<JsonbIn<V>> = cache_entries::table
             .filter(cache_entries::key.eq(key))
@@ -401,8 +466,12 @@ impl<V: Serialize + DeserializeOwned + 'static> Cache for KvCache<'_, V> {
         Ok(found.map(|JsonbIn(value)| value))
     }
 
-    fn get_many_in(&self, conn: &mut PgConnection, keys: &[&str]) -> Result<Vec<Option<V>>> {
-        keys.iter().try_for_each(|k| check_key(k))?;
+    fn read_many(
+        &self,
+        conn: &mut PgConnection,
+        keys: &[&str],
+        _checked: &[()],
+    ) -> Result<Vec<Option<V>>> {
         let rows: Vec<(String, JsonbText)> = cache_entries::table
             .filter(cache_entries::key.eq_any(keys))
             .filter(cache_entries::expires_at.gt(db_now()))
@@ -424,82 +493,38 @@ impl<V: Serialize + DeserializeOwned + 'static> Cache for KvCache<'_, V> {
             .collect()
     }
 
-    fn set_in(&self, conn: &mut PgConnection, key: &str, value: &V, ttl: Duration) -> Result<()> {
-        check_key(key)?;
-        let expires = ExpiresIn(ttl_interval(ttl)?);
-        let value = JsonbOut::new("value", value)?;
-        Upsert {
-            key,
-            value,
-            expires,
-        }
-        .execute(conn)?;
-        Ok(())
-    }
-
-    fn set_many_in(
-        &self,
-        conn: &mut PgConnection,
-        entries: &[(&str, &V)],
-        ttl: Duration,
-    ) -> Result<()> {
-        let expires = ExpiresIn(ttl_interval(ttl)?);
-        // Last write wins for a key given twice; one statement cannot upsert a row
-        // twice.
-        let mut position: HashMap<&str, usize> = HashMap::with_capacity(entries.len());
-        let mut rows: Vec<(&str, JsonbOut)> = Vec::with_capacity(entries.len());
-        for (key, value) in entries {
-            check_key(key)?;
-            let json = JsonbOut::new("value", *value)?;
-            match position.get(key) {
-                Some(&i) => rows[i].1 = json,
-                None => {
-                    position.insert(key, rows.len());
-                    rows.push((key, json));
-                }
+    fn write(&self, conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
+        let expires = ExpiresIn(ttl);
+        match rows {
+            [row] => Upsert {
+                key: row.key,
+                value: &row.value,
+                expires,
             }
-        }
-        // Lock rows in one global order (unnest keeps array order), so concurrent
-        // batches over overlapping keys cannot deadlock each other.
-        rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let (keys, values): (Vec<&str>, Vec<JsonbOut>) = rows.into_iter().unzip();
-        UpsertMany {
-            keys,
-            values,
-            expires,
-        }
-        .execute(conn)?;
+            .execute(conn)?,
+            rows => UpsertMany {
+                keys: rows.iter().map(|r| r.key).collect(),
+                values: rows.iter().map(|r| &r.value).collect(),
+                expires,
+            }
+            .execute(conn)?,
+        };
         Ok(())
     }
 
-    fn delete_in(&self, conn: &mut PgConnection, key: &str) -> Result<bool> {
-        check_key(key)?;
-        let live: Option<bool> =
-            diesel::delete(cache_entries::table.filter(cache_entries::key.eq(key)))
+    fn remove(&self, conn: &mut PgConnection, keys: &[&str], _checked: &[()]) -> Result<u64> {
+        let live: Vec<bool> = match keys {
+            // One row: nothing to order, and a plain key probe.
+            [key] => diesel::delete(cache_entries::table.filter(cache_entries::key.eq(key)))
                 .returning(cache_entries::expires_at.gt(db_now()))
-                .get_result(conn)
-                .optional()?;
-        Ok(live == Some(true))
-    }
-
-    fn delete_many_in(&self, conn: &mut PgConnection, keys: &[&str]) -> Result<u64> {
-        keys.iter().try_for_each(|k| check_key(k))?;
-        #[derive(QueryableByName)]
-        struct Live {
-            #[diesel(sql_type = diesel::sql_types::Bool)]
-            live: bool,
-        }
-        // Rows locked in key order, as `set_many` takes them, so the two cannot
-        // deadlock whatever plan the delete gets.
-        let live: Vec<Live> = diesel::sql_query(
-            "DELETE FROM cache_entries WHERE key IN (SELECT key FROM cache_entries \
-             WHERE key = ANY($1) ORDER BY key FOR UPDATE) \
-             RETURNING expires_at > statement_timestamp() AS live",
-        )
-        .bind::<Array<Text>, _>(keys)
-        .load(conn)?;
-        let live = live.into_iter().map(|l| l.live);
-        Ok(live.filter(|l| *l).count() as u64)
+                .get_results(conn)?,
+            keys => DeleteMany { keys }
+                .load::<Live>(conn)?
+                .into_iter()
+                .map(|l| l.live)
+                .collect(),
+        };
+        Ok(live.into_iter().filter(|l| *l).count() as u64)
     }
 }
 

@@ -309,6 +309,10 @@ impl TypedTable for LlmResponseCache<'_> {
         row.digest
     }
 
+    fn row_key<'r>(row: &'r Row<'_>) -> &'r LlmPrompt {
+        row.prompt
+    }
+
     fn row_bytes(row: &Row<'_>) -> usize {
         row.response.len()
     }

@@ -220,6 +220,10 @@ impl TypedTable for VectorSearchCache<'_> {
         row.digest
     }
 
+    fn row_key<'r>(row: &'r Row<'_>) -> &'r VectorSearchQuery {
+        row.query
+    }
+
     fn row_bytes(row: &Row<'_>) -> usize {
         row.filters.byte_len() + row.results.byte_len()
     }

@@ -3,19 +3,17 @@
 
 use std::time::Duration;
 
+use diesel::data_types::PgInterval;
+use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::cache::Cache;
-use crate::caches::{
-    AudioChunk, AudioChunkCache, AudioChunkKey, EmbeddingCache, EmbeddingKey, LlmPrompt,
-    LlmResponseCache, VectorSearchCache, VectorSearchQuery,
-};
+use crate::cache::{distinct_in_write_order, Storage};
+use crate::caches::{AudioChunk, AudioChunkKey, EmbeddingKey, LlmPrompt, VectorSearchQuery};
 use crate::error::{Error, Result};
-use crate::input::{check_json, check_key, ttl_interval};
+use crate::input::ttl_interval;
 use crate::manager::CacheManager;
-use crate::table::{write, TypedTable};
 
 /// Entries to pre-populate, per cache. Deserializes from JSON (`pgcache warmup
 /// FILE.json`) with these snake_case field names; every section may be left out:
@@ -146,17 +144,36 @@ fn at(section: &str, index: usize, error: Error) -> Error {
     }
 }
 
-/// Validates every item of a section into rows, naming the first bad one.
-fn rows<'a, T, R>(
+/// Validates every item of a section into `cache`'s rows, naming the first bad one;
+/// a key given twice keeps its last item.
+fn rows<'a, C: Storage, T>(
+    cache: &C,
     section: &str,
     items: &'a [T],
-    row: impl Fn(&'a T) -> Result<R>,
-) -> Result<Vec<R>> {
-    items
+    entry: impl Fn(&'a T) -> (&'a C::Key, &'a C::Value),
+) -> Result<Vec<C::Row<'a>>> {
+    let rows = items
         .iter()
         .enumerate()
-        .map(|(i, item)| row(item).map_err(|e| at(section, i, e)))
-        .collect()
+        .map(|(i, item)| {
+            let (key, value) = entry(item);
+            cache.check_entry(key, value).map_err(|e| at(section, i, e))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(distinct_in_write_order::<C>(rows))
+}
+
+/// Writes a section's rows, if any; returns how many.
+fn write<C: Storage>(
+    cache: &C,
+    conn: &mut PgConnection,
+    rows: &[C::Row<'_>],
+    ttl: PgInterval,
+) -> Result<u64> {
+    if !rows.is_empty() {
+        cache.write(conn, rows, ttl)?;
+    }
+    Ok(rows.len() as u64)
 }
 
 impl CacheManager {
@@ -179,59 +196,53 @@ impl CacheManager {
                 }
                 other => other,
             })?;
-            Ok::<_, Error>((ttl, interval))
+            Ok::<_, Error>(interval)
         };
-        let (kv_ttl, _) = ttl(self.kv().default_ttl())?;
-        let (_, embedding_ttl) = ttl(self.embedding().default_ttl())?;
-        let (_, vector_ttl) = ttl(self.vector_search().default_ttl())?;
-        let (_, llm_ttl) = ttl(self.llm_response().default_ttl())?;
-        let (_, audio_ttl) = ttl(self.audio_chunk().default_ttl())?;
+        let (kv, embedding, vector_search, llm, audio) = (
+            self.kv(),
+            self.embedding(),
+            self.vector_search(),
+            self.llm_response(),
+            self.audio_chunk(),
+        );
+        let kv_ttl = ttl(kv.default_ttl())?;
+        let embedding_ttl = ttl(embedding.default_ttl())?;
+        let vector_ttl = ttl(vector_search.default_ttl())?;
+        let llm_ttl = ttl(llm.default_ttl())?;
+        let audio_ttl = ttl(audio.default_ttl())?;
 
-        let kv: Vec<(&str, &Value)> = rows("kv", &warmup.kv, |e| {
-            check_key(&e.key)?;
-            check_json("value", &e.value)?;
-            Ok((e.key.as_str(), &e.value))
+        let kv_rows = rows(&kv, "kv", &warmup.kv, |e| (e.key.as_str(), &e.value))?;
+        let embeddings = rows(&embedding, "embeddings", &warmup.embeddings, |e| {
+            (&e.key, &e.embedding)
         })?;
-        let embeddings = rows("embeddings", &warmup.embeddings, |e| {
-            EmbeddingCache::row(&e.key, &e.embedding)
+        let searches = rows(
+            &vector_search,
+            "vector_searches",
+            &warmup.vector_searches,
+            |e| (&e.query, &e.results),
+        )?;
+        let responses = rows(&llm, "llm_responses", &warmup.llm_responses, |e| {
+            (&e.prompt, &e.response)
         })?;
-        let searches = rows("vector_searches", &warmup.vector_searches, |e| {
-            VectorSearchCache::row(&e.query, &e.results)
+        let audio_rows = rows(&audio, "audio_chunks", &warmup.audio_chunks, |e| {
+            (&e.key, &e.chunk)
         })?;
-        let responses = rows("llm_responses", &warmup.llm_responses, |e| {
-            LlmResponseCache::row(&e.prompt, &e.response)
-        })?;
-        let audio = rows("audio_chunks", &warmup.audio_chunks, |e| {
-            AudioChunkCache::row(&e.key, &e.chunk)
-        })?;
-        let audio = self.audio_chunk().cacheable(audio);
+        let distinct_audio = audio_rows.len();
+        let audio_rows = audio.cacheable(audio_rows);
 
         if !self.is_enabled() {
             return Ok(WarmupReport::default());
         }
-        let skipped_audio_chunks = (warmup.audio_chunks.len() - audio.len()) as u64;
+        let skipped_audio_chunks = (distinct_audio - audio_rows.len()) as u64;
         let report = self.maintain(|conn| {
             conn.transaction(|conn| {
-                if !kv.is_empty() {
-                    self.kv().set_many_in(conn, &kv, kv_ttl)?;
-                }
                 Ok::<_, Error>(WarmupReport {
-                    kv: kv.len() as u64,
+                    kv: write(&kv, conn, &kv_rows, kv_ttl)?,
+                    embeddings: write(&embedding, conn, &embeddings, embedding_ttl)?,
+                    vector_searches: write(&vector_search, conn, &searches, vector_ttl)?,
+                    llm_responses: write(&llm, conn, &responses, llm_ttl)?,
+                    audio_chunks: write(&audio, conn, &audio_rows, audio_ttl)?,
                     skipped_audio_chunks,
-                    embeddings: write::<EmbeddingCache<'_>>(
-                        conn,
-                        embeddings.clone(),
-                        embedding_ttl,
-                    )? as u64,
-                    vector_searches: write::<VectorSearchCache<'_>>(
-                        conn,
-                        searches.clone(),
-                        vector_ttl,
-                    )? as u64,
-                    llm_responses: write::<LlmResponseCache<'_>>(conn, responses.clone(), llm_ttl)?
-                        as u64,
-                    audio_chunks: write::<AudioChunkCache<'_>>(conn, audio.clone(), audio_ttl)?
-                        as u64,
                 })
             })
         })?;
