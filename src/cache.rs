@@ -8,11 +8,11 @@ use std::time::Duration;
 use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
 
+use crate::engine::Engine;
 use crate::error::Result;
-use crate::input::ttl_interval;
+use crate::expiry::ttl_interval;
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
-use crate::manager::CacheManager;
 use crate::skipped::Skipped;
 
 pub(crate) use storage::Storage;
@@ -42,8 +42,8 @@ mod storage {
         /// Which cache this is.
         const KIND: CacheKind;
 
-        /// The manager (pool, configuration, counters) this cache works through.
-        fn manager(&self) -> &CacheManager;
+        /// The engine (pool, configuration, counters) this cache works through.
+        fn engine(&self) -> &Engine;
 
         /// The TTL of `set` and `get_or_compute`.
         fn default_ttl(&self) -> Duration;
@@ -237,10 +237,10 @@ pub trait Cache: Storage {
     /// See [`get_in`](Self::get_in); also [`Error::Connection`](crate::Error::Connection)
     /// when no connection can be had (a miss instead in fail-open mode).
     fn get(&self, key: &Self::Key) -> Result<Option<Self::Entry>> {
-        let manager = self.manager();
+        let engine = self.engine();
         let checked = self.check_key(key)?;
-        let found = manager.read(Self::KIND, None, |conn| self.read_one(conn, key, &checked))?;
-        manager.record_lookups(
+        let found = engine.read(Self::KIND, None, |conn| self.read_one(conn, key, &checked))?;
+        engine.record_lookups(
             Self::KIND,
             u64::from(found.is_some()),
             u64::from(found.is_none()),
@@ -253,18 +253,18 @@ pub trait Cache: Storage {
     /// # Errors
     /// As [`get`](Self::get).
     fn get_many(&self, keys: &[&Self::Key]) -> Result<Vec<Option<Self::Entry>>> {
-        let manager = self.manager();
+        let engine = self.engine();
         let checked = check_keys(self, keys)?;
         let misses = || keys.iter().map(|_| None).collect();
         let found = if keys.is_empty() {
             Vec::new()
         } else {
-            manager.read_with(Self::KIND, misses, |conn| {
+            engine.read_with(Self::KIND, misses, |conn| {
                 self.read_many(conn, keys, &checked)
             })?
         };
         let hits = found.iter().filter(|e| e.is_some()).count() as u64;
-        manager.record_lookups(Self::KIND, hits, found.len() as u64 - hits);
+        engine.record_lookups(Self::KIND, hits, found.len() as u64 - hits);
         Ok(found)
     }
 
@@ -294,7 +294,7 @@ pub trait Cache: Storage {
         if rows.is_empty() {
             return Ok(());
         }
-        self.manager().write(
+        self.engine().write(
             Self::KIND,
             (),
             || {
@@ -324,7 +324,7 @@ pub trait Cache: Storage {
         if keys.is_empty() {
             return Ok(0);
         }
-        self.manager().write(
+        self.engine().write(
             Self::KIND,
             0,
             || Some(self.skipped(keys, &checked)),

@@ -5,16 +5,11 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::expiry::{check_ttl, TtlPresets};
 use crate::kind::CacheKind;
-use crate::ops::eviction::{check_bound, check_low_watermark};
-use crate::ops::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
 
 /// The URL used when `DATABASE_URL` is not set.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@localhost:5432/postgres";
-
-/// The longest TTL pgcache accepts: 100 years. Longer ones are rejected rather than
-/// risking a timestamp overflow in the database.
-pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// A PostgreSQL connection URL whose password never appears in `Debug` or `Display`.
 #[derive(Clone, PartialEq, Eq)]
@@ -122,29 +117,37 @@ impl Durability {
     }
 }
 
-/// The four TTL presets of the spec.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TtlPresets {
-    /// Frequently changing data (`CACHE_TTL_SHORT`, default 300 s); the default for
-    /// vector-search results and audio chunks.
-    pub short: Duration,
-    /// Moderately stable data (`CACHE_TTL_MEDIUM`, default 3600 s); the default for
-    /// key/value entries, embeddings and LLM responses.
-    pub medium: Duration,
-    /// Stable data (`CACHE_TTL_LONG`, default 86400 s).
-    pub long: Duration,
-    /// Very stable data (`CACHE_TTL_WEEK`, default 604800 s).
-    pub week: Duration,
+/// The low watermark used unless configured otherwise: a cache over a bound is
+/// evicted down to 80 % of it, so the next few writes do not push it over again.
+pub const DEFAULT_EVICTION_LOW_WATERMARK: f64 = 0.8;
+
+/// Optional size bounds of one cache, enforced by
+/// [`CacheManager::cleanup`](crate::CacheManager::cleanup). Default: no bound.
+///
+/// Bytes are the entries' payload (key/value: key and stored value; embeddings: the
+/// vector; vector search: the results; LLM: the response text; audio: `byte_size`,
+/// inline or at the storage path), not the table's size on disk, which
+/// [`HealthThresholds::size_budget_bytes`](crate::HealthThresholds::size_budget_bytes)
+/// watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct SizeBounds {
+    /// Most entries (expired ones included until cleanup removes them).
+    pub max_entries: Option<u64>,
+    /// Most payload bytes.
+    pub max_bytes: Option<u64>,
 }
 
-impl Default for TtlPresets {
-    fn default() -> Self {
-        TtlPresets {
-            short: Duration::from_secs(300),
-            medium: Duration::from_secs(3600),
-            long: Duration::from_secs(86_400),
-            week: Duration::from_secs(604_800),
-        }
+impl SizeBounds {
+    /// No bound (the default).
+    pub const NONE: SizeBounds = SizeBounds {
+        max_entries: None,
+        max_bytes: None,
+    };
+
+    /// Whether any bound is set.
+    pub fn is_bounded(&self) -> bool {
+        self.max_entries.is_some() || self.max_bytes.is_some()
     }
 }
 
@@ -738,20 +741,6 @@ fn check_bounds(bounds: &[SizeBounds; CacheKind::COUNT], low_watermark: f64) -> 
     Ok(())
 }
 
-/// Why `ttl` is not a valid TTL, if it is not.
-pub(crate) fn check_ttl(ttl: Duration) -> std::result::Result<(), String> {
-    if ttl.is_zero() {
-        Err("a TTL must be greater than zero".to_owned())
-    } else if ttl > MAX_TTL {
-        Err(format!(
-            "a TTL must be at most {} s (100 years)",
-            MAX_TTL.as_secs()
-        ))
-    } else {
-        Ok(())
-    }
-}
-
 fn secs(d: Duration) -> String {
     format!("{}s", d.as_secs_f64())
 }
@@ -787,4 +776,18 @@ fn parse_u32(name: &str, value: &str) -> Result<u32> {
         .trim()
         .parse::<u32>()
         .map_err(|_| Error::config(name, value, "expected a whole, non-negative number"))
+}
+
+/// Why `fraction` is not a valid low watermark, if it is not.
+pub(crate) fn check_low_watermark(fraction: f64) -> Result<(), String> {
+    if (0.0..=1.0).contains(&fraction) {
+        Ok(())
+    } else {
+        Err(format!("must be between 0 and 1, got {fraction}"))
+    }
+}
+
+/// `max` as the database's `bigint`, or why it does not fit.
+pub(crate) fn check_bound(max: u64) -> Result<i64, String> {
+    i64::try_from(max).map_err(|_| format!("must be at most {}, got {max}", i64::MAX))
 }

@@ -146,7 +146,7 @@ impl Batch {
                     .set((
                         cache_counters::hits.eq(cache_counters::hits + hits as i64),
                         cache_counters::misses.eq(cache_counters::misses + misses as i64),
-                        cache_counters::updated_at.eq(crate::sql::db_now()),
+                        cache_counters::updated_at.eq(crate::expiry::db_now()),
                     ))
                     .execute(conn)?;
             }

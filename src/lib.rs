@@ -23,25 +23,35 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
-mod background;
-mod cache;
-pub mod caches;
+// Layers, bottom to top; a module imports only from its own layer or below (see
+// ARCHITECTURE.md).
+// Foundations: facts and checks with no database.
 mod config;
-mod counters;
 mod error;
-mod input;
+mod expiry;
 mod jsonb;
 mod key;
 mod kind;
-mod manager;
+mod validation;
+// Database plumbing.
 mod migrations;
-mod ops;
 mod pool;
 mod schema;
-mod single_flight;
+// The engine: the one hot path every operation takes.
+mod background;
+mod counters;
+mod engine;
+mod latency;
 mod skipped;
-mod sql;
+// The tables: the Cache trait, the typed-table core, one module per table.
+mod cache;
+pub mod caches;
+mod eviction;
+mod single_flight;
 mod table;
+// Operations across tables, and the facade.
+mod manager;
+mod ops;
 
 pub use cache::Cache;
 pub use caches::{
@@ -51,25 +61,27 @@ pub use caches::{
     VectorSearchQuery, DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
 };
 pub use config::{
-    CacheConfig, CacheConfigBuilder, DatabaseUrl, Durability, PoolSettings, TtlPresets,
-    DEFAULT_DATABASE_URL, MAX_TTL,
+    CacheConfig, CacheConfigBuilder, DatabaseUrl, Durability, PoolSettings, DEFAULT_DATABASE_URL,
 };
+pub use config::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
 pub use error::{Error, Result};
-pub use input::{MAX_EMBEDDING_DIMENSIONS, MAX_KEY_BYTES};
+pub use eviction::{EvictionReport, CLEANUP_BATCH_SIZE};
+pub use expiry::{TtlPresets, MAX_TTL};
 pub use key::{KeyDigest, KEY_FORMAT_VERSION};
 pub use kind::CacheKind;
 pub use manager::CacheManager;
 pub use migrations::MIGRATIONS;
 pub use ops::{
     Alert, AudioStats, CacheStats, CleanupProgress, CleanupReport, CleanupRun, HealthReport,
-    HealthThresholds, Lookups, TableCleanup, TableStats, TopEntry, CLEANUP_BATCH_SIZE, TOP_ENTRIES,
+    HealthThresholds, Lookups, TableCleanup, TableStats, TopEntry, TOP_ENTRIES,
 };
 pub use ops::{
-    EvictionReport, InvalidationReport, SizeBounds, Warmup, WarmupAudioChunk, WarmupEmbedding,
-    WarmupKv, WarmupLlmResponse, WarmupReport, WarmupVectorSearch, DEFAULT_EVICTION_LOW_WATERMARK,
+    InvalidationReport, Warmup, WarmupAudioChunk, WarmupEmbedding, WarmupKv, WarmupLlmResponse,
+    WarmupReport, WarmupVectorSearch,
 };
 pub use pool::PooledConnection;
 pub use skipped::MAX_SKIPPED_KEYS;
+pub use validation::{MAX_EMBEDDING_DIMENSIONS, MAX_KEY_BYTES};
 
 /// Compiles the README's Rust examples as doctests, so they cannot drift from the API.
 #[cfg(doctest)]

@@ -1,22 +1,24 @@
-//! [`CacheManager`]: the facade that owns the pool and hands out the caches.
+//! [`CacheManager`]: the facade. Its whole public surface is in this file; each
+//! method hands the work to the engine, a cache handle or an operation.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::sync::Arc;
 
-use diesel::pg::PgConnection;
+use uuid::Uuid;
 
 use crate::background::Worker;
-use crate::caches::KvCache;
+use crate::caches::{
+    AudioChunkCache, EmbeddingCache, KvCache, LlmResponseCache, VectorSearchCache,
+};
 use crate::config::CacheConfig;
-use crate::counters::Counters;
-use crate::error::{Error, Result};
-use crate::key::KeyDigest;
+use crate::engine::Engine;
+use crate::error::Result;
 use crate::kind::CacheKind;
-use crate::ops::latency::LatencyRecorder;
-use crate::pool::{Pool, PooledConnection};
-use crate::skipped::{Skipped, SkippedWrites};
+use crate::ops::{
+    self, CacheStats, CleanupProgress, CleanupReport, HealthReport, HealthThresholds,
+    InvalidationReport, Warmup, WarmupReport,
+};
+use crate::pool::PooledConnection;
 
 /// The entry point: owns the connection pool and the configuration, and hands out
 /// one handle per cache table.
@@ -35,37 +37,20 @@ use crate::skipped::{Skipped, SkippedWrites};
 /// ```
 #[derive(Clone)]
 pub struct CacheManager {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    config: CacheConfig,
-    pool: Option<Pool>,
-    counters: Counters,
-    failed_open: AtomicU64,
-    latency: LatencyRecorder,
-    /// Fail-open mode started while the database was down: migrations still to run.
-    migrations_pending: AtomicBool,
-    /// Writes and deletes fail-open mode skipped, to replay.
-    skipped: SkippedWrites,
-    /// Flushes counters and catches up after an outage, off the request path.
-    flusher: Option<Worker>,
-    /// Held through a flush, so `flush_stats` returns only once everything counted
-    /// before it, including what the flusher had in flight, is written.
-    flushing: Mutex<()>,
+    engine: Arc<Engine>,
     /// Dropped with the last clone, which stops the janitor thread.
-    _janitor: Option<Worker>,
+    _janitor: Arc<Option<Worker>>,
 }
 
 impl fmt::Debug for CacheManager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CacheManager")
-            .field("config", &self.inner.config)
-            .field("pool", &self.inner.pool.as_ref().map(|p| p.state()))
+            .field("engine", &self.engine)
             .finish_non_exhaustive()
     }
 }
 
+/// Start-up, configuration and connections.
 impl CacheManager {
     /// Opens the pool (unless caching is disabled) and, unless turned off in the
     /// configuration, runs pending migrations.
@@ -74,64 +59,23 @@ impl CacheManager {
     /// [`Error::Connection`] when the database cannot be reached within the
     /// connection timeout; [`Error::Migration`] when migrations fail.
     pub fn new(config: CacheConfig) -> Result<Self> {
-        let pool = if config.enabled() {
-            Some(Pool::new(&config)?)
-        } else {
-            None
-        };
-        let background = pool.is_some();
-        let inner = Arc::new_cyclic(|weak: &Weak<Inner>| Inner {
-            counters: Counters::new(),
-            flusher: background
-                .then(|| {
-                    Worker::spawn(
-                        "pgcache-flusher",
-                        config.stats_flush_interval(),
-                        weak.clone(),
-                        Inner::background_flush,
-                    )
-                })
-                .flatten(),
-            _janitor: config
-                .janitor_interval()
-                .filter(|_| background)
-                .and_then(|interval| {
-                    Worker::spawn("pgcache-janitor", interval, weak.clone(), |inner| {
-                        crate::ops::janitor::run(&CacheManager {
-                            inner: Arc::clone(inner),
-                        });
-                    })
-                }),
-            config,
-            pool,
-            failed_open: AtomicU64::new(0),
-            latency: LatencyRecorder::default(),
-            migrations_pending: AtomicBool::new(false),
-            skipped: SkippedWrites::default(),
-            flushing: Mutex::new(()),
-        });
-        let manager = CacheManager { inner };
-        let config = &manager.inner.config;
-        if manager.inner.pool.is_some() && (config.run_migrations() || config.fail_open()) {
-            // Fail-open mode starts while the database is down, but not when it is
-            // misconfigured: only a transient failure is let through.
-            let started = if config.run_migrations() {
-                manager.run_migrations().map(drop)
-            } else {
-                manager.connection().map(drop)
-            };
-            match started {
-                Err(error) if config.fail_open() && error.is_transient() => {
-                    tracing::warn!(%error, "pgcache: database unavailable at start-up; serving misses until it answers");
-                    manager
-                        .inner
-                        .migrations_pending
-                        .store(config.run_migrations(), Ordering::Release);
-                }
-                other => other?,
-            }
-        }
-        Ok(manager)
+        let engine = Engine::start(config)?;
+        let janitor = engine
+            .config()
+            .janitor_interval()
+            .filter(|_| engine.is_enabled())
+            .and_then(|interval| {
+                Worker::spawn(
+                    "pgcache-janitor",
+                    interval,
+                    Arc::downgrade(&engine),
+                    |engine| ops::janitor::run(engine),
+                )
+            });
+        Ok(CacheManager {
+            engine,
+            _janitor: Arc::new(janitor),
+        })
     }
 
     /// [`CacheManager::new`] with [`CacheConfig::from_env`].
@@ -144,18 +88,12 @@ impl CacheManager {
 
     /// The configuration this manager runs with.
     pub fn config(&self) -> &CacheConfig {
-        &self.inner.config
+        self.engine.config()
     }
 
     /// Whether caching is enabled.
     pub fn is_enabled(&self) -> bool {
-        self.inner.pool.is_some()
-    }
-
-    /// The key/value cache, holding `serde_json::Value`s; see
-    /// [`KvCache::typed`] for a handle on your own type.
-    pub fn kv(&self) -> KvCache<'_> {
-        KvCache::new(self)
+        self.engine.is_enabled()
     }
 
     /// Checks a connection out of the cache's pool (search path and session settings
@@ -169,38 +107,7 @@ impl CacheManager {
     /// [`Error::Connection`] when caching is disabled or no connection is free within
     /// the connection timeout.
     pub fn connection(&self) -> Result<PooledConnection> {
-        self.pool()?.checkout()
-    }
-
-    /// A connection that has just answered a `SELECT 1`, for maintenance operations
-    /// that run several statements on one connection.
-    ///
-    /// # Errors
-    /// [`Error::Connection`] when caching is disabled or no connection can be had.
-    pub(crate) fn live_connection(&self) -> Result<PooledConnection> {
-        self.pool()?.live()
-    }
-
-    fn pool(&self) -> Result<&Pool> {
-        self.inner.pool.as_ref().ok_or_else(|| {
-            Error::Connection(
-                "caching is disabled (ENABLE_CACHING=false), so there is no pool".to_owned(),
-            )
-        })
-    }
-
-    /// Runs a maintenance operation (stats, cleanup, invalidation, warmup, ...): on a
-    /// pooled connection, once more on a live one if the first was dead, like every
-    /// cache operation; never failing open.
-    ///
-    /// # Errors
-    /// [`Error::Connection`] when caching is disabled or no connection can be had,
-    /// and whatever `op` returns.
-    pub(crate) fn maintain<T>(&self, op: impl Fn(&mut PgConnection) -> Result<T>) -> Result<T> {
-        self.pool()?.run(|conn| {
-            self.inner.catch_up(conn)?;
-            op(conn)
-        })
+        self.engine.connection()
     }
 
     /// Runs pending migrations into the configured schema (created if missing) and
@@ -209,12 +116,7 @@ impl CacheManager {
     /// # Errors
     /// [`Error::Connection`] or [`Error::Migration`].
     pub fn run_migrations(&self) -> Result<Vec<String>> {
-        let schema = self.config().schema();
-        let applied = self.maintain(|conn| crate::migrations::run_pending(conn, schema))?;
-        self.inner
-            .migrations_pending
-            .store(false, Ordering::Release);
-        Ok(applied)
+        self.engine.run_migrations()
     }
 
     /// Makes every cache table `LOGGED` (durable, replicated) or `UNLOGGED` (faster
@@ -223,7 +125,124 @@ impl CacheManager {
     /// # Errors
     /// [`Error::Connection`], or a database error (e.g. missing privileges).
     pub fn set_tables_logged(&self, logged: bool) -> Result<()> {
-        self.maintain(|conn| crate::migrations::set_logged(conn, logged))
+        self.engine
+            .maintain(|conn| crate::migrations::set_logged(conn, logged))
+    }
+}
+
+/// The caches, one handle per table.
+impl CacheManager {
+    /// The key/value cache, holding `serde_json::Value`s; see
+    /// [`KvCache::typed`] for a handle on your own type.
+    pub fn kv(&self) -> KvCache<'_> {
+        KvCache::new(&self.engine)
+    }
+
+    /// The embedding cache (query text + model -> vector; default TTL medium).
+    pub fn embedding(&self) -> EmbeddingCache<'_> {
+        EmbeddingCache::new(&self.engine)
+    }
+
+    /// The vector-search results cache (per user; default TTL short).
+    pub fn vector_search(&self) -> VectorSearchCache<'_> {
+        VectorSearchCache::new(&self.engine)
+    }
+
+    /// The LLM response cache (hit counting, [`top`](LlmResponseCache::top); default
+    /// TTL medium).
+    pub fn llm_response(&self) -> LlmResponseCache<'_> {
+        LlmResponseCache::new(&self.engine)
+    }
+
+    /// The TTS audio chunk cache (hit counting, statistics, LRU eviction; default TTL
+    /// short).
+    pub fn audio_chunk(&self) -> AudioChunkCache<'_> {
+        AudioChunkCache::new(&self.engine)
+    }
+}
+
+/// Operations across the caches: cleanup, statistics, health, warmup, invalidation.
+impl CacheManager {
+    /// Deletes every expired row (`expires_at <= now()`, database clock) from every
+    /// cache table, and expired single-flight leases, in batches of
+    /// [`CLEANUP_BATCH_SIZE`] rows per statement. Rows are claimed with
+    /// `FOR UPDATE SKIP LOCKED`, so cleanups running at the same time (cron on two
+    /// hosts, the janitor) share the work and never wait on or deadlock with each
+    /// other.
+    ///
+    /// Then it enforces the configured size bounds
+    /// ([`CacheConfigBuilder::max_entries`](crate::CacheConfigBuilder::max_entries),
+    /// [`max_bytes`](crate::CacheConfigBuilder::max_bytes)): a cache over a bound
+    /// loses its least recently used (LLM responses, audio) or oldest written (the
+    /// others) entries until it is at the
+    /// [low watermark](crate::CacheConfigBuilder::eviction_low_watermark) of the
+    /// bound, in batches as above. This manager's pending hits are flushed first so
+    /// recent reads count as recent. Only bounded caches are measured (a full scan
+    /// each); without bounds, live entries are never touched.
+    ///
+    /// The run is recorded in `cache_cleanup_runs` (success or failure), which
+    /// [`health`](CacheManager::health) reads.
+    ///
+    /// ```no_run
+    /// let cache = pgcache::CacheManager::from_env()?;
+    /// let report = cache.cleanup()?;
+    /// println!("{report}");
+    /// # Ok::<(), pgcache::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Connection`](crate::Error::Connection) (also when caching is
+    /// disabled), [`Error::MissingTable`](crate::Error::MissingTable) before
+    /// migrations, or a database error. Batches already deleted stay deleted.
+    pub fn cleanup(&self) -> Result<CleanupReport> {
+        ops::cleanup::cleanup(&self.engine)
+    }
+
+    /// [`cleanup`](Self::cleanup), calling `progress` when each table starts and after
+    /// each batch (for a progress bar).
+    ///
+    /// # Errors
+    /// As [`cleanup`](Self::cleanup).
+    pub fn cleanup_with_progress(
+        &self,
+        progress: impl FnMut(&CleanupProgress),
+    ) -> Result<CleanupReport> {
+        ops::cleanup::cleanup_with_progress(&self.engine, progress)
+    }
+
+    /// Deletes every entry of one cache, or of all caches (`None`), in one
+    /// transaction; returns the rows removed per cache. Hit and miss counters are
+    /// kept.
+    ///
+    /// # Errors
+    /// [`Error::Connection`](crate::Error::Connection),
+    /// [`Error::MissingTable`](crate::Error::MissingTable) or a database error;
+    /// nothing is deleted then.
+    pub fn clear(&self, cache: Option<CacheKind>) -> Result<Vec<(CacheKind, u64)>> {
+        ops::cleanup::clear(&self.engine, cache)
+    }
+
+    /// Gathers [`CacheStats`]: entries (active and expired), size on disk, hits,
+    /// misses and hit rate per cache, the most hit LLM responses and audio chunks.
+    ///
+    /// Flushes this manager's hit counters first so its own lookups are included;
+    /// other processes' lookups appear once they have flushed (every
+    /// `stats_flush_interval`).
+    ///
+    /// This is a maintenance call: it counts every table's rows (a scan of each
+    /// table), so call it from a dashboard or `pgcache stats`, not on a request path.
+    ///
+    /// ```no_run
+    /// let cache = pgcache::CacheManager::from_env()?;
+    /// println!("{}", cache.stats()?);
+    /// # Ok::<(), pgcache::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Connection`](crate::Error::Connection),
+    /// [`Error::MissingTable`](crate::Error::MissingTable) or a database error.
+    pub fn stats(&self) -> Result<CacheStats> {
+        ops::stats::stats(&self.engine)
     }
 
     /// Writes the in-memory hit and miss counters to the database now (this also
@@ -234,162 +253,75 @@ impl CacheManager {
     /// [`Error::Connection`] or a database error; the counts are kept for the next
     /// flush.
     pub fn flush_stats(&self) -> Result<()> {
-        if self.inner.pool.is_none() {
-            return Ok(());
-        }
-        self.inner.flush()
+        self.engine.flush()
     }
 
     /// How many operations fail-open mode has turned into misses or skipped writes.
     pub fn failed_open_count(&self) -> u64 {
-        self.inner.failed_open.load(Ordering::Relaxed)
+        self.engine.failed_open_count()
     }
 
-    pub(crate) fn record_lookups(&self, kind: CacheKind, hits: u64, misses: u64) {
-        self.inner.counters.record_lookups(kind, hits, misses);
+    /// Evaluates the alert thresholds: hit rate over all caches, size against the
+    /// budget, p95 query time of this process, and the last cleanup (failed, or
+    /// overdue). Does not count rows, so it is cheap enough for a monitor polling
+    /// every minute.
+    ///
+    /// Query time is measured in this process (every cache operation through this
+    /// manager and its clones), so call `health` inside the service; a separate
+    /// process such as `pgcache health` has too few samples and skips that check.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use pgcache::HealthThresholds;
+    ///
+    /// let cache = pgcache::CacheManager::from_env()?;
+    /// let report = cache.health(&HealthThresholds::new().size_budget_bytes(10 << 30))?;
+    /// if !report.is_healthy() {
+    ///     eprintln!("{report}");
+    /// }
+    /// # Ok::<(), pgcache::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Connection`](crate::Error::Connection),
+    /// [`Error::MissingTable`](crate::Error::MissingTable) or a database error.
+    pub fn health(&self, thresholds: &HealthThresholds) -> Result<HealthReport> {
+        ops::health::health(&self.engine, thresholds)
     }
 
-    pub(crate) fn record_entry_hit(&self, kind: CacheKind, digest: KeyDigest) {
-        if self.inner.counters.record_entry_hit(kind, digest) {
-            // Bound the memory held by pending hits, without making this get wait.
-            if let Some(flusher) = &self.inner.flusher {
-                flusher.nudge();
-            }
-        }
+    /// Stores every entry of `warmup` (the spec's cache warming): everything is
+    /// validated first, then written with one batched statement per table in one
+    /// transaction. A bad item rejects the whole warmup with an error naming it
+    /// (`llm_responses[3]: invalid prompt: ...`) and nothing is stored. Like
+    /// invalidation, this never fails open. With caching disabled the entries are
+    /// validated and nothing is stored.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the first bad item (or `ttl_secs`); a
+    /// connection or database error, after which nothing is stored.
+    pub fn warmup(&self, warmup: &Warmup) -> Result<WarmupReport> {
+        ops::warmup::warmup(&self.engine, warmup)
     }
 
-    pub(crate) fn counters(&self) -> &Counters {
-        &self.inner.counters
+    /// Deletes every cache row that belongs to `user`: their vector searches and the
+    /// embeddings, LLM responses and audio chunks owned by them. One indexed delete
+    /// per table, all in one transaction. Unlike reads and writes, this never fails
+    /// open: forgetting a user must not be skipped silently. With caching disabled
+    /// there is nothing to delete.
+    ///
+    /// # Errors
+    /// A connection or database error; then nothing was deleted.
+    pub fn invalidate_user(&self, user: Uuid) -> Result<InvalidationReport> {
+        ops::invalidation::invalidate_user(&self.engine, user)
     }
 
-    pub(crate) fn latency(&self) -> &LatencyRecorder {
-        &self.inner.latency
-    }
-
-    /// Runs a read: a miss (`miss`) when caching is disabled, or, in fail-open mode,
-    /// when it fails transiently. `op` runs a second time, on a live connection, if
-    /// the first connection was dead (see [`crate::pool`]), so it must be idempotent.
-    pub(crate) fn read<T>(
-        &self,
-        kind: CacheKind,
-        miss: T,
-        op: impl Fn(&mut PgConnection) -> Result<T>,
-    ) -> Result<T> {
-        self.read_with(kind, || miss, op)
-    }
-
-    pub(crate) fn read_with<T>(
-        &self,
-        kind: CacheKind,
-        miss: impl FnOnce() -> T,
-        op: impl Fn(&mut PgConnection) -> Result<T>,
-    ) -> Result<T> {
-        self.run(kind, "read", miss, op)
-    }
-
-    /// Runs a write: skipped (returning `skipped`) when caching is disabled, or, in
-    /// fail-open mode, when it fails transiently; then `undo` says which keys may now
-    /// be stale, to delete once the database answers. Retried like [`Self::read`].
-    pub(crate) fn write<T>(
-        &self,
-        kind: CacheKind,
-        skipped: T,
-        undo: impl FnOnce() -> Option<Skipped>,
-        op: impl Fn(&mut PgConnection) -> Result<T>,
-    ) -> Result<T> {
-        self.run(
-            kind,
-            "write",
-            || {
-                if let Some(undo) = undo() {
-                    self.inner.skipped.remember(undo);
-                }
-                skipped
-            },
-            op,
-        )
-    }
-
-    fn run<T>(
-        &self,
-        kind: CacheKind,
-        what: &'static str,
-        fallback: impl FnOnce() -> T,
-        op: impl Fn(&mut PgConnection) -> Result<T>,
-    ) -> Result<T> {
-        let Some(pool) = &self.inner.pool else {
-            return Ok(fallback());
-        };
-        let started = Instant::now();
-        let result = pool.run(|conn| {
-            self.inner.catch_up(conn)?;
-            op(conn)
-        });
-        // Pool wait included: it is part of what the caller waits for.
-        self.inner.latency.record(started.elapsed());
-        match result {
-            Err(error) if self.inner.config.fail_open() && error.is_transient() => {
-                self.inner.failed_open.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(cache = %kind, operation = what, %error, "pgcache: failing open");
-                Ok(fallback())
-            }
-            other => other,
-        }
-    }
-}
-
-impl Inner {
-    /// After an outage in fail-open mode: runs the migrations start-up could not,
-    /// and the deletes of skipped writes, before anything else uses `conn`. Two
-    /// atomic loads when there is nothing to do.
-    fn catch_up(&self, conn: &mut PgConnection) -> Result<()> {
-        if self.migrations_pending.load(Ordering::Acquire) {
-            crate::migrations::run_pending(conn, self.config.schema())?;
-            self.migrations_pending.store(false, Ordering::Release);
-        }
-        if self.skipped.is_pending() {
-            self.skipped.replay(conn)?;
-        }
-        Ok(())
-    }
-
-    /// The flusher thread's task: counters, and catching up once the database is
-    /// back even if the application sends nothing meanwhile.
-    fn background_flush(self: &Arc<Self>) {
-        if self.migrations_pending.load(Ordering::Acquire) || self.skipped.is_pending() {
-            if let Some(pool) = &self.pool {
-                if let Err(error) = pool.run(|conn| self.catch_up(conn)) {
-                    tracing::debug!(%error, "pgcache: database still unavailable");
-                }
-            }
-        }
-        if let Err(error) = self.flush() {
-            tracing::warn!(%error, "pgcache: flushing hit counters failed; will retry");
-        }
-    }
-
-    fn flush(&self) -> Result<()> {
-        let Some(pool) = &self.pool else {
-            return Ok(());
-        };
-        let _flushing = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
-        let batch = self.counters.take();
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let written = pool.run(|conn| Ok(batch.write(conn)?));
-        if let Err(error) = written {
-            self.counters.restore(batch);
-            return Err(error);
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Err(error) = self.flush() {
-            tracing::warn!(%error, "pgcache: final flush of hit counters failed");
-        }
+    /// Deletes every cached embedding of `model` (a retired embedding model); returns
+    /// the rows removed. Never fails open, like [`invalidate_user`](Self::invalidate_user).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for an empty model or one
+    /// with a NUL character; a connection or database error.
+    pub fn invalidate_model(&self, model: &str) -> Result<u64> {
+        ops::invalidation::invalidate_model(&self.engine, model)
     }
 }

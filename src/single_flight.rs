@@ -18,12 +18,12 @@ use diesel::upsert::excluded;
 use uuid::Uuid;
 
 use crate::cache::Cache;
+use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::input::ttl_interval;
+use crate::expiry::ttl_interval;
+use crate::expiry::{db_now, ExpiresIn};
 use crate::kind::CacheKind;
-use crate::manager::CacheManager;
 use crate::schema::cache_leases;
-use crate::sql::{db_now, ExpiresIn};
 
 /// First pause between polls; doubled after each poll up to [`MAX_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_millis(5);
@@ -59,20 +59,20 @@ where
     if let Some(entry) = cache.get(key)? {
         return Ok(C::into_value(entry));
     }
-    let manager = cache.manager();
+    let engine = cache.engine();
     // Reject a bad TTL before paying for the computation.
     ttl_interval(ttl)?;
     // What will not be stored is not worth waiting for: no lease.
-    if !manager.is_enabled() || !cache.stores(key) {
+    if !engine.is_enabled() || !cache.stores(key) {
         return compute();
     }
     let lease_key = lease_key(C::KIND, &cache.key_digest(key)?);
-    let lease_ttl = manager.config().lease_ttl();
-    let wait_timeout = manager.config().compute_wait_timeout();
+    let lease_ttl = engine.config().lease_ttl();
+    let wait_timeout = engine.config().compute_wait_timeout();
     let started = Instant::now();
     let mut pause = FIRST_PAUSE;
     loop {
-        let poll = manager.write(
+        let poll = engine.write(
             C::KIND,
             Poll::Unavailable,
             || None,
@@ -81,7 +81,7 @@ where
         let guard = match poll {
             Poll::Found(entry) => return Ok(C::into_value(entry)),
             Poll::Won(holder) => Some(LeaseGuard {
-                manager,
+                engine,
                 kind: C::KIND,
                 lease_key: &lease_key,
                 holder,
@@ -207,7 +207,7 @@ fn release(conn: &mut PgConnection, lease_key: &[u8], holder: Uuid) -> QueryResu
 /// Releases a won lease when dropped: after the value is stored, when the computation
 /// returns an error, and when it panics.
 struct LeaseGuard<'a> {
-    manager: &'a CacheManager,
+    engine: &'a Engine,
     kind: CacheKind,
     lease_key: &'a [u8],
     holder: Uuid,
@@ -216,7 +216,7 @@ struct LeaseGuard<'a> {
 impl LeaseGuard<'_> {
     /// Hands the lease to [`UNCACHEABLE`]; dropping the guard then releases nothing.
     fn mark_uncacheable(&self) {
-        let marked = self.manager.write(
+        let marked = self.engine.write(
             self.kind,
             0,
             || None,
@@ -238,7 +238,7 @@ impl LeaseGuard<'_> {
 
 impl Drop for LeaseGuard<'_> {
     fn drop(&mut self) {
-        let released = self.manager.write(
+        let released = self.engine.write(
             self.kind,
             0,
             || None,

@@ -14,57 +14,49 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use diesel::pg::PgConnection;
-use diesel::prelude::*;
-
-use crate::caches::common::delete_digests;
-use crate::caches::kv::delete_prefix as kv_delete_prefix;
-use crate::key::KeyDigest;
-use crate::kind::CacheKind;
-use crate::schema::cache_entries;
+use diesel::QueryResult;
 
 /// Most keys (or prefixes) remembered for replay.
 pub const MAX_SKIPPED_KEYS: usize = 10_000;
 
-/// One skipped write or delete, as the delete that undoes its staleness (plumbing
-/// of [`Cache`](crate::Cache), not re-exported).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Skipped {
-    /// Key/value keys.
-    KvKeys(Vec<String>),
-    /// Every key/value key starting with this prefix.
-    KvPrefix(String),
-    /// The whole key/value cache.
-    KvAll,
-    /// Rows of a digest-keyed cache.
-    Digests(CacheKind, Vec<KeyDigest>),
+/// A delete run on a connection.
+type Undo = Box<dyn Fn(&mut PgConnection) -> QueryResult<()> + Send>;
+
+/// The delete that undoes a skipped write or delete: made by the table that skipped
+/// it, run by the engine once the database answers (plumbing of
+/// [`Cache`](crate::Cache), not re-exported).
+pub struct Skipped {
+    /// How many keys (or prefixes) it covers, for the bound.
+    keys: usize,
+    undo: Undo,
 }
 
 impl Skipped {
-    fn keys(&self) -> usize {
-        match self {
-            Skipped::KvKeys(keys) => keys.len(),
-            Skipped::Digests(_, digests) => digests.len(),
-            Skipped::KvPrefix(_) | Skipped::KvAll => 1,
+    /// An undo covering `keys` keys.
+    pub(crate) fn new(
+        keys: usize,
+        undo: impl Fn(&mut PgConnection) -> QueryResult<()> + Send + 'static,
+    ) -> Self {
+        Skipped {
+            keys,
+            undo: Box::new(undo),
         }
     }
 
+    fn keys(&self) -> usize {
+        self.keys
+    }
+
     fn apply(&self, conn: &mut PgConnection) -> QueryResult<()> {
-        match self {
-            Skipped::KvKeys(keys) => {
-                diesel::delete(cache_entries::table.filter(cache_entries::key.eq_any(keys)))
-                    .execute(conn)?;
-            }
-            Skipped::KvPrefix(prefix) => {
-                kv_delete_prefix(conn, prefix)?;
-            }
-            Skipped::KvAll => {
-                diesel::delete(cache_entries::table).execute(conn)?;
-            }
-            Skipped::Digests(kind, digests) => {
-                delete_digests(conn, *kind, digests)?;
-            }
-        }
-        Ok(())
+        (self.undo)(conn)
+    }
+}
+
+impl std::fmt::Debug for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Skipped")
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
     }
 }
 
@@ -120,8 +112,14 @@ impl SkippedWrites {
     }
 
     #[cfg(test)]
-    fn queued(&self) -> Vec<Skipped> {
-        self.queue.lock().unwrap().items.iter().cloned().collect()
+    fn queued_keys(&self) -> Vec<usize> {
+        self.queue
+            .lock()
+            .unwrap()
+            .items
+            .iter()
+            .map(Skipped::keys)
+            .collect()
     }
 }
 
@@ -129,17 +127,23 @@ impl SkippedWrites {
 mod tests {
     use super::*;
 
+    fn undo(keys: usize) -> Skipped {
+        Skipped::new(keys, |_| Ok(()))
+    }
+
     #[test]
     fn the_oldest_skipped_keys_are_dropped_past_the_bound() {
         let skipped = SkippedWrites::default();
         assert!(!skipped.is_pending());
-        skipped.remember(Skipped::KvKeys(vec!["first".into()]));
-        skipped.remember(Skipped::KvKeys(vec!["k".into(); MAX_SKIPPED_KEYS - 1]));
+        skipped.remember(undo(1));
+        skipped.remember(undo(MAX_SKIPPED_KEYS - 1));
         assert!(skipped.is_pending());
-        assert_eq!(skipped.queued().len(), 2);
-        skipped.remember(Skipped::KvAll);
-        let queued = skipped.queued();
-        assert_eq!(queued.len(), 2, "the first one was dropped");
-        assert_eq!(queued[1], Skipped::KvAll);
+        assert_eq!(skipped.queued_keys(), vec![1, MAX_SKIPPED_KEYS - 1]);
+        skipped.remember(undo(1));
+        assert_eq!(
+            skipped.queued_keys(),
+            vec![MAX_SKIPPED_KEYS - 1, 1],
+            "the first one was dropped"
+        );
     }
 }

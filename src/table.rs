@@ -23,10 +23,10 @@ use diesel::{OptionalExtension, QueryResult, QueryableByName, RunQueryDsl};
 
 use crate::cache::Storage;
 use crate::caches::common::{delete_digests, write_batches};
+use crate::engine::Engine;
 use crate::error::Result;
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
-use crate::manager::CacheManager;
 use crate::skipped::Skipped;
 
 /// What one digest-keyed cache table is; implemented by its public handle.
@@ -54,8 +54,8 @@ pub trait TypedTable {
     /// arrays; `key_hash` first.
     const COLUMNS: &'static [&'static str];
 
-    /// The manager this handle works through.
-    fn cache_manager(&self) -> &CacheManager;
+    /// The engine this handle works through.
+    fn engine(&self) -> &Engine;
 
     /// The TTL of `set`.
     fn ttl(&self) -> Duration;
@@ -125,7 +125,7 @@ fn read_one<T: TypedTable>(
         .map(|stored| T::decode(stored).1)
         .filter(|entry| T::answers(key, entry));
     count_hits(
-        table.cache_manager(),
+        table.engine(),
         T::CACHE,
         std::slice::from_ref(digest),
         std::slice::from_ref(&found),
@@ -161,23 +161,18 @@ fn read_many<T: TypedTable>(
         .zip(keys)
         .map(|(d, k)| by_digest.get(d).filter(|e| T::answers(k, e)).cloned())
         .collect();
-    count_hits(table.cache_manager(), T::CACHE, digests, &found);
+    count_hits(table.engine(), T::CACHE, digests, &found);
     Ok(found)
 }
 
 /// Counts a hit for every entry found, where the table tracks hits per entry.
-fn count_hits<E>(
-    manager: &CacheManager,
-    kind: CacheKind,
-    digests: &[KeyDigest],
-    found: &[Option<E>],
-) {
+fn count_hits<E>(engine: &Engine, kind: CacheKind, digests: &[KeyDigest], found: &[Option<E>]) {
     if !kind.descriptor().tracks_hits {
         return;
     }
     for (digest, entry) in digests.iter().zip(found) {
         if entry.is_some() {
-            manager.record_entry_hit(kind, *digest);
+            engine.record_entry_hit(kind, *digest);
         }
     }
 }
@@ -263,8 +258,8 @@ impl<T: TypedTable> Storage for T {
 
     const KIND: CacheKind = T::CACHE;
 
-    fn manager(&self) -> &CacheManager {
-        self.cache_manager()
+    fn engine(&self) -> &Engine {
+        TypedTable::engine(self)
     }
 
     fn default_ttl(&self) -> Duration {
@@ -296,7 +291,10 @@ impl<T: TypedTable> Storage for T {
     }
 
     fn skipped(&self, _keys: &[&T::Key], digests: &[KeyDigest]) -> Skipped {
-        Skipped::Digests(T::CACHE, digests.to_vec())
+        let digests = digests.to_vec();
+        Skipped::new(digests.len(), move |conn| {
+            delete_digests(conn, T::CACHE, &digests).map(drop)
+        })
     }
 
     fn read_one(

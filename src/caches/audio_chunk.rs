@@ -35,15 +35,16 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::common::{array, check_name, hash_prefix, with_default_ttl, UnnestUpsert};
+use crate::config::SizeBounds;
+use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::input::{check_json, check_text};
+use crate::eviction::{evict, EvictionReport, Limits};
+use crate::expiry::db_now;
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
-use crate::manager::CacheManager;
-use crate::ops::eviction::{evict, EvictionReport, Limits, SizeBounds};
 use crate::schema::audio_chunk_cache;
-use crate::sql::db_now;
 use crate::table::TypedTable;
+use crate::validation::{check_json, check_text};
 
 /// Longest text (in characters) the audio cache stores unless told otherwise: about
 /// three spoken sentences.
@@ -305,16 +306,16 @@ pub struct AudioChunkStats {
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct AudioChunkCache<'a> {
-    manager: &'a CacheManager,
+    engine: &'a Engine,
     ttl: Duration,
     max_text_chars: Option<usize>,
 }
 
 impl<'a> AudioChunkCache<'a> {
-    pub(crate) fn new(manager: &'a CacheManager) -> Self {
+    pub(crate) fn new(engine: &'a Engine) -> Self {
         AudioChunkCache {
-            manager,
-            ttl: manager.config().ttl().short,
+            engine,
+            ttl: engine.config().ttl().short,
             max_text_chars: Some(DEFAULT_MAX_AUDIO_TEXT_CHARS),
         }
     }
@@ -342,7 +343,7 @@ impl<'a> AudioChunkCache<'a> {
     /// # Errors
     /// A connection or database error.
     pub fn stats(&self, top: usize) -> Result<AudioChunkStats> {
-        self.manager.flush_stats()?;
+        self.engine.flush()?;
         let limit = i64::try_from(top).unwrap_or(i64::MAX);
         let empty = AudioChunkStats {
             entries: 0,
@@ -350,7 +351,7 @@ impl<'a> AudioChunkCache<'a> {
             average_hit_count: 0.0,
             most_accessed: Vec::new(),
         };
-        self.manager.read(CacheKind::AudioChunk, empty, |conn| {
+        self.engine.read(CacheKind::AudioChunk, empty, |conn| {
             let live = audio_chunk_cache::expires_at.gt(db_now());
             // sum and avg of bigint are numeric, which needs a decimal crate: cast.
             let (entries, bytes, hits): (i64, i64, f64) = audio_chunk_cache::table
@@ -418,8 +419,8 @@ impl<'a> AudioChunkCache<'a> {
         };
         let limits = Limits::new(bounds, low_watermark_fraction)
             .map_err(|(what, reason)| Error::invalid(what, reason))?;
-        self.manager.flush_stats()?;
-        self.manager.write(
+        self.engine.flush()?;
+        self.engine.write(
             CacheKind::AudioChunk,
             EvictionReport::default(),
             || None,
@@ -493,8 +494,8 @@ impl TypedTable for AudioChunkCache<'_> {
         audio_chunk_cache::owner_id::NAME,
     ];
 
-    fn cache_manager(&self) -> &CacheManager {
-        self.manager
+    fn engine(&self) -> &Engine {
+        self.engine
     }
 
     fn ttl(&self) -> Duration {

@@ -11,11 +11,11 @@ use diesel::query_builder::{AstPass, QueryFragment, QueryId};
 use diesel::sql_types::{Array, Bool, Bytea, SqlType};
 
 use crate::error::{Error, Result};
-use crate::input::check_text;
+use crate::expiry::ExpiresIn;
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
-use crate::sql::ExpiresIn;
 use crate::table::TypedTable;
+use crate::validation::check_text;
 
 /// Payload bytes per INSERT: PostgreSQL caps one array value (one column of a batch)
 /// at 1 GB, so only batches of large rows (inline audio) are split, far below that.

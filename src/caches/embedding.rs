@@ -24,13 +24,13 @@ use uuid::Uuid;
 
 use super::common::{array, check_name, with_default_ttl, UnnestUpsert};
 use crate::cache::Cache;
+use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::input::{check_embedding, check_text};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
-use crate::manager::CacheManager;
 use crate::schema::embedding_cache;
 use crate::table::TypedTable;
+use crate::validation::{check_embedding, check_text};
 
 /// What identifies a cached embedding: the query text and the model that embeds it,
 /// optionally owned by a user (see [`owned_by`](Self::owned_by)).
@@ -118,15 +118,15 @@ pub struct CachedEmbedding {
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct EmbeddingCache<'a> {
-    manager: &'a CacheManager,
+    engine: &'a Engine,
     ttl: Duration,
 }
 
 impl<'a> EmbeddingCache<'a> {
-    pub(crate) fn new(manager: &'a CacheManager) -> Self {
+    pub(crate) fn new(engine: &'a Engine) -> Self {
         EmbeddingCache {
-            manager,
-            ttl: manager.config().ttl().medium,
+            engine,
+            ttl: engine.config().ttl().medium,
         }
     }
 
@@ -229,8 +229,8 @@ impl TypedTable for EmbeddingCache<'_> {
         embedding_cache::owner_id::NAME,
     ];
 
-    fn cache_manager(&self) -> &CacheManager {
-        self.manager
+    fn engine(&self) -> &Engine {
+        self.engine
     }
 
     fn ttl(&self) -> Duration {

@@ -15,15 +15,16 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::cache::{Cache, Storage};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::input::{check_key, ttl_interval};
+use crate::expiry::ttl_interval;
+use crate::expiry::{db_now, ExpiresIn};
 use crate::jsonb::{JsonbIn, JsonbOut, JsonbText};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
-use crate::manager::CacheManager;
 use crate::schema::cache_entries;
 use crate::skipped::Skipped;
-use crate::sql::{db_now, ExpiresIn};
+use crate::validation::check_key;
 
 /// The key/value cache: string keys, values of any serde type stored as JSONB.
 ///
@@ -47,7 +48,7 @@ use crate::sql::{db_now, ExpiresIn};
 /// # Ok::<(), pgcache::Error>(())
 /// ```
 pub struct KvCache<'a, V = serde_json::Value> {
-    manager: &'a CacheManager,
+    engine: &'a Engine,
     ttl: Duration,
     value: PhantomData<fn() -> V>,
 }
@@ -70,10 +71,10 @@ impl<V> Clone for KvCache<'_, V> {
 impl<V> Copy for KvCache<'_, V> {}
 
 impl<'a> KvCache<'a> {
-    pub(crate) fn new(manager: &'a CacheManager) -> Self {
+    pub(crate) fn new(engine: &'a Engine) -> Self {
         KvCache {
-            manager,
-            ttl: manager.config().ttl().medium,
+            engine,
+            ttl: engine.config().ttl().medium,
             value: PhantomData,
         }
     }
@@ -84,7 +85,7 @@ impl<'a, V> KvCache<'a, V> {
     #[must_use]
     pub fn typed<W>(self) -> KvCache<'a, W> {
         KvCache {
-            manager: self.manager,
+            engine: self.engine,
             ttl: self.ttl,
             value: PhantomData,
         }
@@ -113,7 +114,7 @@ impl<'a, V> KvCache<'a, V> {
     /// A bad key, or a connection or database error.
     pub fn exists(&self, key: &str) -> Result<bool> {
         check_key(key)?;
-        self.manager.read(CacheKind::Kv, false, |conn| {
+        self.engine.read(CacheKind::Kv, false, |conn| {
             Ok(remaining(conn, key)?.is_some())
         })
     }
@@ -124,7 +125,7 @@ impl<'a, V> KvCache<'a, V> {
     /// A bad key, or a connection or database error.
     pub fn ttl(&self, key: &str) -> Result<Option<Duration>> {
         check_key(key)?;
-        self.manager.read(CacheKind::Kv, None, |conn| {
+        self.engine.read(CacheKind::Kv, None, |conn| {
             Ok(remaining(conn, key)?
                 .map(|(expires, now)| (expires - now).to_std().unwrap_or(Duration::ZERO)))
         })
@@ -138,7 +139,7 @@ impl<'a, V> KvCache<'a, V> {
     pub fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
         check_key(key)?;
         let interval = ttl_interval(ttl)?;
-        self.manager.write(
+        self.engine.write(
             CacheKind::Kv,
             false,
             || None,
@@ -167,10 +168,15 @@ impl<'a, V> KvCache<'a, V> {
             Error::InvalidInput { reason, .. } => Error::invalid("prefix", reason),
             other => other,
         })?;
-        self.manager.write(
+        self.engine.write(
             CacheKind::Kv,
             0,
-            || Some(Skipped::KvPrefix(prefix.to_owned())),
+            || {
+                let prefix = prefix.to_owned();
+                Some(Skipped::new(1, move |conn| {
+                    delete_prefix(conn, &prefix).map(drop)
+                }))
+            },
             |conn| self.delete_prefix_in(conn, prefix),
         )
     }
@@ -190,10 +196,14 @@ impl<'a, V> KvCache<'a, V> {
     /// # Errors
     /// A connection or database error.
     pub fn clear(&self) -> Result<u64> {
-        self.manager.write(
+        self.engine.write(
             CacheKind::Kv,
             0,
-            || Some(Skipped::KvAll),
+            || {
+                Some(Skipped::new(1, |conn| {
+                    diesel::delete(cache_entries::table).execute(conn).map(drop)
+                }))
+            },
             |conn| Ok(diesel::delete(cache_entries::table).execute(conn)? as u64),
         )
     }
@@ -218,7 +228,7 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
     ) -> Result<Vec<(String, V)>> {
         let filter = JsonbOut::new("filter", filter)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.manager.read(CacheKind::Kv, Vec::new(), |conn| {
+        self.engine.read(CacheKind::Kv, Vec::new(), |conn| {
             let rows: Vec<(String, JsonbIn<V>)> = cache_entries::table
                 .filter(cache_entries::value.contains(&filter))
                 .filter(cache_entries::expires_at.gt(db_now()))
@@ -419,8 +429,8 @@ impl<V: Serialize + DeserializeOwned + 'static> Storage for KvCache<'_, V> {
 
     const KIND: CacheKind = CacheKind::Kv;
 
-    fn manager(&self) -> &CacheManager {
-        self.manager
+    fn engine(&self) -> &Engine {
+        self.engine
     }
 
     fn default_ttl(&self) -> Duration {
@@ -452,7 +462,12 @@ impl<V: Serialize + DeserializeOwned + 'static> Storage for KvCache<'_, V> {
     }
 
     fn skipped(&self, keys: &[&str], _checked: &[()]) -> Skipped {
-        Skipped::KvKeys(keys.iter().map(|k| (*k).to_owned()).collect())
+        let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+        Skipped::new(keys.len(), move |conn| {
+            diesel::delete(cache_entries::table.filter(cache_entries::key.eq_any(&keys)))
+                .execute(conn)
+                .map(drop)
+        })
     }
 
     fn read_one(&self, conn: &mut PgConnection, key: &str, _checked: &()) -> Result<Option<V>> {

@@ -28,14 +28,14 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::common::{array, check_name, hash_prefix, with_default_ttl, UnnestUpsert};
+use crate::engine::Engine;
 use crate::error::Result;
-use crate::input::{check_json, check_text};
+use crate::expiry::db_now;
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
-use crate::manager::CacheManager;
 use crate::schema::llm_response_cache;
-use crate::sql::db_now;
 use crate::table::TypedTable;
+use crate::validation::{check_json, check_text};
 
 /// An LLM request: what identifies a cached response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,15 +189,15 @@ pub struct TopLlmResponse {
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct LlmResponseCache<'a> {
-    manager: &'a CacheManager,
+    engine: &'a Engine,
     ttl: Duration,
 }
 
 impl<'a> LlmResponseCache<'a> {
-    pub(crate) fn new(manager: &'a CacheManager) -> Self {
+    pub(crate) fn new(engine: &'a Engine) -> Self {
         LlmResponseCache {
-            manager,
-            ttl: manager.config().ttl().medium,
+            engine,
+            ttl: engine.config().ttl().medium,
         }
     }
 
@@ -211,9 +211,9 @@ impl<'a> LlmResponseCache<'a> {
     /// # Errors
     /// A connection or database error.
     pub fn top(&self, n: usize) -> Result<Vec<TopLlmResponse>> {
-        self.manager.flush_stats()?;
+        self.engine.flush()?;
         let limit = i64::try_from(n).unwrap_or(i64::MAX);
-        self.manager
+        self.engine
             .read(CacheKind::LlmResponse, Vec::new(), |conn| {
                 let rows: Vec<(Vec<u8>, i64, String, Option<String>)> = llm_response_cache::table
                     .filter(llm_response_cache::expires_at.gt(db_now()))
@@ -283,8 +283,8 @@ impl TypedTable for LlmResponseCache<'_> {
         llm_response_cache::owner_id::NAME,
     ];
 
-    fn cache_manager(&self) -> &CacheManager {
-        self.manager
+    fn engine(&self) -> &Engine {
+        self.engine
     }
 
     fn ttl(&self) -> Duration {

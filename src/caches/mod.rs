@@ -17,30 +17,3 @@ pub use embedding::{CachedEmbedding, EmbeddingCache, EmbeddingKey};
 pub use kv::KvCache;
 pub use llm_response::{CachedLlmResponse, LlmPrompt, LlmResponseCache, TopLlmResponse};
 pub use vector_search::{CachedVectorSearch, VectorSearchCache, VectorSearchQuery};
-
-use crate::manager::CacheManager;
-
-/// The AI caches.
-impl CacheManager {
-    /// The embedding cache (query text + model -> vector; default TTL medium).
-    pub fn embedding(&self) -> EmbeddingCache<'_> {
-        EmbeddingCache::new(self)
-    }
-
-    /// The vector-search results cache (per user; default TTL short).
-    pub fn vector_search(&self) -> VectorSearchCache<'_> {
-        VectorSearchCache::new(self)
-    }
-
-    /// The LLM response cache (hit counting, [`top`](LlmResponseCache::top); default
-    /// TTL medium).
-    pub fn llm_response(&self) -> LlmResponseCache<'_> {
-        LlmResponseCache::new(self)
-    }
-
-    /// The TTS audio chunk cache (hit counting, statistics, LRU eviction; default TTL
-    /// short).
-    pub fn audio_chunk(&self) -> AudioChunkCache<'_> {
-        AudioChunkCache::new(self)
-    }
-}

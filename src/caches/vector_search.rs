@@ -23,14 +23,14 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::common::{array, with_default_ttl, UnnestUpsert};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::input::{check_embedding, check_json};
 use crate::jsonb::JsonbOut;
 use crate::key::{canonical_json, KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
-use crate::manager::CacheManager;
 use crate::schema::vector_search_cache;
 use crate::table::TypedTable;
+use crate::validation::{check_embedding, check_json};
 
 /// A vector search of one user: what identifies its cached results.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,15 +137,15 @@ pub struct CachedVectorSearch {
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct VectorSearchCache<'a> {
-    manager: &'a CacheManager,
+    engine: &'a Engine,
     ttl: Duration,
 }
 
 impl<'a> VectorSearchCache<'a> {
-    pub(crate) fn new(manager: &'a CacheManager) -> Self {
+    pub(crate) fn new(engine: &'a Engine) -> Self {
         VectorSearchCache {
-            manager,
-            ttl: manager.config().ttl().short,
+            engine,
+            ttl: engine.config().ttl().short,
         }
     }
 
@@ -194,8 +194,8 @@ impl TypedTable for VectorSearchCache<'_> {
         vector_search_cache::results::NAME,
     ];
 
-    fn cache_manager(&self) -> &CacheManager {
-        self.manager
+    fn engine(&self) -> &Engine {
+        self.engine
     }
 
     fn ttl(&self) -> Duration {

@@ -10,18 +10,13 @@ use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 use serde::Serialize;
 
+use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::eviction::{evict, EvictionReport, Limits, CLEANUP_BATCH_SIZE};
+use crate::expiry::db_now;
 use crate::kind::CacheKind;
-use crate::manager::CacheManager;
-use crate::ops::eviction::{evict, EvictionReport, Limits};
 use crate::ops::stats::human_bytes;
 use crate::schema::cache_cleanup_runs;
-use crate::sql::db_now;
-
-/// Rows deleted per cleanup statement. Each statement is its own short transaction,
-/// so locks are held briefly and the WAL is written in small steps, however many rows
-/// have expired.
-pub const CLEANUP_BATCH_SIZE: i64 = 5_000;
 
 /// The table of single-flight leases, cleaned with the caches.
 const LEASES_TABLE: &str = "cache_leases";
@@ -133,164 +128,119 @@ fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S:
     s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-impl CacheManager {
-    /// Deletes every expired row (`expires_at <= now()`, database clock) from every
-    /// cache table, and expired single-flight leases, in batches of
-    /// [`CLEANUP_BATCH_SIZE`] rows per statement. Rows are claimed with
-    /// `FOR UPDATE SKIP LOCKED`, so cleanups running at the same time (cron on two
-    /// hosts, the janitor) share the work and never wait on or deadlock with each
-    /// other.
-    ///
-    /// Then it enforces the configured size bounds
-    /// ([`CacheConfigBuilder::max_entries`](crate::CacheConfigBuilder::max_entries),
-    /// [`max_bytes`](crate::CacheConfigBuilder::max_bytes)): a cache over a bound
-    /// loses its least recently used (LLM responses, audio) or oldest written (the
-    /// others) entries until it is at the
-    /// [low watermark](crate::CacheConfigBuilder::eviction_low_watermark) of the
-    /// bound, in batches as above. This manager's pending hits are flushed first so
-    /// recent reads count as recent. Only bounded caches are measured (a full scan
-    /// each); without bounds, live entries are never touched.
-    ///
-    /// The run is recorded in `cache_cleanup_runs` (success or failure), which
-    /// [`health`](CacheManager::health) reads.
-    ///
-    /// ```no_run
-    /// let cache = pgcache::CacheManager::from_env()?;
-    /// let report = cache.cleanup()?;
-    /// println!("{report}");
-    /// # Ok::<(), pgcache::Error>(())
-    /// ```
-    ///
-    /// # Errors
-    /// [`Error::Connection`](crate::Error::Connection) (also when caching is
-    /// disabled), [`Error::MissingTable`](crate::Error::MissingTable) before
-    /// migrations, or a database error. Batches already deleted stay deleted.
-    pub fn cleanup(&self) -> Result<CleanupReport> {
-        self.cleanup_with_progress(|_| {})
-    }
-
-    /// [`cleanup`](Self::cleanup), calling `progress` when each table starts and after
-    /// each batch (for a progress bar).
-    ///
-    /// # Errors
-    /// As [`cleanup`](Self::cleanup).
-    pub fn cleanup_with_progress(
-        &self,
-        mut progress: impl FnMut(&CleanupProgress),
-    ) -> Result<CleanupReport> {
-        let limits = self.eviction_limits()?;
-        if limits.iter().any(Option::is_some) {
-            // Otherwise entries read since the last flush would look unused.
-            if let Err(error) = self.flush_stats() {
-                tracing::warn!(%error, "pgcache: flushing hits before eviction failed");
-            }
-        }
-        let mut conn = self.live_connection()?;
-        let started_at: DateTime<Utc> = diesel::select(db_now()).get_result(&mut *conn)?;
-        let clock = Instant::now();
-        let mut tables = Vec::with_capacity(CacheKind::ALL.len());
-        let mut leases_removed = 0;
-        let mut total = 0;
-        let mut outcome = Ok(());
-        for table in CacheKind::ALL
-            .map(CacheKind::table)
-            .into_iter()
-            .chain([LEASES_TABLE])
-        {
-            let table_clock = Instant::now();
-            let mut report = |table_rows_removed| {
-                progress(&CleanupProgress {
-                    table,
-                    table_rows_removed,
-                    rows_removed: total + table_rows_removed,
-                });
-            };
-            report(0);
-            let cache = CacheKind::ALL.into_iter().find(|k| k.table() == table);
-            let bounded = cache.and_then(|c| Some((c, limits[c.index()]?)));
-            let cleaned = delete_expired(&mut conn, table, &mut report).and_then(|removed| {
-                let evicted = match bounded {
-                    Some((kind, limits)) => evict(&mut conn, kind, &limits, &mut |e| {
-                        report(removed + e.rows_removed);
-                    })?,
-                    None => EvictionReport::default(),
-                };
-                Ok((removed, evicted))
-            });
-            match cleaned {
-                Ok((removed, evicted)) => {
-                    total += removed + evicted.rows_removed;
-                    match cache {
-                        Some(cache) => tables.push(TableCleanup {
-                            cache,
-                            rows_removed: removed,
-                            evicted_rows: evicted.rows_removed,
-                            evicted_bytes: evicted.bytes_freed,
-                            released_paths: evicted.released_paths,
-                            elapsed: table_clock.elapsed(),
-                        }),
-                        None => leases_removed = removed,
-                    }
-                }
-                Err(error) => {
-                    outcome = Err(crate::Error::from(error));
-                    break;
-                }
-            }
-        }
-        let report = CleanupReport {
-            tables,
-            leases_removed,
-            elapsed: clock.elapsed(),
-        };
-        let error_message = outcome.as_ref().err().map(ToString::to_string);
-        let removed = report.rows_removed() + report.evicted_rows();
-        let recorded = record_run(&mut conn, started_at, removed, error_message);
-        outcome?;
-        recorded?;
-        Ok(report)
-    }
-
-    /// Deletes every entry of one cache, or of all caches (`None`), in one
-    /// transaction; returns the rows removed per cache. Hit and miss counters are
-    /// kept.
-    ///
-    /// # Errors
-    /// [`Error::Connection`](crate::Error::Connection),
-    /// [`Error::MissingTable`](crate::Error::MissingTable) or a database error;
-    /// nothing is deleted then.
-    pub fn clear(&self, cache: Option<CacheKind>) -> Result<Vec<(CacheKind, u64)>> {
-        let kinds: Vec<CacheKind> = match cache {
-            Some(kind) => vec![kind],
-            None => CacheKind::ALL.to_vec(),
-        };
-        self.maintain(|conn| {
-            Ok(conn.transaction(|conn| {
-                kinds
-                    .iter()
-                    .map(|kind| Ok((*kind, delete_all(conn, kind.table())?)))
-                    .collect::<QueryResult<Vec<_>>>()
-            })?)
-        })
-    }
+/// [`CacheManager::cleanup`](crate::CacheManager::cleanup).
+pub(crate) fn cleanup(engine: &Engine) -> Result<CleanupReport> {
+    cleanup_with_progress(engine, |_| {})
 }
 
-impl CacheManager {
-    /// The checked limits of every cache with a configured bound, by
-    /// [`CacheKind::index`].
-    fn eviction_limits(&self) -> Result<[Option<Limits>; CacheKind::COUNT]> {
-        let config = self.config();
-        let mut limits = [None; CacheKind::COUNT];
-        for cache in CacheKind::ALL {
-            let bounds = config.size_bounds(cache);
-            if bounds.is_bounded() {
-                let checked = Limits::new(bounds, config.eviction_low_watermark())
-                    .map_err(|(what, reason)| Error::invalid(what, reason))?;
-                limits[cache.index()] = Some(checked);
+/// [`CacheManager::cleanup_with_progress`](crate::CacheManager::cleanup_with_progress).
+pub(crate) fn cleanup_with_progress(
+    engine: &Engine,
+    mut progress: impl FnMut(&CleanupProgress),
+) -> Result<CleanupReport> {
+    let limits = eviction_limits(engine)?;
+    if limits.iter().any(Option::is_some) {
+        // Otherwise entries read since the last flush would look unused.
+        if let Err(error) = engine.flush() {
+            tracing::warn!(%error, "pgcache: flushing hits before eviction failed");
+        }
+    }
+    let mut conn = engine.live_connection()?;
+    let started_at: DateTime<Utc> = diesel::select(db_now()).get_result(&mut *conn)?;
+    let clock = Instant::now();
+    let mut tables = Vec::with_capacity(CacheKind::ALL.len());
+    let mut leases_removed = 0;
+    let mut total = 0;
+    let mut outcome = Ok(());
+    for table in CacheKind::ALL
+        .map(CacheKind::table)
+        .into_iter()
+        .chain([LEASES_TABLE])
+    {
+        let table_clock = Instant::now();
+        let mut report = |table_rows_removed| {
+            progress(&CleanupProgress {
+                table,
+                table_rows_removed,
+                rows_removed: total + table_rows_removed,
+            });
+        };
+        report(0);
+        let cache = CacheKind::ALL.into_iter().find(|k| k.table() == table);
+        let bounded = cache.and_then(|c| Some((c, limits[c.index()]?)));
+        let cleaned = delete_expired(&mut conn, table, &mut report).and_then(|removed| {
+            let evicted = match bounded {
+                Some((kind, limits)) => evict(&mut conn, kind, &limits, &mut |e| {
+                    report(removed + e.rows_removed);
+                })?,
+                None => EvictionReport::default(),
+            };
+            Ok((removed, evicted))
+        });
+        match cleaned {
+            Ok((removed, evicted)) => {
+                total += removed + evicted.rows_removed;
+                match cache {
+                    Some(cache) => tables.push(TableCleanup {
+                        cache,
+                        rows_removed: removed,
+                        evicted_rows: evicted.rows_removed,
+                        evicted_bytes: evicted.bytes_freed,
+                        released_paths: evicted.released_paths,
+                        elapsed: table_clock.elapsed(),
+                    }),
+                    None => leases_removed = removed,
+                }
+            }
+            Err(error) => {
+                outcome = Err(crate::Error::from(error));
+                break;
             }
         }
-        Ok(limits)
     }
+    let report = CleanupReport {
+        tables,
+        leases_removed,
+        elapsed: clock.elapsed(),
+    };
+    let error_message = outcome.as_ref().err().map(ToString::to_string);
+    let removed = report.rows_removed() + report.evicted_rows();
+    let recorded = record_run(&mut conn, started_at, removed, error_message);
+    outcome?;
+    recorded?;
+    Ok(report)
+}
+
+/// [`CacheManager::clear`](crate::CacheManager::clear).
+pub(crate) fn clear(engine: &Engine, cache: Option<CacheKind>) -> Result<Vec<(CacheKind, u64)>> {
+    let kinds: Vec<CacheKind> = match cache {
+        Some(kind) => vec![kind],
+        None => CacheKind::ALL.to_vec(),
+    };
+    engine.maintain(|conn| {
+        Ok(conn.transaction(|conn| {
+            kinds
+                .iter()
+                .map(|kind| Ok((*kind, delete_all(conn, kind.table())?)))
+                .collect::<QueryResult<Vec<_>>>()
+        })?)
+    })
+}
+
+/// The checked limits of every cache with a configured bound, by
+/// [`CacheKind::index`].
+fn eviction_limits(engine: &Engine) -> Result<[Option<Limits>; CacheKind::COUNT]> {
+    let config = engine.config();
+    let mut limits = [None; CacheKind::COUNT];
+    for cache in CacheKind::ALL {
+        let bounds = config.size_bounds(cache);
+        if bounds.is_bounded() {
+            let checked = Limits::new(bounds, config.eviction_low_watermark())
+                .map_err(|(what, reason)| Error::invalid(what, reason))?;
+            limits[cache.index()] = Some(checked);
+        }
+    }
+    Ok(limits)
 }
 
 /// Deletes expired rows of `table` batch by batch until a batch comes back short:

@@ -7,11 +7,11 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use serde::Serialize;
 
+use crate::engine::Engine;
 use crate::error::Result;
-use crate::manager::CacheManager;
+use crate::expiry::db_now;
 use crate::ops::stats::{human_bytes, percent, total_size, Lookups};
 use crate::schema::cache_cleanup_runs;
-use crate::sql::db_now;
 
 /// The thresholds [`CacheManager::health`] checks. Every setter consumes and returns
 /// the builder; the defaults are the spec's alerting rules.
@@ -277,121 +277,96 @@ impl fmt::Display for HealthReport {
     }
 }
 
-impl CacheManager {
-    /// Evaluates the alert thresholds: hit rate over all caches, size against the
-    /// budget, p95 query time of this process, and the last cleanup (failed, or
-    /// overdue). Does not count rows, so it is cheap enough for a monitor polling
-    /// every minute.
-    ///
-    /// Query time is measured in this process (every cache operation through this
-    /// manager and its clones), so call `health` inside the service; a separate
-    /// process such as `pgcache health` has too few samples and skips that check.
-    ///
-    /// ```no_run
-    /// use std::time::Duration;
-    /// use pgcache::HealthThresholds;
-    ///
-    /// let cache = pgcache::CacheManager::from_env()?;
-    /// let report = cache.health(&HealthThresholds::new().size_budget_bytes(10 << 30))?;
-    /// if !report.is_healthy() {
-    ///     eprintln!("{report}");
-    /// }
-    /// # Ok::<(), pgcache::Error>(())
-    /// ```
-    ///
-    /// # Errors
-    /// [`Error::Connection`](crate::Error::Connection),
-    /// [`Error::MissingTable`](crate::Error::MissingTable) or a database error.
-    pub fn health(&self, thresholds: &HealthThresholds) -> Result<HealthReport> {
-        let mut lookups = Lookups::default();
-        for (_, l) in self.lookups()? {
-            lookups.hits += l.hits;
-            lookups.misses += l.misses;
-        }
-        let mut conn = self.live_connection()?;
-        let size_bytes = total_size(&mut conn)?;
-        let last: Option<(DateTime<Utc>, bool, i64, Option<String>)> = cache_cleanup_runs::table
-            .order(cache_cleanup_runs::id.desc())
-            .select((
-                cache_cleanup_runs::finished_at,
-                cache_cleanup_runs::succeeded,
-                cache_cleanup_runs::rows_removed,
-                cache_cleanup_runs::error_message,
-            ))
-            .first(&mut *conn)
-            .optional()?;
-        let (last_success, now): (Option<DateTime<Utc>>, DateTime<Utc>) = cache_cleanup_runs::table
-            .filter(cache_cleanup_runs::succeeded)
-            .select((diesel::dsl::max(cache_cleanup_runs::finished_at), db_now()))
-            .first(&mut *conn)?;
-        let latency = self.latency();
-        let query_samples = latency.samples();
-        let p95 = latency.quantile(0.95);
+/// [`CacheManager::health`](crate::CacheManager::health).
+pub(crate) fn health(engine: &Engine, thresholds: &HealthThresholds) -> Result<HealthReport> {
+    let mut lookups = Lookups::default();
+    for (_, l) in super::stats::lookups(engine)? {
+        lookups.hits += l.hits;
+        lookups.misses += l.misses;
+    }
+    let mut conn = engine.live_connection()?;
+    let size_bytes = total_size(&mut conn)?;
+    let last: Option<(DateTime<Utc>, bool, i64, Option<String>)> = cache_cleanup_runs::table
+        .order(cache_cleanup_runs::id.desc())
+        .select((
+            cache_cleanup_runs::finished_at,
+            cache_cleanup_runs::succeeded,
+            cache_cleanup_runs::rows_removed,
+            cache_cleanup_runs::error_message,
+        ))
+        .first(&mut *conn)
+        .optional()?;
+    let (last_success, now): (Option<DateTime<Utc>>, DateTime<Utc>) = cache_cleanup_runs::table
+        .filter(cache_cleanup_runs::succeeded)
+        .select((diesel::dsl::max(cache_cleanup_runs::finished_at), db_now()))
+        .first(&mut *conn)?;
+    let latency = engine.latency();
+    let query_samples = latency.samples();
+    let p95 = latency.quantile(0.95);
 
-        let t = thresholds;
-        let mut alerts = Vec::new();
-        if let Some(rate) = lookups.hit_rate() {
-            if lookups.total() >= t.min_lookups && rate < t.min_hit_rate {
-                alerts.push(Alert::LowHitRate {
-                    hit_rate: rate,
-                    min_hit_rate: t.min_hit_rate,
-                    lookups: lookups.total(),
-                });
-            }
-        }
-        if let Some(budget) = t.size_budget_bytes {
-            if size_bytes as f64 > budget as f64 * t.max_size_fraction {
-                alerts.push(Alert::SizeOverBudget {
-                    size_bytes,
-                    budget_bytes: budget,
-                    max_fraction: t.max_size_fraction,
-                });
-            }
-        }
-        if let Some(p95) = p95 {
-            if query_samples >= t.min_latency_samples && p95 > t.max_p95 {
-                alerts.push(Alert::SlowQueries {
-                    p95_ms: millis(p95),
-                    max_p95_ms: millis(t.max_p95),
-                    samples: query_samples,
-                });
-            }
-        }
-        let last_cleanup =
-            last.map(
-                |(finished_at, succeeded, rows_removed, error_message)| CleanupRun {
-                    finished_at,
-                    succeeded,
-                    rows_removed: rows_removed as u64,
-                    error_message,
-                },
-            );
-        if let Some(run) = last_cleanup.as_ref().filter(|r| !r.succeeded) {
-            alerts.push(Alert::CleanupFailed {
-                finished_at: run.finished_at,
-                error: run.error_message.clone().unwrap_or_default(),
+    let t = thresholds;
+    let mut alerts = Vec::new();
+    if let Some(rate) = lookups.hit_rate() {
+        if lookups.total() >= t.min_lookups && rate < t.min_hit_rate {
+            alerts.push(Alert::LowHitRate {
+                hit_rate: rate,
+                min_hit_rate: t.min_hit_rate,
+                lookups: lookups.total(),
             });
         }
-        if let Some(max_age) = t.max_cleanup_age {
-            let overdue = last_success
-                .is_none_or(|at| (now - at).to_std().unwrap_or(Duration::ZERO) > max_age);
-            if overdue {
-                alerts.push(Alert::CleanupOverdue {
-                    last_success,
-                    max_age_secs: max_age.as_secs(),
-                });
-            }
-        }
-        Ok(HealthReport {
-            alerts,
-            lookups,
-            size_bytes,
-            size_budget_bytes: t.size_budget_bytes,
-            p95_query_ms: p95.map(millis),
-            query_samples,
-            last_cleanup,
-        })
     }
+    if let Some(budget) = t.size_budget_bytes {
+        if size_bytes as f64 > budget as f64 * t.max_size_fraction {
+            alerts.push(Alert::SizeOverBudget {
+                size_bytes,
+                budget_bytes: budget,
+                max_fraction: t.max_size_fraction,
+            });
+        }
+    }
+    if let Some(p95) = p95 {
+        if query_samples >= t.min_latency_samples && p95 > t.max_p95 {
+            alerts.push(Alert::SlowQueries {
+                p95_ms: millis(p95),
+                max_p95_ms: millis(t.max_p95),
+                samples: query_samples,
+            });
+        }
+    }
+    let last_cleanup =
+        last.map(
+            |(finished_at, succeeded, rows_removed, error_message)| CleanupRun {
+                finished_at,
+                succeeded,
+                rows_removed: rows_removed as u64,
+                error_message,
+            },
+        );
+    if let Some(run) = last_cleanup.as_ref().filter(|r| !r.succeeded) {
+        alerts.push(Alert::CleanupFailed {
+            finished_at: run.finished_at,
+            error: run.error_message.clone().unwrap_or_default(),
+        });
+    }
+    if let Some(max_age) = t.max_cleanup_age {
+        let overdue =
+            last_success.is_none_or(|at| (now - at).to_std().unwrap_or(Duration::ZERO) > max_age);
+        if overdue {
+            alerts.push(Alert::CleanupOverdue {
+                last_success,
+                max_age_secs: max_age.as_secs(),
+            });
+        }
+    }
+    Ok(HealthReport {
+        alerts,
+        lookups,
+        size_bytes,
+        size_budget_bytes: t.size_budget_bytes,
+        p95_query_ms: p95.map(millis),
+        query_samples,
+        last_cleanup,
+    })
 }
 
 fn millis(d: Duration) -> f64 {

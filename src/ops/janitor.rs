@@ -1,12 +1,12 @@
-//! The opt-in background janitor: a thread that runs [`CacheManager::cleanup`] every
+//! The opt-in background janitor: a thread that runs cleanup every
 //! `janitor_interval`, for services that do not run `pgcache cleanup` from cron. It
 //! stops when the last clone of the manager is dropped.
 
-use crate::manager::CacheManager;
+use crate::engine::Engine;
 
 /// One janitor run: cleanup, logged.
-pub(crate) fn run(manager: &CacheManager) {
-    match manager.cleanup() {
+pub(crate) fn run(engine: &Engine) {
+    match super::cleanup::cleanup(engine) {
         Ok(report) => tracing::debug!(
             rows_removed = report.rows_removed(),
             elapsed_ms = report.elapsed.as_millis() as u64,

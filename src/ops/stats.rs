@@ -7,11 +7,11 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Double};
 use serde::Serialize;
 
+use crate::engine::Engine;
 use crate::error::Result;
+use crate::expiry::db_now;
 use crate::kind::CacheKind;
-use crate::manager::CacheManager;
 use crate::schema::{audio_chunk_cache, cache_counters, llm_response_cache};
-use crate::sql::db_now;
 
 /// How many entries the "top cached" and "most accessed" lists show.
 pub const TOP_ENTRIES: usize = 5;
@@ -103,115 +103,95 @@ pub struct AudioStats {
     pub most_accessed: Vec<TopEntry>,
 }
 
-impl CacheManager {
-    /// Gathers [`CacheStats`]: entries (active and expired), size on disk, hits,
-    /// misses and hit rate per cache, the most hit LLM responses and audio chunks.
-    ///
-    /// Flushes this manager's hit counters first so its own lookups are included;
-    /// other processes' lookups appear once they have flushed (every
-    /// `stats_flush_interval`).
-    ///
-    /// This is a maintenance call: it counts every table's rows (a scan of each
-    /// table), so call it from a dashboard or `pgcache stats`, not on a request path.
-    ///
-    /// ```no_run
-    /// let cache = pgcache::CacheManager::from_env()?;
-    /// println!("{}", cache.stats()?);
-    /// # Ok::<(), pgcache::Error>(())
-    /// ```
-    ///
-    /// # Errors
-    /// [`Error::Connection`](crate::Error::Connection),
-    /// [`Error::MissingTable`](crate::Error::MissingTable) or a database error.
-    pub fn stats(&self) -> Result<CacheStats> {
-        let lookups = self.lookups()?;
-        let mut conn = self.live_connection()?;
-        let mut caches = Vec::with_capacity(CacheKind::ALL.len());
-        for (kind, lookups) in lookups {
-            let counts = table_counts(&mut conn, kind.table())?;
-            caches.push(TableStats {
-                cache: kind,
-                table: kind.table(),
-                entries: counts.total as u64,
-                active_entries: counts.active as u64,
-                expired_entries: (counts.total - counts.active) as u64,
-                size_bytes: counts.size_bytes as u64,
-                lookups,
-            });
-        }
-        let top_llm_responses = llm_response_cache::table
-            .filter(llm_response_cache::expires_at.gt(db_now()))
-            .filter(llm_response_cache::hit_count.gt(0))
-            .order(llm_response_cache::hit_count.desc())
-            .limit(TOP_ENTRIES as i64)
-            .select((
-                llm_response_cache::key_hash,
-                llm_response_cache::hit_count,
-                llm_response_cache::provider,
-            ))
-            .load::<(Vec<u8>, i64, String)>(&mut *conn)?
-            .into_iter()
-            .map(top_entry)
-            .collect();
-        let most_accessed = audio_chunk_cache::table
-            .filter(audio_chunk_cache::expires_at.gt(db_now()))
-            .filter(audio_chunk_cache::hit_count.gt(0))
-            .order(audio_chunk_cache::hit_count.desc())
-            .limit(TOP_ENTRIES as i64)
-            .select((
-                audio_chunk_cache::key_hash,
-                audio_chunk_cache::hit_count,
-                audio_chunk_cache::provider,
-            ))
-            .load::<(Vec<u8>, i64, String)>(&mut *conn)?
-            .into_iter()
-            .map(top_entry)
-            .collect();
-        let totals = audio_totals(&mut conn)?;
-        let mut all = Lookups::default();
-        caches.iter().for_each(|c| all.add(c.lookups));
-        Ok(CacheStats {
-            total_entries: caches.iter().map(|c| c.entries).sum(),
-            caches,
-            top_llm_responses,
-            audio: AudioStats {
-                total_bytes: totals.total_bytes as u64,
-                average_hit_count: totals.average_hits,
-                most_accessed,
-            },
-            lookups: all,
-        })
+/// [`CacheManager::stats`](crate::CacheManager::stats).
+pub(crate) fn stats(engine: &Engine) -> Result<CacheStats> {
+    let lookups = lookups(engine)?;
+    let mut conn = engine.live_connection()?;
+    let mut caches = Vec::with_capacity(CacheKind::ALL.len());
+    for (kind, lookups) in lookups {
+        let counts = table_counts(&mut conn, kind.table())?;
+        caches.push(TableStats {
+            cache: kind,
+            table: kind.table(),
+            entries: counts.total as u64,
+            active_entries: counts.active as u64,
+            expired_entries: (counts.total - counts.active) as u64,
+            size_bytes: counts.size_bytes as u64,
+            lookups,
+        });
     }
+    let top_llm_responses = llm_response_cache::table
+        .filter(llm_response_cache::expires_at.gt(db_now()))
+        .filter(llm_response_cache::hit_count.gt(0))
+        .order(llm_response_cache::hit_count.desc())
+        .limit(TOP_ENTRIES as i64)
+        .select((
+            llm_response_cache::key_hash,
+            llm_response_cache::hit_count,
+            llm_response_cache::provider,
+        ))
+        .load::<(Vec<u8>, i64, String)>(&mut *conn)?
+        .into_iter()
+        .map(top_entry)
+        .collect();
+    let most_accessed = audio_chunk_cache::table
+        .filter(audio_chunk_cache::expires_at.gt(db_now()))
+        .filter(audio_chunk_cache::hit_count.gt(0))
+        .order(audio_chunk_cache::hit_count.desc())
+        .limit(TOP_ENTRIES as i64)
+        .select((
+            audio_chunk_cache::key_hash,
+            audio_chunk_cache::hit_count,
+            audio_chunk_cache::provider,
+        ))
+        .load::<(Vec<u8>, i64, String)>(&mut *conn)?
+        .into_iter()
+        .map(top_entry)
+        .collect();
+    let totals = audio_totals(&mut conn)?;
+    let mut all = Lookups::default();
+    caches.iter().for_each(|c| all.add(c.lookups));
+    Ok(CacheStats {
+        total_entries: caches.iter().map(|c| c.entries).sum(),
+        caches,
+        top_llm_responses,
+        audio: AudioStats {
+            total_bytes: totals.total_bytes as u64,
+            average_hit_count: totals.average_hits,
+            most_accessed,
+        },
+        lookups: all,
+    })
+}
 
-    /// Hits and misses per cache: the flushed totals of every process plus this
-    /// manager's unflushed counts, after trying to flush them.
-    pub(crate) fn lookups(&self) -> Result<Vec<(CacheKind, Lookups)>> {
-        if let Err(error) = self.flush_stats() {
-            // The counts stay pending and are added below, so nothing is missed.
-            tracing::warn!(%error, "pgcache: flushing hit counters before stats failed");
-        }
-        let flushed: Vec<(String, i64, i64)> = cache_counters::table
-            .select((
-                cache_counters::cache_name,
-                cache_counters::hits,
-                cache_counters::misses,
-            ))
-            .load(&mut *self.live_connection()?)?;
-        Ok(CacheKind::ALL
-            .into_iter()
-            .map(|kind| {
-                let (hits, misses) = self.counters().pending(kind);
-                let mut lookups = Lookups { hits, misses };
-                if let Some((_, h, m)) = flushed.iter().find(|(name, ..)| name == kind.name()) {
-                    lookups.add(Lookups {
-                        hits: *h as u64,
-                        misses: *m as u64,
-                    });
-                }
-                (kind, lookups)
-            })
-            .collect())
+/// Hits and misses per cache: the flushed totals of every process plus this
+/// manager's unflushed counts, after trying to flush them.
+pub(crate) fn lookups(engine: &Engine) -> Result<Vec<(CacheKind, Lookups)>> {
+    if let Err(error) = engine.flush() {
+        // The counts stay pending and are added below, so nothing is missed.
+        tracing::warn!(%error, "pgcache: flushing hit counters before stats failed");
     }
+    let flushed: Vec<(String, i64, i64)> = cache_counters::table
+        .select((
+            cache_counters::cache_name,
+            cache_counters::hits,
+            cache_counters::misses,
+        ))
+        .load(&mut *engine.live_connection()?)?;
+    Ok(CacheKind::ALL
+        .into_iter()
+        .map(|kind| {
+            let (hits, misses) = engine.counters().pending(kind);
+            let mut lookups = Lookups { hits, misses };
+            if let Some((_, h, m)) = flushed.iter().find(|(name, ..)| name == kind.name()) {
+                lookups.add(Lookups {
+                    hits: *h as u64,
+                    misses: *m as u64,
+                });
+            }
+            (kind, lookups)
+        })
+        .collect())
 }
 
 fn top_entry((key_hash, hits, provider): (Vec<u8>, i64, String)) -> TopEntry {

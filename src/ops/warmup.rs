@@ -11,9 +11,12 @@ use serde_json::Value;
 
 use crate::cache::{distinct_in_write_order, Storage};
 use crate::caches::{AudioChunk, AudioChunkKey, EmbeddingKey, LlmPrompt, VectorSearchQuery};
+use crate::caches::{
+    AudioChunkCache, EmbeddingCache, KvCache, LlmResponseCache, VectorSearchCache,
+};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::input::ttl_interval;
-use crate::manager::CacheManager;
+use crate::expiry::ttl_interval;
 
 /// Entries to pre-populate, per cache. Deserializes from JSON (`pgcache warmup
 /// FILE.json`) with these snake_case field names; every section may be left out:
@@ -176,76 +179,65 @@ fn write<C: Storage>(
     Ok(rows.len() as u64)
 }
 
-impl CacheManager {
-    /// Stores every entry of `warmup` (the spec's cache warming): everything is
-    /// validated first, then written with one batched statement per table in one
-    /// transaction. A bad item rejects the whole warmup with an error naming it
-    /// (`llm_responses[3]: invalid prompt: ...`) and nothing is stored. Like
-    /// invalidation, this never fails open. With caching disabled the entries are
-    /// validated and nothing is stored.
-    ///
-    /// # Errors
-    /// [`Error::InvalidInput`] naming the first bad item (or `ttl_secs`); a
-    /// connection or database error, after which nothing is stored.
-    pub fn warmup(&self, warmup: &Warmup) -> Result<WarmupReport> {
-        let ttl = |default: Duration| {
-            let ttl = warmup.ttl_secs.map_or(default, Duration::from_secs);
-            let interval = ttl_interval(ttl).map_err(|e| match e {
-                Error::InvalidInput { reason, .. } => {
-                    Error::invalid("warmup", format!("ttl_secs: {reason}"))
-                }
-                other => other,
-            })?;
-            Ok::<_, Error>(interval)
-        };
-        let (kv, embedding, vector_search, llm, audio) = (
-            self.kv(),
-            self.embedding(),
-            self.vector_search(),
-            self.llm_response(),
-            self.audio_chunk(),
-        );
-        let kv_ttl = ttl(kv.default_ttl())?;
-        let embedding_ttl = ttl(embedding.default_ttl())?;
-        let vector_ttl = ttl(vector_search.default_ttl())?;
-        let llm_ttl = ttl(llm.default_ttl())?;
-        let audio_ttl = ttl(audio.default_ttl())?;
+/// [`CacheManager::warmup`](crate::CacheManager::warmup).
+pub(crate) fn warmup(engine: &Engine, warmup: &Warmup) -> Result<WarmupReport> {
+    let ttl = |default: Duration| {
+        let ttl = warmup.ttl_secs.map_or(default, Duration::from_secs);
+        let interval = ttl_interval(ttl).map_err(|e| match e {
+            Error::InvalidInput { reason, .. } => {
+                Error::invalid("warmup", format!("ttl_secs: {reason}"))
+            }
+            other => other,
+        })?;
+        Ok::<_, Error>(interval)
+    };
+    let (kv, embedding, vector_search, llm, audio) = (
+        KvCache::new(engine),
+        EmbeddingCache::new(engine),
+        VectorSearchCache::new(engine),
+        LlmResponseCache::new(engine),
+        AudioChunkCache::new(engine),
+    );
+    let kv_ttl = ttl(kv.default_ttl())?;
+    let embedding_ttl = ttl(embedding.default_ttl())?;
+    let vector_ttl = ttl(vector_search.default_ttl())?;
+    let llm_ttl = ttl(llm.default_ttl())?;
+    let audio_ttl = ttl(audio.default_ttl())?;
 
-        let kv_rows = rows(&kv, "kv", &warmup.kv, |e| (e.key.as_str(), &e.value))?;
-        let embeddings = rows(&embedding, "embeddings", &warmup.embeddings, |e| {
-            (&e.key, &e.embedding)
-        })?;
-        let searches = rows(
-            &vector_search,
-            "vector_searches",
-            &warmup.vector_searches,
-            |e| (&e.query, &e.results),
-        )?;
-        let responses = rows(&llm, "llm_responses", &warmup.llm_responses, |e| {
-            (&e.prompt, &e.response)
-        })?;
-        let audio_rows = rows(&audio, "audio_chunks", &warmup.audio_chunks, |e| {
-            (&e.key, &e.chunk)
-        })?;
-        let distinct_audio = audio_rows.len();
-        let audio_rows = audio.cacheable(audio_rows);
+    let kv_rows = rows(&kv, "kv", &warmup.kv, |e| (e.key.as_str(), &e.value))?;
+    let embeddings = rows(&embedding, "embeddings", &warmup.embeddings, |e| {
+        (&e.key, &e.embedding)
+    })?;
+    let searches = rows(
+        &vector_search,
+        "vector_searches",
+        &warmup.vector_searches,
+        |e| (&e.query, &e.results),
+    )?;
+    let responses = rows(&llm, "llm_responses", &warmup.llm_responses, |e| {
+        (&e.prompt, &e.response)
+    })?;
+    let audio_rows = rows(&audio, "audio_chunks", &warmup.audio_chunks, |e| {
+        (&e.key, &e.chunk)
+    })?;
+    let distinct_audio = audio_rows.len();
+    let audio_rows = audio.cacheable(audio_rows);
 
-        if !self.is_enabled() {
-            return Ok(WarmupReport::default());
-        }
-        let skipped_audio_chunks = (distinct_audio - audio_rows.len()) as u64;
-        let report = self.maintain(|conn| {
-            conn.transaction(|conn| {
-                Ok::<_, Error>(WarmupReport {
-                    kv: write(&kv, conn, &kv_rows, kv_ttl)?,
-                    embeddings: write(&embedding, conn, &embeddings, embedding_ttl)?,
-                    vector_searches: write(&vector_search, conn, &searches, vector_ttl)?,
-                    llm_responses: write(&llm, conn, &responses, llm_ttl)?,
-                    audio_chunks: write(&audio, conn, &audio_rows, audio_ttl)?,
-                    skipped_audio_chunks,
-                })
-            })
-        })?;
-        Ok(report)
+    if !engine.is_enabled() {
+        return Ok(WarmupReport::default());
     }
+    let skipped_audio_chunks = (distinct_audio - audio_rows.len()) as u64;
+    let report = engine.maintain(|conn| {
+        conn.transaction(|conn| {
+            Ok::<_, Error>(WarmupReport {
+                kv: write(&kv, conn, &kv_rows, kv_ttl)?,
+                embeddings: write(&embedding, conn, &embeddings, embedding_ttl)?,
+                vector_searches: write(&vector_search, conn, &searches, vector_ttl)?,
+                llm_responses: write(&llm, conn, &responses, llm_ttl)?,
+                audio_chunks: write(&audio, conn, &audio_rows, audio_ttl)?,
+                skipped_audio_chunks,
+            })
+        })
+    })?;
+    Ok(report)
 }

@@ -1,11 +1,7 @@
-//! Checks applied to every key and value before it reaches the database, so bad
-//! input fails with an error that names it and nothing is stored.
+//! Validation: the checks applied to every key and value before a connection is
+//! taken, so bad input fails with an error that names it and nothing is stored.
+//! (TTLs are checked in [`crate::expiry`].)
 
-use std::time::Duration;
-
-use diesel::data_types::PgInterval;
-
-use crate::config::check_ttl;
 use crate::error::{Error, Result};
 
 /// Longest key/value key accepted, in bytes (UTF-8). Keys are indexed as they are, so
@@ -85,13 +81,6 @@ pub(crate) fn check_embedding(embedding: &[f32]) -> Result<()> {
         )),
         None => Ok(()),
     }
-}
-
-/// Checks a TTL and turns it into the interval added to the database's `now()`.
-pub(crate) fn ttl_interval(ttl: Duration) -> Result<PgInterval> {
-    check_ttl(ttl).map_err(|reason| Error::invalid("ttl", format!("{reason} (got {ttl:?})")))?;
-    // Cannot overflow: MAX_TTL is far below i64::MAX microseconds.
-    Ok(PgInterval::from_microseconds(ttl.as_micros() as i64))
 }
 
 fn preview(text: &str) -> &str {

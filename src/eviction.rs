@@ -12,42 +12,13 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text};
 use serde::Serialize;
 
+use crate::config::{check_bound, check_low_watermark, SizeBounds};
 use crate::kind::CacheKind;
-use crate::ops::CLEANUP_BATCH_SIZE;
 
-/// The low watermark used unless configured otherwise: a cache over a bound is
-/// evicted down to 80 % of it, so the next few writes do not push it over again.
-pub const DEFAULT_EVICTION_LOW_WATERMARK: f64 = 0.8;
-
-/// Optional size bounds of one cache, enforced by
-/// [`CacheManager::cleanup`](crate::CacheManager::cleanup). Default: no bound.
-///
-/// Bytes are the entries' payload (key/value: key and stored value; embeddings: the
-/// vector; vector search: the results; LLM: the response text; audio: `byte_size`,
-/// inline or at the storage path), not the table's size on disk, which
-/// [`HealthThresholds::size_budget_bytes`](crate::HealthThresholds::size_budget_bytes)
-/// watches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub struct SizeBounds {
-    /// Most entries (expired ones included until cleanup removes them).
-    pub max_entries: Option<u64>,
-    /// Most payload bytes.
-    pub max_bytes: Option<u64>,
-}
-
-impl SizeBounds {
-    /// No bound (the default).
-    pub const NONE: SizeBounds = SizeBounds {
-        max_entries: None,
-        max_bytes: None,
-    };
-
-    /// Whether any bound is set.
-    pub fn is_bounded(&self) -> bool {
-        self.max_entries.is_some() || self.max_bytes.is_some()
-    }
-}
+/// Rows deleted per cleanup statement. Each statement is its own short transaction,
+/// so locks are held briefly and the WAL is written in small steps, however many rows
+/// have expired.
+pub const CLEANUP_BATCH_SIZE: i64 = 5_000;
 
 /// What one eviction run removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -59,20 +30,6 @@ pub struct EvictionReport {
     pub bytes_freed: u64,
     /// External storage paths of the removed rows: the caller deletes those files.
     pub released_paths: Vec<String>,
-}
-
-/// Why `fraction` is not a valid low watermark, if it is not.
-pub(crate) fn check_low_watermark(fraction: f64) -> Result<(), String> {
-    if (0.0..=1.0).contains(&fraction) {
-        Ok(())
-    } else {
-        Err(format!("must be between 0 and 1, got {fraction}"))
-    }
-}
-
-/// `max` as the database's `bigint`, or why it does not fit.
-pub(crate) fn check_bound(max: u64) -> Result<i64, String> {
-    i64::try_from(max).map_err(|_| format!("must be at most {}, got {max}", i64::MAX))
 }
 
 /// Checked bounds of one run: `(max, target)` per dimension, `None` when unbounded.

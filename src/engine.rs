@@ -1,0 +1,307 @@
+//! The engine: what every cache handle and operation works through. It owns the
+//! configuration and the pool and runs every cache operation on the one hot path
+//! ([`Engine::read`] / [`Engine::write`]): checkout, catch-up after an outage,
+//! retry on a dead connection, latency, and fail-open. Counters are recorded here
+//! and written by a background flusher, never on the request path.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use diesel::pg::PgConnection;
+
+use crate::background::Worker;
+use crate::config::CacheConfig;
+use crate::counters::Counters;
+use crate::error::{Error, Result};
+use crate::key::KeyDigest;
+use crate::kind::CacheKind;
+use crate::latency::LatencyRecorder;
+use crate::pool::{Pool, PooledConnection};
+use crate::skipped::{Skipped, SkippedWrites};
+
+/// The engine behind a [`CacheManager`](crate::CacheManager) (public only as the
+/// unnameable type cache handles borrow).
+pub struct Engine {
+    config: CacheConfig,
+    pool: Option<Pool>,
+    counters: Counters,
+    failed_open: AtomicU64,
+    latency: LatencyRecorder,
+    /// Fail-open mode started while the database was down: migrations still to run.
+    migrations_pending: AtomicBool,
+    /// Writes and deletes fail-open mode skipped, to replay.
+    skipped: SkippedWrites,
+    /// Flushes counters and catches up after an outage, off the request path.
+    flusher: Option<Worker>,
+    /// Held through a flush, so `flush` returns only once everything counted before
+    /// it, including what the flusher had in flight, is written.
+    flushing: Mutex<()>,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .field("pool", &self.pool.as_ref().map(Pool::state))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Opens the pool (unless caching is disabled), starts the flusher and, unless
+    /// turned off, runs pending migrations. In fail-open mode a transient failure
+    /// does not stop the start: migrations then run once the database answers.
+    ///
+    /// # Errors
+    /// [`Error::Connection`] when the database cannot be reached within the
+    /// connection timeout (outside fail-open mode) or refuses the configuration;
+    /// [`Error::Migration`] when migrations fail.
+    pub(crate) fn start(config: CacheConfig) -> Result<Arc<Self>> {
+        let pool = if config.enabled() {
+            Some(Pool::new(&config)?)
+        } else {
+            None
+        };
+        let engine = Arc::new_cyclic(|weak: &Weak<Engine>| Engine {
+            flusher: pool
+                .is_some()
+                .then(|| {
+                    Worker::spawn(
+                        "pgcache-flusher",
+                        config.stats_flush_interval(),
+                        weak.clone(),
+                        Engine::background_flush,
+                    )
+                })
+                .flatten(),
+            counters: Counters::new(),
+            config,
+            pool,
+            failed_open: AtomicU64::new(0),
+            latency: LatencyRecorder::default(),
+            migrations_pending: AtomicBool::new(false),
+            skipped: SkippedWrites::default(),
+            flushing: Mutex::new(()),
+        });
+        let config = &engine.config;
+        if engine.pool.is_some() && (config.run_migrations() || config.fail_open()) {
+            // Fail-open mode starts while the database is down, but not when it is
+            // misconfigured: only a transient failure is let through.
+            let started = if config.run_migrations() {
+                engine.run_migrations().map(drop)
+            } else {
+                engine.connection().map(drop)
+            };
+            match started {
+                Err(error) if config.fail_open() && error.is_transient() => {
+                    tracing::warn!(%error, "pgcache: database unavailable at start-up; serving misses until it answers");
+                    engine
+                        .migrations_pending
+                        .store(config.run_migrations(), Ordering::Release);
+                }
+                other => other?,
+            }
+        }
+        Ok(engine)
+    }
+
+    pub(crate) fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    pub(crate) fn is_enabled(&self) -> bool {
+        self.pool.is_some()
+    }
+
+    fn pool(&self) -> Result<&Pool> {
+        self.pool.as_ref().ok_or_else(|| {
+            Error::Connection(
+                "caching is disabled (ENABLE_CACHING=false), so there is no pool".to_owned(),
+            )
+        })
+    }
+
+    /// A pooled connection (see [`Pool::checkout`]).
+    pub(crate) fn connection(&self) -> Result<PooledConnection> {
+        self.pool()?.checkout()
+    }
+
+    /// A connection that has just answered a `SELECT 1`, for maintenance operations
+    /// that run several statements on one connection.
+    pub(crate) fn live_connection(&self) -> Result<PooledConnection> {
+        self.pool()?.live()
+    }
+
+    /// Runs a maintenance operation (warmup, invalidation, clear, migrations): on a
+    /// pooled connection, once more on a live one if the first was dead, like every
+    /// cache operation; never failing open.
+    pub(crate) fn maintain<T>(&self, op: impl Fn(&mut PgConnection) -> Result<T>) -> Result<T> {
+        self.pool()?.run(|conn| {
+            self.catch_up(conn)?;
+            op(conn)
+        })
+    }
+
+    /// Runs pending migrations into the configured schema (created if missing) and
+    /// returns the versions applied.
+    pub(crate) fn run_migrations(&self) -> Result<Vec<String>> {
+        let schema = self.config.schema();
+        let applied = self.maintain(|conn| crate::migrations::run_pending(conn, schema))?;
+        self.migrations_pending.store(false, Ordering::Release);
+        Ok(applied)
+    }
+
+    /// Writes the pending counters now; they are kept for the next flush on failure.
+    pub(crate) fn flush(&self) -> Result<()> {
+        let Some(pool) = &self.pool else {
+            return Ok(());
+        };
+        let _flushing = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
+        let batch = self.counters.take();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let written = pool.run(|conn| Ok(batch.write(conn)?));
+        if let Err(error) = written {
+            self.counters.restore(batch);
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn failed_open_count(&self) -> u64 {
+        self.failed_open.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record_lookups(&self, kind: CacheKind, hits: u64, misses: u64) {
+        self.counters.record_lookups(kind, hits, misses);
+    }
+
+    pub(crate) fn record_entry_hit(&self, kind: CacheKind, digest: KeyDigest) {
+        if self.counters.record_entry_hit(kind, digest) {
+            // Bound the memory held by pending hits, without making this get wait.
+            if let Some(flusher) = &self.flusher {
+                flusher.nudge();
+            }
+        }
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub(crate) fn latency(&self) -> &LatencyRecorder {
+        &self.latency
+    }
+
+    /// Runs a read: a miss (`miss`) when caching is disabled, or, in fail-open mode,
+    /// when it fails transiently. `op` runs a second time, on a live connection, if
+    /// the first connection was dead (see [`crate::pool`]), so it must be idempotent.
+    pub(crate) fn read<T>(
+        &self,
+        kind: CacheKind,
+        miss: T,
+        op: impl Fn(&mut PgConnection) -> Result<T>,
+    ) -> Result<T> {
+        self.read_with(kind, || miss, op)
+    }
+
+    /// [`read`](Self::read) with a miss computed only when needed.
+    pub(crate) fn read_with<T>(
+        &self,
+        kind: CacheKind,
+        miss: impl FnOnce() -> T,
+        op: impl Fn(&mut PgConnection) -> Result<T>,
+    ) -> Result<T> {
+        self.run(kind, "read", miss, op)
+    }
+
+    /// Runs a write: skipped (returning `skipped`) when caching is disabled, or, in
+    /// fail-open mode, when it fails transiently; then `undo` says which keys may now
+    /// be stale, to delete once the database answers. Retried like [`Self::read`].
+    pub(crate) fn write<T>(
+        &self,
+        kind: CacheKind,
+        skipped: T,
+        undo: impl FnOnce() -> Option<Skipped>,
+        op: impl Fn(&mut PgConnection) -> Result<T>,
+    ) -> Result<T> {
+        self.run(
+            kind,
+            "write",
+            || {
+                if let Some(undo) = undo() {
+                    self.skipped.remember(undo);
+                }
+                skipped
+            },
+            op,
+        )
+    }
+
+    fn run<T>(
+        &self,
+        kind: CacheKind,
+        what: &'static str,
+        fallback: impl FnOnce() -> T,
+        op: impl Fn(&mut PgConnection) -> Result<T>,
+    ) -> Result<T> {
+        let Some(pool) = &self.pool else {
+            return Ok(fallback());
+        };
+        let started = Instant::now();
+        let result = pool.run(|conn| {
+            self.catch_up(conn)?;
+            op(conn)
+        });
+        // Pool wait included: it is part of what the caller waits for.
+        self.latency.record(started.elapsed());
+        match result {
+            Err(error) if self.config.fail_open() && error.is_transient() => {
+                self.failed_open.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(cache = %kind, operation = what, %error, "pgcache: failing open");
+                Ok(fallback())
+            }
+            other => other,
+        }
+    }
+
+    /// After an outage in fail-open mode: runs the migrations start-up could not,
+    /// and the deletes of skipped writes, before anything else uses `conn`. Two
+    /// atomic loads when there is nothing to do.
+    fn catch_up(&self, conn: &mut PgConnection) -> Result<()> {
+        if self.migrations_pending.load(Ordering::Acquire) {
+            crate::migrations::run_pending(conn, self.config.schema())?;
+            self.migrations_pending.store(false, Ordering::Release);
+        }
+        if self.skipped.is_pending() {
+            self.skipped.replay(conn)?;
+        }
+        Ok(())
+    }
+
+    /// The flusher thread's task: counters, and catching up once the database is
+    /// back even if the application sends nothing meanwhile.
+    fn background_flush(self: &Arc<Self>) {
+        if self.migrations_pending.load(Ordering::Acquire) || self.skipped.is_pending() {
+            if let Some(pool) = &self.pool {
+                if let Err(error) = pool.run(|conn| self.catch_up(conn)) {
+                    tracing::debug!(%error, "pgcache: database still unavailable");
+                }
+            }
+        }
+        if let Err(error) = self.flush() {
+            tracing::warn!(%error, "pgcache: flushing hit counters failed; will retry");
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(error) = self.flush() {
+            tracing::warn!(%error, "pgcache: final flush of hit counters failed");
+        }
+    }
+}
