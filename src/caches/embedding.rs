@@ -37,6 +37,7 @@ use crate::sql::db_now;
 /// What identifies a cached embedding: the query text and the model that embeds it,
 /// optionally owned by a user (see [`owned_by`](Self::owned_by)).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EmbeddingKey {
     /// The query text, exactly as embedded.
     pub text: String,

@@ -42,6 +42,7 @@ use crate::sql::db_now;
 
 /// An LLM request: what identifies a cached response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LlmPrompt {
     /// The prompt.
     pub prompt: String,

@@ -37,6 +37,7 @@ use crate::sql::db_now;
 
 /// A vector search of one user: what identifies its cached results.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VectorSearchQuery {
     /// The query embedding.
     pub embedding: Vec<f32>,

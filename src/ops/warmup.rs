@@ -1,9 +1,12 @@
 //! Cache warmup: pre-populating every cache from one description (code or a JSON
 //! file), all-or-nothing.
 
+use std::fmt;
+use std::marker::PhantomData;
 use std::time::Duration;
 
 use diesel::prelude::*;
+use serde::de::{self, DeserializeOwned, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -36,6 +39,11 @@ use crate::manager::CacheManager;
 ///
 /// Optional key fields (`context`, `model`, `params`, `settings`, `filters`,
 /// `owner_id`, audio metadata) take the same defaults as the key and value types.
+///
+/// Unknown fields are rejected at every level, with an error naming the item
+/// (`llm_responses[3]: unknown field `contxt``, plus the line and column in the
+/// JSON): a misspelt `owner_id` or `context` would otherwise silently store a
+/// shared entry, or an answer served to requests without that context.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Warmup {
@@ -43,24 +51,25 @@ pub struct Warmup {
     #[serde(default)]
     pub ttl_secs: Option<u64>,
     /// Key/value entries.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "section")]
     pub kv: Vec<WarmupKv>,
     /// Embeddings.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "section")]
     pub embeddings: Vec<WarmupEmbedding>,
     /// Vector-search results.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "section")]
     pub vector_searches: Vec<WarmupVectorSearch>,
     /// LLM responses.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "section")]
     pub llm_responses: Vec<WarmupLlmResponse>,
     /// Audio chunks (text over the default maximum length is skipped, as by `set`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "section")]
     pub audio_chunks: Vec<WarmupAudioChunk>,
 }
 
 /// A key/value entry to warm.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WarmupKv {
     /// The key.
     pub key: String,
@@ -70,6 +79,7 @@ pub struct WarmupKv {
 
 /// An embedding to warm: the key's fields plus `embedding`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WarmupEmbedding {
     /// Text, model and owner.
     #[serde(flatten)]
@@ -80,6 +90,7 @@ pub struct WarmupEmbedding {
 
 /// Vector-search results to warm: the query's fields plus `results`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WarmupVectorSearch {
     /// The search.
     #[serde(flatten)]
@@ -90,6 +101,7 @@ pub struct WarmupVectorSearch {
 
 /// An LLM response to warm: the prompt's fields plus `response`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WarmupLlmResponse {
     /// The prompt.
     #[serde(flatten)]
@@ -100,6 +112,7 @@ pub struct WarmupLlmResponse {
 
 /// An audio chunk to warm: the key's fields plus the chunk's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WarmupAudioChunk {
     /// Text, voice, provider, settings and owner.
     #[serde(flatten)]
@@ -145,16 +158,67 @@ fn at(section: &str, index: usize, error: Error) -> Error {
     }
 }
 
+/// An item of a warmup section.
+trait Item: DeserializeOwned {
+    /// The section's name in [`Warmup`], for errors naming an item.
+    const SECTION: &'static str;
+}
+
+impl Item for WarmupKv {
+    const SECTION: &'static str = "kv";
+}
+
+impl Item for WarmupEmbedding {
+    const SECTION: &'static str = "embeddings";
+}
+
+impl Item for WarmupVectorSearch {
+    const SECTION: &'static str = "vector_searches";
+}
+
+impl Item for WarmupLlmResponse {
+    const SECTION: &'static str = "llm_responses";
+}
+
+impl Item for WarmupAudioChunk {
+    const SECTION: &'static str = "audio_chunks";
+}
+
+/// Deserializes a section item by item, so that an item's error (an unknown field,
+/// a wrong type) names it: `llm_responses[3]: unknown field `contxt``. Each item is
+/// read as a JSON value first: its own error then carries no position, and the
+/// format adds the position of the item's end once, instead of twice.
+fn section<'de, D: Deserializer<'de>, T: Item>(deserializer: D) -> Result<Vec<T>, D::Error> {
+    struct Items<T>(PhantomData<T>);
+
+    impl<'de, T: Item> Visitor<'de> for Items<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "an array of {} items", T::SECTION)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut items = Vec::new();
+            while let Some(value) = seq.next_element::<Value>()? {
+                let item = serde_json::from_value(value).map_err(|e| {
+                    de::Error::custom(format_args!("{}[{}]: {e}", T::SECTION, items.len()))
+                })?;
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+
+    deserializer.deserialize_seq(Items(PhantomData))
+}
+
 /// Validates every item of a section into rows, naming the first bad one.
-fn rows<'a, T, R>(
-    section: &str,
-    items: &'a [T],
-    row: impl Fn(&'a T) -> Result<R>,
-) -> Result<Vec<R>> {
+fn rows<'a, T: Item, R>(items: &'a [T], row: impl Fn(&'a T) -> Result<R>) -> Result<Vec<R>> {
     items
         .iter()
         .enumerate()
-        .map(|(i, item)| row(item).map_err(|e| at(section, i, e)))
+        .map(|(i, item)| row(item).map_err(|e| at(T::SECTION, i, e)))
         .collect()
 }
 
@@ -186,23 +250,19 @@ impl CacheManager {
         let (_, llm_ttl) = ttl(self.llm_response().default_ttl())?;
         let (_, audio_ttl) = ttl(self.audio_chunk().default_ttl())?;
 
-        let kv: Vec<(&str, &Value)> = rows("kv", &warmup.kv, |e| {
+        let kv: Vec<(&str, &Value)> = rows(&warmup.kv, |e| {
             check_key(&e.key)?;
             check_json("value", &e.value)?;
             Ok((e.key.as_str(), &e.value))
         })?;
-        let embeddings = rows("embeddings", &warmup.embeddings, |e| {
-            embedding::row(&e.key, &e.embedding)
-        })?;
-        let searches = rows("vector_searches", &warmup.vector_searches, |e| {
+        let embeddings = rows(&warmup.embeddings, |e| embedding::row(&e.key, &e.embedding))?;
+        let searches = rows(&warmup.vector_searches, |e| {
             vector_search::row(&e.query, &e.results)
         })?;
-        let responses = rows("llm_responses", &warmup.llm_responses, |e| {
+        let responses = rows(&warmup.llm_responses, |e| {
             llm_response::row(&e.prompt, &e.response)
         })?;
-        let audio = rows("audio_chunks", &warmup.audio_chunks, |e| {
-            audio_chunk::row(&e.key, &e.chunk)
-        })?;
+        let audio = rows(&warmup.audio_chunks, |e| audio_chunk::row(&e.key, &e.chunk))?;
         let audio = self.audio_chunk().cacheable(audio);
 
         if !self.is_enabled() {
