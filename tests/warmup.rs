@@ -303,3 +303,27 @@ fn a_misspelt_owner_or_context_never_stores_a_shared_entry() {
         .unwrap()
         .is_none());
 }
+
+#[test]
+fn the_report_counts_each_duplicated_key_once_in_every_section() {
+    let db = TestDb::new();
+    let warmup: Warmup = serde_json::from_value(json!({
+        "kv": [{"key": "k", "value": 1}, {"key": "other", "value": 0}, {"key": "k", "value": 2}],
+        "embeddings": [
+            {"text": "q", "model": "m", "embedding": [1.0]},
+            {"text": "q", "model": "m", "embedding": [2.0]}
+        ],
+        "llm_responses": [
+            {"prompt": "p", "provider": "x", "response": "first"},
+            {"prompt": "p", "provider": "x", "response": "last"}
+        ]
+    }))
+    .unwrap();
+    let report = db.cache.warmup(&warmup).unwrap();
+    assert_eq!(
+        (report.kv, report.embeddings, report.llm_responses),
+        (2, 1, 1)
+    );
+    assert_eq!(report.total(), rows(&db) as u64, "the report counts rows");
+    assert_eq!(db.cache.kv().get("k").unwrap(), Some(json!(2)), "last wins");
+}

@@ -1,6 +1,7 @@
 //! Cache warmup: pre-populating every cache from one description (code or a JSON
 //! file), all-or-nothing.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::marker::PhantomData;
 use std::time::Duration;
@@ -44,6 +45,9 @@ use crate::manager::CacheManager;
 /// (`llm_responses[3]: unknown field `contxt``, plus the line and column in the
 /// JSON): a misspelt `owner_id` or `context` would otherwise silently store a
 /// shared entry, or an answer served to requests without that context.
+///
+/// A key given twice in one section is stored once, with its last item, and
+/// counted once in the [`WarmupReport`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Warmup {
@@ -122,7 +126,8 @@ pub struct WarmupAudioChunk {
     pub chunk: AudioChunk,
 }
 
-/// What [`CacheManager::warmup`] stored.
+/// What [`CacheManager::warmup`] stored: distinct keys per cache (a key given
+/// twice is one entry, holding its last item).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WarmupReport {
@@ -269,7 +274,9 @@ impl CacheManager {
             return Ok(WarmupReport::default());
         }
         let mut report = WarmupReport {
-            kv: kv.len() as u64,
+            // The other sections count the rows their upserts wrote; a key given
+            // twice is one row there, so count distinct keys here too.
+            kv: kv.iter().map(|(key, _)| key).collect::<HashSet<_>>().len() as u64,
             skipped_audio_chunks: (warmup.audio_chunks.len() - audio.len()) as u64,
             ..WarmupReport::default()
         };
