@@ -601,8 +601,8 @@ impl CacheConfigBuilder {
     /// Checks every setting and builds the configuration.
     ///
     /// # Errors
-    /// [`Error::Config`] naming the first invalid setting: a malformed URL, a zero or
-    /// over-long TTL, a zero pool size, a `min_idle` above `max_size`, a zero timeout,
+    /// [`Error::Config`] naming the first invalid setting: a malformed URL, a zero,
+    /// sub-microsecond or over-long TTL, a zero pool size, a `min_idle` above `max_size`, a zero timeout,
     /// a zero or over-large size bound, a low watermark outside 0..=1.
     pub fn build(self) -> Result<CacheConfig> {
         let database_url = DatabaseUrl::parse(&self.database_url)?;
@@ -734,10 +734,14 @@ fn check_bounds(bounds: &[SizeBounds; 5], low_watermark: f64) -> Result<()> {
     Ok(())
 }
 
-/// Why `ttl` is not a valid TTL, if it is not.
+/// Why `ttl` is not a valid TTL, if it is not. The database counts time in
+/// microseconds, so a shorter non-zero TTL would round to zero and write an entry
+/// that is already expired (replacing a live one): it is rejected as zero is.
 pub(crate) fn check_ttl(ttl: Duration) -> std::result::Result<(), String> {
     if ttl.is_zero() {
         Err("a TTL must be greater than zero".to_owned())
+    } else if ttl < Duration::from_micros(1) {
+        Err("a TTL must be at least 1 µs, the database's resolution".to_owned())
     } else if ttl > MAX_TTL {
         Err(format!(
             "a TTL must be at most {} s (100 years)",
