@@ -183,7 +183,8 @@ pub trait Cache: Storage {
     ///
     /// # Errors
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key, value or
-    /// TTL (nothing is stored), or a database error.
+    /// TTL (zero, under 1 µs, or over [`MAX_TTL`](crate::MAX_TTL)): nothing is
+    /// stored. Or a database error.
     fn set_in(
         &self,
         conn: &mut PgConnection,

@@ -608,8 +608,8 @@ impl CacheConfigBuilder {
     /// Checks every setting and builds the configuration.
     ///
     /// # Errors
-    /// [`Error::Config`] naming the first invalid setting: a malformed URL, a zero or
-    /// over-long TTL, a zero pool size, a `min_idle` above `max_size`, a zero timeout,
+    /// [`Error::Config`] naming the first invalid setting: a malformed URL, a zero,
+    /// sub-microsecond or over-long TTL, a zero pool size, a `min_idle` above `max_size`, a zero timeout,
     /// a zero or over-large size bound, a low watermark outside 0..=1.
     pub fn build(self) -> Result<CacheConfig> {
         let database_url = DatabaseUrl::parse(&self.database_url)?;

@@ -85,10 +85,14 @@ impl Default for TtlPresets {
     }
 }
 
-/// Why `ttl` is not a valid TTL, if it is not.
+/// Why `ttl` is not a valid TTL, if it is not. The database counts time in
+/// microseconds, so a shorter non-zero TTL would round to zero and write an entry
+/// that is already expired (replacing a live one): it is rejected as zero is.
 pub(crate) fn check_ttl(ttl: Duration) -> std::result::Result<(), String> {
     if ttl.is_zero() {
         Err("a TTL must be greater than zero".to_owned())
+    } else if ttl < Duration::from_micros(1) {
+        Err("a TTL must be at least 1 µs, the database's resolution".to_owned())
     } else if ttl > MAX_TTL {
         Err(format!(
             "a TTL must be at most {} s (100 years)",

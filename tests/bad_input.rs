@@ -98,6 +98,27 @@ fn bad_ttls_are_rejected_by_every_operation_taking_one() {
 }
 
 #[test]
+fn a_ttl_under_one_microsecond_is_rejected_and_the_live_value_stays() {
+    // The database counts TTLs in microseconds: 500 ns would round to zero and
+    // replace a live value with an expired one.
+    let db = TestDb::new();
+    let kv = db.cache.kv();
+    kv.set("k", &json!("live")).unwrap();
+    let ttl = Duration::from_nanos(500);
+    assert_invalid(
+        kv.set_with_ttl("k", &json!("gone"), ttl).unwrap_err(),
+        "ttl",
+        "at least 1 µs",
+    );
+    assert_invalid(kv.touch("k", ttl).unwrap_err(), "ttl", "at least 1 µs");
+    assert_eq!(kv.get("k").unwrap(), Some(json!("live")));
+    kv.set_with_ttl("k", &json!("short"), Duration::from_micros(1))
+        .unwrap();
+    let err = CacheConfig::builder().ttl_short(ttl).build().unwrap_err();
+    assert!(err.to_string().contains("CACHE_TTL_SHORT"), "{err}");
+}
+
+#[test]
 fn the_longest_ttl_is_accepted_without_overflow() {
     let db = TestDb::new();
     let kv = db.cache.kv();

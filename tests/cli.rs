@@ -351,3 +351,26 @@ fn invalidate_user_deletes_only_that_users_entries() {
     );
     assert_eq!(db.count("SELECT count(*) AS n FROM vector_search_cache"), 1);
 }
+
+#[test]
+fn warmup_with_an_unknown_field_names_the_item_and_field_and_stores_nothing() {
+    let db = TestDb::new();
+    let file = warmup_file(
+        "{\"llm_responses\": [\n  {\"prompt\": \"a\", \"provider\": \"p\", \"response\": \"r\"},\n  {\"prompt\": \"b\", \"provider\": \"p\", \"contxt\": \"c\", \"response\": \"r\"}\n]}\n",
+    );
+    let out = pgcache(&db)
+        .arg("warmup")
+        .arg(file.path())
+        .assert()
+        .code(2)
+        .get_output()
+        .stderr
+        .clone();
+    let line = one_line(&out);
+    // The position is where the item ends (serde cannot say where it began).
+    assert!(
+        line.contains("llm_responses[1]: unknown field `contxt`") && line.contains("at line 4"),
+        "{line}"
+    );
+    assert_eq!(db.count("SELECT count(*) AS n FROM llm_response_cache"), 0);
+}

@@ -218,3 +218,112 @@ fn with_caching_disabled_warmup_still_validates_and_the_ai_caches_miss() {
         0
     );
 }
+
+/// One valid item per section, each with one misspelt field added (`section`,
+/// index of the item in a two-item section, the misspelt field, the item).
+fn items_with_unknown_fields() -> Vec<(&'static str, &'static str, serde_json::Value)> {
+    let owner = "00000000-0000-0000-0000-000000000007";
+    vec![
+        ("kv", "vlaue", json!({"key": "k", "value": 1, "vlaue": 2})),
+        (
+            "embeddings",
+            "owner",
+            json!({"text": "t", "model": "m", "embedding": [0.1], "owner": owner}),
+        ),
+        (
+            "vector_searches",
+            "filter",
+            json!({"user_id": owner, "embedding": [0.1], "top_k": 1,
+                   "filter": {"lang": "en"}, "results": []}),
+        ),
+        (
+            "llm_responses",
+            "contxt",
+            json!({"prompt": "p", "provider": "x", "contxt": "secret plan", "response": "r"}),
+        ),
+        (
+            "audio_chunks",
+            "sample_rte",
+            json!({"text": "t", "voice_model_id": "v", "provider": "x",
+                   "data": {"inline": [1]}, "format": "wav", "sample_rte": 8000}),
+        ),
+        (
+            "audio_chunks",
+            "bytesize",
+            json!({"text": "t", "voice_model_id": "v", "provider": "x",
+                   "data": {"stored": {"path": "a.wav", "byte_size": 1, "bytesize": 2}},
+                   "format": "wav"}),
+        ),
+    ]
+}
+
+#[test]
+fn an_unknown_field_in_any_item_rejects_the_warmup_naming_the_item_and_the_field() {
+    let db = TestDb::new();
+    for (section, field, bad) in items_with_unknown_fields() {
+        // The bad item second, after a valid one, so the index must be counted.
+        let mut good = bad.clone();
+        good.as_object_mut().unwrap().remove(field);
+        if let Some(stored) = good.pointer_mut("/data/stored") {
+            stored.as_object_mut().unwrap().remove(field);
+        }
+        let ok: Warmup = serde_json::from_value(json!({ section: [good.clone()] }))
+            .unwrap_or_else(|e| panic!("{section} without {field}: {e}"));
+        assert_eq!(db.cache.warmup(&ok).unwrap().total(), 1, "{section}");
+        db.cache.clear(None).unwrap();
+
+        let text = serde_json::to_string_pretty(&json!({ section: [good, bad] })).unwrap();
+        let message = serde_json::from_str::<Warmup>(&text)
+            .expect_err(&format!("{section} with `{field}` must be rejected"))
+            .to_string();
+        assert!(
+            message.contains(&format!("{section}[1]")) && message.contains(field),
+            "{message}"
+        );
+        assert!(message.contains("line "), "the position is kept: {message}");
+    }
+    assert_eq!(rows(&db), 0);
+}
+
+#[test]
+fn a_misspelt_owner_or_context_never_stores_a_shared_entry() {
+    let db = TestDb::new();
+    for item in [
+        json!({"prompt": "p", "provider": "x", "owner": "00000000-0000-0000-0000-000000000007",
+               "response": "private"}),
+        json!({"prompt": "p", "provider": "x", "contxt": "ctx", "response": "for ctx only"}),
+    ] {
+        let parsed = serde_json::from_value::<Warmup>(json!({ "llm_responses": [item] }));
+        assert!(parsed.is_err(), "{item}");
+    }
+    assert!(db
+        .cache
+        .llm_response()
+        .get(&LlmPrompt::new("p", "x"))
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn the_report_counts_each_duplicated_key_once_in_every_section() {
+    let db = TestDb::new();
+    let warmup: Warmup = serde_json::from_value(json!({
+        "kv": [{"key": "k", "value": 1}, {"key": "other", "value": 0}, {"key": "k", "value": 2}],
+        "embeddings": [
+            {"text": "q", "model": "m", "embedding": [1.0]},
+            {"text": "q", "model": "m", "embedding": [2.0]}
+        ],
+        "llm_responses": [
+            {"prompt": "p", "provider": "x", "response": "first"},
+            {"prompt": "p", "provider": "x", "response": "last"}
+        ]
+    }))
+    .unwrap();
+    let report = db.cache.warmup(&warmup).unwrap();
+    assert_eq!(
+        (report.kv, report.embeddings, report.llm_responses),
+        (2, 1, 1)
+    );
+    assert_eq!(report.total(), rows(&db) as u64, "the report counts rows");
+    assert_eq!(db.cache.kv().get("k").unwrap(), Some(json!(2)), "last wins");
+}

@@ -55,6 +55,7 @@ pub const MAX_AUDIO_BYTES: usize = 16 * 1024 * 1024;
 
 /// What identifies a cached audio chunk.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AudioChunkKey {
     /// The text spoken.
     pub text: String,
@@ -134,7 +135,7 @@ pub(crate) fn digest(key: &AudioChunkKey) -> Result<KeyDigest> {
 
 /// Where the audio of a chunk is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum AudioData {
     /// The bytes, stored in the database (at most [`MAX_AUDIO_BYTES`]).
     Inline(Vec<u8>),
@@ -149,6 +150,7 @@ pub enum AudioData {
 
 /// A synthesized audio chunk: the value of the audio cache.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AudioChunk {
     /// The audio, inline or by path.
     pub data: AudioData,

@@ -35,6 +35,7 @@ use crate::validation::{check_embedding, check_text};
 /// What identifies a cached embedding: the query text and the model that embeds it,
 /// optionally owned by a user (see [`owned_by`](Self::owned_by)).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EmbeddingKey {
     /// The query text, exactly as embedded.
     pub text: String,

@@ -39,6 +39,7 @@ use crate::validation::{check_json, check_text};
 
 /// An LLM request: what identifies a cached response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LlmPrompt {
     /// The prompt.
     pub prompt: String,

@@ -34,6 +34,7 @@ use crate::validation::{check_embedding, check_json};
 
 /// A vector search of one user: what identifies its cached results.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VectorSearchQuery {
     /// The query embedding.
     pub embedding: Vec<f32>,

@@ -1,11 +1,14 @@
 //! Cache warmup: pre-populating every cache from one description (code or a JSON
 //! file), all-or-nothing.
 
+use std::fmt;
+use std::marker::PhantomData;
 use std::time::Duration;
 
 use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
+use serde::de::{self, DeserializeOwned, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -38,6 +41,14 @@ use crate::expiry::ttl_interval;
 ///
 /// Optional key fields (`context`, `model`, `params`, `settings`, `filters`,
 /// `owner_id`, audio metadata) take the same defaults as the key and value types.
+///
+/// Unknown fields are rejected at every level, with an error naming the item
+/// (`llm_responses[3]: unknown field `contxt``, plus the line and column in the
+/// JSON): a misspelt `owner_id` or `context` would otherwise silently store a
+/// shared entry, or an answer served to requests without that context.
+///
+/// A key given twice in one section is stored once, with its last item, and
+/// counted once in the [`WarmupReport`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Warmup {
@@ -45,24 +56,25 @@ pub struct Warmup {
     #[serde(default)]
     pub ttl_secs: Option<u64>,
     /// Key/value entries.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "section")]
     pub kv: Vec<WarmupKv>,
     /// Embeddings.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "section")]
     pub embeddings: Vec<WarmupEmbedding>,
     /// Vector-search results.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "section")]
     pub vector_searches: Vec<WarmupVectorSearch>,
     /// LLM responses.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "section")]
     pub llm_responses: Vec<WarmupLlmResponse>,
     /// Audio chunks (text over the default maximum length is skipped, as by `set`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "section")]
     pub audio_chunks: Vec<WarmupAudioChunk>,
 }
 
 /// A key/value entry to warm.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WarmupKv {
     /// The key.
     pub key: String,
@@ -72,6 +84,7 @@ pub struct WarmupKv {
 
 /// An embedding to warm: the key's fields plus `embedding`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WarmupEmbedding {
     /// Text, model and owner.
     #[serde(flatten)]
@@ -82,6 +95,7 @@ pub struct WarmupEmbedding {
 
 /// Vector-search results to warm: the query's fields plus `results`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WarmupVectorSearch {
     /// The search.
     #[serde(flatten)]
@@ -92,6 +106,7 @@ pub struct WarmupVectorSearch {
 
 /// An LLM response to warm: the prompt's fields plus `response`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WarmupLlmResponse {
     /// The prompt.
     #[serde(flatten)]
@@ -102,6 +117,7 @@ pub struct WarmupLlmResponse {
 
 /// An audio chunk to warm: the key's fields plus the chunk's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WarmupAudioChunk {
     /// Text, voice, provider, settings and owner.
     #[serde(flatten)]
@@ -111,7 +127,8 @@ pub struct WarmupAudioChunk {
     pub chunk: AudioChunk,
 }
 
-/// What [`CacheManager::warmup`] stored.
+/// What [`CacheManager::warmup`] stored: distinct keys per cache (a key given
+/// twice is one entry, holding its last item).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WarmupReport {
@@ -147,11 +164,65 @@ fn at(section: &str, index: usize, error: Error) -> Error {
     }
 }
 
+/// An item of a warmup section.
+trait Item: DeserializeOwned {
+    /// The section's name in [`Warmup`], for errors naming an item.
+    const SECTION: &'static str;
+}
+
+impl Item for WarmupKv {
+    const SECTION: &'static str = "kv";
+}
+
+impl Item for WarmupEmbedding {
+    const SECTION: &'static str = "embeddings";
+}
+
+impl Item for WarmupVectorSearch {
+    const SECTION: &'static str = "vector_searches";
+}
+
+impl Item for WarmupLlmResponse {
+    const SECTION: &'static str = "llm_responses";
+}
+
+impl Item for WarmupAudioChunk {
+    const SECTION: &'static str = "audio_chunks";
+}
+
+/// Deserializes a section item by item, so that an item's error (an unknown field,
+/// a wrong type) names it: `llm_responses[3]: unknown field `contxt``. Each item is
+/// read as a JSON value first: its own error then carries no position, and the
+/// format adds the position of the item's end once, instead of twice.
+fn section<'de, D: Deserializer<'de>, T: Item>(deserializer: D) -> Result<Vec<T>, D::Error> {
+    struct Items<T>(PhantomData<T>);
+
+    impl<'de, T: Item> Visitor<'de> for Items<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "an array of {} items", T::SECTION)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut items = Vec::new();
+            while let Some(value) = seq.next_element::<Value>()? {
+                let item = serde_json::from_value(value).map_err(|e| {
+                    de::Error::custom(format_args!("{}[{}]: {e}", T::SECTION, items.len()))
+                })?;
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+
+    deserializer.deserialize_seq(Items(PhantomData))
+}
+
 /// Validates every item of a section into `cache`'s rows, naming the first bad one;
 /// a key given twice keeps its last item.
-fn rows<'a, C: Storage, T>(
+fn rows<'a, C: Storage, T: Item>(
     cache: &C,
-    section: &str,
     items: &'a [T],
     entry: impl Fn(&'a T) -> (&'a C::Key, &'a C::Value),
 ) -> Result<Vec<C::Row<'a>>> {
@@ -160,7 +231,9 @@ fn rows<'a, C: Storage, T>(
         .enumerate()
         .map(|(i, item)| {
             let (key, value) = entry(item);
-            cache.check_entry(key, value).map_err(|e| at(section, i, e))
+            cache
+                .check_entry(key, value)
+                .map_err(|e| at(T::SECTION, i, e))
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(distinct_in_write_order::<C>(rows))
@@ -204,22 +277,13 @@ pub(crate) fn warmup(engine: &Engine, warmup: &Warmup) -> Result<WarmupReport> {
     let llm_ttl = ttl(llm.default_ttl())?;
     let audio_ttl = ttl(audio.default_ttl())?;
 
-    let kv_rows = rows(&kv, "kv", &warmup.kv, |e| (e.key.as_str(), &e.value))?;
-    let embeddings = rows(&embedding, "embeddings", &warmup.embeddings, |e| {
-        (&e.key, &e.embedding)
+    let kv_rows = rows(&kv, &warmup.kv, |e| (e.key.as_str(), &e.value))?;
+    let embeddings = rows(&embedding, &warmup.embeddings, |e| (&e.key, &e.embedding))?;
+    let searches = rows(&vector_search, &warmup.vector_searches, |e| {
+        (&e.query, &e.results)
     })?;
-    let searches = rows(
-        &vector_search,
-        "vector_searches",
-        &warmup.vector_searches,
-        |e| (&e.query, &e.results),
-    )?;
-    let responses = rows(&llm, "llm_responses", &warmup.llm_responses, |e| {
-        (&e.prompt, &e.response)
-    })?;
-    let audio_rows = rows(&audio, "audio_chunks", &warmup.audio_chunks, |e| {
-        (&e.key, &e.chunk)
-    })?;
+    let responses = rows(&llm, &warmup.llm_responses, |e| (&e.prompt, &e.response))?;
+    let audio_rows = rows(&audio, &warmup.audio_chunks, |e| (&e.key, &e.chunk))?;
     let distinct_audio = audio_rows.len();
     let audio_rows = audio.cacheable(audio_rows);
 
