@@ -6,7 +6,6 @@
 //! them. Errors are one line on stderr and exit status 2; `pgcache health` exits 1
 //! when an alert fires.
 
-#[cfg(feature = "bench")]
 mod bench;
 mod progress;
 
@@ -91,7 +90,6 @@ enum Command {
     },
     /// Measure the cache against raw prepared SQL (and Redis) on this database, in a
     /// scratch schema dropped afterwards.
-    #[cfg(feature = "bench")]
     Bench(bench::BenchArgs),
     /// Delete every entry of one cache, or of all caches.
     Clear {
@@ -132,7 +130,6 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<Outcome, String> {
     // The bench makes its own scratch schema and connections.
-    #[cfg(feature = "bench")]
     if let Command::Bench(args) = &cli.command {
         bench::run(args, cli.database_url.as_deref()).map_err(|e| error_chain(&*e))?;
         return Ok(Outcome::Ok);
@@ -247,7 +244,6 @@ fn run(cli: Cli) -> Result<Outcome, String> {
                 println!("released audio file: {path}");
             }
         }
-        #[cfg(feature = "bench")]
         Command::Bench(_) => unreachable!("handled before connecting"),
         Command::Clear { cache: kind, yes } => {
             let what = kind.map_or_else(|| "every cache".to_owned(), |k| format!("the {k} cache"));
@@ -308,7 +304,6 @@ fn parse_user_id(text: &str) -> Result<uuid::Uuid, String> {
 }
 
 /// An error with its causes: some clients' errors say little until their cause.
-#[cfg(feature = "bench")]
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
