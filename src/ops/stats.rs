@@ -9,9 +9,8 @@ use serde::Serialize;
 
 use crate::engine::Engine;
 use crate::error::Result;
-use crate::expiry::db_now;
 use crate::kind::CacheKind;
-use crate::schema::{audio_chunk_cache, cache_counters, llm_response_cache};
+use crate::schema::cache_counters;
 
 /// How many entries the "top cached" and "most accessed" lists show.
 pub const TOP_ENTRIES: usize = 5;
@@ -120,34 +119,8 @@ pub(crate) fn stats(engine: &Engine) -> Result<CacheStats> {
             lookups,
         });
     }
-    let top_llm_responses = llm_response_cache::table
-        .filter(llm_response_cache::expires_at.gt(db_now()))
-        .filter(llm_response_cache::hit_count.gt(0))
-        .order(llm_response_cache::hit_count.desc())
-        .limit(TOP_ENTRIES as i64)
-        .select((
-            llm_response_cache::key_hash,
-            llm_response_cache::hit_count,
-            llm_response_cache::provider,
-        ))
-        .load::<(Vec<u8>, i64, String)>(&mut *conn)?
-        .into_iter()
-        .map(top_entry)
-        .collect();
-    let most_accessed = audio_chunk_cache::table
-        .filter(audio_chunk_cache::expires_at.gt(db_now()))
-        .filter(audio_chunk_cache::hit_count.gt(0))
-        .order(audio_chunk_cache::hit_count.desc())
-        .limit(TOP_ENTRIES as i64)
-        .select((
-            audio_chunk_cache::key_hash,
-            audio_chunk_cache::hit_count,
-            audio_chunk_cache::provider,
-        ))
-        .load::<(Vec<u8>, i64, String)>(&mut *conn)?
-        .into_iter()
-        .map(top_entry)
-        .collect();
+    let top_llm_responses = top_entries(&mut conn, CacheKind::LlmResponse)?;
+    let most_accessed = top_entries(&mut conn, CacheKind::AudioChunk)?;
     let totals = audio_totals(&mut conn)?;
     let mut all = Lookups::default();
     caches.iter().for_each(|c| all.add(c.lookups));
@@ -194,12 +167,33 @@ pub(crate) fn lookups(engine: &Engine) -> Result<Vec<(CacheKind, Lookups)>> {
         .collect())
 }
 
-fn top_entry((key_hash, hits, provider): (Vec<u8>, i64, String)) -> TopEntry {
-    TopEntry {
-        key_hash: hex::encode(key_hash),
-        hits: hits as u64,
-        provider,
+/// The [`TOP_ENTRIES`] live entries of a hit-tracking table with the most hits.
+fn top_entries(conn: &mut PgConnection, kind: CacheKind) -> QueryResult<Vec<TopEntry>> {
+    #[derive(QueryableByName)]
+    struct Top {
+        #[diesel(sql_type = diesel::sql_types::Bytea)]
+        key_hash: Vec<u8>,
+        #[diesel(sql_type = BigInt)]
+        hit_count: i64,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        provider: String,
     }
+    // The table name comes from the closed CacheKind enum, never from input.
+    let top: Vec<Top> = diesel::sql_query(format!(
+        "SELECT key_hash, hit_count, provider FROM {} \
+         WHERE expires_at > statement_timestamp() AND hit_count > 0 \
+         ORDER BY hit_count DESC LIMIT {TOP_ENTRIES}",
+        kind.table()
+    ))
+    .load(conn)?;
+    Ok(top
+        .into_iter()
+        .map(|t| TopEntry {
+            key_hash: hex::encode(t.key_hash),
+            hits: t.hit_count.unsigned_abs(),
+            provider: t.provider,
+        })
+        .collect())
 }
 
 #[derive(QueryableByName)]
