@@ -83,8 +83,9 @@ impl Error {
     /// True for failures that may pass on their own (connection refused or lost, pool
     /// timeout, statement or lock timeout, serialization failure, deadlock): what
     /// fail-open mode turns into misses. Bad input, configuration errors (including
-    /// refused credentials and unknown databases or roles), missing tables and
-    /// missing privileges are never transient.
+    /// refused credentials, unknown databases or roles and connection options libpq
+    /// refuses, such as `sslmode=bogus`), missing tables and missing privileges are
+    /// never transient.
     pub fn is_transient(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error as D};
         match self {
@@ -159,14 +160,28 @@ fn is_transient_message(message: &str) -> bool {
 }
 
 /// Connection failures that waiting will not cure: 28P01 invalid_password, 28000
-/// invalid_authorization_specification, 3D000 invalid_catalog_name.
+/// invalid_authorization_specification, 3D000 invalid_catalog_name, and libpq
+/// refusing the connection string's options before connecting (`invalid sslmode
+/// value: "bogus"`, an unknown option, a bad port or service).
 fn is_configuration_failure(message: &str) -> bool {
-    const CONFIGURATION: [&str; 5] = [
+    const CONFIGURATION: [&str; 14] = [
         "password authentication failed",
         "no pg_hba.conf entry",
         "does not exist",
         "no password supplied",
         "is not permitted to log in",
+        // libpq's `invalid <option> value: "..."` (sslmode, channel_binding,
+        // gssencmode, target_session_attrs, ...).
+        " value: \"",
+        "invalid connection option",
+        "invalid integer value",
+        "invalid port number",
+        "invalid URI query parameter",
+        "invalid SSL protocol version range",
+        "could not match",
+        "definition of service",
+        // The server refusing a setting given in `options`.
+        "invalid value for parameter",
     ];
     CONFIGURATION.iter().any(|m| message.contains(m))
 }
