@@ -68,6 +68,11 @@ impl Error {
         }
     }
 
+    /// An [`Error::Connection`] of one line: libpq's messages span several.
+    pub(crate) fn connection(message: &str) -> Self {
+        Error::Connection(message.split_whitespace().collect::<Vec<_>>().join(" "))
+    }
+
     pub(crate) fn config(
         setting: impl Into<String>,
         value: impl Into<String>,
@@ -214,10 +219,10 @@ impl From<diesel::result::Error> for Error {
     }
 }
 
+/// For pools of your own. pgcache's pool converts its errors itself, scrubbing
+/// them of the password (which this conversion does not know).
 impl From<diesel::r2d2::PoolError> for Error {
     fn from(error: diesel::r2d2::PoolError) -> Self {
-        // libpq's messages span several lines; keep the error to one.
-        let message = error.to_string();
-        Error::Connection(message.split_whitespace().collect::<Vec<_>>().join(" "))
+        Error::connection(&error.to_string())
     }
 }

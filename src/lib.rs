@@ -27,6 +27,7 @@ mod cache;
 pub mod caches;
 mod config;
 mod counters;
+mod database_url;
 mod error;
 mod input;
 mod jsonb;
@@ -48,9 +49,10 @@ pub use caches::{
     VectorSearchQuery, DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
 };
 pub use config::{
-    CacheConfig, CacheConfigBuilder, DatabaseUrl, Durability, PoolSettings, TtlPresets,
-    DEFAULT_DATABASE_URL, MAX_TTL,
+    CacheConfig, CacheConfigBuilder, Durability, PoolSettings, TtlPresets, DEFAULT_DATABASE_URL,
+    MAX_TTL,
 };
+pub use database_url::DatabaseUrl;
 pub use error::{Error, Result};
 pub use input::{MAX_EMBEDDING_DIMENSIONS, MAX_KEY_BYTES};
 pub use key::{KeyDigest, KEY_FORMAT_VERSION};

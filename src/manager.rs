@@ -130,7 +130,7 @@ impl CacheManager {
     /// the connection timeout.
     pub fn connection(&self) -> Result<PooledConnection> {
         match &self.inner.pool {
-            Some(pool) => Ok(pool.get()?),
+            Some(pool) => pool.get(),
             None => Err(Error::Connection(
                 "caching is disabled (ENABLE_CACHING=false), so there is no pool".to_owned(),
             )),
@@ -284,7 +284,6 @@ impl Inner {
         }
         let written = pool
             .get()
-            .map_err(Error::from)
             .and_then(|mut conn| batch.write(&mut conn).map_err(Error::from));
         if let Err(error) = written {
             self.counters.restore(batch);

@@ -1,13 +1,62 @@
 //! The r2d2 pool and the settings every cache connection starts with.
 
+use std::sync::Arc;
+
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
-use diesel::r2d2::{self, ConnectionManager, CustomizeConnection};
+use diesel::r2d2::{self, ConnectionManager, CustomizeConnection, HandleError};
 
 use crate::config::{CacheConfig, Durability};
-use crate::error::Result;
+use crate::database_url::DatabaseUrl;
+use crate::error::{Error, Result};
 
-pub(crate) type PgPool = r2d2::Pool<ConnectionManager<PgConnection>>;
+/// The cache's connection pool. Its errors never carry the connection string's
+/// password, even where libpq's message echoes part of the string.
+pub(crate) struct PgPool {
+    pool: r2d2::Pool<ConnectionManager<PgConnection>>,
+    failures: Arc<ConnectFailures>,
+}
+
+impl PgPool {
+    /// Checks a connection out, waiting at most the connection timeout.
+    pub(crate) fn get(&self) -> Result<PooledConnection> {
+        self.pool.get().map_err(|e| self.failures.error(&e))
+    }
+
+    pub(crate) fn max_size(&self) -> u32 {
+        self.pool.max_size()
+    }
+
+    pub(crate) fn state(&self) -> r2d2::State {
+        self.pool.state()
+    }
+}
+
+/// What the pool's connection attempts report.
+#[derive(Debug)]
+struct ConnectFailures {
+    url: DatabaseUrl,
+}
+
+impl ConnectFailures {
+    /// The pool's error as an [`Error::Connection`], scrubbed.
+    fn error(&self, error: &r2d2::PoolError) -> Error {
+        Error::connection(&self.url.scrub(&error.to_string()))
+    }
+}
+
+/// r2d2's error handler: logs each failed connection attempt scrubbed, instead of
+/// r2d2's own logging, which would print libpq's message as it is.
+#[derive(Debug)]
+struct FailureLog(Arc<ConnectFailures>);
+
+impl HandleError<r2d2::Error> for FailureLog {
+    fn handle_error(&self, error: r2d2::Error) {
+        let message = self.0.url.scrub(&error.to_string());
+        // Debug: the pool retries in the background, and the caller gets the cause.
+        tracing::debug!(error = %message, "pgcache: opening a connection failed");
+    }
+}
 
 /// A connection checked out of the cache's pool; derefs to `PgConnection`.
 pub type PooledConnection = r2d2::PooledConnection<ConnectionManager<PgConnection>>;
@@ -54,6 +103,9 @@ pub(crate) fn session_sql(config: &CacheConfig) -> String {
 pub(crate) fn build_pool(config: &CacheConfig) -> Result<PgPool> {
     let settings = config.pool();
     let manager = ConnectionManager::<PgConnection>::new(config.database_url().expose());
+    let failures = Arc::new(ConnectFailures {
+        url: config.database_url().clone(),
+    });
     let pool = r2d2::Pool::builder()
         .max_size(settings.max_size)
         .min_idle(Some(settings.min_idle))
@@ -65,7 +117,10 @@ pub(crate) fn build_pool(config: &CacheConfig) -> Result<PgPool> {
         .connection_customizer(Box::new(SessionSetup {
             sql: session_sql(config),
         }))
-        .build(manager)?;
+        .error_handler(Box::new(FailureLog(Arc::clone(&failures))))
+        .build(manager)
+        .map_err(|e| failures.error(&e))?;
+    let pool = PgPool { pool, failures };
     // With no idle minimum the pool opens nothing up front: check the server answers
     // now, so a wrong URL fails at start-up rather than on the first get. Fail-open
     // services start even while the database is down, and serve misses meanwhile.

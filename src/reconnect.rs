@@ -24,11 +24,7 @@ pub(crate) fn run_on_pool<T>(
     pool: &PgPool,
     op: impl Fn(&mut PgConnection) -> Result<T>,
 ) -> Result<T> {
-    match pool
-        .get()
-        .map_err(Error::from)
-        .and_then(|mut conn| op(&mut conn))
-    {
+    match pool.get().and_then(|mut conn| op(&mut conn)) {
         Err(error) if error.is_connection_lost() => {
             tracing::warn!(%error, "pgcache: connection lost; retrying once on a live connection");
             op(&mut *live_connection(pool)?)
