@@ -33,6 +33,7 @@ pub enum Error {
     },
     /// No connection could be had: the database is unreachable, refused the
     /// credentials, or every pooled connection stayed busy past the connection timeout.
+    /// A timeout carries the cause of the last failed connection attempt, if any.
     #[error("cannot get a database connection: {0}")]
     Connection(String),
     /// A cache table is missing: migrations have not been run into this schema.

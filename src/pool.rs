@@ -1,17 +1,19 @@
 //! The r2d2 pool and the settings every cache connection starts with.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
-use diesel::r2d2::{self, ConnectionManager, CustomizeConnection, HandleError};
+use diesel::r2d2::event::AcquireEvent;
+use diesel::r2d2::{self, ConnectionManager, CustomizeConnection, HandleError, HandleEvent};
 
 use crate::config::{CacheConfig, Durability};
 use crate::database_url::DatabaseUrl;
 use crate::error::{Error, Result};
 
 /// The cache's connection pool. Its errors never carry the connection string's
-/// password, even where libpq's message echoes part of the string.
+/// password, even where libpq's message echoes part of the string, and a timeout
+/// says why the connections it waited for could not be opened.
 pub(crate) struct PgPool {
     pool: r2d2::Pool<ConnectionManager<PgConnection>>,
     failures: Arc<ConnectFailures>,
@@ -32,21 +34,34 @@ impl PgPool {
     }
 }
 
-/// What the pool's connection attempts report.
+/// What the pool's last connection attempt reported.
 #[derive(Debug)]
 struct ConnectFailures {
     url: DatabaseUrl,
+    /// The last failed attempt's message, scrubbed; cleared by a success. r2d2 hands
+    /// its own copy to only one of the callers timing out together, and others then
+    /// learn nothing of the cause (an unknown database passing for a slow server).
+    last: Mutex<Option<String>>,
 }
 
 impl ConnectFailures {
-    /// The pool's error as an [`Error::Connection`], scrubbed.
+    /// The pool's error as an [`Error::Connection`], scrubbed, with the cause of
+    /// the timeout when r2d2 did not give it.
     fn error(&self, error: &r2d2::PoolError) -> Error {
-        Error::connection(&self.url.scrub(&error.to_string()))
+        let message = self.url.scrub(&error.to_string());
+        let last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        match last.as_deref() {
+            // r2d2's message is "timed out waiting for connection[: cause]".
+            Some(cause) if !message.contains(':') => {
+                Error::connection(&format!("{message}: {cause}"))
+            }
+            _ => Error::connection(&message),
+        }
     }
 }
 
-/// r2d2's error handler: logs each failed connection attempt scrubbed, instead of
-/// r2d2's own logging, which would print libpq's message as it is.
+/// r2d2's error and event handler: records (instead of r2d2's own logging, which
+/// would print the unscrubbed message) each failed connection attempt.
 #[derive(Debug)]
 struct FailureLog(Arc<ConnectFailures>);
 
@@ -55,6 +70,13 @@ impl HandleError<r2d2::Error> for FailureLog {
         let message = self.0.url.scrub(&error.to_string());
         // Debug: the pool retries in the background, and the caller gets the cause.
         tracing::debug!(error = %message, "pgcache: opening a connection failed");
+        *self.0.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(message);
+    }
+}
+
+impl HandleEvent for FailureLog {
+    fn handle_acquire(&self, _: AcquireEvent) {
+        *self.0.last.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
 }
 
@@ -105,6 +127,7 @@ pub(crate) fn build_pool(config: &CacheConfig) -> Result<PgPool> {
     let manager = ConnectionManager::<PgConnection>::new(config.database_url().expose());
     let failures = Arc::new(ConnectFailures {
         url: config.database_url().clone(),
+        last: Mutex::new(None),
     });
     let pool = r2d2::Pool::builder()
         .max_size(settings.max_size)
@@ -118,6 +141,7 @@ pub(crate) fn build_pool(config: &CacheConfig) -> Result<PgPool> {
             sql: session_sql(config),
         }))
         .error_handler(Box::new(FailureLog(Arc::clone(&failures))))
+        .event_handler(Box::new(FailureLog(Arc::clone(&failures))))
         .build(manager)
         .map_err(|e| failures.error(&e))?;
     let pool = PgPool { pool, failures };

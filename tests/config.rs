@@ -124,6 +124,34 @@ fn unreachable_database_is_a_connection_error_after_the_timeout() {
 }
 
 #[test]
+fn an_unknown_database_is_named_and_not_transient_even_under_a_short_timeout() {
+    let config = || {
+        CacheConfig::builder()
+            .database_url("postgres://postgres@127.0.0.1:5432/no_such_db_xyz")
+            .pool_connection_timeout(Duration::from_millis(300))
+            .run_migrations(false)
+    };
+    let err = CacheManager::new(config().build().unwrap()).unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    assert!(!err.is_transient(), "{err}");
+    // Callers timing out together: r2d2 tells only one of them the cause, and the
+    // others must not fail open as if the server were merely slow.
+    let cache = CacheManager::new(config().fail_open(true).build().unwrap()).unwrap();
+    let results: Vec<_> = std::thread::scope(|s| {
+        let callers: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| pgcache::Cache::get(&cache.kv(), "k")))
+            .collect();
+        callers.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    for result in results {
+        let err = result.expect_err("an unknown database is not failed open");
+        assert!(err.to_string().contains("no_such_db_xyz"), "{err}");
+        assert!(!err.is_transient(), "{err}");
+    }
+    assert_eq!(cache.failed_open_count(), 0);
+}
+
+#[test]
 fn missing_tables_say_to_run_migrate() {
     let db = common::TestDb::new();
     let config = db
