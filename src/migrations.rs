@@ -1,7 +1,11 @@
 //! Embedded migrations and the switch between logged and unlogged cache tables.
 
+use chrono::{DateTime, Utc};
 use diesel::connection::SimpleConnection;
-use diesel::pg::PgConnection;
+use diesel::migration::MigrationSource;
+use diesel::pg::{Pg, PgConnection};
+use diesel::sql_types::{Array, Bool, Nullable, Text, Timestamptz};
+use diesel::{QueryableByName, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use crate::cache::CacheKind;
@@ -26,6 +30,44 @@ pub(crate) fn run_pending(conn: &mut PgConnection) -> Result<Vec<String>> {
     let versions = result?;
     unlock?;
     Ok(versions)
+}
+
+/// When pgcache's first migration ran into `conn`'s schema (from Diesel's
+/// `__diesel_schema_migrations`, which may also list the application's own
+/// migrations), or `None` when that is not recorded or not readable.
+pub(crate) fn migrated_at(conn: &mut PgConnection) -> Result<Option<DateTime<Utc>>> {
+    #[derive(QueryableByName)]
+    struct Recorded {
+        #[diesel(sql_type = Bool)]
+        recorded: bool,
+    }
+    #[derive(QueryableByName)]
+    struct At {
+        #[diesel(sql_type = Nullable<Timestamptz>)]
+        at: Option<DateTime<Utc>>,
+    }
+    let versions: Vec<String> = MigrationSource::<Pg>::migrations(&MIGRATIONS)
+        .map_err(|e| Error::Migration(e.to_string()))?
+        .iter()
+        .map(|m| m.name().version().to_string())
+        .collect();
+    // Checked first: a statement naming a missing (or unreadable) table fails.
+    let table: Recorded = diesel::sql_query(
+        "SELECT coalesce(has_table_privilege(to_regclass('__diesel_schema_migrations'), \
+         'SELECT'), false) AS recorded",
+    )
+    .get_result(conn)?;
+    if !table.recorded {
+        return Ok(None);
+    }
+    // `run_on` is a timestamp without time zone, written in the session's zone.
+    let first: At = diesel::sql_query(
+        "SELECT min(run_on)::timestamptz AS at FROM __diesel_schema_migrations \
+         WHERE version = ANY($1)",
+    )
+    .bind::<Array<Text>, _>(versions)
+    .get_result(conn)?;
+    Ok(first.at)
 }
 
 /// `ALTER TABLE ... SET LOGGED | UNLOGGED` on every cache table, in one transaction.

@@ -170,6 +170,13 @@ fn stats_prints_the_report_or_json() {
 #[test]
 fn health_exits_1_with_alerts_and_0_when_healthy() {
     let db = TestDb::new();
+    // Freshly migrated: no cleanup is due yet.
+    pgcache(&db)
+        .arg("health")
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with("healthy"));
+    db.exec("UPDATE __diesel_schema_migrations SET run_on = run_on - interval '3 hours'");
     pgcache(&db).arg("health").assert().code(1).stdout(
         predicate::str::contains("UNHEALTHY")
             .and(predicate::str::contains("cleanup has never run")),
