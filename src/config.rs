@@ -428,7 +428,8 @@ impl CacheConfigBuilder {
 
     /// Run pending migrations when the manager starts. Default: true. Turn off for
     /// deployments that migrate separately (`pgcache migrate`) and run the cache with
-    /// a role that may not create tables.
+    /// a role that may not create tables: with it on, such a role fails to start
+    /// with an [`Error::Migration`] saying so.
     pub fn run_migrations(mut self, run: bool) -> Self {
         self.run_migrations = run;
         self

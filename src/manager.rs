@@ -141,17 +141,24 @@ impl CacheManager {
     /// returns the versions applied.
     ///
     /// # Errors
-    /// [`Error::Connection`] or [`Error::Migration`].
+    /// [`Error::Connection`] or [`Error::Migration`]. When the role may not create
+    /// the schema or tables (SQLSTATE 42501), the message says to run `pgcache
+    /// migrate` with a role that may, and to start with migrations off.
     pub fn run_migrations(&self) -> Result<Vec<String>> {
         let mut conn = self.connection()?;
-        if let Some(schema) = self.config().schema() {
-            use diesel::connection::SimpleConnection;
-            conn.batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {}",
-                crate::pool::quote_ident(schema)
-            ))?;
+        let migrated = match self.config().schema() {
+            Some(schema) => {
+                use diesel::connection::SimpleConnection;
+                conn.batch_execute(&format!(
+                    "CREATE SCHEMA IF NOT EXISTS {}",
+                    crate::pool::quote_ident(schema)
+                ))
+                .map_err(Error::from)
+            }
+            None => Ok(()),
         }
-        crate::migrations::run_pending(&mut conn)
+        .and_then(|()| crate::migrations::run_pending(&mut conn));
+        migrated.map_err(crate::migrations::explain_missing_privilege)
     }
 
     /// Makes every cache table `LOGGED` (durable, replicated) or `UNLOGGED` (faster

@@ -32,6 +32,27 @@ pub(crate) fn run_pending(conn: &mut PgConnection) -> Result<Vec<String>> {
     Ok(versions)
 }
 
+/// What to do when the role may not create the cache's schema or tables.
+const PRIVILEGE_HINT: &str = "this role may not create the cache tables: run `pgcache migrate` \
+    with a role that may (e.g. the schema owner), and start the application with \
+    PGCACHE_RUN_MIGRATIONS=false (or `.run_migrations(false)`)";
+
+/// Turns a failed migration run caused by a missing privilege (SQLSTATE 42501,
+/// whose messages are "permission denied ..." and "must be owner of ...") into an
+/// [`Error::Migration`] saying what to do; other errors are returned as they are.
+pub(crate) fn explain_missing_privilege(error: Error) -> Error {
+    let message = match &error {
+        Error::Migration(message) => message.clone(),
+        Error::Database(cause) => cause.to_string(),
+        _ => return error,
+    };
+    if message.contains("permission denied") || message.contains("must be owner of") {
+        Error::Migration(format!("{message}: {PRIVILEGE_HINT}"))
+    } else {
+        error
+    }
+}
+
 /// When pgcache's first migration ran into `conn`'s schema (from Diesel's
 /// `__diesel_schema_migrations`, which may also list the application's own
 /// migrations), or `None` when that is not recorded or not readable.

@@ -206,3 +206,19 @@ fn least_privilege_role_can_use_the_cache_but_not_change_its_tables() {
     drop(cache);
     assert_eq!(db.count("SELECT count(*) AS n FROM cache_entries"), 2);
 }
+
+#[test]
+fn a_role_that_may_not_migrate_is_told_how_to_start() {
+    let db = TestDb::new();
+    let role = AppRole::create(&db);
+    // Migrations on, as by default.
+    let config = db.config().database_url(role.url()).build().unwrap();
+    let err = CacheManager::new(config).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, Error::Migration(_)), "{message}");
+    assert!(message.contains("permission denied"), "{message}");
+    assert!(
+        message.contains("`pgcache migrate`") && message.contains("PGCACHE_RUN_MIGRATIONS=false"),
+        "{message}"
+    );
+}
