@@ -147,14 +147,7 @@ impl CacheManager {
     pub fn run_migrations(&self) -> Result<Vec<String>> {
         let mut conn = self.connection()?;
         let migrated = match self.config().schema() {
-            Some(schema) => {
-                use diesel::connection::SimpleConnection;
-                conn.batch_execute(&format!(
-                    "CREATE SCHEMA IF NOT EXISTS {}",
-                    crate::pool::quote_ident(schema)
-                ))
-                .map_err(Error::from)
-            }
+            Some(schema) => crate::migrations::ensure_schema(&mut conn, schema),
             None => Ok(()),
         }
         .and_then(|()| crate::migrations::run_pending(&mut conn));

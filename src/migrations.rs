@@ -32,6 +32,30 @@ pub(crate) fn run_pending(conn: &mut PgConnection) -> Result<Vec<String>> {
     Ok(versions)
 }
 
+/// A yes/no answer from the database.
+#[derive(QueryableByName)]
+struct Flag {
+    #[diesel(sql_type = Bool)]
+    flag: bool,
+}
+
+/// Creates `schema` unless it exists. Checked first because PostgreSQL checks the
+/// database-wide CREATE privilege before `IF NOT EXISTS`, which would stop a role
+/// that owns the schema but may not create schemas.
+pub(crate) fn ensure_schema(conn: &mut PgConnection, schema: &str) -> Result<()> {
+    let exists: Flag =
+        diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1) AS flag")
+            .bind::<Text, _>(schema)
+            .get_result(conn)?;
+    if !exists.flag {
+        conn.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            crate::pool::quote_ident(schema)
+        ))?;
+    }
+    Ok(())
+}
+
 /// What to do when the role may not create the cache's schema or tables.
 const PRIVILEGE_HINT: &str = "this role may not create the cache tables: run `pgcache migrate` \
     with a role that may (e.g. the schema owner), and start the application with \
@@ -58,11 +82,6 @@ pub(crate) fn explain_missing_privilege(error: Error) -> Error {
 /// migrations), or `None` when that is not recorded or not readable.
 pub(crate) fn migrated_at(conn: &mut PgConnection) -> Result<Option<DateTime<Utc>>> {
     #[derive(QueryableByName)]
-    struct Recorded {
-        #[diesel(sql_type = Bool)]
-        recorded: bool,
-    }
-    #[derive(QueryableByName)]
     struct At {
         #[diesel(sql_type = Nullable<Timestamptz>)]
         at: Option<DateTime<Utc>>,
@@ -73,12 +92,12 @@ pub(crate) fn migrated_at(conn: &mut PgConnection) -> Result<Option<DateTime<Utc
         .map(|m| m.name().version().to_string())
         .collect();
     // Checked first: a statement naming a missing (or unreadable) table fails.
-    let table: Recorded = diesel::sql_query(
+    let table: Flag = diesel::sql_query(
         "SELECT coalesce(has_table_privilege(to_regclass('__diesel_schema_migrations'), \
-         'SELECT'), false) AS recorded",
+         'SELECT'), false) AS flag",
     )
     .get_result(conn)?;
-    if !table.recorded {
+    if !table.flag {
         return Ok(None);
     }
     // `run_on` is a timestamp without time zone, written in the session's zone.
