@@ -381,3 +381,66 @@ fn warmup_with_an_unknown_field_names_the_item_and_field_and_stores_nothing() {
     );
     assert_eq!(db.count("SELECT count(*) AS n FROM llm_response_cache"), 0);
 }
+
+#[test]
+fn usage_errors_are_one_line_with_exit_status_2() {
+    for (args, needle) in [
+        (&["--bogus"][..], "unexpected argument '--bogus'"),
+        (&["stats", "--jsn"], "similar argument exists: '--json'"),
+        (&["health", "--min-hit-rate", "abc"], "invalid value 'abc'"),
+        (&["clear", "nosuch"], "possible values: kv"),
+        (
+            &["migrate", "--logged", "--unlogged"],
+            "cannot be used with",
+        ),
+        (&[], "missing command"),
+    ] {
+        let out = Command::cargo_bin("pgcache")
+            .unwrap()
+            .args(args)
+            .assert()
+            .code(2)
+            .get_output()
+            .clone();
+        let line = one_line(&out.stderr);
+        assert!(
+            line.contains(needle) && line.contains("pgcache --help"),
+            "{args:?}: {line}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+}
+
+#[test]
+fn a_connection_string_given_as_an_argument_by_mistake_is_not_echoed() {
+    let out = Command::cargo_bin("pgcache")
+        .unwrap()
+        .args(["stats", "postgres://app:Cl1Secret@db/app"])
+        .assert()
+        .code(2)
+        .get_output()
+        .clone();
+    let line = one_line(&out.stderr);
+    assert!(
+        line.contains("postgres://app:***@db/app") && !line.contains("Cl1Secret"),
+        "{line}"
+    );
+}
+
+#[test]
+fn help_and_version_still_print_normally() {
+    Command::cargo_bin("pgcache")
+        .unwrap()
+        .arg("--help")
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("Usage: pgcache").and(predicate::str::contains("Commands:")),
+        );
+    Command::cargo_bin("pgcache")
+        .unwrap()
+        .arg("--version")
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with("pgcache "));
+}
