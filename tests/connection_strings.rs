@@ -13,7 +13,7 @@ use pgcache::{Cache, CacheConfig, CacheManager, DatabaseUrl, Error};
 use scratch::ScratchCluster;
 use serde_json::json;
 
-/// Asserts no output of `manager`'s configuration shows `secret`.
+/// Asserts that no rendering of `config` or its connection string shows `secret`.
 fn assert_hidden(config: &CacheConfig, secret: &str) {
     for shown in [
         format!("{config:?}"),
