@@ -4,87 +4,13 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::database_url::DatabaseUrl;
 use crate::error::{Error, Result};
 use crate::expiry::{check_ttl, TtlPresets};
 use crate::kind::CacheKind;
 
 /// The URL used when `DATABASE_URL` is not set.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@localhost:5432/postgres";
-
-/// A PostgreSQL connection URL whose password never appears in `Debug` or `Display`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct DatabaseUrl(String);
-
-impl DatabaseUrl {
-    /// Checks that `url` is a `postgres://` or `postgresql://` URL.
-    ///
-    /// # Errors
-    /// [`Error::Config`] naming `DATABASE_URL` when the URL is malformed; the message
-    /// shows the URL with its credentials masked.
-    pub fn parse(url: &str) -> Result<Self> {
-        let parsed = url::Url::parse(url).map_err(|e| {
-            Error::config(
-                "DATABASE_URL",
-                mask_credentials(url),
-                format!("not a URL ({e})"),
-            )
-        })?;
-        if !matches!(parsed.scheme(), "postgres" | "postgresql") {
-            return Err(Error::config(
-                "DATABASE_URL",
-                redact(&parsed),
-                "the scheme must be postgres:// or postgresql://",
-            ));
-        }
-        Ok(DatabaseUrl(url.to_owned()))
-    }
-
-    /// The full URL, password included, for opening connections. Never log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// The URL with any password replaced by `***`, safe to print.
-    pub fn redacted(&self) -> String {
-        url::Url::parse(&self.0).map_or_else(|_| mask_credentials(&self.0), |u| redact(&u))
-    }
-}
-
-fn redact(url: &url::Url) -> String {
-    let mut url = url.clone();
-    if url.password().is_some() {
-        // Cannot fail: the URL already has credentials, so it has an authority.
-        let _ = url.set_password(Some("***"));
-    }
-    url.to_string()
-}
-
-/// For strings that are not even URLs: hide everything before the last `@` (after
-/// the scheme, when there is a `://`), where a password would be, even if the `://`
-/// itself is mistyped.
-fn mask_credentials(raw: &str) -> String {
-    match raw.rfind('@') {
-        Some(at) => {
-            let start = raw.find("://").map_or(0, |i| i + 3).min(at);
-            format!("{}***{}", &raw[..start], &raw[at..])
-        }
-        None => raw.to_owned(),
-    }
-}
-
-impl fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("DatabaseUrl")
-            .field(&self.redacted())
-            .finish()
-    }
-}
-
-impl fmt::Display for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
 
 /// How much durability the cache trades for write speed.
 ///
@@ -224,7 +150,7 @@ impl CacheConfig {
     ///
     /// | variable | default | meaning |
     /// |---|---|---|
-    /// | `DATABASE_URL` | `postgres://postgres@localhost:5432/postgres` | server |
+    /// | `DATABASE_URL` | `postgres://postgres@localhost:5432/postgres` | server: a URL or `key=value` pairs |
     /// | `ENABLE_CACHING` | `true` | `false`: every get misses, every set is a no-op |
     /// | `CACHE_TTL_SHORT` / `_MEDIUM` / `_LONG` / `_WEEK` | 300 / 3600 / 86400 / 604800 | TTL presets, seconds |
     /// | `PGCACHE_POOL_MAX_SIZE` | 20 | pool size |
@@ -392,7 +318,7 @@ impl CacheConfig {
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct CacheConfigBuilder {
-    database_url: String,
+    database_url: UnparsedUrl,
     enabled: bool,
     ttl: TtlPresets,
     pool: PoolSettings,
@@ -413,7 +339,7 @@ pub struct CacheConfigBuilder {
 impl Default for CacheConfigBuilder {
     fn default() -> Self {
         CacheConfigBuilder {
-            database_url: DEFAULT_DATABASE_URL.to_owned(),
+            database_url: UnparsedUrl(DEFAULT_DATABASE_URL.to_owned()),
             enabled: true,
             ttl: TtlPresets::default(),
             pool: PoolSettings::default(),
@@ -434,9 +360,10 @@ impl Default for CacheConfigBuilder {
 }
 
 impl CacheConfigBuilder {
-    /// The server. Default: [`DEFAULT_DATABASE_URL`].
+    /// The server: a `postgres://` URL or libpq's `key=value` pairs (see
+    /// [`DatabaseUrl`]). Default: [`DEFAULT_DATABASE_URL`].
     pub fn database_url(mut self, url: impl Into<String>) -> Self {
-        self.database_url = url.into();
+        self.database_url = UnparsedUrl(url.into());
         self
     }
 
@@ -504,7 +431,8 @@ impl CacheConfigBuilder {
 
     /// Run pending migrations when the manager starts. Default: true. Turn off for
     /// deployments that migrate separately (`pgcache migrate`) and run the cache with
-    /// a role that may not create tables.
+    /// a role that may not create tables: with it on, such a role fails to start
+    /// with an [`Error::Migration`] saying so.
     pub fn run_migrations(mut self, run: bool) -> Self {
         self.run_migrations = run;
         self
@@ -612,7 +540,7 @@ impl CacheConfigBuilder {
     /// sub-microsecond or over-long TTL, a zero pool size, a `min_idle` above `max_size`, a zero timeout,
     /// a zero or over-large size bound, a low watermark outside 0..=1.
     pub fn build(self) -> Result<CacheConfig> {
-        let database_url = DatabaseUrl::parse(&self.database_url)?;
+        let database_url = DatabaseUrl::parse(&self.database_url.0)?;
         for (name, ttl) in [
             ("CACHE_TTL_SHORT", self.ttl.short),
             ("CACHE_TTL_MEDIUM", self.ttl.medium),
@@ -684,6 +612,21 @@ impl CacheConfigBuilder {
             size_bounds: self.size_bounds,
             eviction_low_watermark: self.eviction_low_watermark,
         })
+    }
+}
+
+/// A connection string as given to the builder, whose `Debug` hides its password
+/// as [`DatabaseUrl`]'s does.
+#[derive(Clone)]
+struct UnparsedUrl(String);
+
+impl fmt::Debug for UnparsedUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match DatabaseUrl::parse(&self.0) {
+            Ok(url) => fmt::Debug::fmt(&url, f),
+            // Where its password ends is unknown: show none of it.
+            Err(_) => f.write_str("DatabaseUrl(<invalid, not shown>)"),
+        }
     }
 }
 

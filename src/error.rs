@@ -33,6 +33,7 @@ pub enum Error {
     },
     /// No connection could be had: the database is unreachable, refused the
     /// credentials, or every pooled connection stayed busy past the connection timeout.
+    /// A timeout carries the cause of the last failed connection attempt, if any.
     #[error("cannot get a database connection: {0}")]
     Connection(String),
     /// A cache table is missing: migrations have not been run into this schema.
@@ -68,6 +69,11 @@ impl Error {
         }
     }
 
+    /// An [`Error::Connection`] of one line: libpq's messages span several.
+    pub(crate) fn connection(message: &str) -> Self {
+        Error::Connection(message.split_whitespace().collect::<Vec<_>>().join(" "))
+    }
+
     pub(crate) fn config(
         setting: impl Into<String>,
         value: impl Into<String>,
@@ -83,8 +89,9 @@ impl Error {
     /// True for failures that may pass on their own (connection refused or lost, pool
     /// timeout, statement or lock timeout, serialization failure, deadlock): what
     /// fail-open mode turns into misses. Bad input, configuration errors (including
-    /// refused credentials and unknown databases or roles), missing tables and
-    /// missing privileges are never transient.
+    /// refused credentials, unknown databases or roles and connection options libpq
+    /// refuses, such as `sslmode=bogus`), missing tables and missing privileges are
+    /// never transient.
     pub fn is_transient(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error as D};
         match self {
@@ -153,15 +160,29 @@ fn is_transient_message(message: &str) -> bool {
 
 /// Connection failures that waiting will not cure: 28P01 invalid_password, 28000
 /// invalid_authorization_specification, 3D000 invalid_catalog_name, 42501
-/// insufficient_privilege (a role without CONNECT).
+/// insufficient_privilege (a role without CONNECT), and libpq refusing the
+/// connection string's options before connecting (`invalid sslmode value:
+/// "bogus"`, an unknown option, a bad port or service).
 fn is_configuration_failure(message: &str) -> bool {
-    const CONFIGURATION: [&str; 6] = [
+    const CONFIGURATION: [&str; 15] = [
         "password authentication failed",
         "no pg_hba.conf entry",
         "does not exist",
         "no password supplied",
         "is not permitted to log in",
         "permission denied",
+        // libpq's `invalid <option> value: "..."` (sslmode, channel_binding,
+        // gssencmode, target_session_attrs, ...).
+        " value: \"",
+        "invalid connection option",
+        "invalid integer value",
+        "invalid port number",
+        "invalid URI query parameter",
+        "invalid SSL protocol version range",
+        "could not match",
+        "definition of service",
+        // The server refusing a setting given in `options`.
+        "invalid value for parameter",
     ];
     CONFIGURATION.iter().any(|m| message.contains(m))
 }
@@ -194,10 +215,10 @@ impl From<diesel::result::Error> for Error {
     }
 }
 
+/// For pools of your own. pgcache's pool converts its errors itself, scrubbing
+/// them of the password (which this conversion does not know).
 impl From<diesel::r2d2::PoolError> for Error {
     fn from(error: diesel::r2d2::PoolError) -> Self {
-        // libpq's messages span several lines; keep the error to one.
-        let message = error.to_string();
-        Error::Connection(message.split_whitespace().collect::<Vec<_>>().join(" "))
+        Error::connection(&error.to_string())
     }
 }

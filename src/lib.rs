@@ -27,6 +27,7 @@
 // ARCHITECTURE.md).
 // Foundations: facts and checks with no database.
 mod config;
+mod database_url;
 mod error;
 mod expiry;
 mod jsonb;
@@ -60,10 +61,9 @@ pub use caches::{
     LlmPrompt, LlmResponseCache, TopAudioChunk, TopLlmResponse, VectorSearchCache,
     VectorSearchQuery, DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
 };
-pub use config::{
-    CacheConfig, CacheConfigBuilder, DatabaseUrl, Durability, PoolSettings, DEFAULT_DATABASE_URL,
-};
+pub use config::{CacheConfig, CacheConfigBuilder, Durability, PoolSettings, DEFAULT_DATABASE_URL};
 pub use config::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
+pub use database_url::DatabaseUrl;
 pub use error::{Error, Result};
 pub use eviction::{EvictionReport, CLEANUP_BATCH_SIZE};
 pub use expiry::{TtlPresets, MAX_TTL};

@@ -1,7 +1,11 @@
 //! Embedded migrations and the switch between logged and unlogged cache tables.
 
+use chrono::{DateTime, Utc};
 use diesel::connection::SimpleConnection;
-use diesel::pg::PgConnection;
+use diesel::migration::MigrationSource;
+use diesel::pg::{Pg, PgConnection};
+use diesel::sql_types::{Array, Bool, Nullable, Text, Timestamptz};
+use diesel::{QueryableByName, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use crate::error::{Error, Result};
@@ -18,19 +22,15 @@ const MIGRATION_UNLOCK: &str = "SELECT pg_advisory_unlock(7262817313)";
 /// Runs every pending migration on `conn` into `schema` (created if missing; the
 /// connection's search path when `None`) and returns the versions applied.
 ///
-/// Everything happens under one advisory lock, `CREATE SCHEMA IF NOT EXISTS`
-/// included: it is not safe against a concurrent create of the same schema, so
-/// replicas starting together on a fresh database would otherwise fail on a unique
-/// violation in `pg_namespace`.
+/// Everything happens under one advisory lock, creating the schema included:
+/// `CREATE SCHEMA IF NOT EXISTS` is not safe against a concurrent create of the same
+/// schema, so replicas starting together on a fresh database would otherwise fail on
+/// a unique violation in `pg_namespace`. A failure for want of privileges says what
+/// to do ([`explain_missing_privilege`]).
 pub(crate) fn run_pending(conn: &mut PgConnection, schema: Option<&str>) -> Result<Vec<String>> {
     conn.batch_execute(MIGRATION_LOCK)?;
     let result = match schema {
-        Some(schema) => conn
-            .batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {}",
-                quote_ident(schema)
-            ))
-            .map_err(Error::from),
+        Some(schema) => ensure_schema(conn, schema),
         None => Ok(()),
     }
     .and_then(|()| {
@@ -39,9 +39,87 @@ pub(crate) fn run_pending(conn: &mut PgConnection, schema: Option<&str>) -> Resu
             .map_err(|e| Error::Migration(e.to_string()))
     });
     let unlock = conn.batch_execute(MIGRATION_UNLOCK);
-    let versions = result?;
+    let versions = result.map_err(explain_missing_privilege)?;
     unlock?;
     Ok(versions)
+}
+
+/// A yes/no answer from the database.
+#[derive(QueryableByName)]
+struct Flag {
+    #[diesel(sql_type = Bool)]
+    flag: bool,
+}
+
+/// Creates `schema` unless it exists. Checked first because PostgreSQL checks the
+/// database-wide CREATE privilege before `IF NOT EXISTS`, which would stop a role
+/// that owns the schema but may not create schemas.
+fn ensure_schema(conn: &mut PgConnection, schema: &str) -> Result<()> {
+    let exists: Flag =
+        diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1) AS flag")
+            .bind::<Text, _>(schema)
+            .get_result(conn)?;
+    if !exists.flag {
+        conn.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            quote_ident(schema)
+        ))?;
+    }
+    Ok(())
+}
+
+/// What to do when the role may not create the cache's schema or tables.
+const PRIVILEGE_HINT: &str = "this role may not create the cache tables: run `pgcache migrate` \
+    with a role that may (e.g. the schema owner), and start the application with \
+    PGCACHE_RUN_MIGRATIONS=false (or `.run_migrations(false)`)";
+
+/// Turns a failed migration run caused by a missing privilege (SQLSTATE 42501,
+/// whose messages are "permission denied ..." and "must be owner of ...") into an
+/// [`Error::Migration`] saying what to do; other errors are returned as they are.
+fn explain_missing_privilege(error: Error) -> Error {
+    let message = match &error {
+        Error::Migration(message) => message.clone(),
+        Error::Database(cause) => cause.to_string(),
+        _ => return error,
+    };
+    if message.contains("permission denied") || message.contains("must be owner of") {
+        Error::Migration(format!("{message}: {PRIVILEGE_HINT}"))
+    } else {
+        error
+    }
+}
+
+/// When pgcache's first migration ran into `conn`'s schema (from Diesel's
+/// `__diesel_schema_migrations`, which may also list the application's own
+/// migrations), or `None` when that is not recorded or not readable.
+pub(crate) fn migrated_at(conn: &mut PgConnection) -> Result<Option<DateTime<Utc>>> {
+    #[derive(QueryableByName)]
+    struct At {
+        #[diesel(sql_type = Nullable<Timestamptz>)]
+        at: Option<DateTime<Utc>>,
+    }
+    let versions: Vec<String> = MigrationSource::<Pg>::migrations(&MIGRATIONS)
+        .map_err(|e| Error::Migration(e.to_string()))?
+        .iter()
+        .map(|m| m.name().version().to_string())
+        .collect();
+    // Checked first: a statement naming a missing (or unreadable) table fails.
+    let table: Flag = diesel::sql_query(
+        "SELECT coalesce(has_table_privilege(to_regclass('__diesel_schema_migrations'), \
+         'SELECT'), false) AS flag",
+    )
+    .get_result(conn)?;
+    if !table.flag {
+        return Ok(None);
+    }
+    // `run_on` is a timestamp without time zone, written in the session's zone.
+    let first: At = diesel::sql_query(
+        "SELECT min(run_on)::timestamptz AS at FROM __diesel_schema_migrations \
+         WHERE version = ANY($1)",
+    )
+    .bind::<Array<Text>, _>(versions)
+    .get_result(conn)?;
+    Ok(first.at)
 }
 
 /// `ALTER TABLE ... SET LOGGED | UNLOGGED` on every cache table, in one transaction.

@@ -20,14 +20,16 @@
 //! failure, is likewise retried once.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
 use diesel::pg::PgConnection;
-use diesel::r2d2::{self, ConnectionManager, CustomizeConnection};
+use diesel::r2d2::event::AcquireEvent;
+use diesel::r2d2::{self, ConnectionManager, CustomizeConnection, HandleError, HandleEvent};
 use diesel::Connection;
 
 use crate::config::{CacheConfig, Durability};
+use crate::database_url::DatabaseUrl;
 use crate::error::{Error, Result};
 
 type PgPool = r2d2::Pool<ConnectionManager<PgConnection>>;
@@ -115,10 +117,57 @@ fn probe(conn: &mut PgConnection) -> bool {
     conn.batch_execute("SELECT 1").is_err()
 }
 
+/// What the pool's last connection attempt reported.
+#[derive(Debug)]
+struct ConnectFailures {
+    url: DatabaseUrl,
+    /// The last failed attempt's message, scrubbed; cleared by a success. r2d2 hands
+    /// its own copy to only one of the callers timing out together, and others then
+    /// learn nothing of the cause (an unknown database passing for a slow server).
+    last: Mutex<Option<String>>,
+}
+
+impl ConnectFailures {
+    /// The pool's error as an [`Error::Connection`], scrubbed of the password, with
+    /// the cause of the timeout when r2d2 did not give it.
+    fn error(&self, error: &r2d2::PoolError) -> Error {
+        let message = self.url.scrub(&error.to_string());
+        let last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        match last.as_deref() {
+            // r2d2's message is "timed out waiting for connection[: cause]".
+            Some(cause) if !message.contains(':') => {
+                Error::connection(&format!("{message}: {cause}"))
+            }
+            _ => Error::connection(&message),
+        }
+    }
+}
+
+/// r2d2's error and event handler: records (instead of r2d2's own logging, which
+/// would print the unscrubbed message) each failed connection attempt.
+#[derive(Debug)]
+struct FailureLog(Arc<ConnectFailures>);
+
+impl HandleError<r2d2::Error> for FailureLog {
+    fn handle_error(&self, error: r2d2::Error) {
+        let message = self.0.url.scrub(&error.to_string());
+        // Debug: the pool retries in the background, and the caller gets the cause.
+        tracing::debug!(error = %message, "pgcache: opening a connection failed");
+        *self.0.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(message);
+    }
+}
+
+impl HandleEvent for FailureLog {
+    fn handle_acquire(&self, _: AcquireEvent) {
+        *self.0.last.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
 /// The cache's connection pool.
 pub(crate) struct Pool {
     pool: PgPool,
     suspicion: Suspicion,
+    failures: Arc<ConnectFailures>,
 }
 
 impl Pool {
@@ -131,6 +180,10 @@ impl Pool {
             pool_size: settings.max_size,
         };
         let manager = ConnectionManager::<PgConnection>::new(config.database_url().expose());
+        let failures = Arc::new(ConnectFailures {
+            url: config.database_url().clone(),
+            last: Mutex::new(None),
+        });
         let pool = r2d2::Pool::builder()
             .max_size(settings.max_size)
             .min_idle(Some(settings.min_idle))
@@ -142,12 +195,24 @@ impl Pool {
                 sql: session_sql(config),
                 suspicion: suspicion.clone(),
             }))
-            .build(manager)?;
-        let pool = Pool { pool, suspicion };
+            .error_handler(Box::new(FailureLog(Arc::clone(&failures))))
+            .event_handler(Box::new(FailureLog(Arc::clone(&failures))))
+            .build(manager)
+            .map_err(|e| failures.error(&e))?;
+        let pool = Pool {
+            pool,
+            suspicion,
+            failures,
+        };
         if !config.fail_open() {
             drop(pool.checkout()?);
         }
         Ok(pool)
+    }
+
+    /// Checks a connection out, waiting at most the connection timeout.
+    fn get(&self) -> Result<PooledConnection> {
+        self.pool.get().map_err(|e| self.failures.error(&e))
     }
 
     /// The pool's current state (for `Debug`).
@@ -161,7 +226,7 @@ impl Pool {
     /// opens a fresh one or fails after its connection timeout.
     pub(crate) fn checkout(&self) -> Result<PooledConnection> {
         for _ in 0..=self.pool.max_size() {
-            let mut conn = self.pool.get()?;
+            let mut conn = self.get()?;
             if !self.suspicion.take() || !probe(&mut conn) {
                 return Ok(conn);
             }

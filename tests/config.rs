@@ -124,6 +124,23 @@ fn unreachable_database_is_a_connection_error_after_the_timeout() {
 }
 
 #[test]
+fn an_unknown_database_is_named_and_not_transient_even_under_a_short_timeout() {
+    let config = || {
+        CacheConfig::builder()
+            .database_url("postgres://postgres@127.0.0.1:5432/no_such_db_xyz")
+            .pool_connection_timeout(Duration::from_millis(300))
+            .run_migrations(false)
+    };
+    let err = CacheManager::new(config().build().unwrap()).unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    assert!(!err.is_transient(), "{err}");
+    // Nor does fail-open mode pass it for an outage: it does not start on it.
+    let err = CacheManager::new(config().fail_open(true).build().unwrap()).unwrap_err();
+    assert!(err.to_string().contains("no_such_db_xyz"), "{err}");
+    assert!(!err.is_transient(), "{err}");
+}
+
+#[test]
 fn missing_tables_say_to_run_migrate() {
     let db = common::TestDb::new();
     let config = db

@@ -191,9 +191,38 @@ fn failed_cleanup_fires_until_a_cleanup_succeeds() {
     assert!(db.cache.health(&thresholds).unwrap().is_healthy());
 }
 
+/// Makes the cache tables look migrated `hours` ago.
+fn migrated_hours_ago(db: &TestDb, hours: u32) {
+    db.exec(&format!(
+        "UPDATE __diesel_schema_migrations SET run_on = run_on - interval '{hours} hours'"
+    ));
+}
+
+#[test]
+fn a_fresh_schema_is_healthy_until_it_outlives_the_cleanup_age_without_a_cleanup() {
+    let db = TestDb::new();
+    let report = db.cache.health(&HealthThresholds::new()).unwrap();
+    assert!(report.is_healthy(), "{report}");
+
+    migrated_hours_ago(&db, 1);
+    assert!(db
+        .cache
+        .health(&HealthThresholds::new())
+        .unwrap()
+        .is_healthy());
+    migrated_hours_ago(&db, 2);
+    let report = db.cache.health(&HealthThresholds::new()).unwrap();
+    assert_eq!(fired(&report), ["cleanup_overdue"]);
+    assert!(
+        report.to_string().contains("cleanup has never run"),
+        "{report}"
+    );
+}
+
 #[test]
 fn cleanup_never_run_or_too_long_ago_fires_overdue() {
     let db = TestDb::new();
+    migrated_hours_ago(&db, 3);
     let report = db.cache.health(&HealthThresholds::new()).unwrap();
     assert_eq!(fired(&report), ["cleanup_overdue"]);
     assert!(
@@ -224,6 +253,7 @@ fn cleanup_never_run_or_too_long_ago_fires_overdue() {
 #[test]
 fn health_report_serializes_alerts_with_their_values() {
     let db = TestDb::new();
+    migrated_hours_ago(&db, 3);
     let value = serde_json::to_value(db.cache.health(&HealthThresholds::new()).unwrap()).unwrap();
     assert_eq!(value["alerts"][0]["alert"], "cleanup_overdue");
     assert_eq!(value["alerts"][0]["max_age_secs"], 7200);

@@ -206,3 +206,41 @@ fn least_privilege_role_can_use_the_cache_but_not_change_its_tables() {
     drop(cache);
     assert_eq!(db.count("SELECT count(*) AS n FROM cache_entries"), 2);
 }
+
+#[test]
+fn a_role_that_may_not_migrate_is_told_how_to_start() {
+    let db = TestDb::new();
+    let role = AppRole::create(&db);
+    // Migrations on, as by default.
+    let config = db.config().database_url(role.url()).build().unwrap();
+    let err = CacheManager::new(config).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, Error::Migration(_)), "{message}");
+    assert!(message.contains("permission denied"), "{message}");
+    assert!(
+        message.contains("`pgcache migrate`") && message.contains("PGCACHE_RUN_MIGRATIONS=false"),
+        "{message}"
+    );
+}
+
+#[test]
+fn the_owner_of_an_existing_schema_can_migrate_without_creating_schemas() {
+    // A role that owns the cache's schema but may not create schemas in the
+    // database: the setup the error above recommends for `pgcache migrate`.
+    let db = TestDb::new();
+    let role = AppRole::create(&db);
+    let schema = format!("{}_owned", db.schema);
+    db.exec(&format!(
+        "CREATE SCHEMA \"{schema}\" AUTHORIZATION {}",
+        role.name
+    ));
+    let config = db
+        .config()
+        .database_url(role.url())
+        .schema(&schema)
+        .build()
+        .unwrap();
+    let cache = CacheManager::new(config).unwrap();
+    cache.kv().set("k", &json!(1)).unwrap();
+    assert_eq!(cache.kv().get("k").unwrap(), Some(json!(1)));
+}

@@ -115,17 +115,69 @@ enum Outcome {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // `--help` and `--version`: printed in full on stdout, exit status 0.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => return fail(&usage_error(&e)),
+    };
     match run(cli) {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::Unhealthy) => ExitCode::from(1),
-        Err(message) => {
-            // One line, whatever the source error looked like.
-            let line = message.split_whitespace().collect::<Vec<_>>().join(" ");
-            eprintln!("pgcache: {line}");
-            ExitCode::from(2)
-        }
+        Err(message) => fail(&message),
     }
+}
+
+/// Reports an error as one line on stderr, whatever the source error looked like,
+/// with exit status 2.
+fn fail(message: &str) -> ExitCode {
+    let line = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    eprintln!("pgcache: {line}");
+    ExitCode::from(2)
+}
+
+/// clap's usage error in one line: its first line, plus its tip or possible values
+/// (the usage synopsis is left to `--help`). An argument that is a connection string
+/// (given without `--database-url`) is shown with its password masked.
+fn usage_error(error: &clap::Error) -> String {
+    use clap::error::ErrorKind;
+    if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        let commands: Vec<String> = <Cli as clap::CommandFactory>::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_owned())
+            .collect();
+        return format!(
+            "missing command: one of {} (see pgcache --help)",
+            commands.join(", ")
+        );
+    }
+    let rendered = error.render().to_string();
+    let mut lines = rendered.lines().map(str::trim);
+    let first = lines.next().unwrap_or_default();
+    let mut parts = vec![first.strip_prefix("error: ").unwrap_or(first).to_owned()];
+    parts.extend(
+        lines
+            .filter(|l| l.starts_with("tip:") || l.starts_with("[possible values"))
+            .map(str::to_owned),
+    );
+    format!(
+        "{} (see pgcache --help)",
+        mask_connection_strings(&parts.join("; "))
+    )
+}
+
+/// `text` with every quoted `'...'` part that parses as a connection string shown
+/// redacted.
+fn mask_connection_strings(text: &str) -> String {
+    text.split('\'')
+        .enumerate()
+        .map(|(i, part)| match pgcache::DatabaseUrl::parse(part) {
+            // Odd parts are the quoted ones.
+            Ok(url) if i % 2 == 1 => url.redacted(),
+            _ => part.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("'")
 }
 
 fn run(cli: Cli) -> Result<Outcome, String> {

@@ -173,6 +173,13 @@ fn stats_prints_the_report_or_json() {
 #[test]
 fn health_exits_1_with_alerts_and_0_when_healthy() {
     let db = TestDb::new();
+    // Freshly migrated: no cleanup is due yet.
+    pgcache(&db)
+        .arg("health")
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with("healthy"));
+    db.exec("UPDATE __diesel_schema_migrations SET run_on = run_on - interval '3 hours'");
     pgcache(&db).arg("health").assert().code(1).stdout(
         predicate::str::contains("UNHEALTHY")
             .and(predicate::str::contains("cleanup has never run")),
@@ -376,4 +383,97 @@ fn warmup_with_an_unknown_field_names_the_item_and_field_and_stores_nothing() {
         "{line}"
     );
     assert_eq!(db.count("SELECT count(*) AS n FROM llm_response_cache"), 0);
+}
+
+#[test]
+fn usage_errors_are_one_line_with_exit_status_2() {
+    for (args, needle) in [
+        (&["--bogus"][..], "unexpected argument '--bogus'"),
+        (&["stats", "--jsn"], "similar argument exists: '--json'"),
+        (&["health", "--min-hit-rate", "abc"], "invalid value 'abc'"),
+        (&["clear", "nosuch"], "possible values: kv"),
+        (
+            &["migrate", "--logged", "--unlogged"],
+            "cannot be used with",
+        ),
+        (&[], "missing command"),
+    ] {
+        let out = Command::cargo_bin("pgcache")
+            .unwrap()
+            .args(args)
+            .assert()
+            .code(2)
+            .get_output()
+            .clone();
+        let line = one_line(&out.stderr);
+        assert!(
+            line.contains(needle) && line.contains("pgcache --help"),
+            "{args:?}: {line}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+}
+
+#[test]
+fn a_connection_string_given_as_an_argument_by_mistake_is_not_echoed() {
+    let out = Command::cargo_bin("pgcache")
+        .unwrap()
+        .args(["stats", "postgres://app:Cl1Secret@db/app"])
+        .assert()
+        .code(2)
+        .get_output()
+        .clone();
+    let line = one_line(&out.stderr);
+    assert!(
+        line.contains("postgres://app:***@db/app") && !line.contains("Cl1Secret"),
+        "{line}"
+    );
+}
+
+#[test]
+fn help_and_version_still_print_normally() {
+    Command::cargo_bin("pgcache")
+        .unwrap()
+        .arg("--help")
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("Usage: pgcache").and(predicate::str::contains("Commands:")),
+        );
+    Command::cargo_bin("pgcache")
+        .unwrap()
+        .arg("--version")
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with("pgcache "));
+}
+
+#[test]
+fn the_command_never_prints_the_password() {
+    for url in [
+        "postgres://app:Cl1Secret@no-such-host.invalid/app",
+        "postgres://app:p@ss#Cl1Secret@no-such-host.invalid/app",
+        "host=no-such-host.invalid user=app password='Cl1Secret x'",
+        "postgres://app@no-such-host.invalid/app?password=Cl1Secret",
+    ] {
+        let out = Command::cargo_bin("pgcache")
+            .unwrap()
+            .args(["--database-url", url, "stats"])
+            .env("PGCACHE_POOL_CONNECTION_TIMEOUT_MS", "500")
+            .write_stdin("")
+            .assert()
+            .code(2)
+            .get_output()
+            .clone();
+        let output = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(output.lines().count(), 1, "{output}");
+        assert!(
+            !output.contains("Cl1Secret") && !output.contains("@ss"),
+            "{output}"
+        );
+    }
 }

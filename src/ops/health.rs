@@ -88,8 +88,10 @@ impl HealthThresholds {
         self
     }
 
-    /// Alert when the last successful cleanup finished longer ago than `age`, or none
-    /// was ever recorded. Default: 2 hours (an hourly cron job, with slack).
+    /// Alert when the last successful cleanup finished longer ago than `age`, or,
+    /// when none ever succeeded, when the cache tables were created (migrated) longer
+    /// ago than `age`: a fresh deployment is healthy until its first cleanup is
+    /// overdue. Default: 2 hours (an hourly cron job, with slack).
     pub fn max_cleanup_age(mut self, age: Duration) -> Self {
         self.max_cleanup_age = Some(age);
         self
@@ -141,7 +143,8 @@ pub enum Alert {
         /// Its error.
         error: String,
     },
-    /// No cleanup succeeded within the allowed age.
+    /// No cleanup succeeded within the allowed age (counted from the creation of the
+    /// cache tables when none ever succeeded).
     CleanupOverdue {
         /// When the last successful cleanup finished, if ever.
         last_success: Option<DateTime<Utc>>,
@@ -179,7 +182,11 @@ impl fmt::Display for Alert {
                 "cleanup is overdue: last success at {at}, more than {max_age_secs} s ago"
             ),
             Alert::CleanupOverdue { last_success: None, .. } => {
-                write!(f, "cleanup has never run: schedule `pgcache cleanup` or enable the janitor")
+                write!(
+                    f,
+                    "cleanup has never run since the cache tables were created: schedule \
+                     `pgcache cleanup` or enable the janitor"
+                )
             }
         }
     }
@@ -349,8 +356,14 @@ pub(crate) fn health(engine: &Engine, thresholds: &HealthThresholds) -> Result<H
         });
     }
     if let Some(max_age) = t.max_cleanup_age {
+        // Without any successful cleanup, the tables' age is the reference: a freshly
+        // migrated schema has not missed a cleanup yet.
+        let since = match last_success {
+            Some(at) => Some(at),
+            None => crate::migrations::migrated_at(&mut conn)?,
+        };
         let overdue =
-            last_success.is_none_or(|at| (now - at).to_std().unwrap_or(Duration::ZERO) > max_age);
+            since.is_none_or(|at| (now - at).to_std().unwrap_or(Duration::ZERO) > max_age);
         if overdue {
             alerts.push(Alert::CleanupOverdue {
                 last_success,
