@@ -35,9 +35,11 @@ mod key;
 mod kind;
 mod validation;
 // Database plumbing.
+mod conninfo;
 mod migrations;
 mod pool;
 mod schema;
+mod watchdog;
 // The engine: the one hot path every operation takes.
 mod background;
 mod counters;

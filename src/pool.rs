@@ -26,11 +26,13 @@ use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection
 use diesel::pg::PgConnection;
 use diesel::r2d2::event::AcquireEvent;
 use diesel::r2d2::{self, ConnectionManager, CustomizeConnection, HandleError, HandleEvent};
-use diesel::Connection;
+use diesel::{Connection, ConnectionError};
 
 use crate::config::{CacheConfig, Durability};
+use crate::conninfo::{client_timeouts, with_defaults};
 use crate::database_url::DatabaseUrl;
 use crate::error::{Error, Result};
+use crate::watchdog::{no_answer_limit, watched, Watchdog};
 
 type PgPool = r2d2::Pool<ConnectionManager<PgConnection>>;
 
@@ -43,13 +45,22 @@ pub type PooledConnection = r2d2::PooledConnection<ConnectionManager<PgConnectio
 struct SessionSetup {
     sql: String,
     suspicion: Suspicion,
+    /// Dropped with the pool, which stops its thread.
+    watchdog: Option<Watchdog>,
 }
 
 impl CustomizeConnection<PgConnection, r2d2::Error> for SessionSetup {
     fn on_acquire(&self, conn: &mut PgConnection) -> std::result::Result<(), r2d2::Error> {
-        conn.set_instrumentation(self.suspicion.clone());
-        conn.batch_execute(&self.sql)
-            .map_err(r2d2::Error::QueryError)
+        match &self.watchdog {
+            Some(watchdog) => watchdog.watch(conn, Box::new(self.suspicion.clone())),
+            None => conn.set_instrumentation(self.suspicion.clone()),
+        }
+        watched(conn, |conn| Ok(conn.batch_execute(&self.sql)?)).map_err(|error| match error {
+            Error::Database(error) => r2d2::Error::QueryError(error),
+            other => {
+                r2d2::Error::ConnectionError(ConnectionError::BadConnection(other.to_string()))
+            }
+        })
     }
 }
 
@@ -112,9 +123,9 @@ pub(crate) fn session_sql(config: &CacheConfig) -> String {
 
 /// Marks `conn` broken if it is dead, so r2d2 discards it when it is given back;
 /// true if it was dead. `batch_execute` goes through Diesel's connection-status
-/// bookkeeping whatever statement failed before.
+/// bookkeeping whatever statement failed before; the watchdog bounds it.
 fn probe(conn: &mut PgConnection) -> bool {
-    conn.batch_execute("SELECT 1").is_err()
+    watched(conn, |conn| Ok(conn.batch_execute("SELECT 1")?)).is_err()
 }
 
 /// What the pool's last connection attempt reported.
@@ -179,7 +190,11 @@ impl Pool {
             remaining: Arc::new(AtomicU32::new(0)),
             pool_size: settings.max_size,
         };
-        let manager = ConnectionManager::<PgConnection>::new(config.database_url().expose());
+        let limit = no_answer_limit(config);
+        let manager = ConnectionManager::<PgConnection>::new(with_defaults(
+            config.database_url().expose(),
+            &client_timeouts(settings.connection_timeout, limit),
+        ));
         let failures = Arc::new(ConnectFailures {
             url: config.database_url().clone(),
             last: Mutex::new(None),
@@ -194,6 +209,7 @@ impl Pool {
             .connection_customizer(Box::new(SessionSetup {
                 sql: session_sql(config),
                 suspicion: suspicion.clone(),
+                watchdog: Watchdog::start(limit),
             }))
             .error_handler(Box::new(FailureLog(Arc::clone(&failures))))
             .event_handler(Box::new(FailureLog(Arc::clone(&failures))))
@@ -252,23 +268,24 @@ impl Pool {
         ))
     }
 
-    /// Runs `op` on a pooled connection; once more, on a live connection, if the
-    /// first one turned out to be dead or PostgreSQL aborted the statement to
-    /// resolve a conflict.
+    /// Runs `op` on a pooled connection, under the watchdog; once more, on a live
+    /// connection, if the first one turned out to be dead or PostgreSQL aborted the
+    /// statement to resolve a conflict. A run the watchdog cut
+    /// ([`Error::Unresponsive`]) is not retried: that would wait as long again.
     pub(crate) fn run<T>(&self, op: impl Fn(&mut PgConnection) -> Result<T>) -> Result<T> {
         let mut conn = self.checkout()?;
-        match op(&mut conn) {
+        match watched(&mut conn, &op) {
             Err(error) if error.is_database_failure() && probe(&mut conn) => {
                 drop(conn);
                 self.suspicion.raise();
                 tracing::warn!(%error, "pgcache: connection lost; retrying once on a live connection");
-                op(&mut *self.checkout()?)
+                watched(&mut *self.checkout()?, &op)
             }
             // PostgreSQL rolled the statement back to break a deadlock (or a
             // serialization conflict): running it again normally succeeds.
             Err(error) if error.is_retryable_conflict() => {
                 tracing::debug!(%error, "pgcache: retrying once after a conflict");
-                op(&mut conn)
+                watched(&mut conn, &op)
             }
             other => other,
         }

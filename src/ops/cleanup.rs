@@ -17,6 +17,7 @@ use crate::expiry::db_now;
 use crate::kind::CacheKind;
 use crate::ops::stats::human_bytes;
 use crate::schema::cache_cleanup_runs;
+use crate::watchdog::watched;
 
 /// The table of single-flight leases, cleaned with the caches.
 const LEASES_TABLE: &str = "cache_leases";
@@ -146,7 +147,17 @@ pub(crate) fn cleanup_with_progress(
         }
     }
     let mut conn = engine.live_connection()?;
-    let started_at: DateTime<Utc> = diesel::select(db_now()).get_result(&mut *conn)?;
+    // Each batch re-arms the watchdog, so only a batch left unanswered is cut.
+    watched(&mut conn, |conn| clean(conn, &limits, &mut progress))
+}
+
+/// The work of a cleanup, on one connection.
+fn clean(
+    conn: &mut PgConnection,
+    limits: &[Option<Limits>; CacheKind::COUNT],
+    progress: &mut impl FnMut(&CleanupProgress),
+) -> Result<CleanupReport> {
+    let started_at: DateTime<Utc> = diesel::select(db_now()).get_result(conn)?;
     let clock = Instant::now();
     let mut tables = Vec::with_capacity(CacheKind::ALL.len());
     let mut leases_removed = 0;
@@ -168,9 +179,9 @@ pub(crate) fn cleanup_with_progress(
         report(0);
         let cache = CacheKind::ALL.into_iter().find(|k| k.table() == table);
         let bounded = cache.and_then(|c| Some((c, limits[c.index()]?)));
-        let cleaned = delete_expired(&mut conn, table, &mut report).and_then(|removed| {
+        let cleaned = delete_expired(conn, table, &mut report).and_then(|removed| {
             let evicted = match bounded {
-                Some((kind, limits)) => evict(&mut conn, kind, &limits, &mut |e| {
+                Some((kind, limits)) => evict(conn, kind, &limits, &mut |e| {
                     report(removed + e.rows_removed);
                 })?,
                 None => EvictionReport::default(),
@@ -205,7 +216,7 @@ pub(crate) fn cleanup_with_progress(
     };
     let error_message = outcome.as_ref().err().map(ToString::to_string);
     let removed = report.rows_removed() + report.evicted_rows();
-    let recorded = record_run(&mut conn, started_at, removed, error_message);
+    let recorded = record_run(conn, started_at, removed, error_message);
     outcome?;
     recorded?;
     Ok(report)
