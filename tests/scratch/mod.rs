@@ -60,7 +60,9 @@ impl ScratchCluster {
         let port_s = port.to_string();
         let mut args = vec![version.as_str(), name.as_str(), "-p", port_s.as_str()];
         // Small and quick: no fsync (nothing here needs to survive a power cut).
-        args.extend(["-o", "fsync=off", "-o", "listen_addresses=127.0.0.1", "--"]);
+        // `localhost` rather than an address: pg_createcluster writes number-like
+        // values unquoted, and an unquoted 127.0.0.1 does not parse.
+        args.extend(["-o", "fsync=off", "-o", "listen_addresses=localhost", "--"]);
         args.extend(initdb_args);
         run("pg_createcluster", &args);
         let cluster = ScratchCluster {
