@@ -52,6 +52,17 @@ pub enum Error {
     /// A query failed in the database.
     #[error("database error: {0}")]
     Database(diesel::result::Error),
+    /// The database server did not answer a statement within `statement_timeout` plus
+    /// a margin of one second, so pgcache closed that connection: the server is
+    /// frozen (stopped processes, a paused machine) and cannot enforce its own
+    /// timeout, or the network path to it swallows traffic. Transient.
+    #[error(
+        "the database did not answer a statement within {waited_ms} ms; its connection was closed"
+    )]
+    Unresponsive {
+        /// How long the statement went unanswered before it was cut.
+        waited_ms: u64,
+    },
     /// Waiting for another caller's computation of the same key took too long.
     #[error("timed out after {waited_ms} ms waiting for another caller to compute the same key")]
     ComputeTimeout {
@@ -81,7 +92,8 @@ impl Error {
     }
 
     /// True for failures that may pass on their own (connection refused or lost, pool
-    /// timeout, statement or lock timeout, serialization failure, deadlock): what
+    /// timeout, statement or lock timeout, an unanswered statement, serialization
+    /// failure, deadlock): what
     /// fail-open mode turns into misses. Bad input, configuration errors (including
     /// refused credentials and unknown databases or roles), missing tables and
     /// missing privileges are never transient.
@@ -99,7 +111,7 @@ impl Error {
                 // (and libpq's) messages for them.
                 _ => is_transient_message(info.message()),
             },
-            Error::Database(D::BrokenTransactionManager) => true,
+            Error::Database(D::BrokenTransactionManager) | Error::Unresponsive { .. } => true,
             _ => false,
         }
     }

@@ -39,6 +39,7 @@ mod reconnect;
 mod schema;
 mod single_flight;
 mod sql;
+mod watchdog;
 
 pub use cache::{Cache, CacheKind};
 pub use caches::{

@@ -282,10 +282,9 @@ impl Inner {
         if batch.is_empty() {
             return Ok(());
         }
-        let written = pool
-            .get()
-            .map_err(Error::from)
-            .and_then(|mut conn| batch.write(&mut conn).map_err(Error::from));
+        let written = pool.get().map_err(Error::from).and_then(|mut conn| {
+            crate::watchdog::watched(&mut conn, |conn| Ok(batch.write(conn)?))
+        });
         if let Err(error) = written {
             self.counters.restore(batch);
             return Err(error);

@@ -3,26 +3,38 @@
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::r2d2::{self, ConnectionManager, CustomizeConnection};
+use diesel::ConnectionError;
 
 use crate::config::{CacheConfig, Durability};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::watchdog::{no_answer_limit, watched, Watchdog};
 
 pub(crate) type PgPool = r2d2::Pool<ConnectionManager<PgConnection>>;
 
 /// A connection checked out of the cache's pool; derefs to `PgConnection`.
 pub type PooledConnection = r2d2::PooledConnection<ConnectionManager<PgConnection>>;
 
-/// Runs once per new connection: search path, statement timeout, application name
-/// and durability, so no cache operation pays for them again.
+/// Runs once per new connection: puts it under the pool's watchdog, and sets the
+/// search path, statement timeout, application name and durability, so no cache
+/// operation pays for them again.
 #[derive(Debug)]
 struct SessionSetup {
     sql: String,
+    /// Dropped with the pool, which stops its thread.
+    watchdog: Option<Watchdog>,
 }
 
 impl CustomizeConnection<PgConnection, r2d2::Error> for SessionSetup {
     fn on_acquire(&self, conn: &mut PgConnection) -> std::result::Result<(), r2d2::Error> {
-        conn.batch_execute(&self.sql)
-            .map_err(r2d2::Error::QueryError)
+        if let Some(watchdog) = &self.watchdog {
+            watchdog.watch(conn);
+        }
+        watched(conn, |conn| Ok(conn.batch_execute(&self.sql)?)).map_err(|error| match error {
+            Error::Database(error) => r2d2::Error::QueryError(error),
+            other => {
+                r2d2::Error::ConnectionError(ConnectionError::BadConnection(other.to_string()))
+            }
+        })
     }
 }
 
@@ -53,6 +65,7 @@ pub(crate) fn session_sql(config: &CacheConfig) -> String {
 
 pub(crate) fn build_pool(config: &CacheConfig) -> Result<PgPool> {
     let settings = config.pool();
+    let limit = no_answer_limit(config);
     let manager = ConnectionManager::<PgConnection>::new(config.database_url().expose());
     let pool = r2d2::Pool::builder()
         .max_size(settings.max_size)
@@ -64,6 +77,7 @@ pub(crate) fn build_pool(config: &CacheConfig) -> Result<PgPool> {
         .test_on_check_out(false)
         .connection_customizer(Box::new(SessionSetup {
             sql: session_sql(config),
+            watchdog: Watchdog::start(limit),
         }))
         .build(manager)?;
     // With no idle minimum the pool opens nothing up front: check the server answers

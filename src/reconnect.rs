@@ -17,9 +17,11 @@ use diesel::r2d2::R2D2Connection;
 
 use crate::error::{Error, Result};
 use crate::pool::{PgPool, PooledConnection};
+use crate::watchdog::watched;
 
 /// Runs `op` on a pooled connection, once more on a live one if the first
-/// connection turned out to be dead.
+/// connection turned out to be dead. Each run is under the watchdog; a run it cut
+/// ([`Error::Unresponsive`]) is not retried, which would wait as long again.
 pub(crate) fn run_on_pool<T>(
     pool: &PgPool,
     op: impl Fn(&mut PgConnection) -> Result<T>,
@@ -27,17 +29,17 @@ pub(crate) fn run_on_pool<T>(
     match pool
         .get()
         .map_err(Error::from)
-        .and_then(|mut conn| op(&mut conn))
+        .and_then(|mut conn| watched(&mut conn, &op))
     {
         Err(error) if error.is_connection_lost() => {
             tracing::warn!(%error, "pgcache: connection lost; retrying once on a live connection");
-            op(&mut *live_connection(pool)?)
+            watched(&mut *live_connection(pool)?, &op)
         }
         // PostgreSQL rolled the statement back to break a deadlock (or a
         // serialization conflict): running it again normally succeeds.
         Err(error) if error.is_retryable_conflict() => {
             tracing::debug!(%error, "pgcache: retrying once after a conflict");
-            op(&mut *pool.get()?)
+            watched(&mut *pool.get()?, &op)
         }
         other => other,
     }
@@ -51,13 +53,13 @@ pub(crate) fn live_connection(pool: &PgPool) -> Result<PooledConnection> {
     let mut last_error = None;
     for _ in 0..=pool.max_size() {
         let mut conn = pool.get()?;
-        match conn.ping() {
+        match watched(&mut conn, |conn| Ok(conn.ping()?)) {
             Ok(()) => return Ok(conn),
+            // The server does not answer: the next ping would wait as long again.
+            Err(error @ Error::Unresponsive { .. }) => return Err(error),
             Err(error) => last_error = Some(error),
         }
     }
-    Err(last_error.map_or_else(
-        || Error::Connection("no live connection in the pool".to_owned()),
-        Error::from,
-    ))
+    Err(last_error
+        .unwrap_or_else(|| Error::Connection("no live connection in the pool".to_owned())))
 }

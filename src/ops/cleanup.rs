@@ -186,7 +186,18 @@ impl CacheManager {
             }
         }
         let mut conn = self.connection()?;
-        let started_at: DateTime<Utc> = diesel::select(db_now()).get_result(&mut *conn)?;
+        // Each batch re-arms the watchdog, so only a batch left unanswered is cut.
+        crate::watchdog::watched(&mut conn, |conn| Self::clean(conn, &limits, &mut progress))
+    }
+
+    /// The work of [`cleanup_with_progress`](Self::cleanup_with_progress) on one
+    /// connection.
+    fn clean(
+        conn: &mut PgConnection,
+        limits: &[Option<Limits>; 5],
+        progress: &mut impl FnMut(&CleanupProgress),
+    ) -> Result<CleanupReport> {
+        let started_at: DateTime<Utc> = diesel::select(db_now()).get_result(conn)?;
         let clock = Instant::now();
         let mut tables = Vec::with_capacity(CacheKind::ALL.len());
         let mut leases_removed = 0;
@@ -208,9 +219,9 @@ impl CacheManager {
             report(0);
             let cache = CacheKind::ALL.into_iter().find(|k| k.table() == table);
             let bounded = cache.and_then(|c| Some((LruTable::of(c), limits[c.index()]?)));
-            let cleaned = delete_expired(&mut conn, table, &mut report).and_then(|removed| {
+            let cleaned = delete_expired(conn, table, &mut report).and_then(|removed| {
                 let evicted = match bounded {
-                    Some((lru, limits)) => evict(&mut conn, &lru, &limits, &mut |e| {
+                    Some((lru, limits)) => evict(conn, &lru, &limits, &mut |e| {
                         report(removed + e.rows_removed);
                     })?,
                     None => EvictionReport::default(),
@@ -245,7 +256,7 @@ impl CacheManager {
         };
         let error_message = outcome.as_ref().err().map(ToString::to_string);
         let removed = report.rows_removed() + report.evicted_rows();
-        let recorded = record_run(&mut conn, started_at, removed, error_message);
+        let recorded = record_run(conn, started_at, removed, error_message);
         outcome?;
         recorded?;
         Ok(report)
@@ -265,13 +276,14 @@ impl CacheManager {
             None => CacheKind::ALL.to_vec(),
         };
         let mut conn = self.connection()?;
-        let removed = conn.transaction(|conn| {
-            kinds
-                .into_iter()
-                .map(|kind| Ok((kind, delete_all(conn, kind.table())?)))
-                .collect::<QueryResult<Vec<_>>>()
-        })?;
-        Ok(removed)
+        crate::watchdog::watched(&mut conn, |conn| {
+            Ok(conn.transaction(|conn| {
+                kinds
+                    .into_iter()
+                    .map(|kind| Ok((kind, delete_all(conn, kind.table())?)))
+                    .collect::<QueryResult<Vec<_>>>()
+            })?)
+        })
     }
 }
 
