@@ -26,6 +26,7 @@
 mod cache;
 pub mod caches;
 mod config;
+mod conninfo;
 mod counters;
 mod error;
 mod input;

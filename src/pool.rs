@@ -6,6 +6,7 @@ use diesel::r2d2::{self, ConnectionManager, CustomizeConnection};
 use diesel::ConnectionError;
 
 use crate::config::{CacheConfig, Durability};
+use crate::conninfo::{client_timeouts, with_defaults};
 use crate::error::{Error, Result};
 use crate::watchdog::{no_answer_limit, watched, Watchdog};
 
@@ -66,7 +67,10 @@ pub(crate) fn session_sql(config: &CacheConfig) -> String {
 pub(crate) fn build_pool(config: &CacheConfig) -> Result<PgPool> {
     let settings = config.pool();
     let limit = no_answer_limit(config);
-    let manager = ConnectionManager::<PgConnection>::new(config.database_url().expose());
+    let manager = ConnectionManager::<PgConnection>::new(with_defaults(
+        config.database_url().expose(),
+        &client_timeouts(settings.connection_timeout, limit),
+    ));
     let pool = r2d2::Pool::builder()
         .max_size(settings.max_size)
         .min_idle(Some(settings.min_idle))

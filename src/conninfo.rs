@@ -1,0 +1,209 @@
+//! Client-side timeouts added to the libpq connection string the pool connects with.
+//!
+//! libpq waits without limit by default: for a server that accepts the TCP connection
+//! but never answers the start-up, and for a peer that vanished from the network.
+//! pgcache adds limits for both, except where the user's connection string already
+//! chooses its own. The string may hold a password: nothing here logs or prints it.
+
+use std::time::Duration;
+
+/// libpq's smallest `connect_timeout` in seconds: it reads 1 as 2.
+const MIN_CONNECT_TIMEOUT_SECS: u128 = 2;
+
+/// Idle seconds before the first keepalive probe, seconds between probes and probes
+/// lost before the connection counts as dead: a dead network path under an idle
+/// pooled connection is noticed within 25 s, before the next checkout usually.
+const KEEPALIVES: [(&str, &str); 4] = [
+    ("keepalives", "1"),
+    ("keepalives_idle", "10"),
+    ("keepalives_interval", "5"),
+    ("keepalives_count", "3"),
+];
+
+/// The parameters pgcache sets on every connection:
+/// - `connect_timeout`: the pool's connection timeout rounded up to whole seconds
+///   (at least libpq's 2): a connection attempt nobody waits for any more must not
+///   hold one of the pool's connector threads for ever;
+/// - `keepalives*` (see [`KEEPALIVES`]);
+/// - `tcp_user_timeout` = `no_answer_limit`: data the peer's kernel has not
+///   acknowledged by then means the network path is dead, and the kernel drops the
+///   connection (Linux; ignored elsewhere and on Unix-domain sockets).
+pub(crate) fn client_timeouts(
+    connection_timeout: Duration,
+    no_answer_limit: Duration,
+) -> Vec<(&'static str, String)> {
+    let connect_secs = connection_timeout
+        .as_millis()
+        .div_ceil(1000)
+        .max(MIN_CONNECT_TIMEOUT_SECS);
+    let mut params = vec![("connect_timeout", connect_secs.to_string())];
+    params.extend(KEEPALIVES.map(|(key, value)| (key, value.to_owned())));
+    params.push(("tcp_user_timeout", no_answer_limit.as_millis().to_string()));
+    params
+}
+
+/// `conninfo` with each of `params` appended unless it already sets that key. Both
+/// libpq forms are understood: a URI (`postgres://…?key=value&…`) and `key=value`
+/// pairs separated by spaces. A string neither form can read is returned unchanged,
+/// for libpq to reject with its own message.
+pub(crate) fn with_defaults(conninfo: &str, params: &[(&str, String)]) -> String {
+    let is_uri = ["postgresql://", "postgres://"]
+        .iter()
+        .any(|prefix| conninfo.starts_with(prefix));
+    let Some(present) = (if is_uri {
+        Some(uri_keys(conninfo))
+    } else {
+        keyword_keys(conninfo)
+    }) else {
+        return conninfo.to_owned();
+    };
+    let mut out = conninfo.to_owned();
+    for (key, value) in params
+        .iter()
+        .filter(|(k, _)| !present.iter().any(|p| p == k))
+    {
+        if is_uri {
+            if !out.contains('?') {
+                out.push('?');
+            } else if !out.ends_with(['?', '&']) {
+                out.push('&');
+            }
+        } else if !out.is_empty() && !out.ends_with(char::is_whitespace) {
+            out.push(' ');
+        }
+        // Values are decimal numbers: nothing to quote or escape in either form.
+        out.push_str(key);
+        out.push('=');
+        out.push_str(value);
+    }
+    out
+}
+
+/// The keys of a URI's query string (`?a=1&b=2`), percent-decoded as libpq does.
+fn uri_keys(uri: &str) -> Vec<String> {
+    let query = uri.split_once('?').map_or("", |(_, query)| query);
+    url::form_urlencoded::parse(query.as_bytes())
+        .map(|(key, _)| key.into_owned())
+        .collect()
+}
+
+/// The keys of a `key = value …` string, where a value is either a run of
+/// non-blank characters or single-quoted, with `\` escaping the next character in
+/// both; `None` when it is malformed (a key without `=`, an unclosed quote).
+fn keyword_keys(conninfo: &str) -> Option<Vec<String>> {
+    let mut keys = Vec::new();
+    let mut chars = conninfo.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Some(keys);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        chars.next_if_eq(&'=')?;
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next()? {
+                    '\\' => {
+                        chars.next()?;
+                    }
+                    '\'' => break,
+                    _ => {}
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    chars.next();
+                }
+            }
+        }
+        keys.push(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> Vec<(&'static str, String)> {
+        vec![("connect_timeout", "2".into()), ("keepalives", "1".into())]
+    }
+
+    #[test]
+    fn a_uri_without_a_query_gets_one() {
+        assert_eq!(
+            with_defaults("postgres://u:p@h:5432/db", &params()),
+            "postgres://u:p@h:5432/db?connect_timeout=2&keepalives=1"
+        );
+    }
+
+    #[test]
+    fn a_uri_keeps_its_own_settings_and_gets_the_missing_ones() {
+        assert_eq!(
+            with_defaults(
+                "postgresql://h/db?sslmode=require&connect_timeout=9",
+                &params()
+            ),
+            "postgresql://h/db?sslmode=require&connect_timeout=9&keepalives=1"
+        );
+        assert_eq!(
+            with_defaults("postgres://h/db?", &params()),
+            "postgres://h/db?connect_timeout=2&keepalives=1"
+        );
+        assert_eq!(
+            with_defaults("postgres://h/db?%6Beepalives=0", &params()),
+            "postgres://h/db?%6Beepalives=0&connect_timeout=2",
+            "keys are percent-decoded"
+        );
+    }
+
+    #[test]
+    fn a_keyword_string_keeps_its_own_settings_and_gets_the_missing_ones() {
+        assert_eq!(
+            with_defaults("host=h user=u", &params()),
+            "host=h user=u connect_timeout=2 keepalives=1"
+        );
+        assert_eq!(
+            with_defaults(
+                "host = h password='a b\\' keepalives=1' connect_timeout =5 ",
+                &params()
+            ),
+            "host = h password='a b\\' keepalives=1' connect_timeout =5 keepalives=1",
+            "a quoted value is not a key"
+        );
+        assert_eq!(
+            with_defaults("", &params()),
+            "connect_timeout=2 keepalives=1"
+        );
+    }
+
+    #[test]
+    fn a_malformed_keyword_string_is_left_for_libpq_to_reject() {
+        for bad in ["host", "password='open", "host=h user"] {
+            assert_eq!(with_defaults(bad, &params()), bad);
+        }
+    }
+
+    #[test]
+    fn the_connect_timeout_is_the_pool_timeout_in_whole_seconds_at_least_two() {
+        let connect = |ms| {
+            client_timeouts(Duration::from_millis(ms), Duration::from_secs(6))[0]
+                .1
+                .clone()
+        };
+        assert_eq!(connect(500), "2");
+        assert_eq!(connect(2000), "2");
+        assert_eq!(connect(2001), "3");
+        assert_eq!(
+            client_timeouts(Duration::from_secs(2), Duration::from_millis(6000))
+                .last()
+                .unwrap(),
+            &("tcp_user_timeout", "6000".to_owned())
+        );
+    }
+}
