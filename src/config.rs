@@ -163,7 +163,9 @@ pub struct PoolSettings {
     /// 30 s).
     pub idle_timeout: Duration,
     /// How long to wait for a connection before giving up
-    /// (`PGCACHE_POOL_CONNECTION_TIMEOUT_MS`, default 2000 ms).
+    /// (`PGCACHE_POOL_CONNECTION_TIMEOUT_MS`, default 2000 ms). Also libpq's
+    /// `connect_timeout`, rounded up to whole seconds (at least 2), unless the
+    /// connection string sets one.
     pub connection_timeout: Duration,
 }
 
@@ -336,7 +338,8 @@ impl CacheConfig {
         self.durability
     }
 
-    /// The `statement_timeout` set on every cache connection.
+    /// The `statement_timeout` set on every cache connection; see
+    /// [`CacheConfigBuilder::statement_timeout`] for the client-side limit built on it.
     pub fn statement_timeout(&self) -> Duration {
         self.statement_timeout
     }
@@ -486,7 +489,8 @@ impl CacheConfigBuilder {
         self
     }
 
-    /// How long to wait for a connection. Default: 2 s.
+    /// How long to wait for a connection; also libpq's `connect_timeout` (whole
+    /// seconds, at least 2) unless the connection string sets one. Default: 2 s.
     pub fn pool_connection_timeout(mut self, timeout: Duration) -> Self {
         self.pool.connection_timeout = timeout;
         self
@@ -515,6 +519,14 @@ impl CacheConfigBuilder {
 
     /// `statement_timeout` on every cache connection, so a stuck database cannot hang
     /// a worker past it. Default: 5 s.
+    ///
+    /// A server that cannot enforce it (frozen, or behind a network path that
+    /// swallows traffic) is covered client side: a statement of a cache operation,
+    /// cleanup or counter flush still unanswered this timeout + 1 s after it was sent
+    /// is cut, its connection discarded, and the operation fails with
+    /// [`Error::Unresponsive`](crate::Error::Unresponsive) (Linux on x86-64 and
+    /// AArch64). The same sum is libpq's `tcp_user_timeout` unless the connection
+    /// string sets one.
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
         self.statement_timeout = timeout;
         self
