@@ -83,21 +83,35 @@ impl Error {
     /// True for failures that may pass on their own (connection refused or lost, pool
     /// timeout, statement or lock timeout, serialization failure, deadlock): what
     /// fail-open mode turns into misses. Bad input, configuration errors (including
-    /// refused credentials and unknown databases or roles), missing tables and
-    /// missing privileges are never transient.
+    /// refused credentials and unknown databases or roles), missing tables, missing
+    /// privileges and constraint violations are never transient.
+    ///
+    /// A lost connection and a serialization failure are recognised by Diesel's
+    /// [`DatabaseErrorKind`](diesel::result::DatabaseErrorKind), in any server
+    /// language. Diesel exposes no SQLSTATE for the others (statement and lock
+    /// timeouts, deadlocks, shutdowns), so those are recognised by PostgreSQL's
+    /// English messages: with `lc_messages` set to another language they are not
+    /// transient.
     pub fn is_transient(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error as D};
         match self {
             Error::Connection(message) => !is_configuration_failure(message),
             Error::Database(D::DatabaseError(kind, info)) => match kind {
                 // Diesel maps SQLSTATE 08xxx and a dead socket to ClosedConnection and
-                // 40001 to SerializationFailure.
+                // 40001 to SerializationFailure: judged by kind, whatever the
+                // server's language.
                 DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::SerializationFailure => {
                     true
                 }
-                // Diesel does not expose the other SQLSTATEs, so recognise PostgreSQL's
-                // (and libpq's) messages for them.
-                _ => is_transient_message(info.message()),
+                // Diesel 2.3 exposes no SQLSTATE (`DatabaseErrorInformation` has none),
+                // and maps 57014, 55P03, 40P01 and 57P0x to Unknown; a failed send is
+                // libpq's. Only for these is the (English) message the fallback.
+                DatabaseErrorKind::Unknown | DatabaseErrorKind::UnableToSendCommand => {
+                    is_transient_message(info.message())
+                }
+                // Constraint violations, read-only transactions: the same statement
+                // fails the same way again.
+                _ => false,
             },
             Error::Database(D::BrokenTransactionManager) => true,
             _ => false,
@@ -117,7 +131,8 @@ impl Error {
         use diesel::result::{DatabaseErrorKind, Error as D};
         match self {
             Error::Database(D::DatabaseError(DatabaseErrorKind::SerializationFailure, _)) => true,
-            Error::Database(D::DatabaseError(_, info)) => {
+            // 40P01 is Unknown to Diesel: the message is all there is.
+            Error::Database(D::DatabaseError(DatabaseErrorKind::Unknown, info)) => {
                 info.message().contains("deadlock detected")
             }
             _ => false,
@@ -199,5 +214,64 @@ impl From<diesel::r2d2::PoolError> for Error {
         // libpq's messages span several lines; keep the error to one.
         let message = error.to_string();
         Error::Connection(message.split_whitespace().collect::<Vec<_>>().join(" "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::result::{DatabaseErrorKind, Error as D};
+
+    fn database(kind: DatabaseErrorKind, message: &str) -> Error {
+        Error::Database(D::DatabaseError(kind, Box::new(message.to_owned())))
+    }
+
+    #[test]
+    fn a_closed_connection_is_transient_in_any_language() {
+        let error = database(
+            DatabaseErrorKind::ClosedConnection,
+            "Server hat die Verbindung unerwartet geschlossen",
+        );
+        assert!(error.is_transient());
+    }
+
+    #[test]
+    fn a_serialization_failure_is_transient_and_retried_in_any_language() {
+        let error = database(
+            DatabaseErrorKind::SerializationFailure,
+            "konnte Zugriff nicht serialisieren",
+        );
+        assert!(error.is_transient());
+        assert!(error.is_retryable_conflict());
+    }
+
+    #[test]
+    fn constraint_violations_are_never_transient_whatever_the_message() {
+        for kind in [
+            DatabaseErrorKind::UniqueViolation,
+            DatabaseErrorKind::ForeignKeyViolation,
+            DatabaseErrorKind::NotNullViolation,
+            DatabaseErrorKind::CheckViolation,
+        ] {
+            let error = database(kind, "deadlock detected");
+            assert!(!error.is_transient(), "{kind:?}");
+            assert!(!error.is_retryable_conflict(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn unmapped_sqlstates_fall_back_to_the_message() {
+        for message in [
+            "canceling statement due to statement timeout",
+            "canceling statement due to lock timeout",
+            "deadlock detected",
+            "terminating connection due to administrator command",
+        ] {
+            assert!(
+                database(DatabaseErrorKind::Unknown, message).is_transient(),
+                "{message}"
+            );
+        }
+        assert!(!database(DatabaseErrorKind::Unknown, "syntax error").is_transient());
     }
 }
