@@ -4,7 +4,7 @@ use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, MigrationError, Result};
 use crate::kind::CacheKind;
 use crate::pool::quote_ident;
 
@@ -36,7 +36,7 @@ pub(crate) fn run_pending(conn: &mut PgConnection, schema: Option<&str>) -> Resu
     .and_then(|()| {
         conn.run_pending_migrations(MIGRATIONS)
             .map(|versions| versions.iter().map(ToString::to_string).collect())
-            .map_err(|e| Error::Migration(e.to_string()))
+            .map_err(|e| Error::Migration(MigrationError::caused_by(e.to_string(), e)))
     });
     let unlock = conn.batch_execute(MIGRATION_UNLOCK);
     let versions = result?;

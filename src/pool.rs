@@ -168,7 +168,7 @@ impl Pool {
             self.suspicion.raise();
         }
         Err(Error::Connection(
-            "every pooled connection was dead and no new one answered".to_owned(),
+            "every pooled connection was dead and no new one answered".into(),
         ))
     }
 
@@ -183,7 +183,7 @@ impl Pool {
             self.suspicion.raise();
         }
         Err(Error::Connection(
-            "every pooled connection was dead and no new one answered".to_owned(),
+            "every pooled connection was dead and no new one answered".into(),
         ))
     }
 
