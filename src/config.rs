@@ -1,7 +1,9 @@
 //! Configuration: from code with [`CacheConfig::builder`], or from the environment with
 //! [`CacheConfig::from_env`].
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use crate::database_url::DatabaseUrl;
@@ -133,6 +135,31 @@ pub struct CacheConfig {
 }
 
 impl CacheConfig {
+    /// Every default (see each setter of the builder).
+    fn defaults() -> Self {
+        CacheConfig {
+            database_url: DatabaseUrl::parse(DEFAULT_DATABASE_URL)
+                .expect("the default URL is valid"),
+            enabled: true,
+            ttl: TtlPresets::default(),
+            pool: PoolSettings::default(),
+            schema: None,
+            run_migrations: true,
+            durability: Durability::Full,
+            statement_timeout: Duration::from_secs(5),
+            application_name: "pgcache".to_owned(),
+            fail_open: false,
+            stats_flush_interval: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(30),
+            compute_wait_timeout: Duration::from_secs(60),
+            janitor_interval: None,
+            size_bounds: [SizeBounds::NONE; CacheKind::COUNT],
+            eviction_low_watermark: DEFAULT_EVICTION_LOW_WATERMARK,
+        }
+    }
+}
+
+impl CacheConfig {
     /// Starts a builder with every default (see each setter).
     pub fn builder() -> CacheConfigBuilder {
         CacheConfigBuilder::default()
@@ -144,11 +171,13 @@ impl CacheConfig {
     /// # Errors
     /// [`Error::Config`] naming the first malformed variable and its value.
     pub fn from_env() -> Result<Self> {
-        Self::from_vars(std::env::vars())
+        CacheConfigBuilder::from_env()?.build()
     }
 
     /// Reads the configuration from `(name, value)` pairs, as [`Self::from_env`] does
-    /// from the environment. Unknown names are ignored; unset ones keep their defaults.
+    /// from the environment. Unset names keep their defaults; unknown names are
+    /// ignored, with a `tracing` warning for an unknown `PGCACHE_*` name (naming the
+    /// closest known one), which is most likely a misspelling.
     ///
     /// | variable | default | meaning |
     /// |---|---|---|
@@ -182,54 +211,7 @@ impl CacheConfig {
         K: AsRef<str>,
         V: AsRef<str>,
     {
-        let mut b = CacheConfig::builder();
-        for (name, value) in vars {
-            let (name, value) = (name.as_ref(), value.as_ref());
-            b = match name {
-                "DATABASE_URL" => b.database_url(value),
-                "ENABLE_CACHING" => b.enabled(parse_bool(name, value)?),
-                "CACHE_TTL_SHORT" => b.ttl_short(parse_secs(name, value)?),
-                "CACHE_TTL_MEDIUM" => b.ttl_medium(parse_secs(name, value)?),
-                "CACHE_TTL_LONG" => b.ttl_long(parse_secs(name, value)?),
-                "CACHE_TTL_WEEK" => b.ttl_week(parse_secs(name, value)?),
-                "PGCACHE_POOL_MAX_SIZE" => b.pool_max_size(parse_u32(name, value)?),
-                "PGCACHE_POOL_MIN_IDLE" => b.pool_min_idle(parse_u32(name, value)?),
-                "PGCACHE_POOL_IDLE_TIMEOUT_SECS" => b.pool_idle_timeout(parse_secs(name, value)?),
-                "PGCACHE_POOL_CONNECTION_TIMEOUT_MS" => {
-                    b.pool_connection_timeout(parse_millis(name, value)?)
-                }
-                "PGCACHE_STATEMENT_TIMEOUT_MS" => b.statement_timeout(parse_millis(name, value)?),
-                "PGCACHE_SCHEMA" => b.schema(value),
-                "PGCACHE_RUN_MIGRATIONS" => b.run_migrations(parse_bool(name, value)?),
-                "PGCACHE_DURABILITY" => b.durability(Durability::parse(name, value)?),
-                "PGCACHE_FAIL_OPEN" => b.fail_open(parse_bool(name, value)?),
-                "PGCACHE_STATS_FLUSH_MS" => b.stats_flush_interval(parse_millis(name, value)?),
-                "PGCACHE_LEASE_TTL_MS" => b.lease_ttl(parse_millis(name, value)?),
-                "PGCACHE_COMPUTE_WAIT_MS" => b.compute_wait_timeout(parse_millis(name, value)?),
-                "PGCACHE_JANITOR_INTERVAL_SECS" => match parse_secs(name, value)? {
-                    Duration::ZERO => b.no_janitor(),
-                    interval => b.janitor_interval(interval),
-                },
-                "PGCACHE_EVICTION_LOW_WATERMARK" => {
-                    b.eviction_low_watermark(value.trim().parse().map_err(|_| {
-                        Error::config(name, value, "expected a fraction between 0 and 1")
-                    })?)
-                }
-                _ => match bound_setting(name) {
-                    // 0 means no bound, as unset.
-                    Some((kind, Bound::Entries)) => b.max_entries(
-                        kind,
-                        Some(parse_u64(name, value, "entries")?).filter(|&n| n > 0),
-                    ),
-                    Some((kind, Bound::Bytes)) => b.max_bytes(
-                        kind,
-                        Some(parse_u64(name, value, "bytes")?).filter(|&n| n > 0),
-                    ),
-                    None => b,
-                },
-            };
-        }
-        b.build()
+        CacheConfigBuilder::from_vars(vars)?.build()
     }
 
     /// The database URL (its `Display` hides the password).
@@ -317,133 +299,149 @@ impl CacheConfig {
 }
 
 /// Builder for [`CacheConfig`]; every setter consumes and returns the builder.
+///
+/// It holds the configuration being built and, for each setting read from the
+/// environment, the variable it came from: an invalid value is reported under the
+/// name the caller used, the variable's or the setter's.
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct CacheConfigBuilder {
+    config: CacheConfig,
+    /// Unchecked until [`Self::build`], as the setters cannot fail.
     database_url: UnparsedUrl,
-    enabled: bool,
-    ttl: TtlPresets,
-    pool: PoolSettings,
-    schema: Option<String>,
-    run_migrations: bool,
-    durability: Durability,
-    statement_timeout: Duration,
-    application_name: String,
-    fail_open: bool,
-    stats_flush_interval: Duration,
-    lease_ttl: Duration,
-    compute_wait_timeout: Duration,
-    janitor_interval: Option<Duration>,
-    size_bounds: [SizeBounds; CacheKind::COUNT],
-    eviction_low_watermark: f64,
+    /// Setting (setter name) to the variable and value it was read from.
+    from_env: HashMap<String, (String, String)>,
 }
 
 impl Default for CacheConfigBuilder {
     fn default() -> Self {
         CacheConfigBuilder {
+            config: CacheConfig::defaults(),
             database_url: UnparsedUrl(DEFAULT_DATABASE_URL.to_owned()),
-            enabled: true,
-            ttl: TtlPresets::default(),
-            pool: PoolSettings::default(),
-            schema: None,
-            run_migrations: true,
-            durability: Durability::Full,
-            statement_timeout: Duration::from_secs(5),
-            application_name: "pgcache".to_owned(),
-            fail_open: false,
-            stats_flush_interval: Duration::from_secs(1),
-            lease_ttl: Duration::from_secs(30),
-            compute_wait_timeout: Duration::from_secs(60),
-            janitor_interval: None,
-            size_bounds: [SizeBounds::NONE; CacheKind::COUNT],
-            eviction_low_watermark: DEFAULT_EVICTION_LOW_WATERMARK,
+            from_env: HashMap::new(),
         }
     }
 }
 
 impl CacheConfigBuilder {
+    /// A builder holding the configuration of the process environment, for a
+    /// program that reads the environment and then overrides some settings (say,
+    /// from its command line). See [`CacheConfig::from_vars`] for the variables.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the first variable that is not even of the right
+    /// type; values out of range are reported by [`Self::build`].
+    pub fn from_env() -> Result<Self> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// [`Self::from_env`] from `(name, value)` pairs.
+    ///
+    /// # Errors
+    /// As [`Self::from_env`].
+    pub fn from_vars<K, V>(vars: impl IntoIterator<Item = (K, V)>) -> Result<Self>
+    where
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let mut b = CacheConfigBuilder::default();
+        for (name, value) in vars {
+            let (name, value) = (name.as_ref(), value.as_ref());
+            match VARIABLES.iter().find(|v| v.name == name) {
+                Some(variable) => {
+                    b = (variable.apply)(b, name, value)?;
+                    b.from_env.insert(
+                        variable.setting.clone(),
+                        (name.to_owned(), value.to_owned()),
+                    );
+                }
+                None => warn_if_misspelt(name),
+            }
+        }
+        Ok(b)
+    }
+
+    /// Changes one setting, which from now on is the caller's, not the environment's.
+    fn set(mut self, setting: &str, change: impl FnOnce(&mut CacheConfig)) -> Self {
+        self.from_env.remove(setting);
+        change(&mut self.config);
+        self
+    }
+
     /// The server: a `postgres://` URL or libpq's `key=value` pairs (see
     /// [`DatabaseUrl`]). Default: [`DEFAULT_DATABASE_URL`].
     pub fn database_url(mut self, url: impl Into<String>) -> Self {
+        self.from_env.remove("database_url");
         self.database_url = UnparsedUrl(url.into());
         self
     }
 
     /// Turns caching on or off. Default: on.
-    pub fn enabled(mut self, enabled: bool) -> Self {
-        self.enabled = enabled;
-        self
+    pub fn enabled(self, enabled: bool) -> Self {
+        self.set("enabled", |c| c.enabled = enabled)
     }
 
     /// The short TTL preset. Default: 300 s.
-    pub fn ttl_short(mut self, ttl: Duration) -> Self {
-        self.ttl.short = ttl;
-        self
+    pub fn ttl_short(self, ttl: Duration) -> Self {
+        self.set("ttl_short", |c| c.ttl.short = ttl)
     }
 
     /// The medium TTL preset. Default: 3600 s.
-    pub fn ttl_medium(mut self, ttl: Duration) -> Self {
-        self.ttl.medium = ttl;
-        self
+    pub fn ttl_medium(self, ttl: Duration) -> Self {
+        self.set("ttl_medium", |c| c.ttl.medium = ttl)
     }
 
     /// The long TTL preset. Default: 86400 s.
-    pub fn ttl_long(mut self, ttl: Duration) -> Self {
-        self.ttl.long = ttl;
-        self
+    pub fn ttl_long(self, ttl: Duration) -> Self {
+        self.set("ttl_long", |c| c.ttl.long = ttl)
     }
 
     /// The week TTL preset. Default: 604800 s.
-    pub fn ttl_week(mut self, ttl: Duration) -> Self {
-        self.ttl.week = ttl;
-        self
+    pub fn ttl_week(self, ttl: Duration) -> Self {
+        self.set("ttl_week", |c| c.ttl.week = ttl)
     }
 
     /// Most pooled connections. Default: 20.
-    pub fn pool_max_size(mut self, size: u32) -> Self {
-        self.pool.max_size = size;
-        self
+    pub fn pool_max_size(self, size: u32) -> Self {
+        self.set("pool_max_size", |c| c.pool.max_size = size)
     }
 
     /// Idle connections the pool keeps open (see [`PoolSettings::min_idle`] before
     /// raising it). Default: 0.
-    pub fn pool_min_idle(mut self, min_idle: u32) -> Self {
-        self.pool.min_idle = min_idle;
-        self
+    pub fn pool_min_idle(self, min_idle: u32) -> Self {
+        self.set("pool_min_idle", |c| c.pool.min_idle = min_idle)
     }
 
     /// How long an idle connection is kept. Default: 30 s.
-    pub fn pool_idle_timeout(mut self, timeout: Duration) -> Self {
-        self.pool.idle_timeout = timeout;
-        self
+    pub fn pool_idle_timeout(self, timeout: Duration) -> Self {
+        self.set("pool_idle_timeout", |c| c.pool.idle_timeout = timeout)
     }
 
     /// How long to wait for a connection. Default: 2 s.
-    pub fn pool_connection_timeout(mut self, timeout: Duration) -> Self {
-        self.pool.connection_timeout = timeout;
-        self
+    pub fn pool_connection_timeout(self, timeout: Duration) -> Self {
+        self.set("pool_connection_timeout", |c| {
+            c.pool.connection_timeout = timeout;
+        })
     }
 
     /// Schema holding the cache tables; set as the cache connections' `search_path`.
     /// Default: none (the server's search path, usually `public`).
-    pub fn schema(mut self, schema: impl Into<String>) -> Self {
-        self.schema = Some(schema.into());
-        self
+    pub fn schema(self, schema: impl Into<String>) -> Self {
+        let schema = schema.into();
+        self.set("schema", |c| c.schema = Some(schema))
     }
 
     /// Run pending migrations when the manager starts. Default: true. Turn off for
     /// deployments that migrate separately (`pgcache migrate`) and run the cache with
     /// a role that may not create tables: with it on, such a role fails to start
     /// with an [`Error::Migration`] saying so.
-    pub fn run_migrations(mut self, run: bool) -> Self {
-        self.run_migrations = run;
-        self
+    pub fn run_migrations(self, run: bool) -> Self {
+        self.set("run_migrations", |c| c.run_migrations = run)
     }
 
     /// Durability of cache writes. Default: [`Durability::Full`].
-    pub fn durability(mut self, durability: Durability) -> Self {
-        self.durability = durability;
-        self
+    pub fn durability(self, durability: Durability) -> Self {
+        self.set("durability", |c| c.durability = durability)
     }
 
     /// `statement_timeout` on every cache connection, so a stuck database cannot hang
@@ -456,16 +454,15 @@ impl CacheConfigBuilder {
     /// [`Error::Unresponsive`](crate::Error::Unresponsive) (Linux on x86-64 and
     /// AArch64). The same sum is libpq's `tcp_user_timeout` unless the connection
     /// string sets one.
-    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
-        self.statement_timeout = timeout;
-        self
+    pub fn statement_timeout(self, timeout: Duration) -> Self {
+        self.set("statement_timeout", |c| c.statement_timeout = timeout)
     }
 
     /// `application_name` of the cache's connections, visible in `pg_stat_activity`.
     /// Default: `pgcache`.
-    pub fn application_name(mut self, name: impl Into<String>) -> Self {
-        self.application_name = name.into();
-        self
+    pub fn application_name(self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        self.set("application_name", |c| c.application_name = name)
     }
 
     /// Fail-open mode: reads that fail with a transient error return a miss, writes
@@ -473,181 +470,367 @@ impl CacheConfigBuilder {
     /// the database answers, so no old value is served after recovery). The manager
     /// starts while the database is down (not when it is misconfigured) and runs its
     /// migrations once it answers. Default: off.
-    pub fn fail_open(mut self, fail_open: bool) -> Self {
-        self.fail_open = fail_open;
-        self
+    pub fn fail_open(self, fail_open: bool) -> Self {
+        self.set("fail_open", |c| c.fail_open = fail_open)
     }
 
     /// How often a background thread writes the in-memory hit/miss counters to the
     /// database (and, after an outage in fail-open mode, catches up: migrations,
     /// skipped writes). Default: 1 s.
-    pub fn stats_flush_interval(mut self, interval: Duration) -> Self {
-        self.stats_flush_interval = interval;
-        self
+    pub fn stats_flush_interval(self, interval: Duration) -> Self {
+        self.set("stats_flush_interval", |c| {
+            c.stats_flush_interval = interval;
+        })
     }
 
     /// Single flight: how long the lease of a caller computing a missing entry lasts,
     /// so that if its process dies the key is computed again by someone else after
     /// at most this long. Set it above your slowest computation: a computation still
     /// running when its lease lapses may be duplicated. Default: 30 s.
-    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
-        self.lease_ttl = ttl;
-        self
+    pub fn lease_ttl(self, ttl: Duration) -> Self {
+        self.set("lease_ttl", |c| c.lease_ttl = ttl)
     }
 
     /// Single flight: how long `get_or_compute` waits for another caller's
     /// computation of the same key before returning [`Error::ComputeTimeout`].
     /// Default: 60 s (longer than the default lease, so waiters outlive a dead
     /// computer and take over).
-    pub fn compute_wait_timeout(mut self, timeout: Duration) -> Self {
-        self.compute_wait_timeout = timeout;
-        self
+    pub fn compute_wait_timeout(self, timeout: Duration) -> Self {
+        self.set("compute_wait_timeout", |c| {
+            c.compute_wait_timeout = timeout;
+        })
     }
 
     /// Runs [`cleanup`](crate::CacheManager::cleanup) on a background thread every
     /// `interval`, for services that do not schedule `pgcache cleanup` with cron. The
     /// thread stops when the last clone of the manager is dropped. Default: off.
-    pub fn janitor_interval(mut self, interval: Duration) -> Self {
-        self.janitor_interval = Some(interval);
-        self
+    pub fn janitor_interval(self, interval: Duration) -> Self {
+        self.set("janitor_interval", |c| c.janitor_interval = Some(interval))
     }
 
     /// Turns the background janitor off (the default).
-    pub fn no_janitor(mut self) -> Self {
-        self.janitor_interval = None;
-        self
+    pub fn no_janitor(self) -> Self {
+        self.set("janitor_interval", |c| c.janitor_interval = None)
     }
 
     /// The most entries `cache` may hold (`None`: no bound): past it,
     /// [`cleanup`](crate::CacheManager::cleanup) evicts expired entries, then the
     /// least recently used (LLM responses, audio) or oldest written (the others),
     /// down to the [low watermark](Self::eviction_low_watermark). Default: none.
-    pub fn max_entries(mut self, cache: CacheKind, max: Option<u64>) -> Self {
-        self.size_bounds[cache.index()].max_entries = max;
-        self
+    pub fn max_entries(self, cache: CacheKind, max: Option<u64>) -> Self {
+        self.set(&bound_setting(cache, Bound::Entries), |c| {
+            c.size_bounds[cache.index()].max_entries = max;
+        })
     }
 
     /// The most payload bytes `cache` may hold (`None`: no bound; see [`SizeBounds`]
     /// for what counts), enforced like [`max_entries`](Self::max_entries).
     /// Default: none.
-    pub fn max_bytes(mut self, cache: CacheKind, max: Option<u64>) -> Self {
-        self.size_bounds[cache.index()].max_bytes = max;
-        self
+    pub fn max_bytes(self, cache: CacheKind, max: Option<u64>) -> Self {
+        self.set(&bound_setting(cache, Bound::Bytes), |c| {
+            c.size_bounds[cache.index()].max_bytes = max;
+        })
     }
 
     /// The fraction (0 to 1) of a bound that eviction brings an over-bound cache
     /// down to, so that it is not over again after a few writes. Default:
     /// [`DEFAULT_EVICTION_LOW_WATERMARK`] (0.8).
-    pub fn eviction_low_watermark(mut self, fraction: f64) -> Self {
-        self.eviction_low_watermark = fraction;
-        self
+    pub fn eviction_low_watermark(self, fraction: f64) -> Self {
+        self.set("eviction_low_watermark", |c| {
+            c.eviction_low_watermark = fraction;
+        })
     }
 
     /// Checks every setting and builds the configuration.
     ///
     /// # Errors
     /// [`Error::Config`] naming the first invalid setting: a malformed URL, a zero,
-    /// sub-microsecond or over-long TTL, a zero pool size, a `min_idle` above `max_size`, a zero timeout,
-    /// a zero or over-large size bound, a low watermark outside 0..=1.
+    /// sub-microsecond or over-long TTL, a zero pool size, a `min_idle` above
+    /// `max_size`, a zero timeout, a zero or over-large size bound, a low watermark
+    /// outside 0..=1. The setting is named as it was given: the environment variable
+    /// when it was read by [`Self::from_env`], else the setter (`pool_max_size`,
+    /// `max_entries(kv)`, ...).
     pub fn build(self) -> Result<CacheConfig> {
-        let database_url = DatabaseUrl::parse(&self.database_url.0)?;
-        for (name, ttl) in [
-            ("CACHE_TTL_SHORT", self.ttl.short),
-            ("CACHE_TTL_MEDIUM", self.ttl.medium),
-            ("CACHE_TTL_LONG", self.ttl.long),
-            ("CACHE_TTL_WEEK", self.ttl.week),
+        let mut config = self.config.clone();
+        config.database_url = DatabaseUrl::parse(&self.database_url.0).map_err(|error| {
+            match (error, self.from_env.contains_key("database_url")) {
+                // The parser names the variable; from code, name the setter.
+                (Error::Config { value, reason, .. }, false) => {
+                    Error::config("database_url", value, reason)
+                }
+                (error, _) => error,
+            }
+        })?;
+        let c = &config;
+        for (setting, ttl) in [
+            ("ttl_short", c.ttl.short),
+            ("ttl_medium", c.ttl.medium),
+            ("ttl_long", c.ttl.long),
+            ("ttl_week", c.ttl.week),
+            ("lease_ttl", c.lease_ttl),
         ] {
-            check_ttl(ttl).map_err(|reason| Error::config(name, secs(ttl), reason))?;
+            check_ttl(ttl).map_err(|reason| self.invalid(setting, format!("{ttl:?}"), reason))?;
         }
-        if self.pool.max_size == 0 {
-            return Err(Error::config(
-                "PGCACHE_POOL_MAX_SIZE",
-                "0",
-                "must be at least 1",
+        if c.pool.max_size == 0 {
+            return Err(self.invalid("pool_max_size", "0", "must be at least 1"));
+        }
+        if c.pool.min_idle > c.pool.max_size {
+            return Err(self.invalid(
+                "pool_min_idle",
+                c.pool.min_idle.to_string(),
+                format!("must not exceed the pool size {}", c.pool.max_size),
             ));
         }
-        if self.pool.min_idle > self.pool.max_size {
-            return Err(Error::config(
-                "PGCACHE_POOL_MIN_IDLE",
-                self.pool.min_idle.to_string(),
-                format!("must not exceed the pool size {}", self.pool.max_size),
-            ));
-        }
-        for (name, d) in [
-            (
-                "PGCACHE_POOL_CONNECTION_TIMEOUT_MS",
-                self.pool.connection_timeout,
-            ),
-            ("PGCACHE_STATEMENT_TIMEOUT_MS", self.statement_timeout),
-            ("PGCACHE_STATS_FLUSH_MS", self.stats_flush_interval),
-            ("PGCACHE_COMPUTE_WAIT_MS", self.compute_wait_timeout),
+        for (setting, d) in [
+            ("pool_connection_timeout", c.pool.connection_timeout),
+            ("statement_timeout", c.statement_timeout),
+            ("stats_flush_interval", c.stats_flush_interval),
+            ("compute_wait_timeout", c.compute_wait_timeout),
         ] {
             if d.is_zero() {
-                return Err(Error::config(name, "0", "must be greater than zero"));
+                return Err(self.invalid(setting, "0", "must be greater than zero"));
             }
         }
-        check_ttl(self.lease_ttl).map_err(|reason| {
-            Error::config(
-                "PGCACHE_LEASE_TTL_MS",
-                self.lease_ttl.as_millis().to_string(),
-                reason,
-            )
-        })?;
-        if self.janitor_interval.is_some_and(|d| d.is_zero()) {
-            return Err(Error::config(
-                "PGCACHE_JANITOR_INTERVAL_SECS",
+        if c.janitor_interval.is_some_and(|d| d.is_zero()) {
+            return Err(self.invalid(
+                "janitor_interval",
                 "0",
                 "must be greater than zero (leave unset to turn the janitor off)",
             ));
         }
-        check_bounds(&self.size_bounds, self.eviction_low_watermark)?;
-        if self.schema.as_deref().is_some_and(str::is_empty) {
-            return Err(Error::config("PGCACHE_SCHEMA", "", "must not be empty"));
+        check_low_watermark(c.eviction_low_watermark).map_err(|reason| {
+            self.invalid(
+                "eviction_low_watermark",
+                c.eviction_low_watermark.to_string(),
+                reason,
+            )
+        })?;
+        for cache in CacheKind::ALL {
+            let b = c.size_bounds[cache.index()];
+            for (bound, max) in [(Bound::Entries, b.max_entries), (Bound::Bytes, b.max_bytes)] {
+                let Some(max) = max else { continue };
+                let reason = match max {
+                    0 => "must be greater than zero (leave unset for no bound)".to_owned(),
+                    _ => match check_bound(max) {
+                        Ok(_) => continue,
+                        Err(reason) => reason,
+                    },
+                };
+                return Err(self.invalid(&bound_setting(cache, bound), max.to_string(), reason));
+            }
         }
-        Ok(CacheConfig {
-            database_url,
-            enabled: self.enabled,
-            ttl: self.ttl,
-            pool: self.pool,
-            schema: self.schema,
-            run_migrations: self.run_migrations,
-            durability: self.durability,
-            statement_timeout: self.statement_timeout,
-            application_name: self.application_name,
-            fail_open: self.fail_open,
-            stats_flush_interval: self.stats_flush_interval,
-            lease_ttl: self.lease_ttl,
-            compute_wait_timeout: self.compute_wait_timeout,
-            janitor_interval: self.janitor_interval,
-            size_bounds: self.size_bounds,
-            eviction_low_watermark: self.eviction_low_watermark,
-        })
+        if c.schema.as_deref().is_some_and(str::is_empty) {
+            return Err(self.invalid("schema", "", "must not be empty"));
+        }
+        Ok(config)
+    }
+
+    /// The error for an invalid `setting`, named as the caller gave it: its variable
+    /// and the variable's text when it came from the environment.
+    fn invalid(&self, setting: &str, value: impl Into<String>, reason: impl Into<String>) -> Error {
+        match self.from_env.get(setting) {
+            Some((variable, text)) => Error::config(variable, text, reason),
+            None => Error::config(setting, value, reason),
+        }
     }
 }
 
-/// A connection string as given to the builder, whose `Debug` hides its password
-/// as [`DatabaseUrl`]'s does.
-#[derive(Clone)]
-struct UnparsedUrl(String);
+/// How an environment variable's text is applied to the builder; given the
+/// variable's name for its parse errors.
+type Apply =
+    Box<dyn Fn(CacheConfigBuilder, &str, &str) -> Result<CacheConfigBuilder> + Send + Sync>;
 
-impl fmt::Debug for UnparsedUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match DatabaseUrl::parse(&self.0) {
-            Ok(url) => fmt::Debug::fmt(&url, f),
-            // Where its password ends is unknown: show none of it.
-            Err(_) => f.write_str("DatabaseUrl(<invalid, not shown>)"),
+/// One environment variable and the builder setting it feeds.
+struct Variable {
+    name: String,
+    /// The setter's name, as errors about builder values give it.
+    setting: String,
+    apply: Apply,
+}
+
+/// Every environment variable pgcache reads: the one list `from_vars` follows.
+static VARIABLES: LazyLock<Vec<Variable>> = LazyLock::new(|| {
+    fn var(
+        name: &str,
+        setting: &str,
+        apply: impl Fn(CacheConfigBuilder, &str, &str) -> Result<CacheConfigBuilder>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Variable {
+        Variable {
+            name: name.to_owned(),
+            setting: setting.to_owned(),
+            apply: Box::new(apply),
         }
     }
+    let mut variables = vec![
+        var("DATABASE_URL", "database_url", |b, _, v| {
+            Ok(b.database_url(v))
+        }),
+        var("ENABLE_CACHING", "enabled", |b, n, v| {
+            Ok(b.enabled(parse_bool(n, v)?))
+        }),
+        var("CACHE_TTL_SHORT", "ttl_short", |b, n, v| {
+            Ok(b.ttl_short(parse_secs(n, v)?))
+        }),
+        var("CACHE_TTL_MEDIUM", "ttl_medium", |b, n, v| {
+            Ok(b.ttl_medium(parse_secs(n, v)?))
+        }),
+        var("CACHE_TTL_LONG", "ttl_long", |b, n, v| {
+            Ok(b.ttl_long(parse_secs(n, v)?))
+        }),
+        var("CACHE_TTL_WEEK", "ttl_week", |b, n, v| {
+            Ok(b.ttl_week(parse_secs(n, v)?))
+        }),
+        var("PGCACHE_POOL_MAX_SIZE", "pool_max_size", |b, n, v| {
+            Ok(b.pool_max_size(parse_u32(n, v)?))
+        }),
+        var("PGCACHE_POOL_MIN_IDLE", "pool_min_idle", |b, n, v| {
+            Ok(b.pool_min_idle(parse_u32(n, v)?))
+        }),
+        var(
+            "PGCACHE_POOL_IDLE_TIMEOUT_SECS",
+            "pool_idle_timeout",
+            |b, n, v| Ok(b.pool_idle_timeout(parse_secs(n, v)?)),
+        ),
+        var(
+            "PGCACHE_POOL_CONNECTION_TIMEOUT_MS",
+            "pool_connection_timeout",
+            |b, n, v| Ok(b.pool_connection_timeout(parse_millis(n, v)?)),
+        ),
+        var(
+            "PGCACHE_STATEMENT_TIMEOUT_MS",
+            "statement_timeout",
+            |b, n, v| Ok(b.statement_timeout(parse_millis(n, v)?)),
+        ),
+        var("PGCACHE_SCHEMA", "schema", |b, _, v| Ok(b.schema(v))),
+        var("PGCACHE_RUN_MIGRATIONS", "run_migrations", |b, n, v| {
+            Ok(b.run_migrations(parse_bool(n, v)?))
+        }),
+        var("PGCACHE_DURABILITY", "durability", |b, n, v| {
+            Ok(b.durability(Durability::parse(n, v)?))
+        }),
+        var("PGCACHE_FAIL_OPEN", "fail_open", |b, n, v| {
+            Ok(b.fail_open(parse_bool(n, v)?))
+        }),
+        var(
+            "PGCACHE_STATS_FLUSH_MS",
+            "stats_flush_interval",
+            |b, n, v| Ok(b.stats_flush_interval(parse_millis(n, v)?)),
+        ),
+        var("PGCACHE_LEASE_TTL_MS", "lease_ttl", |b, n, v| {
+            Ok(b.lease_ttl(parse_millis(n, v)?))
+        }),
+        var(
+            "PGCACHE_COMPUTE_WAIT_MS",
+            "compute_wait_timeout",
+            |b, n, v| Ok(b.compute_wait_timeout(parse_millis(n, v)?)),
+        ),
+        // 0 means off, as unset.
+        var(
+            "PGCACHE_JANITOR_INTERVAL_SECS",
+            "janitor_interval",
+            |b, n, v| {
+                Ok(match parse_secs(n, v)? {
+                    Duration::ZERO => b.no_janitor(),
+                    interval => b.janitor_interval(interval),
+                })
+            },
+        ),
+        var(
+            "PGCACHE_EVICTION_LOW_WATERMARK",
+            "eviction_low_watermark",
+            |b, n, v| {
+                let fraction = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| Error::config(n, v, "expected a fraction between 0 and 1"))?;
+                Ok(b.eviction_low_watermark(fraction))
+            },
+        ),
+    ];
+    for cache in CacheKind::ALL {
+        // 0 means no bound, as unset.
+        variables.push(var(
+            &bound_variable(cache, Bound::Entries),
+            &bound_setting(cache, Bound::Entries),
+            move |b, n, v| {
+                let max = parse_u64(n, v, "entries")?;
+                Ok(b.max_entries(cache, Some(max).filter(|&n| n > 0)))
+            },
+        ));
+        variables.push(var(
+            &bound_variable(cache, Bound::Bytes),
+            &bound_setting(cache, Bound::Bytes),
+            move |b, n, v| {
+                let max = parse_u64(n, v, "bytes")?;
+                Ok(b.max_bytes(cache, Some(max).filter(|&n| n > 0)))
+            },
+        ));
+    }
+    variables
+});
+
+/// Warns about a `PGCACHE_*` variable pgcache does not read: most likely a
+/// misspelling, which would otherwise pass silently for the default.
+fn warn_if_misspelt(name: &str) {
+    if let Some(closest) = unknown_variable(name) {
+        match closest {
+            Some(closest) => tracing::warn!(
+                variable = name,
+                "pgcache: unknown environment variable {name} ignored; did you mean {closest}?"
+            ),
+            None => tracing::warn!(
+                variable = name,
+                "pgcache: unknown environment variable {name} ignored"
+            ),
+        }
+    }
+}
+
+/// For a `PGCACHE_*` name that is not a known variable, `Some`, with the closest
+/// known name when one is within three edits; `None` for known and foreign names.
+fn unknown_variable(name: &str) -> Option<Option<&'static str>> {
+    if !name.starts_with("PGCACHE_") || VARIABLES.iter().any(|v| v.name == name) {
+        return None;
+    }
+    let closest = VARIABLES
+        .iter()
+        .map(|v| (edit_distance(name, &v.name), v.name.as_str()))
+        .min()
+        .filter(|&(distance, _)| distance <= 3)
+        .map(|(_, closest)| closest);
+    Some(closest)
+}
+
+/// Levenshtein distance (names are short ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, &ca) in a.as_bytes().iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (diagonal + usize::from(ca != cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 /// The two bounds a cache may have.
+#[derive(Clone, Copy)]
 enum Bound {
     Entries,
     Bytes,
 }
 
 /// The environment variable setting `bound` of `cache`, e.g. `PGCACHE_KV_MAX_BYTES`.
-fn bound_variable(cache: CacheKind, bound: &Bound) -> String {
+fn bound_variable(cache: CacheKind, bound: Bound) -> String {
     let suffix = match bound {
         Bound::Entries => "MAX_ENTRIES",
         Bound::Bytes => "MAX_BYTES",
@@ -655,47 +838,13 @@ fn bound_variable(cache: CacheKind, bound: &Bound) -> String {
     format!("PGCACHE_{}_{suffix}", cache.name().to_ascii_uppercase())
 }
 
-/// Which cache and bound the variable `name` sets, if it is a bound variable.
-fn bound_setting(name: &str) -> Option<(CacheKind, Bound)> {
-    CacheKind::ALL.into_iter().find_map(|cache| {
-        [Bound::Entries, Bound::Bytes]
-            .into_iter()
-            .find(|bound| bound_variable(cache, bound) == name)
-            .map(|bound| (cache, bound))
-    })
-}
-
-fn check_bounds(bounds: &[SizeBounds; CacheKind::COUNT], low_watermark: f64) -> Result<()> {
-    check_low_watermark(low_watermark).map_err(|reason| {
-        Error::config(
-            "PGCACHE_EVICTION_LOW_WATERMARK",
-            low_watermark.to_string(),
-            reason,
-        )
-    })?;
-    for cache in CacheKind::ALL {
-        let b = bounds[cache.index()];
-        for (bound, max) in [(Bound::Entries, b.max_entries), (Bound::Bytes, b.max_bytes)] {
-            let Some(max) = max else { continue };
-            let reason = match max {
-                0 => "must be greater than zero (leave unset for no bound)".to_owned(),
-                _ => match check_bound(max) {
-                    Ok(_) => continue,
-                    Err(reason) => reason,
-                },
-            };
-            return Err(Error::config(
-                bound_variable(cache, &bound),
-                max.to_string(),
-                reason,
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn secs(d: Duration) -> String {
-    format!("{}s", d.as_secs_f64())
+/// The builder setting of `bound` of `cache`, e.g. `max_bytes(kv)`.
+fn bound_setting(cache: CacheKind, bound: Bound) -> String {
+    let setter = match bound {
+        Bound::Entries => "max_entries",
+        Bound::Bytes => "max_bytes",
+    };
+    format!("{setter}({})", cache.name())
 }
 
 fn parse_bool(name: &str, value: &str) -> Result<bool> {
@@ -743,4 +892,75 @@ pub(crate) fn check_low_watermark(fraction: f64) -> Result<(), String> {
 /// `max` as the database's `bigint`, or why it does not fit.
 pub(crate) fn check_bound(max: u64) -> Result<i64, String> {
     i64::try_from(max).map_err(|_| format!("must be at most {}, got {max}", i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_misspelt_variable_is_reported_with_the_closest_name() {
+        assert_eq!(
+            unknown_variable("PGCACHE_POOL_MAX_SIZ"),
+            Some(Some("PGCACHE_POOL_MAX_SIZE"))
+        );
+        assert_eq!(
+            unknown_variable("PGCACHE_KV_MAX_ENTRY"),
+            Some(Some("PGCACHE_KV_MAX_ENTRIES"))
+        );
+        assert_eq!(
+            unknown_variable("PGCACHE_SOMETHING_ELSE_ENTIRELY"),
+            Some(None)
+        );
+    }
+
+    #[test]
+    fn known_and_foreign_variables_are_not_reported() {
+        assert_eq!(unknown_variable("PGCACHE_POOL_MAX_SIZE"), None);
+        assert_eq!(unknown_variable("PGCACHE_AUDIO_CHUNK_MAX_BYTES"), None);
+        assert_eq!(unknown_variable("PATH"), None);
+        assert_eq!(unknown_variable("CACHE_TTL_SHORT"), None);
+    }
+
+    /// The tables in the README and in `from_vars`'s documentation are written by
+    /// hand: each must name every variable of the list (the bounds once, for all
+    /// caches).
+    #[test]
+    fn the_documented_tables_name_every_variable() {
+        let readme = include_str!("../README.md");
+        let rustdoc: String = include_str!("config.rs")
+            .lines()
+            .filter(|line| line.trim_start().starts_with("/// | `"))
+            .collect();
+        for variable in VARIABLES.iter() {
+            let mut name = variable.name.clone();
+            for cache in CacheKind::ALL {
+                let infix = format!("_{}_MAX_", cache.name().to_ascii_uppercase());
+                name = name.replace(&infix, "_<CACHE>_MAX_");
+            }
+            let name = name.replace("CACHE_TTL_", "");
+            for (doc, text) in [("README", readme), ("rustdoc", rustdoc.as_str())] {
+                assert!(
+                    text.contains(&name),
+                    "{doc} does not name {}",
+                    variable.name
+                );
+            }
+        }
+    }
+}
+
+/// A connection string as given to the builder, whose `Debug` hides its password
+/// as [`DatabaseUrl`]'s does.
+#[derive(Clone)]
+struct UnparsedUrl(String);
+
+impl fmt::Debug for UnparsedUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match DatabaseUrl::parse(&self.0) {
+            Ok(url) => fmt::Debug::fmt(&url, f),
+            // Where its password ends is unknown: show none of it.
+            Err(_) => f.write_str("DatabaseUrl(<invalid, not shown>)"),
+        }
+    }
 }

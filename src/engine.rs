@@ -118,7 +118,7 @@ impl Engine {
     fn pool(&self) -> Result<&Pool> {
         self.pool.as_ref().ok_or_else(|| {
             Error::Connection(
-                "caching is disabled (ENABLE_CACHING=false), so there is no pool".to_owned(),
+                "caching is disabled (ENABLE_CACHING=false), so there is no pool".into(),
             )
         })
     }

@@ -35,7 +35,7 @@ pub enum Error {
     /// credentials, or every pooled connection stayed busy past the connection timeout.
     /// A timeout carries the cause of the last failed connection attempt, if any.
     #[error("cannot get a database connection: {0}")]
-    Connection(String),
+    Connection(#[source] ConnectionError),
     /// A cache table is missing: migrations have not been run into this schema.
     #[error(
         "cache table `{table}` does not exist: run `pgcache migrate` (or enable run_migrations)"
@@ -46,13 +46,13 @@ pub enum Error {
     },
     /// Running the embedded migrations failed.
     #[error("migration failed: {0}")]
-    Migration(String),
+    Migration(#[source] MigrationError),
     /// A value could not be serialized to, or deserialized from, JSON.
     #[error("JSON (de)serialization failed: {0}")]
     Json(#[from] serde_json::Error),
     /// A query failed in the database.
     #[error("database error: {0}")]
-    Database(diesel::result::Error),
+    Database(#[source] diesel::result::Error),
     /// The database server did not answer a statement within `statement_timeout` plus
     /// a margin of one second, so pgcache closed that connection: the server is
     /// frozen (stopped processes, a paused machine) and cannot enforce its own
@@ -72,6 +72,92 @@ pub enum Error {
     },
 }
 
+/// A boxed cause, as Diesel, r2d2 and the migration harness give them.
+type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Defines an error type made of a one-line message and an optional cause.
+macro_rules! message_error {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        pub struct $name {
+            message: String,
+            source: Option<Cause>,
+        }
+
+        impl $name {
+            /// An error with this message and no underlying cause.
+            pub fn new(message: impl Into<String>) -> Self {
+                $name {
+                    message: message.into(),
+                    source: None,
+                }
+            }
+
+            /// An error with this message, caused by `source` (returned by
+            /// [`std::error::Error::source`]).
+            pub fn caused_by(message: impl Into<String>, source: impl Into<Cause>) -> Self {
+                $name {
+                    message: message.into(),
+                    source: Some(source.into()),
+                }
+            }
+
+            /// The message, without the cause's type.
+            pub fn message(&self) -> &str {
+                &self.message
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.message)
+            }
+        }
+
+        // By hand: the cause is shown by its message, which, like ours, never holds
+        // the password (a derived `Debug` would show the type's fields instead).
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($name))
+                    .field("message", &self.message)
+                    .field("source", &self.source.as_ref().map(ToString::to_string))
+                    .finish()
+            }
+        }
+
+        impl std::error::Error for $name {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.source.as_deref().map(|e| e as _)
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(message: String) -> Self {
+                $name::new(message)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(message: &str) -> Self {
+                $name::new(message)
+            }
+        }
+    };
+}
+
+message_error! {
+    /// Why no connection could be had ([`Error::Connection`]): a one-line message that
+    /// never holds the password and, when there is one, the r2d2 or Diesel error
+    /// behind it.
+    ConnectionError
+}
+
+message_error! {
+    /// Why the migrations failed ([`Error::Migration`]): a message and, when there is
+    /// one, the migration harness's error behind it.
+    MigrationError
+}
+
 impl Error {
     pub(crate) fn invalid(what: &'static str, reason: impl fmt::Display) -> Self {
         Error::InvalidInput {
@@ -82,7 +168,13 @@ impl Error {
 
     /// An [`Error::Connection`] of one line: libpq's messages span several.
     pub(crate) fn connection(message: &str) -> Self {
-        Error::Connection(message.split_whitespace().collect::<Vec<_>>().join(" "))
+        Error::Connection(
+            message
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+                .into(),
+        )
     }
 
     pub(crate) fn config(
@@ -102,21 +194,35 @@ impl Error {
     /// failure, deadlock): what
     /// fail-open mode turns into misses. Bad input, configuration errors (including
     /// refused credentials, unknown databases or roles and connection options libpq
-    /// refuses, such as `sslmode=bogus`), missing tables and missing privileges are
-    /// never transient.
+    /// refuses, such as `sslmode=bogus`), missing tables, missing privileges and
+    /// constraint violations are never transient.
+    ///
+    /// A lost connection and a serialization failure are recognised by Diesel's
+    /// [`DatabaseErrorKind`](diesel::result::DatabaseErrorKind), in any server
+    /// language. Diesel exposes no SQLSTATE for the others (statement and lock
+    /// timeouts, deadlocks, shutdowns), so those are recognised by PostgreSQL's
+    /// English messages: with `lc_messages` set to another language they are not
+    /// transient.
     pub fn is_transient(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error as D};
         match self {
-            Error::Connection(message) => !is_configuration_failure(message),
+            Error::Connection(error) => !is_configuration_failure(error.message()),
             Error::Database(D::DatabaseError(kind, info)) => match kind {
                 // Diesel maps SQLSTATE 08xxx and a dead socket to ClosedConnection and
-                // 40001 to SerializationFailure.
+                // 40001 to SerializationFailure: judged by kind, whatever the
+                // server's language.
                 DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::SerializationFailure => {
                     true
                 }
-                // Diesel does not expose the other SQLSTATEs, so recognise PostgreSQL's
-                // (and libpq's) messages for them.
-                _ => is_transient_message(info.message()),
+                // Diesel 2.3 exposes no SQLSTATE (`DatabaseErrorInformation` has none),
+                // and maps 57014, 55P03, 40P01 and 57P0x to Unknown; a failed send is
+                // libpq's. Only for these is the (English) message the fallback.
+                DatabaseErrorKind::Unknown | DatabaseErrorKind::UnableToSendCommand => {
+                    is_transient_message(info.message())
+                }
+                // Constraint violations, read-only transactions: the same statement
+                // fails the same way again.
+                _ => false,
             },
             Error::Database(D::BrokenTransactionManager) | Error::Unresponsive { .. } => true,
             _ => false,
@@ -136,7 +242,8 @@ impl Error {
         use diesel::result::{DatabaseErrorKind, Error as D};
         match self {
             Error::Database(D::DatabaseError(DatabaseErrorKind::SerializationFailure, _)) => true,
-            Error::Database(D::DatabaseError(_, info)) => {
+            // 40P01 is Unknown to Diesel: the message is all there is.
+            Error::Database(D::DatabaseError(DatabaseErrorKind::Unknown, info)) => {
                 info.message().contains("deadlock detected")
             }
             _ => false,
@@ -231,6 +338,121 @@ impl From<diesel::result::Error> for Error {
 /// them of the password (which this conversion does not know).
 impl From<diesel::r2d2::PoolError> for Error {
     fn from(error: diesel::r2d2::PoolError) -> Self {
-        Error::connection(&error.to_string())
+        // libpq's messages span several lines; keep the error to one.
+        let message = error.to_string();
+        Error::Connection(ConnectionError::caused_by(
+            message.split_whitespace().collect::<Vec<_>>().join(" "),
+            error,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::result::{DatabaseErrorKind, Error as D};
+
+    fn database(kind: DatabaseErrorKind, message: &str) -> Error {
+        Error::Database(D::DatabaseError(kind, Box::new(message.to_owned())))
+    }
+
+    #[test]
+    fn a_database_error_keeps_the_diesel_error_as_its_source() {
+        let error = Error::from(D::NotFound);
+        let source = std::error::Error::source(&error).expect("a source");
+        assert!(matches!(source.downcast_ref::<D>(), Some(D::NotFound)));
+    }
+
+    #[test]
+    fn a_migration_error_keeps_its_cause() {
+        let cause = std::io::Error::other("no such migration");
+        let error = Error::Migration(MigrationError::caused_by("failed", cause));
+        let source = std::error::Error::source(&error).expect("the MigrationError");
+        let cause = source.source().expect("the harness's error");
+        assert!(cause.downcast_ref::<std::io::Error>().is_some());
+        assert_eq!(cause.to_string(), "no such migration");
+    }
+
+    #[test]
+    fn a_pool_error_keeps_the_r2d2_error_and_a_one_line_message() {
+        use diesel::r2d2::{ConnectionManager, Pool};
+        let pool = Pool::builder()
+            .connection_timeout(std::time::Duration::from_millis(50))
+            .build_unchecked(ConnectionManager::<diesel::PgConnection>::new(
+                "postgres://app:s3cr3t@127.0.0.1:1/app",
+            ));
+        let Err(error) = pool.get().map(drop) else {
+            panic!("nothing listens on port 1")
+        };
+        let error = Error::from(error);
+        let Error::Connection(connection) = &error else {
+            panic!("{error:?}")
+        };
+        assert!(!connection.message().contains('\n'), "{connection}");
+        let cause = std::error::Error::source(connection).expect("the pool error");
+        assert!(cause.downcast_ref::<diesel::r2d2::PoolError>().is_some());
+        assert!(!format!("{error:?}").contains("s3cr3t"), "{error:?}");
+    }
+
+    #[test]
+    fn connection_errors_are_still_written_from_text() {
+        let error = Error::Connection("connection refused".into());
+        assert_eq!(
+            error.to_string(),
+            "cannot get a database connection: connection refused"
+        );
+        assert!(std::error::Error::source(&error)
+            .and_then(std::error::Error::source)
+            .is_none());
+        assert!(error.is_transient());
+    }
+
+    #[test]
+    fn a_closed_connection_is_transient_in_any_language() {
+        let error = database(
+            DatabaseErrorKind::ClosedConnection,
+            "Server hat die Verbindung unerwartet geschlossen",
+        );
+        assert!(error.is_transient());
+    }
+
+    #[test]
+    fn a_serialization_failure_is_transient_and_retried_in_any_language() {
+        let error = database(
+            DatabaseErrorKind::SerializationFailure,
+            "konnte Zugriff nicht serialisieren",
+        );
+        assert!(error.is_transient());
+        assert!(error.is_retryable_conflict());
+    }
+
+    #[test]
+    fn constraint_violations_are_never_transient_whatever_the_message() {
+        for kind in [
+            DatabaseErrorKind::UniqueViolation,
+            DatabaseErrorKind::ForeignKeyViolation,
+            DatabaseErrorKind::NotNullViolation,
+            DatabaseErrorKind::CheckViolation,
+        ] {
+            let error = database(kind, "deadlock detected");
+            assert!(!error.is_transient(), "{kind:?}");
+            assert!(!error.is_retryable_conflict(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn unmapped_sqlstates_fall_back_to_the_message() {
+        for message in [
+            "canceling statement due to statement timeout",
+            "canceling statement due to lock timeout",
+            "deadlock detected",
+            "terminating connection due to administrator command",
+        ] {
+            assert!(
+                database(DatabaseErrorKind::Unknown, message).is_transient(),
+                "{message}"
+            );
+        }
+        assert!(!database(DatabaseErrorKind::Unknown, "syntax error").is_transient());
     }
 }

@@ -66,7 +66,7 @@ pub use caches::{
 pub use config::{CacheConfig, CacheConfigBuilder, Durability, PoolSettings, DEFAULT_DATABASE_URL};
 pub use config::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
 pub use database_url::DatabaseUrl;
-pub use error::{Error, Result};
+pub use error::{ConnectionError, Error, MigrationError, Result};
 pub use eviction::{EvictionReport, CLEANUP_BATCH_SIZE};
 pub use expiry::{TtlPresets, MAX_TTL};
 pub use key::{KeyDigest, KEY_FORMAT_VERSION};

@@ -8,7 +8,7 @@ use diesel::sql_types::{Array, Bool, Nullable, Text, Timestamptz};
 use diesel::{QueryableByName, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, MigrationError, Result};
 use crate::kind::CacheKind;
 use crate::pool::quote_ident;
 
@@ -36,7 +36,7 @@ pub(crate) fn run_pending(conn: &mut PgConnection, schema: Option<&str>) -> Resu
     .and_then(|()| {
         conn.run_pending_migrations(MIGRATIONS)
             .map(|versions| versions.iter().map(ToString::to_string).collect())
-            .map_err(|e| Error::Migration(e.to_string()))
+            .map_err(|e| Error::Migration(MigrationError::caused_by(e.to_string(), e)))
     });
     let unlock = conn.batch_execute(MIGRATION_UNLOCK);
     let versions = result.map_err(explain_missing_privilege)?;
@@ -78,12 +78,15 @@ const PRIVILEGE_HINT: &str = "this role may not create the cache tables: run `pg
 /// [`Error::Migration`] saying what to do; other errors are returned as they are.
 fn explain_missing_privilege(error: Error) -> Error {
     let message = match &error {
-        Error::Migration(message) => message.clone(),
+        Error::Migration(message) => message.to_string(),
         Error::Database(cause) => cause.to_string(),
         _ => return error,
     };
     if message.contains("permission denied") || message.contains("must be owner of") {
-        Error::Migration(format!("{message}: {PRIVILEGE_HINT}"))
+        Error::Migration(MigrationError::caused_by(
+            format!("{message}: {PRIVILEGE_HINT}"),
+            error,
+        ))
     } else {
         error
     }
@@ -99,7 +102,7 @@ pub(crate) fn migrated_at(conn: &mut PgConnection) -> Result<Option<DateTime<Utc
         at: Option<DateTime<Utc>>,
     }
     let versions: Vec<String> = MigrationSource::<Pg>::migrations(&MIGRATIONS)
-        .map_err(|e| Error::Migration(e.to_string()))?
+        .map_err(|e| Error::Migration(MigrationError::caused_by(e.to_string(), e)))?
         .iter()
         .map(|m| m.name().version().to_string())
         .collect();

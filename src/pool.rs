@@ -249,7 +249,7 @@ impl Pool {
             self.suspicion.raise();
         }
         Err(Error::Connection(
-            "every pooled connection was dead and no new one answered".to_owned(),
+            "every pooled connection was dead and no new one answered".into(),
         ))
     }
 
@@ -264,7 +264,7 @@ impl Pool {
             self.suspicion.raise();
         }
         Err(Error::Connection(
-            "every pooled connection was dead and no new one answered".to_owned(),
+            "every pooled connection was dead and no new one answered".into(),
         ))
     }
 

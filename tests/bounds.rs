@@ -293,7 +293,7 @@ fn a_zero_bound_set_in_code_is_a_config_error() {
         .build()
         .unwrap_err();
     assert!(
-        matches!(&err, Error::Config { setting, .. } if setting == "PGCACHE_AUDIO_CHUNK_MAX_BYTES"),
+        matches!(&err, Error::Config { setting, .. } if setting == "max_bytes(audio_chunk)"),
         "{err}"
     );
 }

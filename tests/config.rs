@@ -154,3 +154,71 @@ fn missing_tables_say_to_run_migrate() {
     assert!(matches!(err, Error::MissingTable { .. }), "{err}");
     assert!(err.to_string().contains("pgcache migrate"), "{err}");
 }
+
+#[test]
+fn builder_errors_name_the_setter_not_a_variable() {
+    for (builder, setting) in [
+        (CacheConfig::builder().pool_max_size(0), "pool_max_size"),
+        (
+            CacheConfig::builder().statement_timeout(Duration::ZERO),
+            "statement_timeout",
+        ),
+        (
+            CacheConfig::builder().ttl_short(Duration::ZERO),
+            "ttl_short",
+        ),
+        (CacheConfig::builder().schema(""), "schema"),
+        (
+            CacheConfig::builder().max_entries(pgcache::CacheKind::Kv, Some(0)),
+            "max_entries(kv)",
+        ),
+        (
+            CacheConfig::builder().database_url("mysql://root@localhost/db"),
+            "database_url",
+        ),
+    ] {
+        let err = builder.build().unwrap_err();
+        let Error::Config { setting: named, .. } = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(named, setting, "{err}");
+        assert!(!err.to_string().contains("PGCACHE_"), "{err}");
+    }
+}
+
+#[test]
+fn environment_errors_name_the_variable_and_its_text() {
+    for (name, value) in [
+        ("PGCACHE_POOL_MAX_SIZE", "0"),
+        ("PGCACHE_POOL_MIN_IDLE", "30"),
+        ("PGCACHE_KV_MAX_BYTES", "18446744073709551615"),
+        ("PGCACHE_EVICTION_LOW_WATERMARK", "1.5"),
+    ] {
+        let err = from(&[(name, value)]).unwrap_err();
+        let Error::Config {
+            setting,
+            value: shown,
+            ..
+        } = &err
+        else {
+            panic!("{err}")
+        };
+        assert_eq!((setting.as_str(), shown.as_str()), (name, value), "{err}");
+    }
+}
+
+#[test]
+fn a_setter_overriding_the_environment_owns_the_error() {
+    let builder = pgcache::CacheConfigBuilder::from_vars([("PGCACHE_SCHEMA", "cache")]).unwrap();
+    let err = builder.schema("").build().unwrap_err();
+    assert!(
+        matches!(&err, Error::Config { setting, .. } if setting == "schema"),
+        "{err}"
+    );
+    let config = pgcache::CacheConfigBuilder::from_vars([("PGCACHE_POOL_MAX_SIZE", "0")])
+        .unwrap()
+        .pool_max_size(2)
+        .build()
+        .unwrap();
+    assert_eq!(config.pool().max_size, 2);
+}
