@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
-use pgcache::{Cache, CacheConfig, CacheManager, Durability};
+use pgcache::{Cache, CacheConfig, CacheConfigBuilder, CacheManager, Durability};
 use postgres::types::{to_sql_checked, IsNull, Json, ToSql, Type};
 use postgres::{Client, NoTls, Statement};
 use serde_json::{json, Value};
@@ -624,12 +624,11 @@ impl Drop for Scratch {
 pub fn run(args: &BenchArgs, database_url: Option<&str>) -> BenchResult<()> {
     let threads = args.threads.max(1);
     let rows = args.rows.max(BATCH as u64);
-    let mut env = CacheConfig::from_env()?;
+    let mut env = CacheConfigBuilder::from_env()?;
     if let Some(url) = database_url {
-        env = CacheConfig::from_vars(
-            std::env::vars().chain([("DATABASE_URL".to_owned(), url.to_owned())]),
-        )?;
+        env = env.database_url(url);
     }
+    let env = env.build()?;
     let url = plaintext(env.database_url().expose())?;
     let scratch = Scratch {
         url: url.clone(),

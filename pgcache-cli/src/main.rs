@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use pgcache::{CacheConfig, CacheKind, CacheManager, HealthThresholds};
+use pgcache::{CacheConfigBuilder, CacheKind, CacheManager, HealthThresholds};
 
 /// PostgreSQL as the application cache: maintenance commands.
 #[derive(Debug, Parser)]
@@ -315,29 +315,44 @@ fn run(cli: Cli) -> Result<Outcome, String> {
 /// The manager, configured from the environment and the global flags. Only
 /// `migrate` creates tables; the other commands report missing ones.
 fn manager(cli: &Cli) -> Result<CacheManager, String> {
-    let overrides = [
-        ("DATABASE_URL", cli.database_url.clone()),
-        ("PGCACHE_SCHEMA", cli.schema.clone()),
-        ("PGCACHE_RUN_MIGRATIONS", Some("false".to_owned())),
+    let mut config = CacheConfigBuilder::from_env()
+        .map_err(|e| e.to_string())?
+        .run_migrations(false)
         // One short-lived process needs one connection and no janitor. No idle
         // minimum: the pool would refill it from a background thread, and a process
         // exiting while that thread is inside libpq's connect can die by a signal.
-        ("PGCACHE_POOL_MIN_IDLE", Some("0".to_owned())),
-        ("PGCACHE_POOL_MAX_SIZE", Some("2".to_owned())),
-        ("PGCACHE_JANITOR_INTERVAL_SECS", Some("0".to_owned())),
+        .pool_min_idle(0)
+        .pool_max_size(2)
+        .no_janitor()
         // Caching switched off for the services must not stop their maintenance.
-        ("ENABLE_CACHING", Some("true".to_owned())),
-    ];
-    let overrides: Vec<(String, String)> = overrides
-        .into_iter()
-        .filter_map(|(name, value)| value.map(|v| (name.to_owned(), v)))
-        .collect();
-    let vars: Vec<(String, String)> = std::env::vars()
-        .filter(|(name, _)| !overrides.iter().any(|(o, _)| o == name))
-        .chain(overrides.iter().cloned())
-        .collect();
-    let config = CacheConfig::from_vars(vars).map_err(|e| e.to_string())?;
+        .enabled(true);
+    if let Some(url) = &cli.database_url {
+        config = config.database_url(url);
+    }
+    if let Some(schema) = &cli.schema {
+        config = config.schema(schema);
+    }
+    let config = config.build().map_err(flag_error)?;
     CacheManager::new(config).map_err(|e| e.to_string())
+}
+
+/// The message of a configuration error, naming the flag the user typed rather than
+/// the builder setting it fed (variables from the environment are named as they are).
+fn flag_error(error: pgcache::Error) -> String {
+    if let pgcache::Error::Config {
+        setting,
+        value,
+        reason,
+    } = &error
+    {
+        let flag = match setting.as_str() {
+            "database_url" => "--database-url",
+            "schema" => "--schema",
+            _ => return error.to_string(),
+        };
+        return format!("invalid configuration: {flag} `{value}`: {reason}");
+    }
+    error.to_string()
 }
 
 /// Reads and parses a warmup file; a malformed one is reported with its line and

@@ -114,7 +114,23 @@ fn malformed_database_url_is_one_line() {
         .code(2)
         .get_output()
         .clone();
-    assert!(one_line(&out.stderr).contains("DATABASE_URL"));
+    // The flag the user typed, not the environment variable it overrides.
+    let line = one_line(&out.stderr);
+    assert!(line.contains("--database-url `mysql://x@y/z`"), "{line}");
+}
+
+#[test]
+fn malformed_variable_in_the_environment_is_named() {
+    let db = TestDb::new();
+    let out = pgcache(&db)
+        .env("PGCACHE_STATEMENT_TIMEOUT_MS", "0")
+        .args(["stats"])
+        .assert()
+        .code(2)
+        .get_output()
+        .clone();
+    let line = one_line(&out.stderr);
+    assert!(line.contains("PGCACHE_STATEMENT_TIMEOUT_MS"), "{line}");
 }
 
 #[test]
