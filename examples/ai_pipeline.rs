@@ -135,7 +135,9 @@ fn run() -> Result<(), Error> {
     for top in cache.llm_response().top(3)? {
         println!(
             "top LLM response {}... {} hits ({})",
-            top.hash_prefix, top.hits, top.provider
+            top.hash_prefix(),
+            top.hits,
+            top.provider
         );
     }
     let stats = cache.audio_chunk().stats(3)?;

@@ -17,6 +17,27 @@ use crate::skipped::Skipped;
 
 pub(crate) use storage::Storage;
 
+/// What every cache handle holds: the engine it works through and, when the caller
+/// chose one with `with_default_ttl`, the TTL of its `set`.
+#[derive(Debug, Clone, Copy)]
+pub struct Handle<'a> {
+    pub(crate) engine: &'a Engine,
+    pub(crate) ttl: Option<Duration>,
+}
+
+impl<'a> Handle<'a> {
+    /// A handle with its cache's default TTL.
+    pub(crate) fn new(engine: &'a Engine) -> Self {
+        Handle { engine, ttl: None }
+    }
+
+    /// The TTL of `set` for cache `kind`: the one chosen, else the kind's preset.
+    pub(crate) fn ttl(&self, kind: CacheKind) -> Duration {
+        self.ttl
+            .unwrap_or_else(|| self.engine.config().ttl().default_for(kind))
+    }
+}
+
 mod storage {
     use super::*;
 
@@ -42,11 +63,18 @@ mod storage {
         /// Which cache this is.
         const KIND: CacheKind;
 
+        /// The engine and chosen TTL of this handle.
+        fn handle(&self) -> &Handle<'_>;
+
         /// The engine (pool, configuration, counters) this cache works through.
-        fn engine(&self) -> &Engine;
+        fn engine(&self) -> &Engine {
+            self.handle().engine
+        }
 
         /// The TTL of `set` and `get_or_compute`.
-        fn default_ttl(&self) -> Duration;
+        fn default_ttl(&self) -> Duration {
+            self.handle().ttl(Self::KIND)
+        }
 
         /// The stored value of a hit, without its metadata.
         fn into_value(entry: Self::Entry) -> Self::Value;

@@ -408,22 +408,19 @@ mod tests {
     }
 
     #[test]
-    fn a_closed_connection_is_transient_in_any_language() {
-        let error = database(
+    fn closed_connections_and_serialization_failures_are_transient_in_any_language() {
+        let closed = database(
             DatabaseErrorKind::ClosedConnection,
             "Server hat die Verbindung unerwartet geschlossen",
         );
-        assert!(error.is_transient());
-    }
-
-    #[test]
-    fn a_serialization_failure_is_transient_and_retried_in_any_language() {
-        let error = database(
+        assert!(closed.is_transient());
+        assert!(!closed.is_retryable_conflict());
+        let conflict = database(
             DatabaseErrorKind::SerializationFailure,
             "konnte Zugriff nicht serialisieren",
         );
-        assert!(error.is_transient());
-        assert!(error.is_retryable_conflict());
+        assert!(conflict.is_transient());
+        assert!(conflict.is_retryable_conflict());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use diesel::sql_types::{Interval, Timestamptz};
 use diesel::QueryResult;
 
 use crate::error::{Error, Result};
+use crate::kind::CacheKind;
 
 diesel::define_sql_function! {
     /// The database clock at the start of the current statement, as `timestamptz`:
@@ -72,6 +73,16 @@ pub struct TtlPresets {
     pub long: Duration,
     /// Very stable data (`CACHE_TTL_WEEK`, default 604800 s).
     pub week: Duration,
+}
+
+impl TtlPresets {
+    /// The preset the handles of cache `kind` use unless given another TTL.
+    pub(crate) fn default_for(&self, kind: CacheKind) -> Duration {
+        match kind {
+            CacheKind::Kv | CacheKind::Embedding | CacheKind::LlmResponse => self.medium,
+            CacheKind::VectorSearch | CacheKind::AudioChunk => self.short,
+        }
+    }
 }
 
 impl Default for TtlPresets {

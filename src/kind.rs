@@ -19,9 +19,10 @@ pub(crate) struct Descriptor {
     pub(crate) title: &'static str,
     /// The table's key column.
     pub(crate) key: &'static str,
-    /// Whether hits are counted per entry (`hit_count`, `last_accessed_at`): for
+    /// How hits are counted per entry (`hit_count`, `last_accessed_at`), for
     /// popularity reports and least-recently-used eviction; an overwrite resets them.
-    pub(crate) tracks_hits: bool,
+    /// `None` where the table does not count them.
+    pub(crate) hits: Option<HitTracking>,
     /// SQL for a row's payload bytes, as stored (never fetches a TOASTed value).
     pub(crate) payload_bytes: &'static str,
     /// SQL for external storage a row holds (`text`, may be NULL), released on
@@ -29,11 +30,24 @@ pub(crate) struct Descriptor {
     pub(crate) external_path: &'static str,
 }
 
+/// What a table that counts hits per entry adds to its [`Descriptor`].
+#[derive(Debug)]
+pub(crate) struct HitTracking {
+    /// SQL for the provider and the model (`text`, may be NULL) that produced a row:
+    /// what popularity reports show beside its hits.
+    pub(crate) made_by: [&'static str; 2],
+}
+
 impl Descriptor {
+    /// Whether hits are counted per entry.
+    pub(crate) fn tracks_hits(&self) -> bool {
+        self.hits.is_some()
+    }
+
     /// The column ordering rows from least to most recently used: last access where
     /// hits are tracked, last write elsewhere.
     pub(crate) fn recency(&self) -> &'static str {
-        if self.tracks_hits {
+        if self.tracks_hits() {
             "last_accessed_at"
         } else {
             "created_at"
@@ -85,7 +99,7 @@ impl CacheKind {
                 table: "cache_entries",
                 title: "Key/Value Cache",
                 key: "key",
-                tracks_hits: false,
+                hits: None,
                 payload_bytes: "octet_length(key) + pg_column_size(value)",
                 external_path: "NULL::text",
             },
@@ -94,7 +108,7 @@ impl CacheKind {
                 table: "embedding_cache",
                 title: "Embedding Cache",
                 key: "key_hash",
-                tracks_hits: false,
+                hits: None,
                 payload_bytes: "octet_length(embedding)",
                 external_path: "NULL::text",
             },
@@ -103,7 +117,7 @@ impl CacheKind {
                 table: "vector_search_cache",
                 title: "Vector Search Cache",
                 key: "key_hash",
-                tracks_hits: false,
+                hits: None,
                 payload_bytes: "pg_column_size(results)",
                 external_path: "NULL::text",
             },
@@ -112,7 +126,9 @@ impl CacheKind {
                 table: "llm_response_cache",
                 title: "LLM Response Cache",
                 key: "key_hash",
-                tracks_hits: true,
+                hits: Some(HitTracking {
+                    made_by: ["provider", "model"],
+                }),
                 payload_bytes: "octet_length(response)",
                 external_path: "NULL::text",
             },
@@ -121,7 +137,9 @@ impl CacheKind {
                 table: "audio_chunk_cache",
                 title: "Audio Chunk Cache",
                 key: "key_hash",
-                tracks_hits: true,
+                hits: Some(HitTracking {
+                    made_by: ["provider", "voice_model_id"],
+                }),
                 payload_bytes: "byte_size",
                 external_path: "storage_path",
             },

@@ -50,6 +50,7 @@ mod skipped;
 mod cache;
 pub mod caches;
 mod eviction;
+mod popularity;
 mod single_flight;
 mod table;
 // Operations across tables, and the facade.
@@ -58,10 +59,10 @@ mod ops;
 
 pub use cache::Cache;
 pub use caches::{
-    AudioChunk, AudioChunkCache, AudioChunkKey, AudioChunkStats, AudioData, CachedAudioChunk,
-    CachedEmbedding, CachedLlmResponse, CachedVectorSearch, EmbeddingCache, EmbeddingKey, KvCache,
-    LlmPrompt, LlmResponseCache, TopAudioChunk, TopLlmResponse, VectorSearchCache,
-    VectorSearchQuery, DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
+    AudioChunk, AudioChunkCache, AudioChunkKey, AudioData, CachedAudioChunk, CachedEmbedding,
+    CachedLlmResponse, CachedVectorSearch, EmbeddingCache, EmbeddingKey, KvCache, LlmPrompt,
+    LlmResponseCache, VectorSearchCache, VectorSearchQuery, DEFAULT_MAX_AUDIO_TEXT_CHARS,
+    MAX_AUDIO_BYTES,
 };
 pub use config::{CacheConfig, CacheConfigBuilder, Durability, PoolSettings, DEFAULT_DATABASE_URL};
 pub use config::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
@@ -74,14 +75,15 @@ pub use kind::CacheKind;
 pub use manager::CacheManager;
 pub use migrations::MIGRATIONS;
 pub use ops::{
-    Alert, AudioStats, CacheStats, CleanupProgress, CleanupReport, CleanupRun, HealthReport,
-    HealthThresholds, Lookups, TableCleanup, TableStats, TopEntry, TOP_ENTRIES,
+    Alert, CacheStats, CleanupProgress, CleanupReport, CleanupRun, HealthReport, HealthThresholds,
+    Lookups, TableCleanup, TableStats, TOP_ENTRIES,
 };
 pub use ops::{
     InvalidationReport, Warmup, WarmupAudioChunk, WarmupEmbedding, WarmupKv, WarmupLlmResponse,
     WarmupReport, WarmupVectorSearch,
 };
 pub use pool::PooledConnection;
+pub use popularity::{HitStats, TopEntry};
 pub use skipped::MAX_SKIPPED_KEYS;
 pub use validation::{MAX_EMBEDDING_DIMENSIONS, MAX_KEY_BYTES};
 

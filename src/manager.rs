@@ -7,6 +7,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::background::Worker;
+use crate::cache::Handle;
 use crate::caches::{
     AudioChunkCache, EmbeddingCache, KvCache, LlmResponseCache, VectorSearchCache,
 };
@@ -140,18 +141,18 @@ impl CacheManager {
 
     /// The embedding cache (query text + model -> vector; default TTL medium).
     pub fn embedding(&self) -> EmbeddingCache<'_> {
-        EmbeddingCache::new(&self.engine)
+        EmbeddingCache(Handle::new(&self.engine))
     }
 
     /// The vector-search results cache (per user; default TTL short).
     pub fn vector_search(&self) -> VectorSearchCache<'_> {
-        VectorSearchCache::new(&self.engine)
+        VectorSearchCache(Handle::new(&self.engine))
     }
 
     /// The LLM response cache (hit counting, [`top`](LlmResponseCache::top); default
     /// TTL medium).
     pub fn llm_response(&self) -> LlmResponseCache<'_> {
-        LlmResponseCache::new(&self.engine)
+        LlmResponseCache(Handle::new(&self.engine))
     }
 
     /// The TTS audio chunk cache (hit counting, statistics, LRU eviction; default TTL

@@ -13,7 +13,6 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::time::Duration;
 
 use diesel::data_types::PgInterval;
 use diesel::pg::{Pg, PgConnection};
@@ -21,13 +20,41 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, Bytea, Untyped};
 use diesel::{OptionalExtension, QueryResult, QueryableByName, RunQueryDsl};
 
-use crate::cache::Storage;
+use crate::cache::{Handle, Storage};
 use crate::caches::common::{delete_digests, write_batches};
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
 use crate::skipped::Skipped;
+
+/// One validated entry of table `T`, ready to upsert: its key's digest, the key and
+/// value it was made from, and what [`TypedTable::encode`] made of them.
+pub struct Row<'a, T: TypedTable + ?Sized> {
+    pub(crate) digest: KeyDigest,
+    pub(crate) key: &'a T::Key,
+    pub(crate) value: &'a T::Value,
+    pub(crate) encoded: T::Encoded,
+}
+
+impl<T: TypedTable + ?Sized> std::fmt::Debug for Row<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Row")
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: TypedTable + ?Sized> Clone for Row<'_, T> {
+    fn clone(&self) -> Self {
+        Row {
+            digest: self.digest,
+            key: self.key,
+            value: self.value,
+            encoded: self.encoded.clone(),
+        }
+    }
+}
 
 /// What one digest-keyed cache table is; implemented by its public handle.
 ///
@@ -42,23 +69,15 @@ pub trait TypedTable {
     type Value;
     /// What a hit returns: the value with its metadata.
     type Entry: Clone;
-    /// A validated entry, ready to upsert.
-    type Row<'a>: Clone
-    where
-        Self: 'a;
-    /// A live row as read back (`SELECT *`, columns matched by name).
+    /// The columns an entry's key and value are converted to before the upsert binds
+    /// them (`()` when they bind as they are).
+    type Encoded: Clone;
+    /// A live row as read back (`SELECT *`, columns matched by name); its type also
+    /// names the table's prepared statements.
     type Stored: QueryableByName<Pg> + 'static;
-    /// The table's Diesel schema type: names its prepared statements.
-    type Table: 'static;
-    /// The columns [`upsert`](Self::upsert) binds as arrays, in the order of its
-    /// arrays; `key_hash` first.
-    const COLUMNS: &'static [&'static str];
 
-    /// The engine this handle works through.
-    fn engine(&self) -> &Engine;
-
-    /// The TTL of `set`.
-    fn ttl(&self) -> Duration;
+    /// The engine and chosen TTL of this handle.
+    fn handle(&self) -> &Handle<'_>;
 
     /// Validates `key` and computes the digest its row is stored under.
     ///
@@ -66,26 +85,20 @@ pub trait TypedTable {
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key.
     fn digest(key: &Self::Key) -> Result<KeyDigest>;
 
-    /// Validates an entry into a row.
+    /// Validates a value (the key is valid) and converts what needs converting.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key or value.
-    fn row<'a>(key: &'a Self::Key, value: &'a Self::Value) -> Result<Self::Row<'a>>;
-
-    /// The digest of a row's key.
-    fn row_digest(row: &Self::Row<'_>) -> KeyDigest;
-
-    /// The key a row was made from.
-    fn row_key<'r>(row: &'r Self::Row<'_>) -> &'r Self::Key;
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad value.
+    fn encode(key: &Self::Key, value: &Self::Value) -> Result<Self::Encoded>;
 
     /// The payload bytes of a row (splits very large batches).
-    fn row_bytes(row: &Self::Row<'_>) -> usize;
+    fn row_bytes(row: &Row<'_, Self>) -> usize;
 
     /// Upserts `rows` (distinct keys, in key order) in one statement: an
-    /// `UnnestUpsert` of one array per column of [`COLUMNS`](Self::COLUMNS).
+    /// `UnnestUpsert` of one array per column besides `key_hash`.
     fn upsert(
         conn: &mut PgConnection,
-        rows: &[Self::Row<'_>],
+        rows: &[Row<'_, Self>],
         ttl: PgInterval,
     ) -> QueryResult<usize>;
 
@@ -125,7 +138,7 @@ fn read_one<T: TypedTable>(
         .map(|stored| T::decode(stored).1)
         .filter(|entry| T::answers(key, entry));
     count_hits(
-        table.engine(),
+        table.handle().engine,
         T::CACHE,
         std::slice::from_ref(digest),
         std::slice::from_ref(&found),
@@ -161,13 +174,13 @@ fn read_many<T: TypedTable>(
         .zip(keys)
         .map(|(d, k)| by_digest.get(d).filter(|e| T::answers(k, e)).cloned())
         .collect();
-    count_hits(table.engine(), T::CACHE, digests, &found);
+    count_hits(table.handle().engine, T::CACHE, digests, &found);
     Ok(found)
 }
 
 /// Counts a hit for every entry found, where the table tracks hits per entry.
 fn count_hits<E>(engine: &Engine, kind: CacheKind, digests: &[KeyDigest], found: &[Option<E>]) {
-    if !kind.descriptor().tracks_hits {
+    if !kind.descriptor().tracks_hits() {
         return;
     }
     for (digest, entry) in digests.iter().zip(found) {
@@ -235,7 +248,7 @@ impl<T: TypedTable, D: DigestParam> QueryFragment<Pg> for LiveRows<T, D> {
 }
 
 impl<T: TypedTable, D: DigestParam> QueryId for LiveRows<T, D> {
-    type QueryId = LiveRowsId<T::Table, D::Shape>;
+    type QueryId = LiveRowsId<T::Stored, D::Shape>;
     const HAS_STATIC_QUERY_ID: bool = true;
 }
 
@@ -252,18 +265,14 @@ impl<T: TypedTable> Storage for T {
     type Entry = T::Entry;
     type CheckedKey = KeyDigest;
     type Row<'a>
-        = T::Row<'a>
+        = Row<'a, T>
     where
         Self: 'a;
 
     const KIND: CacheKind = T::CACHE;
 
-    fn engine(&self) -> &Engine {
-        TypedTable::engine(self)
-    }
-
-    fn default_ttl(&self) -> Duration {
-        self.ttl()
+    fn handle(&self) -> &Handle<'_> {
+        TypedTable::handle(self)
     }
 
     fn into_value(entry: T::Entry) -> T::Value {
@@ -278,12 +287,17 @@ impl<T: TypedTable> Storage for T {
         T::digest(key)
     }
 
-    fn check_entry<'a>(&self, key: &'a T::Key, value: &'a T::Value) -> Result<T::Row<'a>> {
-        T::row(key, value)
+    fn check_entry<'a>(&self, key: &'a T::Key, value: &'a T::Value) -> Result<Row<'a, T>> {
+        Ok(Row {
+            digest: T::digest(key)?,
+            key,
+            value,
+            encoded: T::encode(key, value)?,
+        })
     }
 
-    fn row_order(a: &T::Row<'_>, b: &T::Row<'_>) -> Ordering {
-        T::row_digest(a).cmp(&T::row_digest(b))
+    fn row_order(a: &Row<'_, T>, b: &Row<'_, T>) -> Ordering {
+        a.digest.cmp(&b.digest)
     }
 
     fn stores(&self, key: &T::Key) -> bool {
@@ -316,10 +330,10 @@ impl<T: TypedTable> Storage for T {
     }
 
     /// Rows of keys this handle does not store are skipped (validated all the same).
-    fn write(&self, conn: &mut PgConnection, rows: &[T::Row<'_>], ttl: PgInterval) -> Result<()> {
-        let stored: Vec<T::Row<'_>> = rows
+    fn write(&self, conn: &mut PgConnection, rows: &[Row<'_, T>], ttl: PgInterval) -> Result<()> {
+        let stored: Vec<Row<'_, T>> = rows
             .iter()
-            .filter(|r| self.stores(T::row_key(r)))
+            .filter(|r| self.stores(r.key))
             .cloned()
             .collect();
         write_rows::<T>(conn, &stored, ttl)?;
@@ -340,7 +354,7 @@ impl<T: TypedTable> Storage for T {
 /// byte budget allows (several in one transaction, so all or none).
 pub(crate) fn write_rows<T: TypedTable>(
     conn: &mut PgConnection,
-    rows: &[T::Row<'_>],
+    rows: &[Row<'_, T>],
     ttl: PgInterval,
 ) -> QueryResult<usize> {
     write_batches(conn, rows, T::row_bytes, |conn, rows| {

@@ -191,8 +191,15 @@ fn stats_report_entries_bytes_average_hits_and_most_accessed() {
     assert_eq!(stats.most_accessed.len(), 1);
     assert_eq!(stats.most_accessed[0].hits, 3);
     assert_eq!(
-        stats.most_accessed[0].hash_prefix,
-        key("b").digest().unwrap().to_hex()[..16]
+        (
+            stats.most_accessed[0].provider.as_str(),
+            stats.most_accessed[0].model.as_deref()
+        ),
+        ("xtts-v2", Some("voice-123"))
+    );
+    assert_eq!(
+        stats.most_accessed[0].hash_prefix(),
+        &key("b").digest().unwrap().to_hex()[..16]
     );
 }
 

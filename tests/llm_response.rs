@@ -51,9 +51,15 @@ fn hits_are_counted_in_deferred_batches_and_top_orders_by_hits() {
     assert_eq!(top.len(), 2);
     assert_eq!((top[0].hits, top[1].hits), (3, 1));
     assert_eq!(top[0].provider, "gemini-flash");
+    assert_eq!(top[0].model, None, "the prompt named no model");
     assert_eq!(
-        top[0].hash_prefix,
-        prompt("popular").digest().unwrap().to_hex()[..16]
+        cache.top(10).unwrap().len(),
+        2,
+        "a response never hit is not among the top"
+    );
+    assert_eq!(
+        top[0].hash_prefix(),
+        &prompt("popular").digest().unwrap().to_hex()[..16]
     );
     assert_eq!(
         db.count("SELECT sum(hit_count)::bigint AS n FROM llm_response_cache"),

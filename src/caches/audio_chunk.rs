@@ -23,28 +23,127 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use diesel::data_types::PgInterval;
-use diesel::dsl::{count_star, sql};
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{
-    BigInt, Bytea, Double, Integer, Nullable, SmallInt, Text, Uuid as SqlUuid,
-};
-use diesel::Column;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{array, check_name, hash_prefix, with_default_ttl, UnnestUpsert};
+use super::common::{check_name, column, with_default_ttl, UnnestUpsert};
+use crate::cache::Handle;
 use crate::config::SizeBounds;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::eviction::{evict, EvictionReport, Limits};
-use crate::expiry::db_now;
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
+use crate::popularity::{flushed_report, hit_stats, HitStats};
 use crate::schema::audio_chunk_cache;
-use crate::table::TypedTable;
+use crate::table::{Row, TypedTable};
 use crate::validation::{check_json, check_text};
+
+/// The audio chunk cache; get it with [`CacheManager::audio_chunk`].
+///
+/// Default TTL: the short preset (`CACHE_TTL_SHORT`, 5 minutes). Default maximum
+/// text: [`DEFAULT_MAX_AUDIO_TEXT_CHARS`] characters.
+///
+/// ```no_run
+/// use pgcache::{AudioChunk, AudioChunkKey, Cache, CacheManager};
+///
+/// let cache = CacheManager::from_env()?;
+/// let key = AudioChunkKey::new("Hello world", "voice-123", "xtts-v2");
+/// let audio = cache.audio_chunk().get_or_compute(&key, || {
+///     let bytes = vec![0u8; 320]; // synthesize here
+///     Ok::<_, pgcache::Error>(AudioChunk::inline(bytes, "opus").duration_ms(1000).compression("opus"))
+/// })?;
+/// let report = cache.audio_chunk().evict_to_budget(512 * 1024 * 1024, 0.8)?;
+/// for path in report.released_paths { /* delete the file */ }
+/// # Ok::<(), pgcache::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct AudioChunkCache<'a> {
+    handle: Handle<'a>,
+    max_text_chars: Option<usize>,
+}
+
+impl<'a> AudioChunkCache<'a> {
+    pub(crate) fn new(engine: &'a Engine) -> Self {
+        AudioChunkCache {
+            handle: Handle::new(engine),
+            max_text_chars: Some(DEFAULT_MAX_AUDIO_TEXT_CHARS),
+        }
+    }
+
+    with_default_ttl!(handle);
+
+    /// A handle that does not cache text longer than `max` characters (`None`: no
+    /// limit). Default: [`DEFAULT_MAX_AUDIO_TEXT_CHARS`].
+    #[must_use]
+    pub fn with_max_text_chars(mut self, max: Option<usize>) -> Self {
+        self.max_text_chars = max;
+        self
+    }
+
+    /// Whether `key`'s text is short enough to be cached by this handle.
+    pub fn caches_text(&self, key: &AudioChunkKey) -> bool {
+        self.max_text_chars
+            .is_none_or(|max| key.text.chars().nth(max).is_none())
+    }
+
+    /// Live entries, their bytes, average hits and the `top` most-hit live entries
+    /// (hit at least once). Flushes this manager's pending hits first. A
+    /// maintenance query: it aggregates over the live rows.
+    ///
+    /// # Errors
+    /// A connection or database error.
+    pub fn stats(&self, top: usize) -> Result<HitStats> {
+        let empty = HitStats {
+            entries: 0,
+            total_bytes: 0,
+            average_hit_count: 0.0,
+            most_accessed: Vec::new(),
+        };
+        flushed_report(self.handle.engine, Self::CACHE, empty, |conn| {
+            hit_stats(conn, Self::CACHE, top)
+        })
+    }
+
+    /// When the audio entries total more than `max_bytes`, evicts entries (expired
+    /// ones first, then the least recently used) until at most
+    /// `max_bytes * low_watermark_fraction` remain, e.g. `(budget, 0.8)` evicts to
+    /// 80 % once over 100 %. Flushes this manager's pending hits first so recent
+    /// reads count as recent. Returns what was removed, including the storage paths
+    /// the caller may now delete.
+    ///
+    /// The same eviction [`CacheManager::cleanup`] runs for a configured
+    /// [`SizeBounds`] (`PGCACHE_AUDIO_CHUNK_MAX_BYTES`), here on demand: a
+    /// maintenance operation that ranks every row of the table, then deletes in
+    /// short batches.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a fraction outside 0..=1 or a budget over
+    /// `i64::MAX`; a connection or database error.
+    pub fn evict_to_budget(
+        &self,
+        max_bytes: u64,
+        low_watermark_fraction: f64,
+    ) -> Result<EvictionReport> {
+        let bounds = SizeBounds {
+            max_entries: None,
+            max_bytes: Some(max_bytes),
+        };
+        let limits = Limits::new(bounds, low_watermark_fraction)
+            .map_err(|(what, reason)| Error::invalid(what, reason))?;
+        let engine = self.handle.engine;
+        engine.flush()?;
+        engine.write(
+            CacheKind::AudioChunk,
+            EvictionReport::default(),
+            || None,
+            |conn| Ok(evict(conn, CacheKind::AudioChunk, &limits, &mut |_| {})?),
+        )
+    }
+}
 
 /// Longest text (in characters) the audio cache stores unless told otherwise: about
 /// three spoken sentences.
@@ -114,23 +213,18 @@ impl AudioChunkKey {
     /// [`Error::InvalidInput`] for a NUL character in the text or settings, or an
     /// empty voice model or provider.
     pub fn digest(&self) -> Result<KeyDigest> {
-        digest(self)
+        check_text("text", &self.text)?;
+        check_name("voice_model_id", &self.voice_model_id)?;
+        check_name("provider", &self.provider)?;
+        check_json("settings", &self.settings)?;
+        Ok(KeyHasher::new("audio_chunk")
+            .text(&self.text)
+            .text(&self.voice_model_id)
+            .text(&self.provider)
+            .json(&self.settings)
+            .opt_uuid(self.owner)
+            .finish())
     }
-}
-
-/// Validates `key` and computes its digest.
-pub(crate) fn digest(key: &AudioChunkKey) -> Result<KeyDigest> {
-    check_text("text", &key.text)?;
-    check_name("voice_model_id", &key.voice_model_id)?;
-    check_name("provider", &key.provider)?;
-    check_json("settings", &key.settings)?;
-    Ok(KeyHasher::new("audio_chunk")
-        .text(&key.text)
-        .text(&key.voice_model_id)
-        .text(&key.provider)
-        .json(&key.settings)
-        .opt_uuid(key.owner)
-        .finish())
 }
 
 /// Where the audio of a chunk is.
@@ -260,183 +354,9 @@ pub struct CachedAudioChunk {
     pub expires_at: DateTime<Utc>,
 }
 
-/// One of the most-hit chunks, in [`AudioChunkStats::most_accessed`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct TopAudioChunk {
-    /// The first 16 hex characters of the entry's digest.
-    pub hash_prefix: String,
-    /// Hits counted.
-    pub hits: u64,
-    /// The voice model.
-    pub voice_model_id: String,
-    /// The provider.
-    pub provider: String,
-}
-
-/// Size and popularity of the live audio entries, from [`AudioChunkCache::stats`].
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct AudioChunkStats {
-    /// Live entries.
-    pub entries: u64,
-    /// Their audio bytes (inline and by path).
-    pub total_bytes: u64,
-    /// Their average hit count (0 when empty).
-    pub average_hit_count: f64,
-    /// The most-hit entries, most hits first.
-    pub most_accessed: Vec<TopAudioChunk>,
-}
-
-/// The audio chunk cache; get it with [`CacheManager::audio_chunk`].
-///
-/// Default TTL: the short preset (`CACHE_TTL_SHORT`, 5 minutes). Default maximum
-/// text: [`DEFAULT_MAX_AUDIO_TEXT_CHARS`] characters.
-///
-/// ```no_run
-/// use pgcache::{AudioChunk, AudioChunkKey, Cache, CacheManager};
-///
-/// let cache = CacheManager::from_env()?;
-/// let key = AudioChunkKey::new("Hello world", "voice-123", "xtts-v2");
-/// let audio = cache.audio_chunk().get_or_compute(&key, || {
-///     let bytes = vec![0u8; 320]; // synthesize here
-///     Ok::<_, pgcache::Error>(AudioChunk::inline(bytes, "opus").duration_ms(1000).compression("opus"))
-/// })?;
-/// let report = cache.audio_chunk().evict_to_budget(512 * 1024 * 1024, 0.8)?;
-/// for path in report.released_paths { /* delete the file */ }
-/// # Ok::<(), pgcache::Error>(())
-/// ```
-#[derive(Debug, Clone, Copy)]
-pub struct AudioChunkCache<'a> {
-    engine: &'a Engine,
-    ttl: Duration,
-    max_text_chars: Option<usize>,
-}
-
-impl<'a> AudioChunkCache<'a> {
-    pub(crate) fn new(engine: &'a Engine) -> Self {
-        AudioChunkCache {
-            engine,
-            ttl: engine.config().ttl().short,
-            max_text_chars: Some(DEFAULT_MAX_AUDIO_TEXT_CHARS),
-        }
-    }
-
-    with_default_ttl!("short");
-
-    /// A handle that does not cache text longer than `max` characters (`None`: no
-    /// limit). Default: [`DEFAULT_MAX_AUDIO_TEXT_CHARS`].
-    #[must_use]
-    pub fn with_max_text_chars(mut self, max: Option<usize>) -> Self {
-        self.max_text_chars = max;
-        self
-    }
-
-    /// Whether `key`'s text is short enough to be cached by this handle.
-    pub fn caches_text(&self, key: &AudioChunkKey) -> bool {
-        self.max_text_chars
-            .is_none_or(|max| key.text.chars().nth(max).is_none())
-    }
-
-    /// Entries, bytes, average hits and the `top` most-hit live entries. Flushes this
-    /// manager's pending hits first. A maintenance query: it aggregates over the live
-    /// rows.
-    ///
-    /// # Errors
-    /// A connection or database error.
-    pub fn stats(&self, top: usize) -> Result<AudioChunkStats> {
-        self.engine.flush()?;
-        let limit = i64::try_from(top).unwrap_or(i64::MAX);
-        let empty = AudioChunkStats {
-            entries: 0,
-            total_bytes: 0,
-            average_hit_count: 0.0,
-            most_accessed: Vec::new(),
-        };
-        self.engine.read(CacheKind::AudioChunk, empty, |conn| {
-            let live = audio_chunk_cache::expires_at.gt(db_now());
-            // sum and avg of bigint are numeric, which needs a decimal crate: cast.
-            let (entries, bytes, hits): (i64, i64, f64) = audio_chunk_cache::table
-                .filter(live)
-                .select((
-                    count_star(),
-                    sql::<BigInt>("coalesce(sum(byte_size), 0)::bigint"),
-                    sql::<Double>("coalesce(avg(hit_count), 0)::float8"),
-                ))
-                .first(conn)?;
-            let top: Vec<(Vec<u8>, i64, String, String)> = audio_chunk_cache::table
-                .filter(live)
-                .order((
-                    audio_chunk_cache::hit_count.desc(),
-                    audio_chunk_cache::key_hash,
-                ))
-                .limit(limit)
-                .select((
-                    audio_chunk_cache::key_hash,
-                    audio_chunk_cache::hit_count,
-                    audio_chunk_cache::voice_model_id,
-                    audio_chunk_cache::provider,
-                ))
-                .load(conn)?;
-            Ok(AudioChunkStats {
-                entries: entries.unsigned_abs(),
-                total_bytes: bytes.unsigned_abs(),
-                average_hit_count: hits,
-                most_accessed: top
-                    .into_iter()
-                    .map(|(hash, hits, voice_model_id, provider)| TopAudioChunk {
-                        hash_prefix: hash_prefix(&hash),
-                        hits: hits.unsigned_abs(),
-                        voice_model_id,
-                        provider,
-                    })
-                    .collect(),
-            })
-        })
-    }
-
-    /// When the audio entries total more than `max_bytes`, evicts entries (expired
-    /// ones first, then the least recently used) until at most
-    /// `max_bytes * low_watermark_fraction` remain, e.g. `(budget, 0.8)` evicts to
-    /// 80 % once over 100 %. Flushes this manager's pending hits first so recent
-    /// reads count as recent. Returns what was removed, including the storage paths
-    /// the caller may now delete.
-    ///
-    /// The same eviction [`CacheManager::cleanup`] runs for a configured
-    /// [`SizeBounds`] (`PGCACHE_AUDIO_CHUNK_MAX_BYTES`), here on demand: a
-    /// maintenance operation that ranks every row of the table, then deletes in
-    /// short batches.
-    ///
-    /// # Errors
-    /// [`Error::InvalidInput`] for a fraction outside 0..=1 or a budget over
-    /// `i64::MAX`; a connection or database error.
-    pub fn evict_to_budget(
-        &self,
-        max_bytes: u64,
-        low_watermark_fraction: f64,
-    ) -> Result<EvictionReport> {
-        let bounds = SizeBounds {
-            max_entries: None,
-            max_bytes: Some(max_bytes),
-        };
-        let limits = Limits::new(bounds, low_watermark_fraction)
-            .map_err(|(what, reason)| Error::invalid(what, reason))?;
-        self.engine.flush()?;
-        self.engine.write(
-            CacheKind::AudioChunk,
-            EvictionReport::default(),
-            || None,
-            |conn| Ok(evict(conn, CacheKind::AudioChunk, &limits, &mut |_| {})?),
-        )
-    }
-}
-
-/// One validated row, ready to upsert.
+/// A chunk's numbers in their column types.
 #[derive(Debug, Clone)]
-pub struct Row<'a> {
-    digest: KeyDigest,
-    key: &'a AudioChunkKey,
-    chunk: &'a AudioChunk,
+pub struct Encoded {
     duration_ms: i32,
     sample_rate: i32,
     channels: i16,
@@ -444,8 +364,8 @@ pub struct Row<'a> {
 }
 
 /// The audio bytes stored in the row, if inline.
-fn inline<'r>(row: &'r Row<'_>) -> Option<&'r [u8]> {
-    match &row.chunk.data {
+fn inline<'r>(row: &'r Row<'_, AudioChunkCache<'_>>) -> Option<&'r [u8]> {
+    match &row.value.data {
         AudioData::Inline(bytes) => Some(bytes),
         AudioData::Stored { .. } => None,
     }
@@ -475,41 +395,10 @@ impl TypedTable for AudioChunkCache<'_> {
     type Key = AudioChunkKey;
     type Value = AudioChunk;
     type Entry = CachedAudioChunk;
-    type Row<'r>
-        = Row<'r>
-    where
-        Self: 'r;
+    type Encoded = Encoded;
     type Stored = Stored;
-    type Table = audio_chunk_cache::table;
-    const COLUMNS: &'static [&'static str] = &[
-        audio_chunk_cache::key_hash::NAME,
-        audio_chunk_cache::voice_model_id::NAME,
-        audio_chunk_cache::provider::NAME,
-        audio_chunk_cache::audio_data::NAME,
-        audio_chunk_cache::storage_path::NAME,
-        audio_chunk_cache::format::NAME,
-        audio_chunk_cache::duration_ms::NAME,
-        audio_chunk_cache::sample_rate::NAME,
-        audio_chunk_cache::channels::NAME,
-        audio_chunk_cache::compression::NAME,
-        audio_chunk_cache::byte_size::NAME,
-        audio_chunk_cache::owner_id::NAME,
-    ];
 
-    fn engine(&self) -> &Engine {
-        self.engine
-    }
-
-    fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
-    fn digest(key: &AudioChunkKey) -> Result<KeyDigest> {
-        digest(key)
-    }
-
-    fn row<'r>(key: &'r AudioChunkKey, chunk: &'r AudioChunk) -> Result<Row<'r>> {
-        let digest = digest(key)?;
+    fn encode(_key: &AudioChunkKey, chunk: &AudioChunk) -> Result<Encoded> {
         match &chunk.data {
             AudioData::Inline(bytes) if bytes.len() > MAX_AUDIO_BYTES => {
                 return Err(Error::invalid(
@@ -547,10 +436,7 @@ impl TypedTable for AudioChunkCache<'_> {
                 ))
             }
         };
-        Ok(Row {
-            digest,
-            key,
-            chunk,
+        Ok(Encoded {
             duration_ms: fits("duration_ms", chunk.duration_ms.into(), i32::MAX as u64)? as i32,
             sample_rate: fits("sample_rate", chunk.sample_rate.into(), i32::MAX as u64)? as i32,
             channels: fits("channels", chunk.channels.into(), i16::MAX as u64)? as i16,
@@ -558,37 +444,44 @@ impl TypedTable for AudioChunkCache<'_> {
         })
     }
 
-    fn row_digest(row: &Row<'_>) -> KeyDigest {
-        row.digest
-    }
-
-    fn row_key<'r>(row: &'r Row<'_>) -> &'r AudioChunkKey {
-        row.key
-    }
-
-    fn row_bytes(row: &Row<'_>) -> usize {
+    fn row_bytes(row: &Row<'_, Self>) -> usize {
         inline(row).map_or(0, <[u8]>::len)
     }
 
-    fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> QueryResult<usize> {
+    fn upsert(
+        conn: &mut PgConnection,
+        rows: &[Row<'_, Self>],
+        ttl: PgInterval,
+    ) -> QueryResult<usize> {
         let arrays = (
-            array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
-            array::<Text, _, _>(rows, |r| r.key.voice_model_id.as_str()),
-            array::<Text, _, _>(rows, |r| r.key.provider.as_str()),
-            array::<Nullable<Bytea>, _, _>(rows, inline),
-            array::<Nullable<Text>, _, _>(rows, |r| match &r.chunk.data {
-                AudioData::Inline(_) => None,
-                AudioData::Stored { path, .. } => Some(path.as_str()),
+            column(audio_chunk_cache::voice_model_id, rows, |r| {
+                r.key.voice_model_id.as_str()
             }),
-            array::<Text, _, _>(rows, |r| r.chunk.format.as_str()),
-            array::<Integer, _, _>(rows, |r| r.duration_ms),
-            array::<Integer, _, _>(rows, |r| r.sample_rate),
-            array::<SmallInt, _, _>(rows, |r| r.channels),
-            array::<Nullable<Text>, _, _>(rows, |r| r.chunk.compression.as_deref()),
-            array::<BigInt, _, _>(rows, |r| r.byte_size),
-            array::<Nullable<SqlUuid>, _, _>(rows, |r| r.key.owner),
+            column(audio_chunk_cache::provider, rows, |r| {
+                r.key.provider.as_str()
+            }),
+            column(audio_chunk_cache::audio_data, rows, inline),
+            column(audio_chunk_cache::storage_path, rows, |r| {
+                match &r.value.data {
+                    AudioData::Inline(_) => None,
+                    AudioData::Stored { path, .. } => Some(path.as_str()),
+                }
+            }),
+            column(audio_chunk_cache::format, rows, |r| r.value.format.as_str()),
+            column(audio_chunk_cache::duration_ms, rows, |r| {
+                r.encoded.duration_ms
+            }),
+            column(audio_chunk_cache::sample_rate, rows, |r| {
+                r.encoded.sample_rate
+            }),
+            column(audio_chunk_cache::channels, rows, |r| r.encoded.channels),
+            column(audio_chunk_cache::compression, rows, |r| {
+                r.value.compression.as_deref()
+            }),
+            column(audio_chunk_cache::byte_size, rows, |r| r.encoded.byte_size),
+            column(audio_chunk_cache::owner_id, rows, |r| r.key.owner),
         );
-        UnnestUpsert::<Self, _>::new(arrays, ttl).execute(conn)
+        UnnestUpsert::new(rows, arrays, ttl).execute(conn)
     }
 
     fn decode(row: Stored) -> (Vec<u8>, CachedAudioChunk) {
@@ -627,11 +520,19 @@ impl TypedTable for AudioChunkCache<'_> {
     fn stores(&self, key: &AudioChunkKey) -> bool {
         self.caches_text(key)
     }
+
+    fn handle(&self) -> &Handle<'_> {
+        &self.handle
+    }
+
+    fn digest(key: &AudioChunkKey) -> Result<KeyDigest> {
+        key.digest()
+    }
 }
 
 impl AudioChunkCache<'_> {
     /// Drops the rows whose text this handle does not cache.
-    pub(crate) fn cacheable<'r>(&self, rows: Vec<Row<'r>>) -> Vec<Row<'r>> {
+    pub(crate) fn cacheable<'r>(&self, rows: Vec<Row<'r, Self>>) -> Vec<Row<'r, Self>> {
         rows.into_iter()
             .filter(|r| self.caches_text(r.key))
             .collect()

@@ -9,20 +9,18 @@ use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, QueryFragment, QueryId};
 use diesel::sql_types::{Array, Bool, Bytea, SqlType};
+use diesel::Column;
 
 use crate::error::{Error, Result};
 use crate::expiry::ExpiresIn;
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
-use crate::table::TypedTable;
+use crate::table::{Row, TypedTable};
 use crate::validation::check_text;
 
 /// Payload bytes per INSERT: PostgreSQL caps one array value (one column of a batch)
 /// at 1 GB, so only batches of large rows (inline audio) are split, far below that.
 const BYTES_PER_STATEMENT: usize = 64 * 1024 * 1024;
-
-/// Hex characters of a digest shown in reports (`top`, `stats`).
-const HASH_PREFIX_CHARS: usize = 16;
 
 /// A name-like field (model, provider, voice, format): not empty, no NUL.
 pub(crate) fn check_name(what: &'static str, value: &str) -> Result<()> {
@@ -30,13 +28,6 @@ pub(crate) fn check_name(what: &'static str, value: &str) -> Result<()> {
         return Err(Error::invalid(what, "must not be empty"));
     }
     check_text(what, value)
-}
-
-/// The short hex form of a stored digest used in reports.
-pub(crate) fn hash_prefix(bytes: &[u8]) -> String {
-    let mut hex = hex::encode(bytes);
-    hex.truncate(HASH_PREFIX_CHARS);
-    hex
 }
 
 /// Deletes the rows of `kind`'s table with these digests; returns how many of them
@@ -110,13 +101,14 @@ fn split_by_size<R>(rows: &[R], size: impl Fn(&R) -> usize, max: usize) -> Vec<&
     runs
 }
 
-/// `INSERT INTO t (cols, expires_at) SELECT u.*, statement_timestamp() + $ttl FROM unnest($1, ...)
-/// ON CONFLICT (key_hash) DO UPDATE SET ...`: the rows travel as one array per
-/// column (`A`, a tuple of bound arrays), so the text is the same for any batch size.
-/// With its static query id it is prepared once per connection and found again by
-/// type, which Diesel never does for its own `ON CONFLICT`, nullable or multi-row
-/// inserts.
-pub(crate) struct UnnestUpsert<T, A> {
+/// `INSERT INTO t (key_hash, cols, expires_at) SELECT u.*, statement_timestamp() + $ttl
+/// FROM unnest($1, ...) ON CONFLICT (key_hash) DO UPDATE SET ...`: the rows travel as
+/// one array per column (their digests, then `A`, a tuple of [`ColumnArray`]s), so the
+/// text is the same for any batch size. With its static query id it is prepared once
+/// per connection and found again by type, which Diesel never does for its own
+/// `ON CONFLICT`, nullable or multi-row inserts.
+pub(crate) struct UnnestUpsert<'r, T, A> {
+    digests: Vec<&'r [u8]>,
     arrays: A,
     expires: ExpiresIn,
     table: PhantomData<T>,
@@ -125,9 +117,14 @@ pub(crate) struct UnnestUpsert<T, A> {
 /// The query id of an [`UnnestUpsert`]: its table and array types.
 pub(crate) struct UnnestUpsertId<Table, A>(PhantomData<(Table, A)>);
 
-impl<T: TypedTable, A> UnnestUpsert<T, A> {
-    pub(crate) fn new(arrays: A, ttl: PgInterval) -> Self {
+impl<'r, T: TypedTable, A> UnnestUpsert<'r, T, A> {
+    /// Upserts `rows` with their other columns in `arrays`.
+    pub(crate) fn new(rows: &'r [Row<'_, T>], arrays: A, ttl: PgInterval) -> Self {
         UnnestUpsert {
+            digests: rows
+                .iter()
+                .map(|r| r.digest.as_bytes().as_slice())
+                .collect(),
             arrays,
             expires: ExpiresIn(ttl),
             table: PhantomData,
@@ -135,29 +132,35 @@ impl<T: TypedTable, A> UnnestUpsert<T, A> {
     }
 }
 
-impl<T: TypedTable, A: QueryFragment<Pg>> QueryFragment<Pg> for UnnestUpsert<T, A> {
+impl<T, A> QueryFragment<Pg> for UnnestUpsert<'_, T, A>
+where
+    T: TypedTable,
+    A: ColumnList + QueryFragment<Pg>,
+{
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         let table = T::CACHE.descriptor();
         out.push_sql("INSERT INTO ");
         out.push_sql(table.table);
-        out.push_sql(" (");
-        for column in T::COLUMNS {
+        out.push_sql(" (key_hash, ");
+        for column in A::NAMES {
             out.push_sql(column);
             out.push_sql(", ");
         }
         out.push_sql("expires_at) SELECT u.*, ");
         self.expires.walk_ast(out.reborrow())?;
         out.push_sql(" FROM unnest(");
+        out.push_bind_param::<Array<Bytea>, _>(&self.digests)?;
+        out.push_sql(", ");
         self.arrays.walk_ast(out.reborrow())?;
         out.push_sql(") AS u ON CONFLICT (key_hash) DO UPDATE SET ");
-        for column in T::COLUMNS.iter().filter(|c| **c != "key_hash") {
+        for column in A::NAMES {
             out.push_sql(column);
             out.push_sql(" = excluded.");
             out.push_sql(column);
             out.push_sql(", ");
         }
         out.push_sql("expires_at = excluded.expires_at, created_at = now()");
-        if table.tracks_hits {
+        if table.tracks_hits() {
             // An overwrite is a new entry: its popularity starts again.
             out.push_sql(", hit_count = 0, last_accessed_at = now()");
         }
@@ -165,35 +168,77 @@ impl<T: TypedTable, A: QueryFragment<Pg>> QueryFragment<Pg> for UnnestUpsert<T, 
     }
 }
 
-impl<T: TypedTable, A: QueryId> QueryId for UnnestUpsert<T, A> {
-    type QueryId = UnnestUpsertId<T::Table, A::QueryId>;
+impl<T: TypedTable, A: QueryId> QueryId for UnnestUpsert<'_, T, A> {
+    type QueryId = UnnestUpsertId<T::Stored, A::QueryId>;
     const HAS_STATIC_QUERY_ID: bool = A::HAS_STATIC_QUERY_ID;
 }
 
-impl<T, A, Conn> RunQueryDsl<Conn> for UnnestUpsert<T, A> {}
+impl<T, A, Conn> RunQueryDsl<Conn> for UnnestUpsert<'_, T, A> {}
 
-/// One column of a batch as a bound `ST[]`, for the arrays of an [`UnnestUpsert`].
-pub(crate) fn array<'r, ST, R, V>(
-    rows: &'r [R],
-    value: impl Fn(&'r R) -> V,
-) -> AsExprOf<Vec<V>, Array<ST>>
-where
-    ST: SqlType + TypedExpressionType + 'static,
-    Vec<V>: AsExpression<Array<ST>>,
-{
-    rows.iter()
-        .map(value)
-        .collect::<Vec<_>>()
-        .into_sql::<Array<ST>>()
+/// One column of a batch: the values of Diesel column `C` bound as one array (`E`),
+/// so the column's name and SQL type come from the generated schema.
+pub(crate) struct ColumnArray<C, E> {
+    values: E,
+    column: PhantomData<C>,
 }
 
-/// The typed handles' `with_default_ttl`, documented with the preset it replaces.
+/// The values `value` takes on `rows`, as column `C` of an [`UnnestUpsert`].
+pub(crate) fn column<'r, C, R, V>(
+    _column: C,
+    rows: &'r [R],
+    value: impl Fn(&'r R) -> V,
+) -> ColumnArray<C, AsExprOf<Vec<V>, Array<C::SqlType>>>
+where
+    C: Column,
+    C::SqlType: SqlType + TypedExpressionType + 'static,
+    Vec<V>: AsExpression<Array<C::SqlType>>,
+{
+    ColumnArray {
+        values: rows
+            .iter()
+            .map(value)
+            .collect::<Vec<_>>()
+            .into_sql::<Array<C::SqlType>>(),
+        column: PhantomData,
+    }
+}
+
+impl<C, E: QueryFragment<Pg>> QueryFragment<Pg> for ColumnArray<C, E> {
+    fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        self.values.walk_ast(out)
+    }
+}
+
+impl<C, E: QueryId> QueryId for ColumnArray<C, E> {
+    type QueryId = E::QueryId;
+    const HAS_STATIC_QUERY_ID: bool = E::HAS_STATIC_QUERY_ID;
+}
+
+/// The names of a tuple of [`ColumnArray`]s, in order.
+pub(crate) trait ColumnList {
+    const NAMES: &'static [&'static str];
+}
+
+/// [`ColumnList`] for the tuple sizes the tables use (columns besides `key_hash`).
+macro_rules! column_list {
+    ($($C:ident $E:ident),+) => {
+        impl<$($C: Column, $E),+> ColumnList for ($(ColumnArray<$C, $E>,)+) {
+            const NAMES: &'static [&'static str] = &[$($C::NAME),+];
+        }
+    };
+}
+column_list!(C1 E1, C2 E2, C3 E3, C4 E4);
+column_list!(C1 E1, C2 E2, C3 E3, C4 E4, C5 E5, C6 E6, C7 E7, C8 E8, C9 E9, C10 E10, C11 E11);
+
+/// Every handle's `with_default_ttl`, setting the TTL in its [`Handle`](crate::cache::Handle)
+/// field.
 macro_rules! with_default_ttl {
-    ($preset:literal) => {
-        #[doc = concat!("A handle whose [`set`](Cache::set) uses `ttl` instead of the ", $preset, " preset.")]
+    ($handle:tt) => {
+        /// A handle whose [`set`](Cache::set) uses `ttl` instead of this cache's
+        /// default preset (named in the type's documentation).
         #[must_use]
         pub fn with_default_ttl(mut self, ttl: Duration) -> Self {
-            self.ttl = ttl;
+            self.$handle.ttl = Some(ttl);
             self
         }
     };

@@ -17,91 +17,18 @@ use chrono::{DateTime, Utc};
 use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{Bytea, Integer, Nullable, Text, Uuid as SqlUuid};
-use diesel::Column;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::common::{array, check_name, with_default_ttl, UnnestUpsert};
+use super::common::{check_name, column, with_default_ttl, UnnestUpsert};
 use crate::cache::Cache;
-use crate::engine::Engine;
+use crate::cache::Handle;
 use crate::error::{Error, Result};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::schema::embedding_cache;
-use crate::table::TypedTable;
+use crate::table::{Row, TypedTable};
 use crate::validation::{check_embedding, check_text};
-
-/// What identifies a cached embedding: the query text and the model that embeds it,
-/// optionally owned by a user (see [`owned_by`](Self::owned_by)).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EmbeddingKey {
-    /// The query text, exactly as embedded.
-    pub text: String,
-    /// The embedding model, e.g. `text-embedding-3-small`.
-    pub model: String,
-    /// The user the entry belongs to; part of the key, so an owned entry is only
-    /// found with the same owner, and removed by
-    /// [`CacheManager::invalidate_user`]. Default: none (shared).
-    #[serde(default, rename = "owner_id", skip_serializing_if = "Option::is_none")]
-    pub owner: Option<Uuid>,
-}
-
-impl EmbeddingKey {
-    /// A shared (unowned) key.
-    pub fn new(text: impl Into<String>, model: impl Into<String>) -> Self {
-        EmbeddingKey {
-            text: text.into(),
-            model: model.into(),
-            owner: None,
-        }
-    }
-
-    /// The same key, owned by `user`.
-    #[must_use]
-    pub fn owned_by(mut self, user: Uuid) -> Self {
-        self.owner = Some(user);
-        self
-    }
-
-    /// The digest that identifies this key's entry (see the module docs).
-    ///
-    /// # Errors
-    /// [`Error::InvalidInput`] for a NUL character in the text or an empty model.
-    pub fn digest(&self) -> Result<KeyDigest> {
-        digest(self)
-    }
-}
-
-/// Validates `key` and computes its digest.
-pub(crate) fn digest(key: &EmbeddingKey) -> Result<KeyDigest> {
-    check_text("text", &key.text)?;
-    check_name("model", &key.model)?;
-    Ok(KeyHasher::new("embedding")
-        .text(&key.text)
-        .text(&key.model)
-        .opt_uuid(key.owner)
-        .finish())
-}
-
-/// A cached embedding with its metadata.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct CachedEmbedding {
-    /// The vector.
-    pub embedding: Vec<f32>,
-    /// The model that produced it.
-    pub model: String,
-    /// Its number of components.
-    pub dimensions: usize,
-    /// The user it belongs to, if any.
-    pub owner: Option<Uuid>,
-    /// When it was written.
-    pub created_at: DateTime<Utc>,
-    /// When it expires (database time).
-    pub expires_at: DateTime<Utc>,
-}
 
 /// The embedding cache; get it with [`CacheManager::embedding`].
 ///
@@ -118,20 +45,10 @@ pub struct CachedEmbedding {
 /// # Ok::<(), pgcache::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy)]
-pub struct EmbeddingCache<'a> {
-    engine: &'a Engine,
-    ttl: Duration,
-}
+pub struct EmbeddingCache<'a>(pub(crate) Handle<'a>);
 
-impl<'a> EmbeddingCache<'a> {
-    pub(crate) fn new(engine: &'a Engine) -> Self {
-        EmbeddingCache {
-            engine,
-            ttl: engine.config().ttl().medium,
-        }
-    }
-
-    with_default_ttl!("medium");
+impl EmbeddingCache<'_> {
+    with_default_ttl!(0);
 
     /// Embeddings of many `texts` under one `model` (shared, unowned entries): one
     /// read for all of them, `compute` called once with only the missing texts (each
@@ -176,7 +93,7 @@ impl<'a> EmbeddingCache<'a> {
             }
             let entries: Vec<(&EmbeddingKey, &Vec<f32>)> =
                 missing.iter().map(|&i| &keys[i]).zip(&vectors).collect();
-            self.set_many(&entries, self.ttl)?;
+            self.set_many(&entries, self.0.ttl(Self::CACHE))?;
             computed = missing_texts.into_iter().zip(vectors).collect();
         }
         Ok(texts
@@ -190,11 +107,75 @@ impl<'a> EmbeddingCache<'a> {
     }
 }
 
-/// One validated row, ready to upsert.
+/// What identifies a cached embedding: the query text and the model that embeds it,
+/// optionally owned by a user (see [`owned_by`](Self::owned_by)).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingKey {
+    /// The query text, exactly as embedded.
+    pub text: String,
+    /// The embedding model, e.g. `text-embedding-3-small`.
+    pub model: String,
+    /// The user the entry belongs to; part of the key, so an owned entry is only
+    /// found with the same owner, and removed by
+    /// [`CacheManager::invalidate_user`]. Default: none (shared).
+    #[serde(default, rename = "owner_id", skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Uuid>,
+}
+
+impl EmbeddingKey {
+    /// A shared (unowned) key.
+    pub fn new(text: impl Into<String>, model: impl Into<String>) -> Self {
+        EmbeddingKey {
+            text: text.into(),
+            model: model.into(),
+            owner: None,
+        }
+    }
+
+    /// The same key, owned by `user`.
+    #[must_use]
+    pub fn owned_by(mut self, user: Uuid) -> Self {
+        self.owner = Some(user);
+        self
+    }
+
+    /// The digest that identifies this key's entry (see the module docs).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a NUL character in the text or an empty model.
+    pub fn digest(&self) -> Result<KeyDigest> {
+        check_text("text", &self.text)?;
+        check_name("model", &self.model)?;
+        Ok(KeyHasher::new("embedding")
+            .text(&self.text)
+            .text(&self.model)
+            .opt_uuid(self.owner)
+            .finish())
+    }
+}
+
+/// A cached embedding with its metadata.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct CachedEmbedding {
+    /// The vector.
+    pub embedding: Vec<f32>,
+    /// The model that produced it.
+    pub model: String,
+    /// Its number of components.
+    pub dimensions: usize,
+    /// The user it belongs to, if any.
+    pub owner: Option<Uuid>,
+    /// When it was written.
+    pub created_at: DateTime<Utc>,
+    /// When it expires (database time).
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A vector as stored: little-endian `f32` bytes and their count.
 #[derive(Debug, Clone)]
-pub struct Row<'a> {
-    digest: KeyDigest,
-    key: &'a EmbeddingKey,
+pub struct Encoded {
     bytes: Vec<u8>,
     dimensions: i32,
 }
@@ -216,66 +197,37 @@ impl TypedTable for EmbeddingCache<'_> {
     type Key = EmbeddingKey;
     type Value = Vec<f32>;
     type Entry = CachedEmbedding;
-    type Row<'r>
-        = Row<'r>
-    where
-        Self: 'r;
+    type Encoded = Encoded;
     type Stored = Stored;
-    type Table = embedding_cache::table;
-    const COLUMNS: &'static [&'static str] = &[
-        embedding_cache::key_hash::NAME,
-        embedding_cache::model::NAME,
-        embedding_cache::dimensions::NAME,
-        embedding_cache::embedding::NAME,
-        embedding_cache::owner_id::NAME,
-    ];
 
-    fn engine(&self) -> &Engine {
-        self.engine
-    }
-
-    fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
-    fn digest(key: &EmbeddingKey) -> Result<KeyDigest> {
-        digest(key)
-    }
-
-    /// Validates an entry and encodes its vector as little-endian `f32` bytes.
-    fn row<'r>(key: &'r EmbeddingKey, embedding: &'r Vec<f32>) -> Result<Row<'r>> {
-        let digest = digest(key)?;
+    /// Validates the vector and encodes it as little-endian `f32` bytes.
+    fn encode(_key: &EmbeddingKey, embedding: &Vec<f32>) -> Result<Encoded> {
         check_embedding(embedding)?;
-        Ok(Row {
-            digest,
-            key,
+        Ok(Encoded {
             bytes: embedding.iter().flat_map(|c| c.to_le_bytes()).collect(),
             // check_embedding caps the length far below i32::MAX.
             dimensions: embedding.len() as i32,
         })
     }
 
-    fn row_digest(row: &Row<'_>) -> KeyDigest {
-        row.digest
+    fn row_bytes(row: &Row<'_, Self>) -> usize {
+        row.encoded.bytes.len()
     }
 
-    fn row_key<'r>(row: &'r Row<'_>) -> &'r EmbeddingKey {
-        row.key
-    }
-
-    fn row_bytes(row: &Row<'_>) -> usize {
-        row.bytes.len()
-    }
-
-    fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> QueryResult<usize> {
+    fn upsert(
+        conn: &mut PgConnection,
+        rows: &[Row<'_, Self>],
+        ttl: PgInterval,
+    ) -> QueryResult<usize> {
         let arrays = (
-            array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
-            array::<Text, _, _>(rows, |r| r.key.model.as_str()),
-            array::<Integer, _, _>(rows, |r| r.dimensions),
-            array::<Bytea, _, _>(rows, |r| r.bytes.as_slice()),
-            array::<Nullable<SqlUuid>, _, _>(rows, |r| r.key.owner),
+            column(embedding_cache::model, rows, |r| r.key.model.as_str()),
+            column(embedding_cache::dimensions, rows, |r| r.encoded.dimensions),
+            column(embedding_cache::embedding, rows, |r| {
+                r.encoded.bytes.as_slice()
+            }),
+            column(embedding_cache::owner_id, rows, |r| r.key.owner),
         );
-        UnnestUpsert::<Self, _>::new(arrays, ttl).execute(conn)
+        UnnestUpsert::new(rows, arrays, ttl).execute(conn)
     }
 
     fn decode(row: Stored) -> (Vec<u8>, CachedEmbedding) {
@@ -297,6 +249,14 @@ impl TypedTable for EmbeddingCache<'_> {
 
     fn value(entry: CachedEmbedding) -> Vec<f32> {
         entry.embedding
+    }
+
+    fn handle(&self) -> &Handle<'_> {
+        &self.0
+    }
+
+    fn digest(key: &EmbeddingKey) -> Result<KeyDigest> {
+        key.digest()
     }
 }
 

@@ -14,7 +14,8 @@ use diesel::PgJsonbExpressionMethods;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::cache::{Cache, Storage};
+use super::common::with_default_ttl;
+use crate::cache::{Cache, Handle, Storage};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::expiry::ttl_interval;
@@ -48,15 +49,14 @@ use crate::validation::check_key;
 /// # Ok::<(), pgcache::Error>(())
 /// ```
 pub struct KvCache<'a, V = serde_json::Value> {
-    engine: &'a Engine,
-    ttl: Duration,
+    handle: Handle<'a>,
     value: PhantomData<fn() -> V>,
 }
 
 impl<V> std::fmt::Debug for KvCache<'_, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvCache")
-            .field("ttl", &self.ttl)
+            .field("ttl", &self.handle.ttl)
             .field("value", &std::any::type_name::<V>())
             .finish()
     }
@@ -73,8 +73,7 @@ impl<V> Copy for KvCache<'_, V> {}
 impl<'a> KvCache<'a> {
     pub(crate) fn new(engine: &'a Engine) -> Self {
         KvCache {
-            engine,
-            ttl: engine.config().ttl().medium,
+            handle: Handle::new(engine),
             value: PhantomData,
         }
     }
@@ -85,18 +84,12 @@ impl<'a, V> KvCache<'a, V> {
     #[must_use]
     pub fn typed<W>(self) -> KvCache<'a, W> {
         KvCache {
-            engine: self.engine,
-            ttl: self.ttl,
+            handle: self.handle,
             value: PhantomData,
         }
     }
 
-    /// A handle whose [`set`](Cache::set) uses `ttl` instead of the medium preset.
-    #[must_use]
-    pub fn with_default_ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
-        self
-    }
+    with_default_ttl!(handle);
 
     /// The digest naming `key`'s single-flight lease (`cache_leases`), the same in
     /// every process.
@@ -114,7 +107,7 @@ impl<'a, V> KvCache<'a, V> {
     /// A bad key, or a connection or database error.
     pub fn exists(&self, key: &str) -> Result<bool> {
         check_key(key)?;
-        self.engine.read(CacheKind::Kv, false, |conn| {
+        self.handle.engine.read(CacheKind::Kv, false, |conn| {
             Ok(remaining(conn, key)?.is_some())
         })
     }
@@ -125,7 +118,7 @@ impl<'a, V> KvCache<'a, V> {
     /// A bad key, or a connection or database error.
     pub fn ttl(&self, key: &str) -> Result<Option<Duration>> {
         check_key(key)?;
-        self.engine.read(CacheKind::Kv, None, |conn| {
+        self.handle.engine.read(CacheKind::Kv, None, |conn| {
             Ok(remaining(conn, key)?
                 .map(|(expires, now)| (expires - now).to_std().unwrap_or(Duration::ZERO)))
         })
@@ -139,7 +132,7 @@ impl<'a, V> KvCache<'a, V> {
     pub fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
         check_key(key)?;
         let interval = ttl_interval(ttl)?;
-        self.engine.write(
+        self.handle.engine.write(
             CacheKind::Kv,
             false,
             || None,
@@ -168,7 +161,7 @@ impl<'a, V> KvCache<'a, V> {
             Error::InvalidInput { reason, .. } => Error::invalid("prefix", reason),
             other => other,
         })?;
-        self.engine.write(
+        self.handle.engine.write(
             CacheKind::Kv,
             0,
             || {
@@ -196,7 +189,7 @@ impl<'a, V> KvCache<'a, V> {
     /// # Errors
     /// A connection or database error.
     pub fn clear(&self) -> Result<u64> {
-        self.engine.write(
+        self.handle.engine.write(
             CacheKind::Kv,
             0,
             || {
@@ -228,7 +221,7 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
     ) -> Result<Vec<(String, V)>> {
         let filter = JsonbOut::new("filter", filter)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.engine.read(CacheKind::Kv, Vec::new(), |conn| {
+        self.handle.engine.read(CacheKind::Kv, Vec::new(), |conn| {
             let rows: Vec<(String, JsonbIn<V>)> = cache_entries::table
                 .filter(cache_entries::value.contains(&filter))
                 .filter(cache_entries::expires_at.gt(db_now()))
@@ -429,12 +422,8 @@ impl<V: Serialize + DeserializeOwned + 'static> Storage for KvCache<'_, V> {
 
     const KIND: CacheKind = CacheKind::Kv;
 
-    fn engine(&self) -> &Engine {
-        self.engine
-    }
-
-    fn default_ttl(&self) -> Duration {
-        self.ttl
+    fn handle(&self) -> &Handle<'_> {
+        &self.handle
     }
 
     fn into_value(entry: V) -> V {

@@ -21,21 +21,57 @@ use chrono::{DateTime, Utc};
 use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{Bytea, Nullable, Text, Uuid as SqlUuid};
-use diesel::Column;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{array, check_name, hash_prefix, with_default_ttl, UnnestUpsert};
-use crate::engine::Engine;
+use super::common::{check_name, column, with_default_ttl, UnnestUpsert};
+use crate::cache::Handle;
 use crate::error::Result;
-use crate::expiry::db_now;
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
+use crate::popularity::{flushed_report, top_entries, TopEntry};
 use crate::schema::llm_response_cache;
-use crate::table::TypedTable;
+use crate::table::{Row, TypedTable};
 use crate::validation::{check_json, check_text};
+
+/// The LLM response cache; get it with [`CacheManager::llm_response`].
+///
+/// Default TTL: the medium preset (`CACHE_TTL_MEDIUM`, 1 hour).
+///
+/// ```no_run
+/// use pgcache::{Cache, CacheManager, LlmPrompt};
+///
+/// let cache = CacheManager::from_env()?;
+/// let prompt = LlmPrompt::new("Explain quantum computing", "gemini-flash")
+///     .with_context("User is a beginner");
+/// let answer = cache.llm_response().get_or_compute(&prompt, || {
+///     Ok::<_, pgcache::Error>("Quantum computers use qubits...".to_owned())
+/// })?;
+/// for top in cache.llm_response().top(10)? {
+///     println!("{}... ({} hits, {})", top.hash_prefix(), top.hits, top.provider);
+/// }
+/// # Ok::<(), pgcache::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct LlmResponseCache<'a>(pub(crate) Handle<'a>);
+
+impl LlmResponseCache<'_> {
+    with_default_ttl!(0);
+
+    /// The `n` most-hit live responses (hit at least once), most hits first.
+    /// Flushes this manager's pending hits first so they are included (other
+    /// processes' pending hits are not). A maintenance query: it scans the live rows
+    /// (hit counts are not indexed, on purpose).
+    ///
+    /// # Errors
+    /// A connection or database error.
+    pub fn top(&self, n: usize) -> Result<Vec<TopEntry>> {
+        flushed_report(self.0.engine, Self::CACHE, Vec::new(), |conn| {
+            top_entries(conn, Self::CACHE, n)
+        })
+    }
+}
 
 /// An LLM request: what identifies a cached response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,31 +145,26 @@ impl LlmPrompt {
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a NUL character in any
     /// text or parameter, or an empty provider or model.
     pub fn digest(&self) -> Result<KeyDigest> {
-        digest(self)
+        check_text("prompt", &self.prompt)?;
+        if let Some(context) = &self.context {
+            check_text("context", context)?;
+        }
+        check_name("provider", &self.provider)?;
+        if let Some(model) = &self.model {
+            check_name("model", model)?;
+        }
+        if let Some(params) = &self.params {
+            check_json("params", params)?;
+        }
+        Ok(KeyHasher::new("llm_response")
+            .text(&self.prompt)
+            .opt_text(self.context.as_deref())
+            .text(&self.provider)
+            .opt_text(self.model.as_deref())
+            .opt_json(self.params.as_ref())
+            .opt_uuid(self.owner)
+            .finish())
     }
-}
-
-/// Validates `prompt` and computes its digest.
-pub(crate) fn digest(prompt: &LlmPrompt) -> Result<KeyDigest> {
-    check_text("prompt", &prompt.prompt)?;
-    if let Some(context) = &prompt.context {
-        check_text("context", context)?;
-    }
-    check_name("provider", &prompt.provider)?;
-    if let Some(model) = &prompt.model {
-        check_name("model", model)?;
-    }
-    if let Some(params) = &prompt.params {
-        check_json("params", params)?;
-    }
-    Ok(KeyHasher::new("llm_response")
-        .text(&prompt.prompt)
-        .opt_text(prompt.context.as_deref())
-        .text(&prompt.provider)
-        .opt_text(prompt.model.as_deref())
-        .opt_json(prompt.params.as_ref())
-        .opt_uuid(prompt.owner)
-        .finish())
 }
 
 /// A cached response with its metadata.
@@ -156,101 +187,6 @@ pub struct CachedLlmResponse {
     pub expires_at: DateTime<Utc>,
 }
 
-/// One of the most-hit responses, from [`LlmResponseCache::top`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct TopLlmResponse {
-    /// The first 16 hex characters of the entry's digest.
-    pub hash_prefix: String,
-    /// Hits counted.
-    pub hits: u64,
-    /// The provider.
-    pub provider: String,
-    /// The model, when known.
-    pub model: Option<String>,
-}
-
-/// The LLM response cache; get it with [`CacheManager::llm_response`].
-///
-/// Default TTL: the medium preset (`CACHE_TTL_MEDIUM`, 1 hour).
-///
-/// ```no_run
-/// use pgcache::{Cache, CacheManager, LlmPrompt};
-///
-/// let cache = CacheManager::from_env()?;
-/// let prompt = LlmPrompt::new("Explain quantum computing", "gemini-flash")
-///     .with_context("User is a beginner");
-/// let answer = cache.llm_response().get_or_compute(&prompt, || {
-///     Ok::<_, pgcache::Error>("Quantum computers use qubits...".to_owned())
-/// })?;
-/// for top in cache.llm_response().top(10)? {
-///     println!("{}... ({} hits, {})", top.hash_prefix, top.hits, top.provider);
-/// }
-/// # Ok::<(), pgcache::Error>(())
-/// ```
-#[derive(Debug, Clone, Copy)]
-pub struct LlmResponseCache<'a> {
-    engine: &'a Engine,
-    ttl: Duration,
-}
-
-impl<'a> LlmResponseCache<'a> {
-    pub(crate) fn new(engine: &'a Engine) -> Self {
-        LlmResponseCache {
-            engine,
-            ttl: engine.config().ttl().medium,
-        }
-    }
-
-    with_default_ttl!("medium");
-
-    /// The `n` most-hit live responses, most hits first. Flushes this manager's
-    /// pending hits first so they are included (other processes' pending hits are
-    /// not). A maintenance query: it scans the live rows (hit counts are not
-    /// indexed, on purpose).
-    ///
-    /// # Errors
-    /// A connection or database error.
-    pub fn top(&self, n: usize) -> Result<Vec<TopLlmResponse>> {
-        self.engine.flush()?;
-        let limit = i64::try_from(n).unwrap_or(i64::MAX);
-        self.engine
-            .read(CacheKind::LlmResponse, Vec::new(), |conn| {
-                let rows: Vec<(Vec<u8>, i64, String, Option<String>)> = llm_response_cache::table
-                    .filter(llm_response_cache::expires_at.gt(db_now()))
-                    .order((
-                        llm_response_cache::hit_count.desc(),
-                        llm_response_cache::key_hash,
-                    ))
-                    .limit(limit)
-                    .select((
-                        llm_response_cache::key_hash,
-                        llm_response_cache::hit_count,
-                        llm_response_cache::provider,
-                        llm_response_cache::model,
-                    ))
-                    .load(conn)?;
-                Ok(rows
-                    .into_iter()
-                    .map(|(hash, hits, provider, model)| TopLlmResponse {
-                        hash_prefix: hash_prefix(&hash),
-                        hits: hits.unsigned_abs(),
-                        provider,
-                        model,
-                    })
-                    .collect())
-            })
-    }
-}
-
-/// One validated row, ready to upsert.
-#[derive(Debug, Clone)]
-pub struct Row<'a> {
-    digest: KeyDigest,
-    prompt: &'a LlmPrompt,
-    response: &'a str,
-}
-
 /// A live row as read back.
 #[derive(Debug, QueryableByName)]
 #[diesel(table_name = llm_response_cache, check_for_backend(diesel::pg::Pg))]
@@ -270,63 +206,31 @@ impl TypedTable for LlmResponseCache<'_> {
     type Key = LlmPrompt;
     type Value = String;
     type Entry = CachedLlmResponse;
-    type Row<'r>
-        = Row<'r>
-    where
-        Self: 'r;
+    type Encoded = ();
     type Stored = Stored;
-    type Table = llm_response_cache::table;
-    const COLUMNS: &'static [&'static str] = &[
-        llm_response_cache::key_hash::NAME,
-        llm_response_cache::provider::NAME,
-        llm_response_cache::model::NAME,
-        llm_response_cache::response::NAME,
-        llm_response_cache::owner_id::NAME,
-    ];
 
-    fn engine(&self) -> &Engine {
-        self.engine
+    fn encode(_prompt: &LlmPrompt, response: &String) -> Result<()> {
+        check_text("response", response)
     }
 
-    fn ttl(&self) -> Duration {
-        self.ttl
+    fn row_bytes(row: &Row<'_, Self>) -> usize {
+        row.value.len()
     }
 
-    fn digest(prompt: &LlmPrompt) -> Result<KeyDigest> {
-        digest(prompt)
-    }
-
-    fn row<'r>(prompt: &'r LlmPrompt, response: &'r String) -> Result<Row<'r>> {
-        let digest = digest(prompt)?;
-        check_text("response", response)?;
-        Ok(Row {
-            digest,
-            prompt,
-            response,
-        })
-    }
-
-    fn row_digest(row: &Row<'_>) -> KeyDigest {
-        row.digest
-    }
-
-    fn row_key<'r>(row: &'r Row<'_>) -> &'r LlmPrompt {
-        row.prompt
-    }
-
-    fn row_bytes(row: &Row<'_>) -> usize {
-        row.response.len()
-    }
-
-    fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> QueryResult<usize> {
+    fn upsert(
+        conn: &mut PgConnection,
+        rows: &[Row<'_, Self>],
+        ttl: PgInterval,
+    ) -> QueryResult<usize> {
         let arrays = (
-            array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
-            array::<Text, _, _>(rows, |r| r.prompt.provider.as_str()),
-            array::<Nullable<Text>, _, _>(rows, |r| r.prompt.model.as_deref()),
-            array::<Text, _, _>(rows, |r| r.response),
-            array::<Nullable<SqlUuid>, _, _>(rows, |r| r.prompt.owner),
+            column(llm_response_cache::provider, rows, |r| {
+                r.key.provider.as_str()
+            }),
+            column(llm_response_cache::model, rows, |r| r.key.model.as_deref()),
+            column(llm_response_cache::response, rows, |r| r.value.as_str()),
+            column(llm_response_cache::owner_id, rows, |r| r.key.owner),
         );
-        UnnestUpsert::<Self, _>::new(arrays, ttl).execute(conn)
+        UnnestUpsert::new(rows, arrays, ttl).execute(conn)
     }
 
     fn decode(row: Stored) -> (Vec<u8>, CachedLlmResponse) {
@@ -344,6 +248,14 @@ impl TypedTable for LlmResponseCache<'_> {
 
     fn value(entry: CachedLlmResponse) -> String {
         entry.response
+    }
+
+    fn handle(&self) -> &Handle<'_> {
+        &self.0
+    }
+
+    fn digest(prompt: &LlmPrompt) -> Result<KeyDigest> {
+        prompt.digest()
     }
 }
 

@@ -16,21 +16,42 @@ use chrono::{DateTime, Utc};
 use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{Bytea, Integer, Jsonb, Uuid as SqlUuid};
-use diesel::Column;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{array, with_default_ttl, UnnestUpsert};
-use crate::engine::Engine;
+use super::common::{column, with_default_ttl, UnnestUpsert};
+use crate::cache::Handle;
 use crate::error::{Error, Result};
 use crate::jsonb::JsonbOut;
 use crate::key::{canonical_json, KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::schema::vector_search_cache;
-use crate::table::TypedTable;
+use crate::table::{Row, TypedTable};
 use crate::validation::{check_embedding, check_json};
+
+/// The vector-search results cache; get it with [`CacheManager::vector_search`].
+///
+/// Default TTL: the short preset (`CACHE_TTL_SHORT`, 5 minutes).
+///
+/// ```no_run
+/// use pgcache::{Cache, CacheManager, VectorSearchQuery};
+///
+/// let cache = CacheManager::from_env()?;
+/// let user = uuid::Uuid::new_v4();
+/// let query = VectorSearchQuery::new(user, vec![0.1, 0.2, 0.3], 5)
+///     .with_filters(serde_json::json!({"lang": "en"}));
+/// let results = cache.vector_search().get_or_compute(&query, || {
+///     Ok::<_, pgcache::Error>(serde_json::json!([{"id": 7, "score": 0.93}]))
+/// })?;
+/// # Ok::<(), pgcache::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct VectorSearchCache<'a>(pub(crate) Handle<'a>);
+
+impl VectorSearchCache<'_> {
+    with_default_ttl!(0);
+}
 
 /// A vector search of one user: what identifies its cached results.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,21 +96,16 @@ impl VectorSearchQuery {
     /// [`Error::InvalidInput`] for an empty, over-long or non-finite embedding, a
     /// zero or over-large `top_k`, or a NUL character in the filters.
     pub fn digest(&self) -> Result<KeyDigest> {
-        digest(self)
+        check_embedding(&self.embedding)?;
+        top_k(self)?;
+        check_json("filters", &self.filters)?;
+        Ok(KeyHasher::new("vector_search")
+            .embedding(&self.embedding)
+            .int(i64::from(self.top_k))
+            .json(&self.filters)
+            .opt_uuid(Some(self.user_id))
+            .finish())
     }
-}
-
-/// Validates `query` and computes its digest.
-pub(crate) fn digest(query: &VectorSearchQuery) -> Result<KeyDigest> {
-    check_embedding(&query.embedding)?;
-    top_k(query)?;
-    check_json("filters", &query.filters)?;
-    Ok(KeyHasher::new("vector_search")
-        .embedding(&query.embedding)
-        .int(i64::from(query.top_k))
-        .json(&query.filters)
-        .opt_uuid(Some(query.user_id))
-        .finish())
 }
 
 fn top_k(query: &VectorSearchQuery) -> Result<i32> {
@@ -120,44 +136,9 @@ pub struct CachedVectorSearch {
     pub expires_at: DateTime<Utc>,
 }
 
-/// The vector-search results cache; get it with [`CacheManager::vector_search`].
-///
-/// Default TTL: the short preset (`CACHE_TTL_SHORT`, 5 minutes).
-///
-/// ```no_run
-/// use pgcache::{Cache, CacheManager, VectorSearchQuery};
-///
-/// let cache = CacheManager::from_env()?;
-/// let user = uuid::Uuid::new_v4();
-/// let query = VectorSearchQuery::new(user, vec![0.1, 0.2, 0.3], 5)
-///     .with_filters(serde_json::json!({"lang": "en"}));
-/// let results = cache.vector_search().get_or_compute(&query, || {
-///     Ok::<_, pgcache::Error>(serde_json::json!([{"id": 7, "score": 0.93}]))
-/// })?;
-/// # Ok::<(), pgcache::Error>(())
-/// ```
-#[derive(Debug, Clone, Copy)]
-pub struct VectorSearchCache<'a> {
-    engine: &'a Engine,
-    ttl: Duration,
-}
-
-impl<'a> VectorSearchCache<'a> {
-    pub(crate) fn new(engine: &'a Engine) -> Self {
-        VectorSearchCache {
-            engine,
-            ttl: engine.config().ttl().short,
-        }
-    }
-
-    with_default_ttl!("short");
-}
-
-/// One validated row, ready to upsert.
+/// A search's columns as bound: `top_k`, the canonical filters and the results.
 #[derive(Debug, Clone)]
-pub struct Row<'a> {
-    digest: KeyDigest,
-    query: &'a VectorSearchQuery,
+pub struct Encoded {
     top_k: i32,
     filters: JsonbOut,
     results: JsonbOut,
@@ -181,63 +162,33 @@ impl TypedTable for VectorSearchCache<'_> {
     type Key = VectorSearchQuery;
     type Value = Value;
     type Entry = CachedVectorSearch;
-    type Row<'r>
-        = Row<'r>
-    where
-        Self: 'r;
+    type Encoded = Encoded;
     type Stored = Stored;
-    type Table = vector_search_cache::table;
-    const COLUMNS: &'static [&'static str] = &[
-        vector_search_cache::key_hash::NAME,
-        vector_search_cache::user_id::NAME,
-        vector_search_cache::top_k::NAME,
-        vector_search_cache::filters::NAME,
-        vector_search_cache::results::NAME,
-    ];
 
-    fn engine(&self) -> &Engine {
-        self.engine
-    }
-
-    fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
-    fn digest(query: &VectorSearchQuery) -> Result<KeyDigest> {
-        digest(query)
-    }
-
-    fn row<'r>(query: &'r VectorSearchQuery, results: &'r Value) -> Result<Row<'r>> {
-        Ok(Row {
-            digest: digest(query)?,
-            query,
+    fn encode(query: &VectorSearchQuery, results: &Value) -> Result<Encoded> {
+        Ok(Encoded {
             top_k: top_k(query)?,
             filters: JsonbOut::new("filters", &canonical_json(&query.filters))?,
             results: JsonbOut::new("results", results)?,
         })
     }
 
-    fn row_digest(row: &Row<'_>) -> KeyDigest {
-        row.digest
+    fn row_bytes(row: &Row<'_, Self>) -> usize {
+        row.encoded.filters.byte_len() + row.encoded.results.byte_len()
     }
 
-    fn row_key<'r>(row: &'r Row<'_>) -> &'r VectorSearchQuery {
-        row.query
-    }
-
-    fn row_bytes(row: &Row<'_>) -> usize {
-        row.filters.byte_len() + row.results.byte_len()
-    }
-
-    fn upsert(conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> QueryResult<usize> {
+    fn upsert(
+        conn: &mut PgConnection,
+        rows: &[Row<'_, Self>],
+        ttl: PgInterval,
+    ) -> QueryResult<usize> {
         let arrays = (
-            array::<Bytea, _, _>(rows, |r| r.digest.as_bytes().as_slice()),
-            array::<SqlUuid, _, _>(rows, |r| r.query.user_id),
-            array::<Integer, _, _>(rows, |r| r.top_k),
-            array::<Jsonb, _, _>(rows, |r| &r.filters),
-            array::<Jsonb, _, _>(rows, |r| &r.results),
+            column(vector_search_cache::user_id, rows, |r| r.key.user_id),
+            column(vector_search_cache::top_k, rows, |r| r.encoded.top_k),
+            column(vector_search_cache::filters, rows, |r| &r.encoded.filters),
+            column(vector_search_cache::results, rows, |r| &r.encoded.results),
         );
-        UnnestUpsert::<Self, _>::new(arrays, ttl).execute(conn)
+        UnnestUpsert::new(rows, arrays, ttl).execute(conn)
     }
 
     fn decode(row: Stored) -> (Vec<u8>, CachedVectorSearch) {
@@ -260,6 +211,14 @@ impl TypedTable for VectorSearchCache<'_> {
     /// A row only answers a query of its own user (the digest covers the user too).
     fn answers(query: &VectorSearchQuery, entry: &CachedVectorSearch) -> bool {
         entry.user_id == query.user_id
+    }
+
+    fn handle(&self) -> &Handle<'_> {
+        &self.0
+    }
+
+    fn digest(query: &VectorSearchQuery) -> Result<KeyDigest> {
+        query.digest()
     }
 }
 

@@ -13,7 +13,7 @@ pub(crate) mod warmup;
 pub use cleanup::{CleanupProgress, CleanupReport, TableCleanup};
 pub use health::{Alert, CleanupRun, HealthReport, HealthThresholds};
 pub use invalidation::InvalidationReport;
-pub use stats::{AudioStats, CacheStats, Lookups, TableStats, TopEntry, TOP_ENTRIES};
+pub use stats::{CacheStats, Lookups, TableStats, TOP_ENTRIES};
 pub use warmup::{
     Warmup, WarmupAudioChunk, WarmupEmbedding, WarmupKv, WarmupLlmResponse, WarmupReport,
     WarmupVectorSearch,

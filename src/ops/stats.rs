@@ -4,12 +4,13 @@ use std::fmt;
 
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Double};
+use diesel::sql_types::BigInt;
 use serde::Serialize;
 
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::kind::CacheKind;
+use crate::popularity::{hit_stats, top_entries, HitStats, TopEntry};
 use crate::schema::cache_counters;
 
 /// How many entries the "top cached" and "most accessed" lists show.
@@ -25,7 +26,7 @@ pub struct CacheStats {
     /// Live LLM responses with the most hits, most first (only those hit at least once).
     pub top_llm_responses: Vec<TopEntry>,
     /// Audio chunk cache figures.
-    pub audio: AudioStats,
+    pub audio: HitStats,
     /// Rows over all caches, expired ones included.
     pub total_entries: u64,
     /// Hits and misses over all caches.
@@ -78,30 +79,6 @@ impl Lookups {
     }
 }
 
-/// One popular entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct TopEntry {
-    /// The entry's key digest, hex.
-    pub key_hash: String,
-    /// Hits served (flushed ones).
-    pub hits: u64,
-    /// Provider that produced the entry.
-    pub provider: String,
-}
-
-/// Audio chunk cache figures, over live entries.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[non_exhaustive]
-pub struct AudioStats {
-    /// Sum of the chunks' `byte_size` (inline or at their storage path).
-    pub total_bytes: u64,
-    /// Mean hits per chunk.
-    pub average_hit_count: f64,
-    /// Chunks with the most hits, most first (only those hit at least once).
-    pub most_accessed: Vec<TopEntry>,
-}
-
 /// [`CacheManager::stats`](crate::CacheManager::stats).
 pub(crate) fn stats(engine: &Engine) -> Result<CacheStats> {
     let lookups = lookups(engine)?;
@@ -119,20 +96,15 @@ pub(crate) fn stats(engine: &Engine) -> Result<CacheStats> {
             lookups,
         });
     }
-    let top_llm_responses = top_entries(&mut conn, CacheKind::LlmResponse)?;
-    let most_accessed = top_entries(&mut conn, CacheKind::AudioChunk)?;
-    let totals = audio_totals(&mut conn)?;
+    let top_llm_responses = top_entries(&mut conn, CacheKind::LlmResponse, TOP_ENTRIES)?;
+    let audio = hit_stats(&mut conn, CacheKind::AudioChunk, TOP_ENTRIES)?;
     let mut all = Lookups::default();
     caches.iter().for_each(|c| all.add(c.lookups));
     Ok(CacheStats {
         total_entries: caches.iter().map(|c| c.entries).sum(),
         caches,
         top_llm_responses,
-        audio: AudioStats {
-            total_bytes: totals.total_bytes as u64,
-            average_hit_count: totals.average_hits,
-            most_accessed,
-        },
+        audio,
         lookups: all,
     })
 }
@@ -163,35 +135,6 @@ pub(crate) fn lookups(engine: &Engine) -> Result<Vec<(CacheKind, Lookups)>> {
                 });
             }
             (kind, lookups)
-        })
-        .collect())
-}
-
-/// The [`TOP_ENTRIES`] live entries of a hit-tracking table with the most hits.
-fn top_entries(conn: &mut PgConnection, kind: CacheKind) -> QueryResult<Vec<TopEntry>> {
-    #[derive(QueryableByName)]
-    struct Top {
-        #[diesel(sql_type = diesel::sql_types::Bytea)]
-        key_hash: Vec<u8>,
-        #[diesel(sql_type = BigInt)]
-        hit_count: i64,
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        provider: String,
-    }
-    // The table name comes from the closed CacheKind enum, never from input.
-    let top: Vec<Top> = diesel::sql_query(format!(
-        "SELECT key_hash, hit_count, provider FROM {} \
-         WHERE expires_at > statement_timestamp() AND hit_count > 0 \
-         ORDER BY hit_count DESC LIMIT {TOP_ENTRIES}",
-        kind.table()
-    ))
-    .load(conn)?;
-    Ok(top
-        .into_iter()
-        .map(|t| TopEntry {
-            key_hash: hex::encode(t.key_hash),
-            hits: t.hit_count.unsigned_abs(),
-            provider: t.provider,
         })
         .collect())
 }
@@ -231,23 +174,6 @@ pub(crate) fn total_size(conn: &mut PgConnection) -> QueryResult<u64> {
     Ok(size.size_bytes as u64)
 }
 
-#[derive(QueryableByName)]
-struct AudioTotals {
-    #[diesel(sql_type = BigInt)]
-    total_bytes: i64,
-    #[diesel(sql_type = Double)]
-    average_hits: f64,
-}
-
-fn audio_totals(conn: &mut PgConnection) -> QueryResult<AudioTotals> {
-    diesel::sql_query(
-        "SELECT coalesce(sum(byte_size), 0)::int8 AS total_bytes, \
-         coalesce(avg(hit_count), 0)::float8 AS average_hits \
-         FROM audio_chunk_cache WHERE expires_at > now()",
-    )
-    .get_result(conn)
-}
-
 /// Bytes as `pg_size_pretty` shows them (1024-based), with two decimals.
 pub(crate) fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["bytes", "kB", "MB", "GB", "TB"];
@@ -280,7 +206,7 @@ fn write_top(
     }
     writeln!(f, "  {heading}:")?;
     for (i, e) in entries.iter().enumerate() {
-        let hash = e.key_hash.get(..16).unwrap_or(&e.key_hash);
+        let hash = e.hash_prefix();
         if provider {
             writeln!(
                 f,
