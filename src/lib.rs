@@ -59,10 +59,10 @@ mod ops;
 
 pub use cache::Cache;
 pub use caches::{
-    AudioChunk, AudioChunkCache, AudioChunkKey, AudioData, CachedAudioChunk, CachedEmbedding,
-    CachedLlmResponse, CachedVectorSearch, EmbeddingCache, EmbeddingKey, KvCache, LlmPrompt,
-    LlmResponseCache, VectorSearchCache, VectorSearchQuery, DEFAULT_MAX_AUDIO_TEXT_CHARS,
-    MAX_AUDIO_BYTES,
+    AudioChunk, AudioChunkCache, AudioChunkKey, AudioChunkTable, AudioData, CachedAudioChunk,
+    CachedEmbedding, CachedLlmResponse, CachedVectorSearch, EmbeddingCache, EmbeddingKey,
+    EmbeddingTable, KvCache, LlmPrompt, LlmResponseCache, LlmResponseTable, VectorSearchCache,
+    VectorSearchQuery, VectorSearchTable, DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
 };
 pub use config::{CacheConfig, CacheConfigBuilder, Durability, PoolSettings, DEFAULT_DATABASE_URL};
 pub use config::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
@@ -85,6 +85,7 @@ pub use ops::{
 pub use pool::PooledConnection;
 pub use popularity::{HitStats, TopEntry};
 pub use skipped::MAX_SKIPPED_KEYS;
+pub use table::TypedCache;
 pub use validation::{MAX_EMBEDDING_DIMENSIONS, MAX_KEY_BYTES};
 
 /// Compiles the README's Rust examples as doctests, so they cannot drift from the API.

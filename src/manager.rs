@@ -7,7 +7,6 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::background::Worker;
-use crate::cache::Handle;
 use crate::caches::{
     AudioChunkCache, EmbeddingCache, KvCache, LlmResponseCache, VectorSearchCache,
 };
@@ -57,8 +56,8 @@ impl CacheManager {
     /// configuration, runs pending migrations.
     ///
     /// # Errors
-    /// [`Error::Connection`] when the database cannot be reached within the
-    /// connection timeout; [`Error::Migration`] when migrations fail.
+    /// [`Error::Connection`](crate::Error::Connection) when the database cannot be reached within the
+    /// connection timeout; [`Error::Migration`](crate::Error::Migration) when migrations fail.
     pub fn new(config: CacheConfig) -> Result<Self> {
         let engine = Engine::start(config)?;
         let janitor = engine
@@ -79,10 +78,10 @@ impl CacheManager {
         })
     }
 
-    /// [`CacheManager::new`] with [`CacheConfig::from_env`].
+    /// [`CacheManager::new`](crate::CacheManager::new) with [`CacheConfig::from_env`].
     ///
     /// # Errors
-    /// As [`CacheConfig::from_env`] and [`CacheManager::new`].
+    /// As [`CacheConfig::from_env`] and [`CacheManager::new`](crate::CacheManager::new).
     pub fn from_env() -> Result<Self> {
         Self::new(CacheConfig::from_env()?)
     }
@@ -105,7 +104,7 @@ impl CacheManager {
     /// handed out twice.
     ///
     /// # Errors
-    /// [`Error::Connection`] when caching is disabled or no connection is free within
+    /// [`Error::Connection`](crate::Error::Connection) when caching is disabled or no connection is free within
     /// the connection timeout.
     pub fn connection(&self) -> Result<PooledConnection> {
         self.engine.connection()
@@ -115,7 +114,7 @@ impl CacheManager {
     /// returns the versions applied. Safe to run from many processes at once.
     ///
     /// # Errors
-    /// [`Error::Connection`] or [`Error::Migration`].
+    /// [`Error::Connection`](crate::Error::Connection) or [`Error::Migration`](crate::Error::Migration).
     pub fn run_migrations(&self) -> Result<Vec<String>> {
         self.engine.run_migrations()
     }
@@ -124,7 +123,7 @@ impl CacheManager {
     /// writes; emptied after a crash and not replicated).
     ///
     /// # Errors
-    /// [`Error::Connection`], or a database error (e.g. missing privileges).
+    /// [`Error::Connection`](crate::Error::Connection), or a database error (e.g. missing privileges).
     pub fn set_tables_logged(&self, logged: bool) -> Result<()> {
         self.engine
             .maintain(|conn| crate::migrations::set_logged(conn, logged))
@@ -141,18 +140,18 @@ impl CacheManager {
 
     /// The embedding cache (query text + model -> vector; default TTL medium).
     pub fn embedding(&self) -> EmbeddingCache<'_> {
-        EmbeddingCache(Handle::new(&self.engine))
+        EmbeddingCache::new(&self.engine)
     }
 
     /// The vector-search results cache (per user; default TTL short).
     pub fn vector_search(&self) -> VectorSearchCache<'_> {
-        VectorSearchCache(Handle::new(&self.engine))
+        VectorSearchCache::new(&self.engine)
     }
 
     /// The LLM response cache (hit counting, [`top`](LlmResponseCache::top); default
     /// TTL medium).
     pub fn llm_response(&self) -> LlmResponseCache<'_> {
-        LlmResponseCache(Handle::new(&self.engine))
+        LlmResponseCache::new(&self.engine)
     }
 
     /// The TTS audio chunk cache (hit counting, statistics, LRU eviction; default TTL
@@ -166,7 +165,7 @@ impl CacheManager {
 impl CacheManager {
     /// Deletes every expired row (`expires_at <= now()`, database clock) from every
     /// cache table, and expired single-flight leases, in batches of
-    /// [`CLEANUP_BATCH_SIZE`] rows per statement. Rows are claimed with
+    /// [`CLEANUP_BATCH_SIZE`](crate::CLEANUP_BATCH_SIZE) rows per statement. Rows are claimed with
     /// `FOR UPDATE SKIP LOCKED`, so cleanups running at the same time (cron on two
     /// hosts, the janitor) share the work and never wait on or deadlock with each
     /// other.
@@ -251,7 +250,7 @@ impl CacheManager {
     /// manager is dropped).
     ///
     /// # Errors
-    /// [`Error::Connection`] or a database error; the counts are kept for the next
+    /// [`Error::Connection`](crate::Error::Connection) or a database error; the counts are kept for the next
     /// flush.
     pub fn flush_stats(&self) -> Result<()> {
         self.engine.flush()
@@ -298,7 +297,7 @@ impl CacheManager {
     /// validated and nothing is stored.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] naming the first bad item (or `ttl_secs`); a
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) naming the first bad item (or `ttl_secs`); a
     /// connection or database error, after which nothing is stored.
     pub fn warmup(&self, warmup: &Warmup) -> Result<WarmupReport> {
         ops::warmup::warmup(&self.engine, warmup)

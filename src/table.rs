@@ -13,6 +13,7 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::time::Duration;
 
 use diesel::data_types::PgInterval;
 use diesel::pg::{Pg, PgConnection};
@@ -21,7 +22,7 @@ use diesel::sql_types::{Array, Bytea, Untyped};
 use diesel::{OptionalExtension, QueryResult, QueryableByName, RunQueryDsl};
 
 use crate::cache::{Handle, Storage};
-use crate::caches::common::{delete_digests, write_batches};
+use crate::caches::common::{delete_digests, write_batches, UnnestUpsert, UpsertColumns};
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::key::KeyDigest;
@@ -56,10 +57,48 @@ impl<T: TypedTable + ?Sized> Clone for Row<'_, T> {
     }
 }
 
-/// What one digest-keyed cache table is; implemented by its public handle.
+/// A handle on the digest-keyed cache table `T`: what
+/// [`CacheManager::embedding`](crate::CacheManager::embedding) and its siblings return,
+/// under the names [`EmbeddingCache`](crate::EmbeddingCache),
+/// [`VectorSearchCache`](crate::VectorSearchCache),
+/// [`LlmResponseCache`](crate::LlmResponseCache) and
+/// [`AudioChunkCache`](crate::AudioChunkCache). Every operation is in the
+/// [`Cache`](crate::Cache) trait; each table adds its own few methods.
+#[derive(Debug, Clone, Copy)]
+pub struct TypedCache<'a, T> {
+    handle: Handle<'a>,
+    pub(crate) table: T,
+}
+
+impl<'a, T: TypedTable + Default> TypedCache<'a, T> {
+    pub(crate) fn new(engine: &'a Engine) -> Self {
+        TypedCache {
+            handle: Handle::new(engine),
+            table: T::default(),
+        }
+    }
+}
+
+impl<'a, T> TypedCache<'a, T> {
+    /// A handle whose [`set`](crate::Cache::set) uses `ttl` instead of this cache's
+    /// default preset (named in the cache's documentation).
+    #[must_use]
+    pub fn with_default_ttl(mut self, ttl: Duration) -> Self {
+        self.handle.ttl = Some(ttl);
+        self
+    }
+
+    /// The engine this handle works through.
+    pub(crate) fn engine(&self) -> &'a Engine {
+        self.handle.engine
+    }
+}
+
+/// What one digest-keyed cache table is; implemented by a type naming the table
+/// (`EmbeddingTable`, ...), the parameter of its [`TypedCache`].
 ///
-/// Public only so the blanket [`Cache`](crate::Cache) implementation may name it;
-/// it lives in a private module and cannot be implemented outside the crate.
+/// Public only so [`TypedCache`]'s [`Cache`](crate::Cache) implementation may name
+/// it; it lives in a private module and cannot be implemented outside the crate.
 pub trait TypedTable {
     /// Which cache this is.
     const CACHE: CacheKind;
@@ -76,9 +115,6 @@ pub trait TypedTable {
     /// names the table's prepared statements.
     type Stored: QueryableByName<Pg> + 'static;
 
-    /// The engine and chosen TTL of this handle.
-    fn handle(&self) -> &Handle<'_>;
-
     /// Validates `key` and computes the digest its row is stored under.
     ///
     /// # Errors
@@ -94,13 +130,9 @@ pub trait TypedTable {
     /// The payload bytes of a row (splits very large batches).
     fn row_bytes(row: &Row<'_, Self>) -> usize;
 
-    /// Upserts `rows` (distinct keys, in key order) in one statement: an
-    /// `UnnestUpsert` of one array per column besides `key_hash`.
-    fn upsert(
-        conn: &mut PgConnection,
-        rows: &[Row<'_, Self>],
-        ttl: PgInterval,
-    ) -> QueryResult<usize>;
+    /// The columns of `rows` besides `key_hash`, one
+    /// [`column`](crate::caches::common::column) each, for their upsert.
+    fn columns<'r>(rows: &'r [Row<'_, Self>]) -> impl UpsertColumns + 'r;
 
     /// A stored row's `key_hash` and entry.
     fn decode(stored: Self::Stored) -> (Vec<u8>, Self::Entry);
@@ -124,12 +156,12 @@ pub trait TypedTable {
 /// Reads the live entry stored under `digest` (`key`'s); counts the hit where the
 /// table tracks hits.
 fn read_one<T: TypedTable>(
-    table: &T,
+    table: &TypedCache<'_, T>,
     conn: &mut PgConnection,
     key: &T::Key,
     digest: &KeyDigest,
 ) -> Result<Option<T::Entry>> {
-    if !table.stores(key) {
+    if !table.table.stores(key) {
         return Ok(None);
     }
     let found = LiveRows::<T, _>::new(digest.as_bytes().as_slice())
@@ -138,7 +170,7 @@ fn read_one<T: TypedTable>(
         .map(|stored| T::decode(stored).1)
         .filter(|entry| T::answers(key, entry));
     count_hits(
-        table.handle().engine,
+        table.engine(),
         T::CACHE,
         std::slice::from_ref(digest),
         std::slice::from_ref(&found),
@@ -148,7 +180,7 @@ fn read_one<T: TypedTable>(
 
 /// Reads many live entries in one statement, in `keys` order.
 fn read_many<T: TypedTable>(
-    table: &T,
+    table: &TypedCache<'_, T>,
     conn: &mut PgConnection,
     keys: &[&T::Key],
     digests: &[KeyDigest],
@@ -156,7 +188,7 @@ fn read_many<T: TypedTable>(
     let wanted: Vec<&[u8]> = digests
         .iter()
         .zip(keys)
-        .filter(|(_, k)| table.stores(k))
+        .filter(|(_, k)| table.table.stores(k))
         .map(|(d, _)| d.as_bytes().as_slice())
         .collect();
     let mut by_digest = HashMap::with_capacity(wanted.len());
@@ -174,7 +206,7 @@ fn read_many<T: TypedTable>(
         .zip(keys)
         .map(|(d, k)| by_digest.get(d).filter(|e| T::answers(k, e)).cloned())
         .collect();
-    count_hits(table.handle().engine, T::CACHE, digests, &found);
+    count_hits(table.engine(), T::CACHE, digests, &found);
     Ok(found)
 }
 
@@ -259,7 +291,7 @@ impl<T, D> Query for LiveRows<T, D> {
 impl<T, D, Conn> RunQueryDsl<Conn> for LiveRows<T, D> {}
 
 /// Every typed table is a cache's storage (and so a [`Cache`](crate::Cache)).
-impl<T: TypedTable> Storage for T {
+impl<T: TypedTable> Storage for TypedCache<'_, T> {
     type Key = T::Key;
     type Value = T::Value;
     type Entry = T::Entry;
@@ -272,7 +304,7 @@ impl<T: TypedTable> Storage for T {
     const KIND: CacheKind = T::CACHE;
 
     fn handle(&self) -> &Handle<'_> {
-        TypedTable::handle(self)
+        &self.handle
     }
 
     fn into_value(entry: T::Entry) -> T::Value {
@@ -301,7 +333,7 @@ impl<T: TypedTable> Storage for T {
     }
 
     fn stores(&self, key: &T::Key) -> bool {
-        TypedTable::stores(self, key)
+        self.table.stores(key)
     }
 
     fn skipped(&self, _keys: &[&T::Key], digests: &[KeyDigest]) -> Skipped {
@@ -333,7 +365,7 @@ impl<T: TypedTable> Storage for T {
     fn write(&self, conn: &mut PgConnection, rows: &[Row<'_, T>], ttl: PgInterval) -> Result<()> {
         let stored: Vec<Row<'_, T>> = rows
             .iter()
-            .filter(|r| self.stores(r.key))
+            .filter(|r| self.table.stores(r.key))
             .cloned()
             .collect();
         write_rows::<T>(conn, &stored, ttl)?;
@@ -358,6 +390,6 @@ pub(crate) fn write_rows<T: TypedTable>(
     ttl: PgInterval,
 ) -> QueryResult<usize> {
     write_batches(conn, rows, T::row_bytes, |conn, rows| {
-        T::upsert(conn, rows, ttl)
+        UnnestUpsert::new(rows, T::columns(rows), ttl).execute(conn)
     })
 }

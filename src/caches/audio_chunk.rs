@@ -19,30 +19,25 @@
 //! Hits are counted as for LLM responses: one `SELECT` per get, hits and last access
 //! written in deferred batches.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
-use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{check_name, column, with_default_ttl, UnnestUpsert};
-use crate::cache::Handle;
+use super::common::{check_name, column, UpsertColumns};
 use crate::config::SizeBounds;
-use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::eviction::{evict, EvictionReport, Limits};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::popularity::{flushed_report, hit_stats, HitStats};
 use crate::schema::audio_chunk_cache;
-use crate::table::{Row, TypedTable};
+use crate::table::{Row, TypedCache, TypedTable};
 use crate::validation::{check_json, check_text};
 
-/// The audio chunk cache; get it with [`CacheManager::audio_chunk`].
+/// The audio chunk cache; get it with [`CacheManager::audio_chunk`](crate::CacheManager::audio_chunk).
 ///
 /// Default TTL: the short preset (`CACHE_TTL_SHORT`, 5 minutes). Default maximum
 /// text: [`DEFAULT_MAX_AUDIO_TEXT_CHARS`] characters.
@@ -60,34 +55,42 @@ use crate::validation::{check_json, check_text};
 /// for path in report.released_paths { /* delete the file */ }
 /// # Ok::<(), pgcache::Error>(())
 /// ```
+pub type AudioChunkCache<'a> = TypedCache<'a, AudioChunkTable>;
+
+/// The audio chunk cache's table, with the longest text a handle caches: the
+/// parameter of [`AudioChunkCache`].
 #[derive(Debug, Clone, Copy)]
-pub struct AudioChunkCache<'a> {
-    handle: Handle<'a>,
+pub struct AudioChunkTable {
     max_text_chars: Option<usize>,
 }
 
-impl<'a> AudioChunkCache<'a> {
-    pub(crate) fn new(engine: &'a Engine) -> Self {
-        AudioChunkCache {
-            handle: Handle::new(engine),
+impl Default for AudioChunkTable {
+    fn default() -> Self {
+        AudioChunkTable {
             max_text_chars: Some(DEFAULT_MAX_AUDIO_TEXT_CHARS),
         }
     }
+}
 
-    with_default_ttl!(handle);
+impl AudioChunkTable {
+    fn caches_text(&self, key: &AudioChunkKey) -> bool {
+        self.max_text_chars
+            .is_none_or(|max| key.text.chars().nth(max).is_none())
+    }
+}
 
+impl AudioChunkCache<'_> {
     /// A handle that does not cache text longer than `max` characters (`None`: no
     /// limit). Default: [`DEFAULT_MAX_AUDIO_TEXT_CHARS`].
     #[must_use]
     pub fn with_max_text_chars(mut self, max: Option<usize>) -> Self {
-        self.max_text_chars = max;
+        self.table.max_text_chars = max;
         self
     }
 
     /// Whether `key`'s text is short enough to be cached by this handle.
     pub fn caches_text(&self, key: &AudioChunkKey) -> bool {
-        self.max_text_chars
-            .is_none_or(|max| key.text.chars().nth(max).is_none())
+        self.table.caches_text(key)
     }
 
     /// Live entries, their bytes, average hits and the `top` most-hit live entries
@@ -103,8 +106,8 @@ impl<'a> AudioChunkCache<'a> {
             average_hit_count: 0.0,
             most_accessed: Vec::new(),
         };
-        flushed_report(self.handle.engine, Self::CACHE, empty, |conn| {
-            hit_stats(conn, Self::CACHE, top)
+        flushed_report(self.engine(), AudioChunkTable::CACHE, empty, |conn| {
+            hit_stats(conn, AudioChunkTable::CACHE, top)
         })
     }
 
@@ -115,13 +118,13 @@ impl<'a> AudioChunkCache<'a> {
     /// reads count as recent. Returns what was removed, including the storage paths
     /// the caller may now delete.
     ///
-    /// The same eviction [`CacheManager::cleanup`] runs for a configured
+    /// The same eviction [`CacheManager::cleanup`](crate::CacheManager::cleanup) runs for a configured
     /// [`SizeBounds`] (`PGCACHE_AUDIO_CHUNK_MAX_BYTES`), here on demand: a
     /// maintenance operation that ranks every row of the table, then deletes in
     /// short batches.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for a fraction outside 0..=1 or a budget over
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a fraction outside 0..=1 or a budget over
     /// `i64::MAX`; a connection or database error.
     pub fn evict_to_budget(
         &self,
@@ -134,7 +137,7 @@ impl<'a> AudioChunkCache<'a> {
         };
         let limits = Limits::new(bounds, low_watermark_fraction)
             .map_err(|(what, reason)| Error::invalid(what, reason))?;
-        let engine = self.handle.engine;
+        let engine = self.engine();
         engine.flush()?;
         engine.write(
             CacheKind::AudioChunk,
@@ -168,7 +171,7 @@ pub struct AudioChunkKey {
     pub settings: Value,
     /// The user the entry belongs to; part of the key, so an owned entry is only
     /// found with the same owner, and removed by
-    /// [`CacheManager::invalidate_user`]. Default: none (shared).
+    /// [`CacheManager::invalidate_user`](crate::CacheManager::invalidate_user). Default: none (shared).
     #[serde(default, rename = "owner_id", skip_serializing_if = "Option::is_none")]
     pub owner: Option<Uuid>,
 }
@@ -210,7 +213,7 @@ impl AudioChunkKey {
     /// The digest that identifies this key's entry (see the module docs).
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for a NUL character in the text or settings, or an
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a NUL character in the text or settings, or an
     /// empty voice model or provider.
     pub fn digest(&self) -> Result<KeyDigest> {
         check_text("text", &self.text)?;
@@ -364,7 +367,7 @@ pub struct Encoded {
 }
 
 /// The audio bytes stored in the row, if inline.
-fn inline<'r>(row: &'r Row<'_, AudioChunkCache<'_>>) -> Option<&'r [u8]> {
+fn inline<'r>(row: &'r Row<'_, AudioChunkTable>) -> Option<&'r [u8]> {
     match &row.value.data {
         AudioData::Inline(bytes) => Some(bytes),
         AudioData::Stored { .. } => None,
@@ -390,7 +393,7 @@ pub struct Stored {
     expires_at: DateTime<Utc>,
 }
 
-impl TypedTable for AudioChunkCache<'_> {
+impl TypedTable for AudioChunkTable {
     const CACHE: CacheKind = CacheKind::AudioChunk;
     type Key = AudioChunkKey;
     type Value = AudioChunk;
@@ -448,12 +451,8 @@ impl TypedTable for AudioChunkCache<'_> {
         inline(row).map_or(0, <[u8]>::len)
     }
 
-    fn upsert(
-        conn: &mut PgConnection,
-        rows: &[Row<'_, Self>],
-        ttl: PgInterval,
-    ) -> QueryResult<usize> {
-        let arrays = (
+    fn columns<'r>(rows: &'r [Row<'_, Self>]) -> impl UpsertColumns + 'r {
+        (
             column(audio_chunk_cache::voice_model_id, rows, |r| {
                 r.key.voice_model_id.as_str()
             }),
@@ -480,8 +479,7 @@ impl TypedTable for AudioChunkCache<'_> {
             }),
             column(audio_chunk_cache::byte_size, rows, |r| r.encoded.byte_size),
             column(audio_chunk_cache::owner_id, rows, |r| r.key.owner),
-        );
-        UnnestUpsert::new(rows, arrays, ttl).execute(conn)
+        )
     }
 
     fn decode(row: Stored) -> (Vec<u8>, CachedAudioChunk) {
@@ -521,10 +519,6 @@ impl TypedTable for AudioChunkCache<'_> {
         self.caches_text(key)
     }
 
-    fn handle(&self) -> &Handle<'_> {
-        &self.handle
-    }
-
     fn digest(key: &AudioChunkKey) -> Result<KeyDigest> {
         key.digest()
     }
@@ -532,7 +526,10 @@ impl TypedTable for AudioChunkCache<'_> {
 
 impl AudioChunkCache<'_> {
     /// Drops the rows whose text this handle does not cache.
-    pub(crate) fn cacheable<'r>(&self, rows: Vec<Row<'r, Self>>) -> Vec<Row<'r, Self>> {
+    pub(crate) fn cacheable<'r>(
+        &self,
+        rows: Vec<Row<'r, AudioChunkTable>>,
+    ) -> Vec<Row<'r, AudioChunkTable>> {
         rows.into_iter()
             .filter(|r| self.caches_text(r.key))
             .collect()

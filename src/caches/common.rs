@@ -215,9 +215,15 @@ impl<C, E: QueryId> QueryId for ColumnArray<C, E> {
 }
 
 /// The names of a tuple of [`ColumnArray`]s, in order.
-pub(crate) trait ColumnList {
+pub trait ColumnList {
+    /// The column names.
     const NAMES: &'static [&'static str];
 }
+
+/// What a table's upsert columns are: named, bound arrays with a static query id.
+pub trait UpsertColumns: ColumnList + QueryFragment<Pg> + QueryId {}
+
+impl<A: ColumnList + QueryFragment<Pg> + QueryId> UpsertColumns for A {}
 
 /// [`ColumnList`] for the tuple sizes the tables use (columns besides `key_hash`).
 macro_rules! column_list {
@@ -229,21 +235,6 @@ macro_rules! column_list {
 }
 column_list!(C1 E1, C2 E2, C3 E3, C4 E4);
 column_list!(C1 E1, C2 E2, C3 E3, C4 E4, C5 E5, C6 E6, C7 E7, C8 E8, C9 E9, C10 E10, C11 E11);
-
-/// Every handle's `with_default_ttl`, setting the TTL in its [`Handle`](crate::cache::Handle)
-/// field.
-macro_rules! with_default_ttl {
-    ($handle:tt) => {
-        /// A handle whose [`set`](Cache::set) uses `ttl` instead of this cache's
-        /// default preset (named in the type's documentation).
-        #[must_use]
-        pub fn with_default_ttl(mut self, ttl: Duration) -> Self {
-            self.$handle.ttl = Some(ttl);
-            self
-        }
-    };
-}
-pub(crate) use with_default_ttl;
 
 #[cfg(test)]
 mod tests {

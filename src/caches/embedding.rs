@@ -11,26 +11,23 @@
 //! component), not as JSON text.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::common::{check_name, column, with_default_ttl, UnnestUpsert};
-use crate::cache::Cache;
-use crate::cache::Handle;
+use super::common::{check_name, column, UpsertColumns};
+use crate::cache::{Cache, Storage};
 use crate::error::{Error, Result};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::schema::embedding_cache;
-use crate::table::{Row, TypedTable};
+use crate::table::{Row, TypedCache, TypedTable};
 use crate::validation::{check_embedding, check_text};
 
-/// The embedding cache; get it with [`CacheManager::embedding`].
+/// The embedding cache; get it with [`CacheManager::embedding`](crate::CacheManager::embedding).
 ///
 /// Default TTL: the medium preset (`CACHE_TTL_MEDIUM`, 1 hour).
 ///
@@ -44,19 +41,20 @@ use crate::validation::{check_embedding, check_text};
 /// })?;
 /// # Ok::<(), pgcache::Error>(())
 /// ```
-#[derive(Debug, Clone, Copy)]
-pub struct EmbeddingCache<'a>(pub(crate) Handle<'a>);
+pub type EmbeddingCache<'a> = TypedCache<'a, EmbeddingTable>;
+
+/// The embedding cache's table: the parameter of [`EmbeddingCache`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EmbeddingTable;
 
 impl EmbeddingCache<'_> {
-    with_default_ttl!(0);
-
     /// Embeddings of many `texts` under one `model` (shared, unowned entries): one
     /// read for all of them, `compute` called once with only the missing texts (each
     /// once, in first-seen order), and one write for what it returns. The result is
     /// in `texts` order.
     ///
     /// # Errors
-    /// `compute`'s error (nothing cached); [`Error::InvalidInput`] when it returns a
+    /// `compute`'s error (nothing cached); [`Error::InvalidInput`](crate::Error::InvalidInput) when it returns a
     /// different number of vectors than texts it was given, or a bad vector; a cache
     /// error converted into `E`.
     pub fn get_or_compute_many<E, F>(
@@ -93,7 +91,7 @@ impl EmbeddingCache<'_> {
             }
             let entries: Vec<(&EmbeddingKey, &Vec<f32>)> =
                 missing.iter().map(|&i| &keys[i]).zip(&vectors).collect();
-            self.set_many(&entries, self.0.ttl(Self::CACHE))?;
+            self.set_many(&entries, self.default_ttl())?;
             computed = missing_texts.into_iter().zip(vectors).collect();
         }
         Ok(texts
@@ -118,7 +116,7 @@ pub struct EmbeddingKey {
     pub model: String,
     /// The user the entry belongs to; part of the key, so an owned entry is only
     /// found with the same owner, and removed by
-    /// [`CacheManager::invalidate_user`]. Default: none (shared).
+    /// [`CacheManager::invalidate_user`](crate::CacheManager::invalidate_user). Default: none (shared).
     #[serde(default, rename = "owner_id", skip_serializing_if = "Option::is_none")]
     pub owner: Option<Uuid>,
 }
@@ -143,7 +141,7 @@ impl EmbeddingKey {
     /// The digest that identifies this key's entry (see the module docs).
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for a NUL character in the text or an empty model.
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a NUL character in the text or an empty model.
     pub fn digest(&self) -> Result<KeyDigest> {
         check_text("text", &self.text)?;
         check_name("model", &self.model)?;
@@ -192,7 +190,7 @@ pub struct Stored {
     expires_at: DateTime<Utc>,
 }
 
-impl TypedTable for EmbeddingCache<'_> {
+impl TypedTable for EmbeddingTable {
     const CACHE: CacheKind = CacheKind::Embedding;
     type Key = EmbeddingKey;
     type Value = Vec<f32>;
@@ -214,20 +212,15 @@ impl TypedTable for EmbeddingCache<'_> {
         row.encoded.bytes.len()
     }
 
-    fn upsert(
-        conn: &mut PgConnection,
-        rows: &[Row<'_, Self>],
-        ttl: PgInterval,
-    ) -> QueryResult<usize> {
-        let arrays = (
+    fn columns<'r>(rows: &'r [Row<'_, Self>]) -> impl UpsertColumns + 'r {
+        (
             column(embedding_cache::model, rows, |r| r.key.model.as_str()),
             column(embedding_cache::dimensions, rows, |r| r.encoded.dimensions),
             column(embedding_cache::embedding, rows, |r| {
                 r.encoded.bytes.as_slice()
             }),
             column(embedding_cache::owner_id, rows, |r| r.key.owner),
-        );
-        UnnestUpsert::new(rows, arrays, ttl).execute(conn)
+        )
     }
 
     fn decode(row: Stored) -> (Vec<u8>, CachedEmbedding) {
@@ -249,10 +242,6 @@ impl TypedTable for EmbeddingCache<'_> {
 
     fn value(entry: CachedEmbedding) -> Vec<f32> {
         entry.embedding
-    }
-
-    fn handle(&self) -> &Handle<'_> {
-        &self.0
     }
 
     fn digest(key: &EmbeddingKey) -> Result<KeyDigest> {

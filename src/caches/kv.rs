@@ -14,7 +14,6 @@ use diesel::PgJsonbExpressionMethods;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::common::with_default_ttl;
 use crate::cache::{Cache, Handle, Storage};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -89,7 +88,12 @@ impl<'a, V> KvCache<'a, V> {
         }
     }
 
-    with_default_ttl!(handle);
+    /// A handle whose [`set`](Cache::set) uses `ttl` instead of the medium preset.
+    #[must_use]
+    pub fn with_default_ttl(mut self, ttl: Duration) -> Self {
+        self.handle.ttl = Some(ttl);
+        self
+    }
 
     /// The digest naming `key`'s single-flight lease (`cache_leases`), the same in
     /// every process.

@@ -15,27 +15,23 @@
 //! before [`LlmResponseCache::top`]). The counter columns carry no index, so those
 //! updates stay HOT.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
-use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{check_name, column, with_default_ttl, UnnestUpsert};
-use crate::cache::Handle;
+use super::common::{check_name, column, UpsertColumns};
 use crate::error::Result;
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::popularity::{flushed_report, top_entries, TopEntry};
 use crate::schema::llm_response_cache;
-use crate::table::{Row, TypedTable};
+use crate::table::{Row, TypedCache, TypedTable};
 use crate::validation::{check_json, check_text};
 
-/// The LLM response cache; get it with [`CacheManager::llm_response`].
+/// The LLM response cache; get it with [`CacheManager::llm_response`](crate::CacheManager::llm_response).
 ///
 /// Default TTL: the medium preset (`CACHE_TTL_MEDIUM`, 1 hour).
 ///
@@ -53,12 +49,13 @@ use crate::validation::{check_json, check_text};
 /// }
 /// # Ok::<(), pgcache::Error>(())
 /// ```
-#[derive(Debug, Clone, Copy)]
-pub struct LlmResponseCache<'a>(pub(crate) Handle<'a>);
+pub type LlmResponseCache<'a> = TypedCache<'a, LlmResponseTable>;
+
+/// The LLM response cache's table: the parameter of [`LlmResponseCache`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LlmResponseTable;
 
 impl LlmResponseCache<'_> {
-    with_default_ttl!(0);
-
     /// The `n` most-hit live responses (hit at least once), most hits first.
     /// Flushes this manager's pending hits first so they are included (other
     /// processes' pending hits are not). A maintenance query: it scans the live rows
@@ -67,8 +64,8 @@ impl LlmResponseCache<'_> {
     /// # Errors
     /// A connection or database error.
     pub fn top(&self, n: usize) -> Result<Vec<TopEntry>> {
-        flushed_report(self.0.engine, Self::CACHE, Vec::new(), |conn| {
-            top_entries(conn, Self::CACHE, n)
+        flushed_report(self.engine(), LlmResponseTable::CACHE, Vec::new(), |conn| {
+            top_entries(conn, LlmResponseTable::CACHE, n)
         })
     }
 }
@@ -93,7 +90,7 @@ pub struct LlmPrompt {
     pub params: Option<Value>,
     /// The user the entry belongs to; part of the key, so an owned entry is only
     /// found with the same owner, and removed by
-    /// [`CacheManager::invalidate_user`]. Default: none (shared).
+    /// [`CacheManager::invalidate_user`](crate::CacheManager::invalidate_user). Default: none (shared).
     #[serde(default, rename = "owner_id", skip_serializing_if = "Option::is_none")]
     pub owner: Option<Uuid>,
 }
@@ -201,7 +198,7 @@ pub struct Stored {
     expires_at: DateTime<Utc>,
 }
 
-impl TypedTable for LlmResponseCache<'_> {
+impl TypedTable for LlmResponseTable {
     const CACHE: CacheKind = CacheKind::LlmResponse;
     type Key = LlmPrompt;
     type Value = String;
@@ -217,20 +214,15 @@ impl TypedTable for LlmResponseCache<'_> {
         row.value.len()
     }
 
-    fn upsert(
-        conn: &mut PgConnection,
-        rows: &[Row<'_, Self>],
-        ttl: PgInterval,
-    ) -> QueryResult<usize> {
-        let arrays = (
+    fn columns<'r>(rows: &'r [Row<'_, Self>]) -> impl UpsertColumns + 'r {
+        (
             column(llm_response_cache::provider, rows, |r| {
                 r.key.provider.as_str()
             }),
             column(llm_response_cache::model, rows, |r| r.key.model.as_deref()),
             column(llm_response_cache::response, rows, |r| r.value.as_str()),
             column(llm_response_cache::owner_id, rows, |r| r.key.owner),
-        );
-        UnnestUpsert::new(rows, arrays, ttl).execute(conn)
+        )
     }
 
     fn decode(row: Stored) -> (Vec<u8>, CachedLlmResponse) {
@@ -248,10 +240,6 @@ impl TypedTable for LlmResponseCache<'_> {
 
     fn value(entry: CachedLlmResponse) -> String {
         entry.response
-    }
-
-    fn handle(&self) -> &Handle<'_> {
-        &self.0
     }
 
     fn digest(prompt: &LlmPrompt) -> Result<KeyDigest> {

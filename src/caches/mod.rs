@@ -10,10 +10,12 @@ pub(crate) mod llm_response;
 pub(crate) mod vector_search;
 
 pub use audio_chunk::{
-    AudioChunk, AudioChunkCache, AudioChunkKey, AudioData, CachedAudioChunk,
+    AudioChunk, AudioChunkCache, AudioChunkKey, AudioChunkTable, AudioData, CachedAudioChunk,
     DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
 };
-pub use embedding::{CachedEmbedding, EmbeddingCache, EmbeddingKey};
+pub use embedding::{CachedEmbedding, EmbeddingCache, EmbeddingKey, EmbeddingTable};
 pub use kv::KvCache;
-pub use llm_response::{CachedLlmResponse, LlmPrompt, LlmResponseCache};
-pub use vector_search::{CachedVectorSearch, VectorSearchCache, VectorSearchQuery};
+pub use llm_response::{CachedLlmResponse, LlmPrompt, LlmResponseCache, LlmResponseTable};
+pub use vector_search::{
+    CachedVectorSearch, VectorSearchCache, VectorSearchQuery, VectorSearchTable,
+};

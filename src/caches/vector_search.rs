@@ -10,27 +10,23 @@
 //! filter on the user id as well as the digest, so one user can never read another's
 //! results even through a digest collision.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
-use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{column, with_default_ttl, UnnestUpsert};
-use crate::cache::Handle;
+use super::common::{column, UpsertColumns};
 use crate::error::{Error, Result};
 use crate::jsonb::JsonbOut;
 use crate::key::{canonical_json, KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::schema::vector_search_cache;
-use crate::table::{Row, TypedTable};
+use crate::table::{Row, TypedCache, TypedTable};
 use crate::validation::{check_embedding, check_json};
 
-/// The vector-search results cache; get it with [`CacheManager::vector_search`].
+/// The vector-search results cache; get it with [`CacheManager::vector_search`](crate::CacheManager::vector_search).
 ///
 /// Default TTL: the short preset (`CACHE_TTL_SHORT`, 5 minutes).
 ///
@@ -46,12 +42,13 @@ use crate::validation::{check_embedding, check_json};
 /// })?;
 /// # Ok::<(), pgcache::Error>(())
 /// ```
-#[derive(Debug, Clone, Copy)]
-pub struct VectorSearchCache<'a>(pub(crate) Handle<'a>);
+pub type VectorSearchCache<'a> = TypedCache<'a, VectorSearchTable>;
 
-impl VectorSearchCache<'_> {
-    with_default_ttl!(0);
-}
+/// The vector-search cache's table: the parameter of [`VectorSearchCache`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VectorSearchTable;
+
+impl VectorSearchCache<'_> {}
 
 /// A vector search of one user: what identifies its cached results.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,7 +90,7 @@ impl VectorSearchQuery {
     /// The digest that identifies this query's entry (see the module docs).
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for an empty, over-long or non-finite embedding, a
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for an empty, over-long or non-finite embedding, a
     /// zero or over-large `top_k`, or a NUL character in the filters.
     pub fn digest(&self) -> Result<KeyDigest> {
         check_embedding(&self.embedding)?;
@@ -157,7 +154,7 @@ pub struct Stored {
     expires_at: DateTime<Utc>,
 }
 
-impl TypedTable for VectorSearchCache<'_> {
+impl TypedTable for VectorSearchTable {
     const CACHE: CacheKind = CacheKind::VectorSearch;
     type Key = VectorSearchQuery;
     type Value = Value;
@@ -177,18 +174,13 @@ impl TypedTable for VectorSearchCache<'_> {
         row.encoded.filters.byte_len() + row.encoded.results.byte_len()
     }
 
-    fn upsert(
-        conn: &mut PgConnection,
-        rows: &[Row<'_, Self>],
-        ttl: PgInterval,
-    ) -> QueryResult<usize> {
-        let arrays = (
+    fn columns<'r>(rows: &'r [Row<'_, Self>]) -> impl UpsertColumns + 'r {
+        (
             column(vector_search_cache::user_id, rows, |r| r.key.user_id),
             column(vector_search_cache::top_k, rows, |r| r.encoded.top_k),
             column(vector_search_cache::filters, rows, |r| &r.encoded.filters),
             column(vector_search_cache::results, rows, |r| &r.encoded.results),
-        );
-        UnnestUpsert::new(rows, arrays, ttl).execute(conn)
+        )
     }
 
     fn decode(row: Stored) -> (Vec<u8>, CachedVectorSearch) {
@@ -211,10 +203,6 @@ impl TypedTable for VectorSearchCache<'_> {
     /// A row only answers a query of its own user (the digest covers the user too).
     fn answers(query: &VectorSearchQuery, entry: &CachedVectorSearch) -> bool {
         entry.user_id == query.user_id
-    }
-
-    fn handle(&self) -> &Handle<'_> {
-        &self.0
     }
 
     fn digest(query: &VectorSearchQuery) -> Result<KeyDigest> {

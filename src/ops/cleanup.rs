@@ -1,5 +1,5 @@
-//! Removing expired rows and enforcing size bounds ([`CacheManager::cleanup`]), and
-//! emptying caches ([`CacheManager::clear`]).
+//! Removing expired rows and enforcing size bounds ([`CacheManager::cleanup`](crate::CacheManager::cleanup)), and
+//! emptying caches ([`CacheManager::clear`](crate::CacheManager::clear)).
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use crate::watchdog::watched;
 /// The table of single-flight leases, cleaned with the caches.
 const LEASES_TABLE: &str = "cache_leases";
 
-/// What one [`CacheManager::cleanup`] removed.
+/// What one [`CacheManager::cleanup`](crate::CacheManager::cleanup) removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct CleanupReport {
@@ -56,7 +56,7 @@ pub struct TableCleanup {
     pub elapsed: Duration,
 }
 
-/// Reported to the progress callback of [`CacheManager::cleanup_with_progress`]
+/// Reported to the progress callback of [`CacheManager::cleanup_with_progress`](crate::CacheManager::cleanup_with_progress)
 /// when a table is started and after every batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

@@ -1,4 +1,4 @@
-//! [`CacheManager::health`]: the spec's alert thresholds, evaluated.
+//! [`CacheManager::health`](crate::CacheManager::health): the spec's alert thresholds, evaluated.
 
 use std::fmt;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use crate::expiry::db_now;
 use crate::ops::stats::{human_bytes, percent, total_size, Lookups};
 use crate::schema::cache_cleanup_runs;
 
-/// The thresholds [`CacheManager::health`] checks. Every setter consumes and returns
+/// The thresholds [`CacheManager::health`](crate::CacheManager::health) checks. Every setter consumes and returns
 /// the builder; the defaults are the spec's alerting rules.
 #[derive(Debug, Clone, PartialEq)]
 #[must_use]
@@ -206,7 +206,7 @@ pub struct CleanupRun {
     pub error_message: Option<String>,
 }
 
-/// What [`CacheManager::health`] measured and which alerts fire.
+/// What [`CacheManager::health`](crate::CacheManager::health) measured and which alerts fire.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct HealthReport {

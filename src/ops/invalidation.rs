@@ -8,7 +8,7 @@ use crate::caches::{audio_chunk, embedding, llm_response, vector_search};
 use crate::engine::Engine;
 use crate::error::Result;
 
-/// What [`CacheManager::invalidate_user`] removed.
+/// What [`CacheManager::invalidate_user`](crate::CacheManager::invalidate_user) removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct InvalidationReport {

@@ -1,4 +1,4 @@
-//! [`CacheManager::stats`]: entries, sizes, hits and misses of every cache.
+//! [`CacheManager::stats`](crate::CacheManager::stats): entries, sizes, hits and misses of every cache.
 
 use std::fmt;
 
@@ -16,7 +16,7 @@ use crate::schema::cache_counters;
 /// How many entries the "top cached" and "most accessed" lists show.
 pub const TOP_ENTRIES: usize = 5;
 
-/// A snapshot of every cache, from [`CacheManager::stats`]. Its `Display` is the
+/// A snapshot of every cache, from [`CacheManager::stats`](crate::CacheManager::stats). Its `Display` is the
 /// "Cache Statistics" report; it serializes to JSON for monitoring.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[non_exhaustive]

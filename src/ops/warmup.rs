@@ -12,7 +12,7 @@ use serde::de::{self, DeserializeOwned, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::cache::{distinct_in_write_order, Handle, Storage};
+use crate::cache::{distinct_in_write_order, Storage};
 use crate::caches::{AudioChunk, AudioChunkKey, EmbeddingKey, LlmPrompt, VectorSearchQuery};
 use crate::caches::{
     AudioChunkCache, EmbeddingCache, KvCache, LlmResponseCache, VectorSearchCache,
@@ -127,7 +127,7 @@ pub struct WarmupAudioChunk {
     pub chunk: AudioChunk,
 }
 
-/// What [`CacheManager::warmup`] stored: distinct keys per cache (a key given
+/// What [`CacheManager::warmup`](crate::CacheManager::warmup) stored: distinct keys per cache (a key given
 /// twice is one entry, holding its last item).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -266,9 +266,9 @@ pub(crate) fn warmup(engine: &Engine, warmup: &Warmup) -> Result<WarmupReport> {
     };
     let (kv, embedding, vector_search, llm, audio) = (
         KvCache::new(engine),
-        EmbeddingCache(Handle::new(engine)),
-        VectorSearchCache(Handle::new(engine)),
-        LlmResponseCache(Handle::new(engine)),
+        EmbeddingCache::new(engine),
+        VectorSearchCache::new(engine),
+        LlmResponseCache::new(engine),
         AudioChunkCache::new(engine),
     );
     let kv_ttl = ttl(kv.default_ttl())?;
