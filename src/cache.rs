@@ -5,6 +5,7 @@
 use std::cmp::Ordering;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
 
@@ -13,9 +14,10 @@ use crate::error::Result;
 use crate::expiry::ttl_interval;
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
+use crate::near::{NearCaches, NearKey, NearValue};
 use crate::skipped::Skipped;
 
-pub(crate) use storage::Storage;
+pub(crate) use storage::{NearRead, Storage};
 
 /// What every cache handle holds: the engine it works through and, when the caller
 /// chose one with `with_default_ttl`, the TTL of its `set`.
@@ -54,7 +56,7 @@ mod storage {
         type Entry;
         /// A key checked before any connection is taken (its digest, for the
         /// digest-keyed tables), so the work is not done twice.
-        type CheckedKey;
+        type CheckedKey: Clone;
         /// An entry validated before any connection is taken, ready to write.
         type Row<'a>
         where
@@ -139,6 +141,48 @@ mod storage {
             keys: &[&Self::Key],
             checked: &[Self::CheckedKey],
         ) -> Result<u64>;
+
+        /// The near-cache key of a checked key: what the invalidation triggers name
+        /// (the digest, or a key/value key's bytes).
+        fn near_key(key: &Self::Key, checked: &Self::CheckedKey) -> NearKey;
+
+        /// The near-cache key of a row about to be written.
+        fn row_near_key(row: &Self::Row<'_>) -> NearKey;
+
+        /// Reads one live entry for the near cache: the entry, what the near cache
+        /// keeps of it, its expiry (database clock) and its weight in bytes.
+        fn read_for_near(
+            &self,
+            conn: &mut PgConnection,
+            key: &Self::Key,
+            checked: &Self::CheckedKey,
+        ) -> Result<Option<NearRead<Self::Entry>>>;
+
+        /// An entry back from what the near cache kept of it.
+        ///
+        /// # Errors
+        /// A value that does not decode into this handle's type (key/value).
+        fn from_near(value: &NearValue) -> Result<Option<Self::Entry>>;
+
+        /// Counts a hit served from the near cache where the table counts hits.
+        fn near_hit(&self, _checked: &Self::CheckedKey) {}
+    }
+
+    /// A live entry read for the near cache.
+    pub struct NearRead<E> {
+        pub(crate) entry: E,
+        pub(crate) kept: NearValue,
+        pub(crate) expires_at: DateTime<Utc>,
+        pub(crate) weight: usize,
+    }
+
+    impl<E> std::fmt::Debug for NearRead<E> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("NearRead")
+                .field("expires_at", &self.expires_at)
+                .field("weight", &self.weight)
+                .finish_non_exhaustive()
+        }
     }
 }
 
@@ -169,6 +213,65 @@ pub(crate) fn distinct_in_write_order<'a, C: Storage + ?Sized>(
 
 fn check_keys<C: Storage + ?Sized>(cache: &C, keys: &[&C::Key]) -> Result<Vec<C::CheckedKey>> {
     keys.iter().map(|k| cache.check_key(k)).collect()
+}
+
+/// The near cache of `C`'s table, if it has one.
+fn near_of<C: Storage + ?Sized>(cache: &C) -> Option<&NearCaches> {
+    cache.engine().near().filter(|near| near.serves(C::KIND))
+}
+
+/// A get through the near cache: served from memory when it holds a live entry and
+/// the channel is current; else read, and kept unless an invalidation came meanwhile.
+fn near_get<C: Storage + ?Sized>(
+    cache: &C,
+    near: &NearCaches,
+    key: &C::Key,
+    checked: &C::CheckedKey,
+) -> Result<Option<C::Entry>> {
+    let near_key = C::near_key(key, checked);
+    if let Some(kept) = near.get(C::KIND, &near_key) {
+        if let Some(entry) = C::from_near(&kept)? {
+            cache.near_hit(checked);
+            return Ok(Some(entry));
+        }
+    }
+    let ticket = near.ticket(C::KIND, &near_key);
+    let read = cache.engine().read(C::KIND, None, |conn| {
+        cache.read_for_near(conn, key, checked)
+    })?;
+    Ok(read.map(|read| {
+        if let Some(ticket) = ticket {
+            near.fill(
+                C::KIND,
+                ticket,
+                near_key,
+                read.kept,
+                read.expires_at,
+                read.weight,
+            );
+        }
+        read.entry
+    }))
+}
+
+/// Evicts the keys of `rows` from this process's near cache (read-your-writes).
+fn near_evict_rows<C: Storage + ?Sized>(cache: &C, rows: &[C::Row<'_>]) {
+    if let Some(near) = near_of(cache) {
+        let keys: Vec<NearKey> = rows.iter().map(|r| C::row_near_key(r)).collect();
+        near.invalidate(C::KIND, keys.iter().map(|k| &k[..]));
+    }
+}
+
+/// Evicts checked keys from this process's near cache (read-your-writes).
+fn near_evict_keys<C: Storage + ?Sized>(cache: &C, keys: &[&C::Key], checked: &[C::CheckedKey]) {
+    if let Some(near) = near_of(cache) {
+        let keys: Vec<NearKey> = keys
+            .iter()
+            .zip(checked)
+            .map(|(k, c)| C::near_key(k, c))
+            .collect();
+        near.invalidate(C::KIND, keys.iter().map(|k| &k[..]));
+    }
 }
 
 /// The blocking interface of every cache handle (`cache.kv()`, `cache.embedding()`,
@@ -238,7 +341,10 @@ pub trait Cache: Storage {
         if rows.is_empty() {
             return Ok(());
         }
-        self.write(conn, &rows, interval)
+        self.write(conn, &rows, interval)?;
+        // Harmless if the caller's transaction rolls back; its commit notifies.
+        near_evict_rows(self, &rows);
+        Ok(())
     }
 
     /// Deletes an entry on `conn`; true if a live entry was removed.
@@ -256,7 +362,9 @@ pub trait Cache: Storage {
     /// As [`get_in`](Self::get_in).
     fn delete_many_in(&self, conn: &mut PgConnection, keys: &[&Self::Key]) -> Result<u64> {
         let checked = check_keys(self, keys)?;
-        self.remove(conn, keys, &checked)
+        let removed = self.remove(conn, keys, &checked)?;
+        near_evict_keys(self, keys, &checked);
+        Ok(removed)
     }
 
     /// Reads a live entry; `None` on a miss, on an expired entry, and when caching is
@@ -268,7 +376,10 @@ pub trait Cache: Storage {
     fn get(&self, key: &Self::Key) -> Result<Option<Self::Entry>> {
         let engine = self.engine();
         let checked = self.check_key(key)?;
-        let found = engine.read(Self::KIND, None, |conn| self.read_one(conn, key, &checked))?;
+        let found = match near_of(self) {
+            Some(near) => near_get(self, near, key, &checked)?,
+            None => engine.read(Self::KIND, None, |conn| self.read_one(conn, key, &checked))?,
+        };
         engine.record_lookups(
             Self::KIND,
             u64::from(found.is_some()),
@@ -285,13 +396,37 @@ pub trait Cache: Storage {
         let engine = self.engine();
         let checked = check_keys(self, keys)?;
         let misses = || keys.iter().map(|_| None).collect();
-        let found = if keys.is_empty() {
-            Vec::new()
-        } else {
-            engine.read_with(Self::KIND, misses, |conn| {
-                self.read_many(conn, keys, &checked)
-            })?
+        // Keys the near cache answers are not read (a batch does not fill it).
+        let mut found: Vec<Option<Self::Entry>> = match near_of(self) {
+            Some(near) => keys
+                .iter()
+                .zip(&checked)
+                .map(|(k, c)| {
+                    let kept = near.get(Self::KIND, &Self::near_key(k, c));
+                    let entry = kept
+                        .map(|kept| Self::from_near(&kept))
+                        .transpose()?
+                        .flatten();
+                    if entry.is_some() {
+                        self.near_hit(c);
+                    }
+                    Ok(entry)
+                })
+                .collect::<Result<_>>()?,
+            None => keys.iter().map(|_| None).collect(),
         };
+        let wanted: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
+        if !wanted.is_empty() {
+            let wanted_keys: Vec<&Self::Key> = wanted.iter().map(|&i| keys[i]).collect();
+            let wanted_checked: Vec<Self::CheckedKey> =
+                wanted.iter().map(|&i| checked[i].clone()).collect();
+            let read = engine.read_with(Self::KIND, misses, |conn| {
+                self.read_many(conn, &wanted_keys, &wanted_checked)
+            })?;
+            for (i, entry) in wanted.into_iter().zip(read) {
+                found[i] = entry;
+            }
+        }
         let hits = found.iter().filter(|e| e.is_some()).count() as u64;
         engine.record_lookups(Self::KIND, hits, found.len() as u64 - hits);
         Ok(found)
@@ -332,7 +467,9 @@ pub trait Cache: Storage {
                 Some(self.skipped(&keys, &checked))
             },
             |conn| self.write(conn, &rows, interval),
-        )
+        )?;
+        near_evict_rows(self, &rows);
+        Ok(())
     }
 
     /// Deletes an entry; true if a live entry was removed.
@@ -353,12 +490,14 @@ pub trait Cache: Storage {
         if keys.is_empty() {
             return Ok(0);
         }
-        self.engine().write(
+        let removed = self.engine().write(
             Self::KIND,
             0,
             || Some(self.skipped(keys, &checked)),
             |conn| self.remove(conn, keys, &checked),
-        )
+        )?;
+        near_evict_keys(self, keys, &checked);
+        Ok(removed)
     }
 
     /// Cache-aside: returns the live value, or runs `compute`, stores its result with

@@ -111,6 +111,61 @@ impl Default for PoolSettings {
     }
 }
 
+/// An in-process near cache (L1) for one cache: see
+/// [`CacheConfigBuilder::near_cache`] and the README's "Near cache" section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct NearCache {
+    max_bytes: u64,
+    max_age: Duration,
+}
+
+impl NearCache {
+    /// Default memory bound: 64 MiB.
+    pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
+    /// Default longest local life of an entry: 60 s.
+    pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(60);
+
+    /// A near cache of at most [`DEFAULT_MAX_BYTES`](Self::DEFAULT_MAX_BYTES) whose
+    /// entries live at most [`DEFAULT_MAX_AGE`](Self::DEFAULT_MAX_AGE).
+    pub fn new() -> Self {
+        NearCache {
+            max_bytes: Self::DEFAULT_MAX_BYTES,
+            max_age: Self::DEFAULT_MAX_AGE,
+        }
+    }
+
+    /// The memory bound: keys and values weigh their bytes; past it the least
+    /// valuable entries go (quick_cache's CLOCK-Pro policy).
+    pub fn max_bytes(self, max_bytes: u64) -> Self {
+        NearCache { max_bytes, ..self }
+    }
+
+    /// The longest an entry lives in memory, whatever its TTL.
+    pub fn max_age(self, max_age: Duration) -> Self {
+        NearCache { max_age, ..self }
+    }
+
+    /// The memory bound in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// The longest local life of an entry.
+    pub fn age(&self) -> Duration {
+        self.max_age
+    }
+}
+
+impl Default for NearCache {
+    fn default() -> Self {
+        NearCache::new()
+    }
+}
+
+/// Default staleness bound of the near caches: 100 ms.
+pub const DEFAULT_NEAR_CACHE_STALENESS: Duration = Duration::from_millis(100);
+
 /// Everything a [`CacheManager`](crate::CacheManager) needs to know.
 ///
 /// Build one with [`CacheConfig::builder`] or read it with [`CacheConfig::from_env`].
@@ -132,6 +187,8 @@ pub struct CacheConfig {
     pub(crate) janitor_interval: Option<Duration>,
     pub(crate) size_bounds: [SizeBounds; CacheKind::COUNT],
     pub(crate) eviction_low_watermark: f64,
+    pub(crate) near_caches: [Option<NearCache>; CacheKind::COUNT],
+    pub(crate) near_cache_staleness: Duration,
 }
 
 impl CacheConfig {
@@ -155,6 +212,8 @@ impl CacheConfig {
             janitor_interval: None,
             size_bounds: [SizeBounds::NONE; CacheKind::COUNT],
             eviction_low_watermark: DEFAULT_EVICTION_LOW_WATERMARK,
+            near_caches: [None; CacheKind::COUNT],
+            near_cache_staleness: DEFAULT_NEAR_CACHE_STALENESS,
         }
     }
 }
@@ -200,6 +259,9 @@ impl CacheConfig {
     /// | `PGCACHE_<CACHE>_MAX_ENTRIES` | 0 (no bound) | cleanup evicts past this many entries |
     /// | `PGCACHE_<CACHE>_MAX_BYTES` | 0 (no bound) | cleanup evicts past this many payload bytes |
     /// | `PGCACHE_EVICTION_LOW_WATERMARK` | 0.8 | eviction goes down to this fraction of a bound |
+    /// | `PGCACHE_<CACHE>_NEAR_CACHE_BYTES` | (no near cache) | a near cache of this many bytes (either variable turns it on) |
+    /// | `PGCACHE_<CACHE>_NEAR_CACHE_MAX_AGE_MS` | 60000 | longest local life of a near-cache entry |
+    /// | `PGCACHE_NEAR_CACHE_STALENESS_MS` | 100 | the near caches' staleness bound |
     ///
     /// `<CACHE>` is `KV`, `EMBEDDING`, `VECTOR_SEARCH`, `LLM_RESPONSE` or
     /// `AUDIO_CHUNK`.
@@ -295,6 +357,17 @@ impl CacheConfig {
     /// The fraction of a bound eviction brings an over-bound cache down to.
     pub fn eviction_low_watermark(&self) -> f64 {
         self.eviction_low_watermark
+    }
+
+    /// The near cache of `cache`, if it has one.
+    pub fn near_cache(&self, cache: CacheKind) -> Option<NearCache> {
+        self.near_caches[cache.index()]
+    }
+
+    /// How stale a near-cache read may be at most (see
+    /// [`CacheConfigBuilder::near_cache_staleness`]).
+    pub fn near_cache_staleness(&self) -> Duration {
+        self.near_cache_staleness
     }
 }
 
@@ -541,6 +614,24 @@ impl CacheConfigBuilder {
         })
     }
 
+    /// An in-process near cache in front of `cache`'s table (`None`: none, the
+    /// default): reads of hot keys are answered from memory, kept coherent with every
+    /// writer of the database through triggers and `LISTEN`/`NOTIFY` (see the README's
+    /// "Near cache" section for what is promised).
+    pub fn near_cache(self, cache: CacheKind, near: Option<NearCache>) -> Self {
+        self.set(&format!("near_cache({})", cache.name()), |c| {
+            c.near_caches[cache.index()] = near;
+        })
+    }
+
+    /// After a write commits anywhere, how long a near cache may still return the
+    /// old value at most, even if notifications are delayed or lost: past it the near
+    /// caches are bypassed until the channel proves current again. Default:
+    /// [`DEFAULT_NEAR_CACHE_STALENESS`] (100 ms).
+    pub fn near_cache_staleness(self, bound: Duration) -> Self {
+        self.set("near_cache_staleness", |c| c.near_cache_staleness = bound)
+    }
+
     /// Checks every setting and builds the configuration.
     ///
     /// # Errors
@@ -618,6 +709,33 @@ impl CacheConfigBuilder {
                 };
                 return Err(self.invalid(&bound_setting(cache, bound), max.to_string(), reason));
             }
+        }
+        for cache in CacheKind::ALL {
+            let Some(near) = c.near_caches[cache.index()] else {
+                continue;
+            };
+            let setting = format!("near_cache({})", cache.name());
+            if near.max_bytes == 0 {
+                return Err(self.invalid(
+                    &setting,
+                    "max_bytes 0",
+                    "max_bytes must be greater than zero",
+                ));
+            }
+            if near.max_age.is_zero() {
+                return Err(self.invalid(
+                    &setting,
+                    "max_age 0",
+                    "max_age must be greater than zero",
+                ));
+            }
+        }
+        if c.near_cache_staleness < Duration::from_millis(4) {
+            return Err(self.invalid(
+                "near_cache_staleness",
+                format!("{:?}", c.near_cache_staleness),
+                "must be at least 4 ms (heartbeats go every quarter of it)",
+            ));
         }
         if c.schema.as_deref().is_some_and(str::is_empty) {
             return Err(self.invalid("schema", "", "must not be empty"));
@@ -750,7 +868,31 @@ static VARIABLES: LazyLock<Vec<Variable>> = LazyLock::new(|| {
             },
         ),
     ];
+    variables.push(var(
+        "PGCACHE_NEAR_CACHE_STALENESS_MS",
+        "near_cache_staleness",
+        |b, n, v| Ok(b.near_cache_staleness(parse_millis(n, v)?)),
+    ));
     for cache in CacheKind::ALL {
+        let upper = cache.name().to_ascii_uppercase();
+        let setting = format!("near_cache({})", cache.name());
+        // Either variable turns the near cache on, with the other's default.
+        variables.push(var(
+            &format!("PGCACHE_{upper}_NEAR_CACHE_BYTES"),
+            &setting,
+            move |b, n, v| {
+                let near = b.config.near_caches[cache.index()].unwrap_or_default();
+                Ok(b.near_cache(cache, Some(near.max_bytes(parse_u64(n, v, "bytes")?))))
+            },
+        ));
+        variables.push(var(
+            &format!("PGCACHE_{upper}_NEAR_CACHE_MAX_AGE_MS"),
+            &setting,
+            move |b, n, v| {
+                let near = b.config.near_caches[cache.index()].unwrap_or_default();
+                Ok(b.near_cache(cache, Some(near.max_age(parse_millis(n, v)?))))
+            },
+        ));
         // 0 means no bound, as unset.
         variables.push(var(
             &bound_variable(cache, Bound::Entries),

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
 use crate::latency::LatencyRecorder;
+use crate::near::{Listener, NearCaches};
 use crate::pool::{Pool, PooledConnection};
 use crate::skipped::{Skipped, SkippedWrites};
 
@@ -38,6 +39,10 @@ pub struct Engine {
     /// Held through a flush, so `flush` returns only once everything counted before
     /// it, including what the flusher had in flight, is written.
     flushing: Mutex<()>,
+    /// The near caches, when configured (and caching is on).
+    near: Option<Arc<NearCaches>>,
+    /// Keeps the near caches coherent; stops when the engine is dropped.
+    _listener: Option<Listener>,
 }
 
 impl fmt::Debug for Engine {
@@ -64,6 +69,27 @@ impl Engine {
         } else {
             None
         };
+        let near = pool
+            .is_some()
+            .then(|| NearCaches::new(&config).map(Arc::new))
+            .flatten();
+        let listener = near.as_ref().and_then(|near| {
+            let listener_config = config.clone();
+            let kinds: Vec<CacheKind> = near.kinds().collect();
+            Listener::start(Arc::downgrade(near), move || {
+                let connected = crate::pool::dedicated(&listener_config).and_then(|(mut conn, schema)| {
+                    crate::migrations::ensure_near_triggers(&mut conn, kinds.iter().copied())?;
+                    Ok((conn, schema))
+                });
+                match connected {
+                    Ok(connected) => Some(connected),
+                    Err(error) => {
+                        tracing::warn!(%error, "pgcache: near-cache listener cannot connect; near caches off");
+                        None
+                    }
+                }
+            })
+        });
         let engine = Arc::new_cyclic(|weak: &Weak<Engine>| Engine {
             flusher: pool
                 .is_some()
@@ -84,6 +110,8 @@ impl Engine {
             migrations_pending: AtomicBool::new(false),
             skipped: SkippedWrites::default(),
             flushing: Mutex::new(()),
+            near,
+            _listener: listener,
         });
         let config = &engine.config;
         if engine.pool.is_some() && (config.run_migrations() || config.fail_open()) {
@@ -105,6 +133,11 @@ impl Engine {
             }
         }
         Ok(engine)
+    }
+
+    /// The near caches, if any cache has one.
+    pub(crate) fn near(&self) -> Option<&NearCaches> {
+        self.near.as_deref()
     }
 
     pub(crate) fn config(&self) -> &CacheConfig {

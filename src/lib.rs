@@ -45,6 +45,7 @@ mod background;
 mod counters;
 mod engine;
 mod latency;
+mod near;
 mod skipped;
 // The tables: the Cache trait, the typed-table core, one module per table.
 mod cache;
@@ -65,6 +66,7 @@ pub use caches::{
     VectorSearchQuery, VectorSearchTable, DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
 };
 pub use config::{CacheConfig, CacheConfigBuilder, Durability, PoolSettings, DEFAULT_DATABASE_URL};
+pub use config::{NearCache, DEFAULT_NEAR_CACHE_STALENESS};
 pub use config::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
 pub use database_url::DatabaseUrl;
 pub use error::{ConnectionError, Error, MigrationError, Result};
@@ -74,6 +76,7 @@ pub use key::{KeyDigest, KEY_FORMAT_VERSION};
 pub use kind::CacheKind;
 pub use manager::CacheManager;
 pub use migrations::MIGRATIONS;
+pub use near::NearCacheStats;
 pub use ops::{
     Alert, CacheStats, CleanupProgress, CleanupReport, CleanupRun, HealthReport, HealthThresholds,
     Lookups, TableCleanup, TableStats, TOP_ENTRIES,

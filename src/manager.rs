@@ -132,6 +132,15 @@ impl CacheManager {
 
 /// The caches, one handle per table.
 impl CacheManager {
+    /// This process's near-cache figures, one entry per cache with a near cache
+    /// (none when no near cache is configured). Costs no query.
+    pub fn near_cache_stats(&self) -> Vec<crate::NearCacheStats> {
+        self.engine
+            .near()
+            .map(crate::near::NearCaches::stats)
+            .unwrap_or_default()
+    }
+
     /// The key/value cache, holding `serde_json::Value`s; see
     /// [`KvCache::typed`] for a handle on your own type.
     pub fn kv(&self) -> KvCache<'_> {

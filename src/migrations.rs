@@ -141,3 +141,67 @@ pub(crate) fn set_logged(conn: &mut PgConnection, logged: bool) -> Result<()> {
             Error::from(e)
         })
 }
+
+/// The payload columns of `kind`'s table whose change a near cache must hear of;
+/// empty for any change. The AI caches are keyed by a digest of their inputs, so a
+/// set of an existing key normally writes the same payload again (and hit counting
+/// only touches counters): no notification for those.
+fn near_changed_columns(kind: CacheKind) -> &'static str {
+    match kind {
+        CacheKind::Kv | CacheKind::VectorSearch => "",
+        CacheKind::Embedding => "embedding",
+        CacheKind::LlmResponse => "response",
+        CacheKind::AudioChunk => "audio_data, storage_path",
+    }
+}
+
+/// Installs the near-cache invalidation triggers on the tables of `kinds` that lack
+/// them, under the migration lock. `CREATE TRIGGER` waits for writes in flight, so
+/// every write that commits afterwards notifies.
+pub(crate) fn ensure_near_triggers(
+    conn: &mut PgConnection,
+    kinds: impl IntoIterator<Item = CacheKind>,
+) -> Result<()> {
+    conn.batch_execute(MIGRATION_LOCK)?;
+    let result = kinds.into_iter().try_for_each(|kind| {
+        let table = kind.descriptor();
+        let installed: Flag = diesel::sql_query(
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger \
+             WHERE tgrelid = $1::regclass AND tgname = 'pgcache_near_delete') AS flag",
+        )
+        .bind::<Text, _>(table.table)
+        .get_result(conn)?;
+        if installed.flag {
+            return Ok(());
+        }
+        let args = format!(
+            "'{}', '{}', '{}'",
+            table.name,
+            table.key,
+            near_changed_columns(kind)
+        );
+        // Names come from the closed descriptors, never from input.
+        conn.batch_execute(&format!(
+            "BEGIN; \
+             CREATE TRIGGER pgcache_near_update AFTER UPDATE ON {t} \
+               REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows \
+               FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate({args}); \
+             CREATE TRIGGER pgcache_near_delete AFTER DELETE ON {t} \
+               REFERENCING OLD TABLE AS old_rows \
+               FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate({args}); \
+             CREATE TRIGGER pgcache_near_truncate AFTER TRUNCATE ON {t} \
+               FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate({args}); \
+             COMMIT;",
+            t = table.table
+        ))
+        .map_err(Error::from)
+    });
+    if result.is_err() {
+        // A failed CREATE leaves the transaction aborted.
+        let _ = conn.batch_execute("ROLLBACK");
+    }
+    let unlock = conn.batch_execute(MIGRATION_UNLOCK);
+    result.map_err(explain_missing_privilege)?;
+    unlock?;
+    Ok(())
+}

@@ -13,20 +13,23 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use diesel::data_types::PgInterval;
 use diesel::pg::{Pg, PgConnection};
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, Bytea, Untyped};
 use diesel::{OptionalExtension, QueryResult, QueryableByName, RunQueryDsl};
 
-use crate::cache::{Handle, Storage};
+use crate::cache::{Handle, NearRead, Storage};
 use crate::caches::common::{delete_digests, write_batches, UnnestUpsert, UpsertColumns};
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
+use crate::near::{NearKey, NearValue};
 use crate::skipped::Skipped;
 
 /// One validated entry of table `T`, ready to upsert: its key's digest, the key and
@@ -106,8 +109,9 @@ pub trait TypedTable {
     type Key: ?Sized;
     /// What is stored.
     type Value;
-    /// What a hit returns: the value with its metadata.
-    type Entry: Clone;
+    /// What a hit returns: the value with its metadata (also what a near cache
+    /// keeps).
+    type Entry: Clone + Send + Sync + 'static;
     /// The columns an entry's key and value are converted to before the upsert binds
     /// them (`()` when they bind as they are).
     type Encoded: Clone;
@@ -139,6 +143,9 @@ pub trait TypedTable {
 
     /// The stored value of a hit, without its metadata.
     fn value(entry: Self::Entry) -> Self::Value;
+
+    /// An entry's expiry (database clock) and its payload bytes, for a near cache.
+    fn near_facts(entry: &Self::Entry) -> (DateTime<Utc>, usize);
 
     /// Whether an entry found under `key`'s digest answers `key`: the vector-search
     /// cache checks the user as well, so a user never sees another's results.
@@ -379,6 +386,44 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
         digests: &[KeyDigest],
     ) -> Result<u64> {
         Ok(delete_digests(conn, T::CACHE, digests)?)
+    }
+
+    fn near_key(_key: &T::Key, digest: &KeyDigest) -> NearKey {
+        digest.as_bytes().as_slice().into()
+    }
+
+    fn row_near_key(row: &Row<'_, T>) -> NearKey {
+        row.digest.as_bytes().as_slice().into()
+    }
+
+    fn read_for_near(
+        &self,
+        conn: &mut PgConnection,
+        key: &T::Key,
+        digest: &KeyDigest,
+    ) -> Result<Option<NearRead<T::Entry>>> {
+        Ok(read_one(self, conn, key, digest)?.map(|entry| {
+            let (expires_at, weight) = T::near_facts(&entry);
+            NearRead {
+                kept: Arc::new(entry.clone()),
+                entry,
+                expires_at,
+                weight,
+            }
+        }))
+    }
+
+    fn from_near(kept: &NearValue) -> Result<Option<T::Entry>> {
+        Ok(kept.downcast_ref::<T::Entry>().cloned())
+    }
+
+    fn near_hit(&self, digest: &KeyDigest) {
+        count_hits(
+            self.engine(),
+            T::CACHE,
+            std::slice::from_ref(digest),
+            &[Some(())],
+        );
     }
 }
 

@@ -513,6 +513,14 @@ impl TypedTable for AudioChunkTable {
         entry.chunk
     }
 
+    fn near_facts(entry: &CachedAudioChunk) -> (DateTime<Utc>, usize) {
+        let bytes = match &entry.chunk.data {
+            AudioData::Inline(bytes) => bytes.len(),
+            AudioData::Stored { path, .. } => path.len(),
+        };
+        (entry.expires_at, bytes)
+    }
+
     /// Text over the handle's maximum is neither read nor written (validated all the
     /// same).
     fn stores(&self, key: &AudioChunkKey) -> bool {

@@ -244,6 +244,10 @@ impl TypedTable for EmbeddingTable {
         entry.embedding
     }
 
+    fn near_facts(entry: &CachedEmbedding) -> (DateTime<Utc>, usize) {
+        (entry.expires_at, entry.embedding.len() * 4)
+    }
+
     fn digest(key: &EmbeddingKey) -> Result<KeyDigest> {
         key.digest()
     }

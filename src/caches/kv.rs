@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -14,7 +15,7 @@ use diesel::PgJsonbExpressionMethods;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::cache::{Cache, Handle, Storage};
+use crate::cache::{Cache, Handle, NearRead, Storage};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::expiry::ttl_interval;
@@ -22,6 +23,7 @@ use crate::expiry::{db_now, ExpiresIn};
 use crate::jsonb::{JsonbIn, JsonbOut, JsonbText};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
+use crate::near::{NearKey, NearValue};
 use crate::schema::cache_entries;
 use crate::skipped::Skipped;
 use crate::validation::check_key;
@@ -472,6 +474,46 @@ impl<V: Serialize + DeserializeOwned + 'static> Storage for KvCache<'_, V> {
             .get_result(conn)
             .optional()?;
         Ok(found.map(|JsonbIn(value)| value))
+    }
+
+    fn near_key(key: &str, _checked: &()) -> NearKey {
+        key.as_bytes().into()
+    }
+
+    fn row_near_key(row: &Row<'_>) -> NearKey {
+        row.key.as_bytes().into()
+    }
+
+    /// The near cache keeps the value as JSON (decoded once), whatever `V` is.
+    fn read_for_near(
+        &self,
+        conn: &mut PgConnection,
+        key: &str,
+        _checked: &(),
+    ) -> Result<Option<NearRead<V>>> {
+        let found: Option<(JsonbText, DateTime<Utc>)> = cache_entries::table
+            .filter(cache_entries::key.eq(key))
+            .filter(cache_entries::expires_at.gt(db_now()))
+            .select((cache_entries::value, cache_entries::expires_at))
+            .get_result(conn)
+            .optional()?;
+        found
+            .map(|(JsonbText(text), expires_at)| {
+                let json: serde_json::Value = serde_json::from_slice(&text)?;
+                Ok(NearRead {
+                    entry: V::deserialize(&json)?,
+                    kept: Arc::new(json),
+                    expires_at,
+                    weight: text.len(),
+                })
+            })
+            .transpose()
+    }
+
+    fn from_near(kept: &NearValue) -> Result<Option<V>> {
+        kept.downcast_ref::<serde_json::Value>()
+            .map(|json| V::deserialize(json).map_err(Error::from))
+            .transpose()
     }
 
     fn read_many(

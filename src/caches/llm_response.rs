@@ -242,6 +242,10 @@ impl TypedTable for LlmResponseTable {
         entry.response
     }
 
+    fn near_facts(entry: &CachedLlmResponse) -> (DateTime<Utc>, usize) {
+        (entry.expires_at, entry.response.len())
+    }
+
     fn digest(prompt: &LlmPrompt) -> Result<KeyDigest> {
         prompt.digest()
     }

@@ -200,6 +200,10 @@ impl TypedTable for VectorSearchTable {
         entry.results
     }
 
+    fn near_facts(entry: &CachedVectorSearch) -> (DateTime<Utc>, usize) {
+        (entry.expires_at, entry.results.to_string().len())
+    }
+
     /// A row only answers a query of its own user (the digest covers the user too).
     fn answers(query: &VectorSearchQuery, entry: &CachedVectorSearch) -> bool {
         entry.user_id == query.user_id

@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::kind::CacheKind;
+use crate::near::{NearCacheStats, NearCaches};
 use crate::popularity::{hit_stats, top_entries, HitStats, TopEntry};
 use crate::schema::cache_counters;
 
@@ -31,6 +32,8 @@ pub struct CacheStats {
     pub total_entries: u64,
     /// Hits and misses over all caches.
     pub lookups: Lookups,
+    /// This process's near caches (empty when none is configured).
+    pub near_caches: Vec<NearCacheStats>,
 }
 
 /// Figures of one cache table.
@@ -105,6 +108,7 @@ pub(crate) fn stats(engine: &Engine) -> Result<CacheStats> {
         caches,
         top_llm_responses,
         audio,
+        near_caches: engine.near().map(NearCaches::stats).unwrap_or_default(),
         lookups: all,
     })
 }
@@ -256,6 +260,23 @@ impl fmt::Display for CacheStats {
                 }
                 _ => {}
             }
+        }
+        for near in &self.near_caches {
+            writeln!(f)?;
+            writeln!(f, "Near Cache ({}):", near.cache)?;
+            writeln!(
+                f,
+                "  Hits: {}, Misses: {}, Bypassed: {}, Invalidated: {}",
+                near.hits, near.misses, near.bypasses, near.invalidations
+            )?;
+            writeln!(
+                f,
+                "  Entries: {} ({}), Channel Lag: {}",
+                near.entries,
+                human_bytes(near.bytes),
+                near.channel_lag_ms
+                    .map_or_else(|| "not current".to_owned(), |ms| format!("{ms:.1} ms"))
+            )?;
         }
         writeln!(f)?;
         writeln!(f, "Total Cache Entries: {}", self.total_entries)?;

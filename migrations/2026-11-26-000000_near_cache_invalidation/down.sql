@@ -1,0 +1,1 @@
+DROP FUNCTION IF EXISTS pgcache_near_invalidate() CASCADE;
