@@ -1077,8 +1077,8 @@ mod tests {
         for variable in VARIABLES.iter() {
             let mut name = variable.name.clone();
             for cache in CacheKind::ALL {
-                let infix = format!("_{}_MAX_", cache.name().to_ascii_uppercase());
-                name = name.replace(&infix, "_<CACHE>_MAX_");
+                let prefix = format!("PGCACHE_{}_", cache.name().to_ascii_uppercase());
+                name = name.replace(&prefix, "PGCACHE_<CACHE>_");
             }
             let name = name.replace("CACHE_TTL_", "");
             for (doc, text) in [("README", readme), ("rustdoc", rustdoc.as_str())] {
