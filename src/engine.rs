@@ -77,14 +77,14 @@ impl Engine {
             let listener_config = config.clone();
             let kinds: Vec<CacheKind> = near.kinds().collect();
             Listener::start(Arc::downgrade(near), move || {
-                let connected = crate::pool::dedicated(&listener_config).and_then(|(mut conn, schema)| {
+                let connected = crate::pool::dedicated(&listener_config).and_then(|mut conn| {
                     crate::migrations::ensure_near_triggers(&mut conn, kinds.iter().copied())?;
-                    Ok((conn, schema))
+                    Ok(conn)
                 });
                 match connected {
                     Ok(connected) => Some(connected),
                     Err(error) => {
-                        tracing::warn!(%error, "pgcache: near-cache listener cannot connect; near caches off");
+                        tracing::warn!(%error, "pgcache: near-cache poller cannot connect; near caches off");
                         None
                     }
                 }

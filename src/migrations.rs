@@ -142,22 +142,9 @@ pub(crate) fn set_logged(conn: &mut PgConnection, logged: bool) -> Result<()> {
         })
 }
 
-/// The payload columns of `kind`'s table whose change a near cache must hear of;
-/// empty for any change. The AI caches are keyed by a digest of their inputs, so a
-/// set of an existing key normally writes the same payload again (and hit counting
-/// only touches counters): no notification for those.
-fn near_changed_columns(kind: CacheKind) -> &'static str {
-    match kind {
-        CacheKind::Kv | CacheKind::VectorSearch => "",
-        CacheKind::Embedding => "embedding",
-        CacheKind::LlmResponse => "response",
-        CacheKind::AudioChunk => "audio_data, storage_path",
-    }
-}
-
 /// Installs the near-cache invalidation triggers on the tables of `kinds` that lack
 /// them, under the migration lock. `CREATE TRIGGER` waits for writes in flight, so
-/// every write that commits afterwards notifies.
+/// every write that commits afterwards is logged in `cache_changes`.
 pub(crate) fn ensure_near_triggers(
     conn: &mut PgConnection,
     kinds: impl IntoIterator<Item = CacheKind>,
@@ -174,12 +161,7 @@ pub(crate) fn ensure_near_triggers(
         if installed.flag {
             return Ok(());
         }
-        let args = format!(
-            "'{}', '{}', '{}'",
-            table.name,
-            table.key,
-            near_changed_columns(kind)
-        );
+        let args = format!("'{}'", table.name);
         // Names come from the closed descriptors, never from input.
         conn.batch_execute(&format!(
             "BEGIN; \

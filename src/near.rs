@@ -4,24 +4,25 @@
 //! # How it stays coherent
 //! - Every change to a row of a cache table with a near cache (an update, an upsert
 //!   overwrite, a delete of a live row, a `TRUNCATE`, by pgcache or by any other
-//!   program) fires a statement-level trigger that sends one `NOTIFY` on the
-//!   schema's channel naming the changed keys (`migrations/`,
-//!   `pgcache_near_invalidate`). Notifications are delivered in commit order, and only
-//!   for transactions that commit.
-//! - One listener thread per manager ([`Listener`]) receives them and evicts the keys.
-//!   Every [`HEARTBEATS_PER_BOUND`]th of the staleness bound `S` it sends a
-//!   heartbeat on the same channel; receiving its own heartbeat proves every change
-//!   committed before it was sent has been received. L1 serves only while the last
-//!   heartbeat received was sent less than `S` ago, so a delayed or lost channel
-//!   turns L1 off within `S` instead of serving stale entries.
-//! - Losing the listener connection empties every L1 at once (an epoch bump) and
-//!   L1 is neither read nor filled until the listener is back and current again.
+//!   program) fires a statement-level trigger that appends one row naming the
+//!   changed keys to `cache_changes`, in the writer's transaction (see
+//!   `migrations/`): a rollback logs nothing, and no lock is shared between writers.
+//! - One poller thread per manager ([`Listener`]) reads the log every
+//!   [`POLL_INTERVAL`] and evicts the keys. Each poll asks for the changes of every
+//!   transaction that was running at the previous poll's snapshot or began after
+//!   it, so it sees every change committed since, whatever order the transactions
+//!   took their ids in. A poll proves the log read up to its snapshot: L1 serves
+//!   only while the last successful poll was sent less than the staleness bound `S`
+//!   ago, so a slow, stalled or lost poller turns L1 off within `S` instead of
+//!   serving stale entries.
+//! - Losing the poller's connection empties every L1 at once (an epoch bump) and L1
+//!   is neither read nor filled until the poller is back and current again.
 //! - A read that raced an invalidation cannot put its old value back: every key
 //!   hashes to a generation slot, bumped by each invalidation; a filler notes the
 //!   slot's generation before its `SELECT`, inserts, then removes its entry again if
 //!   the generation or the epoch moved meanwhile.
 //! - An entry lives at most `min(remaining TTL as the database computed it, max
-//!   age)`: the database clock's offset is measured by every heartbeat.
+//!   age)`: the database clock's offset is measured by every poll.
 
 use std::any::Any;
 use std::collections::hash_map::DefaultHasher;
@@ -35,7 +36,7 @@ use chrono::{DateTime, Utc};
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
 use serde::Serialize;
 
 use crate::config::{CacheConfig, NearCache};
@@ -50,12 +51,12 @@ pub(crate) type NearValue = Arc<dyn Any + Send + Sync>;
 /// Generation slots keys hash to (a power of two).
 const GENERATION_SLOTS: usize = 4096;
 
-/// Heartbeats per staleness bound: L1 tolerates this many minus one late ones.
-pub(crate) const HEARTBEATS_PER_BOUND: u32 = 4;
+/// How often the poller reads the change log: about the commit-to-eviction latency.
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(2);
 
-/// How often the listener reads the socket for notifications: the floor of the
-/// commit-to-eviction latency.
-const POLL_INTERVAL: Duration = Duration::from_millis(1);
+/// How long the change log keeps a change; a poller that fell further behind
+/// starts over with an empty L1.
+const RETENTION: Duration = Duration::from_secs(60);
 
 /// The wait before reconnecting a lost listener.
 const RECONNECT_DELAY: Duration = Duration::from_millis(100);
@@ -99,7 +100,8 @@ pub struct NearCacheStats {
     pub misses: u64,
     /// Reads that skipped L1 because the invalidation channel was not current.
     pub bypasses: u64,
-    /// Keys evicted by invalidations (notifications and this process's writes).
+    /// Keys invalidated, held or not: named by a logged change or written by this
+    /// process (whose own writes are then counted again when their change is read).
     pub invalidations: u64,
     /// Entries held.
     pub entries: u64,
@@ -123,12 +125,12 @@ pub(crate) struct NearCaches {
     tables: [Option<Table>; CacheKind::COUNT],
     generations: Box<[AtomicU64]>,
     epoch: AtomicU64,
-    /// Whether the listener is listening on its current connection: fills are safe.
+    /// Whether the poller has its baseline on its current connection: fills are safe.
     listening: AtomicBool,
-    /// Nanoseconds since `base` until which L1 may serve (heartbeat sent + S).
+    /// Nanoseconds since `base` until which L1 may serve (last poll sent + S).
     fresh_until: AtomicU64,
-    /// When the newest heartbeat received was sent, nanoseconds since `base`.
-    heartbeat_sent: AtomicU64,
+    /// When the last successful poll was sent, nanoseconds since `base`.
+    polled_at: AtomicU64,
     /// Database clock minus local clock, microseconds.
     clock_offset_us: AtomicI64,
     base: Instant,
@@ -160,7 +162,7 @@ impl NearCaches {
             epoch: AtomicU64::new(0),
             listening: AtomicBool::new(false),
             fresh_until: AtomicU64::new(0),
-            heartbeat_sent: AtomicU64::new(0),
+            polled_at: AtomicU64::new(0),
             clock_offset_us: AtomicI64::new(0),
             base: Instant::now(),
             staleness: config.near_cache_staleness(),
@@ -185,7 +187,8 @@ impl NearCaches {
         at.saturating_duration_since(self.base).as_nanos() as u64
     }
 
-    /// Whether L1 may serve now: the channel proved current less than `S` ago.
+    /// Whether L1 may serve now: the change log was read up to a snapshot taken less
+    /// than `S` ago.
     fn current(&self) -> bool {
         self.nanos(Instant::now()) < self.fresh_until.load(Ordering::Acquire)
     }
@@ -322,7 +325,7 @@ impl NearCaches {
     /// The figures of every near cache.
     pub(crate) fn stats(&self) -> Vec<NearCacheStats> {
         let lag = self.current().then(|| {
-            let sent = self.heartbeat_sent.load(Ordering::Acquire);
+            let sent = self.polled_at.load(Ordering::Acquire);
             let now = self.nanos(Instant::now());
             now.saturating_sub(sent) as f64 / 1e6
         });
@@ -343,44 +346,30 @@ impl NearCaches {
             .collect()
     }
 
-    /// Applies one notification of the channel; a heartbeat of `token` makes the
-    /// channel current as of when it was sent.
-    fn apply(&self, payload: &str, token: &str, sent: &dyn Fn(u64) -> Option<Instant>) {
-        let mut words = payload.splitn(3, ' ');
-        match (words.next(), words.next(), words.next()) {
-            (Some("hb"), Some(from), Some(seq)) if from == token => {
-                if let Some(at) = seq.parse().ok().and_then(sent) {
-                    let at = self.nanos(at);
-                    self.heartbeat_sent.fetch_max(at, Ordering::AcqRel);
-                    let until = at + self.staleness.as_nanos() as u64;
-                    self.fresh_until.fetch_max(until, Ordering::AcqRel);
-                }
+    /// Applies one logged change: the keys of `cache`, or all of it (`None`).
+    fn apply(&self, cache: &str, keys: Option<&[String]>) {
+        let Some(kind) = CacheKind::from_name(cache) else {
+            return;
+        };
+        match keys {
+            None => self.invalidate_all(kind),
+            Some(keys) if kind == CacheKind::Kv => {
+                self.invalidate(kind, keys.iter().map(|k| k.as_bytes()));
             }
-            (Some("hb"), ..) => {}
-            (Some(name), Some("*"), None) => {
-                if let Some(kind) = CacheKind::from_name(name) {
-                    self.invalidate_all(kind);
-                }
+            Some(keys) => {
+                let digests: Vec<Vec<u8>> =
+                    keys.iter().filter_map(|k| hex::decode(k).ok()).collect();
+                self.invalidate(kind, digests.iter().map(Vec::as_slice));
             }
-            (Some(name), Some(keys), None) => {
-                let Some(kind) = CacheKind::from_name(name) else {
-                    return;
-                };
-                match serde_json::from_str::<Vec<String>>(keys) {
-                    Ok(keys) if kind == CacheKind::Kv => {
-                        self.invalidate(kind, keys.iter().map(|k| k.as_bytes()));
-                    }
-                    Ok(keys) => {
-                        let digests: Vec<Vec<u8>> =
-                            keys.iter().filter_map(|k| hex::decode(k).ok()).collect();
-                        self.invalidate(kind, digests.iter().map(Vec::as_slice));
-                    }
-                    // Not ours to read: safest to forget the whole cache.
-                    Err(_) => self.invalidate_all(kind),
-                }
-            }
-            _ => {}
         }
+    }
+
+    /// A poll sent at `sent` read the change log up to its snapshot.
+    fn polled(&self, sent: Instant) {
+        let at = self.nanos(sent);
+        self.polled_at.fetch_max(at, Ordering::AcqRel);
+        let until = at + self.staleness.as_nanos() as u64;
+        self.fresh_until.fetch_max(until, Ordering::AcqRel);
     }
 }
 
@@ -408,17 +397,7 @@ fn unix_micros(at: SystemTime) -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
-/// The channel of the cache tables in `schema`: what the triggers notify on.
-pub(crate) fn channel(schema: &str) -> String {
-    // Channel names are identifiers: at most 63 bytes.
-    let mut channel = format!("pgcache.{schema}");
-    while channel.len() > 63 {
-        channel.pop();
-    }
-    channel
-}
-
-/// The listener thread of one manager's near caches.
+/// The poller thread of one manager's near caches.
 pub(crate) struct Listener {
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -431,18 +410,17 @@ impl std::fmt::Debug for Listener {
 }
 
 impl Listener {
-    /// Starts listening for `caches`' invalidations with connections from
-    /// `connect` (which also names the schema); the thread ends when `caches` is
-    /// dropped or the listener is.
+    /// Starts polling the change log for `caches` with connections from `connect`;
+    /// the thread ends when `caches` is dropped or the listener is.
     pub(crate) fn start(
         caches: Weak<NearCaches>,
-        connect: impl Fn() -> Option<(PgConnection, String)> + Send + 'static,
+        connect: impl Fn() -> Option<PgConnection> + Send + 'static,
     ) -> Option<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
-            .name("pgcache-near-listener".to_owned())
-            .spawn(move || listen(&caches, &connect, &stopping))
+            .name("pgcache-near-poller".to_owned())
+            .spawn(move || poll_loop(&caches, &connect, &stopping))
             .ok()?;
         Some(Listener {
             stop,
@@ -460,93 +438,138 @@ impl Drop for Listener {
     }
 }
 
-/// The listener's loop: connect, `LISTEN`, then poll for notifications and send
-/// heartbeats until told to stop; a lost connection is reported and replaced.
-fn listen(
+/// Where the next poll starts: the transactions it must look at.
+struct Window {
+    /// The previous snapshot's xmax: every transaction that took its id later.
+    xmax: String,
+    /// The transactions in progress at the previous snapshot.
+    in_progress: Vec<String>,
+}
+
+/// One row of a poll: the snapshot's bounds, the database clock, and a change if
+/// any.
+#[derive(QueryableByName)]
+struct Polled {
+    #[diesel(sql_type = Text)]
+    xmax: String,
+    #[diesel(sql_type = Array<Text>)]
+    xip: Vec<String>,
+    #[diesel(sql_type = BigInt)]
+    now_us: i64,
+    #[diesel(sql_type = Nullable<Text>)]
+    cache_name: Option<String>,
+    #[diesel(sql_type = Nullable<Array<Text>>)]
+    keys: Option<Vec<String>>,
+    #[diesel(sql_type = Bool)]
+    is_change: bool,
+}
+
+/// Reads the changes committed since `window` was taken and the next window.
+fn poll(conn: &mut PgConnection, window: Option<&Window>) -> QueryResult<Vec<Polled>> {
+    let (xmax, in_progress) = match window {
+        Some(w) => (w.xmax.as_str(), w.in_progress.clone()),
+        // The baseline: no change, only the snapshot.
+        None => ("9223372036854775807", Vec::new()),
+    };
+    diesel::sql_query(
+        "WITH s AS (SELECT pg_current_snapshot() AS snap) \
+         SELECT pg_snapshot_xmax(s.snap)::text AS xmax, \
+                array(SELECT pg_snapshot_xip(s.snap)::text) AS xip, \
+                (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us, \
+                c.cache_name, c.keys, c.id IS NOT NULL AS is_change \
+         FROM s LEFT JOIN cache_changes c \
+           ON c.xid >= $1::int8 OR c.xid = ANY($2::text[]::int8[]) \
+         ORDER BY c.id",
+    )
+    .bind::<Text, _>(xmax)
+    .bind::<Array<Text>, _>(in_progress)
+    .load(conn)
+}
+
+/// The poller's loop: connect, take a baseline, then poll every [`POLL_INTERVAL`]
+/// until told to stop; a lost connection is reported and replaced.
+fn poll_loop(
     caches: &Weak<NearCaches>,
-    connect: &dyn Fn() -> Option<(PgConnection, String)>,
+    connect: &dyn Fn() -> Option<PgConnection>,
     stop: &AtomicBool,
 ) {
-    // Tells this listener's heartbeats from other processes' on the channel.
-    let token = uuid::Uuid::new_v4().simple().to_string();
-    let mut seq: u64 = 0;
-    // Heartbeats sent and not yet received: (seq, local send time).
-    let mut in_flight: Vec<(u64, Instant)> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
-        let Some(near) = caches.upgrade() else { return };
-        let interval = near.staleness / HEARTBEATS_PER_BOUND;
-        drop(near);
-        let Some((mut conn, schema)) = connect() else {
+        let Some(mut conn) = connect() else {
             std::thread::sleep(RECONNECT_DELAY);
             continue;
         };
-        let channel = channel(&schema);
-        let listening =
-            conn.batch_execute(&format!("LISTEN {}", crate::pool::quote_ident(&channel)));
-        if listening.is_err() {
-            std::thread::sleep(RECONNECT_DELAY);
-            continue;
-        }
-        match caches.upgrade() {
-            Some(near) => near.listening.store(true, Ordering::SeqCst),
-            None => return,
-        }
-        in_flight.clear();
-        let mut next_heartbeat = Instant::now();
-        let outcome: QueryResult<()> = (|| loop {
-            if stop.load(Ordering::SeqCst) {
-                return Ok(());
+        let outcome: QueryResult<()> = (|| {
+            let baseline = poll(&mut conn, None)?;
+            let mut window = next_window(&baseline);
+            match caches.upgrade() {
+                Some(near) => near.listening.store(true, Ordering::SeqCst),
+                None => return Ok(()),
             }
-            let Some(near) = caches.upgrade() else {
-                return Ok(());
-            };
-            if Instant::now() >= next_heartbeat {
-                seq += 1;
+            let mut pruned = Instant::now();
+            let mut last_ok = Instant::now();
+            loop {
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                let Some(near) = caches.upgrade() else {
+                    return Ok(());
+                };
                 let sent = Instant::now();
-                in_flight.push((seq, sent));
-                // Keep only what the bound can still use.
-                in_flight.retain(|(_, at)| at.elapsed() < near.staleness);
-                let db_us = heartbeat(&mut conn, &channel, &token, seq)?;
-                let local_us =
-                    unix_micros(SystemTime::now()) - (sent.elapsed().as_micros() as i64) / 2;
-                near.clock_offset_us
-                    .store(db_us - local_us, Ordering::Relaxed);
-                next_heartbeat = sent + interval;
+                if sent.duration_since(last_ok) > RETENTION / 2 {
+                    // Stalled this long, changes may have been pruned unread:
+                    // start over from an empty L1.
+                    near.lost();
+                    window = next_window(&poll(&mut conn, None)?);
+                    near.listening.store(true, Ordering::SeqCst);
+                }
+                let rows = poll(&mut conn, window.as_ref())?;
+                for row in rows.iter().filter(|r| r.is_change) {
+                    if let Some(cache) = &row.cache_name {
+                        near.apply(cache, row.keys.as_deref());
+                    }
+                }
+                if let Some(row) = rows.first() {
+                    let local_us =
+                        unix_micros(SystemTime::now()) - (sent.elapsed().as_micros() as i64) / 2;
+                    near.clock_offset_us
+                        .store(row.now_us - local_us, Ordering::Relaxed);
+                }
+                window = next_window(&rows);
+                near.polled(sent);
+                last_ok = sent;
+                drop(near);
+                if pruned.elapsed() > RETENTION / 60 {
+                    prune_changes(&mut conn)?;
+                    pruned = Instant::now();
+                }
+                std::thread::sleep(POLL_INTERVAL);
             }
-            for notification in conn.notifications_iter() {
-                let notification = notification?;
-                let sent = |n: u64| in_flight.iter().find(|(s, _)| *s == n).map(|(_, at)| *at);
-                near.apply(&notification.payload, &token, &sent);
-            }
-            drop(near);
-            std::thread::sleep(POLL_INTERVAL);
         })();
         if let Some(near) = caches.upgrade() {
             near.lost();
         }
         if let Err(error) = outcome {
-            tracing::warn!(%error, "pgcache: near-cache listener lost its connection; near caches off until it is back");
+            tracing::warn!(%error, "pgcache: near-cache poller lost its connection; near caches off until it is back");
             std::thread::sleep(RECONNECT_DELAY);
         }
     }
 }
 
-/// Sends heartbeat `seq` of `token` on `channel`; returns the database clock, in
-/// microseconds since the Unix epoch.
-fn heartbeat(conn: &mut PgConnection, channel: &str, token: &str, seq: u64) -> QueryResult<i64> {
-    #[derive(QueryableByName)]
-    struct Clock {
-        #[diesel(sql_type = BigInt)]
-        now_us: i64,
-    }
-    let clock: Clock = diesel::sql_query(
-        "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us \
-         FROM (SELECT pg_notify($1, $2)) AS sent",
-    )
-    .bind::<Text, _>(channel)
-    .bind::<Text, _>(format!("hb {token} {seq}"))
-    .get_result(conn)?;
-    Ok(clock.now_us)
+/// Deletes changes older than the log keeps them (pollers do it every second;
+/// cleanup too, for when no near cache runs any more).
+pub(crate) fn prune_changes(conn: &mut PgConnection) -> QueryResult<()> {
+    conn.batch_execute(&format!(
+        "DELETE FROM cache_changes WHERE created_at < now() - interval '{} seconds'",
+        RETENTION.as_secs()
+    ))
+}
+
+/// The window the next poll starts from, from this poll's snapshot.
+fn next_window(rows: &[Polled]) -> Option<Window> {
+    rows.first().map(|row| Window {
+        xmax: row.xmax.clone(),
+        in_progress: row.xip.clone(),
+    })
 }
 
 #[cfg(test)]
@@ -712,19 +735,25 @@ mod tests {
     }
 
     #[test]
-    fn heartbeats_of_other_listeners_do_not_make_the_channel_current() {
-        let near = current();
-        near.fresh_until.store(0, Ordering::SeqCst);
-        let sent = Instant::now();
-        let at = |seq: u64| (seq == 1).then_some(sent);
-        near.apply("hb someone-else 1", "me", &at);
-        assert!(!near.current());
-        near.apply("hb me 1", "me", &at);
+    fn a_poll_keeps_the_near_cache_serving_for_the_bound_only() {
+        let config = CacheConfig::builder()
+            .near_cache(CacheKind::Kv, Some(NearCache::new()))
+            .near_cache_staleness(Duration::from_millis(20))
+            .build()
+            .unwrap();
+        let near = NearCaches::new(&config).unwrap();
+        assert!(!near.current(), "not before the first poll");
+        near.polled(Instant::now());
         assert!(near.current());
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(
+            !near.current(),
+            "a poll older than the bound proves nothing"
+        );
     }
 
     #[test]
-    fn notifications_name_keys_or_the_whole_cache() {
+    fn logged_changes_name_keys_or_the_whole_cache() {
         let near = current();
         for key in [&b"a"[..], b"b", b"c"] {
             let ticket = near.ticket(CacheKind::Kv, key).unwrap();
@@ -737,10 +766,10 @@ mod tests {
                 1,
             );
         }
-        near.apply(r#"kv ["a","x"]"#, "me", &|_| None);
+        near.apply("kv", Some(&["a".to_owned(), "x".to_owned()]));
         assert_eq!(held(&near, b"a"), None);
         assert!(held(&near, b"b").is_some());
-        near.apply("kv *", "me", &|_| None);
+        near.apply("kv", None);
         assert_eq!(held(&near, b"b"), None);
         assert_eq!(held(&near, b"c"), None);
     }

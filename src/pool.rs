@@ -26,7 +26,7 @@ use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection
 use diesel::pg::PgConnection;
 use diesel::r2d2::event::AcquireEvent;
 use diesel::r2d2::{self, ConnectionManager, CustomizeConnection, HandleError, HandleEvent};
-use diesel::{Connection, ConnectionError, RunQueryDsl};
+use diesel::{Connection, ConnectionError};
 
 use crate::config::{CacheConfig, Durability};
 use crate::conninfo::{client_timeouts, with_defaults};
@@ -122,9 +122,8 @@ pub(crate) fn session_sql(config: &CacheConfig) -> String {
 }
 
 /// A connection of its own (outside the pool) with the pool's connection settings
-/// and session, and the schema its `search_path` starts with: for the near cache's
-/// listener, which holds it for good.
-pub(crate) fn dedicated(config: &CacheConfig) -> Result<(PgConnection, String)> {
+/// and session: for the near caches' poller, which holds it for good.
+pub(crate) fn dedicated(config: &CacheConfig) -> Result<PgConnection> {
     let url = with_defaults(
         config.database_url().expose(),
         &client_timeouts(config.pool().connection_timeout, no_answer_limit(config)),
@@ -132,14 +131,7 @@ pub(crate) fn dedicated(config: &CacheConfig) -> Result<(PgConnection, String)> 
     let mut conn = PgConnection::establish(&url)
         .map_err(|e| Error::connection(&config.database_url().scrub(&e.to_string())))?;
     conn.batch_execute(&session_sql(config))?;
-    #[derive(diesel::QueryableByName)]
-    struct Schema {
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        schema: String,
-    }
-    let schema: Schema =
-        diesel::sql_query("SELECT current_schema() AS schema").get_result(&mut conn)?;
-    Ok((conn, schema.schema))
+    Ok(conn)
 }
 
 /// Marks `conn` broken if it is dead, so r2d2 discards it when it is given back;

@@ -1,6 +1,6 @@
 //! The near cache against the real database: served from memory, evicted by every
-//! writer (this manager, another manager, plain SQL), bypassed while its channel is
-//! not current, and cheap for writers of immutable caches.
+//! writer (this manager, another manager, plain SQL), bypassed while its poller is
+//! not current, and silent for writers of immutable caches.
 
 mod common;
 
@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::TestDb;
 use diesel::connection::SimpleConnection;
-use diesel::PgConnection;
 use pgcache::{Cache, CacheKind, CacheManager, LlmPrompt, NearCache, NearCacheStats};
 use serde_json::{json, Value};
 
@@ -167,11 +166,11 @@ fn a_killed_listener_turns_the_near_cache_off_until_it_is_back() {
     wait_current(&db.cache);
     db.cache.kv().set("k", &json!("old")).unwrap();
     warm(&db.cache, "k");
-    // Kill the listener, then write while it is gone: no notification can reach
-    // this process, and it must not serve the old value.
+    // Kill the poller, then write while it is gone: no change can reach this
+    // process, and it must not serve the old value.
     db.exec(&format!(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE application_name = 'pgcache-test-{}' AND query LIKE '%pg_notify%'",
+         WHERE application_name = 'pgcache-test-{}' AND query LIKE '%pg_current_snapshot%'",
         db.schema
     ));
     db.exec("UPDATE cache_entries SET value = '\"new\"' WHERE key = 'k'");
@@ -191,71 +190,75 @@ fn a_killed_listener_turns_the_near_cache_off_until_it_is_back() {
     assert_eq!(kv_stats(&db.cache).hits, hits + 1);
 }
 
-/// Notifications on this test's channel, received on a plain connection.
-struct ChannelSpy(PgConnection);
+/// Changes logged for the near caches since the last call.
+struct ChangeLog<'a> {
+    db: &'a TestDb,
+    seen: i64,
+}
 
-impl ChannelSpy {
-    fn new(db: &TestDb) -> Self {
-        let mut conn = db.raw_connection();
-        conn.batch_execute(&format!("LISTEN \"pgcache.{}\"", db.schema))
-            .unwrap();
-        ChannelSpy(conn)
+impl<'a> ChangeLog<'a> {
+    fn new(db: &'a TestDb) -> Self {
+        let seen = db.count("SELECT coalesce(max(id), 0) AS n FROM cache_changes");
+        ChangeLog { db, seen }
     }
 
-    /// Invalidations (not heartbeats) received so far.
-    fn invalidations(&mut self) -> Vec<String> {
-        self.0.batch_execute("SELECT 1").unwrap();
-        self.0
-            .notifications_iter()
-            .map(|n| n.unwrap().payload)
-            .filter(|p| !p.starts_with("hb "))
+    /// The changes logged since the last call: the cache and how many keys.
+    fn changes(&mut self) -> Vec<(String, i64)> {
+        use diesel::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct Change {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            id: i64,
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            cache_name: String,
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            keys: i64,
+        }
+        let changes: Vec<Change> = diesel::sql_query(format!(
+            "SELECT id, cache_name, coalesce(cardinality(keys), -1)::int8 AS keys \
+             FROM cache_changes WHERE id > {} ORDER BY id",
+            self.seen
+        ))
+        .load(&mut self.db.raw_connection())
+        .unwrap();
+        if let Some(last) = changes.last() {
+            self.seen = last.id;
+        }
+        changes
+            .into_iter()
+            .map(|c| (c.cache_name, c.keys))
             .collect()
     }
 }
 
 #[test]
-fn immutable_caches_send_no_message_per_set_and_a_batch_sends_one() {
+fn immutable_caches_log_nothing_per_set_and_a_batch_logs_one_change() {
     let db = near_db();
     wait_current(&db.cache);
-    let mut spy = ChannelSpy::new(&db);
+    let mut log = ChangeLog::new(&db);
+    let llm = db.cache.llm_response();
     let prompt = LlmPrompt::new("q", "p");
-    db.cache
-        .llm_response()
-        .set(&prompt, &"a".to_owned())
-        .unwrap();
-    db.cache
-        .llm_response()
-        .set(&prompt, &"a".to_owned())
-        .unwrap();
-    db.cache.llm_response().get(&prompt).unwrap();
+    llm.set(&prompt, &"a".to_owned()).unwrap();
+    llm.set(&prompt, &"a".to_owned()).unwrap();
+    llm.get(&prompt).unwrap();
     db.cache.flush_stats().unwrap();
-    assert_eq!(
-        spy.invalidations(),
-        Vec::<String>::new(),
-        "same response, hit counts"
-    );
-    db.cache
-        .llm_response()
-        .set(&prompt, &"b".to_owned())
-        .unwrap();
-    let messages = spy.invalidations();
-    assert_eq!(messages.len(), 1, "{messages:?}");
-    assert!(messages[0].starts_with("llm_response [\""), "{messages:?}");
+    assert_eq!(log.changes(), vec![], "same response, hit counts");
+    llm.set(&prompt, &"b".to_owned()).unwrap();
+    assert_eq!(log.changes(), vec![("llm_response".to_owned(), 1)]);
 
     let keys: Vec<String> = (0..100).map(|i| format!("key:{i}")).collect();
     let entries: Vec<(&str, &Value)> = keys.iter().map(|k| (k.as_str(), &Value::Null)).collect();
-    db.cache
-        .kv()
-        .set_many(&entries, Duration::from_secs(60))
-        .unwrap();
-    assert_eq!(spy.invalidations(), Vec::<String>::new(), "first inserts");
-    db.cache
-        .kv()
-        .set_many(&entries, Duration::from_secs(60))
-        .unwrap();
-    let messages = spy.invalidations();
-    assert_eq!(messages.len(), 1, "one message for the batch: {messages:?}");
-    assert_eq!(messages[0].matches("key:").count(), 100);
+    let ttl = Duration::from_secs(60);
+    db.cache.kv().set_many(&entries, ttl).unwrap();
+    assert_eq!(log.changes(), vec![], "first inserts");
+    db.cache.kv().set_many(&entries, ttl).unwrap();
+    assert_eq!(
+        log.changes(),
+        vec![("kv".to_owned(), 100)],
+        "one change for the batch"
+    );
+    db.exec("TRUNCATE cache_entries");
+    assert_eq!(log.changes(), vec![("kv".to_owned(), -1)], "all of it");
 }
 
 #[test]

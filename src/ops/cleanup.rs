@@ -209,6 +209,9 @@ fn clean(
             }
         }
     }
+    if outcome.is_ok() {
+        outcome = crate::near::prune_changes(conn).map_err(Error::from);
+    }
     let report = CleanupReport {
         tables,
         leases_removed,
