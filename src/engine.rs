@@ -18,9 +18,10 @@ use crate::error::{Error, Result};
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
 use crate::latency::LatencyRecorder;
-use crate::near::{Listener, NearCaches};
+use crate::near::{NearCaches, Poller};
 use crate::pool::{Pool, PooledConnection};
 use crate::skipped::{Skipped, SkippedWrites};
+use crate::watchdog::{no_answer_limit, watched, Watchdog};
 
 /// The engine behind a [`CacheManager`](crate::CacheManager) (public only as the
 /// unnameable type cache handles borrow).
@@ -42,7 +43,7 @@ pub struct Engine {
     /// The near caches, when configured (and caching is on).
     near: Option<Arc<NearCaches>>,
     /// Keeps the near caches coherent; stops when the engine is dropped.
-    _listener: Option<Listener>,
+    _poller: Option<Poller>,
 }
 
 impl fmt::Debug for Engine {
@@ -73,14 +74,21 @@ impl Engine {
             .is_some()
             .then(|| NearCaches::new(&config).map(Arc::new))
             .flatten();
-        let listener = near.as_ref().and_then(|near| {
-            let listener_config = config.clone();
+        let poller = near.as_ref().and_then(|near| {
+            let poller_config = config.clone();
             let kinds: Vec<CacheKind> = near.kinds().collect();
-            Listener::start(Arc::downgrade(near), move || {
-                let connected = crate::pool::dedicated(&listener_config).and_then(|mut conn| {
-                    crate::migrations::ensure_near_triggers(&mut conn, kinds.iter().copied())?;
-                    Ok(conn)
-                });
+            // The poller's own watchdog (its connection is not the pool's): a poll a
+            // frozen server never answers is cut, and the poller reconnects instead
+            // of waiting, near caches off, for as long as the freeze lasts.
+            let watchdog = Watchdog::start(no_answer_limit(&config));
+            Poller::start(Arc::downgrade(near), move || {
+                let connected = crate::pool::dedicated(&poller_config, watchdog.as_ref())
+                    .and_then(|mut conn| {
+                        watched(&mut conn, |conn| {
+                            crate::migrations::ensure_near_triggers(conn, kinds.iter().copied())
+                        })?;
+                        Ok(conn)
+                    });
                 match connected {
                     Ok(connected) => Some(connected),
                     Err(error) => {
@@ -111,7 +119,7 @@ impl Engine {
             skipped: SkippedWrites::default(),
             flushing: Mutex::new(()),
             near,
-            _listener: listener,
+            _poller: poller,
         });
         let config = &engine.config;
         if engine.pool.is_some() && (config.run_migrations() || config.fail_open()) {

@@ -7,7 +7,7 @@
 //!   program) fires a statement-level trigger that appends one row naming the
 //!   changed keys to `cache_changes`, in the writer's transaction (see
 //!   `migrations/`): a rollback logs nothing, and no lock is shared between writers.
-//! - One poller thread per manager ([`Listener`]) reads the log every
+//! - One poller thread per manager ([`Poller`]) reads the log every
 //!   [`POLL_INTERVAL`] and evicts the keys. Each poll asks for the changes of every
 //!   transaction that was running at the previous poll's snapshot or began after
 //!   it, so it sees every change committed since, whatever order the transactions
@@ -16,7 +16,10 @@
 //!   ago, so a slow, stalled or lost poller turns L1 off within `S` instead of
 //!   serving stale entries.
 //! - Losing the poller's connection empties every L1 at once (an epoch bump) and L1
-//!   is neither read nor filled until the poller is back and current again.
+//!   is neither read nor filled until the poller is back and current again. The
+//!   poller's statements are watched like pooled ones: a poll a frozen server
+//!   process never answers is cut after `statement_timeout` + 1 s, and the poller
+//!   reconnects rather than waiting (and holding up the manager's drop).
 //! - A read that raced an invalidation cannot put its old value back: every key
 //!   hashes to a generation slot, bumped by each invalidation; a filler notes the
 //!   slot's generation before its `SELECT`, inserts, then removes its entry again if
@@ -40,7 +43,9 @@ use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
 use serde::Serialize;
 
 use crate::config::{CacheConfig, NearCache};
+use crate::error::Result;
 use crate::kind::CacheKind;
+use crate::watchdog::watched;
 
 /// A near-cache key: the entry's key digest, or a key/value key's bytes.
 pub(crate) type NearKey = Box<[u8]>;
@@ -58,7 +63,7 @@ pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(2);
 /// starts over with an empty L1.
 const RETENTION: Duration = Duration::from_secs(60);
 
-/// The wait before reconnecting a lost listener.
+/// The wait before reconnecting a lost poller.
 const RECONNECT_DELAY: Duration = Duration::from_millis(100);
 
 #[derive(Clone)]
@@ -98,7 +103,7 @@ pub struct NearCacheStats {
     pub hits: u64,
     /// Reads L1 could serve but did not hold (they went to the database).
     pub misses: u64,
-    /// Reads that skipped L1 because the invalidation channel was not current.
+    /// Reads that skipped L1 because its poller was not current.
     pub bypasses: u64,
     /// Keys invalidated, held or not: named by a logged change or written by this
     /// process (whose own writes are then counted again when their change is read).
@@ -107,9 +112,9 @@ pub struct NearCacheStats {
     pub entries: u64,
     /// Their weight in bytes (keys and values).
     pub bytes: u64,
-    /// Milliseconds since the newest heartbeat this process received was sent
-    /// (`None` while the listener is not current): how far behind the channel is.
-    pub channel_lag_ms: Option<f64>,
+    /// Milliseconds since the last successful poll of the change log was sent
+    /// (`None` while the poller is not current): how far behind the near cache may be.
+    pub poll_lag_ms: Option<f64>,
 }
 
 /// What a reader notes before its `SELECT`, to fill L1 only if nothing changed.
@@ -120,13 +125,13 @@ pub(crate) struct Ticket {
     epoch: u64,
 }
 
-/// The near caches of one manager and the state of their invalidation channel.
+/// The near caches of one manager and the state of their poller.
 pub(crate) struct NearCaches {
     tables: [Option<Table>; CacheKind::COUNT],
     generations: Box<[AtomicU64]>,
     epoch: AtomicU64,
     /// Whether the poller has its baseline on its current connection: fills are safe.
-    listening: AtomicBool,
+    has_baseline: AtomicBool,
     /// Nanoseconds since `base` until which L1 may serve (last poll sent + S).
     fresh_until: AtomicU64,
     /// When the last successful poll was sent, nanoseconds since `base`.
@@ -144,7 +149,7 @@ impl std::fmt::Debug for NearCaches {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NearCaches")
             .field("staleness", &self.staleness)
-            .field("listening", &self.listening.load(Ordering::Relaxed))
+            .field("has_baseline", &self.has_baseline.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -160,7 +165,7 @@ impl NearCaches {
             tables,
             generations: (0..GENERATION_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             epoch: AtomicU64::new(0),
-            listening: AtomicBool::new(false),
+            has_baseline: AtomicBool::new(false),
             fresh_until: AtomicU64::new(0),
             polled_at: AtomicU64::new(0),
             clock_offset_us: AtomicI64::new(0),
@@ -221,12 +226,12 @@ impl NearCaches {
     }
 
     /// Notes what a fill of `key` must find unchanged; `None` when L1 must not be
-    /// filled (no near cache for `kind`, or no listener on the channel).
+    /// filled (no near cache for `kind`, or no poller with a baseline).
     pub(crate) fn ticket(&self, kind: CacheKind, key: &[u8]) -> Option<Ticket> {
         self.tables[kind.index()].as_ref()?;
-        // The epoch first: a listener lost after this moment bumps it.
+        // The epoch first: a poller lost after this moment bumps it.
         let epoch = self.epoch.load(Ordering::SeqCst);
-        if !self.listening.load(Ordering::SeqCst) {
+        if !self.has_baseline.load(Ordering::SeqCst) {
             return None;
         }
         let slot = Self::slot(kind, key);
@@ -238,7 +243,7 @@ impl NearCaches {
     }
 
     /// Puts a value read after `ticket` was taken into L1, unless an invalidation
-    /// of its slot or a lost channel came in between. `expires_at` is the entry's
+    /// of its slot or a lost poller came in between. `expires_at` is the entry's
     /// expiry by the database clock.
     pub(crate) fn fill(
         &self,
@@ -311,10 +316,10 @@ impl NearCaches {
         }
     }
 
-    /// The channel is gone: nothing is served or filled until a new listener is
+    /// The poller lost its connection: nothing is served or filled until a new one is
     /// current, and everything held is dropped (changes may have been missed).
     fn lost(&self) {
-        self.listening.store(false, Ordering::SeqCst);
+        self.has_baseline.store(false, Ordering::SeqCst);
         self.fresh_until.store(0, Ordering::SeqCst);
         self.epoch.fetch_add(1, Ordering::SeqCst);
         for table in self.tables.iter().flatten() {
@@ -340,7 +345,7 @@ impl NearCaches {
                     invalidations: table.invalidations.load(Ordering::Relaxed),
                     entries: table.entries.len() as u64,
                     bytes: table.entries.weight(),
-                    channel_lag_ms: lag,
+                    poll_lag_ms: lag,
                 })
             })
             .collect()
@@ -398,20 +403,20 @@ fn unix_micros(at: SystemTime) -> i64 {
 }
 
 /// The poller thread of one manager's near caches.
-pub(crate) struct Listener {
+pub(crate) struct Poller {
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl std::fmt::Debug for Listener {
+impl std::fmt::Debug for Poller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Listener").finish_non_exhaustive()
+        f.debug_struct("Poller").finish_non_exhaustive()
     }
 }
 
-impl Listener {
+impl Poller {
     /// Starts polling the change log for `caches` with connections from `connect`;
-    /// the thread ends when `caches` is dropped or the listener is.
+    /// the thread ends when `caches` is dropped or the poller is.
     pub(crate) fn start(
         caches: Weak<NearCaches>,
         connect: impl Fn() -> Option<PgConnection> + Send + 'static,
@@ -422,14 +427,14 @@ impl Listener {
             .name("pgcache-near-poller".to_owned())
             .spawn(move || poll_loop(&caches, &connect, &stopping))
             .ok()?;
-        Some(Listener {
+        Some(Poller {
             stop,
             thread: Mutex::new(Some(thread)),
         })
     }
 }
 
-impl Drop for Listener {
+impl Drop for Poller {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) {
@@ -498,11 +503,13 @@ fn poll_loop(
             std::thread::sleep(RECONNECT_DELAY);
             continue;
         };
-        let outcome: QueryResult<()> = (|| {
-            let baseline = poll(&mut conn, None)?;
+        // Every statement is watched: a poll a frozen server never answers is cut
+        // after statement_timeout + 1 s, and the poller reconnects.
+        let outcome: Result<()> = (|| {
+            let baseline = watched(&mut conn, |conn| Ok(poll(conn, None)?))?;
             let mut window = next_window(&baseline);
             match caches.upgrade() {
-                Some(near) => near.listening.store(true, Ordering::SeqCst),
+                Some(near) => near.has_baseline.store(true, Ordering::SeqCst),
                 None => return Ok(()),
             }
             let mut pruned = Instant::now();
@@ -519,10 +526,10 @@ fn poll_loop(
                     // Stalled this long, changes may have been pruned unread:
                     // start over from an empty L1.
                     near.lost();
-                    window = next_window(&poll(&mut conn, None)?);
-                    near.listening.store(true, Ordering::SeqCst);
+                    window = next_window(&watched(&mut conn, |conn| Ok(poll(conn, None)?))?);
+                    near.has_baseline.store(true, Ordering::SeqCst);
                 }
-                let rows = poll(&mut conn, window.as_ref())?;
+                let rows = watched(&mut conn, |conn| Ok(poll(conn, window.as_ref())?))?;
                 for row in rows.iter().filter(|r| r.is_change) {
                     if let Some(cache) = &row.cache_name {
                         near.apply(cache, row.keys.as_deref());
@@ -539,7 +546,7 @@ fn poll_loop(
                 last_ok = sent;
                 drop(near);
                 if pruned.elapsed() > RETENTION / 60 {
-                    prune_changes(&mut conn)?;
+                    watched(&mut conn, |conn| Ok(prune_changes(conn)?))?;
                     pruned = Instant::now();
                 }
                 std::thread::sleep(POLL_INTERVAL);
@@ -577,15 +584,15 @@ mod tests {
     use super::*;
     use crate::config::CacheConfig;
 
-    /// Near caches for kv whose channel is listening and current, as if a listener
-    /// had just received its heartbeat.
+    /// Near caches for kv whose poller has its baseline and is current, as if it
+    /// had just polled.
     fn current() -> Arc<NearCaches> {
         let config = CacheConfig::builder()
             .near_cache(CacheKind::Kv, Some(NearCache::new()))
             .build()
             .unwrap();
         let near = Arc::new(NearCaches::new(&config).unwrap());
-        near.listening.store(true, Ordering::SeqCst);
+        near.has_baseline.store(true, Ordering::SeqCst);
         near.fresh_until.store(u64::MAX, Ordering::SeqCst);
         near
     }
@@ -674,7 +681,7 @@ mod tests {
         );
         near.lost();
         assert_eq!(held(&near, b"k"), None, "not served while not current");
-        near.listening.store(true, Ordering::SeqCst);
+        near.has_baseline.store(true, Ordering::SeqCst);
         near.fresh_until.store(u64::MAX, Ordering::SeqCst);
         assert_eq!(held(&near, b"k"), None, "dropped, not just hidden");
         near.fill(
@@ -693,11 +700,11 @@ mod tests {
     }
 
     #[test]
-    fn no_fill_without_a_listener_and_no_serving_once_the_heartbeat_is_old() {
+    fn no_fill_without_a_baseline_and_no_serving_once_the_last_poll_is_old() {
         let near = current();
-        near.listening.store(false, Ordering::SeqCst);
+        near.has_baseline.store(false, Ordering::SeqCst);
         assert!(near.ticket(CacheKind::Kv, b"k").is_none());
-        near.listening.store(true, Ordering::SeqCst);
+        near.has_baseline.store(true, Ordering::SeqCst);
         let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
         near.fill(
             CacheKind::Kv,

@@ -122,15 +122,22 @@ pub(crate) fn session_sql(config: &CacheConfig) -> String {
 }
 
 /// A connection of its own (outside the pool) with the pool's connection settings
-/// and session: for the near caches' poller, which holds it for good.
-pub(crate) fn dedicated(config: &CacheConfig) -> Result<PgConnection> {
+/// and session: for the near caches' poller, which holds it for good. Watched by
+/// `watchdog` when there is one, as pooled connections are, so statements run
+/// through [`watched`] on it are cut when the server does not answer.
+pub(crate) fn dedicated(config: &CacheConfig, watchdog: Option<&Watchdog>) -> Result<PgConnection> {
     let url = with_defaults(
         config.database_url().expose(),
         &client_timeouts(config.pool().connection_timeout, no_answer_limit(config)),
     );
     let mut conn = PgConnection::establish(&url)
         .map_err(|e| Error::connection(&config.database_url().scrub(&e.to_string())))?;
-    conn.batch_execute(&session_sql(config))?;
+    if let Some(watchdog) = watchdog {
+        watchdog.watch(&mut conn, Box::new(|_: InstrumentationEvent<'_>| {}));
+    }
+    watched(&mut conn, |conn| {
+        Ok(conn.batch_execute(&session_sql(config))?)
+    })?;
     Ok(conn)
 }
 

@@ -45,7 +45,7 @@ fn kv_stats(cache: &CacheManager) -> NearCacheStats {
 /// heartbeat came back), at most 5 s.
 fn wait_current(cache: &CacheManager) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while kv_stats(cache).channel_lag_ms.is_none() {
+    while kv_stats(cache).poll_lag_ms.is_none() {
         assert!(
             Instant::now() < deadline,
             "the near cache never became current"

@@ -383,7 +383,7 @@ fn child(role: &str, schema: &str) {
         after.misses - before.misses,
         after.bypasses - before.bypasses,
         after.invalidations - before.invalidations,
-        after.channel_lag_ms
+        after.poll_lag_ms
     );
     diesel::sql_query("INSERT INTO near_stats VALUES ($1, $2, $3, $4, $5, $6)")
         .bind::<Text, _>(role)
@@ -508,7 +508,7 @@ fn wait_for_go(conn: &mut PgConnection) -> (i64, i64) {
 
 fn wait_current(cache: &CacheManager) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while kv_stats(cache).channel_lag_ms.is_none() {
+    while kv_stats(cache).poll_lag_ms.is_none() {
         assert!(
             Instant::now() < deadline,
             "the near cache never became current"

@@ -271,10 +271,10 @@ impl fmt::Display for CacheStats {
             )?;
             writeln!(
                 f,
-                "  Entries: {} ({}), Channel Lag: {}",
+                "  Entries: {} ({}), Poll Lag: {}",
                 near.entries,
                 human_bytes(near.bytes),
-                near.channel_lag_ms
+                near.poll_lag_ms
                     .map_or_else(|| "not current".to_owned(), |ms| format!("{ms:.1} ms"))
             )?;
         }

@@ -188,7 +188,7 @@ fn wait_current(cache: &CacheManager) -> BenchResult<()> {
     while cache
         .near_cache_stats()
         .iter()
-        .all(|s| s.channel_lag_ms.is_none())
+        .all(|s| s.poll_lag_ms.is_none())
     {
         if Instant::now() > deadline {
             return Err("the near cache's listener did not become current within 10 s".into());
