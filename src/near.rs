@@ -82,9 +82,30 @@ impl quick_cache::Weighter<NearKey, Entry> for ByWeight {
     }
 }
 
+/// Counts the entries L1 drops to stay within its byte bound.
+#[derive(Clone, Default)]
+struct CountEvictions(Arc<AtomicU64>);
+
+impl quick_cache::Lifecycle<NearKey, Entry> for CountEvictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _state: &mut (), _key: NearKey, _entry: Entry) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+type Entries = quick_cache::sync::Cache<
+    NearKey,
+    Entry,
+    ByWeight,
+    quick_cache::DefaultHashBuilder,
+    CountEvictions,
+>;
+
 /// One cache's L1 and its figures.
 struct Table {
-    entries: quick_cache::sync::Cache<NearKey, Entry, ByWeight>,
+    entries: Entries,
+    evictions: CountEvictions,
     max_age: Duration,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -108,6 +129,8 @@ pub struct NearCacheStats {
     /// Keys invalidated, held or not: named by a logged change or written by this
     /// process (whose own writes are then counted again when their change is read).
     pub invalidations: u64,
+    /// Entries dropped to stay within the byte bound.
+    pub evictions: u64,
     /// Entries held.
     pub entries: u64,
     /// Their weight in bytes (keys and values).
@@ -343,6 +366,7 @@ impl NearCaches {
                     misses: table.misses.load(Ordering::Relaxed),
                     bypasses: table.bypasses.load(Ordering::Relaxed),
                     invalidations: table.invalidations.load(Ordering::Relaxed),
+                    evictions: table.evictions.0.load(Ordering::Relaxed),
                     entries: table.entries.len() as u64,
                     bytes: table.entries.weight(),
                     poll_lag_ms: lag,
@@ -381,13 +405,17 @@ impl NearCaches {
 impl Table {
     fn new(settings: NearCache) -> Self {
         let bytes = settings.bytes();
+        let evictions = CountEvictions::default();
         Table {
             // About 1 kB per entry for the index's first sizing; it grows.
-            entries: quick_cache::sync::Cache::with_weighter(
+            entries: Entries::with(
                 (bytes / 1024).clamp(16, 1 << 20) as usize,
                 bytes,
                 ByWeight,
+                quick_cache::DefaultHashBuilder::default(),
+                evictions.clone(),
             ),
+            evictions,
             max_age: settings.age(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -717,6 +745,33 @@ mod tests {
         near.fresh_until.store(0, Ordering::SeqCst);
         assert_eq!(held(&near, b"k"), None);
         assert_eq!(near.stats()[0].bypasses, 1);
+    }
+
+    #[test]
+    fn the_byte_bound_evicts_and_counts_it() {
+        let config = CacheConfig::builder()
+            .near_cache(CacheKind::Kv, Some(NearCache::new().max_bytes(10_000)))
+            .build()
+            .unwrap();
+        let near = NearCaches::new(&config).unwrap();
+        near.has_baseline.store(true, Ordering::SeqCst);
+        near.fresh_until.store(u64::MAX, Ordering::SeqCst);
+        for i in 0..100u32 {
+            let key = i.to_be_bytes();
+            let ticket = near.ticket(CacheKind::Kv, &key).unwrap();
+            near.fill(
+                CacheKind::Kv,
+                ticket,
+                key[..].into(),
+                value("v"),
+                in_an_hour(),
+                1_000,
+            );
+        }
+        let stats = &near.stats()[0];
+        assert!(stats.bytes <= 10_000, "{stats:?}");
+        assert!(stats.evictions >= 90, "{stats:?}");
+        assert_eq!(stats.entries + stats.evictions, 100, "{stats:?}");
     }
 
     #[test]

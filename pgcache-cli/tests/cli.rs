@@ -45,7 +45,7 @@ fn migrate_creates_the_tables_and_switches_durability() {
         .arg("migrate")
         .assert()
         .success()
-        .stdout(predicate::str::contains("applied 1 migration(s)"));
+        .stdout(predicate::str::contains("applied 2 migration(s)"));
     assert_eq!(db.count("SELECT count(*) AS n FROM cache_entries"), 0);
 
     pgcache(&db)

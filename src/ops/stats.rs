@@ -266,8 +266,8 @@ impl fmt::Display for CacheStats {
             writeln!(f, "Near Cache ({}):", near.cache)?;
             writeln!(
                 f,
-                "  Hits: {}, Misses: {}, Bypassed: {}, Invalidated: {}",
-                near.hits, near.misses, near.bypasses, near.invalidations
+                "  Hits: {}, Misses: {}, Bypassed: {}, Invalidated: {}, Evicted: {}",
+                near.hits, near.misses, near.bypasses, near.invalidations, near.evictions
             )?;
             writeln!(
                 f,
