@@ -29,6 +29,7 @@
 
 use std::any::Any;
 use std::collections::hash_map::DefaultHasher;
+use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -59,9 +60,9 @@ const GENERATION_SLOTS: usize = 4096;
 /// How often the poller reads the change log: about the commit-to-eviction latency.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(2);
 
-/// How long the change log keeps a change; a poller that fell further behind
+/// How long the change log keeps a change; a poller that fell half as far behind
 /// starts over with an empty L1.
-const RETENTION: Duration = Duration::from_secs(60);
+const RETENTION: Duration = Duration::from_secs(10);
 
 /// The wait before reconnecting a lost poller.
 const RECONNECT_DELAY: Duration = Duration::from_millis(100);
@@ -497,6 +498,15 @@ struct Polled {
     is_change: bool,
 }
 
+impl Window {
+    /// The snapshot's xmin as a number: every transaction below it had ended when
+    /// the snapshot was taken.
+    fn xmin(&self) -> Option<i64> {
+        let in_progress = self.in_progress.iter().filter_map(|x| x.parse().ok()).min();
+        in_progress.or_else(|| self.xmax.parse().ok())
+    }
+}
+
 /// Reads the changes committed since `window` was taken and the next window.
 fn poll(conn: &mut PgConnection, window: Option<&Window>) -> QueryResult<Vec<Polled>> {
     let (xmax, in_progress) = match window {
@@ -509,10 +519,9 @@ fn poll(conn: &mut PgConnection, window: Option<&Window>) -> QueryResult<Vec<Pol
          SELECT pg_snapshot_xmax(s.snap)::text AS xmax, \
                 array(SELECT pg_snapshot_xip(s.snap)::text) AS xip, \
                 (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us, \
-                c.cache_name, c.keys, c.id IS NOT NULL AS is_change \
+                c.cache_name, c.keys, c.xid IS NOT NULL AS is_change \
          FROM s LEFT JOIN cache_changes c \
-           ON c.xid >= $1::int8 OR c.xid = ANY($2::text[]::int8[]) \
-         ORDER BY c.id",
+           ON c.xid >= $1::int8 OR c.xid = ANY($2::text[]::int8[])",
     )
     .bind::<Text, _>(xmax)
     .bind::<Array<Text>, _>(in_progress)
@@ -541,6 +550,8 @@ fn poll_loop(
                 None => return Ok(()),
             }
             let mut pruned = Instant::now();
+            // Windows of the last RETENTION, to prune what every poller has read.
+            let mut past: VecDeque<(Instant, i64)> = VecDeque::new();
             let mut last_ok = Instant::now();
             loop {
                 if stop.load(Ordering::SeqCst) {
@@ -573,9 +584,26 @@ fn poll_loop(
                 near.polled(sent);
                 last_ok = sent;
                 drop(near);
-                if pruned.elapsed() > RETENTION / 60 {
-                    watched(&mut conn, |conn| Ok(prune_changes(conn)?))?;
+                if pruned.elapsed() > Duration::from_secs(1) {
                     pruned = Instant::now();
+                    if let Some(xmin) = window.as_ref().and_then(Window::xmin) {
+                        past.push_back((pruned, xmin));
+                    }
+                    // Changes of transactions that had all ended RETENTION ago (every
+                    // current poller has read them): by the index, not by a scan.
+                    while let Some(&(at, xmin)) = past.front() {
+                        if at.elapsed() < RETENTION {
+                            break;
+                        }
+                        past.pop_front();
+                        watched(&mut conn, |conn| {
+                            Ok(
+                                diesel::sql_query("DELETE FROM cache_changes WHERE xid < $1")
+                                    .bind::<BigInt, _>(xmin)
+                                    .execute(conn)?,
+                            )
+                        })?;
+                    }
                 }
                 std::thread::sleep(POLL_INTERVAL);
             }
@@ -590,13 +618,12 @@ fn poll_loop(
     }
 }
 
-/// Deletes changes older than the log keeps them (pollers do it every second;
-/// cleanup too, for when no near cache runs any more).
+/// Deletes changes logged more than an hour ago: cleanup does, for when no near
+/// cache runs any more (pollers prune as they go). An hour, not the pollers'
+/// retention: a change is dated by its statement, and a long transaction may commit
+/// it long after.
 pub(crate) fn prune_changes(conn: &mut PgConnection) -> QueryResult<()> {
-    conn.batch_execute(&format!(
-        "DELETE FROM cache_changes WHERE created_at < now() - interval '{} seconds'",
-        RETENTION.as_secs()
-    ))
+    conn.batch_execute("DELETE FROM cache_changes WHERE created_at < now() - interval '1 hour'")
 }
 
 /// The window the next poll starts from, from this poll's snapshot.

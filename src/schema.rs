@@ -22,16 +22,6 @@ diesel::table! {
 }
 
 diesel::table! {
-    cache_changes (id) {
-        id -> Int8,
-        xid -> Int8,
-        cache_name -> Text,
-        keys -> Nullable<Array<Nullable<Text>>>,
-        created_at -> Timestamptz,
-    }
-}
-
-diesel::table! {
     cache_cleanup_runs (id) {
         id -> Int8,
         started_at -> Timestamptz,
@@ -108,7 +98,6 @@ diesel::table! {
 
 diesel::allow_tables_to_appear_in_same_query!(
     audio_chunk_cache,
-    cache_changes,
     cache_cleanup_runs,
     cache_counters,
     cache_entries,

@@ -131,48 +131,58 @@ pub(super) fn rows(
             }
         }
 
-        // Writer cost: overwrites of hot keys, near cache on (triggers, listener)
-        // against off (the plain schema), alternating slices.
-        let value = value_of(SIZES[0].1);
-        let set = |cache: &mut &CacheManager, w: &mut Worker| -> BenchResult<bool> {
+        // Writer cost: overwrites of hot keys, near cache on (triggers, poller)
+        // against off (the plain schema), alternating slices. A new value each time
+        // (every overwrite is logged), and the same value again (none is).
+        let same = value_of(SIZES[0].1);
+        let changed = |cache: &mut &CacheManager, w: &mut Worker| -> BenchResult<bool> {
             let n = w.random() % KEYS;
+            let value = json!({ "id": n, "version": w.iteration, "payload": "x".repeat(64) });
             cache.kv().set_with_ttl(&key(SIZES[0].0, n), &value, TTL)?;
             Ok(true)
         };
-        let mut on_ctx = vec![&near; threads];
-        let mut off_ctx = vec![plain; threads];
-        let mut on_workers: Vec<Worker> = (0..threads).map(|t| Worker::new(t, KEYS)).collect();
-        let mut off_workers: Vec<Worker> = (0..threads).map(|t| Worker::new(t, KEYS)).collect();
-        let warm = Budget {
-            slices: 1,
-            iterations: Some(WARMUP),
-            ..budget
+        let unchanged = |cache: &mut &CacheManager, w: &mut Worker| -> BenchResult<bool> {
+            let n = w.random() % KEYS;
+            cache.kv().set_with_ttl(&key(SIZES[0].0, n), &same, TTL)?;
+            Ok(true)
         };
-        run_slice(
-            &mut on_ctx,
-            &mut on_workers,
-            warm,
-            &mut Samples::default(),
-            &set,
-        )?;
-        run_slice(
-            &mut off_ctx,
-            &mut off_workers,
-            warm,
-            &mut Samples::default(),
-            &set,
-        )?;
-        let (mut on, mut off) = (Samples::default(), Samples::default());
-        for _ in 0..budget.slices {
-            run_slice(&mut on_ctx, &mut on_workers, budget, &mut on, &set)?;
-            run_slice(&mut off_ctx, &mut off_workers, budget, &mut off, &set)?;
+        for (name, set) in [
+            (
+                "overwrite new value, near on/off",
+                &changed as &(dyn Fn(&mut &CacheManager, &mut Worker) -> BenchResult<bool> + Sync),
+            ),
+            ("overwrite same value, near on/off", &unchanged),
+        ] {
+            let mut on_ctx = vec![&near; threads];
+            let mut off_ctx = vec![plain; threads];
+            let mut on_workers: Vec<Worker> = (0..threads).map(|t| Worker::new(t, KEYS)).collect();
+            let mut off_workers: Vec<Worker> = (0..threads).map(|t| Worker::new(t, KEYS)).collect();
+            let warm = Budget {
+                slices: 1,
+                iterations: Some(WARMUP),
+                ..budget
+            };
+            run_slice(
+                &mut on_ctx,
+                &mut on_workers,
+                warm,
+                &mut Samples::default(),
+                set,
+            )?;
+            run_slice(
+                &mut off_ctx,
+                &mut off_workers,
+                warm,
+                &mut Samples::default(),
+                set,
+            )?;
+            let (mut on, mut off) = (Samples::default(), Samples::default());
+            for _ in 0..budget.slices {
+                run_slice(&mut on_ctx, &mut on_workers, budget, &mut on, set)?;
+                run_slice(&mut off_ctx, &mut off_workers, budget, &mut off, set)?;
+            }
+            rows.push(Row::new(name, threads, on.figures(), Some(off.figures())));
         }
-        rows.push(Row::new(
-            "set overwrite near on (vs off)",
-            threads,
-            on.figures(),
-            Some(off.figures()),
-        ));
     }
     if let Some(redis) = &mut redis {
         redis.clear()?;
