@@ -665,18 +665,23 @@ mod tests {
         Utc::now() + chrono::Duration::hours(1)
     }
 
+    /// A fill of kv `key` with `text`, live for an hour, read after `ticket`.
+    fn fill(near: &NearCaches, ticket: Ticket, key: &[u8], text: &str) {
+        near.fill(
+            CacheKind::Kv,
+            ticket,
+            key.into(),
+            value(text),
+            in_an_hour(),
+            1,
+        );
+    }
+
     #[test]
     fn a_fill_serves_until_its_key_is_invalidated() {
         let near = current();
         let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
-        near.fill(
-            CacheKind::Kv,
-            ticket,
-            b"k"[..].into(),
-            value("v1"),
-            in_an_hour(),
-            2,
-        );
+        fill(&near, ticket, b"k", "v1");
         assert_eq!(held(&near, b"k").as_deref(), Some("v1"));
         near.invalidate(CacheKind::Kv, [&b"k"[..]]);
         assert_eq!(held(&near, b"k"), None);
@@ -686,39 +691,22 @@ mod tests {
     fn a_read_that_raced_an_invalidation_is_not_kept() {
         let near = current();
         // The reader notes the generation, then SELECTs the old value; the
-        // invalidation of the write that replaced it lands before the insert.
+        // invalidation of the write that replaced it lands before the fill...
         let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
         near.invalidate(CacheKind::Kv, [&b"k"[..]]);
-        near.fill(
-            CacheKind::Kv,
-            ticket,
-            b"k"[..].into(),
-            value("old"),
-            in_an_hour(),
-            3,
-        );
-        assert_eq!(held(&near, b"k"), None);
-    }
-
-    #[test]
-    fn an_invalidation_landing_between_check_and_insert_undoes_the_insert() {
-        let near = current();
+        fill(&near, ticket, b"k", "old");
+        assert_eq!(held(&near, b"k"), None, "landed before the fill");
+        // ...or between the fill's last check and its insert.
         let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
         let weak = Arc::downgrade(&near);
         *near.before_insert.lock().unwrap() = Some(Box::new(move || {
-            let near = weak.upgrade().unwrap();
-            near.invalidate(CacheKind::Kv, [&b"k"[..]]);
+            weak.upgrade()
+                .unwrap()
+                .invalidate(CacheKind::Kv, [&b"k"[..]]);
         }));
-        near.fill(
-            CacheKind::Kv,
-            ticket,
-            b"k"[..].into(),
-            value("old"),
-            in_an_hour(),
-            3,
-        );
+        fill(&near, ticket, b"k", "old");
         *near.before_insert.lock().unwrap() = None;
-        assert_eq!(held(&near, b"k"), None);
+        assert_eq!(held(&near, b"k"), None, "landed before the insert");
     }
 
     #[test]
@@ -726,27 +714,13 @@ mod tests {
         let near = current();
         let early = near.ticket(CacheKind::Kv, b"a").unwrap();
         let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
-        near.fill(
-            CacheKind::Kv,
-            ticket,
-            b"k"[..].into(),
-            value("v"),
-            in_an_hour(),
-            1,
-        );
+        fill(&near, ticket, b"k", "v");
         near.lost();
         assert_eq!(held(&near, b"k"), None, "not served while not current");
         near.has_baseline.store(true, Ordering::SeqCst);
         near.fresh_until.store(u64::MAX, Ordering::SeqCst);
         assert_eq!(held(&near, b"k"), None, "dropped, not just hidden");
-        near.fill(
-            CacheKind::Kv,
-            early,
-            b"a"[..].into(),
-            value("v"),
-            in_an_hour(),
-            1,
-        );
+        fill(&near, early, b"a", "v");
         assert_eq!(
             held(&near, b"a"),
             None,
@@ -761,14 +735,7 @@ mod tests {
         assert!(near.ticket(CacheKind::Kv, b"k").is_none());
         near.has_baseline.store(true, Ordering::SeqCst);
         let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
-        near.fill(
-            CacheKind::Kv,
-            ticket,
-            b"k"[..].into(),
-            value("v"),
-            in_an_hour(),
-            1,
-        );
+        fill(&near, ticket, b"k", "v");
         near.fresh_until.store(0, Ordering::SeqCst);
         assert_eq!(held(&near, b"k"), None);
         assert_eq!(near.stats()[0].bypasses, 1);

@@ -3,12 +3,14 @@
 //! not current, and silent for writers of immutable caches.
 
 mod common;
+mod near_support;
 
+use near_support::{kv_stats, wait_current};
 use std::time::{Duration, Instant};
 
 use common::TestDb;
 use diesel::connection::SimpleConnection;
-use pgcache::{Cache, CacheKind, CacheManager, LlmPrompt, NearCache, NearCacheStats};
+use pgcache::{Cache, CacheKind, CacheManager, LlmPrompt, NearCache};
 use serde_json::{json, Value};
 
 /// The staleness bound the tests run with.
@@ -31,27 +33,6 @@ fn near_manager(db: &TestDb) -> CacheManager {
             .unwrap(),
     )
     .unwrap()
-}
-
-fn kv_stats(cache: &CacheManager) -> NearCacheStats {
-    cache
-        .near_cache_stats()
-        .into_iter()
-        .find(|s| s.cache == CacheKind::Kv)
-        .expect("kv has a near cache")
-}
-
-/// Waits until the near cache's channel is current (the listener connected and its
-/// heartbeat came back), at most 5 s.
-fn wait_current(cache: &CacheManager) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while kv_stats(cache).poll_lag_ms.is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the near cache never became current"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Reads `key` twice so the second read can come from memory; returns the value.

@@ -7,17 +7,17 @@
 //! poller frozen for good: of its poll being cut, as any unanswered
 //! statement is).
 
+mod near_support;
 mod scratch;
 
+use near_support::{kv_stats, wait_current};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{Integer, Text};
-use pgcache::{
-    Cache, CacheConfig, CacheConfigBuilder, CacheKind, CacheManager, NearCache, NearCacheStats,
-};
+use pgcache::{Cache, CacheConfig, CacheConfigBuilder, CacheKind, CacheManager, NearCache};
 use scratch::ScratchCluster;
 use serde_json::{json, Value};
 
@@ -59,27 +59,6 @@ fn plain_sql(cluster: &ScratchCluster) -> PgConnection {
     conn.batch_execute(&format!("SET search_path TO {SCHEMA}"))
         .unwrap();
     conn
-}
-
-fn kv_stats(cache: &CacheManager) -> NearCacheStats {
-    cache
-        .near_cache_stats()
-        .into_iter()
-        .find(|s| s.cache == CacheKind::Kv)
-        .expect("kv has a near cache")
-}
-
-/// Waits until the near cache's channel is current (the poller is connected and
-/// its first poll came back).
-fn wait_current(cache: &CacheManager) {
-    let deadline = Instant::now() + PATIENCE;
-    while kv_stats(cache).poll_lag_ms.is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the near cache never became current"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Reads `key` until a read is served from memory; panics if none is within

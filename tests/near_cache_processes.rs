@@ -12,7 +12,9 @@
 //! `set` returns (the commit happened before), a read's start right before `get`.
 
 mod common;
+mod near_support;
 
+use near_support::{kv_stats, wait_current};
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -21,7 +23,7 @@ use common::TestDb;
 use diesel::connection::SimpleConnection;
 use diesel::sql_types::{Array, BigInt, Text};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
-use pgcache::{Cache, CacheConfig, CacheKind, CacheManager, NearCache, NearCacheStats};
+use pgcache::{Cache, CacheConfig, CacheKind, CacheManager, NearCache};
 use serde_json::json;
 
 /// The staleness bound `S` every process runs with.
@@ -506,17 +508,6 @@ fn wait_for_go(conn: &mut PgConnection) -> (i64, i64) {
     }
 }
 
-fn wait_current(cache: &CacheManager) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while kv_stats(cache).poll_lag_ms.is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the near cache never became current"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Shared.
 // ---------------------------------------------------------------------------
@@ -529,14 +520,6 @@ fn near_settings(builder: pgcache::CacheConfigBuilder) -> pgcache::CacheConfigBu
 
 fn hot_keys() -> Vec<String> {
     (0..HOT_KEYS).map(|i| format!("hot:{i}")).collect()
-}
-
-fn kv_stats(cache: &CacheManager) -> NearCacheStats {
-    cache
-        .near_cache_stats()
-        .into_iter()
-        .find(|s| s.cache == CacheKind::Kv)
-        .expect("kv has a near cache")
 }
 
 fn now_us() -> i64 {

@@ -1,0 +1,29 @@
+//! What the near-cache tests share: the kv near cache's figures, and waiting until
+//! it is current.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use pgcache::{CacheKind, CacheManager, NearCacheStats};
+
+/// The kv near cache's figures.
+pub fn kv_stats(cache: &CacheManager) -> NearCacheStats {
+    cache
+        .near_cache_stats()
+        .into_iter()
+        .find(|s| s.cache == CacheKind::Kv)
+        .expect("kv has a near cache")
+}
+
+/// Waits until the kv near cache is current (its poller connected and its first
+/// poll came back), at most 10 s.
+pub fn wait_current(cache: &CacheManager) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while kv_stats(cache).poll_lag_ms.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the near cache never became current"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
