@@ -599,6 +599,20 @@ fn measure(
     Ok((lib.figures(), raw.figures()))
 }
 
+/// The library side's settings: `threads` callers on `schema`, at the run's
+/// durability.
+fn bench_config(url: &str, schema: &str, threads: usize, relaxed: bool) -> CacheConfigBuilder {
+    CacheConfig::builder()
+        .database_url(url)
+        .schema(schema)
+        .pool_max_size(threads as u32 + 1)
+        .durability(if relaxed {
+            Durability::Relaxed
+        } else {
+            Durability::Full
+        })
+}
+
 /// The scratch schema, dropped however the run ends.
 struct Scratch {
     url: String,
@@ -636,15 +650,7 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>) -> BenchResult<()> {
         schema: format!("pgcache_bench_{}", uuid::Uuid::new_v4().simple()),
     };
     let relaxed = args.durability == Mode::Relaxed;
-    let config = CacheConfig::builder()
-        .database_url(url.clone())
-        .schema(scratch.schema.clone())
-        .pool_max_size(threads as u32 + 1)
-        .durability(if relaxed {
-            Durability::Relaxed
-        } else {
-            Durability::Full
-        })
+    let config = bench_config(&url, &scratch.schema, threads, relaxed)
         .application_name("pgcache-bench")
         .build()?;
     eprintln!(

@@ -4,10 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use pgcache::{Cache, CacheConfig, CacheKind, CacheManager, Durability, NearCache};
+use pgcache::{Cache, CacheKind, CacheManager, NearCache};
 use serde_json::{json, Value};
 
-use super::{run_slice, BenchResult, Budget, Row, Samples, Scratch, Worker, TTL, WARMUP};
+use super::{
+    bench_config, run_slice, BenchResult, Budget, Row, Samples, Scratch, Worker, TTL, WARMUP,
+};
 
 /// Hot keys per value size.
 const KEYS: u64 = 1000;
@@ -42,15 +44,7 @@ pub(super) fn rows(
     };
     let max_threads = passes.iter().copied().max().unwrap_or(1);
     let near = CacheManager::new(
-        CacheConfig::builder()
-            .database_url(url)
-            .schema(scratch.schema.clone())
-            .pool_max_size(max_threads as u32 + 1)
-            .durability(if relaxed {
-                Durability::Relaxed
-            } else {
-                Durability::Full
-            })
+        bench_config(url, &scratch.schema, max_threads, relaxed)
             .application_name("pgcache-bench-near")
             .near_cache(CacheKind::Kv, Some(NearCache::new().max_bytes(256 << 20)))
             .build()?,
