@@ -45,6 +45,15 @@ impl Durability {
     }
 }
 
+/// `full` or `relaxed`, any case.
+impl std::str::FromStr for Durability {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        Durability::parse("durability", text)
+    }
+}
+
 /// The low watermark used unless configured otherwise: a cache over a bound is
 /// evicted down to 80 % of it, so the next few writes do not push it over again.
 pub const DEFAULT_EVICTION_LOW_WATERMARK: f64 = 0.8;

@@ -511,6 +511,15 @@ impl fmt::Display for DatabaseUrl {
     }
 }
 
+/// As [`DatabaseUrl::parse`].
+impl std::str::FromStr for DatabaseUrl {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        DatabaseUrl::parse(text)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::DatabaseUrl;

@@ -176,6 +176,25 @@ const _: () = {
     }
 };
 
+/// By [`name`](CacheKind::name): `kv`, `embedding`, `vector_search`, `llm_response`,
+/// `audio_chunk`.
+impl std::str::FromStr for CacheKind {
+    type Err = crate::error::Error;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        CacheKind::from_name(name).ok_or_else(|| {
+            let names: Vec<&str> = CacheKind::ALL.iter().map(|k| k.name()).collect();
+            crate::error::Error::invalid(
+                "cache",
+                format!(
+                    "no cache named `{name}`; the caches are {}",
+                    names.join(", ")
+                ),
+            )
+        })
+    }
+}
+
 impl std::fmt::Display for CacheKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())

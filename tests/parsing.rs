@@ -1,0 +1,39 @@
+//! The settings types parse from text with `str::parse`, with errors naming what was
+//! wrong.
+
+use pgcache::{CacheKind, DatabaseUrl, Durability, Error};
+
+#[test]
+fn durability_parses_its_two_names_in_any_case() {
+    assert_eq!(
+        "relaxed".parse::<Durability>().unwrap(),
+        Durability::Relaxed
+    );
+    assert_eq!(" FULL ".parse::<Durability>().unwrap(), Durability::Full);
+    let error = "fast".parse::<Durability>().unwrap_err();
+    assert!(matches!(error, Error::Config { .. }), "{error}");
+    assert!(error.to_string().contains("`full` or `relaxed`"), "{error}");
+}
+
+#[test]
+fn cache_kinds_parse_by_name_and_a_wrong_name_lists_the_right_ones() {
+    for kind in CacheKind::ALL {
+        assert_eq!(kind.name().parse::<CacheKind>().unwrap(), kind);
+        assert_eq!(kind.to_string().parse::<CacheKind>().unwrap(), kind);
+    }
+    let error = "llm".parse::<CacheKind>().unwrap_err();
+    assert!(matches!(error, Error::InvalidInput { .. }), "{error}");
+    assert!(error.to_string().contains("llm_response"), "{error}");
+}
+
+#[test]
+fn a_database_url_parses_and_keeps_its_password_out_of_display() {
+    let url: DatabaseUrl = "postgres://app:s3cret@db.internal:5432/app"
+        .parse()
+        .unwrap();
+    assert!(!url.to_string().contains("s3cret"), "{url}");
+    assert!(!format!("{url:?}").contains("s3cret"), "{url:?}");
+    assert!("postgres://app@db.internal:notaport/app"
+        .parse::<DatabaseUrl>()
+        .is_err());
+}
