@@ -88,7 +88,7 @@ impl SizeBounds {
     }
 }
 
-/// Connection-pool settings (the spec's `Pool` options).
+/// Connection-pool settings: size, idle connections and timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolSettings {
     /// Most connections open at once (`PGCACHE_POOL_MAX_SIZE`, default 20).

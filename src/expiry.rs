@@ -60,7 +60,7 @@ impl ValidGrouping<()> for ExpiresIn {
 /// risking a timestamp overflow in the database.
 pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
-/// The four TTL presets of the spec.
+/// The four TTL presets: short, medium, long and week.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TtlPresets {
     /// Frequently changing data (`CACHE_TTL_SHORT`, default 300 s); the default for

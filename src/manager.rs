@@ -298,7 +298,7 @@ impl CacheManager {
         ops::health::health(&self.engine, thresholds)
     }
 
-    /// Stores every entry of `warmup` (the spec's cache warming): everything is
+    /// Stores every entry of `warmup` (cache warming, e.g. at deploy time): everything is
     /// validated first, then written with one batched statement per table in one
     /// transaction. A bad item rejects the whole warmup with an error naming it
     /// (`llm_responses[3]: invalid prompt: ...`) and nothing is stored. Like
