@@ -2,8 +2,9 @@
 //! caches, for cron jobs, monitors and people.
 //!
 //! Configuration comes from the same environment variables as the library
-//! (`DATABASE_URL`, `PGCACHE_SCHEMA`, ...); `--database-url` and `--schema` override
-//! them. Errors are one line on stderr and exit status 2; `pgcache health` exits 1
+//! (`DATABASE_URL`, `PGCACHE_SCHEMA`, ...), which may also be written in a `.env` file
+//! in the current directory or a parent (as the diesel CLI reads it; variables already
+//! set win); `--database-url` and `--schema` override them. Errors are one line on stderr and exit status 2; `pgcache health` exits 1
 //! when an alert fires.
 
 mod bench;
@@ -121,11 +122,66 @@ fn main() -> ExitCode {
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => return fail(&usage_error(&e)),
     };
+    // After parsing, so a broken `.env` cannot stop `--help`; before any thread starts,
+    // as it sets variables of this process.
+    if let Err(message) = load_dotenv() {
+        return fail(&message);
+    }
     match run(cli) {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::Unhealthy) => ExitCode::from(1),
         Err(message) => fail(&message),
     }
+}
+
+/// The variables of the nearest `.env` file (in the current directory or a parent)
+/// that configure pgcache, `DATABASE_URL`, `ENABLE_CACHING` and `PGCACHE_*`, for those
+/// not already set: the environment wins, as with the diesel CLI. Other variables the
+/// file may hold for the application are left alone. No file is no error; a malformed
+/// one is, named with its path.
+fn load_dotenv() -> Result<(), String> {
+    let Some(path) = find_dotenv() else {
+        return Ok(());
+    };
+    let malformed = |e: dotenvy::Error| {
+        // dotenvy's message quotes the line, which may hold a password: name the
+        // variable only.
+        let what = match &e {
+            dotenvy::Error::LineParse(line, _) => match line.split_once('=') {
+                Some((name, _)) if is_variable_name(name.trim()) => {
+                    format!("cannot parse the value of {}", name.trim())
+                }
+                _ => "a line is not NAME=VALUE".to_owned(),
+            },
+            other => other.to_string(),
+        };
+        format!("malformed .env file {}: {what}", path.display())
+    };
+    for item in dotenvy::from_path_iter(&path).map_err(malformed)? {
+        let (name, value) = item.map_err(malformed)?;
+        let ours =
+            name == "DATABASE_URL" || name == "ENABLE_CACHING" || name.starts_with("PGCACHE_");
+        if ours && std::env::var_os(&name).is_none() {
+            std::env::set_var(name, value);
+        }
+    }
+    Ok(())
+}
+
+fn is_variable_name(text: &str) -> bool {
+    let text = text.strip_prefix("export ").unwrap_or(text).trim();
+    !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+}
+
+/// The `.env` file of the current directory or its nearest parent that has one.
+fn find_dotenv() -> Option<std::path::PathBuf> {
+    let cwd = std::env::current_dir().ok()?;
+    cwd.ancestors()
+        .map(|dir| dir.join(".env"))
+        .find(|path| path.is_file())
 }
 
 /// Reports an error as one line on stderr, whatever the source error looked like,

@@ -493,3 +493,75 @@ fn the_command_never_prints_the_password() {
         );
     }
 }
+
+/// `pgcache` run in `dir`, with neither `DATABASE_URL` nor `PGCACHE_SCHEMA` set.
+fn pgcache_in(dir: &std::path::Path) -> Command {
+    let mut cmd = Command::cargo_bin("pgcache").unwrap();
+    cmd.current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("PGCACHE_SCHEMA")
+        .write_stdin("");
+    cmd
+}
+
+fn total_entries(out: &std::process::Output) -> serde_json::Value {
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    json["total_entries"].clone()
+}
+
+#[test]
+fn a_dotenv_file_configures_the_command_and_the_environment_wins() {
+    let (db, other) = (TestDb::new(), TestDb::new());
+    fill(&db, "cache_entries", "k", 3, "1 hour");
+    fill(&other, "cache_entries", "k", 1, "1 hour");
+    // The file is found from a subdirectory too, like the diesel CLI finds it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        format!(
+            "# pgcache settings\nDATABASE_URL={}\nPGCACHE_SCHEMA={}\n",
+            common::database_url(),
+            db.schema
+        ),
+    )
+    .unwrap();
+    let sub = dir.path().join("src");
+    std::fs::create_dir(&sub).unwrap();
+
+    let out = pgcache_in(&sub)
+        .args(["stats", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    assert_eq!(total_entries(&out), 3);
+
+    // A variable already set is not overridden by the file.
+    let out = pgcache_in(&sub)
+        .env("PGCACHE_SCHEMA", &other.schema)
+        .args(["stats", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    assert_eq!(total_entries(&out), 1);
+
+    // A malformed file is one line naming it, without echoing the line's password.
+    std::fs::write(
+        dir.path().join(".env"),
+        "DATABASE_URL='postgres://app:Cl1Secret@db/app\n",
+    )
+    .unwrap();
+    let out = pgcache_in(&sub)
+        .arg("stats")
+        .assert()
+        .code(2)
+        .get_output()
+        .clone();
+    let line = one_line(&out.stderr);
+    assert!(
+        line.contains("malformed .env file") && line.contains("value of DATABASE_URL"),
+        "{line}"
+    );
+    assert!(!line.contains("Cl1Secret"), "{line}");
+}
