@@ -19,7 +19,16 @@ use pgcache::{CacheConfigBuilder, CacheKind, CacheManager, HealthThresholds};
 
 /// PostgreSQL as the application cache: maintenance commands.
 #[derive(Debug, Parser)]
-#[command(name = "pgcache", version)]
+#[command(
+    name = "pgcache",
+    version,
+    long_about = "PostgreSQL as the application cache: maintenance commands.\n\n\
+        Configuration comes from DATABASE_URL, PGCACHE_SCHEMA and the other PGCACHE_* \
+        variables, also read from a .env file in the current directory or a parent \
+        (variables already set win); --database-url and --schema override them.\n\n\
+        Errors are one line on stderr with exit status 2; `pgcache health` exits 1 \
+        when an alert fires."
+)]
 struct Cli {
     /// PostgreSQL URL (default: $DATABASE_URL, else postgres://postgres@localhost:5432/postgres).
     #[arg(long, global = true, value_name = "URL")]
@@ -92,6 +101,18 @@ enum Command {
     /// Measure the cache against raw prepared SQL (and Redis) on this database, in a
     /// scratch schema dropped afterwards.
     Bench(bench::BenchArgs),
+    /// Print the completion script for a shell on stdout.
+    ///
+    /// For example `pgcache completions bash > ~/.local/share/bash-completion/completions/pgcache`
+    /// or `pgcache completions zsh > ~/.zfunc/_pgcache`.
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on stdout: `pgcache man > pgcache.1`, or
+    /// `pgcache man | man -l -`.
+    Man,
     /// Delete every entry of one cache, or of all caches.
     Clear {
         /// The cache to empty (all caches when omitted).
@@ -237,6 +258,30 @@ fn mask_connection_strings(text: &str) -> String {
 }
 
 fn run(cli: Cli) -> Result<Outcome, String> {
+    // Generated from the argument definitions: no database involved.
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            // Into memory first: the generators panic on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut command, "pgcache", &mut script);
+            let mut out = std::io::stdout().lock();
+            out.write_all(&script)
+                .and_then(|()| out.flush())
+                .map_err(|e| format!("cannot write the completions: {e}"))?;
+            return Ok(Outcome::Ok);
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            let mut out = std::io::stdout().lock();
+            clap_mangen::Man::new(command)
+                .render(&mut out)
+                .and_then(|()| out.flush())
+                .map_err(|e| format!("cannot write the manual page: {e}"))?;
+            return Ok(Outcome::Ok);
+        }
+        _ => {}
+    }
     // The bench makes its own scratch schema and connections.
     if let Command::Bench(args) = &cli.command {
         bench::run(args, cli.database_url.as_deref()).map_err(|e| error_chain(&*e))?;
@@ -352,7 +397,9 @@ fn run(cli: Cli) -> Result<Outcome, String> {
                 println!("released audio file: {path}");
             }
         }
-        Command::Bench(_) => unreachable!("handled before connecting"),
+        Command::Bench(_) | Command::Completions { .. } | Command::Man => {
+            unreachable!("handled before connecting")
+        }
         Command::Clear { cache: kind, yes } => {
             let what = kind.map_or_else(|| "every cache".to_owned(), |k| format!("the {k} cache"));
             if !yes && !confirm(&format!("Delete every entry of {what}?"))? {

@@ -565,3 +565,54 @@ fn a_dotenv_file_configures_the_command_and_the_environment_wins() {
     );
     assert!(!line.contains("Cl1Secret"), "{line}");
 }
+
+#[test]
+fn completions_and_the_man_page_need_no_database() {
+    // An unreachable database: neither command connects.
+    let pgcache = || {
+        let mut cmd = Command::cargo_bin("pgcache").unwrap();
+        cmd.env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none");
+        cmd
+    };
+    let out = pgcache()
+        .args(["completions", "bash"])
+        .assert()
+        .success()
+        .stderr("")
+        .get_output()
+        .clone();
+    let script = String::from_utf8(out.stdout).unwrap();
+    for command in [
+        "migrate",
+        "cleanup",
+        "stats",
+        "health",
+        "warmup",
+        "invalidate-user",
+        "bench",
+        "clear",
+        "completions",
+        "man",
+    ] {
+        assert!(script.contains(command), "{command} missing");
+    }
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        pgcache()
+            .args(["completions", shell])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains("pgcache"));
+    }
+    pgcache()
+        .args(["completions", "tcsh"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("possible values: bash"));
+
+    // roff: the title line names the command; dashes are escaped.
+    pgcache().arg("man").assert().success().stderr("").stdout(
+        predicate::str::contains(".TH pgcache 1")
+            .and(predicate::str::contains("invalidate\\-user"))
+            .and(predicate::str::contains(".env")),
+    );
+}
