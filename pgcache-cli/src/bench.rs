@@ -632,11 +632,11 @@ impl Drop for Scratch {
 
 /// Entry point of `pgcache bench`: measures the database at `database_url` (default:
 /// `DATABASE_URL` and the other `CacheConfig` variables), in a scratch schema dropped
-/// afterwards.
+/// afterwards. `quiet` prints nothing but JSON (when asked for) and errors.
 ///
 /// # Errors
 /// Configuration, connection and database errors, with what failed.
-pub fn run(args: &BenchArgs, database_url: Option<&str>) -> BenchResult<()> {
+pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchResult<()> {
     let threads = args.threads.max(1);
     let rows = args.rows.max(BATCH as u64);
     let mut env = CacheConfigBuilder::from_env()?;
@@ -653,7 +653,9 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>) -> BenchResult<()> {
     let config = bench_config(&url, &scratch.schema, threads, relaxed)
         .application_name("pgcache-bench")
         .build()?;
-    eprintln!(
+    // `--quiet`: the run's description is not an error.
+    if !quiet {
+        eprintln!(
         "pgcache bench: {} rows, {} thread(s), {}{}, {:.1} s per side and operation, on {} (no TLS)",
         rows,
         threads,
@@ -662,6 +664,7 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>) -> BenchResult<()> {
         args.duration,
         env.database_url()
     );
+    }
     let cache = CacheManager::new(config)?;
     if args.unlogged {
         cache.set_tables_logged(false)?;
@@ -723,7 +726,7 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>) -> BenchResult<()> {
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    } else if !quiet {
         print!("{}", report.render());
     }
     Ok(())

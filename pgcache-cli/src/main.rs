@@ -36,6 +36,10 @@ struct Cli {
     /// Schema holding the cache tables (default: $PGCACHE_SCHEMA, else the search path).
     #[arg(long, global = true, value_name = "SCHEMA")]
     schema: Option<String>,
+    /// Print no report: the exit status tells (errors are still printed on stderr;
+    /// --json output, completions and the man page still are too).
+    #[arg(long, short, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,18 +55,25 @@ enum Command {
         /// Then make the cache tables LOGGED again (durable, replicated).
         #[arg(long)]
         logged: bool,
+        /// Print one JSON document instead of the report.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete expired entries from every cache (schedule it: `0 * * * * pgcache cleanup`).
-    Cleanup,
+    Cleanup {
+        /// Print one JSON document instead of the report.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print entries, sizes, hits, misses and hit rates of every cache.
     Stats {
-        /// Print JSON instead of the report.
+        /// Print one JSON document instead of the report.
         #[arg(long)]
         json: bool,
     },
     /// Check the alert thresholds; exit 0 when healthy, 1 when an alert fires.
     Health {
-        /// Print JSON instead of the report.
+        /// Print one JSON document instead of the report.
         #[arg(long)]
         json: bool,
         /// Lowest acceptable hit rate, 0 to 1.
@@ -90,6 +101,9 @@ enum Command {
         /// The JSON file to load.
         #[arg(value_name = "FILE.json")]
         file: std::path::PathBuf,
+        /// Print one JSON document instead of the report.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete every cache entry that belongs to a user (vector searches, and owned
     /// embeddings, LLM responses and audio chunks).
@@ -97,6 +111,9 @@ enum Command {
         /// The user's id, a UUID.
         #[arg(value_name = "UUID")]
         user_id: String,
+        /// Print one JSON document instead of the report.
+        #[arg(long)]
+        json: bool,
     },
     /// Measure the cache against raw prepared SQL (and Redis) on this database, in a
     /// scratch schema dropped afterwards.
@@ -121,6 +138,9 @@ enum Command {
         /// Do not ask for confirmation (required when stdin is not a terminal).
         #[arg(long, short)]
         yes: bool,
+        /// Print one JSON document instead of the report.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -282,56 +302,68 @@ fn run(cli: Cli) -> Result<Outcome, String> {
         }
         _ => {}
     }
+    let quiet = cli.quiet;
     // The bench makes its own scratch schema and connections.
     if let Command::Bench(args) = &cli.command {
-        bench::run(args, cli.database_url.as_deref()).map_err(|e| error_chain(&*e))?;
+        bench::run(args, cli.database_url.as_deref(), quiet).map_err(|e| error_chain(&*e))?;
         return Ok(Outcome::Ok);
     }
     // Bad arguments are reported before any connection is attempted.
     let warmup = match &cli.command {
-        Command::Warmup { file } => Some(read_warmup(file)?),
+        Command::Warmup { file, .. } => Some(read_warmup(file)?),
         _ => None,
     };
     let user = match &cli.command {
-        Command::InvalidateUser { user_id } => Some(parse_user_id(user_id)?),
+        Command::InvalidateUser { user_id, .. } => Some(parse_user_id(user_id)?),
         _ => None,
     };
     let cache = manager(&cli)?;
     match cli.command {
-        Command::Migrate { unlogged, logged } => {
+        Command::Migrate {
+            unlogged,
+            logged,
+            json,
+        } => {
             let applied = cache.run_migrations().map_err(|e| e.to_string())?;
-            if applied.is_empty() {
-                println!("cache tables are up to date");
-            } else {
-                println!(
-                    "applied {} migration(s): {}",
-                    applied.len(),
-                    applied.join(", ")
-                );
-            }
-            if unlogged || logged {
+            let switched = unlogged || logged;
+            if switched {
                 cache.set_tables_logged(logged).map_err(|e| e.to_string())?;
-                println!(
-                    "cache tables are now {}",
-                    if logged { "LOGGED" } else { "UNLOGGED" }
-                );
             }
+            let value = serde_json::json!({
+                "applied": applied,
+                "tables_logged": if switched { Some(logged) } else { None },
+            });
+            report(json, quiet, &value, || {
+                let mut text = if applied.is_empty() {
+                    "cache tables are up to date".to_owned()
+                } else {
+                    format!(
+                        "applied {} migration(s): {}",
+                        applied.len(),
+                        applied.join(", ")
+                    )
+                };
+                if switched {
+                    let now = if logged { "LOGGED" } else { "UNLOGGED" };
+                    text.push_str(&format!("\ncache tables are now {now}"));
+                }
+                text
+            })?;
         }
-        Command::Cleanup => {
-            let bar = progress::Spinner::new();
-            let report = cache
+        Command::Cleanup { json } => {
+            let bar = progress::Spinner::new(!quiet);
+            let result = cache
                 .cleanup_with_progress(|p| bar.update(p))
                 .map_err(|e| e.to_string());
             bar.finish();
-            println!("{}", report?);
+            let result = result?;
+            let mut value = serde_json::to_value(&result).map_err(|e| e.to_string())?;
+            value["rows_removed"] = result.rows_removed().into();
+            report(json, quiet, &value, || result.to_string())?;
         }
         Command::Stats { json } => {
             let stats = cache.stats().map_err(|e| e.to_string())?;
-            if json {
-                println!("{}", to_json(&stats)?);
-            } else {
-                println!("{stats}");
-            }
+            report(json, quiet, &stats, || stats.to_string())?;
         }
         Command::Health {
             json,
@@ -352,67 +384,118 @@ fn run(cli: Cli) -> Result<Outcome, String> {
                 0 => thresholds.no_cleanup_age_check(),
                 secs => thresholds.max_cleanup_age(Duration::from_secs(secs)),
             };
-            let report = cache.health(&thresholds).map_err(|e| e.to_string())?;
-            if json {
-                println!("{}", to_json(&report)?);
-            } else {
-                println!("{report}");
-            }
-            if !report.is_healthy() {
+            let health = cache.health(&thresholds).map_err(|e| e.to_string())?;
+            report(json, quiet, &health, || health.to_string())?;
+            if !health.is_healthy() {
                 return Ok(Outcome::Unhealthy);
             }
         }
-        Command::Warmup { .. } => {
+        Command::Warmup { json, .. } => {
             let warmup = warmup.expect("read above");
-            let bar = progress::Spinner::new();
+            let bar = progress::Spinner::new(!quiet);
             bar.message("warming the caches (one transaction)");
-            let report = cache.warmup(&warmup).map_err(|e| e.to_string());
+            let result = cache.warmup(&warmup).map_err(|e| e.to_string());
             bar.finish();
-            let report = report?;
-            println!(
-                "warmed {} entries: {} kv, {} embeddings, {} vector searches, {} LLM responses, \
-                 {} audio chunks ({} skipped: text over the maximum length)",
-                report.total(),
-                report.kv,
-                report.embeddings,
-                report.vector_searches,
-                report.llm_responses,
-                report.audio_chunks,
-                report.skipped_audio_chunks
-            );
+            let r = result?;
+            let value = serde_json::json!({
+                "total": r.total(),
+                "kv": r.kv,
+                "embeddings": r.embeddings,
+                "vector_searches": r.vector_searches,
+                "llm_responses": r.llm_responses,
+                "audio_chunks": r.audio_chunks,
+                "skipped_audio_chunks": r.skipped_audio_chunks,
+            });
+            report(json, quiet, &value, || {
+                format!(
+                    "warmed {} entries: {} kv, {} embeddings, {} vector searches, \
+                     {} LLM responses, {} audio chunks ({} skipped: text over the \
+                     maximum length)",
+                    r.total(),
+                    r.kv,
+                    r.embeddings,
+                    r.vector_searches,
+                    r.llm_responses,
+                    r.audio_chunks,
+                    r.skipped_audio_chunks
+                )
+            })?;
         }
-        Command::InvalidateUser { .. } => {
+        Command::InvalidateUser { json, .. } => {
             let user = user.expect("parsed above");
-            let report = cache.invalidate_user(user).map_err(|e| e.to_string())?;
-            println!(
-                "user {user}: {} entries deleted ({} vector searches, {} embeddings, \
-                 {} LLM responses, {} audio chunks)",
-                report.total(),
-                report.vector_searches,
-                report.embeddings,
-                report.llm_responses,
-                report.audio_chunks
-            );
-            for path in &report.released_paths {
-                println!("released audio file: {path}");
-            }
+            let r = cache.invalidate_user(user).map_err(|e| e.to_string())?;
+            let value = serde_json::json!({
+                "user_id": user,
+                "total": r.total(),
+                "vector_searches": r.vector_searches,
+                "embeddings": r.embeddings,
+                "llm_responses": r.llm_responses,
+                "audio_chunks": r.audio_chunks,
+                "released_paths": r.released_paths,
+            });
+            report(json, quiet, &value, || {
+                let mut text = format!(
+                    "user {user}: {} entries deleted ({} vector searches, {} embeddings, \
+                     {} LLM responses, {} audio chunks)",
+                    r.total(),
+                    r.vector_searches,
+                    r.embeddings,
+                    r.llm_responses,
+                    r.audio_chunks
+                );
+                for path in &r.released_paths {
+                    text.push_str(&format!("\nreleased audio file: {path}"));
+                }
+                text
+            })?;
         }
         Command::Bench(_) | Command::Completions { .. } | Command::Man => {
             unreachable!("handled before connecting")
         }
-        Command::Clear { cache: kind, yes } => {
+        Command::Clear {
+            cache: kind,
+            yes,
+            json,
+        } => {
             let what = kind.map_or_else(|| "every cache".to_owned(), |k| format!("the {k} cache"));
             if !yes && !confirm(&format!("Delete every entry of {what}?"))? {
-                println!("nothing deleted");
+                let value = serde_json::json!({ "cleared": false, "deleted": {}, "total": 0 });
+                report(json, quiet, &value, || "nothing deleted".to_owned())?;
                 return Ok(Outcome::Ok);
             }
             let removed = cache.clear(kind).map_err(|e| e.to_string())?;
-            for (kind, rows) in removed {
-                println!("{kind}: {rows} entries deleted");
-            }
+            let deleted: serde_json::Map<String, serde_json::Value> = removed
+                .iter()
+                .map(|(kind, rows)| (kind.name().to_owned(), (*rows).into()))
+                .collect();
+            let total: u64 = removed.iter().map(|(_, rows)| rows).sum();
+            let value = serde_json::json!({ "cleared": true, "deleted": deleted, "total": total });
+            report(json, quiet, &value, || {
+                removed
+                    .iter()
+                    .map(|(kind, rows)| format!("{kind}: {rows} entries deleted"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })?;
         }
     }
     Ok(Outcome::Ok)
+}
+
+/// Prints a command's result: `value` as one JSON document with `--json`, else the
+/// human report unless `--quiet`.
+fn report(
+    json: bool,
+    quiet: bool,
+    value: &impl serde::Serialize,
+    human: impl FnOnce() -> String,
+) -> Result<(), String> {
+    if json {
+        println!("{}", to_json(value)?);
+    } else if !quiet {
+        println!("{}", human());
+    }
+    Ok(())
 }
 
 /// The manager, configured from the environment and the global flags. Only

@@ -616,3 +616,133 @@ fn completions_and_the_man_page_need_no_database() {
             .and(predicate::str::contains(".env")),
     );
 }
+
+/// Runs `pgcache ARGS` against `db`, expecting `code`, and parses stdout as one JSON
+/// document.
+fn json_of(db: &TestDb, args: &[&str], code: i32) -> serde_json::Value {
+    let out = pgcache(db)
+        .args(args)
+        .assert()
+        .code(code)
+        .stderr("")
+        .get_output()
+        .clone();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn every_reporting_command_prints_one_json_document() {
+    let db = TestDb::new();
+    db.exec(&format!("DROP SCHEMA \"{}\" CASCADE", db.schema));
+    let json = json_of(&db, &["migrate", "--json"], 0);
+    assert_eq!(json["applied"].as_array().unwrap().len(), 2, "{json}");
+    assert_eq!(json["tables_logged"], serde_json::Value::Null);
+    let json = json_of(&db, &["migrate", "--unlogged", "--json"], 0);
+    assert_eq!(json["applied"], serde_json::json!([]));
+    assert_eq!(json["tables_logged"], false);
+    json_of(&db, &["migrate", "--logged", "--json"], 0);
+
+    fill(&db, "cache_entries", "old", 7, "-1 minute");
+    fill(&db, "cache_entries", "new", 3, "1 hour");
+    let json = json_of(&db, &["cleanup", "--json"], 0);
+    assert_eq!(json["rows_removed"], 7, "{json}");
+    assert_eq!(json["tables"][0]["cache"], "kv");
+    assert_eq!(json["tables"][0]["rows_removed"], 7);
+
+    let file = warmup_file(
+        r#"{"kv": [{"key": "w", "value": 1}],
+            "llm_responses": [{"prompt": "p", "provider": "gemini-flash", "response": "r"}]}"#,
+    );
+    let path = file.path().to_str().unwrap();
+    let json = json_of(&db, &["warmup", path, "--json"], 0);
+    assert_eq!(json["total"], 2, "{json}");
+    assert_eq!(json["kv"], 1);
+    assert_eq!(json["llm_responses"], 1);
+
+    let alice = uuid::Uuid::from_u128(1);
+    pgcache::Cache::set(
+        &db.cache.vector_search(),
+        &pgcache::VectorSearchQuery::new(alice, vec![0.5], 3),
+        &serde_json::json!([1]),
+    )
+    .unwrap();
+    let json = json_of(&db, &["invalidate-user", &alice.to_string(), "--json"], 0);
+    assert_eq!(json["user_id"], alice.to_string(), "{json}");
+    assert_eq!(json["total"], 1);
+    assert_eq!(json["vector_searches"], 1);
+    assert_eq!(json["released_paths"], serde_json::json!([]));
+
+    let json = json_of(&db, &["stats", "--json"], 0);
+    assert_eq!(json["total_entries"], 5, "{json}");
+    let json = json_of(&db, &["health", "--json"], 0);
+    assert_eq!(json["alerts"], serde_json::json!([]), "{json}");
+
+    let json = json_of(&db, &["clear", "kv", "--yes", "--json"], 0);
+    assert_eq!(json["cleared"], true, "{json}");
+    assert_eq!(json["deleted"]["kv"], 4);
+    assert_eq!(json["total"], 4);
+    let json = json_of(&db, &["clear", "--yes", "--json"], 0);
+    assert_eq!(json["total"], 1, "{json}");
+    assert_eq!(json["deleted"]["llm_response"], 1);
+    assert_eq!(json["deleted"]["kv"], 0);
+}
+
+#[test]
+fn quiet_prints_nothing_but_errors_and_keeps_exit_statuses() {
+    let db = TestDb::new();
+    fill(&db, "cache_entries", "old", 2, "-1 minute");
+    // An alert (no cleanup yet): exit status 1, nothing printed.
+    db.exec("UPDATE __diesel_schema_migrations SET run_on = run_on - interval '3 hours'");
+    pgcache(&db)
+        .args(["-q", "health"])
+        .assert()
+        .code(1)
+        .stdout("")
+        .stderr("");
+    // JSON asked for is still printed.
+    let out = pgcache(&db)
+        .args(["-q", "health", "--json"])
+        .assert()
+        .code(1)
+        .get_output()
+        .clone();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["alerts"][0]["alert"], "cleanup_overdue");
+    for args in [
+        &["--quiet", "cleanup"][..],
+        &["stats", "-q"],
+        &["-q", "migrate"],
+        &["-q", "clear", "kv", "--yes"],
+        &[
+            "-q",
+            "invalidate-user",
+            "67e55044-10b1-426f-9247-bb680e5fe0c8",
+        ],
+    ] {
+        pgcache(&db)
+            .args(args)
+            .assert()
+            .success()
+            .stdout("")
+            .stderr("");
+    }
+    // Errors are still one line on stderr, with status 2.
+    db.exec("DROP TABLE cache_entries");
+    let out = pgcache(&db)
+        .args(["-q", "stats"])
+        .assert()
+        .code(2)
+        .stdout("")
+        .get_output()
+        .clone();
+    one_line(&out.stderr);
+    let out = pgcache(&db)
+        .args(["-q", "clear", "kv"])
+        .assert()
+        .code(2)
+        .stdout("")
+        .get_output()
+        .clone();
+    assert!(one_line(&out.stderr).contains("--yes"));
+}
