@@ -457,8 +457,7 @@ fn run(cli: Cli) -> Result<Outcome, String> {
             yes,
             json,
         } => {
-            let what = kind.map_or_else(|| "every cache".to_owned(), |k| format!("the {k} cache"));
-            if !yes && !confirm(&format!("Delete every entry of {what}?"))? {
+            if !yes && !confirm(&clear_action(&cache, kind)?)? {
                 let value = serde_json::json!({ "cleared": false, "deleted": {}, "total": 0 });
                 report(json, quiet, &value, || "nothing deleted".to_owned())?;
                 return Ok(Outcome::Ok);
@@ -571,17 +570,68 @@ fn to_json(value: &impl serde::Serialize) -> Result<String, String> {
     serde_json::to_string_pretty(value).map_err(|e| e.to_string())
 }
 
-/// Asks on the terminal; refuses when there is none to ask on.
-fn confirm(question: &str) -> Result<bool, String> {
+/// What `clear` is about to do, for the question: the rows it will delete (expired
+/// ones included, counted now), the schema and the database (its password masked),
+/// so the answer is given knowing which environment it is about.
+fn clear_action(cache: &CacheManager, kind: Option<CacheKind>) -> Result<String, String> {
+    let stats = cache.stats().map_err(|e| e.to_string())?;
+    let tables: Vec<_> = stats
+        .caches
+        .iter()
+        .filter(|t| kind.is_none_or(|k| t.cache == k))
+        .collect();
+    let rows: u64 = tables.iter().map(|t| t.entries).sum();
+    let what = match kind {
+        Some(kind) => format!("all {rows} entries of the {kind} cache"),
+        None => {
+            let each: Vec<String> = tables
+                .iter()
+                .filter(|t| t.entries > 0)
+                .map(|t| format!("{} {}", t.cache, t.entries))
+                .collect();
+            if each.is_empty() {
+                format!("all {rows} entries of every cache")
+            } else {
+                format!("all {rows} entries of every cache ({})", each.join(", "))
+            }
+        }
+    };
+    let schema = match cache.config().schema() {
+        Some(schema) => schema.to_owned(),
+        None => current_schema(cache)?,
+    };
+    Ok(format!(
+        "delete {what} in schema \"{schema}\" of {}",
+        cache.config().database_url().redacted()
+    ))
+}
+
+/// The schema the search path puts the cache tables in.
+fn current_schema(cache: &CacheManager) -> Result<String, String> {
+    use diesel::RunQueryDsl;
+    let mut conn = cache.connection().map_err(|e| e.to_string())?;
+    let schema: Option<String> = diesel::select(diesel::dsl::sql::<
+        diesel::sql_types::Nullable<diesel::sql_types::Text>,
+    >("current_schema()"))
+    .get_result(&mut *conn)
+    .map_err(|e| format!("cannot read the current schema: {e}"))?;
+    Ok(schema.unwrap_or_else(|| "(none)".to_owned()))
+}
+
+/// Asks on the terminal whether to do `action`; refuses when there is none to ask on.
+fn confirm(action: &str) -> Result<bool, String> {
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
-        return Err(
-            "refusing to clear without confirmation: stdin is not a terminal; \
-                    pass --yes to clear anyway"
-                .to_owned(),
-        );
+        return Err(format!(
+            "refusing to {action} without confirmation: stdin is not a terminal; \
+             pass --yes to clear anyway"
+        ));
     }
-    eprint!("{question} [y/N] ");
+    let mut question = action.to_owned();
+    if let Some(first) = question.get(..1) {
+        question.replace_range(..1, &first.to_ascii_uppercase());
+    }
+    eprint!("{question}? [y/N] ");
     std::io::stderr().flush().map_err(|e| e.to_string())?;
     let mut answer = String::new();
     stdin

@@ -246,6 +246,11 @@ fn clear_without_yes_and_without_a_terminal_refuses() {
         line.contains("--yes") && line.contains("not a terminal"),
         "{line}"
     );
+    // It says what it refused to do.
+    assert!(
+        line.contains("all 3 entries of the kv cache") && line.contains(&db.schema),
+        "{line}"
+    );
     assert_eq!(live(&db, "cache_entries"), 3);
 
     pgcache(&db)
@@ -728,6 +733,14 @@ fn quiet_prints_nothing_but_errors_and_keeps_exit_statuses() {
             .stderr("");
     }
     // Errors are still one line on stderr, with status 2.
+    let out = pgcache(&db)
+        .args(["-q", "clear", "kv"])
+        .assert()
+        .code(2)
+        .stdout("")
+        .get_output()
+        .clone();
+    assert!(one_line(&out.stderr).contains("--yes"));
     db.exec("DROP TABLE cache_entries");
     let out = pgcache(&db)
         .args(["-q", "stats"])
@@ -737,12 +750,77 @@ fn quiet_prints_nothing_but_errors_and_keeps_exit_statuses() {
         .get_output()
         .clone();
     one_line(&out.stderr);
-    let out = pgcache(&db)
-        .args(["-q", "clear", "kv"])
-        .assert()
-        .code(2)
-        .stdout("")
-        .get_output()
-        .clone();
-    assert!(one_line(&out.stderr).contains("--yes"));
+}
+
+/// `pgcache ARGS` on `db` with a terminal as stdin, on which `answer` is typed, and
+/// `url` as `DATABASE_URL`.
+#[cfg(unix)]
+fn on_a_terminal(db: &TestDb, url: &str, args: &[&str], answer: &str) -> std::process::Output {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("pgcache"))
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env("PGCACHE_SCHEMA", &db.schema)
+        .stdin(Stdio::from(pty.slave))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Line-buffered by the terminal until the command reads it. The master stays
+    // open until the command exits (closing it would hang the terminal up).
+    let mut master = std::fs::File::from(pty.master);
+    master.write_all(answer.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    drop(master);
+    out
+}
+
+#[cfg(unix)]
+#[test]
+fn clear_names_the_database_schema_and_rows_before_asking() {
+    let db = TestDb::new();
+    fill(&db, "cache_entries", "k", 3, "1 hour");
+    fill(&db, "audio_chunk_cache", "a", 2, "-1 minute");
+    // A password (which trust authentication ignores) that must not be shown.
+    let mut url = url::Url::parse(&common::database_url()).unwrap();
+    url.set_password(Some("Cl1Secret")).unwrap();
+    let url = url.to_string();
+    let shown = pgcache::DatabaseUrl::parse(&url).unwrap().redacted();
+
+    let out = on_a_terminal(&db, &url, &["clear"], "n\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "nothing deleted\n");
+    assert_eq!(
+        stderr,
+        format!(
+            "Delete all 5 entries of every cache (kv 3, audio_chunk 2) in schema \"{}\" of \
+             {shown}? [y/N] ",
+            db.schema
+        )
+    );
+    assert!(!stderr.contains("Cl1Secret"), "{stderr}");
+    assert_eq!(live(&db, "cache_entries"), 3);
+
+    let out = on_a_terminal(&db, &url, &["clear", "kv"], "y\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.starts_with("Delete all 3 entries of the kv cache in schema")
+            && stderr.contains(&db.schema)
+            && !stderr.contains("Cl1Secret"),
+        "{stderr}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "kv: 3 entries deleted\n"
+    );
+    assert_eq!(live(&db, "cache_entries"), 0);
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM audio_chunk_cache"),
+        2,
+        "only the kv cache is cleared"
+    );
 }
