@@ -1006,6 +1006,7 @@ impl Report {
         let mut check = |what: String, value: Option<f64>, limit: f64| {
             if let Some(v) = value {
                 let verdict = if v <= limit { "met" } else { "NOT met" };
+                let limit = readable(limit);
                 lines.push(format!("{what}: {v:.2} (target <= {limit}) {verdict}"));
             }
         };
@@ -1086,5 +1087,27 @@ impl Report {
             );
         }
         lines
+    }
+}
+
+/// A target for people: at most two decimals, without trailing zeros (`1.33` for
+/// 1/0.75, `4` for 4.0, `0.1`). The verdict still compares the exact value.
+fn readable(x: f64) -> String {
+    let text = format!("{x:.2}");
+    text.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::readable;
+
+    #[test]
+    fn targets_are_readable() {
+        assert_eq!(readable(1.0 / 0.75), "1.33");
+        assert_eq!(readable(1.0 / 0.8), "1.25");
+        assert_eq!(readable(4.0), "4");
+        assert_eq!(readable(1.5), "1.5");
+        assert_eq!(readable(0.1), "0.1");
+        assert_eq!(readable(10.0), "10");
     }
 }
