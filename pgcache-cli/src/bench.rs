@@ -632,11 +632,11 @@ impl Drop for Scratch {
 
 /// Entry point of `pgcache bench`: measures the database at `database_url` (default:
 /// `DATABASE_URL` and the other `CacheConfig` variables), in a scratch schema dropped
-/// afterwards.
+/// afterwards. `quiet` prints nothing but JSON (when asked for) and errors.
 ///
 /// # Errors
 /// Configuration, connection and database errors, with what failed.
-pub fn run(args: &BenchArgs, database_url: Option<&str>) -> BenchResult<()> {
+pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchResult<()> {
     let threads = args.threads.max(1);
     let rows = args.rows.max(BATCH as u64);
     let mut env = CacheConfigBuilder::from_env()?;
@@ -653,7 +653,9 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>) -> BenchResult<()> {
     let config = bench_config(&url, &scratch.schema, threads, relaxed)
         .application_name("pgcache-bench")
         .build()?;
-    eprintln!(
+    // `--quiet`: the run's description is not an error.
+    if !quiet {
+        eprintln!(
         "pgcache bench: {} rows, {} thread(s), {}{}, {:.1} s per side and operation, on {} (no TLS)",
         rows,
         threads,
@@ -662,6 +664,7 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>) -> BenchResult<()> {
         args.duration,
         env.database_url()
     );
+    }
     let cache = CacheManager::new(config)?;
     if args.unlogged {
         cache.set_tables_logged(false)?;
@@ -723,7 +726,7 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>) -> BenchResult<()> {
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    } else if !quiet {
         print!("{}", report.render());
     }
     Ok(())
@@ -1003,6 +1006,7 @@ impl Report {
         let mut check = |what: String, value: Option<f64>, limit: f64| {
             if let Some(v) = value {
                 let verdict = if v <= limit { "met" } else { "NOT met" };
+                let limit = readable(limit);
                 lines.push(format!("{what}: {v:.2} (target <= {limit}) {verdict}"));
             }
         };
@@ -1083,5 +1087,27 @@ impl Report {
             );
         }
         lines
+    }
+}
+
+/// A target for people: at most two decimals, without trailing zeros (`1.33` for
+/// 1/0.75, `4` for 4.0, `0.1`). The verdict still compares the exact value.
+fn readable(x: f64) -> String {
+    let text = format!("{x:.2}");
+    text.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::readable;
+
+    #[test]
+    fn targets_are_readable() {
+        assert_eq!(readable(1.0 / 0.75), "1.33");
+        assert_eq!(readable(1.0 / 0.8), "1.25");
+        assert_eq!(readable(4.0), "4");
+        assert_eq!(readable(1.5), "1.5");
+        assert_eq!(readable(0.1), "0.1");
+        assert_eq!(readable(10.0), "10");
     }
 }

@@ -2,8 +2,9 @@
 //! caches, for cron jobs, monitors and people.
 //!
 //! Configuration comes from the same environment variables as the library
-//! (`DATABASE_URL`, `PGCACHE_SCHEMA`, ...); `--database-url` and `--schema` override
-//! them. Errors are one line on stderr and exit status 2; `pgcache health` exits 1
+//! (`DATABASE_URL`, `PGCACHE_SCHEMA`, ...), which may also be written in a `.env` file
+//! in the current directory or a parent (as the diesel CLI reads it; variables already
+//! set win); `--database-url` and `--schema` override them. Errors are one line on stderr and exit status 2; `pgcache health` exits 1
 //! when an alert fires.
 
 mod bench;
@@ -18,7 +19,16 @@ use pgcache::{CacheConfigBuilder, CacheKind, CacheManager, HealthThresholds};
 
 /// PostgreSQL as the application cache: maintenance commands.
 #[derive(Debug, Parser)]
-#[command(name = "pgcache", version)]
+#[command(
+    name = "pgcache",
+    version,
+    long_about = "PostgreSQL as the application cache: maintenance commands.\n\n\
+        Configuration comes from DATABASE_URL, PGCACHE_SCHEMA and the other PGCACHE_* \
+        variables, also read from a .env file in the current directory or a parent \
+        (variables already set win); --database-url and --schema override them.\n\n\
+        Errors are one line on stderr with exit status 2; `pgcache health` exits 1 \
+        when an alert fires."
+)]
 struct Cli {
     /// PostgreSQL URL (default: $DATABASE_URL, else postgres://postgres@localhost:5432/postgres).
     #[arg(long, global = true, value_name = "URL")]
@@ -26,6 +36,10 @@ struct Cli {
     /// Schema holding the cache tables (default: $PGCACHE_SCHEMA, else the search path).
     #[arg(long, global = true, value_name = "SCHEMA")]
     schema: Option<String>,
+    /// Print no report: the exit status tells (errors are still printed on stderr;
+    /// --json output, completions and the man page still are too).
+    #[arg(long, short, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,18 +55,25 @@ enum Command {
         /// Then make the cache tables LOGGED again (durable, replicated).
         #[arg(long)]
         logged: bool,
+        /// Print one JSON document instead of the report.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete expired entries from every cache (schedule it: `0 * * * * pgcache cleanup`).
-    Cleanup,
+    Cleanup {
+        /// Print one JSON document instead of the report.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print entries, sizes, hits, misses and hit rates of every cache.
     Stats {
-        /// Print JSON instead of the report.
+        /// Print one JSON document instead of the report.
         #[arg(long)]
         json: bool,
     },
     /// Check the alert thresholds; exit 0 when healthy, 1 when an alert fires.
     Health {
-        /// Print JSON instead of the report.
+        /// Print one JSON document instead of the report.
         #[arg(long)]
         json: bool,
         /// Lowest acceptable hit rate, 0 to 1.
@@ -80,6 +101,9 @@ enum Command {
         /// The JSON file to load.
         #[arg(value_name = "FILE.json")]
         file: std::path::PathBuf,
+        /// Print one JSON document instead of the report.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete every cache entry that belongs to a user (vector searches, and owned
     /// embeddings, LLM responses and audio chunks).
@@ -87,10 +111,25 @@ enum Command {
         /// The user's id, a UUID.
         #[arg(value_name = "UUID")]
         user_id: String,
+        /// Print one JSON document instead of the report.
+        #[arg(long)]
+        json: bool,
     },
     /// Measure the cache against raw prepared SQL (and Redis) on this database, in a
     /// scratch schema dropped afterwards.
     Bench(bench::BenchArgs),
+    /// Print the completion script for a shell on stdout.
+    ///
+    /// For example `pgcache completions bash > ~/.local/share/bash-completion/completions/pgcache`
+    /// or `pgcache completions zsh > ~/.zfunc/_pgcache`.
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on stdout: `pgcache man > pgcache.1`, or
+    /// `pgcache man | man -l -`.
+    Man,
     /// Delete every entry of one cache, or of all caches.
     Clear {
         /// The cache to empty (all caches when omitted).
@@ -99,6 +138,9 @@ enum Command {
         /// Do not ask for confirmation (required when stdin is not a terminal).
         #[arg(long, short)]
         yes: bool,
+        /// Print one JSON document instead of the report.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -121,11 +163,66 @@ fn main() -> ExitCode {
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => return fail(&usage_error(&e)),
     };
+    // After parsing, so a broken `.env` cannot stop `--help`; before any thread starts,
+    // as it sets variables of this process.
+    if let Err(message) = load_dotenv() {
+        return fail(&message);
+    }
     match run(cli) {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::Unhealthy) => ExitCode::from(1),
         Err(message) => fail(&message),
     }
+}
+
+/// The variables of the nearest `.env` file (in the current directory or a parent)
+/// that configure pgcache, `DATABASE_URL`, `ENABLE_CACHING` and `PGCACHE_*`, for those
+/// not already set: the environment wins, as with the diesel CLI. Other variables the
+/// file may hold for the application are left alone. No file is no error; a malformed
+/// one is, named with its path.
+fn load_dotenv() -> Result<(), String> {
+    let Some(path) = find_dotenv() else {
+        return Ok(());
+    };
+    let malformed = |e: dotenvy::Error| {
+        // dotenvy's message quotes the line, which may hold a password: name the
+        // variable only.
+        let what = match &e {
+            dotenvy::Error::LineParse(line, _) => match line.split_once('=') {
+                Some((name, _)) if is_variable_name(name.trim()) => {
+                    format!("cannot parse the value of {}", name.trim())
+                }
+                _ => "a line is not NAME=VALUE".to_owned(),
+            },
+            other => other.to_string(),
+        };
+        format!("malformed .env file {}: {what}", path.display())
+    };
+    for item in dotenvy::from_path_iter(&path).map_err(malformed)? {
+        let (name, value) = item.map_err(malformed)?;
+        let ours =
+            name == "DATABASE_URL" || name == "ENABLE_CACHING" || name.starts_with("PGCACHE_");
+        if ours && std::env::var_os(&name).is_none() {
+            std::env::set_var(name, value);
+        }
+    }
+    Ok(())
+}
+
+fn is_variable_name(text: &str) -> bool {
+    let text = text.strip_prefix("export ").unwrap_or(text).trim();
+    !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+}
+
+/// The `.env` file of the current directory or its nearest parent that has one.
+fn find_dotenv() -> Option<std::path::PathBuf> {
+    let cwd = std::env::current_dir().ok()?;
+    cwd.ancestors()
+        .map(|dir| dir.join(".env"))
+        .find(|path| path.is_file())
 }
 
 /// Reports an error as one line on stderr, whatever the source error looked like,
@@ -181,56 +278,92 @@ fn mask_connection_strings(text: &str) -> String {
 }
 
 fn run(cli: Cli) -> Result<Outcome, String> {
+    // Generated from the argument definitions: no database involved.
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            // Into memory first: the generators panic on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut command, "pgcache", &mut script);
+            let mut out = std::io::stdout().lock();
+            out.write_all(&script)
+                .and_then(|()| out.flush())
+                .map_err(|e| format!("cannot write the completions: {e}"))?;
+            return Ok(Outcome::Ok);
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            let mut out = std::io::stdout().lock();
+            clap_mangen::Man::new(command)
+                .render(&mut out)
+                .and_then(|()| out.flush())
+                .map_err(|e| format!("cannot write the manual page: {e}"))?;
+            return Ok(Outcome::Ok);
+        }
+        _ => {}
+    }
+    let quiet = cli.quiet;
     // The bench makes its own scratch schema and connections.
     if let Command::Bench(args) = &cli.command {
-        bench::run(args, cli.database_url.as_deref()).map_err(|e| error_chain(&*e))?;
+        bench::run(args, cli.database_url.as_deref(), quiet).map_err(|e| error_chain(&*e))?;
         return Ok(Outcome::Ok);
     }
     // Bad arguments are reported before any connection is attempted.
     let warmup = match &cli.command {
-        Command::Warmup { file } => Some(read_warmup(file)?),
+        Command::Warmup { file, .. } => Some(read_warmup(file)?),
         _ => None,
     };
     let user = match &cli.command {
-        Command::InvalidateUser { user_id } => Some(parse_user_id(user_id)?),
+        Command::InvalidateUser { user_id, .. } => Some(parse_user_id(user_id)?),
         _ => None,
     };
     let cache = manager(&cli)?;
     match cli.command {
-        Command::Migrate { unlogged, logged } => {
+        Command::Migrate {
+            unlogged,
+            logged,
+            json,
+        } => {
             let applied = cache.run_migrations().map_err(|e| e.to_string())?;
-            if applied.is_empty() {
-                println!("cache tables are up to date");
-            } else {
-                println!(
-                    "applied {} migration(s): {}",
-                    applied.len(),
-                    applied.join(", ")
-                );
-            }
-            if unlogged || logged {
+            let switched = unlogged || logged;
+            if switched {
                 cache.set_tables_logged(logged).map_err(|e| e.to_string())?;
-                println!(
-                    "cache tables are now {}",
-                    if logged { "LOGGED" } else { "UNLOGGED" }
-                );
             }
+            let value = serde_json::json!({
+                "applied": applied,
+                "tables_logged": if switched { Some(logged) } else { None },
+            });
+            report(json, quiet, &value, || {
+                let mut text = if applied.is_empty() {
+                    "cache tables are up to date".to_owned()
+                } else {
+                    format!(
+                        "applied {} migration(s): {}",
+                        applied.len(),
+                        applied.join(", ")
+                    )
+                };
+                if switched {
+                    let now = if logged { "LOGGED" } else { "UNLOGGED" };
+                    text.push_str(&format!("\ncache tables are now {now}"));
+                }
+                text
+            })?;
         }
-        Command::Cleanup => {
-            let bar = progress::Spinner::new();
-            let report = cache
+        Command::Cleanup { json } => {
+            let bar = progress::Spinner::new(!quiet);
+            let result = cache
                 .cleanup_with_progress(|p| bar.update(p))
                 .map_err(|e| e.to_string());
             bar.finish();
-            println!("{}", report?);
+            let result = result?;
+            let mut value = serde_json::to_value(&result).map_err(|e| e.to_string())?;
+            value["rows_removed"] = result.rows_removed().into();
+            report(json, quiet, &value, || result.to_string())?;
         }
         Command::Stats { json } => {
             let stats = cache.stats().map_err(|e| e.to_string())?;
-            if json {
-                println!("{}", to_json(&stats)?);
-            } else {
-                println!("{stats}");
-            }
+            report(json, quiet, &stats, || stats.to_string())?;
         }
         Command::Health {
             json,
@@ -251,65 +384,117 @@ fn run(cli: Cli) -> Result<Outcome, String> {
                 0 => thresholds.no_cleanup_age_check(),
                 secs => thresholds.max_cleanup_age(Duration::from_secs(secs)),
             };
-            let report = cache.health(&thresholds).map_err(|e| e.to_string())?;
-            if json {
-                println!("{}", to_json(&report)?);
-            } else {
-                println!("{report}");
-            }
-            if !report.is_healthy() {
+            let health = cache.health(&thresholds).map_err(|e| e.to_string())?;
+            report(json, quiet, &health, || health.to_string())?;
+            if !health.is_healthy() {
                 return Ok(Outcome::Unhealthy);
             }
         }
-        Command::Warmup { .. } => {
+        Command::Warmup { json, .. } => {
             let warmup = warmup.expect("read above");
-            let bar = progress::Spinner::new();
+            let bar = progress::Spinner::new(!quiet);
             bar.message("warming the caches (one transaction)");
-            let report = cache.warmup(&warmup).map_err(|e| e.to_string());
+            let result = cache.warmup(&warmup).map_err(|e| e.to_string());
             bar.finish();
-            let report = report?;
-            println!(
-                "warmed {} entries: {} kv, {} embeddings, {} vector searches, {} LLM responses, \
-                 {} audio chunks ({} skipped: text over the maximum length)",
-                report.total(),
-                report.kv,
-                report.embeddings,
-                report.vector_searches,
-                report.llm_responses,
-                report.audio_chunks,
-                report.skipped_audio_chunks
-            );
+            let r = result?;
+            let value = serde_json::json!({
+                "total": r.total(),
+                "kv": r.kv,
+                "embeddings": r.embeddings,
+                "vector_searches": r.vector_searches,
+                "llm_responses": r.llm_responses,
+                "audio_chunks": r.audio_chunks,
+                "skipped_audio_chunks": r.skipped_audio_chunks,
+            });
+            report(json, quiet, &value, || {
+                format!(
+                    "warmed {} entries: {} kv, {} embeddings, {} vector searches, \
+                     {} LLM responses, {} audio chunks ({} skipped: text over the \
+                     maximum length)",
+                    r.total(),
+                    r.kv,
+                    r.embeddings,
+                    r.vector_searches,
+                    r.llm_responses,
+                    r.audio_chunks,
+                    r.skipped_audio_chunks
+                )
+            })?;
         }
-        Command::InvalidateUser { .. } => {
+        Command::InvalidateUser { json, .. } => {
             let user = user.expect("parsed above");
-            let report = cache.invalidate_user(user).map_err(|e| e.to_string())?;
-            println!(
-                "user {user}: {} entries deleted ({} vector searches, {} embeddings, \
-                 {} LLM responses, {} audio chunks)",
-                report.total(),
-                report.vector_searches,
-                report.embeddings,
-                report.llm_responses,
-                report.audio_chunks
-            );
-            for path in &report.released_paths {
-                println!("released audio file: {path}");
-            }
+            let r = cache.invalidate_user(user).map_err(|e| e.to_string())?;
+            let value = serde_json::json!({
+                "user_id": user,
+                "total": r.total(),
+                "vector_searches": r.vector_searches,
+                "embeddings": r.embeddings,
+                "llm_responses": r.llm_responses,
+                "audio_chunks": r.audio_chunks,
+                "released_paths": r.released_paths,
+            });
+            report(json, quiet, &value, || {
+                let mut text = format!(
+                    "user {user}: {} entries deleted ({} vector searches, {} embeddings, \
+                     {} LLM responses, {} audio chunks)",
+                    r.total(),
+                    r.vector_searches,
+                    r.embeddings,
+                    r.llm_responses,
+                    r.audio_chunks
+                );
+                for path in &r.released_paths {
+                    text.push_str(&format!("\nreleased audio file: {path}"));
+                }
+                text
+            })?;
         }
-        Command::Bench(_) => unreachable!("handled before connecting"),
-        Command::Clear { cache: kind, yes } => {
-            let what = kind.map_or_else(|| "every cache".to_owned(), |k| format!("the {k} cache"));
-            if !yes && !confirm(&format!("Delete every entry of {what}?"))? {
-                println!("nothing deleted");
+        Command::Bench(_) | Command::Completions { .. } | Command::Man => {
+            unreachable!("handled before connecting")
+        }
+        Command::Clear {
+            cache: kind,
+            yes,
+            json,
+        } => {
+            if !yes && !confirm(&clear_action(&cache, kind)?)? {
+                let value = serde_json::json!({ "cleared": false, "deleted": {}, "total": 0 });
+                report(json, quiet, &value, || "nothing deleted".to_owned())?;
                 return Ok(Outcome::Ok);
             }
             let removed = cache.clear(kind).map_err(|e| e.to_string())?;
-            for (kind, rows) in removed {
-                println!("{kind}: {rows} entries deleted");
-            }
+            let deleted: serde_json::Map<String, serde_json::Value> = removed
+                .iter()
+                .map(|(kind, rows)| (kind.name().to_owned(), (*rows).into()))
+                .collect();
+            let total: u64 = removed.iter().map(|(_, rows)| rows).sum();
+            let value = serde_json::json!({ "cleared": true, "deleted": deleted, "total": total });
+            report(json, quiet, &value, || {
+                removed
+                    .iter()
+                    .map(|(kind, rows)| format!("{kind}: {rows} entries deleted"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })?;
         }
     }
     Ok(Outcome::Ok)
+}
+
+/// Prints a command's result: `value` as one JSON document with `--json`, else the
+/// human report unless `--quiet`.
+fn report(
+    json: bool,
+    quiet: bool,
+    value: &impl serde::Serialize,
+    human: impl FnOnce() -> String,
+) -> Result<(), String> {
+    if json {
+        println!("{}", to_json(value)?);
+    } else if !quiet {
+        println!("{}", human());
+    }
+    Ok(())
 }
 
 /// The manager, configured from the environment and the global flags. Only
@@ -385,17 +570,68 @@ fn to_json(value: &impl serde::Serialize) -> Result<String, String> {
     serde_json::to_string_pretty(value).map_err(|e| e.to_string())
 }
 
-/// Asks on the terminal; refuses when there is none to ask on.
-fn confirm(question: &str) -> Result<bool, String> {
+/// What `clear` is about to do, for the question: the rows it will delete (expired
+/// ones included, counted now), the schema and the database (its password masked),
+/// so the answer is given knowing which environment it is about.
+fn clear_action(cache: &CacheManager, kind: Option<CacheKind>) -> Result<String, String> {
+    let stats = cache.stats().map_err(|e| e.to_string())?;
+    let tables: Vec<_> = stats
+        .caches
+        .iter()
+        .filter(|t| kind.is_none_or(|k| t.cache == k))
+        .collect();
+    let rows: u64 = tables.iter().map(|t| t.entries).sum();
+    let what = match kind {
+        Some(kind) => format!("all {rows} entries of the {kind} cache"),
+        None => {
+            let each: Vec<String> = tables
+                .iter()
+                .filter(|t| t.entries > 0)
+                .map(|t| format!("{} {}", t.cache, t.entries))
+                .collect();
+            if each.is_empty() {
+                format!("all {rows} entries of every cache")
+            } else {
+                format!("all {rows} entries of every cache ({})", each.join(", "))
+            }
+        }
+    };
+    let schema = match cache.config().schema() {
+        Some(schema) => schema.to_owned(),
+        None => current_schema(cache)?,
+    };
+    Ok(format!(
+        "delete {what} in schema \"{schema}\" of {}",
+        cache.config().database_url().redacted()
+    ))
+}
+
+/// The schema the search path puts the cache tables in.
+fn current_schema(cache: &CacheManager) -> Result<String, String> {
+    use diesel::RunQueryDsl;
+    let mut conn = cache.connection().map_err(|e| e.to_string())?;
+    let schema: Option<String> = diesel::select(diesel::dsl::sql::<
+        diesel::sql_types::Nullable<diesel::sql_types::Text>,
+    >("current_schema()"))
+    .get_result(&mut *conn)
+    .map_err(|e| format!("cannot read the current schema: {e}"))?;
+    Ok(schema.unwrap_or_else(|| "(none)".to_owned()))
+}
+
+/// Asks on the terminal whether to do `action`; refuses when there is none to ask on.
+fn confirm(action: &str) -> Result<bool, String> {
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
-        return Err(
-            "refusing to clear without confirmation: stdin is not a terminal; \
-                    pass --yes to clear anyway"
-                .to_owned(),
-        );
+        return Err(format!(
+            "refusing to {action} without confirmation: stdin is not a terminal; \
+             pass --yes to clear anyway"
+        ));
     }
-    eprint!("{question} [y/N] ");
+    let mut question = action.to_owned();
+    if let Some(first) = question.get(..1) {
+        question.replace_range(..1, &first.to_ascii_uppercase());
+    }
+    eprint!("{question}? [y/N] ");
     std::io::stderr().flush().map_err(|e| e.to_string())?;
     let mut answer = String::new();
     stdin

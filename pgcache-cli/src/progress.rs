@@ -10,8 +10,9 @@ use pgcache::CleanupProgress;
 pub(crate) struct Spinner(ProgressBar);
 
 impl Spinner {
-    pub(crate) fn new() -> Self {
-        if !std::io::stderr().is_terminal() {
+    /// A spinner when `show` and stderr is a terminal, else nothing.
+    pub(crate) fn new(show: bool) -> Self {
+        if !show || !std::io::stderr().is_terminal() {
             return Spinner(ProgressBar::hidden());
         }
         let bar = ProgressBar::new_spinner();

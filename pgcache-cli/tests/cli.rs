@@ -246,6 +246,11 @@ fn clear_without_yes_and_without_a_terminal_refuses() {
         line.contains("--yes") && line.contains("not a terminal"),
         "{line}"
     );
+    // It says what it refused to do.
+    assert!(
+        line.contains("all 3 entries of the kv cache") && line.contains(&db.schema),
+        "{line}"
+    );
     assert_eq!(live(&db, "cache_entries"), 3);
 
     pgcache(&db)
@@ -492,4 +497,330 @@ fn the_command_never_prints_the_password() {
             "{output}"
         );
     }
+}
+
+/// `pgcache` run in `dir`, with neither `DATABASE_URL` nor `PGCACHE_SCHEMA` set.
+fn pgcache_in(dir: &std::path::Path) -> Command {
+    let mut cmd = Command::cargo_bin("pgcache").unwrap();
+    cmd.current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("PGCACHE_SCHEMA")
+        .write_stdin("");
+    cmd
+}
+
+fn total_entries(out: &std::process::Output) -> serde_json::Value {
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    json["total_entries"].clone()
+}
+
+#[test]
+fn a_dotenv_file_configures_the_command_and_the_environment_wins() {
+    let (db, other) = (TestDb::new(), TestDb::new());
+    fill(&db, "cache_entries", "k", 3, "1 hour");
+    fill(&other, "cache_entries", "k", 1, "1 hour");
+    // The file is found from a subdirectory too, like the diesel CLI finds it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        format!(
+            "# pgcache settings\nDATABASE_URL={}\nPGCACHE_SCHEMA={}\n",
+            common::database_url(),
+            db.schema
+        ),
+    )
+    .unwrap();
+    let sub = dir.path().join("src");
+    std::fs::create_dir(&sub).unwrap();
+
+    let out = pgcache_in(&sub)
+        .args(["stats", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    assert_eq!(total_entries(&out), 3);
+
+    // A variable already set is not overridden by the file.
+    let out = pgcache_in(&sub)
+        .env("PGCACHE_SCHEMA", &other.schema)
+        .args(["stats", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    assert_eq!(total_entries(&out), 1);
+
+    // A malformed file is one line naming it, without echoing the line's password.
+    std::fs::write(
+        dir.path().join(".env"),
+        "DATABASE_URL='postgres://app:Cl1Secret@db/app\n",
+    )
+    .unwrap();
+    let out = pgcache_in(&sub)
+        .arg("stats")
+        .assert()
+        .code(2)
+        .get_output()
+        .clone();
+    let line = one_line(&out.stderr);
+    assert!(
+        line.contains("malformed .env file") && line.contains("value of DATABASE_URL"),
+        "{line}"
+    );
+    assert!(!line.contains("Cl1Secret"), "{line}");
+}
+
+#[test]
+fn completions_and_the_man_page_need_no_database() {
+    // An unreachable database: neither command connects.
+    let pgcache = || {
+        let mut cmd = Command::cargo_bin("pgcache").unwrap();
+        cmd.env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none");
+        cmd
+    };
+    let out = pgcache()
+        .args(["completions", "bash"])
+        .assert()
+        .success()
+        .stderr("")
+        .get_output()
+        .clone();
+    let script = String::from_utf8(out.stdout).unwrap();
+    for command in [
+        "migrate",
+        "cleanup",
+        "stats",
+        "health",
+        "warmup",
+        "invalidate-user",
+        "bench",
+        "clear",
+        "completions",
+        "man",
+    ] {
+        assert!(script.contains(command), "{command} missing");
+    }
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        pgcache()
+            .args(["completions", shell])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains("pgcache"));
+    }
+    pgcache()
+        .args(["completions", "tcsh"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("possible values: bash"));
+
+    // roff: the title line names the command; dashes are escaped.
+    pgcache().arg("man").assert().success().stderr("").stdout(
+        predicate::str::contains(".TH pgcache 1")
+            .and(predicate::str::contains("invalidate\\-user"))
+            .and(predicate::str::contains(".env")),
+    );
+}
+
+/// Runs `pgcache ARGS` against `db`, expecting `code`, and parses stdout as one JSON
+/// document.
+fn json_of(db: &TestDb, args: &[&str], code: i32) -> serde_json::Value {
+    let out = pgcache(db)
+        .args(args)
+        .assert()
+        .code(code)
+        .stderr("")
+        .get_output()
+        .clone();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn every_reporting_command_prints_one_json_document() {
+    let db = TestDb::new();
+    db.exec(&format!("DROP SCHEMA \"{}\" CASCADE", db.schema));
+    let json = json_of(&db, &["migrate", "--json"], 0);
+    assert_eq!(json["applied"].as_array().unwrap().len(), 2, "{json}");
+    assert_eq!(json["tables_logged"], serde_json::Value::Null);
+    let json = json_of(&db, &["migrate", "--unlogged", "--json"], 0);
+    assert_eq!(json["applied"], serde_json::json!([]));
+    assert_eq!(json["tables_logged"], false);
+    json_of(&db, &["migrate", "--logged", "--json"], 0);
+
+    fill(&db, "cache_entries", "old", 7, "-1 minute");
+    fill(&db, "cache_entries", "new", 3, "1 hour");
+    let json = json_of(&db, &["cleanup", "--json"], 0);
+    assert_eq!(json["rows_removed"], 7, "{json}");
+    assert_eq!(json["tables"][0]["cache"], "kv");
+    assert_eq!(json["tables"][0]["rows_removed"], 7);
+
+    let file = warmup_file(
+        r#"{"kv": [{"key": "w", "value": 1}],
+            "llm_responses": [{"prompt": "p", "provider": "gemini-flash", "response": "r"}]}"#,
+    );
+    let path = file.path().to_str().unwrap();
+    let json = json_of(&db, &["warmup", path, "--json"], 0);
+    assert_eq!(json["total"], 2, "{json}");
+    assert_eq!(json["kv"], 1);
+    assert_eq!(json["llm_responses"], 1);
+
+    let alice = uuid::Uuid::from_u128(1);
+    pgcache::Cache::set(
+        &db.cache.vector_search(),
+        &pgcache::VectorSearchQuery::new(alice, vec![0.5], 3),
+        &serde_json::json!([1]),
+    )
+    .unwrap();
+    let json = json_of(&db, &["invalidate-user", &alice.to_string(), "--json"], 0);
+    assert_eq!(json["user_id"], alice.to_string(), "{json}");
+    assert_eq!(json["total"], 1);
+    assert_eq!(json["vector_searches"], 1);
+    assert_eq!(json["released_paths"], serde_json::json!([]));
+
+    let json = json_of(&db, &["stats", "--json"], 0);
+    assert_eq!(json["total_entries"], 5, "{json}");
+    let json = json_of(&db, &["health", "--json"], 0);
+    assert_eq!(json["alerts"], serde_json::json!([]), "{json}");
+
+    let json = json_of(&db, &["clear", "kv", "--yes", "--json"], 0);
+    assert_eq!(json["cleared"], true, "{json}");
+    assert_eq!(json["deleted"]["kv"], 4);
+    assert_eq!(json["total"], 4);
+    let json = json_of(&db, &["clear", "--yes", "--json"], 0);
+    assert_eq!(json["total"], 1, "{json}");
+    assert_eq!(json["deleted"]["llm_response"], 1);
+    assert_eq!(json["deleted"]["kv"], 0);
+}
+
+#[test]
+fn quiet_prints_nothing_but_errors_and_keeps_exit_statuses() {
+    let db = TestDb::new();
+    fill(&db, "cache_entries", "old", 2, "-1 minute");
+    // An alert (no cleanup yet): exit status 1, nothing printed.
+    db.exec("UPDATE __diesel_schema_migrations SET run_on = run_on - interval '3 hours'");
+    pgcache(&db)
+        .args(["-q", "health"])
+        .assert()
+        .code(1)
+        .stdout("")
+        .stderr("");
+    // JSON asked for is still printed.
+    let out = pgcache(&db)
+        .args(["-q", "health", "--json"])
+        .assert()
+        .code(1)
+        .get_output()
+        .clone();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["alerts"][0]["alert"], "cleanup_overdue");
+    for args in [
+        &["--quiet", "cleanup"][..],
+        &["stats", "-q"],
+        &["-q", "migrate"],
+        &["-q", "clear", "kv", "--yes"],
+        &[
+            "-q",
+            "invalidate-user",
+            "67e55044-10b1-426f-9247-bb680e5fe0c8",
+        ],
+    ] {
+        pgcache(&db)
+            .args(args)
+            .assert()
+            .success()
+            .stdout("")
+            .stderr("");
+    }
+    // Errors are still one line on stderr, with status 2.
+    let out = pgcache(&db)
+        .args(["-q", "clear", "kv"])
+        .assert()
+        .code(2)
+        .stdout("")
+        .get_output()
+        .clone();
+    assert!(one_line(&out.stderr).contains("--yes"));
+    db.exec("DROP TABLE cache_entries");
+    let out = pgcache(&db)
+        .args(["-q", "stats"])
+        .assert()
+        .code(2)
+        .stdout("")
+        .get_output()
+        .clone();
+    one_line(&out.stderr);
+}
+
+/// `pgcache ARGS` on `db` with a terminal as stdin, on which `answer` is typed, and
+/// `url` as `DATABASE_URL`.
+#[cfg(unix)]
+fn on_a_terminal(db: &TestDb, url: &str, args: &[&str], answer: &str) -> std::process::Output {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("pgcache"))
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env("PGCACHE_SCHEMA", &db.schema)
+        .stdin(Stdio::from(pty.slave))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Line-buffered by the terminal until the command reads it. The master stays
+    // open until the command exits (closing it would hang the terminal up).
+    let mut master = std::fs::File::from(pty.master);
+    master.write_all(answer.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    drop(master);
+    out
+}
+
+#[cfg(unix)]
+#[test]
+fn clear_names_the_database_schema_and_rows_before_asking() {
+    let db = TestDb::new();
+    fill(&db, "cache_entries", "k", 3, "1 hour");
+    fill(&db, "audio_chunk_cache", "a", 2, "-1 minute");
+    // A password (which trust authentication ignores) that must not be shown.
+    let mut url = url::Url::parse(&common::database_url()).unwrap();
+    url.set_password(Some("Cl1Secret")).unwrap();
+    let url = url.to_string();
+    let shown = pgcache::DatabaseUrl::parse(&url).unwrap().redacted();
+
+    let out = on_a_terminal(&db, &url, &["clear"], "n\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "nothing deleted\n");
+    assert_eq!(
+        stderr,
+        format!(
+            "Delete all 5 entries of every cache (kv 3, audio_chunk 2) in schema \"{}\" of \
+             {shown}? [y/N] ",
+            db.schema
+        )
+    );
+    assert!(!stderr.contains("Cl1Secret"), "{stderr}");
+    assert_eq!(live(&db, "cache_entries"), 3);
+
+    let out = on_a_terminal(&db, &url, &["clear", "kv"], "y\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.starts_with("Delete all 3 entries of the kv cache in schema")
+            && stderr.contains(&db.schema)
+            && !stderr.contains("Cl1Secret"),
+        "{stderr}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "kv: 3 entries deleted\n"
+    );
+    assert_eq!(live(&db, "cache_entries"), 0);
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM audio_chunk_cache"),
+        2,
+        "only the kv cache is cleared"
+    );
 }
