@@ -68,7 +68,7 @@ fn sample_value(n: u64) -> Value {
 
 const TTL: Duration = Duration::from_secs(3600);
 const BATCH: usize = 100;
-const SPEC_JSONB: &str = r#"{"plan": "pro"}"#;
+const PLAN_PRO_FILTER: &str = r#"{"plan": "pro"}"#;
 
 /// Per-thread state, kept across operations so `delete` can remove the keys
 /// `set new` inserted.
@@ -380,11 +380,11 @@ fn kv_operations() -> Vec<Operation> {
         Operation {
             name: "kv jsonb query",
             lib: |cache, _| {
-                let filter: Value = serde_json::from_str(SPEC_JSONB)?;
+                let filter: Value = serde_json::from_str(PLAN_PRO_FILTER)?;
                 Ok(!cache.kv().find_containing(&filter, 10)?.is_empty())
             },
             raw: |raw, _| {
-                let filter: Value = serde_json::from_str(SPEC_JSONB)?;
+                let filter: Value = serde_json::from_str(PLAN_PRO_FILTER)?;
                 let rows = raw.client.query(&raw.find, &[&Json(&filter), &10i64])?;
                 let found: Vec<(String, Value)> =
                     rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -887,8 +887,9 @@ struct Report {
     results: Vec<Row>,
 }
 
-/// The spec's "Performance Characteristics" rows and the operation measuring each.
-const SPEC_ROWS: [(&str, &str, &str, &str); 4] = [
+/// The Node package's estimated "Performance Characteristics" (the design pgcache
+/// replaces) and the operation measuring each.
+const ESTIMATES: [(&str, &str, &str, &str); 4] = [
     ("Simple GET", "~1-2ms", "~0.5-1ms", "kv get hit"),
     (
         "Complex Query",
@@ -955,17 +956,17 @@ impl Report {
 
         let _ = writeln!(
             out,
-            "\nThe spec's Performance Characteristics, measured (1 thread, p50):"
+            "\nThe Node package's estimated Performance Characteristics, measured (1 thread, p50):"
         );
         let _ = writeln!(
             out,
             "{:<14} | {:<10} | {:<24} | {:<22} | {:<10} | {:<14}",
-            "Operation", "spec PG", "spec Redis", "pgcache measured", "raw SQL", "Redis measured"
+            "Operation", "est. PG", "est. Redis", "pgcache measured", "raw SQL", "Redis measured"
         );
         let redis_get = self
             .find("redis GET", 1)
             .map(|r| format!("{:.3} ms", r.pgcache.p50_us / 1000.0));
-        for (name, spec_pg, spec_redis, op) in SPEC_ROWS {
+        for (name, estimated_pg, estimated_redis, op) in ESTIMATES {
             let row = self.find(op, 1);
             let ms = |f: Option<&Figures>| {
                 f.map_or("-".to_owned(), |f| format!("{:.3} ms", f.p50_us / 1000.0))
@@ -985,8 +986,8 @@ impl Report {
                 out,
                 "{:<14} | {:<10} | {:<24} | {:<22} | {:<10} | {:<14}",
                 name,
-                spec_pg,
-                spec_redis,
+                estimated_pg,
+                estimated_redis,
                 measured,
                 ms(row.and_then(|r| r.raw.as_ref())),
                 redis
