@@ -9,7 +9,7 @@ use crate::engine::Engine;
 use crate::error::Result;
 
 /// What [`CacheManager::invalidate_user`](crate::CacheManager::invalidate_user) removed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct InvalidationReport {
     /// Embeddings owned by the user.

@@ -129,7 +129,7 @@ pub struct WarmupAudioChunk {
 
 /// What [`CacheManager::warmup`](crate::CacheManager::warmup) stored: distinct keys per cache (a key given
 /// twice is one entry, holding its last item).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct WarmupReport {
     /// Key/value entries stored.

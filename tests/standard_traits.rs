@@ -1,7 +1,7 @@
-//! The settings types parse from text with `str::parse`, with errors naming what was
-//! wrong.
+//! The standard traits: settings types parse from text with `str::parse` (errors
+//! naming what was wrong), and reports serialize to JSON.
 
-use pgcache::{CacheKind, DatabaseUrl, Durability, Error};
+use pgcache::{CacheKind, DatabaseUrl, Durability, Error, InvalidationReport, WarmupReport};
 
 #[test]
 fn durability_parses_its_two_names_in_any_case() {
@@ -36,4 +36,13 @@ fn a_database_url_parses_and_keeps_its_password_out_of_display() {
     assert!("postgres://app@db.internal:notaport/app"
         .parse::<DatabaseUrl>()
         .is_err());
+}
+
+#[test]
+fn warmup_and_invalidation_reports_serialize_to_json() {
+    let warmup = serde_json::to_value(WarmupReport::default()).unwrap();
+    assert_eq!(warmup["kv"], 0, "{warmup}");
+    assert_eq!(warmup["skipped_audio_chunks"], 0, "{warmup}");
+    let invalidation = serde_json::to_value(InvalidationReport::default()).unwrap();
+    assert!(invalidation.is_object(), "{invalidation}");
 }
