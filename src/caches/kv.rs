@@ -10,7 +10,7 @@ use diesel::data_types::PgInterval;
 use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{Array, Jsonb, Text, Untyped};
+use diesel::sql_types::{Array, BigInt, Jsonb, Text, Untyped};
 use diesel::PgJsonbExpressionMethods;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -167,7 +167,7 @@ impl<'a, V> KvCache<'a, V> {
             Error::InvalidInput { reason, .. } => Error::invalid("prefix", reason),
             other => other,
         })?;
-        self.handle.engine.write(
+        let removed = self.handle.engine.write(
             CacheKind::Kv,
             0,
             || {
@@ -177,7 +177,9 @@ impl<'a, V> KvCache<'a, V> {
                 }))
             },
             |conn| self.delete_prefix_in(conn, prefix),
-        )
+        );
+        self.evict_all_near();
+        removed
     }
 
     /// [`delete_prefix`](Self::delete_prefix) on your connection, e.g. inside your
@@ -195,7 +197,7 @@ impl<'a, V> KvCache<'a, V> {
     /// # Errors
     /// A connection or database error.
     pub fn clear(&self) -> Result<u64> {
-        self.handle.engine.write(
+        let removed = self.handle.engine.write(
             CacheKind::Kv,
             0,
             || {
@@ -204,7 +206,95 @@ impl<'a, V> KvCache<'a, V> {
                 }))
             },
             |conn| Ok(diesel::delete(cache_entries::table).execute(conn)? as u64),
-        )
+        );
+        self.evict_all_near();
+        removed
+    }
+}
+
+impl<V> KvCache<'_, V> {
+    /// Adds `delta` to the integer stored under `key` and returns the result (Redis
+    /// `INCRBY`), atomically under any concurrency. An absent or expired key starts
+    /// from 0 and expires `ttl` from now; a live one keeps its expiry.
+    ///
+    /// If the connection is lost while the statement runs it is retried once on a
+    /// live connection, so an increment whose commit was never acknowledged may count
+    /// twice (as a client retrying Redis `INCR` would).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when the live value is not an integer or the result
+    /// would leave `i64` (nothing is changed then); a bad key or TTL; a connection or
+    /// database error.
+    pub fn incr(&self, key: &str, delta: i64, ttl: Duration) -> Result<i64> {
+        check_key(key)?;
+        let interval = ttl_interval(ttl)?;
+        let result = self.handle.engine.maintain(|conn| {
+            #[derive(QueryableByName)]
+            struct Counted {
+                #[diesel(sql_type = BigInt)]
+                n: i64,
+            }
+            // A value that is not an integer, or a sum outside int8, sets NULL: the
+            // NOT NULL constraint then fails the statement, and nothing changes.
+            let counted: Counted = diesel::sql_query(
+                "INSERT INTO cache_entries AS c (key, value, expires_at) \
+                 VALUES ($1, to_jsonb($2::int8), statement_timestamp() + $3) \
+                 ON CONFLICT (key) DO UPDATE SET \
+                 value = CASE \
+                   WHEN c.expires_at <= statement_timestamp() THEN excluded.value \
+                   WHEN jsonb_typeof(c.value) = 'number' AND (c.value #>> '{}') ~ '^-?[0-9]{1,19}$' \
+                     AND (c.value #>> '{}')::numeric + $2 BETWEEN -9223372036854775808 AND 9223372036854775807 \
+                   THEN to_jsonb(((c.value #>> '{}')::numeric + $2)::int8) \
+                   ELSE NULL END, \
+                 expires_at = CASE WHEN c.expires_at <= statement_timestamp() \
+                   THEN excluded.expires_at ELSE c.expires_at END, \
+                 created_at = CASE WHEN c.expires_at <= statement_timestamp() \
+                   THEN now() ELSE c.created_at END \
+                 RETURNING (value #>> '{}')::int8 AS n",
+            )
+            .bind::<Text, _>(key)
+            .bind::<BigInt, _>(delta)
+            .bind::<diesel::sql_types::Interval, _>(interval)
+            .get_result(conn)?;
+            Ok(counted.n)
+        });
+        self.evict_near(key);
+        result.map_err(|error| match error {
+            Error::Database(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::NotNullViolation,
+                _,
+            )) => Error::invalid(
+                "value",
+                format!("the live value of `{key}` is not an integer, or adding {delta} would overflow i64"),
+            ),
+            other => other,
+        })
+    }
+
+    /// Subtracts `delta` (Redis `DECRBY`): [`incr`](Self::incr) of `-delta`.
+    ///
+    /// # Errors
+    /// As [`incr`](Self::incr); also `delta == i64::MIN`.
+    pub fn decr(&self, key: &str, delta: i64, ttl: Duration) -> Result<i64> {
+        let negated = delta
+            .checked_neg()
+            .ok_or_else(|| Error::invalid("delta", "i64::MIN cannot be negated"))?;
+        self.incr(key, negated, ttl)
+    }
+
+    /// Evicts `key` from this process's near cache, after a write outside the
+    /// `Cache` trait's path.
+    fn evict_near(&self, key: &str) {
+        if let Some(near) = self.handle.engine.near() {
+            near.invalidate(CacheKind::Kv, [key.as_bytes()]);
+        }
+    }
+
+    /// Empties this process's kv near cache, after a write of many keys.
+    fn evict_all_near(&self) {
+        if let Some(near) = self.handle.engine.near() {
+            near.invalidate_all(CacheKind::Kv);
+        }
     }
 }
 
@@ -237,6 +327,61 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
                 .load(conn)?;
             Ok(rows.into_iter().map(|(key, JsonbIn(v))| (key, v)).collect())
         })
+    }
+
+    /// Stores `value` only if `key` holds no live entry (Redis `SET ... NX`); true if
+    /// it stored. Of concurrent callers on one key exactly one stores: idempotency
+    /// keys, simple locks (whose holder deletes the key, or lets it expire).
+    ///
+    /// # Errors
+    /// A bad key, value or TTL, or a connection or database error.
+    pub fn set_nx(&self, key: &str, value: &V, ttl: Duration) -> Result<bool> {
+        let interval = ttl_interval(ttl)?;
+        let row = self.check_entry(key, value)?;
+        let stored = self.handle.engine.maintain(|conn| {
+            #[derive(QueryableByName)]
+            struct Stored {
+                #[diesel(sql_type = diesel::sql_types::Bool)]
+                stored: bool,
+            }
+            // A live entry wins (the conflict's WHERE fails, no row comes back); an
+            // expired one is replaced as if absent.
+            let stored: Option<Stored> = diesel::sql_query(
+                "INSERT INTO cache_entries AS c (key, value, expires_at) \
+                 VALUES ($1, $2, statement_timestamp() + $3) \
+                 ON CONFLICT (key) DO UPDATE \
+                 SET value = excluded.value, expires_at = excluded.expires_at, created_at = now() \
+                 WHERE c.expires_at <= statement_timestamp() \
+                 RETURNING true AS stored",
+            )
+            .bind::<Text, _>(row.key)
+            .bind::<Jsonb, _>(&row.value)
+            .bind::<diesel::sql_types::Interval, _>(interval)
+            .get_result(conn)
+            .optional()?;
+            Ok(stored.is_some_and(|s| s.stored))
+        })?;
+        self.evict_near(key);
+        Ok(stored)
+    }
+
+    /// Removes `key` and returns its live value, if any (Redis `GETDEL`): of
+    /// concurrent callers exactly one gets it.
+    ///
+    /// # Errors
+    /// A bad key, a stored value that is not a `V`, or a connection or database error.
+    pub fn get_del(&self, key: &str) -> Result<Option<V>> {
+        check_key(key)?;
+        let taken = self.handle.engine.maintain(|conn| {
+            let taken: Option<(JsonbIn<V>, bool)> =
+                diesel::delete(cache_entries::table.filter(cache_entries::key.eq(key)))
+                    .returning((cache_entries::value, cache_entries::expires_at.gt(db_now())))
+                    .get_result(conn)
+                    .optional()?;
+            Ok(taken.and_then(|(JsonbIn(value), live)| live.then_some(value)))
+        })?;
+        self.evict_near(key);
+        Ok(taken)
     }
 
     /// Cache-aside with an explicit TTL (Redis-style `get` then `set ... EX`): the
