@@ -150,6 +150,8 @@ struct Raw {
     upsert_many: Statement,
     delete: Statement,
     find: Statement,
+    incr: Statement,
+    set_nx: Statement,
     touch_data: Statement,
     typed: typed::RawTyped,
 }
@@ -182,6 +184,17 @@ impl Raw {
             "SELECT key, value FROM raw_entries WHERE value @> $1 AND expires_at > now() \
              ORDER BY key LIMIT $2",
         )?;
+        // What a hand-written counter and insert-if-absent look like.
+        let incr = client.prepare(
+            "INSERT INTO raw_entries AS c (key, value, expires_at) \
+             VALUES ($1, to_jsonb($2::int8), now() + $3) \
+             ON CONFLICT (key) DO UPDATE SET value = to_jsonb((c.value #>> '{}')::int8 + $2) \
+             RETURNING (value #>> '{}')::int8",
+        )?;
+        let set_nx = client.prepare(
+            "INSERT INTO raw_entries (key, value, expires_at) VALUES ($1, $2, now() + $3) \
+             ON CONFLICT (key) DO NOTHING RETURNING true",
+        )?;
         let touch_data =
             client.prepare("UPDATE bench_data SET version = version + 1 WHERE id = $1")?;
         let typed = typed::RawTyped::prepare(&mut client)?;
@@ -193,6 +206,8 @@ impl Raw {
             upsert_many,
             delete,
             find,
+            incr,
+            set_nx,
             touch_data,
             typed,
         })
@@ -321,6 +336,38 @@ fn kv_operations() -> Vec<Operation> {
                 raw.client
                     .execute(&raw.upsert, &[&key, &Json(&value), &Interval(TTL)])?;
                 Ok(true)
+            },
+        },
+        Operation {
+            name: "kv incr",
+            lib: |cache, w| {
+                let n = w.random() % 1000;
+                let key = w.set_key(format_args!("counter:{n}"));
+                Ok(cache.kv().incr(key, 1, TTL)? > 0)
+            },
+            raw: |raw, w| {
+                let n = w.random() % 1000;
+                let key = w.set_key(format_args!("counter:{n}"));
+                let row = raw
+                    .client
+                    .query_one(&raw.incr, &[&key, &1i64, &Interval(TTL)])?;
+                Ok(row.get::<_, i64>(0) > 0)
+            },
+        },
+        Operation {
+            // The contended case of a lock or idempotency key: already taken.
+            name: "kv set_nx (taken)",
+            lib: |cache, w| {
+                let value = w.value.clone();
+                Ok(!cache.kv().set_nx(w.existing_key(), &value, TTL)?)
+            },
+            raw: |raw, w| {
+                let value = w.value.clone();
+                let key = w.existing_key();
+                let row = raw
+                    .client
+                    .query_opt(&raw.set_nx, &[&key, &Json(&value), &Interval(TTL)])?;
+                Ok(row.is_none())
             },
         },
         Operation {
@@ -1016,6 +1063,8 @@ impl Report {
             "kv get miss",
             "kv set new",
             "kv set overwrite",
+            "kv incr",
+            "kv set_nx (taken)",
         ] {
             check(
                 format!("{op} p50 / raw"),

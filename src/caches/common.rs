@@ -175,6 +175,74 @@ impl<T: TypedTable, A: QueryId> QueryId for UnnestUpsert<'_, T, A> {
 
 impl<T, A, Conn> RunQueryDsl<Conn> for UnnestUpsert<'_, T, A> {}
 
+/// A hand-written statement whose text never changes, named by `Tag` so Diesel
+/// prepares it once per connection and finds it again by type (it never caches
+/// `diesel::sql_query`, whose text could change). The text is given in pieces, one
+/// parameter between each two.
+pub(crate) struct Prepared<'q, Tag> {
+    pieces: &'static [&'static str],
+    params: Vec<&'q dyn BindParam>,
+    tag: PhantomData<Tag>,
+}
+
+impl<'q, Tag> Prepared<'q, Tag> {
+    pub(crate) fn new(pieces: &'static [&'static str], params: Vec<&'q dyn BindParam>) -> Self {
+        debug_assert_eq!(pieces.len(), params.len() + 1);
+        Prepared {
+            pieces,
+            params,
+            tag: PhantomData,
+        }
+    }
+}
+
+/// One parameter of a [`Prepared`] statement.
+pub(crate) trait BindParam {
+    fn bind<'b>(&'b self, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()>;
+}
+
+/// A value bound as SQL type `ST`.
+pub(crate) struct Param<ST, V>(pub(crate) V, PhantomData<ST>);
+
+impl<ST, V> Param<ST, V> {
+    pub(crate) fn new(value: V) -> Self {
+        Param(value, PhantomData)
+    }
+}
+
+impl<ST, V> BindParam for Param<ST, V>
+where
+    Pg: diesel::sql_types::HasSqlType<ST>,
+    V: diesel::serialize::ToSql<ST, Pg>,
+{
+    fn bind<'b>(&'b self, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_bind_param::<ST, V>(&self.0)
+    }
+}
+
+impl<Tag> QueryFragment<Pg> for Prepared<'_, Tag> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        for (i, piece) in self.pieces.iter().enumerate() {
+            out.push_sql(piece);
+            if let Some(param) = self.params.get(i) {
+                param.bind(&mut out)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<Tag: 'static> QueryId for Prepared<'_, Tag> {
+    type QueryId = Tag;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<Tag> diesel::query_builder::Query for Prepared<'_, Tag> {
+    type SqlType = diesel::sql_types::Untyped;
+}
+
+impl<Tag, Conn> RunQueryDsl<Conn> for Prepared<'_, Tag> {}
+
 /// One column of a batch: the values of Diesel column `C` bound as one array (`E`),
 /// so the column's name and SQL type come from the generated schema.
 pub(crate) struct ColumnArray<C, E> {

@@ -15,6 +15,7 @@ use diesel::PgJsonbExpressionMethods;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::common::{Param, Prepared};
 use crate::cache::{Cache, Handle, NearRead, Storage};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -236,25 +237,32 @@ impl<V> KvCache<'_, V> {
             }
             // A value that is not an integer, or a sum outside int8, sets NULL: the
             // NOT NULL constraint then fails the statement, and nothing changes.
-            let counted: Counted = diesel::sql_query(
-                "INSERT INTO cache_entries AS c (key, value, expires_at) \
-                 VALUES ($1, to_jsonb($2::int8), statement_timestamp() + $3) \
-                 ON CONFLICT (key) DO UPDATE SET \
-                 value = CASE \
-                   WHEN c.expires_at <= statement_timestamp() THEN excluded.value \
-                   WHEN jsonb_typeof(c.value) = 'number' AND (c.value #>> '{}') ~ '^-?[0-9]{1,19}$' \
-                     AND (c.value #>> '{}')::numeric + $2 BETWEEN -9223372036854775808 AND 9223372036854775807 \
-                   THEN to_jsonb(((c.value #>> '{}')::numeric + $2)::int8) \
-                   ELSE NULL END, \
-                 expires_at = CASE WHEN c.expires_at <= statement_timestamp() \
-                   THEN excluded.expires_at ELSE c.expires_at END, \
-                 created_at = CASE WHEN c.expires_at <= statement_timestamp() \
-                   THEN now() ELSE c.created_at END \
-                 RETURNING (value #>> '{}')::int8 AS n",
+            struct Incr;
+            let (key, delta, interval) = (
+                Param::<Text, _>::new(key),
+                Param::<BigInt, _>::new(delta),
+                Param::<diesel::sql_types::Interval, _>::new(interval),
+            );
+            let counted: Counted = Prepared::<Incr>::new(
+                &[
+                    "INSERT INTO cache_entries AS c (key, value, expires_at) VALUES (",
+                    ", to_jsonb(",
+                    "::int8), statement_timestamp() + ",
+                    ") ON CONFLICT (key) DO UPDATE SET value = CASE \
+                     WHEN c.expires_at <= statement_timestamp() THEN excluded.value \
+                     WHEN jsonb_typeof(c.value) = 'number' AND (c.value #>> '{}') ~ '^-?[0-9]{1,19}$' \
+                       AND (c.value #>> '{}')::numeric + ",
+                    " BETWEEN -9223372036854775808 AND 9223372036854775807 \
+                     THEN to_jsonb(((c.value #>> '{}')::numeric + ",
+                    ")::int8) ELSE NULL END, \
+                     expires_at = CASE WHEN c.expires_at <= statement_timestamp() \
+                       THEN excluded.expires_at ELSE c.expires_at END, \
+                     created_at = CASE WHEN c.expires_at <= statement_timestamp() \
+                       THEN now() ELSE c.created_at END \
+                     RETURNING (value #>> '{}')::int8 AS n",
+                ],
+                vec![&key, &delta, &interval, &delta, &delta],
             )
-            .bind::<Text, _>(key)
-            .bind::<BigInt, _>(delta)
-            .bind::<diesel::sql_types::Interval, _>(interval)
             .get_result(conn)?;
             Ok(counted.n)
         });
@@ -344,22 +352,33 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
                 #[diesel(sql_type = diesel::sql_types::Bool)]
                 stored: bool,
             }
-            // A live entry wins (the conflict's WHERE fails, no row comes back); an
-            // expired one is replaced as if absent.
-            let stored: Option<Stored> = diesel::sql_query(
-                "INSERT INTO cache_entries AS c (key, value, expires_at) \
-                 VALUES ($1, $2, statement_timestamp() + $3) \
-                 ON CONFLICT (key) DO UPDATE \
-                 SET value = excluded.value, expires_at = excluded.expires_at, created_at = now() \
-                 WHERE c.expires_at <= statement_timestamp() \
-                 RETURNING true AS stored",
+            // Taken by a live entry: neither the insert nor the update writes, so
+            // the statement locks nothing and commits nothing. An expired entry is
+            // replaced by the update; of racing callers the row lock admits one.
+            struct SetNx;
+            let (key, value, interval) = (
+                Param::<Text, _>::new(row.key),
+                Param::<Jsonb, _>::new(&row.value),
+                Param::<diesel::sql_types::Interval, _>::new(interval),
+            );
+            let stored: Stored = Prepared::<SetNx>::new(
+                &[
+                    "WITH inserted AS (INSERT INTO cache_entries (key, value, expires_at) VALUES (",
+                    ", ",
+                    ", statement_timestamp() + ",
+                    ") ON CONFLICT (key) DO NOTHING RETURNING true), \
+                     replaced AS (UPDATE cache_entries SET value = ",
+                    ", expires_at = statement_timestamp() + ",
+                    ", created_at = now() WHERE key = ",
+                    " AND expires_at <= statement_timestamp() \
+                       AND NOT EXISTS (SELECT 1 FROM inserted) RETURNING true) \
+                     SELECT EXISTS (SELECT 1 FROM inserted) \
+                       OR EXISTS (SELECT 1 FROM replaced) AS stored",
+                ],
+                vec![&key, &value, &interval, &value, &interval, &key],
             )
-            .bind::<Text, _>(row.key)
-            .bind::<Jsonb, _>(&row.value)
-            .bind::<diesel::sql_types::Interval, _>(interval)
-            .get_result(conn)
-            .optional()?;
-            Ok(stored.is_some_and(|s| s.stored))
+            .get_result(conn)?;
+            Ok(stored.stored)
         })?;
         self.evict_near(key);
         Ok(stored)
