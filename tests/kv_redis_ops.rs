@@ -127,3 +127,26 @@ fn get_del_hands_a_live_value_to_exactly_one_caller() {
         "expired is absent"
     );
 }
+
+#[test]
+fn get_touch_reads_a_live_entry_and_slides_its_expiry() {
+    let db = TestDb::new();
+    let kv = db.cache.kv();
+    kv.set_with_ttl("session", &json!({"user": 42}), Duration::from_secs(5))
+        .unwrap();
+    let hour = Duration::from_secs(3600);
+    assert_eq!(
+        kv.get_touch("session", hour).unwrap(),
+        Some(json!({"user": 42}))
+    );
+    let ttl = kv.ttl("session").unwrap().unwrap();
+    assert!(ttl > Duration::from_secs(3000), "slid: {ttl:?}");
+    assert_eq!(kv.get_touch("absent", hour).unwrap(), None);
+    db.expire_all("cache_entries");
+    assert_eq!(kv.get_touch("session", hour).unwrap(), None);
+    assert_eq!(
+        kv.get("session").unwrap(),
+        None,
+        "an expired entry is not revived"
+    );
+}

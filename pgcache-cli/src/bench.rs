@@ -152,6 +152,7 @@ struct Raw {
     find: Statement,
     incr: Statement,
     set_nx: Statement,
+    get_touch: Statement,
     touch_data: Statement,
     typed: typed::RawTyped,
 }
@@ -195,6 +196,10 @@ impl Raw {
             "INSERT INTO raw_entries (key, value, expires_at) VALUES ($1, $2, now() + $3) \
              ON CONFLICT (key) DO NOTHING RETURNING true",
         )?;
+        let get_touch = client.prepare(
+            "UPDATE raw_entries SET expires_at = now() + $2 \
+             WHERE key = $1 AND expires_at > now() RETURNING value",
+        )?;
         let touch_data =
             client.prepare("UPDATE bench_data SET version = version + 1 WHERE id = $1")?;
         let typed = typed::RawTyped::prepare(&mut client)?;
@@ -208,6 +213,7 @@ impl Raw {
             find,
             incr,
             set_nx,
+            get_touch,
             touch_data,
             typed,
         })
@@ -368,6 +374,17 @@ fn kv_operations() -> Vec<Operation> {
                     .client
                     .query_opt(&raw.set_nx, &[&key, &Json(&value), &Interval(TTL)])?;
                 Ok(row.is_none())
+            },
+        },
+        Operation {
+            name: "kv get_touch (sliding)",
+            lib: |cache, w| Ok(cache.kv().get_touch(w.existing_key(), TTL)?.is_some()),
+            raw: |raw, w| {
+                let key = w.existing_key();
+                let row = raw
+                    .client
+                    .query_opt(&raw.get_touch, &[&key, &Interval(TTL)])?;
+                Ok(row.map(|r| r.get::<_, Value>(0)).is_some())
             },
         },
         Operation {
@@ -1065,6 +1082,7 @@ impl Report {
             "kv set overwrite",
             "kv incr",
             "kv set_nx (taken)",
+            "kv get_touch (sliding)",
         ] {
             check(
                 format!("{op} p50 / raw"),

@@ -403,6 +403,34 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
         Ok(taken)
     }
 
+    /// Reads a live entry and makes it expire `ttl` from now (Redis `GETEX ... EX`):
+    /// sliding expiry, as moka's time-to-idle, in one statement.
+    ///
+    /// # Errors
+    /// A bad key or TTL, a stored value that is not a `V`, or a connection or
+    /// database error.
+    pub fn get_touch(&self, key: &str, ttl: Duration) -> Result<Option<V>> {
+        check_key(key)?;
+        let interval = ttl_interval(ttl)?;
+        self.handle.engine.write(
+            CacheKind::Kv,
+            None,
+            || None,
+            |conn| {
+                let found: Option<JsonbIn<V>> = diesel::update(
+                    cache_entries::table
+                        .filter(cache_entries::key.eq(key))
+                        .filter(cache_entries::expires_at.gt(db_now())),
+                )
+                .set(cache_entries::expires_at.eq(ExpiresIn(interval)))
+                .returning(cache_entries::value)
+                .get_result(conn)
+                .optional()?;
+                Ok(found.map(|JsonbIn(value)| value))
+            },
+        )
+    }
+
     /// Cache-aside with an explicit TTL (Redis-style `get` then `set ... EX`): the
     /// live value, or `compute`'s result, stored. Same as
     /// [`Cache::get_or_compute_with_ttl`].
