@@ -254,6 +254,39 @@ fn near_get<C: Storage + ?Sized>(
     }))
 }
 
+/// A batch read through the near cache: the keys it holds are served from memory,
+/// the rest read in one statement (a batch does not fill it).
+fn near_get_many<C: Storage + ?Sized>(
+    cache: &C,
+    near: &NearCaches,
+    keys: &[&C::Key],
+    checked: &[C::CheckedKey],
+) -> Result<Vec<Option<C::Entry>>> {
+    let mut found = Vec::with_capacity(keys.len());
+    for (key, checked) in keys.iter().zip(checked) {
+        let kept = near.get(C::KIND, &C::near_key(key, checked));
+        let entry = kept.map(|kept| C::from_near(&kept)).transpose()?.flatten();
+        if entry.is_some() {
+            cache.near_hit(checked);
+        }
+        found.push(entry);
+    }
+    let wanted: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
+    if wanted.is_empty() {
+        return Ok(found);
+    }
+    let wanted_keys: Vec<&C::Key> = wanted.iter().map(|&i| keys[i]).collect();
+    let wanted_checked: Vec<C::CheckedKey> = wanted.iter().map(|&i| checked[i].clone()).collect();
+    let misses = || wanted.iter().map(|_| None).collect();
+    let read = cache.engine().read_with(C::KIND, misses, |conn| {
+        cache.read_many(conn, &wanted_keys, &wanted_checked)
+    })?;
+    for (i, entry) in wanted.iter().zip(read) {
+        found[*i] = entry;
+    }
+    Ok(found)
+}
+
 /// Evicts the keys of `rows` from this process's near cache (read-your-writes).
 fn near_evict_rows<C: Storage + ?Sized>(cache: &C, rows: &[C::Row<'_>]) {
     if let Some(near) = near_of(cache) {
@@ -396,37 +429,13 @@ pub trait Cache: Storage {
         let engine = self.engine();
         let checked = check_keys(self, keys)?;
         let misses = || keys.iter().map(|_| None).collect();
-        // Keys the near cache answers are not read (a batch does not fill it).
-        let mut found: Vec<Option<Self::Entry>> = match near_of(self) {
-            Some(near) => keys
-                .iter()
-                .zip(&checked)
-                .map(|(k, c)| {
-                    let kept = near.get(Self::KIND, &Self::near_key(k, c));
-                    let entry = kept
-                        .map(|kept| Self::from_near(&kept))
-                        .transpose()?
-                        .flatten();
-                    if entry.is_some() {
-                        self.near_hit(c);
-                    }
-                    Ok(entry)
-                })
-                .collect::<Result<_>>()?,
-            None => keys.iter().map(|_| None).collect(),
+        let found = match near_of(self) {
+            Some(near) => near_get_many(self, near, keys, &checked)?,
+            None if keys.is_empty() => Vec::new(),
+            None => engine.read_with(Self::KIND, misses, |conn| {
+                self.read_many(conn, keys, &checked)
+            })?,
         };
-        let wanted: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
-        if !wanted.is_empty() {
-            let wanted_keys: Vec<&Self::Key> = wanted.iter().map(|&i| keys[i]).collect();
-            let wanted_checked: Vec<Self::CheckedKey> =
-                wanted.iter().map(|&i| checked[i].clone()).collect();
-            let read = engine.read_with(Self::KIND, misses, |conn| {
-                self.read_many(conn, &wanted_keys, &wanted_checked)
-            })?;
-            for (i, entry) in wanted.into_iter().zip(read) {
-                found[i] = entry;
-            }
-        }
         let hits = found.iter().filter(|e| e.is_some()).count() as u64;
         engine.record_lookups(Self::KIND, hits, found.len() as u64 - hits);
         Ok(found)
