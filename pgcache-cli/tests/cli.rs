@@ -28,6 +28,12 @@ fn one_line(stderr: &[u8]) -> String {
     text
 }
 
+/// Runs a command expected to fail with exit status 2; its one-line error.
+fn error_line(command: &mut Command) -> String {
+    let out = command.assert().code(2).get_output().clone();
+    one_line(&out.stderr)
+}
+
 fn persistence(db: &TestDb) -> String {
     let n = db.count(
         "SELECT count(*) AS n FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace \
@@ -66,13 +72,7 @@ fn missing_table_is_one_line_pointing_to_migrate() {
     let db = TestDb::new();
     db.exec("DROP TABLE cache_entries");
     for command in ["stats", "cleanup", "health"] {
-        let out = pgcache(&db)
-            .arg(command)
-            .assert()
-            .code(2)
-            .get_output()
-            .clone();
-        let line = one_line(&out.stderr);
+        let line = error_line(pgcache(&db).arg(command));
         assert!(
             line.contains("cache_entries") && line.contains("run `pgcache migrate`"),
             "{line}"
@@ -108,28 +108,19 @@ fn unreachable_database_is_one_line_without_the_password() {
 #[test]
 fn malformed_database_url_is_one_line() {
     let db = TestDb::new();
-    let out = pgcache(&db)
-        .args(["--database-url", "mysql://x@y/z", "stats"])
-        .assert()
-        .code(2)
-        .get_output()
-        .clone();
     // The flag the user typed, not the environment variable it overrides.
-    let line = one_line(&out.stderr);
+    let line = error_line(pgcache(&db).args(["--database-url", "mysql://x@y/z", "stats"]));
     assert!(line.contains("--database-url `mysql://x@y/z`"), "{line}");
 }
 
 #[test]
 fn malformed_variable_in_the_environment_is_named() {
     let db = TestDb::new();
-    let out = pgcache(&db)
-        .env("PGCACHE_STATEMENT_TIMEOUT_MS", "0")
-        .args(["stats"])
-        .assert()
-        .code(2)
-        .get_output()
-        .clone();
-    let line = one_line(&out.stderr);
+    let line = error_line(
+        pgcache(&db)
+            .env("PGCACHE_STATEMENT_TIMEOUT_MS", "0")
+            .args(["stats"]),
+    );
     assert!(line.contains("PGCACHE_STATEMENT_TIMEOUT_MS"), "{line}");
 }
 
@@ -235,13 +226,7 @@ fn health_exits_1_with_alerts_and_0_when_healthy() {
 fn clear_without_yes_and_without_a_terminal_refuses() {
     let db = TestDb::new();
     fill(&db, "cache_entries", "k", 3, "1 hour");
-    let out = pgcache(&db)
-        .args(["clear", "kv"])
-        .assert()
-        .code(2)
-        .get_output()
-        .clone();
-    let line = one_line(&out.stderr);
+    let line = error_line(pgcache(&db).args(["clear", "kv"]));
     assert!(
         line.contains("--yes") && line.contains("not a terminal"),
         "{line}"
@@ -311,15 +296,7 @@ fn malformed_warmup_file_names_line_and_column_and_stores_nothing() {
     let file = warmup_file(
         "{\n  \"embeddings\": [\n    {\"text\": \"a\", \"model\": \"m\", \"embedding\": [0.1]},\n    {\"text\": \"b\", \"model\": \n",
     );
-    let out = pgcache(&db)
-        .arg("warmup")
-        .arg(file.path())
-        .assert()
-        .code(2)
-        .get_output()
-        .stderr
-        .clone();
-    let line = one_line(&out);
+    let line = error_line(pgcache(&db).arg("warmup").arg(file.path()));
     assert!(line.contains("malformed warmup file"), "{line}");
     assert!(line.contains("line 5"), "{line}");
     assert_eq!(db.count("SELECT count(*) AS n FROM embedding_cache"), 0);
@@ -329,15 +306,7 @@ fn malformed_warmup_file_names_line_and_column_and_stores_nothing() {
 fn warmup_with_a_bad_item_names_it_and_stores_nothing() {
     let db = TestDb::new();
     let file = warmup_file(r#"{"kv": [{"key": "ok", "value": 1}, {"key": "", "value": 2}]}"#);
-    let out = pgcache(&db)
-        .arg("warmup")
-        .arg(file.path())
-        .assert()
-        .code(2)
-        .get_output()
-        .stderr
-        .clone();
-    let line = one_line(&out);
+    let line = error_line(pgcache(&db).arg("warmup").arg(file.path()));
     assert!(line.contains("kv[1]"), "{line}");
     assert_eq!(db.count("SELECT count(*) AS n FROM cache_entries"), 0);
 }
@@ -345,14 +314,7 @@ fn warmup_with_a_bad_item_names_it_and_stores_nothing() {
 #[test]
 fn invalidate_user_rejects_a_malformed_uuid_in_one_line() {
     let db = TestDb::new();
-    let out = pgcache(&db)
-        .args(["invalidate-user", "user-123"])
-        .assert()
-        .code(2)
-        .get_output()
-        .stderr
-        .clone();
-    let line = one_line(&out);
+    let line = error_line(pgcache(&db).args(["invalidate-user", "user-123"]));
     assert!(line.contains("invalid user id `user-123`"), "{line}");
 }
 
@@ -389,15 +351,7 @@ fn warmup_with_an_unknown_field_names_the_item_and_field_and_stores_nothing() {
     let file = warmup_file(
         "{\"llm_responses\": [\n  {\"prompt\": \"a\", \"provider\": \"p\", \"response\": \"r\"},\n  {\"prompt\": \"b\", \"provider\": \"p\", \"contxt\": \"c\", \"response\": \"r\"}\n]}\n",
     );
-    let out = pgcache(&db)
-        .arg("warmup")
-        .arg(file.path())
-        .assert()
-        .code(2)
-        .get_output()
-        .stderr
-        .clone();
-    let line = one_line(&out);
+    let line = error_line(pgcache(&db).arg("warmup").arg(file.path()));
     // The position is where the item ends (serde cannot say where it began).
     assert!(
         line.contains("llm_responses[1]: unknown field `contxt`") && line.contains("at line 4"),
