@@ -128,20 +128,19 @@ fn a_rolled_back_write_evicts_nothing_wrong_and_a_committed_one_evicts() {
     wait_current(&db.cache);
     db.cache.kv().set("k", &json!("committed")).unwrap();
     let mut conn = db.raw_connection();
+    let set_in = |conn: &mut diesel::PgConnection, value: Value| {
+        db.cache
+            .kv()
+            .set_in(conn, "k", &value, Duration::from_secs(60))
+            .unwrap();
+    };
     conn.batch_execute("BEGIN").unwrap();
-    db.cache
-        .kv()
-        .set_in(
-            &mut conn,
-            "k",
-            &json!("rolled back"),
-            Duration::from_secs(60),
-        )
-        .unwrap();
+    set_in(&mut conn, json!("rolled back"));
     conn.batch_execute("ROLLBACK").unwrap();
     std::thread::sleep(BOUND);
     assert_eq!(warm(&db.cache, "k"), Some(json!("committed")));
     conn.batch_execute("BEGIN").unwrap();
+    set_in(&mut conn, json!("in transaction"));
     db.cache
         .kv()
         .set_in(

@@ -246,6 +246,16 @@ fn time_to_memory(
     last.started
 }
 
+/// Stores `value` under `n` keys and reads each into the near cache; the keys.
+fn hold(cache: &CacheManager, n: usize, value: &Value) -> Vec<String> {
+    let keys: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+    for key in &keys {
+        cache.kv().set(key, value).unwrap();
+        assert_eq!(warm(cache, key).as_ref(), Some(value), "{key}");
+    }
+    keys
+}
+
 #[test]
 fn a_frozen_poller_turns_the_near_cache_off_within_the_bound_and_it_serves_again_after() {
     let cluster = ScratchCluster::start();
@@ -319,11 +329,7 @@ fn after_a_server_restart_no_entry_from_before_is_served_past_the_bound() {
     let cluster = ScratchCluster::start();
     let cache = manager(&cluster, false);
     wait_current(&cache);
-    let keys: Vec<String> = (0..8).map(|i| format!("k{i}")).collect();
-    for key in &keys {
-        cache.kv().set(key, &json!("old")).unwrap();
-        assert_eq!(warm(&cache, key), Some(json!("old")), "{key}");
-    }
+    let keys = hold(&cache, 8, &json!("old"));
     assert_eq!(kv_stats(&cache).entries, keys.len() as u64);
 
     cluster.restart();
@@ -371,11 +377,7 @@ fn fail_open_with_the_server_stopped_misses_instead_of_serving_memory_past_the_b
     let cluster = ScratchCluster::start();
     let cache = manager(&cluster, true);
     wait_current(&cache);
-    let keys: Vec<String> = (0..4).map(|i| format!("k{i}")).collect();
-    for key in &keys {
-        cache.kv().set(key, &json!("held")).unwrap();
-        assert_eq!(warm(&cache, key), Some(json!("held")), "{key}");
-    }
+    let keys = hold(&cache, 4, &json!("held"));
     let failed_open = cache.failed_open_count();
     let bypasses = kv_stats(&cache).bypasses;
 
