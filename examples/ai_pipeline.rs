@@ -104,7 +104,7 @@ fn run() -> Result<(), Error> {
     println!(
         "connecting to {} (schema {})",
         config.database_url(),
-        config.schema().unwrap_or("public")
+        config.schema()
     );
     let cache = CacheManager::new(config)?;
     // Start from a cold cache so the first pass really misses: the user's entries

@@ -51,7 +51,7 @@ fn run() -> Result<(), Error> {
     println!(
         "connecting to {} (schema {})",
         config.database_url(),
-        config.schema().unwrap_or("public")
+        config.schema()
     );
     let cache = CacheManager::new(config)?;
 

@@ -14,6 +14,11 @@ use crate::kind::CacheKind;
 /// The URL used when `DATABASE_URL` is not set.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@localhost:5432/postgres";
 
+/// The schema pgcache keeps its tables and its migration history in unless
+/// configured otherwise: its own, so that an application's search path and its
+/// `__diesel_schema_migrations` are never touched.
+pub const DEFAULT_SCHEMA: &str = "pgcache";
+
 /// How much durability the cache trades for write speed.
 ///
 /// A third option, unlogged tables, is a property of the tables rather than of the
@@ -184,7 +189,7 @@ pub struct CacheConfig {
     pub(crate) enabled: bool,
     pub(crate) ttl: TtlPresets,
     pub(crate) pool: PoolSettings,
-    pub(crate) schema: Option<String>,
+    pub(crate) schema: String,
     pub(crate) run_migrations: bool,
     pub(crate) durability: Durability,
     pub(crate) statement_timeout: Duration,
@@ -209,7 +214,7 @@ impl CacheConfig {
             enabled: true,
             ttl: TtlPresets::default(),
             pool: PoolSettings::default(),
-            schema: None,
+            schema: DEFAULT_SCHEMA.to_owned(),
             run_migrations: true,
             durability: Durability::Full,
             statement_timeout: Duration::from_secs(5),
@@ -257,7 +262,7 @@ impl CacheConfig {
     /// | `PGCACHE_POOL_IDLE_TIMEOUT_SECS` | 30 | idle connection lifetime |
     /// | `PGCACHE_POOL_CONNECTION_TIMEOUT_MS` | 2000 | wait for a connection |
     /// | `PGCACHE_STATEMENT_TIMEOUT_MS` | 5000 | per-statement limit on cache connections |
-    /// | `PGCACHE_SCHEMA` | (search path) | schema holding the cache tables |
+    /// | `PGCACHE_SCHEMA` | `pgcache` | schema holding the cache tables and their migration history |
     /// | `PGCACHE_RUN_MIGRATIONS` | `true` | run migrations at start-up |
     /// | `PGCACHE_DURABILITY` | `full` | `full` or `relaxed` |
     /// | `PGCACHE_FAIL_OPEN` | `false` | transient read errors become misses |
@@ -305,9 +310,9 @@ impl CacheConfig {
         self.pool
     }
 
-    /// The schema holding the cache tables, when not the connection's search path.
-    pub fn schema(&self) -> Option<&str> {
-        self.schema.as_deref()
+    /// The schema holding the cache tables and pgcache's own migration history.
+    pub fn schema(&self) -> &str {
+        &self.schema
     }
 
     /// Whether [`CacheManager::new`](crate::CacheManager::new) runs pending migrations.
@@ -506,11 +511,13 @@ impl CacheConfigBuilder {
         })
     }
 
-    /// Schema holding the cache tables; set as the cache connections' `search_path`.
-    /// Default: none (the server's search path, usually `public`).
+    /// Schema holding the cache tables and pgcache's migration history
+    /// (`__diesel_schema_migrations` inside it, never the application's); created on
+    /// first start and set as the cache connections' `search_path`. Default:
+    /// [`DEFAULT_SCHEMA`] (`pgcache`).
     pub fn schema(self, schema: impl Into<String>) -> Self {
         let schema = schema.into();
-        self.set("schema", |c| c.schema = Some(schema))
+        self.set("schema", |c| c.schema = schema)
     }
 
     /// Run pending migrations when the manager starts. Default: true. Turn off for
@@ -746,7 +753,7 @@ impl CacheConfigBuilder {
                 "must be at least 4 ms (heartbeats go every quarter of it)",
             ));
         }
-        if c.schema.as_deref().is_some_and(str::is_empty) {
+        if c.schema.is_empty() {
             return Err(self.invalid("schema", "", "must not be empty"));
         }
         Ok(config)

@@ -19,7 +19,7 @@ use crate::key::KeyDigest;
 use crate::kind::CacheKind;
 use crate::latency::LatencyRecorder;
 use crate::near::{NearCaches, Poller};
-use crate::pool::{Pool, PooledConnection};
+use crate::pool::{ConnectionPool, Pool, PooledConnection};
 use crate::skipped::{Skipped, SkippedWrites};
 use crate::watchdog::{no_answer_limit, watched, Watchdog};
 
@@ -64,11 +64,14 @@ impl Engine {
     /// [`Error::Connection`] when the database cannot be reached within the
     /// connection timeout (outside fail-open mode) or refuses the configuration;
     /// [`Error::Migration`] when migrations fail.
-    pub(crate) fn start(config: CacheConfig) -> Result<Arc<Self>> {
-        let pool = if config.enabled() {
-            Some(Pool::new(&config)?)
-        } else {
-            None
+    pub(crate) fn start(
+        config: CacheConfig,
+        app_pool: Option<ConnectionPool>,
+    ) -> Result<Arc<Self>> {
+        let pool = match app_pool {
+            _ if !config.enabled() => None,
+            Some(app_pool) => Some(Pool::shared(app_pool, &config)?),
+            None => Some(Pool::new(&config)?),
         };
         let near = pool
             .is_some()
@@ -166,7 +169,7 @@ impl Engine {
 
     /// A pooled connection (see [`Pool::checkout`]).
     pub(crate) fn connection(&self) -> Result<PooledConnection> {
-        self.pool()?.checkout()
+        self.pool()?.for_caller()
     }
 
     /// A connection that has just answered a `SELECT 1`, for maintenance operations
@@ -189,7 +192,7 @@ impl Engine {
     /// returns the versions applied.
     pub(crate) fn run_migrations(&self) -> Result<Vec<String>> {
         let schema = self.config.schema();
-        let applied = self.maintain(|conn| crate::migrations::run_pending(conn, schema))?;
+        let applied = self.maintain(|conn| crate::migrations::run_migrations(conn, schema))?;
         self.migrations_pending.store(false, Ordering::Release);
         Ok(applied)
     }
@@ -314,7 +317,7 @@ impl Engine {
     /// atomic loads when there is nothing to do.
     fn catch_up(&self, conn: &mut PgConnection) -> Result<()> {
         if self.migrations_pending.load(Ordering::Acquire) {
-            crate::migrations::run_pending(conn, self.config.schema())?;
+            crate::migrations::run_migrations(conn, self.config.schema())?;
             self.migrations_pending.store(false, Ordering::Release);
         }
         if self.skipped.is_pending() {

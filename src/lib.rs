@@ -6,6 +6,46 @@
 //! own transactions, so an invalidation commits or rolls back with the data change
 //! that caused it.
 //!
+//! ## From zero to a get
+//!
+//! ```toml
+//! [dependencies]
+//! pgcache = { path = "../pgcache" }
+//! serde_json = "1"
+//! ```
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use pgcache::{Cache, CacheConfig, CacheManager};
+//!
+//! // DATABASE_URL and the PGCACHE_* variables, or CacheConfig::builder() in code.
+//! let config = CacheConfig::builder()
+//!     .database_url("postgres://postgres@localhost:5432/postgres")
+//!     .build()?;
+//! // Opens the pool and creates the tables in the schema `pgcache` on first start.
+//! let cache = CacheManager::new(config)?;
+//!
+//! let kv = cache.kv();
+//! kv.set_with_ttl("greeting", &serde_json::json!({"text": "hello"}), Duration::from_secs(60))?;
+//! assert_eq!(kv.get("greeting")?, Some(serde_json::json!({"text": "hello"})));
+//!
+//! // Your own types, through serde.
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct Profile { name: String }
+//! let profiles = cache.kv().typed::<Profile>();
+//! profiles.set("user:42", &Profile { name: "Ada".into() })?;
+//! let ada: Option<Profile> = profiles.get("user:42")?;
+//! # Ok::<(), pgcache::Error>(())
+//! ```
+//!
+//! The main types: [`CacheConfig`] (built from the environment or a
+//! [`CacheConfigBuilder`]), [`CacheManager`] (the pool and one handle per cache),
+//! the [`Cache`] trait (get/set/delete and their batch and in-transaction forms,
+//! shared by every cache), [`KvCache`] (the Redis replacement: also `incr`, `set_nx`,
+//! `get_del`, `get_touch`, `get_or_set`), the typed AI caches ([`EmbeddingCache`],
+//! [`VectorSearchCache`], [`LlmResponseCache`], [`AudioChunkCache`]) and [`Error`].
+//! A service with a pool of its own passes it to [`CacheManager::with_pool`].
+//!
 //! The API is blocking (Diesel and r2d2). Async services call it through
 //! `tokio::task::spawn_blocking`:
 //!
@@ -58,6 +98,12 @@ mod table;
 mod manager;
 mod ops;
 
+// The crates whose types the API's signatures use, so a user's versions always match.
+pub use chrono;
+pub use diesel;
+pub use serde_json;
+pub use uuid;
+
 pub use cache::Cache;
 pub use caches::{
     AudioChunk, AudioChunkCache, AudioChunkKey, AudioChunkTable, AudioData, CachedAudioChunk,
@@ -65,7 +111,9 @@ pub use caches::{
     EmbeddingTable, KvCache, LlmPrompt, LlmResponseCache, LlmResponseTable, VectorSearchCache,
     VectorSearchQuery, VectorSearchTable, DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
 };
-pub use config::{CacheConfig, CacheConfigBuilder, Durability, PoolSettings, DEFAULT_DATABASE_URL};
+pub use config::{
+    CacheConfig, CacheConfigBuilder, Durability, PoolSettings, DEFAULT_DATABASE_URL, DEFAULT_SCHEMA,
+};
 pub use config::{NearCache, DEFAULT_NEAR_CACHE_STALENESS};
 pub use config::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
 pub use database_url::DatabaseUrl;
@@ -75,7 +123,7 @@ pub use expiry::{TtlPresets, MAX_TTL};
 pub use key::{KeyDigest, KEY_FORMAT_VERSION};
 pub use kind::CacheKind;
 pub use manager::CacheManager;
-pub use migrations::MIGRATIONS;
+pub use migrations::{run_migrations, MIGRATIONS};
 pub use near::NearCacheStats;
 pub use ops::{
     Alert, CacheStats, CleanupProgress, CleanupReport, CleanupRun, HealthReport, HealthThresholds,
@@ -85,7 +133,7 @@ pub use ops::{
     InvalidationReport, Warmup, WarmupAudioChunk, WarmupEmbedding, WarmupKv, WarmupLlmResponse,
     WarmupReport, WarmupVectorSearch,
 };
-pub use pool::PooledConnection;
+pub use pool::{ConnectionPool, PooledConnection};
 pub use popularity::{HitStats, TopEntry};
 pub use skipped::MAX_SKIPPED_KEYS;
 pub use table::TypedCache;

@@ -18,7 +18,7 @@ use crate::ops::{
     self, CacheStats, CleanupProgress, CleanupReport, HealthReport, HealthThresholds,
     InvalidationReport, Warmup, WarmupReport,
 };
-use crate::pool::PooledConnection;
+use crate::pool::{ConnectionPool, PooledConnection};
 
 /// The entry point: owns the connection pool and the configuration, and hands out
 /// one handle per cache table.
@@ -59,7 +59,48 @@ impl CacheManager {
     /// [`Error::Connection`](crate::Error::Connection) when the database cannot be reached within the
     /// connection timeout; [`Error::Migration`](crate::Error::Migration) when migrations fail.
     pub fn new(config: CacheConfig) -> Result<Self> {
-        let engine = Engine::start(config)?;
+        Self::start(config, None)
+    }
+
+    /// A manager over a connection pool the application already has, instead of a
+    /// pool of its own (the configuration's pool settings and database URL are then
+    /// not used for it; the near caches' poller still opens its one connection from
+    /// the URL).
+    ///
+    /// What changes on the application's connections: the cache's schema
+    /// ([`CacheConfig::schema`], default `pgcache`) is added at the *end* of a
+    /// connection's search path the first time the cache uses it, so every name the
+    /// application uses resolves as before. Nothing else is changed: the
+    /// application's statement timeout and application name apply to cache
+    /// statements, the cache's own are not set, and the watchdog that cuts
+    /// statements a frozen server never answers does not watch these connections.
+    /// Connections the cache checks out count against the application's pool size.
+    ///
+    /// ```no_run
+    /// use diesel::r2d2::{ConnectionManager, Pool};
+    /// use diesel::PgConnection;
+    /// use pgcache::{Cache, CacheConfig, CacheManager};
+    ///
+    /// let app_pool = Pool::builder()
+    ///     .max_size(10)
+    ///     .build(ConnectionManager::<PgConnection>::new("postgres://postgres@localhost/app"))?;
+    /// let cache = CacheManager::with_pool(app_pool.clone(), CacheConfig::from_env()?)?;
+    /// cache.kv().set("greeting", &serde_json::json!("hello"))?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`CacheManager::new`](crate::CacheManager::new), and
+    /// [`Error::Config`](crate::Error::Config) for
+    /// [`Durability::Relaxed`](crate::Durability::Relaxed) (it would turn off
+    /// synchronous commit for the application's own transactions) or when a table of
+    /// the application's, earlier on the search path, has a cache table's name.
+    pub fn with_pool(pool: ConnectionPool, config: CacheConfig) -> Result<Self> {
+        Self::start(config, Some(pool))
+    }
+
+    fn start(config: CacheConfig, pool: Option<ConnectionPool>) -> Result<Self> {
+        let engine = Engine::start(config, pool)?;
         let janitor = engine
             .config()
             .janitor_interval()

@@ -19,21 +19,18 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 const MIGRATION_LOCK: &str = "SELECT pg_advisory_lock(7262817313)";
 const MIGRATION_UNLOCK: &str = "SELECT pg_advisory_unlock(7262817313)";
 
-/// Runs every pending migration on `conn` into `schema` (created if missing; the
-/// connection's search path when `None`) and returns the versions applied.
+/// Runs every pending migration on `conn`, whose search path is `schema` (created
+/// if missing), and returns the versions applied. Diesel records them in the
+/// `__diesel_schema_migrations` the search path finds, so in `schema`'s own.
 ///
 /// Everything happens under one advisory lock, creating the schema included:
 /// `CREATE SCHEMA IF NOT EXISTS` is not safe against a concurrent create of the same
 /// schema, so replicas starting together on a fresh database would otherwise fail on
 /// a unique violation in `pg_namespace`. A failure for want of privileges says what
 /// to do ([`explain_missing_privilege`]).
-pub(crate) fn run_pending(conn: &mut PgConnection, schema: Option<&str>) -> Result<Vec<String>> {
+pub(crate) fn run_pending(conn: &mut PgConnection, schema: &str) -> Result<Vec<String>> {
     conn.batch_execute(MIGRATION_LOCK)?;
-    let result = match schema {
-        Some(schema) => ensure_schema(conn, schema),
-        None => Ok(()),
-    }
-    .and_then(|()| {
+    let result = ensure_schema(conn, schema).and_then(|()| {
         conn.run_pending_migrations(MIGRATIONS)
             .map(|versions| versions.iter().map(ToString::to_string).collect())
             .map_err(|e| Error::Migration(MigrationError::caused_by(e.to_string(), e)))
@@ -42,6 +39,53 @@ pub(crate) fn run_pending(conn: &mut PgConnection, schema: Option<&str>) -> Resu
     let versions = result.map_err(explain_missing_privilege)?;
     unlock?;
     Ok(versions)
+}
+
+/// Runs pgcache's pending migrations into `schema` on a connection of your own, for
+/// applications that run every migration in one step of their own (then start the
+/// cache with `run_migrations(false)` / `PGCACHE_RUN_MIGRATIONS=false`). Creates
+/// `schema` if missing and records the migrations in a `__diesel_schema_migrations`
+/// inside it, so the application's own migration history is untouched. The
+/// connection's search path is restored afterwards, also on failure. Returns the
+/// versions applied.
+///
+/// ```no_run
+/// use diesel::{Connection, PgConnection};
+///
+/// let mut conn = PgConnection::establish("postgres://postgres@localhost/app")?;
+/// // ... the application's own migrations ...
+/// let applied = pgcache::run_migrations(&mut conn, pgcache::DEFAULT_SCHEMA)?;
+/// println!("pgcache migrations applied: {applied:?}");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// [`Error::Database`] when the search path cannot be read or set,
+/// [`Error::Migration`] when a migration fails (saying what to do when the role may
+/// not create the schema or tables).
+pub fn run_migrations(conn: &mut PgConnection, schema: &str) -> Result<Vec<String>> {
+    #[derive(QueryableByName)]
+    struct Path {
+        #[diesel(sql_type = Text)]
+        path: String,
+    }
+    if schema.is_empty() {
+        return Err(Error::config("schema", "", "must not be empty"));
+    }
+    let before: Path =
+        diesel::sql_query("SELECT current_setting('search_path') AS path").get_result(conn)?;
+    let set_path = |conn: &mut PgConnection, path: &str| {
+        diesel::sql_query("SELECT set_config('search_path', $1, false) AS path")
+            .bind::<Text, _>(path)
+            .get_result::<Path>(conn)
+            .map(drop)
+    };
+    set_path(conn, &quote_ident(schema))?;
+    let result = run_pending(conn, schema);
+    let restored = set_path(conn, &before.path);
+    let applied = result?;
+    restored?;
+    Ok(applied)
 }
 
 /// A yes/no answer from the database.

@@ -34,7 +34,9 @@ use crate::database_url::DatabaseUrl;
 use crate::error::{Error, Result};
 use crate::watchdog::{no_answer_limit, watched, Watchdog};
 
-type PgPool = r2d2::Pool<ConnectionManager<PgConnection>>;
+/// An r2d2 pool of Diesel PostgreSQL connections: what an application that already
+/// has one passes to [`CacheManager::with_pool`](crate::CacheManager::with_pool).
+pub type ConnectionPool = r2d2::Pool<ConnectionManager<PgConnection>>;
 
 /// A connection checked out of the cache's pool; derefs to `PgConnection`.
 pub type PooledConnection = r2d2::PooledConnection<ConnectionManager<PgConnection>>;
@@ -112,9 +114,10 @@ pub(crate) fn session_sql(config: &CacheConfig) -> String {
         config.statement_timeout().as_millis(),
         quote_literal(config.application_name())
     );
-    if let Some(schema) = config.schema() {
-        sql.push_str(&format!(" SET search_path TO {};", quote_ident(schema)));
-    }
+    sql.push_str(&format!(
+        " SET search_path TO {};",
+        quote_ident(config.schema())
+    ));
     if config.durability() == Durability::Relaxed {
         sql.push_str(" SET synchronous_commit = off;");
     }
@@ -194,11 +197,96 @@ impl HandleEvent for FailureLog {
     }
 }
 
-/// The cache's connection pool.
+/// The cache's connection pool: its own, or the application's.
 pub(crate) struct Pool {
-    pool: PgPool,
+    pool: ConnectionPool,
     suspicion: Suspicion,
     failures: Arc<ConnectFailures>,
+    /// Set when the pool is the application's: its connections keep their own
+    /// session settings, and get the cache's schema added to the end of their
+    /// search path when a cache statement first fails to find a table on one.
+    shared: Option<SharedPath>,
+}
+
+/// Puts the cache's schema on an application connection's search path, last, so
+/// that every name the application uses resolves as before.
+#[derive(Debug)]
+struct SharedPath {
+    schema: String,
+}
+
+impl SharedPath {
+    /// Adds the schema to the end of `conn`'s search path unless it is on it. One
+    /// round trip; a no-op on a connection that has it.
+    fn ensure(&self, conn: &mut PgConnection) -> Result<()> {
+        use diesel::sql_types::Text;
+        use diesel::RunQueryDsl;
+        diesel::sql_query(
+            "SELECT set_config('search_path', \
+               CASE current_setting('search_path') WHEN '' THEN quote_ident($1) \
+               ELSE current_setting('search_path') || ', ' || quote_ident($1) END, false) \
+             WHERE NOT $1 = ANY (current_schemas(false))",
+        )
+        .bind::<Text, _>(&self.schema)
+        .execute(conn)?;
+        Ok(())
+    }
+
+    /// Fails, naming the table, when a table of the application's that comes first
+    /// on the search path has a cache table's name: cache statements would use it.
+    fn check_shadowing(&self, conn: &mut PgConnection) -> Result<()> {
+        use diesel::sql_types::{Array, Nullable, Text};
+        use diesel::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct Found {
+            #[diesel(sql_type = Text)]
+            table: String,
+            #[diesel(sql_type = Nullable<Text>)]
+            schema: Option<String>,
+        }
+        let tables: Vec<&str> = crate::kind::CacheKind::ALL
+            .iter()
+            .map(|kind| kind.table())
+            .collect();
+        let found: Vec<Found> = diesel::sql_query(
+            "SELECT t AS table, (SELECT n.nspname::text FROM pg_class c \
+               JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(t)) AS schema \
+             FROM unnest($1::text[]) AS t",
+        )
+        .bind::<Array<Text>, _>(&tables)
+        .load(conn)?;
+        match found
+            .into_iter()
+            .find(|f| f.schema.as_deref().is_some_and(|s| s != self.schema))
+        {
+            Some(f) => Err(Error::config(
+                "schema",
+                &self.schema,
+                format!(
+                    "the application's search path finds its own table {}.{} before the \
+                     cache's; give the cache its own pool (CacheManager::new)",
+                    f.schema.unwrap_or_default(),
+                    f.table
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// True for a missing table, or another error PostgreSQL raised while analysing a
+/// statement (it carries the position of the offending name; messages follow the
+/// server's language): for a cache statement on an application connection, a
+/// table not on its search path.
+fn names_unresolved(error: &Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error as D};
+    match error {
+        Error::MissingTable { .. } => true,
+        Error::Database(D::DatabaseError(DatabaseErrorKind::Unknown, info)) => {
+            info.statement_position().is_some()
+        }
+        _ => false,
+    }
 }
 
 impl Pool {
@@ -239,9 +327,52 @@ impl Pool {
             pool,
             suspicion,
             failures,
+            shared: None,
         };
         if !config.fail_open() {
             drop(pool.checkout()?);
+        }
+        Ok(pool)
+    }
+
+    /// Wraps the application's pool. Its connections keep their settings (statement
+    /// timeout, application name, durability) and gain the cache's schema at the end
+    /// of their search path; `Durability::Relaxed`, which would change how the
+    /// application's own commits are flushed, is refused. Unless in fail-open mode,
+    /// checks that the server answers and that no table of the application's hides a
+    /// cache table.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for relaxed durability or a hidden cache table;
+    /// [`Error::Connection`] when no connection is free within the pool's timeout.
+    pub(crate) fn shared(pool: ConnectionPool, config: &CacheConfig) -> Result<Self> {
+        if config.durability() == Durability::Relaxed {
+            return Err(Error::config(
+                "durability",
+                "relaxed",
+                "would turn off synchronous commit on the application's own connections; \
+                 give the cache its own pool (CacheManager::new) for relaxed durability",
+            ));
+        }
+        let pool = Pool {
+            suspicion: Suspicion {
+                remaining: Arc::new(AtomicU32::new(0)),
+                pool_size: pool.max_size(),
+            },
+            pool,
+            failures: Arc::new(ConnectFailures {
+                url: config.database_url().clone(),
+                last: Mutex::new(None),
+            }),
+            shared: Some(SharedPath {
+                schema: config.schema().to_owned(),
+            }),
+        };
+        if !config.fail_open() {
+            let mut conn = pool.for_caller()?;
+            if let Some(shared) = &pool.shared {
+                shared.check_shadowing(&mut conn)?;
+            }
         }
         Ok(pool)
     }
@@ -279,6 +410,9 @@ impl Pool {
         for _ in 0..=self.pool.max_size() {
             let mut conn = self.checkout()?;
             if !probe(&mut conn) {
+                if let Some(shared) = &self.shared {
+                    shared.ensure(&mut conn)?;
+                }
                 return Ok(conn);
             }
             self.suspicion.raise();
@@ -288,13 +422,32 @@ impl Pool {
         ))
     }
 
+    /// A connection for the caller's own statements: on the application's pool,
+    /// with the cache's schema on its search path (one round trip more).
+    pub(crate) fn for_caller(&self) -> Result<PooledConnection> {
+        let mut conn = self.checkout()?;
+        if let Some(shared) = &self.shared {
+            shared.ensure(&mut conn)?;
+        }
+        Ok(conn)
+    }
+
     /// Runs `op` on a pooled connection, under the watchdog; once more, on a live
     /// connection, if the first one turned out to be dead or PostgreSQL aborted the
     /// statement to resolve a conflict. A run the watchdog cut
-    /// ([`Error::Unresponsive`]) is not retried: that would wait as long again.
+    /// ([`Error::Unresponsive`]) is not retried: that would wait as long again. On
+    /// the application's pool, a statement that did not find its table is run again
+    /// after the cache's schema was put on the connection's search path, so a
+    /// connection pays that round trip once, not on every operation.
     pub(crate) fn run<T>(&self, op: impl Fn(&mut PgConnection) -> Result<T>) -> Result<T> {
         let mut conn = self.checkout()?;
         match watched(&mut conn, &op) {
+            Err(error) if self.shared.is_some() && names_unresolved(&error) => {
+                if let Some(shared) = &self.shared {
+                    shared.ensure(&mut conn)?;
+                }
+                watched(&mut conn, &op)
+            }
             Err(error) if error.is_database_failure() && probe(&mut conn) => {
                 drop(conn);
                 self.suspicion.raise();

@@ -53,7 +53,7 @@ fn environment_variables_are_read() {
     assert_eq!(c.ttl().week, Duration::from_secs(40));
     assert_eq!(c.pool().max_size, 7);
     assert_eq!(c.pool().connection_timeout, Duration::from_millis(250));
-    assert_eq!(c.schema(), Some("cache"));
+    assert_eq!(c.schema(), "cache");
     assert!(!c.run_migrations());
     assert_eq!(c.durability(), Durability::Relaxed);
 }

@@ -596,26 +596,11 @@ fn clear_action(cache: &CacheManager, kind: Option<CacheKind>) -> Result<String,
             }
         }
     };
-    let schema = match cache.config().schema() {
-        Some(schema) => schema.to_owned(),
-        None => current_schema(cache)?,
-    };
+    let schema = cache.config().schema();
     Ok(format!(
         "delete {what} in schema \"{schema}\" of {}",
         cache.config().database_url().redacted()
     ))
-}
-
-/// The schema the search path puts the cache tables in.
-fn current_schema(cache: &CacheManager) -> Result<String, String> {
-    use diesel::RunQueryDsl;
-    let mut conn = cache.connection().map_err(|e| e.to_string())?;
-    let schema: Option<String> = diesel::select(diesel::dsl::sql::<
-        diesel::sql_types::Nullable<diesel::sql_types::Text>,
-    >("current_schema()"))
-    .get_result(&mut *conn)
-    .map_err(|e| format!("cannot read the current schema: {e}"))?;
-    Ok(schema.unwrap_or_else(|| "(none)".to_owned()))
 }
 
 /// Asks on the terminal whether to do `action`; refuses when there is none to ask on.
