@@ -46,3 +46,31 @@ fn warmup_and_invalidation_reports_serialize_to_json() {
     let invalidation = serde_json::to_value(InvalidationReport::default()).unwrap();
     assert!(invalidation.is_object(), "{invalidation}");
 }
+
+#[test]
+fn cache_keys_work_as_hash_set_members() {
+    use std::collections::HashSet;
+    let prompts: HashSet<pgcache::LlmPrompt> = [
+        pgcache::LlmPrompt::new("q", "p"),
+        pgcache::LlmPrompt::new("q", "p"),
+        pgcache::LlmPrompt::new("q", "p").with_model("m"),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(prompts.len(), 2);
+    let chunks: HashSet<pgcache::AudioChunkKey> = [
+        pgcache::AudioChunkKey::new("hi", "voice", "tts"),
+        pgcache::AudioChunkKey::new("hi", "voice", "tts"),
+        pgcache::AudioChunkKey::new("ho", "voice", "tts"),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(chunks.len(), 2);
+    let embeddings: HashSet<pgcache::EmbeddingKey> = [
+        pgcache::EmbeddingKey::new("text", "model"),
+        pgcache::EmbeddingKey::new("text", "model"),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(embeddings.len(), 1);
+}

@@ -156,7 +156,7 @@ pub const DEFAULT_MAX_AUDIO_TEXT_CHARS: usize = 500;
 pub const MAX_AUDIO_BYTES: usize = 16 * 1024 * 1024;
 
 /// What identifies a cached audio chunk.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AudioChunkKey {
     /// The text spoken.

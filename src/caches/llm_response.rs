@@ -71,7 +71,7 @@ impl LlmResponseCache<'_> {
 }
 
 /// An LLM request: what identifies a cached response.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LlmPrompt {
     /// The prompt.

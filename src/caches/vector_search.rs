@@ -50,7 +50,8 @@ pub struct VectorSearchTable;
 
 impl VectorSearchCache<'_> {}
 
-/// A vector search of one user: what identifies its cached results.
+/// A vector search of one user: what identifies its cached results. `PartialEq` but
+/// not `Eq`/`Hash`: the embedding is floats (the cache itself keys it by digest).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VectorSearchQuery {
