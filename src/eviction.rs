@@ -164,20 +164,31 @@ fn delete_planned(
     .get_result::<Planned>(conn)?
     .planned;
     // ctid, as in cleanup: the claimed rows are locked, so it is stable until the
-    // delete.
-    let sql = format!(
-        "DELETE FROM {name} WHERE ctid = ANY(ARRAY( \
-           SELECT c.ctid FROM {name} c JOIN {PLAN} p ON c.{key} = p.evict_key \
-           WHERE p.evict_n > $1 AND p.evict_n <= $2 AND c.{recency} <= p.evict_recency \
-           FOR UPDATE OF c SKIP LOCKED)) \
-         RETURNING ({size})::bigint AS size, {path} AS path"
-    );
+    // delete. Per partition (a ctid is unique only within one), each batch of the
+    // plan from every partition before the next batch, so rank order holds.
+    let statements: Vec<String> = crate::partitions::leaves(conn, name)?
+        .iter()
+        .map(|leaf| {
+            format!(
+                "DELETE FROM {leaf} WHERE ctid = ANY(ARRAY( \
+                   SELECT c.ctid FROM {leaf} c JOIN {PLAN} p ON c.{key} = p.evict_key \
+                   WHERE p.evict_n > $1 AND p.evict_n <= $2 AND c.{recency} <= p.evict_recency \
+                   FOR UPDATE OF c SKIP LOCKED)) \
+                 RETURNING ({size})::bigint AS size, {path} AS path"
+            )
+        })
+        .collect();
     let mut done = 0;
     while done < planned {
-        let evicted: Vec<Evicted> = diesel::sql_query(&sql)
-            .bind::<BigInt, _>(done)
-            .bind::<BigInt, _>(done + CLEANUP_BATCH_SIZE)
-            .load(conn)?;
+        let mut evicted: Vec<Evicted> = Vec::new();
+        for sql in &statements {
+            evicted.extend(
+                diesel::sql_query(sql)
+                    .bind::<BigInt, _>(done)
+                    .bind::<BigInt, _>(done + CLEANUP_BATCH_SIZE)
+                    .load::<Evicted>(conn)?,
+            );
+        }
         done += CLEANUP_BATCH_SIZE;
         if evicted.is_empty() {
             continue;

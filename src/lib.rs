@@ -77,6 +77,7 @@ mod validation;
 // Database plumbing.
 mod conninfo;
 mod migrations;
+mod partitions;
 mod pool;
 mod schema;
 mod watchdog;
@@ -133,6 +134,7 @@ pub use ops::{
     InvalidationReport, Warmup, WarmupAudioChunk, WarmupEmbedding, WarmupKv, WarmupLlmResponse,
     WarmupReport, WarmupVectorSearch,
 };
+pub use partitions::{Partitioning, MAX_PARTITIONS};
 pub use pool::{ConnectionPool, PooledConnection};
 pub use popularity::{HitStats, TopEntry};
 pub use skipped::MAX_SKIPPED_KEYS;

@@ -160,6 +160,24 @@ impl CacheManager {
         self.engine.run_migrations()
     }
 
+    /// Makes every cache table hash-partitioned on its key into `partitions` tables
+    /// (`<table>_p0` ...), moving the rows over: for tables of many millions of rows,
+    /// whose indexes, vacuum and cleanup then work on one partition at a time. Each
+    /// table converts in one transaction, during which its reads and writes wait;
+    /// run it at migrate time (`pgcache migrate --partitions 16`). A table already
+    /// partitioned into that many is left alone, so it is safe to run again.
+    /// Privileges granted on a table are not carried over.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for 0 or more than
+    /// [`MAX_PARTITIONS`](crate::MAX_PARTITIONS) partitions or a table already
+    /// partitioned into another number; [`Error::Connection`](crate::Error::Connection)
+    /// or a database error, which leaves the table being converted as it was.
+    pub fn partition_tables(&self, partitions: u32) -> Result<Vec<crate::Partitioning>> {
+        self.engine
+            .maintain(|conn| crate::partitions::partition(conn, partitions))
+    }
+
     /// Makes every cache table `LOGGED` (durable, replicated) or `UNLOGGED` (faster
     /// writes; emptied after a crash and not replicated).
     ///

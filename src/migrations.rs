@@ -5,7 +5,7 @@ use diesel::connection::SimpleConnection;
 use diesel::migration::MigrationSource;
 use diesel::pg::{Pg, PgConnection};
 use diesel::sql_types::{Array, Bool, Nullable, Text, Timestamptz};
-use diesel::{QueryableByName, RunQueryDsl};
+use diesel::{Connection, QueryableByName, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use crate::error::{Error, MigrationError, Result};
@@ -29,16 +29,27 @@ const MIGRATION_UNLOCK: &str = "SELECT pg_advisory_unlock(7262817313)";
 /// a unique violation in `pg_namespace`. A failure for want of privileges says what
 /// to do ([`explain_missing_privilege`]).
 pub(crate) fn run_pending(conn: &mut PgConnection, schema: &str) -> Result<Vec<String>> {
-    conn.batch_execute(MIGRATION_LOCK)?;
-    let result = ensure_schema(conn, schema).and_then(|()| {
+    locked(conn, |conn| {
+        ensure_schema(conn, schema)?;
         conn.run_pending_migrations(MIGRATIONS)
             .map(|versions| versions.iter().map(ToString::to_string).collect())
             .map_err(|e| Error::Migration(MigrationError::caused_by(e.to_string(), e)))
-    });
+    })
+}
+
+/// Runs `f` under the migration lock (so schema changes from several processes
+/// never interleave), explaining a missing privilege (see
+/// [`explain_missing_privilege`]).
+pub(crate) fn locked<T>(
+    conn: &mut PgConnection,
+    f: impl FnOnce(&mut PgConnection) -> Result<T>,
+) -> Result<T> {
+    conn.batch_execute(MIGRATION_LOCK)?;
+    let result = f(conn);
     let unlock = conn.batch_execute(MIGRATION_UNLOCK);
-    let versions = result.map_err(explain_missing_privilege)?;
+    let value = result.map_err(explain_missing_privilege)?;
     unlock?;
-    Ok(versions)
+    Ok(value)
 }
 
 /// Runs pgcache's pending migrations into `schema` on a connection of your own, for
@@ -175,15 +186,34 @@ pub(crate) fn migrated_at(conn: &mut PgConnection) -> Result<Option<DateTime<Utc
 /// emptied after a crash and are not replicated to standbys.
 pub(crate) fn set_logged(conn: &mut PgConnection, logged: bool) -> Result<()> {
     let mode = if logged { "LOGGED" } else { "UNLOGGED" };
-    let sql: String = CacheKind::ALL
-        .iter()
-        .map(|kind| format!("ALTER TABLE {} SET {mode};", kind.table()))
-        .collect();
-    conn.batch_execute(&format!("BEGIN; {sql} COMMIT;"))
-        .map_err(|e| {
-            let _ = conn.batch_execute("ROLLBACK");
-            Error::from(e)
-        })
+    conn.transaction(|conn| {
+        for kind in CacheKind::ALL {
+            // A partitioned table has no storage of its own: its partitions do.
+            for leaf in crate::partitions::leaves(conn, kind.table())? {
+                conn.batch_execute(&format!("ALTER TABLE {leaf} SET {mode}"))?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The statements creating `kind`'s near-cache invalidation triggers (run in one
+/// transaction).
+pub(crate) fn near_triggers_sql(kind: CacheKind) -> String {
+    let table = kind.descriptor();
+    // Names come from the closed descriptors, never from input.
+    format!(
+        "CREATE TRIGGER pgcache_near_update AFTER UPDATE ON {t} \
+           REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows \
+           FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate('{name}'); \
+         CREATE TRIGGER pgcache_near_delete AFTER DELETE ON {t} \
+           REFERENCING OLD TABLE AS old_rows \
+           FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate('{name}'); \
+         CREATE TRIGGER pgcache_near_truncate AFTER TRUNCATE ON {t} \
+           FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate('{name}');",
+        t = table.table,
+        name = table.name
+    )
 }
 
 /// Installs the near-cache invalidation triggers on the tables of `kinds` that lack
@@ -193,41 +223,19 @@ pub(crate) fn ensure_near_triggers(
     conn: &mut PgConnection,
     kinds: impl IntoIterator<Item = CacheKind>,
 ) -> Result<()> {
-    conn.batch_execute(MIGRATION_LOCK)?;
-    let result = kinds.into_iter().try_for_each(|kind| {
-        let table = kind.descriptor();
-        let installed: Flag = diesel::sql_query(
-            "SELECT EXISTS (SELECT 1 FROM pg_trigger \
-             WHERE tgrelid = $1::regclass AND tgname = 'pgcache_near_delete') AS flag",
-        )
-        .bind::<Text, _>(table.table)
-        .get_result(conn)?;
-        if installed.flag {
-            return Ok(());
-        }
-        let args = format!("'{}'", table.name);
-        // Names come from the closed descriptors, never from input.
-        conn.batch_execute(&format!(
-            "BEGIN; \
-             CREATE TRIGGER pgcache_near_update AFTER UPDATE ON {t} \
-               REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows \
-               FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate({args}); \
-             CREATE TRIGGER pgcache_near_delete AFTER DELETE ON {t} \
-               REFERENCING OLD TABLE AS old_rows \
-               FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate({args}); \
-             CREATE TRIGGER pgcache_near_truncate AFTER TRUNCATE ON {t} \
-               FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate({args}); \
-             COMMIT;",
-            t = table.table
-        ))
-        .map_err(Error::from)
-    });
-    if result.is_err() {
-        // A failed CREATE leaves the transaction aborted.
-        let _ = conn.batch_execute("ROLLBACK");
-    }
-    let unlock = conn.batch_execute(MIGRATION_UNLOCK);
-    result.map_err(explain_missing_privilege)?;
-    unlock?;
-    Ok(())
+    locked(conn, |conn| {
+        kinds.into_iter().try_for_each(|kind| {
+            let installed: Flag = diesel::sql_query(
+                "SELECT EXISTS (SELECT 1 FROM pg_trigger \
+                 WHERE tgrelid = $1::regclass AND tgname = 'pgcache_near_delete') AS flag",
+            )
+            .bind::<Text, _>(kind.table())
+            .get_result(conn)?;
+            if installed.flag {
+                return Ok(());
+            }
+            conn.transaction(|conn| conn.batch_execute(&near_triggers_sql(kind)))
+                .map_err(Error::from)
+        })
+    })
 }

@@ -48,6 +48,10 @@ struct Cli {
 enum Command {
     /// Create or update the cache tables (runs pending migrations).
     Migrate {
+        /// Then hash-partition every cache table on its key into this many
+        /// partitions (for tables of many millions of rows; safe to run again).
+        #[arg(long, value_name = "N")]
+        partitions: Option<u32>,
         /// Then make the cache tables UNLOGGED: faster writes, emptied after a crash,
         /// not replicated.
         #[arg(long, conflicts_with = "logged")]
@@ -320,11 +324,16 @@ fn run(cli: Cli) -> Result<Outcome, String> {
     let cache = manager(&cli)?;
     match cli.command {
         Command::Migrate {
+            partitions,
             unlogged,
             logged,
             json,
         } => {
             let applied = cache.run_migrations().map_err(|e| e.to_string())?;
+            let partitioned = match partitions {
+                Some(n) => cache.partition_tables(n).map_err(|e| e.to_string())?,
+                None => Vec::new(),
+            };
             let switched = unlogged || logged;
             if switched {
                 cache.set_tables_logged(logged).map_err(|e| e.to_string())?;
@@ -332,6 +341,7 @@ fn run(cli: Cli) -> Result<Outcome, String> {
             let value = serde_json::json!({
                 "applied": applied,
                 "tables_logged": if switched { Some(logged) } else { None },
+                "partitioned": partitioned,
             });
             report(json, quiet, &value, || {
                 let mut text = if applied.is_empty() {
@@ -343,6 +353,14 @@ fn run(cli: Cli) -> Result<Outcome, String> {
                         applied.join(", ")
                     )
                 };
+                for p in &partitioned {
+                    let what = if p.converted { "now" } else { "already" };
+                    text.push_str(&format!(
+                        "\n{} {what} has {} hash partitions",
+                        p.cache.table(),
+                        p.partitions
+                    ));
+                }
                 if switched {
                     let now = if logged { "LOGGED" } else { "UNLOGGED" };
                     text.push_str(&format!("\ncache tables are now {now}"));

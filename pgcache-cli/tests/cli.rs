@@ -9,6 +9,7 @@ mod ops_support;
 use assert_cmd::Command;
 use common::TestDb;
 use ops_support::{expired, fill, live};
+use pgcache::Cache;
 use predicates::prelude::*;
 
 /// `pgcache` pointed at `db`'s schema through the environment, with no terminal.
@@ -65,6 +66,36 @@ fn migrate_creates_the_tables_and_switches_durability() {
         .assert()
         .success();
     assert_eq!(persistence(&db), "logged");
+}
+
+#[test]
+fn migrate_partitions_every_cache_table_and_runs_again_safely() {
+    let db = TestDb::new();
+    db.cache.kv().set("kept", &serde_json::json!(1)).unwrap();
+    pgcache(&db)
+        .args(["migrate", "--partitions", "4"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "cache_entries now has 4 hash partitions",
+        ));
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM pg_partition_tree('cache_entries') WHERE isleaf"),
+        4
+    );
+    assert_eq!(
+        db.cache.kv().get("kept").unwrap(),
+        Some(serde_json::json!(1))
+    );
+    let out = pgcache(&db)
+        .args(["migrate", "--partitions", "4", "--json"])
+        .assert()
+        .success();
+    let report: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    assert_eq!(report["partitioned"][0]["converted"], false);
+    assert_eq!(report["partitioned"][0]["partitions"], 4);
+    let line = error_line(pgcache(&db).args(["migrate", "--partitions", "8"]));
+    assert!(line.contains("already has 4 partitions"), "{line}");
 }
 
 #[test]

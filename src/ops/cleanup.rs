@@ -265,27 +265,31 @@ fn delete_expired(
     table: &str,
     on_batch: &mut dyn FnMut(u64),
 ) -> QueryResult<u64> {
-    // Table names come from a closed list, never from input. `ctid` makes one
-    // statement serve every table whatever its key; the claimed rows are locked, so
-    // their ctid is stable until the delete.
-    let sql = format!(
-        "DELETE FROM {table} WHERE ctid = ANY(ARRAY(\
-         SELECT ctid FROM {table} WHERE expires_at <= now() \
-         LIMIT $1 FOR UPDATE SKIP LOCKED))"
-    );
     let mut removed = 0;
-    loop {
-        let batch = diesel::sql_query(&sql)
-            .bind::<BigInt, _>(CLEANUP_BATCH_SIZE)
-            .execute(conn)? as u64;
-        removed += batch;
-        if batch > 0 {
-            on_batch(removed);
-        }
-        if batch < CLEANUP_BATCH_SIZE as u64 {
-            return Ok(removed);
+    // Per partition: a ctid is unique only within one.
+    for leaf in crate::partitions::leaves(conn, table)? {
+        // Table names come from a closed list and the catalog, never from input.
+        // `ctid` makes one statement serve every table whatever its key; the
+        // claimed rows are locked, so their ctid is stable until the delete.
+        let sql = format!(
+            "DELETE FROM {leaf} WHERE ctid = ANY(ARRAY(\
+             SELECT ctid FROM {leaf} WHERE expires_at <= now() \
+             LIMIT $1 FOR UPDATE SKIP LOCKED))"
+        );
+        loop {
+            let batch = diesel::sql_query(&sql)
+                .bind::<BigInt, _>(CLEANUP_BATCH_SIZE)
+                .execute(conn)? as u64;
+            removed += batch;
+            if batch > 0 {
+                on_batch(removed);
+            }
+            if batch < CLEANUP_BATCH_SIZE as u64 {
+                break;
+            }
         }
     }
+    Ok(removed)
 }
 
 fn delete_all(conn: &mut PgConnection, table: &str) -> QueryResult<u64> {

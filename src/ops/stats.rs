@@ -50,7 +50,8 @@ pub struct TableStats {
     pub active_entries: u64,
     /// Expired rows not yet removed by cleanup.
     pub expired_entries: u64,
-    /// `pg_total_relation_size`: heap, indexes and TOAST, in bytes.
+    /// `pg_total_relation_size` of the table and its partitions: heap, indexes and
+    /// TOAST, in bytes.
     pub size_bytes: u64,
     /// Reads of this cache, counted by every manager that has flushed.
     pub lookups: Lookups,
@@ -157,7 +158,8 @@ fn table_counts(conn: &mut PgConnection, table: &str) -> QueryResult<TableCounts
     // Table names come from a closed list, never from input.
     diesel::sql_query(format!(
         "SELECT count(*) AS total, count(*) FILTER (WHERE expires_at > now()) AS active, \
-         pg_total_relation_size('{table}'::regclass) AS size_bytes FROM {table}"
+         {size} AS size_bytes FROM {table}",
+        size = crate::partitions::size_sql(table)
     ))
     .get_result(conn)
 }
@@ -171,7 +173,7 @@ pub(crate) fn total_size(conn: &mut PgConnection) -> QueryResult<u64> {
         size_bytes: i64,
     }
     let sum = CacheKind::ALL
-        .map(|kind| format!("pg_total_relation_size('{}'::regclass)", kind.table()))
+        .map(|kind| crate::partitions::size_sql(kind.table()))
         .join(" + ");
     let size: Size =
         diesel::sql_query(format!("SELECT ({sum})::int8 AS size_bytes")).get_result(conn)?;

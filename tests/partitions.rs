@@ -1,0 +1,279 @@
+//! Hash-partitioned cache tables (`partition_tables`, `pgcache migrate
+//! --partitions N`): every operation works on them, prepared reads prune to one
+//! partition, cleanup and eviction work per partition.
+
+mod common;
+mod near_support;
+
+use std::time::Duration;
+
+use common::TestDb;
+use near_support::wait_current;
+use pgcache::{Cache, CacheKind, EmbeddingKey, Error, LlmPrompt, NearCache};
+use serde_json::json;
+
+const PARTITIONS: u32 = 4;
+
+fn partitioned(db: &TestDb) {
+    let done = db.cache.partition_tables(PARTITIONS).unwrap();
+    assert_eq!(done.len(), CacheKind::ALL.len());
+    assert!(done
+        .iter()
+        .all(|p| p.converted && p.partitions == PARTITIONS));
+}
+
+fn partitions_of(db: &TestDb, table: &str) -> i64 {
+    db.count(&format!(
+        "SELECT count(*) AS n FROM pg_partition_tree('{table}') WHERE isleaf"
+    ))
+}
+
+#[test]
+fn partitioned_tables_serve_every_cache_operation() {
+    let db = TestDb::new();
+    partitioned(&db);
+    for kind in CacheKind::ALL {
+        assert_eq!(
+            partitions_of(&db, kind.table()),
+            i64::from(PARTITIONS),
+            "{kind}"
+        );
+    }
+    let kv = db.cache.kv();
+    kv.set("user:1:a", &json!(1)).unwrap();
+    kv.set("user:1:a", &json!(2)).unwrap(); // an upsert overwrite
+    let (b, c) = (json!("b"), json!("c"));
+    kv.set_many(
+        &[("user:1:b", &b), ("user:2:c", &c)],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(
+        kv.get_many(&["user:1:a", "user:1:b", "user:2:c", "none"])
+            .unwrap(),
+        vec![Some(json!(2)), Some(b), Some(c.clone()), None]
+    );
+    assert_eq!(kv.incr("counter", 5, Duration::from_secs(60)).unwrap(), 5);
+    assert!(kv
+        .set_nx("lock", &json!("me"), Duration::from_secs(60))
+        .unwrap());
+    assert_eq!(kv.delete_prefix("user:1:").unwrap(), 2);
+    assert_eq!(kv.get("user:2:c").unwrap(), Some(c));
+    assert!(kv.delete("user:2:c").unwrap());
+
+    let prompt = LlmPrompt::new("q", "p");
+    db.cache
+        .llm_response()
+        .set(&prompt, &"a".to_owned())
+        .unwrap();
+    assert_eq!(
+        db.cache
+            .llm_response()
+            .get(&prompt)
+            .unwrap()
+            .unwrap()
+            .response,
+        "a"
+    );
+    let key = EmbeddingKey::new("text", "model");
+    db.cache.embedding().set(&key, &vec![0.5; 8]).unwrap();
+    assert_eq!(
+        db.cache.embedding().get(&key).unwrap().unwrap().embedding,
+        vec![0.5; 8]
+    );
+
+    let stats = db.cache.stats().unwrap();
+    let kv_stats = stats
+        .caches
+        .iter()
+        .find(|t| t.cache == CacheKind::Kv)
+        .unwrap();
+    assert_eq!(kv_stats.entries, 2, "counter and lock");
+    assert!(kv_stats.size_bytes > 0, "sizes count the partitions");
+}
+
+#[test]
+fn partitioning_keeps_the_rows_and_runs_again_safely() {
+    let db = TestDb::new();
+    for i in 0..100 {
+        db.cache.kv().set(&format!("k{i}"), &json!(i)).unwrap();
+    }
+    partitioned(&db);
+    for i in 0..100 {
+        assert_eq!(db.cache.kv().get(&format!("k{i}")).unwrap(), Some(json!(i)));
+    }
+    // Rows are spread over every partition.
+    assert_eq!(
+        db.count("SELECT count(DISTINCT tableoid) AS n FROM cache_entries"),
+        i64::from(PARTITIONS)
+    );
+    let again = db.cache.partition_tables(PARTITIONS).unwrap();
+    assert!(again.iter().all(|p| !p.converted));
+
+    for wrong in [0, PARTITIONS * 2, pgcache::MAX_PARTITIONS + 1] {
+        let err = db.cache.partition_tables(wrong).unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidInput { what, .. } if *what == "partitions"),
+            "{wrong}: {err}"
+        );
+    }
+    assert_eq!(db.count("SELECT count(*) AS n FROM cache_entries"), 100);
+}
+
+#[test]
+fn cleanup_removes_expired_rows_from_every_partition() {
+    let db = TestDb::new();
+    partitioned(&db);
+    for i in 0..200 {
+        db.cache.kv().set(&format!("k{i}"), &json!(i)).unwrap();
+    }
+    db.exec(
+        "UPDATE cache_entries SET expires_at = now() - interval '1 second' \
+         WHERE substring(key from 2)::int % 2 = 0",
+    );
+    let report = db.cache.cleanup().unwrap();
+    assert_eq!(report.rows_removed(), 100);
+    assert_eq!(db.count("SELECT count(*) AS n FROM cache_entries"), 100);
+    for i in (1..200).step_by(2) {
+        assert_eq!(db.cache.kv().get(&format!("k{i}")).unwrap(), Some(json!(i)));
+    }
+}
+
+#[test]
+fn eviction_takes_the_oldest_entries_across_partitions() {
+    let db = TestDb::with(|b| {
+        b.max_entries(CacheKind::Kv, Some(40))
+            .eviction_low_watermark(0.5)
+    });
+    partitioned(&db);
+    for i in 0..60 {
+        db.cache.kv().set(&format!("k{i:02}"), &json!(i)).unwrap();
+    }
+    // k00 is the oldest write, k59 the newest.
+    db.exec(
+        "UPDATE cache_entries SET created_at = \
+         now() - interval '1 minute' * (100 - substring(key from 2)::int)",
+    );
+    let report = db.cache.cleanup().unwrap();
+    assert_eq!(report.evicted_rows(), 40);
+    for i in 0..60 {
+        let kept = db.cache.kv().get(&format!("k{i:02}")).unwrap().is_some();
+        assert_eq!(kept, i >= 40, "k{i:02}");
+    }
+}
+
+#[test]
+fn a_prepared_generic_get_reads_one_partition() {
+    let db = TestDb::new();
+    partitioned(&db);
+    let mut conn = db.raw_connection();
+    for (table, key, value) in [
+        ("cache_entries", "key", "'k'::text"),
+        ("llm_response_cache", "key_hash", "'\\x00'::bytea"),
+    ] {
+        let plan = explain_generic(&mut conn, table, key, value);
+        assert!(
+            plan.contains(&format!("Subplans Removed: {}", PARTITIONS - 1)),
+            "{table}:\n{plan}"
+        );
+    }
+}
+
+/// The plan of a prepared `SELECT ... WHERE key = $1` forced generic, as a prepared
+/// statement's plan becomes after five executions.
+fn explain_generic(conn: &mut diesel::PgConnection, table: &str, key: &str, value: &str) -> String {
+    use diesel::connection::SimpleConnection;
+    use diesel::sql_types::Text;
+    use diesel::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Line {
+        #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
+        line: String,
+    }
+    conn.batch_execute(&format!(
+        "SET plan_cache_mode = force_generic_plan; \
+         PREPARE get_{table} AS SELECT * FROM {table} \
+           WHERE {key} = $1 AND expires_at > statement_timestamp()"
+    ))
+    .unwrap();
+    let lines: Vec<Line> =
+        diesel::sql_query(format!("EXPLAIN (COSTS OFF) EXECUTE get_{table}({value})"))
+            .load(conn)
+            .unwrap();
+    lines
+        .into_iter()
+        .map(|l| l.line)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn near_cache_triggers_move_to_the_partitioned_table_and_evict() {
+    let db = TestDb::with(|b| {
+        b.near_cache(CacheKind::Kv, Some(NearCache::new()))
+            .near_cache_staleness(Duration::from_millis(100))
+    });
+    wait_current(&db.cache);
+    partitioned(&db);
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM pg_trigger \
+             WHERE tgrelid = 'cache_entries'::regclass AND tgname LIKE 'pgcache_near_%'"
+        ),
+        3
+    );
+    db.cache.kv().set("k", &json!("cached")).unwrap();
+    db.cache.kv().get("k").unwrap();
+    assert_eq!(db.cache.kv().get("k").unwrap(), Some(json!("cached")));
+    db.exec("UPDATE cache_entries SET value = '\"outside\"' WHERE key = 'k'");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(db.cache.kv().get("k").unwrap(), Some(json!("outside")));
+}
+
+#[test]
+fn unlogged_switches_every_partition() {
+    let db = TestDb::new();
+    partitioned(&db);
+    db.cache.set_tables_logged(false).unwrap();
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM pg_partition_tree('cache_entries') t \
+             JOIN pg_class c ON c.oid = t.relid WHERE t.isleaf AND c.relpersistence = 'u'"
+        ),
+        i64::from(PARTITIONS)
+    );
+    db.cache.set_tables_logged(true).unwrap();
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM pg_partition_tree('cache_entries') t \
+             JOIN pg_class c ON c.oid = t.relid WHERE t.isleaf AND c.relpersistence = 'u'"
+        ),
+        0
+    );
+}
+
+/// Partitioning and distributed tables (Citus) both need every unique index of a
+/// table to contain its partition/distribution column: the key, which is the whole
+/// primary key.
+#[test]
+fn every_unique_index_of_a_cache_table_contains_its_key() {
+    let db = TestDb::new();
+    for kind in CacheKind::ALL {
+        let t = kind.table();
+        assert_eq!(
+            db.count(&format!(
+                "SELECT count(*) AS n FROM pg_index WHERE indrelid = '{t}'::regclass \
+                 AND indisprimary AND indnatts = 1"
+            )),
+            1,
+            "{kind}: a one-column primary key"
+        );
+        let without_key = db.count(&format!(
+            "SELECT count(*) AS n FROM pg_index x, pg_index pk \
+             WHERE x.indrelid = '{t}'::regclass AND x.indisunique \
+               AND pk.indrelid = x.indrelid AND pk.indisprimary \
+               AND NOT pk.indkey[0] = ANY (x.indkey::int2[])"
+        ));
+        assert_eq!(without_key, 0, "{kind}: a unique index without the key");
+    }
+}
