@@ -92,6 +92,8 @@ mod skipped;
 mod cache;
 pub mod caches;
 mod eviction;
+#[cfg(feature = "cached")]
+mod memoize;
 mod popularity;
 mod single_flight;
 mod table;
@@ -124,6 +126,8 @@ pub use expiry::{TtlPresets, MAX_TTL};
 pub use key::{KeyDigest, KEY_FORMAT_VERSION};
 pub use kind::CacheKind;
 pub use manager::CacheManager;
+#[cfg(feature = "cached")]
+pub use memoize::Memo;
 pub use migrations::{run_migrations, MIGRATIONS};
 pub use near::NearCacheStats;
 pub use ops::{
