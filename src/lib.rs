@@ -46,6 +46,10 @@
 //! [`VectorSearchCache`], [`LlmResponseCache`], [`AudioChunkCache`]) and [`Error`].
 //! A service with a pool of its own passes it to [`CacheManager::with_pool`].
 //!
+//! With the optional feature `cached`, `Memo` (made by `CacheManager::memo`) memoises
+//! functions on the key/value cache: it is a store for the `cached` crate's
+//! `#[concurrent_cached]` macro, and its `get_or_compute` adds single flight.
+//!
 //! The API is blocking (Diesel and r2d2). Async services call it through
 //! `tokio::task::spawn_blocking`:
 //!

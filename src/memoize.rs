@@ -209,7 +209,7 @@ where
         self.kv().get_del(&self.kv_key(key))
     }
 
-    /// As [`cache_remove`](Self::cache_remove): an expired result is deleted but not
+    /// As `cache_remove`: an expired result is deleted but not
     /// returned, as for the crate's Redis store (expiry is judged by the database).
     fn cache_remove_entry(&self, key: &K) -> Result<Option<(K, V)>> {
         Ok(self.cache_remove(key)?.map(|value| (key.clone(), value)))

@@ -1,6 +1,6 @@
 //! Memoised functions on the key/value cache (feature `cached`): the `cached` crate's
-//! `#[concurrent_cached]` macro over a `Memo`, and `Memo::get_or_compute`.
-#![cfg(feature = "cached")]
+//! `#[concurrent_cached]` macro over a `Memo`, and `Memo::get_or_compute`. Built only
+//! with the feature (`required-features` in Cargo.toml).
 
 mod common;
 
