@@ -46,6 +46,10 @@
 //! [`VectorSearchCache`], [`LlmResponseCache`], [`AudioChunkCache`]) and [`Error`].
 //! A service with a pool of its own passes it to [`CacheManager::with_pool`].
 //!
+//! With the optional feature `cached`, `Memo` (made by `CacheManager::memo`) memoises
+//! functions on the key/value cache: it is a store for the `cached` crate's
+//! `#[concurrent_cached]` macro, and its `get_or_compute` adds single flight.
+//!
 //! The API is blocking (Diesel and r2d2). Async services call it through
 //! `tokio::task::spawn_blocking`:
 //!
@@ -92,6 +96,8 @@ mod skipped;
 mod cache;
 pub mod caches;
 mod eviction;
+#[cfg(feature = "cached")]
+mod memoize;
 mod popularity;
 mod single_flight;
 mod table;
@@ -124,6 +130,8 @@ pub use expiry::{TtlPresets, MAX_TTL};
 pub use key::{KeyDigest, KEY_FORMAT_VERSION};
 pub use kind::CacheKind;
 pub use manager::CacheManager;
+#[cfg(feature = "cached")]
+pub use memoize::Memo;
 pub use migrations::{run_migrations, MIGRATIONS};
 pub use near::NearCacheStats;
 pub use ops::{

@@ -227,6 +227,23 @@ impl CacheManager {
     pub fn audio_chunk(&self) -> AudioChunkCache<'_> {
         AudioChunkCache::new(&self.engine)
     }
+
+    /// A memo: a function's results in the key/value cache under `"{name}:{key}"`,
+    /// each kept for `ttl` (feature `cached`). Put a version in the name
+    /// (`user_name:v1`) and change it when the result's type changes.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a name that is not a
+    /// valid kv key or a bad TTL.
+    #[cfg(feature = "cached")]
+    pub fn memo<K, V>(&self, name: &str, ttl: std::time::Duration) -> Result<crate::Memo<K, V>> {
+        crate::Memo::new(
+            Arc::clone(&self.engine),
+            Arc::clone(&self._janitor),
+            name,
+            ttl,
+        )
+    }
 }
 
 /// Operations across the caches: cleanup, statistics, health, warmup, invalidation.
