@@ -68,7 +68,7 @@ fn partition_count(conn: &mut PgConnection, table: &str) -> QueryResult<Option<u
     Ok(count.n.map(|n| n as u32))
 }
 
-/// What [`partition`] did to one table.
+/// What [`CacheManager::partition_tables`](crate::CacheManager::partition_tables) did to one table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct Partitioning {
