@@ -21,6 +21,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
 use diesel::pg::PgConnection;
@@ -379,7 +380,10 @@ impl Pool {
 
     /// Checks a connection out, waiting at most the connection timeout.
     fn get(&self) -> Result<PooledConnection> {
-        self.pool.get().map_err(|e| self.failures.error(&e))
+        let started = Instant::now();
+        let conn = self.pool.get();
+        crate::metrics::pool_wait(started.elapsed());
+        conn.map_err(|e| self.failures.error(&e))
     }
 
     /// The pool's current state (for `Debug`).
