@@ -340,7 +340,7 @@ impl Engine {
             return Ok(fallback());
         };
         let started = Instant::now();
-        let result = pool.run(|conn| {
+        let result = pool.run_from(started, |conn| {
             self.catch_up(conn)?;
             op(conn)
         });

@@ -16,8 +16,11 @@ use pgcache::metrics::{
 use pgcache::{Cache, CacheConfig, CacheKind, CacheManager};
 use serde_json::json;
 
-/// What a recorder saw: (kind, name, labels, value).
-struct Seen(Vec<(MetricKind, String, Vec<(String, String)>, DebugValue)>);
+/// One metric a recorder saw: kind, name, labels, value.
+type Metric = (MetricKind, String, Vec<(String, String)>, DebugValue);
+
+/// What a recorder saw.
+struct Seen(Vec<Metric>);
 
 impl Seen {
     fn of(recorder: &DebuggingRecorder) -> Self {
