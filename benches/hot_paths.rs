@@ -1,6 +1,11 @@
 //! Regression benches of the key/value hot paths, each next to the same statement as
 //! hand-written prepared SQL (the physical limit) in the same group.
 //!
+//! `instrumentation, no recorder` is what metrics and tracing add to a `get` hit
+//! when the application installed no recorder and no subscriber: the span, the
+//! recordings and the pool-wait clock reads a `get` makes, without the query. Its
+//! time over `kv get hit/pgcache` is the overhead (budget: 2 %).
+//!
 //! Needs PostgreSQL at `DATABASE_URL` (default: local). Tables go in a scratch
 //! schema, dropped at the end. `cargo bench --bench hot_paths`.
 
@@ -134,6 +139,12 @@ fn hot_paths(c: &mut Criterion) {
                 .map(|k| by_key.get(k).cloned())
                 .collect::<Vec<_>>()
         })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("instrumentation, no recorder");
+    group.bench_function("recordings of one get", |b| {
+        b.iter(pgcache::metrics::recordings_of_one_get)
     });
     group.finish();
 

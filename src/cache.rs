@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::expiry::ttl_interval;
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
+use crate::metrics::Op;
 use crate::near::{NearCaches, NearKey, NearValue};
 use crate::skipped::Skipped;
 
@@ -236,7 +237,7 @@ fn near_get<C: Storage + ?Sized>(
         }
     }
     let ticket = near.ticket(C::KIND, &near_key);
-    let read = cache.engine().read(C::KIND, None, |conn| {
+    let read = cache.engine().read(C::KIND, Op::Get, None, |conn| {
         cache.read_for_near(conn, key, checked)
     })?;
     Ok(read.map(|read| {
@@ -278,9 +279,11 @@ fn near_get_many<C: Storage + ?Sized>(
     let wanted_keys: Vec<&C::Key> = wanted.iter().map(|&i| keys[i]).collect();
     let wanted_checked: Vec<C::CheckedKey> = wanted.iter().map(|&i| checked[i].clone()).collect();
     let misses = || wanted.iter().map(|_| None).collect();
-    let read = cache.engine().read_with(C::KIND, misses, |conn| {
-        cache.read_many(conn, &wanted_keys, &wanted_checked)
-    })?;
+    let read = cache
+        .engine()
+        .read_with(C::KIND, Op::GetMany, misses, |conn| {
+            cache.read_many(conn, &wanted_keys, &wanted_checked)
+        })?;
     for (i, entry) in wanted.iter().zip(read) {
         found[*i] = entry;
     }
@@ -305,6 +308,66 @@ fn near_evict_keys<C: Storage + ?Sized>(cache: &C, keys: &[&C::Key], checked: &[
             .collect();
         near.invalidate(C::KIND, keys.iter().map(|k| &k[..]));
     }
+}
+
+/// `set_many` (as `op`): the entries written in one statement, counted unless
+/// fail-open mode skipped them.
+fn store_entries<C: Storage + ?Sized>(
+    cache: &C,
+    op: Op,
+    entries: &[(&C::Key, &C::Value)],
+    ttl: Duration,
+) -> Result<()> {
+    let engine = cache.engine();
+    engine.observe(C::KIND, op, |span| {
+        let interval = ttl_interval(ttl)?;
+        let rows = check_entries(cache, entries)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let written = engine.write(
+            C::KIND,
+            op,
+            false,
+            || {
+                let keys: Vec<&C::Key> = entries.iter().map(|(k, _)| *k).collect();
+                let checked = check_keys(cache, &keys).ok()?;
+                Some(cache.skipped(&keys, &checked))
+            },
+            |conn| cache.write(conn, &rows, interval).map(|()| true),
+        )?;
+        if written {
+            engine.record_sets(C::KIND, rows.len() as u64);
+        }
+        span.record("rows", rows.len());
+        near_evict_rows(cache, &rows);
+        Ok(())
+    })
+}
+
+/// `delete_many` (as `op`): the keys deleted in one statement, counted unless
+/// fail-open mode skipped them.
+fn delete_keys<C: Storage + ?Sized>(cache: &C, op: Op, keys: &[&C::Key]) -> Result<u64> {
+    let engine = cache.engine();
+    engine.observe(C::KIND, op, |span| {
+        let checked = check_keys(cache, keys)?;
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let removed = engine.write(
+            C::KIND,
+            op,
+            None,
+            || Some(cache.skipped(keys, &checked)),
+            |conn| cache.remove(conn, keys, &checked).map(Some),
+        )?;
+        if removed.is_some() {
+            engine.record_deletes(C::KIND, keys.len() as u64);
+        }
+        span.record("rows", keys.len());
+        near_evict_keys(cache, keys, &checked);
+        Ok(removed.unwrap_or(0))
+    })
 }
 
 /// The blocking interface of every cache handle (`cache.kv()`, `cache.embedding()`,
@@ -408,17 +471,19 @@ pub trait Cache: Storage {
     /// when no connection can be had (a miss instead in fail-open mode).
     fn get(&self, key: &Self::Key) -> Result<Option<Self::Entry>> {
         let engine = self.engine();
-        let checked = self.check_key(key)?;
-        let found = match near_of(self) {
-            Some(near) => near_get(self, near, key, &checked)?,
-            None => engine.read(Self::KIND, None, |conn| self.read_one(conn, key, &checked))?,
-        };
-        engine.record_lookups(
-            Self::KIND,
-            u64::from(found.is_some()),
-            u64::from(found.is_none()),
-        );
-        Ok(found)
+        engine.observe(Self::KIND, Op::Get, |span| {
+            let checked = self.check_key(key)?;
+            let found = match near_of(self) {
+                Some(near) => near_get(self, near, key, &checked)?,
+                None => engine.read(Self::KIND, Op::Get, None, |conn| {
+                    self.read_one(conn, key, &checked)
+                })?,
+            };
+            let hit = found.is_some();
+            engine.record_lookups(Self::KIND, u64::from(hit), u64::from(!hit));
+            span.record("hit", hit);
+            Ok(found)
+        })
     }
 
     /// Reads many entries in one round trip, in `keys` order.
@@ -427,18 +492,21 @@ pub trait Cache: Storage {
     /// As [`get`](Self::get).
     fn get_many(&self, keys: &[&Self::Key]) -> Result<Vec<Option<Self::Entry>>> {
         let engine = self.engine();
-        let checked = check_keys(self, keys)?;
-        let misses = || keys.iter().map(|_| None).collect();
-        let found = match near_of(self) {
-            Some(near) => near_get_many(self, near, keys, &checked)?,
-            None if keys.is_empty() => Vec::new(),
-            None => engine.read_with(Self::KIND, misses, |conn| {
-                self.read_many(conn, keys, &checked)
-            })?,
-        };
-        let hits = found.iter().filter(|e| e.is_some()).count() as u64;
-        engine.record_lookups(Self::KIND, hits, found.len() as u64 - hits);
-        Ok(found)
+        engine.observe(Self::KIND, Op::GetMany, |span| {
+            let checked = check_keys(self, keys)?;
+            let misses = || keys.iter().map(|_| None).collect();
+            let found = match near_of(self) {
+                Some(near) => near_get_many(self, near, keys, &checked)?,
+                None if keys.is_empty() => Vec::new(),
+                None => engine.read_with(Self::KIND, Op::GetMany, misses, |conn| {
+                    self.read_many(conn, keys, &checked)
+                })?,
+            };
+            let hits = found.iter().filter(|e| e.is_some()).count() as u64;
+            engine.record_lookups(Self::KIND, hits, found.len() as u64 - hits);
+            span.record("rows", found.len());
+            Ok(found)
+        })
     }
 
     /// Stores an entry with the cache's default TTL.
@@ -454,7 +522,7 @@ pub trait Cache: Storage {
     /// # Errors
     /// As [`set`](Self::set).
     fn set_with_ttl(&self, key: &Self::Key, value: &Self::Value, ttl: Duration) -> Result<()> {
-        self.set_many(&[(key, value)], ttl)
+        store_entries(self, Op::Set, &[(key, value)], ttl)
     }
 
     /// Stores many entries in one statement with the given TTL; all or none.
@@ -462,23 +530,7 @@ pub trait Cache: Storage {
     /// # Errors
     /// As [`set`](Self::set).
     fn set_many(&self, entries: &[(&Self::Key, &Self::Value)], ttl: Duration) -> Result<()> {
-        let interval = ttl_interval(ttl)?;
-        let rows = check_entries(self, entries)?;
-        if rows.is_empty() {
-            return Ok(());
-        }
-        self.engine().write(
-            Self::KIND,
-            (),
-            || {
-                let keys: Vec<&Self::Key> = entries.iter().map(|(k, _)| *k).collect();
-                let checked = check_keys(self, &keys).ok()?;
-                Some(self.skipped(&keys, &checked))
-            },
-            |conn| self.write(conn, &rows, interval),
-        )?;
-        near_evict_rows(self, &rows);
-        Ok(())
+        store_entries(self, Op::SetMany, entries, ttl)
     }
 
     /// Deletes an entry; true if a live entry was removed.
@@ -486,7 +538,7 @@ pub trait Cache: Storage {
     /// # Errors
     /// As [`set`](Self::set).
     fn delete(&self, key: &Self::Key) -> Result<bool> {
-        Ok(self.delete_many(&[key])? > 0)
+        Ok(delete_keys(self, Op::Delete, &[key])? > 0)
     }
 
     /// Deletes many entries in one statement; returns how many live entries were
@@ -495,18 +547,7 @@ pub trait Cache: Storage {
     /// # Errors
     /// As [`set`](Self::set).
     fn delete_many(&self, keys: &[&Self::Key]) -> Result<u64> {
-        let checked = check_keys(self, keys)?;
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        let removed = self.engine().write(
-            Self::KIND,
-            0,
-            || Some(self.skipped(keys, &checked)),
-            |conn| self.remove(conn, keys, &checked),
-        )?;
-        near_evict_keys(self, keys, &checked);
-        Ok(removed)
+        delete_keys(self, Op::DeleteMany, keys)
     }
 
     /// Cache-aside: returns the live value, or runs `compute`, stores its result with

@@ -1,8 +1,10 @@
-//! Hit and miss counting, kept in memory and flushed to the database in batches, so
+//! Operation counting, kept in memory and flushed to the database in batches, so
 //! a get never pays for a write of its own.
 //!
-//! Two things are counted: per-cache hit and miss totals (flushed into
-//! `cache_counters`, where `pgcache stats` in another process reads them) and, for
+//! Per cache, this process's totals since start of hits, misses, sets, deletes,
+//! errors and fail-open skips ([`CounterSnapshot`], read without a round trip).
+//! Hit and miss totals are also flushed into `cache_counters` (the part counted
+//! since the last flush), where `pgcache stats` in another process reads them. For
 //! the caches that track popularity (LLM responses, audio chunks), hits per entry
 //! (flushed as one `UPDATE ... FROM unnest(...)` per table, a HOT update since the
 //! hit columns carry no index).
@@ -10,6 +12,8 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+
+use serde::Serialize;
 
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
@@ -19,10 +23,64 @@ use crate::key::KeyDigest;
 use crate::kind::CacheKind;
 use crate::schema::cache_counters;
 
+/// One cache's totals since start; hits and misses up to `flushed_*` are written.
 #[derive(Debug, Default)]
-struct Pending {
+struct Tally {
     hits: AtomicU64,
     misses: AtomicU64,
+    sets: AtomicU64,
+    deletes: AtomicU64,
+    errors: AtomicU64,
+    fail_open: AtomicU64,
+    flushed_hits: AtomicU64,
+    flushed_misses: AtomicU64,
+}
+
+impl Tally {
+    /// What is counted past the flushed mark, moving the mark up to it.
+    fn take(total: &AtomicU64, flushed: &AtomicU64) -> u64 {
+        let now = total.load(Ordering::Acquire);
+        now - flushed.swap(now, Ordering::AcqRel)
+    }
+}
+
+/// One cache's operation counts in this process since start (see
+/// [`CacheManager::counters`](crate::CacheManager::counters)). Operations on a
+/// caller's connection (the `*_in` methods) are not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct CacheCounters {
+    /// Which cache.
+    pub cache: CacheKind,
+    /// Keys looked up that found a live entry (near-cache hits included).
+    pub hits: u64,
+    /// Keys looked up that found nothing (fail-open misses included).
+    pub misses: u64,
+    /// Entries written by `set` and `set_many`.
+    pub sets: u64,
+    /// Keys given to `delete` and `delete_many`.
+    pub deletes: u64,
+    /// Operations that returned an error.
+    pub errors: u64,
+    /// Operations that failed transiently and were answered as a miss or a skipped
+    /// write (fail-open mode).
+    pub fail_open_skips: u64,
+}
+
+/// This process's operation counts, per cache, read from memory (no database round
+/// trip): what [`CacheManager::counters`](crate::CacheManager::counters) returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct CounterSnapshot {
+    /// One entry per cache, in [`CacheKind::ALL`] order.
+    pub caches: Vec<CacheCounters>,
+}
+
+impl CounterSnapshot {
+    /// The counts of one cache.
+    pub fn cache(&self, kind: CacheKind) -> &CacheCounters {
+        &self.caches[kind.index()]
+    }
 }
 
 /// What one flush writes.
@@ -34,7 +92,7 @@ pub(crate) struct Batch {
 
 #[derive(Debug)]
 pub(crate) struct Counters {
-    pending: [Pending; CacheKind::COUNT],
+    tallies: [Tally; CacheKind::COUNT],
     entry_hits: Mutex<HashMap<(CacheKind, KeyDigest), u64>>,
 }
 
@@ -48,18 +106,64 @@ const MAX_PENDING_ENTRIES: usize = 8 * FLUSH_AT_ENTRIES;
 impl Counters {
     pub(crate) fn new() -> Self {
         Counters {
-            pending: Default::default(),
+            tallies: Default::default(),
             entry_hits: Mutex::new(HashMap::new()),
         }
     }
 
     pub(crate) fn record_lookups(&self, kind: CacheKind, hits: u64, misses: u64) {
-        let pending = &self.pending[kind.index()];
+        let tally = &self.tallies[kind.index()];
         if hits > 0 {
-            pending.hits.fetch_add(hits, Ordering::Relaxed);
+            tally.hits.fetch_add(hits, Ordering::Relaxed);
         }
         if misses > 0 {
-            pending.misses.fetch_add(misses, Ordering::Relaxed);
+            tally.misses.fetch_add(misses, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn record_sets(&self, kind: CacheKind, entries: u64) {
+        self.tallies[kind.index()]
+            .sets
+            .fetch_add(entries, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_deletes(&self, kind: CacheKind, keys: u64) {
+        self.tallies[kind.index()]
+            .deletes
+            .fetch_add(keys, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_error(&self, kind: CacheKind) {
+        self.tallies[kind.index()]
+            .errors
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_fail_open(&self, kind: CacheKind) {
+        self.tallies[kind.index()]
+            .fail_open
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The totals since start.
+    pub(crate) fn snapshot(&self) -> CounterSnapshot {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CounterSnapshot {
+            caches: CacheKind::ALL
+                .into_iter()
+                .map(|cache| {
+                    let t = &self.tallies[cache.index()];
+                    CacheCounters {
+                        cache,
+                        hits: load(&t.hits),
+                        misses: load(&t.misses),
+                        sets: load(&t.sets),
+                        deletes: load(&t.deletes),
+                        errors: load(&t.errors),
+                        fail_open_skips: load(&t.fail_open),
+                    }
+                })
+                .collect(),
         }
     }
 
@@ -79,15 +183,16 @@ impl Counters {
     }
 
     /// Takes everything pending; give it back with [`Self::restore`] if writing fails.
+    /// One flush at a time (the engine's `flushing` lock).
     pub(crate) fn take(&self) -> Batch {
         let totals = CacheKind::ALL
             .into_iter()
             .map(|kind| {
-                let p = &self.pending[kind.index()];
+                let t = &self.tallies[kind.index()];
                 (
                     kind,
-                    p.hits.swap(0, Ordering::AcqRel),
-                    p.misses.swap(0, Ordering::AcqRel),
+                    Tally::take(&t.hits, &t.flushed_hits),
+                    Tally::take(&t.misses, &t.flushed_misses),
                 )
             })
             .filter(|(_, h, m)| h + m > 0)
@@ -107,7 +212,10 @@ impl Counters {
     /// Puts back a batch that could not be written, so no count is lost.
     pub(crate) fn restore(&self, batch: Batch) {
         for (kind, hits, misses) in batch.totals {
-            self.record_lookups(kind, hits, misses);
+            // Lower the flushed mark: the totals since start already hold them.
+            let t = &self.tallies[kind.index()];
+            t.flushed_hits.fetch_sub(hits, Ordering::AcqRel);
+            t.flushed_misses.fetch_sub(misses, Ordering::AcqRel);
         }
         let mut map = self.entry_hits.lock().unwrap_or_else(|p| p.into_inner());
         for (kind, hits) in batch.entry_hits {
@@ -118,10 +226,15 @@ impl Counters {
     }
     /// Pending (not yet flushed) hits and misses of one cache.
     pub(crate) fn pending(&self, kind: CacheKind) -> (u64, u64) {
-        let p = &self.pending[kind.index()];
+        let t = &self.tallies[kind.index()];
+        let pending = |total: &AtomicU64, flushed: &AtomicU64| {
+            // The mark first: it never passes the total read after it.
+            let flushed = flushed.load(Ordering::Acquire);
+            total.load(Ordering::Acquire).saturating_sub(flushed)
+        };
         (
-            p.hits.load(Ordering::Relaxed),
-            p.misses.load(Ordering::Relaxed),
+            pending(&t.hits, &t.flushed_hits),
+            pending(&t.misses, &t.flushed_misses),
         )
     }
 }

@@ -1,11 +1,13 @@
 //! The engine: what every cache handle and operation works through. It owns the
 //! configuration and the pool and runs every cache operation on the one hot path
 //! ([`Engine::read`] / [`Engine::write`]): checkout, catch-up after an outage,
-//! retry on a dead connection, latency, and fail-open. Counters are recorded here
-//! and written by a background flusher, never on the request path.
+//! retry on a dead connection, latency, and fail-open. Counters, metrics
+//! ([`crate::metrics`]) and the operation's tracing span are recorded here, once
+//! for every cache; the counters are written by a background flusher, never on the
+//! request path.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
@@ -13,11 +15,12 @@ use diesel::pg::PgConnection;
 
 use crate::background::Worker;
 use crate::config::CacheConfig;
-use crate::counters::Counters;
+use crate::counters::{CounterSnapshot, Counters};
 use crate::error::{Error, Result};
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
-use crate::latency::LatencyRecorder;
+use crate::latency::LatencyWindow;
+use crate::metrics::{self, Op};
 use crate::near::{NearCaches, Poller};
 use crate::pool::{ConnectionPool, Pool, PooledConnection};
 use crate::skipped::{Skipped, SkippedWrites};
@@ -29,8 +32,7 @@ pub struct Engine {
     config: CacheConfig,
     pool: Option<Pool>,
     counters: Counters,
-    failed_open: AtomicU64,
-    latency: LatencyRecorder,
+    latency: LatencyWindow,
     /// Fail-open mode started while the database was down: migrations still to run.
     migrations_pending: AtomicBool,
     /// Writes and deletes fail-open mode skipped, to replay.
@@ -116,8 +118,7 @@ impl Engine {
             counters: Counters::new(),
             config,
             pool,
-            failed_open: AtomicU64::new(0),
-            latency: LatencyRecorder::default(),
+            latency: LatencyWindow::default(),
             migrations_pending: AtomicBool::new(false),
             skipped: SkippedWrites::default(),
             flushing: Mutex::new(()),
@@ -216,11 +217,51 @@ impl Engine {
     }
 
     pub(crate) fn failed_open_count(&self) -> u64 {
-        self.failed_open.load(Ordering::Relaxed)
+        self.counters
+            .snapshot()
+            .caches
+            .iter()
+            .map(|c| c.fail_open_skips)
+            .sum()
+    }
+
+    /// This process's operation counts since start.
+    pub(crate) fn counter_snapshot(&self) -> CounterSnapshot {
+        self.counters.snapshot()
     }
 
     pub(crate) fn record_lookups(&self, kind: CacheKind, hits: u64, misses: u64) {
         self.counters.record_lookups(kind, hits, misses);
+        metrics::lookups(kind, hits, misses);
+    }
+
+    pub(crate) fn record_sets(&self, kind: CacheKind, entries: u64) {
+        self.counters.record_sets(kind, entries);
+        metrics::sets(kind, entries);
+    }
+
+    pub(crate) fn record_deletes(&self, kind: CacheKind, keys: u64) {
+        self.counters.record_deletes(kind, keys);
+        metrics::deletes(kind, keys);
+    }
+
+    /// Runs one cache operation as the caller sees it: inside its tracing span
+    /// ([`metrics::operation_span`]), counting an error it returns. `body` may record the
+    /// span's `hit` and `rows`.
+    pub(crate) fn observe<T>(
+        &self,
+        kind: CacheKind,
+        op: Op,
+        body: impl FnOnce(&tracing::Span) -> Result<T>,
+    ) -> Result<T> {
+        let span = metrics::operation_span(kind, op);
+        let _entered = span.enter();
+        let result = body(&span);
+        if let Err(error) = &result {
+            self.counters.record_error(kind);
+            metrics::error(kind, op, error);
+        }
+        result
     }
 
     pub(crate) fn record_entry_hit(&self, kind: CacheKind, digest: KeyDigest) {
@@ -236,7 +277,7 @@ impl Engine {
         &self.counters
     }
 
-    pub(crate) fn latency(&self) -> &LatencyRecorder {
+    pub(crate) fn latency(&self) -> &LatencyWindow {
         &self.latency
     }
 
@@ -246,20 +287,22 @@ impl Engine {
     pub(crate) fn read<T>(
         &self,
         kind: CacheKind,
+        what: Op,
         miss: T,
         op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
-        self.read_with(kind, || miss, op)
+        self.read_with(kind, what, || miss, op)
     }
 
     /// [`read`](Self::read) with a miss computed only when needed.
     pub(crate) fn read_with<T>(
         &self,
         kind: CacheKind,
+        what: Op,
         miss: impl FnOnce() -> T,
         op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
-        self.run(kind, "read", miss, op)
+        self.run(kind, what, miss, op)
     }
 
     /// Runs a write: skipped (returning `skipped`) when caching is disabled, or, in
@@ -268,13 +311,14 @@ impl Engine {
     pub(crate) fn write<T>(
         &self,
         kind: CacheKind,
+        what: Op,
         skipped: T,
         undo: impl FnOnce() -> Option<Skipped>,
         op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
         self.run(
             kind,
-            "write",
+            what,
             || {
                 if let Some(undo) = undo() {
                     self.skipped.remember(undo);
@@ -288,7 +332,7 @@ impl Engine {
     fn run<T>(
         &self,
         kind: CacheKind,
-        what: &'static str,
+        what: Op,
         fallback: impl FnOnce() -> T,
         op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
@@ -296,16 +340,20 @@ impl Engine {
             return Ok(fallback());
         };
         let started = Instant::now();
-        let result = pool.run(|conn| {
+        let result = pool.run_from(started, |conn| {
             self.catch_up(conn)?;
             op(conn)
         });
         // Pool wait included: it is part of what the caller waits for.
-        self.latency.record(started.elapsed());
+        let finished = Instant::now();
+        let elapsed = finished - started;
+        self.latency.record(finished, elapsed);
+        metrics::duration(kind, what, elapsed);
         match result {
             Err(error) if self.config.fail_open() && error.is_transient() => {
-                self.failed_open.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(cache = %kind, operation = what, %error, "pgcache: failing open");
+                self.counters.record_fail_open(kind);
+                metrics::fail_open(kind, what);
+                tracing::warn!(cache = %kind, operation = what.name(), %error, "pgcache: failing open");
                 Ok(fallback())
             }
             other => other,

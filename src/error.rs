@@ -159,6 +159,22 @@ message_error! {
 }
 
 impl Error {
+    /// The variant's name in snake case: the `error` label of
+    /// [`ERRORS`](crate::metrics::ERRORS).
+    pub(crate) fn kind_name(&self) -> &'static str {
+        match self {
+            Error::Config { .. } => "config",
+            Error::InvalidInput { .. } => "invalid_input",
+            Error::Connection(_) => "connection",
+            Error::MissingTable { .. } => "missing_table",
+            Error::Migration(_) => "migration",
+            Error::Json(_) => "json",
+            Error::Database(_) => "database",
+            Error::Unresponsive { .. } => "unresponsive",
+            Error::ComputeTimeout { .. } => "compute_timeout",
+        }
+    }
+
     pub(crate) fn invalid(what: &'static str, reason: impl fmt::Display) -> Self {
         Error::InvalidInput {
             what,

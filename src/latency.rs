@@ -1,8 +1,18 @@
-//! In-process latency of cache queries: a fixed-bucket histogram of atomics, so
-//! recording a sample is two relaxed `fetch_add`s and never takes a lock.
+//! In-process latency of cache queries over a sliding window (what the
+//! `slow_queries` health alert judges): a ring of per-minute fixed-bucket histograms
+//! of atomics. Recording a sample is a relaxed `fetch_add` and never takes a lock;
+//! the first sample of a new minute clears the slot that minute reuses (the ring
+//! turns lazily, no thread needed), and a reader sums the slots still in the window.
+//! A sample recorded by another thread during that clearing may be lost, which a
+//! p95 does not notice.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Minutes of samples the window holds: the current minute and the ones before it.
+const WINDOW_MINUTES: usize = 5;
+/// How far back the latency window reaches (at most; the current minute is partial).
+pub(crate) const WINDOW: Duration = Duration::from_secs(60 * WINDOW_MINUTES as u64);
 
 /// Sub-buckets per power of two: bucket bounds grow by about 19 %, fine enough to
 /// tell 8 ms from 12 ms.
@@ -12,19 +22,6 @@ const SUBS: usize = 1 << SUB_BITS;
 /// samples land in the last bucket.
 const OCTAVES: usize = 28;
 const BUCKETS: usize = OCTAVES * SUBS;
-
-#[derive(Debug)]
-pub(crate) struct LatencyRecorder {
-    buckets: [AtomicU64; BUCKETS],
-}
-
-impl Default for LatencyRecorder {
-    fn default() -> Self {
-        LatencyRecorder {
-            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-        }
-    }
-}
 
 /// The bucket holding `micros`: buckets `0..SUBS` are exact microseconds, above that
 /// the octave (position of the highest bit) and the next `SUB_BITS` bits.
@@ -49,32 +46,108 @@ fn upper_bound(index: usize) -> u64 {
     low + (1u64 << (octave - SUB_BITS)) - 1
 }
 
-impl LatencyRecorder {
-    pub(crate) fn record(&self, elapsed: Duration) {
-        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        self.buckets[bucket(micros)].fetch_add(1, Ordering::Relaxed);
+/// One minute of samples.
+#[derive(Debug)]
+struct Slot {
+    /// The minute (since the window's epoch) plus one whose samples the slot holds;
+    /// 0 for none yet.
+    stamp: AtomicU64,
+    buckets: [AtomicU64; BUCKETS],
+}
+
+/// The latency of this process's cache queries over the last [`WINDOW`].
+#[derive(Debug)]
+pub(crate) struct LatencyWindow {
+    epoch: Instant,
+    slots: [Slot; WINDOW_MINUTES],
+}
+
+impl Default for LatencyWindow {
+    fn default() -> Self {
+        LatencyWindow {
+            epoch: Instant::now(),
+            slots: std::array::from_fn(|_| Slot {
+                stamp: AtomicU64::new(0),
+                buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            }),
+        }
+    }
+}
+
+/// The samples of a window, summed.
+#[derive(Debug)]
+pub(crate) struct Histogram {
+    counts: [u64; BUCKETS],
+}
+
+impl LatencyWindow {
+    /// The minute `at` falls in, counted from the window's creation.
+    fn minute(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_secs() / 60
     }
 
-    /// How many samples were recorded.
+    /// Records a query that took `elapsed` and ended at `finished` (the caller has
+    /// just read the clock for `elapsed`; no second read).
+    pub(crate) fn record(&self, finished: Instant, elapsed: Duration) {
+        self.record_in(self.minute(finished), elapsed);
+    }
+
+    fn record_in(&self, minute: u64, elapsed: Duration) {
+        let slot = &self.slots[minute as usize % WINDOW_MINUTES];
+        let stamp = minute + 1;
+        let seen = slot.stamp.load(Ordering::Acquire);
+        // Only the thread that moves the slot to the new minute clears it. A late
+        // sample of an older minute lands in the newer one.
+        if seen < stamp
+            && slot
+                .stamp
+                .compare_exchange(seen, stamp, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            for b in &slot.buckets {
+                b.store(0, Ordering::Relaxed);
+            }
+        }
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        slot.buckets[bucket(micros)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The samples of the last [`WINDOW`].
+    pub(crate) fn histogram(&self) -> Histogram {
+        self.histogram_in(self.minute(Instant::now()))
+    }
+
+    fn histogram_in(&self, minute: u64) -> Histogram {
+        let mut counts = [0; BUCKETS];
+        let oldest = (minute + 1).saturating_sub(WINDOW_MINUTES as u64 - 1);
+        for slot in &self.slots {
+            let stamp = slot.stamp.load(Ordering::Acquire);
+            if stamp != 0 && (oldest..=minute + 1).contains(&stamp) {
+                for (count, b) in counts.iter_mut().zip(&slot.buckets) {
+                    *count += b.load(Ordering::Relaxed);
+                }
+            }
+        }
+        Histogram { counts }
+    }
+}
+
+impl Histogram {
+    /// How many samples there are.
     pub(crate) fn samples(&self) -> u64 {
-        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+        self.counts.iter().sum()
     }
 
     /// The `q` quantile (0 < q <= 1), rounded up to its bucket's upper bound;
     /// `None` without samples.
     pub(crate) fn quantile(&self, q: f64) -> Option<Duration> {
-        let counts: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
-        let total: u64 = counts.iter().sum();
+        let total = self.samples();
         if total == 0 {
             return None;
         }
         let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
         let mut seen = 0;
-        for (index, count) in counts.iter().enumerate() {
+        for (index, count) in self.counts.iter().enumerate() {
             seen += count;
             if seen >= rank {
                 return Some(Duration::from_micros(upper_bound(index)));
@@ -102,18 +175,56 @@ mod tests {
 
     #[test]
     fn p95_reports_the_slow_tail() {
-        let recorder = LatencyRecorder::default();
-        assert_eq!(recorder.quantile(0.95), None);
+        let window = LatencyWindow::default();
+        assert_eq!(window.histogram_in(0).quantile(0.95), None);
         for _ in 0..90 {
-            recorder.record(Duration::from_micros(500));
+            window.record_in(0, Duration::from_micros(500));
         }
         for _ in 0..10 {
-            recorder.record(Duration::from_millis(20));
+            window.record_in(0, Duration::from_millis(20));
         }
-        let p95 = recorder.quantile(0.95).unwrap();
+        let histogram = window.histogram_in(0);
+        let p95 = histogram.quantile(0.95).unwrap();
         assert!(p95 >= Duration::from_millis(20) && p95 < Duration::from_millis(25));
-        let p50 = recorder.quantile(0.5).unwrap();
+        let p50 = histogram.quantile(0.5).unwrap();
         assert!(p50 >= Duration::from_micros(500) && p50 < Duration::from_micros(600));
-        assert_eq!(recorder.samples(), 100);
+        assert_eq!(histogram.samples(), 100);
+    }
+
+    #[test]
+    fn old_samples_leave_the_window() {
+        let window = LatencyWindow::default();
+        // A slow spell in minute 10, then fast queries every minute after it.
+        for _ in 0..100 {
+            window.record_in(10, Duration::from_millis(50));
+        }
+        for minute in 11..=20 {
+            window.record_in(minute, Duration::from_micros(300));
+            let histogram = window.histogram_in(minute);
+            let slow_still_in = minute < 10 + WINDOW_MINUTES as u64;
+            assert_eq!(
+                histogram.samples(),
+                100 * u64::from(slow_still_in)
+                    + (minute - 10).min(WINDOW_MINUTES as u64 - u64::from(slow_still_in)),
+                "minute {minute}"
+            );
+            let p95 = histogram.quantile(0.95).unwrap();
+            assert_eq!(
+                p95 >= Duration::from_millis(50),
+                slow_still_in,
+                "minute {minute}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_reader_ignores_minutes_nobody_recorded_since() {
+        let window = LatencyWindow::default();
+        window.record_in(3, Duration::from_millis(50));
+        assert_eq!(window.histogram_in(3).samples(), 1);
+        assert_eq!(window.histogram_in(7).samples(), 1);
+        // Minute 8 reuses no slot yet, but minute 3 is out of its window.
+        assert_eq!(window.histogram_in(8).samples(), 0);
+        assert_eq!(window.histogram_in(8).quantile(0.95), None);
     }
 }

@@ -77,6 +77,7 @@ mod expiry;
 mod jsonb;
 mod key;
 mod kind;
+pub mod metrics;
 mod validation;
 // Database plumbing.
 mod conninfo;
@@ -123,6 +124,7 @@ pub use config::{
 };
 pub use config::{NearCache, DEFAULT_NEAR_CACHE_STALENESS};
 pub use config::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
+pub use counters::{CacheCounters, CounterSnapshot};
 pub use database_url::DatabaseUrl;
 pub use error::{ConnectionError, Error, MigrationError, Result};
 pub use eviction::{EvictionReport, CLEANUP_BATCH_SIZE};

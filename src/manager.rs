@@ -346,8 +346,25 @@ impl CacheManager {
         self.engine.failed_open_count()
     }
 
+    /// This process's operation counts per cache since start (hits, misses, sets,
+    /// deletes, errors, fail-open skips), read from memory: no database round trip,
+    /// cheap enough to poll. [`stats`](Self::stats) is the database-wide view.
+    ///
+    /// ```no_run
+    /// # fn main() -> pgcache::Result<()> {
+    /// let cache = pgcache::CacheManager::from_env()?;
+    /// let kv = *cache.counters().cache(pgcache::CacheKind::Kv);
+    /// println!("kv: {} hits, {} misses, {} errors", kv.hits, kv.misses, kv.errors);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn counters(&self) -> crate::CounterSnapshot {
+        self.engine.counter_snapshot()
+    }
+
     /// Evaluates the alert thresholds: hit rate over all caches, size against the
-    /// budget, p95 query time of this process, and the last cleanup (failed, or
+    /// budget, p95 query time of this process over the last 5 minutes, and the last
+    /// cleanup (failed, or
     /// overdue). Does not count rows, so it is cheap enough for a monitor polling
     /// every minute.
     ///

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::kind::CacheKind;
+use crate::metrics::Op;
 
 /// Hex characters of a digest in [`TopEntry::hash_prefix`].
 const HASH_PREFIX_CHARS: usize = 16;
@@ -68,7 +69,7 @@ pub(crate) fn flushed_report<R>(
     report: impl Fn(&mut PgConnection) -> QueryResult<R>,
 ) -> Result<R> {
     engine.flush()?;
-    engine.read(kind, empty, |conn| Ok(report(conn)?))
+    engine.read(kind, Op::Report, empty, |conn| Ok(report(conn)?))
 }
 
 /// The `n` live entries of `kind` with the most hits (at least one), most first;

@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::expiry::ttl_interval;
 use crate::expiry::{db_now, ExpiresIn};
 use crate::kind::CacheKind;
+use crate::metrics::Op;
 use crate::schema::cache_leases;
 
 /// First pause between polls; doubled after each poll up to [`MAX_PAUSE`].
@@ -74,6 +75,7 @@ where
     loop {
         let poll = engine.write(
             C::KIND,
+            Op::Lease,
             Poll::Unavailable,
             || None,
             |conn| poll(cache, conn, key, &lease_key, lease_ttl),
@@ -88,6 +90,9 @@ where
             }),
             Poll::Unavailable => None,
             Poll::Busy => {
+                if pause == FIRST_PAUSE {
+                    crate::metrics::single_flight_wait(C::KIND);
+                }
                 let waited = started.elapsed();
                 if waited >= wait_timeout {
                     return Err(Error::ComputeTimeout {
@@ -218,6 +223,7 @@ impl LeaseGuard<'_> {
     fn mark_uncacheable(&self) {
         let marked = self.engine.write(
             self.kind,
+            Op::Lease,
             0,
             || None,
             |conn| {
@@ -240,6 +246,7 @@ impl Drop for LeaseGuard<'_> {
     fn drop(&mut self) {
         let released = self.engine.write(
             self.kind,
+            Op::Lease,
             0,
             || None,
             |conn| Ok(release(conn, self.lease_key, self.holder)?),

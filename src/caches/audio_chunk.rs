@@ -32,6 +32,7 @@ use crate::error::{Error, Result};
 use crate::eviction::{evict, EvictionReport, Limits};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
+use crate::metrics::Op;
 use crate::popularity::{flushed_report, hit_stats, HitStats};
 use crate::schema::audio_chunk_cache;
 use crate::table::{Row, TypedCache, TypedTable};
@@ -139,12 +140,15 @@ impl AudioChunkCache<'_> {
             .map_err(|(what, reason)| Error::invalid(what, reason))?;
         let engine = self.engine();
         engine.flush()?;
-        engine.write(
+        let report = engine.write(
             CacheKind::AudioChunk,
+            Op::Evict,
             EvictionReport::default(),
             || None,
             |conn| Ok(evict(conn, CacheKind::AudioChunk, &limits, &mut |_| {})?),
-        )
+        )?;
+        crate::metrics::evictions(CacheKind::AudioChunk, report.rows_removed);
+        Ok(report)
     }
 }
 

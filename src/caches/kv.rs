@@ -24,6 +24,7 @@ use crate::expiry::{db_now, ExpiresIn};
 use crate::jsonb::{JsonbIn, JsonbOut, JsonbText};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
+use crate::metrics::Op;
 use crate::near::{NearKey, NearValue};
 use crate::schema::cache_entries;
 use crate::skipped::Skipped;
@@ -114,9 +115,11 @@ impl<'a, V> KvCache<'a, V> {
     /// A bad key, or a connection or database error.
     pub fn exists(&self, key: &str) -> Result<bool> {
         check_key(key)?;
-        self.handle.engine.read(CacheKind::Kv, false, |conn| {
-            Ok(remaining(conn, key)?.is_some())
-        })
+        self.handle
+            .engine
+            .read(CacheKind::Kv, Op::Exists, false, |conn| {
+                Ok(remaining(conn, key)?.is_some())
+            })
     }
 
     /// Time left before `key` expires; `None` when it holds no live entry.
@@ -125,10 +128,12 @@ impl<'a, V> KvCache<'a, V> {
     /// A bad key, or a connection or database error.
     pub fn ttl(&self, key: &str) -> Result<Option<Duration>> {
         check_key(key)?;
-        self.handle.engine.read(CacheKind::Kv, None, |conn| {
-            Ok(remaining(conn, key)?
-                .map(|(expires, now)| (expires - now).to_std().unwrap_or(Duration::ZERO)))
-        })
+        self.handle
+            .engine
+            .read(CacheKind::Kv, Op::Ttl, None, |conn| {
+                Ok(remaining(conn, key)?
+                    .map(|(expires, now)| (expires - now).to_std().unwrap_or(Duration::ZERO)))
+            })
     }
 
     /// Sets a live entry to expire `ttl` from now (Redis `EXPIRE`); true if `key`
@@ -141,6 +146,7 @@ impl<'a, V> KvCache<'a, V> {
         let interval = ttl_interval(ttl)?;
         self.handle.engine.write(
             CacheKind::Kv,
+            Op::Touch,
             false,
             || None,
             |conn| {
@@ -170,6 +176,7 @@ impl<'a, V> KvCache<'a, V> {
         })?;
         let removed = self.handle.engine.write(
             CacheKind::Kv,
+            Op::DeletePrefix,
             0,
             || {
                 let prefix = prefix.to_owned();
@@ -200,6 +207,7 @@ impl<'a, V> KvCache<'a, V> {
     pub fn clear(&self) -> Result<u64> {
         let removed = self.handle.engine.write(
             CacheKind::Kv,
+            Op::Clear,
             0,
             || {
                 Some(Skipped::new(1, |conn| {
@@ -325,16 +333,18 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
     ) -> Result<Vec<(String, V)>> {
         let filter = JsonbOut::new("filter", filter)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.handle.engine.read(CacheKind::Kv, Vec::new(), |conn| {
-            let rows: Vec<(String, JsonbIn<V>)> = cache_entries::table
-                .filter(cache_entries::value.contains(&filter))
-                .filter(cache_entries::expires_at.gt(db_now()))
-                .select((cache_entries::key, cache_entries::value))
-                .order(cache_entries::key)
-                .limit(limit)
-                .load(conn)?;
-            Ok(rows.into_iter().map(|(key, JsonbIn(v))| (key, v)).collect())
-        })
+        self.handle
+            .engine
+            .read(CacheKind::Kv, Op::FindContaining, Vec::new(), |conn| {
+                let rows: Vec<(String, JsonbIn<V>)> = cache_entries::table
+                    .filter(cache_entries::value.contains(&filter))
+                    .filter(cache_entries::expires_at.gt(db_now()))
+                    .select((cache_entries::key, cache_entries::value))
+                    .order(cache_entries::key)
+                    .limit(limit)
+                    .load(conn)?;
+                Ok(rows.into_iter().map(|(key, JsonbIn(v))| (key, v)).collect())
+            })
     }
 
     /// Stores `value` only if `key` holds no live entry (Redis `SET ... NX`); true if
@@ -414,6 +424,7 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
         let interval = ttl_interval(ttl)?;
         self.handle.engine.write(
             CacheKind::Kv,
+            Op::GetTouch,
             None,
             || None,
             |conn| {

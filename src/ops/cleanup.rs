@@ -191,6 +191,9 @@ fn clean(
         match cleaned {
             Ok((removed, evicted)) => {
                 total += removed + evicted.rows_removed;
+                if let Some(cache) = cache {
+                    crate::metrics::cleaned(cache, removed, evicted.rows_removed);
+                }
                 match cache {
                     Some(cache) => tables.push(TableCleanup {
                         cache,

@@ -1,5 +1,10 @@
 //! [`CacheManager::health`](crate::CacheManager::health): alert thresholds on the hit
 //! rate, size, query time and cleanup age, evaluated.
+//!
+//! Query time is judged over a sliding window: the queries of the last 5 minutes
+//! (`latency::WINDOW`: the current minute and the four before it), so
+//! the `slow_queries` alert fires during a slow spell however long the process has
+//! run, and clears about 5 minutes after it.
 
 use std::fmt;
 use std::time::Duration;
@@ -11,6 +16,7 @@ use serde::Serialize;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::expiry::db_now;
+use crate::latency::WINDOW;
 use crate::ops::stats::{human_bytes, percent, total_size, Lookups};
 use crate::schema::cache_cleanup_runs;
 
@@ -78,13 +84,14 @@ impl HealthThresholds {
     }
 
     /// Alert when the 95th percentile of this process's cache query time (pool wait
-    /// included) is above `p95`. Default: 10 ms.
+    /// included) over the last 5 minutes is above `p95`. Default: 10 ms.
     pub fn max_p95_query_time(mut self, p95: Duration) -> Self {
         self.max_p95 = p95;
         self
     }
 
-    /// Judge query time only after this many queries in this process. Default: 100.
+    /// Judge query time only when this process ran this many queries in the last 5
+    /// minutes. Default: 100.
     pub fn min_latency_samples(mut self, samples: u64) -> Self {
         self.min_latency_samples = samples;
         self
@@ -220,9 +227,10 @@ pub struct HealthReport {
     pub size_bytes: u64,
     /// The configured budget, if any.
     pub size_budget_bytes: Option<u64>,
-    /// p95 of this process's cache query time in milliseconds; `None` without queries.
+    /// p95 of this process's cache query time over the last 5 minutes, in
+    /// milliseconds; `None` without queries in that time.
     pub p95_query_ms: Option<f64>,
-    /// Cache queries this process has measured.
+    /// Cache queries this process ran in the last 5 minutes.
     pub query_samples: u64,
     /// The most recent cleanup run, if any.
     pub last_cleanup: Option<CleanupRun>,
@@ -268,10 +276,15 @@ impl fmt::Display for HealthReport {
         match self.p95_query_ms {
             Some(p95) => writeln!(
                 f,
-                "  p95 query time: {p95:.2} ms over {} queries in this process",
-                self.query_samples
+                "  p95 query time: {p95:.2} ms over {} queries in this process in the last {} min",
+                self.query_samples,
+                WINDOW.as_secs() / 60
             )?,
-            None => writeln!(f, "  p95 query time: n/a (no queries in this process)")?,
+            None => writeln!(
+                f,
+                "  p95 query time: n/a (no queries in this process in the last {} min)",
+                WINDOW.as_secs() / 60
+            )?,
         }
         match &self.last_cleanup {
             Some(run) => write!(
@@ -309,7 +322,7 @@ pub(crate) fn health(engine: &Engine, thresholds: &HealthThresholds) -> Result<H
         .filter(cache_cleanup_runs::succeeded)
         .select((diesel::dsl::max(cache_cleanup_runs::finished_at), db_now()))
         .first(&mut *conn)?;
-    let latency = engine.latency();
+    let latency = engine.latency().histogram();
     let query_samples = latency.samples();
     let p95 = latency.quantile(0.95);
 

@@ -1,0 +1,216 @@
+//! Metrics through the `metrics` facade and the in-process counter snapshot, for
+//! real operations against the database. Each test installs its own recorder for
+//! its own thread (`with_local_recorder`), so tests running in parallel do not see
+//! each other's metrics.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestDb;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use metrics_util::MetricKind;
+use pgcache::metrics::{
+    CLEANUP_REMOVED, DELETES, ERRORS, FAIL_OPEN, HITS, MISSES, POOL_WAIT, QUERY_DURATION, SETS,
+};
+use pgcache::{Cache, CacheConfig, CacheKind, CacheManager};
+use serde_json::json;
+
+/// One metric a recorder saw: kind, name, labels, value.
+type Metric = (MetricKind, String, Vec<(String, String)>, DebugValue);
+
+/// What a recorder saw.
+struct Seen(Vec<Metric>);
+
+impl Seen {
+    fn of(recorder: &DebuggingRecorder) -> Self {
+        Seen(
+            recorder
+                .snapshotter()
+                .snapshot()
+                .into_vec()
+                .into_iter()
+                .map(|(key, _, _, value)| {
+                    let labels = key
+                        .key()
+                        .labels()
+                        .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                        .collect();
+                    (key.kind(), key.key().name().to_owned(), labels, value)
+                })
+                .collect(),
+        )
+    }
+
+    fn value(&self, kind: MetricKind, name: &str, labels: &[(&str, &str)]) -> Option<&DebugValue> {
+        self.0
+            .iter()
+            .find(|(k, n, l, _)| {
+                *k == kind
+                    && n == name
+                    && l.len() == labels.len()
+                    && labels
+                        .iter()
+                        .all(|(lk, lv)| l.iter().any(|(k, v)| k == lk && v == lv))
+            })
+            .map(|(_, _, _, v)| v)
+    }
+
+    fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        match self.value(MetricKind::Counter, name, labels) {
+            Some(DebugValue::Counter(n)) => *n,
+            _ => 0,
+        }
+    }
+
+    fn samples(&self, name: &str, labels: &[(&str, &str)]) -> usize {
+        match self.value(MetricKind::Histogram, name, labels) {
+            Some(DebugValue::Histogram(samples)) => samples.len(),
+            _ => 0,
+        }
+    }
+}
+
+#[test]
+fn kv_operations_move_counters_and_histograms() {
+    let db = TestDb::new();
+    let recorder = DebuggingRecorder::new();
+    metrics::with_local_recorder(&recorder, || {
+        let kv = db.cache.kv();
+        kv.set("a", &json!(1)).unwrap();
+        kv.set_many(
+            &[("b", &json!(2)), ("c", &json!(3))],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        assert_eq!(kv.get("a").unwrap(), Some(json!(1)));
+        assert_eq!(kv.get("nope").unwrap(), None);
+        assert_eq!(
+            kv.get_many(&["b", "gone"]).unwrap(),
+            vec![Some(json!(2)), None]
+        );
+        assert!(kv.delete("a").unwrap());
+        assert!(kv.get("").is_err(), "an empty key is rejected");
+    });
+    let seen = Seen::of(&recorder);
+    let kv = [("cache", "kv")];
+    assert_eq!(seen.counter(HITS, &kv), 2);
+    assert_eq!(seen.counter(MISSES, &kv), 2);
+    assert_eq!(seen.counter(SETS, &kv), 3);
+    assert_eq!(seen.counter(DELETES, &kv), 1);
+    let invalid = [("cache", "kv"), ("op", "get"), ("error", "invalid_input")];
+    assert_eq!(seen.counter(ERRORS, &invalid), 1);
+    assert_eq!(
+        seen.samples(QUERY_DURATION, &[("cache", "kv"), ("op", "get")]),
+        2
+    );
+    assert_eq!(
+        seen.samples(QUERY_DURATION, &[("cache", "kv"), ("op", "set")]),
+        1
+    );
+    assert_eq!(
+        seen.samples(QUERY_DURATION, &[("cache", "kv"), ("op", "set_many")]),
+        1
+    );
+    assert_eq!(
+        seen.samples(QUERY_DURATION, &[("cache", "kv"), ("op", "get_many")]),
+        1
+    );
+    assert_eq!(
+        seen.samples(QUERY_DURATION, &[("cache", "kv"), ("op", "delete")]),
+        1
+    );
+    assert!(seen.samples(POOL_WAIT, &[]) >= 5);
+
+    let counters = *db.cache.counters().cache(CacheKind::Kv);
+    assert_eq!(
+        (
+            counters.hits,
+            counters.misses,
+            counters.sets,
+            counters.deletes
+        ),
+        (2, 2, 3, 1)
+    );
+    assert_eq!((counters.errors, counters.fail_open_skips), (1, 0));
+    assert_eq!(db.cache.counters().cache(CacheKind::Embedding).hits, 0);
+}
+
+#[test]
+fn a_database_error_is_counted_by_its_kind() {
+    let db = TestDb::new();
+    db.exec("DROP TABLE cache_entries CASCADE");
+    let recorder = DebuggingRecorder::new();
+    metrics::with_local_recorder(&recorder, || {
+        assert!(matches!(
+            db.cache.kv().get("k"),
+            Err(pgcache::Error::MissingTable { .. })
+        ));
+    });
+    let labels = [("cache", "kv"), ("op", "get"), ("error", "missing_table")];
+    assert_eq!(Seen::of(&recorder).counter(ERRORS, &labels), 1);
+    assert_eq!(db.cache.counters().cache(CacheKind::Kv).errors, 1);
+}
+
+#[test]
+fn counts_survive_a_flush_to_the_database() {
+    let db = TestDb::new();
+    db.cache.kv().get("k").unwrap();
+    db.cache.flush_stats().unwrap();
+    db.cache.kv().get("k").unwrap();
+    // The snapshot counts since start; the database got the first miss only.
+    assert_eq!(db.cache.counters().cache(CacheKind::Kv).misses, 2);
+    let flushed = db.count("SELECT misses AS n FROM cache_counters WHERE cache_name = 'kv'");
+    assert_eq!(flushed, 1);
+    db.cache.flush_stats().unwrap();
+    let flushed = db.count("SELECT misses AS n FROM cache_counters WHERE cache_name = 'kv'");
+    assert_eq!(flushed, 2);
+}
+
+#[test]
+fn fail_open_skips_are_counted() {
+    let config = CacheConfig::builder()
+        .database_url("postgres://postgres@127.0.0.1:1/postgres")
+        .pool_min_idle(0)
+        .pool_connection_timeout(Duration::from_millis(200))
+        .run_migrations(false)
+        .fail_open(true)
+        .build()
+        .unwrap();
+    let cache = CacheManager::new(config).unwrap();
+    let recorder = DebuggingRecorder::new();
+    metrics::with_local_recorder(&recorder, || {
+        assert_eq!(cache.kv().get("k").unwrap(), None);
+        cache.kv().set("k", &json!(1)).unwrap();
+    });
+    let seen = Seen::of(&recorder);
+    assert_eq!(
+        seen.counter(FAIL_OPEN, &[("cache", "kv"), ("op", "get")]),
+        1
+    );
+    assert_eq!(
+        seen.counter(FAIL_OPEN, &[("cache", "kv"), ("op", "set")]),
+        1
+    );
+    assert_eq!(seen.counter(MISSES, &[("cache", "kv")]), 1);
+    assert_eq!(seen.counter(SETS, &[("cache", "kv")]), 0, "a skipped write");
+    let counters = *cache.counters().cache(CacheKind::Kv);
+    assert_eq!((counters.fail_open_skips, counters.sets), (2, 0));
+    assert_eq!(cache.failed_open_count(), 2);
+}
+
+#[test]
+fn cleanup_counts_the_expired_rows_it_removes() {
+    let db = TestDb::new();
+    db.cache.kv().set("old", &json!(1)).unwrap();
+    db.cache
+        .embedding()
+        .set(&pgcache::EmbeddingKey::new("m", "t"), &vec![0.5])
+        .unwrap();
+    db.expire_all("cache_entries");
+    let recorder = DebuggingRecorder::new();
+    metrics::with_local_recorder(&recorder, || db.cache.cleanup().unwrap());
+    let seen = Seen::of(&recorder);
+    assert_eq!(seen.counter(CLEANUP_REMOVED, &[("cache", "kv")]), 1);
+    assert_eq!(seen.counter(CLEANUP_REMOVED, &[("cache", "embedding")]), 0);
+}
