@@ -307,6 +307,52 @@ fn near_evict_keys<C: Storage + ?Sized>(cache: &C, keys: &[&C::Key], checked: &[
     }
 }
 
+/// Writes checked rows (distinct keys, in write order) on `conn`, then evicts them
+/// from this process's near cache: `set_many_in`, and the key/value cache's bytes.
+pub(crate) fn write_rows_in<C: Storage + ?Sized>(
+    cache: &C,
+    conn: &mut PgConnection,
+    rows: &[C::Row<'_>],
+    interval: PgInterval,
+) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    cache.write(conn, rows, interval)?;
+    // Harmless if the caller's transaction rolls back; its commit notifies.
+    near_evict_rows(cache, rows);
+    Ok(())
+}
+
+/// Writes checked rows on a pooled connection (fail-open remembers the delete of
+/// `keys()` when it skips the write), then evicts them from this process's near
+/// cache: `set_many`, and the key/value cache's bytes.
+pub(crate) fn write_rows<'k, C: Storage + ?Sized>(
+    cache: &C,
+    rows: &[C::Row<'_>],
+    interval: PgInterval,
+    keys: impl FnOnce() -> Vec<&'k C::Key>,
+) -> Result<()>
+where
+    C::Key: 'k,
+{
+    if rows.is_empty() {
+        return Ok(());
+    }
+    cache.engine().write(
+        C::KIND,
+        (),
+        || {
+            let keys = keys();
+            let checked = check_keys(cache, &keys).ok()?;
+            Some(cache.skipped(&keys, &checked))
+        },
+        |conn| cache.write(conn, rows, interval),
+    )?;
+    near_evict_rows(cache, rows);
+    Ok(())
+}
+
 /// The blocking interface of every cache handle (`cache.kv()`, `cache.embedding()`,
 /// ...).
 ///
@@ -371,13 +417,7 @@ pub trait Cache: Storage {
     ) -> Result<()> {
         let interval = ttl_interval(ttl)?;
         let rows = check_entries(self, entries)?;
-        if rows.is_empty() {
-            return Ok(());
-        }
-        self.write(conn, &rows, interval)?;
-        // Harmless if the caller's transaction rolls back; its commit notifies.
-        near_evict_rows(self, &rows);
-        Ok(())
+        write_rows_in(self, conn, &rows, interval)
     }
 
     /// Deletes an entry on `conn`; true if a live entry was removed.
@@ -464,21 +504,8 @@ pub trait Cache: Storage {
     fn set_many(&self, entries: &[(&Self::Key, &Self::Value)], ttl: Duration) -> Result<()> {
         let interval = ttl_interval(ttl)?;
         let rows = check_entries(self, entries)?;
-        if rows.is_empty() {
-            return Ok(());
-        }
-        self.engine().write(
-            Self::KIND,
-            (),
-            || {
-                let keys: Vec<&Self::Key> = entries.iter().map(|(k, _)| *k).collect();
-                let checked = check_keys(self, &keys).ok()?;
-                Some(self.skipped(&keys, &checked))
-            },
-            |conn| self.write(conn, &rows, interval),
-        )?;
-        near_evict_rows(self, &rows);
-        Ok(())
+        let keys = || entries.iter().map(|(k, _)| *k).collect();
+        write_rows(self, &rows, interval, keys)
     }
 
     /// Deletes an entry; true if a live entry was removed.
