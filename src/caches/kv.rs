@@ -31,11 +31,20 @@ use crate::schema::cache_entries;
 use crate::skipped::Skipped;
 use crate::validation::check_key;
 
-/// The key/value cache: string keys, values of any serde type stored as JSONB.
+/// The key/value cache: string keys, values of any serde type stored as JSONB, or
+/// opaque bytes stored exactly.
 ///
 /// Keys are 1 to [`MAX_KEY_BYTES`](crate::MAX_KEY_BYTES) bytes of UTF-8 without NUL;
 /// versioned keys like `user:42:profile:v2` are the norm. Values are
 /// `serde_json::Value` unless you ask for a [`typed`](Self::typed) handle.
+///
+/// JSONB keeps JSON's meaning, not its text: numbers become `numeric` (`1e16` reads
+/// back as `10000000000000000`, `-0.0` as `0.0`), object keys are reordered, a
+/// duplicated key keeps its last value, whitespace is normalised. Values that must
+/// come back byte for byte (protobuf, msgpack, images, JSON text as written) go
+/// through [`set_bytes`](Self::set_bytes) and [`get_bytes`](Self::get_bytes). A key
+/// holds one kind at a time; reading it as the other kind is
+/// [`Error::WrongType`], never a miss.
 ///
 /// ```no_run
 /// use std::time::Duration;
