@@ -60,7 +60,11 @@ fn random_bytes_of_1_b_to_1_mib_round_trip_exactly() {
         }
         let key = format!("blob:{i}");
         kv.set_bytes(&key, &value, TTL).unwrap();
-        assert_eq!(kv.get_bytes(&key).unwrap().as_deref(), Some(&value[..]), "{size} B");
+        assert_eq!(
+            kv.get_bytes(&key).unwrap().as_deref(),
+            Some(&value[..]),
+            "{size} B"
+        );
     }
 }
 
@@ -111,7 +115,12 @@ fn reading_one_kind_as_the_other_is_an_error_and_leaves_the_entry() {
     assert_wrong_type(kv.get_touch("b", TTL).unwrap_err(), "b", "bytes", "json");
     assert_wrong_type(kv.incr("b", 1, TTL).unwrap_err(), "b", "bytes", "integer");
     assert_wrong_type(kv.get_bytes("j").unwrap_err(), "j", "json", "bytes");
-    assert_wrong_type(kv.get_many_bytes(&["b", "j"]).unwrap_err(), "j", "json", "bytes");
+    assert_wrong_type(
+        kv.get_many_bytes(&["b", "j"]).unwrap_err(),
+        "j",
+        "json",
+        "bytes",
+    );
 
     assert_eq!(kv.get_bytes("b").unwrap(), Some(vec![0, 1]));
     assert_eq!(kv.get("j").unwrap(), Some(json!({"x": 1})));
@@ -130,7 +139,8 @@ fn key_operations_work_on_bytes_entries() {
     assert_eq!(kv.get_bytes("b").unwrap(), Some(b"v".to_vec()));
     assert!(kv.delete("b").unwrap());
     assert!(!kv.exists("b").unwrap());
-    kv.set_many_bytes(&[("p:1", b"1"), ("p:2", b"2")], TTL).unwrap();
+    kv.set_many_bytes(&[("p:1", b"1"), ("p:2", b"2")], TTL)
+        .unwrap();
     assert_eq!(kv.delete_prefix("p:").unwrap(), 2);
 }
 
@@ -182,7 +192,8 @@ fn bad_keys_and_ttls_are_rejected_before_anything_is_stored() {
         kv.set_bytes("", b"v", TTL).unwrap_err(),
         kv.set_bytes("nul\0", b"v", TTL).unwrap_err(),
         kv.set_bytes("k", b"v", Duration::ZERO).unwrap_err(),
-        kv.set_many_bytes(&[("ok", b"v"), ("", b"v")], TTL).unwrap_err(),
+        kv.set_many_bytes(&[("ok", b"v"), ("", b"v")], TTL)
+            .unwrap_err(),
         kv.get_bytes("").unwrap_err(),
     ] {
         assert!(matches!(err, Error::InvalidInput { .. }), "{err}");

@@ -96,7 +96,9 @@ impl Worker {
             iteration: 0,
             inserted: 0,
             value: sample_value(thread as u64),
-            blob: (0..96u8).map(|i| i.wrapping_mul(37) ^ thread as u8).collect(),
+            blob: (0..96u8)
+                .map(|i| i.wrapping_mul(37) ^ thread as u8)
+                .collect(),
             keys: Vec::with_capacity(BATCH),
             key: String::with_capacity(32),
             held: None,

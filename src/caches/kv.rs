@@ -433,7 +433,7 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
             let rows: Vec<(String, JsonbIn<V>)> = cache_entries::table
                 .filter(cache_entries::value.contains(&filter))
                 .filter(cache_entries::expires_at.gt(db_now()))
-                    .select((cache_entries::key, cache_entries::value.assume_not_null()))
+                .select((cache_entries::key, cache_entries::value.assume_not_null()))
                 .order(cache_entries::key)
                 .limit(limit)
                 .load(conn)?;
@@ -859,8 +859,10 @@ fn in_key_order<P, T>(
     kinds: (&'static str, &'static str),
     decode: impl Fn(&P) -> Result<T>,
 ) -> Result<Vec<Option<T>>> {
-    let by_key: HashMap<&str, &Option<P>> =
-        rows.iter().map(|(key, payload)| (key.as_str(), payload)).collect();
+    let by_key: HashMap<&str, &Option<P>> = rows
+        .iter()
+        .map(|(key, payload)| (key.as_str(), payload))
+        .collect();
     keys.iter()
         .map(|k| match by_key.get(k) {
             None => Ok(None),
