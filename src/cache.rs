@@ -310,18 +310,24 @@ fn near_evict_keys<C: Storage + ?Sized>(cache: &C, keys: &[&C::Key], checked: &[
     }
 }
 
-/// `set_many` (as `op`): the entries written in one statement, counted unless
-/// fail-open mode skipped them.
-fn store_entries<C: Storage + ?Sized>(
+/// `set_many` (as `op`): the rows `rows` checks, written in one statement and
+/// counted unless fail-open mode skipped them (remembering the delete of `keys()`),
+/// then evicted from this process's near cache. Shared with the key/value cache's
+/// bytes, whose rows are checked differently.
+pub(crate) fn store_rows<'r, 'k, C: Storage + ?Sized + 'r>(
     cache: &C,
     op: Op,
-    entries: &[(&C::Key, &C::Value)],
     ttl: Duration,
-) -> Result<()> {
+    rows: impl FnOnce() -> Result<Vec<C::Row<'r>>>,
+    keys: impl FnOnce() -> Vec<&'k C::Key>,
+) -> Result<()>
+where
+    C::Key: 'k,
+{
     let engine = cache.engine();
     engine.observe(C::KIND, op, |span| {
         let interval = ttl_interval(ttl)?;
-        let rows = check_entries(cache, entries)?;
+        let rows = rows()?;
         if rows.is_empty() {
             return Ok(());
         }
@@ -330,7 +336,7 @@ fn store_entries<C: Storage + ?Sized>(
             op,
             false,
             || {
-                let keys: Vec<&C::Key> = entries.iter().map(|(k, _)| *k).collect();
+                let keys = keys();
                 let checked = check_keys(cache, &keys).ok()?;
                 Some(cache.skipped(&keys, &checked))
             },
@@ -368,6 +374,23 @@ fn delete_keys<C: Storage + ?Sized>(cache: &C, op: Op, keys: &[&C::Key]) -> Resu
         near_evict_keys(cache, keys, &checked);
         Ok(removed.unwrap_or(0))
     })
+}
+
+/// Writes checked rows (distinct keys, in write order) on `conn`, then evicts them
+/// from this process's near cache: `set_many_in`, and the key/value cache's bytes.
+pub(crate) fn write_rows_in<C: Storage + ?Sized>(
+    cache: &C,
+    conn: &mut PgConnection,
+    rows: &[C::Row<'_>],
+    interval: PgInterval,
+) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    cache.write(conn, rows, interval)?;
+    // Harmless if the caller's transaction rolls back; its commit notifies.
+    near_evict_rows(cache, rows);
+    Ok(())
 }
 
 /// The blocking interface of every cache handle (`cache.kv()`, `cache.embedding()`,
@@ -434,13 +457,7 @@ pub trait Cache: Storage {
     ) -> Result<()> {
         let interval = ttl_interval(ttl)?;
         let rows = check_entries(self, entries)?;
-        if rows.is_empty() {
-            return Ok(());
-        }
-        self.write(conn, &rows, interval)?;
-        // Harmless if the caller's transaction rolls back; its commit notifies.
-        near_evict_rows(self, &rows);
-        Ok(())
+        write_rows_in(self, conn, &rows, interval)
     }
 
     /// Deletes an entry on `conn`; true if a live entry was removed.
@@ -522,7 +539,13 @@ pub trait Cache: Storage {
     /// # Errors
     /// As [`set`](Self::set).
     fn set_with_ttl(&self, key: &Self::Key, value: &Self::Value, ttl: Duration) -> Result<()> {
-        store_entries(self, Op::Set, &[(key, value)], ttl)
+        store_rows(
+            self,
+            Op::Set,
+            ttl,
+            || check_entries(self, &[(key, value)]),
+            || vec![key],
+        )
     }
 
     /// Stores many entries in one statement with the given TTL; all or none.
@@ -530,7 +553,13 @@ pub trait Cache: Storage {
     /// # Errors
     /// As [`set`](Self::set).
     fn set_many(&self, entries: &[(&Self::Key, &Self::Value)], ttl: Duration) -> Result<()> {
-        store_entries(self, Op::SetMany, entries, ttl)
+        store_rows(
+            self,
+            Op::SetMany,
+            ttl,
+            || check_entries(self, entries),
+            || entries.iter().map(|(k, _)| *k).collect(),
+        )
     }
 
     /// Deletes an entry; true if a live entry was removed.

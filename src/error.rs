@@ -64,6 +64,18 @@ pub enum Error {
         /// How long the statement went unanswered before it was cut.
         waited_ms: u64,
     },
+    /// A key/value entry holds the other kind of value than the operation reads
+    /// (Redis `WRONGTYPE`): JSON read as bytes, bytes read as JSON or incremented.
+    /// The entry is left as it was.
+    #[error("wrong type: `{key}` holds a {stored} value, not {requested}")]
+    WrongType {
+        /// The key.
+        key: String,
+        /// What the entry holds: `json` or `bytes`.
+        stored: &'static str,
+        /// What the operation wanted: `json`, `bytes` or `integer`.
+        requested: &'static str,
+    },
     /// Waiting for another caller's computation of the same key took too long.
     #[error("timed out after {waited_ms} ms waiting for another caller to compute the same key")]
     ComputeTimeout {
@@ -172,6 +184,7 @@ impl Error {
             Error::Database(_) => "database",
             Error::Unresponsive { .. } => "unresponsive",
             Error::ComputeTimeout { .. } => "compute_timeout",
+            Error::WrongType { .. } => "wrong_type",
         }
     }
 

@@ -100,7 +100,8 @@ impl CacheKind {
                 title: "Key/Value Cache",
                 key: "key",
                 hits: None,
-                payload_bytes: "octet_length(key) + pg_column_size(value)",
+                payload_bytes:
+                    "octet_length(key) + coalesce(pg_column_size(value), pg_column_size(bytes))",
                 external_path: "NULL::text",
             },
             CacheKind::Embedding => &Descriptor {

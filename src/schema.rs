@@ -44,9 +44,10 @@ diesel::table! {
 diesel::table! {
     cache_entries (key) {
         key -> Text,
-        value -> Jsonb,
+        value -> Nullable<Jsonb>,
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
+        bytes -> Nullable<Bytea>,
     }
 }
 

@@ -79,6 +79,8 @@ struct Worker {
     iteration: u64,
     inserted: u64,
     value: Value,
+    /// What the bytes rows write: about as long as `value`'s JSON.
+    blob: Vec<u8>,
     keys: Vec<String>,
     key: String,
     /// A connection held across iterations, for the `_in` rows.
@@ -94,6 +96,9 @@ impl Worker {
             iteration: 0,
             inserted: 0,
             value: sample_value(thread as u64),
+            blob: (0..96u8)
+                .map(|i| i.wrapping_mul(37) ^ thread as u8)
+                .collect(),
             keys: Vec::with_capacity(BATCH),
             key: String::with_capacity(32),
             held: None,
@@ -112,6 +117,12 @@ impl Worker {
     fn existing_key(&mut self) -> &str {
         let n = self.random() % self.rows;
         self.set_key(format_args!("k:{n}"))
+    }
+
+    /// A key pre-filled with bytes, at random.
+    fn bytes_key(&mut self) -> &str {
+        let n = self.random() % self.rows;
+        self.set_key(format_args!("b:{n}"))
     }
 
     fn missing_key(&mut self) -> &str {
@@ -153,6 +164,8 @@ struct Raw {
     incr: Statement,
     set_nx: Statement,
     get_touch: Statement,
+    get_bytes: Statement,
+    upsert_bytes: Statement,
     touch_data: Statement,
     typed: typed::RawTyped,
 }
@@ -200,6 +213,13 @@ impl Raw {
             "UPDATE raw_entries SET expires_at = now() + $2 \
              WHERE key = $1 AND expires_at > now() RETURNING value",
         )?;
+        let get_bytes = client
+            .prepare("SELECT bytes FROM raw_entries WHERE key = $1 AND expires_at > now()")?;
+        let upsert_bytes = client.prepare(
+            "INSERT INTO raw_entries (key, bytes, expires_at) VALUES ($1, $2, now() + $3) \
+             ON CONFLICT (key) DO UPDATE SET bytes = excluded.bytes, \
+             expires_at = excluded.expires_at, created_at = now()",
+        )?;
         let touch_data =
             client.prepare("UPDATE bench_data SET version = version + 1 WHERE id = $1")?;
         let typed = typed::RawTyped::prepare(&mut client)?;
@@ -214,6 +234,8 @@ impl Raw {
             incr,
             set_nx,
             get_touch,
+            get_bytes,
+            upsert_bytes,
             touch_data,
             typed,
         })
@@ -438,6 +460,32 @@ fn kv_operations() -> Vec<Operation> {
                 let values: Vec<Json<&Value>> = w.keys.iter().map(|_| Json(&value)).collect();
                 raw.client
                     .execute(&raw.upsert_many, &[&w.keys, &values, &Interval(TTL)])?;
+                Ok(true)
+            },
+        },
+        Operation {
+            name: "kv get_bytes",
+            lib: |cache, w| Ok(cache.kv().get_bytes(w.bytes_key())?.is_some()),
+            raw: |raw, w| {
+                let key = w.bytes_key();
+                let row = raw.client.query_opt(&raw.get_bytes, &[&key])?;
+                Ok(row.map(|r| r.get::<_, Vec<u8>>(0)).is_some())
+            },
+        },
+        Operation {
+            name: "kv set_bytes",
+            lib: |cache, w| {
+                let blob = std::mem::take(&mut w.blob);
+                cache.kv().set_bytes(w.bytes_key(), &blob, TTL)?;
+                w.blob = blob;
+                Ok(true)
+            },
+            raw: |raw, w| {
+                let blob = std::mem::take(&mut w.blob);
+                let key = w.bytes_key();
+                raw.client
+                    .execute(&raw.upsert_bytes, &[&key, &blob, &Interval(TTL)])?;
+                w.blob = blob;
                 Ok(true)
             },
         },
@@ -851,6 +899,9 @@ fn prepare_tables(
          INSERT INTO bench_data (id) SELECT g FROM generate_series(0, {last}) g;
          INSERT INTO cache_entries (key, value, expires_at)
            SELECT 'k:' || g, {value_sql}, now() + interval '1 day' FROM generate_series(0, {last}) g;
+         INSERT INTO cache_entries (key, bytes, expires_at)
+           SELECT 'b:' || g, decode(repeat(md5(g::text), 6), 'hex'), now() + interval '1 day'
+           FROM generate_series(0, {last}) g;
          INSERT INTO raw_entries SELECT * FROM cache_entries;",
         last = rows - 1
     ))?;

@@ -10,13 +10,15 @@ use diesel::data_types::PgInterval;
 use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{Array, BigInt, Jsonb, Text, Untyped};
+use diesel::sql_types::{Array, BigInt, Binary, Jsonb, Nullable, Text, Untyped};
 use diesel::PgJsonbExpressionMethods;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::common::{Param, Prepared};
-use crate::cache::{Cache, Handle, NearRead, Storage};
+use super::common::{write_batches, Param, Prepared};
+use crate::cache::{
+    distinct_in_write_order, store_rows, write_rows_in, Cache, Handle, NearRead, Storage,
+};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::expiry::ttl_interval;
@@ -30,11 +32,20 @@ use crate::schema::cache_entries;
 use crate::skipped::Skipped;
 use crate::validation::check_key;
 
-/// The key/value cache: string keys, values of any serde type stored as JSONB.
+/// The key/value cache: string keys, values of any serde type stored as JSONB, or
+/// opaque bytes stored exactly.
 ///
 /// Keys are 1 to [`MAX_KEY_BYTES`](crate::MAX_KEY_BYTES) bytes of UTF-8 without NUL;
 /// versioned keys like `user:42:profile:v2` are the norm. Values are
 /// `serde_json::Value` unless you ask for a [`typed`](Self::typed) handle.
+///
+/// JSONB keeps JSON's meaning, not its text: numbers become `numeric` (`1e16` reads
+/// back as `10000000000000000`, `-0.0` as `0.0`), object keys are reordered, a
+/// duplicated key keeps its last value, whitespace is normalised. Values that must
+/// come back byte for byte (protobuf, msgpack, images, JSON text as written) go
+/// through [`set_bytes`](Self::set_bytes) and [`get_bytes`](Self::get_bytes). A key
+/// holds one kind at a time; reading it as the other kind is
+/// [`Error::WrongType`], never a miss.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -232,8 +243,8 @@ impl<V> KvCache<'_, V> {
     ///
     /// # Errors
     /// [`Error::InvalidInput`] when the live value is not an integer or the result
-    /// would leave `i64` (nothing is changed then); a bad key or TTL; a connection or
-    /// database error.
+    /// would leave `i64`, [`Error::WrongType`] when it is bytes (nothing is changed
+    /// then); a bad key or TTL; a connection or database error.
     pub fn incr(&self, key: &str, delta: i64, ttl: Duration) -> Result<i64> {
         check_key(key)?;
         let interval = ttl_interval(ttl)?;
@@ -244,14 +255,16 @@ impl<V> KvCache<'_, V> {
                 n: i64,
             }
             // A value that is not an integer, or a sum outside int8, sets NULL: the
-            // NOT NULL constraint then fails the statement, and nothing changes.
+            // one-payload constraint then fails the statement, and nothing changes.
+            // A live bytes entry is not updated at all: no row comes back.
             struct Incr;
+            let name = key;
             let (key, delta, interval) = (
                 Param::<Text, _>::new(key),
                 Param::<BigInt, _>::new(delta),
                 Param::<diesel::sql_types::Interval, _>::new(interval),
             );
-            let counted: Counted = Prepared::<Incr>::new(
+            let counted: Option<Counted> = Prepared::<Incr>::new(
                 &[
                     "INSERT INTO cache_entries AS c (key, value, expires_at) VALUES (",
                     ", to_jsonb(",
@@ -262,22 +275,26 @@ impl<V> KvCache<'_, V> {
                        AND (c.value #>> '{}')::numeric + ",
                     " BETWEEN -9223372036854775808 AND 9223372036854775807 \
                      THEN to_jsonb(((c.value #>> '{}')::numeric + ",
-                    ")::int8) ELSE NULL END, \
+                    ")::int8) ELSE NULL END, bytes = NULL, \
                      expires_at = CASE WHEN c.expires_at <= statement_timestamp() \
                        THEN excluded.expires_at ELSE c.expires_at END, \
                      created_at = CASE WHEN c.expires_at <= statement_timestamp() \
                        THEN now() ELSE c.created_at END \
+                     WHERE c.bytes IS NULL OR c.expires_at <= statement_timestamp() \
                      RETURNING (value #>> '{}')::int8 AS n",
                 ],
                 vec![&key, &delta, &interval, &delta, &delta],
             )
-            .get_result(conn)?;
-            Ok(counted.n)
+            .get_result(conn)
+            .optional()?;
+            counted
+                .map(|c| c.n)
+                .ok_or_else(|| wrong_type(name, "bytes", "integer"))
         });
         self.evict_near(key);
         result.map_err(|error| match error {
             Error::Database(diesel::result::Error::DatabaseError(
-                diesel::result::DatabaseErrorKind::NotNullViolation,
+                diesel::result::DatabaseErrorKind::CheckViolation,
                 _,
             )) => Error::invalid(
                 "value",
@@ -314,9 +331,98 @@ impl<V> KvCache<'_, V> {
     }
 }
 
+/// Bytes values: stored in the `bytes` column and returned byte for byte (see the
+/// type's documentation for JSON versus bytes).
+impl<'a, V> KvCache<'a, V> {
+    /// This handle's bytes entries, read and written through the path every cache
+    /// shares.
+    fn bytes(&self) -> KvBytes<'a> {
+        KvBytes {
+            handle: self.handle,
+        }
+    }
+
+    /// Stores `value` as opaque bytes, expiring `ttl` from now: returned exactly as
+    /// given (any bytes, empty too), never parsed. Replaces a JSON entry of the key.
+    ///
+    /// # Errors
+    /// A bad key or TTL (nothing is stored), or a connection or database error
+    /// (skipped in fail-open mode).
+    pub fn set_bytes(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
+        self.set_many_bytes(&[(key, value)], ttl)
+    }
+
+    /// Stores many bytes entries in one statement; all or none (a key given twice
+    /// keeps its last value).
+    ///
+    /// # Errors
+    /// As [`set_bytes`](Self::set_bytes); one bad key rejects the whole batch.
+    pub fn set_many_bytes(&self, entries: &[(&str, &[u8])], ttl: Duration) -> Result<()> {
+        store_rows(
+            &self.bytes(),
+            Op::SetMany,
+            ttl,
+            || bytes_rows(entries),
+            || entries.iter().map(|(k, _)| *k).collect(),
+        )
+    }
+
+    /// [`set_bytes`](Self::set_bytes) on your connection, e.g. inside your own
+    /// transaction.
+    ///
+    /// # Errors
+    /// A bad key or TTL, or a database error.
+    pub fn set_bytes_in(
+        &self,
+        conn: &mut PgConnection,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<()> {
+        let interval = ttl_interval(ttl)?;
+        write_rows_in(&self.bytes(), conn, &bytes_rows(&[(key, value)])?, interval)
+    }
+
+    /// Reads a live bytes entry, exactly as stored; `None` on a miss, on an expired
+    /// entry, and when caching is disabled.
+    ///
+    /// # Errors
+    /// [`Error::WrongType`] when `key` holds JSON; a bad key; a connection or
+    /// database error (a miss instead in fail-open mode).
+    pub fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.bytes().get(key)
+    }
+
+    /// Reads many bytes entries in one round trip, in `keys` order.
+    ///
+    /// # Errors
+    /// As [`get_bytes`](Self::get_bytes): one key holding JSON fails the batch.
+    pub fn get_many_bytes(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>> {
+        self.bytes().get_many(keys)
+    }
+
+    /// [`get_bytes`](Self::get_bytes) on your connection.
+    ///
+    /// # Errors
+    /// [`Error::WrongType`] when `key` holds JSON; a bad key; a database error.
+    pub fn get_bytes_in(&self, conn: &mut PgConnection, key: &str) -> Result<Option<Vec<u8>>> {
+        self.bytes().get_in(conn, key)
+    }
+}
+
+/// Validates bytes entries into rows with distinct keys (the last value of a key
+/// wins), in write order.
+fn bytes_rows<'e>(entries: &[(&'e str, &'e [u8])]) -> Result<Vec<Row<'e>>> {
+    let rows = entries
+        .iter()
+        .map(|(key, value)| Row::bytes(key, value))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(distinct_in_write_order::<KvBytes<'e>>(rows))
+}
+
 impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
-    /// Live entries whose value contains `filter` (JSONB containment, `@>`), in key
-    /// order, at most `limit`: `json!({"plan": "pro"})` finds every cached object with
+    /// Live JSON entries whose value contains `filter` (JSONB containment, `@>`), in
+    /// key order, at most `limit` (bytes entries are never found): `json!({"plan": "pro"})` finds every cached object with
     /// that field and value.
     ///
     /// This reads the whole table unless it has a GIN index on `value`; add one
@@ -339,7 +445,7 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
                 let rows: Vec<(String, JsonbIn<V>)> = cache_entries::table
                     .filter(cache_entries::value.contains(&filter))
                     .filter(cache_entries::expires_at.gt(db_now()))
-                    .select((cache_entries::key, cache_entries::value))
+                    .select((cache_entries::key, cache_entries::value.assume_not_null()))
                     .order(cache_entries::key)
                     .limit(limit)
                     .load(conn)?;
@@ -368,7 +474,7 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
             struct SetNx;
             let (key, value, interval) = (
                 Param::<Text, _>::new(row.key),
-                Param::<Jsonb, _>::new(&row.value),
+                Param::<Nullable<Jsonb>, _>::new(row.json()),
                 Param::<diesel::sql_types::Interval, _>::new(interval),
             );
             let stored: Stored = Prepared::<SetNx>::new(
@@ -377,7 +483,7 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
                     ", ",
                     ", statement_timestamp() + ",
                     ") ON CONFLICT (key) DO NOTHING RETURNING true), \
-                     replaced AS (UPDATE cache_entries SET value = ",
+                     replaced AS (UPDATE cache_entries SET bytes = NULL, value = ",
                     ", expires_at = statement_timestamp() + ",
                     ", created_at = now() WHERE key = ",
                     " AND expires_at <= statement_timestamp() \
@@ -398,16 +504,27 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
     /// concurrent callers exactly one gets it.
     ///
     /// # Errors
-    /// A bad key, a stored value that is not a `V`, or a connection or database error.
+    /// A bad key, a stored value that is not a `V`, [`Error::WrongType`] for a bytes
+    /// entry (left in place), or a connection or database error.
     pub fn get_del(&self, key: &str) -> Result<Option<V>> {
         check_key(key)?;
         let taken = self.handle.engine.maintain(|conn| {
-            let taken: Option<(JsonbIn<V>, bool)> =
-                diesel::delete(cache_entries::table.filter(cache_entries::key.eq(key)))
-                    .returning((cache_entries::value, cache_entries::expires_at.gt(db_now())))
-                    .get_result(conn)
-                    .optional()?;
-            Ok(taken.and_then(|(JsonbIn(value), live)| live.then_some(value)))
+            // A bytes entry is left alone: reading it as JSON is an error.
+            let taken: Option<(JsonbIn<V>, bool)> = diesel::delete(
+                cache_entries::table
+                    .filter(cache_entries::key.eq(key))
+                    .filter(cache_entries::bytes.is_null()),
+            )
+            .returning((
+                cache_entries::value.assume_not_null(),
+                cache_entries::expires_at.gt(db_now()),
+            ))
+            .get_result(conn)
+            .optional()?;
+            match taken {
+                Some((JsonbIn(value), live)) => Ok(live.then_some(value)),
+                None => refuse_bytes(conn, key).map(|()| None),
+            }
         })?;
         self.evict_near(key);
         Ok(taken)
@@ -417,8 +534,8 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
     /// sliding expiry, as moka's time-to-idle, in one statement.
     ///
     /// # Errors
-    /// A bad key or TTL, a stored value that is not a `V`, or a connection or
-    /// database error.
+    /// A bad key or TTL, a stored value that is not a `V`, [`Error::WrongType`] for a
+    /// bytes entry (its expiry unchanged), or a connection or database error.
     pub fn get_touch(&self, key: &str, ttl: Duration) -> Result<Option<V>> {
         check_key(key)?;
         let interval = ttl_interval(ttl)?;
@@ -431,13 +548,17 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
                 let found: Option<JsonbIn<V>> = diesel::update(
                     cache_entries::table
                         .filter(cache_entries::key.eq(key))
-                        .filter(cache_entries::expires_at.gt(db_now())),
+                        .filter(cache_entries::expires_at.gt(db_now()))
+                        .filter(cache_entries::bytes.is_null()),
                 )
                 .set(cache_entries::expires_at.eq(ExpiresIn(interval)))
-                .returning(cache_entries::value)
+                .returning(cache_entries::value.assume_not_null())
                 .get_result(conn)
                 .optional()?;
-                Ok(found.map(|JsonbIn(value)| value))
+                match found {
+                    Some(JsonbIn(value)) => Ok(Some(value)),
+                    None => refuse_bytes(conn, key).map(|()| None),
+                }
             },
         )
     }
@@ -486,6 +607,31 @@ fn remaining(
         .optional()
 }
 
+/// [`Error::WrongType`] if `key` holds a live bytes entry: what a JSON operation
+/// that found no JSON entry reports, rather than a miss.
+fn refuse_bytes(conn: &mut PgConnection, key: &str) -> Result<()> {
+    let bytes: bool = diesel::select(diesel::dsl::exists(
+        cache_entries::table
+            .filter(cache_entries::key.eq(key))
+            .filter(cache_entries::expires_at.gt(db_now()))
+            .filter(cache_entries::bytes.is_not_null()),
+    ))
+    .get_result(conn)?;
+    if bytes {
+        Err(wrong_type(key, "bytes", "json"))
+    } else {
+        Ok(())
+    }
+}
+
+fn wrong_type(key: &str, stored: &'static str, requested: &'static str) -> Error {
+    Error::WrongType {
+        key: key.to_owned(),
+        stored,
+        requested,
+    }
+}
+
 /// The smallest string greater than every string starting with `prefix`, in byte
 /// (C collation) order, which for UTF-8 is code point order: the prefix with its last
 /// character incremented. `None` when no such string exists (all `U+10FFFF`).
@@ -504,30 +650,33 @@ fn prefix_upper_bound(prefix: &str) -> Option<String> {
     None
 }
 
-/// What an upsert does to an existing key: new value, new expiry, new `created_at`.
+/// What an upsert does to an existing key: new payload (of either kind), new expiry,
+/// new `created_at`.
 const ON_CONFLICT_OVERWRITE: &str = " ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
-     expires_at = excluded.expires_at, created_at = now()";
+     bytes = excluded.bytes, expires_at = excluded.expires_at, created_at = now()";
 
 /// The upserts as typed fragments with a static query id: Diesel's own
 /// `insert_into(..).on_conflict(..)` is never put in its prepared-statement cache, and
 /// its multi-row `VALUES` list would be a new statement for every batch size. These
 /// are prepared once per connection and found again by type, without rebuilding
-/// the SQL text.
+/// the SQL text. A row binds both value columns, one of them NULL.
 struct Upsert<'a> {
     key: &'a str,
-    value: &'a JsonbOut,
+    value: Option<&'a JsonbOut>,
+    bytes: Option<&'a [u8]>,
     expires: ExpiresIn,
 }
 
-/// The batch as two arrays (`SELECT ... FROM unnest($keys, $values)`): one statement
-/// text for any batch size. Must stay equivalent to [`Upsert`].
+/// The batch as three arrays (`SELECT ... FROM unnest($keys, $values, $bytes)`): one
+/// statement text for any batch size. Must stay equivalent to [`Upsert`].
 struct UpsertMany<'a> {
     keys: Vec<&'a str>,
-    values: Vec<&'a JsonbOut>,
+    values: Vec<Option<&'a JsonbOut>>,
+    bytes: Vec<Option<&'a [u8]>>,
     expires: ExpiresIn,
 }
 
-const INSERT_INTO: &str = "INSERT INTO cache_entries (key, value, expires_at) ";
+const INSERT_INTO: &str = "INSERT INTO cache_entries (key, value, bytes, expires_at) ";
 
 impl QueryFragment<Pg> for Upsert<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
@@ -535,7 +684,9 @@ impl QueryFragment<Pg> for Upsert<'_> {
         out.push_sql("VALUES (");
         out.push_bind_param::<Text, _>(self.key)?;
         out.push_sql(", ");
-        out.push_bind_param::<Jsonb, _>(self.value)?;
+        out.push_bind_param::<Nullable<Jsonb>, _>(&self.value)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Binary>, _>(&self.bytes)?;
         out.push_sql(", ");
         self.expires.walk_ast(out.reborrow())?;
         out.push_sql(")");
@@ -547,13 +698,15 @@ impl QueryFragment<Pg> for Upsert<'_> {
 impl QueryFragment<Pg> for UpsertMany<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         out.push_sql(INSERT_INTO);
-        out.push_sql("SELECT u.k, u.v, ");
+        out.push_sql("SELECT u.k, u.v, u.b, ");
         self.expires.walk_ast(out.reborrow())?;
         out.push_sql(" FROM unnest(");
         out.push_bind_param::<Array<Text>, _>(&self.keys)?;
         out.push_sql(", ");
-        out.push_bind_param::<Array<Jsonb>, _>(&self.values)?;
-        out.push_sql(") AS u(k, v)");
+        out.push_bind_param::<Array<Nullable<Jsonb>>, _>(&self.values)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Binary>>, _>(&self.bytes)?;
+        out.push_sql(") AS u(k, v, b)");
         out.push_sql(ON_CONFLICT_OVERWRITE);
         Ok(())
     }
@@ -615,7 +768,121 @@ struct Live {
 #[derive(Debug, Clone)]
 pub struct Row<'a> {
     key: &'a str,
-    value: JsonbOut,
+    payload: Payload<'a>,
+}
+
+/// What a key/value entry holds: exactly one of the table's two value columns.
+#[derive(Debug, Clone)]
+enum Payload<'a> {
+    /// For `value` (JSONB).
+    Json(JsonbOut),
+    /// For `bytes`, kept exactly.
+    Bytes(&'a [u8]),
+}
+
+impl<'a> Row<'a> {
+    fn bytes(key: &'a str, bytes: &'a [u8]) -> Result<Self> {
+        check_key(key)?;
+        Ok(Row {
+            key,
+            payload: Payload::Bytes(bytes),
+        })
+    }
+
+    fn json(&self) -> Option<&JsonbOut> {
+        match &self.payload {
+            Payload::Json(json) => Some(json),
+            Payload::Bytes(_) => None,
+        }
+    }
+
+    fn raw(&self) -> Option<&'a [u8]> {
+        match self.payload {
+            Payload::Json(_) => None,
+            Payload::Bytes(bytes) => Some(bytes),
+        }
+    }
+
+    fn size(&self) -> usize {
+        self.key.len()
+            + match &self.payload {
+                Payload::Json(json) => json.byte_len(),
+                Payload::Bytes(bytes) => bytes.len(),
+            }
+    }
+}
+
+/// Upserts rows of either kind; a batch too large for one statement is split, in
+/// one transaction.
+fn write(conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
+    let expires = ExpiresIn(ttl);
+    match rows {
+        [row] => Upsert {
+            key: row.key,
+            value: row.json(),
+            bytes: row.raw(),
+            expires,
+        }
+        .execute(conn)?,
+        rows => write_batches(conn, rows, Row::size, |conn, rows| {
+            UpsertMany {
+                keys: rows.iter().map(|r| r.key).collect(),
+                values: rows.iter().map(Row::json).collect(),
+                bytes: rows.iter().map(Row::raw).collect(),
+                expires,
+            }
+            .execute(conn)
+        })?,
+    };
+    Ok(())
+}
+
+/// Deletes entries of either kind; returns how many were live.
+fn remove(conn: &mut PgConnection, keys: &[&str]) -> Result<u64> {
+    let live: Vec<bool> = match keys {
+        // One row: nothing to order, and a plain key probe.
+        [key] => diesel::delete(cache_entries::table.filter(cache_entries::key.eq(key)))
+            .returning(cache_entries::expires_at.gt(db_now()))
+            .get_results(conn)?,
+        keys => DeleteMany { keys }
+            .load::<Live>(conn)?
+            .into_iter()
+            .map(|l| l.live)
+            .collect(),
+    };
+    Ok(live.into_iter().filter(|l| *l).count() as u64)
+}
+
+/// The delete undoing a skipped write or delete of `keys`.
+fn skipped(keys: &[&str]) -> Skipped {
+    let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+    Skipped::new(keys.len(), move |conn| {
+        diesel::delete(cache_entries::table.filter(cache_entries::key.eq_any(&keys)))
+            .execute(conn)
+            .map(drop)
+    })
+}
+
+/// Live entries read as one of the two value columns (NULL where the entry holds
+/// the other kind), decoded per requested key in `keys` order, so a key asked for
+/// twice gets its value twice; an entry of the other kind fails the batch.
+fn in_key_order<P, T>(
+    keys: &[&str],
+    rows: &[(String, Option<P>)],
+    kinds: (&'static str, &'static str),
+    decode: impl Fn(&P) -> Result<T>,
+) -> Result<Vec<Option<T>>> {
+    let by_key: HashMap<&str, &Option<P>> = rows
+        .iter()
+        .map(|(key, payload)| (key.as_str(), payload))
+        .collect();
+    keys.iter()
+        .map(|k| match by_key.get(k) {
+            None => Ok(None),
+            Some(Some(payload)) => decode(payload).map(Some),
+            Some(None) => Err(wrong_type(k, kinds.0, kinds.1)),
+        })
+        .collect()
 }
 
 impl<V: Serialize + DeserializeOwned + 'static> Storage for KvCache<'_, V> {
@@ -651,7 +918,7 @@ impl<V: Serialize + DeserializeOwned + 'static> Storage for KvCache<'_, V> {
         check_key(key)?;
         Ok(Row {
             key,
-            value: JsonbOut::new("value", value)?,
+            payload: Payload::Json(JsonbOut::new("value", value)?),
         })
     }
 
@@ -660,23 +927,22 @@ impl<V: Serialize + DeserializeOwned + 'static> Storage for KvCache<'_, V> {
     }
 
     fn skipped(&self, keys: &[&str], _checked: &[()]) -> Skipped {
-        let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
-        Skipped::new(keys.len(), move |conn| {
-            diesel::delete(cache_entries::table.filter(cache_entries::key.eq_any(&keys)))
-                .execute(conn)
-                .map(drop)
-        })
+        skipped(keys)
     }
 
     fn read_one(&self, conn: &mut PgConnection, key: &str, _checked: &()) -> Result<Option<V>> {
         // The key is unique: no LIMIT needed (`first` would bind one more parameter).
-        let found: Option<JsonbIn<V>> = cache_entries::table
+        let found: Option<Option<JsonbIn<V>>> = cache_entries::table
             .filter(cache_entries::key.eq(key))
             .filter(cache_entries::expires_at.gt(db_now()))
             .select(cache_entries::value)
             .get_result(conn)
             .optional()?;
-        Ok(found.map(|JsonbIn(value)| value))
+        match found {
+            None => Ok(None),
+            Some(Some(JsonbIn(value))) => Ok(Some(value)),
+            Some(None) => Err(wrong_type(key, "bytes", "json")),
+        }
     }
 
     fn near_key(key: &str, _checked: &()) -> NearKey {
@@ -694,14 +960,15 @@ impl<V: Serialize + DeserializeOwned + 'static> Storage for KvCache<'_, V> {
         key: &str,
         _checked: &(),
     ) -> Result<Option<NearRead<V>>> {
-        let found: Option<(JsonbText, DateTime<Utc>)> = cache_entries::table
+        let found: Option<(Option<JsonbText>, DateTime<Utc>)> = cache_entries::table
             .filter(cache_entries::key.eq(key))
             .filter(cache_entries::expires_at.gt(db_now()))
             .select((cache_entries::value, cache_entries::expires_at))
             .get_result(conn)
             .optional()?;
         found
-            .map(|(JsonbText(text), expires_at)| {
+            .map(|(text, expires_at)| {
+                let JsonbText(text) = text.ok_or_else(|| wrong_type(key, "bytes", "json"))?;
                 let json: serde_json::Value = serde_json::from_slice(&text)?;
                 Ok(NearRead {
                     entry: V::deserialize(&json)?,
@@ -713,6 +980,7 @@ impl<V: Serialize + DeserializeOwned + 'static> Storage for KvCache<'_, V> {
             .transpose()
     }
 
+    /// A bytes entry held in memory is not served: the read that follows reports it.
     fn from_near(kept: &NearValue) -> Result<Option<V>> {
         kept.downcast_ref::<serde_json::Value>()
             .map(|json| V::deserialize(json).map_err(Error::from))
@@ -725,59 +993,151 @@ impl<V: Serialize + DeserializeOwned + 'static> Storage for KvCache<'_, V> {
         keys: &[&str],
         _checked: &[()],
     ) -> Result<Vec<Option<V>>> {
-        let rows: Vec<(String, JsonbText)> = cache_entries::table
+        let rows: Vec<(String, Option<JsonbText>)> = cache_entries::table
             .filter(cache_entries::key.eq_any(keys))
             .filter(cache_entries::expires_at.gt(db_now()))
             .select((cache_entries::key, cache_entries::value))
             .load(conn)?;
-        let by_key: HashMap<&str, &[u8]> = rows
-            .iter()
-            .map(|(key, JsonbText(text))| (key.as_str(), text.as_slice()))
-            .collect();
-        // Decoded per requested key, so a key asked for twice gets its value twice.
-        keys.iter()
-            .map(|k| {
-                by_key
-                    .get(k)
-                    .map(|text| serde_json::from_slice(text))
-                    .transpose()
-                    .map_err(Error::from)
-            })
-            .collect()
+        in_key_order(keys, &rows, ("bytes", "json"), |JsonbText(text)| {
+            Ok(serde_json::from_slice(text)?)
+        })
     }
 
     fn write(&self, conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
-        let expires = ExpiresIn(ttl);
-        match rows {
-            [row] => Upsert {
-                key: row.key,
-                value: &row.value,
-                expires,
-            }
-            .execute(conn)?,
-            rows => UpsertMany {
-                keys: rows.iter().map(|r| r.key).collect(),
-                values: rows.iter().map(|r| &r.value).collect(),
-                expires,
-            }
-            .execute(conn)?,
-        };
-        Ok(())
+        write(conn, rows, ttl)
     }
 
     fn remove(&self, conn: &mut PgConnection, keys: &[&str], _checked: &[()]) -> Result<u64> {
-        let live: Vec<bool> = match keys {
-            // One row: nothing to order, and a plain key probe.
-            [key] => diesel::delete(cache_entries::table.filter(cache_entries::key.eq(key)))
-                .returning(cache_entries::expires_at.gt(db_now()))
-                .get_results(conn)?,
-            keys => DeleteMany { keys }
-                .load::<Live>(conn)?
-                .into_iter()
-                .map(|l| l.live)
-                .collect(),
-        };
-        Ok(live.into_iter().filter(|l| *l).count() as u64)
+        remove(conn, keys)
+    }
+}
+
+/// The key/value cache's bytes entries, as a [`Storage`], so that their reads and
+/// writes take the path every cache shares (near cache, fail-open, counting). Private:
+/// users reach it through [`KvCache::get_bytes`] and its siblings.
+#[derive(Clone, Copy)]
+struct KvBytes<'a> {
+    handle: Handle<'a>,
+}
+
+impl Storage for KvBytes<'_> {
+    type Key = str;
+    type Value = Vec<u8>;
+    type Entry = Vec<u8>;
+    type CheckedKey = ();
+    type Row<'a>
+        = Row<'a>
+    where
+        Self: 'a;
+
+    const KIND: CacheKind = CacheKind::Kv;
+
+    fn handle(&self) -> &Handle<'_> {
+        &self.handle
+    }
+
+    fn into_value(entry: Vec<u8>) -> Vec<u8> {
+        entry
+    }
+
+    fn key_digest(&self, key: &str) -> Result<KeyDigest> {
+        KvCache::new(self.handle.engine).key_digest(key)
+    }
+
+    fn check_key(&self, key: &str) -> Result<()> {
+        check_key(key)
+    }
+
+    fn check_entry<'a>(&self, key: &'a str, value: &'a Vec<u8>) -> Result<Row<'a>> {
+        Row::bytes(key, value)
+    }
+
+    fn row_order(a: &Row<'_>, b: &Row<'_>) -> std::cmp::Ordering {
+        a.key.cmp(b.key)
+    }
+
+    fn skipped(&self, keys: &[&str], _checked: &[()]) -> Skipped {
+        skipped(keys)
+    }
+
+    fn read_one(
+        &self,
+        conn: &mut PgConnection,
+        key: &str,
+        _checked: &(),
+    ) -> Result<Option<Vec<u8>>> {
+        let found: Option<Option<Vec<u8>>> = cache_entries::table
+            .filter(cache_entries::key.eq(key))
+            .filter(cache_entries::expires_at.gt(db_now()))
+            .select(cache_entries::bytes)
+            .get_result(conn)
+            .optional()?;
+        match found {
+            None => Ok(None),
+            Some(Some(bytes)) => Ok(Some(bytes)),
+            Some(None) => Err(wrong_type(key, "json", "bytes")),
+        }
+    }
+
+    fn near_key(key: &str, _checked: &()) -> NearKey {
+        key.as_bytes().into()
+    }
+
+    fn row_near_key(row: &Row<'_>) -> NearKey {
+        row.key.as_bytes().into()
+    }
+
+    /// The near cache keeps a copy of the bytes, weighing their length.
+    fn read_for_near(
+        &self,
+        conn: &mut PgConnection,
+        key: &str,
+        _checked: &(),
+    ) -> Result<Option<NearRead<Vec<u8>>>> {
+        let found: Option<(Option<Vec<u8>>, DateTime<Utc>)> = cache_entries::table
+            .filter(cache_entries::key.eq(key))
+            .filter(cache_entries::expires_at.gt(db_now()))
+            .select((cache_entries::bytes, cache_entries::expires_at))
+            .get_result(conn)
+            .optional()?;
+        found
+            .map(|(bytes, expires_at)| {
+                let bytes = bytes.ok_or_else(|| wrong_type(key, "json", "bytes"))?;
+                Ok(NearRead {
+                    weight: bytes.len(),
+                    kept: Arc::new(bytes.clone()),
+                    entry: bytes,
+                    expires_at,
+                })
+            })
+            .transpose()
+    }
+
+    /// A JSON entry held in memory is not served: the read that follows reports it.
+    fn from_near(kept: &NearValue) -> Result<Option<Vec<u8>>> {
+        Ok(kept.downcast_ref::<Vec<u8>>().cloned())
+    }
+
+    fn read_many(
+        &self,
+        conn: &mut PgConnection,
+        keys: &[&str],
+        _checked: &[()],
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        let rows: Vec<(String, Option<Vec<u8>>)> = cache_entries::table
+            .filter(cache_entries::key.eq_any(keys))
+            .filter(cache_entries::expires_at.gt(db_now()))
+            .select((cache_entries::key, cache_entries::bytes))
+            .load(conn)?;
+        in_key_order(keys, &rows, ("json", "bytes"), |bytes| Ok(bytes.clone()))
+    }
+
+    fn write(&self, conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
+        write(conn, rows, ttl)
+    }
+
+    fn remove(&self, conn: &mut PgConnection, keys: &[&str], _checked: &[()]) -> Result<u64> {
+        remove(conn, keys)
     }
 }
 
