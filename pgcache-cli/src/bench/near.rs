@@ -8,7 +8,7 @@ use pgcache::{Cache, CacheKind, CacheManager, NearCache};
 use serde_json::{json, Value};
 
 use super::{
-    bench_config, run_slice, BenchResult, Budget, Row, Samples, Scratch, Worker, TTL, WARMUP,
+    bench_config, run_slice, BenchResult, Budget, Results, Row, Samples, Scratch, Worker, TTL, WARMUP,
 };
 
 /// Hot keys per value size.
@@ -37,7 +37,8 @@ pub(super) fn rows(
     budget: Budget,
     redis_url: Option<&str>,
     plain: &CacheManager,
-) -> BenchResult<Vec<Row>> {
+    results: &mut Results,
+) -> BenchResult<()> {
     let scratch = Scratch {
         url: url.to_owned(),
         schema: format!("{schema}_near"),
@@ -64,7 +65,6 @@ pub(super) fn rows(
     }
     wait_current(&near)?;
 
-    let mut rows = Vec::new();
     for &threads in passes {
         for (size, _) in SIZES {
             let get = |cache: &mut &CacheManager, w: &mut Worker| -> BenchResult<bool> {
@@ -104,7 +104,7 @@ pub(super) fn rows(
                             &redis_get,
                         )?;
                     }
-                    rows.push(Row::new(
+                    results.push(Row::new(
                         &format!("near get {size} (vs redis GET)"),
                         threads,
                         on.figures(),
@@ -115,7 +115,7 @@ pub(super) fn rows(
                     for _ in 0..budget.slices {
                         run_slice(&mut near_ctx, &mut near_workers, budget, &mut on, &get)?;
                     }
-                    rows.push(Row::new(
+                    results.push(Row::new(
                         &format!("near get {size}"),
                         threads,
                         on.figures(),
@@ -175,7 +175,7 @@ pub(super) fn rows(
                 run_slice(&mut on_ctx, &mut on_workers, budget, &mut on, set)?;
                 run_slice(&mut off_ctx, &mut off_workers, budget, &mut off, set)?;
             }
-            rows.push(Row::new(name, threads, on.figures(), Some(off.figures())));
+            results.push(Row::new(name, threads, on.figures(), Some(off.figures())));
         }
     }
     if let Some(redis) = &mut redis {
@@ -183,7 +183,7 @@ pub(super) fn rows(
     }
     drop(near);
     drop(scratch);
-    Ok(rows)
+    Ok(())
 }
 
 /// Waits until the near cache's invalidation channel is current (at most 10 s).
