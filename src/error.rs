@@ -64,6 +64,17 @@ pub enum Error {
         /// How long the statement went unanswered before it was cut.
         waited_ms: u64,
     },
+    /// A warmup statement ran past its statement timeout; the warmup was rolled back
+    /// and nothing of it stored.
+    #[error(
+        "the warmup was cancelled by its statement timeout ({timeout_ms} ms) and nothing \
+         was stored: raise the warmup's `statement_timeout_ms` (`pgcache warmup \
+         --statement-timeout-ms`)"
+    )]
+    WarmupTimeout {
+        /// The statement timeout the warmup ran under.
+        timeout_ms: u64,
+    },
     /// Waiting for another caller's computation of the same key took too long.
     #[error("timed out after {waited_ms} ms waiting for another caller to compute the same key")]
     ComputeTimeout {

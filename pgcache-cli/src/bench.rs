@@ -932,12 +932,7 @@ fn disabled_get_cost() -> BenchResult<f64> {
     Ok(started.elapsed().as_nanos() as f64 / f64::from(N))
 }
 
-fn redis_rows(
-    url: &str,
-    threads: usize,
-    budget: Budget,
-    results: &mut Results,
-) -> BenchResult<()> {
+fn redis_rows(url: &str, threads: usize, budget: Budget, results: &mut Results) -> BenchResult<()> {
     use redis::Commands;
     let client = redis::Client::open(url)?;
     let mut conns: Vec<redis::Connection> = (0..threads)

@@ -8,7 +8,8 @@ use pgcache::{Cache, CacheKind, CacheManager, NearCache};
 use serde_json::{json, Value};
 
 use super::{
-    bench_config, run_slice, BenchResult, Budget, Results, Row, Samples, Scratch, Worker, TTL, WARMUP,
+    bench_config, run_slice, BenchResult, Budget, Results, Row, Samples, Scratch, Worker, TTL,
+    WARMUP,
 };
 
 /// Hot keys per value size.
