@@ -174,6 +174,12 @@ fn main() -> ExitCode {
     if let Err(message) = load_dotenv() {
         return fail(&message);
     }
+    // The library warns through `tracing`, which this command does not print.
+    if !matches!(cli.command, Command::Completions { .. } | Command::Man) {
+        for unknown in pgcache::CacheConfig::unknown_env_vars() {
+            eprintln!("pgcache: warning: {unknown}");
+        }
+    }
     match run(cli) {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::Unhealthy) => ExitCode::from(1),
