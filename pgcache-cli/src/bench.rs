@@ -821,8 +821,7 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
     }
     // Last: its triggers live in a schema of their own, so no row above pays them.
     near::rows(
-        &url,
-        &scratch.schema,
+        &scratch,
         relaxed,
         &passes,
         budget,

@@ -27,12 +27,11 @@ fn key(size: &str, n: u64) -> String {
     format!("near:{size}:{n}")
 }
 
-/// Runs the near-cache rows for each thread count in `passes`. `plain` is the
-/// bench's manager (its schema has no near-cache triggers): the "off" side of the
-/// writer-cost rows.
+/// Runs the near-cache rows for each thread count in `passes`, in a schema next to
+/// the bench's (`bench`). `plain` is the bench's manager (its schema has no
+/// near-cache triggers): the "off" side of the writer-cost rows.
 pub(super) fn rows(
-    url: &str,
-    schema: &str,
+    bench: &Scratch,
     relaxed: bool,
     passes: &[usize],
     budget: Budget,
@@ -40,9 +39,10 @@ pub(super) fn rows(
     plain: &CacheManager,
     results: &mut Results,
 ) -> BenchResult<()> {
+    let url = bench.url.as_str();
     let scratch = Scratch {
         url: url.to_owned(),
-        schema: format!("{schema}_near"),
+        schema: format!("{}_near", bench.schema),
     };
     let max_threads = passes.iter().copied().max().unwrap_or(1);
     let near = CacheManager::new(
