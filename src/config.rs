@@ -930,20 +930,52 @@ static VARIABLES: LazyLock<Vec<Variable>> = LazyLock::new(|| {
     variables
 });
 
-/// Warns about a `PGCACHE_*` variable pgcache does not read: most likely a
-/// misspelling, which would otherwise pass silently for the default.
+/// A `PGCACHE_*` environment variable pgcache does not read: most likely a
+/// misspelling, which would otherwise pass silently for the default. Its `Display`
+/// is the warning: `unknown environment variable PGCACHE_STATMENT_TIMEOUT_MS
+/// ignored; did you mean PGCACHE_STATEMENT_TIMEOUT_MS?`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UnknownVariable {
+    /// The name as set.
+    pub name: String,
+    /// The closest known name, when one is within three edits.
+    pub closest: Option<&'static str>,
+}
+
+impl fmt::Display for UnknownVariable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown environment variable {} ignored", self.name)?;
+        match self.closest {
+            Some(closest) => write!(f, "; did you mean {closest}?"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl CacheConfig {
+    /// The `PGCACHE_*` variables of the process environment that pgcache does not
+    /// read, each with the closest known name: what [`Self::from_env`] warns about
+    /// through `tracing`, for a program that reports it another way.
+    pub fn unknown_env_vars() -> Vec<UnknownVariable> {
+        std::env::vars_os()
+            .filter_map(|(name, _)| {
+                let name = name.into_string().ok()?;
+                let closest = unknown_variable(&name)?;
+                Some(UnknownVariable { name, closest })
+            })
+            .collect()
+    }
+}
+
+/// Warns about a `PGCACHE_*` variable pgcache does not read (see [`UnknownVariable`]).
 fn warn_if_misspelt(name: &str) {
     if let Some(closest) = unknown_variable(name) {
-        match closest {
-            Some(closest) => tracing::warn!(
-                variable = name,
-                "pgcache: unknown environment variable {name} ignored; did you mean {closest}?"
-            ),
-            None => tracing::warn!(
-                variable = name,
-                "pgcache: unknown environment variable {name} ignored"
-            ),
-        }
+        let unknown = UnknownVariable {
+            name: name.to_owned(),
+            closest,
+        };
+        tracing::warn!(variable = name, "pgcache: {unknown}");
     }
 }
 

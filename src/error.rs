@@ -76,6 +76,17 @@ pub enum Error {
         /// What the operation wanted: `json`, `bytes` or `integer`.
         requested: &'static str,
     },
+    /// A warmup statement ran past its statement timeout; the warmup was rolled back
+    /// and nothing of it stored.
+    #[error(
+        "the warmup was cancelled by its statement timeout ({timeout_ms} ms) and nothing \
+         was stored: raise the warmup's `statement_timeout_ms` (`pgcache warmup \
+         --statement-timeout-ms`)"
+    )]
+    WarmupTimeout {
+        /// The statement timeout the warmup ran under.
+        timeout_ms: u64,
+    },
     /// Waiting for another caller's computation of the same key took too long.
     #[error("timed out after {waited_ms} ms waiting for another caller to compute the same key")]
     ComputeTimeout {
@@ -185,6 +196,7 @@ impl Error {
             Error::Unresponsive { .. } => "unresponsive",
             Error::ComputeTimeout { .. } => "compute_timeout",
             Error::WrongType { .. } => "wrong_type",
+            Error::WarmupTimeout { .. } => "warmup_timeout",
         }
     }
 

@@ -119,6 +119,7 @@ pub use caches::{
     EmbeddingTable, KvCache, LlmPrompt, LlmResponseCache, LlmResponseTable, VectorSearchCache,
     VectorSearchQuery, VectorSearchTable, DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
 };
+pub use config::UnknownVariable;
 pub use config::{
     CacheConfig, CacheConfigBuilder, Durability, PoolSettings, DEFAULT_DATABASE_URL, DEFAULT_SCHEMA,
 };

@@ -399,8 +399,11 @@ impl CacheManager {
     /// validated and nothing is stored.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`](crate::Error::InvalidInput) naming the first bad item (or `ttl_secs`); a
-    /// connection or database error, after which nothing is stored.
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) naming the first bad item (or `ttl_secs`);
+    /// [`Error::WarmupTimeout`](crate::Error::WarmupTimeout) when a statement ran past the
+    /// warmup's statement timeout (`Warmup::statement_timeout_ms`, by default the
+    /// connections' own); a connection or database error, after which nothing is
+    /// stored.
     pub fn warmup(&self, warmup: &Warmup) -> Result<WarmupReport> {
         ops::warmup::warmup(&self.engine, warmup)
     }

@@ -30,6 +30,7 @@
 //! [`watched`] takes, so the thread cannot have moved on to other work; it reads the
 //! system call again after reading the descriptor and acts only if nothing changed.
 
+use std::cell::Cell;
 use std::fmt;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -52,6 +53,30 @@ pub(crate) const NO_ANSWER_MARGIN: Duration = Duration::from_secs(1);
 /// blocked waiting for the server (busy on the client side) or had not left
 /// [`watched`] yet after a cut.
 const RECHECK: Duration = Duration::from_millis(50);
+
+thread_local! {
+    /// A longer limit than the pool's for the statements this thread runs inside
+    /// [`extended`]; 0 outside.
+    static EXTENDED_MS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Runs `op` with this thread's statements allowed `statement_timeout` +
+/// [`NO_ANSWER_MARGIN`] when that is longer than the pool's limit: for an operation
+/// that sets a longer `statement_timeout` for itself (`SET LOCAL`), which the server
+/// still enforces.
+pub(crate) fn extended<T>(statement_timeout: Duration, op: impl FnOnce() -> T) -> T {
+    /// Puts the previous limit back, also when `op` panics.
+    struct Restore(u64);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            EXTENDED_MS.with(|ms| ms.set(self.0));
+        }
+    }
+    let limit = statement_timeout.saturating_add(NO_ANSWER_MARGIN);
+    let limit = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+    let _restore = Restore(EXTENDED_MS.with(|ms| ms.replace(limit)));
+    op()
+}
 
 /// How long a statement may go unanswered: `statement_timeout` + [`NO_ANSWER_MARGIN`].
 pub(crate) fn no_answer_limit(config: &CacheConfig) -> Duration {
@@ -180,9 +205,14 @@ impl Shared {
 }
 
 impl Watch {
+    /// The limit for this thread's statements now (see [`extended`]).
+    fn limit_ms(&self) -> u64 {
+        self.limit_ms.max(EXTENDED_MS.with(Cell::get))
+    }
+
     fn next_deadline(&self) -> u64 {
         // Never 0 (which means unarmed): the limit is at least the margin.
-        millis_since(self.epoch).saturating_add(self.limit_ms)
+        millis_since(self.epoch).saturating_add(self.limit_ms())
     }
 
     fn arm(&self) {
@@ -275,7 +305,7 @@ pub(crate) fn watched<T>(
     // does not): any statement fails at once on the shut-down socket, and does.
     let _ = conn.batch_execute("SELECT 1");
     result.map_err(|_| Error::Unresponsive {
-        waited_ms: watch.limit_ms,
+        waited_ms: watch.limit_ms(),
     })
 }
 

@@ -327,3 +327,153 @@ fn the_report_counts_each_duplicated_key_once_in_every_section() {
     assert_eq!(report.total(), rows(&db) as u64, "the report counts rows");
     assert_eq!(db.cache.kv().get("k").unwrap(), Some(json!(2)), "last wins");
 }
+
+fn audio_item(data: serde_json::Value) -> serde_json::Value {
+    json!({"text": "Hello", "voice_model_id": "v1", "provider": "xtts-v2",
+           "data": data, "format": "wav"})
+}
+
+#[test]
+fn inline_audio_in_base64_is_stored_byte_for_byte_and_written_back_as_base64() {
+    use base64::Engine as _;
+    let db = TestDb::new();
+    let bytes: Vec<u8> = (0..=255u8).chain([0, 255, 0]).collect();
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    let warmup: Warmup = serde_json::from_value(json!({
+        "audio_chunks": [audio_item(json!({"inline": encoded}))]
+    }))
+    .unwrap();
+    assert_eq!(db.cache.warmup(&warmup).unwrap().audio_chunks, 1);
+    let stored = db
+        .cache
+        .audio_chunk()
+        .get(&AudioChunkKey::new("Hello", "v1", "xtts-v2"))
+        .unwrap()
+        .expect("warmed");
+    assert_eq!(stored.chunk.data, pgcache::AudioData::Inline(bytes));
+
+    let written = serde_json::to_value(&warmup).unwrap();
+    assert_eq!(written["audio_chunks"][0]["data"]["inline"], json!(encoded));
+    assert_eq!(serde_json::from_value::<Warmup>(written).unwrap(), warmup);
+}
+
+#[test]
+fn inline_audio_as_an_array_of_bytes_is_still_read() {
+    let warmup: Warmup = serde_json::from_value(json!({
+        "audio_chunks": [audio_item(json!({"inline": [1, 2, 255]}))]
+    }))
+    .unwrap();
+    assert_eq!(
+        warmup.audio_chunks[0].chunk.data,
+        pgcache::AudioData::Inline(vec![1, 2, 255])
+    );
+}
+
+#[test]
+fn bad_base64_audio_rejects_the_warmup_naming_the_item_and_the_field() {
+    for bad in ["not base64!", "AQI", "AQID=="] {
+        let text = serde_json::to_string_pretty(&json!({
+            "audio_chunks": [
+                audio_item(json!({"inline": "AQID"})),
+                audio_item(json!({"inline": bad})),
+            ]
+        }))
+        .unwrap();
+        let message = serde_json::from_str::<Warmup>(&text)
+            .expect_err(bad)
+            .to_string();
+        assert!(
+            message.contains("audio_chunks[1]") && message.contains("data.inline"),
+            "{bad}: {message}"
+        );
+        assert!(message.contains("base64"), "{message}");
+    }
+}
+
+#[test]
+fn a_warmup_with_its_own_generous_statement_timeout_is_stored() {
+    let db = TestDb::new();
+    let mut warmup = spec_warmup();
+    warmup.statement_timeout_ms = Some(60_000);
+    assert_eq!(db.cache.warmup(&warmup).unwrap().total(), 6);
+    assert_eq!(rows(&db), 6);
+}
+
+#[test]
+fn a_zero_statement_timeout_is_rejected_before_anything_is_stored() {
+    let db = TestDb::new();
+    let mut warmup = spec_warmup();
+    warmup.statement_timeout_ms = Some(0);
+    let error = db.cache.warmup(&warmup).unwrap_err();
+    assert!(matches!(error, Error::InvalidInput { .. }), "{error}");
+    assert!(
+        error.to_string().contains("statement_timeout_ms"),
+        "{error}"
+    );
+    assert_eq!(rows(&db), 0);
+}
+
+/// The warmup example of the README, as written there.
+fn readme_example() -> &'static str {
+    let readme = include_str!("../README.md");
+    let marker = "<!-- warmup-example";
+    let after = &readme[readme
+        .find(marker)
+        .expect("the README marks its warmup example")..];
+    let start = after
+        .find("```json\n")
+        .expect("a json block after the marker")
+        + 8;
+    let end = after[start..].find("```").expect("the block ends");
+    &after[start..start + end]
+}
+
+/// Every object key in `value`, at any depth.
+fn keys(value: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                out.insert(k.clone());
+                keys(v, out);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| keys(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn the_readme_warmup_example_is_complete_and_warms_every_cache() {
+    let db = TestDb::new();
+    let text = readme_example();
+    let warmup: Warmup = serde_json::from_str(text).unwrap();
+    // Every field the format has (as written back, with every option set) is shown.
+    let shown: serde_json::Value = serde_json::from_str(text).unwrap();
+    let (mut documented, mut format) = Default::default();
+    keys(&shown, &mut documented);
+    keys(&serde_json::to_value(&warmup).unwrap(), &mut format);
+    let missing: Vec<_> = format.difference(&documented).collect();
+    assert!(missing.is_empty(), "not in the README example: {missing:?}");
+
+    let report = db.cache.warmup(&warmup).unwrap();
+    assert_eq!(
+        (
+            report.kv,
+            report.embeddings,
+            report.vector_searches,
+            report.llm_responses,
+            report.audio_chunks
+        ),
+        (1, 1, 1, 1, 2)
+    );
+    let hello = db
+        .cache
+        .audio_chunk()
+        .get(&warmup.audio_chunks[0].key)
+        .unwrap()
+        .expect("warmed");
+    assert_eq!(
+        hello.chunk.data,
+        pgcache::AudioData::Inline(b"RIFF$\0\0\0WAVEfmt ".to_vec())
+    );
+}

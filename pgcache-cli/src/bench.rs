@@ -85,6 +85,9 @@ struct Worker {
     key: String,
     /// A connection held across iterations, for the `_in` rows.
     held: Option<pgcache::PooledConnection>,
+    /// Where the measured part of the current iteration ended, if before its end
+    /// (see [`Worker::stop_clock`]).
+    stopped: Option<Instant>,
 }
 
 impl Worker {
@@ -102,7 +105,14 @@ impl Worker {
             keys: Vec::with_capacity(BATCH),
             key: String::with_capacity(32),
             held: None,
+            stopped: None,
         }
+    }
+
+    /// Ends the measured part of this iteration: what follows (e.g. storing again
+    /// what the operation took away) is neither in its latency nor in the wall time.
+    fn stop_clock(&mut self) {
+        self.stopped = Some(Instant::now());
     }
 
     fn random(&mut self) -> u64 {
@@ -166,6 +176,7 @@ struct Raw {
     get_touch: Statement,
     get_bytes: Statement,
     upsert_bytes: Statement,
+    get_del: Statement,
     touch_data: Statement,
     typed: typed::RawTyped,
 }
@@ -220,6 +231,9 @@ impl Raw {
              ON CONFLICT (key) DO UPDATE SET bytes = excluded.bytes, \
              expires_at = excluded.expires_at, created_at = now()",
         )?;
+        let get_del = client.prepare(
+            "DELETE FROM raw_entries WHERE key = $1 RETURNING value, expires_at > now()",
+        )?;
         let touch_data =
             client.prepare("UPDATE bench_data SET version = version + 1 WHERE id = $1")?;
         let typed = typed::RawTyped::prepare(&mut client)?;
@@ -236,6 +250,7 @@ impl Raw {
             get_touch,
             get_bytes,
             upsert_bytes,
+            get_del,
             touch_data,
             typed,
         })
@@ -407,6 +422,28 @@ fn kv_operations() -> Vec<Operation> {
                     .client
                     .query_opt(&raw.get_touch, &[&key, &Interval(TTL)])?;
                 Ok(row.map(|r| r.get::<_, Value>(0)).is_some())
+            },
+        },
+        Operation {
+            // Take a pre-filled entry, then (unmeasured) store it again, each side
+            // with its own set, so every iteration takes a live entry.
+            name: "kv get_del (hit)",
+            lib: |cache, w| {
+                let taken = cache.kv().get_del(w.existing_key())?;
+                w.stop_clock();
+                let value = w.value.clone();
+                cache.kv().set_with_ttl(&w.key, &value, TTL)?;
+                Ok(taken.is_some())
+            },
+            raw: |raw, w| {
+                let key = w.existing_key();
+                let row = raw.client.query_opt(&raw.get_del, &[&key])?;
+                let taken = row.and_then(|r| r.get::<_, bool>(1).then(|| r.get::<_, Value>(0)));
+                w.stop_clock();
+                let value = w.value.clone();
+                raw.client
+                    .execute(&raw.upsert, &[&w.key, &Json(&value), &Interval(TTL)])?;
+                Ok(taken.is_some())
             },
         },
         Operation {
@@ -608,27 +645,30 @@ fn run_slice<C: Send>(
         .iterations
         .map(|n| n.div_ceil(u64::from(budget.slices)));
     let started = Instant::now();
-    let results: Vec<BenchResult<Vec<u64>>> = std::thread::scope(|scope| {
+    let results: Vec<BenchResult<(Vec<u64>, Duration)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = contexts
             .iter_mut()
             .zip(workers.iter_mut())
             .map(|(ctx, w)| {
                 scope.spawn(move || {
                     let mut nanos = Vec::with_capacity(4096);
+                    let mut untimed = Duration::ZERO;
                     let begin = Instant::now();
-                    while begin.elapsed() < budget.slice
+                    while begin.elapsed() < budget.slice + untimed
                         && per_slice.is_none_or(|n| (nanos.len() as u64) < n)
                     {
                         let t = Instant::now();
                         let more = step(ctx, w)?;
-                        let elapsed = t.elapsed();
+                        let end = Instant::now();
+                        let stopped = w.stopped.take().unwrap_or(end);
+                        untimed += end - stopped;
                         w.iteration += 1;
                         if !more {
                             break;
                         }
-                        nanos.push(elapsed.as_nanos() as u64);
+                        nanos.push((stopped - t).as_nanos() as u64);
                     }
-                    Ok(nanos)
+                    Ok((nanos, untimed))
                 })
             })
             .collect();
@@ -637,10 +677,16 @@ fn run_slice<C: Send>(
             .map(|h| h.join().expect("bench thread panicked"))
             .collect()
     });
-    out.wall += started.elapsed();
+    let mut untimed = Duration::ZERO;
     for r in results {
-        out.nanos.extend(r?);
+        let (nanos, unmeasured) = r?;
+        out.nanos.extend(nanos);
+        untimed += unmeasured;
     }
+    // The threads ran side by side: their mean unmeasured time is the wall's share.
+    out.wall += started
+        .elapsed()
+        .saturating_sub(untimed / contexts.len().max(1) as u32);
     Ok(())
 }
 
@@ -790,7 +836,13 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
         slices: SLICES,
         iterations: args.iterations,
     };
-    let mut results = Vec::new();
+    let mut results = Results::new(if args.json && !quiet {
+        Echo::Stderr
+    } else if args.json || quiet {
+        Echo::Nothing
+    } else {
+        Echo::Stdout
+    });
     let passes = if threads == 1 {
         vec![1]
     } else {
@@ -812,19 +864,19 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
             results.push(Row::new(op.name, n, lib, Some(raw)));
         }
         if let Some(redis_url) = &args.redis_url {
-            results.extend(redis_rows(redis_url, n, budget)?);
+            redis_rows(redis_url, n, budget, &mut results)?;
         }
     }
     // Last: its triggers live in a schema of their own, so no row above pays them.
-    results.extend(near::rows(
-        &url,
-        &scratch.schema,
+    near::rows(
+        &scratch,
         relaxed,
         &passes,
         budget,
         args.redis_url.as_deref(),
         &cache,
-    )?);
+        &mut results,
+    )?;
     drop(cache);
     drop(scratch);
 
@@ -834,7 +886,7 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
         durability: if relaxed { "relaxed" } else { "full" },
         unlogged: args.unlogged,
         disabled_get_ns,
-        results,
+        results: results.rows,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -930,7 +982,7 @@ fn disabled_get_cost() -> BenchResult<f64> {
     Ok(started.elapsed().as_nanos() as f64 / f64::from(N))
 }
 
-fn redis_rows(url: &str, threads: usize, budget: Budget) -> BenchResult<Vec<Row>> {
+fn redis_rows(url: &str, threads: usize, budget: Budget, results: &mut Results) -> BenchResult<()> {
     use redis::Commands;
     let client = redis::Client::open(url)?;
     let mut conns: Vec<redis::Connection> = (0..threads)
@@ -956,7 +1008,6 @@ fn redis_rows(url: &str, threads: usize, budget: Budget) -> BenchResult<Vec<Row>
         let _: () = c.set_ex(key, text, 3600)?;
         Ok(true)
     };
-    let mut rows = Vec::new();
     for (name, step) in [
         (
             "redis GET",
@@ -969,14 +1020,39 @@ fn redis_rows(url: &str, threads: usize, budget: Budget) -> BenchResult<Vec<Row>
         for _ in 0..budget.slices {
             run_slice(&mut conns, &mut workers, budget, &mut samples, step)?;
         }
-        rows.push(Row::new(name, threads, samples.figures(), None));
+        results.push(Row::new(name, threads, samples.figures(), None));
     }
     let keys: Vec<String> = (0..1000).map(|i| format!("pgcache_bench:k:{i}")).collect();
     let _: () = conns[0].del(keys)?;
-    Ok(rows)
+    Ok(())
 }
 
 impl Row {
+    /// The row as a line of the table.
+    fn line(&self) -> String {
+        let mut out = format!(
+            "{:<28} {:>3} | {:>9.1} {:>9.1} {:>9.0} |",
+            self.operation,
+            self.threads,
+            self.pgcache.p50_us,
+            self.pgcache.p99_us,
+            self.pgcache.ops_per_sec
+        );
+        let _ = match (&self.raw, self.p50_ratio, self.throughput_ratio) {
+            (Some(raw), Some(p), Some(t)) => write!(
+                out,
+                " {:>9.1} {:>9.1} {:>9.0} | {:>6.2} {:>6.2}",
+                raw.p50_us, raw.p99_us, raw.ops_per_sec, p, t
+            ),
+            _ => write!(
+                out,
+                " {:>9} {:>9} {:>9} | {:>6} {:>6}",
+                "-", "-", "-", "-", "-"
+            ),
+        };
+        out
+    }
+
     fn new(operation: &str, threads: usize, pgcache: Figures, raw: Option<Figures>) -> Self {
         let p50_ratio = raw.as_ref().map(|r| pgcache.p50_us / r.p50_us);
         let throughput_ratio = raw.as_ref().map(|r| pgcache.ops_per_sec / r.ops_per_sec);
@@ -987,6 +1063,65 @@ impl Row {
             raw,
             p50_ratio,
             throughput_ratio,
+        }
+    }
+}
+
+/// The rows measured so far, each shown as soon as it is measured (a full run takes
+/// about a minute): the table on stdout, or on stderr with `--json` (whose stdout is
+/// the final document), or nowhere with `--quiet`.
+struct Results {
+    rows: Vec<Row>,
+    echo: Echo,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Echo {
+    Stdout,
+    Stderr,
+    Nothing,
+}
+
+impl Results {
+    /// No rows yet; shows the table's header.
+    fn new(echo: Echo) -> Self {
+        let results = Results {
+            rows: Vec::new(),
+            echo,
+        };
+        let header = format!(
+            "\n{:<28} {:>3} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>6} {:>6}\n{}",
+            "operation",
+            "thr",
+            "p50 us",
+            "p99 us",
+            "ops/s",
+            "raw p50",
+            "raw p99",
+            "raw ops/s",
+            "p50 x",
+            "ops x",
+            "-".repeat(118)
+        );
+        results.show(&header);
+        results
+    }
+
+    fn push(&mut self, row: Row) {
+        self.show(&row.line());
+        self.rows.push(row);
+    }
+
+    fn show(&self, line: &str) {
+        match self.echo {
+            Echo::Stdout => {
+                use std::io::Write as _;
+                let mut out = std::io::stdout().lock();
+                // A closed pipe only loses the view; the run goes on.
+                let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+            }
+            Echo::Stderr => eprintln!("{line}"),
+            Echo::Nothing => {}
         }
     }
 }
@@ -1023,46 +1158,10 @@ impl Report {
             .find(|r| r.operation == operation && r.threads == threads)
     }
 
+    /// What follows the table of rows: the disabled-cache cost, the estimates and
+    /// the targets.
     fn render(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "\n{:<28} {:>3} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>6} {:>6}",
-            "operation",
-            "thr",
-            "p50 us",
-            "p99 us",
-            "ops/s",
-            "raw p50",
-            "raw p99",
-            "raw ops/s",
-            "p50 x",
-            "ops x"
-        );
-        let _ = writeln!(out, "{}", "-".repeat(118));
-        for r in &self.results {
-            let _ = write!(
-                out,
-                "{:<28} {:>3} | {:>9.1} {:>9.1} {:>9.0} |",
-                r.operation, r.threads, r.pgcache.p50_us, r.pgcache.p99_us, r.pgcache.ops_per_sec
-            );
-            match (&r.raw, r.p50_ratio, r.throughput_ratio) {
-                (Some(raw), Some(p), Some(t)) => {
-                    let _ = writeln!(
-                        out,
-                        " {:>9.1} {:>9.1} {:>9.0} | {:>6.2} {:>6.2}",
-                        raw.p50_us, raw.p99_us, raw.ops_per_sec, p, t
-                    );
-                }
-                _ => {
-                    let _ = writeln!(
-                        out,
-                        " {:>9} {:>9} {:>9} | {:>6} {:>6}",
-                        "-", "-", "-", "-", "-"
-                    );
-                }
-            }
-        }
         let _ = writeln!(
             out,
             "\nENABLE_CACHING=false: kv get costs {:.1} ns and opens no connection",
@@ -1134,6 +1233,7 @@ impl Report {
             "kv incr",
             "kv set_nx (taken)",
             "kv get_touch (sliding)",
+            "kv get_del (hit)",
         ] {
             check(
                 format!("{op} p50 / raw"),

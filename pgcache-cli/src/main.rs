@@ -100,11 +100,17 @@ enum Command {
     /// Pre-populate the caches from a JSON file (all or nothing).
     ///
     /// The file holds any of `kv`, `embeddings`, `vector_searches`, `llm_responses`
-    /// and `audio_chunks` (arrays) and an optional `ttl_secs`; see the README.
+    /// and `audio_chunks` (arrays) and optional `ttl_secs` and `statement_timeout_ms`;
+    /// see the README.
     Warmup {
         /// The JSON file to load.
         #[arg(value_name = "FILE.json")]
         file: std::path::PathBuf,
+        /// Statement timeout of the warmup's transaction, in milliseconds, for a
+        /// warmup too large for PGCACHE_STATEMENT_TIMEOUT_MS (overrides the file's
+        /// `statement_timeout_ms`).
+        #[arg(long, value_name = "MS")]
+        statement_timeout_ms: Option<u64>,
         /// Print one JSON document instead of the report.
         #[arg(long)]
         json: bool,
@@ -171,6 +177,12 @@ fn main() -> ExitCode {
     // as it sets variables of this process.
     if let Err(message) = load_dotenv() {
         return fail(&message);
+    }
+    // The library warns through `tracing`, which this command does not print.
+    if !matches!(cli.command, Command::Completions { .. } | Command::Man) {
+        for unknown in pgcache::CacheConfig::unknown_env_vars() {
+            eprintln!("pgcache: warning: {unknown}");
+        }
     }
     match run(cli) {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
@@ -314,7 +326,17 @@ fn run(cli: Cli) -> Result<Outcome, String> {
     }
     // Bad arguments are reported before any connection is attempted.
     let warmup = match &cli.command {
-        Command::Warmup { file, .. } => Some(read_warmup(file)?),
+        Command::Warmup {
+            file,
+            statement_timeout_ms,
+            ..
+        } => {
+            let mut warmup = read_warmup(file)?;
+            if statement_timeout_ms.is_some() {
+                warmup.statement_timeout_ms = *statement_timeout_ms;
+            }
+            Some(warmup)
+        }
         _ => None,
     };
     let user = match &cli.command {

@@ -809,3 +809,46 @@ fn clear_names_the_database_schema_and_rows_before_asking() {
         "only the kv cache is cleared"
     );
 }
+
+#[test]
+fn a_misspelt_variable_is_warned_about_once_naming_the_right_one() {
+    let db = TestDb::new();
+    let out = pgcache(&db)
+        .env("PGCACHE_STATMENT_TIMEOUT_MS", "60000")
+        .args(["stats", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("PGCACHE_STATMENT_TIMEOUT_MS").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("did you mean PGCACHE_STATEMENT_TIMEOUT_MS?"),
+        "{stderr}"
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("stdout stays JSON");
+}
+
+#[test]
+fn warmup_takes_base64_audio_and_its_own_statement_timeout() {
+    let db = TestDb::new();
+    let file = warmup_file(
+        r#"{"audio_chunks": [{"text": "Hello", "voice_model_id": "v1", "provider": "p",
+            "data": {"inline": "UklGRg=="}, "format": "wav"}]}"#,
+    );
+    pgcache(&db)
+        .arg("warmup")
+        .arg(file.path())
+        .args(["--statement-timeout-ms", "60000"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("1 audio chunks"));
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM audio_chunk_cache WHERE audio_data = 'RIFF'::bytea"),
+        1
+    );
+}

@@ -235,11 +235,14 @@ impl AudioChunkKey {
 }
 
 /// Where the audio of a chunk is.
+///
+/// In JSON (a warmup file), inline bytes are a base64 string (standard alphabet,
+/// padded): `{"inline": "UklGRg=="}`; an array of byte values is still accepted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum AudioData {
     /// The bytes, stored in the database (at most [`MAX_AUDIO_BYTES`]).
-    Inline(Vec<u8>),
+    Inline(#[serde(with = "base64_bytes")] Vec<u8>),
     /// A path (file, object-store key) where the caller keeps the audio.
     Stored {
         /// The path.
@@ -557,4 +560,51 @@ pub(crate) fn delete_owner(
     diesel::delete(audio_chunk_cache::table.filter(audio_chunk_cache::owner_id.eq(user)))
         .returning(audio_chunk_cache::storage_path)
         .get_results(conn)
+}
+
+/// Inline audio in JSON: base64 (an array of numbers, as a JSON byte array would
+/// be written, is a hundred times longer and read only for old files).
+mod base64_bytes {
+    use std::fmt;
+
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use serde::de::{self, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<u8>, D::Error> {
+        struct Bytes;
+
+        impl<'de> Visitor<'de> for Bytes {
+            type Value = Vec<u8>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("the audio as a base64 string")
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Vec<u8>, E> {
+                STANDARD.decode(text).map_err(|e| {
+                    E::custom(format_args!(
+                        "`data.inline`: not base64 (standard alphabet, padded): {e}"
+                    ))
+                })
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(byte) = seq.next_element()? {
+                    bytes.push(byte);
+                }
+                Ok(bytes)
+            }
+        }
+
+        deserializer.deserialize_any(Bytes)
+    }
 }

@@ -20,6 +20,7 @@ use crate::caches::{
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::expiry::ttl_interval;
+use crate::watchdog;
 
 /// Entries to pre-populate, per cache. Deserializes from JSON (`pgcache warmup
 /// FILE.json`) with these snake_case field names; every section may be left out:
@@ -55,6 +56,11 @@ pub struct Warmup {
     /// TTL of every warmed entry, in seconds. Default: each cache's default TTL.
     #[serde(default)]
     pub ttl_secs: Option<u64>,
+    /// `statement_timeout` of the warmup's transaction, in milliseconds, for a warmup
+    /// too large for the connections' own (`PGCACHE_STATEMENT_TIMEOUT_MS`). Default:
+    /// theirs.
+    #[serde(default)]
+    pub statement_timeout_ms: Option<u64>,
     /// Key/value entries.
     #[serde(default, deserialize_with = "section")]
     pub kv: Vec<WarmupKv>,
@@ -271,6 +277,13 @@ pub(crate) fn warmup(engine: &Engine, warmup: &Warmup) -> Result<WarmupReport> {
         LlmResponseCache::new(engine),
         AudioChunkCache::new(engine),
     );
+    if warmup.statement_timeout_ms == Some(0) {
+        // 0 would switch PostgreSQL's timeout off, not make it short.
+        return Err(Error::invalid(
+            "warmup",
+            "statement_timeout_ms: must be at least 1 (milliseconds)",
+        ));
+    }
     let kv_ttl = ttl(kv.default_ttl())?;
     let embedding_ttl = ttl(embedding.default_ttl())?;
     let vector_ttl = ttl(vector_search.default_ttl())?;
@@ -291,17 +304,87 @@ pub(crate) fn warmup(engine: &Engine, warmup: &Warmup) -> Result<WarmupReport> {
         return Ok(WarmupReport::default());
     }
     let skipped_audio_chunks = (distinct_audio - audio_rows.len()) as u64;
-    let report = engine.maintain(|conn| {
-        conn.transaction(|conn| {
-            Ok::<_, Error>(WarmupReport {
-                kv: write(&kv, conn, &kv_rows, kv_ttl)?,
-                embeddings: write(&embedding, conn, &embeddings, embedding_ttl)?,
-                vector_searches: write(&vector_search, conn, &searches, vector_ttl)?,
-                llm_responses: write(&llm, conn, &responses, llm_ttl)?,
-                audio_chunks: write(&audio, conn, &audio_rows, audio_ttl)?,
-                skipped_audio_chunks,
+    let own_timeout = warmup.statement_timeout_ms.map(Duration::from_millis);
+    let timeout = own_timeout.unwrap_or(engine.config().statement_timeout());
+    let store = || {
+        engine.maintain(|conn| {
+            conn.transaction(|conn| {
+                if let Some(timeout) = own_timeout {
+                    // Ends with the transaction: the pooled connection keeps its own.
+                    diesel::sql_query(format!(
+                        "SET LOCAL statement_timeout = {}",
+                        timeout.as_millis()
+                    ))
+                    .execute(conn)?;
+                }
+                Ok::<_, Error>(WarmupReport {
+                    kv: write(&kv, conn, &kv_rows, kv_ttl)?,
+                    embeddings: write(&embedding, conn, &embeddings, embedding_ttl)?,
+                    vector_searches: write(&vector_search, conn, &searches, vector_ttl)?,
+                    llm_responses: write(&llm, conn, &responses, llm_ttl)?,
+                    audio_chunks: write(&audio, conn, &audio_rows, audio_ttl)?,
+                    skipped_audio_chunks,
+                })
             })
         })
-    })?;
-    Ok(report)
+    };
+    let report = match own_timeout {
+        // The watchdog must not cut what the server is allowed to run.
+        Some(timeout) => watchdog::extended(timeout, store),
+        None => store(),
+    };
+    report.map_err(|e| timed_out(e, timeout))
+}
+
+/// A statement cancelled by `statement_timeout` as [`Error::WarmupTimeout`], which
+/// names the setting to raise; other errors as they are.
+fn timed_out(error: Error, timeout: Duration) -> Error {
+    match &error {
+        Error::Database(diesel::result::Error::DatabaseError(_, info))
+            // 57014 query_canceled; Diesel exposes no SQLSTATE.
+            if info
+                .message()
+                .contains("canceling statement due to statement timeout") =>
+        {
+            Error::WarmupTimeout {
+                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            }
+        }
+        _ => error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::result::{DatabaseErrorKind, Error as Diesel};
+
+    fn database_error(message: &str) -> Error {
+        Error::Database(Diesel::DatabaseError(
+            DatabaseErrorKind::Unknown,
+            Box::new(message.to_owned()),
+        ))
+    }
+
+    #[test]
+    fn a_statement_timeout_names_the_setting_to_raise() {
+        let error = timed_out(
+            database_error("canceling statement due to statement timeout"),
+            Duration::from_millis(250),
+        );
+        assert!(matches!(error, Error::WarmupTimeout { timeout_ms: 250 }));
+        let message = error.to_string();
+        assert!(message.contains("statement_timeout_ms"), "{message}");
+        assert!(message.contains("--statement-timeout-ms"), "{message}");
+        assert!(message.contains("250 ms"), "{message}");
+    }
+
+    #[test]
+    fn other_database_errors_are_kept() {
+        let error = timed_out(
+            database_error("canceling statement due to lock timeout"),
+            Duration::from_millis(250),
+        );
+        assert!(matches!(error, Error::Database(_)), "{error}");
+    }
 }

@@ -8,7 +8,8 @@ use pgcache::{Cache, CacheKind, CacheManager, NearCache};
 use serde_json::{json, Value};
 
 use super::{
-    bench_config, run_slice, BenchResult, Budget, Row, Samples, Scratch, Worker, TTL, WARMUP,
+    bench_config, run_slice, BenchResult, Budget, Results, Row, Samples, Scratch, Worker, TTL,
+    WARMUP,
 };
 
 /// Hot keys per value size.
@@ -26,21 +27,22 @@ fn key(size: &str, n: u64) -> String {
     format!("near:{size}:{n}")
 }
 
-/// Runs the near-cache rows for each thread count in `passes`. `plain` is the
-/// bench's manager (its schema has no near-cache triggers): the "off" side of the
-/// writer-cost rows.
+/// Runs the near-cache rows for each thread count in `passes`, in a schema next to
+/// the bench's (`bench`). `plain` is the bench's manager (its schema has no
+/// near-cache triggers): the "off" side of the writer-cost rows.
 pub(super) fn rows(
-    url: &str,
-    schema: &str,
+    bench: &Scratch,
     relaxed: bool,
     passes: &[usize],
     budget: Budget,
     redis_url: Option<&str>,
     plain: &CacheManager,
-) -> BenchResult<Vec<Row>> {
+    results: &mut Results,
+) -> BenchResult<()> {
+    let url = bench.url.as_str();
     let scratch = Scratch {
         url: url.to_owned(),
-        schema: format!("{schema}_near"),
+        schema: format!("{}_near", bench.schema),
     };
     let max_threads = passes.iter().copied().max().unwrap_or(1);
     let near = CacheManager::new(
@@ -64,7 +66,6 @@ pub(super) fn rows(
     }
     wait_current(&near)?;
 
-    let mut rows = Vec::new();
     for &threads in passes {
         for (size, _) in SIZES {
             let get = |cache: &mut &CacheManager, w: &mut Worker| -> BenchResult<bool> {
@@ -104,7 +105,7 @@ pub(super) fn rows(
                             &redis_get,
                         )?;
                     }
-                    rows.push(Row::new(
+                    results.push(Row::new(
                         &format!("near get {size} (vs redis GET)"),
                         threads,
                         on.figures(),
@@ -115,7 +116,7 @@ pub(super) fn rows(
                     for _ in 0..budget.slices {
                         run_slice(&mut near_ctx, &mut near_workers, budget, &mut on, &get)?;
                     }
-                    rows.push(Row::new(
+                    results.push(Row::new(
                         &format!("near get {size}"),
                         threads,
                         on.figures(),
@@ -175,7 +176,7 @@ pub(super) fn rows(
                 run_slice(&mut on_ctx, &mut on_workers, budget, &mut on, set)?;
                 run_slice(&mut off_ctx, &mut off_workers, budget, &mut off, set)?;
             }
-            rows.push(Row::new(name, threads, on.figures(), Some(off.figures())));
+            results.push(Row::new(name, threads, on.figures(), Some(off.figures())));
         }
     }
     if let Some(redis) = &mut redis {
@@ -183,7 +184,7 @@ pub(super) fn rows(
     }
     drop(near);
     drop(scratch);
-    Ok(rows)
+    Ok(())
 }
 
 /// Waits until the near cache's invalidation channel is current (at most 10 s).
