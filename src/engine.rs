@@ -161,11 +161,7 @@ impl Engine {
     }
 
     fn pool(&self) -> Result<&Pool> {
-        self.pool.as_ref().ok_or_else(|| {
-            Error::Connection(
-                "caching is disabled (ENABLE_CACHING=false), so there is no pool".into(),
-            )
-        })
+        self.pool.as_ref().ok_or_else(disabled)
     }
 
     /// A pooled connection (see [`Pool::checkout`]).
@@ -336,9 +332,42 @@ impl Engine {
         fallback: impl FnOnce() -> T,
         op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
-        let Some(pool) = &self.pool else {
-            return Ok(fallback());
-        };
+        match self.timed(kind, what, op) {
+            None => Ok(fallback()),
+            Some(Err(error)) if self.config.fail_open() && error.is_transient() => {
+                self.counters.record_fail_open(kind);
+                metrics::fail_open(kind, what);
+                tracing::warn!(cache = %kind, operation = what.name(), %error, "pgcache: failing open");
+                Ok(fallback())
+            }
+            Some(other) => other,
+        }
+    }
+
+    /// Runs an operation whose answer cannot be made up (a counter's new value,
+    /// whether `set_nx` stored): timed, counted and retried like the others, but an
+    /// error, never a made-up answer, when caching is disabled or, in fail-open
+    /// mode, when the database is down.
+    pub(crate) fn exact<T>(
+        &self,
+        kind: CacheKind,
+        what: Op,
+        op: impl Fn(&mut PgConnection) -> Result<T>,
+    ) -> Result<T> {
+        self.observe(kind, what, |_| {
+            self.timed(kind, what, op)
+                .unwrap_or_else(|| Err(disabled()))
+        })
+    }
+
+    /// Runs `op` on the pool, recording its latency; `None` when caching is disabled.
+    fn timed<T>(
+        &self,
+        kind: CacheKind,
+        what: Op,
+        op: impl Fn(&mut PgConnection) -> Result<T>,
+    ) -> Option<Result<T>> {
+        let pool = self.pool.as_ref()?;
         let started = Instant::now();
         let result = pool.run_from(started, |conn| {
             self.catch_up(conn)?;
@@ -349,15 +378,7 @@ impl Engine {
         let elapsed = finished - started;
         self.latency.record(finished, elapsed);
         metrics::duration(kind, what, elapsed);
-        match result {
-            Err(error) if self.config.fail_open() && error.is_transient() => {
-                self.counters.record_fail_open(kind);
-                metrics::fail_open(kind, what);
-                tracing::warn!(cache = %kind, operation = what.name(), %error, "pgcache: failing open");
-                Ok(fallback())
-            }
-            other => other,
-        }
+        Some(result)
     }
 
     /// After an outage in fail-open mode: runs the migrations start-up could not,
@@ -396,4 +417,9 @@ impl Drop for Engine {
             tracing::warn!(%error, "pgcache: final flush of hit counters failed");
         }
     }
+}
+
+/// The error of an operation that needs the database while caching is disabled.
+fn disabled() -> Error {
+    Error::Connection("caching is disabled (ENABLE_CACHING=false), so there is no pool".into())
 }

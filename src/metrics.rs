@@ -22,8 +22,8 @@
 //! `cache` is the cache's name ([`CacheKind::name`]: `kv`, `embedding`, ...). `op`
 //! is the operation: `get`, `get_many`, `set`, `set_many`, `delete`,
 //! `delete_many`, `lease` (single-flight polls), and the key/value cache's own
-//! (`exists`, `ttl`, `touch`, `get_touch`, `delete_prefix`, `clear`,
-//! `find_containing`), `report` (popularity reports) and `evict`. Operations
+//! (`exists`, `ttl`, `touch`, `get_touch`, `incr` (`decr` too), `set_nx`,
+//! `get_del`, `delete_prefix`, `clear`, `find_containing`), `report` (popularity reports) and `evict`. Operations
 //! on a caller's connection (the `*_in` methods) are not counted: they run in the
 //! caller's transaction, outside the pool.
 //!
@@ -138,6 +138,9 @@ ops! {
     Ttl = "ttl",
     Touch = "touch",
     GetTouch = "get_touch",
+    Incr = "incr",
+    SetNx = "set_nx",
+    GetDel = "get_del",
     DeletePrefix = "delete_prefix",
     Clear = "clear",
     FindContaining = "find_containing",

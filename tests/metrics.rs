@@ -214,3 +214,42 @@ fn cleanup_counts_the_expired_rows_it_removes() {
     assert_eq!(seen.counter(CLEANUP_REMOVED, &[("cache", "kv")]), 1);
     assert_eq!(seen.counter(CLEANUP_REMOVED, &[("cache", "embedding")]), 0);
 }
+
+#[test]
+fn redis_style_operations_are_timed_and_counted() {
+    let db = TestDb::new();
+    let recorder = DebuggingRecorder::new();
+    metrics::with_local_recorder(&recorder, || {
+        let kv = db.cache.kv();
+        kv.incr("n", 1, Duration::from_secs(60)).unwrap();
+        assert!(kv
+            .set_nx("lock", &json!(1), Duration::from_secs(60))
+            .unwrap());
+        assert!(!kv
+            .set_nx("lock", &json!(2), Duration::from_secs(60))
+            .unwrap());
+        assert_eq!(kv.get_del("lock").unwrap(), Some(json!(1)));
+        kv.set_bytes("raw", b"x", Duration::from_secs(60)).unwrap();
+        assert!(kv.incr("raw", 1, Duration::from_secs(60)).is_err());
+    });
+    let seen = Seen::of(&recorder);
+    for op in ["incr", "set_nx", "get_del"] {
+        assert!(
+            seen.samples(QUERY_DURATION, &[("cache", "kv"), ("op", op)]) >= 1,
+            "{op} timed"
+        );
+    }
+    // The increment and the first set_nx stored; the second did not.
+    assert_eq!(
+        seen.counter(SETS, &[("cache", "kv")]),
+        3,
+        "incr, set_nx, set_bytes"
+    );
+    assert_eq!(
+        seen.counter(
+            ERRORS,
+            &[("cache", "kv"), ("op", "incr"), ("error", "wrong_type")]
+        ),
+        1
+    );
+}

@@ -248,7 +248,7 @@ impl<V> KvCache<'_, V> {
     pub fn incr(&self, key: &str, delta: i64, ttl: Duration) -> Result<i64> {
         check_key(key)?;
         let interval = ttl_interval(ttl)?;
-        let result = self.handle.engine.maintain(|conn| {
+        let result = self.handle.engine.exact(CacheKind::Kv, Op::Incr, |conn| {
             #[derive(QueryableByName)]
             struct Counted {
                 #[diesel(sql_type = BigInt)]
@@ -292,7 +292,7 @@ impl<V> KvCache<'_, V> {
                 .ok_or_else(|| wrong_type(name, "bytes", "integer"))
         });
         self.evict_near(key);
-        result.map_err(|error| match error {
+        let counted = result.map_err(|error| match error {
             Error::Database(diesel::result::Error::DatabaseError(
                 diesel::result::DatabaseErrorKind::CheckViolation,
                 _,
@@ -301,7 +301,9 @@ impl<V> KvCache<'_, V> {
                 format!("the live value of `{key}` is not an integer, or adding {delta} would overflow i64"),
             ),
             other => other,
-        })
+        })?;
+        self.handle.engine.record_sets(CacheKind::Kv, 1);
+        Ok(counted)
     }
 
     /// Subtracts `delta` (Redis `DECRBY`): [`incr`](Self::incr) of `-delta`.
@@ -462,7 +464,7 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
     pub fn set_nx(&self, key: &str, value: &V, ttl: Duration) -> Result<bool> {
         let interval = ttl_interval(ttl)?;
         let row = self.check_entry(key, value)?;
-        let stored = self.handle.engine.maintain(|conn| {
+        let stored = self.handle.engine.exact(CacheKind::Kv, Op::SetNx, |conn| {
             #[derive(QueryableByName)]
             struct Stored {
                 #[diesel(sql_type = diesel::sql_types::Bool)]
@@ -497,6 +499,9 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
             Ok(stored.stored)
         })?;
         self.evict_near(key);
+        if stored {
+            self.handle.engine.record_sets(CacheKind::Kv, 1);
+        }
         Ok(stored)
     }
 
@@ -508,24 +513,27 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
     /// entry (left in place), or a connection or database error.
     pub fn get_del(&self, key: &str) -> Result<Option<V>> {
         check_key(key)?;
-        let taken = self.handle.engine.maintain(|conn| {
-            // A bytes entry is left alone: reading it as JSON is an error.
-            let taken: Option<(JsonbIn<V>, bool)> = diesel::delete(
-                cache_entries::table
-                    .filter(cache_entries::key.eq(key))
-                    .filter(cache_entries::bytes.is_null()),
-            )
-            .returning((
-                cache_entries::value.assume_not_null(),
-                cache_entries::expires_at.gt(db_now()),
-            ))
-            .get_result(conn)
-            .optional()?;
-            match taken {
-                Some((JsonbIn(value), live)) => Ok(live.then_some(value)),
-                None => refuse_bytes(conn, key).map(|()| None),
-            }
-        })?;
+        let taken = self
+            .handle
+            .engine
+            .exact(CacheKind::Kv, Op::GetDel, |conn| {
+                // A bytes entry is left alone: reading it as JSON is an error.
+                let taken: Option<(JsonbIn<V>, bool)> = diesel::delete(
+                    cache_entries::table
+                        .filter(cache_entries::key.eq(key))
+                        .filter(cache_entries::bytes.is_null()),
+                )
+                .returning((
+                    cache_entries::value.assume_not_null(),
+                    cache_entries::expires_at.gt(db_now()),
+                ))
+                .get_result(conn)
+                .optional()?;
+                match taken {
+                    Some((JsonbIn(value), live)) => Ok(live.then_some(value)),
+                    None => refuse_bytes(conn, key).map(|()| None),
+                }
+            })?;
         self.evict_near(key);
         Ok(taken)
     }
