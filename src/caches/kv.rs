@@ -412,6 +412,29 @@ impl<'a, V> KvCache<'a, V> {
     }
 }
 
+/// A live entry's two payload columns (exactly one is set: JSON decoded as `J`, or
+/// bytes) and its expiry.
+type LiveEntry<J> = (Option<J>, Option<Vec<u8>>, DateTime<Utc>);
+
+/// The one-key read of both kinds of entry, kept in memory or not: each then takes
+/// its own column or reports the other kind.
+fn read_live<J>(conn: &mut PgConnection, key: &str) -> QueryResult<Option<LiveEntry<J>>>
+where
+    J: diesel::deserialize::FromSql<Jsonb, diesel::pg::Pg> + 'static,
+{
+    // The key is unique: no LIMIT needed (`first` would bind one more parameter).
+    cache_entries::table
+        .filter(cache_entries::key.eq(key))
+        .filter(cache_entries::expires_at.gt(db_now()))
+        .select((
+            cache_entries::value,
+            cache_entries::bytes,
+            cache_entries::expires_at,
+        ))
+        .get_result(conn)
+        .optional()
+}
+
 /// Validates bytes entries into rows with distinct keys (the last value of a key
 /// wins), in write order.
 fn bytes_rows<'e>(entries: &[(&'e str, &'e [u8])]) -> Result<Vec<Row<'e>>> {
@@ -939,18 +962,12 @@ impl<V: Serialize + DeserializeOwned + 'static> Storage for KvCache<'_, V> {
     }
 
     fn read_one(&self, conn: &mut PgConnection, key: &str, _checked: &()) -> Result<Option<V>> {
-        // The key is unique: no LIMIT needed (`first` would bind one more parameter).
-        let found: Option<Option<JsonbIn<V>>> = cache_entries::table
-            .filter(cache_entries::key.eq(key))
-            .filter(cache_entries::expires_at.gt(db_now()))
-            .select(cache_entries::value)
-            .get_result(conn)
-            .optional()?;
-        match found {
-            None => Ok(None),
-            Some(Some(JsonbIn(value))) => Ok(Some(value)),
-            Some(None) => Err(wrong_type(key, "bytes", "json")),
-        }
+        read_live::<JsonbIn<V>>(conn, key)?
+            .map(|(json, _, _)| {
+                json.map(|JsonbIn(value)| value)
+                    .ok_or_else(|| wrong_type(key, "bytes", "json"))
+            })
+            .transpose()
     }
 
     fn near_key(key: &str, _checked: &()) -> NearKey {
@@ -968,14 +985,8 @@ impl<V: Serialize + DeserializeOwned + 'static> Storage for KvCache<'_, V> {
         key: &str,
         _checked: &(),
     ) -> Result<Option<NearRead<V>>> {
-        let found: Option<(Option<JsonbText>, DateTime<Utc>)> = cache_entries::table
-            .filter(cache_entries::key.eq(key))
-            .filter(cache_entries::expires_at.gt(db_now()))
-            .select((cache_entries::value, cache_entries::expires_at))
-            .get_result(conn)
-            .optional()?;
-        found
-            .map(|(text, expires_at)| {
+        read_live::<JsonbText>(conn, key)?
+            .map(|(text, _, expires_at)| {
                 let JsonbText(text) = text.ok_or_else(|| wrong_type(key, "bytes", "json"))?;
                 let json: serde_json::Value = serde_json::from_slice(&text)?;
                 Ok(NearRead {
@@ -1074,17 +1085,9 @@ impl Storage for KvBytes<'_> {
         key: &str,
         _checked: &(),
     ) -> Result<Option<Vec<u8>>> {
-        let found: Option<Option<Vec<u8>>> = cache_entries::table
-            .filter(cache_entries::key.eq(key))
-            .filter(cache_entries::expires_at.gt(db_now()))
-            .select(cache_entries::bytes)
-            .get_result(conn)
-            .optional()?;
-        match found {
-            None => Ok(None),
-            Some(Some(bytes)) => Ok(Some(bytes)),
-            Some(None) => Err(wrong_type(key, "json", "bytes")),
-        }
+        read_live::<JsonbText>(conn, key)?
+            .map(|(_, bytes, _)| bytes.ok_or_else(|| wrong_type(key, "json", "bytes")))
+            .transpose()
     }
 
     fn near_key(key: &str, _checked: &()) -> NearKey {
@@ -1102,14 +1105,8 @@ impl Storage for KvBytes<'_> {
         key: &str,
         _checked: &(),
     ) -> Result<Option<NearRead<Vec<u8>>>> {
-        let found: Option<(Option<Vec<u8>>, DateTime<Utc>)> = cache_entries::table
-            .filter(cache_entries::key.eq(key))
-            .filter(cache_entries::expires_at.gt(db_now()))
-            .select((cache_entries::bytes, cache_entries::expires_at))
-            .get_result(conn)
-            .optional()?;
-        found
-            .map(|(bytes, expires_at)| {
+        read_live::<JsonbText>(conn, key)?
+            .map(|(_, bytes, expires_at)| {
                 let bytes = bytes.ok_or_else(|| wrong_type(key, "json", "bytes"))?;
                 Ok(NearRead {
                     weight: bytes.len(),
