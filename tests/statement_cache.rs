@@ -57,6 +57,37 @@ fn kv_hot_paths_prepare_one_statement_per_shape_whatever_the_batch_size() {
     assert_eq!(count("DELETE"), 1, "{statements:#?}");
 }
 
+#[test]
+fn kv_redis_style_operations_prepare_one_statement_each() {
+    let db = TestDb::with(|b| b.pool_max_size(1));
+    let kv = db.cache.kv();
+    let ttl = Duration::from_secs(60);
+    for round in 0..3 {
+        let key = format!("k{round}");
+        kv.incr(&key, 1, ttl).unwrap();
+        assert!(!kv.set_nx(&key, &json!(1), ttl).unwrap());
+        assert!(kv.get_touch(&key, ttl).unwrap().is_some());
+        assert!(kv.get_del(&key).unwrap().is_some());
+        kv.set_bytes(&key, b"x", ttl).unwrap();
+        assert!(kv.get_bytes(&key).unwrap().is_some());
+    }
+    let statements = prepared_statements(&db, CacheKind::Kv);
+    let count = |prefix: &str| {
+        statements
+            .iter()
+            .filter(|s| s.trim_start().starts_with(prefix))
+            .count()
+    };
+    // incr and set_bytes (INSERT), set_nx (WITH), get_touch (UPDATE), get_del
+    // (DELETE), get_bytes (SELECT): one each, whatever the round.
+    assert_eq!(count("INSERT"), 2, "{statements:#?}");
+    assert_eq!(count("WITH"), 1, "{statements:#?}");
+    assert_eq!(count("UPDATE"), 1, "{statements:#?}");
+    assert_eq!(count("DELETE"), 1, "{statements:#?}");
+    assert_eq!(count("SELECT"), 1, "{statements:#?}");
+    assert_eq!(statements.len(), 6, "{statements:#?}");
+}
+
 /// The statements prepared on the (single) pooled connection that mention `kind`'s
 /// table.
 fn prepared_statements(db: &TestDb, kind: CacheKind) -> Vec<String> {

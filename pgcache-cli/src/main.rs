@@ -33,7 +33,7 @@ struct Cli {
     /// PostgreSQL URL (default: $DATABASE_URL, else postgres://postgres@localhost:5432/postgres).
     #[arg(long, global = true, value_name = "URL")]
     database_url: Option<String>,
-    /// Schema holding the cache tables (default: $PGCACHE_SCHEMA, else the search path).
+    /// Schema holding the cache tables (default: $PGCACHE_SCHEMA, else `pgcache`).
     #[arg(long, global = true, value_name = "SCHEMA")]
     schema: Option<String>,
     /// Print no report: the exit status tells (errors are still printed on stderr;

@@ -576,19 +576,36 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
             None,
             || None,
             |conn| {
-                let found: Option<JsonbIn<V>> = diesel::update(
-                    cache_entries::table
-                        .filter(cache_entries::key.eq(key))
-                        .filter(cache_entries::expires_at.gt(db_now()))
-                        .filter(cache_entries::bytes.is_null()),
+                #[derive(QueryableByName)]
+                struct Touched<V> {
+                    #[diesel(sql_type = Jsonb)]
+                    value: JsonbIn<V>,
+                }
+                // Hand-written: Diesel prepares an UPDATE anew on every call (it
+                // keeps no UPDATE in its statement cache), which cost a quarter more
+                // than the statement itself.
+                struct GetTouch;
+                let name = key;
+                let (key, interval) = (
+                    Param::<Text, _>::new(key),
+                    Param::<diesel::sql_types::Interval, _>::new(interval),
+                );
+                let found: Option<Touched<V>> = Prepared::<GetTouch>::new(
+                    &[
+                        "UPDATE cache_entries SET expires_at = statement_timestamp() + ",
+                        " WHERE key = ",
+                        " AND expires_at > statement_timestamp() AND bytes IS NULL \
+                         RETURNING value",
+                    ],
+                    vec![&interval, &key],
                 )
-                .set(cache_entries::expires_at.eq(ExpiresIn(interval)))
-                .returning(cache_entries::value.assume_not_null())
                 .get_result(conn)
                 .optional()?;
                 match found {
-                    Some(JsonbIn(value)) => Ok(Some(value)),
-                    None => refuse_bytes(conn, key).map(|()| None),
+                    Some(Touched {
+                        value: JsonbIn(value),
+                    }) => Ok(Some(value)),
+                    None => refuse_bytes(conn, name).map(|()| None),
                 }
             },
         )
