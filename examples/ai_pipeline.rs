@@ -1,4 +1,4 @@
-//! The spec's RAG, LLM and TTS integrations in Rust: embed a question, search, answer
+//! A RAG, LLM and TTS pipeline in Rust: embed a question, search, answer
 //! and speak it, with fake but deterministic providers that take a little time, as
 //! real ones do. The first pass misses and computes; the second is served from the
 //! cache.
