@@ -110,8 +110,13 @@ fn quote_literal(value: &str) -> String {
 }
 
 pub(crate) fn session_sql(config: &CacheConfig) -> String {
+    // Generic plans always: every statement the cache prepares looks rows up by key,
+    // and on hash-partitioned tables PostgreSQL's default would re-plan each
+    // execution (a generic plan costed over every partition never wins), when the
+    // generic plan prunes to one partition as it starts.
     let mut sql = format!(
-        "SET statement_timeout = {}; SET application_name = {};",
+        "SET statement_timeout = {}; SET application_name = {}; \
+         SET plan_cache_mode = force_generic_plan;",
         config.statement_timeout().as_millis(),
         quote_literal(config.application_name())
     );

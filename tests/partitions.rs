@@ -163,10 +163,11 @@ fn eviction_takes_the_oldest_entries_across_partitions() {
 }
 
 #[test]
-fn a_prepared_generic_get_reads_one_partition() {
+fn a_prepared_get_on_a_cache_connection_reads_one_partition() {
     let db = TestDb::new();
     partitioned(&db);
-    let mut conn = db.raw_connection();
+    // The cache's own session settings: generic plans, pruned as they start.
+    let mut conn = db.cache.connection().unwrap();
     for (table, key, value) in [
         ("cache_entries", "key", "'k'::text"),
         ("llm_response_cache", "key_hash", "'\\x00'::bytea"),
@@ -179,8 +180,8 @@ fn a_prepared_generic_get_reads_one_partition() {
     }
 }
 
-/// The plan of a prepared `SELECT ... WHERE key = $1` forced generic, as a prepared
-/// statement's plan becomes after five executions.
+/// The plan of a prepared `SELECT ... WHERE key = $1` on `conn`, planned as its
+/// session settings say.
 fn explain_generic(conn: &mut diesel::PgConnection, table: &str, key: &str, value: &str) -> String {
     use diesel::connection::SimpleConnection;
     use diesel::sql_types::Text;
@@ -191,8 +192,7 @@ fn explain_generic(conn: &mut diesel::PgConnection, table: &str, key: &str, valu
         line: String,
     }
     conn.batch_execute(&format!(
-        "SET plan_cache_mode = force_generic_plan; \
-         PREPARE get_{table} AS SELECT * FROM {table} \
+        "PREPARE get_{table} AS SELECT * FROM {table} \
            WHERE {key} = $1 AND expires_at > statement_timestamp()"
     ))
     .unwrap();

@@ -15,6 +15,8 @@ ROWS=${ROWS:-10000000}
 SECS=${SECONDS_EACH:-20}
 ROUNDS=${ROUNDS:-2}
 PGCACHE=${PGCACHE:-../../target/release/pgcache}
+# The library's own setting (see session_sql in src/pool.rs); `auto` is PostgreSQL's default.
+PLAN_CACHE_MODE=${PLAN_CACHE_MODE:-force_generic_plan}
 LOGS=$(mktemp -d)
 trap 'psql -q "$URL" -c "DROP SCHEMA IF EXISTS pgcache_part_plain CASCADE; DROP SCHEMA IF EXISTS pgcache_part_16 CASCADE" >/dev/null 2>&1; rm -rf "$LOGS"' EXIT
 
@@ -39,7 +41,7 @@ for round in $(seq "$ROUNDS"); do
     for clients in 1 4; do
       for schema in pgcache_part_plain pgcache_part_16; do
         rm -f "$LOGS"/pgbench_log.*
-        (cd "$LOGS" && PGOPTIONS="-c search_path=$schema" pgbench -n -M prepared -c "$clients" -j "$clients" \
+        (cd "$LOGS" && PGOPTIONS="-c search_path=$schema -c plan_cache_mode=$PLAN_CACHE_MODE" pgbench -n -M prepared -c "$clients" -j "$clients" \
           -T "$SECS" -l -f "$OLDPWD/$op.sql" "$URL" >/dev/null)
         read -r p50 p99 n < <(percentiles "$LOGS"/pgbench_log.*)
         printf "%-5s %-4s %-8s %10s %10s %10s\n" "$op" "$clients" "${schema#pgcache_part_}" "$p50" "$p99" "$((n / SECS))"
