@@ -71,8 +71,8 @@ impl CacheManager {
     /// ([`CacheConfig::schema`], default `pgcache`) is added at the *end* of a
     /// connection's search path the first time the cache uses it, so every name the
     /// application uses resolves as before. Nothing else is changed: the
-    /// application's statement timeout and application name apply to cache
-    /// statements, the cache's own are not set, and the watchdog that cuts
+    /// application's statement timeout, application name and plan cache mode apply
+    /// to cache statements, the cache's own are not set, and the watchdog that cuts
     /// statements a frozen server never answers does not watch these connections.
     /// Connections the cache checks out count against the application's pool size.
     ///
