@@ -67,6 +67,7 @@ fn kv_redis_style_operations_prepare_one_statement_each() {
         kv.incr(&key, 1, ttl).unwrap();
         assert!(!kv.set_nx(&key, &json!(1), ttl).unwrap());
         assert!(kv.get_touch(&key, ttl).unwrap().is_some());
+        assert!(kv.touch(&key, ttl).unwrap());
         assert!(kv.get_del(&key).unwrap().is_some());
         kv.set_bytes(&key, b"x", ttl).unwrap();
         assert!(kv.get_bytes(&key).unwrap().is_some());
@@ -78,14 +79,14 @@ fn kv_redis_style_operations_prepare_one_statement_each() {
             .filter(|s| s.trim_start().starts_with(prefix))
             .count()
     };
-    // incr and set_bytes (INSERT), set_nx (WITH), get_touch (UPDATE), get_del
-    // (DELETE), get_bytes (SELECT): one each, whatever the round.
+    // incr and set_bytes (INSERT), set_nx (WITH), get_touch and touch (UPDATE),
+    // get_del (DELETE), get_bytes (SELECT): one each, whatever the round.
     assert_eq!(count("INSERT"), 2, "{statements:#?}");
     assert_eq!(count("WITH"), 1, "{statements:#?}");
-    assert_eq!(count("UPDATE"), 1, "{statements:#?}");
+    assert_eq!(count("UPDATE"), 2, "{statements:#?}");
     assert_eq!(count("DELETE"), 1, "{statements:#?}");
     assert_eq!(count("SELECT"), 1, "{statements:#?}");
-    assert_eq!(statements.len(), 6, "{statements:#?}");
+    assert_eq!(statements.len(), 7, "{statements:#?}");
 }
 
 /// The statements prepared on the (single) pooled connection that mention `kind`'s
