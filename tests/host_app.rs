@@ -200,9 +200,11 @@ impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for AppSession {
     }
 }
 
-/// An application schema with a `posts` table, and a pool onto it.
+/// An application schema with a `posts` table, and a pool onto it; dropped
+/// afterwards with the cache's schema (`cache_schema`).
 struct App {
     schema: String,
+    cache_schema: String,
     pool: Pool<ConnectionManager<PgConnection>>,
 }
 
@@ -220,7 +222,11 @@ impl App {
             .connection_customizer(Box::new(AppSession(schema.clone())))
             .build(ConnectionManager::new(database_url()))
             .unwrap();
-        App { schema, pool }
+        App {
+            cache_schema: format!("{schema}_cache"),
+            schema,
+            pool,
+        }
     }
 }
 
@@ -228,8 +234,8 @@ impl Drop for App {
     fn drop(&mut self) {
         if let Ok(mut conn) = PgConnection::establish(&database_url()) {
             let _ = conn.batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
-                self.schema
+                "DROP SCHEMA IF EXISTS \"{}\" CASCADE; DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                self.schema, self.cache_schema
             ));
         }
     }
@@ -244,10 +250,10 @@ fn cache_config(schema: &str) -> pgcache::CacheConfigBuilder {
 #[test]
 fn a_manager_over_the_apps_pool_caches_and_leaves_the_apps_names_first() {
     let app = App::new("CREATE TABLE posts (id INT PRIMARY KEY); INSERT INTO posts VALUES (7);");
-    let cache_schema = format!("{}_cache", app.schema);
+    let cache_schema = &app.cache_schema;
     let cache = CacheManager::with_pool(
         app.pool.clone(),
-        cache_config(&cache_schema).build().unwrap(),
+        cache_config(cache_schema).build().unwrap(),
     )
     .unwrap();
 
@@ -318,7 +324,7 @@ fn a_manager_over_the_apps_pool_refuses_relaxed_durability() {
     let app = App::new("");
     let err = CacheManager::with_pool(
         app.pool.clone(),
-        cache_config(&format!("{}_cache", app.schema))
+        cache_config(&app.cache_schema)
             .durability(Durability::Relaxed)
             .build()
             .unwrap(),
@@ -343,9 +349,7 @@ fn a_manager_over_the_apps_pool_refuses_an_app_table_hiding_a_cache_table() {
     let app = App::new("CREATE TABLE cache_entries (id INT);");
     let err = CacheManager::with_pool(
         app.pool.clone(),
-        cache_config(&format!("{}_cache", app.schema))
-            .build()
-            .unwrap(),
+        cache_config(&app.cache_schema).build().unwrap(),
     )
     .unwrap_err();
     assert!(
@@ -362,10 +366,10 @@ fn a_manager_over_the_apps_pool_refuses_an_app_table_hiding_a_cache_table() {
 #[test]
 fn a_manager_over_the_apps_pool_finds_its_tables_again_after_the_app_resets_a_connection() {
     let app = App::new("");
-    let cache_schema = format!("{}_cache", app.schema);
+    let cache_schema = &app.cache_schema;
     let cache = CacheManager::with_pool(
         app.pool.clone(),
-        cache_config(&cache_schema).build().unwrap(),
+        cache_config(cache_schema).build().unwrap(),
     )
     .unwrap();
     cache.kv().set("k", &json!(1)).unwrap();
