@@ -78,6 +78,7 @@ mod jsonb;
 mod key;
 mod kind;
 pub mod metrics;
+mod shards;
 mod validation;
 // Database plumbing.
 mod conninfo;
@@ -148,6 +149,7 @@ pub use ops::{
 pub use partitions::{Partitioning, MAX_PARTITIONS};
 pub use pool::{ConnectionPool, PooledConnection};
 pub use popularity::{HitStats, TopEntry};
+pub use shards::ShardMap;
 pub use skipped::MAX_SKIPPED_KEYS;
 pub use table::TypedCache;
 pub use validation::{MAX_EMBEDDING_DIMENSIONS, MAX_KEY_BYTES};
