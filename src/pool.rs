@@ -76,6 +76,14 @@ struct Suspicion {
 }
 
 impl Suspicion {
+    /// Nothing suspect yet, for a pool of `pool_size` connections.
+    fn new(pool_size: u32) -> Self {
+        Suspicion {
+            remaining: Arc::new(AtomicU32::new(0)),
+            pool_size,
+        }
+    }
+
     /// Every pooled connection may be dead: probe each at its next checkout.
     fn raise(&self) {
         self.remaining.fetch_max(self.pool_size, Ordering::Relaxed);
@@ -168,6 +176,14 @@ struct ConnectFailures {
 }
 
 impl ConnectFailures {
+    /// No attempt has failed yet.
+    fn new(url: &DatabaseUrl) -> Self {
+        ConnectFailures {
+            url: url.clone(),
+            last: Mutex::new(None),
+        }
+    }
+
     /// The pool's error as an [`Error::Connection`], scrubbed of the password, with
     /// the cause of the timeout when r2d2 did not give it.
     fn error(&self, error: &r2d2::PoolError) -> Error {
@@ -300,19 +316,13 @@ impl Pool {
     /// a wrong URL fails at start-up rather than on the first get.
     pub(crate) fn new(config: &CacheConfig) -> Result<Self> {
         let settings = config.pool();
-        let suspicion = Suspicion {
-            remaining: Arc::new(AtomicU32::new(0)),
-            pool_size: settings.max_size,
-        };
+        let suspicion = Suspicion::new(settings.max_size);
         let limit = no_answer_limit(config);
         let manager = ConnectionManager::<PgConnection>::new(with_defaults(
             config.database_url().expose(),
             &client_timeouts(settings.connection_timeout, limit),
         ));
-        let failures = Arc::new(ConnectFailures {
-            url: config.database_url().clone(),
-            last: Mutex::new(None),
-        });
+        let failures = Arc::new(ConnectFailures::new(config.database_url()));
         let pool = r2d2::Pool::builder()
             .max_size(settings.max_size)
             .min_idle(Some(settings.min_idle))
@@ -361,15 +371,9 @@ impl Pool {
             ));
         }
         let pool = Pool {
-            suspicion: Suspicion {
-                remaining: Arc::new(AtomicU32::new(0)),
-                pool_size: pool.max_size(),
-            },
+            suspicion: Suspicion::new(pool.max_size()),
             pool,
-            failures: Arc::new(ConnectFailures {
-                url: config.database_url().clone(),
-                last: Mutex::new(None),
-            }),
+            failures: Arc::new(ConnectFailures::new(config.database_url())),
             shared: Some(SharedPath {
                 schema: config.schema().to_owned(),
             }),
