@@ -54,13 +54,28 @@ impl ScratchCluster {
 
     /// Creates and starts a cluster; `initdb_args` go to initdb (after `--`).
     pub fn start_with(initdb_args: &[&str]) -> Self {
+        Self::create(&[], initdb_args)
+    }
+
+    /// Creates and starts a cluster with trust authentication and these server
+    /// settings (`name=value`, written to its `postgresql.conf`), for settings only a
+    /// start reads, such as `shared_preload_libraries=pg_stat_statements`.
+    pub fn start_configured(settings: &[&str]) -> Self {
+        Self::create(settings, &["--auth=trust"])
+    }
+
+    fn create(settings: &[&str], initdb_args: &[&str]) -> Self {
         let version = installed_version();
         let port = free_port();
         let name = format!("pgcache_scratch_{port}");
         let port_s = port.to_string();
         let mut args = vec![version.as_str(), name.as_str(), "-p", port_s.as_str()];
         // Small and quick: no fsync (nothing here needs to survive a power cut).
-        args.extend(["-o", "fsync=off", "--"]);
+        args.extend(["-o", "fsync=off"]);
+        for setting in settings {
+            args.extend(["-o", setting]);
+        }
+        args.push("--");
         args.extend(initdb_args);
         run("pg_createcluster", &args);
         let cluster = ScratchCluster {
