@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
 
+use crate::cluster::{Cluster, Part};
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::expiry::ttl_interval;
@@ -20,24 +21,30 @@ use crate::skipped::Skipped;
 
 pub(crate) use storage::{NearRead, Storage};
 
-/// What every cache handle holds: the engine it works through and, when the caller
-/// chose one with `with_default_ttl`, the TTL of its `set`.
+/// What every cache handle holds: the shards' engines it works through and, when
+/// the caller chose one with `with_default_ttl`, the TTL of its `set`.
 #[derive(Debug, Clone, Copy)]
 pub struct Handle<'a> {
-    pub(crate) engine: &'a Engine,
+    pub(crate) cluster: &'a Cluster,
     pub(crate) ttl: Option<Duration>,
 }
 
 impl<'a> Handle<'a> {
     /// A handle with its cache's default TTL.
-    pub(crate) fn new(engine: &'a Engine) -> Self {
-        Handle { engine, ttl: None }
+    pub(crate) fn new(cluster: &'a Cluster) -> Self {
+        Handle { cluster, ttl: None }
     }
 
     /// The TTL of `set` for cache `kind`: the one chosen, else the kind's preset.
     pub(crate) fn ttl(&self, kind: CacheKind) -> Duration {
         self.ttl
-            .unwrap_or_else(|| self.engine.config().ttl().default_for(kind))
+            .unwrap_or_else(|| self.cluster.config().ttl().default_for(kind))
+    }
+
+    /// Where an operation is observed (its span, its error count) before its key is
+    /// routed.
+    pub(crate) fn front(&self) -> &'a Engine {
+        self.cluster.front()
     }
 }
 
@@ -48,30 +55,44 @@ mod storage {
     /// entries checked before a connection is taken, then read, written and removed
     /// on a connection. Implemented by the key/value cache and, through the
     /// typed-table core, by every digest-keyed table.
-    pub trait Storage {
+    // `Sync` and `Send` bounds: a batch over several shards runs on a thread per shard.
+    pub trait Storage: Sync {
         /// What identifies an entry.
-        type Key: ?Sized;
+        type Key: ?Sized + Sync;
         /// What is stored.
         type Value;
         /// What a hit returns: the value, with metadata for the typed caches.
-        type Entry;
+        type Entry: Send;
         /// A key checked before any connection is taken (its digest, for the
         /// digest-keyed tables), so the work is not done twice.
-        type CheckedKey: Clone;
+        type CheckedKey: Clone + Send + Sync;
         /// An entry validated before any connection is taken, ready to write.
-        type Row<'a>
+        type Row<'a>: Send + Sync
         where
             Self: 'a;
 
         /// Which cache this is.
         const KIND: CacheKind;
 
-        /// The engine and chosen TTL of this handle.
+        /// The shards and chosen TTL of this handle.
         fn handle(&self) -> &Handle<'_>;
 
-        /// The engine (pool, configuration, counters) this cache works through.
-        fn engine(&self) -> &Engine {
-            self.handle().engine
+        /// The digest that routes a checked key to its shard.
+        fn route(key: &Self::Key, checked: &Self::CheckedKey) -> KeyDigest;
+
+        /// The digest that routes a row to its shard.
+        fn row_route(row: &Self::Row<'_>) -> KeyDigest;
+
+        /// The engine (pool, counters, near cache) of the shard holding `key`.
+        fn engine_for(&self, key: &Self::Key, checked: &Self::CheckedKey) -> &Engine {
+            self.handle()
+                .cluster
+                .engine_for(|| Self::route(key, checked))
+        }
+
+        /// Where an operation is observed before its key is routed.
+        fn front(&self) -> &Engine {
+            self.handle().front()
         }
 
         /// The TTL of `set` and `get_or_compute`.
@@ -216,15 +237,73 @@ fn check_keys<C: Storage + ?Sized>(cache: &C, keys: &[&C::Key]) -> Result<Vec<C:
     keys.iter().map(|k| cache.check_key(k)).collect()
 }
 
-/// The near cache of `C`'s table, if it has one.
-fn near_of<C: Storage + ?Sized>(cache: &C) -> Option<&NearCaches> {
-    cache.engine().near().filter(|near| near.serves(C::KIND))
+/// The near cache of `C`'s table on `engine`'s shard, if it has one.
+fn near_of<C: Storage + ?Sized>(engine: &Engine) -> Option<&NearCaches> {
+    engine.near().filter(|near| near.serves(C::KIND))
+}
+
+/// Runs `work` once per shard holding some of `keys`, with that shard's keys and
+/// checked keys (at once, on a thread each, when there are several); each part's
+/// positions in `keys` with its result.
+fn per_shard<C: Storage + ?Sized, T: Send>(
+    cache: &C,
+    keys: &[&C::Key],
+    checked: &[C::CheckedKey],
+    work: impl Fn(&Engine, &[&C::Key], &[C::CheckedKey]) -> Result<T> + Sync,
+) -> Result<Vec<(Vec<usize>, T)>> {
+    let cluster = cache.handle().cluster;
+    if let Some(engine) = cluster.single() {
+        return Ok(vec![(
+            (0..keys.len()).collect(),
+            work(engine, keys, checked)?,
+        )]);
+    }
+    let parts: Vec<Part> = cluster.parts(keys.len(), |i| C::route(keys[i], &checked[i]));
+    let results = cluster.fan_out(&parts, |engine, items| {
+        let keys: Vec<&C::Key> = items.iter().map(|&i| keys[i]).collect();
+        let checked: Vec<C::CheckedKey> = items.iter().map(|&i| checked[i].clone()).collect();
+        work(engine, &keys, &checked)
+    })?;
+    Ok(parts
+        .into_iter()
+        .map(|(_, items)| items)
+        .zip(results)
+        .collect())
+}
+
+/// Rows split by the shard holding them: one list per shard (in the map's order,
+/// empty where the shard holds none), each in write order.
+pub(crate) fn split_by_shard<'r, C: Storage + ?Sized>(
+    cluster: &Cluster,
+    rows: Vec<C::Row<'r>>,
+) -> Vec<Vec<C::Row<'r>>> {
+    if cluster.single().is_some() {
+        return vec![rows];
+    }
+    let mut parts: Vec<Vec<C::Row<'r>>> = (0..cluster.map().len()).map(|_| Vec::new()).collect();
+    for row in rows {
+        parts[cluster.map().shard_of(&C::row_route(&row))].push(row);
+    }
+    parts
+}
+
+/// The shards holding some of `rows`, each with its rows in write order.
+fn rows_per_shard<'r, C: Storage + ?Sized>(
+    cluster: &Cluster,
+    rows: Vec<C::Row<'r>>,
+) -> Vec<(usize, Vec<C::Row<'r>>)> {
+    split_by_shard::<C>(cluster, rows)
+        .into_iter()
+        .enumerate()
+        .filter(|(_, rows)| !rows.is_empty())
+        .collect()
 }
 
 /// A get through the near cache: served from memory when it holds a live entry and
 /// the channel is current; else read, and kept unless an invalidation came meanwhile.
 fn near_get<C: Storage + ?Sized>(
     cache: &C,
+    engine: &Engine,
     near: &NearCaches,
     key: &C::Key,
     checked: &C::CheckedKey,
@@ -237,7 +316,7 @@ fn near_get<C: Storage + ?Sized>(
         }
     }
     let ticket = near.ticket(C::KIND, &near_key);
-    let read = cache.engine().read(C::KIND, Op::Get, None, |conn| {
+    let read = engine.read(C::KIND, Op::Get, None, |conn| {
         cache.read_for_near(conn, key, checked)
     })?;
     Ok(read.map(|read| {
@@ -255,17 +334,19 @@ fn near_get<C: Storage + ?Sized>(
     }))
 }
 
-/// A batch read through the near cache: the keys it holds are served from memory,
-/// the rest read in one statement (a batch does not fill it).
-fn near_get_many<C: Storage + ?Sized>(
+/// A batch read on one shard: through its near cache if it has one (the keys it
+/// holds are served from memory, a batch does not fill it), the rest read in one
+/// statement; lookups counted.
+fn read_part<C: Storage + ?Sized>(
     cache: &C,
-    near: &NearCaches,
+    engine: &Engine,
     keys: &[&C::Key],
     checked: &[C::CheckedKey],
 ) -> Result<Vec<Option<C::Entry>>> {
     let mut found = Vec::with_capacity(keys.len());
+    let near = near_of::<C>(engine);
     for (key, checked) in keys.iter().zip(checked) {
-        let kept = near.get(C::KIND, &C::near_key(key, checked));
+        let kept = near.and_then(|near| near.get(C::KIND, &C::near_key(key, checked)));
         let entry = kept.map(|kept| C::from_near(&kept)).transpose()?.flatten();
         if entry.is_some() {
             cache.near_hit(checked);
@@ -273,34 +354,46 @@ fn near_get_many<C: Storage + ?Sized>(
         found.push(entry);
     }
     let wanted: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
-    if wanted.is_empty() {
-        return Ok(found);
+    if !wanted.is_empty() {
+        let misses = || wanted.iter().map(|_| None).collect();
+        let read = if wanted.len() == keys.len() {
+            engine.read_with(C::KIND, Op::GetMany, misses, |conn| {
+                cache.read_many(conn, keys, checked)
+            })?
+        } else {
+            let wanted_keys: Vec<&C::Key> = wanted.iter().map(|&i| keys[i]).collect();
+            let wanted_checked: Vec<C::CheckedKey> =
+                wanted.iter().map(|&i| checked[i].clone()).collect();
+            engine.read_with(C::KIND, Op::GetMany, misses, |conn| {
+                cache.read_many(conn, &wanted_keys, &wanted_checked)
+            })?
+        };
+        for (i, entry) in wanted.iter().zip(read) {
+            found[*i] = entry;
+        }
     }
-    let wanted_keys: Vec<&C::Key> = wanted.iter().map(|&i| keys[i]).collect();
-    let wanted_checked: Vec<C::CheckedKey> = wanted.iter().map(|&i| checked[i].clone()).collect();
-    let misses = || wanted.iter().map(|_| None).collect();
-    let read = cache
-        .engine()
-        .read_with(C::KIND, Op::GetMany, misses, |conn| {
-            cache.read_many(conn, &wanted_keys, &wanted_checked)
-        })?;
-    for (i, entry) in wanted.iter().zip(read) {
-        found[*i] = entry;
-    }
+    let hits = found.iter().filter(|e| e.is_some()).count() as u64;
+    engine.record_lookups(C::KIND, hits, found.len() as u64 - hits);
     Ok(found)
 }
 
-/// Evicts the keys of `rows` from this process's near cache (read-your-writes).
-fn near_evict_rows<C: Storage + ?Sized>(cache: &C, rows: &[C::Row<'_>]) {
-    if let Some(near) = near_of(cache) {
+/// Evicts the keys of `rows` from the near cache of `engine`'s shard in this
+/// process (read-your-writes).
+fn near_evict_rows<C: Storage + ?Sized>(engine: &Engine, rows: &[C::Row<'_>]) {
+    if let Some(near) = near_of::<C>(engine) {
         let keys: Vec<NearKey> = rows.iter().map(|r| C::row_near_key(r)).collect();
         near.invalidate(C::KIND, keys.iter().map(|k| &k[..]));
     }
 }
 
-/// Evicts checked keys from this process's near cache (read-your-writes).
-fn near_evict_keys<C: Storage + ?Sized>(cache: &C, keys: &[&C::Key], checked: &[C::CheckedKey]) {
-    if let Some(near) = near_of(cache) {
+/// Evicts checked keys from the near cache of `engine`'s shard in this process
+/// (read-your-writes).
+fn near_evict_keys<C: Storage + ?Sized>(
+    engine: &Engine,
+    keys: &[&C::Key],
+    checked: &[C::CheckedKey],
+) {
+    if let Some(near) = near_of::<C>(engine) {
         let keys: Vec<NearKey> = keys
             .iter()
             .zip(checked)
@@ -310,70 +403,88 @@ fn near_evict_keys<C: Storage + ?Sized>(cache: &C, keys: &[&C::Key], checked: &[
     }
 }
 
-/// `set_many` (as `op`): the rows `rows` checks, written in one statement and
-/// counted unless fail-open mode skipped them (remembering the delete of `keys()`),
-/// then evicted from this process's near cache. Shared with the key/value cache's
-/// bytes, whose rows are checked differently.
-pub(crate) fn store_rows<'r, 'k, C: Storage + ?Sized + 'r>(
+/// `set_many` (as `op`): the rows `rows` checks, written in one statement per shard
+/// and counted unless fail-open mode skipped them (remembering the delete of
+/// `keys`), then evicted from this process's near cache. Shared with the
+/// key/value cache's bytes, whose rows are checked differently.
+pub(crate) fn store_rows<'r, C: Storage + ?Sized + 'r>(
     cache: &C,
     op: Op,
     ttl: Duration,
     rows: impl FnOnce() -> Result<Vec<C::Row<'r>>>,
-    keys: impl FnOnce() -> Vec<&'k C::Key>,
-) -> Result<()>
-where
-    C::Key: 'k,
-{
-    let engine = cache.engine();
-    engine.observe(C::KIND, op, |span| {
+    keys: &[&C::Key],
+) -> Result<()> {
+    let cluster = cache.handle().cluster;
+    cache.front().observe(C::KIND, op, |span| {
         let interval = ttl_interval(ttl)?;
         let rows = rows()?;
         if rows.is_empty() {
             return Ok(());
         }
-        let written = engine.write(
-            C::KIND,
-            op,
-            false,
-            || {
-                let keys = keys();
-                let checked = check_keys(cache, &keys).ok()?;
-                Some(cache.skipped(&keys, &checked))
-            },
-            |conn| cache.write(conn, &rows, interval).map(|()| true),
-        )?;
-        if written {
-            engine.record_sets(C::KIND, rows.len() as u64);
-        }
         span.record("rows", rows.len());
-        near_evict_rows(cache, &rows);
+        let parts = rows_per_shard::<C>(cluster, rows);
+        cluster.fan_out(&parts, |engine, rows| {
+            let written = engine.write(
+                C::KIND,
+                op,
+                false,
+                || {
+                    // All the batch's keys: deleting the other shards' too is harmless.
+                    let checked = check_keys(cache, keys).ok()?;
+                    Some(cache.skipped(keys, &checked))
+                },
+                |conn| cache.write(conn, rows, interval).map(|()| true),
+            )?;
+            if written {
+                engine.record_sets(C::KIND, rows.len() as u64);
+            }
+            near_evict_rows::<C>(engine, rows);
+            Ok(())
+        })?;
         Ok(())
     })
 }
 
-/// `delete_many` (as `op`): the keys deleted in one statement, counted unless
-/// fail-open mode skipped them.
+/// `delete_many` (as `op`): the keys deleted in one statement per shard, counted
+/// unless fail-open mode skipped them.
 fn delete_keys<C: Storage + ?Sized>(cache: &C, op: Op, keys: &[&C::Key]) -> Result<u64> {
-    let engine = cache.engine();
-    engine.observe(C::KIND, op, |span| {
+    cache.front().observe(C::KIND, op, |span| {
         let checked = check_keys(cache, keys)?;
         if keys.is_empty() {
             return Ok(0);
         }
-        let removed = engine.write(
-            C::KIND,
-            op,
-            None,
-            || Some(cache.skipped(keys, &checked)),
-            |conn| cache.remove(conn, keys, &checked).map(Some),
-        )?;
-        if removed.is_some() {
-            engine.record_deletes(C::KIND, keys.len() as u64);
-        }
         span.record("rows", keys.len());
-        near_evict_keys(cache, keys, &checked);
-        Ok(removed.unwrap_or(0))
+        let parts = per_shard(cache, keys, &checked, |engine, keys, checked| {
+            let removed = engine.write(
+                C::KIND,
+                op,
+                None,
+                || Some(cache.skipped(keys, checked)),
+                |conn| cache.remove(conn, keys, checked).map(Some),
+            )?;
+            if removed.is_some() {
+                engine.record_deletes(C::KIND, keys.len() as u64);
+            }
+            near_evict_keys::<C>(engine, keys, checked);
+            Ok(removed.unwrap_or(0))
+        })?;
+        Ok(parts.into_iter().map(|(_, removed)| removed).sum())
     })
+}
+
+/// Evicts the keys of rows written on a caller's connection from this process's
+/// near caches, each from its shard's.
+fn near_evict_rows_anywhere<C: Storage + ?Sized>(cache: &C, rows: &[C::Row<'_>]) {
+    let cluster = cache.handle().cluster;
+    match cluster.single() {
+        Some(engine) => near_evict_rows::<C>(engine, rows),
+        None => {
+            for row in rows {
+                let engine = cluster.engine_for(|| C::row_route(row));
+                near_evict_rows::<C>(engine, std::slice::from_ref(row));
+            }
+        }
+    }
 }
 
 /// Writes checked rows (distinct keys, in write order) on `conn`, then evicts them
@@ -389,7 +500,7 @@ pub(crate) fn write_rows_in<C: Storage + ?Sized>(
     }
     cache.write(conn, rows, interval)?;
     // Harmless if the caller's transaction rolls back; its commit notifies.
-    near_evict_rows(cache, rows);
+    near_evict_rows_anywhere(cache, rows);
     Ok(())
 }
 
@@ -476,7 +587,10 @@ pub trait Cache: Storage {
     fn delete_many_in(&self, conn: &mut PgConnection, keys: &[&Self::Key]) -> Result<u64> {
         let checked = check_keys(self, keys)?;
         let removed = self.remove(conn, keys, &checked)?;
-        near_evict_keys(self, keys, &checked);
+        for (key, checked) in keys.iter().zip(&checked) {
+            let engine = self.engine_for(key, checked);
+            near_evict_keys::<Self>(engine, &[key], std::slice::from_ref(checked));
+        }
         Ok(removed)
     }
 
@@ -487,11 +601,11 @@ pub trait Cache: Storage {
     /// See [`get_in`](Self::get_in); also [`Error::Connection`](crate::Error::Connection)
     /// when no connection can be had (a miss instead in fail-open mode).
     fn get(&self, key: &Self::Key) -> Result<Option<Self::Entry>> {
-        let engine = self.engine();
-        engine.observe(Self::KIND, Op::Get, |span| {
+        self.front().observe(Self::KIND, Op::Get, |span| {
             let checked = self.check_key(key)?;
-            let found = match near_of(self) {
-                Some(near) => near_get(self, near, key, &checked)?,
+            let engine = self.engine_for(key, &checked);
+            let found = match near_of::<Self>(engine) {
+                Some(near) => near_get(self, engine, near, key, &checked)?,
                 None => engine.read(Self::KIND, Op::Get, None, |conn| {
                     self.read_one(conn, key, &checked)
                 })?,
@@ -508,20 +622,24 @@ pub trait Cache: Storage {
     /// # Errors
     /// As [`get`](Self::get).
     fn get_many(&self, keys: &[&Self::Key]) -> Result<Vec<Option<Self::Entry>>> {
-        let engine = self.engine();
-        engine.observe(Self::KIND, Op::GetMany, |span| {
+        self.front().observe(Self::KIND, Op::GetMany, |span| {
             let checked = check_keys(self, keys)?;
-            let misses = || keys.iter().map(|_| None).collect();
-            let found = match near_of(self) {
-                Some(near) => near_get_many(self, near, keys, &checked)?,
-                None if keys.is_empty() => Vec::new(),
-                None => engine.read_with(Self::KIND, Op::GetMany, misses, |conn| {
-                    self.read_many(conn, keys, &checked)
-                })?,
-            };
-            let hits = found.iter().filter(|e| e.is_some()).count() as u64;
-            engine.record_lookups(Self::KIND, hits, found.len() as u64 - hits);
-            span.record("rows", found.len());
+            span.record("rows", keys.len());
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut parts = per_shard(self, keys, &checked, |engine, keys, checked| {
+                read_part(self, engine, keys, checked)
+            })?;
+            if let [(_, found)] = &mut parts[..] {
+                return Ok(std::mem::take(found));
+            }
+            let mut found: Vec<Option<Self::Entry>> = keys.iter().map(|_| None).collect();
+            for (items, entries) in parts {
+                for (i, entry) in items.into_iter().zip(entries) {
+                    found[i] = entry;
+                }
+            }
             Ok(found)
         })
     }
@@ -544,7 +662,7 @@ pub trait Cache: Storage {
             Op::Set,
             ttl,
             || check_entries(self, &[(key, value)]),
-            || vec![key],
+            &[key],
         )
     }
 
@@ -558,7 +676,7 @@ pub trait Cache: Storage {
             Op::SetMany,
             ttl,
             || check_entries(self, entries),
-            || entries.iter().map(|(k, _)| *k).collect(),
+            &entries.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
         )
     }
 

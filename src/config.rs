@@ -81,6 +81,15 @@ pub struct SizeBounds {
 }
 
 impl SizeBounds {
+    /// One of `parts` equal shares of these bounds (rounded up, at least 1).
+    pub(crate) fn share(self, parts: u64) -> SizeBounds {
+        let share = |max: u64| max.div_ceil(parts).max(1);
+        SizeBounds {
+            max_entries: self.max_entries.map(share),
+            max_bytes: self.max_bytes.map(share),
+        }
+    }
+
     /// No bound (the default).
     pub const NONE: SizeBounds = SizeBounds {
         max_entries: None,
@@ -186,6 +195,7 @@ pub const DEFAULT_NEAR_CACHE_STALENESS: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
     pub(crate) database_url: DatabaseUrl,
+    pub(crate) shards: Vec<Shard>,
     pub(crate) enabled: bool,
     pub(crate) ttl: TtlPresets,
     pub(crate) pool: PoolSettings,
@@ -211,6 +221,7 @@ impl CacheConfig {
         CacheConfig {
             database_url: DatabaseUrl::parse(DEFAULT_DATABASE_URL)
                 .expect("the default URL is valid"),
+            shards: Vec::new(),
             enabled: true,
             ttl: TtlPresets::default(),
             pool: PoolSettings::default(),
@@ -255,6 +266,7 @@ impl CacheConfig {
     /// | variable | default | meaning |
     /// |---|---|---|
     /// | `DATABASE_URL` | `postgres://postgres@localhost:5432/postgres` | server: a URL or `key=value` pairs |
+    /// | `PGCACHE_SHARDS` | (one database, `DATABASE_URL`) | `name=url,name=url,...`: spread the cache over these databases |
     /// | `ENABLE_CACHING` | `true` | `false`: every get misses, every set is a no-op |
     /// | `CACHE_TTL_SHORT` / `_MEDIUM` / `_LONG` / `_WEEK` | 300 / 3600 / 86400 / 604800 | TTL presets, seconds |
     /// | `PGCACHE_POOL_MAX_SIZE` | 20 | pool size |
@@ -290,9 +302,28 @@ impl CacheConfig {
         CacheConfigBuilder::from_vars(vars)?.build()
     }
 
-    /// The database URL (its `Display` hides the password).
+    /// The database URL (its `Display` hides the password). Not used when
+    /// [`shards`](Self::shards) are configured.
     pub fn database_url(&self) -> &DatabaseUrl {
         &self.database_url
+    }
+
+    /// The shards the cache is spread over, in the order given; empty for one
+    /// database ([`database_url`](Self::database_url)).
+    pub fn shards(&self) -> &[Shard] {
+        &self.shards
+    }
+
+    /// This configuration for one shard's engine: its database, no shards, and its
+    /// share of every size bound (keys spread evenly over the shards).
+    pub(crate) fn for_shard(&self, shard: &Shard) -> CacheConfig {
+        let shards = self.shards.len().max(1) as u64;
+        CacheConfig {
+            database_url: shard.database_url.clone(),
+            shards: Vec::new(),
+            size_bounds: self.size_bounds.map(|b| b.share(shards)),
+            ..self.clone()
+        }
     }
 
     /// Whether caching is on. When off, no connection is ever opened.
@@ -396,6 +427,8 @@ pub struct CacheConfigBuilder {
     config: CacheConfig,
     /// Unchecked until [`Self::build`], as the setters cannot fail.
     database_url: UnparsedUrl,
+    /// Shard names and their unchecked URLs, in the order given.
+    shards: Vec<(String, UnparsedUrl)>,
     /// Setting (setter name) to the variable and value it was read from.
     from_env: HashMap<String, (String, String)>,
 }
@@ -405,6 +438,7 @@ impl Default for CacheConfigBuilder {
         CacheConfigBuilder {
             config: CacheConfig::defaults(),
             database_url: UnparsedUrl(DEFAULT_DATABASE_URL.to_owned()),
+            shards: Vec::new(),
             from_env: HashMap::new(),
         }
     }
@@ -437,9 +471,15 @@ impl CacheConfigBuilder {
             match VARIABLES.iter().find(|v| v.name == name) {
                 Some(variable) => {
                     b = (variable.apply)(b, name, value)?;
+                    // Kept for error messages (and the builder's `Debug`): never a URL.
+                    let shown = if SECRET_SETTINGS.contains(&variable.setting.as_str()) {
+                        "<not shown>"
+                    } else {
+                        value
+                    };
                     b.from_env.insert(
                         variable.setting.clone(),
-                        (name.to_owned(), value.to_owned()),
+                        (name.to_owned(), shown.to_owned()),
                     );
                 }
                 None => warn_if_misspelt(name),
@@ -460,6 +500,20 @@ impl CacheConfigBuilder {
     pub fn database_url(mut self, url: impl Into<String>) -> Self {
         self.from_env.remove("database_url");
         self.database_url = UnparsedUrl(url.into());
+        self
+    }
+
+    /// Adds a shard: the cache is then spread over the shards given (by a
+    /// consistent hash of each key over the shards' *names*, see [`ShardMap`]), and
+    /// [`database_url`](Self::database_url) is not used. Each shard gets its own pool
+    /// (of [`pool_max_size`](Self::pool_max_size) connections), migrations and near-cache
+    /// poller. Keep a shard's name when its server moves: the name, not the URL,
+    /// decides which keys it holds. Default: no shards, one database.
+    ///
+    /// [`ShardMap`]: crate::ShardMap
+    pub fn shard(mut self, name: impl Into<String>, url: impl Into<String>) -> Self {
+        self.from_env.remove("shards");
+        self.shards.push((name.into(), UnparsedUrl(url.into())));
         self
     }
 
@@ -605,7 +659,8 @@ impl CacheConfigBuilder {
     /// The most entries `cache` may hold (`None`: no bound): past it,
     /// [`cleanup`](crate::CacheManager::cleanup) evicts expired entries, then the
     /// least recently used (LLM responses, audio) or oldest written (the others),
-    /// down to the [low watermark](Self::eviction_low_watermark). Default: none.
+    /// down to the [low watermark](Self::eviction_low_watermark). With shards, each
+    /// shard is held to its equal share. Default: none.
     pub fn max_entries(self, cache: CacheKind, max: Option<u64>) -> Self {
         self.set(&bound_setting(cache, Bound::Entries), |c| {
             c.size_bounds[cache.index()].max_entries = max;
@@ -668,6 +723,7 @@ impl CacheConfigBuilder {
                 (error, _) => error,
             }
         })?;
+        config.shards = self.build_shards()?;
         let c = &config;
         for (setting, ttl) in [
             ("ttl_short", c.ttl.short),
@@ -759,6 +815,40 @@ impl CacheConfigBuilder {
         Ok(config)
     }
 
+    /// The shards, each URL parsed and the names checked as [`ShardMap`] does.
+    ///
+    /// [`ShardMap`]: crate::ShardMap
+    fn build_shards(&self) -> Result<Vec<Shard>> {
+        // Never the variable's text: it holds every shard's password.
+        let setting = match self.from_env.get("shards") {
+            Some((variable, _)) => variable.as_str(),
+            None => "shards",
+        };
+        let mut shards = Vec::with_capacity(self.shards.len());
+        for (name, url) in &self.shards {
+            let database_url = DatabaseUrl::parse(&url.0).map_err(|error| {
+                let reason = match error {
+                    Error::Config { reason, .. } => reason,
+                    other => other.to_string(),
+                };
+                Error::config(setting, name, format!("shard `{name}`'s URL: {reason}"))
+            })?;
+            shards.push(Shard {
+                name: name.clone(),
+                database_url,
+            });
+        }
+        if !shards.is_empty() {
+            crate::shards::ShardMap::new(shards.iter().map(|s| s.name.clone())).map_err(
+                |error| match error {
+                    Error::Config { value, reason, .. } => Error::config(setting, value, reason),
+                    other => other,
+                },
+            )?;
+        }
+        Ok(shards)
+    }
+
     /// The error for an invalid `setting`, named as the caller gave it: its variable
     /// and the variable's text when it came from the environment.
     fn invalid(&self, setting: &str, value: impl Into<String>, reason: impl Into<String>) -> Error {
@@ -768,6 +858,9 @@ impl CacheConfigBuilder {
         }
     }
 }
+
+/// The settings whose text holds a password, never kept or shown as given.
+const SECRET_SETTINGS: [&str; 2] = ["database_url", "shards"];
 
 /// How an environment variable's text is applied to the builder; given the
 /// variable's name for its parse errors.
@@ -802,6 +895,7 @@ static VARIABLES: LazyLock<Vec<Variable>> = LazyLock::new(|| {
         var("DATABASE_URL", "database_url", |b, _, v| {
             Ok(b.database_url(v))
         }),
+        var("PGCACHE_SHARDS", "shards", parse_shards),
         var("ENABLE_CACHING", "enabled", |b, n, v| {
             Ok(b.enabled(parse_bool(n, v)?))
         }),
@@ -1138,6 +1232,55 @@ mod tests {
             }
         }
     }
+}
+
+/// One shard of a sharded cache: its stable name and its database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shard {
+    name: String,
+    database_url: DatabaseUrl,
+}
+
+impl Shard {
+    /// The shard's name, which decides the keys it holds.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The shard's database (its `Display` hides the password).
+    pub fn database_url(&self) -> &DatabaseUrl {
+        &self.database_url
+    }
+}
+
+/// `PGCACHE_SHARDS`: `name=url` pairs separated by commas (a URL's own first `=`
+/// ends the name, so libpq's `key=value` form works: `a=host=db1 port=5432`).
+fn parse_shards(
+    mut b: CacheConfigBuilder,
+    variable: &str,
+    text: &str,
+) -> Result<CacheConfigBuilder> {
+    b.shards.clear();
+    let pairs = text.split(',').map(str::trim).filter(|p| !p.is_empty());
+    for (i, pair) in pairs.enumerate() {
+        let Some((name, url)) = pair.split_once('=') else {
+            // The pair may be a bare URL with a password: not shown.
+            return Err(Error::config(
+                variable,
+                format!("<pair {}, not shown>", i + 1),
+                "each shard is `name=url` (e.g. `a=postgres://db1/cache,b=postgres://db2/cache`)",
+            ));
+        };
+        b = b.shard(name.trim(), url.trim());
+    }
+    if b.shards.is_empty() {
+        return Err(Error::config(
+            variable,
+            "",
+            "at least one `name=url` pair is needed; unset it for one database",
+        ));
+    }
+    Ok(b)
 }
 
 /// A connection string as given to the builder, whose `Debug` hides its password

@@ -77,6 +77,23 @@ pub struct CounterSnapshot {
 }
 
 impl CounterSnapshot {
+    /// Several shards' counts as one.
+    pub(crate) fn sum(snapshots: impl Iterator<Item = CounterSnapshot>) -> CounterSnapshot {
+        snapshots
+            .reduce(|mut all, shard| {
+                for (sum, c) in all.caches.iter_mut().zip(shard.caches) {
+                    sum.hits += c.hits;
+                    sum.misses += c.misses;
+                    sum.sets += c.sets;
+                    sum.deletes += c.deletes;
+                    sum.errors += c.errors;
+                    sum.fail_open_skips += c.fail_open_skips;
+                }
+                all
+            })
+            .expect("a cache has at least one shard")
+    }
+
     /// The counts of one cache.
     pub fn cache(&self, kind: CacheKind) -> &CacheCounters {
         &self.caches[kind.index()]

@@ -33,8 +33,12 @@ pub struct Engine {
     pool: Option<Pool>,
     counters: Counters,
     latency: LatencyWindow,
-    /// Fail-open mode started while the database was down: migrations still to run.
+    /// Fail-open mode (or a shard) started while the database was down: migrations
+    /// still to run.
     migrations_pending: AtomicBool,
+    /// The database did not answer at start-up (tolerated in fail-open mode and for
+    /// a shard).
+    down_at_start: AtomicBool,
     /// Writes and deletes fail-open mode skipped, to replay.
     skipped: SkippedWrites,
     /// Flushes counters and catches up after an outage, off the request path.
@@ -59,8 +63,9 @@ impl fmt::Debug for Engine {
 
 impl Engine {
     /// Opens the pool (unless caching is disabled), starts the flusher and, unless
-    /// turned off, runs pending migrations. In fail-open mode a transient failure
-    /// does not stop the start: migrations then run once the database answers.
+    /// turned off, runs pending migrations. In fail-open mode, or for one shard of
+    /// several (`shard`), a transient failure does not stop the start: migrations
+    /// then run once the database answers.
     ///
     /// # Errors
     /// [`Error::Connection`] when the database cannot be reached within the
@@ -69,11 +74,12 @@ impl Engine {
     pub(crate) fn start(
         config: CacheConfig,
         app_pool: Option<ConnectionPool>,
+        shard: bool,
     ) -> Result<Arc<Self>> {
         let pool = match app_pool {
             _ if !config.enabled() => None,
             Some(app_pool) => Some(Pool::shared(app_pool, &config)?),
-            None => Some(Pool::new(&config)?),
+            None => Some(Pool::new(&config, !config.fail_open() && !shard)?),
         };
         let near = pool
             .is_some()
@@ -120,6 +126,7 @@ impl Engine {
             pool,
             latency: LatencyWindow::default(),
             migrations_pending: AtomicBool::new(false),
+            down_at_start: AtomicBool::new(false),
             skipped: SkippedWrites::default(),
             flushing: Mutex::new(()),
             near,
@@ -135,16 +142,22 @@ impl Engine {
                 engine.connection().map(drop)
             };
             match started {
-                Err(error) if config.fail_open() && error.is_transient() => {
-                    tracing::warn!(%error, "pgcache: database unavailable at start-up; serving misses until it answers");
+                Err(error) if (config.fail_open() || shard) && error.is_transient() => {
+                    tracing::warn!(%error, database = %config.database_url(), "pgcache: database unavailable at start-up; its keys fail (or miss, failing open) until it answers");
                     engine
                         .migrations_pending
                         .store(config.run_migrations(), Ordering::Release);
+                    engine.down_at_start.store(true, Ordering::Release);
                 }
                 other => other?,
             }
         }
         Ok(engine)
+    }
+
+    /// Whether the database did not answer at start-up (and start-up went on).
+    pub(crate) fn was_down_at_start(&self) -> bool {
+        self.down_at_start.load(Ordering::Acquire)
     }
 
     /// The near caches, if any cache has one.

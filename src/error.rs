@@ -87,6 +87,15 @@ pub enum Error {
         /// The statement timeout the warmup ran under.
         timeout_ms: u64,
     },
+    /// An operation over every shard of a sharded cache (cleanup, invalidation,
+    /// warmup, ...) failed on this shard; the other shards did their part.
+    #[error("shard `{shard}`: {source}")]
+    Shard {
+        /// The shard's name.
+        shard: String,
+        /// What went wrong there.
+        source: Box<Error>,
+    },
     /// Waiting for another caller's computation of the same key took too long.
     #[error("timed out after {waited_ms} ms waiting for another caller to compute the same key")]
     ComputeTimeout {
@@ -197,6 +206,7 @@ impl Error {
             Error::ComputeTimeout { .. } => "compute_timeout",
             Error::WrongType { .. } => "wrong_type",
             Error::WarmupTimeout { .. } => "warmup_timeout",
+            Error::Shard { source, .. } => source.kind_name(),
         }
     }
 
@@ -266,7 +276,16 @@ impl Error {
                 _ => false,
             },
             Error::Database(D::BrokenTransactionManager) | Error::Unresponsive { .. } => true,
+            Error::Shard { source, .. } => source.is_transient(),
             _ => false,
+        }
+    }
+
+    /// This error as it happened on the shard named `shard`.
+    pub(crate) fn on_shard(self, shard: &str) -> Self {
+        Error::Shard {
+            shard: shard.to_owned(),
+            source: Box::new(self),
         }
     }
 

@@ -32,6 +32,20 @@ pub struct EvictionReport {
     pub released_paths: Vec<String>,
 }
 
+impl EvictionReport {
+    /// Several shards' runs as one.
+    pub(crate) fn merge(reports: Vec<EvictionReport>) -> EvictionReport {
+        reports
+            .into_iter()
+            .fold(EvictionReport::default(), |mut all, report| {
+                all.rows_removed += report.rows_removed;
+                all.bytes_freed += report.bytes_freed;
+                all.released_paths.extend(report.released_paths);
+                all
+            })
+    }
+}
+
 /// Checked bounds of one run: `(max, target)` per dimension, `None` when unbounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Limits {

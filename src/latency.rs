@@ -133,6 +133,13 @@ impl LatencyWindow {
 }
 
 impl Histogram {
+    /// Adds another window's samples (another shard's), for one quantile over both.
+    pub(crate) fn add(&mut self, other: &Histogram) {
+        for (count, more) in self.counts.iter_mut().zip(other.counts) {
+            *count += more;
+        }
+    }
+
     /// How many samples there are.
     pub(crate) fn samples(&self) -> u64 {
         self.counts.iter().sum()

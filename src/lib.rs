@@ -89,6 +89,7 @@ mod schema;
 mod watchdog;
 // The engine: the one hot path every operation takes.
 mod background;
+mod cluster;
 mod counters;
 mod engine;
 mod latency;
@@ -120,9 +121,11 @@ pub use caches::{
     EmbeddingTable, KvCache, LlmPrompt, LlmResponseCache, LlmResponseTable, VectorSearchCache,
     VectorSearchQuery, VectorSearchTable, DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
 };
+pub use cluster::DEFAULT_SHARD;
 pub use config::UnknownVariable;
 pub use config::{
-    CacheConfig, CacheConfigBuilder, Durability, PoolSettings, DEFAULT_DATABASE_URL, DEFAULT_SCHEMA,
+    CacheConfig, CacheConfigBuilder, Durability, PoolSettings, Shard, DEFAULT_DATABASE_URL,
+    DEFAULT_SCHEMA,
 };
 pub use config::{NearCache, DEFAULT_NEAR_CACHE_STALENESS};
 pub use config::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
@@ -140,7 +143,7 @@ pub use migrations::{run_migrations, MIGRATIONS};
 pub use near::NearCacheStats;
 pub use ops::{
     Alert, CacheStats, CleanupProgress, CleanupReport, CleanupRun, HealthReport, HealthThresholds,
-    Lookups, TableCleanup, TableStats, TOP_ENTRIES,
+    Lookups, ShardDown, TableCleanup, TableStats, TOP_ENTRIES,
 };
 pub use ops::{
     InvalidationReport, Warmup, WarmupAudioChunk, WarmupEmbedding, WarmupKv, WarmupLlmResponse,

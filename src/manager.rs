@@ -10,6 +10,7 @@ use crate::background::Worker;
 use crate::caches::{
     AudioChunkCache, EmbeddingCache, KvCache, LlmResponseCache, VectorSearchCache,
 };
+use crate::cluster::Cluster;
 use crate::config::CacheConfig;
 use crate::engine::Engine;
 use crate::error::Result;
@@ -37,15 +38,15 @@ use crate::pool::{ConnectionPool, PooledConnection};
 /// ```
 #[derive(Clone)]
 pub struct CacheManager {
-    engine: Arc<Engine>,
-    /// Dropped with the last clone, which stops the janitor thread.
-    _janitor: Arc<Option<Worker>>,
+    cluster: Arc<Cluster>,
+    /// Dropped with the last clone, which stops the janitor threads.
+    _janitors: Arc<Vec<Worker>>,
 }
 
 impl fmt::Debug for CacheManager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CacheManager")
-            .field("engine", &self.engine)
+            .field("cluster", &self.cluster)
             .finish_non_exhaustive()
     }
 }
@@ -100,22 +101,29 @@ impl CacheManager {
     }
 
     fn start(config: CacheConfig, pool: Option<ConnectionPool>) -> Result<Self> {
-        let engine = Engine::start(config, pool)?;
-        let janitor = engine
+        let cluster = Cluster::start(config, pool)?;
+        // One janitor per shard: a shard that is down holds up only its own.
+        let janitors = cluster
             .config()
             .janitor_interval()
-            .filter(|_| engine.is_enabled())
-            .and_then(|interval| {
-                Worker::spawn(
-                    "pgcache-janitor",
-                    interval,
-                    Arc::downgrade(&engine),
-                    |engine| ops::janitor::run(engine),
-                )
-            });
+            .filter(|_| cluster.front().is_enabled())
+            .map(|interval| {
+                cluster
+                    .shards()
+                    .filter_map(|(_, engine)| {
+                        Worker::spawn(
+                            "pgcache-janitor",
+                            interval,
+                            Arc::downgrade(engine),
+                            |engine| ops::janitor::run(engine),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         Ok(CacheManager {
-            engine,
-            _janitor: Arc::new(janitor),
+            cluster: Arc::new(cluster),
+            _janitors: Arc::new(janitors),
         })
     }
 
@@ -129,12 +137,26 @@ impl CacheManager {
 
     /// The configuration this manager runs with.
     pub fn config(&self) -> &CacheConfig {
-        self.engine.config()
+        self.cluster.config()
     }
 
     /// Whether caching is enabled.
     pub fn is_enabled(&self) -> bool {
-        self.engine.is_enabled()
+        self.cluster.front().is_enabled()
+    }
+
+    /// The shards and which one holds a key: with one database, one shard named
+    /// [`DEFAULT_SHARD`](crate::DEFAULT_SHARD). A key/value key's digest is
+    /// [`KvCache::key_digest`].
+    ///
+    /// ```no_run
+    /// let cache = pgcache::CacheManager::from_env()?;
+    /// let digest = cache.kv().key_digest("user:42")?;
+    /// println!("user:42 is on shard {}", cache.shard_map().name_of(&digest));
+    /// # Ok::<(), pgcache::Error>(())
+    /// ```
+    pub fn shard_map(&self) -> &crate::ShardMap {
+        self.cluster.map()
     }
 
     /// Checks a connection out of the cache's pool (search path and session settings
@@ -144,11 +166,36 @@ impl CacheManager {
     /// connection that died in the pool (server restart, killed backend) is not
     /// handed out twice.
     ///
+    /// With several shards, use [`shard_connection`](Self::shard_connection): a
+    /// connection reaches one shard.
+    ///
     /// # Errors
     /// [`Error::Connection`](crate::Error::Connection) when caching is disabled or no connection is free within
-    /// the connection timeout.
+    /// the connection timeout; [`Error::InvalidInput`](crate::Error::InvalidInput)
+    /// with several shards.
     pub fn connection(&self) -> Result<PooledConnection> {
-        self.engine.connection()
+        match self.cluster.single() {
+            Some(engine) => engine.connection(),
+            None => Err(crate::Error::InvalidInput {
+                what: "connection",
+                reason: format!(
+                    "the cache has {} shards: take `shard_connection(name)` of the shard \
+                     holding your keys (`shard_map().name_of(digest)`)",
+                    self.cluster.map().len()
+                ),
+            }),
+        }
+    }
+
+    /// A connection of the shard named `name`, as [`connection`](Self::connection)
+    /// gives one of a single database: for the `*_in` methods of the keys that shard
+    /// holds (a key written on another shard's connection would never be read).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for an unknown shard; as
+    /// [`connection`](Self::connection).
+    pub fn shard_connection(&self, name: &str) -> Result<PooledConnection> {
+        self.cluster.engine_named(name)?.connection()
     }
 
     /// Runs pending migrations into the configured schema (created if missing) and
@@ -157,7 +204,12 @@ impl CacheManager {
     /// # Errors
     /// [`Error::Connection`](crate::Error::Connection) or [`Error::Migration`](crate::Error::Migration).
     pub fn run_migrations(&self) -> Result<Vec<String>> {
-        self.engine.run_migrations()
+        let applied = self.cluster.all(Engine::run_migrations)?;
+        // Every shard runs the same migrations: the versions any of them applied.
+        let mut versions: Vec<String> = applied.into_iter().flatten().collect();
+        versions.sort();
+        versions.dedup();
+        Ok(versions)
     }
 
     /// Makes every cache table hash-partitioned on its key into `partitions` tables
@@ -174,8 +226,11 @@ impl CacheManager {
     /// partitioned into another number; [`Error::Connection`](crate::Error::Connection)
     /// or a database error, which leaves the table being converted as it was.
     pub fn partition_tables(&self, partitions: u32) -> Result<Vec<crate::Partitioning>> {
-        self.engine
-            .maintain(|conn| crate::partitions::partition(conn, partitions))
+        let done = self
+            .cluster
+            .all(|engine| engine.maintain(|conn| crate::partitions::partition(conn, partitions)))?;
+        // Every shard's tables end the same: the first shard's account.
+        Ok(done.into_iter().next().unwrap_or_default())
     }
 
     /// Makes every cache table `LOGGED` (durable, replicated) or `UNLOGGED` (faster
@@ -184,8 +239,9 @@ impl CacheManager {
     /// # Errors
     /// [`Error::Connection`](crate::Error::Connection), or a database error (e.g. missing privileges).
     pub fn set_tables_logged(&self, logged: bool) -> Result<()> {
-        self.engine
-            .maintain(|conn| crate::migrations::set_logged(conn, logged))
+        self.cluster
+            .all(|engine| engine.maintain(|conn| crate::migrations::set_logged(conn, logged)))
+            .map(drop)
     }
 }
 
@@ -194,38 +250,35 @@ impl CacheManager {
     /// This process's near-cache figures, one entry per cache with a near cache
     /// (none when no near cache is configured). Costs no query.
     pub fn near_cache_stats(&self) -> Vec<crate::NearCacheStats> {
-        self.engine
-            .near()
-            .map(crate::near::NearCaches::stats)
-            .unwrap_or_default()
+        self.cluster.near_cache_stats()
     }
 
     /// The key/value cache, holding `serde_json::Value`s; see
     /// [`KvCache::typed`] for a handle on your own type.
     pub fn kv(&self) -> KvCache<'_> {
-        KvCache::new(&self.engine)
+        KvCache::new(&self.cluster)
     }
 
     /// The embedding cache (query text + model -> vector; default TTL medium).
     pub fn embedding(&self) -> EmbeddingCache<'_> {
-        EmbeddingCache::new(&self.engine)
+        EmbeddingCache::new(&self.cluster)
     }
 
     /// The vector-search results cache (per user; default TTL short).
     pub fn vector_search(&self) -> VectorSearchCache<'_> {
-        VectorSearchCache::new(&self.engine)
+        VectorSearchCache::new(&self.cluster)
     }
 
     /// The LLM response cache (hit counting, [`top`](LlmResponseCache::top); default
     /// TTL medium).
     pub fn llm_response(&self) -> LlmResponseCache<'_> {
-        LlmResponseCache::new(&self.engine)
+        LlmResponseCache::new(&self.cluster)
     }
 
     /// The TTS audio chunk cache (hit counting, statistics, LRU eviction; default TTL
     /// short).
     pub fn audio_chunk(&self) -> AudioChunkCache<'_> {
-        AudioChunkCache::new(&self.engine)
+        AudioChunkCache::new(&self.cluster)
     }
 
     /// A memo: a function's results in the key/value cache under `"{name}:{key}"`,
@@ -238,8 +291,8 @@ impl CacheManager {
     #[cfg(feature = "cached")]
     pub fn memo<K, V>(&self, name: &str, ttl: std::time::Duration) -> Result<crate::Memo<K, V>> {
         crate::Memo::new(
-            Arc::clone(&self.engine),
-            Arc::clone(&self._janitor),
+            Arc::clone(&self.cluster),
+            Arc::clone(&self._janitors),
             name,
             ttl,
         )
@@ -280,7 +333,7 @@ impl CacheManager {
     /// disabled), [`Error::MissingTable`](crate::Error::MissingTable) before
     /// migrations, or a database error. Batches already deleted stay deleted.
     pub fn cleanup(&self) -> Result<CleanupReport> {
-        ops::cleanup::cleanup(&self.engine)
+        ops::cleanup::cleanup(&self.cluster)
     }
 
     /// [`cleanup`](Self::cleanup), calling `progress` when each table starts and after
@@ -292,7 +345,7 @@ impl CacheManager {
         &self,
         progress: impl FnMut(&CleanupProgress),
     ) -> Result<CleanupReport> {
-        ops::cleanup::cleanup_with_progress(&self.engine, progress)
+        ops::cleanup::cleanup_with_progress(&self.cluster, progress)
     }
 
     /// Deletes every entry of one cache, or of all caches (`None`), in one
@@ -304,7 +357,7 @@ impl CacheManager {
     /// [`Error::MissingTable`](crate::Error::MissingTable) or a database error;
     /// nothing is deleted then.
     pub fn clear(&self, cache: Option<CacheKind>) -> Result<Vec<(CacheKind, u64)>> {
-        ops::cleanup::clear(&self.engine, cache)
+        ops::cleanup::clear(&self.cluster, cache)
     }
 
     /// Gathers [`CacheStats`]: entries (active and expired), size on disk, hits,
@@ -327,7 +380,7 @@ impl CacheManager {
     /// [`Error::Connection`](crate::Error::Connection),
     /// [`Error::MissingTable`](crate::Error::MissingTable) or a database error.
     pub fn stats(&self) -> Result<CacheStats> {
-        ops::stats::stats(&self.engine)
+        ops::stats::stats(&self.cluster)
     }
 
     /// Writes the in-memory hit and miss counters to the database now (this also
@@ -338,12 +391,15 @@ impl CacheManager {
     /// [`Error::Connection`](crate::Error::Connection) or a database error; the counts are kept for the next
     /// flush.
     pub fn flush_stats(&self) -> Result<()> {
-        self.engine.flush()
+        self.cluster.all(Engine::flush).map(drop)
     }
 
     /// How many operations fail-open mode has turned into misses or skipped writes.
     pub fn failed_open_count(&self) -> u64 {
-        self.engine.failed_open_count()
+        self.cluster
+            .shards()
+            .map(|(_, engine)| engine.failed_open_count())
+            .sum()
     }
 
     /// This process's operation counts per cache since start (hits, misses, sets,
@@ -359,7 +415,11 @@ impl CacheManager {
     /// # }
     /// ```
     pub fn counters(&self) -> crate::CounterSnapshot {
-        self.engine.counter_snapshot()
+        crate::CounterSnapshot::sum(
+            self.cluster
+                .shards()
+                .map(|(_, engine)| engine.counter_snapshot()),
+        )
     }
 
     /// Evaluates the alert thresholds: hit rate over all caches, size against the
@@ -388,7 +448,7 @@ impl CacheManager {
     /// [`Error::Connection`](crate::Error::Connection),
     /// [`Error::MissingTable`](crate::Error::MissingTable) or a database error.
     pub fn health(&self, thresholds: &HealthThresholds) -> Result<HealthReport> {
-        ops::health::health(&self.engine, thresholds)
+        ops::health::health(&self.cluster, thresholds)
     }
 
     /// Stores every entry of `warmup` (cache warming, e.g. at deploy time): everything is
@@ -405,7 +465,7 @@ impl CacheManager {
     /// connections' own); a connection or database error, after which nothing is
     /// stored.
     pub fn warmup(&self, warmup: &Warmup) -> Result<WarmupReport> {
-        ops::warmup::warmup(&self.engine, warmup)
+        ops::warmup::warmup(&self.cluster, warmup)
     }
 
     /// Deletes every cache row that belongs to `user`: their vector searches and the
@@ -417,7 +477,7 @@ impl CacheManager {
     /// # Errors
     /// A connection or database error; then nothing was deleted.
     pub fn invalidate_user(&self, user: Uuid) -> Result<InvalidationReport> {
-        ops::invalidation::invalidate_user(&self.engine, user)
+        ops::invalidation::invalidate_user(&self.cluster, user)
     }
 
     /// Deletes every cached embedding of `model` (a retired embedding model); returns
@@ -427,6 +487,6 @@ impl CacheManager {
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for an empty model or one
     /// with a NUL character; a connection or database error.
     pub fn invalidate_model(&self, model: &str) -> Result<u64> {
-        ops::invalidation::invalidate_model(&self.engine, model)
+        ops::invalidation::invalidate_model(&self.cluster, model)
     }
 }

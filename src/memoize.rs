@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::background::Worker;
 use crate::cache::Cache;
 use crate::caches::KvCache;
-use crate::engine::Engine;
+use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::expiry::ttl_interval;
 use crate::validation::check_key;
@@ -70,9 +70,9 @@ use crate::validation::check_key;
 /// an [`Error::Json`] on lookup, as for every kv read: put a version in the name
 /// (`user_name:v2`) when `V` changes.
 pub struct Memo<K, V> {
-    engine: Arc<Engine>,
-    /// Held so the janitor keeps cleaning up while a memo lives, as for a manager.
-    _janitor: Arc<Option<Worker>>,
+    cluster: Arc<Cluster>,
+    /// Held so the janitors keep cleaning up while a memo lives, as for a manager.
+    _janitors: Arc<Vec<Worker>>,
     name: String,
     /// The TTL in nanoseconds: `ConcurrentCached::set_ttl` changes it through `&self`.
     ttl_nanos: AtomicU64,
@@ -102,8 +102,8 @@ fn nanos(ttl: Duration) -> u64 {
 impl<K, V> Memo<K, V> {
     /// Checks the name and TTL before any call: the name is a kv key prefix.
     pub(crate) fn new(
-        engine: Arc<Engine>,
-        janitor: Arc<Option<Worker>>,
+        cluster: Arc<Cluster>,
+        janitors: Arc<Vec<Worker>>,
         name: &str,
         ttl: Duration,
     ) -> Result<Self> {
@@ -113,8 +113,8 @@ impl<K, V> Memo<K, V> {
         })?;
         ttl_interval(ttl)?;
         Ok(Memo {
-            engine,
-            _janitor: janitor,
+            cluster,
+            _janitors: janitors,
             name: name.to_owned(),
             ttl_nanos: AtomicU64::new(nanos(ttl)),
             refresh: AtomicBool::new(false),
@@ -138,18 +138,18 @@ impl<K, V> Memo<K, V> {
     /// # Errors
     /// A connection or database error.
     pub fn clear(&self) -> Result<u64> {
-        KvCache::new(&self.engine).delete_prefix(&format!("{}:", self.name))
+        KvCache::new(&self.cluster).delete_prefix(&format!("{}:", self.name))
     }
 }
 
-impl<K: Display, V: Serialize + DeserializeOwned + 'static> Memo<K, V> {
+impl<K: Display, V: Serialize + DeserializeOwned + Send + 'static> Memo<K, V> {
     /// The kv key holding `key`'s result: `"{name}:{key}"`.
     pub fn kv_key(&self, key: &K) -> String {
         format!("{}:{key}", self.name)
     }
 
     fn kv(&self) -> KvCache<'_, V> {
-        KvCache::new(&self.engine).typed::<V>()
+        KvCache::new(&self.cluster).typed::<V>()
     }
 
     /// `key`'s stored result, or `compute`'s, stored for the memo's TTL; of
@@ -176,7 +176,7 @@ impl<K: Display, V: Serialize + DeserializeOwned + 'static> Memo<K, V> {
 impl<K, V> cached::ConcurrentCached<K, V> for Memo<K, V>
 where
     K: Display + Clone,
-    V: Serialize + DeserializeOwned + 'static,
+    V: Serialize + DeserializeOwned + Send + 'static,
 {
     type Error = Error;
 

@@ -141,6 +141,35 @@ pub struct NearCacheStats {
     pub poll_lag_ms: Option<f64>,
 }
 
+impl NearCacheStats {
+    /// Several shards' near caches of this process, one entry per cache: counts
+    /// summed, the lag the worst (not current if one is not).
+    pub(crate) fn merged(
+        parts: impl IntoIterator<Item = Vec<NearCacheStats>>,
+    ) -> Vec<NearCacheStats> {
+        let mut all: Vec<NearCacheStats> = Vec::new();
+        for stats in parts.into_iter().flatten() {
+            match all.iter_mut().find(|s| s.cache == stats.cache) {
+                None => all.push(stats),
+                Some(sum) => {
+                    sum.hits += stats.hits;
+                    sum.misses += stats.misses;
+                    sum.bypasses += stats.bypasses;
+                    sum.invalidations += stats.invalidations;
+                    sum.evictions += stats.evictions;
+                    sum.entries += stats.entries;
+                    sum.bytes += stats.bytes;
+                    sum.poll_lag_ms = sum
+                        .poll_lag_ms
+                        .zip(stats.poll_lag_ms)
+                        .map(|(a, b)| a.max(b));
+                }
+            }
+        }
+        all
+    }
+}
+
 /// What a reader notes before its `SELECT`, to fill L1 only if nothing changed.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Ticket {

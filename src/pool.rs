@@ -312,9 +312,10 @@ fn names_unresolved(error: &Error) -> bool {
 }
 
 impl Pool {
-    /// Builds the pool; unless in fail-open mode, checks that the server answers, so
-    /// a wrong URL fails at start-up rather than on the first get.
-    pub(crate) fn new(config: &CacheConfig) -> Result<Self> {
+    /// Builds the pool; with `check` (not in fail-open mode, not a shard that may be
+    /// down), checks that the server answers, so a wrong URL fails at start-up
+    /// rather than on the first get.
+    pub(crate) fn new(config: &CacheConfig, check: bool) -> Result<Self> {
         let settings = config.pool();
         let suspicion = Suspicion::new(settings.max_size);
         let limit = no_answer_limit(config);
@@ -336,16 +337,21 @@ impl Pool {
                 watchdog: Watchdog::start(limit),
             }))
             .error_handler(Box::new(FailureLog(Arc::clone(&failures))))
-            .event_handler(Box::new(FailureLog(Arc::clone(&failures))))
-            .build(manager)
-            .map_err(|e| failures.error(&e))?;
+            .event_handler(Box::new(FailureLog(Arc::clone(&failures))));
+        let pool = if check {
+            pool.build(manager).map_err(|e| failures.error(&e))?
+        } else {
+            // Without waiting for `min_idle` connections a server that is down
+            // cannot give.
+            pool.build_unchecked(manager)
+        };
         let pool = Pool {
             pool,
             suspicion,
             failures,
             shared: None,
         };
-        if !config.fail_open() {
+        if check {
             drop(pool.checkout()?);
         }
         Ok(pool)

@@ -12,7 +12,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bytea, Double, Nullable, Text};
 use serde::Serialize;
 
-use crate::engine::Engine;
+use crate::cluster::Cluster;
 use crate::error::Result;
 use crate::kind::CacheKind;
 use crate::metrics::Op;
@@ -60,16 +60,63 @@ pub struct HitStats {
     pub most_accessed: Vec<TopEntry>,
 }
 
-/// Flushes this manager's pending hits (so they count), then runs `report` on a
-/// connection; with caching disabled, `empty`.
-pub(crate) fn flushed_report<R>(
-    engine: &Engine,
+/// On every shard: flushes this manager's pending hits (so they count), then runs
+/// `report` on a connection (with caching disabled, `empty`); each shard's report.
+pub(crate) fn flushed_reports<R: Clone + Send + Sync>(
+    cluster: &Cluster,
     kind: CacheKind,
     empty: R,
-    report: impl Fn(&mut PgConnection) -> QueryResult<R>,
-) -> Result<R> {
-    engine.flush()?;
-    engine.read(kind, Op::Report, empty, |conn| Ok(report(conn)?))
+    report: impl Fn(&mut PgConnection) -> QueryResult<R> + Sync,
+) -> Result<Vec<R>> {
+    cluster.all(|engine| {
+        engine.flush()?;
+        engine.read(kind, Op::Report, empty.clone(), |conn| Ok(report(conn)?))
+    })
+}
+
+/// The `n` most-hit entries of several shards' top lists, most first (ties by
+/// digest, as each shard orders them).
+pub(crate) fn merge_top(lists: impl IntoIterator<Item = Vec<TopEntry>>, n: usize) -> Vec<TopEntry> {
+    let mut all: Vec<TopEntry> = lists.into_iter().flatten().collect();
+    all.sort_by(|a, b| {
+        b.hits
+            .cmp(&a.hits)
+            .then_with(|| a.key_hash.cmp(&b.key_hash))
+    });
+    all.truncate(n);
+    all
+}
+
+impl HitStats {
+    /// Figures of no entries.
+    pub(crate) fn empty() -> Self {
+        HitStats {
+            entries: 0,
+            total_bytes: 0,
+            average_hit_count: 0.0,
+            most_accessed: Vec::new(),
+        }
+    }
+
+    /// Several shards' figures as one: totals summed, the mean weighted by entries,
+    /// the `top` most-hit entries of all.
+    pub(crate) fn merge(parts: Vec<HitStats>, top: usize) -> HitStats {
+        let entries: u64 = parts.iter().map(|p| p.entries).sum();
+        let hits: f64 = parts
+            .iter()
+            .map(|p| p.average_hit_count * p.entries as f64)
+            .sum();
+        HitStats {
+            entries,
+            total_bytes: parts.iter().map(|p| p.total_bytes).sum(),
+            average_hit_count: if entries == 0 {
+                0.0
+            } else {
+                hits / entries as f64
+            },
+            most_accessed: merge_top(parts.into_iter().map(|p| p.most_accessed), top),
+        }
+    }
 }
 
 /// The `n` live entries of `kind` with the most hits (at least one), most first;

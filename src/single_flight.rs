@@ -60,7 +60,9 @@ where
     if let Some(entry) = cache.get(key)? {
         return Ok(C::into_value(entry));
     }
-    let engine = cache.engine();
+    let checked = cache.check_key(key)?;
+    // The lease lives beside the entry, on the key's shard.
+    let engine = cache.engine_for(key, &checked);
     // Reject a bad TTL before paying for the computation.
     ttl_interval(ttl)?;
     // What will not be stored is not worth waiting for: no lease.

@@ -25,7 +25,7 @@ use diesel::{OptionalExtension, QueryResult, QueryableByName, RunQueryDsl};
 
 use crate::cache::{Handle, NearRead, Storage};
 use crate::caches::common::{delete_digests, write_batches, UnnestUpsert, UpsertColumns};
-use crate::engine::Engine;
+use crate::cluster::Cluster;
 use crate::error::Result;
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
@@ -74,9 +74,9 @@ pub struct TypedCache<'a, T> {
 }
 
 impl<'a, T: TypedTable + Default> TypedCache<'a, T> {
-    pub(crate) fn new(engine: &'a Engine) -> Self {
+    pub(crate) fn new(cluster: &'a Cluster) -> Self {
         TypedCache {
-            handle: Handle::new(engine),
+            handle: Handle::new(cluster),
             table: T::default(),
         }
     }
@@ -91,9 +91,9 @@ impl<'a, T> TypedCache<'a, T> {
         self
     }
 
-    /// The engine this handle works through.
-    pub(crate) fn engine(&self) -> &'a Engine {
-        self.handle.engine
+    /// The shards this handle works through.
+    pub(crate) fn cluster(&self) -> &'a Cluster {
+        self.handle.cluster
     }
 }
 
@@ -102,19 +102,20 @@ impl<'a, T> TypedCache<'a, T> {
 ///
 /// Public only so [`TypedCache`]'s [`Cache`](crate::Cache) implementation may name
 /// it; it lives in a private module and cannot be implemented outside the crate.
-pub trait TypedTable {
+// `Sync`/`Send` bounds: a batch over several shards runs on a thread per shard.
+pub trait TypedTable: Sync {
     /// Which cache this is.
     const CACHE: CacheKind;
     /// What identifies an entry.
-    type Key: ?Sized;
+    type Key: ?Sized + Sync;
     /// What is stored.
-    type Value;
+    type Value: Sync;
     /// What a hit returns: the value with its metadata (also what a near cache
     /// keeps).
     type Entry: Clone + Send + Sync + 'static;
     /// The columns an entry's key and value are converted to before the upsert binds
     /// them (`()` when they bind as they are).
-    type Encoded: Clone;
+    type Encoded: Clone + Send + Sync;
     /// A live row as read back (`SELECT *`, columns matched by name); its type also
     /// names the table's prepared statements.
     type Stored: QueryableByName<Pg> + 'static;
@@ -177,7 +178,7 @@ fn read_one<T: TypedTable>(
         .map(|stored| T::decode(stored).1)
         .filter(|entry| T::answers(key, entry));
     count_hits(
-        table.engine(),
+        table.cluster(),
         T::CACHE,
         std::slice::from_ref(digest),
         std::slice::from_ref(&found),
@@ -213,18 +214,21 @@ fn read_many<T: TypedTable>(
         .zip(keys)
         .map(|(d, k)| by_digest.get(d).filter(|e| T::answers(k, e)).cloned())
         .collect();
-    count_hits(table.engine(), T::CACHE, digests, &found);
+    count_hits(table.cluster(), T::CACHE, digests, &found);
     Ok(found)
 }
 
-/// Counts a hit for every entry found, where the table tracks hits per entry.
-fn count_hits<E>(engine: &Engine, kind: CacheKind, digests: &[KeyDigest], found: &[Option<E>]) {
+/// Counts a hit for every entry found, where the table tracks hits per entry (by
+/// the shard holding the entry, whose row the count is flushed to).
+fn count_hits<E>(cluster: &Cluster, kind: CacheKind, digests: &[KeyDigest], found: &[Option<E>]) {
     if !kind.descriptor().tracks_hits() {
         return;
     }
     for (digest, entry) in digests.iter().zip(found) {
         if entry.is_some() {
-            engine.record_entry_hit(kind, *digest);
+            cluster
+                .engine_for(|| *digest)
+                .record_entry_hit(kind, *digest);
         }
     }
 }
@@ -320,6 +324,14 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
 
     fn key_digest(&self, key: &T::Key) -> Result<KeyDigest> {
         T::digest(key)
+    }
+
+    fn route(_: &T::Key, digest: &KeyDigest) -> KeyDigest {
+        *digest
+    }
+
+    fn row_route(row: &Row<'_, T>) -> KeyDigest {
+        row.digest
     }
 
     fn check_key(&self, key: &T::Key) -> Result<KeyDigest> {
@@ -419,7 +431,7 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
 
     fn near_hit(&self, digest: &KeyDigest) {
         count_hits(
-            self.engine(),
+            self.cluster(),
             T::CACHE,
             std::slice::from_ref(digest),
             &[Some(())],

@@ -222,3 +222,60 @@ fn a_setter_overriding_the_environment_owns_the_error() {
         .unwrap();
     assert_eq!(config.pool().max_size, 2);
 }
+
+#[test]
+fn a_builder_read_from_the_environment_never_shows_a_password_in_debug() {
+    let b = pgcache::CacheConfigBuilder::from_vars([
+        ("DATABASE_URL", "postgres://app:s3cr3t@db:5432/app"),
+        ("PGCACHE_SHARDS", "a=postgres://app:sh4rd@db1/app"),
+    ])
+    .unwrap();
+    let debug = format!("{b:?}");
+    assert!(
+        !debug.contains("s3cr3t") && !debug.contains("sh4rd"),
+        "{debug}"
+    );
+}
+
+#[test]
+fn shards_are_read_in_order_with_names_and_hidden_passwords() {
+    let c = from(&[(
+        "PGCACHE_SHARDS",
+        "a=postgres://app:s3cr3t@db1/app, b=host=db2 port=5433 password=s3cr3t",
+    )])
+    .unwrap();
+    let names: Vec<&str> = c.shards().iter().map(|s| s.name()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert!(c.shards()[1].database_url().expose().contains("port=5433"));
+    assert!(!format!("{c:?}").contains("s3cr3t"));
+}
+
+#[test]
+fn a_bad_shard_list_names_the_variable_and_the_shard_but_no_password() {
+    for (text, expected) in [
+        ("postgres://app:s3cr3t@db1/app", "name=url"),
+        ("a=postgres://app:s3cr3t@db1:notaport/app", "shard `a`"),
+        (
+            "a=postgres://db1/app,a=postgres://app:s3cr3t@db2/app",
+            "once",
+        ),
+        ("bad name=postgres://app:s3cr3t@db1/app", "bad name"),
+        (" , ", "at least one"),
+    ] {
+        let err = from(&[("PGCACHE_SHARDS", text)]).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("PGCACHE_SHARDS"), "{message}");
+        assert!(message.contains(expected), "{text}: {message}");
+        assert!(!message.contains("s3cr3t"), "{message}");
+    }
+}
+
+#[test]
+fn shards_from_the_builder_are_checked_under_the_setters_name() {
+    let err = CacheConfig::builder()
+        .shard("a", "postgres://db1/app")
+        .shard("a", "postgres://db2/app")
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("shards"), "{err}");
+}

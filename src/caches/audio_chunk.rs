@@ -33,7 +33,7 @@ use crate::eviction::{evict, EvictionReport, Limits};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::metrics::Op;
-use crate::popularity::{flushed_report, hit_stats, HitStats};
+use crate::popularity::{flushed_reports, hit_stats, HitStats};
 use crate::schema::audio_chunk_cache;
 use crate::table::{Row, TypedCache, TypedTable};
 use crate::validation::{check_json, check_text};
@@ -101,21 +101,20 @@ impl AudioChunkCache<'_> {
     /// # Errors
     /// A connection or database error.
     pub fn stats(&self, top: usize) -> Result<HitStats> {
-        let empty = HitStats {
-            entries: 0,
-            total_bytes: 0,
-            average_hit_count: 0.0,
-            most_accessed: Vec::new(),
-        };
-        flushed_report(self.engine(), AudioChunkTable::CACHE, empty, |conn| {
-            hit_stats(conn, AudioChunkTable::CACHE, top)
-        })
+        let parts = flushed_reports(
+            self.cluster(),
+            AudioChunkTable::CACHE,
+            HitStats::empty(),
+            |conn| hit_stats(conn, AudioChunkTable::CACHE, top),
+        )?;
+        Ok(HitStats::merge(parts, top))
     }
 
     /// When the audio entries total more than `max_bytes`, evicts entries (expired
     /// ones first, then the least recently used) until at most
     /// `max_bytes * low_watermark_fraction` remain, e.g. `(budget, 0.8)` evicts to
-    /// 80 % once over 100 %. Flushes this manager's pending hits first so recent
+    /// 80 % once over 100 %. With shards, each shard is held to its equal share of
+    /// the budget. Flushes this manager's pending hits first so recent
     /// reads count as recent. Returns what was removed, including the storage paths
     /// the caller may now delete.
     ///
@@ -135,18 +134,21 @@ impl AudioChunkCache<'_> {
         let bounds = SizeBounds {
             max_entries: None,
             max_bytes: Some(max_bytes),
-        };
+        }
+        .share(self.cluster().map().len() as u64);
         let limits = Limits::new(bounds, low_watermark_fraction)
             .map_err(|(what, reason)| Error::invalid(what, reason))?;
-        let engine = self.engine();
-        engine.flush()?;
-        let report = engine.write(
-            CacheKind::AudioChunk,
-            Op::Evict,
-            EvictionReport::default(),
-            || None,
-            |conn| Ok(evict(conn, CacheKind::AudioChunk, &limits, &mut |_| {})?),
-        )?;
+        let reports = self.cluster().all(|engine| {
+            engine.flush()?;
+            engine.write(
+                CacheKind::AudioChunk,
+                Op::Evict,
+                EvictionReport::default(),
+                || None,
+                |conn| Ok(evict(conn, CacheKind::AudioChunk, &limits, &mut |_| {})?),
+            )
+        })?;
+        let report = EvictionReport::merge(reports);
         crate::metrics::evictions(CacheKind::AudioChunk, report.rows_removed);
         Ok(report)
     }

@@ -19,6 +19,7 @@ use super::common::{write_batches, Param, Prepared};
 use crate::cache::{
     distinct_in_write_order, store_rows, write_rows_in, Cache, Handle, NearRead, Storage,
 };
+use crate::cluster::Cluster;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::expiry::ttl_interval;
@@ -85,9 +86,9 @@ impl<V> Clone for KvCache<'_, V> {
 impl<V> Copy for KvCache<'_, V> {}
 
 impl<'a> KvCache<'a> {
-    pub(crate) fn new(engine: &'a Engine) -> Self {
+    pub(crate) fn new(cluster: &'a Cluster) -> Self {
         KvCache {
-            handle: Handle::new(engine),
+            handle: Handle::new(cluster),
             value: PhantomData,
         }
     }
@@ -117,7 +118,12 @@ impl<'a, V> KvCache<'a, V> {
     /// [`Error::InvalidInput`] for a bad key.
     pub fn key_digest(&self, key: &str) -> Result<KeyDigest> {
         check_key(key)?;
-        Ok(KeyHasher::new("kv").text(key).finish())
+        Ok(kv_digest(key))
+    }
+
+    /// The engine of the shard holding `key`.
+    fn engine(&self, key: &str) -> &'a Engine {
+        self.handle.cluster.engine_for(|| kv_digest(key))
     }
 
     /// Whether `key` holds a live entry.
@@ -126,8 +132,7 @@ impl<'a, V> KvCache<'a, V> {
     /// A bad key, or a connection or database error.
     pub fn exists(&self, key: &str) -> Result<bool> {
         check_key(key)?;
-        self.handle
-            .engine
+        self.engine(key)
             .read(CacheKind::Kv, Op::Exists, false, |conn| {
                 Ok(remaining(conn, key)?.is_some())
             })
@@ -139,12 +144,10 @@ impl<'a, V> KvCache<'a, V> {
     /// A bad key, or a connection or database error.
     pub fn ttl(&self, key: &str) -> Result<Option<Duration>> {
         check_key(key)?;
-        self.handle
-            .engine
-            .read(CacheKind::Kv, Op::Ttl, None, |conn| {
-                Ok(remaining(conn, key)?
-                    .map(|(expires, now)| (expires - now).to_std().unwrap_or(Duration::ZERO)))
-            })
+        self.engine(key).read(CacheKind::Kv, Op::Ttl, None, |conn| {
+            Ok(remaining(conn, key)?
+                .map(|(expires, now)| (expires - now).to_std().unwrap_or(Duration::ZERO)))
+        })
     }
 
     /// Sets a live entry to expire `ttl` from now (Redis `EXPIRE`); true if `key`
@@ -155,7 +158,7 @@ impl<'a, V> KvCache<'a, V> {
     pub fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
         check_key(key)?;
         let interval = ttl_interval(ttl)?;
-        self.handle.engine.write(
+        self.engine(key).write(
             CacheKind::Kv,
             Op::Touch,
             false,
@@ -193,20 +196,22 @@ impl<'a, V> KvCache<'a, V> {
             Error::InvalidInput { reason, .. } => Error::invalid("prefix", reason),
             other => other,
         })?;
-        let removed = self.handle.engine.write(
-            CacheKind::Kv,
-            Op::DeletePrefix,
-            0,
-            || {
-                let prefix = prefix.to_owned();
-                Some(Skipped::new(1, move |conn| {
-                    delete_prefix(conn, &prefix).map(drop)
-                }))
-            },
-            |conn| self.delete_prefix_in(conn, prefix),
-        );
+        let removed = self.handle.cluster.all(|engine| {
+            engine.write(
+                CacheKind::Kv,
+                Op::DeletePrefix,
+                0,
+                || {
+                    let prefix = prefix.to_owned();
+                    Some(Skipped::new(1, move |conn| {
+                        delete_prefix(conn, &prefix).map(drop)
+                    }))
+                },
+                |conn| self.delete_prefix_in(conn, prefix),
+            )
+        });
         self.evict_all_near();
-        removed
+        Ok(removed?.into_iter().sum())
     }
 
     /// [`delete_prefix`](Self::delete_prefix) on your connection, e.g. inside your
@@ -224,19 +229,21 @@ impl<'a, V> KvCache<'a, V> {
     /// # Errors
     /// A connection or database error.
     pub fn clear(&self) -> Result<u64> {
-        let removed = self.handle.engine.write(
-            CacheKind::Kv,
-            Op::Clear,
-            0,
-            || {
-                Some(Skipped::new(1, |conn| {
-                    diesel::delete(cache_entries::table).execute(conn).map(drop)
-                }))
-            },
-            |conn| Ok(diesel::delete(cache_entries::table).execute(conn)? as u64),
-        );
+        let removed = self.handle.cluster.all(|engine| {
+            engine.write(
+                CacheKind::Kv,
+                Op::Clear,
+                0,
+                || {
+                    Some(Skipped::new(1, |conn| {
+                        diesel::delete(cache_entries::table).execute(conn).map(drop)
+                    }))
+                },
+                |conn| Ok(diesel::delete(cache_entries::table).execute(conn)? as u64),
+            )
+        });
         self.evict_all_near();
-        removed
+        Ok(removed?.into_iter().sum())
     }
 }
 
@@ -256,7 +263,8 @@ impl<V> KvCache<'_, V> {
     pub fn incr(&self, key: &str, delta: i64, ttl: Duration) -> Result<i64> {
         check_key(key)?;
         let interval = ttl_interval(ttl)?;
-        let result = self.handle.engine.exact(CacheKind::Kv, Op::Incr, |conn| {
+        let engine = self.engine(key);
+        let result = engine.exact(CacheKind::Kv, Op::Incr, |conn| {
             #[derive(QueryableByName)]
             struct Counted {
                 #[diesel(sql_type = BigInt)]
@@ -310,7 +318,7 @@ impl<V> KvCache<'_, V> {
             ),
             other => other,
         })?;
-        self.handle.engine.record_sets(CacheKind::Kv, 1);
+        engine.record_sets(CacheKind::Kv, 1);
         Ok(counted)
     }
 
@@ -328,15 +336,17 @@ impl<V> KvCache<'_, V> {
     /// Evicts `key` from this process's near cache, after a write outside the
     /// `Cache` trait's path.
     fn evict_near(&self, key: &str) {
-        if let Some(near) = self.handle.engine.near() {
+        if let Some(near) = self.engine(key).near() {
             near.invalidate(CacheKind::Kv, [key.as_bytes()]);
         }
     }
 
     /// Empties this process's kv near cache, after a write of many keys.
     fn evict_all_near(&self) {
-        if let Some(near) = self.handle.engine.near() {
-            near.invalidate_all(CacheKind::Kv);
+        for (_, engine) in self.handle.cluster.shards() {
+            if let Some(near) = engine.near() {
+                near.invalidate_all(CacheKind::Kv);
+            }
         }
     }
 }
@@ -373,7 +383,7 @@ impl<'a, V> KvCache<'a, V> {
             Op::SetMany,
             ttl,
             || bytes_rows(entries),
-            || entries.iter().map(|(k, _)| *k).collect(),
+            &entries.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
         )
     }
 
@@ -453,7 +463,7 @@ fn bytes_rows<'e>(entries: &[(&'e str, &'e [u8])]) -> Result<Vec<Row<'e>>> {
     Ok(distinct_in_write_order::<KvBytes<'e>>(rows))
 }
 
-impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
+impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
     /// Live JSON entries whose value contains `filter` (JSONB containment, `@>`), in
     /// key order, at most `limit` (bytes entries are never found): `json!({"plan": "pro"})` finds every cached object with
     /// that field and value.
@@ -471,19 +481,27 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
         limit: usize,
     ) -> Result<Vec<(String, V)>> {
         let filter = JsonbOut::new("filter", filter)?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.handle
-            .engine
-            .read(CacheKind::Kv, Op::FindContaining, Vec::new(), |conn| {
+        let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
+        let per_shard = self.handle.cluster.all(|engine| {
+            engine.read(CacheKind::Kv, Op::FindContaining, Vec::new(), |conn| {
                 let rows: Vec<(String, JsonbIn<V>)> = cache_entries::table
                     .filter(cache_entries::value.contains(&filter))
                     .filter(cache_entries::expires_at.gt(db_now()))
                     .select((cache_entries::key, cache_entries::value.assume_not_null()))
                     .order(cache_entries::key)
-                    .limit(limit)
+                    .limit(limit_sql)
                     .load(conn)?;
-                Ok(rows.into_iter().map(|(key, JsonbIn(v))| (key, v)).collect())
+                Ok(rows
+                    .into_iter()
+                    .map(|(key, JsonbIn(v))| (key, v))
+                    .collect::<Vec<_>>())
             })
+        })?;
+        // Each shard's first `limit` in key order: together, the first `limit` of all.
+        let mut found: Vec<(String, V)> = per_shard.into_iter().flatten().collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found.truncate(limit);
+        Ok(found)
     }
 
     /// Stores `value` only if `key` holds no live entry (Redis `SET ... NX`); true if
@@ -495,7 +513,8 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
     pub fn set_nx(&self, key: &str, value: &V, ttl: Duration) -> Result<bool> {
         let interval = ttl_interval(ttl)?;
         let row = self.check_entry(key, value)?;
-        let stored = self.handle.engine.exact(CacheKind::Kv, Op::SetNx, |conn| {
+        let engine = self.engine(key);
+        let stored = engine.exact(CacheKind::Kv, Op::SetNx, |conn| {
             #[derive(QueryableByName)]
             struct Stored {
                 #[diesel(sql_type = diesel::sql_types::Bool)]
@@ -531,7 +550,7 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
         })?;
         self.evict_near(key);
         if stored {
-            self.handle.engine.record_sets(CacheKind::Kv, 1);
+            engine.record_sets(CacheKind::Kv, 1);
         }
         Ok(stored)
     }
@@ -544,27 +563,24 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
     /// entry (left in place), or a connection or database error.
     pub fn get_del(&self, key: &str) -> Result<Option<V>> {
         check_key(key)?;
-        let taken = self
-            .handle
-            .engine
-            .exact(CacheKind::Kv, Op::GetDel, |conn| {
-                // A bytes entry is left alone: reading it as JSON is an error.
-                let taken: Option<(JsonbIn<V>, bool)> = diesel::delete(
-                    cache_entries::table
-                        .filter(cache_entries::key.eq(key))
-                        .filter(cache_entries::bytes.is_null()),
-                )
-                .returning((
-                    cache_entries::value.assume_not_null(),
-                    cache_entries::expires_at.gt(db_now()),
-                ))
-                .get_result(conn)
-                .optional()?;
-                match taken {
-                    Some((JsonbIn(value), live)) => Ok(live.then_some(value)),
-                    None => refuse_bytes(conn, key).map(|()| None),
-                }
-            })?;
+        let taken = self.engine(key).exact(CacheKind::Kv, Op::GetDel, |conn| {
+            // A bytes entry is left alone: reading it as JSON is an error.
+            let taken: Option<(JsonbIn<V>, bool)> = diesel::delete(
+                cache_entries::table
+                    .filter(cache_entries::key.eq(key))
+                    .filter(cache_entries::bytes.is_null()),
+            )
+            .returning((
+                cache_entries::value.assume_not_null(),
+                cache_entries::expires_at.gt(db_now()),
+            ))
+            .get_result(conn)
+            .optional()?;
+            match taken {
+                Some((JsonbIn(value), live)) => Ok(live.then_some(value)),
+                None => refuse_bytes(conn, key).map(|()| None),
+            }
+        })?;
         self.evict_near(key);
         Ok(taken)
     }
@@ -578,7 +594,7 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
     pub fn get_touch(&self, key: &str, ttl: Duration) -> Result<Option<V>> {
         check_key(key)?;
         let interval = ttl_interval(ttl)?;
-        self.handle.engine.write(
+        self.engine(key).write(
             CacheKind::Kv,
             Op::GetTouch,
             None,
@@ -632,6 +648,12 @@ impl<V: Serialize + DeserializeOwned + 'static> KvCache<'_, V> {
     {
         self.get_or_compute_with_ttl(key, ttl, compute)
     }
+}
+
+/// The digest of a (checked) key/value key: it names the key's single-flight lease
+/// and routes the key to its shard.
+fn kv_digest(key: &str) -> KeyDigest {
+    KeyHasher::new("kv").text(key).finish()
 }
 
 /// Deletes every entry whose key starts with `prefix` (checked by the caller); an
@@ -941,7 +963,7 @@ fn in_key_order<P, T>(
         .collect()
 }
 
-impl<V: Serialize + DeserializeOwned + 'static> Storage for KvCache<'_, V> {
+impl<V: Serialize + DeserializeOwned + Send + 'static> Storage for KvCache<'_, V> {
     type Key = str;
     type Value = V;
     type Entry = V;
@@ -964,6 +986,14 @@ impl<V: Serialize + DeserializeOwned + 'static> Storage for KvCache<'_, V> {
 
     fn key_digest(&self, key: &str) -> Result<KeyDigest> {
         KvCache::key_digest(self, key)
+    }
+
+    fn route(key: &str, (): &()) -> KeyDigest {
+        kv_digest(key)
+    }
+
+    fn row_route(row: &Row<'_>) -> KeyDigest {
+        kv_digest(row.key)
     }
 
     fn check_key(&self, key: &str) -> Result<()> {
@@ -1085,7 +1115,16 @@ impl Storage for KvBytes<'_> {
     }
 
     fn key_digest(&self, key: &str) -> Result<KeyDigest> {
-        KvCache::new(self.handle.engine).key_digest(key)
+        check_key(key)?;
+        Ok(kv_digest(key))
+    }
+
+    fn route(key: &str, (): &()) -> KeyDigest {
+        kv_digest(key)
+    }
+
+    fn row_route(row: &Row<'_>) -> KeyDigest {
+        kv_digest(row.key)
     }
 
     fn check_key(&self, key: &str) -> Result<()> {

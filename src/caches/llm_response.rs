@@ -26,7 +26,7 @@ use super::common::{check_name, column, UpsertColumns};
 use crate::error::Result;
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
-use crate::popularity::{flushed_report, top_entries, TopEntry};
+use crate::popularity::{flushed_reports, merge_top, top_entries, TopEntry};
 use crate::schema::llm_response_cache;
 use crate::table::{Row, TypedCache, TypedTable};
 use crate::validation::{check_json, check_text};
@@ -64,9 +64,13 @@ impl LlmResponseCache<'_> {
     /// # Errors
     /// A connection or database error.
     pub fn top(&self, n: usize) -> Result<Vec<TopEntry>> {
-        flushed_report(self.engine(), LlmResponseTable::CACHE, Vec::new(), |conn| {
-            top_entries(conn, LlmResponseTable::CACHE, n)
-        })
+        let lists = flushed_reports(
+            self.cluster(),
+            LlmResponseTable::CACHE,
+            Vec::new(),
+            |conn| top_entries(conn, LlmResponseTable::CACHE, n),
+        )?;
+        Ok(merge_top(lists, n))
     }
 }
 

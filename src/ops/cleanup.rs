@@ -10,6 +10,7 @@ use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 use serde::Serialize;
 
+use crate::cluster::Cluster;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::eviction::{evict, EvictionReport, Limits, CLEANUP_BATCH_SIZE};
@@ -129,13 +130,66 @@ fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S:
     s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// [`CacheManager::cleanup`](crate::CacheManager::cleanup).
-pub(crate) fn cleanup(engine: &Engine) -> Result<CleanupReport> {
-    cleanup_with_progress(engine, |_| {})
+impl CleanupReport {
+    /// Several shards' runs as one: per cache, the sums.
+    fn merge(reports: Vec<CleanupReport>) -> CleanupReport {
+        let mut reports = reports.into_iter();
+        let mut all = reports.next().unwrap_or(CleanupReport {
+            tables: Vec::new(),
+            leases_removed: 0,
+            elapsed: Duration::ZERO,
+        });
+        for report in reports {
+            all.leases_removed += report.leases_removed;
+            all.elapsed += report.elapsed;
+            for table in report.tables {
+                match all.tables.iter_mut().find(|t| t.cache == table.cache) {
+                    Some(sum) => {
+                        sum.rows_removed += table.rows_removed;
+                        sum.evicted_rows += table.evicted_rows;
+                        sum.evicted_bytes += table.evicted_bytes;
+                        sum.released_paths.extend(table.released_paths);
+                        sum.elapsed += table.elapsed;
+                    }
+                    None => all.tables.push(table),
+                }
+            }
+        }
+        all
+    }
 }
 
-/// [`CacheManager::cleanup_with_progress`](crate::CacheManager::cleanup_with_progress).
+/// [`CacheManager::cleanup`](crate::CacheManager::cleanup).
+pub(crate) fn cleanup(cluster: &Cluster) -> Result<CleanupReport> {
+    cleanup_with_progress(cluster, |_| {})
+}
+
+/// [`CacheManager::cleanup_with_progress`](crate::CacheManager::cleanup_with_progress):
+/// shard after shard (the progress callback is not shared between threads), every
+/// shard even when one fails.
 pub(crate) fn cleanup_with_progress(
+    cluster: &Cluster,
+    mut progress: impl FnMut(&CleanupProgress),
+) -> Result<CleanupReport> {
+    let mut reports = Vec::new();
+    let mut failure = None;
+    for (name, engine) in cluster.shards() {
+        match cleanup_shard(engine, &mut progress) {
+            Ok(report) => reports.push(report),
+            Err(error) => {
+                tracing::warn!(shard = name, %error, "pgcache: cleanup failed");
+                failure.get_or_insert_with(|| cluster.on_shard(name, error));
+            }
+        }
+    }
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(CleanupReport::merge(reports)),
+    }
+}
+
+/// One shard's cleanup (also the janitor's run).
+pub(crate) fn cleanup_shard(
     engine: &Engine,
     mut progress: impl FnMut(&CleanupProgress),
 ) -> Result<CleanupReport> {
@@ -228,8 +282,22 @@ fn clean(
     Ok(report)
 }
 
-/// [`CacheManager::clear`](crate::CacheManager::clear).
-pub(crate) fn clear(engine: &Engine, cache: Option<CacheKind>) -> Result<Vec<(CacheKind, u64)>> {
+/// [`CacheManager::clear`](crate::CacheManager::clear): every shard at once, each in
+/// one transaction.
+pub(crate) fn clear(cluster: &Cluster, cache: Option<CacheKind>) -> Result<Vec<(CacheKind, u64)>> {
+    let mut cleared = cluster
+        .all(|engine| clear_shard(engine, cache))?
+        .into_iter();
+    let mut all = cleared.next().unwrap_or_default();
+    for shard in cleared {
+        for ((_, sum), (_, removed)) in all.iter_mut().zip(shard) {
+            *sum += removed;
+        }
+    }
+    Ok(all)
+}
+
+fn clear_shard(engine: &Engine, cache: Option<CacheKind>) -> Result<Vec<(CacheKind, u64)>> {
     let kinds: Vec<CacheKind> = match cache {
         Some(kind) => vec![kind],
         None => CacheKind::ALL.to_vec(),

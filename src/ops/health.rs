@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use serde::Serialize;
 
+use crate::cluster::Cluster;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::expiry::db_now;
@@ -152,6 +153,14 @@ pub enum Alert {
         /// Its error.
         error: String,
     },
+    /// A shard of a sharded cache did not answer: its keys fail (or miss, failing
+    /// open), and the other figures leave it out.
+    ShardDown {
+        /// The shard's name.
+        shard: String,
+        /// Why, as the error said it.
+        error: String,
+    },
     /// No cleanup succeeded within the allowed age (counted from the creation of the
     /// cache tables when none ever succeeded).
     CleanupOverdue {
@@ -186,6 +195,7 @@ impl fmt::Display for Alert {
             Alert::CleanupFailed { finished_at, error } => {
                 write!(f, "last cleanup failed at {finished_at}: {error}")
             }
+            Alert::ShardDown { shard, error } => write!(f, "shard `{shard}` is down: {error}"),
             Alert::CleanupOverdue { last_success: Some(at), max_age_secs } => write!(
                 f,
                 "cleanup is overdue: last success at {at}, more than {max_age_secs} s ago"
@@ -299,8 +309,18 @@ impl fmt::Display for HealthReport {
     }
 }
 
-/// [`CacheManager::health`](crate::CacheManager::health).
-pub(crate) fn health(engine: &Engine, thresholds: &HealthThresholds) -> Result<HealthReport> {
+/// What one shard tells about its health.
+struct ShardFacts {
+    lookups: Lookups,
+    size_bytes: u64,
+    last_cleanup: Option<CleanupRun>,
+    /// When its last successful cleanup finished, else when its tables were made.
+    cleaned_since: Option<DateTime<Utc>>,
+    last_success: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+}
+
+fn shard_facts(engine: &Engine) -> Result<ShardFacts> {
     let mut lookups = Lookups::default();
     for (_, l) in super::stats::lookups(engine)? {
         lookups.hits += l.hits;
@@ -322,12 +342,60 @@ pub(crate) fn health(engine: &Engine, thresholds: &HealthThresholds) -> Result<H
         .filter(cache_cleanup_runs::succeeded)
         .select((diesel::dsl::max(cache_cleanup_runs::finished_at), db_now()))
         .first(&mut *conn)?;
-    let latency = engine.latency().histogram();
+    // Without any successful cleanup, the tables' age is the reference: a freshly
+    // migrated schema has not missed a cleanup yet.
+    let cleaned_since = match last_success {
+        Some(at) => Some(at),
+        None => crate::migrations::migrated_at(&mut conn)?,
+    };
+    Ok(ShardFacts {
+        lookups,
+        size_bytes,
+        last_cleanup: last.map(|(finished_at, succeeded, rows_removed, error_message)| {
+            CleanupRun {
+                finished_at,
+                succeeded,
+                rows_removed: rows_removed as u64,
+                error_message,
+            }
+        }),
+        cleaned_since,
+        last_success,
+        now,
+    })
+}
+
+/// [`CacheManager::health`](crate::CacheManager::health): every shard at once, the
+/// thresholds judged on their totals; with several shards, one that does not answer
+/// is an alert instead of an error.
+pub(crate) fn health(cluster: &Cluster, thresholds: &HealthThresholds) -> Result<HealthReport> {
+    let t = thresholds;
+    let mut alerts = Vec::new();
+    let mut shards = Vec::new();
+    for (name, facts) in cluster.each(shard_facts) {
+        match facts {
+            Ok(facts) => shards.push((name, facts)),
+            Err(error) if cluster.single().is_some() => return Err(error),
+            Err(error) => alerts.push(Alert::ShardDown {
+                shard: name.to_owned(),
+                error: error.to_string(),
+            }),
+        }
+    }
+    let mut lookups = Lookups::default();
+    let mut size_bytes = 0;
+    for (_, facts) in &shards {
+        lookups.hits += facts.lookups.hits;
+        lookups.misses += facts.lookups.misses;
+        size_bytes += facts.size_bytes;
+    }
+    let mut latency = cluster.front().latency().histogram();
+    for (_, engine) in cluster.shards().skip(1) {
+        latency.add(&engine.latency().histogram());
+    }
     let query_samples = latency.samples();
     let p95 = latency.quantile(0.95);
 
-    let t = thresholds;
-    let mut alerts = Vec::new();
     if let Some(rate) = lookups.hit_rate() {
         if lookups.total() >= t.min_lookups && rate < t.min_hit_rate {
             alerts.push(Alert::LowHitRate {
@@ -355,37 +423,41 @@ pub(crate) fn health(engine: &Engine, thresholds: &HealthThresholds) -> Result<H
             });
         }
     }
-    let last_cleanup =
-        last.map(
-            |(finished_at, succeeded, rows_removed, error_message)| CleanupRun {
-                finished_at,
-                succeeded,
-                rows_removed: rows_removed as u64,
-                error_message,
-            },
-        );
-    if let Some(run) = last_cleanup.as_ref().filter(|r| !r.succeeded) {
-        alerts.push(Alert::CleanupFailed {
-            finished_at: run.finished_at,
-            error: run.error_message.clone().unwrap_or_default(),
-        });
-    }
-    if let Some(max_age) = t.max_cleanup_age {
-        // Without any successful cleanup, the tables' age is the reference: a freshly
-        // migrated schema has not missed a cleanup yet.
-        let since = match last_success {
-            Some(at) => Some(at),
-            None => crate::migrations::migrated_at(&mut conn)?,
-        };
-        let overdue =
-            since.is_none_or(|at| (now - at).to_std().unwrap_or(Duration::ZERO) > max_age);
-        if overdue {
-            alerts.push(Alert::CleanupOverdue {
-                last_success,
-                max_age_secs: max_age.as_secs(),
+    for (name, facts) in &shards {
+        if let Some(run) = facts.last_cleanup.as_ref().filter(|r| !r.succeeded) {
+            let error = run.error_message.clone().unwrap_or_default();
+            alerts.push(Alert::CleanupFailed {
+                finished_at: run.finished_at,
+                error: match cluster.single() {
+                    Some(_) => error,
+                    None => format!("shard `{name}`: {error}"),
+                },
             });
         }
     }
+    if let Some(max_age) = t.max_cleanup_age {
+        // The shard cleaned longest ago decides.
+        let oldest = shards
+            .iter()
+            .map(|(_, f)| f)
+            .min_by_key(|f| f.cleaned_since);
+        if let Some(facts) = oldest {
+            let overdue = facts
+                .cleaned_since
+                .is_none_or(|at| (facts.now - at).to_std().unwrap_or(Duration::ZERO) > max_age);
+            if overdue {
+                alerts.push(Alert::CleanupOverdue {
+                    last_success: facts.last_success,
+                    max_age_secs: max_age.as_secs(),
+                });
+            }
+        }
+    }
+    // The most recent run of any shard.
+    let last_cleanup = shards
+        .into_iter()
+        .filter_map(|(_, f)| f.last_cleanup)
+        .max_by_key(|run| run.finished_at);
     Ok(HealthReport {
         alerts,
         lookups,

@@ -5,6 +5,7 @@ use uuid::Uuid;
 
 use crate::caches::common::check_name;
 use crate::caches::{audio_chunk, embedding, llm_response, vector_search};
+use crate::cluster::Cluster;
 use crate::engine::Engine;
 use crate::error::Result;
 
@@ -31,8 +32,23 @@ impl InvalidationReport {
     }
 }
 
-/// [`CacheManager::invalidate_user`](crate::CacheManager::invalidate_user).
-pub(crate) fn invalidate_user(engine: &Engine, user: Uuid) -> Result<InvalidationReport> {
+/// [`CacheManager::invalidate_user`](crate::CacheManager::invalidate_user): every
+/// shard at once (a user's entries are spread by key), each in one transaction.
+pub(crate) fn invalidate_user(cluster: &Cluster, user: Uuid) -> Result<InvalidationReport> {
+    let reports = cluster.all(|engine| invalidate_user_on(engine, user))?;
+    Ok(reports
+        .into_iter()
+        .fold(InvalidationReport::default(), |mut all, report| {
+            all.embeddings += report.embeddings;
+            all.vector_searches += report.vector_searches;
+            all.llm_responses += report.llm_responses;
+            all.audio_chunks += report.audio_chunks;
+            all.released_paths.extend(report.released_paths);
+            all
+        }))
+}
+
+fn invalidate_user_on(engine: &Engine, user: Uuid) -> Result<InvalidationReport> {
     if !engine.is_enabled() {
         return Ok(InvalidationReport::default());
     }
@@ -50,11 +66,15 @@ pub(crate) fn invalidate_user(engine: &Engine, user: Uuid) -> Result<Invalidatio
     })
 }
 
-/// [`CacheManager::invalidate_model`](crate::CacheManager::invalidate_model).
-pub(crate) fn invalidate_model(engine: &Engine, model: &str) -> Result<u64> {
+/// [`CacheManager::invalidate_model`](crate::CacheManager::invalidate_model): every
+/// shard at once.
+pub(crate) fn invalidate_model(cluster: &Cluster, model: &str) -> Result<u64> {
     check_name("model", model)?;
-    if !engine.is_enabled() {
-        return Ok(0);
-    }
-    engine.maintain(|conn| Ok(embedding::delete_model(conn, model)? as u64))
+    let removed = cluster.all(|engine| {
+        if !engine.is_enabled() {
+            return Ok(0);
+        }
+        engine.maintain(|conn| Ok(embedding::delete_model(conn, model)? as u64))
+    })?;
+    Ok(removed.into_iter().sum())
 }

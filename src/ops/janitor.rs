@@ -1,4 +1,4 @@
-//! The opt-in background janitor: a thread that runs cleanup every
+//! The opt-in background janitor: a thread per shard that runs its cleanup every
 //! `janitor_interval`, for services that do not run `pgcache cleanup` from cron. It
 //! stops when the last clone of the manager is dropped.
 
@@ -6,7 +6,7 @@ use crate::engine::Engine;
 
 /// One janitor run: cleanup, logged.
 pub(crate) fn run(engine: &Engine) {
-    match super::cleanup::cleanup(engine) {
+    match super::cleanup::cleanup_shard(engine, |_| {}) {
         Ok(report) => tracing::debug!(
             rows_removed = report.rows_removed(),
             elapsed_ms = report.elapsed.as_millis() as u64,

@@ -7,11 +7,12 @@ use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 use serde::Serialize;
 
+use crate::cluster::Cluster;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::kind::CacheKind;
-use crate::near::{NearCacheStats, NearCaches};
-use crate::popularity::{hit_stats, top_entries, HitStats, TopEntry};
+use crate::near::NearCacheStats;
+use crate::popularity::{hit_stats, merge_top, top_entries, HitStats, TopEntry};
 use crate::schema::cache_counters;
 
 /// How many entries the "top cached" and "most accessed" lists show.
@@ -34,6 +35,65 @@ pub struct CacheStats {
     pub lookups: Lookups,
     /// This process's near caches (empty when none is configured).
     pub near_caches: Vec<NearCacheStats>,
+    /// Shards that did not answer (empty for one database, which fails the call
+    /// instead): every figure above is over the shards that did.
+    pub shards_down: Vec<ShardDown>,
+}
+
+/// A shard that did not answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ShardDown {
+    /// The shard's name.
+    pub name: String,
+    /// Why, as the error said it.
+    pub error: String,
+}
+
+impl CacheStats {
+    /// Several shards' figures as one; `down` lists the shards that gave none.
+    fn merge(
+        parts: Vec<CacheStats>,
+        down: Vec<ShardDown>,
+        near_caches: Vec<NearCacheStats>,
+    ) -> Self {
+        let mut caches: Vec<TableStats> = CacheKind::ALL
+            .into_iter()
+            .map(|kind| TableStats {
+                cache: kind,
+                table: kind.table(),
+                entries: 0,
+                active_entries: 0,
+                expired_entries: 0,
+                size_bytes: 0,
+                lookups: Lookups::default(),
+            })
+            .collect();
+        for part in &parts {
+            for (sum, c) in caches.iter_mut().zip(&part.caches) {
+                sum.entries += c.entries;
+                sum.active_entries += c.active_entries;
+                sum.expired_entries += c.expired_entries;
+                sum.size_bytes += c.size_bytes;
+                sum.lookups.add(c.lookups);
+            }
+        }
+        let mut lookups = Lookups::default();
+        caches.iter().for_each(|c| lookups.add(c.lookups));
+        let (tops, audio): (Vec<_>, Vec<_>) = parts
+            .into_iter()
+            .map(|p| (p.top_llm_responses, p.audio))
+            .unzip();
+        CacheStats {
+            total_entries: caches.iter().map(|c| c.entries).sum(),
+            caches,
+            top_llm_responses: merge_top(tops, TOP_ENTRIES),
+            audio: HitStats::merge(audio, TOP_ENTRIES),
+            lookups,
+            near_caches,
+            shards_down: down,
+        }
+    }
 }
 
 /// Figures of one cache table.
@@ -83,8 +143,29 @@ impl Lookups {
     }
 }
 
-/// [`CacheManager::stats`](crate::CacheManager::stats).
-pub(crate) fn stats(engine: &Engine) -> Result<CacheStats> {
+/// [`CacheManager::stats`](crate::CacheManager::stats): every shard at once; with
+/// several, one that does not answer is listed instead of failing the call.
+pub(crate) fn stats(cluster: &Cluster) -> Result<CacheStats> {
+    let mut parts = Vec::new();
+    let mut down = Vec::new();
+    for (name, result) in cluster.each(shard_stats) {
+        match result {
+            Ok(part) => parts.push(part),
+            Err(error) if cluster.single().is_some() => return Err(error),
+            Err(error) => {
+                tracing::warn!(shard = name, %error, "pgcache: a shard gave no statistics");
+                down.push(ShardDown {
+                    name: name.to_owned(),
+                    error: error.to_string(),
+                });
+            }
+        }
+    }
+    Ok(CacheStats::merge(parts, down, cluster.near_cache_stats()))
+}
+
+/// One shard's figures (its near caches left to the caller).
+fn shard_stats(engine: &Engine) -> Result<CacheStats> {
     let lookups = lookups(engine)?;
     let mut conn = engine.live_connection()?;
     let mut caches = Vec::with_capacity(CacheKind::ALL.len());
@@ -109,8 +190,9 @@ pub(crate) fn stats(engine: &Engine) -> Result<CacheStats> {
         caches,
         top_llm_responses,
         audio,
-        near_caches: engine.near().map(NearCaches::stats).unwrap_or_default(),
+        near_caches: Vec::new(),
         lookups: all,
+        shards_down: Vec::new(),
     })
 }
 
@@ -278,6 +360,14 @@ impl fmt::Display for CacheStats {
                 human_bytes(near.bytes),
                 near.poll_lag_ms
                     .map_or_else(|| "not current".to_owned(), |ms| format!("{ms:.1} ms"))
+            )?;
+        }
+        for shard in &self.shards_down {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "Shard `{}` DOWN (not counted): {}",
+                shard.name, shard.error
             )?;
         }
         writeln!(f)?;

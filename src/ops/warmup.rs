@@ -12,14 +12,18 @@ use serde::de::{self, DeserializeOwned, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::cache::{distinct_in_write_order, Storage};
+use crate::cache::{distinct_in_write_order, split_by_shard, Storage};
+use crate::caches::kv::Row as KvRow;
 use crate::caches::{AudioChunk, AudioChunkKey, EmbeddingKey, LlmPrompt, VectorSearchQuery};
 use crate::caches::{
     AudioChunkCache, EmbeddingCache, KvCache, LlmResponseCache, VectorSearchCache,
 };
+use crate::caches::{AudioChunkTable, EmbeddingTable, LlmResponseTable, VectorSearchTable};
+use crate::cluster::Cluster;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::expiry::ttl_interval;
+use crate::table::Row as TypedRow;
 use crate::watchdog;
 
 /// Entries to pre-populate, per cache. Deserializes from JSON (`pgcache warmup
@@ -258,8 +262,18 @@ fn write<C: Storage>(
     Ok(rows.len() as u64)
 }
 
-/// [`CacheManager::warmup`](crate::CacheManager::warmup).
-pub(crate) fn warmup(engine: &Engine, warmup: &Warmup) -> Result<WarmupReport> {
+/// One shard's part of a warmup, per section.
+struct ShardPart<'w> {
+    kv: Vec<KvRow<'w>>,
+    embeddings: Vec<TypedRow<'w, EmbeddingTable>>,
+    searches: Vec<TypedRow<'w, VectorSearchTable>>,
+    responses: Vec<TypedRow<'w, LlmResponseTable>>,
+    audio: Vec<TypedRow<'w, AudioChunkTable>>,
+}
+
+/// [`CacheManager::warmup`](crate::CacheManager::warmup): validated whole, then
+/// written on every shard at once, each shard's part in one transaction.
+pub(crate) fn warmup(cluster: &Cluster, warmup: &Warmup) -> Result<WarmupReport> {
     let ttl = |default: Duration| {
         let ttl = warmup.ttl_secs.map_or(default, Duration::from_secs);
         let interval = ttl_interval(ttl).map_err(|e| match e {
@@ -271,11 +285,11 @@ pub(crate) fn warmup(engine: &Engine, warmup: &Warmup) -> Result<WarmupReport> {
         Ok::<_, Error>(interval)
     };
     let (kv, embedding, vector_search, llm, audio) = (
-        KvCache::new(engine),
-        EmbeddingCache::new(engine),
-        VectorSearchCache::new(engine),
-        LlmResponseCache::new(engine),
-        AudioChunkCache::new(engine),
+        KvCache::new(cluster),
+        EmbeddingCache::new(cluster),
+        VectorSearchCache::new(cluster),
+        LlmResponseCache::new(cluster),
+        AudioChunkCache::new(cluster),
     );
     if warmup.statement_timeout_ms == Some(0) {
         // 0 would switch PostgreSQL's timeout off, not make it short.
@@ -300,40 +314,92 @@ pub(crate) fn warmup(engine: &Engine, warmup: &Warmup) -> Result<WarmupReport> {
     let distinct_audio = audio_rows.len();
     let audio_rows = audio.cacheable(audio_rows);
 
-    if !engine.is_enabled() {
+    if !cluster.front().is_enabled() {
         return Ok(WarmupReport::default());
     }
     let skipped_audio_chunks = (distinct_audio - audio_rows.len()) as u64;
     let own_timeout = warmup.statement_timeout_ms.map(Duration::from_millis);
-    let timeout = own_timeout.unwrap_or(engine.config().statement_timeout());
-    let store = || {
-        engine.maintain(|conn| {
-            conn.transaction(|conn| {
-                if let Some(timeout) = own_timeout {
-                    // Ends with the transaction: the pooled connection keeps its own.
-                    diesel::sql_query(format!(
-                        "SET LOCAL statement_timeout = {}",
-                        timeout.as_millis()
-                    ))
-                    .execute(conn)?;
-                }
-                Ok::<_, Error>(WarmupReport {
-                    kv: write(&kv, conn, &kv_rows, kv_ttl)?,
-                    embeddings: write(&embedding, conn, &embeddings, embedding_ttl)?,
-                    vector_searches: write(&vector_search, conn, &searches, vector_ttl)?,
-                    llm_responses: write(&llm, conn, &responses, llm_ttl)?,
-                    audio_chunks: write(&audio, conn, &audio_rows, audio_ttl)?,
-                    skipped_audio_chunks,
+    let timeout = own_timeout.unwrap_or(cluster.config().statement_timeout());
+    let mut parts: Vec<ShardPart<'_>> = split_by_shard::<KvCache<'_>>(cluster, kv_rows)
+        .into_iter()
+        .map(|kv| ShardPart {
+            kv,
+            embeddings: Vec::new(),
+            searches: Vec::new(),
+            responses: Vec::new(),
+            audio: Vec::new(),
+        })
+        .collect();
+    for (part, rows) in parts
+        .iter_mut()
+        .zip(split_by_shard::<EmbeddingCache<'_>>(cluster, embeddings))
+    {
+        part.embeddings = rows;
+    }
+    for (part, rows) in parts
+        .iter_mut()
+        .zip(split_by_shard::<VectorSearchCache<'_>>(cluster, searches))
+    {
+        part.searches = rows;
+    }
+    for (part, rows) in parts
+        .iter_mut()
+        .zip(split_by_shard::<LlmResponseCache<'_>>(cluster, responses))
+    {
+        part.responses = rows;
+    }
+    for (part, rows) in parts
+        .iter_mut()
+        .zip(split_by_shard::<AudioChunkCache<'_>>(cluster, audio_rows))
+    {
+        part.audio = rows;
+    }
+    let parts: Vec<(usize, ShardPart<'_>)> = parts.into_iter().enumerate().collect();
+    let store = |engine: &Engine, part: &ShardPart<'_>| {
+        engine
+            .maintain(|conn| {
+                conn.transaction(|conn| {
+                    if let Some(timeout) = own_timeout {
+                        // Ends with the transaction: the pooled connection keeps its own.
+                        diesel::sql_query(format!(
+                            "SET LOCAL statement_timeout = {}",
+                            timeout.as_millis()
+                        ))
+                        .execute(conn)?;
+                    }
+                    Ok::<_, Error>(WarmupReport {
+                        kv: write(&kv, conn, &part.kv, kv_ttl)?,
+                        embeddings: write(&embedding, conn, &part.embeddings, embedding_ttl)?,
+                        vector_searches: write(&vector_search, conn, &part.searches, vector_ttl)?,
+                        llm_responses: write(&llm, conn, &part.responses, llm_ttl)?,
+                        audio_chunks: write(&audio, conn, &part.audio, audio_ttl)?,
+                        skipped_audio_chunks: 0,
+                    })
                 })
             })
-        })
+            .map_err(|e| timed_out(e, timeout))
     };
-    let report = match own_timeout {
-        // The watchdog must not cut what the server is allowed to run.
-        Some(timeout) => watchdog::extended(timeout, store),
-        None => store(),
-    };
-    report.map_err(|e| timed_out(e, timeout))
+    let reports = cluster.fan_out(&parts, |engine, part| {
+        match own_timeout {
+            // The watchdog must not cut what the server is allowed to run.
+            Some(timeout) => watchdog::extended(timeout, || store(engine, part)),
+            None => store(engine, part),
+        }
+    })?;
+    Ok(reports.into_iter().fold(
+        WarmupReport {
+            skipped_audio_chunks,
+            ..WarmupReport::default()
+        },
+        |mut all, report| {
+            all.kv += report.kv;
+            all.embeddings += report.embeddings;
+            all.vector_searches += report.vector_searches;
+            all.llm_responses += report.llm_responses;
+            all.audio_chunks += report.audio_chunks;
+            all
+        },
+    ))
 }
 
 /// A statement cancelled by `statement_timeout` as [`Error::WarmupTimeout`], which
