@@ -32,7 +32,7 @@ const SHARDS: [&str; 3] = ["a", "b", "c"];
 const TTL: Duration = Duration::from_secs(600);
 
 /// The connection timeout of the tests that stop a shard.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
+const CONNECTION_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How much longer than the connection timeout a down shard's key may take to fail
 /// (a noisy machine).
@@ -666,9 +666,7 @@ fn a_down_shard_fails_only_its_own_keys() {
     let value_of = |key: &str| json!(keys.iter().position(|k| k == key).unwrap());
 
     p.cluster.stop();
-    for key in on_c.iter().take(3) {
-        assert_fails_fast(&strict, key);
-    }
+    assert_fails_fast(&strict, &on_c[0]);
     let err = strict
         .kv()
         .set(&on_c[0], &json!("new"))
@@ -680,7 +678,10 @@ fn a_down_shard_fails_only_its_own_keys() {
     let err = strict.kv().get_many(&refs(&keys)).unwrap_err();
     assert!(err.is_transient(), "{err:?}");
     assert!(err.to_string().contains("shard `c`"), "{err}");
-    let err = strict.kv().clear().unwrap_err();
+    // Operations over every shard (ones that change nothing on a and b here).
+    let err = strict.kv().delete_prefix("absent:").unwrap_err();
+    assert!(err.to_string().contains("shard `c`"), "{err}");
+    let err = strict.cleanup().unwrap_err();
     assert!(err.to_string().contains("shard `c`"), "{err}");
 
     // Fail-open: the down shard's keys miss, the others hit.
