@@ -564,7 +564,20 @@ fn stats_sum_the_entries_of_every_shard() {
         s.cache.llm_response().set(prompt, &"a".to_owned()).unwrap();
     }
     assert_spread(&s.rows("cache_entries"));
+    for key in &keys {
+        assert!(s.cache.kv().get(key).unwrap().is_some(), "{key}");
+    }
+    let missing = self::keys("missing:", 12);
+    assert!(s
+        .cache
+        .kv()
+        .get_many(&refs(&missing))
+        .unwrap()
+        .iter()
+        .all(Option::is_none));
+    s.cache.flush_stats().unwrap();
     let stats = s.cache.stats().unwrap();
+    assert_eq!((stats.lookups.hits, stats.lookups.misses), (90, 12));
     assert!(stats.shards_down.is_empty(), "{:?}", stats.shards_down);
     assert_eq!(stats.total_entries, 120);
     let kv = stats
@@ -652,6 +665,21 @@ fn assert_fails_fast(cache: &CacheManager, key: &str) {
     );
 }
 
+/// Whether `health` alerts that shard `c` is down (and no other shard).
+fn has_shard_down_alert(cache: &CacheManager) -> bool {
+    let health = cache.health(&HealthThresholds::new()).unwrap();
+    let down: Vec<&str> = health
+        .alerts
+        .iter()
+        .filter_map(|a| match a {
+            Alert::ShardDown { shard, .. } => Some(shard.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(down.iter().all(|s| *s == "c"), "{:?}", health.alerts);
+    !down.is_empty()
+}
+
 #[test]
 fn a_down_shard_fails_only_its_own_keys() {
     let p = PartlyScratch::new();
@@ -701,15 +729,7 @@ fn a_down_shard_fails_only_its_own_keys() {
         elsewhere.len() as u64,
         "a and b summed"
     );
-    let health = strict.health(&HealthThresholds::new()).unwrap();
-    assert!(
-        health
-            .alerts
-            .iter()
-            .any(|a| matches!(a, Alert::ShardDown { shard, .. } if shard == "c")),
-        "{:?}",
-        health.alerts
-    );
+    assert!(has_shard_down_alert(&strict));
 
     p.cluster.start_again();
     for key in &on_c {
@@ -719,6 +739,7 @@ fn a_down_shard_fails_only_its_own_keys() {
     let stats = strict.stats().unwrap();
     assert!(stats.shards_down.is_empty(), "{:?}", stats.shards_down);
     assert_eq!(stats.total_entries, keys.len() as u64);
+    assert!(!has_shard_down_alert(&strict), "c is back");
 }
 
 #[test]
@@ -779,4 +800,76 @@ fn shards_from_the_environment_route_by_name_not_position() {
     assert_spread(&rows_per_shard(&dbs, "cache_entries"));
     let expected_values: Vec<Option<Value>> = keys.iter().map(|k| Some(json!(k))).collect();
     assert_eq!(cab.kv().get_many(&refs(&keys)).unwrap(), expected_values);
+}
+
+/// A URL of the local server at a port nothing listens on: a shard that is down
+/// without stopping any server.
+fn closed_port_url() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    format!("postgres://postgres@127.0.0.1:{port}/postgres")
+}
+
+#[test]
+fn a_manager_starts_unless_every_shard_is_down() {
+    let dbs = databases(&common::database_url(), &SHARDS[..1]);
+    let builder = || {
+        config(&[])
+            .pool_connection_timeout(CONNECTION_TIMEOUT)
+            .shard("b", closed_port_url())
+    };
+    let cache = CacheManager::new(builder().shard("a", dbs[0].url.as_str()).build().unwrap())
+        .expect("one shard answering is enough to start");
+    let keys = keys("key:", 20);
+    let (on_a, on_b): (Vec<String>, Vec<String>) = keys
+        .iter()
+        .cloned()
+        .partition(|k| shard_of(&cache, k) == "a");
+    cache.kv().set(&on_a[0], &json!(1)).unwrap();
+    assert_eq!(cache.kv().get(&on_a[0]).unwrap(), Some(json!(1)));
+    let err = cache.kv().get(&on_b[0]).unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+
+    let none_up = || builder().shard("c", closed_port_url());
+    let err = CacheManager::new(none_up().build().unwrap()).expect_err("no shard answers");
+    assert!(err.is_transient(), "{err:?}");
+    assert!(err.to_string().contains("shard `"), "{err}");
+    let open = CacheManager::new(none_up().fail_open(true).build().unwrap())
+        .expect("fail-open starts with every shard down");
+    assert_eq!(open.kv().get("k").unwrap(), None);
+}
+
+#[test]
+fn shard_settings_are_checked_without_showing_passwords() {
+    let url = |db: &str| format!("postgres://user:sekret@127.0.0.1:5432/{db}");
+    let settings = format!("a={},b={}", url("one"), url("two"));
+    let config = CacheConfig::from_vars([("PGCACHE_SHARDS", settings.as_str())]).unwrap();
+    let names: Vec<&str> = config.shards().iter().map(|s| s.name()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert!(!format!("{config:?}").contains("sekret"), "{config:?}");
+
+    for (bad, value) in [
+        (format!("a={},a={}", url("one"), url("two")), Some("a")),
+        (format!("a={},{}", url("one"), url("two")), None),
+        (format!("a b={}", url("one")), Some("a b")),
+        (String::new(), Some("")),
+    ] {
+        let err = CacheConfig::from_vars([("PGCACHE_SHARDS", bad.as_str())]).unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("sekret"), "{err:?}");
+        match &err {
+            pgcache::Error::Config {
+                setting,
+                value: shown,
+                ..
+            } => {
+                assert_eq!(setting, "PGCACHE_SHARDS", "{bad}");
+                if let Some(value) = value {
+                    assert_eq!(shown, value, "{bad}");
+                }
+            }
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
 }
