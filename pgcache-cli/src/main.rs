@@ -552,6 +552,14 @@ fn manager(cli: &Cli) -> Result<CacheManager, String> {
         // Caching switched off for the services must not stop their maintenance.
         .enabled(true);
     if let Some(url) = &cli.database_url {
+        if std::env::var_os("PGCACHE_SHARDS").is_some() {
+            // Which one was meant cannot be guessed; the shards would win silently.
+            return Err(
+                "--database-url names one database but PGCACHE_SHARDS is set: \
+                        unset PGCACHE_SHARDS to work on one database"
+                    .to_owned(),
+            );
+        }
         config = config.database_url(url);
     }
     if let Some(schema) = &cli.schema {
@@ -639,8 +647,21 @@ fn clear_action(cache: &CacheManager, kind: Option<CacheKind>) -> Result<String,
     let schema = cache.config().schema();
     Ok(format!(
         "delete {what} in schema \"{schema}\" of {}",
-        cache.config().database_url().redacted()
+        databases(cache)
     ))
+}
+
+/// The database the cache is in, or its shards (passwords masked).
+fn databases(cache: &CacheManager) -> String {
+    let shards = cache.config().shards();
+    if shards.is_empty() {
+        return cache.config().database_url().redacted();
+    }
+    let each: Vec<String> = shards
+        .iter()
+        .map(|s| format!("{} ({})", s.name(), s.database_url().redacted()))
+        .collect();
+    format!("{} shards: {}", shards.len(), each.join(", "))
 }
 
 /// Asks on the terminal whether to do `action`; refuses when there is none to ask on.

@@ -852,3 +852,79 @@ fn warmup_takes_base64_audio_and_its_own_statement_timeout() {
         1
     );
 }
+
+/// `pgcache` over two shards: `a`, `db`'s schema on the local server, and `b`, a
+/// server that is down (nothing listens on port 1).
+fn pgcache_with_a_shard_down(db: &TestDb) -> Command {
+    let mut cmd = Command::cargo_bin("pgcache").unwrap();
+    cmd.env(
+        "PGCACHE_SHARDS",
+        format!(
+            "a={},b=postgres://app:Sh4rdSecret@127.0.0.1:1/cache",
+            common::database_url()
+        ),
+    )
+    .env("PGCACHE_SCHEMA", &db.schema)
+    .env("PGCACHE_POOL_CONNECTION_TIMEOUT_MS", "500")
+    .write_stdin("");
+    cmd
+}
+
+#[test]
+fn stats_and_health_name_a_shard_that_is_down_and_count_the_others() {
+    let db = TestDb::new();
+    fill(&db, "llm_response_cache", "llm", 2, "1 hour");
+    let out = pgcache_with_a_shard_down(&db)
+        .arg("stats")
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("Shard `b` DOWN"), "{stdout}");
+    assert!(stdout.contains("Total Cache Entries: 2"), "{stdout}");
+    assert!(!stdout.contains("Sh4rdSecret"), "{stdout}");
+    let json = json_of_command(pgcache_with_a_shard_down(&db).args(["stats", "--json"]), 0);
+    assert_eq!(json["shards_down"][0]["name"], "b");
+    assert_eq!(json["total_entries"], 2);
+
+    pgcache_with_a_shard_down(&db)
+        .arg("health")
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains("ALERT shard `b` is down"));
+    let json = json_of_command(pgcache_with_a_shard_down(&db).args(["health", "--json"]), 1);
+    assert_eq!(json["alerts"][0]["alert"], "shard_down");
+    assert_eq!(json["alerts"][0]["shard"], "b");
+}
+
+#[test]
+fn an_operation_that_must_reach_every_shard_fails_naming_the_one_that_is_down() {
+    let db = TestDb::new();
+    db.exec(
+        "INSERT INTO cache_entries (key, value, expires_at) \
+         VALUES ('old', '1', now() - interval '1 hour')",
+    );
+    let line = error_line(pgcache_with_a_shard_down(&db).arg("cleanup"));
+    assert!(line.contains("shard `b`"), "{line}");
+    assert!(!line.contains("Sh4rdSecret"), "{line}");
+    // Shard `a` did its part all the same.
+    assert_eq!(db.count("SELECT count(*) AS n FROM cache_entries"), 0);
+}
+
+#[test]
+fn database_url_flag_and_shards_together_are_refused() {
+    let db = TestDb::new();
+    let line = error_line(
+        pgcache_with_a_shard_down(&db)
+            .args(["--database-url", &common::database_url()])
+            .arg("stats"),
+    );
+    assert!(line.contains("PGCACHE_SHARDS"), "{line}");
+}
+
+/// The JSON document a command printed, checking its exit status.
+fn json_of_command(command: &mut Command, code: i32) -> serde_json::Value {
+    let out = command.assert().code(code).get_output().clone();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
