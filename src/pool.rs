@@ -19,9 +19,9 @@
 //! twice. A statement PostgreSQL aborted to break a deadlock, or for a serialization
 //! failure, is likewise retried once.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
 use diesel::pg::PgConnection;
@@ -199,6 +199,93 @@ impl ConnectFailures {
     }
 }
 
+impl ConnectFailures {
+    /// Whether the last connection attempt failed.
+    fn failing(&self) -> bool {
+        self.last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+}
+
+/// How often, while the server is known to be down, a background thread tries to
+/// connect again.
+pub(crate) const OUTAGE_RETRY: Duration = Duration::from_millis(500);
+
+/// Fails checkouts at once while the server is known to be down, instead of each
+/// waiting the whole connection timeout: a cache whose database (or one of whose
+/// shards) is down answers errors, or misses failing open, in microseconds, once
+/// one caller has waited to learn it. Every [`OUTAGE_RETRY`], while calls come, a
+/// thread of its own tries to connect; its success ends the outage.
+#[derive(Debug)]
+struct Outage {
+    base: Instant,
+    /// Nanoseconds since `base` before which checkouts fail at once; 0 while the
+    /// server answers.
+    retry_at: AtomicU64,
+}
+
+impl Outage {
+    fn new() -> Self {
+        Outage {
+            base: Instant::now(),
+            retry_at: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        // Never 0, which means "no outage".
+        u64::try_from(self.base.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    fn retry_after(&self, now: u64) -> u64 {
+        now.saturating_add(u64::try_from(OUTAGE_RETRY.as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    /// The error of a checkout during an outage (`None`: no outage); when it is
+    /// time to try again, `retry` is started, by one caller.
+    fn fail_fast(&self, failures: &ConnectFailures, retry: impl FnOnce()) -> Option<Error> {
+        let retry_at = self.retry_at.load(Ordering::Acquire);
+        if retry_at == 0 {
+            return None;
+        }
+        let now = self.now();
+        if now >= retry_at
+            && self
+                .retry_at
+                .compare_exchange(
+                    retry_at,
+                    self.retry_after(now),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+        {
+            retry();
+        }
+        let last = failures.last.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(Error::connection(&format!(
+            "the database is not answering (last attempt: {}); trying again every {} ms",
+            last.as_deref().unwrap_or("failed"),
+            OUTAGE_RETRY.as_millis()
+        )))
+    }
+
+    fn open(&self) {
+        self.retry_at
+            .store(self.retry_after(self.now()), Ordering::Release);
+    }
+
+    fn close(&self) {
+        if self.retry_at.load(Ordering::Relaxed) != 0 {
+            self.retry_at.store(0, Ordering::Release);
+        }
+    }
+}
+
 /// r2d2's error and event handler: records (instead of r2d2's own logging, which
 /// would print the unscrubbed message) each failed connection attempt.
 #[derive(Debug)]
@@ -224,6 +311,7 @@ pub(crate) struct Pool {
     pool: ConnectionPool,
     suspicion: Suspicion,
     failures: Arc<ConnectFailures>,
+    outage: Arc<Outage>,
     /// Set when the pool is the application's: its connections keep their own
     /// session settings, and get the cache's schema added to the end of their
     /// search path when a cache statement first fails to find a table on one.
@@ -349,6 +437,7 @@ impl Pool {
             pool,
             suspicion,
             failures,
+            outage: Arc::new(Outage::new()),
             shared: None,
         };
         if check {
@@ -379,7 +468,10 @@ impl Pool {
         let pool = Pool {
             suspicion: Suspicion::new(pool.max_size()),
             pool,
+            // The application's pool reports no failed attempts to us: no outage
+            // is ever seen, every checkout waits as the application's own do.
             failures: Arc::new(ConnectFailures::new(config.database_url())),
+            outage: Arc::new(Outage::new()),
             shared: Some(SharedPath {
                 schema: config.schema().to_owned(),
             }),
@@ -395,7 +487,38 @@ impl Pool {
 
     /// Checks a connection out, waiting at most the connection timeout.
     fn get(&self) -> Result<PooledConnection> {
-        self.pool.get().map_err(|e| self.failures.error(&e))
+        if let Some(error) = self.outage.fail_fast(&self.failures, || self.reconnect()) {
+            return Err(error);
+        }
+        match self.pool.get() {
+            Ok(conn) => {
+                self.outage.close();
+                Ok(conn)
+            }
+            Err(error) => {
+                let error = self.failures.error(&error);
+                // A failed connection attempt, not a pool that was merely busy.
+                if self.failures.failing() {
+                    self.outage.open();
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Tries to connect on a thread of its own, ending the outage if it can.
+    fn reconnect(&self) {
+        let (pool, outage) = (self.pool.clone(), Arc::clone(&self.outage));
+        let spawned = std::thread::Builder::new()
+            .name("pgcache-reconnect".to_owned())
+            .spawn(move || {
+                if pool.get().is_ok() {
+                    outage.close();
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "pgcache: cannot start a reconnect thread; retrying later");
+        }
     }
 
     /// The pool's current state (for `Debug`).

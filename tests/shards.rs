@@ -18,7 +18,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 use pgcache::{
     Alert, Cache, CacheConfig, CacheConfigBuilder, CacheKind, CacheManager, EmbeddingKey,
-    HealthThresholds, LlmPrompt, Warmup,
+    HealthThresholds, LlmPrompt, NearCache, Warmup,
 };
 use scratch::ScratchCluster;
 use serde_json::{json, Value};
@@ -732,10 +732,20 @@ fn a_down_shard_fails_only_its_own_keys() {
     assert!(has_shard_down_alert(&strict));
 
     p.cluster.start_again();
+    // Each manager learns within about a reconnect interval that c is back.
+    let back = Instant::now();
+    for cache in [&strict, &open] {
+        while cache.kv().get(&on_c[0]).ok() != Some(Some(value_of(&on_c[0]))) {
+            assert!(
+                back.elapsed() < Duration::from_secs(3),
+                "shard c never served again"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     for key in &on_c {
         assert_eq!(strict.kv().get(key).unwrap(), Some(value_of(key)), "{key}");
     }
-    assert_eq!(open.kv().get(&on_c[0]).unwrap(), Some(value_of(&on_c[0])));
     let stats = strict.stats().unwrap();
     assert!(stats.shards_down.is_empty(), "{:?}", stats.shards_down);
     assert_eq!(stats.total_entries, keys.len() as u64);
@@ -765,6 +775,52 @@ fn a_manager_starts_while_a_shard_is_down_and_uses_it_once_back() {
     }
     assert_eq!(cache.kv().get(&on_c[0]).unwrap(), Some(json!("back")));
     assert_eq!(p.dbs[2].count("cache_entries"), 1);
+}
+
+#[test]
+fn each_shards_near_cache_learns_of_writes_to_that_shard() {
+    let dbs = databases(&common::database_url(), &SHARDS);
+    let all: Vec<&ShardDb> = dbs.iter().collect();
+    let near = |b: CacheConfigBuilder| b.near_cache(CacheKind::Kv, Some(NearCache::new()));
+    let (writer, reader) = (manager(&all, near), manager(&all, near));
+    let keys = keys("hot:", 30);
+    for key in &keys {
+        writer.kv().set(key, &json!(0)).unwrap();
+        assert_eq!(reader.kv().get(key).unwrap(), Some(json!(0)));
+    }
+    // Held in the reader's memory: these gets are near-cache hits.
+    for key in &keys {
+        assert_eq!(reader.kv().get(key).unwrap(), Some(json!(0)));
+    }
+    let hits =
+        |cache: &CacheManager| -> u64 { cache.near_cache_stats().iter().map(|s| s.hits).sum() };
+    assert!(
+        hits(&reader) >= keys.len() as u64,
+        "{:?}",
+        reader.near_cache_stats()
+    );
+    // A write to every shard reaches the reader through that shard's change log.
+    for key in &keys {
+        writer.kv().set(key, &json!(1)).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for key in &keys {
+        while reader.kv().get(key).unwrap() != Some(json!(1)) {
+            assert!(
+                Instant::now() < deadline,
+                "{key} ({}) stayed stale",
+                shard_of(&reader, key)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let pollers = reader.near_cache_stats();
+    assert_eq!(
+        pollers.len(),
+        1,
+        "one entry per cache, over the shards: {pollers:?}"
+    );
+    drop((writer, reader));
 }
 
 // ----------------------------------------------------------------------------
