@@ -314,6 +314,55 @@ fn typed_entries_spread_over_the_shards_their_digests_name() {
 }
 
 #[test]
+fn reports_and_single_key_operations_work_across_shards() {
+    let s = Sharded::new();
+    let kv = s.cache.kv();
+    let keys = keys("user:", 30);
+    for (i, key) in keys.iter().enumerate() {
+        let plan = if i % 3 == 0 { "pro" } else { "free" };
+        kv.set(key, &json!({ "plan": plan, "n": i })).unwrap();
+    }
+    // Containment over every shard, in key order, limited after the merge.
+    let found = kv.find_containing(&json!({"plan": "pro"}), 4).unwrap();
+    let mut pro: Vec<&String> = keys.iter().step_by(3).collect();
+    pro.sort();
+    let names: Vec<&String> = found.iter().map(|(k, _)| k).collect();
+    assert_eq!(names, pro[..4].to_vec());
+
+    // Redis-style operations land on the key's own shard.
+    let on = |key: &str| {
+        s.dbs
+            .iter()
+            .find(|db| db.shard == shard_of(&s.cache, key))
+            .unwrap()
+    };
+    for i in 0..10 {
+        let key = format!("counter:{i}");
+        assert_eq!(kv.incr(&key, 5, TTL).unwrap(), 5);
+        assert!(on(&key).kv_keys().contains(&key), "{key}");
+        assert!(kv.set_nx(&format!("lock:{i}"), &json!(1), TTL).unwrap());
+        assert!(!kv.set_nx(&format!("lock:{i}"), &json!(2), TTL).unwrap());
+        assert_eq!(kv.get_del(&format!("lock:{i}")).unwrap(), Some(json!(1)));
+    }
+
+    // Hit counts go to each entry's own shard; `top` merges the shards' lists.
+    let llm = s.cache.llm_response();
+    let prompts = prompts(12, None);
+    for (i, prompt) in prompts.iter().enumerate() {
+        llm.set(prompt, &format!("answer {i}")).unwrap();
+        for _ in 0..i {
+            llm.get(prompt).unwrap().expect("a hit");
+        }
+    }
+    let top = llm.top(3).unwrap();
+    let hits: Vec<u64> = top.iter().map(|t| t.hits).collect();
+    assert_eq!(hits, [11, 10, 9], "the most hit over every shard");
+    let stats = s.cache.stats().unwrap();
+    assert_eq!(stats.top_llm_responses[0].hits, 11);
+    assert_eq!(stats.total_entries, 30 + 10 + 12);
+}
+
+#[test]
 fn batches_across_shards_answer_in_key_order() {
     let s = Sharded::new();
     let kv = s.cache.kv();
