@@ -140,8 +140,8 @@ impl Cluster {
             .zip(&self.engines)
     }
 
-    /// The engine of the shard holding the key `digest` computes (called only with
-    /// several shards).
+    /// The engine of the shard holding the key `digest` computes (not called with
+    /// one shard).
     pub(crate) fn engine_for(&self, digest: impl FnOnce() -> KeyDigest) -> &Engine {
         match self.single() {
             Some(engine) => engine,
@@ -215,6 +215,7 @@ impl Cluster {
                 .map_err(|error| self.on_shard(&self.map.names()[*shard], error))
         };
         match parts {
+            [] => Ok(Vec::new()),
             [one] => Ok(vec![run(one)?]),
             _ => std::thread::scope(|scope| {
                 let (first, rest) = parts.split_first().expect("more than one part");

@@ -760,6 +760,24 @@ fn a_down_shard_fails_only_its_own_keys() {
     assert!(err.to_string().contains("shard `c`"), "{err}");
     let err = strict.cleanup().unwrap_err();
     assert!(err.to_string().contains("shard `c`"), "{err}");
+    // A warmup whose entries all live on a and b does not need c; one with an entry
+    // for c fails naming it, after a and b stored theirs.
+    let warm = |keys: &[String]| -> Warmup {
+        let kv: Vec<Value> = keys
+            .iter()
+            .map(|k| json!({"key": k, "value": "warm"}))
+            .collect();
+        serde_json::from_value(json!({ "kv": kv })).unwrap()
+    };
+    assert_eq!(strict.warmup(&warm(&elsewhere[..2])).unwrap().kv, 2);
+    let err = strict
+        .warmup(&warm(&[elsewhere[2].clone(), on_c[0].clone()]))
+        .unwrap_err();
+    assert!(err.to_string().contains("shard `c`"), "{err}");
+    assert_eq!(strict.kv().get(&elsewhere[2]).unwrap(), Some(json!("warm")));
+    for key in &elsewhere[..3] {
+        strict.kv().set(key, &value_of(key)).unwrap();
+    }
 
     // Fail-open: the down shard's keys miss, the others hit.
     let got = open.kv().get_many(&refs(&keys)).unwrap();

@@ -271,6 +271,16 @@ struct ShardPart<'w> {
     audio: Vec<TypedRow<'w, AudioChunkTable>>,
 }
 
+impl ShardPart<'_> {
+    fn is_empty(&self) -> bool {
+        self.kv.is_empty()
+            && self.embeddings.is_empty()
+            && self.searches.is_empty()
+            && self.responses.is_empty()
+            && self.audio.is_empty()
+    }
+}
+
 /// [`CacheManager::warmup`](crate::CacheManager::warmup): validated whole, then
 /// written on every shard at once, each shard's part in one transaction.
 pub(crate) fn warmup(cluster: &Cluster, warmup: &Warmup) -> Result<WarmupReport> {
@@ -320,41 +330,25 @@ pub(crate) fn warmup(cluster: &Cluster, warmup: &Warmup) -> Result<WarmupReport>
     let skipped_audio_chunks = (distinct_audio - audio_rows.len()) as u64;
     let own_timeout = warmup.statement_timeout_ms.map(Duration::from_millis);
     let timeout = own_timeout.unwrap_or(cluster.config().statement_timeout());
-    let mut parts: Vec<ShardPart<'_>> = split_by_shard::<KvCache<'_>>(cluster, kv_rows)
-        .into_iter()
-        .map(|kv| ShardPart {
-            kv,
-            embeddings: Vec::new(),
-            searches: Vec::new(),
-            responses: Vec::new(),
-            audio: Vec::new(),
+    let mut kv_parts = split_by_shard::<KvCache<'_>>(cluster, kv_rows).into_iter();
+    let mut embedding_parts = split_by_shard::<EmbeddingCache<'_>>(cluster, embeddings).into_iter();
+    let mut search_parts = split_by_shard::<VectorSearchCache<'_>>(cluster, searches).into_iter();
+    let mut response_parts = split_by_shard::<LlmResponseCache<'_>>(cluster, responses).into_iter();
+    let mut audio_parts = split_by_shard::<AudioChunkCache<'_>>(cluster, audio_rows).into_iter();
+    let parts: Vec<(usize, ShardPart<'_>)> = (0..cluster.map().len())
+        .map(|shard| {
+            let part = ShardPart {
+                kv: kv_parts.next().unwrap_or_default(),
+                embeddings: embedding_parts.next().unwrap_or_default(),
+                searches: search_parts.next().unwrap_or_default(),
+                responses: response_parts.next().unwrap_or_default(),
+                audio: audio_parts.next().unwrap_or_default(),
+            };
+            (shard, part)
         })
+        // A shard with nothing to store is not asked (it may be down).
+        .filter(|(_, part)| !part.is_empty())
         .collect();
-    for (part, rows) in parts
-        .iter_mut()
-        .zip(split_by_shard::<EmbeddingCache<'_>>(cluster, embeddings))
-    {
-        part.embeddings = rows;
-    }
-    for (part, rows) in parts
-        .iter_mut()
-        .zip(split_by_shard::<VectorSearchCache<'_>>(cluster, searches))
-    {
-        part.searches = rows;
-    }
-    for (part, rows) in parts
-        .iter_mut()
-        .zip(split_by_shard::<LlmResponseCache<'_>>(cluster, responses))
-    {
-        part.responses = rows;
-    }
-    for (part, rows) in parts
-        .iter_mut()
-        .zip(split_by_shard::<AudioChunkCache<'_>>(cluster, audio_rows))
-    {
-        part.audio = rows;
-    }
-    let parts: Vec<(usize, ShardPart<'_>)> = parts.into_iter().enumerate().collect();
     let store = |engine: &Engine, part: &ShardPart<'_>| {
         engine
             .maintain(|conn| {
