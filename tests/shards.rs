@@ -890,6 +890,21 @@ fn each_shards_near_cache_learns_of_writes_to_that_shard() {
     drop((writer, reader));
 }
 
+#[test]
+fn an_applications_pool_cannot_hold_several_shards() {
+    use diesel::r2d2::{ConnectionManager, Pool};
+    let dbs = databases(&common::database_url(), &SHARDS[..2]);
+    let pool = Pool::builder()
+        .max_size(1)
+        .build_unchecked(ConnectionManager::<PgConnection>::new(
+            common::database_url(),
+        ));
+    let config = config(&dbs.iter().collect::<Vec<_>>()).build().unwrap();
+    let err = CacheManager::with_pool(pool, config).unwrap_err();
+    assert!(matches!(err, pgcache::Error::Config { .. }), "{err}");
+    assert!(err.to_string().contains("shard"), "{err}");
+}
+
 // ----------------------------------------------------------------------------
 // Configuration
 // ----------------------------------------------------------------------------

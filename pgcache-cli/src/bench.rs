@@ -802,6 +802,14 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
         env = env.database_url(url);
     }
     let env = env.build()?;
+    if !env.shards().is_empty() && database_url.is_none() {
+        // DATABASE_URL would be measured while the cache lives on the shards.
+        return Err(
+            "pgcache bench measures one database and PGCACHE_SHARDS is set: \
+                    pass --database-url with the URL of the shard to measure"
+                .into(),
+        );
+    }
     let url = plaintext(env.database_url().expose())?;
     let scratch = Scratch {
         url: url.clone(),

@@ -921,6 +921,9 @@ fn database_url_flag_and_shards_together_are_refused() {
             .arg("stats"),
     );
     assert!(line.contains("PGCACHE_SHARDS"), "{line}");
+    // The bench measures one database: it asks which shard.
+    let line = error_line(pgcache_with_a_shard_down(&db).arg("bench"));
+    assert!(line.contains("--database-url"), "{line}");
 }
 
 /// The JSON document a command printed, checking its exit status.
