@@ -18,10 +18,7 @@ use crate::error::{Error, Result};
 use crate::key::KeyDigest;
 use crate::near::{NearCacheStats, NearCaches};
 use crate::pool::ConnectionPool;
-use crate::shards::ShardMap;
-
-/// The name of the one shard of a cache that is not sharded.
-pub const DEFAULT_SHARD: &str = "default";
+use crate::shards::{ShardMap, DEFAULT_SHARD};
 
 /// Every shard's engine, and the routing between them.
 pub struct Cluster {

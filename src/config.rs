@@ -196,6 +196,11 @@ pub const DEFAULT_NEAR_CACHE_STALENESS: Duration = Duration::from_millis(100);
 pub struct CacheConfig {
     pub(crate) database_url: DatabaseUrl,
     pub(crate) shards: Vec<Shard>,
+    /// The shard this configuration is of ([`DEFAULT_SHARD`] for one database): a
+    /// label of its metrics and logs.
+    ///
+    /// [`DEFAULT_SHARD`]: crate::DEFAULT_SHARD
+    pub(crate) shard_name: String,
     pub(crate) enabled: bool,
     pub(crate) ttl: TtlPresets,
     pub(crate) pool: PoolSettings,
@@ -222,6 +227,7 @@ impl CacheConfig {
             database_url: DatabaseUrl::parse(DEFAULT_DATABASE_URL)
                 .expect("the default URL is valid"),
             shards: Vec::new(),
+            shard_name: crate::shards::DEFAULT_SHARD.to_owned(),
             enabled: true,
             ttl: TtlPresets::default(),
             pool: PoolSettings::default(),
@@ -321,6 +327,7 @@ impl CacheConfig {
         CacheConfig {
             database_url: shard.database_url.clone(),
             shards: Vec::new(),
+            shard_name: shard.name.clone(),
             size_bounds: self.size_bounds.map(|b| b.share(shards)),
             ..self.clone()
         }

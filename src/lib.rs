@@ -121,7 +121,6 @@ pub use caches::{
     EmbeddingTable, KvCache, LlmPrompt, LlmResponseCache, LlmResponseTable, VectorSearchCache,
     VectorSearchQuery, VectorSearchTable, DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
 };
-pub use cluster::DEFAULT_SHARD;
 pub use config::UnknownVariable;
 pub use config::{
     CacheConfig, CacheConfigBuilder, Durability, PoolSettings, Shard, DEFAULT_DATABASE_URL,
@@ -152,7 +151,7 @@ pub use ops::{
 pub use partitions::{Partitioning, MAX_PARTITIONS};
 pub use pool::{ConnectionPool, PooledConnection};
 pub use popularity::{HitStats, TopEntry};
-pub use shards::ShardMap;
+pub use shards::{ShardMap, DEFAULT_SHARD};
 pub use skipped::MAX_SKIPPED_KEYS;
 pub use table::TypedCache;
 pub use validation::{MAX_EMBEDDING_DIMENSIONS, MAX_KEY_BYTES};

@@ -18,8 +18,10 @@
 //! | `pgcache_single_flight_waits_total` | counter | `cache` | calls | `get_or_compute` calls that waited for another caller's computation |
 //! | `pgcache_pool_wait_seconds` | histogram | none | seconds | time to check a connection out of the pool (probing a suspect one included), per pooled operation |
 //! | `pgcache_query_duration_seconds` | histogram | `cache`, `op` | seconds | an operation's time on the database path: pool wait, catch-up, the statement, a retry (near-cache hits do not reach it) |
+//! | `pgcache_database_up` | gauge | `shard` | 1 or 0 | 0 while the database (or shard) is known to be down and operations on it fail at once; 1 once it answers again |
 //!
-//! `cache` is the cache's name ([`CacheKind::name`]: `kv`, `embedding`, ...). `op`
+//! `shard` is the shard's name, [`DEFAULT_SHARD`](crate::DEFAULT_SHARD) for one
+//! database. `cache` is the cache's name ([`CacheKind::name`]: `kv`, `embedding`, ...). `op`
 //! is the operation: `get`, `get_many`, `set`, `set_many`, `delete`,
 //! `delete_many`, `lease` (single-flight polls), and the key/value cache's own
 //! (`exists`, `ttl`, `touch`, `get_touch`, `incr` (`decr` too), `set_nx`,
@@ -60,6 +62,8 @@ pub const SINGLE_FLIGHT_WAITS: &str = "pgcache_single_flight_waits_total";
 pub const POOL_WAIT: &str = "pgcache_pool_wait_seconds";
 /// Time of an operation on the database path.
 pub const QUERY_DURATION: &str = "pgcache_query_duration_seconds";
+/// Whether a database (shard) answers.
+pub const DATABASE_UP: &str = "pgcache_database_up";
 
 /// Label naming the cache.
 const CACHE: &str = "cache";
@@ -70,7 +74,7 @@ const OP: &str = "op";
 /// them as help text). Call it once after installing the recorder; recording works
 /// without it.
 pub fn describe() {
-    use ::metrics::{describe_counter, describe_histogram};
+    use ::metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(HITS, Unit::Count, "Cache lookups that found a live entry");
     describe_counter!(MISSES, Unit::Count, "Cache lookups that found nothing");
     describe_counter!(SETS, Unit::Count, "Cache entries written");
@@ -97,6 +101,11 @@ pub fn describe() {
         "get_or_compute calls that waited for another caller's computation"
     );
     describe_histogram!(POOL_WAIT, Unit::Seconds, "Time to check a connection out");
+    describe_gauge!(
+        DATABASE_UP,
+        Unit::Count,
+        "1 while the database (shard) answers, 0 while it is known to be down"
+    );
     describe_histogram!(
         QUERY_DURATION,
         Unit::Seconds,
@@ -233,6 +242,10 @@ pub(crate) fn error(kind: CacheKind, op: Op, error: &Error) {
 
 pub(crate) fn fail_open(kind: CacheKind, op: Op) {
     ::metrics::counter!(FAIL_OPEN, CACHE => kind.name(), OP => op.name()).increment(1);
+}
+
+pub(crate) fn database_up(shard: &str, up: bool) {
+    ::metrics::gauge!(DATABASE_UP, "shard" => shard.to_owned()).set(if up { 1.0 } else { 0.0 });
 }
 
 pub(crate) fn single_flight_wait(kind: CacheKind) {

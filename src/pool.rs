@@ -220,6 +220,8 @@ pub(crate) const OUTAGE_RETRY: Duration = Duration::from_millis(500);
 /// thread of its own tries to connect; its success ends the outage.
 #[derive(Debug)]
 struct Outage {
+    /// The shard's name, for the `pgcache_database_up` gauge and the logs.
+    shard: String,
     base: Instant,
     /// Nanoseconds since `base` before which checkouts fail at once; 0 while the
     /// server answers.
@@ -227,8 +229,10 @@ struct Outage {
 }
 
 impl Outage {
-    fn new() -> Self {
+    fn new(shard: &str) -> Self {
+        crate::metrics::database_up(shard, true);
         Outage {
+            shard: shard.to_owned(),
             base: Instant::now(),
             retry_at: AtomicU64::new(0),
         }
@@ -275,13 +279,26 @@ impl Outage {
     }
 
     fn open(&self) {
-        self.retry_at
-            .store(self.retry_after(self.now()), Ordering::Release);
+        let was = self
+            .retry_at
+            .swap(self.retry_after(self.now()), Ordering::AcqRel);
+        if was == 0 {
+            crate::metrics::database_up(&self.shard, false);
+            tracing::warn!(
+                shard = %self.shard,
+                "pgcache: the database is down; operations on it fail at once while it is retried every {} ms",
+                OUTAGE_RETRY.as_millis()
+            );
+        }
     }
 
     fn close(&self) {
-        if self.retry_at.load(Ordering::Relaxed) != 0 {
-            self.retry_at.store(0, Ordering::Release);
+        // One load while the database answers: no write on the request path.
+        if self.retry_at.load(Ordering::Relaxed) != 0
+            && self.retry_at.swap(0, Ordering::AcqRel) != 0
+        {
+            crate::metrics::database_up(&self.shard, true);
+            tracing::info!(shard = %self.shard, "pgcache: the database answers again");
         }
     }
 }
@@ -437,7 +454,7 @@ impl Pool {
             pool,
             suspicion,
             failures,
-            outage: Arc::new(Outage::new()),
+            outage: Arc::new(Outage::new(&config.shard_name)),
             shared: None,
         };
         if check {
@@ -471,7 +488,7 @@ impl Pool {
             // The application's pool reports no failed attempts to us: no outage
             // is ever seen, every checkout waits as the application's own do.
             failures: Arc::new(ConnectFailures::new(config.database_url())),
-            outage: Arc::new(Outage::new()),
+            outage: Arc::new(Outage::new(&config.shard_name)),
             shared: Some(SharedPath {
                 schema: config.schema().to_owned(),
             }),

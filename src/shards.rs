@@ -19,6 +19,9 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::key::KeyDigest;
 
+/// The name of the one shard of a cache that is not sharded.
+pub const DEFAULT_SHARD: &str = "default";
+
 /// Named shards and the rule that maps a key to one of them.
 ///
 /// ```no_run

@@ -4,6 +4,7 @@
 //! each other's metrics.
 
 mod common;
+mod scratch;
 
 use std::time::Duration;
 
@@ -11,7 +12,8 @@ use common::TestDb;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use metrics_util::MetricKind;
 use pgcache::metrics::{
-    CLEANUP_REMOVED, DELETES, ERRORS, FAIL_OPEN, HITS, MISSES, POOL_WAIT, QUERY_DURATION, SETS,
+    CLEANUP_REMOVED, DATABASE_UP, DELETES, ERRORS, FAIL_OPEN, HITS, MISSES, POOL_WAIT,
+    QUERY_DURATION, SETS,
 };
 use pgcache::{Cache, CacheConfig, CacheKind, CacheManager};
 use serde_json::json;
@@ -60,6 +62,13 @@ impl Seen {
         match self.value(MetricKind::Counter, name, labels) {
             Some(DebugValue::Counter(n)) => *n,
             _ => 0,
+        }
+    }
+
+    fn gauge(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        match self.value(MetricKind::Gauge, name, labels) {
+            Some(DebugValue::Gauge(value)) => Some(value.into_inner()),
+            _ => None,
         }
     }
 
@@ -252,4 +261,27 @@ fn redis_style_operations_are_timed_and_counted() {
         ),
         1
     );
+}
+
+#[test]
+fn a_database_known_down_sets_its_gauge_to_zero() {
+    let cluster = scratch::ScratchCluster::start();
+    let recorder = DebuggingRecorder::new();
+    metrics::with_local_recorder(&recorder, || {
+        let cache = CacheManager::new(
+            CacheConfig::builder()
+                .database_url(cluster.url())
+                .pool_connection_timeout(Duration::from_millis(300))
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        let up = |recorder: &DebuggingRecorder| {
+            Seen::of(recorder).gauge(DATABASE_UP, &[("shard", pgcache::DEFAULT_SHARD)])
+        };
+        assert_eq!(up(&recorder), Some(1.0));
+        cluster.stop();
+        assert!(cache.kv().get("k").is_err());
+        assert_eq!(up(&recorder), Some(0.0), "known down after one failure");
+    });
 }
