@@ -175,7 +175,7 @@ impl<'a, V> KvCache<'a, V> {
                         "UPDATE cache_entries SET expires_at = statement_timestamp() + ",
                         " WHERE key = ",
                         " AND expires_at > statement_timestamp() \
-                         RETURNING key",
+                         RETURNING key, true AS updated",
                     ],
                     vec![&interval, &key],
                 );
@@ -303,7 +303,7 @@ impl<V> KvCache<'_, V> {
                      created_at = CASE WHEN c.expires_at <= statement_timestamp() \
                        THEN now() ELSE c.created_at END \
                      WHERE c.bytes IS NULL OR c.expires_at <= statement_timestamp() \
-                     RETURNING key, (value #>> '{}')::int8 AS n",
+                     RETURNING key, xmax <> 0 AS updated, (value #>> '{}')::int8 AS n",
                 ],
                 vec![&key, &delta, &interval, &delta, &delta],
             );
@@ -628,7 +628,7 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
                         "UPDATE cache_entries SET expires_at = statement_timestamp() + ",
                         " WHERE key = ",
                         " AND expires_at > statement_timestamp() AND bytes IS NULL \
-                         RETURNING key, value",
+                         RETURNING key, true AS updated, value",
                     ],
                     vec![&interval, &key],
                 );
@@ -814,14 +814,14 @@ impl QueryId for UpsertMany<'_> {
 
 impl<Conn> RunQueryDsl<Conn> for Upsert<'_> {}
 
-/// A statement that writes key/value rows, logging the keys it wrote in
+/// A statement that updates key/value rows, logging the keys it updated in
 /// `cache_changes` itself, in the same statement (see
 /// [`SELF_LOGGED_SETTING`](crate::migrations::SELF_LOGGED_SETTING)): `Q` runs in a
 /// CTE whose rows (`Q`'s `RETURNING`, naming `key`) are the statement's result.
-/// Every key written is named, a superset of what the trigger names (it skips first
-/// inserts and an unchanged value with a later expiry, which a statement cannot tell
-/// without the old row; `xmax`, which would tell an insert from an update, cannot be
-/// read from a partitioned table).
+/// Rows inserted (`xmax = 0`: no near cache can hold a key that had no row) are not
+/// named; every row updated is, a superset of what the trigger names (it also skips
+/// an unchanged value with a later expiry, which a statement cannot tell without the
+/// old row).
 struct SelfLogged<Q>(Q);
 
 impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for SelfLogged<Q> {
@@ -830,7 +830,7 @@ impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for SelfLogged<Q> {
         self.0.walk_ast(out.reborrow())?;
         out.push_sql(
             "), logged AS (INSERT INTO cache_changes (cache_name, keys) \
-             SELECT 'kv', array_agg(key) FROM written HAVING count(*) > 0) \
+             SELECT 'kv', array_agg(key) FROM written WHERE updated HAVING count(*) > 0) \
              SELECT * FROM written",
         );
         Ok(())
@@ -854,7 +854,7 @@ struct ReturningKey<Q>(Q);
 impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for ReturningKey<Q> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         self.0.walk_ast(out.reborrow())?;
-        out.push_sql(" RETURNING key");
+        out.push_sql(" RETURNING key, xmax <> 0 AS updated");
         Ok(())
     }
 }
