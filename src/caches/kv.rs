@@ -170,21 +170,15 @@ impl<'a, V> KvCache<'a, V> {
                     Param::<Text, _>::new(key),
                     Param::<diesel::sql_types::Interval, _>::new(interval),
                 );
-                let touch = Prepared::<Touch>::new(
+                let touched = Prepared::<Touch>::new(
                     &[
                         "UPDATE cache_entries SET expires_at = statement_timestamp() + ",
                         " WHERE key = ",
-                        " AND expires_at > statement_timestamp() \
-                         RETURNING key, true AS updated",
+                        " AND expires_at > statement_timestamp()",
                     ],
                     vec![&interval, &key],
-                );
-                // Rows returned: the rows touched.
-                let touched = if self.handle.logs_kv_itself() {
-                    SelfLogged(touch).execute(conn)?
-                } else {
-                    touch.execute(conn)?
-                };
+                )
+                .execute(conn)?;
                 Ok(touched > 0)
             },
         )
@@ -286,7 +280,7 @@ impl<V> KvCache<'_, V> {
                 Param::<BigInt, _>::new(delta),
                 Param::<diesel::sql_types::Interval, _>::new(interval),
             );
-            let incr = Prepared::<Incr>::new(
+            let counted: Option<Counted> = Prepared::<Incr>::new(
                 &[
                     "INSERT INTO cache_entries AS c (key, value, expires_at) VALUES (",
                     ", to_jsonb(",
@@ -303,15 +297,12 @@ impl<V> KvCache<'_, V> {
                      created_at = CASE WHEN c.expires_at <= statement_timestamp() \
                        THEN now() ELSE c.created_at END \
                      WHERE c.bytes IS NULL OR c.expires_at <= statement_timestamp() \
-                     RETURNING key, xmax <> 0 AS updated, (value #>> '{}')::int8 AS n",
+                     RETURNING (value #>> '{}')::int8 AS n",
                 ],
                 vec![&key, &delta, &interval, &delta, &delta],
-            );
-            let counted: Option<Counted> = if self.handle.logs_kv_itself() {
-                SelfLogged(incr).get_result(conn).optional()?
-            } else {
-                incr.get_result(conn).optional()?
-            };
+            )
+            .get_result(conn)
+            .optional()?;
             counted
                 .map(|c| c.n)
                 .ok_or_else(|| wrong_type(name, "bytes", "integer"))
@@ -623,20 +614,17 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
                     Param::<Text, _>::new(key),
                     Param::<diesel::sql_types::Interval, _>::new(interval),
                 );
-                let get_touch = Prepared::<GetTouch>::new(
+                let found: Option<Touched<V>> = Prepared::<GetTouch>::new(
                     &[
                         "UPDATE cache_entries SET expires_at = statement_timestamp() + ",
                         " WHERE key = ",
                         " AND expires_at > statement_timestamp() AND bytes IS NULL \
-                         RETURNING key, true AS updated, value",
+                         RETURNING value",
                     ],
                     vec![&interval, &key],
-                );
-                let found: Option<Touched<V>> = if self.handle.logs_kv_itself() {
-                    SelfLogged(get_touch).get_result(conn).optional()?
-                } else {
-                    get_touch.get_result(conn).optional()?
-                };
+                )
+                .get_result(conn)
+                .optional()?;
                 match found {
                     Some(Touched {
                         value: JsonbIn(value),
@@ -814,69 +802,6 @@ impl QueryId for UpsertMany<'_> {
 
 impl<Conn> RunQueryDsl<Conn> for Upsert<'_> {}
 
-/// A statement that updates key/value rows, logging the keys it updated in
-/// `cache_changes` itself, in the same statement (see
-/// [`SELF_LOGGED_SETTING`](crate::migrations::SELF_LOGGED_SETTING)): `Q` runs in a
-/// CTE whose rows (`Q`'s `RETURNING`, naming `key`) are the statement's result.
-/// Rows inserted (`xmax = 0`: no near cache can hold a key that had no row) are not
-/// named; every row updated is, a superset of what the trigger names (it also skips
-/// an unchanged value with a later expiry, which a statement cannot tell without the
-/// old row).
-struct SelfLogged<Q>(Q);
-
-impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for SelfLogged<Q> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql("WITH written AS (");
-        self.0.walk_ast(out.reborrow())?;
-        out.push_sql(
-            "), logged AS (INSERT INTO cache_changes (cache_name, keys) \
-             SELECT 'kv', array_agg(key) FROM written WHERE updated HAVING count(*) > 0) \
-             SELECT * FROM written",
-        );
-        Ok(())
-    }
-}
-
-impl<Q: QueryId> QueryId for SelfLogged<Q> {
-    type QueryId = SelfLogged<Q::QueryId>;
-    const HAS_STATIC_QUERY_ID: bool = Q::HAS_STATIC_QUERY_ID;
-}
-
-impl<Q> diesel::query_builder::Query for SelfLogged<Q> {
-    type SqlType = Untyped;
-}
-
-impl<Q, Conn> RunQueryDsl<Conn> for SelfLogged<Q> {}
-
-/// An upsert ending where a `RETURNING` may follow, for [`SelfLogged`].
-struct ReturningKey<Q>(Q);
-
-impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for ReturningKey<Q> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        self.0.walk_ast(out.reborrow())?;
-        out.push_sql(" RETURNING key, xmax <> 0 AS updated");
-        Ok(())
-    }
-}
-
-impl<Q: QueryId> QueryId for ReturningKey<Q> {
-    type QueryId = ReturningKey<Q::QueryId>;
-    const HAS_STATIC_QUERY_ID: bool = Q::HAS_STATIC_QUERY_ID;
-}
-
-/// Runs an upsert, logging its keys itself when `self_logged`.
-fn execute_kv_update<Q>(conn: &mut PgConnection, query: Q, self_logged: bool) -> QueryResult<usize>
-where
-    Q: QueryFragment<Pg> + QueryId,
-{
-    use diesel::query_dsl::methods::ExecuteDsl;
-    if self_logged {
-        ExecuteDsl::execute(SelfLogged(ReturningKey(query)), conn)
-    } else {
-        ExecuteDsl::execute(query, conn)
-    }
-}
-
 impl<Conn> RunQueryDsl<Conn> for UpsertMany<'_> {}
 
 /// `DELETE ... WHERE key IN (SELECT key ... ORDER BY key FOR UPDATE) RETURNING
@@ -967,31 +892,24 @@ impl<'a> Row<'a> {
 
 /// Upserts rows of either kind; a batch too large for one statement is split, in
 /// one transaction.
-fn write(
-    conn: &mut PgConnection,
-    rows: &[Row<'_>],
-    ttl: PgInterval,
-    self_logged: bool,
-) -> Result<()> {
+fn write(conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
     let expires = ExpiresIn(ttl);
     match rows {
-        [row] => {
-            let upsert = Upsert {
-                key: row.key,
-                value: row.json(),
-                bytes: row.raw(),
-                expires,
-            };
-            execute_kv_update(conn, upsert, self_logged)?
+        [row] => Upsert {
+            key: row.key,
+            value: row.json(),
+            bytes: row.raw(),
+            expires,
         }
+        .execute(conn)?,
         rows => write_batches(conn, rows, Row::size, |conn, rows| {
-            let upsert = UpsertMany {
+            UpsertMany {
                 keys: rows.iter().map(|r| r.key).collect(),
                 values: rows.iter().map(Row::json).collect(),
                 bytes: rows.iter().map(Row::raw).collect(),
                 expires,
-            };
-            execute_kv_update(conn, upsert, self_logged)
+            }
+            .execute(conn)
         })?,
     };
     Ok(())
@@ -1160,7 +1078,7 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> Storage for KvCache<'_, V
     }
 
     fn write(&self, conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
-        write(conn, rows, ttl, self.handle.logs_kv_itself())
+        write(conn, rows, ttl)
     }
 
     fn remove(&self, conn: &mut PgConnection, keys: &[&str], _checked: &[()]) -> Result<u64> {
@@ -1284,7 +1202,7 @@ impl Storage for KvBytes<'_> {
     }
 
     fn write(&self, conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
-        write(conn, rows, ttl, self.handle.logs_kv_itself())
+        write(conn, rows, ttl)
     }
 
     fn remove(&self, conn: &mut PgConnection, keys: &[&str], _checked: &[()]) -> Result<u64> {
