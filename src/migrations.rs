@@ -201,11 +201,18 @@ pub(crate) fn set_logged(conn: &mut PgConnection, logged: bool) -> Result<()> {
 /// transaction).
 pub(crate) fn near_triggers_sql(kind: CacheKind) -> String {
     let table = kind.descriptor();
+    // The key/value cache's own connections log their updates themselves.
+    let unless_self_logged = match kind {
+        CacheKind::Kv => {
+            format!("WHEN (current_setting('{SELF_LOGGED_SETTING}', true) IS DISTINCT FROM 'on') ")
+        }
+        _ => String::new(),
+    };
     // Names come from the closed descriptors, never from input.
     format!(
         "CREATE TRIGGER pgcache_near_update AFTER UPDATE ON {t} \
            REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows \
-           FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate('{name}'); \
+           FOR EACH STATEMENT {unless_self_logged}EXECUTE FUNCTION pgcache_near_invalidate('{name}'); \
          CREATE TRIGGER pgcache_near_delete AFTER DELETE ON {t} \
            REFERENCING OLD TABLE AS old_rows \
            FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate('{name}'); \
@@ -214,6 +221,17 @@ pub(crate) fn near_triggers_sql(kind: CacheKind) -> String {
         t = table.table,
         name = table.name
     )
+}
+
+/// The session setting with which a connection says that it logs its own updates
+/// of the key/value cache in `cache_changes` (in the updating statement itself), so
+/// the update trigger, which costs a quarter of a relaxed write, need not: set on
+/// the cache's own pooled connections when a key/value near cache is configured.
+pub(crate) const SELF_LOGGED_SETTING: &str = "pgcache.kv_self_logged";
+
+/// Whether the cache's own connections log their key/value updates themselves.
+pub(crate) fn kv_logs_itself(config: &crate::config::CacheConfig) -> bool {
+    config.near_cache(CacheKind::Kv).is_some()
 }
 
 /// Installs the near-cache invalidation triggers on the tables of `kinds` that lack
@@ -225,17 +243,30 @@ pub(crate) fn ensure_near_triggers(
 ) -> Result<()> {
     locked(conn, |conn| {
         kinds.into_iter().try_for_each(|kind| {
+            // All three, and the key/value update trigger with its `WHEN` (one
+            // installed by an earlier version has none: replaced).
             let installed: Flag = diesel::sql_query(
-                "SELECT EXISTS (SELECT 1 FROM pg_trigger \
-                 WHERE tgrelid = $1::regclass AND tgname = 'pgcache_near_delete') AS flag",
+                "SELECT count(*) = 3 AND bool_and(tgname <> 'pgcache_near_update' \
+                   OR tgqual IS NOT NULL OR $2) AS flag FROM pg_trigger \
+                 WHERE tgrelid = $1::regclass \
+                   AND tgname IN ('pgcache_near_update', 'pgcache_near_delete', 'pgcache_near_truncate')",
             )
             .bind::<Text, _>(kind.table())
+            .bind::<diesel::sql_types::Bool, _>(kind != CacheKind::Kv)
             .get_result(conn)?;
             if installed.flag {
                 return Ok(());
             }
-            conn.transaction(|conn| conn.batch_execute(&near_triggers_sql(kind)))
-                .map_err(Error::from)
+            let table = kind.table();
+            conn.transaction(|conn| {
+                conn.batch_execute(&format!(
+                    "DROP TRIGGER IF EXISTS pgcache_near_update ON {table}; \
+                     DROP TRIGGER IF EXISTS pgcache_near_delete ON {table}; \
+                     DROP TRIGGER IF EXISTS pgcache_near_truncate ON {table}; {}",
+                    near_triggers_sql(kind)
+                ))
+            })
+            .map_err(Error::from)
         })
     })
 }

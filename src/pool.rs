@@ -135,6 +135,12 @@ pub(crate) fn session_sql(config: &CacheConfig) -> String {
     if config.durability() == Durability::Relaxed {
         sql.push_str(" SET synchronous_commit = off;");
     }
+    if crate::migrations::kv_logs_itself(config) {
+        sql.push_str(&format!(
+            " SET {} = 'on';",
+            crate::migrations::SELF_LOGGED_SETTING
+        ));
+    }
     sql
 }
 
@@ -333,6 +339,9 @@ pub(crate) struct Pool {
     /// session settings, and get the cache's schema added to the end of their
     /// search path when a cache statement first fails to find a table on one.
     shared: Option<SharedPath>,
+    /// Whether its connections say they log their key/value updates themselves
+    /// (see [`crate::migrations::SELF_LOGGED_SETTING`]).
+    self_logged: bool,
 }
 
 /// Puts the cache's schema on an application connection's search path, last, so
@@ -456,6 +465,7 @@ impl Pool {
             failures,
             outage: Arc::new(Outage::new(&config.shard_name)),
             shared: None,
+            self_logged: crate::migrations::kv_logs_itself(config),
         };
         if check {
             drop(pool.checkout()?);
@@ -492,6 +502,7 @@ impl Pool {
             shared: Some(SharedPath {
                 schema: config.schema().to_owned(),
             }),
+            self_logged: false,
         };
         if !config.fail_open() {
             let mut conn = pool.for_caller()?;
@@ -521,6 +532,12 @@ impl Pool {
                 Err(error)
             }
         }
+    }
+
+    /// Whether its connections log their key/value updates themselves (its own
+    /// pool, with a key/value near cache).
+    pub(crate) fn logs_kv_itself(&self) -> bool {
+        self.self_logged
     }
 
     /// Tries to connect on a thread of its own, ending the outage if it can.
@@ -584,6 +601,15 @@ impl Pool {
         let mut conn = self.checkout()?;
         if let Some(shared) = &self.shared {
             shared.ensure(&mut conn)?;
+        }
+        if self.self_logged {
+            // The caller's own statements do not log themselves: the trigger must
+            // see them. (The connection keeps this; the cache's own updates on it
+            // are then logged twice, which is harmless.)
+            watched(&mut conn, |conn| {
+                Ok(conn
+                    .batch_execute(&format!("RESET {}", crate::migrations::SELF_LOGGED_SETTING))?)
+            })?;
         }
         Ok(conn)
     }

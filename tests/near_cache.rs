@@ -80,6 +80,77 @@ fn another_managers_write_is_seen_within_the_bound() {
 }
 
 #[test]
+fn every_kv_update_another_manager_makes_is_seen_within_the_bound() {
+    // The writer's updates log themselves (no trigger); each kind must evict.
+    let db = near_db();
+    let reader = near_manager(&db);
+    wait_current(&db.cache);
+    wait_current(&reader);
+    let kv = db.cache.kv();
+    let ttl = Duration::from_secs(600);
+    type Update<'a> = Box<dyn Fn() + 'a>;
+    let updates: Vec<(&str, Update<'_>, Option<Value>)> = vec![
+        (
+            "set",
+            Box::new(|| kv.set("k", &json!(5)).unwrap()),
+            Some(json!(5)),
+        ),
+        (
+            "incr",
+            Box::new(|| assert_eq!(kv.incr("k", 1, ttl).unwrap(), 6)),
+            Some(json!(6)),
+        ),
+        (
+            "touch to a shorter TTL",
+            Box::new(|| assert!(kv.touch("k", Duration::from_millis(1)).unwrap())),
+            None,
+        ),
+        (
+            "get_touch to a shorter TTL",
+            Box::new(|| drop(kv.get_touch("k", Duration::from_millis(1)).unwrap())),
+            None,
+        ),
+        (
+            "set_many",
+            Box::new(|| {
+                kv.set_many(&[("k", &json!(7)), ("other", &json!(0))], ttl)
+                    .unwrap()
+            }),
+            Some(json!(7)),
+        ),
+    ];
+    for (what, update, expected) in updates {
+        kv.set("k", &json!(5)).unwrap();
+        std::thread::sleep(BOUND);
+        assert_eq!(warm(&reader, "k"), Some(json!(5)), "{what}");
+        update();
+        // The entries touched to 1 ms have expired by now, whatever the near cache
+        // held: only an eviction makes the reader miss.
+        std::thread::sleep(BOUND + Duration::from_millis(20));
+        assert_eq!(reader.kv().get("k").unwrap(), expected, "{what}");
+    }
+}
+
+#[test]
+fn a_callers_own_update_on_a_cache_connection_evicts() {
+    let db = near_db();
+    let reader = near_manager(&db);
+    wait_current(&db.cache);
+    wait_current(&reader);
+    db.cache.kv().set("k", &json!("cached")).unwrap();
+    assert_eq!(warm(&reader, "k"), Some(json!("cached")));
+    // The cache's own connections skip the trigger for what they log themselves;
+    // one handed to the caller does not.
+    db.cache
+        .connection()
+        .unwrap()
+        .batch_execute("UPDATE cache_entries SET value = '\"mine\"' WHERE key = 'k'")
+        .unwrap();
+    std::thread::sleep(BOUND);
+    assert_eq!(reader.kv().get("k").unwrap(), Some(json!("mine")));
+}
+
+#[test]
 fn plain_sql_writers_evict() {
     let db = near_db();
     wait_current(&db.cache);
@@ -249,8 +320,26 @@ fn immutable_caches_log_nothing_per_set_and_a_batch_logs_one_change() {
     let ttl = Duration::from_secs(60);
     db.cache.kv().set_many(&entries(&Value::Null), ttl).unwrap();
     assert_eq!(log.changes(), vec![], "first inserts");
+    // The key/value cache's own updates log themselves in the updating statement
+    // (cheaper for writers than the trigger), which cannot see the old row: every
+    // key updated is named, changed or not. Other writers go through the trigger,
+    // which names only what changed.
     db.cache.kv().set_many(&entries(&Value::Null), ttl).unwrap();
-    assert_eq!(log.changes(), vec![], "the same values, expiring later");
+    assert_eq!(
+        log.changes(),
+        vec![("kv".to_owned(), 100)],
+        "the same values, by this manager"
+    );
+    db.exec(
+        "INSERT INTO cache_entries (key, value, expires_at) \
+         SELECT 'key:' || i, 'null', now() + interval '2 minutes' FROM generate_series(0, 99) i \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+    );
+    assert_eq!(
+        log.changes(),
+        vec![],
+        "the same values, expiring later, by another writer"
+    );
     static TRUE: Value = Value::Bool(true);
     db.cache.kv().set_many(&entries(&TRUE), ttl).unwrap();
     assert_eq!(
@@ -260,6 +349,37 @@ fn immutable_caches_log_nothing_per_set_and_a_batch_logs_one_change() {
     );
     db.exec("TRUNCATE cache_entries");
     assert_eq!(log.changes(), vec![("kv".to_owned(), -1)], "all of it");
+}
+
+#[test]
+fn an_update_trigger_of_an_earlier_version_is_replaced_at_start() {
+    let db = near_db();
+    wait_current(&db.cache);
+    // As an earlier version installed it: no WHEN, so it would log the cache's own
+    // updates a second time.
+    db.exec(
+        "DROP TRIGGER pgcache_near_update ON cache_entries; \
+         CREATE TRIGGER pgcache_near_update AFTER UPDATE ON cache_entries \
+           REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows \
+           FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate('kv')",
+    );
+    let with_when = |db: &TestDb| {
+        db.count(
+            "SELECT count(*) AS n FROM pg_trigger WHERE tgrelid = 'cache_entries'::regclass \
+             AND tgname = 'pgcache_near_update' AND tgqual IS NOT NULL",
+        )
+    };
+    assert_eq!(with_when(&db), 0);
+    let other = near_manager(&db);
+    wait_current(&other);
+    assert_eq!(with_when(&db), 1, "replaced");
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM pg_trigger WHERE tgrelid = 'cache_entries'::regclass \
+             AND tgname LIKE 'pgcache_near_%'"
+        ),
+        3
+    );
 }
 
 #[test]

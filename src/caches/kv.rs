@@ -33,6 +33,13 @@ use crate::schema::cache_entries;
 use crate::skipped::Skipped;
 use crate::validation::check_key;
 
+/// [`RETURNING_WRITTEN`] as a literal, for the hand-written statements' `concat!`.
+macro_rules! returning_written {
+    () => {
+        " RETURNING key, created_at <> now() AS updated"
+    };
+}
+
 /// The key/value cache: string keys, values of any serde type stored as JSONB, or
 /// opaque bytes stored exactly.
 ///
@@ -170,15 +177,23 @@ impl<'a, V> KvCache<'a, V> {
                     Param::<Text, _>::new(key),
                     Param::<diesel::sql_types::Interval, _>::new(interval),
                 );
-                let touched = Prepared::<Touch>::new(
+                let touch = Prepared::<Touch>::new(
                     &[
                         "UPDATE cache_entries SET expires_at = statement_timestamp() + ",
                         " WHERE key = ",
-                        " AND expires_at > statement_timestamp()",
+                        concat!(
+                            " AND expires_at > statement_timestamp()",
+                            returning_written!()
+                        ),
                     ],
                     vec![&interval, &key],
-                )
-                .execute(conn)?;
+                );
+                // Rows returned: the rows touched.
+                let touched = if self.handle.logs_kv_itself() {
+                    SelfLogged(touch).execute(conn)?
+                } else {
+                    touch.execute(conn)?
+                };
                 Ok(touched > 0)
             },
         )
@@ -280,7 +295,7 @@ impl<V> KvCache<'_, V> {
                 Param::<BigInt, _>::new(delta),
                 Param::<diesel::sql_types::Interval, _>::new(interval),
             );
-            let counted: Option<Counted> = Prepared::<Incr>::new(
+            let incr = Prepared::<Incr>::new(
                 &[
                     "INSERT INTO cache_entries AS c (key, value, expires_at) VALUES (",
                     ", to_jsonb(",
@@ -291,18 +306,24 @@ impl<V> KvCache<'_, V> {
                        AND (c.value #>> '{}')::numeric + ",
                     " BETWEEN -9223372036854775808 AND 9223372036854775807 \
                      THEN to_jsonb(((c.value #>> '{}')::numeric + ",
-                    ")::int8) ELSE NULL END, bytes = NULL, \
-                     expires_at = CASE WHEN c.expires_at <= statement_timestamp() \
-                       THEN excluded.expires_at ELSE c.expires_at END, \
-                     created_at = CASE WHEN c.expires_at <= statement_timestamp() \
-                       THEN now() ELSE c.created_at END \
-                     WHERE c.bytes IS NULL OR c.expires_at <= statement_timestamp() \
-                     RETURNING (value #>> '{}')::int8 AS n",
+                    concat!(
+                        ")::int8) ELSE NULL END, bytes = NULL, \
+                         expires_at = CASE WHEN c.expires_at <= statement_timestamp() \
+                           THEN excluded.expires_at ELSE c.expires_at END, \
+                         created_at = CASE WHEN c.expires_at <= statement_timestamp() \
+                           THEN now() ELSE c.created_at END \
+                         WHERE c.bytes IS NULL OR c.expires_at <= statement_timestamp()",
+                        returning_written!(),
+                        ", (value #>> '{}')::int8 AS n"
+                    ),
                 ],
                 vec![&key, &delta, &interval, &delta, &delta],
-            )
-            .get_result(conn)
-            .optional()?;
+            );
+            let counted: Option<Counted> = if self.handle.logs_kv_itself() {
+                SelfLogged(incr).get_result(conn).optional()?
+            } else {
+                incr.get_result(conn).optional()?
+            };
             counted
                 .map(|c| c.n)
                 .ok_or_else(|| wrong_type(name, "bytes", "integer"))
@@ -614,17 +635,23 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
                     Param::<Text, _>::new(key),
                     Param::<diesel::sql_types::Interval, _>::new(interval),
                 );
-                let found: Option<Touched<V>> = Prepared::<GetTouch>::new(
+                let get_touch = Prepared::<GetTouch>::new(
                     &[
                         "UPDATE cache_entries SET expires_at = statement_timestamp() + ",
                         " WHERE key = ",
-                        " AND expires_at > statement_timestamp() AND bytes IS NULL \
-                         RETURNING value",
+                        concat!(
+                            " AND expires_at > statement_timestamp() AND bytes IS NULL",
+                            returning_written!(),
+                            ", value"
+                        ),
                     ],
                     vec![&interval, &key],
-                )
-                .get_result(conn)
-                .optional()?;
+                );
+                let found: Option<Touched<V>> = if self.handle.logs_kv_itself() {
+                    SelfLogged(get_touch).get_result(conn).optional()?
+                } else {
+                    get_touch.get_result(conn).optional()?
+                };
                 match found {
                     Some(Touched {
                         value: JsonbIn(value),
@@ -729,9 +756,18 @@ fn prefix_upper_bound(prefix: &str) -> Option<String> {
 }
 
 /// What an upsert does to an existing key: new payload (of either kind), new expiry,
-/// new `created_at`.
+/// new `created_at`, strictly after the transaction's start (`now()`, an insert's
+/// `created_at`), so the statement can tell what it updated from what it inserted
+/// ([`SelfLogged`]; `xmax` would tell too, but cannot be read from a partitioned
+/// table).
 const ON_CONFLICT_OVERWRITE: &str = " ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
-     bytes = excluded.bytes, expires_at = excluded.expires_at, created_at = now()";
+     bytes = excluded.bytes, expires_at = excluded.expires_at, \
+     created_at = greatest(clock_timestamp(), now() + interval '1 microsecond')";
+
+/// `RETURNING` what [`SelfLogged`] needs of a row written: its key, and whether it
+/// was there before the writing transaction (a row inserted by it has
+/// `created_at = now()`: an upsert's update and a touch leave another time).
+const RETURNING_WRITTEN: &str = returning_written!();
 
 /// The upserts as typed fragments with a static query id: Diesel's own
 /// `insert_into(..).on_conflict(..)` is never put in its prepared-statement cache, and
@@ -801,6 +837,69 @@ impl QueryId for UpsertMany<'_> {
 }
 
 impl<Conn> RunQueryDsl<Conn> for Upsert<'_> {}
+
+/// A statement that writes key/value rows, logging the keys it updated in
+/// `cache_changes` itself, in the same statement (see
+/// [`SELF_LOGGED_SETTING`](crate::migrations::SELF_LOGGED_SETTING)): `Q` runs in a
+/// CTE whose rows (`Q`'s `RETURNING`: [`RETURNING_WRITTEN`]'s columns first) are the
+/// statement's result. Rows the transaction inserted are not named (no near cache
+/// holds a key that had no row); every row updated is, a superset of what the
+/// trigger names (it also skips an unchanged value with a later expiry, which a
+/// statement cannot tell without the old row).
+struct SelfLogged<Q>(Q);
+
+impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for SelfLogged<Q> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("WITH written AS (");
+        self.0.walk_ast(out.reborrow())?;
+        out.push_sql(
+            "), logged AS (INSERT INTO cache_changes (cache_name, keys) \
+             SELECT 'kv', array_agg(key) FROM written WHERE updated HAVING count(*) > 0) \
+             SELECT * FROM written",
+        );
+        Ok(())
+    }
+}
+
+impl<Q: QueryId> QueryId for SelfLogged<Q> {
+    type QueryId = SelfLogged<Q::QueryId>;
+    const HAS_STATIC_QUERY_ID: bool = Q::HAS_STATIC_QUERY_ID;
+}
+
+impl<Q> diesel::query_builder::Query for SelfLogged<Q> {
+    type SqlType = Untyped;
+}
+
+impl<Q, Conn> RunQueryDsl<Conn> for SelfLogged<Q> {}
+
+/// An upsert ending where a `RETURNING` may follow, for [`SelfLogged`].
+struct ReturningKey<Q>(Q);
+
+impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for ReturningKey<Q> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        self.0.walk_ast(out.reborrow())?;
+        out.push_sql(RETURNING_WRITTEN);
+        Ok(())
+    }
+}
+
+impl<Q: QueryId> QueryId for ReturningKey<Q> {
+    type QueryId = ReturningKey<Q::QueryId>;
+    const HAS_STATIC_QUERY_ID: bool = Q::HAS_STATIC_QUERY_ID;
+}
+
+/// Runs an upsert, logging its keys itself when `self_logged`.
+fn execute_kv_update<Q>(conn: &mut PgConnection, query: Q, self_logged: bool) -> QueryResult<usize>
+where
+    Q: QueryFragment<Pg> + QueryId,
+{
+    use diesel::query_dsl::methods::ExecuteDsl;
+    if self_logged {
+        ExecuteDsl::execute(SelfLogged(ReturningKey(query)), conn)
+    } else {
+        ExecuteDsl::execute(query, conn)
+    }
+}
 
 impl<Conn> RunQueryDsl<Conn> for UpsertMany<'_> {}
 
@@ -892,24 +991,31 @@ impl<'a> Row<'a> {
 
 /// Upserts rows of either kind; a batch too large for one statement is split, in
 /// one transaction.
-fn write(conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
+fn write(
+    conn: &mut PgConnection,
+    rows: &[Row<'_>],
+    ttl: PgInterval,
+    self_logged: bool,
+) -> Result<()> {
     let expires = ExpiresIn(ttl);
     match rows {
-        [row] => Upsert {
-            key: row.key,
-            value: row.json(),
-            bytes: row.raw(),
-            expires,
+        [row] => {
+            let upsert = Upsert {
+                key: row.key,
+                value: row.json(),
+                bytes: row.raw(),
+                expires,
+            };
+            execute_kv_update(conn, upsert, self_logged)?
         }
-        .execute(conn)?,
         rows => write_batches(conn, rows, Row::size, |conn, rows| {
-            UpsertMany {
+            let upsert = UpsertMany {
                 keys: rows.iter().map(|r| r.key).collect(),
                 values: rows.iter().map(Row::json).collect(),
                 bytes: rows.iter().map(Row::raw).collect(),
                 expires,
-            }
-            .execute(conn)
+            };
+            execute_kv_update(conn, upsert, self_logged)
         })?,
     };
     Ok(())
@@ -1078,7 +1184,7 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> Storage for KvCache<'_, V
     }
 
     fn write(&self, conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
-        write(conn, rows, ttl)
+        write(conn, rows, ttl, self.handle.logs_kv_itself())
     }
 
     fn remove(&self, conn: &mut PgConnection, keys: &[&str], _checked: &[()]) -> Result<u64> {
@@ -1202,7 +1308,7 @@ impl Storage for KvBytes<'_> {
     }
 
     fn write(&self, conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
-        write(conn, rows, ttl)
+        write(conn, rows, ttl, self.handle.logs_kv_itself())
     }
 
     fn remove(&self, conn: &mut PgConnection, keys: &[&str], _checked: &[()]) -> Result<u64> {
