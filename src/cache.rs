@@ -250,7 +250,8 @@ fn near_of<C: Storage + ?Sized>(engine: &Engine) -> Option<&NearCaches> {
 
 /// Runs `work` once per shard holding some of `keys`, with that shard's keys and
 /// checked keys (at once, on a thread each, when there are several); each part's
-/// positions in `keys` with its result.
+/// positions in `keys` with its result. With one shard the one part, which holds every
+/// key in order, comes with no positions (nothing allocated on that path).
 fn per_shard<C: Storage + ?Sized, T: Send>(
     cache: &C,
     keys: &[&C::Key],
@@ -259,10 +260,8 @@ fn per_shard<C: Storage + ?Sized, T: Send>(
 ) -> Result<Vec<(Vec<usize>, T)>> {
     let cluster = cache.handle().cluster;
     if let Some(engine) = cluster.single() {
-        return Ok(vec![(
-            (0..keys.len()).collect(),
-            work(engine, keys, checked)?,
-        )]);
+        // The one part holds every key in order: its positions are not spelled out.
+        return Ok(vec![(Vec::new(), work(engine, keys, checked)?)]);
     }
     let parts: Vec<Part> = cluster.parts(keys.len(), |i| C::route(keys[i], &checked[i]));
     let results = cluster.fan_out(&parts, |engine, items| {
@@ -637,6 +636,7 @@ pub trait Cache: Storage {
             let mut parts = per_shard(self, keys, &checked, |engine, keys, checked| {
                 read_part(self, engine, keys, checked)
             })?;
+            // One part (always so with one shard) holds every key, in order.
             if let [(_, found)] = &mut parts[..] {
                 return Ok(std::mem::take(found));
             }

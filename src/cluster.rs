@@ -181,9 +181,6 @@ impl Cluster {
     /// Splits a batch of `len` items by shard: each shard touched and the positions
     /// of its items, in batch order.
     pub(crate) fn parts(&self, len: usize, digest_of: impl Fn(usize) -> KeyDigest) -> Vec<Part> {
-        if self.single().is_some() {
-            return vec![(0, (0..len).collect())];
-        }
         let mut parts: Vec<Vec<usize>> = vec![Vec::new(); self.engines.len()];
         for i in 0..len {
             parts[self.map.shard_of(&digest_of(i))].push(i);

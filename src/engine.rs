@@ -48,9 +48,6 @@ pub struct Engine {
     flushing: Mutex<()>,
     /// The near caches, when configured (and caching is on).
     near: Option<Arc<NearCaches>>,
-    /// Whether this engine's connections log their key/value updates themselves
-    /// (its own pool, a key/value near cache).
-    logs_kv_itself: bool,
     /// Keeps the near caches coherent; stops when the engine is dropped.
     _poller: Option<Poller>,
 }
@@ -84,7 +81,6 @@ impl Engine {
             Some(app_pool) => Some(Pool::shared(app_pool, &config)?),
             None => Some(Pool::new(&config, !config.fail_open() && !shard)?),
         };
-        let logs_kv_itself = pool.as_ref().is_some_and(Pool::logs_kv_itself);
         let near = pool
             .is_some()
             .then(|| NearCaches::new(&config).map(Arc::new))
@@ -134,7 +130,6 @@ impl Engine {
             skipped: SkippedWrites::default(),
             flushing: Mutex::new(()),
             near,
-            logs_kv_itself,
             _poller: poller,
         });
         let config = &engine.config;
@@ -162,7 +157,7 @@ impl Engine {
 
     /// Whether this engine's key/value updates log themselves.
     pub(crate) fn logs_kv_itself(&self) -> bool {
-        self.logs_kv_itself
+        self.pool.as_ref().is_some_and(Pool::logs_kv_itself)
     }
 
     /// Whether the database did not answer at start-up (and start-up went on).

@@ -1069,42 +1069,76 @@ fn in_key_order<P, T>(
         .collect()
 }
 
+/// What the two `Storage` impls of the key/value table (JSON values and bytes) share:
+/// the same table, keys, rows and writes; they differ in the column they read.
+macro_rules! kv_storage_shared {
+    () => {
+        /// Keys are stored as they are: nothing to compute.
+        type CheckedKey = ();
+        type Key = str;
+        type Row<'a>
+            = Row<'a>
+        where
+            Self: 'a;
+
+        const KIND: CacheKind = CacheKind::Kv;
+
+        fn handle(&self) -> &Handle<'_> {
+            &self.handle
+        }
+
+        fn into_value(entry: Self::Entry) -> Self::Value {
+            entry
+        }
+
+        fn key_digest(&self, key: &str) -> Result<KeyDigest> {
+            check_key(key)?;
+            Ok(kv_digest(key))
+        }
+
+        fn route(key: &str, (): &()) -> KeyDigest {
+            kv_digest(key)
+        }
+
+        fn row_route(row: &Row<'_>) -> KeyDigest {
+            kv_digest(row.key)
+        }
+
+        fn check_key(&self, key: &str) -> Result<()> {
+            check_key(key)
+        }
+
+        fn row_order(a: &Row<'_>, b: &Row<'_>) -> std::cmp::Ordering {
+            a.key.cmp(b.key)
+        }
+
+        fn skipped(&self, keys: &[&str], _checked: &[()]) -> Skipped {
+            skipped(keys)
+        }
+
+        fn near_key(key: &str, _checked: &()) -> NearKey {
+            key.as_bytes().into()
+        }
+
+        fn row_near_key(row: &Row<'_>) -> NearKey {
+            row.key.as_bytes().into()
+        }
+
+        fn write(&self, conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
+            write(conn, rows, ttl, self.handle.logs_kv_itself())
+        }
+
+        fn remove(&self, conn: &mut PgConnection, keys: &[&str], _checked: &[()]) -> Result<u64> {
+            remove(conn, keys)
+        }
+    };
+}
+
 impl<V: Serialize + DeserializeOwned + Send + 'static> Storage for KvCache<'_, V> {
-    type Key = str;
     type Value = V;
     type Entry = V;
-    /// Keys are stored as they are: nothing to compute.
-    type CheckedKey = ();
-    type Row<'a>
-        = Row<'a>
-    where
-        Self: 'a;
 
-    const KIND: CacheKind = CacheKind::Kv;
-
-    fn handle(&self) -> &Handle<'_> {
-        &self.handle
-    }
-
-    fn into_value(entry: V) -> V {
-        entry
-    }
-
-    fn key_digest(&self, key: &str) -> Result<KeyDigest> {
-        KvCache::key_digest(self, key)
-    }
-
-    fn route(key: &str, (): &()) -> KeyDigest {
-        kv_digest(key)
-    }
-
-    fn row_route(row: &Row<'_>) -> KeyDigest {
-        kv_digest(row.key)
-    }
-
-    fn check_key(&self, key: &str) -> Result<()> {
-        check_key(key)
-    }
+    kv_storage_shared!();
 
     fn check_entry<'a>(&self, key: &'a str, value: &'a V) -> Result<Row<'a>> {
         check_key(key)?;
@@ -1114,14 +1148,6 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> Storage for KvCache<'_, V
         })
     }
 
-    fn row_order(a: &Row<'_>, b: &Row<'_>) -> std::cmp::Ordering {
-        a.key.cmp(b.key)
-    }
-
-    fn skipped(&self, keys: &[&str], _checked: &[()]) -> Skipped {
-        skipped(keys)
-    }
-
     fn read_one(&self, conn: &mut PgConnection, key: &str, _checked: &()) -> Result<Option<V>> {
         read_live::<JsonbIn<V>>(conn, key)?
             .map(|(json, _, _)| {
@@ -1129,14 +1155,6 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> Storage for KvCache<'_, V
                     .ok_or_else(|| wrong_type(key, "bytes", "json"))
             })
             .transpose()
-    }
-
-    fn near_key(key: &str, _checked: &()) -> NearKey {
-        key.as_bytes().into()
-    }
-
-    fn row_near_key(row: &Row<'_>) -> NearKey {
-        row.key.as_bytes().into()
     }
 
     /// The near cache keeps the value as JSON (decoded once), whatever `V` is.
@@ -1182,14 +1200,6 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> Storage for KvCache<'_, V
             Ok(serde_json::from_slice(text)?)
         })
     }
-
-    fn write(&self, conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
-        write(conn, rows, ttl, self.handle.logs_kv_itself())
-    }
-
-    fn remove(&self, conn: &mut PgConnection, keys: &[&str], _checked: &[()]) -> Result<u64> {
-        remove(conn, keys)
-    }
 }
 
 /// The key/value cache's bytes entries, as a [`Storage`], so that their reads and
@@ -1201,52 +1211,13 @@ struct KvBytes<'a> {
 }
 
 impl Storage for KvBytes<'_> {
-    type Key = str;
     type Value = Vec<u8>;
     type Entry = Vec<u8>;
-    type CheckedKey = ();
-    type Row<'a>
-        = Row<'a>
-    where
-        Self: 'a;
 
-    const KIND: CacheKind = CacheKind::Kv;
-
-    fn handle(&self) -> &Handle<'_> {
-        &self.handle
-    }
-
-    fn into_value(entry: Vec<u8>) -> Vec<u8> {
-        entry
-    }
-
-    fn key_digest(&self, key: &str) -> Result<KeyDigest> {
-        check_key(key)?;
-        Ok(kv_digest(key))
-    }
-
-    fn route(key: &str, (): &()) -> KeyDigest {
-        kv_digest(key)
-    }
-
-    fn row_route(row: &Row<'_>) -> KeyDigest {
-        kv_digest(row.key)
-    }
-
-    fn check_key(&self, key: &str) -> Result<()> {
-        check_key(key)
-    }
+    kv_storage_shared!();
 
     fn check_entry<'a>(&self, key: &'a str, value: &'a Vec<u8>) -> Result<Row<'a>> {
         Row::bytes(key, value)
-    }
-
-    fn row_order(a: &Row<'_>, b: &Row<'_>) -> std::cmp::Ordering {
-        a.key.cmp(b.key)
-    }
-
-    fn skipped(&self, keys: &[&str], _checked: &[()]) -> Skipped {
-        skipped(keys)
     }
 
     fn read_one(
@@ -1258,14 +1229,6 @@ impl Storage for KvBytes<'_> {
         read_live::<JsonbText>(conn, key)?
             .map(|(_, bytes, _)| bytes.ok_or_else(|| wrong_type(key, "json", "bytes")))
             .transpose()
-    }
-
-    fn near_key(key: &str, _checked: &()) -> NearKey {
-        key.as_bytes().into()
-    }
-
-    fn row_near_key(row: &Row<'_>) -> NearKey {
-        row.key.as_bytes().into()
     }
 
     /// The near cache keeps a copy of the bytes, weighing their length.
@@ -1305,14 +1268,6 @@ impl Storage for KvBytes<'_> {
             .select((cache_entries::key, cache_entries::bytes))
             .load(conn)?;
         in_key_order(keys, &rows, ("json", "bytes"), |bytes| Ok(bytes.clone()))
-    }
-
-    fn write(&self, conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
-        write(conn, rows, ttl, self.handle.logs_kv_itself())
-    }
-
-    fn remove(&self, conn: &mut PgConnection, keys: &[&str], _checked: &[()]) -> Result<u64> {
-        remove(conn, keys)
     }
 }
 
