@@ -41,12 +41,6 @@ impl<'a> Handle<'a> {
             .unwrap_or_else(|| self.cluster.config().ttl().default_for(kind))
     }
 
-    /// Whether the key/value cache's updates log themselves (see
-    /// [`SELF_LOGGED_SETTING`](crate::migrations::SELF_LOGGED_SETTING)).
-    pub(crate) fn logs_kv_itself(&self) -> bool {
-        self.cluster.front().logs_kv_itself()
-    }
-
     /// Where an operation is observed (its span, its error count) before its key is
     /// routed.
     pub(crate) fn front(&self) -> &'a Engine {

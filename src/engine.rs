@@ -155,11 +155,6 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Whether this engine's key/value updates log themselves.
-    pub(crate) fn logs_kv_itself(&self) -> bool {
-        self.pool.as_ref().is_some_and(Pool::logs_kv_itself)
-    }
-
     /// Whether the database did not answer at start-up (and start-up went on).
     pub(crate) fn was_down_at_start(&self) -> bool {
         self.down_at_start.load(Ordering::Acquire)

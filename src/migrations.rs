@@ -223,11 +223,22 @@ pub(crate) fn near_triggers_sql(kind: CacheKind) -> String {
     )
 }
 
+/// [`SELF_LOGGED_SETTING`] as a literal, for statements written with `concat!`.
+macro_rules! self_logged_setting {
+    () => {
+        "pgcache.kv_self_logged"
+    };
+}
+pub(crate) use self_logged_setting;
+
 /// The session setting with which a connection says that it logs its own updates
-/// of the key/value cache in `cache_changes` (in the updating statement itself), so
+/// of the key/value cache, by stamping the rows it updates with its transaction id
+/// (`cache_entries.changed_xid`, read by the pollers next to `cache_changes`), so
 /// the update trigger, which costs a quarter of a relaxed write, need not: set on
 /// the cache's own pooled connections when a key/value near cache is configured.
-pub(crate) const SELF_LOGGED_SETTING: &str = "pgcache.kv_self_logged";
+/// The stamp and the trigger's `WHEN` read this one setting, so a statement is
+/// logged by exactly one of them.
+pub(crate) const SELF_LOGGED_SETTING: &str = self_logged_setting!();
 
 /// Whether the cache's own connections log their key/value updates themselves.
 pub(crate) fn kv_logs_itself(config: &crate::config::CacheConfig) -> bool {

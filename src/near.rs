@@ -7,8 +7,12 @@
 //!   program) fires a statement-level trigger that appends one row naming the
 //!   changed keys to `cache_changes`, in the writer's transaction (see
 //!   `migrations/`): a rollback logs nothing, and no lock is shared between writers.
-//! - One poller thread per manager ([`Poller`]) reads the log every
-//!   [`POLL_INTERVAL`] and evicts the keys. Each poll asks for the changes of every
+//!   The key/value cache's own updates, on a pool with a kv near cache, skip that
+//!   trigger and stamp the rows they update with their transaction id instead
+//!   (`cache_entries.changed_xid`, see `migrations::SELF_LOGGED_SETTING`): one
+//!   index entry rather than a second row per statement.
+//! - One poller thread per manager ([`Poller`]) reads the log (and the stamps)
+//!   every [`POLL_INTERVAL`] and evicts the keys. Each poll asks for the changes of every
 //!   transaction that was running at the previous poll's snapshot or began after
 //!   it, so it sees every change committed since, whatever order the transactions
 //!   took their ids in. A poll proves the log read up to its snapshot: L1 serves
@@ -536,25 +540,48 @@ impl Window {
     }
 }
 
-/// Reads the changes committed since `window` was taken and the next window.
-fn poll(conn: &mut PgConnection, window: Option<&Window>) -> QueryResult<Vec<Polled>> {
+/// Reads the changes committed since `window` was taken and the next window: the
+/// change log's rows, and with `kv` the key/value rows pgcache's own updates stamped
+/// (`changed_xid`, see `migrations::SELF_LOGGED_SETTING`), both by the same window
+/// rule and in the same snapshot.
+fn poll(conn: &mut PgConnection, window: Option<&Window>, kv: bool) -> QueryResult<Vec<Polled>> {
+    /// The rows logged in `cache_changes` in the window.
+    macro_rules! logged {
+        () => {
+            "SELECT cache_name, keys FROM cache_changes \
+             WHERE xid >= $1::int8 OR xid = ANY($2::text[]::int8[])"
+        };
+    }
+    /// The statement around the changes `c`.
+    macro_rules! poll_sql {
+        ($changes:expr) => {
+            concat!(
+                "WITH s AS (SELECT pg_current_snapshot() AS snap), c AS (",
+                $changes,
+                ") SELECT pg_snapshot_xmax(s.snap)::text AS xmax, \
+                   array(SELECT pg_snapshot_xip(s.snap)::text) AS xip, \
+                   (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us, \
+                   c.cache_name, c.keys, c.cache_name IS NOT NULL AS is_change \
+                 FROM s LEFT JOIN c ON true"
+            )
+        };
+    }
+    const LOGGED: &str = poll_sql!(logged!());
+    const LOGGED_AND_STAMPED: &str = poll_sql!(concat!(
+        logged!(),
+        " UNION ALL SELECT 'kv', array_agg(key) FROM cache_entries \
+         WHERE changed_xid >= $1::int8 OR changed_xid = ANY($2::text[]::int8[]) \
+         HAVING count(*) > 0"
+    ));
     let (xmax, in_progress) = match window {
         Some(w) => (w.xmax.as_str(), w.in_progress.clone()),
         // The baseline: no change, only the snapshot.
         None => ("9223372036854775807", Vec::new()),
     };
-    diesel::sql_query(
-        "WITH s AS (SELECT pg_current_snapshot() AS snap) \
-         SELECT pg_snapshot_xmax(s.snap)::text AS xmax, \
-                array(SELECT pg_snapshot_xip(s.snap)::text) AS xip, \
-                (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us, \
-                c.cache_name, c.keys, c.xid IS NOT NULL AS is_change \
-         FROM s LEFT JOIN cache_changes c \
-           ON c.xid >= $1::int8 OR c.xid = ANY($2::text[]::int8[])",
-    )
-    .bind::<Text, _>(xmax)
-    .bind::<Array<Text>, _>(in_progress)
-    .load(conn)
+    diesel::sql_query(if kv { LOGGED_AND_STAMPED } else { LOGGED })
+        .bind::<Text, _>(xmax)
+        .bind::<Array<Text>, _>(in_progress)
+        .load(conn)
 }
 
 /// The poller's loop: connect, take a baseline, then poll every [`POLL_INTERVAL`]
@@ -572,12 +599,15 @@ fn poll_loop(
         // Every statement is watched: a poll a frozen server never answers is cut
         // after statement_timeout + 1 s, and the poller reconnects.
         let outcome: Result<()> = (|| {
-            let baseline = watched(&mut conn, |conn| Ok(poll(conn, None)?))?;
+            let baseline = watched(&mut conn, |conn| Ok(poll(conn, None, false)?))?;
             let mut window = next_window(&baseline);
-            match caches.upgrade() {
-                Some(near) => near.has_baseline.store(true, Ordering::SeqCst),
+            let kv = match caches.upgrade() {
+                Some(near) => {
+                    near.has_baseline.store(true, Ordering::SeqCst);
+                    near.serves(CacheKind::Kv)
+                }
                 None => return Ok(()),
-            }
+            };
             let mut pruned = Instant::now();
             // Windows of the last RETENTION, to prune what every poller has read.
             let mut past: VecDeque<(Instant, i64)> = VecDeque::new();
@@ -594,10 +624,10 @@ fn poll_loop(
                     // Stalled this long, changes may have been pruned unread:
                     // start over from an empty L1.
                     near.lost();
-                    window = next_window(&watched(&mut conn, |conn| Ok(poll(conn, None)?))?);
+                    window = next_window(&watched(&mut conn, |conn| Ok(poll(conn, None, false)?))?);
                     near.has_baseline.store(true, Ordering::SeqCst);
                 }
-                let rows = watched(&mut conn, |conn| Ok(poll(conn, window.as_ref())?))?;
+                let rows = watched(&mut conn, |conn| Ok(poll(conn, window.as_ref(), kv)?))?;
                 for row in rows.iter().filter(|r| r.is_change) {
                     if let Some(cache) = &row.cache_name {
                         near.apply(cache, row.keys.as_deref());

@@ -534,12 +534,6 @@ impl Pool {
         }
     }
 
-    /// Whether its connections log their key/value updates themselves (its own
-    /// pool, with a key/value near cache).
-    pub(crate) fn logs_kv_itself(&self) -> bool {
-        self.self_logged
-    }
-
     /// Tries to connect on a thread of its own, ending the outage if it can.
     fn reconnect(&self) {
         let (pool, outage) = (self.pool.clone(), Arc::clone(&self.outage));
@@ -603,9 +597,9 @@ impl Pool {
             shared.ensure(&mut conn)?;
         }
         if self.self_logged {
-            // The caller's own statements do not log themselves: the trigger must
-            // see them. (The connection keeps this; the cache's own updates on it
-            // are then logged twice, which is harmless.)
+            // The caller's own statements do not stamp their rows: the trigger
+            // must see them. (The connection keeps this: the cache's own updates on
+            // it then go through the trigger too, logged once all the same.)
             watched(&mut conn, |conn| {
                 Ok(conn
                     .batch_execute(&format!("RESET {}", crate::migrations::SELF_LOGGED_SETTING))?)

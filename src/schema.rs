@@ -48,6 +48,7 @@ diesel::table! {
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
         bytes -> Nullable<Bytea>,
+        changed_xid -> Nullable<Int8>,
     }
 }
 

@@ -81,7 +81,7 @@ fn another_managers_write_is_seen_within_the_bound() {
 
 #[test]
 fn every_kv_update_another_manager_makes_is_seen_within_the_bound() {
-    // The writer's updates log themselves (no trigger); each kind must evict.
+    // The writer's updates stamp their rows (no trigger); each kind must evict.
     let db = near_db();
     let reader = near_manager(&db);
     wait_current(&db.cache);
@@ -139,7 +139,7 @@ fn a_callers_own_update_on_a_cache_connection_evicts() {
     wait_current(&reader);
     db.cache.kv().set("k", &json!("cached")).unwrap();
     assert_eq!(warm(&reader, "k"), Some(json!("cached")));
-    // The cache's own connections skip the trigger for what they log themselves;
+    // The cache's own connections skip the trigger for what they stamp themselves;
     // one handed to the caller does not.
     db.cache
         .connection()
@@ -261,15 +261,28 @@ fn a_killed_listener_turns_the_near_cache_off_until_it_is_back() {
     assert_eq!(kv_stats(&db.cache).hits, hits + 1);
 }
 
-/// Changes logged for the near caches, taken out of the log (the pollers then
-/// miss them, which these tests do not look at).
+/// Changes logged for the near caches: the change log's rows, taken out of the log
+/// (the pollers then miss them, which these tests do not look at), and the key/value
+/// rows the cache's own updates stamped, one change per transaction.
 struct ChangeLog<'a> {
     db: &'a TestDb,
+    /// The newest stamp already reported.
+    stamped: i64,
+}
+
+#[derive(diesel::QueryableByName)]
+struct Change {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    cache_name: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    keys: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    stamp: i64,
 }
 
 impl<'a> ChangeLog<'a> {
     fn new(db: &'a TestDb) -> Self {
-        let mut log = ChangeLog { db };
+        let mut log = ChangeLog { db, stamped: 0 };
         log.changes();
         log
     }
@@ -278,19 +291,26 @@ impl<'a> ChangeLog<'a> {
     /// all of them).
     fn changes(&mut self) -> Vec<(String, i64)> {
         use diesel::RunQueryDsl;
-        #[derive(diesel::QueryableByName)]
-        struct Change {
-            #[diesel(sql_type = diesel::sql_types::Text)]
-            cache_name: String,
-            #[diesel(sql_type = diesel::sql_types::BigInt)]
-            keys: i64,
-        }
-        let changes: Vec<Change> = diesel::sql_query(
+        let mut conn = self.db.raw_connection();
+        let mut changes: Vec<Change> = diesel::sql_query(
             "DELETE FROM cache_changes \
-             RETURNING cache_name, coalesce(cardinality(keys), -1)::int8 AS keys",
+             RETURNING cache_name, coalesce(cardinality(keys), -1)::int8 AS keys, 0::int8 AS stamp",
         )
-        .load(&mut self.db.raw_connection())
+        .load(&mut conn)
         .unwrap();
+        let stamped: Vec<Change> = diesel::sql_query(
+            "SELECT 'kv' AS cache_name, count(*) AS keys, changed_xid AS stamp FROM cache_entries \
+             WHERE changed_xid > $1 GROUP BY changed_xid ORDER BY changed_xid",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(self.stamped)
+        .load(&mut conn)
+        .unwrap();
+        self.stamped = stamped
+            .iter()
+            .map(|c| c.stamp)
+            .max()
+            .unwrap_or(self.stamped);
+        changes.extend(stamped);
         changes
             .into_iter()
             .map(|c| (c.cache_name, c.keys))
@@ -320,10 +340,10 @@ fn immutable_caches_log_nothing_per_set_and_a_batch_logs_one_change() {
     let ttl = Duration::from_secs(60);
     db.cache.kv().set_many(&entries(&Value::Null), ttl).unwrap();
     assert_eq!(log.changes(), vec![], "first inserts");
-    // The key/value cache's own updates log themselves in the updating statement
-    // (cheaper for writers than the trigger), which cannot see the old row: every
-    // key updated is named, changed or not. Other writers go through the trigger,
-    // which names only what changed.
+    // The key/value cache's own updates stamp the rows they update (cheaper for
+    // writers than the trigger), without looking at the old row: every key updated
+    // is named, changed or not. Other writers go through the trigger, which names
+    // only what changed.
     db.cache.kv().set_many(&entries(&Value::Null), ttl).unwrap();
     assert_eq!(
         log.changes(),
@@ -349,6 +369,38 @@ fn immutable_caches_log_nothing_per_set_and_a_batch_logs_one_change() {
     );
     db.exec("TRUNCATE cache_entries");
     assert_eq!(log.changes(), vec![("kv".to_owned(), -1)], "all of it");
+}
+
+#[test]
+fn only_near_cache_managers_stamp_their_updates_the_others_go_through_the_trigger() {
+    let db = near_db();
+    wait_current(&db.cache);
+    let plain = CacheManager::new(db.config().build().unwrap()).unwrap();
+    let mut log = ChangeLog::new(&db);
+    let stamped =
+        || db.count("SELECT count(*) AS n FROM cache_entries WHERE changed_xid IS NOT NULL");
+    plain.kv().set("k", &json!(1)).unwrap();
+    plain.kv().set("k", &json!(2)).unwrap();
+    assert_eq!(
+        stamped(),
+        0,
+        "no stamp (and no index entry) without a near cache"
+    );
+    assert_eq!(
+        log.changes(),
+        vec![("kv".to_owned(), 1)],
+        "the trigger logged it"
+    );
+    db.cache.kv().set("k", &json!(3)).unwrap();
+    assert_eq!(stamped(), 1);
+    assert_eq!(
+        log.changes(),
+        vec![("kv".to_owned(), 1)],
+        "stamped, not logged"
+    );
+    plain.kv().set("k", &json!(4)).unwrap();
+    assert_eq!(stamped(), 0, "another writer's update clears the stamp");
+    assert_eq!(log.changes(), vec![("kv".to_owned(), 1)]);
 }
 
 #[test]

@@ -52,7 +52,7 @@ fn migrate_creates_the_tables_and_switches_durability() {
         .arg("migrate")
         .assert()
         .success()
-        .stdout(predicate::str::contains("applied 3 migration(s)"));
+        .stdout(predicate::str::contains("applied 4 migration(s)"));
     assert_eq!(db.count("SELECT count(*) AS n FROM cache_entries"), 0);
 
     pgcache(&db)
@@ -626,7 +626,7 @@ fn every_reporting_command_prints_one_json_document() {
     let db = TestDb::new();
     db.exec(&format!("DROP SCHEMA \"{}\" CASCADE", db.schema));
     let json = json_of(&db, &["migrate", "--json"], 0);
-    assert_eq!(json["applied"].as_array().unwrap().len(), 3, "{json}");
+    assert_eq!(json["applied"].as_array().unwrap().len(), 4, "{json}");
     assert_eq!(json["tables_logged"], serde_json::Value::Null);
     let json = json_of(&db, &["migrate", "--unlogged", "--json"], 0);
     assert_eq!(json["applied"], serde_json::json!([]));

@@ -28,15 +28,25 @@ use crate::jsonb::{JsonbIn, JsonbOut, JsonbText};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::metrics::Op;
+use crate::migrations::self_logged_setting;
 use crate::near::{NearKey, NearValue};
 use crate::schema::cache_entries;
 use crate::skipped::Skipped;
 use crate::validation::check_key;
 
-/// [`RETURNING_WRITTEN`] as a literal, for the hand-written statements' `concat!`.
-macro_rules! returning_written {
+/// The `SET` item of every update pgcache makes to `cache_entries`: on a connection
+/// that logs its own key/value updates (the setting the update trigger's `WHEN`
+/// skips, see [`SELF_LOGGED_SETTING`](crate::migrations::SELF_LOGGED_SETTING)) the
+/// row is stamped with the transaction's id, for the near caches' pollers; on any
+/// other it is cleared (out of the partial index) and the trigger logs the change.
+/// An insert leaves it NULL: no near cache holds a key that had no row.
+macro_rules! kv_change_stamp {
     () => {
-        " RETURNING key, created_at <> now() AS updated"
+        concat!(
+            "changed_xid = CASE WHEN current_setting('",
+            self_logged_setting!(),
+            "', true) = 'on' THEN pg_current_xact_id()::text::int8 END"
+        )
     };
 }
 
@@ -177,23 +187,15 @@ impl<'a, V> KvCache<'a, V> {
                     Param::<Text, _>::new(key),
                     Param::<diesel::sql_types::Interval, _>::new(interval),
                 );
-                let touch = Prepared::<Touch>::new(
+                let touched = Prepared::<Touch>::new(
                     &[
                         "UPDATE cache_entries SET expires_at = statement_timestamp() + ",
-                        " WHERE key = ",
-                        concat!(
-                            " AND expires_at > statement_timestamp()",
-                            returning_written!()
-                        ),
+                        concat!(", ", kv_change_stamp!(), " WHERE key = "),
+                        " AND expires_at > statement_timestamp()",
                     ],
                     vec![&interval, &key],
-                );
-                // Rows returned: the rows touched.
-                let touched = if self.handle.logs_kv_itself() {
-                    SelfLogged(touch).execute(conn)?
-                } else {
-                    touch.execute(conn)?
-                };
+                )
+                .execute(conn)?;
                 Ok(touched > 0)
             },
         )
@@ -295,7 +297,7 @@ impl<V> KvCache<'_, V> {
                 Param::<BigInt, _>::new(delta),
                 Param::<diesel::sql_types::Interval, _>::new(interval),
             );
-            let incr = Prepared::<Incr>::new(
+            let counted: Option<Counted> = Prepared::<Incr>::new(
                 &[
                     "INSERT INTO cache_entries AS c (key, value, expires_at) VALUES (",
                     ", to_jsonb(",
@@ -311,19 +313,16 @@ impl<V> KvCache<'_, V> {
                          expires_at = CASE WHEN c.expires_at <= statement_timestamp() \
                            THEN excluded.expires_at ELSE c.expires_at END, \
                          created_at = CASE WHEN c.expires_at <= statement_timestamp() \
-                           THEN now() ELSE c.created_at END \
-                         WHERE c.bytes IS NULL OR c.expires_at <= statement_timestamp()",
-                        returning_written!(),
-                        ", (value #>> '{}')::int8 AS n"
+                           THEN now() ELSE c.created_at END, ",
+                        kv_change_stamp!(),
+                        " WHERE c.bytes IS NULL OR c.expires_at <= statement_timestamp() \
+                         RETURNING (value #>> '{}')::int8 AS n"
                     ),
                 ],
                 vec![&key, &delta, &interval, &delta, &delta],
-            );
-            let counted: Option<Counted> = if self.handle.logs_kv_itself() {
-                SelfLogged(incr).get_result(conn).optional()?
-            } else {
-                incr.get_result(conn).optional()?
-            };
+            )
+            .get_result(conn)
+            .optional()?;
             counted
                 .map(|c| c.n)
                 .ok_or_else(|| wrong_type(name, "bytes", "integer"))
@@ -635,23 +634,17 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
                     Param::<Text, _>::new(key),
                     Param::<diesel::sql_types::Interval, _>::new(interval),
                 );
-                let get_touch = Prepared::<GetTouch>::new(
+                let found: Option<Touched<V>> = Prepared::<GetTouch>::new(
                     &[
                         "UPDATE cache_entries SET expires_at = statement_timestamp() + ",
-                        " WHERE key = ",
-                        concat!(
-                            " AND expires_at > statement_timestamp() AND bytes IS NULL",
-                            returning_written!(),
-                            ", value"
-                        ),
+                        concat!(", ", kv_change_stamp!(), " WHERE key = "),
+                        " AND expires_at > statement_timestamp() AND bytes IS NULL \
+                         RETURNING value",
                     ],
                     vec![&interval, &key],
-                );
-                let found: Option<Touched<V>> = if self.handle.logs_kv_itself() {
-                    SelfLogged(get_touch).get_result(conn).optional()?
-                } else {
-                    get_touch.get_result(conn).optional()?
-                };
+                )
+                .get_result(conn)
+                .optional()?;
                 match found {
                     Some(Touched {
                         value: JsonbIn(value),
@@ -756,18 +749,12 @@ fn prefix_upper_bound(prefix: &str) -> Option<String> {
 }
 
 /// What an upsert does to an existing key: new payload (of either kind), new expiry,
-/// new `created_at`, strictly after the transaction's start (`now()`, an insert's
-/// `created_at`), so the statement can tell what it updated from what it inserted
-/// ([`SelfLogged`]; `xmax` would tell too, but cannot be read from a partitioned
-/// table).
-const ON_CONFLICT_OVERWRITE: &str = " ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
-     bytes = excluded.bytes, expires_at = excluded.expires_at, \
-     created_at = greatest(clock_timestamp(), now() + interval '1 microsecond')";
-
-/// `RETURNING` what [`SelfLogged`] needs of a row written: its key, and whether it
-/// was there before the writing transaction (a row inserted by it has
-/// `created_at = now()`: an upsert's update and a touch leave another time).
-const RETURNING_WRITTEN: &str = returning_written!();
+/// new `created_at`, and the change stamp.
+const ON_CONFLICT_OVERWRITE: &str = concat!(
+    " ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
+     bytes = excluded.bytes, expires_at = excluded.expires_at, created_at = now(), ",
+    kv_change_stamp!()
+);
 
 /// The upserts as typed fragments with a static query id: Diesel's own
 /// `insert_into(..).on_conflict(..)` is never put in its prepared-statement cache, and
@@ -837,69 +824,6 @@ impl QueryId for UpsertMany<'_> {
 }
 
 impl<Conn> RunQueryDsl<Conn> for Upsert<'_> {}
-
-/// A statement that writes key/value rows, logging the keys it updated in
-/// `cache_changes` itself, in the same statement (see
-/// [`SELF_LOGGED_SETTING`](crate::migrations::SELF_LOGGED_SETTING)): `Q` runs in a
-/// CTE whose rows (`Q`'s `RETURNING`: [`RETURNING_WRITTEN`]'s columns first) are the
-/// statement's result. Rows the transaction inserted are not named (no near cache
-/// holds a key that had no row); every row updated is, a superset of what the
-/// trigger names (it also skips an unchanged value with a later expiry, which a
-/// statement cannot tell without the old row).
-struct SelfLogged<Q>(Q);
-
-impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for SelfLogged<Q> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql("WITH written AS (");
-        self.0.walk_ast(out.reborrow())?;
-        out.push_sql(
-            "), logged AS (INSERT INTO cache_changes (cache_name, keys) \
-             SELECT 'kv', array_agg(key) FROM written WHERE updated HAVING count(*) > 0) \
-             SELECT * FROM written",
-        );
-        Ok(())
-    }
-}
-
-impl<Q: QueryId> QueryId for SelfLogged<Q> {
-    type QueryId = SelfLogged<Q::QueryId>;
-    const HAS_STATIC_QUERY_ID: bool = Q::HAS_STATIC_QUERY_ID;
-}
-
-impl<Q> diesel::query_builder::Query for SelfLogged<Q> {
-    type SqlType = Untyped;
-}
-
-impl<Q, Conn> RunQueryDsl<Conn> for SelfLogged<Q> {}
-
-/// An upsert ending where a `RETURNING` may follow, for [`SelfLogged`].
-struct ReturningKey<Q>(Q);
-
-impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for ReturningKey<Q> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        self.0.walk_ast(out.reborrow())?;
-        out.push_sql(RETURNING_WRITTEN);
-        Ok(())
-    }
-}
-
-impl<Q: QueryId> QueryId for ReturningKey<Q> {
-    type QueryId = ReturningKey<Q::QueryId>;
-    const HAS_STATIC_QUERY_ID: bool = Q::HAS_STATIC_QUERY_ID;
-}
-
-/// Runs an upsert, logging its keys itself when `self_logged`.
-fn execute_kv_update<Q>(conn: &mut PgConnection, query: Q, self_logged: bool) -> QueryResult<usize>
-where
-    Q: QueryFragment<Pg> + QueryId,
-{
-    use diesel::query_dsl::methods::ExecuteDsl;
-    if self_logged {
-        ExecuteDsl::execute(SelfLogged(ReturningKey(query)), conn)
-    } else {
-        ExecuteDsl::execute(query, conn)
-    }
-}
 
 impl<Conn> RunQueryDsl<Conn> for UpsertMany<'_> {}
 
@@ -991,31 +915,24 @@ impl<'a> Row<'a> {
 
 /// Upserts rows of either kind; a batch too large for one statement is split, in
 /// one transaction.
-fn write(
-    conn: &mut PgConnection,
-    rows: &[Row<'_>],
-    ttl: PgInterval,
-    self_logged: bool,
-) -> Result<()> {
+fn write(conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
     let expires = ExpiresIn(ttl);
     match rows {
-        [row] => {
-            let upsert = Upsert {
-                key: row.key,
-                value: row.json(),
-                bytes: row.raw(),
-                expires,
-            };
-            execute_kv_update(conn, upsert, self_logged)?
+        [row] => Upsert {
+            key: row.key,
+            value: row.json(),
+            bytes: row.raw(),
+            expires,
         }
+        .execute(conn)?,
         rows => write_batches(conn, rows, Row::size, |conn, rows| {
-            let upsert = UpsertMany {
+            UpsertMany {
                 keys: rows.iter().map(|r| r.key).collect(),
                 values: rows.iter().map(Row::json).collect(),
                 bytes: rows.iter().map(Row::raw).collect(),
                 expires,
-            };
-            execute_kv_update(conn, upsert, self_logged)
+            }
+            .execute(conn)
         })?,
     };
     Ok(())
@@ -1125,7 +1042,7 @@ macro_rules! kv_storage_shared {
         }
 
         fn write(&self, conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
-            write(conn, rows, ttl, self.handle.logs_kv_itself())
+            write(conn, rows, ttl)
         }
 
         fn remove(&self, conn: &mut PgConnection, keys: &[&str], _checked: &[()]) -> Result<u64> {

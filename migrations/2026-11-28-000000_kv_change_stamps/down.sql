@@ -1,0 +1,1 @@
+ALTER TABLE cache_entries DROP COLUMN changed_xid;
