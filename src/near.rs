@@ -61,7 +61,8 @@ pub(crate) type NearValue = Arc<dyn Any + Send + Sync>;
 /// Generation slots keys hash to (a power of two).
 const GENERATION_SLOTS: usize = 4096;
 
-/// How often the poller reads the change log: about the commit-to-eviction latency.
+/// How often the poller reads the change log: the most a committed change waits for
+/// the next poll.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(2);
 
 /// How long the change log keeps a change; a poller that fell half as far behind
@@ -664,7 +665,14 @@ fn poll_loop(
                         })?;
                     }
                 }
-                std::thread::sleep(POLL_INTERVAL);
+                // Polls start every POLL_INTERVAL, whatever a poll took (a change
+                // waits at most one interval for the next), with a pause of at least
+                // a quarter interval when a poll took longer.
+                std::thread::sleep(
+                    POLL_INTERVAL
+                        .saturating_sub(sent.elapsed())
+                        .max(POLL_INTERVAL / 4),
+                );
             }
         })();
         if let Some(near) = caches.upgrade() {
