@@ -399,8 +399,42 @@ fn only_near_cache_managers_stamp_their_updates_the_others_go_through_the_trigge
         "stamped, not logged"
     );
     plain.kv().set("k", &json!(4)).unwrap();
-    assert_eq!(stamped(), 0, "another writer's update clears the stamp");
-    assert_eq!(log.changes(), vec![("kv".to_owned(), 1)]);
+    assert_eq!(
+        log.changes(),
+        vec![("kv".to_owned(), 1)],
+        "logged by the trigger"
+    );
+    assert_eq!(stamped(), 1, "the stamp is kept");
+}
+
+#[test]
+fn an_unlogged_update_after_a_stamped_one_does_not_hide_it() {
+    // A stamped change, then, before any poll has read it, an update by a pgcache
+    // connection that does not stamp (no near cache) which the trigger does not
+    // log (the same value, expiring later): the stamp must survive it. Both in one
+    // transaction, so no poll can come between them.
+    let db = near_db();
+    let reader = near_manager(&db);
+    wait_current(&db.cache);
+    wait_current(&reader);
+    db.cache.kv().set("k", &json!("old")).unwrap();
+    assert_eq!(warm(&reader, "k"), Some(json!("old")));
+    let mut conn = db.raw_connection();
+    conn.batch_execute("BEGIN; SET LOCAL pgcache.kv_self_logged = 'on'")
+        .unwrap();
+    db.cache
+        .kv()
+        .set_in(&mut conn, "k", &json!("new"), Duration::from_secs(60))
+        .unwrap();
+    conn.batch_execute("SET LOCAL pgcache.kv_self_logged = 'off'")
+        .unwrap();
+    db.cache
+        .kv()
+        .set_in(&mut conn, "k", &json!("new"), Duration::from_secs(120))
+        .unwrap();
+    conn.batch_execute("COMMIT").unwrap();
+    std::thread::sleep(BOUND);
+    assert_eq!(reader.kv().get("k").unwrap(), Some(json!("new")));
 }
 
 #[test]

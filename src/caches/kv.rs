@@ -34,18 +34,24 @@ use crate::schema::cache_entries;
 use crate::skipped::Skipped;
 use crate::validation::check_key;
 
-/// The `SET` item of every update pgcache makes to `cache_entries`: on a connection
-/// that logs its own key/value updates (the setting the update trigger's `WHEN`
-/// skips, see [`SELF_LOGGED_SETTING`](crate::migrations::SELF_LOGGED_SETTING)) the
-/// row is stamped with the transaction's id, for the near caches' pollers; on any
-/// other it is cleared (out of the partial index) and the trigger logs the change.
-/// An insert leaves it NULL: no near cache holds a key that had no row.
+/// The `SET` item of every update pgcache makes to `cache_entries` (`$table`: the
+/// name or alias the statement gives it): on a connection that logs its own
+/// key/value updates (the setting the update trigger's `WHEN` skips, see
+/// [`SELF_LOGGED_SETTING`](crate::migrations::SELF_LOGGED_SETTING)) the row is
+/// stamped with the transaction's id, for the near caches' pollers. On any other
+/// the trigger logs the change and the stamp is kept: a stamp no poller has read yet
+/// must survive a later update the trigger does not log (the same value again), or
+/// the change it stands for would be lost. A row never stamped stays NULL (out of
+/// the partial index), so a database without near caches pays nothing. An insert
+/// leaves it NULL: no near cache holds a key that had no row.
 macro_rules! kv_change_stamp {
-    () => {
+    ($table:literal) => {
         concat!(
             "changed_xid = CASE WHEN current_setting('",
             self_logged_setting!(),
-            "', true) = 'on' THEN pg_current_xact_id()::text::int8 END"
+            "', true) = 'on' THEN pg_current_xact_id()::text::int8 ELSE ",
+            $table,
+            ".changed_xid END"
         )
     };
 }
@@ -190,7 +196,7 @@ impl<'a, V> KvCache<'a, V> {
                 let touched = Prepared::<Touch>::new(
                     &[
                         "UPDATE cache_entries SET expires_at = statement_timestamp() + ",
-                        concat!(", ", kv_change_stamp!(), " WHERE key = "),
+                        concat!(", ", kv_change_stamp!("cache_entries"), " WHERE key = "),
                         " AND expires_at > statement_timestamp()",
                     ],
                     vec![&interval, &key],
@@ -314,7 +320,7 @@ impl<V> KvCache<'_, V> {
                            THEN excluded.expires_at ELSE c.expires_at END, \
                          created_at = CASE WHEN c.expires_at <= statement_timestamp() \
                            THEN now() ELSE c.created_at END, ",
-                        kv_change_stamp!(),
+                        kv_change_stamp!("c"),
                         " WHERE c.bytes IS NULL OR c.expires_at <= statement_timestamp() \
                          RETURNING (value #>> '{}')::int8 AS n"
                     ),
@@ -637,7 +643,7 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
                 let found: Option<Touched<V>> = Prepared::<GetTouch>::new(
                     &[
                         "UPDATE cache_entries SET expires_at = statement_timestamp() + ",
-                        concat!(", ", kv_change_stamp!(), " WHERE key = "),
+                        concat!(", ", kv_change_stamp!("cache_entries"), " WHERE key = "),
                         " AND expires_at > statement_timestamp() AND bytes IS NULL \
                          RETURNING value",
                     ],
@@ -753,7 +759,7 @@ fn prefix_upper_bound(prefix: &str) -> Option<String> {
 const ON_CONFLICT_OVERWRITE: &str = concat!(
     " ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
      bytes = excluded.bytes, expires_at = excluded.expires_at, created_at = now(), ",
-    kv_change_stamp!()
+    kv_change_stamp!("cache_entries")
 );
 
 /// The upserts as typed fragments with a static query id: Diesel's own
