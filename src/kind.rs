@@ -28,6 +28,11 @@ pub(crate) struct Descriptor {
     /// SQL for external storage a row holds (`text`, may be NULL), released on
     /// eviction or invalidation.
     pub(crate) external_path: &'static str,
+    /// The columns whose change near caches must hear of (an earlier expiry too):
+    /// a typed table's upsert stamps a live row only when one of them changes. The
+    /// trigger function (`pgcache_near_invalidate` in `migrations/`) compares the
+    /// same ones for other writers. (The key/value cache stamps every update.)
+    pub(crate) near_payload: &'static [&'static str],
 }
 
 /// What a table that counts hits per entry adds to its [`Descriptor`].
@@ -103,6 +108,7 @@ impl CacheKind {
                 payload_bytes:
                     "octet_length(key) + coalesce(pg_column_size(value), pg_column_size(bytes))",
                 external_path: "NULL::text",
+                near_payload: &["value", "bytes"],
             },
             CacheKind::Embedding => &Descriptor {
                 name: "embedding",
@@ -112,6 +118,7 @@ impl CacheKind {
                 hits: None,
                 payload_bytes: "octet_length(embedding)",
                 external_path: "NULL::text",
+                near_payload: &["embedding"],
             },
             CacheKind::VectorSearch => &Descriptor {
                 name: "vector_search",
@@ -121,6 +128,7 @@ impl CacheKind {
                 hits: None,
                 payload_bytes: "pg_column_size(results)",
                 external_path: "NULL::text",
+                near_payload: &["results", "filters", "top_k", "user_id"],
             },
             CacheKind::LlmResponse => &Descriptor {
                 name: "llm_response",
@@ -132,6 +140,7 @@ impl CacheKind {
                 }),
                 payload_bytes: "octet_length(response)",
                 external_path: "NULL::text",
+                near_payload: &["response"],
             },
             CacheKind::AudioChunk => &Descriptor {
                 name: "audio_chunk",
@@ -143,6 +152,7 @@ impl CacheKind {
                 }),
                 payload_bytes: "byte_size",
                 external_path: "storage_path",
+                near_payload: &["audio_data", "storage_path"],
             },
         }
     }

@@ -198,21 +198,16 @@ pub(crate) fn set_logged(conn: &mut PgConnection, logged: bool) -> Result<()> {
 }
 
 /// The statements creating `kind`'s near-cache invalidation triggers (run in one
-/// transaction).
+/// transaction). The update trigger skips the statements of connections that stamp
+/// their own changes ([`STAMPING_SETTING`]).
 pub(crate) fn near_triggers_sql(kind: CacheKind) -> String {
     let table = kind.descriptor();
-    // The key/value cache's own connections log their updates themselves.
-    let unless_self_logged = match kind {
-        CacheKind::Kv => {
-            format!("WHEN (current_setting('{SELF_LOGGED_SETTING}', true) IS DISTINCT FROM 'on') ")
-        }
-        _ => String::new(),
-    };
     // Names come from the closed descriptors, never from input.
     format!(
         "CREATE TRIGGER pgcache_near_update AFTER UPDATE ON {t} \
            REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows \
-           FOR EACH STATEMENT {unless_self_logged}EXECUTE FUNCTION pgcache_near_invalidate('{name}'); \
+           FOR EACH STATEMENT WHEN (current_setting('{STAMPING_SETTING}', true) IS DISTINCT FROM 'on') \
+           EXECUTE FUNCTION pgcache_near_invalidate('{name}'); \
          CREATE TRIGGER pgcache_near_delete AFTER DELETE ON {t} \
            REFERENCING OLD TABLE AS old_rows \
            FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate('{name}'); \
@@ -223,26 +218,83 @@ pub(crate) fn near_triggers_sql(kind: CacheKind) -> String {
     )
 }
 
-/// [`SELF_LOGGED_SETTING`] as a literal, for statements written with `concat!`.
-macro_rules! self_logged_setting {
+/// [`STAMPING_SETTING`] as a literal, for statements written with `concat!`.
+macro_rules! stamping_setting {
     () => {
-        "pgcache.kv_self_logged"
+        "pgcache.stamps_changes"
     };
 }
-pub(crate) use self_logged_setting;
 
-/// The session setting with which a connection says that it logs its own updates
-/// of the key/value cache, by stamping the rows it updates with its transaction id
-/// (`cache_entries.changed_xid`, read by the pollers next to `cache_changes`), so
-/// the update trigger, which costs a quarter of a relaxed write, need not: set on
-/// the cache's own pooled connections when a key/value near cache is configured.
-/// The stamp and the trigger's `WHEN` read this one setting, so a statement is
-/// logged by exactly one of them.
-pub(crate) const SELF_LOGGED_SETTING: &str = self_logged_setting!();
+/// The session setting with which a connection says that it stamps the rows its
+/// updates change with its transaction id (`changed_xid`, read by the pollers next
+/// to `cache_changes`), so the update triggers, which cost a quarter of a relaxed
+/// write, need not log them: set on the cache's own pooled connections when a near
+/// cache is configured. The stamp and the triggers' `WHEN` read this one setting,
+/// so an update is logged by exactly one of them. Every update pgcache makes on
+/// such a connection that can change what a near cache holds (a payload, an
+/// earlier expiry) must therefore carry a [`change_stamp!`]; updates that cannot
+/// (hit counts) need none.
+pub(crate) const STAMPING_SETTING: &str = stamping_setting!();
 
-/// Whether the cache's own connections log their key/value updates themselves.
-pub(crate) fn kv_logs_itself(config: &crate::config::CacheConfig) -> bool {
-    config.near_cache(CacheKind::Kv).is_some()
+/// The stamp's SQL in pieces: the `SET` item up to its condition ...
+macro_rules! stamp_when {
+    () => {
+        concat!(
+            "changed_xid = CASE WHEN current_setting('",
+            $crate::migrations::stamping_setting!(),
+            "', true) = 'on' AND ("
+        )
+    };
+}
+
+/// ... from its condition to the table's name or alias ...
+macro_rules! stamp_then {
+    () => {
+        ") THEN pg_current_xact_id()::text::int8 ELSE "
+    };
+}
+
+/// ... and after the table's name or alias.
+macro_rules! stamp_end {
+    () => {
+        ".changed_xid END"
+    };
+}
+
+/// [`change_stamp!`]'s pieces, for statements built at run time.
+pub(crate) const STAMP_WHEN: &str = stamp_when!();
+/// See [`STAMP_WHEN`].
+pub(crate) const STAMP_THEN: &str = stamp_then!();
+/// See [`STAMP_WHEN`].
+pub(crate) const STAMP_END: &str = stamp_end!();
+
+/// The `SET` item stamping the row an update changes (`$table`: the name or alias
+/// the statement gives the table) when the connection stamps and `$changed` (SQL,
+/// true when the update changes what a near cache may hold) holds. Otherwise the
+/// stamp is kept: one no poller has read yet must survive a later update the trigger
+/// does not log (the same value again), or the change it stands for would be lost.
+/// A row never stamped stays NULL, out of the partial index, so a database without
+/// near caches pays nothing; an insert leaves it NULL (no near cache holds a key
+/// that had no row).
+macro_rules! change_stamp {
+    ($table:literal, $changed:literal) => {
+        concat!(
+            $crate::migrations::stamp_when!(),
+            $changed,
+            $crate::migrations::stamp_then!(),
+            $table,
+            $crate::migrations::stamp_end!()
+        )
+    };
+}
+pub(crate) use {change_stamp, stamp_end, stamp_then, stamp_when, stamping_setting};
+
+/// Whether the cache's own connections stamp their changes (a near cache is
+/// configured).
+pub(crate) fn stamps_changes(config: &crate::config::CacheConfig) -> bool {
+    CacheKind::ALL
+        .iter()
+        .any(|&kind| config.near_cache(kind).is_some())
 }
 
 /// Installs the near-cache invalidation triggers on the tables of `kinds` that lack
@@ -254,16 +306,17 @@ pub(crate) fn ensure_near_triggers(
 ) -> Result<()> {
     locked(conn, |conn| {
         kinds.into_iter().try_for_each(|kind| {
-            // All three, and the key/value update trigger with its `WHEN` (one
-            // installed by an earlier version has none: replaced).
+            // All three, and the update trigger with a `WHEN` on the current
+            // setting (one installed by an earlier version has none, or another
+            // setting's: replaced).
             let installed: Flag = diesel::sql_query(
                 "SELECT count(*) = 3 AND bool_and(tgname <> 'pgcache_near_update' \
-                   OR tgqual IS NOT NULL OR $2) AS flag FROM pg_trigger \
+                   OR strpos(pg_get_triggerdef(oid), $2) > 0) AS flag FROM pg_trigger \
                  WHERE tgrelid = $1::regclass \
                    AND tgname IN ('pgcache_near_update', 'pgcache_near_delete', 'pgcache_near_truncate')",
             )
             .bind::<Text, _>(kind.table())
-            .bind::<diesel::sql_types::Bool, _>(kind != CacheKind::Kv)
+            .bind::<Text, _>(format!("'{STAMPING_SETTING}'"))
             .get_result(conn)?;
             if installed.flag {
                 return Ok(());

@@ -7,10 +7,10 @@
 //!   program) fires a statement-level trigger that appends one row naming the
 //!   changed keys to `cache_changes`, in the writer's transaction (see
 //!   `migrations/`): a rollback logs nothing, and no lock is shared between writers.
-//!   The key/value cache's own updates, on a pool with a kv near cache, skip that
-//!   trigger and stamp the rows they update with their transaction id instead
-//!   (`cache_entries.changed_xid`, see `migrations::SELF_LOGGED_SETTING`): one
-//!   index entry rather than a second row per statement.
+//!   pgcache's own updates, on the pool of a manager with a near cache, skip that
+//!   trigger and stamp the rows whose content they change with their transaction
+//!   id instead (`changed_xid`, see `migrations::STAMPING_SETTING`): one index
+//!   entry rather than a trigger and a second row per statement.
 //! - One poller thread per manager ([`Poller`]) reads the log (and the stamps)
 //!   every [`POLL_INTERVAL`] and evicts the keys. Each poll asks for the changes of every
 //!   transaction that was running at the previous poll's snapshot or began after
@@ -541,45 +541,49 @@ impl Window {
     }
 }
 
-/// Reads the changes committed since `window` was taken and the next window: the
-/// change log's rows, and with `kv` the key/value rows pgcache's own updates stamped
-/// (`changed_xid`, see `migrations::SELF_LOGGED_SETTING`), both by the same window
-/// rule and in the same snapshot.
-fn poll(conn: &mut PgConnection, window: Option<&Window>, kv: bool) -> QueryResult<Vec<Polled>> {
-    /// The rows logged in `cache_changes` in the window.
-    macro_rules! logged {
-        () => {
-            "SELECT cache_name, keys FROM cache_changes \
-             WHERE xid >= $1::int8 OR xid = ANY($2::text[]::int8[])"
+/// The poll statement for near caches of `kinds`: the change log's rows, and the
+/// rows of their tables that pgcache's own updates stamped (`changed_xid`, see
+/// `migrations::STAMPING_SETTING`), both by the same window rule (`$1`: the previous
+/// snapshot's xmax, `$2`: the transactions it saw running) and in the same snapshot.
+/// Keys as the change log names them: key/value keys as they are, digests as hex.
+fn poll_sql(kinds: impl Iterator<Item = CacheKind>) -> String {
+    let mut changes = "SELECT cache_name, keys FROM cache_changes \
+                       WHERE xid >= $1::int8 OR xid = ANY($2::text[]::int8[])"
+        .to_owned();
+    for kind in kinds {
+        let table = kind.descriptor();
+        let key = match kind {
+            CacheKind::Kv => table.key.to_owned(),
+            _ => format!("encode({}, 'hex')", table.key),
         };
+        // Names come from the closed descriptors, never from input.
+        changes.push_str(&format!(
+            " UNION ALL SELECT '{name}', array_agg({key}) FROM {t} \
+             WHERE changed_xid >= $1::int8 OR changed_xid = ANY($2::text[]::int8[]) \
+             HAVING count(*) > 0",
+            name = table.name,
+            t = table.table,
+        ));
     }
-    /// The statement around the changes `c`.
-    macro_rules! poll_sql {
-        ($changes:expr) => {
-            concat!(
-                "WITH s AS (SELECT pg_current_snapshot() AS snap), c AS (",
-                $changes,
-                ") SELECT pg_snapshot_xmax(s.snap)::text AS xmax, \
-                   array(SELECT pg_snapshot_xip(s.snap)::text) AS xip, \
-                   (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us, \
-                   c.cache_name, c.keys, c.cache_name IS NOT NULL AS is_change \
-                 FROM s LEFT JOIN c ON true"
-            )
-        };
-    }
-    const LOGGED: &str = poll_sql!(logged!());
-    const LOGGED_AND_STAMPED: &str = poll_sql!(concat!(
-        logged!(),
-        " UNION ALL SELECT 'kv', array_agg(key) FROM cache_entries \
-         WHERE changed_xid >= $1::int8 OR changed_xid = ANY($2::text[]::int8[]) \
-         HAVING count(*) > 0"
-    ));
+    format!(
+        "WITH s AS (SELECT pg_current_snapshot() AS snap), c AS ({changes}) \
+         SELECT pg_snapshot_xmax(s.snap)::text AS xmax, \
+                array(SELECT pg_snapshot_xip(s.snap)::text) AS xip, \
+                (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us, \
+                c.cache_name, c.keys, c.cache_name IS NOT NULL AS is_change \
+         FROM s LEFT JOIN c ON true"
+    )
+}
+
+/// Runs `sql` ([`poll_sql`]): the changes committed since `window` was taken (none
+/// without one: the baseline) and the next window.
+fn poll(conn: &mut PgConnection, sql: &str, window: Option<&Window>) -> QueryResult<Vec<Polled>> {
     let (xmax, in_progress) = match window {
         Some(w) => (w.xmax.as_str(), w.in_progress.clone()),
         // The baseline: no change, only the snapshot.
         None => ("9223372036854775807", Vec::new()),
     };
-    diesel::sql_query(if kv { LOGGED_AND_STAMPED } else { LOGGED })
+    diesel::sql_query(sql)
         .bind::<Text, _>(xmax)
         .bind::<Array<Text>, _>(in_progress)
         .load(conn)
@@ -600,15 +604,16 @@ fn poll_loop(
         // Every statement is watched: a poll a frozen server never answers is cut
         // after statement_timeout + 1 s, and the poller reconnects.
         let outcome: Result<()> = (|| {
-            let baseline = watched(&mut conn, |conn| Ok(poll(conn, None, false)?))?;
-            let mut window = next_window(&baseline);
-            let kv = match caches.upgrade() {
-                Some(near) => {
-                    near.has_baseline.store(true, Ordering::SeqCst);
-                    near.serves(CacheKind::Kv)
-                }
+            let sql = match caches.upgrade() {
+                Some(near) => poll_sql(CacheKind::ALL.into_iter().filter(|&k| near.serves(k))),
                 None => return Ok(()),
             };
+            let baseline = watched(&mut conn, |conn| Ok(poll(conn, &sql, None)?))?;
+            let mut window = next_window(&baseline);
+            match caches.upgrade() {
+                Some(near) => near.has_baseline.store(true, Ordering::SeqCst),
+                None => return Ok(()),
+            }
             let mut pruned = Instant::now();
             // Windows of the last RETENTION, to prune what every poller has read.
             let mut past: VecDeque<(Instant, i64)> = VecDeque::new();
@@ -625,10 +630,10 @@ fn poll_loop(
                     // Stalled this long, changes may have been pruned unread:
                     // start over from an empty L1.
                     near.lost();
-                    window = next_window(&watched(&mut conn, |conn| Ok(poll(conn, None, false)?))?);
+                    window = next_window(&watched(&mut conn, |conn| Ok(poll(conn, &sql, None)?))?);
                     near.has_baseline.store(true, Ordering::SeqCst);
                 }
-                let rows = watched(&mut conn, |conn| Ok(poll(conn, window.as_ref(), kv)?))?;
+                let rows = watched(&mut conn, |conn| Ok(poll(conn, &sql, window.as_ref())?))?;
                 for row in rows.iter().filter(|r| r.is_change) {
                     if let Some(cache) = &row.cache_name {
                         near.apply(cache, row.keys.as_deref());

@@ -135,10 +135,10 @@ pub(crate) fn session_sql(config: &CacheConfig) -> String {
     if config.durability() == Durability::Relaxed {
         sql.push_str(" SET synchronous_commit = off;");
     }
-    if crate::migrations::kv_logs_itself(config) {
+    if crate::migrations::stamps_changes(config) {
         sql.push_str(&format!(
             " SET {} = 'on';",
-            crate::migrations::SELF_LOGGED_SETTING
+            crate::migrations::STAMPING_SETTING
         ));
     }
     sql
@@ -339,9 +339,9 @@ pub(crate) struct Pool {
     /// session settings, and get the cache's schema added to the end of their
     /// search path when a cache statement first fails to find a table on one.
     shared: Option<SharedPath>,
-    /// Whether its connections say they log their key/value updates themselves
-    /// (see [`crate::migrations::SELF_LOGGED_SETTING`]).
-    self_logged: bool,
+    /// Whether its connections stamp the rows their updates change
+    /// (see [`crate::migrations::STAMPING_SETTING`]).
+    stamps: bool,
 }
 
 /// Puts the cache's schema on an application connection's search path, last, so
@@ -465,7 +465,7 @@ impl Pool {
             failures,
             outage: Arc::new(Outage::new(&config.shard_name)),
             shared: None,
-            self_logged: crate::migrations::kv_logs_itself(config),
+            stamps: crate::migrations::stamps_changes(config),
         };
         if check {
             drop(pool.checkout()?);
@@ -502,7 +502,7 @@ impl Pool {
             shared: Some(SharedPath {
                 schema: config.schema().to_owned(),
             }),
-            self_logged: false,
+            stamps: false,
         };
         if !config.fail_open() {
             let mut conn = pool.for_caller()?;
@@ -596,13 +596,12 @@ impl Pool {
         if let Some(shared) = &self.shared {
             shared.ensure(&mut conn)?;
         }
-        if self.self_logged {
+        if self.stamps {
             // The caller's own statements do not stamp their rows: the trigger
             // must see them. (The connection keeps this: the cache's own updates on
             // it then go through the trigger too, logged once all the same.)
             watched(&mut conn, |conn| {
-                Ok(conn
-                    .batch_execute(&format!("RESET {}", crate::migrations::SELF_LOGGED_SETTING))?)
+                Ok(conn.batch_execute(&format!("RESET {}", crate::migrations::STAMPING_SETTING))?)
             })?;
         }
         Ok(conn)

@@ -18,6 +18,7 @@ diesel::table! {
         last_accessed_at -> Timestamptz,
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
+        changed_xid -> Nullable<Int8>,
     }
 }
 
@@ -69,6 +70,7 @@ diesel::table! {
         owner_id -> Nullable<Uuid>,
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
+        changed_xid -> Nullable<Int8>,
     }
 }
 
@@ -83,6 +85,7 @@ diesel::table! {
         last_accessed_at -> Timestamptz,
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
+        changed_xid -> Nullable<Int8>,
     }
 }
 
@@ -95,6 +98,7 @@ diesel::table! {
         results -> Jsonb,
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
+        changed_xid -> Nullable<Int8>,
     }
 }
 

@@ -262,8 +262,8 @@ fn a_killed_listener_turns_the_near_cache_off_until_it_is_back() {
 }
 
 /// Changes logged for the near caches: the change log's rows, taken out of the log
-/// (the pollers then miss them, which these tests do not look at), and the key/value
-/// rows the cache's own updates stamped, one change per transaction.
+/// (the pollers then miss them, which these tests do not look at), and the rows the
+/// cache's own updates stamped, one change per table and transaction.
 struct ChangeLog<'a> {
     db: &'a TestDb,
     /// The newest stamp already reported.
@@ -299,8 +299,13 @@ impl<'a> ChangeLog<'a> {
         .load(&mut conn)
         .unwrap();
         let stamped: Vec<Change> = diesel::sql_query(
-            "SELECT 'kv' AS cache_name, count(*) AS keys, changed_xid AS stamp FROM cache_entries \
-             WHERE changed_xid > $1 GROUP BY changed_xid ORDER BY changed_xid",
+            "SELECT cache_name, count(*) AS keys, changed_xid AS stamp FROM ( \
+               SELECT 'kv' AS cache_name, changed_xid FROM cache_entries \
+               UNION ALL SELECT 'embedding', changed_xid FROM embedding_cache \
+               UNION ALL SELECT 'vector_search', changed_xid FROM vector_search_cache \
+               UNION ALL SELECT 'llm_response', changed_xid FROM llm_response_cache \
+               UNION ALL SELECT 'audio_chunk', changed_xid FROM audio_chunk_cache) s \
+             WHERE changed_xid > $1 GROUP BY cache_name, changed_xid ORDER BY changed_xid",
         )
         .bind::<diesel::sql_types::BigInt, _>(self.stamped)
         .load(&mut conn)
@@ -420,13 +425,13 @@ fn an_unlogged_update_after_a_stamped_one_does_not_hide_it() {
     db.cache.kv().set("k", &json!("old")).unwrap();
     assert_eq!(warm(&reader, "k"), Some(json!("old")));
     let mut conn = db.raw_connection();
-    conn.batch_execute("BEGIN; SET LOCAL pgcache.kv_self_logged = 'on'")
+    conn.batch_execute("BEGIN; SET LOCAL pgcache.stamps_changes = 'on'")
         .unwrap();
     db.cache
         .kv()
         .set_in(&mut conn, "k", &json!("new"), Duration::from_secs(60))
         .unwrap();
-    conn.batch_execute("SET LOCAL pgcache.kv_self_logged = 'off'")
+    conn.batch_execute("SET LOCAL pgcache.stamps_changes = 'off'")
         .unwrap();
     db.cache
         .kv()
@@ -438,34 +443,104 @@ fn an_unlogged_update_after_a_stamped_one_does_not_hide_it() {
 }
 
 #[test]
-fn an_update_trigger_of_an_earlier_version_is_replaced_at_start() {
+fn update_triggers_of_earlier_versions_are_replaced_at_start() {
     let db = near_db();
     wait_current(&db.cache);
-    // As an earlier version installed it: no WHEN, so it would log the cache's own
-    // updates a second time.
+    // As earlier versions installed them: on the LLM table with no WHEN (it would
+    // log the cache's own updates a second time), on the key/value table with a
+    // WHEN on a setting nothing sets any more (it would log every update again).
     db.exec(
-        "DROP TRIGGER pgcache_near_update ON cache_entries; \
+        "DROP TRIGGER pgcache_near_update ON llm_response_cache; \
+         CREATE TRIGGER pgcache_near_update AFTER UPDATE ON llm_response_cache \
+           REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows \
+           FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate('llm_response'); \
+         DROP TRIGGER pgcache_near_update ON cache_entries; \
          CREATE TRIGGER pgcache_near_update AFTER UPDATE ON cache_entries \
            REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows \
-           FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate('kv')",
+           FOR EACH STATEMENT WHEN (current_setting('pgcache.kv_self_logged', true) IS DISTINCT FROM 'on') \
+           EXECUTE FUNCTION pgcache_near_invalidate('kv')",
     );
-    let with_when = |db: &TestDb| {
+    let current = |db: &TestDb| {
         db.count(
-            "SELECT count(*) AS n FROM pg_trigger WHERE tgrelid = 'cache_entries'::regclass \
-             AND tgname = 'pgcache_near_update' AND tgqual IS NOT NULL",
+            "SELECT count(*) AS n FROM pg_trigger \
+             WHERE tgrelid IN ('cache_entries'::regclass, 'llm_response_cache'::regclass) \
+               AND tgname = 'pgcache_near_update' \
+               AND pg_get_triggerdef(oid) LIKE '%pgcache.stamps_changes%'",
         )
     };
-    assert_eq!(with_when(&db), 0);
-    let other = near_manager(&db);
+    assert_eq!(current(&db), 0);
+    let other = CacheManager::new(
+        db.config()
+            .near_cache(CacheKind::Kv, Some(NearCache::new()))
+            .near_cache(CacheKind::LlmResponse, Some(NearCache::new()))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
     wait_current(&other);
-    assert_eq!(with_when(&db), 1, "replaced");
+    assert_eq!(current(&db), 2, "replaced");
     assert_eq!(
         db.count(
-            "SELECT count(*) AS n FROM pg_trigger WHERE tgrelid = 'cache_entries'::regclass \
-             AND tgname LIKE 'pgcache_near_%'"
+            "SELECT count(*) AS n FROM pg_trigger \
+             WHERE tgrelid IN ('cache_entries'::regclass, 'llm_response_cache'::regclass) \
+               AND tgname LIKE 'pgcache_near_%'"
         ),
-        3
+        6
     );
+}
+
+#[test]
+fn an_ai_cache_change_by_another_manager_is_seen_and_an_unchanged_set_evicts_nothing() {
+    let db = near_db();
+    let other = CacheManager::new(
+        db.config()
+            .near_cache(CacheKind::Kv, Some(NearCache::new()))
+            .near_cache(CacheKind::LlmResponse, Some(NearCache::new()))
+            .near_cache_staleness(BOUND)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    wait_current(&db.cache);
+    wait_current(&other);
+    let prompt = LlmPrompt::new("q", "p");
+    let response = |cache: &CacheManager| {
+        cache
+            .llm_response()
+            .get(&prompt)
+            .unwrap()
+            .map(|r| r.response)
+    };
+    db.cache
+        .llm_response()
+        .set(&prompt, &"a".to_owned())
+        .unwrap();
+    response(&other);
+    assert_eq!(response(&other), Some("a".to_owned()));
+    let llm_hits = |cache: &CacheManager| {
+        cache
+            .near_cache_stats()
+            .into_iter()
+            .find(|s| s.cache == CacheKind::LlmResponse)
+            .unwrap()
+            .hits
+    };
+    // The same response again: not stamped, still served from memory.
+    db.cache
+        .llm_response()
+        .set(&prompt, &"a".to_owned())
+        .unwrap();
+    std::thread::sleep(BOUND);
+    let hits = llm_hits(&other);
+    assert_eq!(response(&other), Some("a".to_owned()));
+    assert_eq!(llm_hits(&other), hits + 1, "still in memory");
+    // A changed one: stamped, evicted.
+    db.cache
+        .llm_response()
+        .set(&prompt, &"b".to_owned())
+        .unwrap();
+    std::thread::sleep(BOUND);
+    assert_eq!(response(&other), Some("b".to_owned()));
 }
 
 #[test]

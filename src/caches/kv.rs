@@ -28,33 +28,11 @@ use crate::jsonb::{JsonbIn, JsonbOut, JsonbText};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::metrics::Op;
-use crate::migrations::self_logged_setting;
+use crate::migrations::change_stamp;
 use crate::near::{NearKey, NearValue};
 use crate::schema::cache_entries;
 use crate::skipped::Skipped;
 use crate::validation::check_key;
-
-/// The `SET` item of every update pgcache makes to `cache_entries` (`$table`: the
-/// name or alias the statement gives it): on a connection that logs its own
-/// key/value updates (the setting the update trigger's `WHEN` skips, see
-/// [`SELF_LOGGED_SETTING`](crate::migrations::SELF_LOGGED_SETTING)) the row is
-/// stamped with the transaction's id, for the near caches' pollers. On any other
-/// the trigger logs the change and the stamp is kept: a stamp no poller has read yet
-/// must survive a later update the trigger does not log (the same value again), or
-/// the change it stands for would be lost. A row never stamped stays NULL (out of
-/// the partial index), so a database without near caches pays nothing. An insert
-/// leaves it NULL: no near cache holds a key that had no row.
-macro_rules! kv_change_stamp {
-    ($table:literal) => {
-        concat!(
-            "changed_xid = CASE WHEN current_setting('",
-            self_logged_setting!(),
-            "', true) = 'on' THEN pg_current_xact_id()::text::int8 ELSE ",
-            $table,
-            ".changed_xid END"
-        )
-    };
-}
 
 /// The key/value cache: string keys, values of any serde type stored as JSONB, or
 /// opaque bytes stored exactly.
@@ -196,7 +174,11 @@ impl<'a, V> KvCache<'a, V> {
                 let touched = Prepared::<Touch>::new(
                     &[
                         "UPDATE cache_entries SET expires_at = statement_timestamp() + ",
-                        concat!(", ", kv_change_stamp!("cache_entries"), " WHERE key = "),
+                        concat!(
+                            ", ",
+                            change_stamp!("cache_entries", "true"),
+                            " WHERE key = "
+                        ),
                         " AND expires_at > statement_timestamp()",
                     ],
                     vec![&interval, &key],
@@ -320,7 +302,7 @@ impl<V> KvCache<'_, V> {
                            THEN excluded.expires_at ELSE c.expires_at END, \
                          created_at = CASE WHEN c.expires_at <= statement_timestamp() \
                            THEN now() ELSE c.created_at END, ",
-                        kv_change_stamp!("c"),
+                        change_stamp!("c", "true"),
                         " WHERE c.bytes IS NULL OR c.expires_at <= statement_timestamp() \
                          RETURNING (value #>> '{}')::int8 AS n"
                     ),
@@ -643,7 +625,11 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
                 let found: Option<Touched<V>> = Prepared::<GetTouch>::new(
                     &[
                         "UPDATE cache_entries SET expires_at = statement_timestamp() + ",
-                        concat!(", ", kv_change_stamp!("cache_entries"), " WHERE key = "),
+                        concat!(
+                            ", ",
+                            change_stamp!("cache_entries", "true"),
+                            " WHERE key = "
+                        ),
                         " AND expires_at > statement_timestamp() AND bytes IS NULL \
                          RETURNING value",
                     ],
@@ -755,11 +741,12 @@ fn prefix_upper_bound(prefix: &str) -> Option<String> {
 }
 
 /// What an upsert does to an existing key: new payload (of either kind), new expiry,
-/// new `created_at`, and the change stamp.
+/// new `created_at`, and the change stamp. Every key/value update is stamped, values
+/// not compared (cheaper for writers; it only evicts an entry that was still right).
 const ON_CONFLICT_OVERWRITE: &str = concat!(
     " ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
      bytes = excluded.bytes, expires_at = excluded.expires_at, created_at = now(), ",
-    kv_change_stamp!("cache_entries")
+    change_stamp!("cache_entries", "true")
 );
 
 /// The upserts as typed fragments with a static query id: Diesel's own

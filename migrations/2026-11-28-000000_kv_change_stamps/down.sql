@@ -1,1 +1,0 @@
-ALTER TABLE cache_entries DROP COLUMN changed_xid;
