@@ -1304,7 +1304,11 @@ impl Report {
             }
         }
         // Writers keep at least 0.8x their throughput: judged as its inverse.
-        for name in ["overwrite new value", "overwrite same value"] {
+        for name in [
+            "overwrite new value",
+            "overwrite same value",
+            "llm set new response",
+        ] {
             check(
                 format!("near off / on {name} throughput, {} threads", self.threads),
                 self.find(&format!("{name}, near on/off"), self.threads)

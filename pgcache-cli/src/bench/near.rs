@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgcache::{Cache, CacheKind, CacheManager, NearCache};
+use pgcache::{Cache, CacheKind, CacheManager, LlmPrompt, NearCache};
 use serde_json::{json, Value};
 
 use super::{
@@ -25,6 +25,11 @@ fn value_of(bytes: usize) -> Value {
 
 fn key(size: &str, n: u64) -> String {
     format!("near:{size}:{n}")
+}
+
+/// The hot LLM prompts of the writer-cost rows.
+fn prompt(n: u64) -> LlmPrompt {
+    LlmPrompt::new(format!("near prompt {n}"), "bench")
 }
 
 /// Runs the near-cache rows for each thread count in `passes`, in a schema next to
@@ -49,6 +54,7 @@ pub(super) fn rows(
         bench_config(url, &scratch.schema, max_threads, relaxed)
             .application_name("pgcache-bench-near")
             .near_cache(CacheKind::Kv, Some(NearCache::new().max_bytes(256 << 20)))
+            .near_cache(CacheKind::LlmResponse, Some(NearCache::new()))
             .build()?,
     )?;
     let mut redis = redis_url.map(Redis::connect).transpose()?;
@@ -63,6 +69,13 @@ pub(super) fn rows(
         if let Some(redis) = &mut redis {
             redis.fill(size, &serde_json::to_string(&value)?)?;
         }
+    }
+    let prompts: Vec<LlmPrompt> = (0..KEYS).map(prompt).collect();
+    let response = "a response of about a hundred bytes, as an LLM would give one".repeat(2);
+    let responses: Vec<(&LlmPrompt, &String)> = prompts.iter().map(|p| (p, &response)).collect();
+    for chunk in responses.chunks(100) {
+        near.llm_response().set_many(chunk, TTL)?;
+        plain.llm_response().set_many(chunk, TTL)?;
     }
     wait_current(&near)?;
 
@@ -126,9 +139,10 @@ pub(super) fn rows(
             }
         }
 
-        // Writer cost: overwrites of hot keys, near cache on (triggers, poller)
-        // against off (the plain schema), alternating slices. A new value each time
-        // (every overwrite is logged), and the same value again (none is).
+        // Writer cost: overwrites of hot keys, near cache on (stamps, triggers,
+        // poller) against off (the plain schema), alternating slices. A new value
+        // each time, and the same value again; for an AI cache, a new response
+        // each time (an unchanged one is not stamped).
         let same = value_of(SIZES[0].1);
         let changed = |cache: &mut &CacheManager, w: &mut Worker| -> BenchResult<bool> {
             let n = w.random() % KEYS;
@@ -141,12 +155,24 @@ pub(super) fn rows(
             cache.kv().set_with_ttl(&key(SIZES[0].0, n), &same, TTL)?;
             Ok(true)
         };
+        let new_response = |cache: &mut &CacheManager, w: &mut Worker| -> BenchResult<bool> {
+            let n = w.random() % KEYS;
+            let text = format!(
+                "response {} of thread {}: {}",
+                w.iteration,
+                w.thread,
+                "x".repeat(64)
+            );
+            cache.llm_response().set_with_ttl(&prompt(n), &text, TTL)?;
+            Ok(true)
+        };
         for (name, set) in [
             (
                 "overwrite new value, near on/off",
                 &changed as &(dyn Fn(&mut &CacheManager, &mut Worker) -> BenchResult<bool> + Sync),
             ),
             ("overwrite same value, near on/off", &unchanged),
+            ("llm set new response, near on/off", &new_response),
         ] {
             let mut on_ctx = vec![&near; threads];
             let mut off_ctx = vec![plain; threads];
