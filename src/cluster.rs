@@ -91,11 +91,24 @@ impl Cluster {
             engines.push(engine.map_err(|error| error.on_shard(shard.name()))?);
         }
         if !config.fail_open() && engines.iter().all(|engine| engine.was_down_at_start()) {
-            // The same answer as one database that is down.
-            let error = engines[0].connection().err();
-            return Err(error
-                .unwrap_or_else(|| Error::Connection("no shard answered".into()))
-                .on_shard(map.names()[0].as_str()));
+            // The same answer as one database that is down, unless a shard answers
+            // by now (its start-up check only failed on something transient, such
+            // as a slow connection under load): the first shard's error.
+            let mut first_error = None;
+            let answers =
+                map.names()
+                    .iter()
+                    .zip(&engines)
+                    .any(|(name, engine)| match engine.connection() {
+                        Ok(_) => true,
+                        Err(error) => {
+                            first_error.get_or_insert_with(|| error.on_shard(name.as_str()));
+                            false
+                        }
+                    });
+            if let (false, Some(error)) = (answers, first_error) {
+                return Err(error);
+            }
         }
         Ok(Cluster {
             config,
