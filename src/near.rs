@@ -42,8 +42,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, Utc};
 use diesel::connection::SimpleConnection;
-use diesel::pg::PgConnection;
+use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
+use diesel::query_builder::{AstPass, QueryFragment, QueryId};
 use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
 use serde::Serialize;
 
@@ -541,15 +542,23 @@ impl Window {
     }
 }
 
-/// The poll statement for near caches of `kinds`: the change log's rows, and the
-/// rows of their tables that pgcache's own updates stamped (`changed_xid`, see
-/// `migrations::STAMPING_SETTING`), both by the same window rule (`$1`: the previous
-/// snapshot's xmax, `$2`: the transactions it saw running) and in the same snapshot.
-/// Keys as the change log names them: key/value keys as they are, digests as hex.
+/// The poll statement for near caches of `kinds`, after its two parameters (see
+/// [`PollStatement`]): the change log's rows, and the rows of their tables that
+/// pgcache's own updates stamped (`changed_xid`, see `migrations::STAMPING_SETTING`),
+/// both by the same window rule (`w.xmax`: the previous snapshot's xmax, `w.xip`:
+/// the transactions it saw running) and in the same snapshot. Keys as the change
+/// log names them: key/value keys as they are, digests as hex. The upper bound (the
+/// snapshot's own xmax, which every visible row is below) changes no answer: it lets
+/// the plan prepared once, which cannot see the parameters, estimate a narrow range
+/// and use the indexes.
 fn poll_sql(kinds: impl Iterator<Item = CacheKind>) -> String {
-    let mut changes = "SELECT cache_name, keys FROM cache_changes \
-                       WHERE xid >= $1::int8 OR xid = ANY($2::text[]::int8[])"
-        .to_owned();
+    const WINDOW: &str = "(COLUMN >= (SELECT xmax FROM w) \
+         AND COLUMN < (SELECT pg_snapshot_xmax(snap)::text::int8 FROM s)) \
+         OR COLUMN = ANY((SELECT xip FROM w)::int8[])";
+    let mut changes = format!(
+        "SELECT cache_name, keys FROM cache_changes WHERE {}",
+        WINDOW.replace("COLUMN", "xid")
+    );
     for kind in kinds {
         let table = kind.descriptor();
         let key = match kind {
@@ -558,15 +567,16 @@ fn poll_sql(kinds: impl Iterator<Item = CacheKind>) -> String {
         };
         // Names come from the closed descriptors, never from input.
         changes.push_str(&format!(
-            " UNION ALL SELECT '{name}', array_agg({key}) FROM {t} \
-             WHERE changed_xid >= $1::int8 OR changed_xid = ANY($2::text[]::int8[]) \
+            " UNION ALL SELECT '{name}', array_agg({key}) FROM {t} WHERE {window} \
              HAVING count(*) > 0",
             name = table.name,
             t = table.table,
+            window = WINDOW.replace("COLUMN", "changed_xid"),
         ));
     }
     format!(
-        "WITH s AS (SELECT pg_current_snapshot() AS snap), c AS ({changes}) \
+        "::text[]::int8[] AS xip), s AS (SELECT pg_current_snapshot() AS snap), \
+         c AS ({changes}) \
          SELECT pg_snapshot_xmax(s.snap)::text AS xmax, \
                 array(SELECT pg_snapshot_xip(s.snap)::text) AS xip, \
                 (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us, \
@@ -575,18 +585,52 @@ fn poll_sql(kinds: impl Iterator<Item = CacheKind>) -> String {
     )
 }
 
-/// Runs `sql` ([`poll_sql`]): the changes committed since `window` was taken (none
-/// without one: the baseline) and the next window.
+/// The poll: `WITH w AS (SELECT $1::int8 AS xmax, $2` then [`poll_sql`]'s text. A
+/// poller's connection runs only this one text (fixed by its near caches) under one
+/// static query id, so Diesel prepares it once per connection: parsing and planning
+/// every 2 ms cost more than running it.
+struct PollStatement<'a> {
+    sql: &'a str,
+    xmax: &'a str,
+    in_progress: &'a [String],
+}
+
+impl QueryFragment<Pg> for PollStatement<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("WITH w AS (SELECT ");
+        out.push_bind_param::<Text, _>(self.xmax)?;
+        out.push_sql("::int8 AS xmax, ");
+        out.push_bind_param::<Array<Text>, _>(self.in_progress)?;
+        out.push_sql(self.sql);
+        Ok(())
+    }
+}
+
+impl QueryId for PollStatement<'_> {
+    type QueryId = PollStatement<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::Query for PollStatement<'_> {
+    type SqlType = diesel::sql_types::Untyped;
+}
+
+impl<Conn> RunQueryDsl<Conn> for PollStatement<'_> {}
+
+/// Runs the poll ([`poll_sql`]'s text): the changes committed since `window` was
+/// taken (none without one: the baseline) and the next window.
 fn poll(conn: &mut PgConnection, sql: &str, window: Option<&Window>) -> QueryResult<Vec<Polled>> {
     let (xmax, in_progress) = match window {
-        Some(w) => (w.xmax.as_str(), w.in_progress.clone()),
+        Some(w) => (w.xmax.as_str(), w.in_progress.as_slice()),
         // The baseline: no change, only the snapshot.
-        None => ("9223372036854775807", Vec::new()),
+        None => ("9223372036854775807", &[][..]),
     };
-    diesel::sql_query(sql)
-        .bind::<Text, _>(xmax)
-        .bind::<Array<Text>, _>(in_progress)
-        .load(conn)
+    PollStatement {
+        sql,
+        xmax,
+        in_progress,
+    }
+    .load(conn)
 }
 
 /// The poller's loop: connect, take a baseline, then poll every [`POLL_INTERVAL`]
