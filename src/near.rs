@@ -552,12 +552,16 @@ impl Window {
 /// the plan prepared once, which cannot see the parameters, estimate a narrow range
 /// and use the indexes.
 fn poll_sql(kinds: impl Iterator<Item = CacheKind>) -> String {
-    const WINDOW: &str = "(COLUMN >= (SELECT xmax FROM w) \
-         AND COLUMN < (SELECT pg_snapshot_xmax(snap)::text::int8 FROM s)) \
-         OR COLUMN = ANY((SELECT xip FROM w)::int8[])";
+    let window = |column: &str| {
+        format!(
+            "({column} >= (SELECT xmax FROM w) \
+             AND {column} < (SELECT pg_snapshot_xmax(snap)::text::int8 FROM s)) \
+             OR {column} = ANY((SELECT xip FROM w)::int8[])"
+        )
+    };
     let mut changes = format!(
         "SELECT cache_name, keys FROM cache_changes WHERE {}",
-        WINDOW.replace("COLUMN", "xid")
+        window("xid")
     );
     for kind in kinds {
         let table = kind.descriptor();
@@ -571,7 +575,7 @@ fn poll_sql(kinds: impl Iterator<Item = CacheKind>) -> String {
              HAVING count(*) > 0",
             name = table.name,
             t = table.table,
-            window = WINDOW.replace("COLUMN", "changed_xid"),
+            window = window("changed_xid"),
         ));
     }
     format!(
@@ -640,6 +644,13 @@ fn poll_loop(
     connect: &dyn Fn() -> Option<PgConnection>,
     stop: &AtomicBool,
 ) {
+    // Fixed for the poller's life: its near caches do not change.
+    let Some(sql) = caches
+        .upgrade()
+        .map(|near| poll_sql(CacheKind::ALL.into_iter().filter(|&k| near.serves(k))))
+    else {
+        return;
+    };
     while !stop.load(Ordering::SeqCst) {
         let Some(mut conn) = connect() else {
             std::thread::sleep(RECONNECT_DELAY);
@@ -648,10 +659,6 @@ fn poll_loop(
         // Every statement is watched: a poll a frozen server never answers is cut
         // after statement_timeout + 1 s, and the poller reconnects.
         let outcome: Result<()> = (|| {
-            let sql = match caches.upgrade() {
-                Some(near) => poll_sql(CacheKind::ALL.into_iter().filter(|&k| near.serves(k))),
-                None => return Ok(()),
-            };
             let baseline = watched(&mut conn, |conn| Ok(poll(conn, &sql, None)?))?;
             let mut window = next_window(&baseline);
             match caches.upgrade() {
