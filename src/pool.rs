@@ -149,12 +149,7 @@ pub(crate) fn session_sql(config: &CacheConfig) -> String {
 /// `watchdog` when there is one, as pooled connections are, so statements run
 /// through [`watched`] on it are cut when the server does not answer.
 pub(crate) fn dedicated(config: &CacheConfig, watchdog: Option<&Watchdog>) -> Result<PgConnection> {
-    let url = with_defaults(
-        config.database_url().expose(),
-        &client_timeouts(config.pool().connection_timeout, no_answer_limit(config)),
-    );
-    let mut conn = PgConnection::establish(&url)
-        .map_err(|e| Error::connection(&config.database_url().scrub(&e.to_string())))?;
+    let mut conn = establish(config)?;
     if let Some(watchdog) = watchdog {
         watchdog.watch(&mut conn, Box::new(|_: InstrumentationEvent<'_>| {}));
     }
@@ -162,6 +157,17 @@ pub(crate) fn dedicated(config: &CacheConfig, watchdog: Option<&Watchdog>) -> Re
         Ok(conn.batch_execute(&session_sql(config))?)
     })?;
     Ok(conn)
+}
+
+/// One connection attempt outside the pool, bounded by libpq's connect timeout;
+/// its error (scrubbed of the password) is the server's own.
+fn establish(config: &CacheConfig) -> Result<PgConnection> {
+    let url = with_defaults(
+        config.database_url().expose(),
+        &client_timeouts(config.pool().connection_timeout, no_answer_limit(config)),
+    );
+    PgConnection::establish(&url)
+        .map_err(|e| Error::connection(&config.database_url().scrub(&e.to_string())))
 }
 
 /// Marks `conn` broken if it is dead, so r2d2 discards it when it is given back;
@@ -437,6 +443,13 @@ impl Pool {
             config.database_url().expose(),
             &client_timeouts(settings.connection_timeout, limit),
         ));
+        if check {
+            // One attempt of our own first: a wrong password or an unknown database
+            // fails at once with the server's reason, where the pool would retry it
+            // for the whole connection timeout and, when the server is slow to
+            // answer, report only that it timed out.
+            drop(establish(config)?);
+        }
         let failures = Arc::new(ConnectFailures::new(config.database_url()));
         let pool = r2d2::Pool::builder()
             .max_size(settings.max_size)

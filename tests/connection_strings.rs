@@ -179,19 +179,29 @@ fn a_password_protected_role_connects_with_either_form_and_a_wrong_password_is_h
         format!("postgres://app:{encoded}@127.0.0.1:{port}/postgres"),
         format!("host=127.0.0.1 port={port} user=app dbname=postgres password='{quoted}'"),
     ] {
-        let config = quick(&url).build().unwrap();
+        // SCRAM handshakes on a loaded machine can outlast `quick`'s timeout.
+        let config = quick(&url)
+            .pool_connection_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
         assert_hidden(&config, password);
         let cache = CacheManager::new(config).unwrap();
         let mut conn = cache.connection().unwrap();
         diesel::connection::SimpleConnection::batch_execute(&mut *conn, "SELECT 1").unwrap();
     }
     let wrong = "Wr0ngHorse";
+    // A refused password is final: reported at once with the server's reason, not
+    // retried for the whole connection timeout.
+    let timeout = Duration::from_secs(30);
+    let started = std::time::Instant::now();
     let err = CacheManager::new(
         quick(&format!("postgres://app:{wrong}@127.0.0.1:{port}/postgres"))
+            .pool_connection_timeout(timeout)
             .build()
             .unwrap(),
     )
     .unwrap_err();
+    assert!(started.elapsed() < timeout / 2, "{:?}", started.elapsed());
     let message = format!("{err} {err:?}");
     assert!(
         message.contains("password authentication failed"),
