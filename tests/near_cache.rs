@@ -449,12 +449,16 @@ fn update_triggers_of_earlier_versions_are_replaced_at_start() {
     // As earlier versions installed them: on the LLM table with no WHEN (it would
     // log the cache's own updates a second time), on the key/value table with a
     // WHEN on a setting nothing sets any more (it would log every update again).
+    // One table per transaction, as the library does: the poller's statement reads
+    // both tables, and a transaction locking both in the other order deadlocks it.
     db.exec(
         "DROP TRIGGER pgcache_near_update ON llm_response_cache; \
          CREATE TRIGGER pgcache_near_update AFTER UPDATE ON llm_response_cache \
            REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows \
-           FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate('llm_response'); \
-         DROP TRIGGER pgcache_near_update ON cache_entries; \
+           FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate('llm_response')",
+    );
+    db.exec(
+        "DROP TRIGGER pgcache_near_update ON cache_entries; \
          CREATE TRIGGER pgcache_near_update AFTER UPDATE ON cache_entries \
            REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows \
            FOR EACH STATEMENT WHEN (current_setting('pgcache.kv_self_logged', true) IS DISTINCT FROM 'on') \
