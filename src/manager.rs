@@ -490,3 +490,112 @@ impl CacheManager {
         ops::invalidation::invalidate_model(&self.cluster, model)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use diesel::connection::SimpleConnection;
+    use diesel::{Connection, PgConnection};
+    use serde_json::json;
+
+    use super::*;
+    use crate::config::NearCache;
+    use crate::Cache;
+
+    /// A schema of its own on the local database, dropped afterwards.
+    struct Schema(String);
+
+    impl Schema {
+        fn new() -> Self {
+            Schema(format!("pgcache_test_{}", Uuid::new_v4().simple()))
+        }
+
+        fn url() -> String {
+            std::env::var("DATABASE_URL").unwrap_or_else(|_| crate::DEFAULT_DATABASE_URL.to_owned())
+        }
+
+        /// Runs `sql` on a plain connection (another program) in this schema.
+        fn exec(&self, sql: &str) {
+            let mut conn = PgConnection::establish(&Self::url()).expect("connect");
+            conn.batch_execute(&format!("SET search_path TO \"{}\"; {sql}", self.0))
+                .expect("sql runs");
+        }
+    }
+
+    impl Drop for Schema {
+        fn drop(&mut self) {
+            if let Ok(mut conn) = PgConnection::establish(&Self::url()) {
+                let _ =
+                    conn.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.0));
+            }
+        }
+    }
+
+    /// Waits (at most 10 s) for `done`.
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what} never happened");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn kv_near_stats(cache: &CacheManager) -> crate::NearCacheStats {
+        cache
+            .near_cache_stats()
+            .into_iter()
+            .find(|stats| stats.cache == CacheKind::Kv)
+            .expect("a kv near cache")
+    }
+
+    #[test]
+    fn a_reader_paused_between_its_select_and_its_fill_keeps_nothing_an_invalidation_replaced() {
+        let schema = Schema::new();
+        let cache = CacheManager::new(
+            CacheConfig::builder()
+                .database_url(Schema::url())
+                .schema(&schema.0)
+                .near_cache(CacheKind::Kv, Some(NearCache::new()))
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        cache.kv().set("k", &json!("old")).unwrap();
+        wait_for("a first poll", || {
+            kv_near_stats(&cache).poll_lag_ms.is_some()
+        });
+        let near = cache.cluster.front().near().expect("configured");
+        let (paused, reader_paused) = mpsc::channel();
+        let (resume, resumed) = mpsc::channel::<()>();
+        let armed = AtomicBool::new(true);
+        near.set_before_insert(Some(Box::new(move || {
+            if armed.swap(false, Ordering::SeqCst) {
+                paused.send(()).unwrap();
+                resumed.recv().unwrap();
+            }
+        })));
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| cache.kv().get("k").unwrap());
+            reader_paused
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the reader reaches its fill");
+            // The reader holds "old" from its SELECT. Another program replaces it,
+            // and this process's poller learns of it before the fill goes on.
+            let before = kv_near_stats(&cache).invalidations;
+            schema.exec("UPDATE cache_entries SET value = '\"new\"' WHERE key = 'k'");
+            wait_for("the invalidation", || {
+                kv_near_stats(&cache).invalidations > before
+            });
+            resume.send(()).unwrap();
+            // Read before the write committed: the old value is its right answer.
+            assert_eq!(reader.join().unwrap(), Some(json!("old")));
+        });
+        near.set_before_insert(None);
+        let hits = kv_near_stats(&cache).hits;
+        assert_eq!(cache.kv().get("k").unwrap(), Some(json!("new")));
+        assert_eq!(kv_near_stats(&cache).hits, hits, "not from memory");
+    }
+}

@@ -235,6 +235,12 @@ impl NearCaches {
         })
     }
 
+    /// Test hook: `hook` runs in every fill between its last check and its insert.
+    #[cfg(test)]
+    pub(crate) fn set_before_insert(&self, hook: Option<Box<dyn Fn() + Send>>) {
+        *self.before_insert.lock().expect("hook") = hook;
+    }
+
     /// Whether `kind` has a near cache.
     pub(crate) fn serves(&self, kind: CacheKind) -> bool {
         self.tables[kind.index()].is_some()
@@ -822,13 +828,13 @@ mod tests {
         // ...or between the fill's last check and its insert.
         let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
         let weak = Arc::downgrade(&near);
-        *near.before_insert.lock().unwrap() = Some(Box::new(move || {
+        near.set_before_insert(Some(Box::new(move || {
             weak.upgrade()
                 .unwrap()
                 .invalidate(CacheKind::Kv, [&b"k"[..]]);
-        }));
+        })));
         fill(&near, ticket, b"k", "old");
-        *near.before_insert.lock().unwrap() = None;
+        near.set_before_insert(None);
         assert_eq!(held(&near, b"k"), None, "landed before the insert");
     }
 
