@@ -16,7 +16,7 @@ use crate::expiry::ttl_interval;
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
 use crate::metrics::Op;
-use crate::near::{NearCaches, NearKey, NearValue};
+use crate::near::{NearCaches, NearKey, NearValue, Ticket};
 use crate::skipped::Skipped;
 
 pub(crate) use storage::{NearRead, Storage};
@@ -180,6 +180,16 @@ mod storage {
             checked: &Self::CheckedKey,
         ) -> Result<Option<NearRead<Self::Entry>>>;
 
+        /// Reads the live entries of checked keys for the near cache in one
+        /// statement, in `keys` order: [`read_for_near`](Self::read_for_near) for a
+        /// batch.
+        fn read_many_for_near(
+            &self,
+            conn: &mut PgConnection,
+            keys: &[&Self::Key],
+            checked: &[Self::CheckedKey],
+        ) -> Result<Vec<Option<NearRead<Self::Entry>>>>;
+
         /// An entry back from what the near cache kept of it.
         ///
         /// # Errors
@@ -318,62 +328,86 @@ fn near_get<C: Storage + ?Sized>(
     let read = engine.read(C::KIND, Op::Get, None, |conn| {
         cache.read_for_near(conn, key, checked)
     })?;
-    Ok(read.map(|read| {
-        if let Some(ticket) = ticket {
-            near.fill(
-                C::KIND,
-                ticket,
-                near_key,
-                read.kept,
-                read.expires_at,
-                read.weight,
-            );
-        }
-        read.entry
-    }))
+    Ok(read.map(|read| keep(near, C::KIND, ticket, near_key, read)))
+}
+
+/// Puts what a reader read after taking `ticket` into L1 (unless an invalidation
+/// came meanwhile; no ticket, no fill) and hands back its entry.
+fn keep<E>(
+    near: &NearCaches,
+    kind: CacheKind,
+    ticket: Option<Ticket>,
+    near_key: NearKey,
+    read: NearRead<E>,
+) -> E {
+    if let Some(ticket) = ticket {
+        near.fill(
+            kind,
+            ticket,
+            near_key,
+            read.kept,
+            read.expires_at,
+            read.weight,
+        );
+    }
+    read.entry
 }
 
 /// A batch read on one shard: through its near cache if it has one (the keys it
-/// holds are served from memory, a batch does not fill it), the rest read in one
-/// statement; lookups counted.
+/// holds are served from memory, the rest read in one statement and kept as a get
+/// keeps them); lookups counted.
 fn read_part<C: Storage + ?Sized>(
     cache: &C,
     engine: &Engine,
     keys: &[&C::Key],
     checked: &[C::CheckedKey],
 ) -> Result<Vec<Option<C::Entry>>> {
+    let Some(near) = near_of::<C>(engine) else {
+        let found = engine.read_with(
+            C::KIND,
+            Op::GetMany,
+            || keys.iter().map(|_| None).collect(),
+            |conn| cache.read_many(conn, keys, checked),
+        )?;
+        return Ok(counted(engine, C::KIND, found));
+    };
     let mut found = Vec::with_capacity(keys.len());
-    let near = near_of::<C>(engine);
-    for (key, checked) in keys.iter().zip(checked) {
-        let kept = near.and_then(|near| near.get(C::KIND, &C::near_key(key, checked)));
+    let mut wanted = Vec::new();
+    for (i, (key, checked)) in keys.iter().zip(checked).enumerate() {
+        let near_key = C::near_key(key, checked);
+        let kept = near.get(C::KIND, &near_key);
         let entry = kept.map(|kept| C::from_near(&kept)).transpose()?.flatten();
         if entry.is_some() {
             cache.near_hit(checked);
+        } else {
+            // Taken before the read, as a get takes its own.
+            let ticket = near.ticket(C::KIND, &near_key);
+            wanted.push((i, near_key, ticket));
         }
         found.push(entry);
     }
-    let wanted: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
     if !wanted.is_empty() {
-        let misses = || wanted.iter().map(|_| None).collect();
-        let read = if wanted.len() == keys.len() {
-            engine.read_with(C::KIND, Op::GetMany, misses, |conn| {
-                cache.read_many(conn, keys, checked)
-            })?
-        } else {
-            let wanted_keys: Vec<&C::Key> = wanted.iter().map(|&i| keys[i]).collect();
-            let wanted_checked: Vec<C::CheckedKey> =
-                wanted.iter().map(|&i| checked[i].clone()).collect();
-            engine.read_with(C::KIND, Op::GetMany, misses, |conn| {
-                cache.read_many(conn, &wanted_keys, &wanted_checked)
-            })?
-        };
-        for (i, entry) in wanted.iter().zip(read) {
-            found[*i] = entry;
+        let wanted_keys: Vec<&C::Key> = wanted.iter().map(|(i, ..)| keys[*i]).collect();
+        let wanted_checked: Vec<C::CheckedKey> =
+            wanted.iter().map(|(i, ..)| checked[*i].clone()).collect();
+        let read = engine.read_with(
+            C::KIND,
+            Op::GetMany,
+            || wanted.iter().map(|_| None).collect(),
+            |conn| cache.read_many_for_near(conn, &wanted_keys, &wanted_checked),
+        )?;
+        for ((i, near_key, ticket), read) in wanted.into_iter().zip(read) {
+            found[i] = read.map(|read| keep(near, C::KIND, ticket, near_key, read));
         }
     }
+    Ok(counted(engine, C::KIND, found))
+}
+
+/// Records a batch's hits and misses; hands the batch back.
+fn counted<E>(engine: &Engine, kind: CacheKind, found: Vec<Option<E>>) -> Vec<Option<E>> {
     let hits = found.iter().filter(|e| e.is_some()).count() as u64;
-    engine.record_lookups(C::KIND, hits, found.len() as u64 - hits);
-    Ok(found)
+    engine.record_lookups(kind, hits, found.len() as u64 - hits);
+    found
 }
 
 /// Evicts the keys of `rows` from the near cache of `engine`'s shard in this

@@ -553,6 +553,23 @@ mod tests {
 
     #[test]
     fn a_reader_paused_between_its_select_and_its_fill_keeps_nothing_an_invalidation_replaced() {
+        paused_reader_keeps_nothing_stale(|cache| cache.kv().get("k").unwrap());
+    }
+
+    #[test]
+    fn a_batch_reader_paused_before_its_fill_keeps_nothing_an_invalidation_replaced() {
+        paused_reader_keeps_nothing_stale(|cache| {
+            let mut found = cache.kv().get_many(&["k", "missing"]).unwrap();
+            assert_eq!(found.pop(), Some(None));
+            found.pop().unwrap()
+        });
+    }
+
+    /// `read` (of key `k`) is paused after its `SELECT` while another program
+    /// replaces `k` and this process's poller learns of it; then it goes on.
+    fn paused_reader_keeps_nothing_stale(
+        read: impl FnOnce(&CacheManager) -> Option<serde_json::Value> + Send,
+    ) {
         let schema = Schema::new();
         let cache = CacheManager::new(
             CacheConfig::builder()
@@ -578,7 +595,7 @@ mod tests {
             }
         })));
         std::thread::scope(|scope| {
-            let reader = scope.spawn(|| cache.kv().get("k").unwrap());
+            let reader = scope.spawn(|| read(&cache));
             reader_paused
                 .recv_timeout(Duration::from_secs(10))
                 .expect("the reader reaches its fill");

@@ -414,15 +414,19 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
         key: &T::Key,
         digest: &KeyDigest,
     ) -> Result<Option<NearRead<T::Entry>>> {
-        Ok(read_one(self, conn, key, digest)?.map(|entry| {
-            let (expires_at, weight) = T::near_facts(&entry);
-            NearRead {
-                kept: Arc::new(entry.clone()),
-                entry,
-                expires_at,
-                weight,
-            }
-        }))
+        Ok(read_one(self, conn, key, digest)?.map(near_read::<T>))
+    }
+
+    fn read_many_for_near(
+        &self,
+        conn: &mut PgConnection,
+        keys: &[&T::Key],
+        digests: &[KeyDigest],
+    ) -> Result<Vec<Option<NearRead<T::Entry>>>> {
+        Ok(read_many(self, conn, keys, digests)?
+            .into_iter()
+            .map(|entry| entry.map(near_read::<T>))
+            .collect())
     }
 
     fn from_near(kept: &NearValue) -> Result<Option<T::Entry>> {
@@ -436,6 +440,17 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
             std::slice::from_ref(digest),
             &[Some(())],
         );
+    }
+}
+
+/// An entry as the near cache keeps it.
+fn near_read<T: TypedTable>(entry: T::Entry) -> NearRead<T::Entry> {
+    let (expires_at, weight) = T::near_facts(&entry);
+    NearRead {
+        kept: Arc::new(entry.clone()),
+        entry,
+        expires_at,
+        weight,
     }
 }
 

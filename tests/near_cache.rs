@@ -80,6 +80,60 @@ fn another_managers_write_is_seen_within_the_bound() {
 }
 
 #[test]
+fn a_batch_read_fills_the_near_cache_and_a_later_write_evicts_what_it_filled() {
+    let db = near_db();
+    wait_current(&db.cache);
+    let kv = db.cache.kv();
+    kv.set("a", &json!(1)).unwrap();
+    kv.set("b", &json!(2)).unwrap();
+    let asked = ["a", "missing", "a", "b"];
+    let expected = vec![Some(json!(1)), None, Some(json!(1)), Some(json!(2))];
+    assert_eq!(kv.get_many(&asked).unwrap(), expected);
+    // The next batch and a single get find them in memory; a miss is never kept.
+    let before = kv_stats(&db.cache);
+    assert_eq!(kv.get_many(&asked).unwrap(), expected);
+    assert_eq!(kv.get("b").unwrap(), Some(json!(2)));
+    let after = kv_stats(&db.cache);
+    assert_eq!(after.hits, before.hits + 4);
+    assert_eq!(after.misses, before.misses + 1);
+    // Another program's update evicts what the batch put there.
+    db.exec("UPDATE cache_entries SET value = '3' WHERE key = 'a'");
+    std::thread::sleep(BOUND);
+    assert_eq!(
+        kv.get_many(&["a", "b"]).unwrap(),
+        vec![Some(json!(3)), Some(json!(2))]
+    );
+}
+
+#[test]
+fn a_typed_batch_read_fills_the_near_cache() {
+    let db = near_db();
+    wait_current(&db.cache);
+    let llm = db.cache.llm_response();
+    let (q, r) = (LlmPrompt::new("q", "p"), LlmPrompt::new("r", "p"));
+    llm.set(&q, &"answer".to_owned()).unwrap();
+    let responses = || -> Vec<Option<String>> {
+        llm.get_many(&[&q, &r])
+            .unwrap()
+            .into_iter()
+            .map(|found| found.map(|entry| entry.response))
+            .collect()
+    };
+    assert_eq!(responses(), vec![Some("answer".to_owned()), None]);
+    let hits = |cache: &CacheManager| {
+        cache
+            .near_cache_stats()
+            .into_iter()
+            .find(|s| s.cache == CacheKind::LlmResponse)
+            .unwrap()
+            .hits
+    };
+    let before = hits(&db.cache);
+    assert_eq!(responses(), vec![Some("answer".to_owned()), None]);
+    assert_eq!(hits(&db.cache), before + 1);
+}
+
+#[test]
 fn every_kv_update_another_manager_makes_is_seen_within_the_bound() {
     // The writer's updates stamp their rows (no trigger); each kind must evict.
     let db = near_db();

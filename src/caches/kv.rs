@@ -461,6 +461,25 @@ where
         .optional()
 }
 
+/// [`read_live`] for many keys: the live entries among `keys`, each with its key.
+fn read_live_many(
+    conn: &mut PgConnection,
+    keys: &[&str],
+) -> QueryResult<Vec<(String, LiveEntry<JsonbText>)>> {
+    cache_entries::table
+        .filter(cache_entries::key.eq_any(keys))
+        .filter(cache_entries::expires_at.gt(db_now()))
+        .select((
+            cache_entries::key,
+            (
+                cache_entries::value,
+                cache_entries::bytes,
+                cache_entries::expires_at,
+            ),
+        ))
+        .load(conn)
+}
+
 /// Validates bytes entries into rows with distinct keys (the last value of a key
 /// wins), in write order.
 fn bytes_rows<'e>(entries: &[(&'e str, &'e [u8])]) -> Result<Vec<Row<'e>>> {
@@ -957,26 +976,59 @@ fn skipped(keys: &[&str]) -> Skipped {
     })
 }
 
-/// Live entries read as one of the two value columns (NULL where the entry holds
-/// the other kind), decoded per requested key in `keys` order, so a key asked for
-/// twice gets its value twice; an entry of the other kind fails the batch.
-fn in_key_order<P, T>(
+/// Live entries read with their keys, decoded per requested key in `keys` order, so
+/// a key asked for twice gets its value twice; a failed decode (an entry of the
+/// other kind) fails the batch.
+fn in_key_order<R, T>(
     keys: &[&str],
-    rows: &[(String, Option<P>)],
-    kinds: (&'static str, &'static str),
-    decode: impl Fn(&P) -> Result<T>,
+    rows: &[(String, R)],
+    decode: impl Fn(&str, &R) -> Result<T>,
 ) -> Result<Vec<Option<T>>> {
-    let by_key: HashMap<&str, &Option<P>> = rows
-        .iter()
-        .map(|(key, payload)| (key.as_str(), payload))
-        .collect();
+    let by_key: HashMap<&str, &R> = rows.iter().map(|(key, row)| (key.as_str(), row)).collect();
     keys.iter()
-        .map(|k| match by_key.get(k) {
-            None => Ok(None),
-            Some(Some(payload)) => decode(payload).map(Some),
-            Some(None) => Err(wrong_type(k, kinds.0, kinds.1)),
-        })
+        .map(|k| by_key.get(k).map(|row| decode(k, row)).transpose())
         .collect()
+}
+
+/// One of the two value columns of `key`'s entry (`kinds`: the other kind, this
+/// one), or the error saying it holds the other kind.
+fn own<'p, P>(
+    key: &str,
+    payload: &'p Option<P>,
+    kinds: (&'static str, &'static str),
+) -> Result<&'p P> {
+    payload
+        .as_ref()
+        .ok_or_else(|| wrong_type(key, kinds.0, kinds.1))
+}
+
+/// A JSON entry as the near cache keeps it: decoded once, as JSON whatever `V` is.
+fn json_for_near<V: DeserializeOwned>(
+    key: &str,
+    (json, _, expires_at): &LiveEntry<JsonbText>,
+) -> Result<NearRead<V>> {
+    let JsonbText(text) = own(key, json, ("bytes", "json"))?;
+    let json: serde_json::Value = serde_json::from_slice(text)?;
+    Ok(NearRead {
+        entry: V::deserialize(&json)?,
+        kept: Arc::new(json),
+        expires_at: *expires_at,
+        weight: text.len(),
+    })
+}
+
+/// A bytes entry as the near cache keeps it: a copy, weighing its length.
+fn bytes_for_near(
+    key: &str,
+    (_, bytes, expires_at): &LiveEntry<JsonbText>,
+) -> Result<NearRead<Vec<u8>>> {
+    let bytes = own(key, bytes, ("json", "bytes"))?;
+    Ok(NearRead {
+        weight: bytes.len(),
+        kept: Arc::new(bytes.clone()),
+        entry: bytes.clone(),
+        expires_at: *expires_at,
+    })
 }
 
 /// What the two `Storage` impls of the key/value table (JSON values and bytes) share:
@@ -1075,17 +1127,17 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> Storage for KvCache<'_, V
         _checked: &(),
     ) -> Result<Option<NearRead<V>>> {
         read_live::<JsonbText>(conn, key)?
-            .map(|(text, _, expires_at)| {
-                let JsonbText(text) = text.ok_or_else(|| wrong_type(key, "bytes", "json"))?;
-                let json: serde_json::Value = serde_json::from_slice(&text)?;
-                Ok(NearRead {
-                    entry: V::deserialize(&json)?,
-                    kept: Arc::new(json),
-                    expires_at,
-                    weight: text.len(),
-                })
-            })
+            .map(|entry| json_for_near(key, &entry))
             .transpose()
+    }
+
+    fn read_many_for_near(
+        &self,
+        conn: &mut PgConnection,
+        keys: &[&str],
+        _checked: &[()],
+    ) -> Result<Vec<Option<NearRead<V>>>> {
+        in_key_order(keys, &read_live_many(conn, keys)?, json_for_near)
     }
 
     /// A bytes entry held in memory is not served: the read that follows reports it.
@@ -1106,7 +1158,8 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> Storage for KvCache<'_, V
             .filter(cache_entries::expires_at.gt(db_now()))
             .select((cache_entries::key, cache_entries::value))
             .load(conn)?;
-        in_key_order(keys, &rows, ("bytes", "json"), |JsonbText(text)| {
+        in_key_order(keys, &rows, |key, json| {
+            let JsonbText(text) = own(key, json, ("bytes", "json"))?;
             Ok(serde_json::from_slice(text)?)
         })
     }
@@ -1149,16 +1202,17 @@ impl Storage for KvBytes<'_> {
         _checked: &(),
     ) -> Result<Option<NearRead<Vec<u8>>>> {
         read_live::<JsonbText>(conn, key)?
-            .map(|(_, bytes, expires_at)| {
-                let bytes = bytes.ok_or_else(|| wrong_type(key, "json", "bytes"))?;
-                Ok(NearRead {
-                    weight: bytes.len(),
-                    kept: Arc::new(bytes.clone()),
-                    entry: bytes,
-                    expires_at,
-                })
-            })
+            .map(|entry| bytes_for_near(key, &entry))
             .transpose()
+    }
+
+    fn read_many_for_near(
+        &self,
+        conn: &mut PgConnection,
+        keys: &[&str],
+        _checked: &[()],
+    ) -> Result<Vec<Option<NearRead<Vec<u8>>>>> {
+        in_key_order(keys, &read_live_many(conn, keys)?, bytes_for_near)
     }
 
     /// A JSON entry held in memory is not served: the read that follows reports it.
@@ -1177,7 +1231,9 @@ impl Storage for KvBytes<'_> {
             .filter(cache_entries::expires_at.gt(db_now()))
             .select((cache_entries::key, cache_entries::bytes))
             .load(conn)?;
-        in_key_order(keys, &rows, ("json", "bytes"), |bytes| Ok(bytes.clone()))
+        in_key_order(keys, &rows, |key, bytes| {
+            Ok(own(key, bytes, ("json", "bytes"))?.clone())
+        })
     }
 }
 
