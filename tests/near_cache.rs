@@ -5,7 +5,7 @@
 mod common;
 mod near_support;
 
-use near_support::{kv_stats, wait_current};
+use near_support::{kv_stats, near_stats, wait_current};
 use std::time::{Duration, Instant};
 
 use common::TestDb;
@@ -120,17 +120,12 @@ fn a_typed_batch_read_fills_the_near_cache() {
             .collect()
     };
     assert_eq!(responses(), vec![Some("answer".to_owned()), None]);
-    let hits = |cache: &CacheManager| {
-        cache
-            .near_cache_stats()
-            .into_iter()
-            .find(|s| s.cache == CacheKind::LlmResponse)
-            .unwrap()
-            .hits
-    };
-    let before = hits(&db.cache);
+    let before = near_stats(&db.cache, CacheKind::LlmResponse).hits;
     assert_eq!(responses(), vec![Some("answer".to_owned()), None]);
-    assert_eq!(hits(&db.cache), before + 1);
+    assert_eq!(
+        near_stats(&db.cache, CacheKind::LlmResponse).hits,
+        before + 1
+    );
 }
 
 #[test]
@@ -575,23 +570,19 @@ fn an_ai_cache_change_by_another_manager_is_seen_and_an_unchanged_set_evicts_not
         .unwrap();
     response(&other);
     assert_eq!(response(&other), Some("a".to_owned()));
-    let llm_hits = |cache: &CacheManager| {
-        cache
-            .near_cache_stats()
-            .into_iter()
-            .find(|s| s.cache == CacheKind::LlmResponse)
-            .unwrap()
-            .hits
-    };
     // The same response again: not stamped, still served from memory.
     db.cache
         .llm_response()
         .set(&prompt, &"a".to_owned())
         .unwrap();
     std::thread::sleep(BOUND);
-    let hits = llm_hits(&other);
+    let hits = near_stats(&other, CacheKind::LlmResponse).hits;
     assert_eq!(response(&other), Some("a".to_owned()));
-    assert_eq!(llm_hits(&other), hits + 1, "still in memory");
+    assert_eq!(
+        near_stats(&other, CacheKind::LlmResponse).hits,
+        hits + 1,
+        "still in memory"
+    );
     // A changed one: stamped, evicted.
     db.cache
         .llm_response()

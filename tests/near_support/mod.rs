@@ -8,11 +8,16 @@ use pgcache::{CacheKind, CacheManager, NearCacheStats};
 
 /// The kv near cache's figures.
 pub fn kv_stats(cache: &CacheManager) -> NearCacheStats {
+    near_stats(cache, CacheKind::Kv)
+}
+
+/// The figures of `kind`'s near cache.
+pub fn near_stats(cache: &CacheManager, kind: CacheKind) -> NearCacheStats {
     cache
         .near_cache_stats()
         .into_iter()
-        .find(|s| s.cache == CacheKind::Kv)
-        .expect("kv has a near cache")
+        .find(|s| s.cache == kind)
+        .expect("the cache has a near cache")
 }
 
 /// Waits until the kv near cache is current (its poller connected and its first
