@@ -90,11 +90,21 @@ fn base_config(schema: &str) -> CacheConfigBuilder {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        if let Ok(mut conn) = PgConnection::establish(&database_url()) {
-            let _ = conn.batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
-                self.schema
-            ));
+        // The manager still runs here (fields drop after this): its near-cache
+        // poller's statement can deadlock with the DROP, which locks the same
+        // tables in another order. PostgreSQL cancels one side; try again.
+        let drop_schema = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema);
+        let mut last = None;
+        for _ in 0..5 {
+            match PgConnection::establish(&database_url())
+                .map_err(|e| e.to_string())
+                .and_then(|mut conn| conn.batch_execute(&drop_schema).map_err(|e| e.to_string()))
+            {
+                Ok(()) => return,
+                Err(error) => last = Some(error),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        eprintln!("cannot drop test schema {}: {last:?}", self.schema);
     }
 }
