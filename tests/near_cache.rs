@@ -35,6 +35,16 @@ fn near_manager(db: &TestDb) -> CacheManager {
     .unwrap()
 }
 
+/// A near-cached manager and another on the same tables (another process), both
+/// current.
+fn two_managers() -> (TestDb, CacheManager) {
+    let db = near_db();
+    let other = near_manager(&db);
+    wait_current(&db.cache);
+    wait_current(&other);
+    (db, other)
+}
+
 /// Reads `key` twice so the second read can come from memory; returns the value.
 fn warm(cache: &CacheManager, key: &str) -> Option<Value> {
     cache.kv().get(key).unwrap();
@@ -68,10 +78,7 @@ fn this_managers_writes_are_read_back_at_once() {
 
 #[test]
 fn another_managers_write_is_seen_within_the_bound() {
-    let db = near_db();
-    let other = near_manager(&db);
-    wait_current(&db.cache);
-    wait_current(&other);
+    let (db, other) = two_managers();
     db.cache.kv().set("k", &json!("old")).unwrap();
     assert_eq!(warm(&other, "k"), Some(json!("old")));
     db.cache.kv().set("k", &json!("new")).unwrap();
@@ -131,10 +138,7 @@ fn a_typed_batch_read_fills_the_near_cache() {
 #[test]
 fn every_kv_update_another_manager_makes_is_seen_within_the_bound() {
     // The writer's updates stamp their rows (no trigger); each kind must evict.
-    let db = near_db();
-    let reader = near_manager(&db);
-    wait_current(&db.cache);
-    wait_current(&reader);
+    let (db, reader) = two_managers();
     let kv = db.cache.kv();
     let ttl = Duration::from_secs(600);
     type Update<'a> = Box<dyn Fn() + 'a>;
@@ -182,10 +186,7 @@ fn every_kv_update_another_manager_makes_is_seen_within_the_bound() {
 
 #[test]
 fn a_callers_own_update_on_a_cache_connection_evicts() {
-    let db = near_db();
-    let reader = near_manager(&db);
-    wait_current(&db.cache);
-    wait_current(&reader);
+    let (db, reader) = two_managers();
     db.cache.kv().set("k", &json!("cached")).unwrap();
     assert_eq!(warm(&reader, "k"), Some(json!("cached")));
     // The cache's own connections skip the trigger for what they stamp themselves;
@@ -467,10 +468,7 @@ fn an_unlogged_update_after_a_stamped_one_does_not_hide_it() {
     // connection that does not stamp (no near cache) which the trigger does not
     // log (the same value, expiring later): the stamp must survive it. Both in one
     // transaction, so no poll can come between them.
-    let db = near_db();
-    let reader = near_manager(&db);
-    wait_current(&db.cache);
-    wait_current(&reader);
+    let (db, reader) = two_managers();
     db.cache.kv().set("k", &json!("old")).unwrap();
     assert_eq!(warm(&reader, "k"), Some(json!("old")));
     let mut conn = db.raw_connection();

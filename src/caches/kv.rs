@@ -992,14 +992,8 @@ fn in_key_order<R, T>(
 
 /// One of the two value columns of `key`'s entry (`kinds`: the other kind, this
 /// one), or the error saying it holds the other kind.
-fn own<'p, P>(
-    key: &str,
-    payload: &'p Option<P>,
-    kinds: (&'static str, &'static str),
-) -> Result<&'p P> {
-    payload
-        .as_ref()
-        .ok_or_else(|| wrong_type(key, kinds.0, kinds.1))
+fn own<P>(key: &str, payload: Option<P>, kinds: (&'static str, &'static str)) -> Result<P> {
+    payload.ok_or_else(|| wrong_type(key, kinds.0, kinds.1))
 }
 
 /// A JSON entry as the near cache keeps it: decoded once, as JSON whatever `V` is.
@@ -1007,7 +1001,7 @@ fn json_for_near<V: DeserializeOwned>(
     key: &str,
     (json, _, expires_at): &LiveEntry<JsonbText>,
 ) -> Result<NearRead<V>> {
-    let JsonbText(text) = own(key, json, ("bytes", "json"))?;
+    let JsonbText(text) = own(key, json.as_ref(), ("bytes", "json"))?;
     let json: serde_json::Value = serde_json::from_slice(text)?;
     Ok(NearRead {
         entry: V::deserialize(&json)?,
@@ -1017,17 +1011,18 @@ fn json_for_near<V: DeserializeOwned>(
     })
 }
 
-/// A bytes entry as the near cache keeps it: a copy, weighing its length.
+/// A bytes entry as the near cache keeps it: a copy, weighing its length. Owned, so
+/// a get copies the bytes once.
 fn bytes_for_near(
     key: &str,
-    (_, bytes, expires_at): &LiveEntry<JsonbText>,
+    (_, bytes, expires_at): LiveEntry<JsonbText>,
 ) -> Result<NearRead<Vec<u8>>> {
     let bytes = own(key, bytes, ("json", "bytes"))?;
     Ok(NearRead {
         weight: bytes.len(),
         kept: Arc::new(bytes.clone()),
-        entry: bytes.clone(),
-        expires_at: *expires_at,
+        entry: bytes,
+        expires_at,
     })
 }
 
@@ -1112,10 +1107,7 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> Storage for KvCache<'_, V
 
     fn read_one(&self, conn: &mut PgConnection, key: &str, _checked: &()) -> Result<Option<V>> {
         read_live::<JsonbIn<V>>(conn, key)?
-            .map(|(json, _, _)| {
-                json.map(|JsonbIn(value)| value)
-                    .ok_or_else(|| wrong_type(key, "bytes", "json"))
-            })
+            .map(|(json, _, _)| own(key, json.map(|JsonbIn(value)| value), ("bytes", "json")))
             .transpose()
     }
 
@@ -1159,7 +1151,7 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> Storage for KvCache<'_, V
             .select((cache_entries::key, cache_entries::value))
             .load(conn)?;
         in_key_order(keys, &rows, |key, json| {
-            let JsonbText(text) = own(key, json, ("bytes", "json"))?;
+            let JsonbText(text) = own(key, json.as_ref(), ("bytes", "json"))?;
             Ok(serde_json::from_slice(text)?)
         })
     }
@@ -1190,7 +1182,7 @@ impl Storage for KvBytes<'_> {
         _checked: &(),
     ) -> Result<Option<Vec<u8>>> {
         read_live::<JsonbText>(conn, key)?
-            .map(|(_, bytes, _)| bytes.ok_or_else(|| wrong_type(key, "json", "bytes")))
+            .map(|(_, bytes, _)| own(key, bytes, ("json", "bytes")))
             .transpose()
     }
 
@@ -1202,7 +1194,7 @@ impl Storage for KvBytes<'_> {
         _checked: &(),
     ) -> Result<Option<NearRead<Vec<u8>>>> {
         read_live::<JsonbText>(conn, key)?
-            .map(|entry| bytes_for_near(key, &entry))
+            .map(|entry| bytes_for_near(key, entry))
             .transpose()
     }
 
@@ -1212,7 +1204,14 @@ impl Storage for KvBytes<'_> {
         keys: &[&str],
         _checked: &[()],
     ) -> Result<Vec<Option<NearRead<Vec<u8>>>>> {
-        in_key_order(keys, &read_live_many(conn, keys)?, bytes_for_near)
+        in_key_order(
+            keys,
+            &read_live_many(conn, keys)?,
+            |key, (_, bytes, expires_at)| {
+                // The JSON column is not needed: NULL whenever the bytes are set.
+                bytes_for_near(key, (None, bytes.clone(), *expires_at))
+            },
+        )
     }
 
     /// A JSON entry held in memory is not served: the read that follows reports it.
@@ -1232,7 +1231,7 @@ impl Storage for KvBytes<'_> {
             .select((cache_entries::key, cache_entries::bytes))
             .load(conn)?;
         in_key_order(keys, &rows, |key, bytes| {
-            Ok(own(key, bytes, ("json", "bytes"))?.clone())
+            Ok(own(key, bytes.as_ref(), ("json", "bytes"))?.clone())
         })
     }
 }
