@@ -5,7 +5,7 @@
 mod common;
 mod near_support;
 
-use near_support::{kv_stats, near_stats, wait_current};
+use near_support::{hits_and_misses, wait_current};
 use std::time::{Duration, Instant};
 
 use common::TestDb;
@@ -57,11 +57,12 @@ fn repeated_gets_are_served_from_memory() {
     wait_current(&db.cache);
     db.cache.kv().set("k", &json!({"v": 1})).unwrap();
     assert_eq!(warm(&db.cache, "k"), Some(json!({"v": 1})));
-    let before = kv_stats(&db.cache).hits;
-    for _ in 0..10 {
-        assert_eq!(db.cache.kv().get("k").unwrap(), Some(json!({"v": 1})));
-    }
-    assert_eq!(kv_stats(&db.cache).hits, before + 10);
+    let (hits, _) = hits_and_misses(&db.cache, CacheKind::Kv, || {
+        for _ in 0..10 {
+            assert_eq!(db.cache.kv().get("k").unwrap(), Some(json!({"v": 1})));
+        }
+    });
+    assert_eq!(hits, 10);
 }
 
 #[test]
@@ -97,12 +98,11 @@ fn a_batch_read_fills_the_near_cache_and_a_later_write_evicts_what_it_filled() {
     let expected = vec![Some(json!(1)), None, Some(json!(1)), Some(json!(2))];
     assert_eq!(kv.get_many(&asked).unwrap(), expected);
     // The next batch and a single get find them in memory; a miss is never kept.
-    let before = kv_stats(&db.cache);
-    assert_eq!(kv.get_many(&asked).unwrap(), expected);
-    assert_eq!(kv.get("b").unwrap(), Some(json!(2)));
-    let after = kv_stats(&db.cache);
-    assert_eq!(after.hits, before.hits + 4);
-    assert_eq!(after.misses, before.misses + 1);
+    let (hits, misses) = hits_and_misses(&db.cache, CacheKind::Kv, || {
+        assert_eq!(kv.get_many(&asked).unwrap(), expected);
+        assert_eq!(kv.get("b").unwrap(), Some(json!(2)));
+    });
+    assert_eq!((hits, misses), (4, 1));
     // Another program's update evicts what the batch put there.
     db.exec("UPDATE cache_entries SET value = '3' WHERE key = 'a'");
     std::thread::sleep(BOUND);
@@ -127,12 +127,10 @@ fn a_typed_batch_read_fills_the_near_cache() {
             .collect()
     };
     assert_eq!(responses(), vec![Some("answer".to_owned()), None]);
-    let before = near_stats(&db.cache, CacheKind::LlmResponse).hits;
-    assert_eq!(responses(), vec![Some("answer".to_owned()), None]);
-    assert_eq!(
-        near_stats(&db.cache, CacheKind::LlmResponse).hits,
-        before + 1
-    );
+    let (hits, _) = hits_and_misses(&db.cache, CacheKind::LlmResponse, || {
+        assert_eq!(responses(), vec![Some("answer".to_owned()), None]);
+    });
+    assert_eq!(hits, 1);
 }
 
 #[test]
@@ -306,9 +304,10 @@ fn a_killed_listener_turns_the_near_cache_off_until_it_is_back() {
         back.elapsed()
     );
     warm(&db.cache, "k");
-    let hits = kv_stats(&db.cache).hits;
-    assert_eq!(db.cache.kv().get("k").unwrap(), Some(json!("new")));
-    assert_eq!(kv_stats(&db.cache).hits, hits + 1);
+    let (hits, _) = hits_and_misses(&db.cache, CacheKind::Kv, || {
+        assert_eq!(db.cache.kv().get("k").unwrap(), Some(json!("new")));
+    });
+    assert_eq!(hits, 1);
 }
 
 /// Changes logged for the near caches: the change log's rows, taken out of the log
@@ -574,13 +573,10 @@ fn an_ai_cache_change_by_another_manager_is_seen_and_an_unchanged_set_evicts_not
         .set(&prompt, &"a".to_owned())
         .unwrap();
     std::thread::sleep(BOUND);
-    let hits = near_stats(&other, CacheKind::LlmResponse).hits;
-    assert_eq!(response(&other), Some("a".to_owned()));
-    assert_eq!(
-        near_stats(&other, CacheKind::LlmResponse).hits,
-        hits + 1,
-        "still in memory"
-    );
+    let (hits, _) = hits_and_misses(&other, CacheKind::LlmResponse, || {
+        assert_eq!(response(&other), Some("a".to_owned()));
+    });
+    assert_eq!(hits, 1, "still in memory");
     // A changed one: stamped, evicted.
     db.cache
         .llm_response()

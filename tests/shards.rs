@@ -848,7 +848,13 @@ fn a_manager_starts_while_a_shard_is_down_and_uses_it_once_back() {
 fn each_shards_near_cache_learns_of_writes_to_that_shard() {
     let dbs = databases(&common::database_url(), &SHARDS);
     let all: Vec<&ShardDb> = dbs.iter().collect();
-    let near = |b: CacheConfigBuilder| b.near_cache(CacheKind::Kv, Some(NearCache::new()));
+    // A bound far above the deadline below: a poll slowed by a loaded machine must
+    // not turn the near cache off (a bypass, not a hit), and a change that never
+    // arrived cannot hide behind one.
+    let near = |b: CacheConfigBuilder| {
+        b.near_cache(CacheKind::Kv, Some(NearCache::new()))
+            .near_cache_staleness(Duration::from_secs(10))
+    };
     let (writer, reader) = (manager(&all, near), manager(&all, near));
     let keys = keys("hot:", 30);
     for key in &keys {
