@@ -435,6 +435,16 @@ impl NearCaches {
         }
     }
 
+    /// The poller's baseline, sent at `sent`, returned: fills may start, and L1 may
+    /// serve them as after any poll. Anything filled from now on was read after
+    /// `sent`, so it holds every change committed before it, which is all a poll
+    /// sent then would have evicted. Current first: a fill must never be made
+    /// while serving is still off (the fill's lookups would bypass).
+    fn baseline_taken(&self, sent: Instant) {
+        self.polled(sent);
+        self.has_baseline.store(true, Ordering::SeqCst);
+    }
+
     /// A poll sent at `sent` read the change log up to its snapshot.
     fn polled(&self, sent: Instant) {
         let at = self.nanos(sent);
@@ -665,10 +675,11 @@ fn poll_loop(
         // Every statement is watched: a poll a frozen server never answers is cut
         // after statement_timeout + 1 s, and the poller reconnects.
         let outcome: Result<()> = (|| {
+            let sent = Instant::now();
             let baseline = watched(&mut conn, |conn| Ok(poll(conn, &sql, None)?))?;
             let mut window = next_window(&baseline);
             match caches.upgrade() {
-                Some(near) => near.has_baseline.store(true, Ordering::SeqCst),
+                Some(near) => near.baseline_taken(sent),
                 None => return Ok(()),
             }
             let mut pruned = Instant::now();
@@ -688,7 +699,7 @@ fn poll_loop(
                     // start over from an empty L1.
                     near.lost();
                     window = next_window(&watched(&mut conn, |conn| Ok(poll(conn, &sql, None)?))?);
-                    near.has_baseline.store(true, Ordering::SeqCst);
+                    near.baseline_taken(sent);
                 }
                 let rows = watched(&mut conn, |conn| Ok(poll(conn, &sql, window.as_ref())?))?;
                 for row in rows.iter().filter(|r| r.is_change) {
@@ -855,6 +866,25 @@ mod tests {
             None,
             "a read from before the loss is not kept"
         );
+    }
+
+    #[test]
+    fn what_is_filled_right_after_the_baseline_is_served() {
+        let config = CacheConfig::builder()
+            .near_cache(CacheKind::Kv, Some(NearCache::new()))
+            .build()
+            .unwrap();
+        let near = NearCaches::new(&config).unwrap();
+        assert!(
+            near.ticket(CacheKind::Kv, b"k").is_none(),
+            "no baseline yet"
+        );
+        near.baseline_taken(Instant::now());
+        // No poll after the baseline yet: the fill is served all the same.
+        let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
+        fill(&near, ticket, b"k", "v");
+        assert_eq!(held(&near, b"k").as_deref(), Some("v"));
+        assert_eq!(near.stats()[0].bypasses, 0);
     }
 
     #[test]
