@@ -185,6 +185,9 @@ struct ConnectFailures {
     /// its own copy to only one of the callers timing out together, and others then
     /// learn nothing of the cause (an unknown database passing for a slow server).
     last: Mutex<Option<String>>,
+    /// How many attempts have failed so far: a checkout tells from it whether one
+    /// failed while it waited.
+    failed: AtomicU64,
 }
 
 impl ConnectFailures {
@@ -193,7 +196,13 @@ impl ConnectFailures {
         ConnectFailures {
             url: url.clone(),
             last: Mutex::new(None),
+            failed: AtomicU64::new(0),
         }
+    }
+
+    /// How many attempts have failed so far.
+    fn count(&self) -> u64 {
+        self.failed.load(Ordering::Acquire)
     }
 
     /// The pool's error as an [`Error::Connection`], scrubbed of the password, with
@@ -209,9 +218,7 @@ impl ConnectFailures {
             _ => Error::connection(&message),
         }
     }
-}
 
-impl ConnectFailures {
     /// Whether the last connection attempt failed.
     fn failing(&self) -> bool {
         self.last
@@ -220,6 +227,10 @@ impl ConnectFailures {
             .is_some()
     }
 }
+
+/// How long a checkout waits for a connection between looks at whether an attempt
+/// to open one failed.
+const FAILURE_CHECK: Duration = Duration::from_millis(20);
 
 /// How often, while the server is known to be down, a background thread tries to
 /// connect again.
@@ -326,6 +337,7 @@ impl HandleError<r2d2::Error> for FailureLog {
         // Debug: the pool retries in the background, and the caller gets the cause.
         tracing::debug!(error = %message, "pgcache: opening a connection failed");
         *self.0.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(message);
+        self.0.failed.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -526,23 +538,41 @@ impl Pool {
         Ok(pool)
     }
 
-    /// Checks a connection out, waiting at most the connection timeout.
+    /// Checks a connection out, waiting at most the connection timeout, and less
+    /// when an attempt to open one fails meanwhile: the server is down or refuses
+    /// us, and the rest of the timeout would only delay that answer (r2d2 itself
+    /// retries a refused connection until the timeout ends). So the wait goes in
+    /// slices of [`FAILURE_CHECK`], with a look at the failed attempts after each.
     fn get(&self) -> Result<PooledConnection> {
         if let Some(error) = self.outage.fail_fast(&self.failures, || self.reconnect()) {
             return Err(error);
         }
-        match self.pool.get() {
-            Ok(conn) => {
-                self.outage.close();
-                Ok(conn)
-            }
-            Err(error) => {
-                let error = self.failures.error(&error);
-                // A failed connection attempt, not a pool that was merely busy.
-                if self.failures.failing() {
-                    self.outage.open();
+        let failed_before = self.failures.count();
+        let deadline = Instant::now() + self.pool.connection_timeout();
+        loop {
+            let slice = deadline
+                .saturating_duration_since(Instant::now())
+                .min(FAILURE_CHECK);
+            match self.pool.get_timeout(slice) {
+                Ok(conn) => {
+                    self.outage.close();
+                    return Ok(conn);
                 }
-                Err(error)
+                Err(error) => {
+                    // A failed connection attempt, not a pool that was merely busy
+                    // (an attempt that failed before this checkout began, with none
+                    // since, tells nothing of the server now: wait on).
+                    let refused = self.failures.failing();
+                    if refused && self.failures.count() != failed_before
+                        || Instant::now() >= deadline
+                    {
+                        let error = self.failures.error(&error);
+                        if refused {
+                            self.outage.open();
+                        }
+                        return Err(error);
+                    }
+                }
             }
         }
     }

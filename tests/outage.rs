@@ -238,3 +238,46 @@ fn once_the_database_is_known_down_operations_fail_at_once_until_it_answers() {
     );
     assert_eq!(strict.kv().get("k").unwrap(), Some(json!(1)));
 }
+
+#[test]
+fn the_first_operation_after_the_server_stops_fails_when_a_connection_is_refused() {
+    let cluster = ScratchCluster::start();
+    // A long connection timeout: before, the first operation after the stop waited
+    // all of it while r2d2 retried the refused connection.
+    let timeout = Duration::from_secs(20);
+    let strict = CacheManager::new(
+        config(&cluster)
+            .pool_connection_timeout(timeout)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let lenient = CacheManager::new(
+        config(&cluster)
+            .pool_connection_timeout(timeout)
+            .fail_open(true)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    strict.kv().set("k", &json!(1)).unwrap();
+    assert_eq!(lenient.kv().get("k").unwrap(), Some(json!(1)));
+    cluster.stop();
+
+    let started = Instant::now();
+    let error = strict.kv().get("k").unwrap_err();
+    let waited = started.elapsed();
+    assert!(error.is_transient(), "{error}");
+    assert!(
+        error.to_string().contains("refused"),
+        "the refused attempt is the cause: {error}"
+    );
+    assert!(waited < timeout / 4, "waited {waited:?}");
+    let started = Instant::now();
+    assert_eq!(lenient.kv().get("k").unwrap(), None, "a miss, failing open");
+    assert!(
+        started.elapsed() < timeout / 4,
+        "waited {:?}",
+        started.elapsed()
+    );
+}
