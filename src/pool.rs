@@ -539,10 +539,13 @@ impl Pool {
     }
 
     /// Checks a connection out, waiting at most the connection timeout, and less
-    /// when an attempt to open one fails meanwhile: the server is down or refuses
-    /// us, and the rest of the timeout would only delay that answer (r2d2 itself
-    /// retries a refused connection until the timeout ends). So the wait goes in
-    /// slices of [`FAILURE_CHECK`], with a look at the failed attempts after each.
+    /// when an attempt to open one fails meanwhile while the pool holds none that
+    /// could come back: the server is down or refuses us, and the rest of the
+    /// timeout would only delay that answer (r2d2 itself retries a refused
+    /// connection until the timeout ends). So the wait goes in slices of
+    /// [`FAILURE_CHECK`], with a look at the failed attempts after each. A pool with
+    /// connections out waits on: one refused attempt (a server at its connection
+    /// limit) says nothing of those.
     fn get(&self) -> Result<PooledConnection> {
         if let Some(error) = self.outage.fail_fast(&self.failures, || self.reconnect()) {
             return Err(error);
@@ -563,9 +566,10 @@ impl Pool {
                     // (an attempt that failed before this checkout began, with none
                     // since, tells nothing of the server now: wait on).
                     let refused = self.failures.failing();
-                    if refused && self.failures.count() != failed_before
-                        || Instant::now() >= deadline
-                    {
+                    let give_up = refused
+                        && self.failures.count() != failed_before
+                        && self.pool.state().connections == 0;
+                    if give_up || Instant::now() >= deadline {
                         let error = self.failures.error(&error);
                         if refused {
                             self.outage.open();

@@ -281,3 +281,50 @@ fn the_first_operation_after_the_server_stops_fails_when_a_connection_is_refused
         started.elapsed()
     );
 }
+
+#[test]
+fn a_refused_connection_does_not_end_the_wait_while_the_pool_has_connections_out() {
+    let cluster = ScratchCluster::start();
+    let admin = CacheManager::new(config(&cluster).build().unwrap()).unwrap();
+    {
+        use diesel::connection::SimpleConnection;
+        admin
+            .connection()
+            .unwrap()
+            .batch_execute(
+                "CREATE ROLE limited LOGIN CONNECTION LIMIT 2; \
+                 GRANT USAGE ON SCHEMA outage TO limited; \
+                 GRANT ALL ON ALL TABLES IN SCHEMA outage TO limited",
+            )
+            .unwrap();
+    }
+    let url = format!("postgres://limited@127.0.0.1:{}/postgres", cluster.port);
+    let cache = CacheManager::new(
+        config(&cluster)
+            .database_url(url)
+            .run_migrations(false)
+            .pool_min_idle(0)
+            .pool_connection_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    // The role's two connections, both out of the pool: a third is refused (the
+    // server is at the role's limit), and one of the two comes back later.
+    let (first, second) = (cache.connection().unwrap(), cache.connection().unwrap());
+    let started = Instant::now();
+    let got = std::thread::scope(|s| {
+        s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            drop(first);
+        });
+        cache.kv().get("k")
+    });
+    assert_eq!(got.unwrap(), None, "served once a connection came back");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(second);
+}
