@@ -277,7 +277,7 @@ impl CacheConfig {
     /// | `CACHE_TTL_SHORT` / `_MEDIUM` / `_LONG` / `_WEEK` | 300 / 3600 / 86400 / 604800 | TTL presets, seconds |
     /// | `PGCACHE_POOL_MAX_SIZE` | 20 | pool size |
     /// | `PGCACHE_POOL_MIN_IDLE` | 0 | idle connections kept |
-    /// | `PGCACHE_POOL_IDLE_TIMEOUT_SECS` | 30 | idle connection lifetime |
+    /// | `PGCACHE_POOL_IDLE_TIMEOUT_SECS` | 30 | idle connection lifetime (after up to 1 s parked for its thread's next operation) |
     /// | `PGCACHE_POOL_CONNECTION_TIMEOUT_MS` | 2000 | wait for a connection |
     /// | `PGCACHE_STATEMENT_TIMEOUT_MS` | 5000 | per-statement limit on cache connections |
     /// | `PGCACHE_SCHEMA` | `pgcache` | schema holding the cache tables and their migration history |

@@ -411,6 +411,9 @@ impl Engine {
     /// The flusher thread's task: counters, and catching up once the database is
     /// back even if the application sends nothing meanwhile.
     fn background_flush(self: &Arc<Self>) {
+        if let Some(pool) = &self.pool {
+            pool.release_parked();
+        }
         if self.migrations_pending.load(Ordering::Acquire) || self.skipped.is_pending() {
             if let Some(pool) = &self.pool {
                 if let Err(error) = pool.run(|conn| self.catch_up(conn)) {

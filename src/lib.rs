@@ -81,6 +81,7 @@ pub mod metrics;
 mod shards;
 mod validation;
 // Database plumbing.
+mod affinity;
 mod conninfo;
 mod migrations;
 mod partitions;

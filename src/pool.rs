@@ -29,6 +29,7 @@ use diesel::r2d2::event::AcquireEvent;
 use diesel::r2d2::{self, ConnectionManager, CustomizeConnection, HandleError, HandleEvent};
 use diesel::{Connection, ConnectionError};
 
+use crate::affinity::{Held, Parking, PARK_FOR};
 use crate::config::{CacheConfig, Durability};
 use crate::conninfo::{client_timeouts, with_defaults};
 use crate::database_url::DatabaseUrl;
@@ -360,6 +361,10 @@ pub(crate) struct Pool {
     /// Whether its connections stamp the rows their updates change
     /// (see [`crate::migrations::STAMPING_SETTING`]).
     stamps: bool,
+    /// Each thread's last connection, for its next operation (see
+    /// [`crate::affinity`]); none on the application's pool, whose connections go
+    /// back to it at once.
+    parking: Option<Parking>,
 }
 
 /// Puts the cache's schema on an application connection's search path, last, so
@@ -491,6 +496,7 @@ impl Pool {
             outage: Arc::new(Outage::new(&config.shard_name)),
             shared: None,
             stamps: crate::migrations::stamps_changes(config),
+            parking: Some(Parking::new(settings.max_size)),
         };
         if check {
             drop(pool.checkout()?);
@@ -528,6 +534,7 @@ impl Pool {
                 schema: config.schema().to_owned(),
             }),
             stamps: false,
+            parking: None,
         };
         if !config.fail_open() {
             let mut conn = pool.for_caller()?;
@@ -546,20 +553,35 @@ impl Pool {
     /// [`FAILURE_CHECK`], with a look at the failed attempts after each. A pool with
     /// connections out waits on: one refused attempt (a server at its connection
     /// limit) says nothing of those.
-    fn get(&self) -> Result<PooledConnection> {
+    fn get(&self) -> Result<Held<'_>> {
         if let Some(error) = self.outage.fail_fast(&self.failures, || self.reconnect()) {
             return Err(error);
         }
+        let parking = self.parking.as_ref();
+        let held = |conn| Ok(Held::new(conn, parking));
+        // This thread's own connection first, then an idle one, then another
+        // thread's parked one: only then wait (see `affinity`).
+        if let Some(conn) = parking.and_then(Parking::take_own) {
+            return held(conn);
+        }
+        if let Some(conn) = self.pool.try_get() {
+            self.outage.close();
+            return held(conn);
+        }
+        let _waiting = parking.map(Parking::wait);
         let failed_before = self.failures.count();
         let deadline = Instant::now() + self.pool.connection_timeout();
         loop {
+            if let Some(conn) = parking.and_then(Parking::steal) {
+                return held(conn);
+            }
             let slice = deadline
                 .saturating_duration_since(Instant::now())
                 .min(FAILURE_CHECK);
             match self.pool.get_timeout(slice) {
                 Ok(conn) => {
                     self.outage.close();
-                    return Ok(conn);
+                    return held(conn);
                 }
                 Err(error) => {
                     // A failed connection attempt, not a pool that was merely busy
@@ -596,6 +618,14 @@ impl Pool {
         }
     }
 
+    /// Gives back to the pool the connections parked unused for [`PARK_FOR`], so
+    /// that the pool's idle timeout applies to them.
+    pub(crate) fn release_parked(&self) {
+        if let Some(parking) = &self.parking {
+            parking.sweep(PARK_FOR);
+        }
+    }
+
     /// The pool's current state (for `Debug`).
     pub(crate) fn state(&self) -> r2d2::State {
         self.pool.state()
@@ -605,7 +635,7 @@ impl Pool {
     /// suspect (see the module docs). Dead ones met on the way are discarded.
     /// Bounded: the pool holds at most `max_size` dead connections, after which it
     /// opens a fresh one or fails after its connection timeout.
-    pub(crate) fn checkout(&self) -> Result<PooledConnection> {
+    pub(crate) fn checkout(&self) -> Result<Held<'_>> {
         for _ in 0..=self.pool.max_size() {
             let mut conn = self.get()?;
             if !self.suspicion.take() || !probe(&mut conn) {
@@ -627,7 +657,7 @@ impl Pool {
                 if let Some(shared) = &self.shared {
                     shared.ensure(&mut conn)?;
                 }
-                return Ok(conn);
+                return Ok(conn.into_pooled());
             }
             self.suspicion.raise();
         }
@@ -639,7 +669,7 @@ impl Pool {
     /// A connection for the caller's own statements: on the application's pool,
     /// with the cache's schema on its search path (one round trip more).
     pub(crate) fn for_caller(&self) -> Result<PooledConnection> {
-        let mut conn = self.checkout()?;
+        let mut conn = self.checkout()?.into_pooled();
         if let Some(shared) = &self.shared {
             shared.ensure(&mut conn)?;
         }

@@ -240,3 +240,29 @@ fn transient_and_permanent_errors_are_told_apart() {
     assert!(!Error::MissingTable { table: "t".into() }.is_transient());
     assert!(!Error::ComputeTimeout { waited_ms: 1 }.is_transient());
 }
+
+#[test]
+fn more_threads_than_connections_are_all_served() {
+    // Each thread keeps its last connection parked for its next operation; the
+    // others must still get theirs (taken from the slot, or given back to the pool
+    // while they wait), not time out.
+    let db = TestDb::with(|b| {
+        b.pool_max_size(2)
+            .pool_connection_timeout(Duration::from_secs(10))
+    });
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let kv = db.cache.kv();
+            s.spawn(move || {
+                for i in 0..100 {
+                    let key = format!("t{t}:{}", i % 5);
+                    kv.set(&key, &json!(i)).unwrap();
+                    assert_eq!(kv.get(&key).unwrap(), Some(json!(i)));
+                }
+            });
+        }
+    });
+    // The connections parked by the threads above serve a caller of the pool's own.
+    let held: Vec<_> = (0..2).map(|_| db.cache.connection().unwrap()).collect();
+    assert_eq!(held.len(), 2);
+}
