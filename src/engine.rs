@@ -9,7 +9,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use diesel::pg::PgConnection;
 
@@ -60,6 +60,9 @@ impl fmt::Debug for Engine {
             .finish_non_exhaustive()
     }
 }
+
+/// How long start-up waits for the near caches' poller to be ready.
+const NEAR_START_WAIT: Duration = Duration::from_secs(1);
 
 impl Engine {
     /// Opens the pool (unless caching is disabled), starts the flusher and, unless
@@ -150,6 +153,14 @@ impl Engine {
                     engine.down_at_start.store(true, Ordering::Release);
                 }
                 other => other?,
+            }
+        }
+        if let Some(near) = &engine.near {
+            // Reads are kept in memory only once the poller has its baseline (its
+            // connection, the triggers checked, one poll): a brief wait for it lets
+            // a new manager's first reads count.
+            if !engine.was_down_at_start() && !near.wait_ready(NEAR_START_WAIT) {
+                tracing::debug!("pgcache: near-cache poller not ready at start-up; reads go to the database until it is");
             }
         }
         Ok(engine)

@@ -54,7 +54,8 @@ impl fmt::Debug for CacheManager {
 /// Start-up, configuration and connections.
 impl CacheManager {
     /// Opens the pool (unless caching is disabled) and, unless turned off in the
-    /// configuration, runs pending migrations.
+    /// configuration, runs pending migrations. With a near cache, waits (at most
+    /// 1 s) until its poller is current, so the first reads are kept in memory.
     ///
     /// # Errors
     /// [`Error::Connection`](crate::Error::Connection) when the database cannot be reached within the

@@ -435,6 +435,19 @@ impl NearCaches {
         }
     }
 
+    /// Waits until the poller has its baseline, so fills and serving may start, at
+    /// most `limit`; whether it has.
+    pub(crate) fn wait_ready(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while !self.has_baseline.load(Ordering::Acquire) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
     /// The poller's baseline, sent at `sent`, returned: fills may start, and L1 may
     /// serve them as after any poll. Anything filled from now on was read after
     /// `sent`, so it holds every change committed before it, which is all a poll

@@ -599,3 +599,21 @@ fn without_a_near_cache_no_trigger_is_installed() {
         0
     );
 }
+
+#[test]
+fn a_new_managers_first_reads_are_kept() {
+    // No wait here: start-up waited for the poller. A long bound, so a poll made
+    // late by a loaded machine cannot turn the near cache off (a bypass) either.
+    let db = TestDb::with(|b| {
+        b.near_cache(CacheKind::Kv, Some(NearCache::new()))
+            .near_cache_staleness(Duration::from_secs(10))
+    });
+    db.cache.kv().set("k", &json!(1)).unwrap();
+    assert_eq!(warm(&db.cache, "k"), Some(json!(1)));
+    let stats = near_support::kv_stats(&db.cache);
+    assert_eq!(
+        (stats.hits, stats.misses, stats.bypasses),
+        (1, 1, 0),
+        "{stats:?}"
+    );
+}
