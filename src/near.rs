@@ -792,14 +792,19 @@ mod tests {
     use super::*;
     use crate::config::CacheConfig;
 
-    /// Near caches for kv whose poller has its baseline and is current, as if it
-    /// had just polled.
-    fn current() -> Arc<NearCaches> {
+    /// Near caches for kv whose poller has not connected yet.
+    fn kv_only() -> NearCaches {
         let config = CacheConfig::builder()
             .near_cache(CacheKind::Kv, Some(NearCache::new()))
             .build()
             .unwrap();
-        let near = Arc::new(NearCaches::new(&config).unwrap());
+        NearCaches::new(&config).unwrap()
+    }
+
+    /// Near caches for kv whose poller has its baseline and is current, as if it
+    /// had just polled.
+    fn current() -> Arc<NearCaches> {
+        let near = Arc::new(kv_only());
         near.has_baseline.store(true, Ordering::SeqCst);
         near.fresh_until.store(u64::MAX, Ordering::SeqCst);
         near
@@ -883,11 +888,7 @@ mod tests {
 
     #[test]
     fn what_is_filled_right_after_the_baseline_is_served() {
-        let config = CacheConfig::builder()
-            .near_cache(CacheKind::Kv, Some(NearCache::new()))
-            .build()
-            .unwrap();
-        let near = NearCaches::new(&config).unwrap();
+        let near = kv_only();
         assert!(
             near.ticket(CacheKind::Kv, b"k").is_none(),
             "no baseline yet"

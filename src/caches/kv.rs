@@ -1015,7 +1015,8 @@ fn json_for_near<V: DeserializeOwned>(
 /// a get copies the bytes once.
 fn bytes_for_near(
     key: &str,
-    (_, bytes, expires_at): LiveEntry<JsonbText>,
+    bytes: Option<Vec<u8>>,
+    expires_at: DateTime<Utc>,
 ) -> Result<NearRead<Vec<u8>>> {
     let bytes = own(key, bytes, ("json", "bytes"))?;
     Ok(NearRead {
@@ -1194,7 +1195,7 @@ impl Storage for KvBytes<'_> {
         _checked: &(),
     ) -> Result<Option<NearRead<Vec<u8>>>> {
         read_live::<JsonbText>(conn, key)?
-            .map(|entry| bytes_for_near(key, entry))
+            .map(|(_, bytes, expires_at)| bytes_for_near(key, bytes, expires_at))
             .transpose()
     }
 
@@ -1207,10 +1208,7 @@ impl Storage for KvBytes<'_> {
         in_key_order(
             keys,
             &read_live_many(conn, keys)?,
-            |key, (_, bytes, expires_at)| {
-                // The JSON column is not needed: NULL whenever the bytes are set.
-                bytes_for_near(key, (None, bytes.clone(), *expires_at))
-            },
+            |key, (_, bytes, expires_at)| bytes_for_near(key, bytes.clone(), *expires_at),
         )
     }
 
