@@ -29,7 +29,9 @@
 //!   slot's generation before its `SELECT`, inserts, then removes its entry again if
 //!   the generation or the epoch moved meanwhile.
 //! - An entry lives at most `min(remaining TTL as the database computed it, max
-//!   age)`: the database clock's offset is measured by every poll.
+//!   age)`, judged by the latest time the database's clock can read: every poll
+//!   bounds it from above (see `NearCaches::polled`), so entries leave early, never
+//!   late.
 
 use std::any::Any;
 use std::collections::hash_map::DefaultHasher;
@@ -38,7 +40,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use diesel::connection::SimpleConnection;
@@ -89,14 +91,16 @@ impl quick_cache::Weighter<NearKey, Entry> for ByWeight {
     }
 }
 
-/// Counts the entries L1 drops to stay within its byte bound.
+/// Counts the entries L1 drops to stay within its byte bound. quick_cache calls
+/// `before_evict` only for those (an entry pushed out, or one too large to admit);
+/// `on_evict` would also count every entry replaced by a newer fill of its key.
 #[derive(Clone, Default)]
 struct CountEvictions(Arc<AtomicU64>);
 
 impl quick_cache::Lifecycle<NearKey, Entry> for CountEvictions {
     type RequestState = ();
 
-    fn on_evict(&self, _state: &mut (), _key: NearKey, _entry: Entry) {
+    fn before_evict(&self, _state: &mut (), _key: &NearKey, _entry: &mut Entry) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -195,8 +199,10 @@ pub(crate) struct NearCaches {
     fresh_until: AtomicU64,
     /// When the last successful poll was sent, nanoseconds since `base`.
     polled_at: AtomicU64,
-    /// Database clock minus local clock, microseconds.
-    clock_offset_us: AtomicI64,
+    /// At least how far the database clock is ahead of `base` in microseconds (so
+    /// the database's time is at most `base`'s elapsed time plus this): see
+    /// [`NearCaches::polled`]. Until the first poll, so large that nothing is kept.
+    db_clock_ahead_us: AtomicI64,
     base: Instant,
     staleness: Duration,
     /// Test hook: runs between a fill's last check and its insert.
@@ -227,7 +233,7 @@ impl NearCaches {
             has_baseline: AtomicBool::new(false),
             fresh_until: AtomicU64::new(0),
             polled_at: AtomicU64::new(0),
-            clock_offset_us: AtomicI64::new(0),
+            db_clock_ahead_us: AtomicI64::new(NO_CLOCK_YET),
             base: Instant::now(),
             staleness: config.near_cache_staleness(),
             #[cfg(test)]
@@ -255,6 +261,10 @@ impl NearCaches {
 
     fn nanos(&self, at: Instant) -> u64 {
         at.saturating_duration_since(self.base).as_nanos() as u64
+    }
+
+    fn micros(&self, at: Instant) -> i64 {
+        at.saturating_duration_since(self.base).as_micros() as i64
     }
 
     /// Whether L1 may serve now: the change log was read up to a snapshot taken less
@@ -354,9 +364,11 @@ impl NearCaches {
     /// When an entry expiring at `expires_at` (database clock) leaves L1: after its
     /// remaining TTL or `max_age`, whichever is first; `None` if already expired.
     fn local_expiry(&self, expires_at: DateTime<Utc>, max_age: Duration) -> Option<Instant> {
-        let db_now_us =
-            unix_micros(SystemTime::now()) + self.clock_offset_us.load(Ordering::Relaxed);
-        let remaining_us = expires_at.timestamp_micros() - db_now_us;
+        // The latest the database's clock can read now: entries leave early, never late.
+        let db_now_us = self
+            .micros(Instant::now())
+            .saturating_add(self.db_clock_ahead_us.load(Ordering::Acquire));
+        let remaining_us = expires_at.timestamp_micros().saturating_sub(db_now_us);
         let remaining = Duration::from_micros(u64::try_from(remaining_us).ok().filter(|&r| r > 0)?);
         Some(Instant::now() + remaining.min(max_age))
     }
@@ -453,13 +465,23 @@ impl NearCaches {
     /// `sent`, so it holds every change committed before it, which is all a poll
     /// sent then would have evicted. Current first: a fill must never be made
     /// while serving is still off (the fill's lookups would bypass).
-    fn baseline_taken(&self, sent: Instant) {
-        self.polled(sent);
+    fn baseline_taken(&self, sent: Instant, db_clock_us: Option<i64>) {
+        self.polled(sent, db_clock_us);
         self.has_baseline.store(true, Ordering::SeqCst);
     }
 
-    /// A poll sent at `sent` read the change log up to its snapshot.
-    fn polled(&self, sent: Instant) {
+    /// A poll sent at `sent` read the change log up to its snapshot, and the
+    /// database's clock read `db_clock_us` (microseconds since the Unix epoch) while
+    /// running it. The server read its clock after `sent`, however late its reply
+    /// came back (a descheduled poller, a stopped backend, a slow path one way), so
+    /// `db_clock_us - sent` bounds how far the database's clock is ahead from above:
+    /// entries expire by that bound, early by at most the poll's round trip, never
+    /// late. (Assuming the reply came halfway made a late reply extend every entry.)
+    fn polled(&self, sent: Instant, db_clock_us: Option<i64>) {
+        if let Some(db_clock_us) = db_clock_us {
+            self.db_clock_ahead_us
+                .store(db_clock_us - self.micros(sent), Ordering::Release);
+        }
         let at = self.nanos(sent);
         self.polled_at.fetch_max(at, Ordering::AcqRel);
         let until = at + self.staleness.as_nanos() as u64;
@@ -490,9 +512,12 @@ impl Table {
     }
 }
 
-fn unix_micros(at: SystemTime) -> i64 {
-    at.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
+/// [`NearCaches::db_clock_ahead_us`] before any poll: every entry reads as expired.
+const NO_CLOCK_YET: i64 = i64::MAX / 2;
+
+/// The database clock a poll read, microseconds since the Unix epoch.
+fn db_clock(rows: &[Polled]) -> Option<i64> {
+    rows.first().map(|row| row.now_us)
 }
 
 /// The poller thread of one manager's near caches.
@@ -692,7 +717,7 @@ fn poll_loop(
             let baseline = watched(&mut conn, |conn| Ok(poll(conn, &sql, None)?))?;
             let mut window = next_window(&baseline);
             match caches.upgrade() {
-                Some(near) => near.baseline_taken(sent),
+                Some(near) => near.baseline_taken(sent, db_clock(&baseline)),
                 None => return Ok(()),
             }
             let mut pruned = Instant::now();
@@ -711,8 +736,9 @@ fn poll_loop(
                     // Stalled this long, changes may have been pruned unread:
                     // start over from an empty L1.
                     near.lost();
-                    window = next_window(&watched(&mut conn, |conn| Ok(poll(conn, &sql, None)?))?);
-                    near.baseline_taken(sent);
+                    let baseline = watched(&mut conn, |conn| Ok(poll(conn, &sql, None)?))?;
+                    window = next_window(&baseline);
+                    near.baseline_taken(sent, db_clock(&baseline));
                 }
                 let rows = watched(&mut conn, |conn| Ok(poll(conn, &sql, window.as_ref())?))?;
                 for row in rows.iter().filter(|r| r.is_change) {
@@ -720,14 +746,8 @@ fn poll_loop(
                         near.apply(cache, row.keys.as_deref());
                     }
                 }
-                if let Some(row) = rows.first() {
-                    let local_us =
-                        unix_micros(SystemTime::now()) - (sent.elapsed().as_micros() as i64) / 2;
-                    near.clock_offset_us
-                        .store(row.now_us - local_us, Ordering::Relaxed);
-                }
                 window = next_window(&rows);
-                near.polled(sent);
+                near.polled(sent, db_clock(&rows));
                 last_ok = sent;
                 drop(near);
                 if pruned.elapsed() > Duration::from_secs(1) {
@@ -801,10 +821,17 @@ mod tests {
         NearCaches::new(&config).unwrap()
     }
 
+    /// Now by this machine's clock, microseconds since the Unix epoch: the
+    /// database's clock in these tests.
+    fn clock_now_us() -> i64 {
+        Utc::now().timestamp_micros()
+    }
+
     /// Near caches for kv whose poller has its baseline and is current, as if it
     /// had just polled.
     fn current() -> Arc<NearCaches> {
         let near = Arc::new(kv_only());
+        near.polled(Instant::now(), Some(clock_now_us()));
         near.has_baseline.store(true, Ordering::SeqCst);
         near.fresh_until.store(u64::MAX, Ordering::SeqCst);
         near
@@ -893,7 +920,7 @@ mod tests {
             near.ticket(CacheKind::Kv, b"k").is_none(),
             "no baseline yet"
         );
-        near.baseline_taken(Instant::now());
+        near.baseline_taken(Instant::now(), Some(clock_now_us()));
         // No poll after the baseline yet: the fill is served all the same.
         let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
         fill(&near, ticket, b"k", "v");
@@ -921,7 +948,7 @@ mod tests {
             .build()
             .unwrap();
         let near = NearCaches::new(&config).unwrap();
-        near.has_baseline.store(true, Ordering::SeqCst);
+        near.baseline_taken(Instant::now(), Some(clock_now_us()));
         near.fresh_until.store(u64::MAX, Ordering::SeqCst);
         for i in 0..100u32 {
             let key = i.to_be_bytes();
@@ -939,6 +966,57 @@ mod tests {
         assert!(stats.bytes <= 10_000, "{stats:?}");
         assert!(stats.evictions >= 90, "{stats:?}");
         assert_eq!(stats.entries + stats.evictions, 100, "{stats:?}");
+    }
+
+    #[test]
+    fn a_replaced_entry_is_not_counted_as_an_eviction() {
+        let near = current();
+        for round in 0..50 {
+            let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
+            fill(&near, ticket, b"k", &format!("v{round}"));
+        }
+        let stats = &near.stats()[0];
+        assert_eq!(stats.entries, 1, "{stats:?}");
+        assert_eq!(stats.evictions, 0, "{stats:?}");
+    }
+
+    #[test]
+    fn a_late_poll_reply_never_extends_an_entry() {
+        let near = current();
+        // The server read its clock as the poll was sent; the reply came back 200 ms
+        // later. Guessing that the clock was read halfway would put the database
+        // 100 ms behind and keep the entry 100 ms past its expiry.
+        let sent = Instant::now();
+        let db_clock = clock_now_us();
+        std::thread::sleep(Duration::from_millis(200));
+        near.polled(sent, Some(db_clock));
+        let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
+        let expiry = Utc::now() + chrono::Duration::milliseconds(40);
+        near.fill(
+            CacheKind::Kv,
+            ticket,
+            b"k"[..].into(),
+            value("v"),
+            expiry,
+            1,
+        );
+        loop {
+            let asked = Utc::now();
+            if held(&near, b"k").is_none() {
+                break;
+            }
+            assert!(asked < expiry, "served past its database expiry");
+        }
+    }
+
+    #[test]
+    fn nothing_is_kept_before_the_database_clock_is_known() {
+        let near = kv_only();
+        near.has_baseline.store(true, Ordering::SeqCst);
+        near.fresh_until.store(u64::MAX, Ordering::SeqCst);
+        let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
+        fill(&near, ticket, b"k", "v");
+        assert_eq!(held(&near, b"k"), None);
     }
 
     #[test]
@@ -972,7 +1050,7 @@ mod tests {
             .unwrap();
         let near = NearCaches::new(&config).unwrap();
         assert!(!near.current(), "not before the first poll");
-        near.polled(Instant::now());
+        near.polled(Instant::now(), Some(clock_now_us()));
         assert!(near.current());
         std::thread::sleep(Duration::from_millis(30));
         assert!(

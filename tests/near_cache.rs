@@ -4,6 +4,7 @@
 
 mod common;
 mod near_support;
+mod proxy;
 
 use near_support::{hits_and_misses, wait_current};
 use std::time::{Duration, Instant};
@@ -615,5 +616,57 @@ fn a_new_managers_first_reads_are_kept() {
         (stats.hits, stats.misses, stats.bypasses),
         (1, 1, 0),
         "{stats:?}"
+    );
+}
+
+#[test]
+fn entries_never_outlive_their_expiry_when_poll_replies_come_late() {
+    // Every reply to the reader, its polls' included, arrives 60 ms late: the
+    // database read its clock long before the reply came. The database and this
+    // test share the machine's clock, so an answer given after the entry's
+    // `expires_at` by that clock is an entry outliving its expiry.
+    let db = near_db();
+    let url = common::database_url();
+    let proxy = proxy::DelayProxy::start(&url, Duration::from_millis(60));
+    let reader = CacheManager::new(
+        db.config()
+            .database_url(proxy.url(&url))
+            .near_cache(CacheKind::Kv, Some(NearCache::new()))
+            // Polls take a round trip of 60 ms or more: a bound they always meet.
+            .near_cache_staleness(Duration::from_secs(2))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    wait_current(&reader);
+    let now_us = || chrono::Utc::now().timestamp_micros();
+    let hits_before = near_support::kv_stats(&reader).hits;
+    // How long after its expiry an entry was still answered at worst (negative: the
+    // last answer came before the expiry).
+    let mut worst_us = i64::MIN;
+    for round in 0..3 {
+        let key = format!("expiring-{round}");
+        db.cache
+            .kv()
+            .set_with_ttl(&key, &json!(round), Duration::from_millis(700))
+            .unwrap();
+        let expires_us = db.count(&format!(
+            "SELECT (extract(epoch FROM expires_at) * 1000000)::int8 AS n \
+             FROM cache_entries WHERE key = '{key}'"
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let asked_us = now_us();
+            if reader.kv().get(&key).unwrap().is_none() {
+                break;
+            }
+            worst_us = worst_us.max(asked_us - expires_us);
+            assert!(Instant::now() < deadline, "the entry never expired");
+        }
+    }
+    assert!(worst_us < 0, "served {worst_us} us after its expiry");
+    assert!(
+        near_support::kv_stats(&reader).hits > hits_before,
+        "the reads came from the near cache"
     );
 }
