@@ -77,12 +77,14 @@ fn after_killing_every_cache_connection_the_next_operations_succeed() {
         kv.get_many(&["k", "k19"]).unwrap(),
         vec![Some(json!(1)), Some(json!(19))]
     );
-    // The dead connections were discarded, not kept in the pool.
-    assert_eq!(
-        kill_cache_backends(&db),
-        1,
-        "only the one live connection remains"
-    );
+    // The dead connections were discarded, not kept in the pool: every connection
+    // it holds answers. (How many it holds depends on how fast connections open
+    // while the operations wait: more on a busy machine.)
+    let mut held: Vec<_> = (0..4).map(|_| db.cache.connection().unwrap()).collect();
+    for (i, conn) in held.iter_mut().enumerate() {
+        conn.batch_execute("SELECT 1")
+            .unwrap_or_else(|e| panic!("pooled connection {i} is dead: {e}"));
+    }
 }
 
 #[test]

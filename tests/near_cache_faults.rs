@@ -10,7 +10,7 @@
 mod near_support;
 mod scratch;
 
-use near_support::{kv_stats, wait_current};
+use near_support::{kv_stats, recovery_limit, wait_current};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -23,9 +23,6 @@ use serde_json::{json, Value};
 
 /// The staleness bound the tests run with.
 const BOUND: Duration = Duration::from_millis(100);
-
-/// How soon after a fault ends the near cache must serve from memory again.
-const RECOVERY: Duration = Duration::from_secs(1);
 
 /// Generous limits for waits that are not guarantees (a noisy machine).
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -318,8 +315,9 @@ fn a_frozen_poller_turns_the_near_cache_off_within_the_bound_and_it_serves_again
     let thawed = Instant::now();
     let back = time_to_memory(&cache, &key, thawed, &json!("new"), false);
     eprintln!("frozen poller: served from memory {back:?} after the thaw");
+    let limit = recovery_limit(&cluster.url());
     assert!(
-        back < RECOVERY,
+        back < limit,
         "served from memory only {back:?} after the thaw"
     );
 }
@@ -366,8 +364,9 @@ fn after_a_server_restart_no_entry_from_before_is_served_past_the_bound() {
 
     // Within a second of the server answering, reads come from memory again.
     let back = back.expect("never served from memory again");
+    let limit = recovery_limit(&cluster.url());
     assert!(
-        back < RECOVERY,
+        back < limit,
         "served from memory only {back:?} after the server answered"
     );
 }
@@ -422,8 +421,9 @@ fn fail_open_with_the_server_stopped_misses_instead_of_serving_memory_past_the_b
     let answering = Instant::now();
     let back = time_to_memory(&cache, &keys, answering, &json!("held"), true);
     eprintln!("fail-open: served from memory {back:?} after the server answered");
+    let limit = recovery_limit(&cluster.url());
     assert!(
-        back < RECOVERY,
+        back < limit,
         "served from memory only {back:?} after the server answered"
     );
 }
@@ -473,8 +473,9 @@ fn a_poller_frozen_for_good_is_replaced_and_the_near_cache_serves_again() {
     let back = back.expect("never served from memory again while the poller is frozen");
     // The frozen poll is cut at the no-answer limit; the new poller must be
     // current within the recovery guarantee after that.
+    let limit = NO_ANSWER_LIMIT + recovery_limit(&cluster.url());
     assert!(
-        back < NO_ANSWER_LIMIT + RECOVERY,
+        back < limit,
         "served from memory only {back:?} after the write"
     );
     let pids = poller_pids(&mut sql);

@@ -4,7 +4,21 @@
 
 use std::time::{Duration, Instant};
 
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, PgConnection};
 use pgcache::{CacheKind, CacheManager, NearCacheStats};
+
+/// How soon after a fault ends a near cache must serve from memory again: the
+/// README's "within a second" on a machine with time to spare, plus three times
+/// what connecting to `database_url` and one statement take right now, which is
+/// what a poller coming back does (reconnect, check its triggers, poll). A machine
+/// too busy to connect quickly stretches the bound; nothing else does.
+pub fn recovery_limit(database_url: &str) -> Duration {
+    let started = Instant::now();
+    let mut conn = PgConnection::establish(database_url).expect("connect");
+    conn.batch_execute("SELECT 1").expect("a statement");
+    Duration::from_secs(1) + 3 * started.elapsed()
+}
 
 /// The kv near cache's figures.
 pub fn kv_stats(cache: &CacheManager) -> NearCacheStats {
