@@ -5,7 +5,7 @@
 mod common;
 mod near_support;
 
-use near_support::{hits_and_misses, wait_current, wait_polled_since};
+use near_support::{assert_held, hits_and_misses, wait_current, wait_polled_since};
 use std::time::{Duration, Instant};
 
 use common::TestDb;
@@ -222,23 +222,11 @@ fn plain_sql_writers_evict() {
     }
 }
 
-/// Asserts that `read` (one read of `kind`) is answered from `cache`'s memory after
-/// it has been run once (which a loaded machine may have bypassed, filling nothing).
-fn assert_held(cache: &CacheManager, kind: CacheKind, mut read: impl FnMut()) {
-    for _ in 0..5 {
-        read();
-        if hits_and_misses(cache, kind, &mut read).0 == 1 {
-            return;
-        }
-    }
-    panic!("never held in memory");
-}
-
 #[test]
 fn an_update_of_a_key_itself_evicts_the_old_key_in_other_processes() {
     let (db, reader) = two_managers();
     db.cache.kv().set("k", &json!("old")).unwrap();
-    assert_held(&reader, CacheKind::Kv, || {
+    assert_held(&reader, CacheKind::Kv, 1, || {
         assert_eq!(reader.kv().get("k").unwrap(), Some(json!("old")));
     });
     db.exec("UPDATE cache_entries SET key = 'other' WHERE key = 'k'");
@@ -266,7 +254,7 @@ fn an_update_of_a_typed_entrys_digest_evicts_it_in_other_processes() {
         .llm_response()
         .set(&prompt, &"a".to_owned())
         .unwrap();
-    assert_held(&reader, CacheKind::LlmResponse, || {
+    assert_held(&reader, CacheKind::LlmResponse, 1, || {
         assert_eq!(response(), Some("a".to_owned()));
     });
     db.exec("UPDATE llm_response_cache SET key_hash = sha256(key_hash)");

@@ -72,3 +72,16 @@ pub fn hits_and_misses(
     }
     panic!("the near cache was bypassed in each of five tries");
 }
+
+/// Asserts that `read`, which makes `reads` reads of `kind`, is answered from
+/// `cache`'s memory once it has run before (at most five tries: a read bypassed on
+/// a loaded machine fills nothing).
+pub fn assert_held(cache: &CacheManager, kind: CacheKind, reads: u64, mut read: impl FnMut()) {
+    for _ in 0..5 {
+        read();
+        if hits_and_misses(cache, kind, &mut read).0 == reads {
+            return;
+        }
+    }
+    panic!("never held in memory");
+}
