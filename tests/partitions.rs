@@ -296,7 +296,8 @@ fn eviction_on_partitioned_tables_reaches_other_processes_near_caches() {
     for (i, key) in keys.iter().enumerate() {
         db.cache.kv().set(key, &json!(i)).unwrap();
     }
-    // k00 is the oldest write, k59 the newest (a change no near cache holds).
+    // k00 is the oldest write, k59 the newest (not logged: no near cache holds
+    // created_at).
     db.exec(
         "UPDATE cache_entries SET created_at = \
          now() - interval '1 minute' * (100 - substring(key from 2)::int)",
