@@ -5,7 +5,7 @@ use diesel::connection::SimpleConnection;
 use diesel::migration::MigrationSource;
 use diesel::pg::{Pg, PgConnection};
 use diesel::sql_types::{Array, Bool, Nullable, Text, Timestamptz};
-use diesel::{Connection, QueryableByName, RunQueryDsl};
+use diesel::{Connection, QueryResult, QueryableByName, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use crate::error::{Error, MigrationError, Result};
@@ -197,25 +197,73 @@ pub(crate) fn set_logged(conn: &mut PgConnection, logged: bool) -> Result<()> {
     })
 }
 
-/// The statements creating `kind`'s near-cache invalidation triggers (run in one
-/// transaction). The update trigger skips the statements of connections that stamp
-/// their own changes ([`STAMPING_SETTING`]).
-pub(crate) fn near_triggers_sql(kind: CacheKind) -> String {
-    let table = kind.descriptor();
-    // Names come from the closed descriptors, never from input.
+/// The statements creating `kind`'s near-cache invalidation triggers on `relation`
+/// (its table or one of the table's leaf partitions). The update trigger skips the
+/// statements of connections that stamp their own changes ([`STAMPING_SETTING`]).
+fn near_triggers_sql(kind: CacheKind, relation: &str) -> String {
+    // Names come from the closed descriptors and the catalog, never from input.
     format!(
-        "CREATE TRIGGER pgcache_near_update AFTER UPDATE ON {t} \
+        "CREATE TRIGGER pgcache_near_update AFTER UPDATE ON {relation} \
            REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows \
            FOR EACH STATEMENT WHEN (current_setting('{STAMPING_SETTING}', true) IS DISTINCT FROM 'on') \
            EXECUTE FUNCTION pgcache_near_invalidate('{name}'); \
-         CREATE TRIGGER pgcache_near_delete AFTER DELETE ON {t} \
+         CREATE TRIGGER pgcache_near_delete AFTER DELETE ON {relation} \
            REFERENCING OLD TABLE AS old_rows \
            FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate('{name}'); \
-         CREATE TRIGGER pgcache_near_truncate AFTER TRUNCATE ON {t} \
+         CREATE TRIGGER pgcache_near_truncate AFTER TRUNCATE ON {relation} \
            FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate('{name}');",
-        t = table.table,
-        name = table.name
+        name = kind.descriptor().name
     )
+}
+
+/// The tables that carry `kind`'s near-cache triggers: its table and, when it is
+/// partitioned, every leaf partition. PostgreSQL fires a statement-level trigger
+/// only for the table a statement names: a statement naming the partitioned table
+/// fires its triggers alone (their transition tables hold the rows of every
+/// partition), one naming a partition (cleanup's and eviction's per-partition
+/// deletes, or anyone's SQL) fires the partition's alone. A `TRUNCATE` of the
+/// partitioned table fires both, logging "everything" more than once.
+fn near_trigger_tables(conn: &mut PgConnection, kind: CacheKind) -> QueryResult<Vec<String>> {
+    let table = kind.table();
+    let mut tables = vec![table.to_owned()];
+    // `leaves` names an unpartitioned table itself.
+    tables.extend(
+        crate::partitions::leaves(conn, table)?
+            .into_iter()
+            .filter(|leaf| leaf != table),
+    );
+    Ok(tables)
+}
+
+/// Creates `kind`'s near-cache triggers on `tables` (from [`near_trigger_tables`],
+/// the table first), replacing those there. Run it in a transaction: `CREATE
+/// TRIGGER` waits for writes in flight, so every write that commits afterwards is
+/// logged.
+fn create_near_triggers(
+    conn: &mut PgConnection,
+    kind: CacheKind,
+    tables: &[String],
+) -> QueryResult<()> {
+    let sql: String = tables
+        .iter()
+        .map(|t| {
+            format!(
+                "DROP TRIGGER IF EXISTS pgcache_near_update ON {t}; \
+                 DROP TRIGGER IF EXISTS pgcache_near_delete ON {t}; \
+                 DROP TRIGGER IF EXISTS pgcache_near_truncate ON {t}; {}",
+                near_triggers_sql(kind, t)
+            )
+        })
+        .collect();
+    conn.batch_execute(&sql)
+}
+
+/// Creates `kind`'s near-cache triggers on its table and every leaf partition, in
+/// the caller's transaction: for `partitions::convert`, which has just replaced
+/// the table by a partitioned one.
+pub(crate) fn install_near_triggers(conn: &mut PgConnection, kind: CacheKind) -> QueryResult<()> {
+    let tables = near_trigger_tables(conn, kind)?;
+    create_near_triggers(conn, kind, &tables)
 }
 
 /// [`STAMPING_SETTING`] as a literal, for statements written with `concat!`.
@@ -297,40 +345,44 @@ pub(crate) fn stamps_changes(config: &crate::config::CacheConfig) -> bool {
         .any(|&kind| config.near_cache(kind).is_some())
 }
 
-/// Installs the near-cache invalidation triggers on the tables of `kinds` that lack
-/// them, under the migration lock. `CREATE TRIGGER` waits for writes in flight, so
-/// every write that commits afterwards is logged in `cache_changes`.
+/// Installs the near-cache invalidation triggers on the tables of `kinds` (and on
+/// each leaf partition, see [`near_trigger_tables`]) that lack them, under the
+/// migration lock, one cache table per transaction. `CREATE TRIGGER` waits for
+/// writes in flight, so every write that commits afterwards is logged in
+/// `cache_changes`.
 pub(crate) fn ensure_near_triggers(
     conn: &mut PgConnection,
     kinds: impl IntoIterator<Item = CacheKind>,
 ) -> Result<()> {
+    #[derive(QueryableByName)]
+    struct Lacking {
+        #[diesel(sql_type = Text)]
+        name: String,
+    }
     locked(conn, |conn| {
         kinds.into_iter().try_for_each(|kind| {
-            // All three, and the update trigger with a `WHEN` on the current
-            // setting (one installed by an earlier version has none, or another
-            // setting's: replaced).
-            let installed: Flag = diesel::sql_query(
-                "SELECT count(*) = 3 AND bool_and(tgname <> 'pgcache_near_update' \
-                   OR strpos(pg_get_triggerdef(oid), $2) > 0) AS flag FROM pg_trigger \
-                 WHERE tgrelid = $1::regclass \
-                   AND tgname IN ('pgcache_near_update', 'pgcache_near_delete', 'pgcache_near_truncate')",
+            let tables = near_trigger_tables(conn, kind)?;
+            // The tables without all three, or without the update trigger's `WHEN`
+            // on the current setting (one installed by an earlier version has none,
+            // or another setting's: replaced). In the order given: the partitioned
+            // table before its partitions, as writers lock them.
+            let lacking: Vec<Lacking> = diesel::sql_query(
+                "SELECT t.name FROM unnest($1::text[]) WITH ORDINALITY AS t(name, n) \
+                 WHERE (SELECT count(*) FROM pg_trigger g \
+                        WHERE g.tgrelid = t.name::regclass \
+                          AND g.tgname IN ('pgcache_near_update', 'pgcache_near_delete', 'pgcache_near_truncate') \
+                          AND (g.tgname <> 'pgcache_near_update' OR strpos(pg_get_triggerdef(g.oid), $2) > 0)) <> 3 \
+                 ORDER BY t.n",
             )
-            .bind::<Text, _>(kind.table())
+            .bind::<Array<Text>, _>(&tables)
             .bind::<Text, _>(format!("'{STAMPING_SETTING}'"))
-            .get_result(conn)?;
-            if installed.flag {
+            .load(conn)?;
+            if lacking.is_empty() {
                 return Ok(());
             }
-            let table = kind.table();
-            conn.transaction(|conn| {
-                conn.batch_execute(&format!(
-                    "DROP TRIGGER IF EXISTS pgcache_near_update ON {table}; \
-                     DROP TRIGGER IF EXISTS pgcache_near_delete ON {table}; \
-                     DROP TRIGGER IF EXISTS pgcache_near_truncate ON {table}; {}",
-                    near_triggers_sql(kind)
-                ))
-            })
-            .map_err(Error::from)
+            let lacking: Vec<String> = lacking.into_iter().map(|t| t.name).collect();
+            conn.transaction(|conn| create_near_triggers(conn, kind, &lacking))
+                .map_err(Error::from)
         })
     })
 }

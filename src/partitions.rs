@@ -183,7 +183,9 @@ fn convert(conn: &mut PgConnection, cache: CacheKind, partitions: u32) -> Result
         ));
         conn.batch_execute(&sql)?;
         if shape.near_triggers > 0 {
-            conn.batch_execute(&crate::migrations::near_triggers_sql(cache))?;
+            // On the new table and each partition: a statement naming a partition
+            // fires only the partition's statement triggers.
+            crate::migrations::install_near_triggers(conn, cache)?;
         }
         Ok(())
     })

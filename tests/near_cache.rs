@@ -6,7 +6,7 @@ mod common;
 mod near_support;
 mod proxy;
 
-use near_support::{hits_and_misses, wait_current};
+use near_support::{assert_held, hits_and_misses, wait_current, wait_polled_since};
 use std::time::{Duration, Instant};
 
 use common::TestDb;
@@ -29,6 +29,7 @@ fn near_manager(db: &TestDb) -> CacheManager {
     CacheManager::new(
         db.config()
             .near_cache(CacheKind::Kv, Some(NearCache::new()))
+            .near_cache(CacheKind::LlmResponse, Some(NearCache::new()))
             .near_cache_staleness(BOUND)
             .build()
             .unwrap(),
@@ -220,6 +221,49 @@ fn plain_sql_writers_evict() {
         std::thread::sleep(BOUND);
         assert_eq!(db.cache.kv().get("k").unwrap(), expected, "{sql}");
     }
+}
+
+#[test]
+fn an_update_of_a_key_itself_evicts_the_old_key_in_other_processes() {
+    let (db, reader) = two_managers();
+    db.cache.kv().set("k", &json!("old")).unwrap();
+    assert_held(&reader, CacheKind::Kv, 1, || {
+        assert_eq!(reader.kv().get("k").unwrap(), Some(json!("old")));
+    });
+    db.exec("UPDATE cache_entries SET key = 'other' WHERE key = 'k'");
+    // Committed: once the reader has polled, it may not serve `k` from memory.
+    wait_polled_since(&reader, CacheKind::Kv, Instant::now());
+    let (_, misses) = hits_and_misses(&reader, CacheKind::Kv, || {
+        assert_eq!(reader.kv().get("k").unwrap(), None);
+    });
+    assert_eq!(misses, 1, "read through the near cache");
+    assert_eq!(reader.kv().get("other").unwrap(), Some(json!("old")));
+}
+
+#[test]
+fn an_update_of_a_typed_entrys_digest_evicts_it_in_other_processes() {
+    let (db, reader) = two_managers();
+    let prompt = LlmPrompt::new("q", "p");
+    let response = || {
+        reader
+            .llm_response()
+            .get(&prompt)
+            .unwrap()
+            .map(|r| r.response)
+    };
+    db.cache
+        .llm_response()
+        .set(&prompt, &"a".to_owned())
+        .unwrap();
+    assert_held(&reader, CacheKind::LlmResponse, 1, || {
+        assert_eq!(response(), Some("a".to_owned()));
+    });
+    db.exec("UPDATE llm_response_cache SET key_hash = sha256(key_hash)");
+    wait_polled_since(&reader, CacheKind::LlmResponse, Instant::now());
+    let (_, misses) = hits_and_misses(&reader, CacheKind::LlmResponse, || {
+        assert_eq!(response(), None);
+    });
+    assert_eq!(misses, 1, "read through the near cache");
 }
 
 #[test]
@@ -422,6 +466,35 @@ fn immutable_caches_log_nothing_per_set_and_a_batch_logs_one_change() {
     );
     db.exec("TRUNCATE cache_entries");
     assert_eq!(log.changes(), vec![("kv".to_owned(), -1)], "all of it");
+}
+
+#[test]
+fn an_update_of_keys_logs_the_keys_on_both_sides() {
+    let db = near_db();
+    wait_current(&db.cache);
+    let mut log = ChangeLog::new(&db);
+    db.cache.kv().set("k", &json!(1)).unwrap();
+    assert_eq!(log.changes(), vec![], "a first insert");
+    db.exec("UPDATE cache_entries SET key = 'other' WHERE key = 'k'");
+    assert_eq!(
+        log.changes(),
+        vec![("kv".to_owned(), 2)],
+        "the key that went and the one that came"
+    );
+    db.exec("UPDATE cache_entries SET expires_at = now() - interval '1 second'");
+    assert_eq!(log.changes(), vec![("kv".to_owned(), 1)], "expired early");
+    db.exec("UPDATE cache_entries SET key = 'third' WHERE key = 'other'");
+    assert_eq!(
+        log.changes(),
+        vec![("kv".to_owned(), 1)],
+        "an expired key that went is not named, the one that came is"
+    );
+    db.cache
+        .llm_response()
+        .set(&LlmPrompt::new("q", "p"), &"a".to_owned())
+        .unwrap();
+    db.exec("UPDATE llm_response_cache SET key_hash = sha256(key_hash)");
+    assert_eq!(log.changes(), vec![("llm_response".to_owned(), 2)]);
 }
 
 #[test]

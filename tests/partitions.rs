@@ -1,15 +1,16 @@
 //! Hash-partitioned cache tables (`partition_tables`, `pgcache migrate
 //! --partitions N`): every operation works on them, prepared reads prune to one
-//! partition, cleanup and eviction work per partition.
+//! partition, cleanup and eviction work per partition, and near caches learn of
+//! every change, whichever table a statement names.
 
 mod common;
 mod near_support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::TestDb;
-use near_support::wait_current;
-use pgcache::{Cache, CacheKind, EmbeddingKey, Error, LlmPrompt, NearCache};
+use near_support::{assert_held, hits_and_misses, wait_current, wait_polled_since};
+use pgcache::{Cache, CacheKind, CacheManager, EmbeddingKey, Error, LlmPrompt, NearCache};
 use serde_json::json;
 
 const PARTITIONS: u32 = 4;
@@ -228,6 +229,151 @@ fn near_cache_triggers_move_to_the_partitioned_table_and_evict() {
     db.exec("UPDATE cache_entries SET value = '\"outside\"' WHERE key = 'k'");
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(db.cache.kv().get("k").unwrap(), Some(json!("outside")));
+}
+
+/// The staleness bound of the near caches here.
+const BOUND: Duration = Duration::from_millis(100);
+
+/// Another process's manager on `db`'s tables, with a kv near cache, current.
+fn near_reader(db: &TestDb) -> CacheManager {
+    let reader = CacheManager::new(
+        db.config()
+            .near_cache(CacheKind::Kv, Some(NearCache::new()))
+            .near_cache_staleness(BOUND)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    wait_current(&reader);
+    reader
+}
+
+/// The leaf partitions of `table`, as SQL names.
+fn leaves_of(db: &TestDb, table: &str) -> Vec<String> {
+    use diesel::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Leaf {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        name: String,
+    }
+    diesel::sql_query(format!(
+        "SELECT relid::regclass::text AS name FROM pg_partition_tree('{table}') WHERE isleaf"
+    ))
+    .load::<Leaf>(&mut db.raw_connection())
+    .unwrap()
+    .into_iter()
+    .map(|l| l.name)
+    .collect()
+}
+
+/// `cache_entries` and each of its partitions carry the three near-cache triggers:
+/// a statement fires only the statement triggers of the table it names.
+fn assert_near_triggers_on_every_partition(db: &TestDb) {
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM pg_trigger t \
+             JOIN pg_partition_tree('cache_entries') p ON p.relid = t.tgrelid \
+             WHERE t.tgname LIKE 'pgcache_near_%'"
+        ),
+        3 * (1 + i64::from(PARTITIONS))
+    );
+}
+
+#[test]
+fn eviction_on_partitioned_tables_reaches_other_processes_near_caches() {
+    // The triggers come first (this manager's near cache), the partitions after.
+    let db = TestDb::with(|b| {
+        b.max_entries(CacheKind::Kv, Some(40))
+            .eviction_low_watermark(0.5)
+            .near_cache(CacheKind::Kv, Some(NearCache::new()))
+            .near_cache_staleness(BOUND)
+    });
+    wait_current(&db.cache);
+    partitioned(&db);
+    assert_near_triggers_on_every_partition(&db);
+    let reader = near_reader(&db);
+    let keys: Vec<String> = (0..60).map(|i| format!("k{i:02}")).collect();
+    for (i, key) in keys.iter().enumerate() {
+        db.cache.kv().set(key, &json!(i)).unwrap();
+    }
+    // k00 is the oldest write, k59 the newest (not logged: no near cache holds
+    // created_at).
+    db.exec(
+        "UPDATE cache_entries SET created_at = \
+         now() - interval '1 minute' * (100 - substring(key from 2)::int)",
+    );
+    let read_all = |expect_evicted: bool| {
+        for (i, key) in keys.iter().enumerate() {
+            let expected = (!expect_evicted || i >= 40).then(|| json!(i));
+            assert_eq!(reader.kv().get(key).unwrap(), expected, "{key}");
+        }
+    };
+    assert_held(&reader, CacheKind::Kv, 60, || read_all(false));
+    // Cleanup evicts partition by partition.
+    assert_eq!(db.cache.cleanup().unwrap().evicted_rows(), 40);
+    wait_polled_since(&reader, CacheKind::Kv, Instant::now());
+    let (hits, misses) = hits_and_misses(&reader, CacheKind::Kv, || read_all(true));
+    assert_eq!(
+        (hits, misses),
+        (20, 40),
+        "the evicted keys went to the database"
+    );
+}
+
+#[test]
+fn plain_sql_naming_a_partition_reaches_other_processes_near_caches() {
+    // The partitions come first, the triggers after (the reader's start).
+    let db = TestDb::new();
+    partitioned(&db);
+    let reader = near_reader(&db);
+    assert_near_triggers_on_every_partition(&db);
+    let leaves = leaves_of(&db, "cache_entries");
+    let statements = [
+        (
+            "UPDATE {leaf} SET value = '\"updated\"' WHERE key = 'k'",
+            Some(json!("updated")),
+        ),
+        ("DELETE FROM {leaf} WHERE key = 'k'", None),
+        ("TRUNCATE {leaf}", None),
+    ];
+    for (sql, expected) in statements {
+        db.cache.kv().set("k", &json!("cached")).unwrap();
+        // The reader may hold the last round's value until it polls.
+        wait_polled_since(&reader, CacheKind::Kv, Instant::now());
+        assert_held(&reader, CacheKind::Kv, 1, || {
+            assert_eq!(
+                reader.kv().get("k").unwrap(),
+                Some(json!("cached")),
+                "{sql}"
+            );
+        });
+        // Naming each partition: one of them holds `k`.
+        for leaf in &leaves {
+            db.exec(&sql.replace("{leaf}", leaf));
+        }
+        wait_polled_since(&reader, CacheKind::Kv, Instant::now());
+        let (_, misses) = hits_and_misses(&reader, CacheKind::Kv, || {
+            assert_eq!(reader.kv().get("k").unwrap(), expected, "{sql}");
+        });
+        assert_eq!(misses, 1, "{sql}: read through the near cache");
+    }
+}
+
+#[test]
+fn near_cache_triggers_missing_on_a_partition_are_installed_at_start() {
+    // As an earlier version left a partitioned table: triggers on the table only.
+    let db = TestDb::with(|b| b.near_cache(CacheKind::Kv, Some(NearCache::new())));
+    wait_current(&db.cache);
+    partitioned(&db);
+    for leaf in leaves_of(&db, "cache_entries") {
+        db.exec(&format!(
+            "DROP TRIGGER pgcache_near_update ON {leaf}; \
+             DROP TRIGGER pgcache_near_delete ON {leaf}; \
+             DROP TRIGGER pgcache_near_truncate ON {leaf}"
+        ));
+    }
+    near_reader(&db);
+    assert_near_triggers_on_every_partition(&db);
 }
 
 #[test]

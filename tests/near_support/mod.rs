@@ -47,6 +47,27 @@ pub fn wait_current(cache: &CacheManager) {
     }
 }
 
+/// Waits until `kind`'s near cache has read the change log in a poll sent after
+/// `since` (so it has applied every change committed before `since`), at most 10 s.
+/// A read right after is then answered by the near cache as coherence promises,
+/// however late the machine ran the poller: what a fixed sleep cannot promise.
+pub fn wait_polled_since(cache: &CacheManager, kind: CacheKind, since: Instant) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // Read before the lag: the lag is then compared with a shorter span, never a
+        // longer one, and a poll sent before `since` never passes.
+        let elapsed_ms = since.elapsed().as_secs_f64() * 1e3;
+        if matches!(near_stats(cache, kind).poll_lag_ms, Some(lag) if lag < elapsed_ms) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the near cache never polled after the change"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// The hits and misses of `kind`'s near cache over `read`, which is run again (at
 /// most five times) while a poll slowed by a loaded machine turns the near cache
 /// off during it: such a bypass is the bound working, not what a hit count tests.
@@ -64,4 +85,17 @@ pub fn hits_and_misses(
         }
     }
     panic!("the near cache was bypassed in each of five tries");
+}
+
+/// Asserts that `read`, which makes `reads` reads of `kind`, is answered from
+/// `cache`'s memory once it has run before (at most five tries: a read bypassed on
+/// a loaded machine fills nothing).
+pub fn assert_held(cache: &CacheManager, kind: CacheKind, reads: u64, mut read: impl FnMut()) {
+    for _ in 0..5 {
+        read();
+        if hits_and_misses(cache, kind, &mut read).0 == reads {
+            return;
+        }
+    }
+    panic!("never held in memory");
 }
