@@ -171,11 +171,26 @@ fn establish(config: &CacheConfig) -> Result<PgConnection> {
         .map_err(|e| Error::connection(&config.database_url().scrub(&e.to_string())))
 }
 
-/// Marks `conn` broken if it is dead, so r2d2 discards it when it is given back;
-/// true if it was dead. `batch_execute` goes through Diesel's connection-status
-/// bookkeeping whatever statement failed before; the watchdog bounds it.
-fn probe(conn: &mut PgConnection) -> bool {
-    watched(conn, |conn| Ok(conn.batch_execute("SELECT 1")?)).is_err()
+/// What a probe found.
+enum Probe {
+    /// The connection answered.
+    Alive,
+    /// It failed at once: marked broken, r2d2 discards it when it is given back.
+    Dead,
+    /// The server left it unanswered and the watchdog cut it (marked broken too):
+    /// every other connection would wait as long.
+    Unresponsive(Error),
+}
+
+/// Probes `conn` with `SELECT 1`: `batch_execute` goes through Diesel's
+/// connection-status bookkeeping whatever statement failed before, so a dead
+/// connection is marked broken; the watchdog bounds the wait.
+fn probe(conn: &mut PgConnection) -> Probe {
+    match watched(conn, |conn| Ok(conn.batch_execute("SELECT 1")?)) {
+        Ok(()) => Probe::Alive,
+        Err(error @ Error::Unresponsive { .. }) => Probe::Unresponsive(error),
+        Err(_) => Probe::Dead,
+    }
 }
 
 /// What the pool's last connection attempt reported.
@@ -552,8 +567,9 @@ impl Pool {
     /// connection until the timeout ends). So the wait goes in slices of
     /// [`FAILURE_CHECK`], with a look at the failed attempts after each. A pool with
     /// connections out waits on: one refused attempt (a server at its connection
-    /// limit) says nothing of those.
-    fn get(&self) -> Result<Held<'_>> {
+    /// limit) says nothing of those. `deadline` is the call's (see
+    /// [`checkout_by`](Self::checkout_by)): past it, only a connection at hand is taken.
+    fn get(&self, deadline: Instant) -> Result<Held<'_>> {
         if let Some(error) = self.outage.fail_fast(&self.failures, || self.reconnect()) {
             return Err(error);
         }
@@ -570,7 +586,6 @@ impl Pool {
         }
         let _waiting = parking.map(Parking::wait);
         let failed_before = self.failures.count();
-        let deadline = Instant::now() + self.pool.connection_timeout();
         loop {
             if let Some(conn) = parking.and_then(Parking::steal) {
                 return held(conn);
@@ -631,17 +646,40 @@ impl Pool {
         self.pool.state()
     }
 
+    /// When a call starting now stops waiting for a connection.
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.pool.connection_timeout()
+    }
+
     /// A connection not known to be dead: probed first while connections are
-    /// suspect (see the module docs). Dead ones met on the way are discarded.
-    /// Bounded: the pool holds at most `max_size` dead connections, after which it
-    /// opens a fresh one or fails after its connection timeout.
+    /// suspect (see the module docs).
     pub(crate) fn checkout(&self) -> Result<Held<'_>> {
+        self.checkout_by(self.deadline(), false)
+    }
+
+    /// A connection not known to be dead, waited for until the call's `deadline`
+    /// (one for all the call's checkouts: the wait does not start again for each
+    /// connection probed or for a retry); probed first while connections are
+    /// suspect, or always with `always`. Dead ones met on the way are discarded.
+    /// A probe the server leaves unanswered fails the call with
+    /// [`Error::Unresponsive`]: probing the next connection would wait as long, so
+    /// a frozen server costs a call one statement limit, whatever the pool's size.
+    /// Bounded: the pool holds at most `max_size` dead connections, after which it
+    /// opens a fresh one or fails at the deadline.
+    fn checkout_by(&self, deadline: Instant, always: bool) -> Result<Held<'_>> {
         for _ in 0..=self.pool.max_size() {
-            let mut conn = self.get()?;
-            if !self.suspicion.take() || !probe(&mut conn) {
+            let mut conn = self.get(deadline)?;
+            if !always && !self.suspicion.take() {
                 return Ok(conn);
             }
-            self.suspicion.raise();
+            match probe(&mut conn) {
+                Probe::Alive => return Ok(conn),
+                Probe::Dead => self.suspicion.raise(),
+                Probe::Unresponsive(error) => {
+                    self.suspicion.raise();
+                    return Err(error);
+                }
+            }
         }
         Err(Error::Connection(
             "every pooled connection was dead and no new one answered".into(),
@@ -649,30 +687,27 @@ impl Pool {
     }
 
     /// A connection that has just answered a probe, for maintenance work (statistics,
-    /// health, cleanup) whose cost dwarfs the extra round trip.
+    /// health, cleanup) whose cost dwarfs the extra round trip. Run its statements
+    /// under [`watched`].
     pub(crate) fn live(&self) -> Result<PooledConnection> {
-        for _ in 0..=self.pool.max_size() {
-            let mut conn = self.checkout()?;
-            if !probe(&mut conn) {
-                if let Some(shared) = &self.shared {
-                    shared.ensure(&mut conn)?;
-                }
-                return Ok(conn.into_pooled());
-            }
-            self.suspicion.raise();
+        let mut conn = self.checkout_by(self.deadline(), true)?.into_pooled();
+        self.ensure_path(&mut conn)?;
+        Ok(conn)
+    }
+
+    /// On the application's pool, puts the cache's schema on `conn`'s search path.
+    fn ensure_path(&self, conn: &mut PgConnection) -> Result<()> {
+        match &self.shared {
+            Some(shared) => watched(conn, |conn| shared.ensure(conn)),
+            None => Ok(()),
         }
-        Err(Error::Connection(
-            "every pooled connection was dead and no new one answered".into(),
-        ))
     }
 
     /// A connection for the caller's own statements: on the application's pool,
     /// with the cache's schema on its search path (one round trip more).
     pub(crate) fn for_caller(&self) -> Result<PooledConnection> {
         let mut conn = self.checkout()?.into_pooled();
-        if let Some(shared) = &self.shared {
-            shared.ensure(&mut conn)?;
-        }
+        self.ensure_path(&mut conn)?;
         if self.stamps {
             // The caller's own statements do not stamp their rows: the trigger
             // must see them. (The connection keeps this: the cache's own updates on
@@ -687,10 +722,12 @@ impl Pool {
     /// Runs `op` on a pooled connection, under the watchdog; once more, on a live
     /// connection, if the first one turned out to be dead or PostgreSQL aborted the
     /// statement to resolve a conflict. A run the watchdog cut
-    /// ([`Error::Unresponsive`]) is not retried: that would wait as long again. On
-    /// the application's pool, a statement that did not find its table is run again
-    /// after the cache's schema was put on the connection's search path, so a
-    /// connection pays that round trip once, not on every operation.
+    /// ([`Error::Unresponsive`]) is not retried, nor one whose connection then
+    /// left its probe unanswered: that would wait as long again. The retry's
+    /// checkout keeps the first one's deadline. On the application's pool, a
+    /// statement that did not find its table is run again after the cache's schema
+    /// was put on the connection's search path, so a connection pays that round
+    /// trip once, not on every operation.
     pub(crate) fn run<T>(&self, op: impl Fn(&mut PgConnection) -> Result<T>) -> Result<T> {
         self.run_from(Instant::now(), op)
     }
@@ -703,29 +740,39 @@ impl Pool {
         started: Instant,
         op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
-        let conn = self.checkout();
+        let deadline = started + self.pool.connection_timeout();
+        let conn = self.checkout_by(deadline, false);
         crate::metrics::pool_wait(started.elapsed());
         let mut conn = conn?;
-        match watched(&mut conn, &op) {
-            Err(error) if self.shared.is_some() && names_unresolved(&error) => {
-                if let Some(shared) = &self.shared {
-                    shared.ensure(&mut conn)?;
-                }
-                watched(&mut conn, &op)
-            }
-            Err(error) if error.is_database_failure() && probe(&mut conn) => {
-                drop(conn);
-                self.suspicion.raise();
-                tracing::warn!(%error, "pgcache: connection lost; retrying once on a live connection");
-                watched(&mut *self.checkout()?, &op)
-            }
-            // PostgreSQL rolled the statement back to break a deadlock (or a
-            // serialization conflict): running it again normally succeeds.
-            Err(error) if error.is_retryable_conflict() => {
-                tracing::debug!(%error, "pgcache: retrying once after a conflict");
-                watched(&mut conn, &op)
-            }
-            other => other,
+        let error = match watched(&mut conn, &op) {
+            Ok(done) => return Ok(done),
+            Err(error) => error,
+        };
+        if self.shared.is_some() && names_unresolved(&error) {
+            self.ensure_path(&mut conn)?;
+            return watched(&mut conn, &op);
         }
+        if error.is_database_failure() {
+            match probe(&mut conn) {
+                Probe::Alive => {}
+                Probe::Dead => {
+                    drop(conn);
+                    self.suspicion.raise();
+                    tracing::warn!(%error, "pgcache: connection lost; retrying once on a live connection");
+                    return watched(&mut *self.checkout_by(deadline, false)?, &op);
+                }
+                Probe::Unresponsive(_) => {
+                    self.suspicion.raise();
+                    return Err(error);
+                }
+            }
+        }
+        // PostgreSQL rolled the statement back to break a deadlock (or a
+        // serialization conflict): running it again normally succeeds.
+        if error.is_retryable_conflict() {
+            tracing::debug!(%error, "pgcache: retrying once after a conflict");
+            return watched(&mut conn, &op);
+        }
+        Err(error)
     }
 }
