@@ -1,8 +1,9 @@
 //! The pool's health: which connections are suspect and how they are probed, what
 //! the last attempts to connect reported, and the database known to be down.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
@@ -11,7 +12,7 @@ use diesel::r2d2::event::AcquireEvent;
 use diesel::r2d2::{self, HandleError, HandleEvent};
 
 use crate::database_url::DatabaseUrl;
-use crate::error::Error;
+use crate::error::{one_line, Error};
 use crate::watchdog::watched;
 
 /// How many checkouts are still to be probed; shared by the pool and the
@@ -46,10 +47,22 @@ impl Suspicion {
     }
 }
 
-impl Instrumentation for Suspicion {
+/// The instrumentation of each pooled connection: a failed statement makes every
+/// pooled connection suspect; an answered one shows that the database answers, and
+/// ends an outage.
+#[derive(Debug, Clone)]
+pub(super) struct Observer {
+    pub(super) suspicion: Suspicion,
+    pub(super) outage: Arc<Outage>,
+}
+
+impl Instrumentation for Observer {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
-        if let InstrumentationEvent::FinishQuery { error: Some(_), .. } = event {
-            self.raise();
+        if let InstrumentationEvent::FinishQuery { error, .. } = event {
+            match error {
+                Some(_) => self.suspicion.raise(),
+                None => self.outage.close(),
+            }
         }
     }
 }
@@ -118,109 +131,191 @@ impl ConnectFailures {
         }
     }
 
-    /// Whether the last connection attempt failed.
-    pub(super) fn failing(&self) -> bool {
+    /// The last connection attempt's cause, if it failed.
+    pub(super) fn last(&self) -> Option<String> {
         self.last
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
+            .clone()
     }
 }
 
-/// How often, while the server is known to be down, a background thread tries to
-/// connect again.
+/// How often, while the database is known to be down, the prober tries to connect.
 pub(crate) const OUTAGE_RETRY: Duration = Duration::from_millis(500);
 
-/// Fails checkouts at once while the server is known to be down, instead of each
-/// waiting the whole connection timeout: a cache whose database (or one of whose
-/// shards) is down answers errors, or misses failing open, in microseconds, once
-/// one caller has waited to learn it. Every [`OUTAGE_RETRY`], while calls come, a
-/// thread of its own tries to connect; its success ends the outage.
-#[derive(Debug)]
+/// One attempt of the prober's to reach the database: a connection of its own,
+/// tested with a query; on failure, the cause, as one line.
+pub(super) type Attempt = Box<dyn Fn() -> std::result::Result<(), String> + Send + Sync>;
+
+/// The database known to be down: checkouts fail at once instead of each waiting
+/// the whole connection timeout, so a cache whose database (or one of whose shards)
+/// is down answers errors, or misses failing open, in microseconds once one caller
+/// has waited to learn it. A thread of the pool's own, the prober (started at the
+/// first outage, then waiting for the next one until the pool is dropped), tries to
+/// connect every [`OUTAGE_RETRY`] while the outage lasts, and ends it as soon as its
+/// connection answers a query; a statement answered on any pooled connection ends
+/// it too. So the database's return is seen while the process is idle, and no
+/// caller pays for an attempt.
 pub(super) struct Outage {
     /// The shard's name, for the `pgcache_database_up` gauge and the logs.
     shard: String,
-    base: Instant,
-    /// Nanoseconds since `base` before which checkouts fail at once; 0 while the
-    /// server answers.
-    retry_at: AtomicU64,
+    /// Whether the database is known to be down: one load per checkout.
+    down: AtomicBool,
+    state: Mutex<OutageState>,
+    /// Wakes the prober: an outage began, or the pool is gone.
+    wake: Condvar,
+    /// The prober's attempt; none on the application's pool, which reports no
+    /// failed attempts, so no outage opens on it.
+    attempt: Option<Attempt>,
+}
+
+/// What the callers and the prober share.
+#[derive(Debug, Default)]
+struct OutageState {
+    /// The last failed attempt's cause (scrubbed, one line), while down.
+    cause: String,
+    /// Whether the prober was started.
+    prober: bool,
+    /// The pool is gone: the prober ends.
+    stopped: bool,
+}
+
+impl fmt::Debug for Outage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outage")
+            .field("shard", &self.shard)
+            .field("down", &self.down)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Outage {
-    pub(super) fn new(shard: &str) -> Self {
+    /// The database not known to be down; `attempt` is the prober's.
+    pub(super) fn new(shard: &str, attempt: Option<Attempt>) -> Arc<Self> {
         crate::metrics::database_up(shard, true);
-        Outage {
+        Arc::new(Outage {
             shard: shard.to_owned(),
-            base: Instant::now(),
-            retry_at: AtomicU64::new(0),
-        }
+            down: AtomicBool::new(false),
+            state: Mutex::default(),
+            wake: Condvar::new(),
+            attempt,
+        })
     }
 
-    fn now(&self) -> u64 {
-        // Never 0, which means "no outage".
-        u64::try_from(self.base.elapsed().as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1)
+    fn state(&self) -> MutexGuard<'_, OutageState> {
+        // A cause, two flags: nothing a panic could leave half-written.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn retry_after(&self, now: u64) -> u64 {
-        now.saturating_add(u64::try_from(OUTAGE_RETRY.as_nanos()).unwrap_or(u64::MAX))
-    }
-
-    /// The error of a checkout during an outage (`None`: no outage); when it is
-    /// time to try again, `retry` is started, by one caller.
-    pub(super) fn fail_fast(
-        &self,
-        failures: &ConnectFailures,
-        retry: impl FnOnce(),
-    ) -> Option<Error> {
-        let retry_at = self.retry_at.load(Ordering::Acquire);
-        if retry_at == 0 {
+    /// The error of a checkout while the database is known to be down (`None`: it
+    /// is not).
+    pub(super) fn fail_fast(&self) -> Option<Error> {
+        if !self.down.load(Ordering::Acquire) {
             return None;
         }
-        let now = self.now();
-        if now >= retry_at
-            && self
-                .retry_at
-                .compare_exchange(
-                    retry_at,
-                    self.retry_after(now),
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                )
-                .is_ok()
-        {
-            retry();
-        }
-        let last = failures.last.lock().unwrap_or_else(PoisonError::into_inner);
         Some(Error::connection(&format!(
             "the database is not answering (last attempt: {}); trying again every {} ms",
-            last.as_deref().unwrap_or("failed"),
+            self.state().cause,
             OUTAGE_RETRY.as_millis()
         )))
     }
 
-    pub(super) fn open(&self) {
-        let was = self
-            .retry_at
-            .swap(self.retry_after(self.now()), Ordering::AcqRel);
-        if was == 0 {
+    /// The database is down: an attempt to connect failed with `cause` while no
+    /// pooled connection was out that could come back. Starts the prober the first
+    /// time; without one (it cannot start) no outage opens, as nothing would end it.
+    pub(super) fn open(self: &Arc<Self>, cause: String) {
+        let mut state = self.state();
+        if !state.prober && !self.start_prober() {
+            return;
+        }
+        state.prober = true;
+        state.cause = cause;
+        if !self.down.swap(true, Ordering::AcqRel) {
             crate::metrics::database_up(&self.shard, false);
             tracing::warn!(
                 shard = %self.shard,
+                cause = %state.cause,
                 "pgcache: the database is down; operations on it fail at once while it is retried every {} ms",
                 OUTAGE_RETRY.as_millis()
             );
         }
+        self.wake.notify_all();
     }
 
+    /// The database answers: ends the outage, if there is one.
     pub(super) fn close(&self) {
         // One load while the database answers: no write on the request path.
-        if self.retry_at.load(Ordering::Relaxed) != 0
-            && self.retry_at.swap(0, Ordering::AcqRel) != 0
-        {
+        if self.down.load(Ordering::Relaxed) && self.down.swap(false, Ordering::AcqRel) {
             crate::metrics::database_up(&self.shard, true);
             tracing::info!(shard = %self.shard, "pgcache: the database answers again");
+        }
+    }
+
+    /// The pool is gone: the prober ends (once its attempt in flight, if any, is
+    /// over).
+    pub(super) fn stop(&self) {
+        self.state().stopped = true;
+        self.wake.notify_all();
+    }
+
+    fn start_prober(self: &Arc<Self>) -> bool {
+        if self.attempt.is_none() {
+            return false;
+        }
+        let outage = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("pgcache-prober".to_owned())
+            .spawn(move || outage.probe_while_down());
+        match spawned {
+            Ok(_) => true,
+            Err(error) => {
+                tracing::warn!(%error, "pgcache: cannot start the prober thread; a database down is not remembered");
+                false
+            }
+        }
+    }
+
+    /// The prober: waits for an outage, then tries the database every
+    /// [`OUTAGE_RETRY`] until it answers or the outage ends otherwise.
+    fn probe_while_down(&self) {
+        let Some(attempt) = &self.attempt else {
+            return;
+        };
+        let mut state = self.state();
+        loop {
+            if state.stopped {
+                return;
+            }
+            if !self.down.load(Ordering::Acquire) {
+                state = self
+                    .wake
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            // The attempt that opened the outage has just failed: wait first.
+            let next = Instant::now() + OUTAGE_RETRY;
+            while !state.stopped && Instant::now() < next {
+                let left = next.saturating_duration_since(Instant::now());
+                state = self
+                    .wake
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            if state.stopped || !self.down.load(Ordering::Acquire) {
+                continue;
+            }
+            drop(state);
+            let result = attempt();
+            state = self.state();
+            match result {
+                Ok(()) => self.close(),
+                Err(cause) => {
+                    tracing::debug!(shard = %self.shard, %cause, "pgcache: the database is still down");
+                    state.cause = cause;
+                }
+            }
         }
     }
 }
@@ -232,7 +327,7 @@ pub(super) struct FailureLog(pub(super) Arc<ConnectFailures>);
 
 impl HandleError<r2d2::Error> for FailureLog {
     fn handle_error(&self, error: r2d2::Error) {
-        let message = self.0.url.scrub(&error.to_string());
+        let message = one_line(&self.0.url.scrub(&error.to_string()));
         // Debug: the pool retries in the background, and the caller gets the cause.
         tracing::debug!(error = %message, "pgcache: opening a connection failed");
         *self.0.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(message);

@@ -18,6 +18,13 @@
 //! is idempotent (a read, an upsert or a delete), so the retry cannot apply anything
 //! twice. A statement PostgreSQL aborted to break a deadlock, or for a serialization
 //! failure, is likewise retried once.
+//!
+//! A call has one deadline for all its waits for a connection (each connection it
+//! probes, its retry), and a probe the server leaves unanswered (a frozen server,
+//! cut by the watchdog) fails the call: so one call waits at most the connection
+//! timeout plus one statement limit, whatever the pool's size. Suspect connections,
+//! probes, failed connection attempts and the database known to be down (with its
+//! prober) are in [`health`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,7 +42,7 @@ use crate::watchdog::{no_answer_limit, watched, Watchdog};
 
 mod health;
 
-use health::{probe, ConnectFailures, FailureLog, Outage, Probe, Suspicion};
+use health::{probe, Attempt, ConnectFailures, FailureLog, Observer, Outage, Probe, Suspicion};
 
 /// An r2d2 pool of Diesel PostgreSQL connections: what an application that already
 /// has one passes to [`CacheManager::with_pool`](crate::CacheManager::with_pool).
@@ -49,16 +56,16 @@ pub type PooledConnection = r2d2::PooledConnection<ConnectionManager<PgConnectio
 #[derive(Debug)]
 struct SessionSetup {
     sql: String,
-    suspicion: Suspicion,
-    /// Dropped with the pool, which stops its thread.
+    observer: Observer,
+    /// Dropped with the pool (and the prober), which stops its thread.
     watchdog: Option<Watchdog>,
 }
 
 impl CustomizeConnection<PgConnection, r2d2::Error> for SessionSetup {
     fn on_acquire(&self, conn: &mut PgConnection) -> std::result::Result<(), r2d2::Error> {
         match &self.watchdog {
-            Some(watchdog) => watchdog.watch(conn, Box::new(self.suspicion.clone())),
-            None => conn.set_instrumentation(self.suspicion.clone()),
+            Some(watchdog) => watchdog.watch(conn, Box::new(self.observer.clone())),
+            None => conn.set_instrumentation(self.observer.clone()),
         }
         watched(conn, |conn| Ok(conn.batch_execute(&self.sql)?)).map_err(|error| match error {
             Error::Database(error) => r2d2::Error::QueryError(error),
@@ -135,6 +142,21 @@ fn establish(config: &CacheConfig) -> Result<PgConnection> {
 /// How long a checkout waits for a connection between looks at whether an attempt
 /// to open one failed.
 const FAILURE_CHECK: Duration = Duration::from_millis(20);
+
+/// The prober's attempt (see [`Outage`]): a connection of its own with the pool's
+/// settings, watched like the pool's, its session set-up the query that tests it.
+/// Once one answers, every pooled connection from before the outage is suspect.
+fn attempt(config: &CacheConfig, watchdog: Option<Watchdog>, suspicion: Suspicion) -> Attempt {
+    let config = config.clone();
+    Box::new(move || match dedicated(&config, watchdog.as_ref()) {
+        Ok(_) => {
+            suspicion.raise();
+            Ok(())
+        }
+        Err(Error::Connection(error)) => Err(error.message().to_owned()),
+        Err(error) => Err(error.to_string()),
+    })
+}
 
 /// The cache's connection pool: its own, or the application's.
 pub(crate) struct Pool {
@@ -256,6 +278,11 @@ impl Pool {
             drop(establish(config)?);
         }
         let failures = Arc::new(ConnectFailures::new(config.database_url()));
+        let watchdog = Watchdog::start(limit);
+        let outage = Outage::new(
+            &config.shard_name,
+            Some(attempt(config, watchdog.clone(), suspicion.clone())),
+        );
         let pool = r2d2::Pool::builder()
             .max_size(settings.max_size)
             .min_idle(Some(settings.min_idle))
@@ -265,8 +292,11 @@ impl Pool {
             .test_on_check_out(false)
             .connection_customizer(Box::new(SessionSetup {
                 sql: session_sql(config),
-                suspicion: suspicion.clone(),
-                watchdog: Watchdog::start(limit),
+                observer: Observer {
+                    suspicion: suspicion.clone(),
+                    outage: Arc::clone(&outage),
+                },
+                watchdog,
             }))
             .error_handler(Box::new(FailureLog(Arc::clone(&failures))))
             .event_handler(Box::new(FailureLog(Arc::clone(&failures))));
@@ -281,7 +311,7 @@ impl Pool {
             pool,
             suspicion,
             failures,
-            outage: Arc::new(Outage::new(&config.shard_name)),
+            outage,
             shared: None,
             stamps: crate::migrations::stamps_changes(config),
             parking: Some(Parking::new(settings.max_size)),
@@ -317,7 +347,7 @@ impl Pool {
             // The application's pool reports no failed attempts to us: no outage
             // is ever seen, every checkout waits as the application's own do.
             failures: Arc::new(ConnectFailures::new(config.database_url())),
-            outage: Arc::new(Outage::new(&config.shard_name)),
+            outage: Outage::new(&config.shard_name, None),
             shared: Some(SharedPath {
                 schema: config.schema().to_owned(),
             }),
@@ -343,7 +373,7 @@ impl Pool {
     /// limit) says nothing of those. `deadline` is the call's (see
     /// [`checkout_by`](Self::checkout_by)): past it, only a connection at hand is taken.
     fn get(&self, deadline: Instant) -> Result<Held<'_>> {
-        if let Some(error) = self.outage.fail_fast(&self.failures, || self.reconnect()) {
+        if let Some(error) = self.outage.fail_fast() {
             return Err(error);
         }
         let parking = self.parking.as_ref();
@@ -354,7 +384,6 @@ impl Pool {
             return held(conn);
         }
         if let Some(conn) = self.pool.try_get() {
-            self.outage.close();
             return held(conn);
         }
         let _waiting = parking.map(Parking::wait);
@@ -367,42 +396,27 @@ impl Pool {
                 .saturating_duration_since(Instant::now())
                 .min(FAILURE_CHECK);
             match self.pool.get_timeout(slice) {
-                Ok(conn) => {
-                    self.outage.close();
-                    return held(conn);
-                }
+                Ok(conn) => return held(conn),
                 Err(error) => {
+                    // The database is down when the last attempt to connect failed
+                    // and no pooled connection is out that could come back.
+                    let down = self
+                        .failures
+                        .last()
+                        .filter(|_| self.pool.state().connections == 0);
                     // A failed connection attempt, not a pool that was merely busy
                     // (an attempt that failed before this checkout began, with none
                     // since, tells nothing of the server now: wait on).
-                    let refused = self.failures.failing();
-                    let give_up = refused
-                        && self.failures.count() != failed_before
-                        && self.pool.state().connections == 0;
+                    let give_up = down.is_some() && self.failures.count() != failed_before;
                     if give_up || Instant::now() >= deadline {
                         let error = self.failures.error(&error);
-                        if refused {
-                            self.outage.open();
+                        if let Some(cause) = down {
+                            self.outage.open(cause);
                         }
                         return Err(error);
                     }
                 }
             }
-        }
-    }
-
-    /// Tries to connect on a thread of its own, ending the outage if it can.
-    fn reconnect(&self) {
-        let (pool, outage) = (self.pool.clone(), Arc::clone(&self.outage));
-        let spawned = std::thread::Builder::new()
-            .name("pgcache-reconnect".to_owned())
-            .spawn(move || {
-                if pool.get().is_ok() {
-                    outage.close();
-                }
-            });
-        if let Err(error) = spawned {
-            tracing::warn!(%error, "pgcache: cannot start a reconnect thread; retrying later");
         }
     }
 
@@ -547,5 +561,11 @@ impl Pool {
             return watched(&mut conn, &op);
         }
         Err(error)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.outage.stop();
     }
 }
