@@ -12,7 +12,7 @@
 //! timeout fires first and the watchdog never acts.
 //!
 //! Which operations: everything run through [`watched`], i.e. every cache operation,
-//! cleanup and the hit-counter flushes. The deadline is re-armed at every statement
+//! cleanup, statistics, health and the hit-counter flushes. The deadline is re-armed at every statement
 //! (Diesel's instrumentation events), so an operation of many statements (a cleanup
 //! of many batches) is cut only when one statement goes unanswered.
 //!

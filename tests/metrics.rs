@@ -337,5 +337,6 @@ fn the_database_up_gauge_reads_one_once_the_database_is_back_without_any_call() 
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    eprintln!("up again {:?} after the server was back", started.elapsed());
     assert_eq!(cache.kv().get("k").unwrap(), Some(json!(1)));
 }
