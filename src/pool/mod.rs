@@ -114,7 +114,8 @@ pub(crate) fn session_sql(config: &CacheConfig) -> String {
 }
 
 /// A connection of its own (outside the pool) with the pool's connection settings
-/// and session: for the near caches' poller, which holds it for good. Watched by
+/// and session: for the near caches' poller, which holds it for good, and for the
+/// outage's prober, which tries the database with it. Watched by
 /// `watchdog` when there is one, as pooled connections are, so statements run
 /// through [`watched`] on it are cut when the server does not answer.
 pub(crate) fn dedicated(config: &CacheConfig, watchdog: Option<&Watchdog>) -> Result<PgConnection> {
