@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 use diesel::pg::PgConnection;
@@ -44,8 +44,9 @@ pub struct Engine {
     /// Flushes counters and catches up after an outage, off the request path.
     flusher: Option<Worker>,
     /// Held through a flush, so `flush` returns only once everything counted before
-    /// it, including what the flusher had in flight, is written.
-    flushing: Mutex<()>,
+    /// it, including what the flusher had in flight, is written. Holds the limit
+    /// the last flush's statement went unanswered for, when the watchdog cut it.
+    flushing: Mutex<Option<u64>>,
     /// The near caches, when configured (and caching is on).
     near: Option<Arc<NearCaches>>,
     /// Keeps the near caches coherent; stops when the engine is dropped.
@@ -131,7 +132,7 @@ impl Engine {
             migrations_pending: AtomicBool::new(false),
             down_at_start: AtomicBool::new(false),
             skipped: SkippedWrites::default(),
-            flushing: Mutex::new(()),
+            flushing: Mutex::new(None),
             near,
             _poller: poller,
         });
@@ -223,12 +224,30 @@ impl Engine {
         let Some(pool) = &self.pool else {
             return Ok(());
         };
-        let _flushing = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut flushing = match self.flushing.try_lock() {
+            Ok(flushing) => flushing,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                // A flush in flight: once it ends, its counts are written or pending
+                // again. If the server left it unanswered, it would leave this one
+                // so too: fail now rather than make the caller wait twice.
+                let flushing = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(waited_ms) = *flushing {
+                    return Err(Error::Unresponsive { waited_ms });
+                }
+                flushing
+            }
+        };
         let batch = self.counters.take();
         if batch.is_empty() {
+            *flushing = None;
             return Ok(());
         }
         let written = pool.run(|conn| Ok(batch.write(conn)?));
+        *flushing = match &written {
+            Err(Error::Unresponsive { waited_ms }) => Some(*waited_ms),
+            _ => None,
+        };
         if let Err(error) = written {
             self.counters.restore(batch);
             return Err(error);

@@ -217,15 +217,9 @@ impl Error {
         }
     }
 
-    /// An [`Error::Connection`] of one line: libpq's messages span several.
+    /// An [`Error::Connection`] of one line (see [`one_line`]).
     pub(crate) fn connection(message: &str) -> Self {
-        Error::Connection(
-            message
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ")
-                .into(),
-        )
+        Error::Connection(one_line(message).into())
     }
 
     pub(crate) fn config(
@@ -321,6 +315,17 @@ const CONNECTION_LOST: [&str; 6] = [
     "could not receive data from server",
     "could not send data to server",
 ];
+
+/// libpq's message (several lines, each ending in a newline, some indented) as
+/// one line: its lines trimmed and joined by "; ", runs of whitespace as one space.
+pub(crate) fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
 
 fn is_transient_message(message: &str) -> bool {
     // 57014 query_canceled (statement_timeout), 55P03 lock_not_available
@@ -452,6 +457,22 @@ mod tests {
         let cause = std::error::Error::source(connection).expect("the pool error");
         assert!(cause.downcast_ref::<diesel::r2d2::PoolError>().is_some());
         assert!(!format!("{error:?}").contains("s3cr3t"), "{error:?}");
+    }
+
+    #[test]
+    fn a_libpq_message_becomes_one_line_with_its_lines_joined() {
+        let libpq = "connection to server at \"127.0.0.1\", port 5 failed: Connection refused\n\
+                     \tIs the server running on that host and accepting TCP/IP connections?\n";
+        assert_eq!(
+            one_line(libpq),
+            "connection to server at \"127.0.0.1\", port 5 failed: Connection refused; \
+             Is the server running on that host and accepting TCP/IP connections?"
+        );
+        assert_eq!(one_line("timeout expired\n"), "timeout expired");
+        assert_eq!(
+            Error::connection("timed out waiting for connection:  timeout expired\n").to_string(),
+            "cannot get a database connection: timed out waiting for connection: timeout expired"
+        );
     }
 
     #[test]

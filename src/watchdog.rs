@@ -12,7 +12,7 @@
 //! timeout fires first and the watchdog never acts.
 //!
 //! Which operations: everything run through [`watched`], i.e. every cache operation,
-//! cleanup and the hit-counter flushes. The deadline is re-armed at every statement
+//! cleanup, statistics, health and the hit-counter flushes. The deadline is re-armed at every statement
 //! (Diesel's instrumentation events), so an operation of many statements (a cleanup
 //! of many batches) is cut only when one statement goes unanswered.
 //!
@@ -83,9 +83,10 @@ pub(crate) fn no_answer_limit(config: &CacheConfig) -> Duration {
     config.statement_timeout().saturating_add(NO_ANSWER_MARGIN)
 }
 
-/// A pool's watchdog, kept by the pool's connection customizer: it watches each new
-/// connection, and dropping it (with the pool) stops the thread.
-#[derive(Debug)]
+/// A pool's watchdog, kept by the pool's connection customizer (and its prober): it
+/// watches each new connection, and dropping the last clone (with the pool) stops
+/// the thread.
+#[derive(Debug, Clone)]
 pub(crate) struct Watchdog {
     shared: Arc<Shared>,
     /// Nothing is sent; dropping it wakes and ends the thread.

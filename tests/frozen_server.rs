@@ -308,3 +308,182 @@ fn a_busy_connection_whose_statements_are_answered_is_never_cut() {
     assert!(operations > 10);
     assert_eq!(backend_pid(&db.cache), pid, "the connection was replaced");
 }
+
+/// Checks out `n` connections at once, so the pool holds `n` idle ones afterwards.
+fn fill_pool(cache: &CacheManager, n: usize) {
+    let held: Vec<_> = (0..n).map(|_| cache.connection().unwrap()).collect();
+    drop(held);
+}
+
+/// Thaws `pids` as [`scratch::ScratchCluster::thaw`] does, ignoring processes that
+/// have exited (the backends of connections closed meanwhile).
+fn thaw(pids: &[String]) {
+    let _ = std::process::Command::new("kill")
+        .arg("-CONT")
+        .args(pids)
+        .status();
+}
+
+/// Thaws `pids` after `after`, unless the returned flag is set first.
+fn thaw_after(after: Duration, pids: &[String]) -> Arc<AtomicBool> {
+    let pids = pids.to_vec();
+    undo_after(after, move || thaw(&pids))
+}
+
+#[test]
+fn a_frozen_server_delays_each_call_by_the_documented_bound_whatever_the_pool_size() {
+    let cluster = scratch::ScratchCluster::start();
+    let statement_timeout = Duration::from_secs(1);
+    let connection_timeout = Duration::from_secs(2);
+    let pool = 20;
+    let settings = |b: pgcache::CacheConfigBuilder| {
+        b.database_url(cluster.url())
+            .statement_timeout(statement_timeout)
+            .pool_connection_timeout(connection_timeout)
+            .pool_max_size(pool)
+    };
+    let db = TestDb::with(settings);
+    let lenient =
+        CacheManager::new(settings(db.config()).fail_open(true).build().unwrap()).unwrap();
+    let kv = db.cache.kv();
+    kv.set("k", &json!(1)).unwrap();
+    // Every connection open and idle in the pool when the server freezes.
+    fill_pool(&db.cache, pool as usize);
+    fill_pool(&lenient, pool as usize);
+    // The README's bound for one call, and room for a busy machine.
+    let bound = connection_timeout + statement_timeout + MARGIN;
+    let allowed = bound + bound / 4;
+
+    let pids = cluster.freeze();
+    // Each call: how long it took, and whether it failed (or missed, failing open)
+    // as it should.
+    let mut timings = Vec::new();
+    let mut time = |what: &'static str, call: &dyn Fn() -> bool| {
+        let done = thaw_after(allowed * 3, &pids);
+        let started = Instant::now();
+        let expected = call();
+        timings.push((what, started.elapsed(), expected));
+        done.store(true, Ordering::SeqCst);
+    };
+    // Twice: the first get meets a connection nothing was suspected of; after its
+    // statement was cut, every pooled connection is suspect and probed.
+    for _ in 0..2 {
+        time("get", &|| kv.get("k").is_err());
+        time("stats", &|| db.cache.stats().is_err());
+        time("fail-open get", &|| {
+            lenient.kv().get("k").is_ok_and(|v| v.is_none())
+        });
+        time("fail-open stats", &|| lenient.stats().is_err());
+    }
+    thaw(&pids);
+    eprintln!("pool of {pool}, frozen server: {timings:?}");
+    for (what, took, expected) in &timings {
+        assert!(
+            *took <= allowed,
+            "{what} took {took:?}; the bound is {bound:?}"
+        );
+        assert!(expected, "{what} did not fail (or miss, failing open)");
+    }
+    // Thawed: the cache serves again.
+    let started = Instant::now();
+    while kv.get("k").ok() != Some(Some(json!(1))) {
+        assert!(started.elapsed() < bound * 2, "not served after the thaw");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until a statement of `application_name` waits for a lock on the server.
+fn wait_for_lock_wait(watcher: &mut diesel::PgConnection, application_name: &str) {
+    #[derive(diesel::QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let started = Instant::now();
+    loop {
+        let waiting = diesel::sql_query(
+            "SELECT count(*) AS n FROM pg_stat_activity \
+             WHERE application_name = $1 AND wait_event_type = 'Lock'",
+        )
+        .bind::<diesel::sql_types::Text, _>(application_name)
+        .get_result::<N>(watcher)
+        .unwrap()
+        .n;
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the call never waited for the lock"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn stats_and_health_are_cut_when_the_server_freezes_during_the_call() {
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
+    let cluster = scratch::ScratchCluster::start();
+    // Long enough that the server's own timeout cannot fire before the freeze.
+    let statement_timeout = Duration::from_secs(2);
+    let db = TestDb::with(|b| {
+        b.database_url(cluster.url())
+            .statement_timeout(statement_timeout)
+            .pool_max_size(2)
+    });
+    db.cache.kv().set("k", &json!(1)).unwrap();
+    let limit = statement_timeout + MARGIN;
+    let application_name = format!("pgcache-test-{}", db.schema);
+    let mut locker = diesel::PgConnection::establish(&cluster.url()).unwrap();
+    locker
+        .batch_execute(&format!("SET search_path TO \"{}\"", db.schema))
+        .unwrap();
+    let mut watcher = diesel::PgConnection::establish(&cluster.url()).unwrap();
+    type Call<'a> = Box<dyn Fn() -> pgcache::Result<()> + Send + Sync + 'a>;
+    let calls: [(&str, &str, Call); 2] = [
+        (
+            "stats",
+            "cache_entries",
+            Box::new(|| db.cache.stats().map(drop)),
+        ),
+        (
+            "health",
+            "cache_cleanup_runs",
+            Box::new(|| db.cache.health(&Default::default()).map(drop)),
+        ),
+    ];
+    for (what, table, call) in calls {
+        db.cache.flush_stats().unwrap();
+        // The call's statement on `table` waits for this lock: in flight when the
+        // server freezes.
+        locker
+            .batch_execute(&format!(
+                "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+            ))
+            .unwrap();
+        let (result, after_freeze, pids) = thread::scope(|s| {
+            let running = s.spawn(&call);
+            wait_for_lock_wait(&mut watcher, &application_name);
+            let pids = cluster.freeze();
+            let frozen = Instant::now();
+            let done = thaw_after(limit * 3, &pids);
+            let result = running.join().unwrap();
+            done.store(true, Ordering::SeqCst);
+            (result, frozen.elapsed(), pids)
+        });
+        cluster.thaw(&pids);
+        locker.batch_execute("ROLLBACK").unwrap();
+        eprintln!("{what}: frozen mid-call, returned {after_freeze:?} after the freeze");
+        let error = result.expect_err(what);
+        assert!(
+            matches!(error, Error::Unresponsive { .. }),
+            "{what}: the database is reported unresponsive: {error}"
+        );
+        assert!(
+            after_freeze <= limit + SLACK,
+            "{what} returned {after_freeze:?} after the freeze; its statement was sent before, \
+             so it is cut within {limit:?}"
+        );
+    }
+}

@@ -9,7 +9,7 @@ mod scratch;
 use std::time::Duration;
 
 use common::TestDb;
-use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use metrics_util::MetricKind;
 use pgcache::metrics::{
     CLEANUP_REMOVED, DATABASE_UP, DELETES, ERRORS, FAIL_OPEN, HITS, MISSES, POOL_WAIT,
@@ -26,9 +26,12 @@ struct Seen(Vec<Metric>);
 
 impl Seen {
     fn of(recorder: &DebuggingRecorder) -> Self {
+        Self::from(&recorder.snapshotter())
+    }
+
+    fn from(snapshotter: &Snapshotter) -> Self {
         Seen(
-            recorder
-                .snapshotter()
+            snapshotter
                 .snapshot()
                 .into_vec()
                 .into_iter()
@@ -284,4 +287,56 @@ fn a_database_known_down_sets_its_gauge_to_zero() {
         assert!(cache.kv().get("k").is_err());
         assert_eq!(up(&recorder), Some(0.0), "known down after one failure");
     });
+}
+
+/// What the process-wide recorder saw: for metrics recorded by the cache's own
+/// threads, which a test's local recorder does not see. Installed once; other
+/// tests' background threads record there too, so a test reads only series
+/// labelled with names of its own.
+fn global() -> &'static Snapshotter {
+    static SNAPSHOTTER: std::sync::OnceLock<Snapshotter> = std::sync::OnceLock::new();
+    SNAPSHOTTER.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::set_global_recorder(recorder).expect("no other global recorder");
+        snapshotter
+    })
+}
+
+#[test]
+fn the_database_up_gauge_reads_one_once_the_database_is_back_without_any_call() {
+    let cluster = scratch::ScratchCluster::start();
+    let snapshotter = global();
+    // One shard of a name of this test's own, for a gauge series no other test
+    // touches.
+    let shard = format!("recovering{}", cluster.port);
+    let cache = CacheManager::new(
+        CacheConfig::builder()
+            .shard(shard.clone(), cluster.url())
+            .pool_connection_timeout(Duration::from_millis(300))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let up = || Seen::from(snapshotter).gauge(DATABASE_UP, &[("shard", shard.as_str())]);
+    cache.kv().set("k", &json!(1)).unwrap();
+    assert_eq!(up(), Some(1.0));
+    cluster.stop();
+    assert!(cache.kv().get("k").is_err());
+    assert_eq!(up(), Some(0.0), "known down after one failure");
+
+    cluster.start_again();
+    // No call: the cache learns it on its own (it retries every 500 ms).
+    let started = std::time::Instant::now();
+    while up() != Some(1.0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the gauge still reads {:?} after {:?}",
+            up(),
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("up again {:?} after the server was back", started.elapsed());
+    assert_eq!(cache.kv().get("k").unwrap(), Some(json!(1)));
 }

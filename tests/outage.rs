@@ -328,3 +328,110 @@ fn a_refused_connection_does_not_end_the_wait_while_the_pool_has_connections_out
     );
     drop(second);
 }
+
+/// How often the cache tries the database again while it is known to be down
+/// (README: every 500 ms).
+const OUTAGE_RETRY: Duration = Duration::from_millis(500);
+
+/// Room for a connection attempt and its test query on a busy machine.
+const RECONNECT: Duration = Duration::from_millis(1500);
+
+#[test]
+fn the_first_call_of_an_idle_process_after_an_outage_succeeds() {
+    let cluster = ScratchCluster::start();
+    let strict = CacheManager::new(config(&cluster).build().unwrap()).unwrap();
+    let lenient = CacheManager::new(config(&cluster).fail_open(true).build().unwrap()).unwrap();
+    strict.kv().set("k", &json!(1)).unwrap();
+    assert_eq!(lenient.kv().get("k").unwrap(), Some(json!(1)));
+    cluster.stop();
+    assert!(strict.kv().get("k").is_err());
+    assert_eq!(lenient.kv().get("k").unwrap(), None, "a miss, failing open");
+    let error = strict.kv().get("k").unwrap_err();
+    assert!(error.to_string().contains("not answering"), "{error}");
+
+    cluster.start_again();
+    // The process is idle while the database comes back.
+    std::thread::sleep(OUTAGE_RETRY + RECONNECT);
+    assert_eq!(strict.kv().get("k").unwrap(), Some(json!(1)));
+    let failed_open = lenient.failed_open_count();
+    assert_eq!(lenient.kv().get("k").unwrap(), Some(json!(1)));
+    assert_eq!(
+        lenient.failed_open_count(),
+        failed_open,
+        "served, not failed open"
+    );
+}
+
+#[test]
+fn outage_errors_are_one_line_and_give_the_cause_of_the_last_attempt() {
+    let cluster = ScratchCluster::start();
+    let cache = CacheManager::new(config(&cluster).build().unwrap()).unwrap();
+    cache.kv().set("k", &json!(1)).unwrap();
+    cluster.stop();
+    let first = cache.kv().get("k").unwrap_err().to_string();
+    // Known down; one the background attempts have answered too.
+    let known = cache.kv().get("k").unwrap_err().to_string();
+    std::thread::sleep(OUTAGE_RETRY * 3);
+    let later = cache.kv().get("k").unwrap_err().to_string();
+    eprintln!("first: {first}\nknown down: {known}\nlater: {later}");
+    for message in [&first, &known, &later] {
+        // libpq's message, several lines ending in a newline, as one line: its
+        // lines joined by "; ", nothing left before the closing parenthesis.
+        assert!(
+            !message.contains('\n') && !message.contains('\t'),
+            "{message:?}"
+        );
+        assert!(
+            message.contains("Connection refused; Is the server running"),
+            "names the cause: {message:?}"
+        );
+        assert!(
+            !message.contains(" )") && !message.contains("; )"),
+            "{message:?}"
+        );
+    }
+    for message in [&known, &later] {
+        assert!(
+            message.contains("not answering (last attempt: connection to server"),
+            "{message:?}"
+        );
+    }
+}
+
+#[test]
+fn a_pool_at_the_servers_connection_limit_is_not_taken_for_a_database_down() {
+    let cluster = ScratchCluster::start();
+    let admin = CacheManager::new(config(&cluster).build().unwrap()).unwrap();
+    {
+        use diesel::connection::SimpleConnection;
+        admin
+            .connection()
+            .unwrap()
+            .batch_execute(
+                "CREATE ROLE limited LOGIN CONNECTION LIMIT 2; \
+                 GRANT USAGE ON SCHEMA outage TO limited; \
+                 GRANT ALL ON ALL TABLES IN SCHEMA outage TO limited",
+            )
+            .unwrap();
+    }
+    let url = format!("postgres://limited@127.0.0.1:{}/postgres", cluster.port);
+    let cache = CacheManager::new(
+        config(&cluster)
+            .database_url(url)
+            .run_migrations(false)
+            .pool_min_idle(0)
+            .pool_connection_timeout(Duration::from_millis(300))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    // Both of the role's connections out of the pool: a third is refused until the
+    // checkout times out.
+    let (first, second) = (cache.connection().unwrap(), cache.connection().unwrap());
+    let error = cache.kv().get("k").unwrap_err();
+    assert!(error.is_transient(), "{error}");
+    // One comes back: the database was never down, the next call is served.
+    drop(first);
+    assert_eq!(cache.kv().get("k").unwrap(), None);
+    drop(second);
+}

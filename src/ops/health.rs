@@ -10,6 +10,7 @@ use std::fmt;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use serde::Serialize;
 
@@ -20,6 +21,7 @@ use crate::expiry::db_now;
 use crate::latency::WINDOW;
 use crate::ops::stats::{human_bytes, percent, total_size, Lookups};
 use crate::schema::cache_cleanup_runs;
+use crate::watchdog::watched;
 
 /// The thresholds [`CacheManager::health`](crate::CacheManager::health) checks. Every setter consumes and returns
 /// the builder; the defaults alert below a 70 % hit rate, above 80 % of the size
@@ -320,14 +322,21 @@ struct ShardFacts {
     now: DateTime<Utc>,
 }
 
+/// One shard's facts: every statement on one live connection, under the watchdog,
+/// so a server that freezes during the call fails it within the statement limit.
 fn shard_facts(engine: &Engine) -> Result<ShardFacts> {
+    super::stats::flush_before_reading(engine)?;
+    let mut conn = engine.live_connection()?;
+    watched(&mut conn, |conn| facts(engine, conn))
+}
+
+fn facts(engine: &Engine, conn: &mut PgConnection) -> Result<ShardFacts> {
     let mut lookups = Lookups::default();
-    for (_, l) in super::stats::lookups(engine)? {
+    for (_, l) in super::stats::lookups(engine, conn)? {
         lookups.hits += l.hits;
         lookups.misses += l.misses;
     }
-    let mut conn = engine.live_connection()?;
-    let size_bytes = total_size(&mut conn)?;
+    let size_bytes = total_size(conn)?;
     let last: Option<(DateTime<Utc>, bool, i64, Option<String>)> = cache_cleanup_runs::table
         .order(cache_cleanup_runs::id.desc())
         .select((
@@ -336,17 +345,17 @@ fn shard_facts(engine: &Engine) -> Result<ShardFacts> {
             cache_cleanup_runs::rows_removed,
             cache_cleanup_runs::error_message,
         ))
-        .first(&mut *conn)
+        .first(conn)
         .optional()?;
     let (last_success, now): (Option<DateTime<Utc>>, DateTime<Utc>) = cache_cleanup_runs::table
         .filter(cache_cleanup_runs::succeeded)
         .select((diesel::dsl::max(cache_cleanup_runs::finished_at), db_now()))
-        .first(&mut *conn)?;
+        .first(conn)?;
     // Without any successful cleanup, the tables' age is the reference: a freshly
     // migrated schema has not missed a cleanup yet.
     let cleaned_since = match last_success {
         Some(at) => Some(at),
-        None => crate::migrations::migrated_at(&mut conn)?,
+        None => crate::migrations::migrated_at(conn)?,
     };
     Ok(ShardFacts {
         lookups,

@@ -9,11 +9,12 @@ use serde::Serialize;
 
 use crate::cluster::Cluster;
 use crate::engine::Engine;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kind::CacheKind;
 use crate::near::NearCacheStats;
 use crate::popularity::{hit_stats, merge_top, top_entries, HitStats, TopEntry};
 use crate::schema::cache_counters;
+use crate::watchdog::watched;
 
 /// How many entries the "top cached" and "most accessed" lists show.
 pub const TOP_ENTRIES: usize = 5;
@@ -164,52 +165,70 @@ pub(crate) fn stats(cluster: &Cluster) -> Result<CacheStats> {
     Ok(CacheStats::merge(parts, down, cluster.near_cache_stats()))
 }
 
-/// One shard's figures (its near caches left to the caller).
+/// One shard's figures (its near caches left to the caller): every statement on one
+/// live connection, under the watchdog, so a server that freezes during the call
+/// fails it within the statement limit.
 fn shard_stats(engine: &Engine) -> Result<CacheStats> {
-    let lookups = lookups(engine)?;
+    flush_before_reading(engine)?;
     let mut conn = engine.live_connection()?;
-    let mut caches = Vec::with_capacity(CacheKind::ALL.len());
-    for (kind, lookups) in lookups {
-        let counts = table_counts(&mut conn, kind.table())?;
-        caches.push(TableStats {
-            cache: kind,
-            table: kind.table(),
-            entries: counts.total as u64,
-            active_entries: counts.active as u64,
-            expired_entries: (counts.total - counts.active) as u64,
-            size_bytes: counts.size_bytes as u64,
-            lookups,
-        });
-    }
-    let top_llm_responses = top_entries(&mut conn, CacheKind::LlmResponse, TOP_ENTRIES)?;
-    let audio = hit_stats(&mut conn, CacheKind::AudioChunk, TOP_ENTRIES)?;
-    let mut all = Lookups::default();
-    caches.iter().for_each(|c| all.add(c.lookups));
-    Ok(CacheStats {
-        total_entries: caches.iter().map(|c| c.entries).sum(),
-        caches,
-        top_llm_responses,
-        audio,
-        near_caches: Vec::new(),
-        lookups: all,
-        shards_down: Vec::new(),
+    watched(&mut conn, |conn| {
+        let mut caches = Vec::with_capacity(CacheKind::ALL.len());
+        for (kind, lookups) in lookups(engine, conn)? {
+            let counts = table_counts(conn, kind.table())?;
+            caches.push(TableStats {
+                cache: kind,
+                table: kind.table(),
+                entries: counts.total as u64,
+                active_entries: counts.active as u64,
+                expired_entries: (counts.total - counts.active) as u64,
+                size_bytes: counts.size_bytes as u64,
+                lookups,
+            });
+        }
+        let top_llm_responses = top_entries(conn, CacheKind::LlmResponse, TOP_ENTRIES)?;
+        let audio = hit_stats(conn, CacheKind::AudioChunk, TOP_ENTRIES)?;
+        let mut all = Lookups::default();
+        caches.iter().for_each(|c| all.add(c.lookups));
+        Ok(CacheStats {
+            total_entries: caches.iter().map(|c| c.entries).sum(),
+            caches,
+            top_llm_responses,
+            audio,
+            near_caches: Vec::new(),
+            lookups: all,
+            shards_down: Vec::new(),
+        })
     })
 }
 
-/// Hits and misses per cache: the flushed totals of every process plus this
-/// manager's unflushed counts, after trying to flush them.
-pub(crate) fn lookups(engine: &Engine) -> Result<Vec<(CacheKind, Lookups)>> {
-    if let Err(error) = engine.flush() {
-        // The counts stay pending and are added below, so nothing is missed.
-        tracing::warn!(%error, "pgcache: flushing hit counters before stats failed");
+/// Tries to write this manager's pending counts before they are read, so that
+/// none is in flight meanwhile (on failure they stay pending, and [`lookups`] adds
+/// them). A database that did not answer (unresponsive, or no connection) fails
+/// the call at once: its statements would only wait as long again.
+pub(crate) fn flush_before_reading(engine: &Engine) -> Result<()> {
+    match engine.flush() {
+        Err(error @ (Error::Unresponsive { .. } | Error::Connection(_))) => Err(error),
+        Err(error) => {
+            tracing::warn!(%error, "pgcache: flushing hit counters before reading them failed");
+            Ok(())
+        }
+        Ok(()) => Ok(()),
     }
+}
+
+/// Hits and misses per cache: the flushed totals of every process, read on `conn`
+/// (after [`flush_before_reading`]), plus this manager's unflushed counts.
+pub(crate) fn lookups(
+    engine: &Engine,
+    conn: &mut PgConnection,
+) -> Result<Vec<(CacheKind, Lookups)>> {
     let flushed: Vec<(String, i64, i64)> = cache_counters::table
         .select((
             cache_counters::cache_name,
             cache_counters::hits,
             cache_counters::misses,
         ))
-        .load(&mut *engine.live_connection()?)?;
+        .load(conn)?;
     Ok(CacheKind::ALL
         .into_iter()
         .map(|kind| {

@@ -18,23 +18,31 @@
 //! is idempotent (a read, an upsert or a delete), so the retry cannot apply anything
 //! twice. A statement PostgreSQL aborted to break a deadlock, or for a serialization
 //! failure, is likewise retried once.
+//!
+//! A call has one deadline for all its waits for a connection (each connection it
+//! probes, its retry), and a probe the server leaves unanswered (a frozen server,
+//! cut by the watchdog) fails the call: so one call waits at most the connection
+//! timeout plus one statement limit, whatever the pool's size. Suspect connections,
+//! probes, failed connection attempts and the database known to be down (with its
+//! prober) are in [`health`].
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
+use diesel::connection::{InstrumentationEvent, SimpleConnection};
 use diesel::pg::PgConnection;
-use diesel::r2d2::event::AcquireEvent;
-use diesel::r2d2::{self, ConnectionManager, CustomizeConnection, HandleError, HandleEvent};
+use diesel::r2d2::{self, ConnectionManager, CustomizeConnection};
 use diesel::{Connection, ConnectionError};
 
 use crate::affinity::{Held, Parking, PARK_FOR};
 use crate::config::{CacheConfig, Durability};
 use crate::conninfo::{client_timeouts, with_defaults};
-use crate::database_url::DatabaseUrl;
 use crate::error::{Error, Result};
 use crate::watchdog::{no_answer_limit, watched, Watchdog};
+
+mod health;
+
+use health::{probe, Attempt, ConnectFailures, FailureLog, Observer, Outage, Probe, Suspicion};
 
 /// An r2d2 pool of Diesel PostgreSQL connections: what an application that already
 /// has one passes to [`CacheManager::with_pool`](crate::CacheManager::with_pool).
@@ -48,16 +56,16 @@ pub type PooledConnection = r2d2::PooledConnection<ConnectionManager<PgConnectio
 #[derive(Debug)]
 struct SessionSetup {
     sql: String,
-    suspicion: Suspicion,
-    /// Dropped with the pool, which stops its thread.
+    observer: Observer,
+    /// Dropped with the pool (and the prober), which stops its thread.
     watchdog: Option<Watchdog>,
 }
 
 impl CustomizeConnection<PgConnection, r2d2::Error> for SessionSetup {
     fn on_acquire(&self, conn: &mut PgConnection) -> std::result::Result<(), r2d2::Error> {
         match &self.watchdog {
-            Some(watchdog) => watchdog.watch(conn, Box::new(self.suspicion.clone())),
-            None => conn.set_instrumentation(self.suspicion.clone()),
+            Some(watchdog) => watchdog.watch(conn, Box::new(self.observer.clone())),
+            None => conn.set_instrumentation(self.observer.clone()),
         }
         watched(conn, |conn| Ok(conn.batch_execute(&self.sql)?)).map_err(|error| match error {
             Error::Database(error) => r2d2::Error::QueryError(error),
@@ -65,46 +73,6 @@ impl CustomizeConnection<PgConnection, r2d2::Error> for SessionSetup {
                 r2d2::Error::ConnectionError(ConnectionError::BadConnection(other.to_string()))
             }
         })
-    }
-}
-
-/// How many checkouts are still to be probed; shared by the pool and the
-/// instrumentation of each of its connections.
-#[derive(Debug, Clone)]
-struct Suspicion {
-    remaining: Arc<AtomicU32>,
-    pool_size: u32,
-}
-
-impl Suspicion {
-    /// Nothing suspect yet, for a pool of `pool_size` connections.
-    fn new(pool_size: u32) -> Self {
-        Suspicion {
-            remaining: Arc::new(AtomicU32::new(0)),
-            pool_size,
-        }
-    }
-
-    /// Every pooled connection may be dead: probe each at its next checkout.
-    fn raise(&self) {
-        self.remaining.fetch_max(self.pool_size, Ordering::Relaxed);
-    }
-
-    /// Whether this checkout is to be probed.
-    fn take(&self) -> bool {
-        self.remaining.load(Ordering::Relaxed) > 0
-            && self
-                .remaining
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                .is_ok()
-    }
-}
-
-impl Instrumentation for Suspicion {
-    fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
-        if let InstrumentationEvent::FinishQuery { error: Some(_), .. } = event {
-            self.raise();
-        }
     }
 }
 
@@ -146,7 +114,8 @@ pub(crate) fn session_sql(config: &CacheConfig) -> String {
 }
 
 /// A connection of its own (outside the pool) with the pool's connection settings
-/// and session: for the near caches' poller, which holds it for good. Watched by
+/// and session: for the near caches' poller, which holds it for good, and for the
+/// outage's prober, which tries the database with it. Watched by
 /// `watchdog` when there is one, as pooled connections are, so statements run
 /// through [`watched`] on it are cut when the server does not answer.
 pub(crate) fn dedicated(config: &CacheConfig, watchdog: Option<&Watchdog>) -> Result<PgConnection> {
@@ -171,181 +140,23 @@ fn establish(config: &CacheConfig) -> Result<PgConnection> {
         .map_err(|e| Error::connection(&config.database_url().scrub(&e.to_string())))
 }
 
-/// Marks `conn` broken if it is dead, so r2d2 discards it when it is given back;
-/// true if it was dead. `batch_execute` goes through Diesel's connection-status
-/// bookkeeping whatever statement failed before; the watchdog bounds it.
-fn probe(conn: &mut PgConnection) -> bool {
-    watched(conn, |conn| Ok(conn.batch_execute("SELECT 1")?)).is_err()
-}
-
-/// What the pool's last connection attempt reported.
-#[derive(Debug)]
-struct ConnectFailures {
-    url: DatabaseUrl,
-    /// The last failed attempt's message, scrubbed; cleared by a success. r2d2 hands
-    /// its own copy to only one of the callers timing out together, and others then
-    /// learn nothing of the cause (an unknown database passing for a slow server).
-    last: Mutex<Option<String>>,
-    /// How many attempts have failed so far: a checkout tells from it whether one
-    /// failed while it waited.
-    failed: AtomicU64,
-}
-
-impl ConnectFailures {
-    /// No attempt has failed yet.
-    fn new(url: &DatabaseUrl) -> Self {
-        ConnectFailures {
-            url: url.clone(),
-            last: Mutex::new(None),
-            failed: AtomicU64::new(0),
-        }
-    }
-
-    /// How many attempts have failed so far.
-    fn count(&self) -> u64 {
-        self.failed.load(Ordering::Acquire)
-    }
-
-    /// The pool's error as an [`Error::Connection`], scrubbed of the password, with
-    /// the cause of the timeout when r2d2 did not give it.
-    fn error(&self, error: &r2d2::PoolError) -> Error {
-        let message = self.url.scrub(&error.to_string());
-        let last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        match last.as_deref() {
-            // r2d2's message is "timed out waiting for connection[: cause]".
-            Some(cause) if !message.contains(':') => {
-                Error::connection(&format!("{message}: {cause}"))
-            }
-            _ => Error::connection(&message),
-        }
-    }
-
-    /// Whether the last connection attempt failed.
-    fn failing(&self) -> bool {
-        self.last
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
-    }
-}
-
 /// How long a checkout waits for a connection between looks at whether an attempt
 /// to open one failed.
 const FAILURE_CHECK: Duration = Duration::from_millis(20);
 
-/// How often, while the server is known to be down, a background thread tries to
-/// connect again.
-pub(crate) const OUTAGE_RETRY: Duration = Duration::from_millis(500);
-
-/// Fails checkouts at once while the server is known to be down, instead of each
-/// waiting the whole connection timeout: a cache whose database (or one of whose
-/// shards) is down answers errors, or misses failing open, in microseconds, once
-/// one caller has waited to learn it. Every [`OUTAGE_RETRY`], while calls come, a
-/// thread of its own tries to connect; its success ends the outage.
-#[derive(Debug)]
-struct Outage {
-    /// The shard's name, for the `pgcache_database_up` gauge and the logs.
-    shard: String,
-    base: Instant,
-    /// Nanoseconds since `base` before which checkouts fail at once; 0 while the
-    /// server answers.
-    retry_at: AtomicU64,
-}
-
-impl Outage {
-    fn new(shard: &str) -> Self {
-        crate::metrics::database_up(shard, true);
-        Outage {
-            shard: shard.to_owned(),
-            base: Instant::now(),
-            retry_at: AtomicU64::new(0),
+/// The prober's attempt (see [`Outage`]): a connection of its own with the pool's
+/// settings, watched like the pool's, its session set-up the query that tests it.
+/// Once one answers, every pooled connection from before the outage is suspect.
+fn attempt(config: &CacheConfig, watchdog: Option<Watchdog>, suspicion: Suspicion) -> Attempt {
+    let config = config.clone();
+    Box::new(move || match dedicated(&config, watchdog.as_ref()) {
+        Ok(_) => {
+            suspicion.raise();
+            Ok(())
         }
-    }
-
-    fn now(&self) -> u64 {
-        // Never 0, which means "no outage".
-        u64::try_from(self.base.elapsed().as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1)
-    }
-
-    fn retry_after(&self, now: u64) -> u64 {
-        now.saturating_add(u64::try_from(OUTAGE_RETRY.as_nanos()).unwrap_or(u64::MAX))
-    }
-
-    /// The error of a checkout during an outage (`None`: no outage); when it is
-    /// time to try again, `retry` is started, by one caller.
-    fn fail_fast(&self, failures: &ConnectFailures, retry: impl FnOnce()) -> Option<Error> {
-        let retry_at = self.retry_at.load(Ordering::Acquire);
-        if retry_at == 0 {
-            return None;
-        }
-        let now = self.now();
-        if now >= retry_at
-            && self
-                .retry_at
-                .compare_exchange(
-                    retry_at,
-                    self.retry_after(now),
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                )
-                .is_ok()
-        {
-            retry();
-        }
-        let last = failures.last.lock().unwrap_or_else(PoisonError::into_inner);
-        Some(Error::connection(&format!(
-            "the database is not answering (last attempt: {}); trying again every {} ms",
-            last.as_deref().unwrap_or("failed"),
-            OUTAGE_RETRY.as_millis()
-        )))
-    }
-
-    fn open(&self) {
-        let was = self
-            .retry_at
-            .swap(self.retry_after(self.now()), Ordering::AcqRel);
-        if was == 0 {
-            crate::metrics::database_up(&self.shard, false);
-            tracing::warn!(
-                shard = %self.shard,
-                "pgcache: the database is down; operations on it fail at once while it is retried every {} ms",
-                OUTAGE_RETRY.as_millis()
-            );
-        }
-    }
-
-    fn close(&self) {
-        // One load while the database answers: no write on the request path.
-        if self.retry_at.load(Ordering::Relaxed) != 0
-            && self.retry_at.swap(0, Ordering::AcqRel) != 0
-        {
-            crate::metrics::database_up(&self.shard, true);
-            tracing::info!(shard = %self.shard, "pgcache: the database answers again");
-        }
-    }
-}
-
-/// r2d2's error and event handler: records (instead of r2d2's own logging, which
-/// would print the unscrubbed message) each failed connection attempt.
-#[derive(Debug)]
-struct FailureLog(Arc<ConnectFailures>);
-
-impl HandleError<r2d2::Error> for FailureLog {
-    fn handle_error(&self, error: r2d2::Error) {
-        let message = self.0.url.scrub(&error.to_string());
-        // Debug: the pool retries in the background, and the caller gets the cause.
-        tracing::debug!(error = %message, "pgcache: opening a connection failed");
-        *self.0.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(message);
-        self.0.failed.fetch_add(1, Ordering::AcqRel);
-    }
-}
-
-impl HandleEvent for FailureLog {
-    fn handle_acquire(&self, _: AcquireEvent) {
-        *self.0.last.lock().unwrap_or_else(PoisonError::into_inner) = None;
-    }
+        Err(Error::Connection(error)) => Err(error.message().to_owned()),
+        Err(error) => Err(error.to_string()),
+    })
 }
 
 /// The cache's connection pool: its own, or the application's.
@@ -468,6 +279,11 @@ impl Pool {
             drop(establish(config)?);
         }
         let failures = Arc::new(ConnectFailures::new(config.database_url()));
+        let watchdog = Watchdog::start(limit);
+        let outage = Outage::new(
+            &config.shard_name,
+            Some(attempt(config, watchdog.clone(), suspicion.clone())),
+        );
         let pool = r2d2::Pool::builder()
             .max_size(settings.max_size)
             .min_idle(Some(settings.min_idle))
@@ -477,8 +293,11 @@ impl Pool {
             .test_on_check_out(false)
             .connection_customizer(Box::new(SessionSetup {
                 sql: session_sql(config),
-                suspicion: suspicion.clone(),
-                watchdog: Watchdog::start(limit),
+                observer: Observer {
+                    suspicion: suspicion.clone(),
+                    outage: Arc::clone(&outage),
+                },
+                watchdog,
             }))
             .error_handler(Box::new(FailureLog(Arc::clone(&failures))))
             .event_handler(Box::new(FailureLog(Arc::clone(&failures))));
@@ -493,7 +312,7 @@ impl Pool {
             pool,
             suspicion,
             failures,
-            outage: Arc::new(Outage::new(&config.shard_name)),
+            outage,
             shared: None,
             stamps: crate::migrations::stamps_changes(config),
             parking: Some(Parking::new(settings.max_size)),
@@ -529,7 +348,7 @@ impl Pool {
             // The application's pool reports no failed attempts to us: no outage
             // is ever seen, every checkout waits as the application's own do.
             failures: Arc::new(ConnectFailures::new(config.database_url())),
-            outage: Arc::new(Outage::new(&config.shard_name)),
+            outage: Outage::new(&config.shard_name, None),
             shared: Some(SharedPath {
                 schema: config.schema().to_owned(),
             }),
@@ -552,9 +371,10 @@ impl Pool {
     /// connection until the timeout ends). So the wait goes in slices of
     /// [`FAILURE_CHECK`], with a look at the failed attempts after each. A pool with
     /// connections out waits on: one refused attempt (a server at its connection
-    /// limit) says nothing of those.
-    fn get(&self) -> Result<Held<'_>> {
-        if let Some(error) = self.outage.fail_fast(&self.failures, || self.reconnect()) {
+    /// limit) says nothing of those. `deadline` is the call's (see
+    /// [`checkout_by`](Self::checkout_by)): past it, only a connection at hand is taken.
+    fn get(&self, deadline: Instant) -> Result<Held<'_>> {
+        if let Some(error) = self.outage.fail_fast() {
             return Err(error);
         }
         let parking = self.parking.as_ref();
@@ -565,12 +385,10 @@ impl Pool {
             return held(conn);
         }
         if let Some(conn) = self.pool.try_get() {
-            self.outage.close();
             return held(conn);
         }
         let _waiting = parking.map(Parking::wait);
         let failed_before = self.failures.count();
-        let deadline = Instant::now() + self.pool.connection_timeout();
         loop {
             if let Some(conn) = parking.and_then(Parking::steal) {
                 return held(conn);
@@ -579,42 +397,27 @@ impl Pool {
                 .saturating_duration_since(Instant::now())
                 .min(FAILURE_CHECK);
             match self.pool.get_timeout(slice) {
-                Ok(conn) => {
-                    self.outage.close();
-                    return held(conn);
-                }
+                Ok(conn) => return held(conn),
                 Err(error) => {
+                    // The database is down when the last attempt to connect failed
+                    // and no pooled connection is out that could come back.
+                    let down = self
+                        .failures
+                        .last()
+                        .filter(|_| self.pool.state().connections == 0);
                     // A failed connection attempt, not a pool that was merely busy
                     // (an attempt that failed before this checkout began, with none
                     // since, tells nothing of the server now: wait on).
-                    let refused = self.failures.failing();
-                    let give_up = refused
-                        && self.failures.count() != failed_before
-                        && self.pool.state().connections == 0;
+                    let give_up = down.is_some() && self.failures.count() != failed_before;
                     if give_up || Instant::now() >= deadline {
                         let error = self.failures.error(&error);
-                        if refused {
-                            self.outage.open();
+                        if let Some(cause) = down {
+                            self.outage.open(cause);
                         }
                         return Err(error);
                     }
                 }
             }
-        }
-    }
-
-    /// Tries to connect on a thread of its own, ending the outage if it can.
-    fn reconnect(&self) {
-        let (pool, outage) = (self.pool.clone(), Arc::clone(&self.outage));
-        let spawned = std::thread::Builder::new()
-            .name("pgcache-reconnect".to_owned())
-            .spawn(move || {
-                if pool.get().is_ok() {
-                    outage.close();
-                }
-            });
-        if let Err(error) = spawned {
-            tracing::warn!(%error, "pgcache: cannot start a reconnect thread; retrying later");
         }
     }
 
@@ -631,17 +434,40 @@ impl Pool {
         self.pool.state()
     }
 
+    /// When a call starting now stops waiting for a connection.
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.pool.connection_timeout()
+    }
+
     /// A connection not known to be dead: probed first while connections are
-    /// suspect (see the module docs). Dead ones met on the way are discarded.
-    /// Bounded: the pool holds at most `max_size` dead connections, after which it
-    /// opens a fresh one or fails after its connection timeout.
+    /// suspect (see the module docs).
     pub(crate) fn checkout(&self) -> Result<Held<'_>> {
+        self.checkout_by(self.deadline(), false)
+    }
+
+    /// A connection not known to be dead, waited for until the call's `deadline`
+    /// (one for all the call's checkouts: the wait does not start again for each
+    /// connection probed or for a retry); probed first while connections are
+    /// suspect, or always with `always`. Dead ones met on the way are discarded.
+    /// A probe the server leaves unanswered fails the call with
+    /// [`Error::Unresponsive`]: probing the next connection would wait as long, so
+    /// a frozen server costs a call one statement limit, whatever the pool's size.
+    /// Bounded: the pool holds at most `max_size` dead connections, after which it
+    /// opens a fresh one or fails at the deadline.
+    fn checkout_by(&self, deadline: Instant, always: bool) -> Result<Held<'_>> {
         for _ in 0..=self.pool.max_size() {
-            let mut conn = self.get()?;
-            if !self.suspicion.take() || !probe(&mut conn) {
+            let mut conn = self.get(deadline)?;
+            if !always && !self.suspicion.take() {
                 return Ok(conn);
             }
-            self.suspicion.raise();
+            match probe(&mut conn) {
+                Probe::Alive => return Ok(conn),
+                Probe::Dead => self.suspicion.raise(),
+                Probe::Unresponsive(error) => {
+                    self.suspicion.raise();
+                    return Err(error);
+                }
+            }
         }
         Err(Error::Connection(
             "every pooled connection was dead and no new one answered".into(),
@@ -649,30 +475,27 @@ impl Pool {
     }
 
     /// A connection that has just answered a probe, for maintenance work (statistics,
-    /// health, cleanup) whose cost dwarfs the extra round trip.
+    /// health, cleanup) whose cost dwarfs the extra round trip. Run its statements
+    /// under [`watched`].
     pub(crate) fn live(&self) -> Result<PooledConnection> {
-        for _ in 0..=self.pool.max_size() {
-            let mut conn = self.checkout()?;
-            if !probe(&mut conn) {
-                if let Some(shared) = &self.shared {
-                    shared.ensure(&mut conn)?;
-                }
-                return Ok(conn.into_pooled());
-            }
-            self.suspicion.raise();
+        let mut conn = self.checkout_by(self.deadline(), true)?.into_pooled();
+        self.ensure_path(&mut conn)?;
+        Ok(conn)
+    }
+
+    /// On the application's pool, puts the cache's schema on `conn`'s search path.
+    fn ensure_path(&self, conn: &mut PgConnection) -> Result<()> {
+        match &self.shared {
+            Some(shared) => watched(conn, |conn| shared.ensure(conn)),
+            None => Ok(()),
         }
-        Err(Error::Connection(
-            "every pooled connection was dead and no new one answered".into(),
-        ))
     }
 
     /// A connection for the caller's own statements: on the application's pool,
     /// with the cache's schema on its search path (one round trip more).
     pub(crate) fn for_caller(&self) -> Result<PooledConnection> {
         let mut conn = self.checkout()?.into_pooled();
-        if let Some(shared) = &self.shared {
-            shared.ensure(&mut conn)?;
-        }
+        self.ensure_path(&mut conn)?;
         if self.stamps {
             // The caller's own statements do not stamp their rows: the trigger
             // must see them. (The connection keeps this: the cache's own updates on
@@ -687,10 +510,12 @@ impl Pool {
     /// Runs `op` on a pooled connection, under the watchdog; once more, on a live
     /// connection, if the first one turned out to be dead or PostgreSQL aborted the
     /// statement to resolve a conflict. A run the watchdog cut
-    /// ([`Error::Unresponsive`]) is not retried: that would wait as long again. On
-    /// the application's pool, a statement that did not find its table is run again
-    /// after the cache's schema was put on the connection's search path, so a
-    /// connection pays that round trip once, not on every operation.
+    /// ([`Error::Unresponsive`]) is not retried, nor one whose connection then
+    /// left its probe unanswered: that would wait as long again. The retry's
+    /// checkout keeps the first one's deadline. On the application's pool, a
+    /// statement that did not find its table is run again after the cache's schema
+    /// was put on the connection's search path, so a connection pays that round
+    /// trip once, not on every operation.
     pub(crate) fn run<T>(&self, op: impl Fn(&mut PgConnection) -> Result<T>) -> Result<T> {
         self.run_from(Instant::now(), op)
     }
@@ -703,29 +528,45 @@ impl Pool {
         started: Instant,
         op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
-        let conn = self.checkout();
+        let deadline = started + self.pool.connection_timeout();
+        let conn = self.checkout_by(deadline, false);
         crate::metrics::pool_wait(started.elapsed());
         let mut conn = conn?;
-        match watched(&mut conn, &op) {
-            Err(error) if self.shared.is_some() && names_unresolved(&error) => {
-                if let Some(shared) = &self.shared {
-                    shared.ensure(&mut conn)?;
-                }
-                watched(&mut conn, &op)
-            }
-            Err(error) if error.is_database_failure() && probe(&mut conn) => {
-                drop(conn);
-                self.suspicion.raise();
-                tracing::warn!(%error, "pgcache: connection lost; retrying once on a live connection");
-                watched(&mut *self.checkout()?, &op)
-            }
-            // PostgreSQL rolled the statement back to break a deadlock (or a
-            // serialization conflict): running it again normally succeeds.
-            Err(error) if error.is_retryable_conflict() => {
-                tracing::debug!(%error, "pgcache: retrying once after a conflict");
-                watched(&mut conn, &op)
-            }
-            other => other,
+        let error = match watched(&mut conn, &op) {
+            Ok(done) => return Ok(done),
+            Err(error) => error,
+        };
+        if self.shared.is_some() && names_unresolved(&error) {
+            self.ensure_path(&mut conn)?;
+            return watched(&mut conn, &op);
         }
+        if error.is_database_failure() {
+            match probe(&mut conn) {
+                Probe::Alive => {}
+                Probe::Dead => {
+                    drop(conn);
+                    self.suspicion.raise();
+                    tracing::warn!(%error, "pgcache: connection lost; retrying once on a live connection");
+                    return watched(&mut *self.checkout_by(deadline, false)?, &op);
+                }
+                Probe::Unresponsive(_) => {
+                    self.suspicion.raise();
+                    return Err(error);
+                }
+            }
+        }
+        // PostgreSQL rolled the statement back to break a deadlock (or a
+        // serialization conflict): running it again normally succeeds.
+        if error.is_retryable_conflict() {
+            tracing::debug!(%error, "pgcache: retrying once after a conflict");
+            return watched(&mut conn, &op);
+        }
+        Err(error)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.outage.stop();
     }
 }
