@@ -66,9 +66,9 @@ const NEAR_START_WAIT: Duration = Duration::from_secs(1);
 
 impl Engine {
     /// Opens the pool (unless caching is disabled), starts the flusher and, unless
-    /// turned off, runs pending migrations. In fail-open mode, or for one shard of
-    /// several (`shard`), a transient failure does not stop the start: migrations
-    /// then run once the database answers.
+    /// turned off, runs pending migrations (under the migration timeout). In
+    /// fail-open mode, or for one shard of several (`shard`), a transient failure
+    /// does not stop the start: migrations then run once the database answers.
     ///
     /// # Errors
     /// [`Error::Connection`] when the database cannot be reached within the
@@ -99,7 +99,11 @@ impl Engine {
                 let connected = crate::pool::dedicated(&poller_config, watchdog.as_ref())
                     .and_then(|mut conn| {
                         watched(&mut conn, |conn| {
-                            crate::migrations::ensure_near_triggers(conn, kinds.iter().copied())
+                            crate::migrations::ensure_near_triggers(
+                                conn,
+                                crate::migrations::SchemaLock::of(&poller_config),
+                                kinds.iter().copied(),
+                            )
                         })?;
                         Ok(conn)
                     });
@@ -212,8 +216,7 @@ impl Engine {
     /// Runs pending migrations into the configured schema (created if missing) and
     /// returns the versions applied.
     pub(crate) fn run_migrations(&self) -> Result<Vec<String>> {
-        let schema = self.config.schema();
-        let applied = self.maintain(|conn| crate::migrations::run_migrations(conn, schema))?;
+        let applied = self.maintain(|conn| crate::migrations::migrate(conn, &self.config))?;
         self.migrations_pending.store(false, Ordering::Release);
         Ok(applied)
     }
@@ -410,7 +413,7 @@ impl Engine {
     /// atomic loads when there is nothing to do.
     fn catch_up(&self, conn: &mut PgConnection) -> Result<()> {
         if self.migrations_pending.load(Ordering::Acquire) {
-            crate::migrations::run_migrations(conn, self.config.schema())?;
+            crate::migrations::migrate(conn, &self.config)?;
             self.migrations_pending.store(false, Ordering::Release);
         }
         if self.skipped.is_pending() {

@@ -346,7 +346,7 @@ fn shard_facts(engine: &Engine) -> Result<ShardFacts> {
     // migrated schema has not missed a cleanup yet.
     let cleaned_since = match last_success {
         Some(at) => Some(at),
-        None => crate::migrations::migrated_at(&mut conn)?,
+        None => crate::migrations::migrated_at(&mut conn, engine.config().schema())?,
     };
     Ok(ShardFacts {
         lookups,
