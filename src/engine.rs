@@ -66,9 +66,13 @@ const NEAR_START_WAIT: Duration = Duration::from_secs(1);
 
 impl Engine {
     /// Opens the pool (unless caching is disabled), starts the flusher and, unless
-    /// turned off, runs pending migrations (under the migration timeout). In
-    /// fail-open mode, or for one shard of several (`shard`), a transient failure
-    /// does not stop the start: migrations then run once the database answers.
+    /// turned off, runs pending migrations (under the migration timeout), or else,
+    /// for one shard of several (`shard`), checks a connection out. In fail-open
+    /// mode, or for a shard, a transient failure does not stop the start: migrations
+    /// then run once the database answers, and [`was_down_at_start`] tells the
+    /// cluster, which fails the start when every shard was down.
+    ///
+    /// [`was_down_at_start`]: Self::was_down_at_start
     ///
     /// # Errors
     /// [`Error::Connection`] when the database cannot be reached within the
@@ -140,7 +144,9 @@ impl Engine {
             _poller: poller,
         });
         let config = &engine.config;
-        if engine.pool.is_some() && (config.run_migrations() || config.fail_open()) {
+        // A shard's pool is built without a check (it may be down): without
+        // migrations, a checkout tells whether it answers.
+        if engine.pool.is_some() && (config.run_migrations() || config.fail_open() || shard) {
             // Fail-open mode starts while the database is down, but not when it is
             // misconfigured: only a transient failure is let through.
             let started = if config.run_migrations() {
