@@ -105,7 +105,7 @@ impl Engine {
                         watched(&mut conn, |conn| {
                             crate::migrations::ensure_near_triggers(
                                 conn,
-                                crate::migrations::SchemaLock::of(&poller_config),
+                                crate::migrations::SchemaLock::briefly(&poller_config),
                                 kinds.iter().copied(),
                             )
                         })?;

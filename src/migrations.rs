@@ -32,7 +32,7 @@ const LOCK_CLASS: i32 = 726_281_731;
 pub(crate) struct SchemaLock<'a> {
     schema: &'a str,
     /// `None`: under the connection's own `statement_timeout` (an application's
-    /// connection, given to [`run_migrations`]).
+    /// connection, given to [`run_migrations`]; the near-cache poller's).
     timeout: Option<Duration>,
 }
 
@@ -42,6 +42,16 @@ impl<'a> SchemaLock<'a> {
         SchemaLock {
             schema: config.schema(),
             timeout: Some(config.migration_timeout()),
+        }
+    }
+
+    /// The lock of `config`'s schema, waited for under the connection's own
+    /// statement timeout: for the near-cache poller, which tries again later, and
+    /// whose thread must stay quick to stop.
+    pub(crate) fn briefly(config: &'a CacheConfig) -> Self {
+        SchemaLock {
+            schema: config.schema(),
+            timeout: None,
         }
     }
 
@@ -246,13 +256,11 @@ pub fn run_migrations(conn: &mut PgConnection, schema: &str) -> Result<Vec<Strin
     if schema.is_empty() {
         return Err(Error::config("schema", "", "must not be empty"));
     }
-    migrate_into(
-        conn,
-        SchemaLock {
-            schema,
-            timeout: None,
-        },
-    )
+    let lock = SchemaLock {
+        schema,
+        timeout: None,
+    };
+    migrate_into(conn, lock)
 }
 
 /// A yes/no answer from the database.
