@@ -186,6 +186,10 @@ impl Default for NearCache {
     }
 }
 
+/// Default [`CacheConfigBuilder::migration_timeout`]: 10 minutes, for moving tables
+/// of many millions of rows into partitions.
+pub const DEFAULT_MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Default staleness bound of the near caches: 100 ms.
 pub const DEFAULT_NEAR_CACHE_STALENESS: Duration = Duration::from_millis(100);
 
@@ -208,6 +212,7 @@ pub struct CacheConfig {
     pub(crate) run_migrations: bool,
     pub(crate) durability: Durability,
     pub(crate) statement_timeout: Duration,
+    pub(crate) migration_timeout: Duration,
     pub(crate) application_name: String,
     pub(crate) fail_open: bool,
     pub(crate) stats_flush_interval: Duration,
@@ -235,6 +240,7 @@ impl CacheConfig {
             run_migrations: true,
             durability: Durability::Full,
             statement_timeout: Duration::from_secs(5),
+            migration_timeout: DEFAULT_MIGRATION_TIMEOUT,
             application_name: "pgcache".to_owned(),
             fail_open: false,
             stats_flush_interval: Duration::from_secs(1),
@@ -280,6 +286,7 @@ impl CacheConfig {
     /// | `PGCACHE_POOL_IDLE_TIMEOUT_SECS` | 30 | idle connection lifetime (after up to 1 s parked for its thread's next operation) |
     /// | `PGCACHE_POOL_CONNECTION_TIMEOUT_MS` | 2000 | wait for a connection |
     /// | `PGCACHE_STATEMENT_TIMEOUT_MS` | 5000 | per-statement limit on cache connections |
+    /// | `PGCACHE_MIGRATION_TIMEOUT_MS` | 600000 | per-statement limit of migrations and partitioning, and of waiting for the schema's migration lock |
     /// | `PGCACHE_SCHEMA` | `pgcache` | schema holding the cache tables and their migration history |
     /// | `PGCACHE_RUN_MIGRATIONS` | `true` | run migrations at start-up |
     /// | `PGCACHE_DURABILITY` | `full` | `full` or `relaxed` |
@@ -366,6 +373,12 @@ impl CacheConfig {
     /// The `statement_timeout` set on every cache connection.
     pub fn statement_timeout(&self) -> Duration {
         self.statement_timeout
+    }
+
+    /// The `statement_timeout` of migrations and partitioning (see
+    /// [`CacheConfigBuilder::migration_timeout`]).
+    pub fn migration_timeout(&self) -> Duration {
+        self.migration_timeout
     }
 
     /// The `application_name` of every cache connection.
@@ -608,6 +621,18 @@ impl CacheConfigBuilder {
         self.set("statement_timeout", |c| c.statement_timeout = timeout)
     }
 
+    /// `statement_timeout` of migrations ([`CacheManager::new`](crate::CacheManager::new),
+    /// [`run_migrations`](crate::CacheManager::run_migrations), `pgcache migrate`) and
+    /// of partitioning ([`partition_tables`](crate::CacheManager::partition_tables)),
+    /// in place of [`statement_timeout`](Self::statement_timeout) for the length of
+    /// their transactions, which may have millions of rows to move; it also bounds the
+    /// wait for the schema's migration lock while another process migrates or
+    /// partitions that schema. The client-side cut of unanswered statements allows
+    /// this timeout + 1 s for them. Default: [`DEFAULT_MIGRATION_TIMEOUT`] (10 minutes).
+    pub fn migration_timeout(self, timeout: Duration) -> Self {
+        self.set("migration_timeout", |c| c.migration_timeout = timeout)
+    }
+
     /// `application_name` of the cache's connections, visible in `pg_stat_activity`.
     /// Default: `pgcache`.
     pub fn application_name(self, name: impl Into<String>) -> Self {
@@ -754,6 +779,7 @@ impl CacheConfigBuilder {
         for (setting, d) in [
             ("pool_connection_timeout", c.pool.connection_timeout),
             ("statement_timeout", c.statement_timeout),
+            ("migration_timeout", c.migration_timeout),
             ("stats_flush_interval", c.stats_flush_interval),
             ("compute_wait_timeout", c.compute_wait_timeout),
         ] {
@@ -938,6 +964,11 @@ static VARIABLES: LazyLock<Vec<Variable>> = LazyLock::new(|| {
             "PGCACHE_STATEMENT_TIMEOUT_MS",
             "statement_timeout",
             |b, n, v| Ok(b.statement_timeout(parse_millis(n, v)?)),
+        ),
+        var(
+            "PGCACHE_MIGRATION_TIMEOUT_MS",
+            "migration_timeout",
+            |b, n, v| Ok(b.migration_timeout(parse_millis(n, v)?)),
         ),
         var("PGCACHE_SCHEMA", "schema", |b, _, v| Ok(b.schema(v))),
         var("PGCACHE_RUN_MIGRATIONS", "run_migrations", |b, n, v| {

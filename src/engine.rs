@@ -67,9 +67,13 @@ const NEAR_START_WAIT: Duration = Duration::from_secs(1);
 
 impl Engine {
     /// Opens the pool (unless caching is disabled), starts the flusher and, unless
-    /// turned off, runs pending migrations. In fail-open mode, or for one shard of
-    /// several (`shard`), a transient failure does not stop the start: migrations
-    /// then run once the database answers.
+    /// turned off, runs pending migrations (under the migration timeout), or else,
+    /// for one shard of several (`shard`), checks a connection out. In fail-open
+    /// mode, or for a shard, a transient failure does not stop the start: migrations
+    /// then run once the database answers, and [`was_down_at_start`] tells the
+    /// cluster, which fails the start when every shard was down.
+    ///
+    /// [`was_down_at_start`]: Self::was_down_at_start
     ///
     /// # Errors
     /// [`Error::Connection`] when the database cannot be reached within the
@@ -100,7 +104,11 @@ impl Engine {
                 let connected = crate::pool::dedicated(&poller_config, watchdog.as_ref())
                     .and_then(|mut conn| {
                         watched(&mut conn, |conn| {
-                            crate::migrations::ensure_near_triggers(conn, kinds.iter().copied())
+                            crate::migrations::ensure_near_triggers(
+                                conn,
+                                crate::migrations::SchemaLock::briefly(&poller_config),
+                                kinds.iter().copied(),
+                            )
                         })?;
                         Ok(conn)
                     });
@@ -137,7 +145,9 @@ impl Engine {
             _poller: poller,
         });
         let config = &engine.config;
-        if engine.pool.is_some() && (config.run_migrations() || config.fail_open()) {
+        // A shard's pool is built without a check (it may be down): without
+        // migrations, a checkout tells whether it answers.
+        if engine.pool.is_some() && (config.run_migrations() || config.fail_open() || shard) {
             // Fail-open mode starts while the database is down, but not when it is
             // misconfigured: only a transient failure is let through.
             let started = if config.run_migrations() {
@@ -213,8 +223,7 @@ impl Engine {
     /// Runs pending migrations into the configured schema (created if missing) and
     /// returns the versions applied.
     pub(crate) fn run_migrations(&self) -> Result<Vec<String>> {
-        let schema = self.config.schema();
-        let applied = self.maintain(|conn| crate::migrations::run_migrations(conn, schema))?;
+        let applied = self.maintain(|conn| crate::migrations::migrate(conn, &self.config))?;
         self.migrations_pending.store(false, Ordering::Release);
         Ok(applied)
     }
@@ -429,7 +438,7 @@ impl Engine {
     /// atomic loads when there is nothing to do.
     fn catch_up(&self, conn: &mut PgConnection) -> Result<()> {
         if self.migrations_pending.load(Ordering::Acquire) {
-            crate::migrations::run_migrations(conn, self.config.schema())?;
+            crate::migrations::migrate(conn, &self.config)?;
             self.migrations_pending.store(false, Ordering::Release);
         }
         if self.skipped.is_pending() {

@@ -125,7 +125,7 @@ pub use caches::{
 pub use config::UnknownVariable;
 pub use config::{
     CacheConfig, CacheConfigBuilder, Durability, PoolSettings, Shard, DEFAULT_DATABASE_URL,
-    DEFAULT_SCHEMA,
+    DEFAULT_MIGRATION_TIMEOUT, DEFAULT_SCHEMA,
 };
 pub use config::{NearCache, DEFAULT_NEAR_CACHE_STALENESS};
 pub use config::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};

@@ -227,9 +227,14 @@ impl CacheManager {
     /// partitioned into another number; [`Error::Connection`](crate::Error::Connection)
     /// or a database error, which leaves the table being converted as it was.
     pub fn partition_tables(&self, partitions: u32) -> Result<Vec<crate::Partitioning>> {
-        let done = self
-            .cluster
-            .all(|engine| engine.maintain(|conn| crate::partitions::partition(conn, partitions)))?;
+        // Before any shard is touched (even by catching up on its migrations).
+        crate::partitions::check_count(partitions)?;
+        let done = self.cluster.all(|engine| {
+            engine.maintain(|conn| {
+                let lock = crate::migrations::SchemaLock::of(engine.config());
+                crate::partitions::partition(conn, lock, partitions)
+            })
+        })?;
         // Every shard's tables end the same: the first shard's account.
         Ok(done.into_iter().next().unwrap_or_default())
     }

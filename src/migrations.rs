@@ -1,13 +1,16 @@
 //! Embedded migrations and the switch between logged and unlogged cache tables.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use diesel::connection::SimpleConnection;
 use diesel::migration::MigrationSource;
 use diesel::pg::{Pg, PgConnection};
-use diesel::sql_types::{Array, Bool, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, Bool, Integer, Nullable, Text, Timestamptz};
 use diesel::{Connection, QueryResult, QueryableByName, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
+use crate::config::CacheConfig;
 use crate::error::{Error, MigrationError, Result};
 use crate::kind::CacheKind;
 use crate::pool::quote_ident;
@@ -15,38 +18,209 @@ use crate::pool::quote_ident;
 /// The SQL migrations compiled into the crate.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
-/// Serialises concurrent migrators (several processes starting at once).
-const MIGRATION_LOCK: &str = "SELECT pg_advisory_lock(7262817313)";
-const MIGRATION_UNLOCK: &str = "SELECT pg_advisory_unlock(7262817313)";
+/// The first key of every schema's migration lock (the second is the schema name's
+/// `hashtext`): a two-key advisory lock never conflicts with an application's
+/// one-key (`bigint`) locks.
+const LOCK_CLASS: i32 = 726_281_731;
 
-/// Runs every pending migration on `conn`, whose search path is `schema` (created
-/// if missing), and returns the versions applied. Diesel records them in the
-/// `__diesel_schema_migrations` the search path finds, so in `schema`'s own.
+/// The migration lock of one schema, which serialises the processes changing that
+/// schema's tables (migrating, partitioning, installing near-cache triggers) and
+/// nothing else: a migration or partitioning elsewhere in the database never holds
+/// up this schema's starts. Its wait, and the statements of migrations and
+/// partitioning, run under the migration timeout, not the statement timeout.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SchemaLock<'a> {
+    schema: &'a str,
+    /// `None`: under the connection's own `statement_timeout` (an application's
+    /// connection, given to [`run_migrations`]; the near-cache poller's).
+    timeout: Option<Duration>,
+}
+
+impl<'a> SchemaLock<'a> {
+    /// The lock of `config`'s schema, with its migration timeout.
+    pub(crate) fn of(config: &'a CacheConfig) -> Self {
+        SchemaLock {
+            schema: config.schema(),
+            timeout: Some(config.migration_timeout()),
+        }
+    }
+
+    /// The lock of `config`'s schema, waited for under the connection's own
+    /// statement timeout: for the near-cache poller, which tries again later, and
+    /// whose thread must stay quick to stop.
+    pub(crate) fn briefly(config: &'a CacheConfig) -> Self {
+        SchemaLock {
+            schema: config.schema(),
+            timeout: None,
+        }
+    }
+
+    /// The schema it locks.
+    pub(crate) fn schema(&self) -> &'a str {
+        self.schema
+    }
+
+    /// Runs `op` with this thread's statements allowed the migration timeout by the
+    /// watchdog (which would otherwise cut them at the statement timeout).
+    pub(crate) fn extended<T>(&self, op: impl FnOnce() -> T) -> T {
+        match self.timeout {
+            Some(timeout) => crate::watchdog::extended(timeout, op),
+            None => op(),
+        }
+    }
+
+    /// Gives the statements of the transaction `conn` is in the migration timeout
+    /// (`SET LOCAL`: the connection keeps its own afterwards).
+    pub(crate) fn limit_transaction(&self, conn: &mut PgConnection) -> QueryResult<()> {
+        match self.timeout {
+            Some(timeout) => conn.batch_execute(&format!(
+                "SET LOCAL statement_timeout = {}",
+                timeout.as_millis().min(i32::MAX as u128)
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the lock, waiting at most the migration timeout.
+    fn acquire(&self, conn: &mut PgConnection) -> QueryResult<()> {
+        let lock = |conn: &mut PgConnection| {
+            diesel::sql_query("SELECT pg_advisory_lock($1, hashtext($2))")
+                .bind::<Integer, _>(LOCK_CLASS)
+                .bind::<Text, _>(self.schema)
+                .execute(conn)
+                .map(drop)
+        };
+        match self.timeout {
+            // In a transaction of its own, for the `SET LOCAL`; the lock is the
+            // session's, held past its end.
+            Some(_) => self.extended(|| {
+                conn.transaction(|conn| {
+                    self.limit_transaction(conn)?;
+                    lock(conn)
+                })
+            }),
+            None => lock(conn),
+        }
+    }
+
+    fn release(&self, conn: &mut PgConnection) -> QueryResult<()> {
+        diesel::sql_query("SELECT pg_advisory_unlock($1, hashtext($2))")
+            .bind::<Integer, _>(LOCK_CLASS)
+            .bind::<Text, _>(self.schema)
+            .execute(conn)
+            .map(drop)
+    }
+}
+
+/// Runs pgcache's pending migrations into `config`'s schema as a manager does
+/// (start-up, catch-up, [`CacheManager::run_migrations`](crate::CacheManager::run_migrations)):
+/// see [`migrate_into`], with the migration timeout.
+pub(crate) fn migrate(conn: &mut PgConnection, config: &CacheConfig) -> Result<Vec<String>> {
+    migrate_into(conn, SchemaLock::of(config))
+}
+
+/// Runs the pending migrations into `lock`'s schema and returns the versions
+/// applied; nothing, and no lock taken, when the schema's history already lists
+/// every migration. Otherwise on `conn` with the search path set to the schema
+/// alone (restored afterwards, also on failure), so that Diesel records them in the
+/// schema's own `__diesel_schema_migrations`.
+fn migrate_into(conn: &mut PgConnection, lock: SchemaLock<'_>) -> Result<Vec<String>> {
+    #[derive(QueryableByName)]
+    struct Path {
+        #[diesel(sql_type = Text)]
+        path: String,
+    }
+    if !pending(conn, lock.schema)? {
+        return Ok(Vec::new());
+    }
+    let before: Path =
+        diesel::sql_query("SELECT current_setting('search_path') AS path").get_result(conn)?;
+    let set_path = |conn: &mut PgConnection, path: &str| {
+        diesel::sql_query("SELECT set_config('search_path', $1, false) AS path")
+            .bind::<Text, _>(path)
+            .get_result::<Path>(conn)
+            .map(drop)
+    };
+    set_path(conn, &quote_ident(lock.schema))?;
+    let result = lock.extended(|| run_pending(conn, lock));
+    let restored = set_path(conn, &before.path);
+    let applied = result?;
+    restored?;
+    Ok(applied)
+}
+
+/// The versions of the embedded migrations.
+fn versions() -> Result<Vec<String>> {
+    Ok(MigrationSource::<Pg>::migrations(&MIGRATIONS)
+        .map_err(|e| Error::Migration(MigrationError::caused_by(e.to_string(), e)))?
+        .iter()
+        .map(|m| m.name().version().to_string())
+        .collect())
+}
+
+/// `schema`'s migration history, schema-qualified, for statements on any search
+/// path.
+fn history(schema: &str) -> String {
+    format!("{}.__diesel_schema_migrations", quote_ident(schema))
+}
+
+/// Whether `schema`'s history lacks an embedded migration; also when it cannot be
+/// read (missing, or not readable by this role: the run will say what is wrong).
+/// Reads only, so it takes no lock.
+fn pending(conn: &mut PgConnection, schema: &str) -> Result<bool> {
+    let readable: Flag = diesel::sql_query(
+        "SELECT coalesce(has_table_privilege(to_regclass($1), 'SELECT'), false) AS flag",
+    )
+    .bind::<Text, _>(history(schema))
+    .get_result(conn)?;
+    if !readable.flag {
+        return Ok(true);
+    }
+    let complete: Flag = diesel::sql_query(format!(
+        "SELECT array(SELECT version::text FROM {}) @> $1 AS flag",
+        history(schema)
+    ))
+    .bind::<Array<Text>, _>(versions()?)
+    .get_result(conn)?;
+    Ok(!complete.flag)
+}
+
+/// Runs every pending migration on `conn`, whose search path is `lock`'s schema
+/// (created if missing), and returns the versions applied. Diesel records them in
+/// the `__diesel_schema_migrations` the search path finds, so in the schema's own.
 ///
-/// Everything happens under one advisory lock, creating the schema included:
+/// Everything happens under the schema's lock, creating the schema included:
 /// `CREATE SCHEMA IF NOT EXISTS` is not safe against a concurrent create of the same
 /// schema, so replicas starting together on a fresh database would otherwise fail on
-/// a unique violation in `pg_namespace`. A failure for want of privileges says what
-/// to do ([`explain_missing_privilege`]).
-pub(crate) fn run_pending(conn: &mut PgConnection, schema: &str) -> Result<Vec<String>> {
-    locked(conn, |conn| {
-        ensure_schema(conn, schema)?;
-        conn.run_pending_migrations(MIGRATIONS)
-            .map(|versions| versions.iter().map(ToString::to_string).collect())
-            .map_err(|e| Error::Migration(MigrationError::caused_by(e.to_string(), e)))
+/// a unique violation in `pg_namespace`. The run is one transaction, with the
+/// migration timeout. A failure for want of privileges says what to do
+/// ([`explain_missing_privilege`]).
+fn run_pending(conn: &mut PgConnection, lock: SchemaLock<'_>) -> Result<Vec<String>> {
+    locked(conn, lock, |conn| {
+        conn.transaction(|conn| {
+            lock.limit_transaction(conn)?;
+            ensure_schema(conn, lock.schema)?;
+            conn.run_pending_migrations(MIGRATIONS)
+                .map(|versions| versions.iter().map(ToString::to_string).collect())
+                .map_err(|e| Error::Migration(MigrationError::caused_by(e.to_string(), e)))
+        })
     })
 }
 
-/// Runs `f` under the migration lock (so schema changes from several processes
-/// never interleave), explaining a missing privilege (see
-/// [`explain_missing_privilege`]).
+/// Runs `f` under `lock` (so changes to one schema from several processes never
+/// interleave), explaining a missing privilege (see [`explain_missing_privilege`]).
+///
+/// # Errors
+/// A database error when the lock cannot be taken within the migration timeout;
+/// `f`'s error.
 pub(crate) fn locked<T>(
     conn: &mut PgConnection,
+    lock: SchemaLock<'_>,
     f: impl FnOnce(&mut PgConnection) -> Result<T>,
 ) -> Result<T> {
-    conn.batch_execute(MIGRATION_LOCK)?;
+    lock.acquire(conn)?;
     let result = f(conn);
-    let unlock = conn.batch_execute(MIGRATION_UNLOCK);
+    let unlock = lock.release(conn);
     let value = result.map_err(explain_missing_privilege)?;
     unlock?;
     Ok(value)
@@ -70,33 +244,23 @@ pub(crate) fn locked<T>(
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 ///
+/// The migrations run in one transaction under `conn`'s own `statement_timeout`
+/// (a manager's run under [`CacheConfig::migration_timeout`]); with nothing pending
+/// they take no lock.
+///
 /// # Errors
 /// [`Error::Database`] when the search path cannot be read or set,
 /// [`Error::Migration`] when a migration fails (saying what to do when the role may
 /// not create the schema or tables).
 pub fn run_migrations(conn: &mut PgConnection, schema: &str) -> Result<Vec<String>> {
-    #[derive(QueryableByName)]
-    struct Path {
-        #[diesel(sql_type = Text)]
-        path: String,
-    }
     if schema.is_empty() {
         return Err(Error::config("schema", "", "must not be empty"));
     }
-    let before: Path =
-        diesel::sql_query("SELECT current_setting('search_path') AS path").get_result(conn)?;
-    let set_path = |conn: &mut PgConnection, path: &str| {
-        diesel::sql_query("SELECT set_config('search_path', $1, false) AS path")
-            .bind::<Text, _>(path)
-            .get_result::<Path>(conn)
-            .map(drop)
+    let lock = SchemaLock {
+        schema,
+        timeout: None,
     };
-    set_path(conn, &quote_ident(schema))?;
-    let result = run_pending(conn, schema);
-    let restored = set_path(conn, &before.path);
-    let applied = result?;
-    restored?;
-    Ok(applied)
+    migrate_into(conn, lock)
 }
 
 /// A yes/no answer from the database.
@@ -147,35 +311,31 @@ fn explain_missing_privilege(error: Error) -> Error {
     }
 }
 
-/// When pgcache's first migration ran into `conn`'s schema (from Diesel's
-/// `__diesel_schema_migrations`, which may also list the application's own
-/// migrations), or `None` when that is not recorded or not readable.
-pub(crate) fn migrated_at(conn: &mut PgConnection) -> Result<Option<DateTime<Utc>>> {
+/// When pgcache's first migration ran into `schema` (from its
+/// `__diesel_schema_migrations`, named with its schema: an application's own,
+/// earlier on an application connection's search path, is never read), or `None`
+/// when that is not recorded or not readable.
+pub(crate) fn migrated_at(conn: &mut PgConnection, schema: &str) -> Result<Option<DateTime<Utc>>> {
     #[derive(QueryableByName)]
     struct At {
         #[diesel(sql_type = Nullable<Timestamptz>)]
         at: Option<DateTime<Utc>>,
     }
-    let versions: Vec<String> = MigrationSource::<Pg>::migrations(&MIGRATIONS)
-        .map_err(|e| Error::Migration(MigrationError::caused_by(e.to_string(), e)))?
-        .iter()
-        .map(|m| m.name().version().to_string())
-        .collect();
     // Checked first: a statement naming a missing (or unreadable) table fails.
     let table: Flag = diesel::sql_query(
-        "SELECT coalesce(has_table_privilege(to_regclass('__diesel_schema_migrations'), \
-         'SELECT'), false) AS flag",
+        "SELECT coalesce(has_table_privilege(to_regclass($1), 'SELECT'), false) AS flag",
     )
+    .bind::<Text, _>(history(schema))
     .get_result(conn)?;
     if !table.flag {
         return Ok(None);
     }
     // `run_on` is a timestamp without time zone, written in the session's zone.
-    let first: At = diesel::sql_query(
-        "SELECT min(run_on)::timestamptz AS at FROM __diesel_schema_migrations \
-         WHERE version = ANY($1)",
-    )
-    .bind::<Array<Text>, _>(versions)
+    let first: At = diesel::sql_query(format!(
+        "SELECT min(run_on)::timestamptz AS at FROM {} WHERE version = ANY($1)",
+        history(schema)
+    ))
+    .bind::<Array<Text>, _>(versions()?)
     .get_result(conn)?;
     Ok(first.at)
 }
@@ -352,6 +512,7 @@ pub(crate) fn stamps_changes(config: &crate::config::CacheConfig) -> bool {
 /// `cache_changes`.
 pub(crate) fn ensure_near_triggers(
     conn: &mut PgConnection,
+    lock: SchemaLock<'_>,
     kinds: impl IntoIterator<Item = CacheKind>,
 ) -> Result<()> {
     #[derive(QueryableByName)]
@@ -359,7 +520,7 @@ pub(crate) fn ensure_near_triggers(
         #[diesel(sql_type = Text)]
         name: String,
     }
-    locked(conn, |conn| {
+    locked(conn, lock, |conn| {
         kinds.into_iter().try_for_each(|kind| {
             let tables = near_trigger_tables(conn, kind)?;
             // The tables without all three, or without the update trigger's `WHEN`

@@ -15,6 +15,8 @@ use diesel::{Connection, QueryResult, QueryableByName, RunQueryDsl};
 
 use crate::error::{Error, Result};
 use crate::kind::CacheKind;
+use crate::migrations::SchemaLock;
+use crate::pool::quote_ident;
 
 /// Most partitions per table: enough for any single server, and it bounds the
 /// statements a cleanup runs per table.
@@ -51,7 +53,8 @@ pub(crate) fn size_sql(table: &str) -> String {
     )
 }
 
-/// How many hash partitions `table` has: `None` when it is not partitioned.
+/// How many hash partitions `table` (schema-qualified) has: `None` when it is not
+/// partitioned.
 fn partition_count(conn: &mut PgConnection, table: &str) -> QueryResult<Option<u32>> {
     #[derive(QueryableByName)]
     struct Count {
@@ -80,59 +83,89 @@ pub struct Partitioning {
     pub converted: bool,
 }
 
-/// Makes every cache table hash-partitioned on its key into `partitions` tables
-/// named `<table>_p<i>`, moving the rows over, each table in one transaction (its
-/// reads and writes wait for it). Indexes, checks, defaults, storage options,
-/// unlogged status and near-cache triggers carry over; privileges granted on the
-/// table do not (grant them again). A table that already has `partitions`
-/// partitions is left alone, so running it again is safe.
+/// Checks a number of partitions, before anything touches the database.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] for 0 or more than [`MAX_PARTITIONS`] partitions, or
-/// for a table already partitioned into another number (repartitioning would
-/// rewrite it: clear the cache and recreate the schema instead); a database error
-/// leaves the table as it was.
-pub(crate) fn partition(conn: &mut PgConnection, partitions: u32) -> Result<Vec<Partitioning>> {
+/// [`Error::InvalidInput`] for 0 or more than [`MAX_PARTITIONS`].
+pub(crate) fn check_count(partitions: u32) -> Result<()> {
     if partitions == 0 || partitions > MAX_PARTITIONS {
         return Err(Error::invalid(
             "partitions",
             format!("must be 1 to {MAX_PARTITIONS}, not {partitions}"),
         ));
     }
-    crate::migrations::locked(conn, |conn| {
-        CacheKind::ALL
-            .iter()
-            .map(|&cache| {
-                let table = cache.table();
-                match partition_count(conn, table)? {
-                    Some(n) if n == partitions => Ok(Partitioning {
-                        cache,
-                        partitions,
-                        converted: false,
-                    }),
-                    Some(n) => Err(Error::invalid(
-                        "partitions",
-                        format!(
-                            "{table} already has {n} partitions, not {partitions}; \
-                         repartitioning is not supported"
-                        ),
-                    )),
-                    None => {
-                        convert(conn, cache, partitions)?;
-                        Ok(Partitioning {
+    Ok(())
+}
+
+/// `table` of `schema`, both quoted: every statement of partitioning names the
+/// cache's schema, whatever the connection's search path (on an application's
+/// pool, the cache's schema comes last, and a table created by an unqualified name
+/// would land in the application's).
+fn qualified(schema: &str, table: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(table))
+}
+
+/// Makes every cache table of `lock`'s schema hash-partitioned on its key into
+/// `partitions` tables named `<table>_p<i>`, moving the rows over, each table in one
+/// transaction (its reads and writes wait for it) under the migration timeout.
+/// Indexes, checks, defaults, storage options, unlogged status and near-cache
+/// triggers carry over; privileges granted on the table do not (grant them again).
+/// A table that already has `partitions` partitions is left alone, so running it
+/// again is safe.
+///
+/// # Errors
+/// [`Error::InvalidInput`] for 0 or more than [`MAX_PARTITIONS`] partitions, or
+/// for a table already partitioned into another number (repartitioning would
+/// rewrite it: clear the cache and recreate the schema instead); a database error
+/// leaves the table as it was.
+pub(crate) fn partition(
+    conn: &mut PgConnection,
+    lock: SchemaLock<'_>,
+    partitions: u32,
+) -> Result<Vec<Partitioning>> {
+    check_count(partitions)?;
+    let schema = lock.schema();
+    lock.extended(|| {
+        crate::migrations::locked(conn, lock, |conn| {
+            CacheKind::ALL
+                .iter()
+                .map(|&cache| {
+                    let table = cache.table();
+                    match partition_count(conn, &qualified(schema, table))? {
+                        Some(n) if n == partitions => Ok(Partitioning {
                             cache,
                             partitions,
-                            converted: true,
-                        })
+                            converted: false,
+                        }),
+                        Some(n) => Err(Error::invalid(
+                            "partitions",
+                            format!(
+                                "{table} already has {n} partitions, not {partitions}; \
+                                 repartitioning is not supported"
+                            ),
+                        )),
+                        None => {
+                            convert(conn, lock, cache, partitions)?;
+                            Ok(Partitioning {
+                                cache,
+                                partitions,
+                                converted: true,
+                            })
+                        }
                     }
-                }
-            })
-            .collect()
+                })
+                .collect()
+        })
     })
 }
 
-/// The conversion of one table, in one transaction.
-fn convert(conn: &mut PgConnection, cache: CacheKind, partitions: u32) -> Result<()> {
+/// The conversion of one table, in one transaction with the migration timeout.
+fn convert(
+    conn: &mut PgConnection,
+    lock: SchemaLock<'_>,
+    cache: CacheKind,
+    partitions: u32,
+) -> Result<()> {
     #[derive(QueryableByName)]
     struct Shape {
         #[diesel(sql_type = Text)]
@@ -145,35 +178,44 @@ fn convert(conn: &mut PgConnection, cache: CacheKind, partitions: u32) -> Result
         near_triggers: i64,
     }
     let descriptor = cache.descriptor();
-    let (table, key) = (descriptor.table, descriptor.key);
-    let old = format!("{table}_unpartitioned");
+    let schema = lock.schema();
+    let key = descriptor.key;
+    let old_name = format!("{}_unpartitioned", descriptor.table);
+    let (table, old) = (
+        qualified(schema, descriptor.table),
+        qualified(schema, &old_name),
+    );
     conn.transaction(|conn| -> Result<()> {
+        lock.limit_transaction(conn)?;
         conn.batch_execute(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))?;
         // Read under the lock. The old table's indexes are renamed so that the new
         // table's get their usual names.
         let shape: Shape = diesel::sql_query(
             "SELECT coalesce(' WITH (' || array_to_string(c.reloptions, ', ') || ')', '') AS options, \
                CASE c.relpersistence WHEN 'u' THEN 'UNLOGGED ' ELSE '' END AS persistence, \
-               coalesce((SELECT string_agg(format('ALTER INDEX %I RENAME TO %I;', i.relname, \
-                   left(i.relname, 48) || '_unpartitioned'), ' ') \
+               coalesce((SELECT string_agg(format('ALTER INDEX %I.%I RENAME TO %I;', n.nspname, \
+                   i.relname, left(i.relname, 48) || '_unpartitioned'), ' ') \
                  FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid \
+                   JOIN pg_namespace n ON n.oid = i.relnamespace \
                  WHERE x.indrelid = c.oid), '') AS rename_indexes, \
                (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = c.oid \
                  AND t.tgname LIKE 'pgcache_near_%') AS near_triggers \
              FROM pg_class c WHERE c.oid = $1::regclass",
         )
-        .bind::<Text, _>(table)
+        .bind::<Text, _>(&table)
         .get_result(conn)?;
         // Names come from the closed descriptors and the catalog, never from input.
         let mut sql = format!(
-            "ALTER TABLE {table} RENAME TO {old}; {rename} \
+            "ALTER TABLE {table} RENAME TO {old_name}; {rename} \
              CREATE TABLE {table} (LIKE {old} INCLUDING ALL) PARTITION BY HASH ({key});",
+            old_name = quote_ident(&old_name),
             rename = shape.rename_indexes
         );
         for i in 0..partitions {
             sql.push_str(&format!(
-                " CREATE {persistence}TABLE {table}_p{i} PARTITION OF {table} \
+                " CREATE {persistence}TABLE {leaf} PARTITION OF {table} \
                    FOR VALUES WITH (MODULUS {partitions}, REMAINDER {i}){options};",
+                leaf = qualified(schema, &format!("{}_p{i}", descriptor.table)),
                 persistence = shape.persistence,
                 options = shape.options,
             ));
@@ -184,7 +226,12 @@ fn convert(conn: &mut PgConnection, cache: CacheKind, partitions: u32) -> Result
         conn.batch_execute(&sql)?;
         if shape.near_triggers > 0 {
             // On the new table and each partition: a statement naming a partition
-            // fires only the partition's statement triggers.
+            // fires only the partition's statement triggers. Their tables and
+            // function are found on the cache's schema alone, for this transaction
+            // only (an application's connection may not have it on its path).
+            diesel::sql_query("SELECT set_config('search_path', $1, true)")
+                .bind::<Text, _>(quote_ident(schema))
+                .execute(conn)?;
             crate::migrations::install_near_triggers(conn, cache)?;
         }
         Ok(())

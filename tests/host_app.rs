@@ -383,3 +383,57 @@ fn a_manager_over_the_apps_pool_finds_its_tables_again_after_the_app_resets_a_co
         assert_eq!(cache.kv().get("k").unwrap(), Some(json!(1)));
     }
 }
+
+#[test]
+fn partitioning_through_the_apps_pool_keeps_every_table_in_the_cache_schema() {
+    // A database of its own: partitioning into the wrong schema would leave cache
+    // tables in its `public`.
+    let db = FreshDatabase::new();
+    let pool = Pool::builder()
+        .max_size(2)
+        .connection_customizer(Box::new(AppSession("public".to_owned())))
+        .build(ConnectionManager::new(db.url.as_str()))
+        .unwrap();
+    let config = CacheConfig::builder()
+        .database_url(db.url.as_str())
+        .schema("cache_tables")
+        .build()
+        .unwrap();
+    let cache = CacheManager::with_pool(pool.clone(), config).unwrap();
+    cache.kv().set("kept", &json!(1)).unwrap();
+
+    let done = cache.partition_tables(4).unwrap();
+    assert!(done.iter().all(|p| p.converted && p.partitions == 4));
+
+    let mut conn = PgConnection::establish(&db.url).unwrap();
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) AS n FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')"
+        ),
+        0,
+        "no table in the app's schema"
+    );
+    for kind in pgcache::CacheKind::ALL {
+        let table = kind.table();
+        assert_eq!(
+            count(
+                &mut conn,
+                &format!(
+                    "SELECT count(*) AS n FROM pg_partition_tree('cache_tables.{table}') t \
+                     JOIN pg_class c ON c.oid = t.relid \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE t.isleaf AND n.nspname = 'cache_tables'"
+                )
+            ),
+            4,
+            "{table}'s partitions in the cache's schema"
+        );
+    }
+    drop(conn);
+    assert_eq!(cache.kv().get("kept").unwrap(), Some(json!(1)));
+    cache.kv().set("after", &json!(2)).unwrap();
+    assert_eq!(cache.kv().get("after").unwrap(), Some(json!(2)));
+    drop(cache);
+}

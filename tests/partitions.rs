@@ -121,6 +121,65 @@ fn partitioning_keeps_the_rows_and_runs_again_safely() {
     assert_eq!(db.count("SELECT count(*) AS n FROM cache_entries"), 100);
 }
 
+/// Partitioning moves every row in one statement per table: with the tables the
+/// README sells partitions for, far longer than an ordinary statement timeout, which
+/// must not cut it (the migration timeout, 10 minutes by default, applies).
+#[test]
+fn partitioning_a_million_rows_is_not_cut_by_the_statement_timeout() {
+    const ROWS: i64 = 1_000_000;
+    let statement_timeout = Duration::from_millis(500);
+    let db = TestDb::with(|b| b.statement_timeout(statement_timeout));
+    db.exec(&format!(
+        "INSERT INTO cache_entries (key, value, expires_at) \
+         SELECT 'key:' || g, to_jsonb(g), now() + interval '1 hour' \
+         FROM generate_series(1, {ROWS}) AS g"
+    ));
+    let done = db.cache.partition_tables(8).unwrap();
+    assert!(done.iter().all(|p| p.converted && p.partitions == 8));
+    assert_eq!(partitions_of(&db, "cache_entries"), 8);
+    assert_eq!(db.count("SELECT count(*) AS n FROM cache_entries"), ROWS);
+    assert_eq!(db.cache.kv().get("key:777").unwrap(), Some(json!(777)));
+    // The longer timeout was the partitioning's only: the connections keep theirs.
+    #[derive(diesel::QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        value: String,
+    }
+    use diesel::RunQueryDsl;
+    let mut conn = db.cache.connection().unwrap();
+    let setting: Setting =
+        diesel::sql_query("SELECT current_setting('statement_timeout') AS value")
+            .get_result(&mut *conn)
+            .unwrap();
+    assert_eq!(setting.value, "500ms");
+}
+
+#[test]
+fn an_invalid_partition_count_is_refused_before_the_database_is_asked() {
+    // Nothing listens at this port: a check that needed the database would fail
+    // with a connection error instead.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let cache = pgcache::CacheManager::new(
+        pgcache::CacheConfig::builder()
+            .database_url(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+            .fail_open(true)
+            .pool_connection_timeout(Duration::from_millis(200))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    for wrong in [0, pgcache::MAX_PARTITIONS + 1] {
+        let err = cache.partition_tables(wrong).unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidInput { what, .. } if *what == "partitions"),
+            "{wrong}: {err}"
+        );
+    }
+}
+
 #[test]
 fn cleanup_removes_expired_rows_from_every_partition() {
     let db = TestDb::new();

@@ -211,8 +211,13 @@ fn least_privilege_role_can_use_the_cache_but_not_change_its_tables() {
 fn a_role_that_may_not_migrate_is_told_how_to_start() {
     let db = TestDb::new();
     let role = AppRole::create(&db);
-    // Migrations on, as by default.
-    let config = db.config().database_url(role.url()).build().unwrap();
+    // Migrations on, as by default, and all of them to run: a schema not there yet.
+    let config = db
+        .config()
+        .database_url(role.url())
+        .schema(format!("{}_new", db.schema))
+        .build()
+        .unwrap();
     let err = CacheManager::new(config).unwrap_err();
     let message = err.to_string();
     assert!(matches!(err, Error::Migration(_)), "{message}");
@@ -221,6 +226,10 @@ fn a_role_that_may_not_migrate_is_told_how_to_start() {
         message.contains("`pgcache migrate`") && message.contains("PGCACHE_RUN_MIGRATIONS=false"),
         "{message}"
     );
+    // Where every migration is applied there is nothing to do: it starts.
+    let cache = CacheManager::new(db.config().database_url(role.url()).build().unwrap()).unwrap();
+    cache.kv().set("k", &json!(1)).unwrap();
+    assert_eq!(cache.kv().get("k").unwrap(), Some(json!(1)));
 }
 
 #[test]

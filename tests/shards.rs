@@ -992,6 +992,26 @@ fn a_manager_starts_unless_every_shard_is_down() {
 }
 
 #[test]
+fn a_manager_that_does_not_migrate_starts_unless_every_shard_is_down() {
+    let dbs = databases(&common::database_url(), &SHARDS[..1]);
+    let builder = || {
+        config(&[])
+            .run_migrations(false)
+            .pool_connection_timeout(CONNECTION_TIMEOUT)
+            .shard("b", closed_port_url())
+    };
+    let err = CacheManager::new(builder().shard("c", closed_port_url()).build().unwrap())
+        .expect_err("no shard answers");
+    assert!(err.is_transient(), "{err:?}");
+    assert!(
+        err.to_string().contains("shard `b`") || err.to_string().contains("shard `c`"),
+        "{err}"
+    );
+    CacheManager::new(builder().shard("a", dbs[0].url.as_str()).build().unwrap())
+        .expect("one shard answering is enough to start");
+}
+
+#[test]
 fn shard_settings_are_checked_without_showing_passwords() {
     let url = |db: &str| format!("postgres://user:sekret@127.0.0.1:5432/{db}");
     let settings = format!("a={},b={}", url("one"), url("two"));

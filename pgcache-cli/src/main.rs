@@ -50,7 +50,9 @@ enum Command {
     Migrate {
         /// Then hash-partition every cache table on its key into this many
         /// partitions (for tables of many millions of rows; safe to run again).
-        #[arg(long, value_name = "N")]
+        // Checked here, before anything touches the database.
+        #[arg(long, value_name = "N",
+              value_parser = clap::value_parser!(u32).range(1..=i64::from(pgcache::MAX_PARTITIONS)))]
         partitions: Option<u32>,
         /// Then make the cache tables UNLOGGED: faster writes, emptied after a crash,
         /// not replicated.

@@ -99,6 +99,33 @@ fn migrate_partitions_every_cache_table_and_runs_again_safely() {
 }
 
 #[test]
+fn migrate_with_an_invalid_partition_count_fails_before_touching_the_database() {
+    let db = TestDb::new();
+    let fresh = format!("{}_fresh", db.schema);
+    for wrong in ["0", "1025"] {
+        let out = pgcache(&db)
+            .env("PGCACHE_SCHEMA", &fresh)
+            .args(["migrate", "--partitions", wrong])
+            .assert()
+            .code(2)
+            .get_output()
+            .clone();
+        let line = one_line(&out.stderr);
+        assert!(
+            line.contains(&format!("invalid value '{wrong}'")) && line.contains("1..=1024"),
+            "{line}"
+        );
+    }
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) AS n FROM pg_namespace WHERE nspname = '{fresh}'"
+        )),
+        0,
+        "no schema, so no tables"
+    );
+}
+
+#[test]
 fn missing_table_is_one_line_pointing_to_migrate() {
     let db = TestDb::new();
     db.exec("DROP TABLE cache_entries");

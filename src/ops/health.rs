@@ -355,7 +355,7 @@ fn facts(engine: &Engine, conn: &mut PgConnection) -> Result<ShardFacts> {
     // migrated schema has not missed a cleanup yet.
     let cleaned_since = match last_success {
         Some(at) => Some(at),
-        None => crate::migrations::migrated_at(conn)?,
+        None => crate::migrations::migrated_at(conn, engine.config().schema())?,
     };
     Ok(ShardFacts {
         lookups,
