@@ -204,7 +204,7 @@ impl Engine {
     /// cache operation; never failing open.
     pub(crate) fn maintain<T>(&self, op: impl Fn(&mut PgConnection) -> Result<T>) -> Result<T> {
         self.pool()?.run(|conn| {
-            self.catch_up(conn, &CacheKind::ALL)?;
+            self.catch_up(conn, Settle::Everything)?;
             op(conn)
         })
     }
@@ -435,9 +435,13 @@ impl Engine {
     ) -> Option<Result<T>> {
         let pool = self.pool.as_ref()?;
         let started = Instant::now();
-        let settled: &[CacheKind] = if settle { &[kind] } else { &[] };
+        let settle = if settle {
+            Settle::Cache(kind)
+        } else {
+            Settle::Nothing
+        };
         let result = pool.run_from(started, |conn| {
-            self.catch_up(conn, settled)?;
+            self.catch_up(conn, settle)?;
             op(conn)
         });
         // Pool wait included: it is part of what the caller waits for.
@@ -449,17 +453,25 @@ impl Engine {
     }
 
     /// After an outage in fail-open mode, before anything else uses `conn`: runs
-    /// the migrations start-up could not, and the deletes of the skipped writes of
-    /// the caches in `settle` (those an operation is about to write: see
-    /// [`SkippedWrites::settle`]). An atomic load or two when there is nothing to do.
-    fn catch_up(&self, conn: &mut PgConnection, settle: &[CacheKind]) -> Result<()> {
+    /// the migrations start-up could not, and settles the skipped writes of the
+    /// caches an operation is about to write (see [`SkippedWrites::settle`]). An
+    /// atomic load or two when there is nothing to do.
+    fn catch_up(&self, conn: &mut PgConnection, settle: Settle) -> Result<()> {
         if self.migrations_pending.load(Ordering::Acquire) {
             crate::migrations::run_migrations(conn, self.config.schema())?;
             self.migrations_pending.store(false, Ordering::Release);
         }
         if self.skipped.any_pending() {
-            for &kind in settle {
-                self.skipped.settle(kind, conn)?;
+            self.nudge_replay();
+            let wait = self.config.statement_timeout();
+            match settle {
+                Settle::Nothing => {}
+                Settle::Cache(kind) => self.skipped.settle(kind, conn, wait, false)?,
+                Settle::Everything => {
+                    for kind in CacheKind::ALL {
+                        self.skipped.settle(kind, conn, wait, true)?;
+                    }
+                }
             }
         }
         Ok(())
@@ -475,7 +487,7 @@ impl Engine {
         if self.migrations_pending.load(Ordering::Acquire) || self.skipped.any_pending() {
             if let Some(pool) = &self.pool {
                 let caught_up = pool.run(|conn| {
-                    self.catch_up(conn, &[])?;
+                    self.catch_up(conn, Settle::Nothing)?;
                     self.skipped.replay(conn)
                 });
                 if let Err(error) = caught_up {
@@ -498,6 +510,18 @@ impl Drop for Engine {
             tracing::warn!(%error, "pgcache: final flush of hit counters failed");
         }
     }
+}
+
+/// Which caches' skipped writes an operation settles before it runs.
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    /// None: a read (a miss while its cache has any), or the flusher's own replay.
+    Nothing,
+    /// The cache a write, delete or exact operation is about to change.
+    Cache(CacheKind),
+    /// Every cache, emptying a whole one too: a maintenance operation (clear,
+    /// warmup, invalidation, migrations), which may take its time.
+    Everything,
 }
 
 /// The error of an operation that needs the database while caching is disabled.

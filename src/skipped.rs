@@ -24,11 +24,16 @@
 //!   Other caches are not concerned, so a replay stuck on one table (locked,
 //!   say) holds up no request of another.
 //! - A write, delete or exact operation (`incr`, ...) on such a cache first settles
-//!   it: it replays what is remembered itself on its own connection, or waits for the
-//!   one replay in progress; the replayed deletes therefore always come before its
-//!   statement, and cannot delete what it writes. It waits for at most one replay
-//!   attempt of another caller: if that fails, the operation fails (transiently,
-//!   so fail-open mode skips it and remembers its keys) rather than wait again.
+//!   it: it replays the remembered keys and prefixes itself on its own connection
+//!   (a few statements), or waits for the one replay in progress (the flusher's, or
+//!   its emptying of a whole cache, which a request does not take on); the replayed
+//!   deletes therefore always come before its statement, and cannot delete what it
+//!   writes. It waits for at most one replay attempt, and at most the statement
+//!   timeout: past that, or if that attempt fails, the operation fails (transiently,
+//!   so fail-open mode skips it and remembers its keys, to be replayed after). So
+//!   writes are never skipped for long after recovery, and the replays converge:
+//!   what is skipped while one runs is a short replay after it, done by the next
+//!   write.
 //! - A replay takes the remembered undos out under the lock, runs them without it,
 //!   and on failure puts them back (a delete done twice is harmless: nothing was
 //!   written in between, since writes wait). Writes skipped meanwhile are
@@ -422,36 +427,51 @@ impl SkippedWrites {
         first
     }
 
-    /// Before a write, delete or exact operation of `kind`: replays its undos on
-    /// `conn`, or waits for the replay in progress (one attempt at most).
+    /// Before a write, delete or exact operation of `kind`: replays its keys and
+    /// prefixes on `conn` (a whole cache too if `whole_inline`: emptying a large
+    /// table is otherwise left to the flusher), or waits for the replay in progress
+    /// (one attempt, at most `wait`).
     ///
     /// # Errors
-    /// The replay's, or a transient [`Error::Connection`] when another caller's
-    /// replay failed.
-    pub(crate) fn settle(&self, kind: CacheKind, conn: &mut PgConnection) -> Result<()> {
+    /// The replay's, or a transient [`Error::Connection`] when the replay waited
+    /// for did not end in time or failed.
+    pub(crate) fn settle(
+        &self,
+        kind: CacheKind,
+        conn: &mut PgConnection,
+        wait: Duration,
+        whole_inline: bool,
+    ) -> Result<()> {
         let i = kind.index();
+        let deadline = Instant::now() + wait;
         let mut waited = false;
         while self.is_pending(kind) {
             let mut state = self.lock();
-            if let Some(taken) = self.take(&mut state, kind) {
-                drop(state);
-                let result = taken.replay(kind, conn);
-                self.finish(kind, taken, &result);
-                return result;
+            if whole_inline || !state.kinds[i].whole {
+                if let Some(taken) = self.take(&mut state, kind) {
+                    drop(state);
+                    let result = taken.replay(kind, conn);
+                    self.finish(kind, taken, &result);
+                    return result;
+                }
             }
-            if !state.replaying[i] {
+            if !state.replaying[i] && state.kinds[i].is_empty() {
                 break;
             }
             if waited {
-                // The attempt waited for failed and another caller took over.
+                // The attempt waited for failed, or another began: do not wait again.
                 return Err(still_replaying(kind));
             }
             let attempt = state.attempts[i];
-            drop(
-                self.replayed
-                    .wait_while(state, |s| s.attempts[i] == attempt)
-                    .unwrap_or_else(|p| p.into_inner()),
-            );
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (state, waiting) = self
+                .replayed
+                .wait_timeout_while(state, left, |s| s.attempts[i] == attempt)
+                .unwrap_or_else(|p| p.into_inner());
+            drop(state);
+            if waiting.timed_out() {
+                return Err(still_replaying(kind));
+            }
             waited = true;
         }
         Ok(())
@@ -460,10 +480,8 @@ impl SkippedWrites {
 
 fn still_replaying(kind: CacheKind) -> Error {
     Error::Connection(
-        format!(
-            "the writes to cache `{kind}` skipped in fail-open mode could not be deleted yet (the table did not answer in time)"
-        )
-        .into(),
+        format!("the writes to cache `{kind}` skipped in fail-open mode are not deleted yet")
+            .into(),
     )
 }
 

@@ -181,7 +181,7 @@ fn fail_open_turns_a_statement_timeout_into_a_miss() {
 fn skipped_writes_waiting_on_a_locked_table_do_not_hold_up_other_caches() {
     let db = TestDb::with(|b| {
         b.fail_open(true)
-            .statement_timeout(Duration::from_millis(500))
+            .statement_timeout(Duration::from_millis(1000))
     });
     let prompt = pgcache::LlmPrompt::new("p", "provider");
     db.cache

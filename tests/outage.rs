@@ -387,8 +387,16 @@ fn keys_rewritten_through_a_long_outage_never_read_an_older_value() {
     assert!(cache.failed_open_count() >= (THREADS * WRITES) as u64);
 
     cluster.start_again();
+    // The first write that reaches the server, while the replay may still be due
+    // or running: no replay deletes it afterwards.
+    assert!(eventually(Duration::from_secs(10), || {
+        let failed_open = cache.failed_open_count();
+        cache.kv().set(&key(0, 0), &json!("first")).unwrap();
+        cache.failed_open_count() == failed_open
+    }));
+    assert_eq!(cache.kv().get(&key(0, 0)).unwrap(), Some(json!("first")));
     until_served(&cache, "probe");
-    for (t, last) in last.iter().enumerate() {
+    for (t, last) in last.iter().enumerate().skip(1) {
         for (k, &value) in last.iter().enumerate() {
             let found = cache.kv().get(&key(t, k)).unwrap();
             assert!(
