@@ -484,6 +484,7 @@ impl Engine {
         if let Some(pool) = &self.pool {
             pool.release_parked();
         }
+        let mut unavailable = false;
         if self.migrations_pending.load(Ordering::Acquire) || self.skipped.any_pending() {
             if let Some(pool) = &self.pool {
                 let caught_up = pool.run(|conn| {
@@ -493,13 +494,20 @@ impl Engine {
                 if let Err(error) = caught_up {
                     self.skipped.replay_failed();
                     tracing::debug!(%error, "pgcache: database still unavailable");
-                    // The counters would fail alike: kept for a later run, unlogged.
-                    return;
+                    unavailable = true;
                 }
             }
         }
-        if let Err(error) = self.flush() {
-            tracing::warn!(%error, "pgcache: flushing hit counters failed; will retry");
+        match self.flush() {
+            // Most likely the same cause, in a run a request may have nudged: not
+            // logged again as a warning.
+            Err(error) if unavailable => {
+                tracing::debug!(%error, "pgcache: flushing hit counters failed; will retry");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "pgcache: flushing hit counters failed; will retry");
+            }
+            Ok(()) => {}
         }
     }
 }
