@@ -462,11 +462,14 @@ impl Engine {
             self.migrations_pending.store(false, Ordering::Release);
         }
         if self.skipped.any_pending() {
-            self.nudge_replay();
             let wait = self.config.statement_timeout();
             match settle {
                 Settle::Nothing => {}
-                Settle::Cache(kind) => self.skipped.settle(kind, conn, wait, false)?,
+                Settle::Cache(kind) => {
+                    // A whole cache to empty is the flusher's: have it start.
+                    self.nudge_replay();
+                    self.skipped.settle(kind, conn, wait, false)?;
+                }
                 Settle::Everything => {
                     for kind in CacheKind::ALL {
                         self.skipped.settle(kind, conn, wait, true)?;
