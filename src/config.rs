@@ -641,8 +641,9 @@ impl CacheConfigBuilder {
     }
 
     /// Fail-open mode: reads that fail with a transient error return a miss, writes
-    /// are skipped (each logged and counted, and undone by a delete of their keys once
-    /// the database answers, so no old value is served after recovery). The manager
+    /// are skipped (each counted, and undone by a delete of their keys once the
+    /// database answers, so no old value is served after recovery; a few log lines
+    /// per outage). The manager
     /// starts while the database is down (not when it is misconfigured) and runs its
     /// migrations once it answers. Default: off.
     pub fn fail_open(self, fail_open: bool) -> Self {

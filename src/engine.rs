@@ -215,7 +215,7 @@ impl Engine {
     /// cache operation; never failing open.
     pub(crate) fn maintain<T>(&self, op: impl Fn(&mut PgConnection) -> Result<T>) -> Result<T> {
         self.pool()?.run(|conn| {
-            self.catch_up(conn)?;
+            self.catch_up(conn, Settle::Everything)?;
             op(conn)
         })
     }
@@ -342,7 +342,10 @@ impl Engine {
         self.read_with(kind, what, || miss, op)
     }
 
-    /// [`read`](Self::read) with a miss computed only when needed.
+    /// [`read`](Self::read) with a miss computed only when needed. While writes of
+    /// `kind` skipped in fail-open mode wait for their replay, a miss without
+    /// asking the database, which may still hold their old values (see
+    /// [`crate::skipped`]).
     pub(crate) fn read_with<T>(
         &self,
         kind: CacheKind,
@@ -350,12 +353,21 @@ impl Engine {
         miss: impl FnOnce() -> T,
         op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
-        self.run(kind, what, miss, op)
+        if self.skipped.is_pending(kind) {
+            self.nudge_replay();
+            self.counters.record_fail_open(kind);
+            metrics::fail_open(kind, what);
+            tracing::debug!(cache = %kind, operation = what.name(), "pgcache: a miss while skipped writes wait for their replay");
+            return Ok(miss());
+        }
+        self.run(kind, what, false, miss, op)
     }
 
     /// Runs a write: skipped (returning `skipped`) when caching is disabled, or, in
     /// fail-open mode, when it fails transiently; then `undo` says which keys may now
     /// be stale, to delete once the database answers. Retried like [`Self::read`].
+    /// It runs after the replay of the writes of `kind` skipped before it (see
+    /// [`crate::skipped`]), so that replay cannot delete what it writes.
     pub(crate) fn write<T>(
         &self,
         kind: CacheKind,
@@ -367,9 +379,10 @@ impl Engine {
         self.run(
             kind,
             what,
+            true,
             || {
                 if let Some(undo) = undo() {
-                    self.skipped.remember(undo);
+                    self.skipped.remember(kind, undo);
                 }
                 skipped
             },
@@ -377,22 +390,49 @@ impl Engine {
         )
     }
 
+    /// Runs `op` (after settling `kind`'s skipped writes if `settle`), answering
+    /// `fallback` when caching is disabled or, in fail-open mode, on a transient
+    /// failure: logged as a warning the first time since `kind` last answered, at
+    /// `debug` level after that (an outage logs a few lines, not one per operation).
     fn run<T>(
         &self,
         kind: CacheKind,
         what: Op,
+        settle: bool,
         fallback: impl FnOnce() -> T,
         op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
-        match self.timed(kind, what, op) {
+        match self.timed(kind, what, settle, op) {
             None => Ok(fallback()),
             Some(Err(error)) if self.config.fail_open() && error.is_transient() => {
                 self.counters.record_fail_open(kind);
                 metrics::fail_open(kind, what);
-                tracing::warn!(cache = %kind, operation = what.name(), %error, "pgcache: failing open");
+                if self.skipped.failed_open(kind) {
+                    tracing::warn!(cache = %kind, operation = what.name(), %error, "pgcache: failing open until the database answers (further operations failing open are logged at debug level)");
+                } else {
+                    tracing::debug!(cache = %kind, operation = what.name(), %error, "pgcache: failing open");
+                }
                 Ok(fallback())
             }
-            Some(other) => other,
+            Some(result) => {
+                if result.is_ok() {
+                    self.skipped.answered(kind);
+                    if self.skipped.any_pending() {
+                        // The database answers: replay what other caches skipped.
+                        self.nudge_replay();
+                    }
+                }
+                result
+            }
+        }
+    }
+
+    /// Has the flusher replay skipped writes soon (at most every 100 ms).
+    fn nudge_replay(&self) {
+        if let Some(flusher) = &self.flusher {
+            if self.skipped.nudge_due() {
+                flusher.nudge();
+            }
         }
     }
 
@@ -407,22 +447,29 @@ impl Engine {
         op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
         self.observe(kind, what, |_| {
-            self.timed(kind, what, op)
+            self.timed(kind, what, true, op)
                 .unwrap_or_else(|| Err(disabled()))
         })
     }
 
-    /// Runs `op` on the pool, recording its latency; `None` when caching is disabled.
+    /// Runs `op` on the pool (after settling `kind`'s skipped writes if `settle`),
+    /// recording its latency; `None` when caching is disabled.
     fn timed<T>(
         &self,
         kind: CacheKind,
         what: Op,
+        settle: bool,
         op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Option<Result<T>> {
         let pool = self.pool.as_ref()?;
         let started = Instant::now();
+        let settle = if settle {
+            Settle::Cache(kind)
+        } else {
+            Settle::Nothing
+        };
         let result = pool.run_from(started, |conn| {
-            self.catch_up(conn)?;
+            self.catch_up(conn, settle)?;
             op(conn)
         });
         // Pool wait included: it is part of what the caller waits for.
@@ -433,35 +480,65 @@ impl Engine {
         Some(result)
     }
 
-    /// After an outage in fail-open mode: runs the migrations start-up could not,
-    /// and the deletes of skipped writes, before anything else uses `conn`. Two
-    /// atomic loads when there is nothing to do.
-    fn catch_up(&self, conn: &mut PgConnection) -> Result<()> {
+    /// After an outage in fail-open mode, before anything else uses `conn`: runs
+    /// the migrations start-up could not, and settles the skipped writes of the
+    /// caches an operation is about to write (see [`SkippedWrites::settle`]). An
+    /// atomic load or two when there is nothing to do.
+    fn catch_up(&self, conn: &mut PgConnection, settle: Settle) -> Result<()> {
         if self.migrations_pending.load(Ordering::Acquire) {
             crate::migrations::migrate(conn, &self.config)?;
             self.migrations_pending.store(false, Ordering::Release);
         }
-        if self.skipped.is_pending() {
-            self.skipped.replay(conn)?;
+        if self.skipped.any_pending() {
+            let wait = self.config.statement_timeout();
+            match settle {
+                Settle::Nothing => {}
+                Settle::Cache(kind) => {
+                    // A whole cache to empty is the flusher's: have it start.
+                    self.nudge_replay();
+                    self.skipped.settle(kind, conn, wait, false)?;
+                }
+                Settle::Everything => {
+                    for kind in CacheKind::ALL {
+                        self.skipped.settle(kind, conn, wait, true)?;
+                    }
+                }
+            }
         }
         Ok(())
     }
 
     /// The flusher thread's task: counters, and catching up once the database is
-    /// back even if the application sends nothing meanwhile.
+    /// back even if the application sends nothing meanwhile (replaying skipped
+    /// writes, so requests do not have to).
     fn background_flush(self: &Arc<Self>) {
         if let Some(pool) = &self.pool {
             pool.release_parked();
         }
-        if self.migrations_pending.load(Ordering::Acquire) || self.skipped.is_pending() {
+        let mut unavailable = false;
+        if self.migrations_pending.load(Ordering::Acquire) || self.skipped.any_pending() {
             if let Some(pool) = &self.pool {
-                if let Err(error) = pool.run(|conn| self.catch_up(conn)) {
+                let caught_up = pool.run(|conn| {
+                    self.catch_up(conn, Settle::Nothing)?;
+                    self.skipped.replay(conn)
+                });
+                if let Err(error) = caught_up {
+                    self.skipped.replay_failed();
                     tracing::debug!(%error, "pgcache: database still unavailable");
+                    unavailable = true;
                 }
             }
         }
-        if let Err(error) = self.flush() {
-            tracing::warn!(%error, "pgcache: flushing hit counters failed; will retry");
+        match self.flush() {
+            // Most likely the same cause, in a run a request may have nudged: not
+            // logged again as a warning.
+            Err(error) if unavailable => {
+                tracing::debug!(%error, "pgcache: flushing hit counters failed; will retry");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "pgcache: flushing hit counters failed; will retry");
+            }
+            Ok(()) => {}
         }
     }
 }
@@ -472,6 +549,18 @@ impl Drop for Engine {
             tracing::warn!(%error, "pgcache: final flush of hit counters failed");
         }
     }
+}
+
+/// Which caches' skipped writes an operation settles before it runs.
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    /// None: a read (a miss while its cache has any), or the flusher's own replay.
+    Nothing,
+    /// The cache a write, delete or exact operation is about to change.
+    Cache(CacheKind),
+    /// Every cache, emptying a whole one too: a maintenance operation (clear,
+    /// warmup, invalidation, migrations), which may take its time.
+    Everything,
 }
 
 /// The error of an operation that needs the database while caching is disabled.

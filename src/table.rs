@@ -356,9 +356,16 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
     }
 
     fn skipped(&self, _keys: &[&T::Key], digests: &[KeyDigest]) -> Skipped {
-        let digests = digests.to_vec();
-        Skipped::new(digests.len(), move |conn| {
-            delete_digests(conn, T::CACHE, &digests).map(drop)
+        let keys = digests
+            .iter()
+            .map(|d| Box::from(&d.as_bytes()[..]))
+            .collect();
+        Skipped::keys(keys, |conn, keys| {
+            let digests: Vec<KeyDigest> = keys
+                .iter()
+                .filter_map(|k| KeyDigest::from_slice(k))
+                .collect();
+            Ok(delete_digests(conn, T::CACHE, &digests).map(drop)?)
         })
     }
 

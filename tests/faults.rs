@@ -180,6 +180,64 @@ fn fail_open_turns_a_statement_timeout_into_a_miss() {
 }
 
 #[test]
+fn skipped_writes_waiting_on_a_locked_table_do_not_hold_up_other_caches() {
+    let db = TestDb::with(|b| {
+        b.fail_open(true)
+            .statement_timeout(Duration::from_millis(1000))
+    });
+    let prompt = pgcache::LlmPrompt::new("p", "provider");
+    db.cache
+        .llm_response()
+        .set(&prompt, &"answer".to_owned())
+        .unwrap();
+    db.cache.kv().set("k", &json!("old")).unwrap();
+    let mut locker = db.raw_connection();
+    locker
+        .batch_execute("BEGIN; LOCK TABLE cache_entries IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    // Many keys whose writes are skipped (the table does not answer in time): their
+    // deletes wait for the lock.
+    let keys: Vec<String> = (0..5_000).map(|i| format!("bulk:{i}")).collect();
+    let value = json!(1);
+    let mut entries: Vec<(&str, &serde_json::Value)> =
+        keys.iter().map(|k| (k.as_str(), &value)).collect();
+    let new = json!("new");
+    entries.push(("k", &new));
+    db.cache
+        .kv()
+        .set_many(&entries, Duration::from_secs(600))
+        .unwrap();
+    let failed_open = db.cache.failed_open_count();
+    assert_eq!(failed_open, 1, "skipped");
+
+    // While the table stays locked, another cache answers from the database: it
+    // does not wait for (nor time out behind) the deletes still to replay.
+    for _ in 0..3 {
+        assert_eq!(
+            db.cache
+                .llm_response()
+                .get(&prompt)
+                .unwrap()
+                .map(|e| e.response),
+            Some("answer".to_owned())
+        );
+    }
+    assert_eq!(
+        db.cache.failed_open_count(),
+        failed_open,
+        "nothing failed open"
+    );
+    // And the locked cache's skipped key is a miss, never its old value.
+    assert_eq!(db.cache.kv().get("k").unwrap(), None);
+
+    locker.batch_execute("ROLLBACK").unwrap();
+    db.cache.kv().set("after", &json!(1)).unwrap();
+    assert_eq!(db.cache.kv().get("after").unwrap(), Some(json!(1)));
+    assert_eq!(db.cache.kv().get("k").unwrap(), None, "replayed");
+    assert_eq!(db.cache.kv().get("bulk:0").unwrap(), None, "replayed");
+}
+
+#[test]
 fn fail_open_still_reports_bad_input_missing_tables_and_configuration_errors() {
     let db = TestDb::with(|b| b.fail_open(true));
     let err = db.cache.kv().get("").unwrap_err();

@@ -435,3 +435,220 @@ fn a_pool_at_the_servers_connection_limit_is_not_taken_for_a_database_down() {
     assert_eq!(cache.kv().get("k").unwrap(), None);
     drop(second);
 }
+
+/// Waits until the cache serves kv reads from the database again (a read that does
+/// not fail open); panics after 10 s.
+fn until_served(cache: &CacheManager, key: &str) {
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let failed_open = cache.failed_open_count();
+            cache.kv().get(key).is_ok() && cache.failed_open_count() == failed_open
+        }),
+        "served again after the outage"
+    );
+}
+
+#[test]
+fn keys_rewritten_through_a_long_outage_never_read_an_older_value() {
+    const THREADS: usize = 8;
+    const KEYS: usize = 40;
+    // More skipped writes than the bound: it counts distinct keys, not writes.
+    const WRITES: usize = 2 * pgcache::MAX_SKIPPED_KEYS / THREADS;
+    let cluster = ScratchCluster::start();
+    let cache = CacheManager::new(config(&cluster).fail_open(true).build().unwrap()).unwrap();
+    let key = |t: usize, k: usize| format!("t{t}:k{k}");
+    let before: Vec<(String, serde_json::Value)> = (0..THREADS)
+        .flat_map(|t| (0..KEYS).map(move |k| (key(t, k), json!(-1))))
+        .collect();
+    let entries: Vec<(&str, &serde_json::Value)> =
+        before.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    cache
+        .kv()
+        .set_many(&entries, Duration::from_secs(600))
+        .unwrap();
+
+    cluster.stop();
+    // Each thread writes every key of its own once, then keeps writing them as a
+    // real workload does, hot and cold: key j about every 2^(j+1)-th write.
+    let last: Vec<Vec<i64>> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (cache, key) = (&cache, &key);
+                s.spawn(move || {
+                    let mut last = vec![-1; KEYS];
+                    for n in 0..WRITES {
+                        let k = if n < KEYS {
+                            n
+                        } else {
+                            (n.trailing_zeros() as usize).min(KEYS - 1)
+                        };
+                        cache.kv().set(&key(t, k), &json!(n)).unwrap();
+                        last[k] = n as i64;
+                    }
+                    last
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert!(cache.failed_open_count() >= (THREADS * WRITES) as u64);
+
+    cluster.start_again();
+    // The first write that reaches the server, while the replay may still be due
+    // or running: no replay deletes it afterwards.
+    assert!(eventually(Duration::from_secs(10), || {
+        let failed_open = cache.failed_open_count();
+        cache.kv().set(&key(0, 0), &json!("first")).unwrap();
+        cache.failed_open_count() == failed_open
+    }));
+    assert_eq!(cache.kv().get(&key(0, 0)).unwrap(), Some(json!("first")));
+    until_served(&cache, "probe");
+    for (t, last) in last.iter().enumerate().skip(1) {
+        for (k, &value) in last.iter().enumerate() {
+            let found = cache.kv().get(&key(t, k)).unwrap();
+            assert!(
+                found.is_none() || found == Some(json!(value)),
+                "{}: last acknowledged {value}, read {found:?}",
+                key(t, k)
+            );
+        }
+    }
+    // Writes after the recovery are kept: no late replay deletes them.
+    for (t, _) in last.iter().enumerate() {
+        for k in 0..KEYS {
+            cache.kv().set(&key(t, k), &json!("after")).unwrap();
+        }
+    }
+    for (t, _) in last.iter().enumerate() {
+        for k in 0..KEYS {
+            assert_eq!(
+                cache.kv().get(&key(t, k)).unwrap(),
+                Some(json!("after")),
+                "{}",
+                key(t, k)
+            );
+        }
+    }
+}
+
+#[test]
+fn past_the_skipped_key_bound_the_whole_cache_is_cleared_and_nothing_stale_is_read() {
+    let cluster = ScratchCluster::start();
+    let cache = CacheManager::new(config(&cluster).fail_open(true).build().unwrap()).unwrap();
+    let kv = cache.kv();
+    kv.set("early", &json!("old")).unwrap();
+    kv.set("untouched", &json!("old")).unwrap();
+    let prompt = LlmPrompt::new("p", "provider");
+    cache
+        .llm_response()
+        .set(&prompt, &"other cache".to_owned())
+        .unwrap();
+
+    cluster.stop();
+    kv.set("early", &json!("new")).unwrap();
+    let bulk: Vec<String> = (0..=pgcache::MAX_SKIPPED_KEYS)
+        .map(|i| format!("bulk:{i}"))
+        .collect();
+    let value = json!(1);
+    let entries: Vec<(&str, &serde_json::Value)> =
+        bulk.iter().map(|k| (k.as_str(), &value)).collect();
+    kv.set_many(&entries, Duration::from_secs(600)).unwrap();
+    assert_eq!(cache.failed_open_count(), 2, "both skipped");
+
+    cluster.start_again();
+    until_served(&cache, "probe");
+    assert_eq!(
+        kv.get("early").unwrap(),
+        None,
+        "never the value before the outage"
+    );
+    assert_eq!(
+        kv.get("untouched").unwrap(),
+        None,
+        "the whole key/value cache was cleared"
+    );
+    assert_eq!(
+        cache
+            .llm_response()
+            .get(&prompt)
+            .unwrap()
+            .map(|e| e.response),
+        Some("other cache".to_owned()),
+        "other caches are left alone"
+    );
+}
+
+/// The messages of the events at `INFO` or above logged on the threads it is set
+/// for.
+#[derive(Clone, Default)]
+struct Lines(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl tracing::Subscriber for Lines {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        if *event.metadata().level() <= tracing::Level::INFO {
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            self.0.lock().unwrap().push(message.0);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn an_outage_logs_a_few_lines_about_failing_open_not_one_per_write() {
+    const THREADS: usize = 4;
+    let cluster = ScratchCluster::start();
+    let cache = CacheManager::new(config(&cluster).fail_open(true).build().unwrap()).unwrap();
+    let lines = Lines::default();
+    cache.kv().set("k", &json!(0)).unwrap();
+    cluster.stop();
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (cache, lines) = (&cache, lines.clone());
+            s.spawn(move || {
+                tracing::subscriber::with_default(lines, || {
+                    for n in 0..pgcache::MAX_SKIPPED_KEYS {
+                        cache
+                            .kv()
+                            .set(&format!("t{t}:{}", n % 100), &json!(n))
+                            .unwrap();
+                        cache.kv().get(&format!("t{t}:{}", n % 100)).unwrap();
+                    }
+                })
+            });
+        }
+    });
+    assert!(cache.failed_open_count() >= (2 * THREADS * pgcache::MAX_SKIPPED_KEYS) as u64);
+    cluster.start_again();
+    tracing::subscriber::with_default(lines.clone(), || until_served(&cache, "k"));
+    let lines = lines.0.lock().unwrap();
+    let about_failing_open: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("fail") || l.contains("skipped"))
+        .collect();
+    // A warning as the cache starts failing open, one for the first skipped write:
+    // per cache and outage, whatever the number of operations.
+    assert!(
+        about_failing_open.len() <= 4,
+        "{} lines: {:?}",
+        about_failing_open.len(),
+        &about_failing_open[..about_failing_open.len().min(10)]
+    );
+}

@@ -207,9 +207,8 @@ impl<'a, V> KvCache<'a, V> {
                 Op::DeletePrefix,
                 0,
                 || {
-                    let prefix = prefix.to_owned();
-                    Some(Skipped::new(1, move |conn| {
-                        delete_prefix(conn, &prefix).map(drop)
+                    Some(Skipped::prefix(prefix.to_owned(), |conn, prefix| {
+                        Ok(delete_prefix(conn, prefix).map(drop)?)
                     }))
                 },
                 |conn| self.delete_prefix_in(conn, prefix),
@@ -239,11 +238,7 @@ impl<'a, V> KvCache<'a, V> {
                 CacheKind::Kv,
                 Op::Clear,
                 0,
-                || {
-                    Some(Skipped::new(1, |conn| {
-                        diesel::delete(cache_entries::table).execute(conn).map(drop)
-                    }))
-                },
+                || Some(Skipped::whole()),
                 |conn| Ok(diesel::delete(cache_entries::table).execute(conn)? as u64),
             )
         });
@@ -968,11 +963,14 @@ fn remove(conn: &mut PgConnection, keys: &[&str]) -> Result<u64> {
 
 /// The delete undoing a skipped write or delete of `keys`.
 fn skipped(keys: &[&str]) -> Skipped {
-    let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
-    Skipped::new(keys.len(), move |conn| {
-        diesel::delete(cache_entries::table.filter(cache_entries::key.eq_any(&keys)))
-            .execute(conn)
-            .map(drop)
+    let keys = keys.iter().map(|k| Box::from(k.as_bytes())).collect();
+    Skipped::keys(keys, |conn, keys| {
+        let keys = keys
+            .iter()
+            .map(|k| std::str::from_utf8(k).expect("remembered from a key"))
+            .collect::<Vec<_>>();
+        // `remove` locks rows in key order: no deadlock with concurrent batches.
+        remove(conn, &keys).map(drop)
     })
 }
 
