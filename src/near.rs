@@ -263,6 +263,7 @@ impl NearCaches {
         at.saturating_duration_since(self.base).as_nanos() as u64
     }
 
+    /// Whole microseconds since `base`, rounded down.
     fn micros(&self, at: Instant) -> i64 {
         at.saturating_duration_since(self.base).as_micros() as i64
     }
@@ -364,13 +365,14 @@ impl NearCaches {
     /// When an entry expiring at `expires_at` (database clock) leaves L1: after its
     /// remaining TTL or `max_age`, whichever is first; `None` if already expired.
     fn local_expiry(&self, expires_at: DateTime<Utc>, max_age: Duration) -> Option<Instant> {
-        // The latest the database's clock can read now: entries leave early, never late.
-        let db_now_us = self
-            .micros(Instant::now())
-            .saturating_add(self.db_clock_ahead_us.load(Ordering::Acquire));
+        // The latest the database's clock can read now: entries leave early, never
+        // late. One clock read for both ends, and `micros` rounds down: + 1 µs.
+        let now = Instant::now();
+        let db_now_us =
+            (self.micros(now) + 1).saturating_add(self.db_clock_ahead_us.load(Ordering::Acquire));
         let remaining_us = expires_at.timestamp_micros().saturating_sub(db_now_us);
         let remaining = Duration::from_micros(u64::try_from(remaining_us).ok().filter(|&r| r > 0)?);
-        Some(Instant::now() + remaining.min(max_age))
+        Some(now + remaining.min(max_age))
     }
 
     /// Evicts `keys` of `kind` from L1 (a write of this process, or a notification).
