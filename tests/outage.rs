@@ -282,10 +282,10 @@ fn the_first_operation_after_the_server_stops_fails_when_a_connection_is_refused
     );
 }
 
-#[test]
-fn a_refused_connection_does_not_end_the_wait_while_the_pool_has_connections_out() {
-    let cluster = ScratchCluster::start();
-    let admin = CacheManager::new(config(&cluster).build().unwrap()).unwrap();
+/// A manager on `cluster` whose role may open two connections (the server refuses
+/// a third), with this connection timeout.
+fn limited_to_two_connections(cluster: &ScratchCluster, timeout: Duration) -> CacheManager {
+    let admin = CacheManager::new(config(cluster).build().unwrap()).unwrap();
     {
         use diesel::connection::SimpleConnection;
         admin
@@ -299,16 +299,22 @@ fn a_refused_connection_does_not_end_the_wait_while_the_pool_has_connections_out
             .unwrap();
     }
     let url = format!("postgres://limited@127.0.0.1:{}/postgres", cluster.port);
-    let cache = CacheManager::new(
-        config(&cluster)
+    CacheManager::new(
+        config(cluster)
             .database_url(url)
             .run_migrations(false)
             .pool_min_idle(0)
-            .pool_connection_timeout(Duration::from_secs(10))
+            .pool_connection_timeout(timeout)
             .build()
             .unwrap(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn a_refused_connection_does_not_end_the_wait_while_the_pool_has_connections_out() {
+    let cluster = ScratchCluster::start();
+    let cache = limited_to_two_connections(&cluster, Duration::from_secs(10));
     // The role's two connections, both out of the pool: a third is refused (the
     // server is at the role's limit), and one of the two comes back later.
     let (first, second) = (cache.connection().unwrap(), cache.connection().unwrap());
@@ -401,30 +407,7 @@ fn outage_errors_are_one_line_and_give_the_cause_of_the_last_attempt() {
 #[test]
 fn a_pool_at_the_servers_connection_limit_is_not_taken_for_a_database_down() {
     let cluster = ScratchCluster::start();
-    let admin = CacheManager::new(config(&cluster).build().unwrap()).unwrap();
-    {
-        use diesel::connection::SimpleConnection;
-        admin
-            .connection()
-            .unwrap()
-            .batch_execute(
-                "CREATE ROLE limited LOGIN CONNECTION LIMIT 2; \
-                 GRANT USAGE ON SCHEMA outage TO limited; \
-                 GRANT ALL ON ALL TABLES IN SCHEMA outage TO limited",
-            )
-            .unwrap();
-    }
-    let url = format!("postgres://limited@127.0.0.1:{}/postgres", cluster.port);
-    let cache = CacheManager::new(
-        config(&cluster)
-            .database_url(url)
-            .run_migrations(false)
-            .pool_min_idle(0)
-            .pool_connection_timeout(Duration::from_millis(300))
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
+    let cache = limited_to_two_connections(&cluster, Duration::from_millis(300));
     // Both of the role's connections out of the pool: a third is refused until the
     // checkout times out.
     let (first, second) = (cache.connection().unwrap(), cache.connection().unwrap());

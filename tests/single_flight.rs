@@ -274,6 +274,7 @@ fn child_process_computes_the_report() {
         .database_url(common::database_url())
         .schema(schema)
         .run_migrations(false)
+        .pool_connection_timeout(common::CONNECTION_TIMEOUT)
         .build()
         .unwrap();
     let cache = CacheManager::new(config).unwrap();
@@ -302,13 +303,20 @@ fn concurrent_misses_in_separate_processes_compute_once() {
             std::process::Command::new(&exe)
                 .args(["--exact", "child_process_computes_the_report"])
                 .env(CHILD_SCHEMA, &db.schema)
-                .stdout(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
                 .spawn()
                 .unwrap()
         })
         .collect();
-    for mut child in children {
-        assert!(child.wait().unwrap().success());
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "a child failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     assert_eq!(db.count("SELECT count(*) AS n FROM computations"), 1);
     assert_eq!(leases(&db), 0);

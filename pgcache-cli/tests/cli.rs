@@ -17,6 +17,10 @@ fn pgcache(db: &TestDb) -> Command {
     let mut cmd = Command::cargo_bin("pgcache").unwrap();
     cmd.env("DATABASE_URL", common::database_url())
         .env("PGCACHE_SCHEMA", &db.schema)
+        .env(
+            "PGCACHE_POOL_CONNECTION_TIMEOUT_MS",
+            common::CONNECTION_TIMEOUT.as_millis().to_string(),
+        )
         .write_stdin("");
     cmd
 }

@@ -79,6 +79,11 @@ impl TestDb {
     }
 }
 
+/// How long a test's manager may take to connect: on a machine as busy as CI's may
+/// be (load 10 and more on 2 cores), opening a connection can take longer than the
+/// default 2 s. Tests of the connection timeout set their own.
+pub const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 fn base_config(schema: &str) -> CacheConfigBuilder {
     CacheConfig::builder()
         .database_url(database_url())
@@ -86,6 +91,7 @@ fn base_config(schema: &str) -> CacheConfigBuilder {
         .application_name(format!("pgcache-test-{schema}"))
         .pool_max_size(4)
         .pool_min_idle(0)
+        .pool_connection_timeout(CONNECTION_TIMEOUT)
 }
 
 impl Drop for TestDb {
