@@ -533,3 +533,31 @@ fn the_harness_leaves_no_pgbouncer_running() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_statement_through_the_pooler_left_waiting_is_cut_without_a_server_timeout() {
+    // No `statement_timeout` is set through the pooler: the watchdog's cancel,
+    // which PgBouncer forwards to the server connection, ends the wait.
+    let timeout = Duration::from_millis(300);
+    let db = Pooled::with(|b| b.statement_timeout(timeout));
+    let kv = db.cache().kv();
+    kv.set("locked", &json!(1)).unwrap();
+    let mut holder = PgConnection::establish(&db.direct_url()).unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT * FROM cache_entries WHERE key = 'locked' FOR UPDATE")
+        .unwrap();
+    let started = Instant::now();
+    let blocked = kv.set("locked", &json!(2));
+    let waited = started.elapsed();
+    holder.batch_execute("ROLLBACK").unwrap();
+    assert!(
+        blocked.is_err(),
+        "the update waited for the lock and was cut"
+    );
+    // At least the limit; the upper bound is generous for a busy machine, and
+    // far below "for as long as the lock is held".
+    assert!(waited >= timeout, "{waited:?}");
+    assert!(waited < Duration::from_secs(30), "{waited:?}");
+    kv.set("locked", &json!(3)).unwrap();
+    assert_eq!(kv.get("locked").unwrap(), Some(json!(3)));
+}
