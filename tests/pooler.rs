@@ -245,14 +245,41 @@ fn single_flight_computes_once_across_two_managers_through_a_pooler() {
 fn cleanup_stats_and_health_work_through_a_transaction_pooler() {
     let db = Pooled::with(|b| b.max_entries(CacheKind::Kv, Some(10)));
     let cache = db.cache();
-    for i in 0..30 {
-        cache.kv().set(&format!("k{i}"), &json!(i)).unwrap();
-        cache.kv().get(&format!("k{i}")).unwrap();
-    }
+    let busy = CacheManager::new(db.config().build().unwrap()).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // Other clients keep PgBouncer's server connections changing hands, so a
+        // statement that relied on its predecessor's session would meet another.
+        for t in 0..(2 * SERVER_CONNECTIONS) {
+            let (busy, done) = (&busy, &done);
+            s.spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = busy.kv().get(&format!("busy{t}"));
+                }
+            });
+        }
+        /// Stops the busy clients however the rounds end (a failed assertion too).
+        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&done);
+        for round in 0..5 {
+            let entries: Vec<(String, serde_json::Value)> = (0..200)
+                .map(|i| (format!("r{round}:k{i}"), json!(i)))
+                .collect();
+            let refs: Vec<(&str, &serde_json::Value)> =
+                entries.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            cache.kv().set_many(&refs, Duration::from_secs(60)).unwrap();
+            let report = cache.cleanup().unwrap();
+            assert!(report.evicted_rows() >= 190, "{report:?}");
+            assert!(db.count("SELECT count(*) AS n FROM cache_entries") <= 10);
+        }
+    });
+    cache.kv().get("r4:k199").unwrap();
     cache.flush_stats().unwrap();
-    let report = cache.cleanup().unwrap();
-    assert!(report.evicted_rows() >= 20, "{report:?}");
-    assert!(db.count("SELECT count(*) AS n FROM cache_entries") <= 10);
     let stats = cache.stats().unwrap();
     assert!(format!("{stats:?}").contains("cache_entries"));
     cache
