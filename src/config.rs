@@ -62,9 +62,9 @@ impl std::str::FromStr for Durability {
 /// Whether the cache's connections go through a transaction pooler (PgBouncer in
 /// `pool_mode = transaction`, or a managed equivalent), which hands each
 /// transaction, or each statement outside one, to whichever server connection is
-/// free. Not detected: a pooler in front of PostgreSQL answers as the server does,
-/// and nothing a client can ask tells a session-mode pooler, a transaction-mode one
-/// and no pooler apart reliably. See the README's "Transaction poolers" section.
+/// free. Not detected: a pooler passes the server's answers through, and its one
+/// tell (`pg_backend_pid()` changing between transactions) shows only under load.
+/// See the README's "Transaction poolers" section.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Pooler {

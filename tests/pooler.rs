@@ -528,6 +528,12 @@ fn the_direct_url_is_as_secret_as_the_database_url() {
     .unwrap();
     assert_eq!(config.pooler(), Pooler::Transaction);
     assert!(!format!("{config:?}").contains("s3cret-direct"));
+    let builder = pgcache::CacheConfigBuilder::from_vars([(
+        "PGCACHE_DIRECT_URL",
+        "postgres://app:s3cret-direct@db:5432/app",
+    )])
+    .unwrap();
+    assert!(!format!("{builder:?}").contains("s3cret-direct"));
     assert!(!config
         .direct_url()
         .unwrap()
