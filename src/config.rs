@@ -520,7 +520,7 @@ impl CacheConfig {
             }),
             (Pooler::Transaction, None) => Err(Error::config(
                 "PGCACHE_DIRECT_URL",
-                "",
+                "(unset)",
                 format!(
                     "PGCACHE_POOLER=transaction and {needs}: a transaction pooler gives \
                      no session of its own, so set PGCACHE_DIRECT_URL (`.direct_url(..)`) \
