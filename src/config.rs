@@ -59,6 +59,49 @@ impl std::str::FromStr for Durability {
     }
 }
 
+/// Whether the cache's connections go through a transaction pooler (PgBouncer in
+/// `pool_mode = transaction`, or a managed equivalent), which hands each
+/// transaction, or each statement outside one, to whichever server connection is
+/// free. Not detected: a pooler passes the server's answers through, and its one
+/// tell (`pg_backend_pid()` changing between transactions) shows only under load.
+/// See the README's "Transaction poolers" section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Pooler {
+    /// A server connection is the cache's for as long as the cache holds it (no
+    /// pooler, or a pooler in session mode): session settings, prepared statements.
+    #[default]
+    None,
+    /// A transaction pooler: pgcache keeps no session state on server connections
+    /// (no prepared statement outlives its transaction, no session `SET`, no session
+    /// lock); the near-cache poller and migrations use the
+    /// [direct URL](CacheConfigBuilder::direct_url).
+    Transaction,
+}
+
+impl Pooler {
+    fn parse(setting: &str, value: &str) -> Result<Self> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "none" | "session" => Ok(Pooler::None),
+            "transaction" => Ok(Pooler::Transaction),
+            _ => Err(Error::config(
+                setting,
+                value,
+                "expected `none` (or `session`) or `transaction`",
+            )),
+        }
+    }
+}
+
+/// `none`, `session` or `transaction`, any case.
+impl std::str::FromStr for Pooler {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        Pooler::parse("pooler", text)
+    }
+}
+
 /// The low watermark used unless configured otherwise: a cache over a bound is
 /// evicted down to 80 % of it, so the next few writes do not push it over again.
 pub const DEFAULT_EVICTION_LOW_WATERMARK: f64 = 0.8;
@@ -223,6 +266,9 @@ pub struct CacheConfig {
     pub(crate) eviction_low_watermark: f64,
     pub(crate) near_caches: [Option<NearCache>; CacheKind::COUNT],
     pub(crate) near_cache_staleness: Duration,
+    pub(crate) pooler: Pooler,
+    /// The server itself, past the pooler, for what needs a session of its own.
+    pub(crate) direct_url: Option<DatabaseUrl>,
 }
 
 impl CacheConfig {
@@ -251,6 +297,8 @@ impl CacheConfig {
             eviction_low_watermark: DEFAULT_EVICTION_LOW_WATERMARK,
             near_caches: [None; CacheKind::COUNT],
             near_cache_staleness: DEFAULT_NEAR_CACHE_STALENESS,
+            pooler: Pooler::None,
+            direct_url: None,
         }
     }
 }
@@ -301,6 +349,8 @@ impl CacheConfig {
     /// | `PGCACHE_<CACHE>_NEAR_CACHE_BYTES` | (no near cache) | a near cache of this many bytes (either variable turns it on) |
     /// | `PGCACHE_<CACHE>_NEAR_CACHE_MAX_AGE_MS` | 60000 | longest local life of a near-cache entry |
     /// | `PGCACHE_NEAR_CACHE_STALENESS_MS` | 100 | the near caches' staleness bound |
+    /// | `PGCACHE_POOLER` | `none` | `transaction`: `DATABASE_URL` goes through a transaction pooler (PgBouncer); no session state on its connections |
+    /// | `PGCACHE_DIRECT_URL` | (none) | with a transaction pooler: the server itself, for migrations and the near-cache poller |
     ///
     /// `<CACHE>` is `KV`, `EMBEDDING`, `VECTOR_SEARCH`, `LLM_RESPONSE` or
     /// `AUDIO_CHUNK`.
@@ -336,6 +386,8 @@ impl CacheConfig {
             shards: Vec::new(),
             shard_name: shard.name.clone(),
             size_bounds: self.size_bounds.map(|b| b.share(shards)),
+            // The direct URL is one server's: none is known for a shard.
+            direct_url: None,
             ..self.clone()
         }
     }
@@ -434,6 +486,49 @@ impl CacheConfig {
     pub fn near_cache_staleness(&self) -> Duration {
         self.near_cache_staleness
     }
+
+    /// The pooler the cache's connections go through (see [`Pooler`]).
+    pub fn pooler(&self) -> Pooler {
+        self.pooler
+    }
+
+    /// The server itself, past the pooler, if given (its `Display` hides the
+    /// password).
+    pub fn direct_url(&self) -> Option<&DatabaseUrl> {
+        self.direct_url.as_ref()
+    }
+
+    /// Whether no session state may be kept on the pool's connections.
+    pub(crate) fn sessionless(&self) -> bool {
+        self.pooler == Pooler::Transaction
+    }
+
+    /// This configuration talking to the server directly, for what keeps a session
+    /// (the near-cache poller, migrations under their session lock): the direct URL
+    /// in transaction-pooler mode, else the configuration itself.
+    ///
+    /// # Errors
+    /// [`Error::Config`] in transaction-pooler mode without a direct URL, saying
+    /// what (`needs`) requires one.
+    pub(crate) fn direct(&self, needs: &str) -> Result<CacheConfig> {
+        match (self.pooler, &self.direct_url) {
+            (Pooler::None, _) => Ok(self.clone()),
+            (Pooler::Transaction, Some(url)) => Ok(CacheConfig {
+                database_url: url.clone(),
+                pooler: Pooler::None,
+                ..self.clone()
+            }),
+            (Pooler::Transaction, None) => Err(Error::config(
+                "PGCACHE_DIRECT_URL",
+                "(unset)",
+                format!(
+                    "PGCACHE_POOLER=transaction and {needs}: a transaction pooler gives \
+                     no session of its own, so set PGCACHE_DIRECT_URL (`.direct_url(..)`) \
+                     to the server itself, past the pooler"
+                ),
+            )),
+        }
+    }
 }
 
 /// Builder for [`CacheConfig`]; every setter consumes and returns the builder.
@@ -449,6 +544,8 @@ pub struct CacheConfigBuilder {
     database_url: UnparsedUrl,
     /// Shard names and their unchecked URLs, in the order given.
     shards: Vec<(String, UnparsedUrl)>,
+    /// Unchecked until [`Self::build`].
+    direct_url: Option<UnparsedUrl>,
     /// Setting (setter name) to the variable and value it was read from.
     from_env: HashMap<String, (String, String)>,
 }
@@ -459,6 +556,7 @@ impl Default for CacheConfigBuilder {
             config: CacheConfig::defaults(),
             database_url: UnparsedUrl(DEFAULT_DATABASE_URL.to_owned()),
             shards: Vec::new(),
+            direct_url: None,
             from_env: HashMap::new(),
         }
     }
@@ -736,6 +834,22 @@ impl CacheConfigBuilder {
         self.set("near_cache_staleness", |c| c.near_cache_staleness = bound)
     }
 
+    /// Whether the database URL goes through a transaction pooler (see [`Pooler`]).
+    /// Default: [`Pooler::None`].
+    pub fn pooler(self, pooler: Pooler) -> Self {
+        self.set("pooler", |c| c.pooler = pooler)
+    }
+
+    /// The server itself, past the transaction pooler, in either of the database
+    /// URL's forms: for what needs a session of its own (the near-cache poller,
+    /// migrations), unused without [`Pooler::Transaction`]. Kept as secret as the
+    /// database URL. Default: none.
+    pub fn direct_url(mut self, url: impl Into<String>) -> Self {
+        self.from_env.remove("direct_url");
+        self.direct_url = Some(UnparsedUrl(url.into()));
+        self
+    }
+
     /// Checks every setting and builds the configuration.
     ///
     /// # Errors
@@ -757,6 +871,17 @@ impl CacheConfigBuilder {
             }
         })?;
         config.shards = self.build_shards()?;
+        config.direct_url = match &self.direct_url {
+            // Never the text of the URL: only the parser's reason.
+            Some(url) => Some(DatabaseUrl::parse(&url.0).map_err(|error| {
+                let reason = match error {
+                    Error::Config { reason, .. } => reason,
+                    other => other.to_string(),
+                };
+                self.invalid("direct_url", "<not shown>", reason)
+            })?),
+            None => None,
+        };
         let c = &config;
         for (setting, ttl) in [
             ("ttl_short", c.ttl.short),
@@ -846,6 +971,14 @@ impl CacheConfigBuilder {
         if c.schema.is_empty() {
             return Err(self.invalid("schema", "", "must not be empty"));
         }
+        if c.pooler == Pooler::Transaction && c.durability == Durability::Relaxed {
+            return Err(self.invalid(
+                "durability",
+                "relaxed",
+                "is a session setting (`synchronous_commit = off`), which a transaction \
+                 pooler would leave on server connections other clients then use",
+            ));
+        }
         Ok(config)
     }
 
@@ -894,7 +1027,7 @@ impl CacheConfigBuilder {
 }
 
 /// The settings whose text holds a password, never kept or shown as given.
-const SECRET_SETTINGS: [&str; 2] = ["database_url", "shards"];
+const SECRET_SETTINGS: [&str; 3] = ["database_url", "shards", "direct_url"];
 
 /// How an environment variable's text is applied to the builder; given the
 /// variable's name for its parse errors.
@@ -1017,6 +1150,12 @@ static VARIABLES: LazyLock<Vec<Variable>> = LazyLock::new(|| {
             },
         ),
     ];
+    variables.push(var("PGCACHE_POOLER", "pooler", |b, n, v| {
+        Ok(b.pooler(Pooler::parse(n, v)?))
+    }));
+    variables.push(var("PGCACHE_DIRECT_URL", "direct_url", |b, _, v| {
+        Ok(b.direct_url(v))
+    }));
     variables.push(var(
         "PGCACHE_NEAR_CACHE_STALENESS_MS",
         "near_cache_staleness",

@@ -71,11 +71,44 @@ pub(crate) fn with_defaults(conninfo: &str, params: &[(&str, String)]) -> String
         } else if !out.is_empty() && !out.ends_with(char::is_whitespace) {
             out.push(' ');
         }
-        // Values are decimal numbers: nothing to quote or escape in either form.
         out.push_str(key);
         out.push('=');
-        out.push_str(value);
+        out.push_str(&quoted(is_uri, value));
     }
+    out
+}
+
+/// `value` as the URI form (percent-encoded) or the `key=value` form (single-quoted
+/// with `\` escapes, unless it is one plain word) carries it.
+fn quoted(is_uri: bool, value: &str) -> String {
+    if is_uri {
+        // Every byte but the unreserved ones as `%XX` (libpq reads no `+`).
+        return value
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+    }
+    let plain = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if plain {
+        return value.to_owned();
+    }
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('\'');
+    for c in value.chars() {
+        if c == '\'' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
     out
 }
 
@@ -132,6 +165,19 @@ mod tests {
 
     fn params() -> Vec<(&'static str, String)> {
         vec![("connect_timeout", "2".into()), ("keepalives", "1".into())]
+    }
+
+    #[test]
+    fn values_with_spaces_and_quotes_are_carried_whole_in_both_forms() {
+        let name = vec![("application_name", "my app's \\ cache".to_owned())];
+        assert_eq!(
+            with_defaults("postgres://h/db", &name),
+            "postgres://h/db?application_name=my%20app%27s%20%5C%20cache"
+        );
+        assert_eq!(
+            with_defaults("host=h", &name),
+            "host=h application_name='my app\\'s \\\\ cache'"
+        );
     }
 
     #[test]

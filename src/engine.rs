@@ -62,6 +62,10 @@ impl fmt::Debug for Engine {
     }
 }
 
+/// Why migrations need the direct URL past a transaction pooler.
+pub(crate) const MIGRATIONS_NEED: &str =
+    "migrations run (they hold the schema's session advisory lock across transactions)";
+
 /// How long start-up waits for the near caches' poller to be ready.
 const NEAR_START_WAIT: Duration = Duration::from_secs(1);
 
@@ -93,8 +97,16 @@ impl Engine {
             .is_some()
             .then(|| NearCaches::new(&config).map(Arc::new))
             .flatten();
-        let poller = near.as_ref().and_then(|near| {
-            let poller_config = config.clone();
+        // The poller keeps a session (its connection for good, the schema's session
+        // lock around the triggers' check): past a transaction pooler, on the
+        // direct URL, and without one the start fails saying so.
+        let poller_config = match &near {
+            Some(_) => Some(config.direct(
+                "a near cache is configured (its poller keeps a session of its own on the server)",
+            )?),
+            None => None,
+        };
+        let poller = near.as_ref().zip(poller_config).and_then(|(near, poller_config)| {
             let kinds: Vec<CacheKind> = near.kinds().collect();
             // The poller's own watchdog (its connection is not the pool's): a poll a
             // frozen server never answers is cut, and the poller reconnects instead
@@ -220,10 +232,56 @@ impl Engine {
         })
     }
 
+    /// Runs a maintenance operation that keeps a session on its connection (the
+    /// schema's session advisory lock: migrations, partitioning): as
+    /// [`maintain`](Self::maintain), or in transaction-pooler mode on a connection
+    /// of its own to the direct URL (`needs` says why, in the error without one).
+    ///
+    /// # Errors
+    /// [`Error::Config`] in transaction-pooler mode without a direct URL; `op`'s.
+    pub(crate) fn in_session<T>(
+        &self,
+        needs: &str,
+        op: impl Fn(&mut PgConnection) -> Result<T>,
+    ) -> Result<T> {
+        if !self.config.sessionless() {
+            return self.maintain(op);
+        }
+        self.pool()?;
+        let mut conn = self.direct_connection(needs)?;
+        op(&mut conn)
+    }
+
+    /// A connection for maintenance work that keeps state across statements outside
+    /// a transaction (eviction's plan, a temporary table): [`live_connection`]'s,
+    /// or in transaction-pooler mode one of its own to the direct URL (`needs`
+    /// says why, in the error without one).
+    ///
+    /// [`live_connection`]: Self::live_connection
+    ///
+    /// # Errors
+    /// [`Error::Config`] in transaction-pooler mode without a direct URL; a
+    /// connection error.
+    pub(crate) fn session_connection(&self, needs: &str) -> Result<SessionConnection> {
+        if !self.config.sessionless() {
+            return self.live_connection().map(SessionConnection::Pooled);
+        }
+        self.pool()?;
+        self.direct_connection(needs).map(SessionConnection::Direct)
+    }
+
+    /// A connection of its own to the direct URL (transaction-pooler mode), with the
+    /// session a pooled connection has without a pooler.
+    fn direct_connection(&self, needs: &str) -> Result<PgConnection> {
+        crate::pool::dedicated(&self.config.direct(needs)?, None)
+    }
+
     /// Runs pending migrations into the configured schema (created if missing) and
     /// returns the versions applied.
     pub(crate) fn run_migrations(&self) -> Result<Vec<String>> {
-        let applied = self.maintain(|conn| crate::migrations::migrate(conn, &self.config))?;
+        let applied = self.in_session(MIGRATIONS_NEED, |conn| {
+            crate::migrations::migrate(conn, &self.config)
+        })?;
         self.migrations_pending.store(false, Ordering::Release);
         Ok(applied)
     }
@@ -486,7 +544,13 @@ impl Engine {
     /// atomic load or two when there is nothing to do.
     fn catch_up(&self, conn: &mut PgConnection, settle: Settle) -> Result<()> {
         if self.migrations_pending.load(Ordering::Acquire) {
-            crate::migrations::migrate(conn, &self.config)?;
+            match self.config.sessionless() {
+                false => crate::migrations::migrate(conn, &self.config)?,
+                true => crate::migrations::migrate(
+                    &mut self.direct_connection(MIGRATIONS_NEED)?,
+                    &self.config,
+                )?,
+            };
             self.migrations_pending.store(false, Ordering::Release);
         }
         if self.skipped.any_pending() {
@@ -547,6 +611,34 @@ impl Drop for Engine {
     fn drop(&mut self) {
         if let Err(error) = self.flush() {
             tracing::warn!(%error, "pgcache: final flush of hit counters failed");
+        }
+    }
+}
+
+/// A connection that keeps its session: see [`Engine::session_connection`].
+pub(crate) enum SessionConnection {
+    /// A pooled connection (no transaction pooler).
+    Pooled(PooledConnection),
+    /// One of its own, to the direct URL.
+    Direct(PgConnection),
+}
+
+impl std::ops::Deref for SessionConnection {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        match self {
+            SessionConnection::Pooled(conn) => conn,
+            SessionConnection::Direct(conn) => conn,
+        }
+    }
+}
+
+impl std::ops::DerefMut for SessionConnection {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        match self {
+            SessionConnection::Pooled(conn) => conn,
+            SessionConnection::Direct(conn) => conn,
         }
     }
 }

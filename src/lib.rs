@@ -124,7 +124,7 @@ pub use caches::{
 };
 pub use config::UnknownVariable;
 pub use config::{
-    CacheConfig, CacheConfigBuilder, Durability, PoolSettings, Shard, DEFAULT_DATABASE_URL,
+    CacheConfig, CacheConfigBuilder, Durability, PoolSettings, Pooler, Shard, DEFAULT_DATABASE_URL,
     DEFAULT_MIGRATION_TIMEOUT, DEFAULT_SCHEMA,
 };
 pub use config::{NearCache, DEFAULT_NEAR_CACHE_STALENESS};

@@ -230,7 +230,7 @@ impl CacheManager {
         // Before any shard is touched (even by catching up on its migrations).
         crate::partitions::check_count(partitions)?;
         let done = self.cluster.all(|engine| {
-            engine.maintain(|conn| {
+            engine.in_session(crate::engine::MIGRATIONS_NEED, |conn| {
                 let lock = crate::migrations::SchemaLock::of(engine.config());
                 crate::partitions::partition(conn, lock, partitions)
             })

@@ -498,11 +498,15 @@ macro_rules! change_stamp {
 pub(crate) use {change_stamp, stamp_end, stamp_then, stamp_when, stamping_setting};
 
 /// Whether the cache's own connections stamp their changes (a near cache is
-/// configured).
+/// configured). Never through a transaction pooler: the setting would stay on a
+/// server connection another client then uses, whose updates would skip the
+/// trigger and reach no poller (stale near caches, no error); there the triggers
+/// log pgcache's updates too.
 pub(crate) fn stamps_changes(config: &crate::config::CacheConfig) -> bool {
-    CacheKind::ALL
-        .iter()
-        .any(|&kind| config.near_cache(kind).is_some())
+    !config.sessionless()
+        && CacheKind::ALL
+            .iter()
+            .any(|&kind| config.near_cache(kind).is_some())
 }
 
 /// Installs the near-cache invalidation triggers on the tables of `kinds` (and on

@@ -18,6 +18,7 @@ use postgres::{Client, NoTls, Statement};
 use serde_json::{json, Value};
 
 mod near;
+mod pooler;
 mod typed;
 
 type BenchResult<T> = std::result::Result<T, Box<dyn StdError + Send + Sync>>;
@@ -49,6 +50,11 @@ pub struct BenchArgs {
     /// Also measure Redis GET/SET (e.g. `redis://127.0.0.1:6379`).
     #[arg(long)]
     redis_url: Option<String>,
+    /// Also measure kv get and set through this transaction pooler (PgBouncer in
+    /// `pool_mode = transaction` in front of the same database), against the
+    /// server directly; full durability only.
+    #[arg(long)]
+    pooler_url: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -816,6 +822,13 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
         schema: format!("pgcache_bench_{}", uuid::Uuid::new_v4().simple()),
     };
     let relaxed = args.durability == Mode::Relaxed;
+    if relaxed && args.pooler_url.is_some() {
+        return Err(
+            "--pooler-url measures full durability only: relaxed durability \
+                    is a session setting a transaction pooler would leak"
+                .into(),
+        );
+    }
     let config = bench_config(&url, &scratch.schema, threads, relaxed)
         .application_name("pgcache-bench")
         .build()?;
@@ -874,6 +887,17 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
         if let Some(redis_url) = &args.redis_url {
             redis_rows(redis_url, n, budget, &mut results)?;
         }
+    }
+    if let Some(pooler_url) = &args.pooler_url {
+        pooler::rows(
+            &scratch,
+            &plaintext(pooler_url)?,
+            rows,
+            &passes,
+            budget,
+            &cache,
+            &mut results,
+        )?;
     }
     // Last: its triggers live in a schema of their own, so no row above pays them.
     near::rows(

@@ -200,7 +200,14 @@ pub(crate) fn cleanup_shard(
             tracing::warn!(%error, "pgcache: flushing hits before eviction failed");
         }
     }
-    let mut conn = engine.live_connection()?;
+    // Eviction plans in a temporary table its batches read, outside a transaction:
+    // a session's, which a transaction pooler does not keep.
+    let mut conn = match limits.iter().any(Option::is_some) {
+        true => engine.session_connection(
+            "size bounds are set (eviction keeps its plan in a temporary table of its session)",
+        )?,
+        false => crate::engine::SessionConnection::Pooled(engine.live_connection()?),
+    };
     // Each batch re-arms the watchdog, so only a batch left unanswered is cut.
     watched(&mut conn, |conn| clean(conn, &limits, &mut progress))
 }

@@ -52,10 +52,14 @@ pub type ConnectionPool = r2d2::Pool<ConnectionManager<PgConnection>>;
 pub type PooledConnection = r2d2::PooledConnection<ConnectionManager<PgConnection>>;
 
 /// Runs once per new connection: search path, statement timeout, application name
-/// and durability, so no cache operation pays for them again.
+/// and durability, so no cache operation pays for them again; in
+/// transaction-pooler mode, only Diesel's statement cache turned off (see
+/// [`session_sql`]).
 #[derive(Debug)]
 struct SessionSetup {
     sql: String,
+    /// Transaction-pooler mode: no statement cache (see [`unprepared`]).
+    sessionless: bool,
     observer: Observer,
     /// Dropped with the pool (and the prober), which stops its thread.
     watchdog: Option<Watchdog>,
@@ -67,6 +71,10 @@ impl CustomizeConnection<PgConnection, r2d2::Error> for SessionSetup {
             Some(watchdog) => watchdog.watch(conn, Box::new(self.observer.clone())),
             None => conn.set_instrumentation(self.observer.clone()),
         }
+        if self.sessionless {
+            unprepared(conn);
+            return Ok(());
+        }
         watched(conn, |conn| Ok(conn.batch_execute(&self.sql)?)).map_err(|error| match error {
             Error::Database(error) => r2d2::Error::QueryError(error),
             other => {
@@ -74,6 +82,18 @@ impl CustomizeConnection<PgConnection, r2d2::Error> for SessionSetup {
             }
         })
     }
+}
+
+/// Turns Diesel's prepared-statement cache off on `conn`, for a connection through
+/// a transaction pooler: a named statement prepared on one server connection would
+/// be executed later on whichever the pooler hands out next ("prepared statement
+/// ... does not exist", or "already exists" on one another client prepared it on).
+/// Without the cache Diesel sends each statement unnamed, its parse, bind and
+/// execute in one message sequence ending in one `Sync` (libpq's
+/// `PQsendQueryParams`), which a pooler in transaction mode never splits across
+/// server connections; inside a transaction the server connection is pinned anyway.
+pub(crate) fn unprepared(conn: &mut PgConnection) {
+    conn.set_prepared_statement_cache_size(diesel::connection::CacheSize::Disabled);
 }
 
 /// Quotes an SQL identifier (schema name) the way PostgreSQL's `quote_ident` does.
@@ -86,7 +106,22 @@ fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
+/// The session a cache connection starts with. In transaction-pooler mode none at
+/// all: the server connection under it is shared with other clients, which would
+/// inherit every setting (and a setting made on one server connection is missing
+/// on the next). There `statement_timeout` is not set (the watchdog still cuts a
+/// statement left unanswered, client-side; operations allowed longer set their
+/// own with `SET LOCAL`), nor `plan_cache_mode` (no statement outlives one
+/// execution, so there is no cached plan to choose), `application_name` is in the
+/// connection string (PgBouncer passes it on to the server connection, see
+/// [`conninfo`]), the search path is not needed (statements name the cache's
+/// schema), relaxed durability is refused by the configuration, and changes are
+/// not stamped ([`crate::migrations::stamps_changes`]: the update triggers log
+/// them).
 pub(crate) fn session_sql(config: &CacheConfig) -> String {
+    if config.sessionless() {
+        return String::new();
+    }
     // Generic plans always: every statement the cache prepares looks rows up by key,
     // and on hash-partitioned tables PostgreSQL's default would re-plan each
     // execution (a generic plan costed over every partition never wins), when the
@@ -113,6 +148,19 @@ pub(crate) fn session_sql(config: &CacheConfig) -> String {
     sql
 }
 
+/// The connection string of `config`'s connections: its URL with pgcache's
+/// client-side timeouts and, in transaction-pooler mode, its `application_name`
+/// (where a session `SET` would outlive the cache's use of the server connection,
+/// a start-up parameter is one a pooler tracks per client), unless the URL sets
+/// them.
+fn conninfo(config: &CacheConfig) -> String {
+    let mut params = client_timeouts(config.pool().connection_timeout, no_answer_limit(config));
+    if config.sessionless() {
+        params.push(("application_name", config.application_name().to_owned()));
+    }
+    with_defaults(config.database_url().expose(), &params)
+}
+
 /// A connection of its own (outside the pool) with the pool's connection settings
 /// and session: for the near caches' poller, which holds it for good, and for the
 /// outage's prober, which tries the database with it. Watched by
@@ -123,20 +171,22 @@ pub(crate) fn dedicated(config: &CacheConfig, watchdog: Option<&Watchdog>) -> Re
     if let Some(watchdog) = watchdog {
         watchdog.watch(&mut conn, Box::new(|_: InstrumentationEvent<'_>| {}));
     }
-    watched(&mut conn, |conn| {
-        Ok(conn.batch_execute(&session_sql(config))?)
-    })?;
+    let sql = match session_sql(config) {
+        // No session to set up: still a query, which tests the connection.
+        sql if sql.is_empty() => "SELECT 1".to_owned(),
+        sql => sql,
+    };
+    if config.sessionless() {
+        unprepared(&mut conn);
+    }
+    watched(&mut conn, |conn| Ok(conn.batch_execute(&sql)?))?;
     Ok(conn)
 }
 
 /// One connection attempt outside the pool, bounded by libpq's connect timeout;
 /// its error (scrubbed of the password) is the server's own.
 fn establish(config: &CacheConfig) -> Result<PgConnection> {
-    let url = with_defaults(
-        config.database_url().expose(),
-        &client_timeouts(config.pool().connection_timeout, no_answer_limit(config)),
-    );
-    PgConnection::establish(&url)
+    PgConnection::establish(&conninfo(config))
         .map_err(|e| Error::connection(&config.database_url().scrub(&e.to_string())))
 }
 
@@ -267,10 +317,7 @@ impl Pool {
         let settings = config.pool();
         let suspicion = Suspicion::new(settings.max_size);
         let limit = no_answer_limit(config);
-        let manager = ConnectionManager::<PgConnection>::new(with_defaults(
-            config.database_url().expose(),
-            &client_timeouts(settings.connection_timeout, limit),
-        ));
+        let manager = ConnectionManager::<PgConnection>::new(conninfo(config));
         if check {
             // One attempt of our own first: a wrong password or an unknown database
             // fails at once with the server's reason, where the pool would retry it
@@ -293,6 +340,7 @@ impl Pool {
             .test_on_check_out(false)
             .connection_customizer(Box::new(SessionSetup {
                 sql: session_sql(config),
+                sessionless: config.sessionless(),
                 observer: Observer {
                     suspicion: suspicion.clone(),
                     outage: Arc::clone(&outage),
@@ -349,7 +397,9 @@ impl Pool {
             // is ever seen, every checkout waits as the application's own do.
             failures: Arc::new(ConnectFailures::new(config.database_url())),
             outage: Outage::new(&config.shard_name, None),
-            shared: Some(SharedPath {
+            // Through a transaction pooler a search path set on a connection
+            // would be set on a server connection other clients share: none is.
+            shared: (!config.sessionless()).then(|| SharedPath {
                 schema: config.schema().to_owned(),
             }),
             stamps: false,
