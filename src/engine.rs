@@ -22,7 +22,7 @@ use crate::kind::CacheKind;
 use crate::latency::LatencyWindow;
 use crate::metrics::{self, Op};
 use crate::near::{NearCaches, Poller};
-use crate::pool::{ConnectionPool, Pool, PooledConnection};
+use crate::pool::{ConnectionPool, Plain, Pool, PooledConnection};
 use crate::skipped::{Skipped, SkippedWrites};
 use crate::watchdog::{no_answer_limit, watched, Watchdog};
 
@@ -31,6 +31,8 @@ use crate::watchdog::{no_answer_limit, watched, Watchdog};
 pub struct Engine {
     config: CacheConfig,
     pool: Option<Pool>,
+    /// With caching disabled, where the caller's connections come from.
+    plain: Option<Plain>,
     counters: Counters,
     latency: LatencyWindow,
     /// Fail-open mode (or a shard) started while the database was down: migrations
@@ -84,10 +86,13 @@ impl Engine {
         app_pool: Option<ConnectionPool>,
         shard: bool,
     ) -> Result<Arc<Self>> {
-        let pool = match app_pool {
-            _ if !config.enabled() => None,
-            Some(app_pool) => Some(Pool::shared(app_pool, &config)?),
-            None => Some(Pool::new(&config, !config.fail_open() && !shard)?),
+        let (pool, plain) = match app_pool {
+            _ if !config.enabled() => (None, Some(Plain::new(&config, app_pool))),
+            Some(app_pool) => (Some(Pool::shared(app_pool, &config)?), None),
+            None => (
+                Some(Pool::new(&config, !config.fail_open() && !shard)?),
+                None,
+            ),
         };
         let near = pool
             .is_some()
@@ -136,6 +141,7 @@ impl Engine {
             counters: Counters::new(),
             config,
             pool,
+            plain,
             latency: LatencyWindow::default(),
             migrations_pending: AtomicBool::new(false),
             down_at_start: AtomicBool::new(false),
@@ -199,9 +205,13 @@ impl Engine {
         self.pool.as_ref().ok_or_else(disabled)
     }
 
-    /// A pooled connection (see [`Pool::checkout`]).
+    /// A pooled connection for the caller (see [`Pool::for_caller`]); with caching
+    /// disabled, one of the application's pool or a plain one (see [`Plain`]).
     pub(crate) fn connection(&self) -> Result<PooledConnection> {
-        self.pool()?.for_caller()
+        match (&self.pool, &self.plain) {
+            (None, Some(plain)) => plain.get(),
+            _ => self.pool()?.for_caller(),
+        }
     }
 
     /// A connection that has just answered a `SELECT 1`, for maintenance operations

@@ -26,7 +26,7 @@ use crate::pool::{ConnectionPool, PooledConnection};
 ///
 /// Cheap to clone (an `Arc`), `Send + Sync`: create one at start-up and share it.
 /// With caching disabled (`ENABLE_CACHING=false`) no pool is created and no
-/// connection is ever opened.
+/// connection is opened, but for [`connection`](CacheManager::connection).
 ///
 /// ```no_run
 /// use pgcache::{Cache, CacheConfig, CacheManager};
@@ -170,8 +170,15 @@ impl CacheManager {
     /// With several shards, use [`shard_connection`](Self::shard_connection): a
     /// connection reaches one shard.
     ///
+    /// With caching disabled there is no cache pool, but a connection all the same,
+    /// so code around `*_in` calls (no-ops then) runs unchanged: with
+    /// [`with_pool`](Self::with_pool), one of the application's pool, as it is;
+    /// otherwise a plain connection to the configured URL (the server's default
+    /// session), from a pool of the configured size built at the first call and
+    /// keeping no connection idle.
+    ///
     /// # Errors
-    /// [`Error::Connection`](crate::Error::Connection) when caching is disabled or no connection is free within
+    /// [`Error::Connection`](crate::Error::Connection) when no connection is free within
     /// the connection timeout; [`Error::InvalidInput`](crate::Error::InvalidInput)
     /// with several shards.
     pub fn connection(&self) -> Result<PooledConnection> {

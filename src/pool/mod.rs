@@ -41,6 +41,9 @@ use crate::error::{Error, Result};
 use crate::watchdog::{no_answer_limit, watched, Watchdog};
 
 mod health;
+mod plain;
+
+pub(crate) use plain::Plain;
 
 use health::{probe, Attempt, ConnectFailures, FailureLog, Observer, Outage, Probe, Suspicion};
 
