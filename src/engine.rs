@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use diesel::pg::PgConnection;
 
 use crate::background::Worker;
-use crate::config::CacheConfig;
+use crate::config::{CacheConfig, Durability};
 use crate::counters::{CounterSnapshot, Counters};
 use crate::error::{Error, Result};
 use crate::key::KeyDigest;
@@ -33,6 +33,9 @@ pub struct Engine {
     pool: Option<Pool>,
     /// With caching disabled, where the caller's connections come from.
     plain: Option<Plain>,
+    /// Relaxed durability on the application's pool: each write of pgcache's own
+    /// in a transaction of its own that sets it (see [`crate::pool::relaxed`]).
+    relaxed_writes: bool,
     counters: Counters,
     latency: LatencyWindow,
     /// Fail-open mode (or a shard) started while the database was down: migrations
@@ -86,6 +89,7 @@ impl Engine {
         app_pool: Option<ConnectionPool>,
         shard: bool,
     ) -> Result<Arc<Self>> {
+        let relaxed_writes = app_pool.is_some() && config.durability() == Durability::Relaxed;
         let (pool, plain) = match app_pool {
             _ if !config.enabled() => (None, Some(Plain::new(&config, app_pool))),
             Some(app_pool) => (Some(Pool::shared(app_pool, &config)?), None),
@@ -142,6 +146,7 @@ impl Engine {
             config,
             pool,
             plain,
+            relaxed_writes,
             latency: LatencyWindow::default(),
             migrations_pending: AtomicBool::new(false),
             down_at_start: AtomicBool::new(false),
@@ -262,7 +267,8 @@ impl Engine {
             *flushing = None;
             return Ok(());
         }
-        let written = pool.run(|conn| Ok(batch.write(conn)?));
+        let written =
+            pool.run(|conn| self.durable_as_configured(conn, |conn| Ok(batch.write(conn)?)));
         *flushing = match &written {
             Err(Error::Unresponsive { waited_ms }) => Some(*waited_ms),
             _ => None,
@@ -400,7 +406,7 @@ impl Engine {
         )
     }
 
-    /// Runs `op` (after settling `kind`'s skipped writes if `settle`), answering
+    /// Runs `op` (a write when `writes`: see [`Self::timed`]), answering
     /// `fallback` when caching is disabled or, in fail-open mode, on a transient
     /// failure: logged as a warning the first time since `kind` last answered, at
     /// `debug` level after that (an outage logs a few lines, not one per operation).
@@ -408,11 +414,11 @@ impl Engine {
         &self,
         kind: CacheKind,
         what: Op,
-        settle: bool,
+        writes: bool,
         fallback: impl FnOnce() -> T,
         op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
-        match self.timed(kind, what, settle, op) {
+        match self.timed(kind, what, writes, op) {
             None => Ok(fallback()),
             Some(Err(error)) if self.config.fail_open() && error.is_transient() => {
                 self.counters.record_fail_open(kind);
@@ -462,25 +468,30 @@ impl Engine {
         })
     }
 
-    /// Runs `op` on the pool (after settling `kind`'s skipped writes if `settle`),
-    /// recording its latency; `None` when caching is disabled.
+    /// Runs `op` on the pool, recording its latency; `None` when caching is
+    /// disabled. A write (`writes`) first settles `kind`'s skipped writes and runs
+    /// with the configured durability ([`Self::durable_as_configured`]).
     fn timed<T>(
         &self,
         kind: CacheKind,
         what: Op,
-        settle: bool,
+        writes: bool,
         op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Option<Result<T>> {
         let pool = self.pool.as_ref()?;
         let started = Instant::now();
-        let settle = if settle {
+        let settle = if writes {
             Settle::Cache(kind)
         } else {
             Settle::Nothing
         };
         let result = pool.run_from(started, |conn| {
             self.catch_up(conn, settle)?;
-            op(conn)
+            if writes {
+                self.durable_as_configured(conn, &op)
+            } else {
+                op(conn)
+            }
         });
         // Pool wait included: it is part of what the caller waits for.
         let finished = Instant::now();
@@ -488,6 +499,21 @@ impl Engine {
         self.latency.record(finished, elapsed);
         metrics::duration(kind, what, elapsed);
         Some(result)
+    }
+
+    /// Runs a write of pgcache's own on `conn` with the configured durability: as it
+    /// is on the cache's own pool (its sessions carry the setting), in a relaxed
+    /// transaction of its own on the application's with relaxed durability.
+    fn durable_as_configured<T>(
+        &self,
+        conn: &mut PgConnection,
+        op: impl FnOnce(&mut PgConnection) -> Result<T>,
+    ) -> Result<T> {
+        if self.relaxed_writes {
+            crate::pool::relaxed(conn, op)
+        } else {
+            op(conn)
+        }
     }
 
     /// After an outage in fail-open mode, before anything else uses `conn`: runs

@@ -77,6 +77,10 @@ impl CacheManager {
     /// to cache statements, the cache's own are not set, and the watchdog that cuts
     /// statements a frozen server never answers does not watch these connections.
     /// Connections the cache checks out count against the application's pool size.
+    /// With [`Durability::Relaxed`](crate::Durability::Relaxed), each write of the
+    /// cache's own runs in a transaction of its own that sets
+    /// `synchronous_commit = off` with `SET LOCAL`, so the application's sessions
+    /// keep their setting.
     ///
     /// ```no_run
     /// use diesel::r2d2::{ConnectionManager, Pool};
@@ -93,10 +97,8 @@ impl CacheManager {
     ///
     /// # Errors
     /// As [`CacheManager::new`](crate::CacheManager::new), and
-    /// [`Error::Config`](crate::Error::Config) for
-    /// [`Durability::Relaxed`](crate::Durability::Relaxed) (it would turn off
-    /// synchronous commit for the application's own transactions) or when a table of
-    /// the application's, earlier on the search path, has a cache table's name.
+    /// [`Error::Config`](crate::Error::Config) when a table of the application's,
+    /// earlier on the search path, has a cache table's name.
     pub fn with_pool(pool: ConnectionPool, config: CacheConfig) -> Result<Self> {
         Self::start(config, Some(pool))
     }

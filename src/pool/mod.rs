@@ -42,8 +42,10 @@ use crate::watchdog::{no_answer_limit, watched, Watchdog};
 
 mod health;
 mod plain;
+mod relaxed;
 
 pub(crate) use plain::Plain;
+pub(crate) use relaxed::relaxed;
 
 use health::{probe, Attempt, ConnectFailures, FailureLog, Observer, Outage, Probe, Suspicion};
 
@@ -328,23 +330,14 @@ impl Pool {
 
     /// Wraps the application's pool. Its connections keep their settings (statement
     /// timeout, application name, durability) and gain the cache's schema at the end
-    /// of their search path; `Durability::Relaxed`, which would change how the
-    /// application's own commits are flushed, is refused. Unless in fail-open mode,
-    /// checks that the server answers and that no table of the application's hides a
-    /// cache table.
+    /// of their search path; `Durability::Relaxed` is the engine's, per write
+    /// ([`relaxed`]), never the session's. Unless in fail-open mode, checks that the
+    /// server answers and that no table of the application's hides a cache table.
     ///
     /// # Errors
-    /// [`Error::Config`] for relaxed durability or a hidden cache table;
-    /// [`Error::Connection`] when no connection is free within the pool's timeout.
+    /// [`Error::Config`] for a hidden cache table; [`Error::Connection`] when no
+    /// connection is free within the pool's timeout.
     pub(crate) fn shared(pool: ConnectionPool, config: &CacheConfig) -> Result<Self> {
-        if config.durability() == Durability::Relaxed {
-            return Err(Error::config(
-                "durability",
-                "relaxed",
-                "would turn off synchronous commit on the application's own connections; \
-                 give the cache its own pool (CacheManager::new) for relaxed durability",
-            ));
-        }
         let pool = Pool {
             suspicion: Suspicion::new(pool.max_size()),
             pool,
