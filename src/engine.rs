@@ -202,6 +202,15 @@ impl Engine {
         &self.config
     }
 
+    /// What this engine's pool holds now; `shard` names it.
+    pub(crate) fn pool_status(&self, shard: &str) -> crate::pool::PoolStatus {
+        match (&self.pool, &self.plain) {
+            (Some(pool), _) => pool.status(shard),
+            (None, Some(plain)) => plain.status(shard),
+            (None, None) => unreachable!("an engine has a pool or, disabled, plain connections"),
+        }
+    }
+
     pub(crate) fn is_enabled(&self) -> bool {
         self.pool.is_some()
     }

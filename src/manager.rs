@@ -417,6 +417,22 @@ impl CacheManager {
             .sum()
     }
 
+    /// Every shard's connection pool now, in the shards' order: connections open,
+    /// idle, parked for their thread's next operation, and the cache's checkouts
+    /// waiting. Read from memory, cheap enough to poll; [`stats`](Self::stats)
+    /// includes it. The README's "Connection budget" says what else a manager opens.
+    ///
+    /// ```no_run
+    /// let cache = pgcache::CacheManager::from_env()?;
+    /// for pool in cache.pool_status() {
+    ///     println!("{}: {pool}", pool.shard);
+    /// }
+    /// # Ok::<(), pgcache::Error>(())
+    /// ```
+    pub fn pool_status(&self) -> Vec<crate::PoolStatus> {
+        self.cluster.pool_status()
+    }
+
     /// This process's operation counts per cache since start (hits, misses, sets,
     /// deletes, errors, fail-open skips), read from memory: no database round trip,
     /// cheap enough to poll. [`stats`](Self::stats) is the database-wide view.

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use diesel::pg::PgConnection;
 use diesel::r2d2::{self, ConnectionManager};
 
-use super::{ConnectionPool, PooledConnection};
+use super::{ConnectionPool, PoolSource, PoolStatus, PooledConnection};
 use crate::config::CacheConfig;
 use crate::conninfo::{client_timeouts, with_defaults};
 use crate::error::{Error, Result};
@@ -53,11 +53,22 @@ impl Plain {
         }
     }
 
-    /// The pool, if one exists yet.
-    pub(crate) fn pool(&self) -> Option<&ConnectionPool> {
-        match self {
-            Plain::App(pool) => Some(pool),
-            Plain::Lazy { pool, .. } => pool.get(),
+    /// What the pool holds now (nothing open before the first call, standalone).
+    pub(crate) fn status(&self, shard: &str) -> PoolStatus {
+        let (max_size, state) = match self {
+            Plain::App(pool) => (pool.max_size(), Some(pool.state())),
+            Plain::Lazy { config, pool } => {
+                (config.pool().max_size, pool.get().map(r2d2::Pool::state))
+            }
+        };
+        PoolStatus {
+            shard: shard.to_owned(),
+            source: PoolSource::Disabled,
+            max_size,
+            open: state.as_ref().map_or(0, |s| s.connections),
+            idle: state.as_ref().map_or(0, |s| s.idle_connections),
+            parked: 0,
+            waiting: 0,
         }
     }
 
