@@ -30,8 +30,11 @@ pub(super) fn rows(
             .application_name("pgcache-bench-app-pool")
             .build()
     };
+    // Like the cache's own pool, no `SELECT 1` before each checkout (r2d2's
+    // default): the row measures the relaxed transaction, not the pool's probe.
     let app_pool = Pool::builder()
         .max_size(max_threads as u32 + 1)
+        .test_on_check_out(false)
         .build(ConnectionManager::<PgConnection>::new(url))?;
     let shared = CacheManager::with_pool(app_pool, config()?)?;
     let own = CacheManager::new(config()?)?;
