@@ -140,8 +140,7 @@ impl Parking {
     }
 
     /// How many connections are parked now.
-    #[cfg(test)]
-    fn parked(&self) -> usize {
+    pub(crate) fn parked(&self) -> u32 {
         self.slots
             .iter()
             .filter(|slot| {
@@ -149,7 +148,7 @@ impl Parking {
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .is_some()
             })
-            .count()
+            .count() as u32
     }
 }
 

@@ -528,13 +528,20 @@ pub(crate) fn write_rows_in<C: Storage + ?Sized>(
     rows: &[C::Row<'_>],
     interval: PgInterval,
 ) -> Result<()> {
-    if rows.is_empty() {
+    if rows.is_empty() || caching_off(cache) {
         return Ok(());
     }
     cache.write(conn, rows, interval)?;
     // Harmless if the caller's transaction rolls back; its commit notifies.
     near_evict_rows_anywhere(cache, rows);
     Ok(())
+}
+
+/// With caching disabled, a `*_in` call checks its input and stops there: the
+/// caller's connection is never touched (the cache's tables need not exist), and
+/// the answer is a disabled cache's (a miss, a skipped write, nothing deleted).
+pub(crate) fn caching_off<C: Storage + ?Sized>(cache: &C) -> bool {
+    !cache.front().is_enabled()
 }
 
 /// The blocking interface of every cache handle (`cache.kv()`, `cache.embedding()`,
@@ -545,7 +552,9 @@ pub(crate) fn write_rows_in<C: Storage + ?Sized>(
 /// or rolls back with your data. The others take a pooled connection, honour
 /// `ENABLE_CACHING=false` and fail-open mode, and count hits and misses, identically
 /// for every cache. Every key, value and TTL is checked before a connection is
-/// taken.
+/// taken. With caching disabled the `*_in` methods too answer as a disabled cache
+/// (a miss, a skipped write, nothing deleted) without a statement on your
+/// connection, so your transaction runs on as it would without the cache.
 ///
 /// Async callers run these inside `tokio::task::spawn_blocking`.
 pub trait Cache: Storage {
@@ -556,6 +565,9 @@ pub trait Cache: Storage {
     /// database error.
     fn get_in(&self, conn: &mut PgConnection, key: &Self::Key) -> Result<Option<Self::Entry>> {
         let checked = self.check_key(key)?;
+        if caching_off(self) {
+            return Ok(None);
+        }
         self.read_one(conn, key, &checked)
     }
 
@@ -569,6 +581,9 @@ pub trait Cache: Storage {
         keys: &[&Self::Key],
     ) -> Result<Vec<Option<Self::Entry>>> {
         let checked = check_keys(self, keys)?;
+        if caching_off(self) {
+            return Ok(keys.iter().map(|_| None).collect());
+        }
         self.read_many(conn, keys, &checked)
     }
 
@@ -619,6 +634,9 @@ pub trait Cache: Storage {
     /// As [`get_in`](Self::get_in).
     fn delete_many_in(&self, conn: &mut PgConnection, keys: &[&Self::Key]) -> Result<u64> {
         let checked = check_keys(self, keys)?;
+        if caching_off(self) {
+            return Ok(0);
+        }
         let removed = self.remove(conn, keys, &checked)?;
         for (key, checked) in keys.iter().zip(&checked) {
             let engine = self.engine_for(key, checked);

@@ -182,6 +182,13 @@ impl Cluster {
         }
     }
 
+    /// Every shard's pool, now, in the shards' order.
+    pub(crate) fn pool_status(&self) -> Vec<crate::pool::PoolStatus> {
+        self.shards()
+            .map(|(name, engine)| engine.pool_status(name))
+            .collect()
+    }
+
     /// This process's near-cache figures over every shard, one entry per cache.
     pub(crate) fn near_cache_stats(&self) -> Vec<NearCacheStats> {
         NearCacheStats::merged(

@@ -30,9 +30,10 @@ pub enum Durability {
     /// Normal synchronous commit: an acknowledged write survives a crash.
     #[default]
     Full,
-    /// `synchronous_commit = off` on the cache's own connections: a crash may lose the
-    /// last fraction of a second of cache writes, never corrupts anything. The
-    /// application's own connections are unaffected.
+    /// `synchronous_commit = off` on the cache's own connections (on an
+    /// application's pool, `SET LOCAL` inside each cache write's own transaction): a
+    /// crash may lose the last fraction of a second of cache writes, never corrupts
+    /// anything. The application's own sessions are unaffected.
     Relaxed,
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use diesel::pg::PgConnection;
 
 use crate::background::Worker;
-use crate::config::CacheConfig;
+use crate::config::{CacheConfig, Durability};
 use crate::counters::{CounterSnapshot, Counters};
 use crate::error::{Error, Result};
 use crate::key::KeyDigest;
@@ -22,7 +22,7 @@ use crate::kind::CacheKind;
 use crate::latency::LatencyWindow;
 use crate::metrics::{self, Op};
 use crate::near::{NearCaches, Poller};
-use crate::pool::{ConnectionPool, Pool, PooledConnection};
+use crate::pool::{ConnectionPool, Plain, Pool, PooledConnection};
 use crate::skipped::{Skipped, SkippedWrites};
 use crate::watchdog::{no_answer_limit, watched, Watchdog};
 
@@ -31,6 +31,11 @@ use crate::watchdog::{no_answer_limit, watched, Watchdog};
 pub struct Engine {
     config: CacheConfig,
     pool: Option<Pool>,
+    /// With caching disabled, where the caller's connections come from.
+    plain: Option<Plain>,
+    /// Relaxed durability on the application's pool: each write of pgcache's own
+    /// in a transaction of its own that sets it (see [`crate::pool::relaxed`]).
+    relaxed_writes: bool,
     counters: Counters,
     latency: LatencyWindow,
     /// Fail-open mode (or a shard) started while the database was down: migrations
@@ -88,10 +93,14 @@ impl Engine {
         app_pool: Option<ConnectionPool>,
         shard: bool,
     ) -> Result<Arc<Self>> {
-        let pool = match app_pool {
-            _ if !config.enabled() => None,
-            Some(app_pool) => Some(Pool::shared(app_pool, &config)?),
-            None => Some(Pool::new(&config, !config.fail_open() && !shard)?),
+        let relaxed_writes = app_pool.is_some() && config.durability() == Durability::Relaxed;
+        let (pool, plain) = match app_pool {
+            _ if !config.enabled() => (None, Some(Plain::new(&config, app_pool))),
+            Some(app_pool) => (Some(Pool::shared(app_pool, &config)?), None),
+            None => (
+                Some(Pool::new(&config, !config.fail_open() && !shard)?),
+                None,
+            ),
         };
         let near = pool
             .is_some()
@@ -148,6 +157,8 @@ impl Engine {
             counters: Counters::new(),
             config,
             pool,
+            plain,
+            relaxed_writes,
             latency: LatencyWindow::default(),
             migrations_pending: AtomicBool::new(false),
             down_at_start: AtomicBool::new(false),
@@ -203,6 +214,15 @@ impl Engine {
         &self.config
     }
 
+    /// What this engine's pool holds now; `shard` names it.
+    pub(crate) fn pool_status(&self, shard: &str) -> crate::pool::PoolStatus {
+        match (&self.pool, &self.plain) {
+            (Some(pool), _) => pool.status(shard),
+            (None, Some(plain)) => plain.status(shard),
+            (None, None) => unreachable!("an engine has a pool or, disabled, plain connections"),
+        }
+    }
+
     pub(crate) fn is_enabled(&self) -> bool {
         self.pool.is_some()
     }
@@ -211,9 +231,13 @@ impl Engine {
         self.pool.as_ref().ok_or_else(disabled)
     }
 
-    /// A pooled connection (see [`Pool::checkout`]).
+    /// A pooled connection for the caller (see [`Pool::for_caller`]); with caching
+    /// disabled, one of the application's pool or a plain one (see [`Plain`]).
     pub(crate) fn connection(&self) -> Result<PooledConnection> {
-        self.pool()?.for_caller()
+        match (&self.pool, &self.plain) {
+            (None, Some(plain)) => plain.get(),
+            _ => self.pool()?.for_caller(),
+        }
     }
 
     /// A connection that has just answered a `SELECT 1`, for maintenance operations
@@ -310,7 +334,8 @@ impl Engine {
             *flushing = None;
             return Ok(());
         }
-        let written = pool.run(|conn| Ok(batch.write(conn)?));
+        let written =
+            pool.run(|conn| self.durable_as_configured(conn, |conn| Ok(batch.write(conn)?)));
         *flushing = match &written {
             Err(Error::Unresponsive { waited_ms }) => Some(*waited_ms),
             _ => None,
@@ -448,7 +473,7 @@ impl Engine {
         )
     }
 
-    /// Runs `op` (after settling `kind`'s skipped writes if `settle`), answering
+    /// Runs `op` (a write when `writes`: see [`Self::timed`]), answering
     /// `fallback` when caching is disabled or, in fail-open mode, on a transient
     /// failure: logged as a warning the first time since `kind` last answered, at
     /// `debug` level after that (an outage logs a few lines, not one per operation).
@@ -456,11 +481,11 @@ impl Engine {
         &self,
         kind: CacheKind,
         what: Op,
-        settle: bool,
+        writes: bool,
         fallback: impl FnOnce() -> T,
         op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
-        match self.timed(kind, what, settle, op) {
+        match self.timed(kind, what, writes, op) {
             None => Ok(fallback()),
             Some(Err(error)) if self.config.fail_open() && error.is_transient() => {
                 self.counters.record_fail_open(kind);
@@ -510,25 +535,30 @@ impl Engine {
         })
     }
 
-    /// Runs `op` on the pool (after settling `kind`'s skipped writes if `settle`),
-    /// recording its latency; `None` when caching is disabled.
+    /// Runs `op` on the pool, recording its latency; `None` when caching is
+    /// disabled. A write (`writes`) first settles `kind`'s skipped writes and runs
+    /// with the configured durability ([`Self::durable_as_configured`]).
     fn timed<T>(
         &self,
         kind: CacheKind,
         what: Op,
-        settle: bool,
+        writes: bool,
         op: impl Fn(&mut PgConnection) -> Result<T>,
     ) -> Option<Result<T>> {
         let pool = self.pool.as_ref()?;
         let started = Instant::now();
-        let settle = if settle {
+        let settle = if writes {
             Settle::Cache(kind)
         } else {
             Settle::Nothing
         };
         let result = pool.run_from(started, |conn| {
             self.catch_up(conn, settle)?;
-            op(conn)
+            if writes {
+                self.durable_as_configured(conn, &op)
+            } else {
+                op(conn)
+            }
         });
         // Pool wait included: it is part of what the caller waits for.
         let finished = Instant::now();
@@ -536,6 +566,21 @@ impl Engine {
         self.latency.record(finished, elapsed);
         metrics::duration(kind, what, elapsed);
         Some(result)
+    }
+
+    /// Runs a write of pgcache's own on `conn` with the configured durability: as it
+    /// is on the cache's own pool (its sessions carry the setting), in a relaxed
+    /// transaction of its own on the application's with relaxed durability.
+    fn durable_as_configured<T>(
+        &self,
+        conn: &mut PgConnection,
+        op: impl FnOnce(&mut PgConnection) -> Result<T>,
+    ) -> Result<T> {
+        if self.relaxed_writes {
+            crate::pool::relaxed(conn, op)
+        } else {
+            op(conn)
+        }
     }
 
     /// After an outage in fail-open mode, before anything else uses `conn`: runs

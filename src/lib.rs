@@ -150,7 +150,7 @@ pub use ops::{
     WarmupReport, WarmupVectorSearch,
 };
 pub use partitions::{Partitioning, MAX_PARTITIONS};
-pub use pool::{ConnectionPool, PooledConnection};
+pub use pool::{ConnectionPool, PoolSource, PoolStatus, PooledConnection};
 pub use popularity::{HitStats, TopEntry};
 pub use shards::{ShardMap, DEFAULT_SHARD};
 pub use skipped::MAX_SKIPPED_KEYS;

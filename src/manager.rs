@@ -26,7 +26,7 @@ use crate::pool::{ConnectionPool, PooledConnection};
 ///
 /// Cheap to clone (an `Arc`), `Send + Sync`: create one at start-up and share it.
 /// With caching disabled (`ENABLE_CACHING=false`) no pool is created and no
-/// connection is ever opened.
+/// connection is opened, but for [`connection`](CacheManager::connection).
 ///
 /// ```no_run
 /// use pgcache::{Cache, CacheConfig, CacheManager};
@@ -77,6 +77,10 @@ impl CacheManager {
     /// to cache statements, the cache's own are not set, and the watchdog that cuts
     /// statements a frozen server never answers does not watch these connections.
     /// Connections the cache checks out count against the application's pool size.
+    /// With [`Durability::Relaxed`](crate::Durability::Relaxed), each write of the
+    /// cache's own runs in a transaction of its own that sets
+    /// `synchronous_commit = off` with `SET LOCAL`, so the application's sessions
+    /// keep their setting.
     ///
     /// ```no_run
     /// use diesel::r2d2::{ConnectionManager, Pool};
@@ -93,10 +97,8 @@ impl CacheManager {
     ///
     /// # Errors
     /// As [`CacheManager::new`](crate::CacheManager::new), and
-    /// [`Error::Config`](crate::Error::Config) for
-    /// [`Durability::Relaxed`](crate::Durability::Relaxed) (it would turn off
-    /// synchronous commit for the application's own transactions) or when a table of
-    /// the application's, earlier on the search path, has a cache table's name.
+    /// [`Error::Config`](crate::Error::Config) when a table of the application's,
+    /// earlier on the search path, has a cache table's name.
     pub fn with_pool(pool: ConnectionPool, config: CacheConfig) -> Result<Self> {
         Self::start(config, Some(pool))
     }
@@ -170,8 +172,15 @@ impl CacheManager {
     /// With several shards, use [`shard_connection`](Self::shard_connection): a
     /// connection reaches one shard.
     ///
+    /// With caching disabled there is no cache pool, but a connection all the same,
+    /// so code around `*_in` calls (no-ops then) runs unchanged: with
+    /// [`with_pool`](Self::with_pool), one of the application's pool, as it is;
+    /// otherwise a plain connection to the configured URL (the server's default
+    /// session), from a pool of the configured size built at the first call and
+    /// keeping no connection idle.
+    ///
     /// # Errors
-    /// [`Error::Connection`](crate::Error::Connection) when caching is disabled or no connection is free within
+    /// [`Error::Connection`](crate::Error::Connection) when no connection is free within
     /// the connection timeout; [`Error::InvalidInput`](crate::Error::InvalidInput)
     /// with several shards.
     pub fn connection(&self) -> Result<PooledConnection> {
@@ -406,6 +415,22 @@ impl CacheManager {
             .shards()
             .map(|(_, engine)| engine.failed_open_count())
             .sum()
+    }
+
+    /// Every shard's connection pool now, in the shards' order: connections open,
+    /// idle, parked for their thread's next operation, and the cache's checkouts
+    /// waiting. Read from memory, cheap enough to poll; [`stats`](Self::stats)
+    /// includes it. The README's "Connection budget" says what else a manager opens.
+    ///
+    /// ```no_run
+    /// let cache = pgcache::CacheManager::from_env()?;
+    /// for pool in cache.pool_status() {
+    ///     println!("{}: {pool}", pool.shard);
+    /// }
+    /// # Ok::<(), pgcache::Error>(())
+    /// ```
+    pub fn pool_status(&self) -> Vec<crate::PoolStatus> {
+        self.cluster.pool_status()
     }
 
     /// This process's operation counts per cache since start (hits, misses, sets,

@@ -8,7 +8,7 @@ use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
 use diesel::sql_types::{BigInt, Text};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
-use pgcache::{Cache, CacheConfig, CacheManager, Durability, Error};
+use pgcache::{Cache, CacheConfig, CacheManager, Error};
 use serde_json::json;
 
 use common::database_url;
@@ -317,31 +317,6 @@ fn a_manager_over_the_apps_pool_caches_and_leaves_the_apps_names_first() {
         .unwrap();
     drop(conn);
     assert_eq!(cache.kv().get("in").unwrap(), Some(json!(2)));
-}
-
-#[test]
-fn a_manager_over_the_apps_pool_refuses_relaxed_durability() {
-    let app = App::new("");
-    let err = CacheManager::with_pool(
-        app.pool.clone(),
-        cache_config(&app.cache_schema)
-            .durability(Durability::Relaxed)
-            .build()
-            .unwrap(),
-    )
-    .unwrap_err();
-    assert!(
-        matches!(&err, Error::Config { setting, .. } if setting == "durability"),
-        "{err}"
-    );
-    let mut conn = app.pool.get().unwrap();
-    assert_eq!(
-        text(
-            &mut conn,
-            "SELECT current_setting('synchronous_commit') AS line"
-        ),
-        "on"
-    );
 }
 
 #[test]

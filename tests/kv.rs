@@ -407,6 +407,7 @@ fn disabled_caching_misses_skips_writes_and_opens_no_connection() {
         .unwrap();
     }
     assert_eq!(calls, 2, "with caching off every call computes");
+    // Only a connection asked for is opened: here, to a server that is not there.
     assert!(cache.connection().is_err());
 }
 

@@ -17,6 +17,7 @@ use postgres::types::{to_sql_checked, IsNull, Json, ToSql, Type};
 use postgres::{Client, NoTls, Statement};
 use serde_json::{json, Value};
 
+mod app_pool;
 mod near;
 mod pooler;
 mod typed;
@@ -899,6 +900,7 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
             &mut results,
         )?;
     }
+    app_pool::rows(&url, &scratch.schema, &passes, budget, &mut results)?;
     // Last: its triggers live in a schema of their own, so no row above pays them.
     near::rows(
         &scratch,
@@ -1273,6 +1275,11 @@ impl Report {
                 1.25,
             );
         }
+        check(
+            format!("{} p50 ratio", app_pool::NAME),
+            self.find(app_pool::NAME, 1).and_then(|r| r.p50_ratio),
+            1.25,
+        );
         let single = self.find("kv get hit", 1).map(|r| r.pgcache.p50_us);
         let many = self.find("kv get_many(100)", 1).map(|r| r.pgcache.p50_us);
         check(

@@ -237,7 +237,10 @@ fn stats_prints_the_report_or_json() {
     pgcache(&db).arg("stats").assert().success().stdout(
         predicate::str::starts_with("=== Cache Statistics ===")
             .and(predicate::str::contains("(2 hits, gemini-flash)"))
-            .and(predicate::str::contains("Total Cache Entries: 2")),
+            .and(predicate::str::contains("Total Cache Entries: 2"))
+            .and(predicate::str::contains(
+                "Connection Pool (default):\n  1 open of",
+            )),
     );
     let out = pgcache(&db)
         .args(["stats", "--json"])
@@ -248,6 +251,12 @@ fn stats_prints_the_report_or_json() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["total_entries"], 2);
     assert_eq!(json["top_llm_responses"][0]["hits"], 2);
+    // The command's own pool: the one connection its statistics ran on.
+    let pool = &json["pools"][0];
+    assert_eq!(pool["shard"], "default", "{pool}");
+    assert_eq!(pool["source"], "own", "{pool}");
+    assert_eq!(pool["open"], 1, "{pool}");
+    assert_eq!(pool["waiting"], 0, "{pool}");
 }
 
 #[test]

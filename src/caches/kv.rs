@@ -225,6 +225,9 @@ impl<'a, V> KvCache<'a, V> {
     /// As [`delete_prefix`](Self::delete_prefix).
     pub fn delete_prefix_in(&self, conn: &mut PgConnection, prefix: &str) -> Result<u64> {
         check_key(prefix)?;
+        if !self.handle.front().is_enabled() {
+            return Ok(0);
+        }
         Ok(delete_prefix(conn, prefix)? as u64)
     }
 

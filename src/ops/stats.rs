@@ -12,6 +12,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::kind::CacheKind;
 use crate::near::NearCacheStats;
+use crate::pool::PoolStatus;
 use crate::popularity::{hit_stats, merge_top, top_entries, HitStats, TopEntry};
 use crate::schema::cache_counters;
 use crate::watchdog::watched;
@@ -39,6 +40,9 @@ pub struct CacheStats {
     /// Shards that did not answer (empty for one database, which fails the call
     /// instead): every figure above is over the shards that did.
     pub shards_down: Vec<ShardDown>,
+    /// This process's connection pools, one per shard, as the call ended (see
+    /// [`CacheManager::pool_status`](crate::CacheManager::pool_status)).
+    pub pools: Vec<PoolStatus>,
 }
 
 /// A shard that did not answer.
@@ -57,6 +61,7 @@ impl CacheStats {
         parts: Vec<CacheStats>,
         down: Vec<ShardDown>,
         near_caches: Vec<NearCacheStats>,
+        pools: Vec<PoolStatus>,
     ) -> Self {
         let mut caches: Vec<TableStats> = CacheKind::ALL
             .into_iter()
@@ -93,6 +98,7 @@ impl CacheStats {
             lookups,
             near_caches,
             shards_down: down,
+            pools,
         }
     }
 }
@@ -162,7 +168,12 @@ pub(crate) fn stats(cluster: &Cluster) -> Result<CacheStats> {
             }
         }
     }
-    Ok(CacheStats::merge(parts, down, cluster.near_cache_stats()))
+    Ok(CacheStats::merge(
+        parts,
+        down,
+        cluster.near_cache_stats(),
+        cluster.pool_status(),
+    ))
 }
 
 /// One shard's figures (its near caches left to the caller): every statement on one
@@ -197,6 +208,7 @@ fn shard_stats(engine: &Engine) -> Result<CacheStats> {
             near_caches: Vec::new(),
             lookups: all,
             shards_down: Vec::new(),
+            pools: Vec::new(),
         })
     })
 }
@@ -380,6 +392,11 @@ impl fmt::Display for CacheStats {
                 near.poll_lag_ms
                     .map_or_else(|| "not current".to_owned(), |ms| format!("{ms:.1} ms"))
             )?;
+        }
+        for pool in &self.pools {
+            writeln!(f)?;
+            writeln!(f, "Connection Pool ({}):", pool.shard)?;
+            writeln!(f, "  {pool}")?;
         }
         for shard in &self.shards_down {
             writeln!(f)?;

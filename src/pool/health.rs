@@ -100,6 +100,9 @@ pub(super) struct ConnectFailures {
     /// How many attempts have failed so far: a checkout tells from it whether one
     /// failed while it waited.
     failed: AtomicU64,
+    /// How many attempts have opened a connection so far: a waiting checkout tells
+    /// from it whether the attempt it started has ended.
+    opened: AtomicU64,
 }
 
 impl ConnectFailures {
@@ -109,6 +112,21 @@ impl ConnectFailures {
             url: url.clone(),
             last: Mutex::new(None),
             failed: AtomicU64::new(0),
+            opened: AtomicU64::new(0),
+        }
+    }
+
+    /// How many attempts have opened a connection so far.
+    pub(super) fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Acquire)
+    }
+
+    /// The error of a checkout that timed out without r2d2's (see `Pool::get`),
+    /// worded as r2d2's, with the last attempt's cause.
+    pub(super) fn timed_out(&self) -> Error {
+        match self.last() {
+            Some(cause) => Error::connection(&format!("timed out waiting for connection: {cause}")),
+            None => Error::connection("timed out waiting for connection"),
         }
     }
 
@@ -338,5 +356,6 @@ impl HandleError<r2d2::Error> for FailureLog {
 impl HandleEvent for FailureLog {
     fn handle_acquire(&self, _: AcquireEvent) {
         *self.0.last.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        self.0.opened.fetch_add(1, Ordering::AcqRel);
     }
 }

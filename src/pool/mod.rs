@@ -41,6 +41,14 @@ use crate::error::{Error, Result};
 use crate::watchdog::{no_answer_limit, watched, Watchdog};
 
 mod health;
+mod plain;
+mod relaxed;
+mod status;
+
+pub(crate) use plain::Plain;
+pub(crate) use relaxed::relaxed;
+use status::Waiters;
+pub use status::{PoolSource, PoolStatus};
 
 use health::{probe, Attempt, ConnectFailures, FailureLog, Observer, Outage, Probe, Suspicion};
 
@@ -194,6 +202,10 @@ fn establish(config: &CacheConfig) -> Result<PgConnection> {
 /// to open one failed.
 const FAILURE_CHECK: Duration = Duration::from_millis(20);
 
+/// How often a checkout waiting for a connection attempt in flight looks for an
+/// idle connection.
+const POLL: Duration = Duration::from_millis(1);
+
 /// The prober's attempt (see [`Outage`]): a connection of its own with the pool's
 /// settings, watched like the pool's, its session set-up the query that tests it.
 /// Once one answers, every pooled connection from before the outage is suspect.
@@ -226,6 +238,8 @@ pub(crate) struct Pool {
     /// [`crate::affinity`]); none on the application's pool, whose connections go
     /// back to it at once.
     parking: Option<Parking>,
+    /// The cache's checkouts waiting for a connection, for [`PoolStatus`].
+    waiters: Waiters,
 }
 
 /// Puts the cache's schema on an application connection's search path, last, so
@@ -364,6 +378,7 @@ impl Pool {
             shared: None,
             stamps: crate::migrations::stamps_changes(config),
             parking: Some(Parking::new(settings.max_size)),
+            waiters: Waiters::default(),
         };
         if check {
             drop(pool.checkout()?);
@@ -373,23 +388,14 @@ impl Pool {
 
     /// Wraps the application's pool. Its connections keep their settings (statement
     /// timeout, application name, durability) and gain the cache's schema at the end
-    /// of their search path; `Durability::Relaxed`, which would change how the
-    /// application's own commits are flushed, is refused. Unless in fail-open mode,
-    /// checks that the server answers and that no table of the application's hides a
-    /// cache table.
+    /// of their search path; `Durability::Relaxed` is the engine's, per write
+    /// ([`relaxed`]), never the session's. Unless in fail-open mode, checks that the
+    /// server answers and that no table of the application's hides a cache table.
     ///
     /// # Errors
-    /// [`Error::Config`] for relaxed durability or a hidden cache table;
-    /// [`Error::Connection`] when no connection is free within the pool's timeout.
+    /// [`Error::Config`] for a hidden cache table; [`Error::Connection`] when no
+    /// connection is free within the pool's timeout.
     pub(crate) fn shared(pool: ConnectionPool, config: &CacheConfig) -> Result<Self> {
-        if config.durability() == Durability::Relaxed {
-            return Err(Error::config(
-                "durability",
-                "relaxed",
-                "would turn off synchronous commit on the application's own connections; \
-                 give the cache its own pool (CacheManager::new) for relaxed durability",
-            ));
-        }
         let pool = Pool {
             suspicion: Suspicion::new(pool.max_size()),
             pool,
@@ -404,6 +410,7 @@ impl Pool {
             }),
             stamps: false,
             parking: None,
+            waiters: Waiters::default(),
         };
         if !config.fail_open() {
             let mut conn = pool.for_caller()?;
@@ -437,8 +444,9 @@ impl Pool {
         if let Some(conn) = self.pool.try_get() {
             return held(conn);
         }
-        let _waiting = parking.map(Parking::wait);
+        let _waiting = (parking.map(Parking::wait), self.waiters.enter());
         let failed_before = self.failures.count();
+        let mut asked = None;
         loop {
             if let Some(conn) = parking.and_then(Parking::steal) {
                 return held(conn);
@@ -446,7 +454,21 @@ impl Pool {
             let slice = deadline
                 .saturating_duration_since(Instant::now())
                 .min(FAILURE_CHECK);
-            match self.pool.get_timeout(slice) {
+            // r2d2 starts an attempt to connect on every call that finds nothing
+            // idle and room in the pool, however many its earlier calls started:
+            // asked every slice, a connection slower to open than a slice would
+            // open several. So r2d2 is asked again only once something changed since
+            // the last time (an attempt opened a connection, perhaps taken by another
+            // checkout; a connection closed) or when the pool is full (nothing to
+            // start); meanwhile the checkout waits for the attempt in flight.
+            let now = (self.failures.opened(), self.pool.state().connections);
+            let got = if asked != Some(now) || now.1 >= self.pool.max_size() {
+                asked = Some(now);
+                self.pool.get_timeout(slice).map_err(Some)
+            } else {
+                self.poll(slice).ok_or(None)
+            };
+            match got {
                 Ok(conn) => return held(conn),
                 Err(error) => {
                     // The database is down when the last attempt to connect failed
@@ -460,7 +482,10 @@ impl Pool {
                     // since, tells nothing of the server now: wait on).
                     let give_up = down.is_some() && self.failures.count() != failed_before;
                     if give_up || Instant::now() >= deadline {
-                        let error = self.failures.error(&error);
+                        let error = match &error {
+                            Some(error) => self.failures.error(error),
+                            None => self.failures.timed_out(),
+                        };
                         if let Some(cause) = down {
                             self.outage.open(cause);
                         }
@@ -468,6 +493,22 @@ impl Pool {
                     }
                 }
             }
+        }
+    }
+
+    /// An idle connection taken within `slice`, looked for every [`POLL`], without
+    /// having r2d2 start an attempt to connect (see [`get`](Self::get)).
+    fn poll(&self, slice: Duration) -> Option<PooledConnection> {
+        let end = Instant::now() + slice;
+        loop {
+            if let Some(conn) = self.pool.try_get() {
+                return Some(conn);
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            std::thread::sleep(left.min(POLL));
         }
     }
 
@@ -482,6 +523,24 @@ impl Pool {
     /// The pool's current state (for `Debug`).
     pub(crate) fn state(&self) -> r2d2::State {
         self.pool.state()
+    }
+
+    /// What the pool holds now, for [`PoolStatus`]: `shard` names it.
+    pub(crate) fn status(&self, shard: &str) -> PoolStatus {
+        let state = self.pool.state();
+        PoolStatus {
+            shard: shard.to_owned(),
+            source: if self.shared.is_some() {
+                PoolSource::Application
+            } else {
+                PoolSource::Own
+            },
+            max_size: self.pool.max_size(),
+            open: state.connections,
+            idle: state.idle_connections,
+            parked: self.parking.as_ref().map_or(0, Parking::parked),
+            waiting: self.waiters.count(),
+        }
     }
 
     /// When a call starting now stops waiting for a connection.
