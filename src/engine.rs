@@ -24,12 +24,15 @@ use crate::metrics::{self, Op};
 use crate::near::{NearCaches, Poller};
 use crate::pool::{ConnectionPool, Pool, PooledConnection};
 use crate::skipped::{Skipped, SkippedWrites};
+use crate::tables::Tables;
 use crate::watchdog::{no_answer_limit, watched, Watchdog};
 
 /// The engine behind a [`CacheManager`](crate::CacheManager) (public only as the
 /// unnameable type cache handles borrow).
 pub struct Engine {
     config: CacheConfig,
+    /// The cache's tables named with their schema, for every statement.
+    tables: Tables,
     pool: Option<Pool>,
     counters: Counters,
     latency: LatencyWindow,
@@ -134,6 +137,7 @@ impl Engine {
                 })
                 .flatten(),
             counters: Counters::new(),
+            tables: Tables::new(config.schema()),
             config,
             pool,
             latency: LatencyWindow::default(),
@@ -185,6 +189,11 @@ impl Engine {
     /// The near caches, if any cache has one.
     pub(crate) fn near(&self) -> Option<&NearCaches> {
         self.near.as_deref()
+    }
+
+    /// The cache's tables, schema-qualified.
+    pub(crate) fn tables(&self) -> &Tables {
+        &self.tables
     }
 
     pub(crate) fn config(&self) -> &CacheConfig {
@@ -496,11 +505,11 @@ impl Engine {
                 Settle::Cache(kind) => {
                     // A whole cache to empty is the flusher's: have it start.
                     self.nudge_replay();
-                    self.skipped.settle(kind, conn, wait, false)?;
+                    self.skipped.settle(kind, &self.tables, conn, wait, false)?;
                 }
                 Settle::Everything => {
                     for kind in CacheKind::ALL {
-                        self.skipped.settle(kind, conn, wait, true)?;
+                        self.skipped.settle(kind, &self.tables, conn, wait, true)?;
                     }
                 }
             }
@@ -520,7 +529,7 @@ impl Engine {
             if let Some(pool) = &self.pool {
                 let caught_up = pool.run(|conn| {
                     self.catch_up(conn, Settle::Nothing)?;
-                    self.skipped.replay(conn)
+                    self.skipped.replay(&self.tables, conn)
                 });
                 if let Err(error) = caught_up {
                     self.skipped.replay_failed();

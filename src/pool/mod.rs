@@ -76,10 +76,7 @@ impl CustomizeConnection<PgConnection, r2d2::Error> for SessionSetup {
     }
 }
 
-/// Quotes an SQL identifier (schema name) the way PostgreSQL's `quote_ident` does.
-pub(crate) fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
+pub(crate) use crate::tables::quote_ident;
 
 /// Quotes an SQL string literal; only for `SET`, which takes no bind parameters.
 fn quote_literal(value: &str) -> String {
@@ -97,9 +94,15 @@ pub(crate) fn session_sql(config: &CacheConfig) -> String {
         config.statement_timeout().as_millis(),
         quote_literal(config.application_name())
     );
+    // The cache's schema first, then the server's default path (the role's or
+    // database's, `"$user", public` by default): pgcache's own statements name
+    // their tables with the schema, and a caller's statements on
+    // `cache.connection()` find the application's tables as on any connection.
+    let schema = quote_literal(&quote_ident(config.schema()));
     sql.push_str(&format!(
-        " SET search_path TO {};",
-        quote_ident(config.schema())
+        " SELECT set_config('search_path', CASE current_setting('search_path') \
+           WHEN '' THEN {schema} ELSE {schema} || ', ' || current_setting('search_path') END, \
+           false);"
     ));
     if config.durability() == Durability::Relaxed {
         sql.push_str(" SET synchronous_commit = off;");
