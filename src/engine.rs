@@ -261,7 +261,7 @@ impl Engine {
             *flushing = None;
             return Ok(());
         }
-        let written = pool.run(|conn| Ok(batch.write(conn)?));
+        let written = pool.run(|conn| Ok(batch.write(conn, &self.tables)?));
         *flushing = match &written {
             Err(Error::Unresponsive { waited_ms }) => Some(*waited_ms),
             _ => None,
