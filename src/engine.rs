@@ -103,7 +103,7 @@ impl Engine {
             // frozen server never answers is cut, and the poller reconnects instead
             // of waiting, near caches off, for as long as the freeze lasts.
             let watchdog = Watchdog::start(no_answer_limit(&config));
-            Poller::start(Arc::downgrade(near), move || {
+            Poller::start(Arc::downgrade(near), Tables::new(config.schema()), move || {
                 let connected = crate::pool::dedicated(&poller_config, watchdog.as_ref())
                     .and_then(|mut conn| {
                         watched(&mut conn, |conn| {

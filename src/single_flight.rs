@@ -18,12 +18,12 @@ use diesel::sql_types::{Bytea, Interval, Uuid as SqlUuid};
 use uuid::Uuid;
 
 use crate::cache::Cache;
+use crate::caches::common::{Param, Prepared};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::expiry::ttl_interval;
 use crate::kind::CacheKind;
 use crate::metrics::Op;
-use crate::caches::common::{Param, Prepared};
 
 /// First pause between polls; doubled after each poll up to [`MAX_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_millis(5);
@@ -152,7 +152,11 @@ fn poll<C: Cache + ?Sized>(
 const UNCACHEABLE: Uuid = Uuid::nil();
 
 /// The holder of the lease row `lease_key` in `table` (the leases table, qualified).
-fn lease_holder(conn: &mut PgConnection, table: &str, lease_key: &[u8]) -> QueryResult<Option<Uuid>> {
+fn lease_holder(
+    conn: &mut PgConnection,
+    table: &str,
+    lease_key: &[u8],
+) -> QueryResult<Option<Uuid>> {
     #[derive(QueryableByName)]
     struct Holder {
         #[diesel(sql_type = SqlUuid)]
@@ -217,7 +221,12 @@ fn try_acquire(
 }
 
 /// Deletes the lease if `holder` still holds it (not if it lapsed and was taken over).
-fn release(conn: &mut PgConnection, table: &str, lease_key: &[u8], holder: Uuid) -> QueryResult<usize> {
+fn release(
+    conn: &mut PgConnection,
+    table: &str,
+    lease_key: &[u8],
+    holder: Uuid,
+) -> QueryResult<usize> {
     let (key, holder) = (
         Param::<Bytea, _>::new(lease_key),
         Param::<SqlUuid, _>::new(holder),
@@ -279,7 +288,14 @@ impl Drop for LeaseGuard<'_> {
             Op::Lease,
             0,
             || None,
-            |conn| Ok(release(conn, self.engine.tables().leases(), self.lease_key, self.holder)?),
+            |conn| {
+                Ok(release(
+                    conn,
+                    self.engine.tables().leases(),
+                    self.lease_key,
+                    self.holder,
+                )?)
+            },
         );
         if let Err(error) = released {
             // The lease lapses on its own after the lease TTL.

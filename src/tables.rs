@@ -19,7 +19,6 @@ pub(crate) fn quote_ident(name: &str) -> String {
 /// The schema-qualified, quoted names of one schema's tables.
 #[derive(Debug, Clone)]
 pub(crate) struct Tables {
-    schema: String,
     caches: [String; CacheKind::COUNT],
     leases: String,
     counters: String,
@@ -38,13 +37,7 @@ impl Tables {
             counters: name("cache_counters"),
             cleanup_runs: name("cache_cleanup_runs"),
             changes: name("cache_changes"),
-            schema: quoted,
         }
-    }
-
-    /// The quoted schema.
-    pub(crate) fn schema(&self) -> &str {
-        &self.schema
     }
 
     /// The table of cache `kind`.

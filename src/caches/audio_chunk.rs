@@ -105,7 +105,7 @@ impl AudioChunkCache<'_> {
             self.cluster(),
             AudioChunkTable::CACHE,
             HitStats::empty(),
-            |conn| hit_stats(conn, AudioChunkTable::CACHE, top),
+            |conn, table| hit_stats(conn, AudioChunkTable::CACHE, table, top),
         )?;
         Ok(HitStats::merge(parts, top))
     }
@@ -145,7 +145,16 @@ impl AudioChunkCache<'_> {
                 Op::Evict,
                 EvictionReport::default(),
                 || None,
-                |conn| Ok(evict(conn, CacheKind::AudioChunk, &limits, &mut |_| {})?),
+                |conn| {
+                    let table = engine.tables().of(CacheKind::AudioChunk);
+                    Ok(evict(
+                        conn,
+                        CacheKind::AudioChunk,
+                        table,
+                        &limits,
+                        &mut |_| {},
+                    )?)
+                },
             )
         })?;
         let report = EvictionReport::merge(reports);

@@ -68,7 +68,7 @@ impl LlmResponseCache<'_> {
             self.cluster(),
             LlmResponseTable::CACHE,
             Vec::new(),
-            |conn| top_entries(conn, LlmResponseTable::CACHE, n),
+            |conn, table| top_entries(conn, LlmResponseTable::CACHE, table, n),
         )?;
         Ok(merge_top(lists, n))
     }
