@@ -500,7 +500,7 @@ mod tests {
         Skipped::keys(
             n.map(|i| i.to_string().into_bytes().into_boxed_slice())
                 .collect(),
-            |_, _| Ok(()),
+            |_, _, _| Ok(()),
         )
     }
 

@@ -11,7 +11,7 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use pgcache::{Cache, CacheConfig, CacheManager, Durability, Error};
 use serde_json::json;
 
-use common::database_url;
+use common::{database_url, FreshDatabase};
 
 /// The host application's own migrations.
 const APP_MIGRATIONS: EmbeddedMigrations = embed_migrations!("tests/app_migrations");
@@ -38,40 +38,6 @@ fn text(conn: &mut PgConnection, sql: &str) -> String {
 
 fn count(conn: &mut PgConnection, sql: &str) -> i64 {
     diesel::sql_query(sql).get_result::<N>(conn).unwrap().n
-}
-
-/// A database of its own (the default schema `pgcache` is shared by name), dropped
-/// afterwards.
-struct FreshDatabase {
-    name: String,
-    url: String,
-}
-
-impl FreshDatabase {
-    fn new() -> Self {
-        let name = format!("pgcache_app_{}", uuid::Uuid::new_v4().simple());
-        PgConnection::establish(&database_url())
-            .unwrap()
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .unwrap();
-        let mut url = url::Url::parse(&database_url()).unwrap();
-        url.set_path(&name);
-        FreshDatabase {
-            name,
-            url: url.into(),
-        }
-    }
-}
-
-impl Drop for FreshDatabase {
-    fn drop(&mut self) {
-        if let Ok(mut conn) = PgConnection::establish(&database_url()) {
-            let _ = conn.batch_execute(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.name
-            ));
-        }
-    }
 }
 
 #[test]
