@@ -95,6 +95,11 @@ mod storage {
             self.handle().front()
         }
 
+        /// This cache's table, schema-qualified (every shard's schema is the same).
+        fn table(&self) -> &str {
+            self.front().tables().of(Self::KIND)
+        }
+
         /// The TTL of `set` and `get_or_compute`.
         fn default_ttl(&self) -> Duration {
             self.handle().ttl(Self::KIND)

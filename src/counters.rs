@@ -17,11 +17,11 @@ use serde::Serialize;
 
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Bytea};
+use diesel::sql_types::{Array, BigInt, Bytea, Text};
 
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
-use crate::schema::cache_counters;
+use crate::tables::Tables;
 
 /// One cache's totals since start; hits and misses up to `flushed_*` are written.
 #[derive(Debug, Default)]
@@ -261,36 +261,31 @@ impl Batch {
         self.totals.is_empty() && self.entry_hits.is_empty()
     }
 
-    /// Writes the batch in one transaction.
-    pub(crate) fn write(&self, conn: &mut PgConnection) -> QueryResult<()> {
+    /// Writes the batch in one transaction, to `tables`.
+    pub(crate) fn write(&self, conn: &mut PgConnection, tables: &Tables) -> QueryResult<()> {
         conn.transaction(|conn| {
             for &(kind, hits, misses) in &self.totals {
-                diesel::insert_into(cache_counters::table)
-                    .values((
-                        cache_counters::cache_name.eq(kind.name()),
-                        cache_counters::hits.eq(hits as i64),
-                        cache_counters::misses.eq(misses as i64),
-                    ))
-                    .on_conflict(cache_counters::cache_name)
-                    .do_update()
-                    .set((
-                        cache_counters::hits.eq(cache_counters::hits + hits as i64),
-                        cache_counters::misses.eq(cache_counters::misses + misses as i64),
-                        cache_counters::updated_at.eq(crate::expiry::db_now()),
-                    ))
-                    .execute(conn)?;
+                diesel::sql_query(format!(
+                    "INSERT INTO {t} AS c (cache_name, hits, misses) VALUES ($1, $2, $3) \
+                     ON CONFLICT (cache_name) DO UPDATE SET hits = c.hits + excluded.hits, \
+                     misses = c.misses + excluded.misses, updated_at = statement_timestamp()",
+                    t = tables.counters()
+                ))
+                .bind::<Text, _>(kind.name())
+                .bind::<BigInt, _>(hits as i64)
+                .bind::<BigInt, _>(misses as i64)
+                .execute(conn)?;
             }
             for (kind, hits) in &self.entry_hits {
                 let (digests, counts): (Vec<Vec<u8>>, Vec<i64>) = hits
                     .iter()
                     .map(|(d, n)| (d.as_bytes().to_vec(), *n as i64))
                     .unzip();
-                // The table name comes from a closed enum, never from input.
                 diesel::sql_query(format!(
                     "UPDATE {table} AS t SET hit_count = t.hit_count + h.n, \
                      last_accessed_at = greatest(t.last_accessed_at, now()) \
                      FROM unnest($1, $2) AS h(key_hash, n) WHERE t.key_hash = h.key_hash",
-                    table = kind.table()
+                    table = tables.of(*kind)
                 ))
                 .bind::<Array<Bytea>, _>(digests)
                 .bind::<Array<BigInt>, _>(counts)

@@ -24,12 +24,15 @@ use crate::metrics::{self, Op};
 use crate::near::{NearCaches, Poller};
 use crate::pool::{ConnectionPool, Plain, Pool, PooledConnection};
 use crate::skipped::{Skipped, SkippedWrites};
+use crate::tables::Tables;
 use crate::watchdog::{no_answer_limit, watched, Watchdog};
 
 /// The engine behind a [`CacheManager`](crate::CacheManager) (public only as the
 /// unnameable type cache handles borrow).
 pub struct Engine {
     config: CacheConfig,
+    /// The cache's tables named with their schema, for every statement.
+    tables: Tables,
     pool: Option<Pool>,
     /// With caching disabled, where the caller's connections come from.
     plain: Option<Plain>,
@@ -121,7 +124,7 @@ impl Engine {
             // frozen server never answers is cut, and the poller reconnects instead
             // of waiting, near caches off, for as long as the freeze lasts.
             let watchdog = Watchdog::start(no_answer_limit(&config));
-            Poller::start(Arc::downgrade(near), move || {
+            Poller::start(Arc::downgrade(near), Tables::new(config.schema()), move || {
                 let connected = crate::pool::dedicated(&poller_config, watchdog.as_ref())
                     .and_then(|mut conn| {
                         watched(&mut conn, |conn| {
@@ -155,6 +158,7 @@ impl Engine {
                 })
                 .flatten(),
             counters: Counters::new(),
+            tables: Tables::new(config.schema()),
             config,
             pool,
             plain,
@@ -208,6 +212,11 @@ impl Engine {
     /// The near caches, if any cache has one.
     pub(crate) fn near(&self) -> Option<&NearCaches> {
         self.near.as_deref()
+    }
+
+    /// The cache's tables, schema-qualified.
+    pub(crate) fn tables(&self) -> &Tables {
+        &self.tables
     }
 
     pub(crate) fn config(&self) -> &CacheConfig {
@@ -334,8 +343,9 @@ impl Engine {
             *flushing = None;
             return Ok(());
         }
-        let written =
-            pool.run(|conn| self.durable_as_configured(conn, |conn| Ok(batch.write(conn)?)));
+        let written = pool.run(|conn| {
+            self.durable_as_configured(conn, |conn| Ok(batch.write(conn, &self.tables)?))
+        });
         *flushing = match &written {
             Err(Error::Unresponsive { waited_ms }) => Some(*waited_ms),
             _ => None,
@@ -605,11 +615,11 @@ impl Engine {
                 Settle::Cache(kind) => {
                     // A whole cache to empty is the flusher's: have it start.
                     self.nudge_replay();
-                    self.skipped.settle(kind, conn, wait, false)?;
+                    self.skipped.settle(kind, &self.tables, conn, wait, false)?;
                 }
                 Settle::Everything => {
                     for kind in CacheKind::ALL {
-                        self.skipped.settle(kind, conn, wait, true)?;
+                        self.skipped.settle(kind, &self.tables, conn, wait, true)?;
                     }
                 }
             }
@@ -629,7 +639,7 @@ impl Engine {
             if let Some(pool) = &self.pool {
                 let caught_up = pool.run(|conn| {
                     self.catch_up(conn, Settle::Nothing)?;
-                    self.skipped.replay(conn)
+                    self.skipped.replay(&self.tables, conn)
                 });
                 if let Err(error) = caught_up {
                     self.skipped.replay_failed();

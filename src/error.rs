@@ -41,7 +41,9 @@ pub enum Error {
         "cache table `{table}` does not exist: run `pgcache migrate` (or enable run_migrations)"
     )]
     MissingTable {
-        /// The missing table.
+        /// The missing table, with its schema (`pgcache.cache_entries`): every
+        /// cache statement names the cache's schema, so this is the table missing
+        /// there, whatever the connection's search path.
         table: String,
     },
     /// Running the embedded migrations failed.

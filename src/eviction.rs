@@ -115,15 +115,16 @@ const PLAN: &str = "pg_temp.pgcache_eviction_plan";
 /// are deleted by rank in batches of [`CLEANUP_BATCH_SIZE`], each its own short
 /// statement claiming rows with `FOR UPDATE SKIP LOCKED`, so no long lock is held and
 /// concurrent cleaners never wait on each other. A row used or rewritten since the
-/// ranking (its recency moved on) is spared.
+/// ranking (its recency moved on) is spared. `name`: `kind`'s table, schema-qualified.
 pub(crate) fn evict(
     conn: &mut PgConnection,
     kind: CacheKind,
+    name: &str,
     limits: &Limits,
     on_batch: &mut dyn FnMut(&EvictionReport),
 ) -> QueryResult<EvictionReport> {
     let table = kind.descriptor();
-    let (name, key, size, recency) = (table.table, table.key, table.payload_bytes, table.recency());
+    let (key, size, recency) = (table.key, table.payload_bytes, table.recency());
     let totals: Totals = diesel::sql_query(format!(
         "SELECT count(*) AS rows, coalesce(sum({size}), 0)::bigint AS bytes FROM {name}"
     ))
@@ -147,7 +148,7 @@ pub(crate) fn evict(
            WHERE n <= {excess_rows} OR upto - size < {excess_bytes}; \
          ALTER TABLE {PLAN} ADD PRIMARY KEY (evict_n)"
     ))?;
-    let deleted = delete_planned(conn, kind, &mut report, on_batch);
+    let deleted = delete_planned(conn, kind, name, &mut report, on_batch);
     let dropped = conn.batch_execute(&format!("DROP TABLE IF EXISTS {PLAN}"));
     deleted.and(dropped).map(|()| report)
 }
@@ -156,6 +157,7 @@ pub(crate) fn evict(
 fn delete_planned(
     conn: &mut PgConnection,
     kind: CacheKind,
+    name: &str,
     report: &mut EvictionReport,
     on_batch: &mut dyn FnMut(&EvictionReport),
 ) -> QueryResult<()> {
@@ -165,8 +167,7 @@ fn delete_planned(
         planned: i64,
     }
     let table = kind.descriptor();
-    let (name, key, size, recency, path) = (
-        table.table,
+    let (key, size, recency, path) = (
         table.key,
         table.payload_bytes,
         table.recency(),

@@ -79,6 +79,7 @@ mod key;
 mod kind;
 pub mod metrics;
 mod shards;
+mod tables;
 mod validation;
 // Database plumbing.
 mod affinity;

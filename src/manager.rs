@@ -255,7 +255,9 @@ impl CacheManager {
     /// [`Error::Connection`](crate::Error::Connection), or a database error (e.g. missing privileges).
     pub fn set_tables_logged(&self, logged: bool) -> Result<()> {
         self.cluster
-            .all(|engine| engine.maintain(|conn| crate::migrations::set_logged(conn, logged)))
+            .all(|engine| {
+                engine.maintain(|conn| crate::migrations::set_logged(conn, engine.tables(), logged))
+            })
             .map(drop)
     }
 }

@@ -14,6 +14,7 @@ use crate::config::CacheConfig;
 use crate::error::{Error, MigrationError, Result};
 use crate::kind::CacheKind;
 use crate::pool::quote_ident;
+use crate::tables::Tables;
 
 /// The SQL migrations compiled into the crate.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -344,12 +345,12 @@ pub(crate) fn migrated_at(conn: &mut PgConnection, schema: &str) -> Result<Optio
 ///
 /// Unlogged tables skip the write-ahead log: writes are faster, but the tables are
 /// emptied after a crash and are not replicated to standbys.
-pub(crate) fn set_logged(conn: &mut PgConnection, logged: bool) -> Result<()> {
+pub(crate) fn set_logged(conn: &mut PgConnection, tables: &Tables, logged: bool) -> Result<()> {
     let mode = if logged { "LOGGED" } else { "UNLOGGED" };
     conn.transaction(|conn| {
         for kind in CacheKind::ALL {
             // A partitioned table has no storage of its own: its partitions do.
-            for leaf in crate::partitions::leaves(conn, kind.table())? {
+            for leaf in crate::partitions::leaves(conn, tables.of(kind))? {
                 conn.batch_execute(&format!("ALTER TABLE {leaf} SET {mode}"))?;
             }
         }

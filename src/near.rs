@@ -53,6 +53,7 @@ use serde::Serialize;
 use crate::config::{CacheConfig, NearCache};
 use crate::error::Result;
 use crate::kind::CacheKind;
+use crate::tables::Tables;
 use crate::watchdog::watched;
 
 /// A near-cache key: the entry's key digest, or a key/value key's bytes.
@@ -539,13 +540,14 @@ impl Poller {
     /// the thread ends when `caches` is dropped or the poller is.
     pub(crate) fn start(
         caches: Weak<NearCaches>,
+        tables: Tables,
         connect: impl Fn() -> Option<PgConnection> + Send + 'static,
     ) -> Option<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("pgcache-near-poller".to_owned())
-            .spawn(move || poll_loop(&caches, &connect, &stopping))
+            .spawn(move || poll_loop(&caches, &tables, &connect, &stopping))
             .ok()?;
         Some(Poller {
             stop,
@@ -607,7 +609,7 @@ impl Window {
 /// snapshot's own xmax, which every visible row is below) changes no answer: it lets
 /// the plan prepared once, which cannot see the parameters, estimate a narrow range
 /// and use the indexes.
-fn poll_sql(kinds: impl Iterator<Item = CacheKind>) -> String {
+fn poll_sql(tables: &Tables, kinds: impl Iterator<Item = CacheKind>) -> String {
     let window = |column: &str| {
         format!(
             "({column} >= (SELECT xmax FROM w) \
@@ -616,7 +618,8 @@ fn poll_sql(kinds: impl Iterator<Item = CacheKind>) -> String {
         )
     };
     let mut changes = format!(
-        "SELECT cache_name, keys FROM cache_changes WHERE {}",
+        "SELECT cache_name, keys FROM {} WHERE {}",
+        tables.changes(),
         window("xid")
     );
     for kind in kinds {
@@ -630,7 +633,7 @@ fn poll_sql(kinds: impl Iterator<Item = CacheKind>) -> String {
             " UNION ALL SELECT '{name}', array_agg({key}) FROM {t} WHERE {window} \
              HAVING count(*) > 0",
             name = table.name,
-            t = table.table,
+            t = tables.of(kind),
             window = window("changed_xid"),
         ));
     }
@@ -697,14 +700,17 @@ fn poll(conn: &mut PgConnection, sql: &str, window: Option<&Window>) -> QueryRes
 /// until told to stop; a lost connection is reported and replaced.
 fn poll_loop(
     caches: &Weak<NearCaches>,
+    tables: &Tables,
     connect: &dyn Fn() -> Option<PgConnection>,
     stop: &AtomicBool,
 ) {
     // Fixed for the poller's life: its near caches do not change.
-    let Some(sql) = caches
-        .upgrade()
-        .map(|near| poll_sql(CacheKind::ALL.into_iter().filter(|&k| near.serves(k))))
-    else {
+    let Some(sql) = caches.upgrade().map(|near| {
+        poll_sql(
+            tables,
+            CacheKind::ALL.into_iter().filter(|&k| near.serves(k)),
+        )
+    }) else {
         return;
     };
     while !stop.load(Ordering::SeqCst) {
@@ -765,11 +771,12 @@ fn poll_loop(
                         }
                         past.pop_front();
                         watched(&mut conn, |conn| {
-                            Ok(
-                                diesel::sql_query("DELETE FROM cache_changes WHERE xid < $1")
-                                    .bind::<BigInt, _>(xmin)
-                                    .execute(conn)?,
-                            )
+                            Ok(diesel::sql_query(format!(
+                                "DELETE FROM {} WHERE xid < $1",
+                                tables.changes()
+                            ))
+                            .bind::<BigInt, _>(xmin)
+                            .execute(conn)?)
                         })?;
                     }
                 }
@@ -797,8 +804,11 @@ fn poll_loop(
 /// cache runs any more (pollers prune as they go). An hour, not the pollers'
 /// retention: a change is dated by its statement, and a long transaction may commit
 /// it long after.
-pub(crate) fn prune_changes(conn: &mut PgConnection) -> QueryResult<()> {
-    conn.batch_execute("DELETE FROM cache_changes WHERE created_at < now() - interval '1 hour'")
+pub(crate) fn prune_changes(conn: &mut PgConnection, tables: &Tables) -> QueryResult<()> {
+    conn.batch_execute(&format!(
+        "DELETE FROM {} WHERE created_at < now() - interval '1 hour'",
+        tables.changes()
+    ))
 }
 
 /// The window the next poll starts from, from this poll's snapshot.

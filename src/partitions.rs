@@ -22,9 +22,9 @@ use crate::pool::quote_ident;
 /// statements a cleanup runs per table.
 pub const MAX_PARTITIONS: u32 = 1024;
 
-/// The tables holding `table`'s rows: its leaf partitions, or the table itself
-/// when it is not partitioned. Names as `regclass` prints them (quoted when need
-/// be, qualified when not on the search path), so usable in SQL as they are.
+/// The tables holding `table`'s rows (`table` schema-qualified): its leaf
+/// partitions, or the table itself when it is not partitioned. Names quoted and
+/// schema-qualified, so usable in SQL as they are on any search path.
 pub(crate) fn leaves(conn: &mut PgConnection, table: &str) -> QueryResult<Vec<String>> {
     #[derive(QueryableByName)]
     struct Leaf {
@@ -32,8 +32,9 @@ pub(crate) fn leaves(conn: &mut PgConnection, table: &str) -> QueryResult<Vec<St
         name: String,
     }
     let leaves: Vec<Leaf> = diesel::sql_query(
-        "SELECT relid::regclass::text AS name FROM pg_partition_tree($1::regclass) \
-         WHERE isleaf ORDER BY relid",
+        "SELECT format('%I.%I', n.nspname, c.relname) AS name \
+         FROM pg_partition_tree($1::regclass) t JOIN pg_class c ON c.oid = t.relid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.isleaf ORDER BY t.relid",
     )
     .bind::<Text, _>(table)
     .load(conn)?;
@@ -47,6 +48,7 @@ pub(crate) fn leaves(conn: &mut PgConnection, table: &str) -> QueryResult<Vec<St
 /// SQL for the bytes on disk of `table` and its partitions (heap, indexes, TOAST);
 /// `pg_total_relation_size` of a partitioned table alone is 0.
 pub(crate) fn size_sql(table: &str) -> String {
+    let table = table.replace('\'', "''");
     format!(
         "(SELECT coalesce(sum(pg_total_relation_size(relid))::bigint, \
            pg_total_relation_size('{table}'::regclass)) FROM pg_partition_tree('{table}'::regclass))"

@@ -66,11 +66,14 @@ pub(crate) fn flushed_reports<R: Clone + Send + Sync>(
     cluster: &Cluster,
     kind: CacheKind,
     empty: R,
-    report: impl Fn(&mut PgConnection) -> QueryResult<R> + Sync,
+    report: impl Fn(&mut PgConnection, &str) -> QueryResult<R> + Sync,
 ) -> Result<Vec<R>> {
     cluster.all(|engine| {
         engine.flush()?;
-        engine.read(kind, Op::Report, empty.clone(), |conn| Ok(report(conn)?))
+        let table = engine.tables().of(kind);
+        engine.read(kind, Op::Report, empty.clone(), |conn| {
+            Ok(report(conn, table)?)
+        })
     })
 }
 
@@ -120,10 +123,12 @@ impl HitStats {
 }
 
 /// The `n` live entries of `kind` with the most hits (at least one), most first;
-/// none for a cache that does not count hits.
+/// none for a cache that does not count hits. `name`: `kind`'s table,
+/// schema-qualified.
 pub(crate) fn top_entries(
     conn: &mut PgConnection,
     kind: CacheKind,
+    name: &str,
     n: usize,
 ) -> QueryResult<Vec<TopEntry>> {
     #[derive(QueryableByName)]
@@ -147,7 +152,7 @@ pub(crate) fn top_entries(
         "SELECT key_hash, hit_count, {provider} AS provider, {model} AS model FROM {} \
          WHERE expires_at > statement_timestamp() AND hit_count > 0 \
          ORDER BY hit_count DESC, key_hash LIMIT $1",
-        table.table
+        name
     ))
     .bind::<BigInt, _>(i64::try_from(n).unwrap_or(i64::MAX))
     .load(conn)?;
@@ -163,10 +168,11 @@ pub(crate) fn top_entries(
 }
 
 /// Live entries, their payload bytes, mean hits and the `top` most-hit entries of
-/// `kind` (a cache that counts hits).
+/// `kind` (a cache that counts hits), `name` its table, schema-qualified.
 pub(crate) fn hit_stats(
     conn: &mut PgConnection,
     kind: CacheKind,
+    name: &str,
     top: usize,
 ) -> QueryResult<HitStats> {
     #[derive(QueryableByName)]
@@ -184,13 +190,13 @@ pub(crate) fn hit_stats(
         "SELECT count(*) AS entries, coalesce(sum({}), 0)::int8 AS total_bytes, \
          coalesce(avg(hit_count), 0)::float8 AS average_hits \
          FROM {} WHERE expires_at > statement_timestamp()",
-        table.payload_bytes, table.table
+        table.payload_bytes, name
     ))
     .get_result(conn)?;
     Ok(HitStats {
         entries: totals.entries.unsigned_abs(),
         total_bytes: totals.total_bytes.unsigned_abs(),
         average_hit_count: totals.average_hits,
-        most_accessed: top_entries(conn, kind, top)?,
+        most_accessed: top_entries(conn, kind, name, top)?,
     })
 }

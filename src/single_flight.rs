@@ -14,17 +14,16 @@ use std::time::{Duration, Instant};
 
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::upsert::excluded;
+use diesel::sql_types::{Bytea, Interval, Uuid as SqlUuid};
 use uuid::Uuid;
 
 use crate::cache::Cache;
+use crate::caches::common::{Param, Prepared};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::expiry::ttl_interval;
-use crate::expiry::{db_now, ExpiresIn};
 use crate::kind::CacheKind;
 use crate::metrics::Op;
-use crate::schema::cache_leases;
 
 /// First pause between polls; doubled after each poll up to [`MAX_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_millis(5);
@@ -133,16 +132,17 @@ fn poll<C: Cache + ?Sized>(
     lease_ttl: Duration,
 ) -> Result<Poll<C::Entry>> {
     let holder = Uuid::new_v4();
-    let won = try_acquire(conn, lease_key, holder, lease_ttl)?;
+    let table = cache.front().tables().leases();
+    let won = try_acquire(conn, table, lease_key, holder, lease_ttl)?;
     match cache.get_in(conn, key)? {
         Some(entry) => {
             if won {
-                release(conn, lease_key, holder)?;
+                release(conn, table, lease_key, holder)?;
             }
             Ok(Poll::Found(entry))
         }
         None if won => Ok(Poll::Won(holder)),
-        None if lease_holder(conn, lease_key)? == Some(UNCACHEABLE) => Ok(Poll::Unavailable),
+        None if lease_holder(conn, table, lease_key)? == Some(UNCACHEABLE) => Ok(Poll::Unavailable),
         None => Ok(Poll::Busy),
     }
 }
@@ -151,12 +151,26 @@ fn poll<C: Cache + ?Sized>(
 /// value too large, say): until the lease lapses, callers compute without waiting.
 const UNCACHEABLE: Uuid = Uuid::nil();
 
-fn lease_holder(conn: &mut PgConnection, lease_key: &[u8]) -> QueryResult<Option<Uuid>> {
-    cache_leases::table
-        .filter(cache_leases::lease_key.eq(lease_key))
-        .select(cache_leases::holder)
-        .get_result(conn)
-        .optional()
+/// The holder of the lease row `lease_key` in `table` (the leases table, qualified).
+fn lease_holder(
+    conn: &mut PgConnection,
+    table: &str,
+    lease_key: &[u8],
+) -> QueryResult<Option<Uuid>> {
+    #[derive(QueryableByName)]
+    struct Holder {
+        #[diesel(sql_type = SqlUuid)]
+        holder: Uuid,
+    }
+    let key = Param::<Bytea, _>::new(lease_key);
+    let found: Option<Holder> = Prepared::new(
+        table,
+        &["SELECT holder FROM {t} WHERE lease_key = ", ""],
+        vec![&key],
+    )
+    .get_result(conn)
+    .optional()?;
+    Ok(found.map(|h| h.holder))
 }
 
 /// The lease row's key: the cache's name and the key's digest, so the caches never
@@ -173,40 +187,54 @@ fn lease_key(kind: CacheKind, digest: &crate::KeyDigest) -> Vec<u8> {
 /// it. One statement, so two callers can never both win.
 fn try_acquire(
     conn: &mut PgConnection,
+    table: &str,
     lease_key: &[u8],
     holder: Uuid,
     ttl: Duration,
 ) -> Result<bool> {
-    let expires = ExpiresIn(ttl_interval(ttl)?);
-    let upsert = diesel::insert_into(cache_leases::table)
-        .values((
-            cache_leases::lease_key.eq(lease_key),
-            cache_leases::holder.eq(holder),
-            cache_leases::expires_at.eq(expires),
-        ))
-        .on_conflict(cache_leases::lease_key)
-        .do_update()
-        .set((
-            cache_leases::holder.eq(excluded(cache_leases::holder)),
-            cache_leases::expires_at.eq(excluded(cache_leases::expires_at)),
-        ));
+    #[derive(QueryableByName)]
+    struct Holder {
+        #[diesel(sql_type = SqlUuid)]
+        holder: Uuid,
+    }
+    let (key, holder_param, ttl) = (
+        Param::<Bytea, _>::new(lease_key),
+        Param::<SqlUuid, _>::new(holder),
+        Param::<Interval, _>::new(ttl_interval(ttl)?),
+    );
     // `ON CONFLICT ... DO UPDATE ... WHERE`: take the row over only once it lapsed.
-    let taken: Option<Uuid> = diesel::query_dsl::methods::FilterDsl::filter(
-        upsert,
-        cache_leases::expires_at.le(db_now()),
+    let taken: Option<Holder> = Prepared::new(
+        table,
+        &[
+            "INSERT INTO {t} AS l (lease_key, holder, expires_at) VALUES (",
+            ", ",
+            ", statement_timestamp() + ",
+            ") ON CONFLICT (lease_key) DO UPDATE SET holder = excluded.holder, \
+             expires_at = excluded.expires_at WHERE l.expires_at <= statement_timestamp() \
+             RETURNING holder",
+        ],
+        vec![&key, &holder_param, &ttl],
     )
-    .returning(cache_leases::holder)
     .get_result(conn)
     .optional()?;
-    Ok(taken == Some(holder))
+    Ok(taken.map(|t| t.holder) == Some(holder))
 }
 
 /// Deletes the lease if `holder` still holds it (not if it lapsed and was taken over).
-fn release(conn: &mut PgConnection, lease_key: &[u8], holder: Uuid) -> QueryResult<usize> {
-    diesel::delete(
-        cache_leases::table
-            .filter(cache_leases::lease_key.eq(lease_key))
-            .filter(cache_leases::holder.eq(holder)),
+fn release(
+    conn: &mut PgConnection,
+    table: &str,
+    lease_key: &[u8],
+    holder: Uuid,
+) -> QueryResult<usize> {
+    let (key, holder) = (
+        Param::<Bytea, _>::new(lease_key),
+        Param::<SqlUuid, _>::new(holder),
+    );
+    Prepared::new(
+        table,
+        &["DELETE FROM {t} WHERE lease_key = ", " AND holder = ", ""],
+        vec![&key, &holder],
     )
     .execute(conn)
 }
@@ -229,12 +257,21 @@ impl LeaseGuard<'_> {
             0,
             || None,
             |conn| {
-                Ok(diesel::update(
-                    cache_leases::table
-                        .filter(cache_leases::lease_key.eq(self.lease_key))
-                        .filter(cache_leases::holder.eq(self.holder)),
+                let (key, holder, uncacheable) = (
+                    Param::<Bytea, _>::new(self.lease_key),
+                    Param::<SqlUuid, _>::new(self.holder),
+                    Param::<SqlUuid, _>::new(UNCACHEABLE),
+                );
+                Ok(Prepared::new(
+                    self.engine.tables().leases(),
+                    &[
+                        "UPDATE {t} SET holder = ",
+                        " WHERE lease_key = ",
+                        " AND holder = ",
+                        "",
+                    ],
+                    vec![&uncacheable, &key, &holder],
                 )
-                .set(cache_leases::holder.eq(UNCACHEABLE))
                 .execute(conn)?)
             },
         );
@@ -251,7 +288,14 @@ impl Drop for LeaseGuard<'_> {
             Op::Lease,
             0,
             || None,
-            |conn| Ok(release(conn, self.lease_key, self.holder)?),
+            |conn| {
+                Ok(release(
+                    conn,
+                    self.engine.tables().leases(),
+                    self.lease_key,
+                    self.holder,
+                )?)
+            },
         );
         if let Err(error) = released {
             // The lease lapses on its own after the lease TTL.

@@ -60,6 +60,7 @@ use diesel::RunQueryDsl;
 
 use crate::error::{Error, Result};
 use crate::kind::CacheKind;
+use crate::tables::Tables;
 
 /// Most distinct keys (and prefixes) remembered per cache (and shard) while the
 /// database is down; past that, the whole cache is emptied once it answers.
@@ -76,11 +77,12 @@ const NUDGE_EVERY: Duration = Duration::from_millis(100);
 /// nudging the flusher again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
 
-/// Deletes the entries of these keys (as [`Skipped::keys`] holds them).
-pub(crate) type DeleteKeys = fn(&mut PgConnection, &[&[u8]]) -> Result<()>;
+/// Deletes the entries of these keys (as [`Skipped::keys`] holds them) from the
+/// table (schema-qualified).
+pub(crate) type DeleteKeys = fn(&mut PgConnection, &str, &[&[u8]]) -> Result<()>;
 
-/// Deletes the entries under a prefix.
-pub(crate) type DeletePrefix = fn(&mut PgConnection, &str) -> Result<()>;
+/// Deletes the entries under a prefix from the table (schema-qualified).
+pub(crate) type DeletePrefix = fn(&mut PgConnection, &str, &str) -> Result<()>;
 
 /// The undo of a skipped write or delete: made by the table that skipped it,
 /// remembered and replayed by the engine once the database answers (plumbing of
@@ -190,20 +192,21 @@ impl Pending {
         };
     }
 
-    /// Runs the deletes on `conn`.
-    fn replay(&self, kind: CacheKind, conn: &mut PgConnection) -> Result<()> {
+    /// Runs the deletes on `conn`, on `kind`'s table among `tables`.
+    fn replay(&self, kind: CacheKind, tables: &Tables, conn: &mut PgConnection) -> Result<()> {
+        let table = tables.of(kind);
         if self.whole {
-            return delete_whole(kind, conn);
+            return delete_whole(kind, table, conn);
         }
         if let Some(delete) = self.delete_prefix {
             for prefix in &self.prefixes {
-                delete(conn, prefix)?;
+                delete(conn, table, prefix)?;
             }
         }
         if let Some(delete) = self.delete_keys {
             let keys: Vec<&[u8]> = self.keys.iter().map(|k| &k[..]).collect();
             for batch in keys.chunks(REPLAY_BATCH) {
-                delete(conn, batch)?;
+                delete(conn, table, batch)?;
             }
         }
         Ok(())
@@ -213,12 +216,10 @@ impl Pending {
 /// Empties a cache's table in statements of at most [`REPLAY_BATCH`] rows (each
 /// within the statement timeout however large the table), until one comes back
 /// short. A `DELETE`, so the near-cache triggers log every key it removes.
-fn delete_whole(kind: CacheKind, conn: &mut PgConnection) -> Result<()> {
-    let descriptor = kind.descriptor();
+fn delete_whole(kind: CacheKind, table: &str, conn: &mut PgConnection) -> Result<()> {
     let sql = format!(
-        "DELETE FROM {t} WHERE {k} IN (SELECT {k} FROM {t} LIMIT $1)",
-        t = descriptor.table,
-        k = descriptor.key
+        "DELETE FROM {table} WHERE {k} IN (SELECT {k} FROM {table} LIMIT $1)",
+        k = kind.descriptor().key
     );
     loop {
         let removed = diesel::sql_query(&sql)
@@ -400,9 +401,14 @@ impl SkippedWrites {
     }
 
     /// Replays `kind`'s undos on `conn` if they are there to take.
-    fn replay_kind(&self, kind: CacheKind, conn: &mut PgConnection) -> Option<Result<()>> {
+    fn replay_kind(
+        &self,
+        kind: CacheKind,
+        tables: &Tables,
+        conn: &mut PgConnection,
+    ) -> Option<Result<()>> {
         let taken = self.take(&mut self.lock(), kind)?;
-        let result = taken.replay(kind, conn);
+        let result = taken.replay(kind, tables, conn);
         self.finish(kind, taken, &result);
         Some(result)
     }
@@ -412,11 +418,11 @@ impl SkippedWrites {
     ///
     /// # Errors
     /// The first cache's failure; the others are still tried.
-    pub(crate) fn replay(&self, conn: &mut PgConnection) -> Result<()> {
+    pub(crate) fn replay(&self, tables: &Tables, conn: &mut PgConnection) -> Result<()> {
         let mut first = Ok(());
         for kind in CacheKind::ALL {
             if self.is_pending(kind) {
-                if let Some(Err(error)) = self.replay_kind(kind, conn) {
+                if let Some(Err(error)) = self.replay_kind(kind, tables, conn) {
                     tracing::debug!(cache = %kind, %error, "pgcache: replaying skipped writes failed; will retry");
                     if first.is_ok() {
                         first = Err(error);
@@ -438,6 +444,7 @@ impl SkippedWrites {
     pub(crate) fn settle(
         &self,
         kind: CacheKind,
+        tables: &Tables,
         conn: &mut PgConnection,
         wait: Duration,
         whole_inline: bool,
@@ -450,7 +457,7 @@ impl SkippedWrites {
             if whole_inline || !state.kinds[i].whole {
                 if let Some(taken) = self.take(&mut state, kind) {
                     drop(state);
-                    let result = taken.replay(kind, conn);
+                    let result = taken.replay(kind, tables, conn);
                     self.finish(kind, taken, &result);
                     return result;
                 }
@@ -493,7 +500,7 @@ mod tests {
         Skipped::keys(
             n.map(|i| i.to_string().into_bytes().into_boxed_slice())
                 .collect(),
-            |_, _| Ok(()),
+            |_, _, _| Ok(()),
         )
     }
 

@@ -172,7 +172,7 @@ fn read_one<T: TypedTable>(
     if !table.table.stores(key) {
         return Ok(None);
     }
-    let found = LiveRows::<T, _>::new(digest.as_bytes().as_slice())
+    let found = LiveRows::<T, _>::new(table.table(), digest.as_bytes().as_slice())
         .get_result::<T::Stored>(conn)
         .optional()?
         .map(|stored| T::decode(stored).1)
@@ -201,7 +201,7 @@ fn read_many<T: TypedTable>(
         .collect();
     let mut by_digest = HashMap::with_capacity(wanted.len());
     if !wanted.is_empty() {
-        for stored in LiveRows::<T, _>::new(wanted).load::<T::Stored>(conn)? {
+        for stored in LiveRows::<T, _>::new(table.table(), wanted).load::<T::Stored>(conn)? {
             let (hash, entry) = T::decode(stored);
             if let Some(digest) = KeyDigest::from_slice(&hash) {
                 by_digest.insert(digest, entry);
@@ -234,16 +234,20 @@ fn count_hits<E>(cluster: &Cluster, kind: CacheKind, digests: &[KeyDigest], foun
 }
 
 /// `SELECT * FROM <table> WHERE key_hash = $1` (one digest, a plain index probe) or
-/// `= ANY($1)` (many) `AND expires_at > statement_timestamp()`. With a static query
-/// id per table and shape, Diesel prepares it once per connection.
-struct LiveRows<T, D> {
+/// `= ANY($1)` (many) `AND expires_at > statement_timestamp()`. Cached by its text
+/// (which names the schema, see `Prepared` in `caches/common.rs`): Diesel prepares
+/// it once per connection.
+struct LiveRows<'n, T, D> {
+    /// The table, schema-qualified.
+    name: &'n str,
     digests: D,
     table: PhantomData<T>,
 }
 
-impl<T, D> LiveRows<T, D> {
-    fn new(digests: D) -> Self {
+impl<'n, T, D> LiveRows<'n, T, D> {
+    fn new(name: &'n str, digests: D) -> Self {
         LiveRows {
+            name,
             digests,
             table: PhantomData,
         }
@@ -252,17 +256,10 @@ impl<T, D> LiveRows<T, D> {
 
 /// How the digests are bound: one, or an array.
 trait DigestParam {
-    /// Names the shape in the statement's query id.
-    type Shape: 'static;
     fn walk<'b>(&'b self, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()>;
 }
 
-/// The query id of [`LiveRows`]: its table and shape.
-struct LiveRowsId<Table, Shape>(PhantomData<(Table, Shape)>);
-
 impl DigestParam for &[u8] {
-    type Shape = [u8; 1];
-
     fn walk<'b>(&'b self, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         out.push_sql(" = ");
         out.push_bind_param::<Bytea, _>(self)
@@ -270,7 +267,6 @@ impl DigestParam for &[u8] {
 }
 
 impl DigestParam for Vec<&[u8]> {
-    type Shape = Vec<u8>;
     fn walk<'b>(&'b self, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         out.push_sql(" = ANY(");
         out.push_bind_param::<Array<Bytea>, _>(self)?;
@@ -279,10 +275,10 @@ impl DigestParam for Vec<&[u8]> {
     }
 }
 
-impl<T: TypedTable, D: DigestParam> QueryFragment<Pg> for LiveRows<T, D> {
+impl<T: TypedTable, D: DigestParam> QueryFragment<Pg> for LiveRows<'_, T, D> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         out.push_sql("SELECT * FROM ");
-        out.push_sql(T::CACHE.table());
+        out.push_sql(self.name);
         out.push_sql(" WHERE key_hash");
         self.digests.walk(&mut out)?;
         out.push_sql(" AND expires_at > statement_timestamp()");
@@ -290,16 +286,16 @@ impl<T: TypedTable, D: DigestParam> QueryFragment<Pg> for LiveRows<T, D> {
     }
 }
 
-impl<T: TypedTable, D: DigestParam> QueryId for LiveRows<T, D> {
-    type QueryId = LiveRowsId<T::Stored, D::Shape>;
-    const HAS_STATIC_QUERY_ID: bool = true;
+impl<T: TypedTable, D: DigestParam> QueryId for LiveRows<'_, T, D> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
 }
 
-impl<T, D> Query for LiveRows<T, D> {
+impl<T, D> Query for LiveRows<'_, T, D> {
     type SqlType = Untyped;
 }
 
-impl<T, D, Conn> RunQueryDsl<Conn> for LiveRows<T, D> {}
+impl<T, D, Conn> RunQueryDsl<Conn> for LiveRows<'_, T, D> {}
 
 /// Every typed table is a cache's storage (and so a [`Cache`](crate::Cache)).
 impl<T: TypedTable> Storage for TypedCache<'_, T> {
@@ -360,12 +356,12 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
             .iter()
             .map(|d| Box::from(&d.as_bytes()[..]))
             .collect();
-        Skipped::keys(keys, |conn, keys| {
+        Skipped::keys(keys, |conn, table, keys| {
             let digests: Vec<KeyDigest> = keys
                 .iter()
                 .filter_map(|k| KeyDigest::from_slice(k))
                 .collect();
-            Ok(delete_digests(conn, T::CACHE, &digests).map(drop)?)
+            Ok(delete_digests(conn, table, &digests).map(drop)?)
         })
     }
 
@@ -394,7 +390,7 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
             .filter(|r| self.table.stores(r.key))
             .cloned()
             .collect();
-        write_rows::<T>(conn, &stored, ttl)?;
+        write_rows::<T>(conn, self.table(), &stored, ttl)?;
         Ok(())
     }
 
@@ -404,7 +400,7 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
         _keys: &[&T::Key],
         digests: &[KeyDigest],
     ) -> Result<u64> {
-        Ok(delete_digests(conn, T::CACHE, digests)?)
+        Ok(delete_digests(conn, self.table(), digests)?)
     }
 
     fn near_key(_key: &T::Key, digest: &KeyDigest) -> NearKey {
@@ -463,12 +459,14 @@ fn near_read<T: TypedTable>(entry: T::Entry) -> NearRead<T::Entry> {
 
 /// Upserts rows with distinct keys, in key order, in as few statements as the
 /// byte budget allows (several in one transaction, so all or none).
+/// `table`: `T`'s, schema-qualified.
 pub(crate) fn write_rows<T: TypedTable>(
     conn: &mut PgConnection,
+    table: &str,
     rows: &[Row<'_, T>],
     ttl: PgInterval,
 ) -> QueryResult<usize> {
     write_batches(conn, rows, T::row_bytes, |conn, rows| {
-        UnnestUpsert::new(rows, T::columns(rows), ttl).execute(conn)
+        UnnestUpsert::new(table, rows, T::columns(rows), ttl).execute(conn)
     })
 }

@@ -123,7 +123,7 @@ fn failed_cleanup_is_returned_and_recorded() {
     db.exec("DROP TABLE vector_search_cache");
     let err = db.cache.cleanup().unwrap_err();
     assert!(
-        matches!(&err, Error::MissingTable { table } if table == "vector_search_cache"),
+        matches!(&err, Error::MissingTable { table } if table.ends_with(".vector_search_cache")),
         "{err}"
     );
     assert_eq!(

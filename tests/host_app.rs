@@ -11,7 +11,7 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use pgcache::{Cache, CacheConfig, CacheManager, Error};
 use serde_json::json;
 
-use common::database_url;
+use common::{database_url, FreshDatabase};
 
 /// The host application's own migrations.
 const APP_MIGRATIONS: EmbeddedMigrations = embed_migrations!("tests/app_migrations");
@@ -38,40 +38,6 @@ fn text(conn: &mut PgConnection, sql: &str) -> String {
 
 fn count(conn: &mut PgConnection, sql: &str) -> i64 {
     diesel::sql_query(sql).get_result::<N>(conn).unwrap().n
-}
-
-/// A database of its own (the default schema `pgcache` is shared by name), dropped
-/// afterwards.
-struct FreshDatabase {
-    name: String,
-    url: String,
-}
-
-impl FreshDatabase {
-    fn new() -> Self {
-        let name = format!("pgcache_app_{}", uuid::Uuid::new_v4().simple());
-        PgConnection::establish(&database_url())
-            .unwrap()
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .unwrap();
-        let mut url = url::Url::parse(&database_url()).unwrap();
-        url.set_path(&name);
-        FreshDatabase {
-            name,
-            url: url.into(),
-        }
-    }
-}
-
-impl Drop for FreshDatabase {
-    fn drop(&mut self) {
-        if let Ok(mut conn) = PgConnection::establish(&database_url()) {
-            let _ = conn.batch_execute(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.name
-            ));
-        }
-    }
 }
 
 #[test]
@@ -285,14 +251,12 @@ fn a_manager_over_the_apps_pool_caches_and_leaves_the_apps_names_first() {
         ),
         1
     );
-    // Every app connection keeps its own settings, its schema first.
+    // Every app connection keeps its own settings, its search path untouched:
+    // the cache's statements name their schema.
     for _ in 0..3 {
         let mut conn = app.pool.get().unwrap();
         let path = text(&mut conn, "SELECT current_setting('search_path') AS line");
-        assert!(
-            path.trim_start_matches('"').starts_with(&app.schema),
-            "{path}"
-        );
+        assert_eq!(path.trim_matches('"'), app.schema);
         assert_eq!(
             text(
                 &mut conn,
@@ -320,21 +284,29 @@ fn a_manager_over_the_apps_pool_caches_and_leaves_the_apps_names_first() {
 }
 
 #[test]
-fn a_manager_over_the_apps_pool_refuses_an_app_table_hiding_a_cache_table() {
-    let app = App::new("CREATE TABLE cache_entries (id INT);");
-    let err = CacheManager::with_pool(
+fn an_app_table_named_like_a_cache_table_is_left_alone_by_a_manager_over_the_apps_pool() {
+    let app =
+        App::new("CREATE TABLE cache_entries (id INT); INSERT INTO cache_entries VALUES (1);");
+    let cache = CacheManager::with_pool(
         app.pool.clone(),
         cache_config(&app.cache_schema).build().unwrap(),
     )
-    .unwrap_err();
-    assert!(
-        matches!(&err, Error::Config { setting, .. } if setting == "schema"),
-        "{err}"
+    .unwrap();
+    cache.kv().set("k", &json!(1)).unwrap();
+    assert_eq!(cache.kv().get("k").unwrap(), Some(json!(1)));
+    assert_eq!(
+        cache
+            .clear(None)
+            .unwrap()
+            .iter()
+            .map(|(_, n)| n)
+            .sum::<u64>(),
+        1
     );
-    assert!(
-        err.to_string()
-            .contains(&format!("{}.cache_entries", app.schema)),
-        "{err}"
+    let mut conn = app.pool.get().unwrap();
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) AS n FROM cache_entries"),
+        1
     );
 }
 

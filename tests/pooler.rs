@@ -616,7 +616,6 @@ fn a_statement_through_the_pooler_left_waiting_is_cut_without_a_server_timeout()
 }
 
 #[test]
-#[ignore = "needs schema-qualified statements (issue 21 item 1)"]
 fn every_operation_works_through_a_pooler_whatever_the_search_path() {
     let db = Pooled::on_path(false, near);
     wait_current(db.cache());

@@ -105,7 +105,7 @@ impl AudioChunkCache<'_> {
             self.cluster(),
             AudioChunkTable::CACHE,
             HitStats::empty(),
-            |conn| hit_stats(conn, AudioChunkTable::CACHE, top),
+            |conn, table| hit_stats(conn, AudioChunkTable::CACHE, table, top),
         )?;
         Ok(HitStats::merge(parts, top))
     }
@@ -145,7 +145,16 @@ impl AudioChunkCache<'_> {
                 Op::Evict,
                 EvictionReport::default(),
                 || None,
-                |conn| Ok(evict(conn, CacheKind::AudioChunk, &limits, &mut |_| {})?),
+                |conn| {
+                    let table = engine.tables().of(CacheKind::AudioChunk);
+                    Ok(evict(
+                        conn,
+                        CacheKind::AudioChunk,
+                        table,
+                        &limits,
+                        &mut |_| {},
+                    )?)
+                },
             )
         })?;
         let report = EvictionReport::merge(reports);
@@ -557,11 +566,22 @@ impl AudioChunkCache<'_> {
 /// rows as `None`).
 pub(crate) fn delete_owner(
     conn: &mut PgConnection,
+    table: &str,
     user: Uuid,
 ) -> QueryResult<Vec<Option<String>>> {
-    diesel::delete(audio_chunk_cache::table.filter(audio_chunk_cache::owner_id.eq(user)))
-        .returning(audio_chunk_cache::storage_path)
-        .get_results(conn)
+    #[derive(QueryableByName)]
+    struct Released {
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        storage_path: Option<String>,
+    }
+    let released: Vec<Released> = diesel::sql_query(format!(
+        "DELETE FROM {table} WHERE {} = $1 RETURNING {}",
+        audio_chunk_cache::owner_id::NAME,
+        audio_chunk_cache::storage_path::NAME
+    ))
+    .bind::<diesel::sql_types::Uuid, _>(user)
+    .load(conn)?;
+    Ok(released.into_iter().map(|r| r.storage_path).collect())
 }
 
 /// Inline audio in JSON: base64 (an array of numbers, as a JSON byte array would

@@ -14,7 +14,6 @@ use diesel::Column;
 use crate::error::{Error, Result};
 use crate::expiry::ExpiresIn;
 use crate::key::KeyDigest;
-use crate::kind::CacheKind;
 use crate::migrations::{STAMP_END, STAMP_THEN, STAMP_WHEN};
 use crate::table::{Row, TypedTable};
 use crate::validation::check_text;
@@ -31,14 +30,14 @@ pub(crate) fn check_name(what: &'static str, value: &str) -> Result<()> {
     check_text(what, value)
 }
 
-/// Deletes the rows of `kind`'s table with these digests; returns how many of them
+/// Deletes the rows of `table` (schema-qualified, from
+/// [`Tables`](crate::tables::Tables)) with these digests; returns how many of them
 /// were live. The rows are locked in key order first, the order every batch upsert
 /// takes too: a plan that visits them in another order (a bitmap scan, in physical
-/// order) could deadlock against a concurrent `set_many`. The table name comes from
-/// the closed [`CacheKind`] enum, never from input.
+/// order) could deadlock against a concurrent `set_many`.
 pub(crate) fn delete_digests(
     conn: &mut PgConnection,
-    kind: CacheKind,
+    table: &str,
     digests: &[KeyDigest],
 ) -> QueryResult<u64> {
     #[derive(QueryableByName)]
@@ -46,15 +45,33 @@ pub(crate) fn delete_digests(
         #[diesel(sql_type = Bool)]
         live: bool,
     }
-    let removed: Vec<Live> = diesel::sql_query(format!(
-        "DELETE FROM {t} WHERE key_hash IN (SELECT key_hash FROM {t} \
-         WHERE key_hash = ANY($1) ORDER BY key_hash FOR UPDATE) \
-         RETURNING expires_at > statement_timestamp() AS live",
-        t = kind.table()
-    ))
-    .bind::<Array<Bytea>, _>(digest_params(digests))
+    let digests = digest_params(digests);
+    let digests = Param::<Array<Bytea>, _>::new(&digests);
+    let removed: Vec<Live> = Prepared::new(
+        table,
+        &[
+            "DELETE FROM {t} WHERE key_hash IN (SELECT key_hash FROM {t} \
+             WHERE key_hash = ANY(",
+            ") ORDER BY key_hash FOR UPDATE) \
+             RETURNING expires_at > statement_timestamp() AS live",
+        ],
+        vec![&digests],
+    )
     .load(conn)?;
     Ok(removed.iter().filter(|r| r.live).count() as u64)
+}
+
+/// Deletes the rows of `table` (schema-qualified) whose `column` (its owner:
+/// `owner_id`, or `user_id` for searches) is `user`; returns how many.
+pub(crate) fn delete_owned(
+    conn: &mut PgConnection,
+    table: &str,
+    column: &str,
+    user: uuid::Uuid,
+) -> QueryResult<usize> {
+    diesel::sql_query(format!("DELETE FROM {table} WHERE {column} = $1"))
+        .bind::<diesel::sql_types::Uuid, _>(user)
+        .execute(conn)
 }
 
 /// The digests as bind parameters for `key_hash = ANY($1)`.
@@ -105,23 +122,23 @@ fn split_by_size<R>(rows: &[R], size: impl Fn(&R) -> usize, max: usize) -> Vec<&
 /// `INSERT INTO t (key_hash, cols, expires_at) SELECT u.*, statement_timestamp() + $ttl
 /// FROM unnest($1, ...) ON CONFLICT (key_hash) DO UPDATE SET ...`: the rows travel as
 /// one array per column (their digests, then `A`, a tuple of [`ColumnArray`]s), so the
-/// text is the same for any batch size. With its static query id it is prepared once
-/// per connection and found again by type, which Diesel never does for its own
-/// `ON CONFLICT`, nullable or multi-row inserts.
+/// text is the same for any batch size. Diesel caches it by that text (which names
+/// the schema), so it is prepared once per connection, which Diesel never does for
+/// its own `ON CONFLICT`, nullable or multi-row inserts.
 pub(crate) struct UnnestUpsert<'r, T, A> {
+    /// The table, schema-qualified.
+    name: &'r str,
     digests: Vec<&'r [u8]>,
     arrays: A,
     expires: ExpiresIn,
     table: PhantomData<T>,
 }
 
-/// The query id of an [`UnnestUpsert`]: its table and array types.
-pub(crate) struct UnnestUpsertId<Table, A>(PhantomData<(Table, A)>);
-
 impl<'r, T: TypedTable, A> UnnestUpsert<'r, T, A> {
     /// Upserts `rows` with their other columns in `arrays`.
-    pub(crate) fn new(rows: &'r [Row<'_, T>], arrays: A, ttl: PgInterval) -> Self {
+    pub(crate) fn new(name: &'r str, rows: &'r [Row<'_, T>], arrays: A, ttl: PgInterval) -> Self {
         UnnestUpsert {
+            name,
             digests: rows
                 .iter()
                 .map(|r| r.digest.as_bytes().as_slice())
@@ -141,7 +158,7 @@ where
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         let table = T::CACHE.descriptor();
         out.push_sql("INSERT INTO ");
-        out.push_sql(table.table);
+        out.push_sql(self.name);
         out.push_sql(" (key_hash, ");
         for column in A::NAMES {
             out.push_sql(column);
@@ -171,16 +188,16 @@ where
         // the old row under the table's name.)
         out.push_sql(", ");
         out.push_sql(STAMP_WHEN);
-        out.push_sql(table.table);
+        out.push_sql(self.name);
         out.push_sql(".expires_at > statement_timestamp() AND ((");
-        push_payload(&mut out, table.table, table.near_payload);
+        push_payload(&mut out, self.name, table.near_payload);
         out.push_sql(") IS DISTINCT FROM (");
         push_payload(&mut out, "excluded", table.near_payload);
         out.push_sql(") OR excluded.expires_at < ");
-        out.push_sql(table.table);
+        out.push_sql(self.name);
         out.push_sql(".expires_at)");
         out.push_sql(STAMP_THEN);
-        out.push_sql(table.table);
+        out.push_sql(self.name);
         out.push_sql(STAMP_END);
         Ok(())
     }
@@ -198,31 +215,51 @@ fn push_payload(out: &mut AstPass<'_, '_, Pg>, row: &str, columns: &[&str]) {
     }
 }
 
+// Cached by its text, which names the schema (see `Prepared`).
 impl<T: TypedTable, A: QueryId> QueryId for UnnestUpsert<'_, T, A> {
-    type QueryId = UnnestUpsertId<T::Stored, A::QueryId>;
-    const HAS_STATIC_QUERY_ID: bool = A::HAS_STATIC_QUERY_ID;
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
 }
 
 impl<T, A, Conn> RunQueryDsl<Conn> for UnnestUpsert<'_, T, A> {}
 
-/// A hand-written statement whose text never changes, named by `Tag` so Diesel
-/// prepares it once per connection and finds it again by type (it never caches
-/// `diesel::sql_query`, whose text could change). The text is given in pieces, one
-/// parameter between each two.
-pub(crate) struct Prepared<'q, Tag> {
+/// The token a [`Prepared`] statement's pieces write for its table.
+pub(crate) const TABLE: &str = "{t}";
+
+/// A hand-written statement whose text is fixed but for its table (written
+/// [`TABLE`], replaced by the schema-qualified name from
+/// [`Tables`](crate::tables::Tables)). Diesel caches it by its text (no static query
+/// id: managers with different schemas may share a connection), so it is prepared
+/// once per connection and schema; `diesel::sql_query` it never caches. The text
+/// is given in pieces, one parameter between each two.
+pub(crate) struct Prepared<'q> {
+    table: &'q str,
     pieces: &'static [&'static str],
     params: Vec<&'q dyn BindParam>,
-    tag: PhantomData<Tag>,
 }
 
-impl<'q, Tag> Prepared<'q, Tag> {
-    pub(crate) fn new(pieces: &'static [&'static str], params: Vec<&'q dyn BindParam>) -> Self {
+impl<'q> Prepared<'q> {
+    pub(crate) fn new(
+        table: &'q str,
+        pieces: &'static [&'static str],
+        params: Vec<&'q dyn BindParam>,
+    ) -> Self {
         debug_assert_eq!(pieces.len(), params.len() + 1);
         Prepared {
+            table,
             pieces,
             params,
-            tag: PhantomData,
         }
+    }
+}
+
+/// Pushes `sql` with every [`TABLE`] token replaced by `table`.
+pub(crate) fn push_with_table(out: &mut AstPass<'_, '_, Pg>, sql: &str, table: &str) {
+    for (i, part) in sql.split(TABLE).enumerate() {
+        if i > 0 {
+            out.push_sql(table);
+        }
+        out.push_sql(part);
     }
 }
 
@@ -250,10 +287,10 @@ where
     }
 }
 
-impl<Tag> QueryFragment<Pg> for Prepared<'_, Tag> {
+impl QueryFragment<Pg> for Prepared<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         for (i, piece) in self.pieces.iter().enumerate() {
-            out.push_sql(piece);
+            push_with_table(&mut out, piece, self.table);
             if let Some(param) = self.params.get(i) {
                 param.bind(&mut out)?;
             }
@@ -262,16 +299,16 @@ impl<Tag> QueryFragment<Pg> for Prepared<'_, Tag> {
     }
 }
 
-impl<Tag: 'static> QueryId for Prepared<'_, Tag> {
-    type QueryId = Tag;
-    const HAS_STATIC_QUERY_ID: bool = true;
+impl QueryId for Prepared<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
 }
 
-impl<Tag> diesel::query_builder::Query for Prepared<'_, Tag> {
+impl diesel::query_builder::Query for Prepared<'_> {
     type SqlType = diesel::sql_types::Untyped;
 }
 
-impl<Tag, Conn> RunQueryDsl<Conn> for Prepared<'_, Tag> {}
+impl<Conn> RunQueryDsl<Conn> for Prepared<'_> {}
 
 /// One column of a batch: the values of Diesel column `C` bound as one array (`E`),
 /// so the column's name and SQL type come from the generated schema.

@@ -18,7 +18,7 @@ use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::common::{check_name, column, UpsertColumns};
+use super::common::{check_name, column, delete_owned, UpsertColumns};
 use crate::cache::{Cache, Storage};
 use crate::error::{Error, Result};
 use crate::key::{KeyDigest, KeyHasher};
@@ -253,12 +253,23 @@ impl TypedTable for EmbeddingTable {
     }
 }
 
-/// Deletes every embedding of `model`; returns the rows removed.
-pub(crate) fn delete_model(conn: &mut PgConnection, model: &str) -> QueryResult<usize> {
-    diesel::delete(embedding_cache::table.filter(embedding_cache::model.eq(model))).execute(conn)
+/// Deletes every embedding of `model` from `table` (schema-qualified); returns the
+/// rows removed.
+pub(crate) fn delete_model(
+    conn: &mut PgConnection,
+    table: &str,
+    model: &str,
+) -> QueryResult<usize> {
+    diesel::sql_query(format!(
+        "DELETE FROM {table} WHERE {} = $1",
+        embedding_cache::model::NAME
+    ))
+    .bind::<diesel::sql_types::Text, _>(model)
+    .execute(conn)
 }
 
-/// Deletes every embedding owned by `user`; returns the rows removed.
-pub(crate) fn delete_owner(conn: &mut PgConnection, user: Uuid) -> QueryResult<usize> {
-    diesel::delete(embedding_cache::table.filter(embedding_cache::owner_id.eq(user))).execute(conn)
+/// Deletes every embedding owned by `user` from `table` (schema-qualified);
+/// returns the rows removed.
+pub(crate) fn delete_owner(conn: &mut PgConnection, table: &str, user: Uuid) -> QueryResult<usize> {
+    delete_owned(conn, table, embedding_cache::owner_id::NAME, user)
 }

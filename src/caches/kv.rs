@@ -10,12 +10,11 @@ use diesel::data_types::PgInterval;
 use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{Array, BigInt, Binary, Jsonb, Nullable, Text, Untyped};
-use diesel::PgJsonbExpressionMethods;
+use diesel::sql_types::{Array, BigInt, Binary, Jsonb, Nullable, Text, Timestamptz, Untyped};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::common::{write_batches, Param, Prepared};
+use super::common::{push_with_table, write_batches, Param, Prepared};
 use crate::cache::{
     distinct_in_write_order, store_rows, write_rows_in, Cache, Handle, NearRead, Storage,
 };
@@ -23,14 +22,13 @@ use crate::cluster::Cluster;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::expiry::ttl_interval;
-use crate::expiry::{db_now, ExpiresIn};
+use crate::expiry::ExpiresIn;
 use crate::jsonb::{JsonbIn, JsonbOut, JsonbText};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::metrics::Op;
 use crate::migrations::change_stamp;
 use crate::near::{NearKey, NearValue};
-use crate::schema::cache_entries;
 use crate::skipped::Skipped;
 use crate::validation::check_key;
 
@@ -122,6 +120,11 @@ impl<'a, V> KvCache<'a, V> {
         Ok(kv_digest(key))
     }
 
+    /// The kv table, schema-qualified.
+    fn table(&self) -> &'a str {
+        self.handle.front().tables().of(CacheKind::Kv)
+    }
+
     /// The engine of the shard holding `key`.
     fn engine(&self, key: &str) -> &'a Engine {
         self.handle.cluster.engine_for(|| kv_digest(key))
@@ -135,7 +138,7 @@ impl<'a, V> KvCache<'a, V> {
         check_key(key)?;
         self.engine(key)
             .read(CacheKind::Kv, Op::Exists, false, |conn| {
-                Ok(remaining(conn, key)?.is_some())
+                Ok(remaining(conn, self.table(), key)?.is_some())
             })
     }
 
@@ -146,7 +149,7 @@ impl<'a, V> KvCache<'a, V> {
     pub fn ttl(&self, key: &str) -> Result<Option<Duration>> {
         check_key(key)?;
         self.engine(key).read(CacheKind::Kv, Op::Ttl, None, |conn| {
-            Ok(remaining(conn, key)?
+            Ok(remaining(conn, self.table(), key)?
                 .map(|(expires, now)| (expires - now).to_std().unwrap_or(Duration::ZERO)))
         })
     }
@@ -166,19 +169,15 @@ impl<'a, V> KvCache<'a, V> {
             || None,
             |conn| {
                 // Hand-written for the statement cache, as `get_touch`.
-                struct Touch;
                 let (key, interval) = (
                     Param::<Text, _>::new(key),
                     Param::<diesel::sql_types::Interval, _>::new(interval),
                 );
-                let touched = Prepared::<Touch>::new(
+                let touched = Prepared::new(
+                    self.table(),
                     &[
-                        "UPDATE cache_entries SET expires_at = statement_timestamp() + ",
-                        concat!(
-                            ", ",
-                            change_stamp!("cache_entries", "true"),
-                            " WHERE key = "
-                        ),
+                        "UPDATE {t} SET expires_at = statement_timestamp() + ",
+                        concat!(", ", change_stamp!("{t}", "true"), " WHERE key = "),
                         " AND expires_at > statement_timestamp()",
                     ],
                     vec![&interval, &key],
@@ -207,8 +206,8 @@ impl<'a, V> KvCache<'a, V> {
                 Op::DeletePrefix,
                 0,
                 || {
-                    Some(Skipped::prefix(prefix.to_owned(), |conn, prefix| {
-                        Ok(delete_prefix(conn, prefix).map(drop)?)
+                    Some(Skipped::prefix(prefix.to_owned(), |conn, table, prefix| {
+                        Ok(delete_prefix(conn, table, prefix).map(drop)?)
                     }))
                 },
                 |conn| self.delete_prefix_in(conn, prefix),
@@ -228,7 +227,7 @@ impl<'a, V> KvCache<'a, V> {
         if !self.handle.front().is_enabled() {
             return Ok(0);
         }
-        Ok(delete_prefix(conn, prefix)? as u64)
+        Ok(delete_prefix(conn, self.table(), prefix)? as u64)
     }
 
     /// Deletes every entry of the key/value cache; returns how many rows were removed.
@@ -236,15 +235,19 @@ impl<'a, V> KvCache<'a, V> {
     /// # Errors
     /// A connection or database error.
     pub fn clear(&self) -> Result<u64> {
-        let removed = self.handle.cluster.all(|engine| {
-            engine.write(
-                CacheKind::Kv,
-                Op::Clear,
-                0,
-                || Some(Skipped::whole()),
-                |conn| Ok(diesel::delete(cache_entries::table).execute(conn)? as u64),
-            )
-        });
+        let removed =
+            self.handle.cluster.all(|engine| {
+                engine.write(
+                    CacheKind::Kv,
+                    Op::Clear,
+                    0,
+                    || Some(Skipped::whole()),
+                    |conn| {
+                        Ok(Prepared::new(self.table(), &["DELETE FROM {t}"], vec![])
+                            .execute(conn)? as u64)
+                    },
+                )
+            });
         self.evict_all_near();
         Ok(removed?.into_iter().sum())
     }
@@ -276,16 +279,16 @@ impl<V> KvCache<'_, V> {
             // A value that is not an integer, or a sum outside int8, sets NULL: the
             // one-payload constraint then fails the statement, and nothing changes.
             // A live bytes entry is not updated at all: no row comes back.
-            struct Incr;
             let name = key;
             let (key, delta, interval) = (
                 Param::<Text, _>::new(key),
                 Param::<BigInt, _>::new(delta),
                 Param::<diesel::sql_types::Interval, _>::new(interval),
             );
-            let counted: Option<Counted> = Prepared::<Incr>::new(
+            let counted: Option<Counted> = Prepared::new(
+                self.table(),
                 &[
-                    "INSERT INTO cache_entries AS c (key, value, expires_at) VALUES (",
+                    "INSERT INTO {t} AS c (key, value, expires_at) VALUES (",
                     ", to_jsonb(",
                     "::int8), statement_timestamp() + ",
                     ") ON CONFLICT (key) DO UPDATE SET value = CASE \
@@ -440,42 +443,71 @@ impl<'a, V> KvCache<'a, V> {
 /// bytes) and its expiry.
 type LiveEntry<J> = (Option<J>, Option<Vec<u8>>, DateTime<Utc>);
 
+/// A live entry read with both payload columns.
+#[derive(QueryableByName)]
+struct LiveRow<J> {
+    #[diesel(sql_type = Nullable<Jsonb>)]
+    value: Option<J>,
+    #[diesel(sql_type = Nullable<Binary>)]
+    bytes: Option<Vec<u8>>,
+    #[diesel(sql_type = Timestamptz)]
+    expires_at: DateTime<Utc>,
+}
+
+impl<J> From<LiveRow<J>> for LiveEntry<J> {
+    fn from(row: LiveRow<J>) -> Self {
+        (row.value, row.bytes, row.expires_at)
+    }
+}
+
 /// The one-key read of both kinds of entry, kept in memory or not: each then takes
-/// its own column or reports the other kind.
-fn read_live<J>(conn: &mut PgConnection, key: &str) -> QueryResult<Option<LiveEntry<J>>>
+/// its own column or reports the other kind. `table`: the kv table, qualified.
+fn read_live<J>(
+    conn: &mut PgConnection,
+    table: &str,
+    key: &str,
+) -> QueryResult<Option<LiveEntry<J>>>
 where
     J: diesel::deserialize::FromSql<Jsonb, diesel::pg::Pg> + 'static,
 {
-    // The key is unique: no LIMIT needed (`first` would bind one more parameter).
-    cache_entries::table
-        .filter(cache_entries::key.eq(key))
-        .filter(cache_entries::expires_at.gt(db_now()))
-        .select((
-            cache_entries::value,
-            cache_entries::bytes,
-            cache_entries::expires_at,
-        ))
-        .get_result(conn)
-        .optional()
+    let key = Param::<Text, _>::new(key);
+    let row: Option<LiveRow<J>> = Prepared::new(
+        table,
+        &[
+            "SELECT value, bytes, expires_at FROM {t} WHERE key = ",
+            " AND expires_at > statement_timestamp()",
+        ],
+        vec![&key],
+    )
+    .get_result(conn)
+    .optional()?;
+    Ok(row.map(LiveEntry::from))
 }
 
 /// [`read_live`] for many keys: the live entries among `keys`, each with its key.
 fn read_live_many(
     conn: &mut PgConnection,
+    table: &str,
     keys: &[&str],
 ) -> QueryResult<Vec<(String, LiveEntry<JsonbText>)>> {
-    cache_entries::table
-        .filter(cache_entries::key.eq_any(keys))
-        .filter(cache_entries::expires_at.gt(db_now()))
-        .select((
-            cache_entries::key,
-            (
-                cache_entries::value,
-                cache_entries::bytes,
-                cache_entries::expires_at,
-            ),
-        ))
-        .load(conn)
+    #[derive(QueryableByName)]
+    struct Keyed {
+        #[diesel(sql_type = Text)]
+        key: String,
+        #[diesel(embed)]
+        row: LiveRow<JsonbText>,
+    }
+    let keys = Param::<Array<Text>, _>::new(keys);
+    let rows: Vec<Keyed> = Prepared::new(
+        table,
+        &[
+            "SELECT key, value, bytes, expires_at FROM {t} WHERE key = ANY(",
+            ") AND expires_at > statement_timestamp()",
+        ],
+        vec![&keys],
+    )
+    .load(conn)?;
+    Ok(rows.into_iter().map(|r| (r.key, r.row.into())).collect())
 }
 
 /// Validates bytes entries into rows with distinct keys (the last value of a key
@@ -509,16 +541,35 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
         let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
         let per_shard = self.handle.cluster.all(|engine| {
             engine.read(CacheKind::Kv, Op::FindContaining, Vec::new(), |conn| {
-                let rows: Vec<(String, JsonbIn<V>)> = cache_entries::table
-                    .filter(cache_entries::value.contains(&filter))
-                    .filter(cache_entries::expires_at.gt(db_now()))
-                    .select((cache_entries::key, cache_entries::value.assume_not_null()))
-                    .order(cache_entries::key)
-                    .limit(limit_sql)
-                    .load(conn)?;
+                #[derive(QueryableByName)]
+                struct Found<V> {
+                    #[diesel(sql_type = Text)]
+                    key: String,
+                    #[diesel(sql_type = Jsonb)]
+                    value: JsonbIn<V>,
+                }
+                let (filter, limit) = (
+                    Param::<Jsonb, _>::new(&filter),
+                    Param::<BigInt, _>::new(limit_sql),
+                );
+                let rows: Vec<Found<V>> = Prepared::new(
+                    engine.tables().of(CacheKind::Kv),
+                    &[
+                        "SELECT key, value FROM {t} WHERE value @> ",
+                        " AND expires_at > statement_timestamp() ORDER BY key LIMIT ",
+                        "",
+                    ],
+                    vec![&filter, &limit],
+                )
+                .load(conn)?;
                 Ok(rows
                     .into_iter()
-                    .map(|(key, JsonbIn(v))| (key, v))
+                    .map(
+                        |Found {
+                             key,
+                             value: JsonbIn(v),
+                         }| (key, v),
+                    )
                     .collect::<Vec<_>>())
             })
         })?;
@@ -548,19 +599,19 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
             // Taken by a live entry: neither the insert nor the update writes, so
             // the statement locks nothing and commits nothing. An expired entry is
             // replaced by the update; of racing callers the row lock admits one.
-            struct SetNx;
             let (key, value, interval) = (
                 Param::<Text, _>::new(row.key),
                 Param::<Nullable<Jsonb>, _>::new(row.json()),
                 Param::<diesel::sql_types::Interval, _>::new(interval),
             );
-            let stored: Stored = Prepared::<SetNx>::new(
+            let stored: Stored = Prepared::new(
+                self.table(),
                 &[
-                    "WITH inserted AS (INSERT INTO cache_entries (key, value, expires_at) VALUES (",
+                    "WITH inserted AS (INSERT INTO {t} (key, value, expires_at) VALUES (",
                     ", ",
                     ", statement_timestamp() + ",
                     ") ON CONFLICT (key) DO NOTHING RETURNING true), \
-                     replaced AS (UPDATE cache_entries SET bytes = NULL, value = ",
+                     replaced AS (UPDATE {t} SET bytes = NULL, value = ",
                     ", expires_at = statement_timestamp() + ",
                     ", created_at = now() WHERE key = ",
                     " AND expires_at <= statement_timestamp() \
@@ -589,21 +640,32 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
     pub fn get_del(&self, key: &str) -> Result<Option<V>> {
         check_key(key)?;
         let taken = self.engine(key).exact(CacheKind::Kv, Op::GetDel, |conn| {
+            #[derive(QueryableByName)]
+            struct Taken<V> {
+                #[diesel(sql_type = Jsonb)]
+                value: JsonbIn<V>,
+                #[diesel(sql_type = diesel::sql_types::Bool)]
+                live: bool,
+            }
             // A bytes entry is left alone: reading it as JSON is an error.
-            let taken: Option<(JsonbIn<V>, bool)> = diesel::delete(
-                cache_entries::table
-                    .filter(cache_entries::key.eq(key))
-                    .filter(cache_entries::bytes.is_null()),
+            let param = Param::<Text, _>::new(key);
+            let taken: Option<Taken<V>> = Prepared::new(
+                self.table(),
+                &[
+                    "DELETE FROM {t} WHERE key = ",
+                    " AND bytes IS NULL \
+                     RETURNING value, expires_at > statement_timestamp() AS live",
+                ],
+                vec![&param],
             )
-            .returning((
-                cache_entries::value.assume_not_null(),
-                cache_entries::expires_at.gt(db_now()),
-            ))
             .get_result(conn)
             .optional()?;
             match taken {
-                Some((JsonbIn(value), live)) => Ok(live.then_some(value)),
-                None => refuse_bytes(conn, key).map(|()| None),
+                Some(Taken {
+                    value: JsonbIn(value),
+                    live,
+                }) => Ok(live.then_some(value)),
+                None => refuse_bytes(conn, self.table(), key).map(|()| None),
             }
         })?;
         self.evict_near(key);
@@ -633,20 +695,16 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
                 // Hand-written: Diesel prepares an UPDATE anew on every call (it
                 // keeps no UPDATE in its statement cache), which cost a quarter more
                 // than the statement itself. `touch` likewise.
-                struct GetTouch;
                 let name = key;
                 let (key, interval) = (
                     Param::<Text, _>::new(key),
                     Param::<diesel::sql_types::Interval, _>::new(interval),
                 );
-                let found: Option<Touched<V>> = Prepared::<GetTouch>::new(
+                let found: Option<Touched<V>> = Prepared::new(
+                    self.table(),
                     &[
-                        "UPDATE cache_entries SET expires_at = statement_timestamp() + ",
-                        concat!(
-                            ", ",
-                            change_stamp!("cache_entries", "true"),
-                            " WHERE key = "
-                        ),
+                        "UPDATE {t} SET expires_at = statement_timestamp() + ",
+                        concat!(", ", change_stamp!("{t}", "true"), " WHERE key = "),
                         " AND expires_at > statement_timestamp() AND bytes IS NULL \
                          RETURNING value",
                     ],
@@ -658,7 +716,7 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
                     Some(Touched {
                         value: JsonbIn(value),
                     }) => Ok(Some(value)),
-                    None => refuse_bytes(conn, name).map(|()| None),
+                    None => refuse_bytes(conn, self.table(), name).map(|()| None),
                 }
             },
         )
@@ -685,18 +743,27 @@ fn kv_digest(key: &str) -> KeyDigest {
     KeyHasher::new("kv").text(key).finish()
 }
 
-/// Deletes every entry whose key starts with `prefix` (checked by the caller); an
-/// index range scan, with `%` and `_` as ordinary characters.
-pub(crate) fn delete_prefix(conn: &mut PgConnection, prefix: &str) -> QueryResult<usize> {
+/// Deletes every entry whose key starts with `prefix` (checked by the caller) from
+/// `table` (the kv table, qualified); an index range scan, with `%` and `_` as
+/// ordinary characters.
+pub(crate) fn delete_prefix(
+    conn: &mut PgConnection,
+    table: &str,
+    prefix: &str,
+) -> QueryResult<usize> {
+    let from = Param::<Text, _>::new(prefix);
     match prefix_upper_bound(prefix) {
-        Some(upper) => diesel::delete(
-            cache_entries::table
-                .filter(cache_entries::key.ge(prefix))
-                .filter(cache_entries::key.lt(upper)),
-        )
-        .execute(conn),
+        Some(upper) => {
+            let upper = Param::<Text, _>::new(upper);
+            Prepared::new(
+                table,
+                &["DELETE FROM {t} WHERE key >= ", " AND key < ", ""],
+                vec![&from, &upper],
+            )
+            .execute(conn)
+        }
         None => {
-            diesel::delete(cache_entries::table.filter(cache_entries::key.ge(prefix))).execute(conn)
+            Prepared::new(table, &["DELETE FROM {t} WHERE key >= ", ""], vec![&from]).execute(conn)
         }
     }
 }
@@ -704,27 +771,49 @@ pub(crate) fn delete_prefix(conn: &mut PgConnection, prefix: &str) -> QueryResul
 /// `(expires_at, now())` of a live entry.
 fn remaining(
     conn: &mut PgConnection,
+    table: &str,
     key: &str,
 ) -> QueryResult<Option<(DateTime<Utc>, DateTime<Utc>)>> {
-    cache_entries::table
-        .filter(cache_entries::key.eq(key))
-        .filter(cache_entries::expires_at.gt(db_now()))
-        .select((cache_entries::expires_at, db_now()))
-        .first(conn)
-        .optional()
+    #[derive(QueryableByName)]
+    struct Remaining {
+        #[diesel(sql_type = Timestamptz)]
+        expires_at: DateTime<Utc>,
+        #[diesel(sql_type = Timestamptz)]
+        now: DateTime<Utc>,
+    }
+    let key = Param::<Text, _>::new(key);
+    let found: Option<Remaining> = Prepared::new(
+        table,
+        &[
+            "SELECT expires_at, statement_timestamp() AS now FROM {t} WHERE key = ",
+            " AND expires_at > statement_timestamp()",
+        ],
+        vec![&key],
+    )
+    .get_result(conn)
+    .optional()?;
+    Ok(found.map(|r| (r.expires_at, r.now)))
 }
 
 /// [`Error::WrongType`] if `key` holds a live bytes entry: what a JSON operation
 /// that found no JSON entry reports, rather than a miss.
-fn refuse_bytes(conn: &mut PgConnection, key: &str) -> Result<()> {
-    let bytes: bool = diesel::select(diesel::dsl::exists(
-        cache_entries::table
-            .filter(cache_entries::key.eq(key))
-            .filter(cache_entries::expires_at.gt(db_now()))
-            .filter(cache_entries::bytes.is_not_null()),
-    ))
+fn refuse_bytes(conn: &mut PgConnection, table: &str, key: &str) -> Result<()> {
+    #[derive(QueryableByName)]
+    struct Bytes {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        bytes: bool,
+    }
+    let param = Param::<Text, _>::new(key);
+    let found: Bytes = Prepared::new(
+        table,
+        &[
+            "SELECT EXISTS (SELECT 1 FROM {t} WHERE key = ",
+            " AND expires_at > statement_timestamp() AND bytes IS NOT NULL) AS bytes",
+        ],
+        vec![&param],
+    )
     .get_result(conn)?;
-    if bytes {
+    if found.bytes {
         Err(wrong_type(key, "bytes", "json"))
     } else {
         Ok(())
@@ -763,15 +852,16 @@ fn prefix_upper_bound(prefix: &str) -> Option<String> {
 const ON_CONFLICT_OVERWRITE: &str = concat!(
     " ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
      bytes = excluded.bytes, expires_at = excluded.expires_at, created_at = now(), ",
-    change_stamp!("cache_entries", "true")
+    change_stamp!("{t}", "true")
 );
 
-/// The upserts as typed fragments with a static query id: Diesel's own
-/// `insert_into(..).on_conflict(..)` is never put in its prepared-statement cache, and
-/// its multi-row `VALUES` list would be a new statement for every batch size. These
-/// are prepared once per connection and found again by type, without rebuilding
-/// the SQL text. A row binds both value columns, one of them NULL.
+/// The upserts as typed fragments Diesel caches by their text (which names the
+/// schema, see `Prepared`): Diesel's own `insert_into(..).on_conflict(..)` is never
+/// put in its prepared-statement cache, and its multi-row `VALUES` list would be a
+/// new statement for every batch size. These are prepared once per connection. A
+/// row binds both value columns, one of them NULL.
 struct Upsert<'a> {
+    table: &'a str,
     key: &'a str,
     value: Option<&'a JsonbOut>,
     bytes: Option<&'a [u8]>,
@@ -781,17 +871,18 @@ struct Upsert<'a> {
 /// The batch as three arrays (`SELECT ... FROM unnest($keys, $values, $bytes)`): one
 /// statement text for any batch size. Must stay equivalent to [`Upsert`].
 struct UpsertMany<'a> {
+    table: &'a str,
     keys: Vec<&'a str>,
     values: Vec<Option<&'a JsonbOut>>,
     bytes: Vec<Option<&'a [u8]>>,
     expires: ExpiresIn,
 }
 
-const INSERT_INTO: &str = "INSERT INTO cache_entries (key, value, bytes, expires_at) ";
+const INSERT_INTO: &str = "INSERT INTO {t} (key, value, bytes, expires_at) ";
 
 impl QueryFragment<Pg> for Upsert<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql(INSERT_INTO);
+        push_with_table(&mut out, INSERT_INTO, self.table);
         out.push_sql("VALUES (");
         out.push_bind_param::<Text, _>(self.key)?;
         out.push_sql(", ");
@@ -801,14 +892,14 @@ impl QueryFragment<Pg> for Upsert<'_> {
         out.push_sql(", ");
         self.expires.walk_ast(out.reborrow())?;
         out.push_sql(")");
-        out.push_sql(ON_CONFLICT_OVERWRITE);
+        push_with_table(&mut out, ON_CONFLICT_OVERWRITE, self.table);
         Ok(())
     }
 }
 
 impl QueryFragment<Pg> for UpsertMany<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql(INSERT_INTO);
+        push_with_table(&mut out, INSERT_INTO, self.table);
         out.push_sql("SELECT u.k, u.v, u.b, ");
         self.expires.walk_ast(out.reborrow())?;
         out.push_sql(" FROM unnest(");
@@ -818,19 +909,19 @@ impl QueryFragment<Pg> for UpsertMany<'_> {
         out.push_sql(", ");
         out.push_bind_param::<Array<Nullable<Binary>>, _>(&self.bytes)?;
         out.push_sql(") AS u(k, v, b)");
-        out.push_sql(ON_CONFLICT_OVERWRITE);
+        push_with_table(&mut out, ON_CONFLICT_OVERWRITE, self.table);
         Ok(())
     }
 }
 
 impl QueryId for Upsert<'_> {
-    type QueryId = Upsert<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
 }
 
 impl QueryId for UpsertMany<'_> {
-    type QueryId = UpsertMany<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
 }
 
 impl<Conn> RunQueryDsl<Conn> for Upsert<'_> {}
@@ -839,16 +930,19 @@ impl<Conn> RunQueryDsl<Conn> for UpsertMany<'_> {}
 
 /// `DELETE ... WHERE key IN (SELECT key ... ORDER BY key FOR UPDATE) RETURNING
 /// live`: rows locked in key order, as `set_many` takes them, so the two cannot
-/// deadlock whatever plan the delete gets. Static query id: prepared once.
+/// deadlock whatever plan the delete gets. Prepared once per connection (cached by
+/// its text).
 struct DeleteMany<'a> {
+    table: &'a str,
     keys: &'a [&'a str],
 }
 
 impl QueryFragment<Pg> for DeleteMany<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql(
-            "DELETE FROM cache_entries WHERE key IN (SELECT key FROM cache_entries \
-             WHERE key = ANY(",
+        push_with_table(
+            &mut out,
+            "DELETE FROM {t} WHERE key IN (SELECT key FROM {t} WHERE key = ANY(",
+            self.table,
         );
         out.push_bind_param::<Array<Text>, _>(self.keys)?;
         out.push_sql(
@@ -859,8 +953,8 @@ impl QueryFragment<Pg> for DeleteMany<'_> {
 }
 
 impl QueryId for DeleteMany<'_> {
-    type QueryId = DeleteMany<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
 }
 
 impl Query for DeleteMany<'_> {
@@ -925,10 +1019,11 @@ impl<'a> Row<'a> {
 
 /// Upserts rows of either kind; a batch too large for one statement is split, in
 /// one transaction.
-fn write(conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
+fn write(conn: &mut PgConnection, table: &str, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
     let expires = ExpiresIn(ttl);
     match rows {
         [row] => Upsert {
+            table,
             key: row.key,
             value: row.json(),
             bytes: row.raw(),
@@ -937,6 +1032,7 @@ fn write(conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<(
         .execute(conn)?,
         rows => write_batches(conn, rows, Row::size, |conn, rows| {
             UpsertMany {
+                table,
                 keys: rows.iter().map(|r| r.key).collect(),
                 values: rows.iter().map(Row::json).collect(),
                 bytes: rows.iter().map(Row::raw).collect(),
@@ -949,31 +1045,36 @@ fn write(conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<(
 }
 
 /// Deletes entries of either kind; returns how many were live.
-fn remove(conn: &mut PgConnection, keys: &[&str]) -> Result<u64> {
-    let live: Vec<bool> = match keys {
+fn remove(conn: &mut PgConnection, table: &str, keys: &[&str]) -> Result<u64> {
+    let live: Vec<Live> = match keys {
         // One row: nothing to order, and a plain key probe.
-        [key] => diesel::delete(cache_entries::table.filter(cache_entries::key.eq(key)))
-            .returning(cache_entries::expires_at.gt(db_now()))
-            .get_results(conn)?,
-        keys => DeleteMany { keys }
-            .load::<Live>(conn)?
-            .into_iter()
-            .map(|l| l.live)
-            .collect(),
+        [key] => {
+            let key = Param::<Text, _>::new(key);
+            Prepared::new(
+                table,
+                &[
+                    "DELETE FROM {t} WHERE key = ",
+                    " RETURNING expires_at > statement_timestamp() AS live",
+                ],
+                vec![&key],
+            )
+            .load(conn)?
+        }
+        keys => DeleteMany { table, keys }.load(conn)?,
     };
-    Ok(live.into_iter().filter(|l| *l).count() as u64)
+    Ok(live.into_iter().filter(|l| l.live).count() as u64)
 }
 
 /// The delete undoing a skipped write or delete of `keys`.
 fn skipped(keys: &[&str]) -> Skipped {
     let keys = keys.iter().map(|k| Box::from(k.as_bytes())).collect();
-    Skipped::keys(keys, |conn, keys| {
+    Skipped::keys(keys, |conn, table, keys| {
         let keys = keys
             .iter()
             .map(|k| std::str::from_utf8(k).expect("remembered from a key"))
             .collect::<Vec<_>>();
         // `remove` locks rows in key order: no deadlock with concurrent batches.
-        remove(conn, &keys).map(drop)
+        remove(conn, table, &keys).map(drop)
     })
 }
 
@@ -1084,11 +1185,11 @@ macro_rules! kv_storage_shared {
         }
 
         fn write(&self, conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
-            write(conn, rows, ttl)
+            write(conn, self.table(), rows, ttl)
         }
 
         fn remove(&self, conn: &mut PgConnection, keys: &[&str], _checked: &[()]) -> Result<u64> {
-            remove(conn, keys)
+            remove(conn, self.table(), keys)
         }
     };
 }
@@ -1108,7 +1209,7 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> Storage for KvCache<'_, V
     }
 
     fn read_one(&self, conn: &mut PgConnection, key: &str, _checked: &()) -> Result<Option<V>> {
-        read_live::<JsonbIn<V>>(conn, key)?
+        read_live::<JsonbIn<V>>(conn, self.table(), key)?
             .map(|(json, _, _)| own(key, json.map(|JsonbIn(value)| value), ("bytes", "json")))
             .transpose()
     }
@@ -1120,7 +1221,7 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> Storage for KvCache<'_, V
         key: &str,
         _checked: &(),
     ) -> Result<Option<NearRead<V>>> {
-        read_live::<JsonbText>(conn, key)?
+        read_live::<JsonbText>(conn, self.table(), key)?
             .map(|entry| json_for_near(key, &entry))
             .transpose()
     }
@@ -1131,7 +1232,11 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> Storage for KvCache<'_, V
         keys: &[&str],
         _checked: &[()],
     ) -> Result<Vec<Option<NearRead<V>>>> {
-        in_key_order(keys, &read_live_many(conn, keys)?, json_for_near)
+        in_key_order(
+            keys,
+            &read_live_many(conn, self.table(), keys)?,
+            json_for_near,
+        )
     }
 
     /// A bytes entry held in memory is not served: the read that follows reports it.
@@ -1147,11 +1252,26 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> Storage for KvCache<'_, V
         keys: &[&str],
         _checked: &[()],
     ) -> Result<Vec<Option<V>>> {
-        let rows: Vec<(String, Option<JsonbText>)> = cache_entries::table
-            .filter(cache_entries::key.eq_any(keys))
-            .filter(cache_entries::expires_at.gt(db_now()))
-            .select((cache_entries::key, cache_entries::value))
-            .load(conn)?;
+        #[derive(QueryableByName)]
+        struct Keyed {
+            #[diesel(sql_type = Text)]
+            key: String,
+            #[diesel(sql_type = Nullable<Jsonb>)]
+            value: Option<JsonbText>,
+        }
+        let keys_param = Param::<Array<Text>, _>::new(keys);
+        let rows: Vec<(String, Option<JsonbText>)> = Prepared::new(
+            self.table(),
+            &[
+                "SELECT key, value FROM {t} WHERE key = ANY(",
+                ") AND expires_at > statement_timestamp()",
+            ],
+            vec![&keys_param],
+        )
+        .load::<Keyed>(conn)?
+        .into_iter()
+        .map(|r| (r.key, r.value))
+        .collect();
         in_key_order(keys, &rows, |key, json| {
             let JsonbText(text) = own(key, json.as_ref(), ("bytes", "json"))?;
             Ok(serde_json::from_slice(text)?)
@@ -1183,7 +1303,7 @@ impl Storage for KvBytes<'_> {
         key: &str,
         _checked: &(),
     ) -> Result<Option<Vec<u8>>> {
-        read_live::<JsonbText>(conn, key)?
+        read_live::<JsonbText>(conn, self.table(), key)?
             .map(|(_, bytes, _)| own(key, bytes, ("json", "bytes")))
             .transpose()
     }
@@ -1195,7 +1315,7 @@ impl Storage for KvBytes<'_> {
         key: &str,
         _checked: &(),
     ) -> Result<Option<NearRead<Vec<u8>>>> {
-        read_live::<JsonbText>(conn, key)?
+        read_live::<JsonbText>(conn, self.table(), key)?
             .map(|(_, bytes, expires_at)| bytes_for_near(key, bytes, expires_at))
             .transpose()
     }
@@ -1208,7 +1328,7 @@ impl Storage for KvBytes<'_> {
     ) -> Result<Vec<Option<NearRead<Vec<u8>>>>> {
         in_key_order(
             keys,
-            &read_live_many(conn, keys)?,
+            &read_live_many(conn, self.table(), keys)?,
             |key, (_, bytes, expires_at)| bytes_for_near(key, bytes.clone(), *expires_at),
         )
     }
@@ -1224,11 +1344,26 @@ impl Storage for KvBytes<'_> {
         keys: &[&str],
         _checked: &[()],
     ) -> Result<Vec<Option<Vec<u8>>>> {
-        let rows: Vec<(String, Option<Vec<u8>>)> = cache_entries::table
-            .filter(cache_entries::key.eq_any(keys))
-            .filter(cache_entries::expires_at.gt(db_now()))
-            .select((cache_entries::key, cache_entries::bytes))
-            .load(conn)?;
+        #[derive(QueryableByName)]
+        struct Keyed {
+            #[diesel(sql_type = Text)]
+            key: String,
+            #[diesel(sql_type = Nullable<Binary>)]
+            bytes: Option<Vec<u8>>,
+        }
+        let keys_param = Param::<Array<Text>, _>::new(keys);
+        let rows: Vec<(String, Option<Vec<u8>>)> = Prepared::new(
+            self.table(),
+            &[
+                "SELECT key, bytes FROM {t} WHERE key = ANY(",
+                ") AND expires_at > statement_timestamp()",
+            ],
+            vec![&keys_param],
+        )
+        .load::<Keyed>(conn)?
+        .into_iter()
+        .map(|r| (r.key, r.bytes))
+        .collect();
         in_key_order(keys, &rows, |key, bytes| {
             Ok(own(key, bytes.as_ref(), ("json", "bytes"))?.clone())
         })

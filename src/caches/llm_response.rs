@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{check_name, column, UpsertColumns};
+use super::common::{check_name, column, delete_owned, UpsertColumns};
 use crate::error::Result;
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
@@ -68,7 +68,7 @@ impl LlmResponseCache<'_> {
             self.cluster(),
             LlmResponseTable::CACHE,
             Vec::new(),
-            |conn| top_entries(conn, LlmResponseTable::CACHE, n),
+            |conn, table| top_entries(conn, LlmResponseTable::CACHE, table, n),
         )?;
         Ok(merge_top(lists, n))
     }
@@ -255,8 +255,8 @@ impl TypedTable for LlmResponseTable {
     }
 }
 
-/// Deletes every response owned by `user`; returns the rows removed.
-pub(crate) fn delete_owner(conn: &mut PgConnection, user: Uuid) -> QueryResult<usize> {
-    diesel::delete(llm_response_cache::table.filter(llm_response_cache::owner_id.eq(user)))
-        .execute(conn)
+/// Deletes every response owned by `user` from `table` (schema-qualified); returns
+/// the rows removed.
+pub(crate) fn delete_owner(conn: &mut PgConnection, table: &str, user: Uuid) -> QueryResult<usize> {
+    delete_owned(conn, table, llm_response_cache::owner_id::NAME, user)
 }

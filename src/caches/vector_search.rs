@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{column, UpsertColumns};
+use super::common::{column, delete_owned, UpsertColumns};
 use crate::error::{Error, Result};
 use crate::jsonb::JsonbOut;
 use crate::key::{canonical_json, KeyDigest, KeyHasher};
@@ -215,8 +215,8 @@ impl TypedTable for VectorSearchTable {
     }
 }
 
-/// Deletes every cached search of `user`; returns the rows removed.
-pub(crate) fn delete_owner(conn: &mut PgConnection, user: Uuid) -> QueryResult<usize> {
-    diesel::delete(vector_search_cache::table.filter(vector_search_cache::user_id.eq(user)))
-        .execute(conn)
+/// Deletes every cached search of `user` from `table` (schema-qualified); returns
+/// the rows removed.
+pub(crate) fn delete_owner(conn: &mut PgConnection, table: &str, user: Uuid) -> QueryResult<usize> {
+    delete_owned(conn, table, vector_search_cache::user_id::NAME, user)
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::BigInt;
+use diesel::sql_types::{BigInt, Bool, Nullable, Text, Timestamptz};
 use serde::Serialize;
 
 use crate::cluster::Cluster;
@@ -17,7 +17,7 @@ use crate::eviction::{evict, EvictionReport, Limits, CLEANUP_BATCH_SIZE};
 use crate::expiry::db_now;
 use crate::kind::CacheKind;
 use crate::ops::stats::human_bytes;
-use crate::schema::cache_cleanup_runs;
+use crate::tables::Tables;
 use crate::watchdog::watched;
 
 /// The table of single-flight leases, cleaned with the caches.
@@ -209,12 +209,15 @@ pub(crate) fn cleanup_shard(
         false => crate::engine::SessionConnection::Pooled(engine.live_connection()?),
     };
     // Each batch re-arms the watchdog, so only a batch left unanswered is cut.
-    watched(&mut conn, |conn| clean(conn, &limits, &mut progress))
+    watched(&mut conn, |conn| {
+        clean(conn, engine.tables(), &limits, &mut progress)
+    })
 }
 
 /// The work of a cleanup, on one connection.
 fn clean(
     conn: &mut PgConnection,
+    names: &Tables,
     limits: &[Option<Limits>; CacheKind::COUNT],
     progress: &mut impl FnMut(&CleanupProgress),
 ) -> Result<CleanupReport> {
@@ -239,10 +242,11 @@ fn clean(
         };
         report(0);
         let cache = CacheKind::ALL.into_iter().find(|k| k.table() == table);
+        let qualified = cache.map_or(names.leases(), |kind| names.of(kind));
         let bounded = cache.and_then(|c| Some((c, limits[c.index()]?)));
-        let cleaned = delete_expired(conn, table, &mut report).and_then(|removed| {
+        let cleaned = delete_expired(conn, qualified, &mut report).and_then(|removed| {
             let evicted = match bounded {
-                Some((kind, limits)) => evict(conn, kind, &limits, &mut |e| {
+                Some((kind, limits)) => evict(conn, kind, qualified, &limits, &mut |e| {
                     report(removed + e.rows_removed);
                 })?,
                 None => EvictionReport::default(),
@@ -274,7 +278,7 @@ fn clean(
         }
     }
     if outcome.is_ok() {
-        outcome = crate::near::prune_changes(conn).map_err(Error::from);
+        outcome = crate::near::prune_changes(conn, names).map_err(Error::from);
     }
     let report = CleanupReport {
         tables,
@@ -283,7 +287,7 @@ fn clean(
     };
     let error_message = outcome.as_ref().err().map(ToString::to_string);
     let removed = report.rows_removed() + report.evicted_rows();
-    let recorded = record_run(conn, started_at, removed, error_message);
+    let recorded = record_run(conn, names, started_at, removed, error_message);
     outcome?;
     recorded?;
     Ok(report)
@@ -313,7 +317,7 @@ fn clear_shard(engine: &Engine, cache: Option<CacheKind>) -> Result<Vec<(CacheKi
         Ok(conn.transaction(|conn| {
             kinds
                 .iter()
-                .map(|kind| Ok((*kind, delete_all(conn, kind.table())?)))
+                .map(|kind| Ok((*kind, delete_all(conn, engine.tables().of(*kind))?)))
                 .collect::<QueryResult<Vec<_>>>()
         })?)
     })
@@ -376,17 +380,20 @@ fn delete_all(conn: &mut PgConnection, table: &str) -> QueryResult<u64> {
 
 fn record_run(
     conn: &mut PgConnection,
+    names: &Tables,
     started_at: DateTime<Utc>,
     rows_removed: u64,
     error_message: Option<String>,
 ) -> QueryResult<()> {
-    diesel::insert_into(cache_cleanup_runs::table)
-        .values((
-            cache_cleanup_runs::started_at.eq(started_at),
-            cache_cleanup_runs::succeeded.eq(error_message.is_none()),
-            cache_cleanup_runs::rows_removed.eq(rows_removed as i64),
-            cache_cleanup_runs::error_message.eq(error_message),
-        ))
-        .execute(conn)
-        .map(drop)
+    diesel::sql_query(format!(
+        "INSERT INTO {} (started_at, succeeded, rows_removed, error_message) \
+         VALUES ($1, $2, $3, $4)",
+        names.cleanup_runs()
+    ))
+    .bind::<Timestamptz, _>(started_at)
+    .bind::<Bool, _>(error_message.is_none())
+    .bind::<BigInt, _>(rows_removed as i64)
+    .bind::<Nullable<Text>, _>(error_message)
+    .execute(conn)
+    .map(drop)
 }

@@ -12,15 +12,14 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Bool, Nullable, Text, Timestamptz};
 use serde::Serialize;
 
 use crate::cluster::Cluster;
 use crate::engine::Engine;
 use crate::error::Result;
-use crate::expiry::db_now;
 use crate::latency::WINDOW;
 use crate::ops::stats::{human_bytes, percent, total_size, Lookups};
-use crate::schema::cache_cleanup_runs;
 use crate::watchdog::watched;
 
 /// The thresholds [`CacheManager::health`](crate::CacheManager::health) checks. Every setter consumes and returns
@@ -336,21 +335,38 @@ fn facts(engine: &Engine, conn: &mut PgConnection) -> Result<ShardFacts> {
         lookups.hits += l.hits;
         lookups.misses += l.misses;
     }
-    let size_bytes = total_size(conn)?;
-    let last: Option<(DateTime<Utc>, bool, i64, Option<String>)> = cache_cleanup_runs::table
-        .order(cache_cleanup_runs::id.desc())
-        .select((
-            cache_cleanup_runs::finished_at,
-            cache_cleanup_runs::succeeded,
-            cache_cleanup_runs::rows_removed,
-            cache_cleanup_runs::error_message,
-        ))
-        .first(conn)
-        .optional()?;
-    let (last_success, now): (Option<DateTime<Utc>>, DateTime<Utc>) = cache_cleanup_runs::table
-        .filter(cache_cleanup_runs::succeeded)
-        .select((diesel::dsl::max(cache_cleanup_runs::finished_at), db_now()))
-        .first(conn)?;
+    let runs = engine.tables().cleanup_runs();
+    let size_bytes = total_size(conn, engine.tables())?;
+    #[derive(QueryableByName)]
+    struct Run {
+        #[diesel(sql_type = Timestamptz)]
+        finished_at: DateTime<Utc>,
+        #[diesel(sql_type = Bool)]
+        succeeded: bool,
+        #[diesel(sql_type = BigInt)]
+        rows_removed: i64,
+        #[diesel(sql_type = Nullable<Text>)]
+        error_message: Option<String>,
+    }
+    #[derive(QueryableByName)]
+    struct Success {
+        #[diesel(sql_type = Nullable<Timestamptz>)]
+        last_success: Option<DateTime<Utc>>,
+        #[diesel(sql_type = Timestamptz)]
+        now: DateTime<Utc>,
+    }
+    let last: Option<(DateTime<Utc>, bool, i64, Option<String>)> = diesel::sql_query(format!(
+        "SELECT finished_at, succeeded, rows_removed, error_message FROM {runs} \
+         ORDER BY id DESC LIMIT 1"
+    ))
+    .get_result::<Run>(conn)
+    .optional()?
+    .map(|r| (r.finished_at, r.succeeded, r.rows_removed, r.error_message));
+    let Success { last_success, now } = diesel::sql_query(format!(
+        "SELECT max(finished_at) AS last_success, statement_timestamp() AS now \
+         FROM {runs} WHERE succeeded"
+    ))
+    .get_result(conn)?;
     // Without any successful cleanup, the tables' age is the reference: a freshly
     // migrated schema has not missed a cleanup yet.
     let cleaned_since = match last_success {

@@ -8,6 +8,7 @@ use crate::caches::{audio_chunk, embedding, llm_response, vector_search};
 use crate::cluster::Cluster;
 use crate::engine::Engine;
 use crate::error::Result;
+use crate::kind::CacheKind;
 
 /// What [`CacheManager::invalidate_user`](crate::CacheManager::invalidate_user) removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -52,13 +53,23 @@ fn invalidate_user_on(engine: &Engine, user: Uuid) -> Result<InvalidationReport>
     if !engine.is_enabled() {
         return Ok(InvalidationReport::default());
     }
+    let tables = engine.tables();
     engine.maintain(|conn| {
         Ok(conn.transaction(|conn| {
-            let audio = audio_chunk::delete_owner(conn, user)?;
+            let audio = audio_chunk::delete_owner(conn, tables.of(CacheKind::AudioChunk), user)?;
             QueryResult::Ok(InvalidationReport {
-                embeddings: embedding::delete_owner(conn, user)? as u64,
-                vector_searches: vector_search::delete_owner(conn, user)? as u64,
-                llm_responses: llm_response::delete_owner(conn, user)? as u64,
+                embeddings: embedding::delete_owner(conn, tables.of(CacheKind::Embedding), user)?
+                    as u64,
+                vector_searches: vector_search::delete_owner(
+                    conn,
+                    tables.of(CacheKind::VectorSearch),
+                    user,
+                )? as u64,
+                llm_responses: llm_response::delete_owner(
+                    conn,
+                    tables.of(CacheKind::LlmResponse),
+                    user,
+                )? as u64,
                 audio_chunks: audio.len() as u64,
                 released_paths: audio.into_iter().flatten().collect(),
             })
@@ -74,7 +85,8 @@ pub(crate) fn invalidate_model(cluster: &Cluster, model: &str) -> Result<u64> {
         if !engine.is_enabled() {
             return Ok(0);
         }
-        engine.maintain(|conn| Ok(embedding::delete_model(conn, model)? as u64))
+        let table = engine.tables().of(CacheKind::Embedding);
+        engine.maintain(|conn| Ok(embedding::delete_model(conn, table, model)? as u64))
     })?;
     Ok(removed.into_iter().sum())
 }

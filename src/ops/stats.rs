@@ -14,7 +14,7 @@ use crate::kind::CacheKind;
 use crate::near::NearCacheStats;
 use crate::pool::PoolStatus;
 use crate::popularity::{hit_stats, merge_top, top_entries, HitStats, TopEntry};
-use crate::schema::cache_counters;
+use crate::tables::Tables;
 use crate::watchdog::watched;
 
 /// How many entries the "top cached" and "most accessed" lists show.
@@ -185,7 +185,7 @@ fn shard_stats(engine: &Engine) -> Result<CacheStats> {
     watched(&mut conn, |conn| {
         let mut caches = Vec::with_capacity(CacheKind::ALL.len());
         for (kind, lookups) in lookups(engine, conn)? {
-            let counts = table_counts(conn, kind.table())?;
+            let counts = table_counts(conn, engine.tables().of(kind))?;
             caches.push(TableStats {
                 cache: kind,
                 table: kind.table(),
@@ -196,8 +196,19 @@ fn shard_stats(engine: &Engine) -> Result<CacheStats> {
                 lookups,
             });
         }
-        let top_llm_responses = top_entries(conn, CacheKind::LlmResponse, TOP_ENTRIES)?;
-        let audio = hit_stats(conn, CacheKind::AudioChunk, TOP_ENTRIES)?;
+        let tables = engine.tables();
+        let top_llm_responses = top_entries(
+            conn,
+            CacheKind::LlmResponse,
+            tables.of(CacheKind::LlmResponse),
+            TOP_ENTRIES,
+        )?;
+        let audio = hit_stats(
+            conn,
+            CacheKind::AudioChunk,
+            tables.of(CacheKind::AudioChunk),
+            TOP_ENTRIES,
+        )?;
         let mut all = Lookups::default();
         caches.iter().for_each(|c| all.add(c.lookups));
         Ok(CacheStats {
@@ -234,13 +245,23 @@ pub(crate) fn lookups(
     engine: &Engine,
     conn: &mut PgConnection,
 ) -> Result<Vec<(CacheKind, Lookups)>> {
-    let flushed: Vec<(String, i64, i64)> = cache_counters::table
-        .select((
-            cache_counters::cache_name,
-            cache_counters::hits,
-            cache_counters::misses,
-        ))
-        .load(conn)?;
+    #[derive(QueryableByName)]
+    struct Flushed {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        cache_name: String,
+        #[diesel(sql_type = BigInt)]
+        hits: i64,
+        #[diesel(sql_type = BigInt)]
+        misses: i64,
+    }
+    let flushed: Vec<(String, i64, i64)> = diesel::sql_query(format!(
+        "SELECT cache_name, hits, misses FROM {}",
+        engine.tables().counters()
+    ))
+    .load::<Flushed>(conn)?
+    .into_iter()
+    .map(|f| (f.cache_name, f.hits, f.misses))
+    .collect();
     Ok(CacheKind::ALL
         .into_iter()
         .map(|kind| {
@@ -277,16 +298,16 @@ fn table_counts(conn: &mut PgConnection, table: &str) -> QueryResult<TableCounts
     .get_result(conn)
 }
 
-/// Bytes on disk of every cache table (`pg_total_relation_size`), without counting
-/// rows: cheap enough for health checks.
-pub(crate) fn total_size(conn: &mut PgConnection) -> QueryResult<u64> {
+/// Bytes on disk of every cache table of `tables` (`pg_total_relation_size`),
+/// without counting rows: cheap enough for health checks.
+pub(crate) fn total_size(conn: &mut PgConnection, tables: &Tables) -> QueryResult<u64> {
     #[derive(QueryableByName)]
     struct Size {
         #[diesel(sql_type = BigInt)]
         size_bytes: i64,
     }
     let sum = CacheKind::ALL
-        .map(|kind| crate::partitions::size_sql(kind.table()))
+        .map(|kind| crate::partitions::size_sql(tables.of(kind)))
         .join(" + ");
     let size: Size =
         diesel::sql_query(format!("SELECT ({sum})::int8 AS size_bytes")).get_result(conn)?;

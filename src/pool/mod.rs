@@ -104,10 +104,7 @@ pub(crate) fn unprepared(conn: &mut PgConnection) {
     conn.set_prepared_statement_cache_size(diesel::connection::CacheSize::Disabled);
 }
 
-/// Quotes an SQL identifier (schema name) the way PostgreSQL's `quote_ident` does.
-pub(crate) fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
+pub(crate) use crate::tables::quote_ident;
 
 /// Quotes an SQL string literal; only for `SET`, which takes no bind parameters.
 fn quote_literal(value: &str) -> String {
@@ -140,9 +137,15 @@ pub(crate) fn session_sql(config: &CacheConfig) -> String {
         config.statement_timeout().as_millis(),
         quote_literal(config.application_name())
     );
+    // The cache's schema first, then the server's default path (the role's or
+    // database's, `"$user", public` by default): pgcache's own statements name
+    // their tables with the schema, and a caller's statements on
+    // `cache.connection()` find the application's tables as on any connection.
+    let schema = quote_literal(&quote_ident(config.schema()));
     sql.push_str(&format!(
-        " SET search_path TO {};",
-        quote_ident(config.schema())
+        " SELECT set_config('search_path', CASE current_setting('search_path') \
+           WHEN '' THEN {schema} ELSE {schema} || ', ' || current_setting('search_path') END, \
+           false);"
     ));
     if config.durability() == Durability::Relaxed {
         sql.push_str(" SET synchronous_commit = off;");
@@ -227,100 +230,17 @@ pub(crate) struct Pool {
     suspicion: Suspicion,
     failures: Arc<ConnectFailures>,
     outage: Arc<Outage>,
-    /// Set when the pool is the application's: its connections keep their own
-    /// session settings, and get the cache's schema added to the end of their
-    /// search path when a cache statement first fails to find a table on one.
-    shared: Option<SharedPath>,
     /// Whether its connections stamp the rows their updates change
     /// (see [`crate::migrations::STAMPING_SETTING`]).
     stamps: bool,
+    /// The cache's own pool, or the application's.
+    source: PoolSource,
     /// Each thread's last connection, for its next operation (see
     /// [`crate::affinity`]); none on the application's pool, whose connections go
     /// back to it at once.
     parking: Option<Parking>,
     /// The cache's checkouts waiting for a connection, for [`PoolStatus`].
     waiters: Waiters,
-}
-
-/// Puts the cache's schema on an application connection's search path, last, so
-/// that every name the application uses resolves as before.
-#[derive(Debug)]
-struct SharedPath {
-    schema: String,
-}
-
-impl SharedPath {
-    /// Adds the schema to the end of `conn`'s search path unless it is on it. One
-    /// round trip; a no-op on a connection that has it.
-    fn ensure(&self, conn: &mut PgConnection) -> Result<()> {
-        use diesel::sql_types::Text;
-        use diesel::RunQueryDsl;
-        diesel::sql_query(
-            "SELECT set_config('search_path', \
-               CASE current_setting('search_path') WHEN '' THEN quote_ident($1) \
-               ELSE current_setting('search_path') || ', ' || quote_ident($1) END, false) \
-             WHERE NOT $1 = ANY (current_schemas(false))",
-        )
-        .bind::<Text, _>(&self.schema)
-        .execute(conn)?;
-        Ok(())
-    }
-
-    /// Fails, naming the table, when a table of the application's that comes first
-    /// on the search path has a cache table's name: cache statements would use it.
-    fn check_shadowing(&self, conn: &mut PgConnection) -> Result<()> {
-        use diesel::sql_types::{Array, Nullable, Text};
-        use diesel::RunQueryDsl;
-        #[derive(diesel::QueryableByName)]
-        struct Found {
-            #[diesel(sql_type = Text)]
-            table: String,
-            #[diesel(sql_type = Nullable<Text>)]
-            schema: Option<String>,
-        }
-        let tables: Vec<&str> = crate::kind::CacheKind::ALL
-            .iter()
-            .map(|kind| kind.table())
-            .collect();
-        let found: Vec<Found> = diesel::sql_query(
-            "SELECT t AS table, (SELECT n.nspname::text FROM pg_class c \
-               JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(t)) AS schema \
-             FROM unnest($1::text[]) AS t",
-        )
-        .bind::<Array<Text>, _>(&tables)
-        .load(conn)?;
-        match found
-            .into_iter()
-            .find(|f| f.schema.as_deref().is_some_and(|s| s != self.schema))
-        {
-            Some(f) => Err(Error::config(
-                "schema",
-                &self.schema,
-                format!(
-                    "the application's search path finds its own table {}.{} before the \
-                     cache's; give the cache its own pool (CacheManager::new)",
-                    f.schema.unwrap_or_default(),
-                    f.table
-                ),
-            )),
-            None => Ok(()),
-        }
-    }
-}
-
-/// True for a missing table, or another error PostgreSQL raised while analysing a
-/// statement (it carries the position of the offending name; messages follow the
-/// server's language): for a cache statement on an application connection, a
-/// table not on its search path.
-fn names_unresolved(error: &Error) -> bool {
-    use diesel::result::{DatabaseErrorKind, Error as D};
-    match error {
-        Error::MissingTable { .. } => true,
-        Error::Database(D::DatabaseError(DatabaseErrorKind::Unknown, info)) => {
-            info.statement_position().is_some()
-        }
-        _ => false,
-    }
 }
 
 impl Pool {
@@ -375,8 +295,8 @@ impl Pool {
             suspicion,
             failures,
             outage,
-            shared: None,
             stamps: crate::migrations::stamps_changes(config),
+            source: PoolSource::Own,
             parking: Some(Parking::new(settings.max_size)),
             waiters: Waiters::default(),
         };
@@ -387,13 +307,13 @@ impl Pool {
     }
 
     /// Wraps the application's pool. Its connections keep their settings (statement
-    /// timeout, application name, durability) and gain the cache's schema at the end
-    /// of their search path; `Durability::Relaxed` is the engine's, per write
-    /// ([`relaxed`]), never the session's. Unless in fail-open mode, checks that the
-    /// server answers and that no table of the application's hides a cache table.
+    /// timeout, application name, durability, search path: every cache statement
+    /// names its table with the cache's schema); `Durability::Relaxed` is the
+    /// engine's, per write ([`relaxed`]), never the session's. Unless in fail-open
+    /// mode, checks that the server answers.
     ///
     /// # Errors
-    /// [`Error::Config`] for a hidden cache table; [`Error::Connection`] when no
+    /// [`Error::Connection`] when no
     /// connection is free within the pool's timeout.
     pub(crate) fn shared(pool: ConnectionPool, config: &CacheConfig) -> Result<Self> {
         let pool = Pool {
@@ -403,20 +323,13 @@ impl Pool {
             // is ever seen, every checkout waits as the application's own do.
             failures: Arc::new(ConnectFailures::new(config.database_url())),
             outage: Outage::new(&config.shard_name, None),
-            // Through a transaction pooler a search path set on a connection
-            // would be set on a server connection other clients share: none is.
-            shared: (!config.sessionless()).then(|| SharedPath {
-                schema: config.schema().to_owned(),
-            }),
             stamps: false,
+            source: PoolSource::Application,
             parking: None,
             waiters: Waiters::default(),
         };
         if !config.fail_open() {
-            let mut conn = pool.for_caller()?;
-            if let Some(shared) = &pool.shared {
-                shared.check_shadowing(&mut conn)?;
-            }
+            drop(pool.for_caller()?);
         }
         Ok(pool)
     }
@@ -530,11 +443,7 @@ impl Pool {
         let state = self.pool.state();
         PoolStatus {
             shard: shard.to_owned(),
-            source: if self.shared.is_some() {
-                PoolSource::Application
-            } else {
-                PoolSource::Own
-            },
+            source: self.source,
             max_size: self.pool.max_size(),
             open: state.connections,
             idle: state.idle_connections,
@@ -587,24 +496,12 @@ impl Pool {
     /// health, cleanup) whose cost dwarfs the extra round trip. Run its statements
     /// under [`watched`].
     pub(crate) fn live(&self) -> Result<PooledConnection> {
-        let mut conn = self.checkout_by(self.deadline(), true)?.into_pooled();
-        self.ensure_path(&mut conn)?;
-        Ok(conn)
+        Ok(self.checkout_by(self.deadline(), true)?.into_pooled())
     }
 
-    /// On the application's pool, puts the cache's schema on `conn`'s search path.
-    fn ensure_path(&self, conn: &mut PgConnection) -> Result<()> {
-        match &self.shared {
-            Some(shared) => watched(conn, |conn| shared.ensure(conn)),
-            None => Ok(()),
-        }
-    }
-
-    /// A connection for the caller's own statements: on the application's pool,
-    /// with the cache's schema on its search path (one round trip more).
+    /// A connection for the caller's own statements.
     pub(crate) fn for_caller(&self) -> Result<PooledConnection> {
         let mut conn = self.checkout()?.into_pooled();
-        self.ensure_path(&mut conn)?;
         if self.stamps {
             // The caller's own statements do not stamp their rows: the trigger
             // must see them. (The connection keeps this: the cache's own updates on
@@ -621,10 +518,7 @@ impl Pool {
     /// statement to resolve a conflict. A run the watchdog cut
     /// ([`Error::Unresponsive`]) is not retried, nor one whose connection then
     /// left its probe unanswered: that would wait as long again. The retry's
-    /// checkout keeps the first one's deadline. On the application's pool, a
-    /// statement that did not find its table is run again after the cache's schema
-    /// was put on the connection's search path, so a connection pays that round
-    /// trip once, not on every operation.
+    /// checkout keeps the first one's deadline.
     pub(crate) fn run<T>(&self, op: impl Fn(&mut PgConnection) -> Result<T>) -> Result<T> {
         self.run_from(Instant::now(), op)
     }
@@ -645,10 +539,6 @@ impl Pool {
             Ok(done) => return Ok(done),
             Err(error) => error,
         };
-        if self.shared.is_some() && names_unresolved(&error) {
-            self.ensure_path(&mut conn)?;
-            return watched(&mut conn, &op);
-        }
         if error.is_database_failure() {
             match probe(&mut conn) {
                 Probe::Alive => {}

@@ -114,3 +114,37 @@ impl Drop for TestDb {
         eprintln!("cannot drop test schema {}: {last:?}", self.schema);
     }
 }
+
+/// A database of its own (the default schema `pgcache` is shared by name), dropped
+/// afterwards.
+pub struct FreshDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl FreshDatabase {
+    pub fn new() -> Self {
+        let name = format!("pgcache_app_{}", uuid::Uuid::new_v4().simple());
+        PgConnection::establish(&database_url())
+            .unwrap()
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .unwrap();
+        let mut url = url::Url::parse(&database_url()).unwrap();
+        url.set_path(&name);
+        FreshDatabase {
+            name,
+            url: url.into(),
+        }
+    }
+}
+
+impl Drop for FreshDatabase {
+    fn drop(&mut self) {
+        if let Ok(mut conn) = PgConnection::establish(&database_url()) {
+            let _ = conn.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
