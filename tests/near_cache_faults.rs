@@ -43,7 +43,9 @@ fn manager_with(
         .schema(SCHEMA)
         .application_name(APPLICATION)
         .pool_max_size(4)
-        .pool_connection_timeout(Duration::from_millis(500))
+        // Connecting takes long on a busy machine (a refused connection still
+        // fails a checkout within milliseconds while the server is down).
+        .pool_connection_timeout(Duration::from_secs(15))
         .near_cache(CacheKind::Kv, Some(NearCache::new()))
         .near_cache_staleness(BOUND);
     let config = tweak(config).build().unwrap();
