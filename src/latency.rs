@@ -1,12 +1,14 @@
 //! In-process latency of cache queries over a sliding window (what the
 //! `slow_queries` health alert judges): a ring of per-minute fixed-bucket histograms
-//! of atomics. Recording a sample is a relaxed `fetch_add` and never takes a lock;
-//! the first sample of a new minute clears the slot that minute reuses (the ring
-//! turns lazily, no thread needed), and a reader sums the slots still in the window.
-//! A sample recorded by another thread during that clearing may be lost, which a
-//! p95 does not notice.
+//! of atomics. Recording a sample is a relaxed `fetch_add` into a slot already
+//! stamped with its minute; the first sample of a new minute clears the slot that
+//! minute reuses, under a lock taken once a minute (the ring turns lazily, no thread
+//! needed), and publishes the new stamp only once the slot is clear, so a sample
+//! recorded beside the clearing waits for it instead of being wiped by it. A reader
+//! sums the slots still in the window.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Minutes of samples the window holds: the current minute and the ones before it.
@@ -60,6 +62,8 @@ struct Slot {
 pub(crate) struct LatencyWindow {
     epoch: Instant,
     slots: [Slot; WINDOW_MINUTES],
+    /// Held while a slot turns over to a new minute.
+    turning: Mutex<()>,
 }
 
 impl Default for LatencyWindow {
@@ -70,6 +74,7 @@ impl Default for LatencyWindow {
                 stamp: AtomicU64::new(0),
                 buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             }),
+            turning: Mutex::new(()),
         }
     }
 }
@@ -95,17 +100,20 @@ impl LatencyWindow {
     fn record_in(&self, minute: u64, elapsed: Duration) {
         let slot = &self.slots[minute as usize % WINDOW_MINUTES];
         let stamp = minute + 1;
-        let seen = slot.stamp.load(Ordering::Acquire);
-        // Only the thread that moves the slot to the new minute clears it. A late
-        // sample of an older minute lands in the newer one.
-        if seen < stamp
-            && slot
-                .stamp
-                .compare_exchange(seen, stamp, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            for b in &slot.buckets {
-                b.store(0, Ordering::Relaxed);
+        // A slot of a newer minute takes a late sample of an older one as it is.
+        if slot.stamp.load(Ordering::Acquire) < stamp {
+            // A poisoned lock guards nothing but the clearing: go on.
+            let _turning = self
+                .turning
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if slot.stamp.load(Ordering::Acquire) < stamp {
+                for b in &slot.buckets {
+                    b.store(0, Ordering::Relaxed);
+                }
+                // Release after the clearing: whoever sees the new stamp adds to a
+                // clear slot.
+                slot.stamp.store(stamp, Ordering::Release);
             }
         }
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
@@ -219,6 +227,34 @@ mod tests {
             assert_eq!(
                 p95 >= Duration::from_millis(50),
                 slow_still_in,
+                "minute {minute}"
+            );
+        }
+    }
+
+    #[test]
+    fn samples_recorded_while_a_minute_begins_are_all_kept() {
+        // Threads whose queries end together (all released by one lock) record the
+        // first samples of a minute at once; none may be wiped by the slot's
+        // clearing. Many rounds, each a new minute reusing a slot full of old ones.
+        const THREADS: u64 = 4;
+        const EACH: u64 = 50;
+        let window = LatencyWindow::default();
+        for minute in 0..200u64 {
+            let start = std::sync::Barrier::new(THREADS as usize);
+            std::thread::scope(|scope| {
+                for _ in 0..THREADS {
+                    scope.spawn(|| {
+                        start.wait();
+                        for _ in 0..EACH {
+                            window.record_in(minute, Duration::from_millis(30));
+                        }
+                    });
+                }
+            });
+            assert_eq!(
+                window.histogram_in(minute).samples(),
+                THREADS * EACH * (minute + 1).min(WINDOW_MINUTES as u64),
                 "minute {minute}"
             );
         }
