@@ -78,6 +78,7 @@ mod jsonb;
 mod key;
 mod kind;
 pub mod metrics;
+mod relaxed;
 mod shards;
 mod tables;
 mod validation;

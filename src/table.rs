@@ -278,7 +278,7 @@ impl DigestParam for Vec<&[u8]> {
 impl<T: TypedTable, D: DigestParam> QueryFragment<Pg> for LiveRows<'_, T, D> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         out.push_sql("SELECT * FROM ");
-        out.push_sql(self.name);
+        crate::relaxed::push_table(&mut out, self.name);
         out.push_sql(" WHERE key_hash");
         self.digests.walk(&mut out)?;
         out.push_sql(" AND expires_at > statement_timestamp()");

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::expiry::ExpiresIn;
 use crate::key::KeyDigest;
 use crate::migrations::{STAMP_END, STAMP_THEN, STAMP_WHEN};
+use crate::relaxed::{marked, push_table};
 use crate::table::{Row, TypedTable};
 use crate::validation::check_text;
 
@@ -69,7 +70,7 @@ pub(crate) fn delete_owned(
     column: &str,
     user: uuid::Uuid,
 ) -> QueryResult<usize> {
-    diesel::sql_query(format!("DELETE FROM {table} WHERE {column} = $1"))
+    diesel::sql_query(marked(format!("DELETE FROM {table} WHERE {column} = $1")))
         .bind::<diesel::sql_types::Uuid, _>(user)
         .execute(conn)
 }
@@ -158,7 +159,7 @@ where
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         let table = T::CACHE.descriptor();
         out.push_sql("INSERT INTO ");
-        out.push_sql(self.name);
+        push_table(&mut out, self.name);
         out.push_sql(" (key_hash, ");
         for column in A::NAMES {
             out.push_sql(column);
@@ -188,16 +189,16 @@ where
         // the old row under the table's name.)
         out.push_sql(", ");
         out.push_sql(STAMP_WHEN);
-        out.push_sql(self.name);
+        push_table(&mut out, self.name);
         out.push_sql(".expires_at > statement_timestamp() AND ((");
         push_payload(&mut out, self.name, table.near_payload);
         out.push_sql(") IS DISTINCT FROM (");
         push_payload(&mut out, "excluded", table.near_payload);
         out.push_sql(") OR excluded.expires_at < ");
-        out.push_sql(self.name);
+        push_table(&mut out, self.name);
         out.push_sql(".expires_at)");
         out.push_sql(STAMP_THEN);
-        out.push_sql(self.name);
+        push_table(&mut out, self.name);
         out.push_sql(STAMP_END);
         Ok(())
     }
@@ -257,7 +258,7 @@ impl<'q> Prepared<'q> {
 pub(crate) fn push_with_table(out: &mut AstPass<'_, '_, Pg>, sql: &str, table: &str) {
     for (i, part) in sql.split(TABLE).enumerate() {
         if i > 0 {
-            out.push_sql(table);
+            push_table(out, table);
         }
         out.push_sql(part);
     }
