@@ -38,8 +38,15 @@ fn synchronous_commit(conn: &mut PgConnection) -> String {
 /// halves of it are checked against one text.
 const RELAXED_COMMIT: &str = "/* pgcache: relaxed commit */";
 
-/// Counts the statements marked for a relaxed commit, and every statement that
-/// opens, ends or configures a transaction (a relaxed write needs none).
+thread_local! {
+    /// Whether this thread's statements are the writes under test (not, say, the
+    /// counters' flush, a transaction of its own in the background).
+    static WRITER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Counts the statements marked for a relaxed commit, and every statement a writer
+/// thread sends that opens, ends or configures a transaction (a relaxed write
+/// needs none).
 #[derive(Clone, Default)]
 struct RelaxedStatements {
     marked: Arc<AtomicUsize>,
@@ -55,23 +62,26 @@ impl Instrumentation for RelaxedStatements {
                     self.marked.fetch_add(1, Ordering::SeqCst);
                 }
                 let upper = query.trim_start().to_uppercase();
-                if [
-                    "BEGIN",
-                    "COMMIT",
-                    "ROLLBACK",
-                    "SAVEPOINT",
-                    "SET LOCAL",
-                    "SET SYNC",
-                ]
-                .iter()
-                .any(|word| upper.starts_with(word))
+                if WRITER.with(std::cell::Cell::get)
+                    && [
+                        "BEGIN",
+                        "COMMIT",
+                        "ROLLBACK",
+                        "SAVEPOINT",
+                        "SET LOCAL",
+                        "SET SYNC",
+                    ]
+                    .iter()
+                    .any(|word| upper.starts_with(word))
                 {
                     self.transaction_control.fetch_add(1, Ordering::SeqCst);
                 }
             }
             InstrumentationEvent::BeginTransaction { .. }
             | InstrumentationEvent::CommitTransaction { .. }
-            | InstrumentationEvent::RollbackTransaction { .. } => {
+            | InstrumentationEvent::RollbackTransaction { .. }
+                if WRITER.with(std::cell::Cell::get) =>
+            {
                 self.transaction_control.fetch_add(1, Ordering::SeqCst);
             }
             _ => {}
@@ -164,6 +174,7 @@ fn relaxed_writes_on_the_apps_pool_leave_its_sessions_synchronous() {
         for t in 0..POOL_SIZE {
             let cache = &cache;
             scope.spawn(move || {
+                WRITER.with(|writer| writer.set(true));
                 let kv = cache.kv();
                 for i in 0..20 {
                     let key = format!("t{t}:{i}");
@@ -288,7 +299,9 @@ fn writes_to_partitioned_tables_still_commit_relaxed() {
     // pgcache's own writes go on, marked, and read back.
     let controls_before = app.watched.transaction_control.load(Ordering::SeqCst);
     let marked_before = app.watched.marked.load(Ordering::SeqCst);
+    WRITER.with(|writer| writer.set(true));
     cache.kv().set("written", &json!(2)).unwrap();
+    WRITER.with(|writer| writer.set(false));
     assert!(app.watched.marked.load(Ordering::SeqCst) > marked_before);
     assert_eq!(
         app.watched.transaction_control.load(Ordering::SeqCst),

@@ -32,3 +32,6 @@ CREATE TRIGGER pgcache_relaxed_commit BEFORE INSERT OR UPDATE OR DELETE ON audio
 CREATE TRIGGER pgcache_relaxed_commit BEFORE INSERT OR UPDATE OR DELETE ON cache_leases
     FOR EACH STATEMENT WHEN (strpos(current_query(), '/* pgcache: relaxed commit */') > 0)
     EXECUTE FUNCTION pgcache_relaxed_commit();
+CREATE TRIGGER pgcache_relaxed_commit BEFORE INSERT OR UPDATE OR DELETE ON cache_counters
+    FOR EACH STATEMENT WHEN (strpos(current_query(), '/* pgcache: relaxed commit */') > 0)
+    EXECUTE FUNCTION pgcache_relaxed_commit();
