@@ -1,4 +1,9 @@
 //! The key/value cache (`cache_entries`): the Redis GET/SET/DEL replacement.
+//!
+//! Here: the handle, its bytes API and what its parts share. The table's one
+//! `Storage` over its two payload columns (JSON values, bytes) is `storage.rs`; the
+//! statements and rows are `statements.rs`; the Redis-style operations beyond
+//! [`Cache`] are `redis.rs`.
 
 use std::marker::PhantomData;
 use std::time::Duration;
@@ -233,6 +238,8 @@ pub(super) fn kv_digest(key: &str) -> KeyDigest {
     KeyHasher::new("kv").text(key).finish()
 }
 
+/// What reading `key` as `requested` (`json` or `bytes`) reports when it holds
+/// the other kind, `stored`.
 pub(super) fn wrong_type(key: &str, stored: &'static str, requested: &'static str) -> Error {
     Error::WrongType {
         key: key.to_owned(),
