@@ -326,6 +326,33 @@ fn every_typed_cache_write_is_logged() {
 }
 
 #[test]
+fn a_warmup_over_every_cache_is_logged() {
+    let mut h = Harness::new();
+    let warmup = |value: &str, response: &str| -> pgcache::Warmup {
+        serde_json::from_value(json!({
+            "kv": [{"key": "config:v1", "value": {"theme": value}}],
+            "embeddings": [{"text": "t", "model": "m", "embedding": [0.1, 0.2]}],
+            "vector_searches": [{
+                "user_id": "00000000-0000-0000-0000-000000000001",
+                "embedding": [0.1, 0.2], "top_k": 5, "results": [{"id": value}]
+            }],
+            "llm_responses": [{"prompt": "p", "provider": "q", "response": response}],
+            "audio_chunks": [{
+                "text": "Hello", "voice_model_id": "v1", "provider": "x",
+                "data": {"stored": {"path": value, "byte_size": 1200}}, "format": "opus"
+            }]
+        }))
+        .unwrap()
+    };
+    h.check("warmup of new keys", false, |c| {
+        c.warmup(&warmup("dark", "a")).unwrap();
+    });
+    h.check("warmup over every cache", true, |c| {
+        c.warmup(&warmup("light", "b")).unwrap();
+    });
+}
+
+#[test]
 fn cleanup_and_clear_are_logged() {
     let mut h = Harness::new();
     h.check("sets", false, |c| {
