@@ -96,12 +96,21 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
+        Self::partitioned(None)
+    }
+
+    /// With the cache tables hash-partitioned into `partitions`, when given: the
+    /// witness, on each partitioned table, then fires for every partition.
+    fn partitioned(partitions: Option<u32>) -> Self {
         let db = TestDb::with(|mut b| {
             for kind in CacheKind::ALL {
                 b = b.near_cache(kind, Some(NearCache::new()));
             }
             b
         });
+        if let Some(partitions) = partitions {
+            db.cache.partition_tables(partitions).unwrap();
+        }
         wait_current(&db.cache);
         let mut conn = db.raw_connection();
         conn.batch_execute(WITNESS).unwrap();
@@ -349,6 +358,49 @@ fn a_warmup_over_every_cache_is_logged() {
     });
     h.check("warmup over every cache", true, |c| {
         c.warmup(&warmup("light", "b")).unwrap();
+    });
+}
+
+#[test]
+fn writes_and_per_partition_deletes_on_partitioned_tables_are_logged() {
+    let mut h = Harness::partitioned(Some(4));
+    let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    let speech: Vec<AudioChunkKey> = (0..20)
+        .map(|i| AudioChunkKey::new(format!("words {i}"), "voice", "provider"))
+        .collect();
+    let audio = AudioChunk::inline(vec![1, 2, 3], "opus");
+    let (one, two) = (json!(1), json!(2));
+    h.check("sets of new keys", false, |c| {
+        let entries: Vec<(&str, &serde_json::Value)> =
+            keys.iter().map(|k| (k.as_str(), &one)).collect();
+        c.kv().set_many(&entries, HOUR).unwrap();
+        let chunks: Vec<(&AudioChunkKey, &AudioChunk)> =
+            speech.iter().map(|k| (k, &audio)).collect();
+        c.audio_chunk().set_many(&chunks, HOUR).unwrap();
+    });
+    h.check("set_many across partitions", true, |c| {
+        let entries: Vec<(&str, &serde_json::Value)> =
+            keys.iter().map(|k| (k.as_str(), &two)).collect();
+        c.kv().set_many(&entries, HOUR).unwrap();
+    });
+    h.check("touch", true, |c| {
+        assert!(c.kv().touch("k1", MINUTE).unwrap());
+    });
+    h.check("delete_prefix across partitions", true, |c| {
+        assert_eq!(c.kv().delete_prefix("k1").unwrap(), 11);
+    });
+    h.exec("UPDATE cache_entries SET expires_at = now() - interval '1 second' WHERE key = 'k2'");
+    h.check("cleanup, per partition", false, |c| {
+        c.cleanup().unwrap();
+    });
+    h.check("eviction, per partition", true, |c| {
+        assert!(
+            c.audio_chunk()
+                .evict_to_budget(0, 0.0)
+                .unwrap()
+                .rows_removed
+                > 0
+        );
     });
 }
 
