@@ -43,6 +43,11 @@ pub trait KvColumn: Sync {
     /// This column's entry of a live row: `None` when the row holds the other kind.
     fn decode(entry: &LiveEntry) -> Option<Result<Self::Value>>;
 
+    /// [`decode`](Self::decode) of a row read for one key, which may be taken apart.
+    fn take(entry: LiveEntry) -> Option<Result<Self::Value>> {
+        Self::decode(&entry)
+    }
+
     /// What the near cache keeps of an entry, and its weight.
     fn keep(entry: &LiveEntry) -> Option<Result<(Self::Value, NearValue, usize)>>;
 
@@ -109,7 +114,7 @@ impl<C: KvColumn> Storage for C {
 
     fn read_one(&self, conn: &mut PgConnection, key: &str, _: &()) -> Result<Option<C::Value>> {
         read_live(conn, self.table(), key)?
-            .map(|entry| own::<C, _>(key, C::decode(&entry)))
+            .map(|entry| own::<C, _>(key, C::take(entry)))
             .transpose()
     }
 
@@ -251,6 +256,11 @@ impl KvColumn for KvBytes<'_> {
 
     fn decode(entry: &LiveEntry) -> Option<Result<Vec<u8>>> {
         entry.bytes.clone().map(Ok)
+    }
+
+    /// The bytes moved out, not copied.
+    fn take(entry: LiveEntry) -> Option<Result<Vec<u8>>> {
+        entry.bytes.map(Ok)
     }
 
     fn keep(entry: &LiveEntry) -> Option<Result<(Vec<u8>, NearValue, usize)>> {
