@@ -23,7 +23,7 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, Bytea, Untyped};
 use diesel::{OptionalExtension, QueryResult, QueryableByName, RunQueryDsl};
 
-use crate::cache::{Handle, NearRead, Storage};
+use crate::cache::{Handle, NearRead, NearStorage, Storage};
 use crate::caches::common::{delete_digests, write_batches, UnnestUpsert, UpsertColumns};
 use crate::cluster::Cluster;
 use crate::error::Result;
@@ -402,7 +402,10 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
     ) -> Result<u64> {
         Ok(delete_digests(conn, self.table(), digests)?)
     }
+}
 
+/// A typed table's near cache keeps its entries as they are, under their digests.
+impl<T: TypedTable> NearStorage for TypedCache<'_, T> {
     fn near_key(_key: &T::Key, digest: &KeyDigest) -> NearKey {
         digest.as_bytes().as_slice().into()
     }
