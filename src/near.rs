@@ -53,6 +53,7 @@ use serde::Serialize;
 use crate::config::{CacheConfig, NearCache};
 use crate::error::Result;
 use crate::kind::CacheKind;
+use crate::metrics::{self, NearOutcome};
 use crate::tables::Tables;
 use crate::watchdog::watched;
 
@@ -288,15 +289,18 @@ impl NearCaches {
         let table = self.tables[kind.index()].as_ref()?;
         if !self.current() {
             table.bypasses.fetch_add(1, Ordering::Relaxed);
+            metrics::near_cache_lookup(kind, NearOutcome::Bypass);
             return None;
         }
         match table.entries.get(key) {
             Some(entry) if entry.expires > Instant::now() => {
                 table.hits.fetch_add(1, Ordering::Relaxed);
+                metrics::near_cache_lookup(kind, NearOutcome::Hit);
                 Some(entry.value)
             }
             _ => {
                 table.misses.fetch_add(1, Ordering::Relaxed);
+                metrics::near_cache_lookup(kind, NearOutcome::Miss);
                 None
             }
         }
@@ -756,6 +760,7 @@ fn poll_loop(
                 }
                 window = next_window(&rows);
                 near.polled(sent, db_clock(&rows));
+                metrics::near_cache_poll(sent.elapsed());
                 last_ok = sent;
                 drop(near);
                 if pruned.elapsed() > Duration::from_secs(1) {
