@@ -901,7 +901,7 @@ fn warmup_takes_base64_audio_and_its_own_statement_timeout() {
         .args(["--statement-timeout-ms", "60000"])
         .assert()
         .success()
-        .stdout(predicate::str::contains("1 audio chunks"));
+        .stdout(predicate::str::contains("1 audio chunk ("));
     assert_eq!(
         db.count("SELECT count(*) AS n FROM audio_chunk_cache WHERE audio_data = 'RIFF'::bytea"),
         1
