@@ -51,6 +51,7 @@ use chrono::{DateTime, Utc};
 
 use crate::config::{CacheConfig, NearCache};
 use crate::kind::CacheKind;
+use crate::metrics::{self, NearOutcome};
 
 mod poller;
 pub(crate) mod protocol;
@@ -233,15 +234,18 @@ impl NearCaches {
         let table = self.tables[kind.index()].as_ref()?;
         if !self.current() {
             table.bypasses.fetch_add(1, Ordering::Relaxed);
+            metrics::near_cache_lookup(kind, NearOutcome::Bypass);
             return None;
         }
         match table.entries.get(key) {
             Some(entry) if entry.expires > Instant::now() => {
                 table.hits.fetch_add(1, Ordering::Relaxed);
+                metrics::near_cache_lookup(kind, NearOutcome::Hit);
                 Some(entry.value)
             }
             _ => {
                 table.misses.fetch_add(1, Ordering::Relaxed);
+                metrics::near_cache_lookup(kind, NearOutcome::Miss);
                 None
             }
         }

@@ -247,6 +247,7 @@ fn poll_loop(
                 }
                 window = next_window(&rows);
                 near.polled(sent, db_clock(&rows));
+                crate::metrics::near_cache_poll(sent.elapsed());
                 last_ok = sent;
                 drop(near);
                 if pruned.elapsed() > Duration::from_secs(1) {

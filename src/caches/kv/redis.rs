@@ -163,10 +163,15 @@ impl<V> KvCache<'_, V> {
     /// would leave `i64`, [`Error::WrongType`] when it is bytes (nothing is changed
     /// then); a bad key or TTL; a connection or database error.
     pub fn incr(&self, key: &str, delta: i64, ttl: Duration) -> Result<i64> {
+        self.add(Op::Incr, key, delta, ttl)
+    }
+
+    /// [`incr`](Self::incr), labelled `op` in metrics and spans.
+    fn add(&self, op: Op, key: &str, delta: i64, ttl: Duration) -> Result<i64> {
         check_key(key)?;
         let interval = ttl_interval(ttl)?;
         let engine = self.engine(key);
-        let result = engine.exact(CacheKind::Kv, Op::Incr, |conn| {
+        let result = engine.exact(CacheKind::Kv, op, |conn| {
             #[derive(QueryableByName)]
             struct Counted {
                 #[diesel(sql_type = BigInt)]
@@ -223,7 +228,6 @@ impl<V> KvCache<'_, V> {
             ),
             other => other,
         })?;
-        engine.record_sets(CacheKind::Kv, 1);
         Ok(counted)
     }
 
@@ -235,7 +239,7 @@ impl<V> KvCache<'_, V> {
         let negated = delta
             .checked_neg()
             .ok_or_else(|| Error::invalid("delta", "i64::MIN cannot be negated"))?;
-        self.incr(key, negated, ttl)
+        self.add(Op::Decr, key, negated, ttl)
     }
 }
 
@@ -344,9 +348,6 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
             Ok(stored.stored)
         })?;
         self.evict_near(key);
-        if stored {
-            engine.record_sets(CacheKind::Kv, 1);
-        }
         Ok(stored)
     }
 
