@@ -287,6 +287,30 @@ fn a_cleanup_of_many_slow_batches_is_not_cut() {
 }
 
 #[test]
+fn a_slow_cleanup_progress_callback_is_not_taken_for_the_servers_silence() {
+    let statement_timeout = Duration::from_millis(200);
+    let db = TestDb::with(|b| b.statement_timeout(statement_timeout).pool_max_size(1));
+    db.cache.kv().set("k", &json!(1)).unwrap();
+    let pid = backend_pid(&db.cache);
+    let mut calls = 0;
+
+    // The callback outlasts the watchdog's limit once, in the middle of the run.
+    let report = db.cache.cleanup_with_progress(|_| {
+        calls += 1;
+        if calls == 2 {
+            thread::sleep(statement_timeout + MARGIN + SLACK);
+        }
+    });
+
+    assert!(report.is_ok(), "cleanup failed: {:?}", report.err());
+    assert!(
+        calls > 2,
+        "the callback ran {calls} times: the test proves nothing"
+    );
+    assert_eq!(backend_pid(&db.cache), pid, "the connection was replaced");
+}
+
+#[test]
 fn a_busy_connection_whose_statements_are_answered_is_never_cut() {
     let statement_timeout = Duration::from_millis(200);
     let db = TestDb::with(|b| b.statement_timeout(statement_timeout).pool_max_size(1));

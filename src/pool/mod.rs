@@ -33,18 +33,20 @@ use diesel::connection::{InstrumentationEvent, SimpleConnection};
 use diesel::pg::PgConnection;
 use diesel::r2d2::{self, ConnectionManager, CustomizeConnection};
 use diesel::{Connection, ConnectionError};
+use scheduled_thread_pool::ScheduledThreadPool;
 
-use crate::affinity::{Held, Parking, PARK_FOR};
 use crate::config::{CacheConfig, Durability};
-use crate::conninfo::{client_timeouts, with_defaults};
+use crate::database_url::{client_timeouts, with_defaults};
 use crate::error::{Error, Result};
 use crate::watchdog::{no_answer_limit, watched, Watchdog};
 
+mod affinity;
 mod health;
 mod plain;
 mod relaxed;
 mod status;
 
+use affinity::{Held, Parking, PARK_FOR};
 pub(crate) use plain::Plain;
 pub(crate) use relaxed::relaxed;
 use status::Waiters;
@@ -58,6 +60,12 @@ pub type ConnectionPool = r2d2::Pool<ConnectionManager<PgConnection>>;
 
 /// A connection checked out of the cache's pool; derefs to `PgConnection`.
 pub type PooledConnection = r2d2::PooledConnection<ConnectionManager<PgConnection>>;
+
+impl affinity::Connection for PooledConnection {
+    fn is_broken(&mut self) -> bool {
+        r2d2::R2D2Connection::is_broken(&mut **self)
+    }
+}
 
 /// Runs once per new connection: search path, statement timeout, application name
 /// and durability, so no cache operation pays for them again; in
@@ -76,7 +84,7 @@ struct SessionSetup {
 impl CustomizeConnection<PgConnection, r2d2::Error> for SessionSetup {
     fn on_acquire(&self, conn: &mut PgConnection) -> std::result::Result<(), r2d2::Error> {
         match &self.watchdog {
-            Some(watchdog) => watchdog.watch(conn, Box::new(self.observer.clone())),
+            Some(watchdog) => watchdog.adopt(conn, Box::new(self.observer.clone())),
             None => conn.set_instrumentation(self.observer.clone()),
         }
         if self.sessionless {
@@ -178,10 +186,13 @@ fn conninfo(config: &CacheConfig) -> String {
 /// `watchdog` when there is one, as pooled connections are, so statements run
 /// through [`watched`] on it are cut when the server does not answer.
 pub(crate) fn dedicated(config: &CacheConfig, watchdog: Option<&Watchdog>) -> Result<PgConnection> {
-    let mut conn = establish(config)?;
-    if let Some(watchdog) = watchdog {
-        watchdog.watch(&mut conn, Box::new(|_: InstrumentationEvent<'_>| {}));
-    }
+    let mut conn = match watchdog {
+        Some(watchdog) => watchdog.open(
+            || establish(config),
+            Box::new(|_: InstrumentationEvent<'_>| {}),
+        )?,
+        None => establish(config)?,
+    };
     let sql = match session_sql(config) {
         // No session to set up: still a query, which tests the connection.
         sql if sql.is_empty() => "SELECT 1".to_owned(),
@@ -236,9 +247,9 @@ pub(crate) struct Pool {
     /// The cache's own pool, or the application's.
     source: PoolSource,
     /// Each thread's last connection, for its next operation (see
-    /// [`crate::affinity`]); none on the application's pool, whose connections go
+    /// [`affinity`]); none on the application's pool, whose connections go
     /// back to it at once.
-    parking: Option<Parking>,
+    parking: Option<Parking<PooledConnection>>,
     /// The cache's checkouts waiting for a connection, for [`PoolStatus`].
     waiters: Waiters,
 }
@@ -250,7 +261,6 @@ impl Pool {
     pub(crate) fn new(config: &CacheConfig, check: bool) -> Result<Self> {
         let settings = config.pool();
         let suspicion = Suspicion::new(settings.max_size);
-        let limit = no_answer_limit(config);
         let manager = ConnectionManager::<PgConnection>::new(conninfo(config));
         if check {
             // One attempt of our own first: a wrong password or an unknown database
@@ -260,12 +270,25 @@ impl Pool {
             drop(establish(config)?);
         }
         let failures = Arc::new(ConnectFailures::new(config.database_url()));
-        let watchdog = Watchdog::start(limit);
+        let watchdog = Watchdog::start(config);
         let outage = Outage::new(
             &config.shard_name,
             Some(attempt(config, watchdog.clone(), suspicion.clone())),
         );
-        let pool = r2d2::Pool::builder()
+        let mut pool = r2d2::Pool::builder();
+        if let Some(watchdog) = &watchdog {
+            // One connection made at a time, on one thread: what lets the watchdog
+            // tell each new connection's socket (see `Watchdog::adopt`).
+            let connector = Arc::new(
+                ScheduledThreadPool::builder()
+                    .num_threads(1)
+                    .thread_name_pattern("pgcache-connect-{}")
+                    .build(),
+            );
+            watchdog.relist_on(&connector);
+            pool = pool.thread_pool(connector);
+        }
+        let pool = pool
             .max_size(settings.max_size)
             .min_idle(Some(settings.min_idle))
             .idle_timeout(Some(settings.idle_timeout))
@@ -343,7 +366,7 @@ impl Pool {
     /// connections out waits on: one refused attempt (a server at its connection
     /// limit) says nothing of those. `deadline` is the call's (see
     /// [`checkout_by`](Self::checkout_by)): past it, only a connection at hand is taken.
-    fn get(&self, deadline: Instant) -> Result<Held<'_>> {
+    fn get(&self, deadline: Instant) -> Result<Held<'_, PooledConnection>> {
         if let Some(error) = self.outage.fail_fast() {
             return Err(error);
         }
@@ -459,7 +482,7 @@ impl Pool {
 
     /// A connection not known to be dead: probed first while connections are
     /// suspect (see the module docs).
-    pub(crate) fn checkout(&self) -> Result<Held<'_>> {
+    pub(crate) fn checkout(&self) -> Result<Held<'_, PooledConnection>> {
         self.checkout_by(self.deadline(), false)
     }
 
@@ -472,7 +495,7 @@ impl Pool {
     /// a frozen server costs a call one statement limit, whatever the pool's size.
     /// Bounded: the pool holds at most `max_size` dead connections, after which it
     /// opens a fresh one or fails at the deadline.
-    fn checkout_by(&self, deadline: Instant, always: bool) -> Result<Held<'_>> {
+    fn checkout_by(&self, deadline: Instant, always: bool) -> Result<Held<'_, PooledConnection>> {
         for _ in 0..=self.pool.max_size() {
             let mut conn = self.get(deadline)?;
             if !always && !self.suspicion.take() {
