@@ -123,7 +123,7 @@ impl Engine {
             // The poller's own watchdog (its connection is not the pool's): a poll a
             // frozen server never answers is cut, and the poller reconnects instead
             // of waiting, near caches off, for as long as the freeze lasts.
-            let watchdog = Watchdog::start(&config);
+            let watchdog = Watchdog::start(&poller_config);
             Poller::start(Arc::downgrade(near), Tables::new(config.schema()), move || {
                 let connected = crate::pool::dedicated(&poller_config, watchdog.as_ref())
                     .and_then(|mut conn| {

@@ -104,6 +104,9 @@ fn an_operation_on_a_frozen_server_fails_within_the_statement_timeout_plus_margi
     )
     .unwrap();
     assert_eq!(local.kv().get("k").unwrap(), Some(json!(1)));
+    // The application's own connection to the same server, open across the freeze
+    // and the cuts, which must leave it alone: it is no connection of pgcache's.
+    let mut own = <diesel::PgConnection as diesel::Connection>::establish(&cluster.url()).unwrap();
     let limit = statement_timeout + MARGIN;
 
     let pids = cluster.freeze();
@@ -147,6 +150,8 @@ fn an_operation_on_a_frozen_server_fails_within_the_statement_timeout_plus_margi
     use diesel::connection::SimpleConnection;
     a.batch_execute("SELECT 1").unwrap();
     b.batch_execute("SELECT 1").unwrap();
+    own.batch_execute("SELECT 1")
+        .expect("the application's own connection to the server was cut");
     drop((a, b));
     kv.set("k", &json!(3)).unwrap();
     assert_eq!(kv.get("k").unwrap(), Some(json!(3)));

@@ -27,8 +27,9 @@
 //! Why it never cuts anything else: it shuts down only the socket recorded for the
 //! connection, only while that connection's operation is still inside [`watched`],
 //! and, while it cuts, holds the lock that leaving [`watched`] takes. Nothing but
-//! pgcache's own statements runs inside [`watched`] (no callback of the caller's):
-//! a statement is overdue only when the server has not answered it.
+//! pgcache's own work runs inside [`watched`] (a callback of the caller's, the
+//! cleanup's progress, runs in [`outside`]): a statement is overdue only when the
+//! server has not answered it.
 
 use std::cell::Cell;
 use std::fmt;
@@ -57,6 +58,10 @@ pub(crate) const NO_ANSWER_MARGIN: Duration = Duration::from_secs(1);
 /// How soon an overdue connection is looked at again when its thread had not left
 /// [`watched`] yet after a cut.
 const RECHECK: Duration = Duration::from_millis(50);
+
+/// How many times [`Watchdog::open`] opens a connection whose socket cannot be
+/// told apart before it keeps one unwatched.
+const OPEN_TRIES: u32 = 3;
 
 /// How often the pool's connector thread lists the process's sockets between
 /// connections (see [`Watchdog::relist_on`]).
@@ -211,18 +216,27 @@ impl Watchdog {
 
     /// Opens a connection of its own with `open` (on this thread, outside any pool)
     /// and watches it if its socket is the one new socket to the server meanwhile.
+    /// A connection whose socket cannot be told apart (another thread connected
+    /// to the server at the same moment) is opened again, up to [`OPEN_TRIES`]
+    /// times in all: such a connection (the near-cache poller's) is held for long.
     pub(crate) fn open(
         &self,
-        open: impl FnOnce() -> Result<PgConnection>,
+        open: impl Fn() -> Result<PgConnection>,
         next: Box<dyn Instrumentation>,
     ) -> Result<PgConnection> {
-        let before = sockets::list();
-        let mut conn = open()?;
-        let socket = before
-            .zip(sockets::list())
-            .and_then(|(before, after)| self.shared.server.new_socket(&before, &after));
-        self.install(&mut conn, socket, next);
-        Ok(conn)
+        let mut tries = 1;
+        loop {
+            let before = sockets::list();
+            let mut conn = open()?;
+            let socket = before
+                .zip(sockets::list())
+                .and_then(|(before, after)| self.shared.server.new_socket(&before, &after));
+            if socket.is_some() || tries == OPEN_TRIES {
+                self.install(&mut conn, socket, next);
+                return Ok(conn);
+            }
+            tries += 1;
+        }
     }
 
     /// Installs the instrumentation that re-arms the connection's deadline at every
