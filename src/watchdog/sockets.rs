@@ -10,8 +10,9 @@
 //! opened a socket to the same server at the same moment, the peer is not the
 //! configured one, `/proc` is not readable) and the connection is simply not
 //! watched: it then waits for the server however long, as any libpq client does.
-//! The caller guarantees that no other connection of the same watchdog is opened
-//! between the two listings (see `Watchdog::adopt`).
+//! The caller makes sure the connection's socket was opened after the first
+//! listing and is open at the second, so that it is among the new ones (see
+//! `Watchdog::adopt` and `Watchdog::open`): a single new one is then certainly it.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
