@@ -25,7 +25,7 @@ use crate::near::{NearCaches, Poller};
 use crate::pool::{ConnectionPool, Plain, Pool, PooledConnection};
 use crate::skipped::{Skipped, SkippedWrites};
 use crate::tables::Tables;
-use crate::watchdog::{no_answer_limit, watched, Watchdog};
+use crate::watchdog::{watched, Watchdog};
 
 /// The engine behind a [`CacheManager`](crate::CacheManager) (public only as the
 /// unnameable type cache handles borrow).
@@ -123,7 +123,7 @@ impl Engine {
             // The poller's own watchdog (its connection is not the pool's): a poll a
             // frozen server never answers is cut, and the poller reconnects instead
             // of waiting, near caches off, for as long as the freeze lasts.
-            let watchdog = Watchdog::start(no_answer_limit(&config));
+            let watchdog = Watchdog::start(&poller_config);
             Poller::start(Arc::downgrade(near), Tables::new(config.schema()), move || {
                 let connected = crate::pool::dedicated(&poller_config, watchdog.as_ref())
                     .and_then(|mut conn| {

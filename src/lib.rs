@@ -83,8 +83,7 @@ mod shards;
 mod tables;
 mod validation;
 // Database plumbing.
-mod affinity;
-mod conninfo;
+mod catalog;
 mod migrations;
 mod partitions;
 mod pool;

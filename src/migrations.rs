@@ -14,8 +14,7 @@ use crate::config::CacheConfig;
 use crate::error::{Error, MigrationError, Result};
 use crate::kind::CacheKind;
 use crate::near::protocol;
-use crate::pool::quote_ident;
-use crate::tables::Tables;
+use crate::tables::{quote_ident, Tables};
 
 /// The SQL migrations compiled into the crate.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -351,7 +350,7 @@ pub(crate) fn set_logged(conn: &mut PgConnection, tables: &Tables, logged: bool)
     conn.transaction(|conn| {
         for kind in CacheKind::ALL {
             // A partitioned table has no storage of its own: its partitions do.
-            for leaf in crate::partitions::leaves(conn, tables.of(kind))? {
+            for leaf in crate::catalog::leaves(conn, tables.of(kind))? {
                 conn.batch_execute(&format!("ALTER TABLE {leaf} SET {mode}"))?;
             }
         }
@@ -371,7 +370,7 @@ fn near_trigger_tables(conn: &mut PgConnection, kind: CacheKind) -> QueryResult<
     let mut tables = vec![table.to_owned()];
     // `leaves` names an unpartitioned table itself.
     tables.extend(
-        crate::partitions::leaves(conn, table)?
+        crate::catalog::leaves(conn, table)?
             .into_iter()
             .filter(|leaf| leaf != table),
     );

@@ -16,34 +16,14 @@ use diesel::{Connection, QueryResult, QueryableByName, RunQueryDsl};
 use crate::error::{Error, Result};
 use crate::kind::CacheKind;
 use crate::migrations::SchemaLock;
-use crate::pool::quote_ident;
+use crate::tables::quote_ident;
 
 /// Most partitions per table: enough for any single server, and it bounds the
 /// statements a cleanup runs per table.
 pub const MAX_PARTITIONS: u32 = 1024;
 
-/// The tables holding `table`'s rows (`table` schema-qualified): its leaf
-/// partitions, or the table itself when it is not partitioned. Names quoted and
-/// schema-qualified, so usable in SQL as they are on any search path.
-pub(crate) fn leaves(conn: &mut PgConnection, table: &str) -> QueryResult<Vec<String>> {
-    #[derive(QueryableByName)]
-    struct Leaf {
-        #[diesel(sql_type = Text)]
-        name: String,
-    }
-    let leaves: Vec<Leaf> = diesel::sql_query(
-        "SELECT format('%I.%I', n.nspname, c.relname) AS name \
-         FROM pg_partition_tree($1::regclass) t JOIN pg_class c ON c.oid = t.relid \
-         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.isleaf ORDER BY t.relid",
-    )
-    .bind::<Text, _>(table)
-    .load(conn)?;
-    Ok(if leaves.is_empty() {
-        vec![table.to_owned()]
-    } else {
-        leaves.into_iter().map(|leaf| leaf.name).collect()
-    })
-}
+/// A table's leaves, for the statements that run per partition.
+pub(crate) use crate::catalog::leaves;
 
 /// SQL for the bytes on disk of `table` and its partitions (heap, indexes, TOAST);
 /// `pg_total_relation_size` of a partitioned table alone is 0.

@@ -279,3 +279,18 @@ fn shards_from_the_builder_are_checked_under_the_setters_name() {
         .unwrap_err();
     assert!(err.to_string().contains("shards"), "{err}");
 }
+
+#[test]
+fn the_watchdog_is_on_by_default_and_turned_off_by_variable_or_builder() {
+    assert!(from(&[]).unwrap().watchdog());
+    assert!(!from(&[("PGCACHE_WATCHDOG", "false")]).unwrap().watchdog());
+    assert!(!CacheConfig::builder()
+        .watchdog(false)
+        .build()
+        .unwrap()
+        .watchdog());
+    assert!(matches!(
+        from(&[("PGCACHE_WATCHDOG", "sometimes")]),
+        Err(Error::Config { .. })
+    ));
+}

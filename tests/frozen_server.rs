@@ -104,6 +104,9 @@ fn an_operation_on_a_frozen_server_fails_within_the_statement_timeout_plus_margi
     )
     .unwrap();
     assert_eq!(local.kv().get("k").unwrap(), Some(json!(1)));
+    // The application's own connection to the same server, open across the freeze
+    // and the cuts, which must leave it alone: it is no connection of pgcache's.
+    let mut own = <diesel::PgConnection as diesel::Connection>::establish(&cluster.url()).unwrap();
     let limit = statement_timeout + MARGIN;
 
     let pids = cluster.freeze();
@@ -147,6 +150,8 @@ fn an_operation_on_a_frozen_server_fails_within_the_statement_timeout_plus_margi
     use diesel::connection::SimpleConnection;
     a.batch_execute("SELECT 1").unwrap();
     b.batch_execute("SELECT 1").unwrap();
+    own.batch_execute("SELECT 1")
+        .expect("the application's own connection to the server was cut");
     drop((a, b));
     kv.set("k", &json!(3)).unwrap();
     assert_eq!(kv.get("k").unwrap(), Some(json!(3)));
@@ -282,6 +287,30 @@ fn a_cleanup_of_many_slow_batches_is_not_cut() {
     assert!(
         elapsed > statement_timeout + MARGIN,
         "the cleanup took only {elapsed:?}: the test proves nothing"
+    );
+    assert_eq!(backend_pid(&db.cache), pid, "the connection was replaced");
+}
+
+#[test]
+fn a_slow_cleanup_progress_callback_is_not_taken_for_the_servers_silence() {
+    let statement_timeout = Duration::from_millis(200);
+    let db = TestDb::with(|b| b.statement_timeout(statement_timeout).pool_max_size(1));
+    db.cache.kv().set("k", &json!(1)).unwrap();
+    let pid = backend_pid(&db.cache);
+    let mut calls = 0;
+
+    // The callback outlasts the watchdog's limit once, in the middle of the run.
+    let report = db.cache.cleanup_with_progress(|_| {
+        calls += 1;
+        if calls == 2 {
+            thread::sleep(statement_timeout + MARGIN + SLACK);
+        }
+    });
+
+    assert!(report.is_ok(), "cleanup failed: {:?}", report.err());
+    assert!(
+        calls > 2,
+        "the callback ran {calls} times: the test proves nothing"
     );
     assert_eq!(backend_pid(&db.cache), pid, "the connection was replaced");
 }

@@ -15,7 +15,7 @@
 //!   `cache_changes`, or, for pgcache's own updates on the pool of a manager with a
 //!   near cache, by a stamp on the changed rows (`changed_xid`). A rollback logs
 //!   nothing, and no lock is shared between writers.
-//! - One poller thread per manager ([`Poller`]) reads the log and the stamps and
+//! - One poller thread per manager and shard ([`Poller`]) reads the log and the stamps and
 //!   evicts the keys: every 2 ms while changes come in, backing off to a third of
 //!   the staleness bound `S` while none do. Each poll asks for the changes of every
 //!   transaction that was running at the previous poll's snapshot or began after

@@ -330,11 +330,10 @@ fn shard_facts(engine: &Engine) -> Result<ShardFacts> {
 }
 
 fn facts(engine: &Engine, conn: &mut PgConnection) -> Result<ShardFacts> {
-    let mut lookups = Lookups::default();
-    for (_, l) in super::stats::lookups(engine, conn)? {
-        lookups.hits += l.hits;
-        lookups.misses += l.misses;
-    }
+    let lookups = super::stats::lookups(engine, conn)?
+        .into_iter()
+        .map(|(_, l)| l)
+        .sum();
     let runs = engine.tables().cleanup_runs();
     let size_bytes = total_size(conn, engine.tables())?;
     #[derive(QueryableByName)]
@@ -407,13 +406,8 @@ pub(crate) fn health(cluster: &Cluster, thresholds: &HealthThresholds) -> Result
             }),
         }
     }
-    let mut lookups = Lookups::default();
-    let mut size_bytes = 0;
-    for (_, facts) in &shards {
-        lookups.hits += facts.lookups.hits;
-        lookups.misses += facts.lookups.misses;
-        size_bytes += facts.size_bytes;
-    }
+    let lookups: Lookups = shards.iter().map(|(_, facts)| facts.lookups).sum();
+    let size_bytes: u64 = shards.iter().map(|(_, facts)| facts.size_bytes).sum();
     let mut latency = cluster.front().latency().histogram();
     for (_, engine) in cluster.shards().skip(1) {
         latency.add(&engine.latency().histogram());

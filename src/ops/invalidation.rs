@@ -33,20 +33,31 @@ impl InvalidationReport {
     }
 }
 
+/// Another shard's removals added in: the sums.
+impl std::ops::AddAssign for InvalidationReport {
+    fn add_assign(&mut self, other: InvalidationReport) {
+        self.embeddings += other.embeddings;
+        self.vector_searches += other.vector_searches;
+        self.llm_responses += other.llm_responses;
+        self.audio_chunks += other.audio_chunks;
+        self.released_paths.extend(other.released_paths);
+    }
+}
+
+impl std::iter::Sum for InvalidationReport {
+    fn sum<I: Iterator<Item = InvalidationReport>>(reports: I) -> InvalidationReport {
+        reports.fold(InvalidationReport::default(), |mut all, report| {
+            all += report;
+            all
+        })
+    }
+}
+
 /// [`CacheManager::invalidate_user`](crate::CacheManager::invalidate_user): every
 /// shard at once (a user's entries are spread by key), each in one transaction.
 pub(crate) fn invalidate_user(cluster: &Cluster, user: Uuid) -> Result<InvalidationReport> {
     let reports = cluster.all(|engine| invalidate_user_on(engine, user))?;
-    Ok(reports
-        .into_iter()
-        .fold(InvalidationReport::default(), |mut all, report| {
-            all.embeddings += report.embeddings;
-            all.vector_searches += report.vector_searches;
-            all.llm_responses += report.llm_responses;
-            all.audio_chunks += report.audio_chunks;
-            all.released_paths.extend(report.released_paths);
-            all
-        }))
+    Ok(reports.into_iter().sum())
 }
 
 fn invalidate_user_on(engine: &Engine, user: Uuid) -> Result<InvalidationReport> {

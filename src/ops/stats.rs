@@ -1,6 +1,8 @@
 //! [`CacheManager::stats`](crate::CacheManager::stats): entries, sizes, hits and misses of every cache.
 
 use std::fmt;
+use std::iter::Sum;
+use std::ops::AddAssign;
 
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
@@ -77,15 +79,10 @@ impl CacheStats {
             .collect();
         for part in &parts {
             for (sum, c) in caches.iter_mut().zip(&part.caches) {
-                sum.entries += c.entries;
-                sum.active_entries += c.active_entries;
-                sum.expired_entries += c.expired_entries;
-                sum.size_bytes += c.size_bytes;
-                sum.lookups.add(c.lookups);
+                *sum += c;
             }
         }
-        let mut lookups = Lookups::default();
-        caches.iter().for_each(|c| lookups.add(c.lookups));
+        let lookups = caches.iter().map(|c| c.lookups).sum();
         let (tops, audio): (Vec<_>, Vec<_>) = parts
             .into_iter()
             .map(|p| (p.top_llm_responses, p.audio))
@@ -143,10 +140,33 @@ impl Lookups {
     pub fn hit_rate(self) -> Option<f64> {
         (self.total() > 0).then(|| self.hits as f64 / self.total() as f64)
     }
+}
 
-    fn add(&mut self, other: Lookups) {
+impl AddAssign for Lookups {
+    fn add_assign(&mut self, other: Lookups) {
         self.hits += other.hits;
         self.misses += other.misses;
+    }
+}
+
+impl Sum for Lookups {
+    fn sum<I: Iterator<Item = Lookups>>(parts: I) -> Lookups {
+        parts.fold(Lookups::default(), |mut all, part| {
+            all += part;
+            all
+        })
+    }
+}
+
+/// The same cache's figures on another shard added in: the sums.
+impl AddAssign<&TableStats> for TableStats {
+    fn add_assign(&mut self, other: &TableStats) {
+        debug_assert_eq!(self.cache, other.cache);
+        self.entries += other.entries;
+        self.active_entries += other.active_entries;
+        self.expired_entries += other.expired_entries;
+        self.size_bytes += other.size_bytes;
+        self.lookups += other.lookups;
     }
 }
 
@@ -209,8 +229,7 @@ fn shard_stats(engine: &Engine) -> Result<CacheStats> {
             tables.of(CacheKind::AudioChunk),
             TOP_ENTRIES,
         )?;
-        let mut all = Lookups::default();
-        caches.iter().for_each(|c| all.add(c.lookups));
+        let all = caches.iter().map(|c| c.lookups).sum();
         Ok(CacheStats {
             total_entries: caches.iter().map(|c| c.entries).sum(),
             caches,
@@ -268,10 +287,10 @@ pub(crate) fn lookups(
             let (hits, misses) = engine.counters().pending(kind);
             let mut lookups = Lookups { hits, misses };
             if let Some((_, h, m)) = flushed.iter().find(|(name, ..)| name == kind.name()) {
-                lookups.add(Lookups {
+                lookups += Lookups {
                     hits: *h as u64,
                     misses: *m as u64,
-                });
+                };
             }
             (kind, lookups)
         })

@@ -156,6 +156,27 @@ pub struct WarmupReport {
     pub skipped_audio_chunks: u64,
 }
 
+/// Another shard's part added in: the sums.
+impl std::ops::AddAssign for WarmupReport {
+    fn add_assign(&mut self, other: WarmupReport) {
+        self.kv += other.kv;
+        self.embeddings += other.embeddings;
+        self.vector_searches += other.vector_searches;
+        self.llm_responses += other.llm_responses;
+        self.audio_chunks += other.audio_chunks;
+        self.skipped_audio_chunks += other.skipped_audio_chunks;
+    }
+}
+
+impl std::iter::Sum for WarmupReport {
+    fn sum<I: Iterator<Item = WarmupReport>>(reports: I) -> WarmupReport {
+        reports.fold(WarmupReport::default(), |mut all, report| {
+            all += report;
+            all
+        })
+    }
+}
+
 impl WarmupReport {
     /// Entries stored over every cache.
     pub fn total(&self) -> u64 {
@@ -380,20 +401,9 @@ pub(crate) fn warmup(cluster: &Cluster, warmup: &Warmup) -> Result<WarmupReport>
             None => store(engine, part),
         }
     })?;
-    Ok(reports.into_iter().fold(
-        WarmupReport {
-            skipped_audio_chunks,
-            ..WarmupReport::default()
-        },
-        |mut all, report| {
-            all.kv += report.kv;
-            all.embeddings += report.embeddings;
-            all.vector_searches += report.vector_searches;
-            all.llm_responses += report.llm_responses;
-            all.audio_chunks += report.audio_chunks;
-            all
-        },
-    ))
+    let mut all: WarmupReport = reports.into_iter().sum();
+    all.skipped_audio_chunks += skipped_audio_chunks;
+    Ok(all)
 }
 
 /// A statement cancelled by `statement_timeout` as [`Error::WarmupTimeout`], which

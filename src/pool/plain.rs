@@ -10,7 +10,7 @@ use diesel::r2d2::{self, ConnectionManager};
 
 use super::{ConnectionPool, PoolSource, PoolStatus, PooledConnection};
 use crate::config::CacheConfig;
-use crate::conninfo::{client_timeouts, with_defaults};
+use crate::database_url::{client_timeouts, with_defaults};
 use crate::error::{Error, Result};
 use crate::watchdog::no_answer_limit;
 

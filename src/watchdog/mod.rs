@@ -16,23 +16,24 @@
 //! (Diesel's instrumentation events), so an operation of many statements (a cleanup
 //! of many batches) is cut only when one statement goes unanswered.
 //!
-//! Finding the socket: Diesel does not expose libpq's socket, and the server's view
-//! of the client (`inet_client_port()`) names a proxy's or NAT's port rather than
-//! ours. But the thread waiting for the answer is blocked in `poll()` on exactly that
-//! socket, so the watchdog reads the pollfd array's address from the thread's system
-//! call (`/proc/self/task/<tid>/syscall`) and the descriptor from the array
-//! (`/proc/self/mem`). This works for TCP and Unix-domain sockets, directly or
-//! through proxies and poolers. Linux on x86-64 and AArch64 only; elsewhere there is
+//! Which socket: each connection's own, recorded as the connection is made
+//! ([`sockets`]: the one new socket to the configured server between a listing of
+//! the process's sockets before and after). A connection whose socket could not be
+//! told apart is not watched. This works for TCP and Unix-domain sockets, directly
+//! or through proxies and poolers, wherever `/proc/self/fd` is readable (Linux);
+//! elsewhere, or with the watchdog turned off ([`CacheConfig::watchdog`]), there is
 //! no client-side cut.
 //!
-//! Why it never cuts anything else: it acts only on a connection whose operation is
-//! still inside [`watched`] and, while it looks and cuts, holds the lock that leaving
-//! [`watched`] takes, so the thread cannot have moved on to other work; it reads the
-//! system call again after reading the descriptor and acts only if nothing changed.
+//! Why it never cuts anything else: it shuts down only the socket recorded for the
+//! connection, only while that connection's operation is still inside [`watched`],
+//! and, while it cuts, holds the lock that leaving [`watched`] takes. Nothing but
+//! pgcache's own work runs inside [`watched`] (a callback of the caller's, the
+//! cleanup's progress, runs in [`outside`]): a statement is overdue only when the
+//! server has not answered it.
 
 use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -40,21 +41,36 @@ use std::time::{Duration, Instant};
 use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
 use diesel::pg::PgConnection;
 use diesel::Connection;
+use scheduled_thread_pool::ScheduledThreadPool;
 
 use crate::config::CacheConfig;
 use crate::error::{Error, Result};
+
+mod sockets;
+
+use sockets::{Server, Socket, Sockets};
 
 /// How long past `statement_timeout` a statement may go unanswered before the
 /// watchdog cuts it: time for the server's own timeout to fire and its error to
 /// arrive, so that the watchdog acts only when the server cannot.
 pub(crate) const NO_ANSWER_MARGIN: Duration = Duration::from_secs(1);
 
-/// How soon an overdue connection is looked at again when its thread was not
-/// blocked waiting for the server (busy on the client side) or had not left
+/// How soon an overdue connection is looked at again when its thread had not left
 /// [`watched`] yet after a cut.
 const RECHECK: Duration = Duration::from_millis(50);
 
+/// How many times [`Watchdog::open`] opens a connection whose socket cannot be
+/// told apart before it keeps one unwatched.
+const OPEN_TRIES: u32 = 3;
+
+/// How often the pool's connector thread lists the process's sockets between
+/// connections (see [`Watchdog::relist_on`]).
+const RELIST: Duration = Duration::from_secs(1);
+
 thread_local! {
+    /// The watch of the connection whose operation this thread runs inside
+    /// [`watched`], for [`outside`].
+    static CURRENT: std::cell::RefCell<Option<Arc<Watch>>> = const { std::cell::RefCell::new(None) };
     /// A longer limit than the pool's for the statements this thread runs inside
     /// [`extended`]; 0 outside.
     static EXTENDED_MS: Cell<u64> = const { Cell::new(0) };
@@ -99,6 +115,11 @@ struct Shared {
     watches: Mutex<Vec<Weak<Watch>>>,
     epoch: Instant,
     limit_ms: u64,
+    /// Where the connections' peer is.
+    server: Server,
+    /// The process's sockets after the pool's last connection was made (see
+    /// [`Watchdog::adopt`]).
+    seen: Mutex<Option<Sockets>>,
 }
 
 /// One connection's watch, shared by its instrumentation (which owns it, so it lives
@@ -108,8 +129,8 @@ struct Watch {
     /// Milliseconds after `epoch` from which the statement in flight counts as
     /// unanswered; 0 while the connection is not inside [`watched`].
     deadline: AtomicU64,
-    /// The kernel thread id of the thread inside [`watched`].
-    tid: AtomicI32,
+    /// The connection's socket, recorded when it was made.
+    socket: Socket,
     /// Whether the watchdog cut the connection. Held by the watchdog while it looks
     /// and cuts, and by [`Watch::disarm`], so no cut happens after disarming.
     cut: Mutex<bool>,
@@ -127,17 +148,24 @@ fn millis_since(epoch: Instant) -> u64 {
 }
 
 impl Watchdog {
-    /// Starts the watchdog thread of a pool whose statements may go unanswered for
-    /// `limit`. `None` where the socket cannot be found (see the module docs) or the
-    /// thread cannot start: statements then wait for the server however long.
-    pub(crate) fn start(limit: Duration) -> Option<Self> {
-        if !stuck::SUPPORTED {
+    /// Starts the watchdog thread of a pool of `config`'s connections. `None`
+    /// when the configuration turns it off, where sockets cannot be listed (see the
+    /// module docs) or when the thread cannot start: statements then wait for the
+    /// server however long.
+    pub(crate) fn start(config: &CacheConfig) -> Option<Self> {
+        if !config.watchdog() {
+            return None;
+        }
+        if sockets::list().is_none() {
+            tracing::warn!("pgcache: cannot list the process's sockets (no readable /proc/self/fd); statements a frozen server never answers will not be cut");
             return None;
         }
         let shared = Arc::new(Shared {
             watches: Mutex::default(),
             epoch: Instant::now(),
-            limit_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+            limit_ms: u64::try_from(no_answer_limit(config).as_millis()).unwrap_or(u64::MAX),
+            server: Server::of(config.database_url()),
+            seen: Mutex::new(sockets::list()),
         });
         let (stop, stopped) = mpsc::channel();
         let thread_shared = Arc::clone(&shared);
@@ -156,12 +184,80 @@ impl Watchdog {
         }
     }
 
-    /// Watches a new connection: installs the instrumentation that re-arms its
-    /// deadline at every statement and passes every event on to `next`.
-    pub(crate) fn watch(&self, conn: &mut PgConnection, next: Box<dyn Instrumentation>) {
+    /// Watches a pooled connection just made, if its socket is the one new socket
+    /// to the server since the pool's previous connection was made (or since the
+    /// watchdog started): the pool must open its connections one at a time, on one
+    /// thread, and call this as each is made (its connection customizer), so that
+    /// the connection's socket is certainly among the new ones. Installs `next`
+    /// either way.
+    pub(crate) fn adopt(&self, conn: &mut PgConnection, next: Box<dyn Instrumentation>) {
+        let now = sockets::list();
+        let before = std::mem::replace(&mut *lock(&self.shared.seen), now.clone());
+        let socket = match (before, now) {
+            (Some(before), Some(now)) => self.shared.server.new_socket(&before, &now),
+            _ => None,
+        };
+        self.install(conn, socket, next);
+    }
+
+    /// Has `connector`, the one thread the pool opens its connections on, list the
+    /// process's sockets every [`RELIST`] between connections: sockets the
+    /// application opens meanwhile are then not new to the next connection made.
+    /// Only that thread may list them for [`adopt`](Self::adopt): a listing made
+    /// while a connection is being made would count its socket as old.
+    pub(crate) fn relist_on(&self, connector: &ScheduledThreadPool) {
+        let shared = Arc::downgrade(&self.shared);
+        connector.execute_at_fixed_rate(RELIST, RELIST, move || {
+            if let Some(shared) = shared.upgrade() {
+                *lock(&shared.seen) = sockets::list();
+            }
+        });
+    }
+
+    /// Opens a connection of its own with `open` (on this thread, outside any pool)
+    /// and watches it if its socket is the one new socket to the server meanwhile.
+    /// A connection whose socket cannot be told apart (another thread connected
+    /// to the server at the same moment) is opened again, up to [`OPEN_TRIES`]
+    /// times in all: such a connection (the near-cache poller's) is held for long.
+    pub(crate) fn open(
+        &self,
+        open: impl Fn() -> Result<PgConnection>,
+        next: Box<dyn Instrumentation>,
+    ) -> Result<PgConnection> {
+        let mut tries = 1;
+        loop {
+            let before = sockets::list();
+            let mut conn = open()?;
+            let socket = before
+                .zip(sockets::list())
+                .and_then(|(before, after)| self.shared.server.new_socket(&before, &after));
+            if socket.is_some() || tries == OPEN_TRIES {
+                self.install(&mut conn, socket, next);
+                return Ok(conn);
+            }
+            tries += 1;
+        }
+    }
+
+    /// Installs the instrumentation that re-arms the connection's deadline at every
+    /// statement and passes every event on to `next`; only `next` when the
+    /// connection's socket is not known.
+    fn install(
+        &self,
+        conn: &mut PgConnection,
+        socket: Option<Socket>,
+        next: Box<dyn Instrumentation>,
+    ) {
+        let Some(socket) = socket else {
+            tracing::debug!(
+                "pgcache: a new connection's socket could not be told apart; it is not watched"
+            );
+            conn.set_instrumentation(next);
+            return;
+        };
         let watch = Arc::new(Watch {
             deadline: AtomicU64::new(0),
-            tid: AtomicI32::new(0),
+            socket,
             cut: Mutex::new(false),
             epoch: self.shared.epoch,
             limit_ms: self.shared.limit_ms,
@@ -217,7 +313,6 @@ impl Watch {
     }
 
     fn arm(&self) {
-        self.tid.store(stuck::current_tid(), Ordering::Relaxed);
         self.deadline.store(self.next_deadline(), Ordering::Release);
     }
 
@@ -230,6 +325,17 @@ impl Watch {
         }
     }
 
+    /// Lifts the deadline for a while (see [`outside`]); a cut already made stays.
+    fn pause(&self) {
+        let _cut = lock(&self.cut);
+        self.deadline.store(0, Ordering::Release);
+    }
+
+    /// Sets the deadline again after [`pause`](Self::pause).
+    fn resume(&self) {
+        self.deadline.store(self.next_deadline(), Ordering::Release);
+    }
+
     /// Leaves [`watched`]; whether the watchdog cut the connection meanwhile.
     fn disarm(&self) -> bool {
         let mut cut = lock(&self.cut);
@@ -237,15 +343,14 @@ impl Watch {
         std::mem::take(&mut *cut)
     }
 
-    /// Cuts the connection if its thread is (still) blocked waiting for the answer to
-    /// the statement that was due at `deadline`.
+    /// Cuts the connection if the statement that was due at `deadline` is still
+    /// unanswered (its operation still inside [`watched`]).
     fn cut_if_stuck(&self, deadline: u64) {
         let mut cut = lock(&self.cut);
-        let still_due = || self.deadline.load(Ordering::Acquire) == deadline;
-        if *cut || !still_due() {
+        if *cut || self.deadline.load(Ordering::Acquire) != deadline {
             return;
         }
-        if stuck::cut(self.tid.load(Ordering::Relaxed), still_due) {
+        if sockets::cut(self.socket) {
             *cut = true;
             tracing::warn!(
                 limit_ms = self.limit_ms,
@@ -287,7 +392,9 @@ impl Instrumentation for Watched {
 /// Runs `op` on `conn` under the watchdog: a statement of `op` that the server has
 /// not answered within the limit is cut, and the operation fails with
 /// [`Error::Unresponsive`] (a result `op` got just as the cut happened is kept).
-/// A connection not watched (no watchdog on this platform) just runs `op`.
+/// A connection not watched (no watchdog, or its socket unknown) just runs `op`.
+/// `op` runs only pgcache's own statements: a caller's callback inside would count
+/// as the server's silence.
 pub(crate) fn watched<T>(
     conn: &mut PgConnection,
     op: impl FnOnce(&mut PgConnection) -> Result<T>,
@@ -297,7 +404,17 @@ pub(crate) fn watched<T>(
         None => return op(conn),
     };
     watch.arm();
+    let previous = CURRENT.with(|current| current.replace(Some(Arc::clone(&watch))));
+    /// Puts the previous watch back, also when `op` panics.
+    struct Restore(Option<Arc<Watch>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CURRENT.with(|current| *current.borrow_mut() = self.0.take());
+        }
+    }
+    let restore = Restore(previous);
     let result = op(conn);
+    drop(restore);
     if !watch.disarm() {
         return result;
     }
@@ -310,105 +427,24 @@ pub(crate) fn watched<T>(
     })
 }
 
-/// Finding and shutting down the socket a thread is blocked on.
-#[cfg(all(
-    target_os = "linux",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-))]
-mod stuck {
-    use std::fs::File;
-    use std::os::fd::RawFd;
-    use std::os::unix::fs::FileExt;
-    use std::sync::Once;
-
-    use nix::sys::socket::{shutdown, Shutdown};
-
-    pub(super) const SUPPORTED: bool = true;
-
-    /// `poll` and `ppoll`, in which libpq waits for the server, and which take the
-    /// pollfd array and its length as their first two arguments.
-    #[cfg(target_arch = "x86_64")]
-    const POLL_SYSCALLS: &[u64] = &[7, 271];
-    #[cfg(target_arch = "aarch64")]
-    const POLL_SYSCALLS: &[u64] = &[73];
-
-    /// The kernel id of the calling thread.
-    pub(super) fn current_tid() -> i32 {
-        thread_local! {
-            static TID: i32 = nix::unistd::gettid().as_raw();
-        }
-        TID.with(|tid| *tid)
-    }
-
-    /// Shuts down the socket thread `tid` is blocked polling, if it is blocked in
-    /// `poll` on exactly one descriptor and `still_due()` holds once the descriptor
-    /// is known; whether it did.
-    pub(super) fn cut(tid: i32, still_due: impl Fn() -> bool) -> bool {
-        let Some(fd) = polled_fd(tid) else {
-            return false;
-        };
-        if !still_due() {
-            return false;
-        }
-        match shutdown(fd, Shutdown::Both) {
-            Ok(()) => true,
-            Err(errno) => {
-                tracing::warn!(%errno, "pgcache: cannot shut down the socket of an unanswered statement");
-                false
-            }
+/// Runs `f`, code of the caller's (a progress callback), with the statement
+/// deadline of the operation this thread runs inside [`watched`] lifted: however
+/// long `f` takes, it is not the server's silence. The deadline starts again when
+/// `f` returns. Outside [`watched`], just runs `f`.
+pub(crate) fn outside<T>(f: impl FnOnce() -> T) -> T {
+    let Some(watch) = CURRENT.with(|current| current.borrow().clone()) else {
+        return f();
+    };
+    /// Re-arms the deadline, also when `f` panics.
+    struct Resume(Arc<Watch>);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            self.0.resume();
         }
     }
-
-    /// The descriptor thread `tid` of this process is polling. The system call line
-    /// is read again afterwards: if the thread had left the call meanwhile, the array
-    /// may have been read mid-change, and nothing is returned.
-    fn polled_fd(tid: i32) -> Option<RawFd> {
-        let path = format!("/proc/self/task/{tid}/syscall");
-        // "<number> <arg1> <arg2> …" in hex; "running" or "-1 …" outside a call.
-        let before = match std::fs::read_to_string(&path) {
-            Ok(line) => line,
-            Err(error) => {
-                static ONCE: Once = Once::new();
-                ONCE.call_once(|| tracing::warn!(%error, "pgcache: cannot see what a thread waits on (restricted /proc?); unanswered statements are not cut"));
-                return None;
-            }
-        };
-        let mut fields = before.split_whitespace();
-        let number: u64 = fields.next()?.parse().ok()?;
-        let pollfds = hex(fields.next()?)?;
-        let count = hex(fields.next()?)?;
-        if !POLL_SYSCALLS.contains(&number) || count != 1 {
-            return None;
-        }
-        // A `struct pollfd` starts with its `int fd`.
-        let mut fd = [0; 4];
-        File::open("/proc/self/mem")
-            .and_then(|mem| mem.read_exact_at(&mut fd, pollfds))
-            .ok()?;
-        let after = std::fs::read_to_string(&path).ok()?;
-        (after == before).then_some(RawFd::from_ne_bytes(fd))
-    }
-
-    fn hex(field: &str) -> Option<u64> {
-        u64::from_str_radix(field.strip_prefix("0x")?, 16).ok()
-    }
-}
-
-/// Elsewhere the socket cannot be found: no watchdog is started.
-#[cfg(not(all(
-    target_os = "linux",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-)))]
-mod stuck {
-    pub(super) const SUPPORTED: bool = false;
-
-    pub(super) fn current_tid() -> i32 {
-        0
-    }
-
-    pub(super) fn cut(_tid: i32, _still_due: impl Fn() -> bool) -> bool {
-        false
-    }
+    watch.pause();
+    let _resume = Resume(watch);
+    f()
 }
 
 #[cfg(test)]
@@ -417,7 +453,11 @@ mod tests {
 
     #[test]
     fn the_thread_ends_when_the_watchdog_is_dropped() {
-        let Some(watchdog) = Watchdog::start(Duration::from_secs(60)) else {
+        let config = CacheConfig::builder()
+            .statement_timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let Some(watchdog) = Watchdog::start(&config) else {
             return;
         };
         let shared = Arc::downgrade(&watchdog.shared);
@@ -430,5 +470,52 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    fn url() -> String {
+        std::env::var("DATABASE_URL").unwrap_or_else(|_| crate::DEFAULT_DATABASE_URL.to_owned())
+    }
+
+    fn is_watched(conn: &mut PgConnection) -> bool {
+        conn.instrumentation().downcast_ref::<Watched>().is_some()
+    }
+
+    fn nothing() -> Box<dyn Instrumentation> {
+        Box::new(|_: InstrumentationEvent<'_>| {})
+    }
+
+    #[test]
+    fn a_connection_whose_socket_cannot_be_told_apart_is_not_watched() {
+        let config = CacheConfig::builder().database_url(url()).build().unwrap();
+        let Some(watchdog) = Watchdog::start(&config) else {
+            return;
+        };
+        // Two new sockets to the server since the last listing: neither is known
+        // to be this connection's.
+        let mut first = PgConnection::establish(&url()).unwrap();
+        let _second = PgConnection::establish(&url()).unwrap();
+        watchdog.adopt(&mut first, nothing());
+        assert!(
+            !is_watched(&mut first),
+            "an ambiguous connection is watched"
+        );
+        // One made alone is (other tests of this process may connect at the same
+        // moment: a few tries).
+        let watched = (0..20).any(|_| {
+            let mut alone = PgConnection::establish(&url()).unwrap();
+            watchdog.adopt(&mut alone, nothing());
+            is_watched(&mut alone)
+        });
+        assert!(watched, "a connection made alone is never watched");
+    }
+
+    #[test]
+    fn with_the_watchdog_off_nothing_is_watched() {
+        let config = CacheConfig::builder()
+            .database_url(url())
+            .watchdog(false)
+            .build()
+            .unwrap();
+        assert!(Watchdog::start(&config).is_none());
     }
 }

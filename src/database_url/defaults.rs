@@ -43,24 +43,24 @@ pub(crate) fn client_timeouts(
 }
 
 /// `conninfo` with each of `params` appended unless it already sets that key. Both
-/// libpq forms are understood: a URI (`postgres://…?key=value&…`) and `key=value`
-/// pairs separated by spaces. A string neither form can read is returned unchanged,
-/// for libpq to reject with its own message.
+/// libpq forms are understood, through the same parser as [`super::DatabaseUrl`]: a
+/// URL (`postgres://…?key=value&…`) and `key=value` pairs separated by spaces. A
+/// string the parser rejects is returned unchanged, for libpq to reject with its own
+/// message.
 pub(crate) fn with_defaults(conninfo: &str, params: &[(&str, String)]) -> String {
-    let is_uri = ["postgresql://", "postgres://"]
-        .iter()
-        .any(|prefix| conninfo.starts_with(prefix));
-    let Some(present) = (if is_uri {
-        Some(uri_keys(conninfo))
+    let present = if conninfo.trim().is_empty() {
+        Vec::new()
     } else {
-        keyword_keys(conninfo)
-    }) else {
-        return conninfo.to_owned();
+        match super::params(conninfo) {
+            Ok(present) => present,
+            Err(_) => return conninfo.to_owned(),
+        }
     };
+    let is_uri = super::url_prefix(conninfo).is_some();
     let mut out = conninfo.to_owned();
     for (key, value) in params
         .iter()
-        .filter(|(k, _)| !present.iter().any(|p| p == k))
+        .filter(|(k, _)| !present.iter().any(|p| p.keyword == *k))
     {
         if is_uri {
             if !out.contains('?') {
@@ -79,7 +79,8 @@ pub(crate) fn with_defaults(conninfo: &str, params: &[(&str, String)]) -> String
 }
 
 /// `value` as the URI form (percent-encoded) or the `key=value` form (single-quoted
-/// with `\` escapes, unless it is one plain word) carries it.
+/// with `\` escapes, unless it is one plain word) carries it: what the parser reads
+/// back as `value`.
 fn quoted(is_uri: bool, value: &str) -> String {
     if is_uri {
         // Every byte but the unreserved ones as `%XX` (libpq reads no `+`).
@@ -110,53 +111,6 @@ fn quoted(is_uri: bool, value: &str) -> String {
     }
     out.push('\'');
     out
-}
-
-/// The keys of a URI's query string (`?a=1&b=2`), percent-decoded as libpq does.
-fn uri_keys(uri: &str) -> Vec<String> {
-    let query = uri.split_once('?').map_or("", |(_, query)| query);
-    url::form_urlencoded::parse(query.as_bytes())
-        .map(|(key, _)| key.into_owned())
-        .collect()
-}
-
-/// The keys of a `key = value …` string, where a value is either a run of
-/// non-blank characters or single-quoted, with `\` escaping the next character in
-/// both; `None` when it is malformed (a key without `=`, an unclosed quote).
-fn keyword_keys(conninfo: &str) -> Option<Vec<String>> {
-    let mut keys = Vec::new();
-    let mut chars = conninfo.chars().peekable();
-    loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.peek().is_none() {
-            return Some(keys);
-        }
-        let mut key = String::new();
-        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
-            key.push(c);
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        chars.next_if_eq(&'=')?;
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.next_if_eq(&'\'').is_some() {
-            loop {
-                match chars.next()? {
-                    '\\' => {
-                        chars.next()?;
-                    }
-                    '\'' => break,
-                    _ => {}
-                }
-            }
-        } else {
-            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
-                if c == '\\' {
-                    chars.next();
-                }
-            }
-        }
-        keys.push(key);
-    }
 }
 
 #[cfg(test)]
@@ -251,5 +205,23 @@ mod tests {
                 .unwrap(),
             &("tcp_user_timeout", "6000".to_owned())
         );
+    }
+
+    #[test]
+    fn what_is_appended_reads_back_through_the_parser_as_written() {
+        for value in ["plain", "a b", "it's", "back\\slash", "ü=&?%+", "'quoted'"] {
+            for base in [
+                "postgres://h/db",
+                "postgres://h/db?sslmode=disable",
+                "host=h",
+            ] {
+                let text = with_defaults(base, &[("application_name", value.to_owned())]);
+                let read = super::super::params(&text)
+                    .ok()
+                    .and_then(|params| params.into_iter().find(|p| p.keyword == "application_name"))
+                    .map(|p| p.value);
+                assert_eq!(read.as_deref(), Some(value), "{text}");
+            }
+        }
     }
 }

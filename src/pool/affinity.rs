@@ -20,10 +20,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
-use diesel::pg::PgConnection;
-use diesel::r2d2::R2D2Connection;
-
-use crate::pool::PooledConnection;
+/// What a pool hands out, as parking needs it: a handle that gives the connection
+/// back to its pool when dropped, and can tell whether that connection is broken.
+pub(crate) trait Connection: DerefMut {
+    /// Whether the connection is known to be unusable (it then goes back to the
+    /// pool, which discards it, rather than into a slot).
+    fn is_broken(&mut self) -> bool;
+}
 
 /// How long a connection stays parked unused before it goes back to the pool.
 pub(crate) const PARK_FOR: Duration = Duration::from_secs(1);
@@ -47,16 +50,16 @@ fn own_slot() -> usize {
 }
 
 /// A parked connection and when it was parked.
-type Parked = Option<(PooledConnection, Instant)>;
+type Parked<C> = Option<(C, Instant)>;
 
 /// The slots of one pool.
-pub(crate) struct Parking {
-    slots: Box<[Mutex<Parked>]>,
+pub(crate) struct Parking<C> {
+    slots: Box<[Mutex<Parked<C>>]>,
     /// Checkouts waiting in r2d2: connections given back go there meanwhile.
     waiting: AtomicUsize,
 }
 
-impl std::fmt::Debug for Parking {
+impl<C> std::fmt::Debug for Parking<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Parking")
             .field("slots", &self.slots.len())
@@ -65,7 +68,7 @@ impl std::fmt::Debug for Parking {
     }
 }
 
-fn lock(slot: &Mutex<Parked>) -> Option<std::sync::MutexGuard<'_, Parked>> {
+fn lock<C>(slot: &Mutex<Parked<C>>) -> Option<std::sync::MutexGuard<'_, Parked<C>>> {
     match slot.try_lock() {
         Ok(guard) => Some(guard),
         Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
@@ -74,7 +77,7 @@ fn lock(slot: &Mutex<Parked>) -> Option<std::sync::MutexGuard<'_, Parked>> {
     }
 }
 
-impl Parking {
+impl<C: Connection> Parking<C> {
     /// One slot per connection the pool may hold.
     pub(crate) fn new(max_size: u32) -> Self {
         Parking {
@@ -83,31 +86,31 @@ impl Parking {
         }
     }
 
-    fn own(&self) -> &Mutex<Parked> {
+    fn own(&self) -> &Mutex<Parked<C>> {
         &self.slots[own_slot() % self.slots.len()]
     }
 
     /// The connection this thread parked, if it is still there.
-    pub(crate) fn take_own(&self) -> Option<PooledConnection> {
+    pub(crate) fn take_own(&self) -> Option<C> {
         lock(self.own())?.take().map(|(conn, _)| conn)
     }
 
     /// A connection another thread parked.
-    pub(crate) fn steal(&self) -> Option<PooledConnection> {
+    pub(crate) fn steal(&self) -> Option<C> {
         self.slots
             .iter()
             .find_map(|slot| lock(slot)?.take().map(|(conn, _)| conn))
     }
 
     /// Marks a checkout as waiting in r2d2 until the guard is dropped.
-    pub(crate) fn wait(&self) -> Waiting<'_> {
+    pub(crate) fn wait(&self) -> Waiting<'_, C> {
         self.waiting.fetch_add(1, Ordering::SeqCst);
         Waiting(self)
     }
 
     /// Parks `conn` in this thread's slot, or gives it back to r2d2 (drops it) when
     /// the slot is taken or a checkout is waiting there.
-    fn park(&self, conn: PooledConnection) {
+    fn park(&self, conn: C) {
         if self.waiting.load(Ordering::SeqCst) > 0 {
             return;
         }
@@ -154,9 +157,9 @@ impl Parking {
 
 /// A checkout waiting in r2d2 (see [`Parking::wait`]).
 #[derive(Debug)]
-pub(crate) struct Waiting<'a>(&'a Parking);
+pub(crate) struct Waiting<'a, C>(&'a Parking<C>);
 
-impl Drop for Waiting<'_> {
+impl<C> Drop for Waiting<'_, C> {
     fn drop(&mut self) {
         self.0.waiting.fetch_sub(1, Ordering::SeqCst);
     }
@@ -164,12 +167,12 @@ impl Drop for Waiting<'_> {
 
 /// A connection checked out for a cache operation: parked in its thread's slot when
 /// dropped (unless broken), when it came from a pool that parks.
-pub(crate) struct Held<'a> {
-    conn: Option<PooledConnection>,
-    parking: Option<&'a Parking>,
+pub(crate) struct Held<'a, C: Connection> {
+    conn: Option<C>,
+    parking: Option<&'a Parking<C>>,
 }
 
-impl std::fmt::Debug for Held<'_> {
+impl<C: Connection> std::fmt::Debug for Held<'_, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Held")
             .field("parks", &self.parking.is_some())
@@ -177,8 +180,8 @@ impl std::fmt::Debug for Held<'_> {
     }
 }
 
-impl<'a> Held<'a> {
-    pub(crate) fn new(conn: PooledConnection, parking: Option<&'a Parking>) -> Self {
+impl<'a, C: Connection> Held<'a, C> {
+    pub(crate) fn new(conn: C, parking: Option<&'a Parking<C>>) -> Self {
         Held {
             conn: Some(conn),
             parking,
@@ -186,26 +189,26 @@ impl<'a> Held<'a> {
     }
 
     /// The connection itself, never parked: for callers that keep it.
-    pub(crate) fn into_pooled(mut self) -> PooledConnection {
+    pub(crate) fn into_pooled(mut self) -> C {
         self.conn.take().expect("held until dropped")
     }
 }
 
-impl Deref for Held<'_> {
-    type Target = PgConnection;
+impl<C: Connection> Deref for Held<'_, C> {
+    type Target = C::Target;
 
-    fn deref(&self) -> &PgConnection {
+    fn deref(&self) -> &C::Target {
         self.conn.as_ref().expect("held until dropped")
     }
 }
 
-impl DerefMut for Held<'_> {
-    fn deref_mut(&mut self) -> &mut PgConnection {
+impl<C: Connection> DerefMut for Held<'_, C> {
+    fn deref_mut(&mut self) -> &mut C::Target {
         self.conn.as_mut().expect("held until dropped")
     }
 }
 
-impl Drop for Held<'_> {
+impl<C: Connection> Drop for Held<'_, C> {
     fn drop(&mut self) {
         let (Some(mut conn), Some(parking)) = (self.conn.take(), self.parking) else {
             return;
@@ -229,9 +232,51 @@ mod tests {
         assert_ne!(theirs, mine);
     }
 
+    /// A connection for the tests: a number, broken or not.
+    struct Fake(u32, bool);
+
+    impl Deref for Fake {
+        type Target = u32;
+        fn deref(&self) -> &u32 {
+            &self.0
+        }
+    }
+
+    impl DerefMut for Fake {
+        fn deref_mut(&mut self) -> &mut u32 {
+            &mut self.0
+        }
+    }
+
+    impl Connection for Fake {
+        fn is_broken(&mut self) -> bool {
+            self.1
+        }
+    }
+
+    #[test]
+    fn a_connection_given_back_is_parked_for_its_thread_unless_broken() {
+        let parking = Parking::new(4);
+        drop(Held::new(Fake(1, false), Some(&parking)));
+        assert_eq!(parking.parked(), 1);
+        assert_eq!(parking.take_own().map(|c| c.0), Some(1));
+        drop(Held::new(Fake(2, true), Some(&parking)));
+        assert_eq!(parking.parked(), 0, "a broken connection was parked");
+    }
+
+    #[test]
+    fn another_threads_parked_connection_can_be_stolen() {
+        let parking = Parking::new(4);
+        std::thread::scope(|s| {
+            s.spawn(|| drop(Held::new(Fake(7, false), Some(&parking))));
+        });
+        assert!(parking.take_own().is_none());
+        assert_eq!(parking.steal().map(|c| c.0), Some(7));
+    }
+
     #[test]
     fn an_empty_parking_hands_out_nothing() {
-        let parking = Parking::new(4);
+        let parking = Parking::<Fake>::new(4);
         assert!(parking.take_own().is_none());
         assert!(parking.steal().is_none());
         assert_eq!(parking.parked(), 0);
