@@ -80,6 +80,7 @@ mod kind;
 pub mod metrics;
 mod relaxed;
 mod shards;
+mod statement;
 mod tables;
 mod validation;
 // Database plumbing.

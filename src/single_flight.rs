@@ -18,12 +18,12 @@ use diesel::sql_types::{Bytea, Interval, Uuid as SqlUuid};
 use uuid::Uuid;
 
 use crate::cache::Cache;
-use crate::caches::common::{Param, Prepared};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::expiry::ttl_interval;
 use crate::kind::CacheKind;
 use crate::metrics::Op;
+use crate::statement::{Param, Prepared};
 
 /// First pause between polls; doubled after each poll up to [`MAX_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_millis(5);

@@ -7,7 +7,7 @@
 //! A statement whose text holds a table name is cached by Diesel by its text, not
 //! by a static query id: two managers with different schemas may share one
 //! application connection, and each must find its own statement (see
-//! `caches/common.rs`, `Prepared`).
+//! `statement.rs`, `Prepared`).
 
 use crate::kind::CacheKind;
 

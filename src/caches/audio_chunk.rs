@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{check_name, column, UpsertColumns};
+use super::common::check_name;
 use crate::config::SizeBounds;
 use crate::error::{Error, Result};
 use crate::eviction::{evict, EvictionReport, Limits};
@@ -35,7 +35,7 @@ use crate::kind::CacheKind;
 use crate::metrics::Op;
 use crate::popularity::{flushed_reports, hit_stats, HitStats};
 use crate::schema::audio_chunk_cache;
-use crate::table::{Row, TypedCache, TypedTable};
+use crate::table::{column, Row, TypedCache, TypedTable, UpsertColumns};
 use crate::validation::{check_json, check_text};
 
 /// The audio chunk cache; get it with [`CacheManager::audio_chunk`](crate::CacheManager::audio_chunk).

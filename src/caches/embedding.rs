@@ -18,13 +18,13 @@ use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::common::{check_name, column, delete_owned, UpsertColumns};
+use super::common::{check_name, delete_owned};
 use crate::cache::{Cache, Storage};
 use crate::error::{Error, Result};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::schema::embedding_cache;
-use crate::table::{Row, TypedCache, TypedTable};
+use crate::table::{column, Row, TypedCache, TypedTable, UpsertColumns};
 use crate::validation::{check_embedding, check_text};
 
 /// The embedding cache; get it with [`CacheManager::embedding`](crate::CacheManager::embedding).

@@ -22,13 +22,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{check_name, column, delete_owned, UpsertColumns};
+use super::common::{check_name, delete_owned};
 use crate::error::Result;
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::popularity::{flushed_reports, merge_top, top_entries, TopEntry};
 use crate::schema::llm_response_cache;
-use crate::table::{Row, TypedCache, TypedTable};
+use crate::table::{column, Row, TypedCache, TypedTable, UpsertColumns};
 use crate::validation::{check_json, check_text};
 
 /// The LLM response cache; get it with [`CacheManager::llm_response`](crate::CacheManager::llm_response).

@@ -17,13 +17,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::{column, delete_owned, UpsertColumns};
+use super::common::delete_owned;
 use crate::error::{Error, Result};
 use crate::jsonb::JsonbOut;
 use crate::key::{canonical_json, KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::schema::vector_search_cache;
-use crate::table::{Row, TypedCache, TypedTable};
+use crate::table::{column, Row, TypedCache, TypedTable, UpsertColumns};
 use crate::validation::{check_embedding, check_json};
 
 /// The vector-search results cache; get it with [`CacheManager::vector_search`](crate::CacheManager::vector_search).

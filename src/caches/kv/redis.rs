@@ -15,7 +15,6 @@ use serde::Serialize;
 use super::statements::{delete_prefix, refuse_bytes, remaining};
 use super::{wrong_type, KvCache};
 use crate::cache::{Cache, Storage};
-use crate::caches::common::{Param, Prepared};
 use crate::error::{Error, Result};
 use crate::expiry::ttl_interval;
 use crate::jsonb::{JsonbIn, JsonbOut};
@@ -23,6 +22,7 @@ use crate::kind::CacheKind;
 use crate::metrics::Op;
 use crate::near::protocol::change_stamp;
 use crate::skipped::Skipped;
+use crate::statement::{Param, Prepared};
 use crate::validation::check_key;
 
 impl<V> KvCache<'_, V> {

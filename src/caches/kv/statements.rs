@@ -13,12 +13,13 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, Binary, Jsonb, Nullable, Text, Timestamptz, Untyped};
 
 use super::wrong_type;
-use crate::caches::common::{push_with_table, write_batches, Param, Prepared};
 use crate::error::Result;
 use crate::expiry::ExpiresIn;
 use crate::jsonb::{JsonbOut, JsonbText};
 use crate::near::protocol::change_stamp;
 use crate::skipped::Skipped;
+use crate::statement::{push_with_table, Param, Prepared};
+use crate::table::write_batches;
 use crate::validation::check_key;
 
 /// A live entry read with both payload columns (exactly one is set) and its expiry:

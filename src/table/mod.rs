@@ -24,13 +24,17 @@ use diesel::sql_types::{Array, Bytea, Untyped};
 use diesel::{OptionalExtension, QueryResult, QueryableByName, RunQueryDsl};
 
 use crate::cache::{Handle, NearRead, NearStorage, Storage};
-use crate::caches::common::{delete_digests, write_batches, UnnestUpsert, UpsertColumns};
+mod statements;
+
 use crate::cluster::Cluster;
 use crate::error::Result;
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
 use crate::near::{NearKey, NearValue};
 use crate::skipped::Skipped;
+pub(crate) use statements::write_batches;
+pub(crate) use statements::{column, UpsertColumns};
+use statements::{delete_digests, UnnestUpsert};
 
 /// One validated entry of table `T`, ready to upsert: its key's digest, the key and
 /// value it was made from, and what [`TypedTable::encode`] made of them.
@@ -136,7 +140,7 @@ pub trait TypedTable: Sync {
     fn row_bytes(row: &Row<'_, Self>) -> usize;
 
     /// The columns of `rows` besides `key_hash`, one
-    /// [`column`](crate::caches::common::column) each, for their upsert.
+    /// [`column`] each, for their upsert.
     fn columns<'r>(rows: &'r [Row<'_, Self>]) -> impl UpsertColumns + 'r;
 
     /// A stored row's `key_hash` and entry.
@@ -235,7 +239,7 @@ fn count_hits<E>(cluster: &Cluster, kind: CacheKind, digests: &[KeyDigest], foun
 
 /// `SELECT * FROM <table> WHERE key_hash = $1` (one digest, a plain index probe) or
 /// `= ANY($1)` (many) `AND expires_at > statement_timestamp()`. Cached by its text
-/// (which names the schema, see `Prepared` in `caches/common.rs`): Diesel prepares
+/// (which names the schema, see `Prepared` in `statement.rs`): Diesel prepares
 /// it once per connection.
 struct LiveRows<'n, T, D> {
     /// The table, schema-qualified.
