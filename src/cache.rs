@@ -314,16 +314,23 @@ fn rows_per_shard<'r, C: Storage + ?Sized>(
 }
 
 /// A get through the near cache: served from memory when it holds a live entry and
-/// the channel is current; else read, and kept unless an invalidation came meanwhile.
+/// the channel is current (unless `memory` is false: the caller looked already);
+/// else read, and kept unless an invalidation came meanwhile.
 fn near_get<C: Storage + ?Sized>(
     cache: &C,
     engine: &Engine,
     near: &NearCaches,
     key: &C::Key,
     checked: &C::CheckedKey,
+    memory: bool,
 ) -> Result<Option<C::Entry>> {
     let near_key = C::near_key(key, checked);
-    if let Some(kept) = near.get(C::KIND, &near_key) {
+    let kept = if memory {
+        near.get(C::KIND, &near_key)
+    } else {
+        None
+    };
+    if let Some(kept) = kept {
         if let Some(entry) = C::from_near(&kept)? {
             cache.near_hit(checked);
             return Ok(Some(entry));
@@ -334,6 +341,60 @@ fn near_get<C: Storage + ?Sized>(
         cache.read_for_near(conn, key, checked)
     })?;
     Ok(read.map(|read| keep(near, C::KIND, ticket, near_key, read)))
+}
+
+/// `Cache::get`; with `memory` false, the near cache is not looked in first (the
+/// caller did, [`get_from_memory`]), so its miss is not counted twice.
+pub(crate) fn get_entry<C: Storage + ?Sized>(
+    cache: &C,
+    key: &C::Key,
+    memory: bool,
+) -> Result<Option<C::Entry>> {
+    cache.front().observe(C::KIND, Op::Get, |span| {
+        let checked = cache.check_key(key)?;
+        let engine = cache.engine_for(key, &checked);
+        let found = match near_of::<C>(engine) {
+            Some(near) => near_get(cache, engine, near, key, &checked, memory)?,
+            None => engine.read(C::KIND, Op::Get, None, |conn| {
+                cache.read_one(conn, key, &checked)
+            })?,
+        };
+        let hit = found.is_some();
+        engine.record_lookups(C::KIND, u64::from(hit), u64::from(!hit));
+        span.record("hit", hit);
+        Ok(found)
+    })
+}
+
+/// A get answered from this process's near cache alone, with no connection and no
+/// wait: `None` when it holds no live entry of `key` (or the key is bad), and the
+/// caller goes on with [`get_entry`] without `memory`. A hit is counted and
+/// observed as a get's.
+#[cfg(feature = "tokio")]
+pub(crate) fn get_from_memory<C: Storage + ?Sized>(
+    cache: &C,
+    key: &C::Key,
+) -> Option<Result<C::Entry>> {
+    // A bad key: the full get reports it.
+    let checked = cache.check_key(key).ok()?;
+    let engine = cache.engine_for(key, &checked);
+    let kept = near_of::<C>(engine)?.get(C::KIND, &C::near_key(key, &checked))?;
+    let entry = match C::from_near(&kept) {
+        Ok(Some(entry)) => entry,
+        // Not servable from memory: the database read decides.
+        Ok(None) => return None,
+        Err(error) => return Some(cache.front().observe(C::KIND, Op::Get, |_| Err(error))),
+    };
+    cache
+        .front()
+        .observe(C::KIND, Op::Get, |span| {
+            cache.near_hit(&checked);
+            engine.record_lookups(C::KIND, 1, 0);
+            span.record("hit", true);
+            Ok(())
+        })
+        .ok()?;
+    Some(Ok(entry))
 }
 
 /// Puts what a reader read after taking `ticket` into L1 (unless an invalidation
@@ -561,7 +622,8 @@ pub(crate) fn caching_off<C: Storage + ?Sized>(cache: &C) -> bool {
 /// (a miss, a skipped write, nothing deleted) without a statement on your
 /// connection, so your transaction runs on as it would without the cache.
 ///
-/// Async callers run these inside `tokio::task::spawn_blocking`.
+/// Async callers use the `tokio` feature's `AsyncCacheManager`, or run these inside
+/// `tokio::task::spawn_blocking`.
 pub trait Cache: Storage {
     /// Reads a live entry on `conn`.
     ///
@@ -657,20 +719,7 @@ pub trait Cache: Storage {
     /// See [`get_in`](Self::get_in); also [`Error::Connection`](crate::Error::Connection)
     /// when no connection can be had (a miss instead in fail-open mode).
     fn get(&self, key: &Self::Key) -> Result<Option<Self::Entry>> {
-        self.front().observe(Self::KIND, Op::Get, |span| {
-            let checked = self.check_key(key)?;
-            let engine = self.engine_for(key, &checked);
-            let found = match near_of::<Self>(engine) {
-                Some(near) => near_get(self, engine, near, key, &checked)?,
-                None => engine.read(Self::KIND, Op::Get, None, |conn| {
-                    self.read_one(conn, key, &checked)
-                })?,
-            };
-            let hit = found.is_some();
-            engine.record_lookups(Self::KIND, u64::from(hit), u64::from(!hit));
-            span.record("hit", hit);
-            Ok(found)
-        })
+        get_entry(self, key, true)
     }
 
     /// Reads many entries in one round trip, in `keys` order.
