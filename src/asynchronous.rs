@@ -432,25 +432,30 @@ impl<'m, T: AsyncTable> AsyncCache<'m, T> {
             Start::Flight(flight) => flight,
         };
         let lease = loop {
-            let key = owned.clone();
-            let (returned, poll) = self
+            let (key, face) = (owned.clone(), self.cache.clone());
+            let (returned, polled) = self
                 .run(move |cache| {
-                    let poll = flight.poll(&cache, key.borrow());
-                    (flight, poll)
+                    let polled = flight.poll(&cache, key.borrow()).map(|poll| match poll {
+                        // Guarded here: if the caller is gone by the time this call
+                        // returns, dropping its result releases the lease.
+                        Poll::Won(won) => Polled::Won(Lease::<T> {
+                            cache: face,
+                            key,
+                            won: Some(won),
+                        }),
+                        Poll::Found(entry) => Polled::Found(entry),
+                        Poll::Busy => Polled::Busy,
+                        Poll::Unavailable => Polled::Unavailable,
+                    });
+                    (flight, polled)
                 })
                 .await;
             flight = returned;
-            match poll? {
-                Poll::Found(entry) => return Ok(value_of::<T>(entry)),
-                Poll::Won(won) => {
-                    break Some(Lease::<T> {
-                        cache: self.cache.clone(),
-                        key: owned.clone(),
-                        won: Some(won),
-                    })
-                }
-                Poll::Unavailable => break None,
-                Poll::Busy => tokio::time::sleep(flight.pause(kind_of::<T>())?).await,
+            match polled? {
+                Polled::Found(entry) => return Ok(value_of::<T>(entry)),
+                Polled::Won(lease) => break Some(lease),
+                Polled::Unavailable => break None,
+                Polled::Busy => tokio::time::sleep(flight.pause(kind_of::<T>())?).await,
             }
         };
         // An `Err`, a panic or a drop of this future drops `lease`, which releases it.
@@ -471,8 +476,17 @@ impl<'m, T: AsyncTable> AsyncCache<'m, T> {
     }
 }
 
+/// What a poll of an async `get_or_compute` found: [`Poll`], a won lease guarded.
+enum Polled<T: AsyncTable> {
+    Found(T::Entry),
+    Won(Lease<T>),
+    Busy,
+    Unavailable,
+}
+
 /// A lease won by an async `get_or_compute`, released on a blocking thread when
-/// dropped while still held: the computation failed, panicked or was cancelled.
+/// dropped while still held: the computation failed, panicked or was cancelled
+/// (or the caller was gone when the poll that won it returned).
 struct Lease<T: AsyncTable> {
     cache: AsyncCacheManager,
     key: T::OwnedKey,
