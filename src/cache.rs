@@ -19,6 +19,32 @@ use crate::skipped::Skipped;
 
 mod near;
 
+#[cfg(feature = "tokio")]
+pub(crate) use near::get_from_memory;
+
+/// `Cache::get`; with `memory` false, the near cache is not looked in first (the
+/// caller did, `get_from_memory`), so its miss is not counted twice.
+pub(crate) fn get_entry<C: NearStorage + ?Sized>(
+    cache: &C,
+    key: &C::Key,
+    memory: bool,
+) -> Result<Option<C::Entry>> {
+    cache.front().observe(C::KIND, Op::Get, |span| {
+        let checked = cache.check_key(key)?;
+        let engine = cache.engine_for(key, &checked);
+        let found = match near::near_of::<C>(engine) {
+            Some(near) => near::get(cache, engine, near, key, &checked, memory)?,
+            None => engine.read(C::KIND, Op::Get, None, |conn| {
+                cache.read_one(conn, key, &checked)
+            })?,
+        };
+        let hit = found.is_some();
+        engine.record_lookups(C::KIND, u64::from(hit), u64::from(!hit));
+        span.record("hit", hit);
+        Ok(found)
+    })
+}
+
 pub(crate) use near::{NearRead, NearStorage};
 pub(crate) use storage::Storage;
 
@@ -390,7 +416,8 @@ pub(crate) fn caching_off<C: Storage + ?Sized>(cache: &C) -> bool {
 /// (a miss, a skipped write, nothing deleted) without a statement on your
 /// connection, so your transaction runs on as it would without the cache.
 ///
-/// Async callers run these inside `tokio::task::spawn_blocking`.
+/// Async callers use the `tokio` feature's `AsyncCacheManager`, or run these inside
+/// `tokio::task::spawn_blocking`.
 pub trait Cache: NearStorage {
     /// Reads a live entry on `conn`.
     ///
@@ -486,20 +513,7 @@ pub trait Cache: NearStorage {
     /// See [`get_in`](Self::get_in); also [`Error::Connection`](crate::Error::Connection)
     /// when no connection can be had (a miss instead in fail-open mode).
     fn get(&self, key: &Self::Key) -> Result<Option<Self::Entry>> {
-        self.front().observe(Self::KIND, Op::Get, |span| {
-            let checked = self.check_key(key)?;
-            let engine = self.engine_for(key, &checked);
-            let found = match near::near_of::<Self>(engine) {
-                Some(near) => near::get(self, engine, near, key, &checked)?,
-                None => engine.read(Self::KIND, Op::Get, None, |conn| {
-                    self.read_one(conn, key, &checked)
-                })?,
-            };
-            let hit = found.is_some();
-            engine.record_lookups(Self::KIND, u64::from(hit), u64::from(!hit));
-            span.record("hit", hit);
-            Ok(found)
-        })
+        get_entry(self, key, true)
     }
 
     /// Reads many entries in one round trip, in `keys` order.

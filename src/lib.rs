@@ -50,8 +50,11 @@
 //! functions on the key/value cache: it is a store for the `cached` crate's
 //! `#[concurrent_cached]` macro, and its `get_or_compute` adds single flight.
 //!
-//! The API is blocking (Diesel and r2d2). Async services call it through
-//! `tokio::task::spawn_blocking`:
+//! The API is blocking (Diesel and r2d2). With the optional feature `tokio`,
+//! `CacheManager::to_async` gives its async face, `AsyncCacheManager` (near-cache
+//! hits answered on the calling task, the rest on a bounded number of blocking
+//! threads, async single flight); see `docs/async.md`. Without it, async services
+//! call the blocking API through `tokio::task::spawn_blocking`:
 //!
 //! ```no_run
 //! # async fn handler(cache: pgcache::CacheManager) -> Result<(), Box<dyn std::error::Error>> {
@@ -110,6 +113,9 @@ mod table;
 // Operations across tables, and the facade.
 mod manager;
 mod ops;
+// The async face over the facade (feature `tokio`).
+#[cfg(feature = "tokio")]
+mod asynchronous;
 
 // The crates whose types the API's signatures use, so a user's versions always match.
 pub use chrono;
@@ -117,6 +123,8 @@ pub use diesel;
 pub use serde_json;
 pub use uuid;
 
+#[cfg(feature = "tokio")]
+pub use asynchronous::{AsyncCache, AsyncCacheManager, AsyncTable, KvTable};
 pub use cache::Cache;
 pub use caches::{
     AudioChunk, AudioChunkCache, AudioChunkKey, AudioChunkTable, AudioData, CachedAudioChunk,
@@ -186,3 +194,8 @@ mod doc_examples {
     #[doc = include_str!("../docs/design/single-flight.md")]
     struct SingleFlight;
 }
+
+/// Compiles the async guide's Rust examples as doctests.
+#[cfg(all(doctest, feature = "tokio"))]
+#[doc = include_str!("../docs/async.md")]
+struct AsyncDoctests;

@@ -7,7 +7,9 @@
 //! without a value (the computation failed) or lapses (its process died), and give up
 //! with [`Error::ComputeTimeout`] after the configured wait. A poll checks a
 //! connection out, runs two statements and returns it, so waiters never hold pool
-//! connections while they sleep.
+//! connections while they sleep. The steps ([`Flight`]: start, poll, pause; `store`;
+//! `release_lease`) are shared by the blocking loop here and the async face's, which
+//! sleeps on tokio's timer and runs the computation as a future.
 
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
@@ -18,7 +20,6 @@ use diesel::sql_types::{Bytea, Interval, Uuid as SqlUuid};
 use uuid::Uuid;
 
 use crate::cache::Cache;
-use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::expiry::ttl_interval;
 use crate::kind::CacheKind;
@@ -32,16 +33,110 @@ const FIRST_PAUSE: Duration = Duration::from_millis(5);
 const MAX_PAUSE: Duration = Duration::from_millis(100);
 
 /// What one poll found.
-enum Poll<T> {
+pub(crate) enum Poll<T> {
     /// The value is there.
     Found(T),
     /// We hold the lease and the value is still missing: compute it.
-    Won(Uuid),
+    Won(Won),
     /// Someone else holds the lease.
     Busy,
     /// The lease table could not be reached and fail-open mode is on, or the last
     /// holder's value could not be stored: compute without single flight.
     Unavailable,
+}
+
+/// A lease this caller holds.
+#[derive(Debug, Clone)]
+pub(crate) struct Won {
+    lease_key: Vec<u8>,
+    holder: Uuid,
+}
+
+/// How a `get_or_compute` begins.
+pub(crate) enum Start<T> {
+    /// A hit.
+    Found(T),
+    /// Compute without a lease: caching is disabled, or the handle would not store
+    /// the value.
+    Alone,
+    /// A miss: poll for the lease.
+    Flight(Flight),
+}
+
+/// One caller's wait for a key's value: the lease it polls and its pause, which grows
+/// while another caller computes. Owns what it needs, so an async caller can keep it
+/// across blocking calls.
+#[derive(Debug)]
+pub(crate) struct Flight {
+    lease_key: Vec<u8>,
+    lease_ttl: Duration,
+    wait_timeout: Duration,
+    started: Instant,
+    pause: Duration,
+}
+
+impl Flight {
+    /// After a get that found `found`: a hit, a computation without single flight, or
+    /// a flight to poll. A bad key or TTL fails here, before any computation.
+    pub(crate) fn start<C: Cache + ?Sized>(
+        cache: &C,
+        key: &C::Key,
+        ttl: Duration,
+        found: Option<C::Entry>,
+    ) -> Result<Start<C::Value>> {
+        if let Some(entry) = found {
+            return Ok(Start::Found(C::into_value(entry)));
+        }
+        let checked = cache.check_key(key)?;
+        // The lease lives beside the entry, on the key's shard.
+        let engine = cache.engine_for(key, &checked);
+        // Reject a bad TTL before paying for the computation.
+        ttl_interval(ttl)?;
+        // What will not be stored is not worth waiting for: no lease.
+        if !engine.is_enabled() || !cache.stores(key) {
+            return Ok(Start::Alone);
+        }
+        Ok(Start::Flight(Flight {
+            lease_key: lease_key(C::KIND, &cache.key_digest(key)?),
+            lease_ttl: engine.config().lease_ttl(),
+            wait_timeout: engine.config().compute_wait_timeout(),
+            started: Instant::now(),
+            pause: FIRST_PAUSE,
+        }))
+    }
+
+    /// Tries to take the lease and looks for the value, on the key's shard.
+    pub(crate) fn poll<C: Cache + ?Sized>(
+        &self,
+        cache: &C,
+        key: &C::Key,
+    ) -> Result<Poll<C::Entry>> {
+        let engine = cache.engine_for(key, &cache.check_key(key)?);
+        engine.write(
+            C::KIND,
+            Op::Lease,
+            Poll::Unavailable,
+            || None,
+            |conn| poll(cache, conn, key, &self.lease_key, self.lease_ttl),
+        )
+    }
+
+    /// After a busy poll: how long to sleep before the next, or
+    /// [`Error::ComputeTimeout`] once the wait is over.
+    pub(crate) fn pause(&mut self, kind: CacheKind) -> Result<Duration> {
+        if self.pause == FIRST_PAUSE {
+            crate::metrics::single_flight_wait(kind);
+        }
+        let waited = self.started.elapsed();
+        if waited >= self.wait_timeout {
+            return Err(Error::ComputeTimeout {
+                waited_ms: waited.as_millis() as u64,
+            });
+        }
+        let sleep = jitter(self.pause).min(self.wait_timeout - waited);
+        self.pause = (self.pause * 2).min(MAX_PAUSE);
+        Ok(sleep)
+    }
 }
 
 /// The provided `Cache::get_or_compute_with_ttl`.
@@ -56,69 +151,48 @@ where
     F: FnOnce() -> Result<C::Value, E>,
     E: From<Error>,
 {
-    if let Some(entry) = cache.get(key)? {
-        return Ok(C::into_value(entry));
-    }
-    let checked = cache.check_key(key)?;
-    // The lease lives beside the entry, on the key's shard.
-    let engine = cache.engine_for(key, &checked);
-    // Reject a bad TTL before paying for the computation.
-    ttl_interval(ttl)?;
-    // What will not be stored is not worth waiting for: no lease.
-    if !engine.is_enabled() || !cache.stores(key) {
-        return compute();
-    }
-    let lease_key = lease_key(C::KIND, &cache.key_digest(key)?);
-    let lease_ttl = engine.config().lease_ttl();
-    let wait_timeout = engine.config().compute_wait_timeout();
-    let started = Instant::now();
-    let mut pause = FIRST_PAUSE;
+    let mut flight = match Flight::start(cache, key, ttl, cache.get(key)?)? {
+        Start::Found(value) => return Ok(value),
+        Start::Alone => return compute(),
+        Start::Flight(flight) => flight,
+    };
     loop {
-        let poll = engine.write(
-            C::KIND,
-            Op::Lease,
-            Poll::Unavailable,
-            || None,
-            |conn| poll(cache, conn, key, &lease_key, lease_ttl),
-        )?;
-        let guard = match poll {
+        let guard = match flight.poll(cache, key)? {
             Poll::Found(entry) => return Ok(C::into_value(entry)),
-            Poll::Won(holder) => Some(LeaseGuard {
-                engine,
-                kind: C::KIND,
-                lease_key: &lease_key,
-                holder,
-            }),
+            Poll::Won(won) => Some(LeaseGuard { cache, key, won }),
             Poll::Unavailable => None,
             Poll::Busy => {
-                if pause == FIRST_PAUSE {
-                    crate::metrics::single_flight_wait(C::KIND);
-                }
-                let waited = started.elapsed();
-                if waited >= wait_timeout {
-                    return Err(Error::ComputeTimeout {
-                        waited_ms: waited.as_millis() as u64,
-                    }
-                    .into());
-                }
-                std::thread::sleep(jitter(pause).min(wait_timeout - waited));
-                pause = (pause * 2).min(MAX_PAUSE);
+                std::thread::sleep(flight.pause(C::KIND)?);
                 continue;
             }
         };
         // An `Err` or a panic drops the guard, which releases the lease: nothing is
         // cached and the next caller computes.
         let value = compute()?;
-        if let Err(error) = cache.set_with_ttl(key, &value, ttl) {
-            if let (Some(guard), Error::InvalidInput { .. }) = (&guard, &error) {
-                // Waiters would wait for a value that never comes, one after another.
-                guard.mark_uncacheable();
-            }
-            return Err(error.into());
-        }
+        store(cache, key, &value, ttl, guard.as_ref().map(|g| &g.won))?;
         drop(guard);
         return Ok(value);
     }
+}
+
+/// Stores a computed value. When the cache refuses it (a value too large, say) while
+/// `won` is held, the lease is handed to [`UNCACHEABLE`] so the waiters compute at
+/// once instead of one after another; releasing it then releases nothing.
+///
+/// # Errors
+/// The store's error.
+pub(crate) fn store<C: Cache + ?Sized>(
+    cache: &C,
+    key: &C::Key,
+    value: &C::Value,
+    ttl: Duration,
+    won: Option<&Won>,
+) -> Result<()> {
+    let stored = cache.set_with_ttl(key, value, ttl);
+    if let (Some(won), Err(Error::InvalidInput { .. })) = (won, &stored) {
+        mark_uncacheable(cache, key, won);
+    }
+    stored
 }
 
 /// Tries to take the lease, then looks for the value. In this order, a caller that
@@ -141,7 +215,10 @@ fn poll<C: Cache + ?Sized>(
             }
             Ok(Poll::Found(entry))
         }
-        None if won => Ok(Poll::Won(holder)),
+        None if won => Ok(Poll::Won(Won {
+            lease_key: lease_key.to_vec(),
+            holder,
+        })),
         None if lease_holder(conn, table, lease_key)? == Some(UNCACHEABLE) => Ok(Poll::Unavailable),
         None => Ok(Poll::Busy),
     }
@@ -241,67 +318,69 @@ fn release(
 
 /// Releases a won lease when dropped: after the value is stored, when the computation
 /// returns an error, and when it panics.
-struct LeaseGuard<'a> {
-    engine: &'a Engine,
-    kind: CacheKind,
-    lease_key: &'a [u8],
-    holder: Uuid,
+struct LeaseGuard<'a, C: Cache + ?Sized> {
+    cache: &'a C,
+    key: &'a C::Key,
+    won: Won,
 }
 
-impl LeaseGuard<'_> {
-    /// Hands the lease to [`UNCACHEABLE`]; dropping the guard then releases nothing.
-    fn mark_uncacheable(&self) {
-        let marked = self.engine.write(
-            self.kind,
-            Op::Lease,
-            0,
-            || None,
-            |conn| {
-                let (key, holder, uncacheable) = (
-                    Param::<Bytea, _>::new(self.lease_key),
-                    Param::<SqlUuid, _>::new(self.holder),
-                    Param::<SqlUuid, _>::new(UNCACHEABLE),
-                );
-                Ok(Prepared::new(
-                    self.engine.tables().leases(),
-                    &[
-                        "UPDATE {t} SET holder = ",
-                        " WHERE lease_key = ",
-                        " AND holder = ",
-                        "",
-                    ],
-                    vec![&uncacheable, &key, &holder],
-                )
-                .execute(conn)?)
-            },
-        );
-        if let Err(error) = marked {
-            tracing::warn!(cache = %self.kind, %error, "pgcache: marking a single-flight lease failed");
-        }
-    }
-}
-
-impl Drop for LeaseGuard<'_> {
+impl<C: Cache + ?Sized> Drop for LeaseGuard<'_, C> {
     fn drop(&mut self) {
-        let released = self.engine.write(
-            self.kind,
+        release_lease(self.cache, self.key, &self.won);
+    }
+}
+
+/// Runs a lease statement on the key's shard; a failure is logged, not returned.
+fn on_lease<C: Cache + ?Sized>(
+    cache: &C,
+    key: &C::Key,
+    what: &str,
+    statement: impl Fn(&mut PgConnection, &str) -> QueryResult<usize>,
+) {
+    let done = cache.check_key(key).and_then(|checked| {
+        let engine = cache.engine_for(key, &checked);
+        engine.write(
+            C::KIND,
             Op::Lease,
             0,
             || None,
-            |conn| {
-                Ok(release(
-                    conn,
-                    self.engine.tables().leases(),
-                    self.lease_key,
-                    self.holder,
-                )?)
-            },
-        );
-        if let Err(error) = released {
-            // The lease lapses on its own after the lease TTL.
-            tracing::warn!(cache = %self.kind, %error, "pgcache: releasing a single-flight lease failed");
-        }
+            |conn| Ok(statement(conn, engine.tables().leases())?),
+        )
+    });
+    if let Err(error) = done {
+        // The lease lapses on its own after the lease TTL.
+        tracing::warn!(cache = %C::KIND, %error, "pgcache: {what} a single-flight lease failed");
     }
+}
+
+/// Releases `won` (unless it lapsed and was taken over); a failure is logged, and
+/// the lease lapses after the lease TTL.
+pub(crate) fn release_lease<C: Cache + ?Sized>(cache: &C, key: &C::Key, won: &Won) {
+    on_lease(cache, key, "releasing", |conn, table| {
+        release(conn, table, &won.lease_key, won.holder)
+    });
+}
+
+/// Hands `won` to [`UNCACHEABLE`]; releasing it then releases nothing.
+fn mark_uncacheable<C: Cache + ?Sized>(cache: &C, key: &C::Key, won: &Won) {
+    on_lease(cache, key, "marking", |conn, table| {
+        let (key, holder, uncacheable) = (
+            Param::<Bytea, _>::new(&won.lease_key[..]),
+            Param::<SqlUuid, _>::new(won.holder),
+            Param::<SqlUuid, _>::new(UNCACHEABLE),
+        );
+        Prepared::new(
+            table,
+            &[
+                "UPDATE {t} SET holder = ",
+                " WHERE lease_key = ",
+                " AND holder = ",
+                "",
+            ],
+            vec![&uncacheable, &key, &holder],
+        )
+        .execute(conn)
+    });
 }
 
 /// `pause` scaled by a random factor in [0.5, 1.5), so waiters that started together

@@ -76,16 +76,23 @@ pub(super) fn near_of<C: NearStorage + ?Sized>(engine: &Engine) -> Option<&NearC
 }
 
 /// A get through the near cache: served from memory when it holds a live entry and
-/// the channel is current; else read, and kept unless an invalidation came meanwhile.
+/// the channel is current (unless `memory` is false: the caller looked already,
+/// [`get_from_memory`]); else read, and kept unless an invalidation came meanwhile.
 pub(super) fn get<C: NearStorage + ?Sized>(
     cache: &C,
     engine: &Engine,
     near: &NearCaches,
     key: &C::Key,
     checked: &C::CheckedKey,
+    memory: bool,
 ) -> Result<Option<C::Entry>> {
     let near_key = C::near_key(key, checked);
-    if let Some(kept) = near.get(C::KIND, &near_key) {
+    let kept = if memory {
+        near.get(C::KIND, &near_key)
+    } else {
+        None
+    };
+    if let Some(kept) = kept {
         if let Some(entry) = C::from_near(&kept)? {
             cache.near_hit(checked);
             return Ok(Some(entry));
@@ -96,6 +103,37 @@ pub(super) fn get<C: NearStorage + ?Sized>(
         cache.read_for_near(conn, key, checked)
     })?;
     Ok(read.map(|read| keep::<C>(near, ticket, near_key, read)))
+}
+
+/// A get answered from this process's near cache alone, with no connection and no
+/// wait: `None` when it holds no live entry of `key` (or the key is bad), and the
+/// caller goes on with [`get_entry`](super::get_entry) without `memory`. A hit is
+/// counted and observed as a get's.
+#[cfg(feature = "tokio")]
+pub(crate) fn get_from_memory<C: NearStorage + ?Sized>(
+    cache: &C,
+    key: &C::Key,
+) -> Option<Result<C::Entry>> {
+    // A bad key: the full get reports it.
+    let checked = cache.check_key(key).ok()?;
+    let engine = cache.engine_for(key, &checked);
+    let kept = near_of::<C>(engine)?.get(C::KIND, &C::near_key(key, &checked))?;
+    let entry = match C::from_near(&kept) {
+        Ok(Some(entry)) => entry,
+        // Not servable from memory: the database read decides.
+        Ok(None) => return None,
+        Err(error) => return Some(cache.front().observe(C::KIND, Op::Get, |_| Err(error))),
+    };
+    cache
+        .front()
+        .observe(C::KIND, Op::Get, |span| {
+            cache.near_hit(&checked);
+            engine.record_lookups(C::KIND, 1, 0);
+            span.record("hit", true);
+            Ok(())
+        })
+        .ok()?;
+    Some(Ok(entry))
 }
 
 /// Puts what a reader read after taking `ticket` into L1 (unless an invalidation
