@@ -171,6 +171,9 @@ pub use validation::{MAX_EMBEDDING_DIMENSIONS, MAX_KEY_BYTES};
 /// doctests, so they cannot drift from the API.
 #[cfg(doctest)]
 mod doc_examples {
+    /// The README's async section uses the `tokio` feature, as CI's test command
+    /// enables it (`--all-features`).
+    #[cfg(feature = "tokio")]
     #[doc = include_str!("../README.md")]
     struct Readme;
     #[doc = include_str!("../docs/guide.md")]
