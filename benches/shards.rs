@@ -13,7 +13,7 @@
 //! Needs the local server (`DATABASE_URL`'s, or the default) and Debian's
 //! `pg_createcluster` tools, as the fault tests do.
 
-#[path = "../tests/scratch/mod.rs"]
+#[path = "../tests/integration/scratch/mod.rs"]
 mod scratch;
 
 use std::sync::atomic::{AtomicBool, Ordering};

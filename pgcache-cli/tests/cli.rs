@@ -1,9 +1,9 @@
 //! The real `pgcache` binary against a test schema.
 
 // The library's test harness, shared rather than copied so the two cannot drift.
-#[path = "../../tests/common/mod.rs"]
+#[path = "../../tests/integration/common/mod.rs"]
 mod common;
-#[path = "../../tests/ops_support/mod.rs"]
+#[path = "../../tests/integration/ops_support/mod.rs"]
 mod ops_support;
 
 use assert_cmd::Command;

@@ -21,7 +21,7 @@
 //! them ([`logged_key_sql`], undone by [`near_key_from_log`]).
 //!
 //! Every update pgcache makes on a stamping connection that can change what a near
-//! cache holds must carry a stamp: `tests/near_logging_invariant.rs` runs every
+//! cache holds must carry a stamp: `tests/integration/near_logging_invariant.rs` runs every
 //! write operation of every cache and fails on any changed row left unlogged.
 //!
 //! This module only writes SQL text (no database, no connection): migrations, the

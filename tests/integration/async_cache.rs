@@ -1,0 +1,239 @@
+//! The async face (`AsyncCacheManager`): its operations, near-cache hits answered on
+//! the calling task, the bound on blocking calls, and spans across the thread hop.
+
+use crate::common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use common::TestDb;
+use pgcache::{CacheKind, LlmPrompt, NearCache};
+use serde_json::json;
+use tracing::Instrument;
+
+fn near_db() -> TestDb {
+    TestDb::with(|b| {
+        b.near_cache(CacheKind::Kv, Some(NearCache::new()))
+            .near_cache(CacheKind::LlmResponse, Some(NearCache::new()))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_operations_work_as_futures() {
+    let db = TestDb::new();
+    let cache = db.cache.to_async();
+    let kv = cache.kv();
+    let ttl = Duration::from_secs(60);
+
+    assert_eq!(kv.get("a").await.unwrap(), None);
+    kv.set("a", json!({"n": 1})).await.unwrap();
+    assert_eq!(kv.get("a").await.unwrap(), Some(json!({"n": 1})));
+
+    kv.set_many(vec![("b".into(), json!(2)), ("c".into(), json!(3))], ttl)
+        .await
+        .unwrap();
+    assert_eq!(
+        kv.get_many(&["a", "b", "missing", "c"]).await.unwrap(),
+        vec![Some(json!({"n": 1})), Some(json!(2)), None, Some(json!(3))]
+    );
+
+    assert!(kv.delete("a").await.unwrap());
+    assert!(!kv.delete("a").await.unwrap());
+    assert_eq!(kv.delete_many(&["b", "c", "missing"]).await.unwrap(), 2);
+
+    assert_eq!(kv.incr("hits", 1, ttl).await.unwrap(), 1);
+    assert_eq!(kv.incr("hits", 5, ttl).await.unwrap(), 6);
+    assert_eq!(kv.decr("hits", 2, ttl).await.unwrap(), 4);
+
+    assert!(kv.set_nx("lock", json!("me"), ttl).await.unwrap());
+    assert!(!kv.set_nx("lock", json!("you"), ttl).await.unwrap());
+    assert_eq!(kv.get_del("lock").await.unwrap(), Some(json!("me")));
+    assert!(!kv.exists("lock").await.unwrap());
+
+    kv.set_bytes("raw", vec![0, 159, 146, 150], ttl)
+        .await
+        .unwrap();
+    assert_eq!(
+        kv.get_bytes("raw").await.unwrap(),
+        Some(vec![0, 159, 146, 150])
+    );
+
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct Profile {
+        name: String,
+    }
+    let profiles = kv.typed::<Profile>();
+    profiles
+        .set("user:1", Profile { name: "Ada".into() })
+        .await
+        .unwrap();
+    assert_eq!(
+        profiles.get("user:1").await.unwrap(),
+        Some(Profile { name: "Ada".into() })
+    );
+    assert!(kv.ttl("user:1").await.unwrap().is_some());
+    assert_eq!(kv.delete_prefix("user:").await.unwrap(), 1);
+
+    let err = kv.get("").await.unwrap_err();
+    assert!(matches!(err, pgcache::Error::InvalidInput { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_ai_caches_get_and_set_as_futures() {
+    let db = TestDb::new();
+    let cache = db.cache.to_async();
+    let prompt = LlmPrompt::new("What is AI?", "fake-llm");
+    assert!(cache.llm_response().get(&prompt).await.unwrap().is_none());
+    cache
+        .llm_response()
+        .set(&prompt, "Artificial intelligence.".to_owned())
+        .await
+        .unwrap();
+    let hit = cache.llm_response().get(&prompt).await.unwrap().unwrap();
+    assert_eq!(hit.response, "Artificial intelligence.");
+    // A table's own calls with no async form, through `run`.
+    let top = cache.llm_response().run(|llm| llm.top(5)).await.unwrap();
+    assert_eq!(top.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_near_cache_hit_is_answered_without_a_blocking_thread() {
+    let db = near_db();
+    // One blocking call at a time, and the test holds it.
+    let cache = db.cache.to_async().max_blocking(1);
+    cache.kv().set("hot", json!("value")).await.unwrap();
+    // Read until the near cache holds it (it keeps reads once its poller is current).
+    let near_hits = || {
+        let stats = db.cache.near_cache_stats();
+        stats
+            .iter()
+            .find(|s| s.cache == CacheKind::Kv)
+            .unwrap()
+            .hits
+    };
+    for _ in 0..200 {
+        assert_eq!(cache.kv().get("hot").await.unwrap(), Some(json!("value")));
+        if near_hits() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let hits_before = near_hits();
+    assert!(hits_before > 0, "the near cache never served the key");
+
+    let (release, held) = mpsc::channel::<()>();
+    let (started, running) = tokio::sync::oneshot::channel();
+    let holder = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .run(move |_| {
+                    started.send(()).unwrap();
+                    held.recv().unwrap();
+                })
+                .await
+        })
+    };
+    running.await.unwrap();
+    // The only permit is taken: a get that needed a blocking thread would wait.
+    let hit = tokio::time::timeout(Duration::from_secs(30), cache.kv().get("hot")).await;
+    let miss = tokio::time::timeout(Duration::from_millis(200), cache.kv().get("cold")).await;
+    release.send(()).unwrap();
+    holder.await.unwrap();
+    assert_eq!(
+        hit.expect("the hit did not wait").unwrap(),
+        Some(json!("value"))
+    );
+    assert!(miss.is_err(), "a miss waits for a blocking call's permit");
+    assert_eq!(near_hits(), hits_before + 1, "the hit is counted once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_calls_are_bounded_by_the_pool_size() {
+    // The test pool holds 4 connections.
+    let db = TestDb::new();
+    let cache = db.cache.to_async();
+    let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let (cache, running, most) = (cache.clone(), running.clone(), most.clone());
+            tokio::spawn(async move {
+                cache
+                    .run(move |_| {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(20));
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let most = most.load(Ordering::SeqCst);
+    assert!(most <= 4, "{most} blocking calls ran at once");
+    assert!(most >= 1);
+}
+
+/// A span's name, and its parent's.
+type Opened = (String, Option<String>);
+
+/// Every span opened in this process.
+fn spans() -> &'static Mutex<Vec<Opened>> {
+    static SPANS: OnceLock<Mutex<Vec<Opened>>> = OnceLock::new();
+    SPANS.get_or_init(|| {
+        use tracing_subscriber::layer::SubscriberExt;
+        struct Parents;
+        impl<S> tracing_subscriber::Layer<S> for Parents
+        where
+            S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+        {
+            fn on_new_span(
+                &self,
+                attrs: &tracing::span::Attributes<'_>,
+                id: &tracing::span::Id,
+                ctx: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                let parent = ctx
+                    .span(id)
+                    .and_then(|span| span.parent())
+                    .map(|parent| parent.name().to_owned());
+                spans()
+                    .lock()
+                    .unwrap()
+                    .push((attrs.metadata().name().to_owned(), parent));
+            }
+        }
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Parents))
+            .unwrap();
+        Mutex::new(Vec::new())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgcache_spans_are_children_of_the_callers_span_across_the_hop() {
+    spans();
+    let db = near_db();
+    let cache = db.cache.to_async();
+    async {
+        // A miss and a write (blocking threads), then a near-cache hit (this task).
+        cache.kv().get("span-key").await.unwrap();
+        cache.kv().set("span-key", json!(1)).await.unwrap();
+        cache.kv().get("span-key").await.unwrap();
+        cache.kv().get("span-key").await.unwrap();
+    }
+    .instrument(tracing::info_span!("async_request_handler"))
+    .await;
+    let spans = spans().lock().unwrap().clone();
+    let ours: Vec<_> = spans
+        .iter()
+        .filter(|(_, parent)| parent.as_deref() == Some("async_request_handler"))
+        .collect();
+    assert!(
+        ours.len() >= 4 && ours.iter().all(|(name, _)| name == "pgcache"),
+        "every operation's span is the handler's child: {ours:?}"
+    );
+}
