@@ -1,11 +1,13 @@
 //! The poller: one thread per manager's near caches, reading the change log and the
 //! stamps ([`protocol::poll_sql`]) and evicting the keys they name.
 //!
-//! It polls every [`POLL_INTERVAL`] while changes come in; each poll that finds
-//! none doubles the wait, up to a third of the staleness bound `S`
-//! ([`idle_interval`]), and the first poll that finds one returns to the fast
-//! interval. An idle manager costs the server three polls per `S` (30 a second at
-//! the default 100 ms) instead of one every 2 ms, and the bound is untouched: L1
+//! It polls every [`POLL_INTERVAL`] while changes come in. Once none came for ten
+//! times the staleness bound `S` ([`quiet_before_backoff`]: a quiet spell, not a
+//! gap between a service's writes), each poll that finds none doubles the wait, up
+//! to a third of `S` ([`idle_interval`]), and the first poll that finds one returns
+//! to the fast interval. An idle manager costs the server three polls per `S` (30
+//! a second at the default 100 ms) instead of one every 2 ms, and the bound is
+//! untouched: L1
 //! serves only while the last poll was sent less than `S` ago
 //! (`NearCaches::polled`), whatever the interval; an idle poller sends one every
 //! `S/3`, so two may come late before L1 turns off, and a change committed while
@@ -41,13 +43,21 @@ pub(crate) fn idle_interval(staleness: Duration) -> Duration {
     (staleness / 3).max(POLL_INTERVAL)
 }
 
-/// The wait before the next poll: [`POLL_INTERVAL`] after a poll that found a
-/// change, else twice the last wait, at most `idle`.
-fn next_interval(last: Duration, found_changes: bool, idle: Duration) -> Duration {
-    if found_changes {
-        POLL_INTERVAL
-    } else {
+/// How long the change log must stay quiet before the poller backs off: ten
+/// staleness bounds, so that changes a few milliseconds or a few hundred apart are
+/// all read within [`POLL_INTERVAL`], as visibility needs, and only an idle spell
+/// slows the polls.
+pub(crate) fn quiet_before_backoff(staleness: Duration) -> Duration {
+    staleness * 10
+}
+
+/// The wait before the next poll: [`POLL_INTERVAL`] until the log has been `quiet`
+/// long enough ([`quiet_before_backoff`]), then twice the last wait, at most `idle`.
+fn next_interval(last: Duration, quiet: bool, idle: Duration) -> Duration {
+    if quiet {
         (last * 2).min(idle).max(POLL_INTERVAL)
+    } else {
+        POLL_INTERVAL
     }
 }
 
@@ -192,12 +202,16 @@ fn poll_loop(
     stop: &AtomicBool,
 ) {
     // Fixed for the poller's life: its near caches do not change.
-    let Some((sql, idle)) = caches.upgrade().map(|near| {
+    let Some((sql, (idle, quiet_before))) = caches.upgrade().map(|near| {
         let sql = protocol::poll_sql(
             tables,
             CacheKind::ALL.into_iter().filter(|&k| near.serves(k)),
         );
-        (sql, idle_interval(near.staleness()))
+        let staleness = near.staleness();
+        (
+            sql,
+            (idle_interval(staleness), quiet_before_backoff(staleness)),
+        )
     }) else {
         return;
     };
@@ -221,6 +235,7 @@ fn poll_loop(
             let mut past: VecDeque<(Instant, i64)> = VecDeque::new();
             let mut last_ok = Instant::now();
             let mut interval = POLL_INTERVAL;
+            let mut last_change = Instant::now();
             loop {
                 if stop.load(Ordering::SeqCst) {
                     return Ok(());
@@ -275,7 +290,11 @@ fn poll_loop(
                 // Polls start every `interval`, whatever a poll took (a change
                 // waits at most one interval for the next), with a pause of at least
                 // a quarter interval when a poll took longer.
-                interval = next_interval(interval, changed, idle);
+                if changed {
+                    last_change = sent;
+                }
+                let quiet = sent.duration_since(last_change) >= quiet_before;
+                interval = next_interval(interval, quiet, idle);
                 sleep_unless_stopped(
                     interval.saturating_sub(sent.elapsed()).max(interval / 4),
                     stop,
@@ -337,14 +356,20 @@ mod tests {
     fn an_idle_poller_backs_off_to_a_third_of_the_bound_and_a_change_resets_it() {
         let idle = idle_interval(Duration::from_millis(75));
         assert_eq!(idle, Duration::from_millis(25));
+        assert_eq!(
+            quiet_before_backoff(Duration::from_millis(75)),
+            Duration::from_millis(750)
+        );
+        // Not yet quiet long enough: the fast interval, however many empty polls.
+        assert_eq!(next_interval(POLL_INTERVAL, false, idle), POLL_INTERVAL);
         let mut interval = POLL_INTERVAL;
         let mut waits = Vec::new();
         for _ in 0..6 {
-            interval = next_interval(interval, false, idle);
+            interval = next_interval(interval, true, idle);
             waits.push(interval.as_millis());
         }
         assert_eq!(waits, [4, 8, 16, 25, 25, 25]);
-        assert_eq!(next_interval(idle, true, idle), POLL_INTERVAL);
+        assert_eq!(next_interval(idle, false, idle), POLL_INTERVAL);
         assert_eq!(idle_interval(Duration::from_millis(4)), POLL_INTERVAL);
     }
 }

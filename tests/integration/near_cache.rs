@@ -746,8 +746,9 @@ fn entries_never_outlive_their_expiry_when_poll_replies_come_late() {
 fn an_idle_manager_polls_at_most_three_times_per_bound() {
     let db = near_db();
     wait_current(&db.cache);
-    // Past the backoff from 2 ms to its slowest, a third of the bound.
-    std::thread::sleep(BOUND);
+    // Past the quiet spell the poller waits for (ten bounds) and the backoff from
+    // 2 ms to its slowest, a third of the bound.
+    std::thread::sleep(11 * BOUND);
     let before = near_support::kv_stats(&db.cache).polls;
     let span = 20 * BOUND;
     std::thread::sleep(span);
@@ -770,8 +771,8 @@ fn the_first_change_after_idling_is_seen_within_the_bound() {
     assert_held(&other, CacheKind::Kv, 1, || {
         assert_eq!(other.kv().get("k").unwrap(), Some(json!("old")));
     });
-    // Both pollers idle at their slowest.
-    std::thread::sleep(4 * BOUND);
+    // Both pollers idle at their slowest (after ten quiet bounds).
+    std::thread::sleep(12 * BOUND);
     let invalidated = near_support::kv_stats(&other).invalidations;
     let written = Instant::now();
     db.cache.kv().set("k", &json!("new")).unwrap();
