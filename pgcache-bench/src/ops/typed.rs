@@ -1,4 +1,4 @@
-//! The typed caches' rows of `pgcache bench`: LLM responses (with hit tracking),
+//! The typed caches' rows of `pgcache-bench ops`: LLM responses (with hit tracking),
 //! 1536-dimension embeddings, 32 kB audio chunks and vector-search results.
 //!
 //! The library side passes ready-made keys and computes their digests inside each
