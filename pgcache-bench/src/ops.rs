@@ -31,7 +31,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 4)]
     threads: usize,
     /// Rows pre-filled into each table before measuring (the typed caches' tables,
-    /// whose values are kilobytes, hold at most 2 000).
+    /// whose values are kilobytes, hold at most 500).
     #[arg(long, default_value_t = 10_000)]
     rows: u64,
     /// Seconds each row measures, its sides together (each side gets half, in
@@ -844,20 +844,6 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
             shown
         );
     }
-    let cache = CacheManager::new(config)?;
-    if args.unlogged {
-        cache.set_tables_logged(false)?;
-    }
-    prepare_tables(&cache, &url, &scratch.schema, rows, args.unlogged)?;
-
-    let disabled_get_ns = disabled_get_cost()?;
-    // A row's two sides share its duration.
-    let slice = Duration::from_secs_f64(args.duration.max(0.01) / f64::from(2 * SLICES));
-    let budget = Budget {
-        slice,
-        slices: SLICES,
-        iterations: args.iterations,
-    };
     let mut results = Results::new(if args.json && !quiet {
         Echo::Stderr
     } else if args.json || quiet {
@@ -865,7 +851,30 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
     } else {
         Echo::Stdout
     });
-    results.setup = started.elapsed();
+    results.last = started;
+    let cache = CacheManager::new(config)?;
+    if args.unlogged {
+        cache.set_tables_logged(false)?;
+    }
+    results.mark("manager and migrations");
+    prepare_tables(
+        &cache,
+        &url,
+        &scratch.schema,
+        rows,
+        args.unlogged,
+        &mut results,
+    )?;
+
+    let disabled_get_ns = disabled_get_cost()?;
+    results.mark("ENABLE_CACHING=false get cost");
+    // A row's two sides share its duration.
+    let slice = Duration::from_secs_f64(args.duration.max(0.01) / f64::from(2 * SLICES));
+    let budget = Budget {
+        slice,
+        slices: SLICES,
+        iterations: args.iterations,
+    };
     let passes = if threads == 1 {
         vec![1]
     } else {
@@ -882,7 +891,7 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
                 .collect::<BenchResult<_>>()?,
             raw_workers: (0..n).map(|t| Worker::new(ids(t), rows)).collect(),
         };
-        results.mark();
+        results.mark("raw connections");
         for op in operations() {
             let (lib, raw) = measure(&mut sides, &op, budget)?;
             results.record(op.name, n, lib, Some(raw));
@@ -925,6 +934,7 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
         duration: args.duration,
         wall_seconds: started.elapsed().as_secs_f64(),
         setup_seconds: results.setup.as_secs_f64(),
+        setup: results.phases,
         results: results.rows,
         unmeasured: results.unmeasured,
     };
@@ -963,6 +973,7 @@ fn prepare_tables(
     schema: &str,
     rows: u64,
     unlogged: bool,
+    results: &mut Results,
 ) -> BenchResult<()> {
     let mut client = Client::connect(url, NoTls)?;
     client.batch_execute(&format!("SET search_path TO \"{schema}\""))?;
@@ -997,7 +1008,9 @@ fn prepare_tables(
          INSERT INTO raw_entries SELECT * FROM cache_entries;",
         last = rows - 1
     ))?;
+    results.mark("kv tables filled");
     typed::prepare_tables(cache, &mut client, rows, create_like)?;
+    results.mark("typed tables filled");
     // Separately: VACUUM cannot run in the implicit transaction of a multi-statement
     // query.
     let tables = ["cache_entries", "raw_entries", "bench_data"]
@@ -1007,6 +1020,7 @@ fn prepare_tables(
     for table in tables {
         client.batch_execute(&format!("VACUUM ANALYZE {table}"))?;
     }
+    results.mark("vacuum analyze");
     Ok(())
 }
 
@@ -1032,7 +1046,7 @@ fn redis_rows(url: &str, threads: usize, budget: Budget, results: &mut Results) 
     for i in 0..1000u64 {
         let _: () = conns[0].set_ex(format!("pgcache_bench:k:{i}"), &text, 3600)?;
     }
-    results.mark();
+    results.mark("redis fill");
     let get = |c: &mut redis::Connection, w: &mut Worker| -> BenchResult<bool> {
         let n = w.random() % 1000;
         let key = w.set_key(format_args!("pgcache_bench:k:{n}"));
@@ -1127,6 +1141,15 @@ struct Results {
     last: Instant,
     /// Time spent outside rows: tables, managers, connections, fills.
     setup: Duration,
+    /// The same, phase by phase.
+    phases: Vec<Phase>,
+}
+
+/// A stretch of set-up and how long it took.
+#[derive(Debug, serde::Serialize)]
+struct Phase {
+    phase: &'static str,
+    seconds: f64,
 }
 
 /// A row left out of the results: one of its sides ran no iteration.
@@ -1153,6 +1176,7 @@ impl Results {
             echo,
             last: Instant::now(),
             setup: Duration::ZERO,
+            phases: Vec::new(),
         };
         let header = format!(
             "\n{:<28} {:>3} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>6} {:>6}\n{}",
@@ -1173,8 +1197,13 @@ impl Results {
     }
 
     /// Ends a stretch of set-up: the time since the last row is not the next row's.
-    fn mark(&mut self) {
-        self.setup += self.last.elapsed();
+    fn mark(&mut self, phase: &'static str) {
+        let took = self.last.elapsed();
+        self.setup += took;
+        self.phases.push(Phase {
+            phase,
+            seconds: took.as_secs_f64(),
+        });
         self.last = Instant::now();
     }
 
@@ -1245,6 +1274,8 @@ struct Report {
     /// Wall time of the whole run, and the part of it outside rows.
     wall_seconds: f64,
     setup_seconds: f64,
+    /// Where the set-up time went.
+    setup: Vec<Phase>,
     results: Vec<Row>,
     /// Rows left out for want of samples, and why.
     unmeasured: Vec<Unmeasured>,
@@ -1440,7 +1471,41 @@ fn readable(x: f64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::readable;
+    use super::{readable, Echo, Results, Samples};
+    use std::time::Duration;
+
+    fn samples(nanos: &[u64]) -> Samples {
+        Samples {
+            nanos: nanos.to_vec(),
+            wall: Duration::from_millis(10),
+        }
+    }
+
+    #[test]
+    fn a_row_without_samples_is_listed_with_its_reason_not_shown_as_nan() {
+        let mut results = Results::new(Echo::Nothing);
+        results.record(
+            "kv get hit",
+            1,
+            samples(&[1000, 2000]),
+            Some(samples(&[900])),
+        );
+        results.record("kv delete", 4, samples(&[]), Some(samples(&[1000])));
+        results.record("redis GET", 1, samples(&[]), None);
+        assert_eq!(results.rows.len(), 1);
+        let row = &results.rows[0];
+        assert!(row.pgcache.p50_us.is_finite() && row.pgcache.ops_per_sec > 0.0);
+        assert!(!row.line().contains("NaN"), "{}", row.line());
+        let unmeasured: Vec<(&str, usize)> = results
+            .unmeasured
+            .iter()
+            .map(|u| (u.operation.as_str(), u.threads))
+            .collect();
+        assert_eq!(unmeasured, [("kv delete", 4), ("redis GET", 1)]);
+        assert!(results.unmeasured[0]
+            .reason
+            .contains("no sample on the first side"));
+    }
 
     #[test]
     fn targets_are_readable() {

@@ -38,7 +38,7 @@ pub(super) fn rows(
         .build(ConnectionManager::<PgConnection>::new(url))?;
     let shared = CacheManager::with_pool(app_pool, config()?)?;
     let own = CacheManager::new(config()?)?;
-    results.mark();
+    results.mark("app pool: managers");
     let incr = |cache: &mut &CacheManager, w: &mut Worker| -> BenchResult<bool> {
         let n = w.random() % COUNTERS;
         let key = w.set_key(format_args!("app-pool counter:{n}"));

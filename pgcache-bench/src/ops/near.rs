@@ -80,7 +80,7 @@ pub(super) fn rows(
         plain.llm_response().set_many(chunk, TTL)?;
     }
     wait_current(&near)?;
-    results.mark();
+    results.mark("near cache: manager, fill, listener");
 
     for &threads in passes {
         for (size, _) in SIZES {
@@ -95,12 +95,12 @@ pub(super) fn rows(
             for n in 0..KEYS {
                 near.kv().get(&key(size, n))?;
             }
-            results.mark();
+            results.mark("near cache: first reads");
             let (mut on, mut other) = (Samples::default(), Samples::default());
             match &mut redis {
                 Some(redis) => {
                     let mut conns = redis.conns(threads)?;
-                    results.mark();
+                    results.mark("redis connections");
                     let mut redis_workers: Vec<Worker> =
                         (0..threads).map(|t| Worker::new(t, KEYS)).collect();
                     let redis_get =

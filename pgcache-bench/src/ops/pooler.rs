@@ -33,7 +33,7 @@ pub(super) fn rows(
             .run_migrations(false)
             .build()?,
     )?;
-    results.mark();
+    results.mark("pooler: manager");
     type Step = dyn Fn(&mut &CacheManager, &mut Worker) -> BenchResult<bool> + Sync;
     let get = |cache: &mut &CacheManager, w: &mut Worker| -> BenchResult<bool> {
         let key = w.existing_key().to_owned();

@@ -88,10 +88,11 @@ mod tests {
     #[test]
     fn quantiles_pick_the_ranked_sample() {
         let mut h = Histogram::default();
-        for v in 1..=100u64 {
+        // 0, 1, ..., 100 µs: the median is 50, the 99th percentile 99.
+        for v in 0..=100u64 {
             h.record(v * 1000);
         }
-        assert_eq!(h.count(), 100);
+        assert_eq!(h.count(), 101);
         let p50 = h.quantile_us(0.5).unwrap();
         assert!((p50 - 50.0).abs() < 0.2, "{p50}");
         let p99 = h.quantile_us(0.99).unwrap();
