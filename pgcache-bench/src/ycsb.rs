@@ -3,8 +3,9 @@
 //! threads and the same keys.
 //!
 //! Load phase: `--records` records of ten 100-byte fields (1 KB), key `user<hash>`.
-//! Then each workload, each thread count and each system in turn, for `--duration`
-//! seconds (or `--operations`) after an unmeasured warm-up:
+//! Then each workload at each thread count: every system warmed up (unmeasured),
+//! then the systems in turn, in four slices, `--duration` seconds (or
+//! `--operations`) in all each:
 //!
 //! | workload | mix | request distribution |
 //! |---|---|---|
@@ -501,8 +502,7 @@ pub fn run(args: &YcsbArgs, database_url: Option<&str>, quiet: bool) -> BenchRes
         let mut table = Table::new(!args.json && !quiet, args.json && !quiet);
         for &workload in &args.workloads {
             for &n in &threads {
-                for (i, &system) in systems.iter().enumerate() {
-                    let cell = run_cell(&stores, system, workload, n, args, &counters[i])?;
+                for cell in run_cells(&stores, &systems, &counters, workload, n, args)? {
                     table.show(&cell);
                     cells.push(cell);
                 }
@@ -632,29 +632,62 @@ struct ThreadResult {
     read_misses: u64,
 }
 
-/// Runs one cell: an unmeasured warm-up, then `threads` threads for the duration.
-fn run_cell(
-    stores: &Stores,
+/// Slices of each cell: the systems of a workload and thread count take turns, so
+/// a burst of load from elsewhere on the machine hits them alike.
+const SLICES: u32 = 4;
+
+/// One system's cell while it is being measured: its threads' connections and
+/// what its slices measured so far.
+struct CellRun<'a> {
+    stores: &'a Stores,
     system: System,
     workload: Workload,
-    threads: usize,
-    args: &YcsbArgs,
-    counter: &InsertCounter,
-) -> BenchResult<Cell> {
-    let duration = Duration::from_secs_f64(args.duration.max(0.01));
-    let warmup = Duration::from_secs_f64(args.warmup.max(0.0)).min(duration / 5);
-    let per_thread = args.operations.map(|n| n.div_ceil(threads as u64));
-    let zipfian = ScrambledZipfian::new(stores.records, ZIPFIAN_CONSTANT);
-    let latest = Latest::new(
-        counter.acknowledged.load(Ordering::Relaxed),
-        ZIPFIAN_CONSTANT,
-    );
-    let mut conns: Vec<Conn<'_>> = (0..threads)
-        .map(|_| stores.connect(system))
-        .collect::<BenchResult<_>>()?;
-    let near_stats = || -> (u64, u64) {
-        let near = if system == System::PgcacheNear {
-            stores.near.as_ref()
+    counter: &'a InsertCounter,
+    conns: Vec<Conn<'a>>,
+    zipfian: ScrambledZipfian,
+    latest: Latest,
+    by_op: [Histogram; 4],
+    read_misses: u64,
+    seconds: f64,
+    near_hits: u64,
+    near_reads: u64,
+    slices: u64,
+}
+
+impl<'a> CellRun<'a> {
+    fn new(
+        stores: &'a Stores,
+        system: System,
+        workload: Workload,
+        threads: usize,
+        counter: &'a InsertCounter,
+    ) -> BenchResult<Self> {
+        Ok(CellRun {
+            stores,
+            system,
+            workload,
+            counter,
+            conns: (0..threads)
+                .map(|_| stores.connect(system))
+                .collect::<BenchResult<_>>()?,
+            zipfian: ScrambledZipfian::new(stores.records, ZIPFIAN_CONSTANT),
+            latest: Latest::new(
+                counter.acknowledged.load(Ordering::Relaxed),
+                ZIPFIAN_CONSTANT,
+            ),
+            by_op: Default::default(),
+            read_misses: 0,
+            seconds: 0.0,
+            near_hits: 0,
+            near_reads: 0,
+            slices: 0,
+        })
+    }
+
+    /// Near-cache hits and reads so far (zero for the other systems).
+    fn near_stats(&self) -> (u64, u64) {
+        let near = if self.system == System::PgcacheNear {
+            self.stores.near.as_ref()
         } else {
             None
         };
@@ -667,10 +700,21 @@ fn run_cell(
                     (h + s.hits, r + s.hits + s.misses + s.bypasses)
                 })
         })
-    };
-    let run = |conns: &mut [Conn<'_>], time: Duration, limit: Option<u64>, seed: u64| {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = conns
+    }
+
+    /// Runs the threads for `time` (or `limit` operations each); counted unless
+    /// `warm_up`.
+    fn run(&mut self, time: Duration, limit: Option<u64>, warm_up: bool) -> BenchResult<()> {
+        let (hits_before, reads_before) = self.near_stats();
+        self.slices += 1;
+        let seed = if warm_up { 0xA5A5 } else { 0x5EED } ^ (self.slices << 48);
+        let (stores, system, workload, counter) =
+            (self.stores, self.system, self.workload, self.counter);
+        let (zipfian, latest) = (&self.zipfian, &self.latest);
+        let started = Instant::now();
+        let results = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .conns
                 .iter_mut()
                 .enumerate()
                 .map(|(t, conn)| {
@@ -733,50 +777,85 @@ fn run_cell(
                 .into_iter()
                 .map(|h| h.join().expect("ycsb thread panicked"))
                 .collect::<BenchResult<Vec<ThreadResult>>>()
-        })
-    };
-    if !warmup.is_zero() {
-        run(&mut conns, warmup, None, 0xA5A5)?;
-    }
-    let (hits_before, reads_before) = near_stats();
-    let started = Instant::now();
-    let results = run(&mut conns, duration, per_thread, 0x5EED)?;
-    let seconds = started.elapsed().as_secs_f64();
-    let (hits_after, reads_after) = near_stats();
-    let mut by_op: [Histogram; 4] = Default::default();
-    let mut read_misses = 0;
-    for r in &results {
-        for (all, one) in by_op.iter_mut().zip(&r.by_op) {
-            all.merge(one);
+        })?;
+        let seconds = started.elapsed().as_secs_f64();
+        if warm_up {
+            return Ok(());
         }
-        read_misses += r.read_misses;
+        let (hits_after, reads_after) = self.near_stats();
+        self.near_hits += hits_after - hits_before;
+        self.near_reads += reads_after - reads_before;
+        self.seconds += seconds;
+        for r in &results {
+            for (all, one) in self.by_op.iter_mut().zip(&r.by_op) {
+                all.merge(one);
+            }
+            self.read_misses += r.read_misses;
+        }
+        Ok(())
     }
-    let operations: u64 = by_op.iter().map(Histogram::count).sum();
-    let latencies = OPS
-        .iter()
-        .zip(&by_op)
-        .filter_map(|(op, h)| {
-            Some(OpFigures {
-                operation: op.name(),
-                count: h.count(),
-                p50_us: h.quantile_us(0.5)?,
-                p99_us: h.quantile_us(0.99)?,
+
+    fn finish(self) -> Cell {
+        let operations: u64 = self.by_op.iter().map(Histogram::count).sum();
+        let latencies = OPS
+            .iter()
+            .zip(&self.by_op)
+            .filter_map(|(op, h)| {
+                Some(OpFigures {
+                    operation: op.name(),
+                    count: h.count(),
+                    p50_us: h.quantile_us(0.5)?,
+                    p99_us: h.quantile_us(0.99)?,
+                })
             })
-        })
-        .collect();
-    let near_reads = reads_after - reads_before;
-    Ok(Cell {
-        workload: workload.letter(),
-        system: system.name(),
-        threads,
-        operations,
-        seconds,
-        ops_per_sec: operations as f64 / seconds.max(1e-9),
-        latencies,
-        read_misses,
-        near_hit_rate: (system == System::PgcacheNear && near_reads > 0)
-            .then(|| (hits_after - hits_before) as f64 / near_reads as f64),
-    })
+            .collect();
+        Cell {
+            workload: self.workload.letter(),
+            system: self.system.name(),
+            threads: self.conns.len(),
+            operations,
+            seconds: self.seconds,
+            ops_per_sec: operations as f64 / self.seconds.max(1e-9),
+            latencies,
+            read_misses: self.read_misses,
+            near_hit_rate: (self.system == System::PgcacheNear && self.near_reads > 0)
+                .then(|| self.near_hits as f64 / self.near_reads as f64),
+        }
+    }
+}
+
+/// Runs one workload at one thread count on every system: each warmed up, then
+/// the systems in turn, [`SLICES`] times, for `--duration` in all each.
+fn run_cells<'a>(
+    stores: &'a Stores,
+    systems: &[System],
+    counters: &'a [InsertCounter],
+    workload: Workload,
+    threads: usize,
+    args: &YcsbArgs,
+) -> BenchResult<Vec<Cell>> {
+    let duration = Duration::from_secs_f64(args.duration.max(0.01));
+    let warmup = Duration::from_secs_f64(args.warmup.max(0.0)).min(duration / 5);
+    let slice = duration / SLICES;
+    let limit = args
+        .operations
+        .map(|n| n.div_ceil(threads as u64 * u64::from(SLICES)));
+    let mut runs: Vec<CellRun<'a>> = systems
+        .iter()
+        .zip(counters)
+        .map(|(&system, counter)| CellRun::new(stores, system, workload, threads, counter))
+        .collect::<BenchResult<_>>()?;
+    if !warmup.is_zero() {
+        for run in &mut runs {
+            run.run(warmup, None, true)?;
+        }
+    }
+    for _ in 0..SLICES {
+        for run in &mut runs {
+            run.run(slice, limit, false)?;
+        }
+    }
+    Ok(runs.into_iter().map(CellRun::finish).collect())
 }
 
 /// Deletes the run's keys from Redis: the loaded records and its inserts.
