@@ -5,7 +5,6 @@
 use std::cmp::Ordering;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
 
@@ -16,10 +15,12 @@ use crate::expiry::ttl_interval;
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
 use crate::metrics::Op;
-use crate::near::{NearCaches, NearKey, NearValue, Ticket};
 use crate::skipped::Skipped;
 
-pub(crate) use storage::{NearRead, Storage};
+mod near;
+
+pub(crate) use near::{NearRead, NearStorage};
+pub(crate) use storage::Storage;
 
 /// What every cache handle holds: the shards' engines it works through and, when
 /// the caller chose one with `with_default_ttl`, the TTL of its `set`.
@@ -168,58 +169,6 @@ mod storage {
             keys: &[&Self::Key],
             checked: &[Self::CheckedKey],
         ) -> Result<u64>;
-
-        /// The near-cache key of a checked key: what the invalidation triggers name
-        /// (the digest, or a key/value key's bytes).
-        fn near_key(key: &Self::Key, checked: &Self::CheckedKey) -> NearKey;
-
-        /// The near-cache key of a row about to be written.
-        fn row_near_key(row: &Self::Row<'_>) -> NearKey;
-
-        /// Reads one live entry for the near cache: the entry, what the near cache
-        /// keeps of it, its expiry (database clock) and its weight in bytes.
-        fn read_for_near(
-            &self,
-            conn: &mut PgConnection,
-            key: &Self::Key,
-            checked: &Self::CheckedKey,
-        ) -> Result<Option<NearRead<Self::Entry>>>;
-
-        /// Reads the live entries of checked keys for the near cache in one
-        /// statement, in `keys` order: [`read_for_near`](Self::read_for_near) for a
-        /// batch.
-        fn read_many_for_near(
-            &self,
-            conn: &mut PgConnection,
-            keys: &[&Self::Key],
-            checked: &[Self::CheckedKey],
-        ) -> Result<Vec<Option<NearRead<Self::Entry>>>>;
-
-        /// An entry back from what the near cache kept of it.
-        ///
-        /// # Errors
-        /// A value that does not decode into this handle's type (key/value).
-        fn from_near(value: &NearValue) -> Result<Option<Self::Entry>>;
-
-        /// Counts a hit served from the near cache where the table counts hits.
-        fn near_hit(&self, _checked: &Self::CheckedKey) {}
-    }
-
-    /// A live entry read for the near cache.
-    pub struct NearRead<E> {
-        pub(crate) entry: E,
-        pub(crate) kept: NearValue,
-        pub(crate) expires_at: DateTime<Utc>,
-        pub(crate) weight: usize,
-    }
-
-    impl<E> std::fmt::Debug for NearRead<E> {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.debug_struct("NearRead")
-                .field("expires_at", &self.expires_at)
-                .field("weight", &self.weight)
-                .finish_non_exhaustive()
-        }
     }
 }
 
@@ -250,11 +199,6 @@ pub(crate) fn distinct_in_write_order<'a, C: Storage + ?Sized>(
 
 fn check_keys<C: Storage + ?Sized>(cache: &C, keys: &[&C::Key]) -> Result<Vec<C::CheckedKey>> {
     keys.iter().map(|k| cache.check_key(k)).collect()
-}
-
-/// The near cache of `C`'s table on `engine`'s shard, if it has one.
-fn near_of<C: Storage + ?Sized>(engine: &Engine) -> Option<&NearCaches> {
-    engine.near().filter(|near| near.serves(C::KIND))
 }
 
 /// Runs `work` once per shard holding some of `keys`, with that shard's keys and
@@ -313,98 +257,24 @@ fn rows_per_shard<'r, C: Storage + ?Sized>(
         .collect()
 }
 
-/// A get through the near cache: served from memory when it holds a live entry and
-/// the channel is current; else read, and kept unless an invalidation came meanwhile.
-fn near_get<C: Storage + ?Sized>(
-    cache: &C,
-    engine: &Engine,
-    near: &NearCaches,
-    key: &C::Key,
-    checked: &C::CheckedKey,
-) -> Result<Option<C::Entry>> {
-    let near_key = C::near_key(key, checked);
-    if let Some(kept) = near.get(C::KIND, &near_key) {
-        if let Some(entry) = C::from_near(&kept)? {
-            cache.near_hit(checked);
-            return Ok(Some(entry));
-        }
-    }
-    let ticket = near.ticket(C::KIND, &near_key);
-    let read = engine.read(C::KIND, Op::Get, None, |conn| {
-        cache.read_for_near(conn, key, checked)
-    })?;
-    Ok(read.map(|read| keep(near, C::KIND, ticket, near_key, read)))
-}
-
-/// Puts what a reader read after taking `ticket` into L1 (unless an invalidation
-/// came meanwhile; no ticket, no fill) and hands back its entry.
-fn keep<E>(
-    near: &NearCaches,
-    kind: CacheKind,
-    ticket: Option<Ticket>,
-    near_key: NearKey,
-    read: NearRead<E>,
-) -> E {
-    if let Some(ticket) = ticket {
-        near.fill(
-            kind,
-            ticket,
-            near_key,
-            read.kept,
-            read.expires_at,
-            read.weight,
-        );
-    }
-    read.entry
-}
-
 /// A batch read on one shard: through its near cache if it has one (the keys it
 /// holds are served from memory, the rest read in one statement and kept as a get
 /// keeps them); lookups counted.
-fn read_part<C: Storage + ?Sized>(
+fn read_part<C: NearStorage + ?Sized>(
     cache: &C,
     engine: &Engine,
     keys: &[&C::Key],
     checked: &[C::CheckedKey],
 ) -> Result<Vec<Option<C::Entry>>> {
-    let Some(near) = near_of::<C>(engine) else {
-        let found = engine.read_with(
+    let found = match near::near_of::<C>(engine) {
+        Some(near) => near::read_many(cache, engine, near, keys, checked)?,
+        None => engine.read_with(
             C::KIND,
             Op::GetMany,
             || keys.iter().map(|_| None).collect(),
             |conn| cache.read_many(conn, keys, checked),
-        )?;
-        return Ok(counted(engine, C::KIND, found));
+        )?,
     };
-    let mut found = Vec::with_capacity(keys.len());
-    let mut wanted = Vec::new();
-    for (i, (key, checked)) in keys.iter().zip(checked).enumerate() {
-        let near_key = C::near_key(key, checked);
-        let kept = near.get(C::KIND, &near_key);
-        let entry = kept.map(|kept| C::from_near(&kept)).transpose()?.flatten();
-        if entry.is_some() {
-            cache.near_hit(checked);
-        } else {
-            // Taken before the read, as a get takes its own.
-            let ticket = near.ticket(C::KIND, &near_key);
-            wanted.push((i, near_key, ticket));
-        }
-        found.push(entry);
-    }
-    if !wanted.is_empty() {
-        let wanted_keys: Vec<&C::Key> = wanted.iter().map(|(i, ..)| keys[*i]).collect();
-        let wanted_checked: Vec<C::CheckedKey> =
-            wanted.iter().map(|(i, ..)| checked[*i].clone()).collect();
-        let read = engine.read_with(
-            C::KIND,
-            Op::GetMany,
-            || wanted.iter().map(|_| None).collect(),
-            |conn| cache.read_many_for_near(conn, &wanted_keys, &wanted_checked),
-        )?;
-        for ((i, near_key, ticket), read) in wanted.into_iter().zip(read) {
-            found[i] = read.map(|read| keep(near, C::KIND, ticket, near_key, read));
-        }
-    }
     Ok(counted(engine, C::KIND, found))
 }
 
@@ -415,37 +285,11 @@ fn counted<E>(engine: &Engine, kind: CacheKind, found: Vec<Option<E>>) -> Vec<Op
     found
 }
 
-/// Evicts the keys of `rows` from the near cache of `engine`'s shard in this
-/// process (read-your-writes).
-fn near_evict_rows<C: Storage + ?Sized>(engine: &Engine, rows: &[C::Row<'_>]) {
-    if let Some(near) = near_of::<C>(engine) {
-        let keys: Vec<NearKey> = rows.iter().map(|r| C::row_near_key(r)).collect();
-        near.invalidate(C::KIND, keys.iter().map(|k| &k[..]));
-    }
-}
-
-/// Evicts checked keys from the near cache of `engine`'s shard in this process
-/// (read-your-writes).
-fn near_evict_keys<C: Storage + ?Sized>(
-    engine: &Engine,
-    keys: &[&C::Key],
-    checked: &[C::CheckedKey],
-) {
-    if let Some(near) = near_of::<C>(engine) {
-        let keys: Vec<NearKey> = keys
-            .iter()
-            .zip(checked)
-            .map(|(k, c)| C::near_key(k, c))
-            .collect();
-        near.invalidate(C::KIND, keys.iter().map(|k| &k[..]));
-    }
-}
-
 /// `set_many` (as `op`): the rows `rows` checks, written in one statement per shard
 /// and counted unless fail-open mode skipped them (remembering the delete of
 /// `keys`), then evicted from this process's near cache. Shared with the
 /// key/value cache's bytes, whose rows are checked differently.
-pub(crate) fn store_rows<'r, C: Storage + ?Sized + 'r>(
+pub(crate) fn store_rows<'r, C: NearStorage + ?Sized + 'r>(
     cache: &C,
     op: Op,
     ttl: Duration,
@@ -476,7 +320,7 @@ pub(crate) fn store_rows<'r, C: Storage + ?Sized + 'r>(
             if written {
                 engine.record_sets(C::KIND, rows.len() as u64);
             }
-            near_evict_rows::<C>(engine, rows);
+            near::evict_rows::<C>(engine, rows);
             Ok(())
         })?;
         Ok(())
@@ -485,7 +329,7 @@ pub(crate) fn store_rows<'r, C: Storage + ?Sized + 'r>(
 
 /// `delete_many` (as `op`): the keys deleted in one statement per shard, counted
 /// unless fail-open mode skipped them.
-fn delete_keys<C: Storage + ?Sized>(cache: &C, op: Op, keys: &[&C::Key]) -> Result<u64> {
+fn delete_keys<C: NearStorage + ?Sized>(cache: &C, op: Op, keys: &[&C::Key]) -> Result<u64> {
     cache.front().observe(C::KIND, op, |span| {
         let checked = check_keys(cache, keys)?;
         if keys.is_empty() {
@@ -503,31 +347,16 @@ fn delete_keys<C: Storage + ?Sized>(cache: &C, op: Op, keys: &[&C::Key]) -> Resu
             if removed.is_some() {
                 engine.record_deletes(C::KIND, keys.len() as u64);
             }
-            near_evict_keys::<C>(engine, keys, checked);
+            near::evict_keys::<C>(engine, keys, checked);
             Ok(removed.unwrap_or(0))
         })?;
         Ok(parts.into_iter().map(|(_, removed)| removed).sum())
     })
 }
 
-/// Evicts the keys of rows written on a caller's connection from this process's
-/// near caches, each from its shard's.
-fn near_evict_rows_anywhere<C: Storage + ?Sized>(cache: &C, rows: &[C::Row<'_>]) {
-    let cluster = cache.handle().cluster;
-    match cluster.single() {
-        Some(engine) => near_evict_rows::<C>(engine, rows),
-        None => {
-            for row in rows {
-                let engine = cluster.engine_for(|| C::row_route(row));
-                near_evict_rows::<C>(engine, std::slice::from_ref(row));
-            }
-        }
-    }
-}
-
 /// Writes checked rows (distinct keys, in write order) on `conn`, then evicts them
 /// from this process's near cache: `set_many_in`, and the key/value cache's bytes.
-pub(crate) fn write_rows_in<C: Storage + ?Sized>(
+pub(crate) fn write_rows_in<C: NearStorage + ?Sized>(
     cache: &C,
     conn: &mut PgConnection,
     rows: &[C::Row<'_>],
@@ -538,7 +367,7 @@ pub(crate) fn write_rows_in<C: Storage + ?Sized>(
     }
     cache.write(conn, rows, interval)?;
     // Harmless if the caller's transaction rolls back; its commit notifies.
-    near_evict_rows_anywhere(cache, rows);
+    near::evict_rows_anywhere(cache, rows);
     Ok(())
 }
 
@@ -562,7 +391,7 @@ pub(crate) fn caching_off<C: Storage + ?Sized>(cache: &C) -> bool {
 /// connection, so your transaction runs on as it would without the cache.
 ///
 /// Async callers run these inside `tokio::task::spawn_blocking`.
-pub trait Cache: Storage {
+pub trait Cache: NearStorage {
     /// Reads a live entry on `conn`.
     ///
     /// # Errors
@@ -645,7 +474,7 @@ pub trait Cache: Storage {
         let removed = self.remove(conn, keys, &checked)?;
         for (key, checked) in keys.iter().zip(&checked) {
             let engine = self.engine_for(key, checked);
-            near_evict_keys::<Self>(engine, &[key], std::slice::from_ref(checked));
+            near::evict_keys::<Self>(engine, &[key], std::slice::from_ref(checked));
         }
         Ok(removed)
     }
@@ -660,8 +489,8 @@ pub trait Cache: Storage {
         self.front().observe(Self::KIND, Op::Get, |span| {
             let checked = self.check_key(key)?;
             let engine = self.engine_for(key, &checked);
-            let found = match near_of::<Self>(engine) {
-                Some(near) => near_get(self, engine, near, key, &checked)?,
+            let found = match near::near_of::<Self>(engine) {
+                Some(near) => near::get(self, engine, near, key, &checked)?,
                 None => engine.read(Self::KIND, Op::Get, None, |conn| {
                     self.read_one(conn, key, &checked)
                 })?,
@@ -795,4 +624,4 @@ pub trait Cache: Storage {
 }
 
 /// Every table's storage gets the whole [`Cache`] interface.
-impl<T: Storage + ?Sized> Cache for T {}
+impl<T: NearStorage + ?Sized> Cache for T {}

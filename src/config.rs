@@ -65,7 +65,7 @@ impl std::str::FromStr for Durability {
 /// transaction, or each statement outside one, to whichever server connection is
 /// free. Not detected: a pooler passes the server's answers through, and its one
 /// tell (`pg_backend_pid()` changing between transactions) shows only under load.
-/// See the README's "Transaction poolers" section.
+/// See "Transaction poolers" in docs/operations.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Pooler {
@@ -179,7 +179,7 @@ impl Default for PoolSettings {
 }
 
 /// An in-process near cache (L1) for one cache: see
-/// [`CacheConfigBuilder::near_cache`] and the README's "Near cache" section.
+/// [`CacheConfigBuilder::near_cache`] and docs/design/near-cache.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
 pub struct NearCache {
@@ -819,8 +819,8 @@ impl CacheConfigBuilder {
 
     /// An in-process near cache in front of `cache`'s table (`None`: none, the
     /// default): reads of hot keys are answered from memory, kept coherent with every
-    /// writer of the database through triggers and `LISTEN`/`NOTIFY` (see the README's
-    /// "Near cache" section for what is promised).
+    /// writer of the database through triggers and a poller (see docs/design/near-cache.md
+    /// for what is promised).
     pub fn near_cache(self, cache: CacheKind, near: Option<NearCache>) -> Self {
         self.set(&format!("near_cache({})", cache.name()), |c| {
             c.near_caches[cache.index()] = near;
@@ -1385,12 +1385,12 @@ mod tests {
         assert_eq!(unknown_variable("CACHE_TTL_SHORT"), None);
     }
 
-    /// The tables in the README and in `from_vars`'s documentation are written by
-    /// hand: each must name every variable of the list (the bounds once, for all
-    /// caches).
+    /// The tables in docs/reference/configuration.md and in `from_vars`'s
+    /// documentation are written by hand: each must name every variable of the list
+    /// (the bounds once, for all caches).
     #[test]
     fn the_documented_tables_name_every_variable() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../docs/reference/configuration.md");
         let rustdoc: String = include_str!("config.rs")
             .lines()
             .filter(|line| line.trim_start().starts_with("/// | `"))
@@ -1402,7 +1402,7 @@ mod tests {
                 name = name.replace(&prefix, "PGCACHE_<CACHE>_");
             }
             let name = name.replace("CACHE_TTL_", "");
-            for (doc, text) in [("README", readme), ("rustdoc", rustdoc.as_str())] {
+            for (doc, text) in [("configuration.md", readme), ("rustdoc", rustdoc.as_str())] {
                 assert!(
                     text.contains(&name),
                     "{doc} does not name {}",

@@ -265,12 +265,12 @@ impl Batch {
     pub(crate) fn write(&self, conn: &mut PgConnection, tables: &Tables) -> QueryResult<()> {
         conn.transaction(|conn| {
             for &(kind, hits, misses) in &self.totals {
-                diesel::sql_query(format!(
+                diesel::sql_query(crate::relaxed::marked(format!(
                     "INSERT INTO {t} AS c (cache_name, hits, misses) VALUES ($1, $2, $3) \
                      ON CONFLICT (cache_name) DO UPDATE SET hits = c.hits + excluded.hits, \
                      misses = c.misses + excluded.misses, updated_at = statement_timestamp()",
                     t = tables.counters()
-                ))
+                )))
                 .bind::<Text, _>(kind.name())
                 .bind::<BigInt, _>(hits as i64)
                 .bind::<BigInt, _>(misses as i64)
@@ -281,12 +281,12 @@ impl Batch {
                     .iter()
                     .map(|(d, n)| (d.as_bytes().to_vec(), *n as i64))
                     .unzip();
-                diesel::sql_query(format!(
+                diesel::sql_query(crate::relaxed::marked(format!(
                     "UPDATE {table} AS t SET hit_count = t.hit_count + h.n, \
                      last_accessed_at = greatest(t.last_accessed_at, now()) \
                      FROM unnest($1, $2) AS h(key_hash, n) WHERE t.key_hash = h.key_hash",
                     table = tables.of(*kind)
-                ))
+                )))
                 .bind::<Array<Bytea>, _>(digests)
                 .bind::<Array<BigInt>, _>(counts)
                 .execute(conn)?;

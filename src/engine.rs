@@ -37,7 +37,7 @@ pub struct Engine {
     /// With caching disabled, where the caller's connections come from.
     plain: Option<Plain>,
     /// Relaxed durability on the application's pool: each write of pgcache's own
-    /// in a transaction of its own that sets it (see [`crate::pool::relaxed`]).
+    /// marked for a relaxed commit (see [`crate::relaxed`]).
     relaxed_writes: bool,
     counters: Counters,
     latency: LatencyWindow,
@@ -579,15 +579,15 @@ impl Engine {
     }
 
     /// Runs a write of pgcache's own on `conn` with the configured durability: as it
-    /// is on the cache's own pool (its sessions carry the setting), in a relaxed
-    /// transaction of its own on the application's with relaxed durability.
+    /// is on the cache's own pool (its sessions carry the setting), its statements
+    /// marked for a relaxed commit on the application's with relaxed durability.
     fn durable_as_configured<T>(
         &self,
         conn: &mut PgConnection,
         op: impl FnOnce(&mut PgConnection) -> Result<T>,
     ) -> Result<T> {
         if self.relaxed_writes {
-            crate::pool::relaxed(conn, op)
+            crate::relaxed::relaxed(conn, op)
         } else {
             op(conn)
         }

@@ -36,10 +36,11 @@ pub enum Error {
     /// A timeout carries the cause of the last failed connection attempt, if any.
     #[error("cannot get a database connection: {0}")]
     Connection(#[source] ConnectionError),
-    /// A cache table is missing: migrations have not been run into this schema.
-    #[error(
-        "cache table `{table}` does not exist: run `pgcache migrate` (or enable run_migrations)"
-    )]
+    /// A cache table is missing. Named with its schema (`pgcache.cache_entries`, as
+    /// every cache statement names it): migrations have not been run into that
+    /// schema. Named bare (`cache_entries`, from SQL of your own on a connection):
+    /// the cache's schema is not on that connection's search path.
+    #[error("{}", missing_table_message(table))]
     MissingTable {
         /// The missing table, with its schema (`pgcache.cache_entries`): every
         /// cache statement names the cache's schema, so this is the table missing
@@ -60,7 +61,9 @@ pub enum Error {
     /// frozen (stopped processes, a paused machine) and cannot enforce its own
     /// timeout, or the network path to it swallows traffic. Transient.
     #[error(
-        "the database did not answer a statement within {waited_ms} ms; its connection was closed"
+        "the database did not answer a statement within {waited_ms} ms; its connection \
+         was closed: the server is frozen or the network path to it drops traffic \
+         (the limit is PGCACHE_STATEMENT_TIMEOUT_MS, `statement_timeout`, plus 1000 ms)"
     )]
     Unresponsive {
         /// How long the statement went unanswered before it was cut.
@@ -99,7 +102,11 @@ pub enum Error {
         source: Box<Error>,
     },
     /// Waiting for another caller's computation of the same key took too long.
-    #[error("timed out after {waited_ms} ms waiting for another caller to compute the same key")]
+    #[error(
+        "timed out after {waited_ms} ms waiting for another caller to compute the same \
+         key: raise PGCACHE_COMPUTE_WAIT_MS (`compute_wait_timeout`) above the slowest \
+         computation"
+    )]
     ComputeTimeout {
         /// How long this caller waited.
         waited_ms: u64,
@@ -307,6 +314,22 @@ impl Error {
     }
 }
 
+/// What [`Error::MissingTable`] says: a qualified name was not migrated into its
+/// schema; a bare one is not on the connection's search path.
+fn missing_table_message(table: &str) -> String {
+    match table.rsplit_once('.') {
+        Some((schema, _)) => format!(
+            "cache table `{table}` does not exist: the schema `{schema}` is not migrated; \
+             run `pgcache migrate` (or start with PGCACHE_RUN_MIGRATIONS=true)"
+        ),
+        None => format!(
+            "table `{table}` is not on this connection's search path: name it with the \
+             cache's schema (`pgcache.{table}`, PGCACHE_SCHEMA) or add that schema to \
+             the search path"
+        ),
+    }
+}
+
 /// Messages of a lost connection: 57P01 admin shutdown, 57P02 crash shutdown, 57P03
 /// cannot connect now, and libpq's own.
 const CONNECTION_LOST: [&str; 6] = [
@@ -406,9 +429,8 @@ impl From<diesel::result::Error> for Error {
 impl From<diesel::r2d2::PoolError> for Error {
     fn from(error: diesel::r2d2::PoolError) -> Self {
         // libpq's messages span several lines; keep the error to one.
-        let message = error.to_string();
         Error::Connection(ConnectionError::caused_by(
-            message.split_whitespace().collect::<Vec<_>>().join(" "),
+            one_line(&error.to_string()),
             error,
         ))
     }

@@ -28,11 +28,6 @@ pub(crate) struct Descriptor {
     /// SQL for external storage a row holds (`text`, may be NULL), released on
     /// eviction or invalidation.
     pub(crate) external_path: &'static str,
-    /// The columns whose change near caches must hear of (an earlier expiry too):
-    /// a typed table's upsert stamps a live row only when one of them changes. The
-    /// trigger function (`pgcache_near_invalidate` in `migrations/`) compares the
-    /// same ones for other writers. (The key/value cache stamps every update.)
-    pub(crate) near_payload: &'static [&'static str],
 }
 
 /// What a table that counts hits per entry adds to its [`Descriptor`].
@@ -108,7 +103,6 @@ impl CacheKind {
                 payload_bytes:
                     "octet_length(key) + coalesce(pg_column_size(value), pg_column_size(bytes))",
                 external_path: "NULL::text",
-                near_payload: &["value", "bytes"],
             },
             CacheKind::Embedding => &Descriptor {
                 name: "embedding",
@@ -118,7 +112,6 @@ impl CacheKind {
                 hits: None,
                 payload_bytes: "octet_length(embedding)",
                 external_path: "NULL::text",
-                near_payload: &["embedding"],
             },
             CacheKind::VectorSearch => &Descriptor {
                 name: "vector_search",
@@ -128,7 +121,6 @@ impl CacheKind {
                 hits: None,
                 payload_bytes: "pg_column_size(results)",
                 external_path: "NULL::text",
-                near_payload: &["results", "filters", "top_k", "user_id"],
             },
             CacheKind::LlmResponse => &Descriptor {
                 name: "llm_response",
@@ -140,7 +132,6 @@ impl CacheKind {
                 }),
                 payload_bytes: "octet_length(response)",
                 external_path: "NULL::text",
-                near_payload: &["response"],
             },
             CacheKind::AudioChunk => &Descriptor {
                 name: "audio_chunk",
@@ -152,7 +143,6 @@ impl CacheKind {
                 }),
                 payload_bytes: "byte_size",
                 external_path: "storage_path",
-                near_payload: &["audio_data", "storage_path"],
             },
         }
     }

@@ -10,7 +10,7 @@
 //!
 //! ```toml
 //! [dependencies]
-//! pgcache = { path = "../pgcache" }
+//! pgcache = "0.1"
 //! serde_json = "1"
 //! ```
 //!
@@ -78,6 +78,7 @@ mod jsonb;
 mod key;
 mod kind;
 pub mod metrics;
+mod relaxed;
 mod shards;
 mod tables;
 mod validation;
@@ -158,7 +159,30 @@ pub use skipped::MAX_SKIPPED_KEYS;
 pub use table::TypedCache;
 pub use validation::{MAX_EMBEDDING_DIMENSIONS, MAX_KEY_BYTES};
 
-/// Compiles the README's Rust examples as doctests, so they cannot drift from the API.
+/// Compiles the Rust examples of the README and of every page in `docs/` as
+/// doctests, so they cannot drift from the API.
 #[cfg(doctest)]
-#[doc = include_str!("../README.md")]
-struct ReadmeDoctests;
+mod doc_examples {
+    #[doc = include_str!("../README.md")]
+    struct Readme;
+    #[doc = include_str!("../docs/guide.md")]
+    struct Guide;
+    #[doc = include_str!("../docs/operations.md")]
+    struct Operations;
+    #[doc = include_str!("../docs/benchmarks.md")]
+    struct Benchmarks;
+    #[doc = include_str!("../docs/reference/configuration.md")]
+    struct Configuration;
+    #[doc = include_str!("../docs/reference/errors.md")]
+    struct Errors;
+    #[doc = include_str!("../docs/reference/metrics.md")]
+    struct Metrics;
+    #[doc = include_str!("../docs/reference/cli.md")]
+    struct Cli;
+    #[doc = include_str!("../docs/design/near-cache.md")]
+    struct NearCache;
+    #[doc = include_str!("../docs/design/watchdog.md")]
+    struct Watchdog;
+    #[doc = include_str!("../docs/design/single-flight.md")]
+    struct SingleFlight;
+}

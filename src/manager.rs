@@ -43,10 +43,33 @@ pub struct CacheManager {
     _janitors: Arc<Vec<Worker>>,
 }
 
+/// Compact and true: each shard's database (password hidden), the schema, and each
+/// shard's pool as it is now (an application pool given to
+/// [`with_pool`](CacheManager::with_pool) with its own size), e.g.
+/// `CacheManager { databases: ["postgres://app:***@db/app"], schema: "pgcache",
+/// pools: ["default: 1 open of 8 (the application's): 1 idle, 0 parked, 0 in use;
+/// 0 waiting"], .. }`.
 impl fmt::Debug for CacheManager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let config = self.cluster.config();
+        // Each shard's database, as its `Display` shows it: password hidden.
+        let databases: Vec<String> = match config.shards() {
+            [] => vec![config.database_url().to_string()],
+            shards => shards
+                .iter()
+                .map(|s| format!("{}: {}", s.name(), s.database_url()))
+                .collect(),
+        };
+        let pools: Vec<String> = self
+            .cluster
+            .pool_status()
+            .iter()
+            .map(|pool| format!("{}: {pool}", pool.shard))
+            .collect();
         f.debug_struct("CacheManager")
-            .field("cluster", &self.cluster)
+            .field("databases", &databases)
+            .field("schema", &config.schema())
+            .field("pools", &pools)
             .finish_non_exhaustive()
     }
 }
@@ -422,7 +445,8 @@ impl CacheManager {
     /// Every shard's connection pool now, in the shards' order: connections open,
     /// idle, parked for their thread's next operation, and the cache's checkouts
     /// waiting. Read from memory, cheap enough to poll; [`stats`](Self::stats)
-    /// includes it. The README's "Connection budget" says what else a manager opens.
+    /// includes it. "Connection budget" in docs/operations.md says what else a manager
+    /// opens.
     ///
     /// ```no_run
     /// let cache = pgcache::CacheManager::from_env()?;

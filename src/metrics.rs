@@ -19,15 +19,19 @@
 //! | `pgcache_pool_wait_seconds` | histogram | none | seconds | time to check a connection out of the pool (probing a suspect one included), per pooled operation |
 //! | `pgcache_query_duration_seconds` | histogram | `cache`, `op` | seconds | an operation's time on the database path: pool wait, catch-up, the statement, a retry (near-cache hits do not reach it) |
 //! | `pgcache_database_up` | gauge | `shard` | 1 or 0 | 0 while the database (or shard) is known to be down and operations on it fail at once; 1 once it answers again |
+//! | `pgcache_near_cache_lookups_total` | counter | `cache`, `outcome` | reads | near-cache reads: `hit` (answered from memory), `miss` (went to the database), `bypass` (the poller was not current, so the database was asked) |
+//! | `pgcache_near_cache_poll_seconds` | histogram | none | seconds | round trip of each poll of the change log: with the 2 ms poll interval, how far behind the near caches run |
 //!
 //! `shard` is the shard's name, [`DEFAULT_SHARD`](crate::DEFAULT_SHARD) for one
 //! database. `cache` is the cache's name ([`CacheKind::name`]: `kv`, `embedding`, ...). `op`
 //! is the operation: `get`, `get_many`, `set`, `set_many`, `delete`,
 //! `delete_many`, `lease` (single-flight polls), and the key/value cache's own
-//! (`exists`, `ttl`, `touch`, `get_touch`, `incr` (`decr` too), `set_nx`,
-//! `get_del`, `delete_prefix`, `clear`, `find_containing`), `report` (popularity reports) and `evict`. Operations
-//! on a caller's connection (the `*_in` methods) are not counted: they run in the
-//! caller's transaction, outside the pool.
+//! (`exists`, `ttl`, `touch`, `get_touch`, `incr`, `decr`, `set_nx`,
+//! `get_del`, `delete_prefix`, `clear`, `find_containing`), `report` (popularity reports) and `evict`.
+//! `incr`, `decr`, `set_nx`, `get_del` and `get_touch` are counted under their own
+//! `op` only, never in `pgcache_sets_total`, `pgcache_deletes_total` or the lookups.
+//! Operations on a caller's connection (the `*_in` methods) are not counted: they
+//! run in the caller's transaction, outside the pool.
 //!
 //! Call [`describe`] once after installing a recorder to give the exporter each
 //! metric's unit and description.
@@ -64,6 +68,33 @@ pub const POOL_WAIT: &str = "pgcache_pool_wait_seconds";
 pub const QUERY_DURATION: &str = "pgcache_query_duration_seconds";
 /// Whether a database (shard) answers.
 pub const DATABASE_UP: &str = "pgcache_database_up";
+/// Near-cache reads, by outcome.
+pub const NEAR_CACHE_LOOKUPS: &str = "pgcache_near_cache_lookups_total";
+/// Round trip of a near-cache poll.
+pub const NEAR_CACHE_POLL: &str = "pgcache_near_cache_poll_seconds";
+
+/// Every metric pgcache records, for tooling that checks a dashboard or alert
+/// against them.
+pub const ALL: [&str; 14] = [
+    HITS,
+    MISSES,
+    SETS,
+    DELETES,
+    ERRORS,
+    FAIL_OPEN,
+    EVICTIONS,
+    CLEANUP_REMOVED,
+    SINGLE_FLIGHT_WAITS,
+    POOL_WAIT,
+    QUERY_DURATION,
+    DATABASE_UP,
+    NEAR_CACHE_LOOKUPS,
+    NEAR_CACHE_POLL,
+];
+
+/// The target of pgcache's spans and of its metrics' metadata: what
+/// `RUST_LOG=pgcache=trace` selects.
+pub const TARGET: &str = "pgcache";
 
 /// Label naming the cache.
 const CACHE: &str = "cache";
@@ -105,6 +136,16 @@ pub fn describe() {
         DATABASE_UP,
         Unit::Count,
         "1 while the database (shard) answers, 0 while it is known to be down"
+    );
+    describe_counter!(
+        NEAR_CACHE_LOOKUPS,
+        Unit::Count,
+        "Near-cache reads by outcome: hit, miss or bypass"
+    );
+    describe_histogram!(
+        NEAR_CACHE_POLL,
+        Unit::Seconds,
+        "Round trip of a poll of the near caches' change log"
     );
     describe_histogram!(
         QUERY_DURATION,
@@ -148,6 +189,7 @@ ops! {
     Touch = "touch",
     GetTouch = "get_touch",
     Incr = "incr",
+    Decr = "decr",
     SetNx = "set_nx",
     GetDel = "get_del",
     DeletePrefix = "delete_prefix",
@@ -165,6 +207,8 @@ struct Keys {
     misses: [Key; CacheKind::COUNT],
     sets: [Key; CacheKind::COUNT],
     deletes: [Key; CacheKind::COUNT],
+    /// Per cache, by [`NearOutcome`].
+    near: [[Key; 3]; CacheKind::COUNT],
     /// Indexed by `kind.index() * Op::ALL.len() + op`.
     duration: Vec<Key>,
 }
@@ -178,6 +222,17 @@ static KEYS: LazyLock<Keys> = LazyLock::new(|| {
         misses: per_cache(MISSES),
         sets: per_cache(SETS),
         deletes: per_cache(DELETES),
+        near: CacheKind::ALL.map(|kind| {
+            NearOutcome::ALL.map(|outcome| {
+                Key::from_parts(
+                    NEAR_CACHE_LOOKUPS,
+                    vec![
+                        Label::new(CACHE, kind.name()),
+                        Label::new("outcome", outcome.name()),
+                    ],
+                )
+            })
+        }),
         duration: CacheKind::ALL
             .into_iter()
             .flat_map(|kind| {
@@ -194,8 +249,7 @@ static KEYS: LazyLock<Keys> = LazyLock::new(|| {
 
 static POOL_WAIT_KEY: Key = Key::from_static_name(POOL_WAIT);
 
-static METADATA: Metadata<'static> =
-    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+static METADATA: Metadata<'static> = Metadata::new(TARGET, Level::INFO, Some(module_path!()));
 
 fn count(key: &Key, n: u64) {
     if n > 0 {
@@ -259,6 +313,38 @@ pub(crate) fn cleaned(kind: CacheKind, expired: u64, evicted: u64) {
     evictions(kind, evicted);
 }
 
+/// How a near-cache read ended: the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NearOutcome {
+    /// Answered from memory.
+    Hit,
+    /// Not held: the database was asked.
+    Miss,
+    /// The poller was not current: the database was asked.
+    Bypass,
+}
+
+impl NearOutcome {
+    const ALL: [NearOutcome; 3] = [NearOutcome::Hit, NearOutcome::Miss, NearOutcome::Bypass];
+
+    fn name(self) -> &'static str {
+        match self {
+            NearOutcome::Hit => "hit",
+            NearOutcome::Miss => "miss",
+            NearOutcome::Bypass => "bypass",
+        }
+    }
+}
+
+/// A near-cache read (the near cache's hot path: its keys are built once).
+pub(crate) fn near_cache_lookup(kind: CacheKind, outcome: NearOutcome) {
+    count(&KEYS.near[kind.index()][outcome as usize], 1);
+}
+
+pub(crate) fn near_cache_poll(elapsed: Duration) {
+    ::metrics::histogram!(NEAR_CACHE_POLL).record(elapsed.as_secs_f64());
+}
+
 pub(crate) fn evictions(kind: CacheKind, rows: u64) {
     if rows > 0 {
         ::metrics::counter!(EVICTIONS, CACHE => kind.name()).increment(rows);
@@ -271,6 +357,7 @@ pub(crate) fn evictions(kind: CacheKind, rows: u64) {
 /// up, entries written or keys deleted). Disabled, it costs a level check.
 pub(crate) fn operation_span(kind: CacheKind, op: Op) -> tracing::Span {
     tracing::trace_span!(
+        target: TARGET,
         "pgcache",
         cache = kind.name(),
         op = op.name(),

@@ -13,6 +13,7 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use crate::config::CacheConfig;
 use crate::error::{Error, MigrationError, Result};
 use crate::kind::CacheKind;
+use crate::near::protocol;
 use crate::pool::quote_ident;
 use crate::tables::Tables;
 
@@ -358,25 +359,6 @@ pub(crate) fn set_logged(conn: &mut PgConnection, tables: &Tables, logged: bool)
     })
 }
 
-/// The statements creating `kind`'s near-cache invalidation triggers on `relation`
-/// (its table or one of the table's leaf partitions). The update trigger skips the
-/// statements of connections that stamp their own changes ([`STAMPING_SETTING`]).
-fn near_triggers_sql(kind: CacheKind, relation: &str) -> String {
-    // Names come from the closed descriptors and the catalog, never from input.
-    format!(
-        "CREATE TRIGGER pgcache_near_update AFTER UPDATE ON {relation} \
-           REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows \
-           FOR EACH STATEMENT WHEN (current_setting('{STAMPING_SETTING}', true) IS DISTINCT FROM 'on') \
-           EXECUTE FUNCTION pgcache_near_invalidate('{name}'); \
-         CREATE TRIGGER pgcache_near_delete AFTER DELETE ON {relation} \
-           REFERENCING OLD TABLE AS old_rows \
-           FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate('{name}'); \
-         CREATE TRIGGER pgcache_near_truncate AFTER TRUNCATE ON {relation} \
-           FOR EACH STATEMENT EXECUTE FUNCTION pgcache_near_invalidate('{name}');",
-        name = kind.descriptor().name
-    )
-}
-
 /// The tables that carry `kind`'s near-cache triggers: its table and, when it is
 /// partitioned, every leaf partition. PostgreSQL fires a statement-level trigger
 /// only for the table a statement names: a statement naming the partitioned table
@@ -397,9 +379,9 @@ fn near_trigger_tables(conn: &mut PgConnection, kind: CacheKind) -> QueryResult<
 }
 
 /// Creates `kind`'s near-cache triggers on `tables` (from [`near_trigger_tables`],
-/// the table first), replacing those there. Run it in a transaction: `CREATE
-/// TRIGGER` waits for writes in flight, so every write that commits afterwards is
-/// logged.
+/// the table first), replacing those there, as the protocol writes them
+/// ([`protocol::create_triggers_sql`]). Run it in a transaction: `CREATE TRIGGER`
+/// waits for writes in flight, so every write that commits afterwards is logged.
 fn create_near_triggers(
     conn: &mut PgConnection,
     kind: CacheKind,
@@ -407,14 +389,7 @@ fn create_near_triggers(
 ) -> QueryResult<()> {
     let sql: String = tables
         .iter()
-        .map(|t| {
-            format!(
-                "DROP TRIGGER IF EXISTS pgcache_near_update ON {t}; \
-                 DROP TRIGGER IF EXISTS pgcache_near_delete ON {t}; \
-                 DROP TRIGGER IF EXISTS pgcache_near_truncate ON {t}; {}",
-                near_triggers_sql(kind, t)
-            )
-        })
+        .map(|t| protocol::create_triggers_sql(kind, t))
         .collect();
     conn.batch_execute(&sql)
 }
@@ -427,88 +402,8 @@ pub(crate) fn install_near_triggers(conn: &mut PgConnection, kind: CacheKind) ->
     create_near_triggers(conn, kind, &tables)
 }
 
-/// [`STAMPING_SETTING`] as a literal, for statements written with `concat!`.
-macro_rules! stamping_setting {
-    () => {
-        "pgcache.stamps_changes"
-    };
-}
-
-/// The session setting with which a connection says that it stamps the rows its
-/// updates change with its transaction id (`changed_xid`, read by the pollers next
-/// to `cache_changes`), so the update triggers, which cost a quarter of a relaxed
-/// write, need not log them: set on the cache's own pooled connections when a near
-/// cache is configured. The stamp and the triggers' `WHEN` read this one setting,
-/// so an update is logged by exactly one of them. Every update pgcache makes on
-/// such a connection that can change what a near cache holds (a payload, an
-/// earlier expiry) must therefore carry a [`change_stamp!`]; updates that cannot
-/// (hit counts) need none.
-pub(crate) const STAMPING_SETTING: &str = stamping_setting!();
-
-/// The stamp's SQL in pieces: the `SET` item up to its condition ...
-macro_rules! stamp_when {
-    () => {
-        concat!(
-            "changed_xid = CASE WHEN current_setting('",
-            $crate::migrations::stamping_setting!(),
-            "', true) = 'on' AND ("
-        )
-    };
-}
-
-/// ... from its condition to the table's name or alias ...
-macro_rules! stamp_then {
-    () => {
-        ") THEN pg_current_xact_id()::text::int8 ELSE "
-    };
-}
-
-/// ... and after the table's name or alias.
-macro_rules! stamp_end {
-    () => {
-        ".changed_xid END"
-    };
-}
-
-/// [`change_stamp!`]'s pieces, for statements built at run time.
-pub(crate) const STAMP_WHEN: &str = stamp_when!();
-/// See [`STAMP_WHEN`].
-pub(crate) const STAMP_THEN: &str = stamp_then!();
-/// See [`STAMP_WHEN`].
-pub(crate) const STAMP_END: &str = stamp_end!();
-
-/// The `SET` item stamping the row an update changes (`$table`: the name or alias
-/// the statement gives the table) when the connection stamps and `$changed` (SQL,
-/// true when the update changes what a near cache may hold) holds. Otherwise the
-/// stamp is kept: one no poller has read yet must survive a later update the trigger
-/// does not log (the same value again), or the change it stands for would be lost.
-/// A row never stamped stays NULL, out of the partial index, so a database without
-/// near caches pays nothing; an insert leaves it NULL (no near cache holds a key
-/// that had no row).
-macro_rules! change_stamp {
-    ($table:literal, $changed:literal) => {
-        concat!(
-            $crate::migrations::stamp_when!(),
-            $changed,
-            $crate::migrations::stamp_then!(),
-            $table,
-            $crate::migrations::stamp_end!()
-        )
-    };
-}
-pub(crate) use {change_stamp, stamp_end, stamp_then, stamp_when, stamping_setting};
-
-/// Whether the cache's own connections stamp their changes (a near cache is
-/// configured). Never through a transaction pooler: the setting would stay on a
-/// server connection another client then uses, whose updates would skip the
-/// trigger and reach no poller (stale near caches, no error); there the triggers
-/// log pgcache's updates too.
-pub(crate) fn stamps_changes(config: &crate::config::CacheConfig) -> bool {
-    !config.sessionless()
-        && CacheKind::ALL
-            .iter()
-            .any(|&kind| config.near_cache(kind).is_some())
-}
+// The pool turns stamping on by these names.
+pub(crate) use protocol::{stamps_changes, STAMPING_SETTING};
 
 /// Installs the near-cache invalidation triggers on the tables of `kinds` (and on
 /// each leaf partition, see [`near_trigger_tables`]) that lack them, under the
@@ -528,21 +423,11 @@ pub(crate) fn ensure_near_triggers(
     locked(conn, lock, |conn| {
         kinds.into_iter().try_for_each(|kind| {
             let tables = near_trigger_tables(conn, kind)?;
-            // The tables without all three, or without the update trigger's `WHEN`
-            // on the current setting (one installed by an earlier version has none,
-            // or another setting's: replaced). In the order given: the partitioned
-            // table before its partitions, as writers lock them.
-            let lacking: Vec<Lacking> = diesel::sql_query(
-                "SELECT t.name FROM unnest($1::text[]) WITH ORDINALITY AS t(name, n) \
-                 WHERE (SELECT count(*) FROM pg_trigger g \
-                        WHERE g.tgrelid = t.name::regclass \
-                          AND g.tgname IN ('pgcache_near_update', 'pgcache_near_delete', 'pgcache_near_truncate') \
-                          AND (g.tgname <> 'pgcache_near_update' OR strpos(pg_get_triggerdef(g.oid), $2) > 0)) <> 3 \
-                 ORDER BY t.n",
-            )
-            .bind::<Array<Text>, _>(&tables)
-            .bind::<Text, _>(format!("'{STAMPING_SETTING}'"))
-            .load(conn)?;
+            // The tables whose triggers are not the protocol's (replaced).
+            let lacking: Vec<Lacking> = diesel::sql_query(protocol::LACKING_TRIGGERS_SQL)
+                .bind::<Array<Text>, _>(&tables)
+                .bind::<Text, _>(protocol::setting_in_trigger())
+                .load(conn)?;
             if lacking.is_empty() {
                 return Ok(());
             }

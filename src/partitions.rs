@@ -10,7 +10,7 @@
 
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
-use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel::sql_types::{BigInt, Bool, Nullable, Text};
 use diesel::{Connection, QueryResult, QueryableByName, RunQueryDsl};
 
 use crate::error::{Error, Result};
@@ -178,6 +178,8 @@ fn convert(
         rename_indexes: String,
         #[diesel(sql_type = BigInt)]
         near_triggers: i64,
+        #[diesel(sql_type = Bool)]
+        relaxed_commit_trigger: bool,
     }
     let descriptor = cache.descriptor();
     let schema = lock.schema();
@@ -201,7 +203,9 @@ fn convert(
                    JOIN pg_namespace n ON n.oid = i.relnamespace \
                  WHERE x.indrelid = c.oid), '') AS rename_indexes, \
                (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = c.oid \
-                 AND t.tgname LIKE 'pgcache_near_%') AS near_triggers \
+                 AND t.tgname LIKE 'pgcache_near_%') AS near_triggers, \
+               EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = c.oid \
+                 AND t.tgname = 'pgcache_relaxed_commit') AS relaxed_commit_trigger \
              FROM pg_class c WHERE c.oid = $1::regclass",
         )
         .bind::<Text, _>(&table)
@@ -225,6 +229,12 @@ fn convert(
         sql.push_str(&format!(
             " INSERT INTO {table} SELECT * FROM {old}; DROP TABLE {old};"
         ));
+        if shape.relaxed_commit_trigger {
+            // On the new table only: pgcache's writes name the table, never a
+            // partition.
+            sql.push_str(&crate::relaxed::TRIGGER.replace("{table}", &table).replace("{schema}", &quote_ident(schema)));
+            sql.push(';');
+        }
         conn.batch_execute(&sql)?;
         if shape.near_triggers > 0 {
             // On the new table and each partition: a statement naming a partition

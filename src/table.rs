@@ -23,7 +23,7 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, Bytea, Untyped};
 use diesel::{OptionalExtension, QueryResult, QueryableByName, RunQueryDsl};
 
-use crate::cache::{Handle, NearRead, Storage};
+use crate::cache::{Handle, NearRead, NearStorage, Storage};
 use crate::caches::common::{delete_digests, write_batches, UnnestUpsert, UpsertColumns};
 use crate::cluster::Cluster;
 use crate::error::Result;
@@ -278,7 +278,7 @@ impl DigestParam for Vec<&[u8]> {
 impl<T: TypedTable, D: DigestParam> QueryFragment<Pg> for LiveRows<'_, T, D> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         out.push_sql("SELECT * FROM ");
-        out.push_sql(self.name);
+        crate::relaxed::push_table(&mut out, self.name);
         out.push_sql(" WHERE key_hash");
         self.digests.walk(&mut out)?;
         out.push_sql(" AND expires_at > statement_timestamp()");
@@ -402,7 +402,10 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
     ) -> Result<u64> {
         Ok(delete_digests(conn, self.table(), digests)?)
     }
+}
 
+/// A typed table's near cache keeps its entries as they are, under their digests.
+impl<T: TypedTable> NearStorage for TypedCache<'_, T> {
     fn near_key(_key: &T::Key, digest: &KeyDigest) -> NearKey {
         digest.as_bytes().as_slice().into()
     }

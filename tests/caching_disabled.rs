@@ -216,7 +216,7 @@ fn with_caching_disabled_a_standalone_manager_hands_out_a_plain_connection() {
     drop((a, b));
 }
 
-/// The README's "Cache writes inside your transaction" example, verbatim but for
+/// The guide's "Cache writes inside your transaction" example, verbatim but for
 /// how the manager is made.
 fn readme_transaction_example(cache: &CacheManager) -> Result<(), pgcache::Error> {
     use diesel::Connection;

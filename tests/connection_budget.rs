@@ -181,3 +181,27 @@ fn pool_status_with_caching_disabled_counts_the_plain_connections() {
     drop(conn);
     assert_eq!(only(&cache).idle, 1);
 }
+
+#[test]
+fn a_managers_debug_is_one_line_showing_the_apps_pool_as_it_is() {
+    let db = TestDb::new();
+    let app_pool = Pool::builder()
+        .max_size(5)
+        .min_idle(Some(0))
+        .build(ConnectionManager::<PgConnection>::new(database_url()))
+        .unwrap();
+    let cache = CacheManager::with_pool(app_pool, db.config().build().unwrap()).unwrap();
+    let debug = format!("{cache:?}");
+    assert!(!debug.contains('\n'), "{debug}");
+    assert!(debug.len() < 400, "compact: {debug}");
+    assert!(debug.contains("of 5 (the application's)"), "{debug}");
+    assert!(
+        !debug.contains("of 20"),
+        "not the default pool size: {debug}"
+    );
+    assert!(debug.contains(&db.schema), "{debug}");
+    // The cache's own pool, with its configured size.
+    let own = TestDb::with(|b| b.pool_max_size(7));
+    let debug = format!("{:?}", own.cache);
+    assert!(debug.contains("of 7 (own)"), "{debug}");
+}

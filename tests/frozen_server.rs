@@ -350,7 +350,7 @@ fn a_frozen_server_delays_each_call_by_the_documented_bound_whatever_the_pool_si
     // Every connection open and idle in the pool when the server freezes.
     fill_pool(&db.cache, pool as usize);
     fill_pool(&lenient, pool as usize);
-    // The README's bound for one call, and room for a busy machine.
+    // The documented bound for one call (docs/operations.md), and room for a busy machine.
     let bound = connection_timeout + statement_timeout + MARGIN;
     let allowed = bound + bound / 4;
 

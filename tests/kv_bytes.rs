@@ -201,7 +201,7 @@ fn bad_keys_and_ttls_are_rejected_before_anything_is_stored() {
     assert_eq!(db.count("SELECT count(*) AS n FROM cache_entries"), 0);
 }
 
-/// What JSONB does to JSON text (documented in the README, "Values: JSON or
+/// What JSONB does to JSON text (documented in docs/guide.md, "Values: JSON or
 /// bytes"), and that bytes keep it as written.
 #[test]
 fn jsonb_normalises_json_text_and_bytes_keep_it_exactly() {

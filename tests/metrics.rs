@@ -12,8 +12,8 @@ use common::TestDb;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use metrics_util::MetricKind;
 use pgcache::metrics::{
-    CLEANUP_REMOVED, DATABASE_UP, DELETES, ERRORS, FAIL_OPEN, HITS, MISSES, POOL_WAIT,
-    QUERY_DURATION, SETS,
+    CLEANUP_REMOVED, DATABASE_UP, DELETES, ERRORS, FAIL_OPEN, HITS, MISSES, NEAR_CACHE_LOOKUPS,
+    NEAR_CACHE_POLL, POOL_WAIT, QUERY_DURATION, SETS,
 };
 use pgcache::{Cache, CacheConfig, CacheKind, CacheManager};
 use serde_json::json;
@@ -228,35 +228,57 @@ fn cleanup_counts_the_expired_rows_it_removes() {
 }
 
 #[test]
-fn redis_style_operations_are_timed_and_counted() {
+fn redis_style_operations_are_counted_under_their_own_op_never_as_sets() {
     let db = TestDb::new();
     let recorder = DebuggingRecorder::new();
     metrics::with_local_recorder(&recorder, || {
         let kv = db.cache.kv();
         kv.incr("n", 1, Duration::from_secs(60)).unwrap();
+        kv.decr("n", 3, Duration::from_secs(60)).unwrap();
         assert!(kv
             .set_nx("lock", &json!(1), Duration::from_secs(60))
             .unwrap());
         assert!(!kv
             .set_nx("lock", &json!(2), Duration::from_secs(60))
             .unwrap());
+        assert_eq!(
+            kv.get_touch("lock", Duration::from_secs(60)).unwrap(),
+            Some(json!(1))
+        );
         assert_eq!(kv.get_del("lock").unwrap(), Some(json!(1)));
         kv.set_bytes("raw", b"x", Duration::from_secs(60)).unwrap();
         assert!(kv.incr("raw", 1, Duration::from_secs(60)).is_err());
     });
     let seen = Seen::of(&recorder);
-    for op in ["incr", "set_nx", "get_del"] {
-        assert!(
-            seen.samples(QUERY_DURATION, &[("cache", "kv"), ("op", op)]) >= 1,
-            "{op} timed"
+    let kv = [("cache", "kv")];
+    for (op, calls) in [
+        ("incr", 2),
+        ("decr", 1),
+        ("set_nx", 2),
+        ("get_touch", 1),
+        ("get_del", 1),
+    ] {
+        assert_eq!(
+            seen.samples(QUERY_DURATION, &[("cache", "kv"), ("op", op)]),
+            calls,
+            "{op} timed under its own label"
         );
     }
-    // The increment and the first set_nx stored; the second did not.
+    for op in ["set", "get", "delete"] {
+        assert_eq!(
+            seen.samples(QUERY_DURATION, &[("cache", "kv"), ("op", op)]),
+            0,
+            "nothing timed as {op}"
+        );
+    }
+    assert_eq!(seen.counter(SETS, &kv), 1, "set_bytes alone is a set");
+    assert_eq!(seen.counter(DELETES, &kv), 0, "get_del is not a delete");
     assert_eq!(
-        seen.counter(SETS, &[("cache", "kv")]),
-        3,
-        "incr, set_nx, set_bytes"
+        (seen.counter(HITS, &kv), seen.counter(MISSES, &kv)),
+        (0, 0),
+        "get_touch and get_del are not lookups"
     );
+    assert_eq!(db.cache.counters().cache(CacheKind::Kv).sets, 1);
     assert_eq!(
         seen.counter(
             ERRORS,
@@ -339,4 +361,156 @@ fn the_database_up_gauge_reads_one_once_the_database_is_back_without_any_call() 
     }
     eprintln!("up again {:?} after the server was back", started.elapsed());
     assert_eq!(cache.kv().get("k").unwrap(), Some(json!(1)));
+}
+
+#[test]
+fn near_cache_reads_are_counted_by_outcome_and_polls_timed() {
+    let snapshotter = global();
+    let db = TestDb::with(|b| b.near_cache(CacheKind::Kv, Some(pgcache::NearCache::new())));
+    let recorder = DebuggingRecorder::new();
+    metrics::with_local_recorder(&recorder, || {
+        let kv = db.cache.kv();
+        kv.set("hot", &json!(1)).unwrap();
+        // The first read fills the near cache, the second is answered by it.
+        assert_eq!(kv.get("hot").unwrap(), Some(json!(1)));
+        assert_eq!(kv.get("hot").unwrap(), Some(json!(1)));
+    });
+    let seen = Seen::of(&recorder);
+    let outcome = |o| seen.counter(NEAR_CACHE_LOOKUPS, &[("cache", "kv"), ("outcome", o)]);
+    assert_eq!(outcome("hit") + outcome("miss") + outcome("bypass"), 2);
+    assert!(outcome("hit") >= 1, "the second read is a near-cache hit");
+    // The poller runs on a thread of its own: the process-wide recorder sees it.
+    let started = std::time::Instant::now();
+    while Seen::from(snapshotter).samples(NEAR_CACHE_POLL, &[]) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "no poll timed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Every span a subscriber was asked to open: target, name and the `op` field.
+#[derive(Default)]
+struct Spans(std::sync::Mutex<Vec<(String, String, String)>>);
+
+impl tracing::Subscriber for Spans {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        struct Op(String);
+        impl tracing::field::Visit for Op {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "op" {
+                    self.0 = format!("{value:?}").trim_matches('"').to_owned();
+                }
+            }
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                if field.name() == "op" {
+                    self.0 = value.to_owned();
+                }
+            }
+        }
+        let mut op = Op(String::new());
+        span.record(&mut op);
+        let mut spans = self.0.lock().unwrap();
+        let meta = span.metadata();
+        spans.push((meta.target().to_owned(), meta.name().to_owned(), op.0));
+        tracing::span::Id::from_u64(spans.len() as u64)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn operation_spans_have_the_target_pgcache_and_their_own_op() {
+    let db = TestDb::new();
+    let spans = std::sync::Arc::new(Spans::default());
+    tracing::subscriber::with_default(spans.clone(), || {
+        let kv = db.cache.kv();
+        kv.set("k", &json!(1)).unwrap();
+        kv.get("k").unwrap();
+        kv.incr("n", 1, Duration::from_secs(60)).unwrap();
+        kv.decr("n", 1, Duration::from_secs(60)).unwrap();
+    });
+    let spans = spans.0.lock().unwrap();
+    let ops: Vec<&str> = spans
+        .iter()
+        .filter(|(_, name, _)| name == "pgcache")
+        .map(|(target, _, op)| {
+            assert_eq!(target, pgcache::metrics::TARGET, "span of {op}");
+            op.as_str()
+        })
+        .collect();
+    assert_eq!(ops, ["set", "get", "incr", "decr"]);
+    assert_eq!(pgcache::metrics::TARGET, "pgcache");
+}
+
+/// The metric names a Prometheus query uses: `pgcache_...`, without the suffixes
+/// the exporter adds to a histogram's series.
+fn queried_metrics(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("pgcache_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let name = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        names.push(name.to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn every_metric_the_grafana_dashboard_queries_is_one_pgcache_records() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/grafana/pgcache.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    fn walk<'a>(value: &'a serde_json::Value, exprs: &mut Vec<&'a str>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, v) in map {
+                    match (key.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => exprs.push(e),
+                        _ => walk(v, exprs),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, exprs)),
+            _ => {}
+        }
+    }
+    walk(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 6, "the dashboard's panels query metrics");
+    let mut queried: Vec<String> = exprs.iter().flat_map(|e| queried_metrics(e)).collect();
+    queried.sort();
+    queried.dedup();
+    for name in &queried {
+        assert!(
+            pgcache::metrics::ALL.contains(&name.as_str()),
+            "the dashboard queries `{name}`, which pgcache does not record"
+        );
+    }
+    for wanted in [
+        HITS,
+        QUERY_DURATION,
+        NEAR_CACHE_LOOKUPS,
+        NEAR_CACHE_POLL,
+        POOL_WAIT,
+        DATABASE_UP,
+        CLEANUP_REMOVED,
+    ] {
+        assert!(
+            queried.iter().any(|q| q == wanted),
+            "no panel shows {wanted}"
+        );
+    }
 }

@@ -741,3 +741,43 @@ fn entries_never_outlive_their_expiry_when_poll_replies_come_late() {
         "the reads came from the near cache"
     );
 }
+
+#[test]
+fn an_idle_manager_polls_at_most_three_times_per_bound() {
+    let db = near_db();
+    wait_current(&db.cache);
+    // Past the backoff from 2 ms to its slowest, a third of the bound.
+    std::thread::sleep(BOUND);
+    let before = near_support::kv_stats(&db.cache).polls;
+    let span = 20 * BOUND;
+    std::thread::sleep(span);
+    let polls = near_support::kv_stats(&db.cache).polls - before;
+    // Three polls per bound while idle (60 here), doubled for slack; a poller that
+    // did not back off would make a thousand.
+    assert!(polls <= 2 * 3 * 20, "{polls} polls in {span:?} of idling");
+    assert!(polls > 0, "an idle poller polls all the same");
+    // And it keeps the near cache current: entries are still served from memory.
+    db.cache.kv().set("k", &json!(1)).unwrap();
+    assert_held(&db.cache, CacheKind::Kv, 1, || {
+        db.cache.kv().get("k").unwrap();
+    });
+}
+
+#[test]
+fn the_first_change_after_idling_is_seen_within_the_bound() {
+    let (db, other) = two_managers();
+    db.cache.kv().set("k", &json!("old")).unwrap();
+    assert_held(&other, CacheKind::Kv, 1, || {
+        assert_eq!(other.kv().get("k").unwrap(), Some(json!("old")));
+    });
+    // Both pollers idle at their slowest.
+    std::thread::sleep(4 * BOUND);
+    let invalidated = near_support::kv_stats(&other).invalidations;
+    let written = Instant::now();
+    db.cache.kv().set("k", &json!("new")).unwrap();
+    std::thread::sleep(BOUND);
+    assert_eq!(other.kv().get("k").unwrap(), Some(json!("new")));
+    // Read by the idle poller, not only hidden by the bound.
+    wait_polled_since(&other, CacheKind::Kv, written);
+    assert!(near_support::kv_stats(&other).invalidations > invalidated);
+}

@@ -336,7 +336,7 @@ fn a_refused_connection_does_not_end_the_wait_while_the_pool_has_connections_out
 }
 
 /// How often the cache tries the database again while it is known to be down
-/// (README: every 500 ms).
+/// (docs/operations.md: every 500 ms).
 const OUTAGE_RETRY: Duration = Duration::from_millis(500);
 
 /// Room for a connection attempt and its test query on a busy machine.

@@ -122,7 +122,7 @@ fn partitioning_keeps_the_rows_and_runs_again_safely() {
 }
 
 /// Partitioning moves every row in one statement per table: with the tables the
-/// README sells partitions for, far longer than an ordinary statement timeout, which
+/// scaling docs sell partitions for, far longer than an ordinary statement timeout, which
 /// must not cut it (the migration timeout, 10 minutes by default, applies).
 #[test]
 fn partitioning_a_million_rows_is_not_cut_by_the_statement_timeout() {

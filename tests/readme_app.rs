@@ -1,6 +1,6 @@
-//! The README's "Inside an existing Diesel application" and "Cache writes inside
+//! The guide's "Inside an existing Diesel application" and "Cache writes inside
 //! your transaction" examples, run as they are written (their visible lines are
-//! checked against the README) on an application's database: its tables in
+//! checked against docs/guide.md) on an application's database: its tables in
 //! `public`, its pool's connections fresh and on the server's default search path,
 //! the cache in a schema of its own; with caching on and off.
 
@@ -15,7 +15,7 @@ diesel::table! { users (id) { id -> Integer, name -> Text } }
 
 type AnyError = Box<dyn std::error::Error>;
 
-/// The README's "Inside an existing Diesel application" example; returns the
+/// The guide's "Inside an existing Diesel application" example; returns the
 /// manager and the application's pool for the checks after it.
 fn inside_an_existing_diesel_application(
     config: CacheConfig,
@@ -26,7 +26,7 @@ fn inside_an_existing_diesel_application(
     ),
     AnyError,
 > {
-    // README begin
+    // guide begin
     use diesel::prelude::*;
     use diesel::r2d2::{ConnectionManager, Pool};
     use pgcache::{Cache, CacheConfig, CacheManager};
@@ -49,15 +49,15 @@ fn inside_an_existing_diesel_application(
         cache.kv().delete_in(conn, "user:42:profile:v2")?;
         Ok::<_, pgcache::Error>(())
     })?;
-    // README end
-    // (`CacheConfig` is the README's hidden set-up line's.)
+    // guide end
+    // (`CacheConfig` is the guide's hidden set-up line's.)
     let _ = CacheConfig::builder;
     Ok((cache, app_pool))
 }
 
-/// The README's "Cache writes inside your transaction" example.
+/// The guide's "Cache writes inside your transaction" example.
 fn cache_writes_inside_your_transaction(cache: &CacheManager) -> Result<(), pgcache::Error> {
-    // README begin
+    // guide begin
     use diesel::prelude::*;
     use pgcache::Cache;
     let mut conn = cache.connection()?;
@@ -68,7 +68,7 @@ fn cache_writes_inside_your_transaction(cache: &CacheManager) -> Result<(), pgca
         cache.kv().delete_in(conn, "user:42:profile:v2")?;
         Ok::<_, pgcache::Error>(())
     })?;
-    // README end
+    // guide end
     Ok(())
 }
 
@@ -171,12 +171,12 @@ fn the_readme_examples_run_on_an_application_pool_with_caching_off() {
     assert_eq!(user_42(&db), "Ada");
 }
 
-/// The visible lines of the README's Rust block under `heading` (hidden `# `
-/// lines left out), and the `n`th block between `// README begin` and
-/// `// README end` in this file, without their indentation.
+/// The visible lines of the guide's Rust block under `heading` (hidden `# `
+/// lines left out), and the `n`th block between `// guide begin` and
+/// `// guide end` in this file, without their indentation.
 fn blocks(heading: &str, n: usize) -> (Vec<String>, Vec<String>) {
-    let readme = include_str!("../README.md");
-    let section = &readme[readme.find(heading).expect("heading in the README")..];
+    let readme = include_str!("../docs/guide.md");
+    let section = &readme[readme.find(heading).expect("heading in docs/guide.md")..];
     let code = &section[section.find("```rust").unwrap()..];
     let code = &code[code.find('\n').unwrap() + 1..];
     let code = &code[..code.find("```").unwrap()];
@@ -186,8 +186,8 @@ fn blocks(heading: &str, n: usize) -> (Vec<String>, Vec<String>) {
         .map(|l| l.trim().to_owned())
         .collect();
     let this = include_str!("readme_app.rs");
-    let body = this.split("// README begin").nth(n + 1).unwrap();
-    let body = &body[..body.find("// README end").unwrap()];
+    let body = this.split("// guide begin").nth(n + 1).unwrap();
+    let body = &body[..body.find("// guide end").unwrap()];
     let ours: Vec<String> = body
         .lines()
         .map(|l| l.trim().to_owned())
@@ -203,9 +203,9 @@ fn blocks(heading: &str, n: usize) -> (Vec<String>, Vec<String>) {
 }
 
 #[test]
-fn the_tests_run_the_readme_examples_as_written() {
-    let (readme, ours) = blocks("### Inside an existing Diesel application", 0);
-    assert_eq!(readme, ours);
-    let (readme, ours) = blocks("### Cache writes inside your transaction", 1);
-    assert_eq!(readme, ours);
+fn the_tests_run_the_guides_examples_as_written() {
+    let (guide, ours) = blocks("## Inside an existing Diesel application", 0);
+    assert_eq!(guide, ours);
+    let (guide, ours) = blocks("### Cache writes inside your transaction", 1);
+    assert_eq!(guide, ours);
 }

@@ -1,6 +1,7 @@
-//! Relaxed durability on the application's pool: pgcache's own writes there each
-//! run in a transaction of their own with `SET LOCAL synchronous_commit = off`;
-//! the application's sessions keep `synchronous_commit = on`.
+//! Relaxed durability on the application's pool: pgcache's own writes there carry a
+//! marker that has a trigger turn `synchronous_commit` off for their transaction
+//! alone, so each commits relaxed in its one round trip; the application's
+//! sessions keep `synchronous_commit = on`.
 
 mod common;
 
@@ -32,19 +33,58 @@ fn synchronous_commit(conn: &mut PgConnection) -> String {
         .synchronous_commit
 }
 
-/// Counts the statements that turn synchronous commit off for their transaction.
+/// The comment that asks the cache tables' trigger for a relaxed commit: part of
+/// the schema's contract (migration `relaxed_commit`), spelled out here so that both
+/// halves of it are checked against one text.
+const RELAXED_COMMIT: &str = "/* pgcache: relaxed commit */";
+
+thread_local! {
+    /// Whether this thread's statements are the writes under test (not, say, the
+    /// counters' flush, a transaction of its own in the background).
+    static WRITER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Counts the statements marked for a relaxed commit, and every statement a writer
+/// thread sends that opens, ends or configures a transaction (a relaxed write
+/// needs none).
 #[derive(Clone, Default)]
-struct RelaxedStatements(Arc<AtomicUsize>);
+struct RelaxedStatements {
+    marked: Arc<AtomicUsize>,
+    transaction_control: Arc<AtomicUsize>,
+}
 
 impl Instrumentation for RelaxedStatements {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
-        if let InstrumentationEvent::StartQuery { query, .. } = event {
-            if query
-                .to_string()
-                .contains("SET LOCAL synchronous_commit = off")
-            {
-                self.0.fetch_add(1, Ordering::SeqCst);
+        match event {
+            InstrumentationEvent::StartQuery { query, .. } => {
+                let query = query.to_string();
+                if query.contains(RELAXED_COMMIT) {
+                    self.marked.fetch_add(1, Ordering::SeqCst);
+                }
+                let upper = query.trim_start().to_uppercase();
+                if WRITER.with(std::cell::Cell::get)
+                    && [
+                        "BEGIN",
+                        "COMMIT",
+                        "ROLLBACK",
+                        "SAVEPOINT",
+                        "SET LOCAL",
+                        "SET SYNC",
+                    ]
+                    .iter()
+                    .any(|word| upper.starts_with(word))
+                {
+                    self.transaction_control.fetch_add(1, Ordering::SeqCst);
+                }
             }
+            InstrumentationEvent::BeginTransaction { .. }
+            | InstrumentationEvent::CommitTransaction { .. }
+            | InstrumentationEvent::RollbackTransaction { .. }
+                if WRITER.with(std::cell::Cell::get) =>
+            {
+                self.transaction_control.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => {}
         }
     }
 }
@@ -53,12 +93,12 @@ impl Instrumentation for RelaxedStatements {
 #[derive(Debug)]
 struct AppSession {
     schema: String,
-    relaxed: Arc<AtomicUsize>,
+    watched: RelaxedStatements,
 }
 
 impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for AppSession {
     fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
-        conn.set_instrumentation(RelaxedStatements(Arc::clone(&self.relaxed)));
+        conn.set_instrumentation(self.watched.clone());
         conn.batch_execute(&format!("SET search_path TO \"{}\"", self.schema))
             .map_err(diesel::r2d2::Error::QueryError)
     }
@@ -72,7 +112,7 @@ impl std::fmt::Debug for RelaxedStatements {
 
 struct App {
     schema: String,
-    relaxed: Arc<AtomicUsize>,
+    watched: RelaxedStatements,
     pool: Pool<ConnectionManager<PgConnection>>,
 }
 
@@ -83,18 +123,18 @@ impl App {
             .unwrap()
             .batch_execute(&format!("CREATE SCHEMA \"{schema}\""))
             .unwrap();
-        let relaxed = Arc::new(AtomicUsize::new(0));
+        let watched = RelaxedStatements::default();
         let pool = Pool::builder()
             .max_size(POOL_SIZE)
             .connection_customizer(Box::new(AppSession {
                 schema: schema.clone(),
-                relaxed: Arc::clone(&relaxed),
+                watched: watched.clone(),
             }))
             .build(ConnectionManager::new(database_url()))
             .unwrap();
         App {
             schema,
-            relaxed,
+            watched,
             pool,
         }
     }
@@ -128,10 +168,13 @@ fn relaxed_writes_on_the_apps_pool_leave_its_sessions_synchronous() {
             .unwrap(),
     )
     .expect("relaxed durability is accepted on the application's pool");
+    // From here on, the writes alone (start-up ran the migrations in transactions).
+    let controls_before = app.watched.transaction_control.load(Ordering::SeqCst);
     std::thread::scope(|scope| {
         for t in 0..POOL_SIZE {
             let cache = &cache;
             scope.spawn(move || {
+                WRITER.with(|writer| writer.set(true));
                 let kv = cache.kv();
                 for i in 0..20 {
                     let key = format!("t{t}:{i}");
@@ -154,9 +197,14 @@ fn relaxed_writes_on_the_apps_pool_leave_its_sessions_synchronous() {
         .incr("text", 1, Duration::from_secs(60))
         .unwrap_err();
     assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+    // Each write is one statement, marked: no transaction of its own around it.
     assert!(
-        app.relaxed.load(Ordering::SeqCst) > 0,
-        "the writes ran relaxed"
+        app.watched.marked.load(Ordering::SeqCst) >= (POOL_SIZE * 20 * 3) as usize,
+        "the writes were marked for a relaxed commit"
+    );
+    assert_eq!(
+        app.watched.transaction_control.load(Ordering::SeqCst),
+        controls_before
     );
     // Every connection of the application's pool, all checked out at once.
     let mut conns: Vec<_> = (0..POOL_SIZE).map(|_| app.pool.get().unwrap()).collect();
@@ -181,4 +229,84 @@ fn relaxed_durability_on_the_caches_own_pool_stays_the_sessions_setting() {
     cache.kv().incr("n", 1, Duration::from_secs(60)).unwrap();
     let mut conn = cache.connection().unwrap();
     assert_eq!(synchronous_commit(&mut conn), "off");
+}
+
+#[derive(QueryableByName)]
+struct Committed {
+    #[diesel(sql_type = Text)]
+    synchronous_commit: String,
+}
+
+/// What `synchronous_commit` the transaction of `sql` (an INSERT into the cache
+/// table returning the setting) commits with.
+fn commits_with(conn: &mut PgConnection, sql: &str, key: &str) -> String {
+    diesel::sql_query(sql)
+        .bind::<Text, _>(key)
+        .get_result::<Committed>(conn)
+        .unwrap()
+        .synchronous_commit
+}
+
+#[test]
+fn a_marked_statement_commits_relaxed_and_leaves_the_session_synchronous() {
+    let app = App::new();
+    let cache = CacheManager::with_pool(app.pool.clone(), app.config().build().unwrap()).unwrap();
+    cache.kv().set("warm", &json!(1)).unwrap();
+    let insert = |marker: &str| {
+        format!(
+            "{marker} INSERT INTO \"{}_cache\".cache_entries (key, value, expires_at) \
+             VALUES ($1, '1', now() + interval '1 hour') \
+             RETURNING current_setting('synchronous_commit') AS synchronous_commit",
+            app.schema
+        )
+    };
+    let mut conn = app.pool.get().unwrap();
+    // Prepared and executed through the extended protocol, as pgcache's are.
+    assert_eq!(commits_with(&mut conn, &insert(RELAXED_COMMIT), "a"), "off");
+    assert_eq!(synchronous_commit(&mut conn), "on");
+    assert_eq!(commits_with(&mut conn, &insert(""), "b"), "on");
+    // In the application's transaction, only a marked statement would relax it:
+    // pgcache's `*_in` statements carry no marker.
+    conn.transaction(|conn| {
+        assert_eq!(commits_with(conn, &insert(""), "c"), "on");
+        diesel::QueryResult::Ok(())
+    })
+    .unwrap();
+    assert_eq!(synchronous_commit(&mut conn), "on");
+}
+
+#[test]
+fn writes_to_partitioned_tables_still_commit_relaxed() {
+    let app = App::new();
+    let cache = CacheManager::with_pool(
+        app.pool.clone(),
+        app.config()
+            .durability(Durability::Relaxed)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    cache.kv().set("before", &json!(1)).unwrap();
+    cache.partition_tables(4).unwrap();
+    let mut conn = app.pool.get().unwrap();
+    let insert = format!(
+        "{RELAXED_COMMIT} INSERT INTO \"{}_cache\".cache_entries (key, value, expires_at) \
+         VALUES ($1, '1', now() + interval '1 hour') \
+         RETURNING current_setting('synchronous_commit') AS synchronous_commit",
+        app.schema
+    );
+    assert_eq!(commits_with(&mut conn, &insert, "after"), "off");
+    // pgcache's own writes go on, marked, and read back.
+    let controls_before = app.watched.transaction_control.load(Ordering::SeqCst);
+    let marked_before = app.watched.marked.load(Ordering::SeqCst);
+    WRITER.with(|writer| writer.set(true));
+    cache.kv().set("written", &json!(2)).unwrap();
+    WRITER.with(|writer| writer.set(false));
+    assert!(app.watched.marked.load(Ordering::SeqCst) > marked_before);
+    assert_eq!(
+        app.watched.transaction_control.load(Ordering::SeqCst),
+        controls_before
+    );
+    assert_eq!(cache.kv().get("before").unwrap(), Some(json!(1)));
+    assert_eq!(cache.kv().get("written").unwrap(), Some(json!(2)));
 }

@@ -413,13 +413,13 @@ fn a_zero_statement_timeout_is_rejected_before_anything_is_stored() {
     assert_eq!(rows(&db), 0);
 }
 
-/// The warmup example of the README, as written there.
+/// The warmup example of the guide (docs/guide.md), as written there.
 fn readme_example() -> &'static str {
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../docs/guide.md");
     let marker = "<!-- warmup-example";
     let after = &readme[readme
         .find(marker)
-        .expect("the README marks its warmup example")..];
+        .expect("the guide marks its warmup example")..];
     let start = after
         .find("```json\n")
         .expect("a json block after the marker")
@@ -453,7 +453,10 @@ fn the_readme_warmup_example_is_complete_and_warms_every_cache() {
     keys(&shown, &mut documented);
     keys(&serde_json::to_value(&warmup).unwrap(), &mut format);
     let missing: Vec<_> = format.difference(&documented).collect();
-    assert!(missing.is_empty(), "not in the README example: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "not in the guide's example: {missing:?}"
+    );
 
     let report = db.cache.warmup(&warmup).unwrap();
     assert_eq!(

@@ -102,7 +102,7 @@ enum Command {
     ///
     /// The file holds any of `kv`, `embeddings`, `vector_searches`, `llm_responses`
     /// and `audio_chunks` (arrays) and optional `ttl_secs` and `statement_timeout_ms`;
-    /// see the README.
+    /// see "The warmup file" in docs/guide.md.
     Warmup {
         /// The JSON file to load.
         #[arg(value_name = "FILE.json")]
@@ -182,10 +182,21 @@ fn main() -> ExitCode {
             eprintln!("pgcache: warning: {unknown}");
         }
     }
+    // A monitor reading `health --json` gets a document also when the check could
+    // not run (the database is down): unhealthy, with the error.
+    let health_json = matches!(cli.command, Command::Health { json: true, .. });
     match run(cli) {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::Unhealthy) => ExitCode::from(1),
-        Err(message) => fail(&message),
+        Err(message) => {
+            if health_json {
+                let value = serde_json::json!({ "healthy": false, "error": one_line(&message) });
+                if let Ok(text) = to_json(&value) {
+                    println!("{text}");
+                }
+            }
+            fail(&message)
+        }
     }
 }
 
@@ -242,9 +253,18 @@ fn find_dotenv() -> Option<std::path::PathBuf> {
 /// Reports an error as one line on stderr, whatever the source error looked like,
 /// with exit status 2.
 fn fail(message: &str) -> ExitCode {
-    let line = message.split_whitespace().collect::<Vec<_>>().join(" ");
-    eprintln!("pgcache: {line}");
+    eprintln!("pgcache: {}", one_line(message));
     ExitCode::from(2)
+}
+
+/// `message` as one line: runs of whitespace, newlines included, as one space.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `n` and the noun in the singular or plural: "1 entry", "2 entries".
+fn count(n: u64, singular: &str, plural: &str) -> String {
+    format!("{n} {}", if n == 1 { singular } else { plural })
 }
 
 /// clap's usage error in one line: its first line, plus its tip or possible values
@@ -363,8 +383,8 @@ fn run(cli: Cli) -> Result<Outcome, String> {
                     "cache tables are up to date".to_owned()
                 } else {
                     format!(
-                        "applied {} migration(s): {}",
-                        applied.len(),
+                        "applied {}: {}",
+                        count(applied.len() as u64, "migration", "migrations"),
                         applied.join(", ")
                     )
                 };
@@ -392,6 +412,13 @@ fn run(cli: Cli) -> Result<Outcome, String> {
             let result = result?;
             let mut value = serde_json::to_value(&result).map_err(|e| e.to_string())?;
             value["rows_removed"] = result.rows_removed().into();
+            // The unit in the name, as a reader of the JSON needs it.
+            rename(&mut value, "elapsed", "elapsed_ms");
+            if let Some(tables) = value["tables"].as_array_mut() {
+                tables
+                    .iter_mut()
+                    .for_each(|t| rename(t, "elapsed", "elapsed_ms"));
+            }
             report(json, quiet, &value, || result.to_string())?;
         }
         Command::Stats { json } => {
@@ -441,15 +468,14 @@ fn run(cli: Cli) -> Result<Outcome, String> {
             });
             report(json, quiet, &value, || {
                 format!(
-                    "warmed {} entries: {} kv, {} embeddings, {} vector searches, \
-                     {} LLM responses, {} audio chunks ({} skipped: text over the \
+                    "warmed {}: {} kv, {}, {}, {}, {} ({} skipped: text over the \
                      maximum length)",
-                    r.total(),
+                    count(r.total(), "entry", "entries"),
                     r.kv,
-                    r.embeddings,
-                    r.vector_searches,
-                    r.llm_responses,
-                    r.audio_chunks,
+                    count(r.embeddings, "embedding", "embeddings"),
+                    count(r.vector_searches, "vector search", "vector searches"),
+                    count(r.llm_responses, "LLM response", "LLM responses"),
+                    count(r.audio_chunks, "audio chunk", "audio chunks"),
                     r.skipped_audio_chunks
                 )
             })?;
@@ -468,13 +494,12 @@ fn run(cli: Cli) -> Result<Outcome, String> {
             });
             report(json, quiet, &value, || {
                 let mut text = format!(
-                    "user {user}: {} entries deleted ({} vector searches, {} embeddings, \
-                     {} LLM responses, {} audio chunks)",
-                    r.total(),
-                    r.vector_searches,
-                    r.embeddings,
-                    r.llm_responses,
-                    r.audio_chunks
+                    "user {user}: {} deleted ({}, {}, {}, {})",
+                    count(r.total(), "entry", "entries"),
+                    count(r.vector_searches, "vector search", "vector searches"),
+                    count(r.embeddings, "embedding", "embeddings"),
+                    count(r.llm_responses, "LLM response", "LLM responses"),
+                    count(r.audio_chunks, "audio chunk", "audio chunks"),
                 );
                 for path in &r.released_paths {
                     text.push_str(&format!("\nreleased audio file: {path}"));
@@ -505,13 +530,24 @@ fn run(cli: Cli) -> Result<Outcome, String> {
             report(json, quiet, &value, || {
                 removed
                     .iter()
-                    .map(|(kind, rows)| format!("{kind}: {rows} entries deleted"))
+                    .map(|(kind, rows)| {
+                        format!("{kind}: {} deleted", count(*rows, "entry", "entries"))
+                    })
                     .collect::<Vec<_>>()
                     .join("\n")
             })?;
         }
     }
     Ok(Outcome::Ok)
+}
+
+/// Renames `from` to `to` in a JSON object, if it is there.
+fn rename(value: &mut serde_json::Value, from: &str, to: &str) {
+    if let Some(map) = value.as_object_mut() {
+        if let Some(v) = map.remove(from) {
+            map.insert(to.to_owned(), v);
+        }
+    }
 }
 
 /// Prints a command's result: `value` as one JSON document with `--json`, else the
@@ -611,8 +647,9 @@ fn clear_action(cache: &CacheManager, kind: Option<CacheKind>) -> Result<String,
         .filter(|t| kind.is_none_or(|k| t.cache == k))
         .collect();
     let rows: u64 = tables.iter().map(|t| t.entries).sum();
+    let entries = count(rows, "entry", "entries");
     let what = match kind {
-        Some(kind) => format!("all {rows} entries of the {kind} cache"),
+        Some(kind) => format!("all {entries} of the {kind} cache"),
         None => {
             let each: Vec<String> = tables
                 .iter()
@@ -620,9 +657,9 @@ fn clear_action(cache: &CacheManager, kind: Option<CacheKind>) -> Result<String,
                 .map(|t| format!("{} {}", t.cache, t.entries))
                 .collect();
             if each.is_empty() {
-                format!("all {rows} entries of every cache")
+                format!("all {entries} of every cache")
             } else {
-                format!("all {rows} entries of every cache ({})", each.join(", "))
+                format!("all {entries} of every cache ({})", each.join(", "))
             }
         }
     };

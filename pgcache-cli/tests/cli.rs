@@ -65,7 +65,7 @@ fn migrate_creates_the_tables_and_switches_durability() {
         .assert()
         .success()
         .stdout(predicate::str::contains(format!(
-            "applied {} migration(s)",
+            "applied {} migrations",
             migration_count()
         )));
     assert_eq!(db.count("SELECT count(*) AS n FROM cache_entries"), 0);
@@ -417,7 +417,7 @@ fn invalidate_user_deletes_only_that_users_entries() {
         .args(["invalidate-user", &alice.to_string()])
         .assert()
         .success()
-        .stdout(predicate::str::contains("1 entries deleted"));
+        .stdout(predicate::str::contains("1 entry deleted"));
     assert_eq!(
         db.count(&format!(
             "SELECT count(*) AS n FROM vector_search_cache WHERE user_id = '{bob}'"
@@ -900,7 +900,7 @@ fn warmup_takes_base64_audio_and_its_own_statement_timeout() {
         .args(["--statement-timeout-ms", "60000"])
         .assert()
         .success()
-        .stdout(predicate::str::contains("1 audio chunks"));
+        .stdout(predicate::str::contains("1 audio chunk ("));
     assert_eq!(
         db.count("SELECT count(*) AS n FROM audio_chunk_cache WHERE audio_data = 'RIFF'::bytea"),
         1
@@ -981,4 +981,70 @@ fn database_url_flag_and_shards_together_are_refused() {
 fn json_of_command(command: &mut Command, code: i32) -> serde_json::Value {
     let out = command.assert().code(code).get_output().clone();
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn cleanup_json_gives_the_elapsed_time_in_milliseconds() {
+    let db = TestDb::new();
+    fill(&db, "cache_entries", "old", 2, "-1 minute");
+    let json = json_of(&db, &["cleanup", "--json"], 0);
+    assert!(json["elapsed_ms"].is_u64(), "{json}");
+    assert!(
+        json.get("elapsed").is_none(),
+        "one name, with its unit: {json}"
+    );
+    assert!(json["tables"][0]["elapsed_ms"].is_u64(), "{json}");
+}
+
+#[test]
+fn health_json_with_the_database_down_prints_the_error_as_json_and_fails() {
+    let db = TestDb::new();
+    let out = pgcache(&db)
+        .args([
+            "--database-url",
+            "postgres://postgres:s3cr3t@127.0.0.1:1/postgres",
+            "health",
+            "--json",
+        ])
+        .env("PGCACHE_POOL_CONNECTION_TIMEOUT_MS", "500")
+        .assert()
+        .code(2)
+        .get_output()
+        .clone();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(json["healthy"], false, "{json}");
+    let error = json["error"].as_str().expect("the error");
+    assert!(
+        error.contains("cannot get a database connection"),
+        "{error}"
+    );
+    assert!(!error.contains("s3cr3t"), "{error}");
+    // stderr keeps its one line for people.
+    one_line(&out.stderr);
+}
+
+#[test]
+fn counts_of_one_are_singular() {
+    let db = TestDb::new();
+    fill(&db, "cache_entries", "old", 1, "-1 minute");
+    pgcache(&db)
+        .arg("cleanup")
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with("Removed 1 expired entry in"));
+    db.cache.kv().set("one", &serde_json::json!(1)).unwrap();
+    pgcache(&db)
+        .args(["clear", "kv", "--yes"])
+        .assert()
+        .success()
+        .stdout("kv: 1 entry deleted\n");
+    let file = warmup_file(r#"{"kv": [{"key": "w", "value": 1}]}"#);
+    pgcache(&db)
+        .args(["warmup", file.path().to_str().unwrap()])
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with(
+            "warmed 1 entry: 1 kv, 0 embeddings,",
+        ));
 }

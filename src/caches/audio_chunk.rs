@@ -574,11 +574,11 @@ pub(crate) fn delete_owner(
         #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
         storage_path: Option<String>,
     }
-    let released: Vec<Released> = diesel::sql_query(format!(
+    let released: Vec<Released> = diesel::sql_query(crate::relaxed::marked(format!(
         "DELETE FROM {table} WHERE {} = $1 RETURNING {}",
         audio_chunk_cache::owner_id::NAME,
         audio_chunk_cache::storage_path::NAME
-    ))
+    )))
     .bind::<diesel::sql_types::Uuid, _>(user)
     .load(conn)?;
     Ok(released.into_iter().map(|r| r.storage_path).collect())

@@ -14,7 +14,8 @@ use diesel::Column;
 use crate::error::{Error, Result};
 use crate::expiry::ExpiresIn;
 use crate::key::KeyDigest;
-use crate::migrations::{STAMP_END, STAMP_THEN, STAMP_WHEN};
+use crate::near::protocol;
+use crate::relaxed::{marked, push_table};
 use crate::table::{Row, TypedTable};
 use crate::validation::check_text;
 
@@ -69,7 +70,7 @@ pub(crate) fn delete_owned(
     column: &str,
     user: uuid::Uuid,
 ) -> QueryResult<usize> {
-    diesel::sql_query(format!("DELETE FROM {table} WHERE {column} = $1"))
+    diesel::sql_query(marked(format!("DELETE FROM {table} WHERE {column} = $1")))
         .bind::<diesel::sql_types::Uuid, _>(user)
         .execute(conn)
 }
@@ -158,7 +159,7 @@ where
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         let table = T::CACHE.descriptor();
         out.push_sql("INSERT INTO ");
-        out.push_sql(self.name);
+        push_table(&mut out, self.name);
         out.push_sql(" (key_hash, ");
         for column in A::NAMES {
             out.push_sql(column);
@@ -182,36 +183,10 @@ where
             // An overwrite is a new entry: its popularity starts again.
             out.push_sql(", hit_count = 0, last_accessed_at = now()");
         }
-        // Stamped when a live row's payload changed or its expiry came earlier:
-        // entries keyed by a digest of their inputs are normally written again
-        // unchanged, and that must not evict them from every near cache. (SET sees
-        // the old row under the table's name.)
+        // Stamped as the change-logging protocol says: see `upsert_stamp`.
         out.push_sql(", ");
-        out.push_sql(STAMP_WHEN);
-        out.push_sql(self.name);
-        out.push_sql(".expires_at > statement_timestamp() AND ((");
-        push_payload(&mut out, self.name, table.near_payload);
-        out.push_sql(") IS DISTINCT FROM (");
-        push_payload(&mut out, "excluded", table.near_payload);
-        out.push_sql(") OR excluded.expires_at < ");
-        out.push_sql(self.name);
-        out.push_sql(".expires_at)");
-        out.push_sql(STAMP_THEN);
-        out.push_sql(self.name);
-        out.push_sql(STAMP_END);
+        out.push_sql(&protocol::upsert_stamp(T::CACHE, self.name));
         Ok(())
-    }
-}
-
-/// `row.c1, row.c2, ...`: the payload columns of `row` (a table name or `excluded`).
-fn push_payload(out: &mut AstPass<'_, '_, Pg>, row: &str, columns: &[&str]) {
-    for (i, column) in columns.iter().enumerate() {
-        if i > 0 {
-            out.push_sql(", ");
-        }
-        out.push_sql(row);
-        out.push_sql(".");
-        out.push_sql(column);
     }
 }
 
@@ -257,7 +232,7 @@ impl<'q> Prepared<'q> {
 pub(crate) fn push_with_table(out: &mut AstPass<'_, '_, Pg>, sql: &str, table: &str) {
     for (i, part) in sql.split(TABLE).enumerate() {
         if i > 0 {
-            out.push_sql(table);
+            push_table(out, table);
         }
         out.push_sql(part);
     }

@@ -260,10 +260,10 @@ pub(crate) fn delete_model(
     table: &str,
     model: &str,
 ) -> QueryResult<usize> {
-    diesel::sql_query(format!(
+    diesel::sql_query(crate::relaxed::marked(format!(
         "DELETE FROM {table} WHERE {} = $1",
         embedding_cache::model::NAME
-    ))
+    )))
     .bind::<diesel::sql_types::Text, _>(model)
     .execute(conn)
 }

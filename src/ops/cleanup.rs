@@ -93,8 +93,13 @@ impl fmt::Display for CleanupReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "Removed {} expired entries in {:.2} s",
+            "Removed {} expired {} in {:.2} s",
             self.rows_removed(),
+            if self.rows_removed() == 1 {
+                "entry"
+            } else {
+                "entries"
+            },
             self.elapsed.as_secs_f64()
         )?;
         for t in &self.tables {

@@ -42,11 +42,9 @@ use crate::watchdog::{no_answer_limit, watched, Watchdog};
 
 mod health;
 mod plain;
-mod relaxed;
 mod status;
 
 pub(crate) use plain::Plain;
-pub(crate) use relaxed::relaxed;
 use status::Waiters;
 pub use status::{PoolSource, PoolStatus};
 

@@ -30,7 +30,7 @@ pub enum PoolSource {
 ///
 /// Connections `open` = `idle` + `parked` + in use. Not counted here: the near
 /// caches' poller's connection and, while the database is down, the prober's (see
-/// the README's connection budget).
+/// "Connection budget" in docs/operations.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct PoolStatus {

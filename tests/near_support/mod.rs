@@ -9,7 +9,7 @@ use diesel::{Connection, PgConnection};
 use pgcache::{CacheKind, CacheManager, NearCacheStats};
 
 /// How soon after a fault ends a near cache must serve from memory again: the
-/// README's "within a second" on a machine with time to spare, plus three times
+/// near-cache design's "within a second" on a machine with time to spare, plus three times
 /// what connecting to `database_url` and one statement take right now, which is
 /// what a poller coming back does (reconnect, check its triggers, poll). A machine
 /// too busy to connect quickly stretches the bound; nothing else does.

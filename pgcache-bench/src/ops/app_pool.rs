@@ -1,6 +1,6 @@
 //! The application-pool row of `pgcache-bench ops`: `incr` with relaxed durability
-//! through a manager over an application's pool (`with_pool`: each write in a
-//! transaction of its own that sets `synchronous_commit = off` locally) against a
+//! through a manager over an application's pool (`with_pool`: each write marked
+//! for a relaxed commit of its own transaction, the session untouched) against a
 //! manager with its own relaxed pool (the setting is the session's), alternating
 //! slices. Whatever `--durability` says: this row is about the relaxed write's cost.
 

@@ -1,24 +1,29 @@
 //! The near cache: an opt-in in-process copy (L1) of hot entries in front of the
 //! tables, kept coherent across processes by the database itself.
 //!
+//! Here: the in-process caches ([`NearCaches`]) and their coherence. The poller
+//! thread is `poller.rs`; every rule of logging changes (the stamping setting, the
+//! stamp, the triggers, what counts as a changed payload, how the log is read) is
+//! `protocol.rs`. What a table supplies, and the reads that go through L1, are the
+//! tables' side (`cache/near.rs`).
+//!
 //! # How it stays coherent
 //! - Every change to a row of a cache table with a near cache (an update, an upsert
 //!   overwrite, a delete of a live row, a `TRUNCATE`, by pgcache or by any other
-//!   program) fires a statement-level trigger that appends one row naming the
-//!   changed keys to `cache_changes`, in the writer's transaction (see
-//!   `migrations/`): a rollback logs nothing, and no lock is shared between writers.
-//!   pgcache's own updates, on the pool of a manager with a near cache, skip that
-//!   trigger and stamp the rows whose content they change with their transaction
-//!   id instead (`changed_xid`, see `migrations::STAMPING_SETTING`): one index
-//!   entry rather than a trigger and a second row per statement.
-//! - One poller thread per manager ([`Poller`]) reads the log (and the stamps)
-//!   every [`POLL_INTERVAL`] and evicts the keys. Each poll asks for the changes of every
+//!   program) is logged in the writer's transaction (see `protocol.rs`): by a
+//!   statement-level trigger appending one row naming the changed keys to
+//!   `cache_changes`, or, for pgcache's own updates on the pool of a manager with a
+//!   near cache, by a stamp on the changed rows (`changed_xid`). A rollback logs
+//!   nothing, and no lock is shared between writers.
+//! - One poller thread per manager ([`Poller`]) reads the log and the stamps and
+//!   evicts the keys: every 2 ms while changes come in, backing off to a third of
+//!   the staleness bound `S` while none do. Each poll asks for the changes of every
 //!   transaction that was running at the previous poll's snapshot or began after
 //!   it, so it sees every change committed since, whatever order the transactions
 //!   took their ids in. A poll proves the log read up to its snapshot: L1 serves
-//!   only while the last successful poll was sent less than the staleness bound `S`
-//!   ago, so a slow, stalled or lost poller turns L1 off within `S` instead of
-//!   serving stale entries.
+//!   only while the last successful poll was sent less than `S` ago, so a slow,
+//!   stalled or lost poller turns L1 off within `S` instead of serving stale
+//!   entries.
 //! - Losing the poller's connection empties every L1 at once (an epoch bump) and L1
 //!   is neither read nor filled until the poller is back and current again. The
 //!   poller's statements are watched like pooled ones: a poll a frozen server
@@ -35,26 +40,25 @@
 
 use std::any::Any;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::thread::JoinHandle;
+use std::sync::Arc;
+#[cfg(test)]
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use diesel::connection::SimpleConnection;
-use diesel::pg::{Pg, PgConnection};
-use diesel::prelude::*;
-use diesel::query_builder::{AstPass, QueryFragment, QueryId};
-use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
-use serde::Serialize;
 
 use crate::config::{CacheConfig, NearCache};
-use crate::error::Result;
 use crate::kind::CacheKind;
-use crate::tables::Tables;
-use crate::watchdog::watched;
+use crate::metrics::{self, NearOutcome};
+
+mod poller;
+pub(crate) mod protocol;
+mod stats;
+
+pub(crate) use poller::{prune_changes, Poller};
+pub use stats::NearCacheStats;
 
 /// A near-cache key: the entry's key digest, or a key/value key's bytes.
 pub(crate) type NearKey = Box<[u8]>;
@@ -64,17 +68,6 @@ pub(crate) type NearValue = Arc<dyn Any + Send + Sync>;
 
 /// Generation slots keys hash to (a power of two).
 const GENERATION_SLOTS: usize = 4096;
-
-/// How often the poller reads the change log: the most a committed change waits for
-/// the next poll.
-pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(2);
-
-/// How long the change log keeps a change; a poller that fell half as far behind
-/// starts over with an empty L1.
-const RETENTION: Duration = Duration::from_secs(10);
-
-/// The wait before reconnecting a lost poller.
-const RECONNECT_DELAY: Duration = Duration::from_millis(100);
 
 #[derive(Clone)]
 struct Entry {
@@ -125,62 +118,6 @@ struct Table {
     invalidations: AtomicU64,
 }
 
-/// The near-cache figures of one cache, in [`CacheStats`](crate::CacheStats) and
-/// from [`CacheManager::near_cache_stats`](crate::CacheManager::near_cache_stats).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[non_exhaustive]
-pub struct NearCacheStats {
-    /// The cache.
-    pub cache: CacheKind,
-    /// Reads answered from this process's memory.
-    pub hits: u64,
-    /// Reads L1 could serve but did not hold (they went to the database).
-    pub misses: u64,
-    /// Reads that skipped L1 because its poller was not current.
-    pub bypasses: u64,
-    /// Keys invalidated, held or not: named by a logged change or written by this
-    /// process (whose own writes are then counted again when their change is read).
-    pub invalidations: u64,
-    /// Entries dropped to stay within the byte bound.
-    pub evictions: u64,
-    /// Entries held.
-    pub entries: u64,
-    /// Their weight in bytes (keys and values).
-    pub bytes: u64,
-    /// Milliseconds since the last successful poll of the change log was sent
-    /// (`None` while the poller is not current): how far behind the near cache may be.
-    pub poll_lag_ms: Option<f64>,
-}
-
-impl NearCacheStats {
-    /// Several shards' near caches of this process, one entry per cache: counts
-    /// summed, the lag the worst (not current if one is not).
-    pub(crate) fn merged(
-        parts: impl IntoIterator<Item = Vec<NearCacheStats>>,
-    ) -> Vec<NearCacheStats> {
-        let mut all: Vec<NearCacheStats> = Vec::new();
-        for stats in parts.into_iter().flatten() {
-            match all.iter_mut().find(|s| s.cache == stats.cache) {
-                None => all.push(stats),
-                Some(sum) => {
-                    sum.hits += stats.hits;
-                    sum.misses += stats.misses;
-                    sum.bypasses += stats.bypasses;
-                    sum.invalidations += stats.invalidations;
-                    sum.evictions += stats.evictions;
-                    sum.entries += stats.entries;
-                    sum.bytes += stats.bytes;
-                    sum.poll_lag_ms = sum
-                        .poll_lag_ms
-                        .zip(stats.poll_lag_ms)
-                        .map(|(a, b)| a.max(b));
-                }
-            }
-        }
-        all
-    }
-}
-
 /// What a reader notes before its `SELECT`, to fill L1 only if nothing changed.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Ticket {
@@ -206,6 +143,8 @@ pub(crate) struct NearCaches {
     db_clock_ahead_us: AtomicI64,
     base: Instant,
     staleness: Duration,
+    /// Polls of the change log made (baselines included).
+    polls: AtomicU64,
     /// Test hook: runs between a fill's last check and its insert.
     #[cfg(test)]
     before_insert: Mutex<Option<Box<dyn Fn() + Send>>>,
@@ -237,6 +176,7 @@ impl NearCaches {
             db_clock_ahead_us: AtomicI64::new(NO_CLOCK_YET),
             base: Instant::now(),
             staleness: config.near_cache_staleness(),
+            polls: AtomicU64::new(0),
             #[cfg(test)]
             before_insert: Mutex::new(None),
         })
@@ -246,6 +186,12 @@ impl NearCaches {
     #[cfg(test)]
     pub(crate) fn set_before_insert(&self, hook: Option<Box<dyn Fn() + Send>>) {
         *self.before_insert.lock().expect("hook") = hook;
+    }
+
+    /// The staleness bound: L1 serves only while the last poll was sent less than
+    /// this long ago.
+    pub(super) fn staleness(&self) -> Duration {
+        self.staleness
     }
 
     /// Whether `kind` has a near cache.
@@ -288,15 +234,18 @@ impl NearCaches {
         let table = self.tables[kind.index()].as_ref()?;
         if !self.current() {
             table.bypasses.fetch_add(1, Ordering::Relaxed);
+            metrics::near_cache_lookup(kind, NearOutcome::Bypass);
             return None;
         }
         match table.entries.get(key) {
             Some(entry) if entry.expires > Instant::now() => {
                 table.hits.fetch_add(1, Ordering::Relaxed);
+                metrics::near_cache_lookup(kind, NearOutcome::Hit);
                 Some(entry.value)
             }
             _ => {
                 table.misses.fetch_add(1, Ordering::Relaxed);
+                metrics::near_cache_lookup(kind, NearOutcome::Miss);
                 None
             }
         }
@@ -398,7 +347,7 @@ impl NearCaches {
 
     /// The poller lost its connection: nothing is served or filled until a new one is
     /// current, and everything held is dropped (changes may have been missed).
-    fn lost(&self) {
+    pub(super) fn lost(&self) {
         self.has_baseline.store(false, Ordering::SeqCst);
         self.fresh_until.store(0, Ordering::SeqCst);
         self.epoch.fetch_add(1, Ordering::SeqCst);
@@ -427,25 +376,25 @@ impl NearCaches {
                     entries: table.entries.len() as u64,
                     bytes: table.entries.weight(),
                     poll_lag_ms: lag,
+                    polls: self.polls.load(Ordering::Relaxed),
                 })
             })
             .collect()
     }
 
     /// Applies one logged change: the keys of `cache`, or all of it (`None`).
-    fn apply(&self, cache: &str, keys: Option<&[String]>) {
+    pub(super) fn apply(&self, cache: &str, keys: Option<&[String]>) {
         let Some(kind) = CacheKind::from_name(cache) else {
             return;
         };
         match keys {
             None => self.invalidate_all(kind),
-            Some(keys) if kind == CacheKind::Kv => {
-                self.invalidate(kind, keys.iter().map(|k| k.as_bytes()));
-            }
             Some(keys) => {
-                let digests: Vec<Vec<u8>> =
-                    keys.iter().filter_map(|k| hex::decode(k).ok()).collect();
-                self.invalidate(kind, digests.iter().map(Vec::as_slice));
+                let keys: Vec<Vec<u8>> = keys
+                    .iter()
+                    .filter_map(|k| protocol::near_key_from_log(kind, k))
+                    .collect();
+                self.invalidate(kind, keys.iter().map(Vec::as_slice));
             }
         }
     }
@@ -468,7 +417,7 @@ impl NearCaches {
     /// `sent`, so it holds every change committed before it, which is all a poll
     /// sent then would have evicted. Current first: a fill must never be made
     /// while serving is still off (the fill's lookups would bypass).
-    fn baseline_taken(&self, sent: Instant, db_clock_us: Option<i64>) {
+    pub(super) fn baseline_taken(&self, sent: Instant, db_clock_us: Option<i64>) {
         self.polled(sent, db_clock_us);
         self.has_baseline.store(true, Ordering::SeqCst);
     }
@@ -480,7 +429,8 @@ impl NearCaches {
     /// `db_clock_us - sent` bounds how far the database's clock is ahead from above:
     /// entries expire by that bound, early by at most the poll's round trip, never
     /// late. (Assuming the reply came halfway made a late reply extend every entry.)
-    fn polled(&self, sent: Instant, db_clock_us: Option<i64>) {
+    pub(super) fn polled(&self, sent: Instant, db_clock_us: Option<i64>) {
+        self.polls.fetch_add(1, Ordering::Relaxed);
         if let Some(db_clock_us) = db_clock_us {
             self.db_clock_ahead_us
                 .store(db_clock_us - self.micros(sent), Ordering::Release);
@@ -517,307 +467,6 @@ impl Table {
 
 /// [`NearCaches::db_clock_ahead_us`] before any poll: every entry reads as expired.
 const NO_CLOCK_YET: i64 = i64::MAX / 2;
-
-/// The database clock a poll read, microseconds since the Unix epoch.
-fn db_clock(rows: &[Polled]) -> Option<i64> {
-    rows.first().map(|row| row.now_us)
-}
-
-/// The poller thread of one manager's near caches.
-pub(crate) struct Poller {
-    stop: Arc<AtomicBool>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl std::fmt::Debug for Poller {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Poller").finish_non_exhaustive()
-    }
-}
-
-impl Poller {
-    /// Starts polling the change log for `caches` with connections from `connect`;
-    /// the thread ends when `caches` is dropped or the poller is.
-    pub(crate) fn start(
-        caches: Weak<NearCaches>,
-        tables: Tables,
-        connect: impl Fn() -> Option<PgConnection> + Send + 'static,
-    ) -> Option<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("pgcache-near-poller".to_owned())
-            .spawn(move || poll_loop(&caches, &tables, &connect, &stopping))
-            .ok()?;
-        Some(Poller {
-            stop,
-            thread: Mutex::new(Some(thread)),
-        })
-    }
-}
-
-impl Drop for Poller {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Where the next poll starts: the transactions it must look at.
-struct Window {
-    /// The previous snapshot's xmax: every transaction that took its id later.
-    xmax: String,
-    /// The transactions in progress at the previous snapshot.
-    in_progress: Vec<String>,
-}
-
-/// One row of a poll: the snapshot's bounds, the database clock, and a change if
-/// any.
-#[derive(QueryableByName)]
-struct Polled {
-    #[diesel(sql_type = Text)]
-    xmax: String,
-    #[diesel(sql_type = Array<Text>)]
-    xip: Vec<String>,
-    #[diesel(sql_type = BigInt)]
-    now_us: i64,
-    #[diesel(sql_type = Nullable<Text>)]
-    cache_name: Option<String>,
-    #[diesel(sql_type = Nullable<Array<Text>>)]
-    keys: Option<Vec<String>>,
-    #[diesel(sql_type = Bool)]
-    is_change: bool,
-}
-
-impl Window {
-    /// The snapshot's xmin as a number: every transaction below it had ended when
-    /// the snapshot was taken.
-    fn xmin(&self) -> Option<i64> {
-        let in_progress = self.in_progress.iter().filter_map(|x| x.parse().ok()).min();
-        in_progress.or_else(|| self.xmax.parse().ok())
-    }
-}
-
-/// The poll statement for near caches of `kinds`, after its two parameters (see
-/// [`PollStatement`]): the change log's rows, and the rows of their tables that
-/// pgcache's own updates stamped (`changed_xid`, see `migrations::STAMPING_SETTING`),
-/// both by the same window rule (`w.xmax`: the previous snapshot's xmax, `w.xip`:
-/// the transactions it saw running) and in the same snapshot. Keys as the change
-/// log names them: key/value keys as they are, digests as hex. The upper bound (the
-/// snapshot's own xmax, which every visible row is below) changes no answer: it lets
-/// the plan prepared once, which cannot see the parameters, estimate a narrow range
-/// and use the indexes.
-fn poll_sql(tables: &Tables, kinds: impl Iterator<Item = CacheKind>) -> String {
-    let window = |column: &str| {
-        format!(
-            "({column} >= (SELECT xmax FROM w) \
-             AND {column} < (SELECT pg_snapshot_xmax(snap)::text::int8 FROM s)) \
-             OR {column} = ANY((SELECT xip FROM w)::int8[])"
-        )
-    };
-    let mut changes = format!(
-        "SELECT cache_name, keys FROM {} WHERE {}",
-        tables.changes(),
-        window("xid")
-    );
-    for kind in kinds {
-        let table = kind.descriptor();
-        let key = match kind {
-            CacheKind::Kv => table.key.to_owned(),
-            _ => format!("encode({}, 'hex')", table.key),
-        };
-        // Names come from the closed descriptors, never from input.
-        changes.push_str(&format!(
-            " UNION ALL SELECT '{name}', array_agg({key}) FROM {t} WHERE {window} \
-             HAVING count(*) > 0",
-            name = table.name,
-            t = tables.of(kind),
-            window = window("changed_xid"),
-        ));
-    }
-    format!(
-        "::text[]::int8[] AS xip), s AS (SELECT pg_current_snapshot() AS snap), \
-         c AS ({changes}) \
-         SELECT pg_snapshot_xmax(s.snap)::text AS xmax, \
-                array(SELECT pg_snapshot_xip(s.snap)::text) AS xip, \
-                (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us, \
-                c.cache_name, c.keys, c.cache_name IS NOT NULL AS is_change \
-         FROM s LEFT JOIN c ON true"
-    )
-}
-
-/// The poll: `WITH w AS (SELECT $1::int8 AS xmax, $2` then [`poll_sql`]'s text. A
-/// poller's connection runs only this one text (fixed by its near caches) under one
-/// static query id, so Diesel prepares it once per connection: parsing and planning
-/// every 2 ms cost more than running it.
-struct PollStatement<'a> {
-    sql: &'a str,
-    xmax: &'a str,
-    in_progress: &'a [String],
-}
-
-impl QueryFragment<Pg> for PollStatement<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql("WITH w AS (SELECT ");
-        out.push_bind_param::<Text, _>(self.xmax)?;
-        out.push_sql("::int8 AS xmax, ");
-        out.push_bind_param::<Array<Text>, _>(self.in_progress)?;
-        out.push_sql(self.sql);
-        Ok(())
-    }
-}
-
-impl QueryId for PollStatement<'_> {
-    type QueryId = PollStatement<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl diesel::query_builder::Query for PollStatement<'_> {
-    type SqlType = diesel::sql_types::Untyped;
-}
-
-impl<Conn> RunQueryDsl<Conn> for PollStatement<'_> {}
-
-/// Runs the poll ([`poll_sql`]'s text): the changes committed since `window` was
-/// taken (none without one: the baseline) and the next window.
-fn poll(conn: &mut PgConnection, sql: &str, window: Option<&Window>) -> QueryResult<Vec<Polled>> {
-    let (xmax, in_progress) = match window {
-        Some(w) => (w.xmax.as_str(), w.in_progress.as_slice()),
-        // The baseline: no change, only the snapshot.
-        None => ("9223372036854775807", &[][..]),
-    };
-    PollStatement {
-        sql,
-        xmax,
-        in_progress,
-    }
-    .load(conn)
-}
-
-/// The poller's loop: connect, take a baseline, then poll every [`POLL_INTERVAL`]
-/// until told to stop; a lost connection is reported and replaced.
-fn poll_loop(
-    caches: &Weak<NearCaches>,
-    tables: &Tables,
-    connect: &dyn Fn() -> Option<PgConnection>,
-    stop: &AtomicBool,
-) {
-    // Fixed for the poller's life: its near caches do not change.
-    let Some(sql) = caches.upgrade().map(|near| {
-        poll_sql(
-            tables,
-            CacheKind::ALL.into_iter().filter(|&k| near.serves(k)),
-        )
-    }) else {
-        return;
-    };
-    while !stop.load(Ordering::SeqCst) {
-        let Some(mut conn) = connect() else {
-            std::thread::sleep(RECONNECT_DELAY);
-            continue;
-        };
-        // Every statement is watched: a poll a frozen server never answers is cut
-        // after statement_timeout + 1 s, and the poller reconnects.
-        let outcome: Result<()> = (|| {
-            let sent = Instant::now();
-            let baseline = watched(&mut conn, |conn| Ok(poll(conn, &sql, None)?))?;
-            let mut window = next_window(&baseline);
-            match caches.upgrade() {
-                Some(near) => near.baseline_taken(sent, db_clock(&baseline)),
-                None => return Ok(()),
-            }
-            let mut pruned = Instant::now();
-            // Windows of the last RETENTION, to prune what every poller has read.
-            let mut past: VecDeque<(Instant, i64)> = VecDeque::new();
-            let mut last_ok = Instant::now();
-            loop {
-                if stop.load(Ordering::SeqCst) {
-                    return Ok(());
-                }
-                let Some(near) = caches.upgrade() else {
-                    return Ok(());
-                };
-                let sent = Instant::now();
-                if sent.duration_since(last_ok) > RETENTION / 2 {
-                    // Stalled this long, changes may have been pruned unread:
-                    // start over from an empty L1.
-                    near.lost();
-                    let baseline = watched(&mut conn, |conn| Ok(poll(conn, &sql, None)?))?;
-                    window = next_window(&baseline);
-                    near.baseline_taken(sent, db_clock(&baseline));
-                }
-                let rows = watched(&mut conn, |conn| Ok(poll(conn, &sql, window.as_ref())?))?;
-                for row in rows.iter().filter(|r| r.is_change) {
-                    if let Some(cache) = &row.cache_name {
-                        near.apply(cache, row.keys.as_deref());
-                    }
-                }
-                window = next_window(&rows);
-                near.polled(sent, db_clock(&rows));
-                last_ok = sent;
-                drop(near);
-                if pruned.elapsed() > Duration::from_secs(1) {
-                    pruned = Instant::now();
-                    if let Some(xmin) = window.as_ref().and_then(Window::xmin) {
-                        past.push_back((pruned, xmin));
-                    }
-                    // Changes of transactions that had all ended RETENTION ago (every
-                    // current poller has read them): by the index, not by a scan.
-                    while let Some(&(at, xmin)) = past.front() {
-                        if at.elapsed() < RETENTION {
-                            break;
-                        }
-                        past.pop_front();
-                        watched(&mut conn, |conn| {
-                            Ok(diesel::sql_query(format!(
-                                "DELETE FROM {} WHERE xid < $1",
-                                tables.changes()
-                            ))
-                            .bind::<BigInt, _>(xmin)
-                            .execute(conn)?)
-                        })?;
-                    }
-                }
-                // Polls start every POLL_INTERVAL, whatever a poll took (a change
-                // waits at most one interval for the next), with a pause of at least
-                // a quarter interval when a poll took longer.
-                std::thread::sleep(
-                    POLL_INTERVAL
-                        .saturating_sub(sent.elapsed())
-                        .max(POLL_INTERVAL / 4),
-                );
-            }
-        })();
-        if let Some(near) = caches.upgrade() {
-            near.lost();
-        }
-        if let Err(error) = outcome {
-            tracing::warn!(%error, "pgcache: near-cache poller lost its connection; near caches off until it is back");
-            std::thread::sleep(RECONNECT_DELAY);
-        }
-    }
-}
-
-/// Deletes changes logged more than an hour ago: cleanup does, for when no near
-/// cache runs any more (pollers prune as they go). An hour, not the pollers'
-/// retention: a change is dated by its statement, and a long transaction may commit
-/// it long after.
-pub(crate) fn prune_changes(conn: &mut PgConnection, tables: &Tables) -> QueryResult<()> {
-    conn.batch_execute(&format!(
-        "DELETE FROM {} WHERE created_at < now() - interval '1 hour'",
-        tables.changes()
-    ))
-}
-
-/// The window the next poll starts from, from this poll's snapshot.
-fn next_window(rows: &[Polled]) -> Option<Window> {
-    rows.first().map(|row| Window {
-        xmax: row.xmax.clone(),
-        in_progress: row.xip.clone(),
-    })
-}
 
 #[cfg(test)]
 mod tests {

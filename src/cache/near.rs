@@ -1,0 +1,202 @@
+//! What a table adds for its near cache ([`NearStorage`]), and the reads and
+//! evictions of [`Cache`](super::Cache) that go through it: a get served from
+//! memory or read and kept, a batch read likewise, and this process's writes
+//! evicted at once (read-your-writes; other processes learn of them from the
+//! change log, see `near/protocol.rs`).
+
+use chrono::{DateTime, Utc};
+use diesel::pg::PgConnection;
+
+use super::Storage;
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::metrics::Op;
+use crate::near::{NearCaches, NearKey, NearValue, Ticket};
+
+/// What a table supplies to its near cache: the keys the change log names, reads
+/// that also say what to keep and for how long, and the way back from what was
+/// kept. Implemented by every table, whether a near cache is configured or not.
+pub trait NearStorage: Storage {
+    /// The near-cache key of a checked key: what the change log names (the
+    /// digest, or a key/value key's bytes, see `protocol::near_key_from_log`).
+    fn near_key(key: &Self::Key, checked: &Self::CheckedKey) -> NearKey;
+
+    /// The near-cache key of a row about to be written.
+    fn row_near_key(row: &Self::Row<'_>) -> NearKey;
+
+    /// Reads one live entry for the near cache: the entry, what the near cache
+    /// keeps of it, its expiry (database clock) and its weight in bytes.
+    fn read_for_near(
+        &self,
+        conn: &mut PgConnection,
+        key: &Self::Key,
+        checked: &Self::CheckedKey,
+    ) -> Result<Option<NearRead<Self::Entry>>>;
+
+    /// Reads the live entries of checked keys for the near cache in one
+    /// statement, in `keys` order: [`read_for_near`](Self::read_for_near) for a
+    /// batch.
+    fn read_many_for_near(
+        &self,
+        conn: &mut PgConnection,
+        keys: &[&Self::Key],
+        checked: &[Self::CheckedKey],
+    ) -> Result<Vec<Option<NearRead<Self::Entry>>>>;
+
+    /// An entry back from what the near cache kept of it.
+    ///
+    /// # Errors
+    /// A value that does not decode into this handle's type (key/value).
+    fn from_near(value: &NearValue) -> Result<Option<Self::Entry>>;
+
+    /// Counts a hit served from the near cache where the table counts hits.
+    fn near_hit(&self, _checked: &Self::CheckedKey) {}
+}
+
+/// A live entry read for the near cache.
+pub struct NearRead<E> {
+    pub(crate) entry: E,
+    pub(crate) kept: NearValue,
+    pub(crate) expires_at: DateTime<Utc>,
+    pub(crate) weight: usize,
+}
+
+impl<E> std::fmt::Debug for NearRead<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NearRead")
+            .field("expires_at", &self.expires_at)
+            .field("weight", &self.weight)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The near cache of `C`'s table on `engine`'s shard, if it has one.
+pub(super) fn near_of<C: NearStorage + ?Sized>(engine: &Engine) -> Option<&NearCaches> {
+    engine.near().filter(|near| near.serves(C::KIND))
+}
+
+/// A get through the near cache: served from memory when it holds a live entry and
+/// the channel is current; else read, and kept unless an invalidation came meanwhile.
+pub(super) fn get<C: NearStorage + ?Sized>(
+    cache: &C,
+    engine: &Engine,
+    near: &NearCaches,
+    key: &C::Key,
+    checked: &C::CheckedKey,
+) -> Result<Option<C::Entry>> {
+    let near_key = C::near_key(key, checked);
+    if let Some(kept) = near.get(C::KIND, &near_key) {
+        if let Some(entry) = C::from_near(&kept)? {
+            cache.near_hit(checked);
+            return Ok(Some(entry));
+        }
+    }
+    let ticket = near.ticket(C::KIND, &near_key);
+    let read = engine.read(C::KIND, Op::Get, None, |conn| {
+        cache.read_for_near(conn, key, checked)
+    })?;
+    Ok(read.map(|read| keep::<C>(near, ticket, near_key, read)))
+}
+
+/// Puts what a reader read after taking `ticket` into L1 (unless an invalidation
+/// came meanwhile; no ticket, no fill) and hands back its entry.
+fn keep<C: NearStorage + ?Sized>(
+    near: &NearCaches,
+    ticket: Option<Ticket>,
+    near_key: NearKey,
+    read: NearRead<C::Entry>,
+) -> C::Entry {
+    if let Some(ticket) = ticket {
+        near.fill(
+            C::KIND,
+            ticket,
+            near_key,
+            read.kept,
+            read.expires_at,
+            read.weight,
+        );
+    }
+    read.entry
+}
+
+/// A batch read on one shard through its near cache: the keys it holds are served
+/// from memory, the rest read in one statement and kept as a get keeps them.
+pub(super) fn read_many<C: NearStorage + ?Sized>(
+    cache: &C,
+    engine: &Engine,
+    near: &NearCaches,
+    keys: &[&C::Key],
+    checked: &[C::CheckedKey],
+) -> Result<Vec<Option<C::Entry>>> {
+    let mut found = Vec::with_capacity(keys.len());
+    let mut wanted = Vec::new();
+    for (i, (key, checked)) in keys.iter().zip(checked).enumerate() {
+        let near_key = C::near_key(key, checked);
+        let kept = near.get(C::KIND, &near_key);
+        let entry = kept.map(|kept| C::from_near(&kept)).transpose()?.flatten();
+        if entry.is_some() {
+            cache.near_hit(checked);
+        } else {
+            // Taken before the read, as a get takes its own.
+            let ticket = near.ticket(C::KIND, &near_key);
+            wanted.push((i, near_key, ticket));
+        }
+        found.push(entry);
+    }
+    if !wanted.is_empty() {
+        let wanted_keys: Vec<&C::Key> = wanted.iter().map(|(i, ..)| keys[*i]).collect();
+        let wanted_checked: Vec<C::CheckedKey> =
+            wanted.iter().map(|(i, ..)| checked[*i].clone()).collect();
+        let read = engine.read_with(
+            C::KIND,
+            Op::GetMany,
+            || wanted.iter().map(|_| None).collect(),
+            |conn| cache.read_many_for_near(conn, &wanted_keys, &wanted_checked),
+        )?;
+        for ((i, near_key, ticket), read) in wanted.into_iter().zip(read) {
+            found[i] = read.map(|read| keep::<C>(near, ticket, near_key, read));
+        }
+    }
+    Ok(found)
+}
+
+/// Evicts the keys of `rows` from the near cache of `engine`'s shard in this
+/// process (read-your-writes).
+pub(super) fn evict_rows<C: NearStorage + ?Sized>(engine: &Engine, rows: &[C::Row<'_>]) {
+    if let Some(near) = near_of::<C>(engine) {
+        let keys: Vec<NearKey> = rows.iter().map(|r| C::row_near_key(r)).collect();
+        near.invalidate(C::KIND, keys.iter().map(|k| &k[..]));
+    }
+}
+
+/// Evicts checked keys from the near cache of `engine`'s shard in this process
+/// (read-your-writes).
+pub(super) fn evict_keys<C: NearStorage + ?Sized>(
+    engine: &Engine,
+    keys: &[&C::Key],
+    checked: &[C::CheckedKey],
+) {
+    if let Some(near) = near_of::<C>(engine) {
+        let keys: Vec<NearKey> = keys
+            .iter()
+            .zip(checked)
+            .map(|(k, c)| C::near_key(k, c))
+            .collect();
+        near.invalidate(C::KIND, keys.iter().map(|k| &k[..]));
+    }
+}
+
+/// Evicts the keys of rows written on a caller's connection from this process's
+/// near caches, each from its shard's.
+pub(super) fn evict_rows_anywhere<C: NearStorage + ?Sized>(cache: &C, rows: &[C::Row<'_>]) {
+    let cluster = cache.handle().cluster;
+    match cluster.single() {
+        Some(engine) => evict_rows::<C>(engine, rows),
+        None => {
+            for row in rows {
+                let engine = cluster.engine_for(|| C::row_route(row));
+                evict_rows::<C>(engine, std::slice::from_ref(row));
+            }
+        }
+    }
+}

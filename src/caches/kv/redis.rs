@@ -1,0 +1,458 @@
+//! The key/value cache's Redis-style operations beyond [`Cache`]: `EXISTS`, `TTL`,
+//! `EXPIRE`, `INCRBY`/`DECRBY`, `SET NX`, `GETDEL`, `GETEX`, prefix deletes,
+//! `FLUSH`, and JSON containment queries. Each is one statement; a write leaves
+//! this process's near cache at once and is logged for the others' as the
+//! change-logging protocol says (a stamp on every update, the trigger for deletes).
+
+use std::time::Duration;
+
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Jsonb, Nullable, Text};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::statements::{delete_prefix, refuse_bytes, remaining};
+use super::{wrong_type, KvCache};
+use crate::cache::{Cache, Storage};
+use crate::caches::common::{Param, Prepared};
+use crate::error::{Error, Result};
+use crate::expiry::ttl_interval;
+use crate::jsonb::{JsonbIn, JsonbOut};
+use crate::kind::CacheKind;
+use crate::metrics::Op;
+use crate::near::protocol::change_stamp;
+use crate::skipped::Skipped;
+use crate::validation::check_key;
+
+impl<V> KvCache<'_, V> {
+    /// Whether `key` holds a live entry.
+    ///
+    /// # Errors
+    /// A bad key, or a connection or database error.
+    pub fn exists(&self, key: &str) -> Result<bool> {
+        check_key(key)?;
+        self.engine(key)
+            .read(CacheKind::Kv, Op::Exists, false, |conn| {
+                Ok(remaining(conn, self.table(), key)?.is_some())
+            })
+    }
+
+    /// Time left before `key` expires; `None` when it holds no live entry.
+    ///
+    /// # Errors
+    /// A bad key, or a connection or database error.
+    pub fn ttl(&self, key: &str) -> Result<Option<Duration>> {
+        check_key(key)?;
+        self.engine(key).read(CacheKind::Kv, Op::Ttl, None, |conn| {
+            Ok(remaining(conn, self.table(), key)?
+                .map(|(expires, now)| (expires - now).to_std().unwrap_or(Duration::ZERO)))
+        })
+    }
+
+    /// Sets a live entry to expire `ttl` from now (Redis `EXPIRE`); true if `key`
+    /// held a live entry.
+    ///
+    /// # Errors
+    /// A bad key or TTL, or a connection or database error.
+    pub fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
+        check_key(key)?;
+        let interval = ttl_interval(ttl)?;
+        self.engine(key).write(
+            CacheKind::Kv,
+            Op::Touch,
+            false,
+            || None,
+            |conn| {
+                // Hand-written for the statement cache, as `get_touch`.
+                let (key, interval) = (
+                    Param::<Text, _>::new(key),
+                    Param::<diesel::sql_types::Interval, _>::new(interval),
+                );
+                let touched = Prepared::new(
+                    self.table(),
+                    &[
+                        "UPDATE {t} SET expires_at = statement_timestamp() + ",
+                        concat!(", ", change_stamp!("{t}", "true"), " WHERE key = "),
+                        " AND expires_at > statement_timestamp()",
+                    ],
+                    vec![&interval, &key],
+                )
+                .execute(conn)?;
+                Ok(touched > 0)
+            },
+        )
+    }
+
+    /// Deletes every entry whose key starts with `prefix`; returns how many rows were
+    /// removed. `%` and `_` are ordinary characters here, not wildcards, and the
+    /// delete is an index range scan.
+    ///
+    /// # Errors
+    /// An empty or bad prefix (use [`clear`](Self::clear) to delete everything), or a
+    /// connection or database error.
+    pub fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        check_key(prefix).map_err(|e| match e {
+            Error::InvalidInput { reason, .. } => Error::invalid("prefix", reason),
+            other => other,
+        })?;
+        let removed = self.handle.cluster.all(|engine| {
+            engine.write(
+                CacheKind::Kv,
+                Op::DeletePrefix,
+                0,
+                || {
+                    Some(Skipped::prefix(prefix.to_owned(), |conn, table, prefix| {
+                        Ok(delete_prefix(conn, table, prefix).map(drop)?)
+                    }))
+                },
+                |conn| self.delete_prefix_in(conn, prefix),
+            )
+        });
+        self.evict_all_near();
+        Ok(removed?.into_iter().sum())
+    }
+
+    /// [`delete_prefix`](Self::delete_prefix) on your connection, e.g. inside your
+    /// own transaction.
+    ///
+    /// # Errors
+    /// As [`delete_prefix`](Self::delete_prefix).
+    pub fn delete_prefix_in(&self, conn: &mut PgConnection, prefix: &str) -> Result<u64> {
+        check_key(prefix)?;
+        if !self.handle.front().is_enabled() {
+            return Ok(0);
+        }
+        Ok(delete_prefix(conn, self.table(), prefix)? as u64)
+    }
+
+    /// Deletes every entry of the key/value cache; returns how many rows were removed.
+    ///
+    /// # Errors
+    /// A connection or database error.
+    pub fn clear(&self) -> Result<u64> {
+        let removed =
+            self.handle.cluster.all(|engine| {
+                engine.write(
+                    CacheKind::Kv,
+                    Op::Clear,
+                    0,
+                    || Some(Skipped::whole()),
+                    |conn| {
+                        Ok(Prepared::new(self.table(), &["DELETE FROM {t}"], vec![])
+                            .execute(conn)? as u64)
+                    },
+                )
+            });
+        self.evict_all_near();
+        Ok(removed?.into_iter().sum())
+    }
+}
+
+impl<V> KvCache<'_, V> {
+    /// Adds `delta` to the integer stored under `key` and returns the result (Redis
+    /// `INCRBY`), atomically under any concurrency. An absent or expired key starts
+    /// from 0 and expires `ttl` from now; a live one keeps its expiry.
+    ///
+    /// If the connection is lost while the statement runs it is retried once on a
+    /// live connection, so an increment whose commit was never acknowledged may count
+    /// twice (as a client retrying Redis `INCR` would).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when the live value is not an integer or the result
+    /// would leave `i64`, [`Error::WrongType`] when it is bytes (nothing is changed
+    /// then); a bad key or TTL; a connection or database error.
+    pub fn incr(&self, key: &str, delta: i64, ttl: Duration) -> Result<i64> {
+        self.add(Op::Incr, key, delta, ttl)
+    }
+
+    /// [`incr`](Self::incr), labelled `op` in metrics and spans.
+    fn add(&self, op: Op, key: &str, delta: i64, ttl: Duration) -> Result<i64> {
+        check_key(key)?;
+        let interval = ttl_interval(ttl)?;
+        let engine = self.engine(key);
+        let result = engine.exact(CacheKind::Kv, op, |conn| {
+            #[derive(QueryableByName)]
+            struct Counted {
+                #[diesel(sql_type = BigInt)]
+                n: i64,
+            }
+            // A value that is not an integer, or a sum outside int8, sets NULL: the
+            // one-payload constraint then fails the statement, and nothing changes.
+            // A live bytes entry is not updated at all: no row comes back.
+            let name = key;
+            let (key, delta, interval) = (
+                Param::<Text, _>::new(key),
+                Param::<BigInt, _>::new(delta),
+                Param::<diesel::sql_types::Interval, _>::new(interval),
+            );
+            let counted: Option<Counted> = Prepared::new(
+                self.table(),
+                &[
+                    "INSERT INTO {t} AS c (key, value, expires_at) VALUES (",
+                    ", to_jsonb(",
+                    "::int8), statement_timestamp() + ",
+                    ") ON CONFLICT (key) DO UPDATE SET value = CASE \
+                     WHEN c.expires_at <= statement_timestamp() THEN excluded.value \
+                     WHEN jsonb_typeof(c.value) = 'number' AND (c.value #>> '{}') ~ '^-?[0-9]{1,19}$' \
+                       AND (c.value #>> '{}')::numeric + ",
+                    " BETWEEN -9223372036854775808 AND 9223372036854775807 \
+                     THEN to_jsonb(((c.value #>> '{}')::numeric + ",
+                    concat!(
+                        ")::int8) ELSE NULL END, bytes = NULL, \
+                         expires_at = CASE WHEN c.expires_at <= statement_timestamp() \
+                           THEN excluded.expires_at ELSE c.expires_at END, \
+                         created_at = CASE WHEN c.expires_at <= statement_timestamp() \
+                           THEN now() ELSE c.created_at END, ",
+                        change_stamp!("c", "true"),
+                        " WHERE c.bytes IS NULL OR c.expires_at <= statement_timestamp() \
+                         RETURNING (value #>> '{}')::int8 AS n"
+                    ),
+                ],
+                vec![&key, &delta, &interval, &delta, &delta],
+            )
+            .get_result(conn)
+            .optional()?;
+            counted
+                .map(|c| c.n)
+                .ok_or_else(|| wrong_type(name, "bytes", "integer"))
+        });
+        self.evict_near(key);
+        let counted = result.map_err(|error| match error {
+            Error::Database(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::CheckViolation,
+                _,
+            )) => Error::invalid(
+                "value",
+                format!("the live value of `{key}` is not an integer, or adding {delta} would overflow i64"),
+            ),
+            other => other,
+        })?;
+        Ok(counted)
+    }
+
+    /// Subtracts `delta` (Redis `DECRBY`): [`incr`](Self::incr) of `-delta`.
+    ///
+    /// # Errors
+    /// As [`incr`](Self::incr); also `delta == i64::MIN`.
+    pub fn decr(&self, key: &str, delta: i64, ttl: Duration) -> Result<i64> {
+        let negated = delta
+            .checked_neg()
+            .ok_or_else(|| Error::invalid("delta", "i64::MIN cannot be negated"))?;
+        self.add(Op::Decr, key, negated, ttl)
+    }
+}
+
+impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
+    /// Live JSON entries whose value contains `filter` (JSONB containment, `@>`), in
+    /// key order, at most `limit` (bytes entries are never found): `json!({"plan": "pro"})` finds every cached object with
+    /// that field and value.
+    ///
+    /// This reads the whole table unless it has a GIN index on `value`; add one
+    /// (`CREATE INDEX ON cache_entries USING gin (value jsonb_path_ops)`) when such
+    /// queries are frequent, at some cost to every write.
+    ///
+    /// # Errors
+    /// A filter holding NUL, a stored value that is not a `V`, or a connection or
+    /// database error.
+    pub fn find_containing(
+        &self,
+        filter: &serde_json::Value,
+        limit: usize,
+    ) -> Result<Vec<(String, V)>> {
+        let filter = JsonbOut::new("filter", filter)?;
+        let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
+        let per_shard = self.handle.cluster.all(|engine| {
+            engine.read(CacheKind::Kv, Op::FindContaining, Vec::new(), |conn| {
+                #[derive(QueryableByName)]
+                struct Found<V> {
+                    #[diesel(sql_type = Text)]
+                    key: String,
+                    #[diesel(sql_type = Jsonb)]
+                    value: JsonbIn<V>,
+                }
+                let (filter, limit) = (
+                    Param::<Jsonb, _>::new(&filter),
+                    Param::<BigInt, _>::new(limit_sql),
+                );
+                let rows: Vec<Found<V>> = Prepared::new(
+                    engine.tables().of(CacheKind::Kv),
+                    &[
+                        "SELECT key, value FROM {t} WHERE value @> ",
+                        " AND expires_at > statement_timestamp() ORDER BY key LIMIT ",
+                        "",
+                    ],
+                    vec![&filter, &limit],
+                )
+                .load(conn)?;
+                Ok(rows
+                    .into_iter()
+                    .map(
+                        |Found {
+                             key,
+                             value: JsonbIn(v),
+                         }| (key, v),
+                    )
+                    .collect::<Vec<_>>())
+            })
+        })?;
+        // Each shard's first `limit` in key order: together, the first `limit` of all.
+        let mut found: Vec<(String, V)> = per_shard.into_iter().flatten().collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found.truncate(limit);
+        Ok(found)
+    }
+
+    /// Stores `value` only if `key` holds no live entry (Redis `SET ... NX`); true if
+    /// it stored. Of concurrent callers on one key exactly one stores: idempotency
+    /// keys, simple locks (whose holder deletes the key, or lets it expire).
+    ///
+    /// # Errors
+    /// A bad key, value or TTL, or a connection or database error.
+    pub fn set_nx(&self, key: &str, value: &V, ttl: Duration) -> Result<bool> {
+        let interval = ttl_interval(ttl)?;
+        let row = self.check_entry(key, value)?;
+        let engine = self.engine(key);
+        let stored = engine.exact(CacheKind::Kv, Op::SetNx, |conn| {
+            #[derive(QueryableByName)]
+            struct Stored {
+                #[diesel(sql_type = diesel::sql_types::Bool)]
+                stored: bool,
+            }
+            // Taken by a live entry: neither the insert nor the update writes, so
+            // the statement locks nothing and commits nothing. An expired entry is
+            // replaced by the update; of racing callers the row lock admits one.
+            let (key, value, interval) = (
+                Param::<Text, _>::new(row.key),
+                Param::<Nullable<Jsonb>, _>::new(row.json()),
+                Param::<diesel::sql_types::Interval, _>::new(interval),
+            );
+            let stored: Stored = Prepared::new(
+                self.table(),
+                &[
+                    "WITH inserted AS (INSERT INTO {t} (key, value, expires_at) VALUES (",
+                    ", ",
+                    ", statement_timestamp() + ",
+                    ") ON CONFLICT (key) DO NOTHING RETURNING true), \
+                     replaced AS (UPDATE {t} SET bytes = NULL, value = ",
+                    ", expires_at = statement_timestamp() + ",
+                    ", created_at = now() WHERE key = ",
+                    " AND expires_at <= statement_timestamp() \
+                       AND NOT EXISTS (SELECT 1 FROM inserted) RETURNING true) \
+                     SELECT EXISTS (SELECT 1 FROM inserted) \
+                       OR EXISTS (SELECT 1 FROM replaced) AS stored",
+                ],
+                vec![&key, &value, &interval, &value, &interval, &key],
+            )
+            .get_result(conn)?;
+            Ok(stored.stored)
+        })?;
+        self.evict_near(key);
+        Ok(stored)
+    }
+
+    /// Removes `key` and returns its live value, if any (Redis `GETDEL`): of
+    /// concurrent callers exactly one gets it.
+    ///
+    /// # Errors
+    /// A bad key, a stored value that is not a `V`, [`Error::WrongType`] for a bytes
+    /// entry (left in place), or a connection or database error.
+    pub fn get_del(&self, key: &str) -> Result<Option<V>> {
+        check_key(key)?;
+        let taken = self.engine(key).exact(CacheKind::Kv, Op::GetDel, |conn| {
+            #[derive(QueryableByName)]
+            struct Taken<V> {
+                #[diesel(sql_type = Jsonb)]
+                value: JsonbIn<V>,
+                #[diesel(sql_type = diesel::sql_types::Bool)]
+                live: bool,
+            }
+            // A bytes entry is left alone: reading it as JSON is an error.
+            let param = Param::<Text, _>::new(key);
+            let taken: Option<Taken<V>> = Prepared::new(
+                self.table(),
+                &[
+                    "DELETE FROM {t} WHERE key = ",
+                    " AND bytes IS NULL \
+                     RETURNING value, expires_at > statement_timestamp() AS live",
+                ],
+                vec![&param],
+            )
+            .get_result(conn)
+            .optional()?;
+            match taken {
+                Some(Taken {
+                    value: JsonbIn(value),
+                    live,
+                }) => Ok(live.then_some(value)),
+                None => refuse_bytes(conn, self.table(), key).map(|()| None),
+            }
+        })?;
+        self.evict_near(key);
+        Ok(taken)
+    }
+
+    /// Reads a live entry and makes it expire `ttl` from now (Redis `GETEX ... EX`):
+    /// sliding expiry, as moka's time-to-idle, in one statement.
+    ///
+    /// # Errors
+    /// A bad key or TTL, a stored value that is not a `V`, [`Error::WrongType`] for a
+    /// bytes entry (its expiry unchanged), or a connection or database error.
+    pub fn get_touch(&self, key: &str, ttl: Duration) -> Result<Option<V>> {
+        check_key(key)?;
+        let interval = ttl_interval(ttl)?;
+        self.engine(key).write(
+            CacheKind::Kv,
+            Op::GetTouch,
+            None,
+            || None,
+            |conn| {
+                #[derive(QueryableByName)]
+                struct Touched<V> {
+                    #[diesel(sql_type = Jsonb)]
+                    value: JsonbIn<V>,
+                }
+                // Hand-written: Diesel prepares an UPDATE anew on every call (it
+                // keeps no UPDATE in its statement cache), which cost a quarter more
+                // than the statement itself. `touch` likewise.
+                let name = key;
+                let (key, interval) = (
+                    Param::<Text, _>::new(key),
+                    Param::<diesel::sql_types::Interval, _>::new(interval),
+                );
+                let found: Option<Touched<V>> = Prepared::new(
+                    self.table(),
+                    &[
+                        "UPDATE {t} SET expires_at = statement_timestamp() + ",
+                        concat!(", ", change_stamp!("{t}", "true"), " WHERE key = "),
+                        " AND expires_at > statement_timestamp() AND bytes IS NULL \
+                         RETURNING value",
+                    ],
+                    vec![&interval, &key],
+                )
+                .get_result(conn)
+                .optional()?;
+                match found {
+                    Some(Touched {
+                        value: JsonbIn(value),
+                    }) => Ok(Some(value)),
+                    None => refuse_bytes(conn, self.table(), name).map(|()| None),
+                }
+            },
+        )
+    }
+
+    /// Cache-aside with an explicit TTL (Redis-style `get` then `set ... EX`): the
+    /// live value, or `compute`'s result, stored. Same as
+    /// [`Cache::get_or_compute_with_ttl`].
+    ///
+    /// # Errors
+    /// `compute`'s error (nothing cached), or a cache error converted into `E`.
+    pub fn get_or_set<E, F>(&self, key: &str, ttl: Duration, compute: F) -> Result<V, E>
+    where
+        F: FnOnce() -> Result<V, E>,
+        E: From<Error>,
+    {
+        self.get_or_compute_with_ttl(key, ttl, compute)
+    }
+}

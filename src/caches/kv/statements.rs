@@ -1,0 +1,447 @@
+//! The key/value table's statements: the upserts of both payload kinds, the deletes
+//! (by key, in key order, by prefix), the reads of a live entry with both columns,
+//! and the rows they take. Each is hand-written and cached by its text (which names
+//! the schema, see `Prepared`): Diesel prepares it once per connection.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use diesel::data_types::PgInterval;
+use diesel::pg::{Pg, PgConnection};
+use diesel::prelude::*;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::{Array, Binary, Jsonb, Nullable, Text, Timestamptz, Untyped};
+
+use super::wrong_type;
+use crate::caches::common::{push_with_table, write_batches, Param, Prepared};
+use crate::error::Result;
+use crate::expiry::ExpiresIn;
+use crate::jsonb::{JsonbOut, JsonbText};
+use crate::near::protocol::change_stamp;
+use crate::skipped::Skipped;
+use crate::validation::check_key;
+
+/// A live entry read with both payload columns (exactly one is set) and its expiry:
+/// every read of either kind takes this one shape, then its own column.
+#[derive(QueryableByName)]
+pub struct LiveEntry {
+    #[diesel(sql_type = Nullable<Jsonb>)]
+    pub(super) value: Option<JsonbText>,
+    #[diesel(sql_type = Nullable<Binary>)]
+    pub(super) bytes: Option<Vec<u8>>,
+    #[diesel(sql_type = Timestamptz)]
+    pub(super) expires_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for LiveEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveEntry")
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The one-key read of both kinds of entry. `table`: the kv table, qualified.
+pub(super) fn read_live(
+    conn: &mut PgConnection,
+    table: &str,
+    key: &str,
+) -> QueryResult<Option<LiveEntry>> {
+    let key = Param::<Text, _>::new(key);
+    Prepared::new(
+        table,
+        &[
+            "SELECT value, bytes, expires_at FROM {t} WHERE key = ",
+            " AND expires_at > statement_timestamp()",
+        ],
+        vec![&key],
+    )
+    .get_result(conn)
+    .optional()
+}
+
+/// [`read_live`] for many keys: the live entries among `keys`, each with its key.
+pub(super) fn read_live_many(
+    conn: &mut PgConnection,
+    table: &str,
+    keys: &[&str],
+) -> QueryResult<Vec<(String, LiveEntry)>> {
+    #[derive(QueryableByName)]
+    struct Keyed {
+        #[diesel(sql_type = Text)]
+        key: String,
+        #[diesel(embed)]
+        row: LiveEntry,
+    }
+    let keys = Param::<Array<Text>, _>::new(keys);
+    let rows: Vec<Keyed> = Prepared::new(
+        table,
+        &[
+            "SELECT key, value, bytes, expires_at FROM {t} WHERE key = ANY(",
+            ") AND expires_at > statement_timestamp()",
+        ],
+        vec![&keys],
+    )
+    .load(conn)?;
+    Ok(rows.into_iter().map(|r| (r.key, r.row)).collect())
+}
+
+/// Deletes every entry whose key starts with `prefix` (checked by the caller) from
+/// `table` (the kv table, qualified); an index range scan, with `%` and `_` as
+/// ordinary characters.
+pub(super) fn delete_prefix(
+    conn: &mut PgConnection,
+    table: &str,
+    prefix: &str,
+) -> QueryResult<usize> {
+    let from = Param::<Text, _>::new(prefix);
+    match prefix_upper_bound(prefix) {
+        Some(upper) => {
+            let upper = Param::<Text, _>::new(upper);
+            Prepared::new(
+                table,
+                &["DELETE FROM {t} WHERE key >= ", " AND key < ", ""],
+                vec![&from, &upper],
+            )
+            .execute(conn)
+        }
+        None => {
+            Prepared::new(table, &["DELETE FROM {t} WHERE key >= ", ""], vec![&from]).execute(conn)
+        }
+    }
+}
+
+/// `(expires_at, now())` of a live entry.
+pub(super) fn remaining(
+    conn: &mut PgConnection,
+    table: &str,
+    key: &str,
+) -> QueryResult<Option<(DateTime<Utc>, DateTime<Utc>)>> {
+    #[derive(QueryableByName)]
+    struct Remaining {
+        #[diesel(sql_type = Timestamptz)]
+        expires_at: DateTime<Utc>,
+        #[diesel(sql_type = Timestamptz)]
+        now: DateTime<Utc>,
+    }
+    let key = Param::<Text, _>::new(key);
+    let found: Option<Remaining> = Prepared::new(
+        table,
+        &[
+            "SELECT expires_at, statement_timestamp() AS now FROM {t} WHERE key = ",
+            " AND expires_at > statement_timestamp()",
+        ],
+        vec![&key],
+    )
+    .get_result(conn)
+    .optional()?;
+    Ok(found.map(|r| (r.expires_at, r.now)))
+}
+
+/// [`Error::WrongType`] if `key` holds a live bytes entry: what a JSON operation
+/// that found no JSON entry reports, rather than a miss.
+pub(super) fn refuse_bytes(conn: &mut PgConnection, table: &str, key: &str) -> Result<()> {
+    #[derive(QueryableByName)]
+    struct Bytes {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        bytes: bool,
+    }
+    let param = Param::<Text, _>::new(key);
+    let found: Bytes = Prepared::new(
+        table,
+        &[
+            "SELECT EXISTS (SELECT 1 FROM {t} WHERE key = ",
+            " AND expires_at > statement_timestamp() AND bytes IS NOT NULL) AS bytes",
+        ],
+        vec![&param],
+    )
+    .get_result(conn)?;
+    if found.bytes {
+        Err(wrong_type(key, "bytes", "json"))
+    } else {
+        Ok(())
+    }
+}
+
+/// The smallest string greater than every string starting with `prefix`, in byte
+/// (C collation) order, which for UTF-8 is code point order: the prefix with its last
+/// character incremented. `None` when no such string exists (all `U+10FFFF`).
+pub(super) fn prefix_upper_bound(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let mut next = last as u32 + 1;
+        if (0xD800..=0xDFFF).contains(&next) {
+            next = 0xE000;
+        }
+        if let Some(c) = char::from_u32(next) {
+            chars.push(c);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+/// What an upsert does to an existing key: new payload (of either kind), new expiry,
+/// new `created_at`, and the change stamp. Every key/value update is stamped, values
+/// not compared (cheaper for writers; it only evicts an entry that was still right).
+const ON_CONFLICT_OVERWRITE: &str = concat!(
+    " ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
+     bytes = excluded.bytes, expires_at = excluded.expires_at, created_at = now(), ",
+    change_stamp!("{t}", "true")
+);
+
+/// The upserts as typed fragments Diesel caches by their text (which names the
+/// schema, see `Prepared`): Diesel's own `insert_into(..).on_conflict(..)` is never
+/// put in its prepared-statement cache, and its multi-row `VALUES` list would be a
+/// new statement for every batch size. These are prepared once per connection. A
+/// row binds both value columns, one of them NULL.
+struct Upsert<'a> {
+    table: &'a str,
+    key: &'a str,
+    value: Option<&'a JsonbOut>,
+    bytes: Option<&'a [u8]>,
+    expires: ExpiresIn,
+}
+
+/// The batch as three arrays (`SELECT ... FROM unnest($keys, $values, $bytes)`): one
+/// statement text for any batch size. Must stay equivalent to [`Upsert`].
+struct UpsertMany<'a> {
+    table: &'a str,
+    keys: Vec<&'a str>,
+    values: Vec<Option<&'a JsonbOut>>,
+    bytes: Vec<Option<&'a [u8]>>,
+    expires: ExpiresIn,
+}
+
+const INSERT_INTO: &str = "INSERT INTO {t} (key, value, bytes, expires_at) ";
+
+impl QueryFragment<Pg> for Upsert<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        push_with_table(&mut out, INSERT_INTO, self.table);
+        out.push_sql("VALUES (");
+        out.push_bind_param::<Text, _>(self.key)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Jsonb>, _>(&self.value)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Binary>, _>(&self.bytes)?;
+        out.push_sql(", ");
+        self.expires.walk_ast(out.reborrow())?;
+        out.push_sql(")");
+        push_with_table(&mut out, ON_CONFLICT_OVERWRITE, self.table);
+        Ok(())
+    }
+}
+
+impl QueryFragment<Pg> for UpsertMany<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        push_with_table(&mut out, INSERT_INTO, self.table);
+        out.push_sql("SELECT u.k, u.v, u.b, ");
+        self.expires.walk_ast(out.reborrow())?;
+        out.push_sql(" FROM unnest(");
+        out.push_bind_param::<Array<Text>, _>(&self.keys)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Jsonb>>, _>(&self.values)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Binary>>, _>(&self.bytes)?;
+        out.push_sql(") AS u(k, v, b)");
+        push_with_table(&mut out, ON_CONFLICT_OVERWRITE, self.table);
+        Ok(())
+    }
+}
+
+impl QueryId for Upsert<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl QueryId for UpsertMany<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Conn> RunQueryDsl<Conn> for Upsert<'_> {}
+
+impl<Conn> RunQueryDsl<Conn> for UpsertMany<'_> {}
+
+/// `DELETE ... WHERE key IN (SELECT key ... ORDER BY key FOR UPDATE) RETURNING
+/// live`: rows locked in key order, as `set_many` takes them, so the two cannot
+/// deadlock whatever plan the delete gets. Prepared once per connection (cached by
+/// its text).
+struct DeleteMany<'a> {
+    table: &'a str,
+    keys: &'a [&'a str],
+}
+
+impl QueryFragment<Pg> for DeleteMany<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        push_with_table(
+            &mut out,
+            "DELETE FROM {t} WHERE key IN (SELECT key FROM {t} WHERE key = ANY(",
+            self.table,
+        );
+        out.push_bind_param::<Array<Text>, _>(self.keys)?;
+        out.push_sql(
+            ") ORDER BY key FOR UPDATE) RETURNING expires_at > statement_timestamp() AS live",
+        );
+        Ok(())
+    }
+}
+
+impl QueryId for DeleteMany<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl Query for DeleteMany<'_> {
+    type SqlType = Untyped;
+}
+
+impl<Conn> RunQueryDsl<Conn> for DeleteMany<'_> {}
+
+#[derive(QueryableByName)]
+struct Live {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    live: bool,
+}
+
+/// A key/value entry validated for writing.
+#[derive(Debug, Clone)]
+pub struct Row<'a> {
+    pub(super) key: &'a str,
+    pub(super) payload: Payload<'a>,
+}
+
+/// What a key/value entry holds: exactly one of the table's two value columns.
+#[derive(Debug, Clone)]
+pub(super) enum Payload<'a> {
+    /// For `value` (JSONB).
+    Json(JsonbOut),
+    /// For `bytes`, kept exactly.
+    Bytes(&'a [u8]),
+}
+
+impl<'a> Row<'a> {
+    pub(super) fn bytes(key: &'a str, bytes: &'a [u8]) -> Result<Self> {
+        check_key(key)?;
+        Ok(Row {
+            key,
+            payload: Payload::Bytes(bytes),
+        })
+    }
+
+    pub(super) fn json(&self) -> Option<&JsonbOut> {
+        match &self.payload {
+            Payload::Json(json) => Some(json),
+            Payload::Bytes(_) => None,
+        }
+    }
+
+    fn raw(&self) -> Option<&'a [u8]> {
+        match self.payload {
+            Payload::Json(_) => None,
+            Payload::Bytes(bytes) => Some(bytes),
+        }
+    }
+
+    fn size(&self) -> usize {
+        self.key.len()
+            + match &self.payload {
+                Payload::Json(json) => json.byte_len(),
+                Payload::Bytes(bytes) => bytes.len(),
+            }
+    }
+}
+
+/// Upserts rows of either kind; a batch too large for one statement is split, in
+/// one transaction.
+pub(super) fn write(
+    conn: &mut PgConnection,
+    table: &str,
+    rows: &[Row<'_>],
+    ttl: PgInterval,
+) -> Result<()> {
+    let expires = ExpiresIn(ttl);
+    match rows {
+        [row] => Upsert {
+            table,
+            key: row.key,
+            value: row.json(),
+            bytes: row.raw(),
+            expires,
+        }
+        .execute(conn)?,
+        rows => write_batches(conn, rows, Row::size, |conn, rows| {
+            UpsertMany {
+                table,
+                keys: rows.iter().map(|r| r.key).collect(),
+                values: rows.iter().map(Row::json).collect(),
+                bytes: rows.iter().map(Row::raw).collect(),
+                expires,
+            }
+            .execute(conn)
+        })?,
+    };
+    Ok(())
+}
+
+/// Deletes entries of either kind; returns how many were live.
+pub(super) fn remove(conn: &mut PgConnection, table: &str, keys: &[&str]) -> Result<u64> {
+    let live: Vec<Live> = match keys {
+        // One row: nothing to order, and a plain key probe.
+        [key] => {
+            let key = Param::<Text, _>::new(key);
+            Prepared::new(
+                table,
+                &[
+                    "DELETE FROM {t} WHERE key = ",
+                    " RETURNING expires_at > statement_timestamp() AS live",
+                ],
+                vec![&key],
+            )
+            .load(conn)?
+        }
+        keys => DeleteMany { table, keys }.load(conn)?,
+    };
+    Ok(live.into_iter().filter(|l| l.live).count() as u64)
+}
+
+/// The delete undoing a skipped write or delete of `keys`.
+pub(super) fn skipped(keys: &[&str]) -> Skipped {
+    let keys = keys.iter().map(|k| Box::from(k.as_bytes())).collect();
+    Skipped::keys(keys, |conn, table, keys| {
+        let keys = keys
+            .iter()
+            .map(|k| std::str::from_utf8(k).expect("remembered from a key"))
+            .collect::<Vec<_>>();
+        // `remove` locks rows in key order: no deadlock with concurrent batches.
+        remove(conn, table, &keys).map(drop)
+    })
+}
+
+/// Live entries read with their keys, decoded per requested key in `keys` order, so
+/// a key asked for twice gets its value twice; a failed decode (an entry of the
+/// other kind) fails the batch.
+pub(super) fn in_key_order<R, T>(
+    keys: &[&str],
+    rows: &[(String, R)],
+    decode: impl Fn(&str, &R) -> Result<T>,
+) -> Result<Vec<Option<T>>> {
+    let by_key: HashMap<&str, &R> = rows.iter().map(|(key, row)| (key.as_str(), row)).collect();
+    keys.iter()
+        .map(|k| by_key.get(k).map(|row| decode(k, row)).transpose())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_upper_bound;
+
+    #[test]
+    fn upper_bound_increments_the_last_character() {
+        assert_eq!(prefix_upper_bound("user:4").as_deref(), Some("user:5"));
+        assert_eq!(prefix_upper_bound("a%").as_deref(), Some("a&"));
+        assert_eq!(prefix_upper_bound("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(prefix_upper_bound("\u{D7FF}").as_deref(), Some("\u{E000}"));
+        assert_eq!(prefix_upper_bound("\u{10FFFF}"), None);
+    }
+}

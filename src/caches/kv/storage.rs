@@ -1,0 +1,275 @@
+//! The key/value table's one [`Storage`] over its payload column: JSON values
+//! (`value`, [`KvCache`]) and opaque bytes (`bytes`, [`KvBytes`]) share the table,
+//! keys, rows, writes, deletes and reads, and differ only in the column a read
+//! takes ([`KvColumn`]).
+
+use std::sync::Arc;
+
+use diesel::data_types::PgInterval;
+use diesel::pg::PgConnection;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::statements::{
+    in_key_order, read_live, read_live_many, remove, skipped, write, LiveEntry, Payload, Row,
+};
+use super::{kv_digest, wrong_type, KvCache};
+use crate::cache::{Handle, NearRead, NearStorage, Storage};
+use crate::error::{Error, Result};
+use crate::jsonb::{JsonbOut, JsonbText};
+use crate::key::KeyDigest;
+use crate::kind::CacheKind;
+use crate::near::{NearKey, NearValue};
+use crate::skipped::Skipped;
+use crate::validation::check_key;
+
+/// One payload column of the key/value table, as a cache: what is stored in it,
+/// and how a live entry read with both columns becomes this column's entry (or the
+/// error saying it holds the other kind).
+pub trait KvColumn: Sync {
+    /// What is stored, and what a read returns.
+    type Value: Send;
+    /// This kind's name in [`Error::WrongType`]: `json` or `bytes`.
+    const KIND_NAME: &'static str;
+    /// The other kind's name.
+    const OTHER_NAME: &'static str;
+
+    /// The shards and chosen TTL of this handle.
+    fn column_handle(&self) -> &Handle<'_>;
+
+    /// An entry validated into a row (its key already checked).
+    fn row<'a>(key: &'a str, value: &'a Self::Value) -> Result<Row<'a>>;
+
+    /// This column's entry of a live row: `None` when the row holds the other kind.
+    fn decode(entry: &LiveEntry) -> Option<Result<Self::Value>>;
+
+    /// [`decode`](Self::decode) of a row read for one key, which may be taken apart.
+    fn take(entry: LiveEntry) -> Option<Result<Self::Value>> {
+        Self::decode(&entry)
+    }
+
+    /// What the near cache keeps of an entry, and its weight.
+    fn keep(entry: &LiveEntry) -> Option<Result<(Self::Value, NearValue, usize)>>;
+
+    /// An entry back from what the near cache kept: `None` when it kept the other
+    /// kind (the read that follows reports it).
+    fn from_kept(kept: &NearValue) -> Result<Option<Self::Value>>;
+}
+
+/// `entry`'s own column, or [`Error::WrongType`] naming the kind it holds.
+fn own<C: KvColumn, T>(key: &str, taken: Option<Result<T>>) -> Result<T> {
+    taken.unwrap_or_else(|| Err(wrong_type(key, C::OTHER_NAME, C::KIND_NAME)))
+}
+
+impl<C: KvColumn> Storage for C {
+    type Value = C::Value;
+    type Entry = C::Value;
+    /// Keys are stored as they are: nothing to compute.
+    type CheckedKey = ();
+    type Key = str;
+    type Row<'a>
+        = Row<'a>
+    where
+        Self: 'a;
+
+    const KIND: CacheKind = CacheKind::Kv;
+
+    fn handle(&self) -> &Handle<'_> {
+        self.column_handle()
+    }
+
+    fn into_value(entry: C::Value) -> C::Value {
+        entry
+    }
+
+    fn key_digest(&self, key: &str) -> Result<KeyDigest> {
+        check_key(key)?;
+        Ok(kv_digest(key))
+    }
+
+    fn route(key: &str, (): &()) -> KeyDigest {
+        kv_digest(key)
+    }
+
+    fn row_route(row: &Row<'_>) -> KeyDigest {
+        kv_digest(row.key)
+    }
+
+    fn check_key(&self, key: &str) -> Result<()> {
+        check_key(key)
+    }
+
+    fn check_entry<'a>(&self, key: &'a str, value: &'a C::Value) -> Result<Row<'a>> {
+        check_key(key)?;
+        C::row(key, value)
+    }
+
+    fn row_order(a: &Row<'_>, b: &Row<'_>) -> std::cmp::Ordering {
+        a.key.cmp(b.key)
+    }
+
+    fn skipped(&self, keys: &[&str], _checked: &[()]) -> Skipped {
+        skipped(keys)
+    }
+
+    fn read_one(&self, conn: &mut PgConnection, key: &str, _: &()) -> Result<Option<C::Value>> {
+        read_live(conn, self.table(), key)?
+            .map(|entry| own::<C, _>(key, C::take(entry)))
+            .transpose()
+    }
+
+    fn read_many(
+        &self,
+        conn: &mut PgConnection,
+        keys: &[&str],
+        _checked: &[()],
+    ) -> Result<Vec<Option<C::Value>>> {
+        in_key_order(
+            keys,
+            &read_live_many(conn, self.table(), keys)?,
+            |key, e| own::<C, _>(key, C::decode(e)),
+        )
+    }
+
+    fn write(&self, conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
+        write(conn, self.table(), rows, ttl)
+    }
+
+    fn remove(&self, conn: &mut PgConnection, keys: &[&str], _checked: &[()]) -> Result<u64> {
+        remove(conn, self.table(), keys)
+    }
+}
+
+impl<C: KvColumn> NearStorage for C {
+    fn near_key(key: &str, _checked: &()) -> NearKey {
+        key.as_bytes().into()
+    }
+
+    fn row_near_key(row: &Row<'_>) -> NearKey {
+        row.key.as_bytes().into()
+    }
+
+    fn read_for_near(
+        &self,
+        conn: &mut PgConnection,
+        key: &str,
+        _checked: &(),
+    ) -> Result<Option<NearRead<C::Value>>> {
+        read_live(conn, self.table(), key)?
+            .map(|entry| near_read::<C>(key, &entry))
+            .transpose()
+    }
+
+    fn read_many_for_near(
+        &self,
+        conn: &mut PgConnection,
+        keys: &[&str],
+        _checked: &[()],
+    ) -> Result<Vec<Option<NearRead<C::Value>>>> {
+        in_key_order(
+            keys,
+            &read_live_many(conn, self.table(), keys)?,
+            near_read::<C>,
+        )
+    }
+
+    fn from_near(kept: &NearValue) -> Result<Option<C::Value>> {
+        C::from_kept(kept)
+    }
+}
+
+/// A live entry as the near cache keeps it.
+fn near_read<C: KvColumn>(key: &str, entry: &LiveEntry) -> Result<NearRead<C::Value>> {
+    let (entry_of, kept, weight) = own::<C, _>(key, C::keep(entry))?;
+    Ok(NearRead {
+        entry: entry_of,
+        kept,
+        expires_at: entry.expires_at,
+        weight,
+    })
+}
+
+/// JSON values (`value`): decoded into `V`; the near cache keeps them as JSON,
+/// decoded once, whatever `V` is.
+impl<V: Serialize + DeserializeOwned + Send + 'static> KvColumn for KvCache<'_, V> {
+    type Value = V;
+    const KIND_NAME: &'static str = "json";
+    const OTHER_NAME: &'static str = "bytes";
+
+    fn column_handle(&self) -> &Handle<'_> {
+        &self.handle
+    }
+
+    fn row<'a>(key: &'a str, value: &'a V) -> Result<Row<'a>> {
+        Ok(Row {
+            key,
+            payload: Payload::Json(JsonbOut::new("value", value)?),
+        })
+    }
+
+    fn decode(entry: &LiveEntry) -> Option<Result<V>> {
+        let JsonbText(text) = entry.value.as_ref()?;
+        Some(serde_json::from_slice(text).map_err(Error::from))
+    }
+
+    fn keep(entry: &LiveEntry) -> Option<Result<(V, NearValue, usize)>> {
+        let JsonbText(text) = entry.value.as_ref()?;
+        let kept = || -> Result<(V, NearValue, usize)> {
+            let json: serde_json::Value = serde_json::from_slice(text)?;
+            Ok((V::deserialize(&json)?, Arc::new(json), text.len()))
+        };
+        Some(kept())
+    }
+
+    /// A bytes entry held in memory is not served: the read that follows reports it.
+    fn from_kept(kept: &NearValue) -> Result<Option<V>> {
+        kept.downcast_ref::<serde_json::Value>()
+            .map(|json| V::deserialize(json).map_err(Error::from))
+            .transpose()
+    }
+}
+
+/// The key/value cache's bytes entries (`bytes`), as a [`Storage`], so that their
+/// reads and writes take the path every cache shares (near cache, fail-open,
+/// counting). Private: users reach it through [`KvCache::get_bytes`] and its
+/// siblings. The near cache keeps a copy of the bytes, weighing their length.
+#[derive(Clone, Copy)]
+pub(super) struct KvBytes<'a> {
+    pub(super) handle: Handle<'a>,
+}
+
+impl KvColumn for KvBytes<'_> {
+    type Value = Vec<u8>;
+    const KIND_NAME: &'static str = "bytes";
+    const OTHER_NAME: &'static str = "json";
+
+    fn column_handle(&self) -> &Handle<'_> {
+        &self.handle
+    }
+
+    fn row<'a>(key: &'a str, value: &'a Vec<u8>) -> Result<Row<'a>> {
+        Ok(Row {
+            key,
+            payload: Payload::Bytes(value),
+        })
+    }
+
+    fn decode(entry: &LiveEntry) -> Option<Result<Vec<u8>>> {
+        entry.bytes.clone().map(Ok)
+    }
+
+    /// The bytes moved out, not copied.
+    fn take(entry: LiveEntry) -> Option<Result<Vec<u8>>> {
+        entry.bytes.map(Ok)
+    }
+
+    fn keep(entry: &LiveEntry) -> Option<Result<(Vec<u8>, NearValue, usize)>> {
+        let bytes = entry.bytes.as_ref()?;
+        Some(Ok((bytes.clone(), Arc::new(bytes.clone()), bytes.len())))
+    }
+
+    /// A JSON entry held in memory is not served: the read that follows reports it.
+    fn from_kept(kept: &NearValue) -> Result<Option<Vec<u8>>> {
+        Ok(kept.downcast_ref::<Vec<u8>>().cloned())
+    }
+}
