@@ -7,7 +7,6 @@
 //! set win); `--database-url` and `--schema` override them. Errors are one line on stderr and exit status 2; `pgcache health` exits 1
 //! when an alert fires.
 
-mod bench;
 mod progress;
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -127,9 +126,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Measure the cache against raw prepared SQL (and Redis) on this database, in a
-    /// scratch schema dropped afterwards.
-    Bench(bench::BenchArgs),
     /// Print the completion script for a shell on stdout.
     ///
     /// For example `pgcache completions bash > ~/.local/share/bash-completion/completions/pgcache`
@@ -341,11 +337,6 @@ fn run(cli: Cli) -> Result<Outcome, String> {
         _ => {}
     }
     let quiet = cli.quiet;
-    // The bench makes its own scratch schema and connections.
-    if let Command::Bench(args) = &cli.command {
-        bench::run(args, cli.database_url.as_deref(), quiet).map_err(|e| error_chain(&*e))?;
-        return Ok(Outcome::Ok);
-    }
     // Bad arguments are reported before any connection is attempted.
     let warmup = match &cli.command {
         Command::Warmup {
@@ -516,7 +507,7 @@ fn run(cli: Cli) -> Result<Outcome, String> {
                 text
             })?;
         }
-        Command::Bench(_) | Command::Completions { .. } | Command::Man => {
+        Command::Completions { .. } | Command::Man => {
             unreachable!("handled before connecting")
         }
         Command::Clear {
@@ -639,17 +630,6 @@ fn parse_user_id(text: &str) -> Result<uuid::Uuid, String> {
     uuid::Uuid::parse_str(text).map_err(|e| {
         format!("invalid user id `{text}`: expected a UUID such as 67e55044-10b1-426f-9247-bb680e5fe0c8 ({e})")
     })
-}
-
-/// An error with its causes: some clients' errors say little until their cause.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    message
 }
 
 fn to_json(value: &impl serde::Serialize) -> Result<String, String> {

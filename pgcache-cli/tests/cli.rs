@@ -630,7 +630,6 @@ fn completions_and_the_man_page_need_no_database() {
         "health",
         "warmup",
         "invalidate-user",
-        "bench",
         "clear",
         "completions",
         "man",
@@ -976,9 +975,6 @@ fn database_url_flag_and_shards_together_are_refused() {
             .arg("stats"),
     );
     assert!(line.contains("PGCACHE_SHARDS"), "{line}");
-    // The bench measures one database: it asks which shard.
-    let line = error_line(pgcache_with_a_shard_down(&db).arg("bench"));
-    assert!(line.contains("--database-url"), "{line}");
 }
 
 /// The JSON document a command printed, checking its exit status.

@@ -1,4 +1,4 @@
-//! The near-cache rows of `pgcache bench`: kv gets served from memory next to Redis
+//! The near-cache rows of `pgcache-bench ops`: kv gets served from memory next to Redis
 //! GET of the same value in the same run, and what the invalidation triggers cost
 //! writers (overwrites with the near cache on against off, alternating slices).
 
@@ -8,8 +8,7 @@ use pgcache::{Cache, CacheKind, CacheManager, LlmPrompt, NearCache};
 use serde_json::{json, Value};
 
 use super::{
-    bench_config, run_slice, BenchResult, Budget, Results, Row, Samples, Scratch, Worker, TTL,
-    WARMUP,
+    bench_config, run_slice, BenchResult, Budget, Results, Samples, Scratch, Worker, TTL, WARMUP,
 };
 
 /// Hot keys per value size.
@@ -81,6 +80,7 @@ pub(super) fn rows(
         plain.llm_response().set_many(chunk, TTL)?;
     }
     wait_current(&near)?;
+    results.mark("near cache: manager, fill, listener");
 
     for &threads in passes {
         for (size, _) in SIZES {
@@ -95,10 +95,12 @@ pub(super) fn rows(
             for n in 0..KEYS {
                 near.kv().get(&key(size, n))?;
             }
+            results.mark("near cache: first reads");
             let (mut on, mut other) = (Samples::default(), Samples::default());
             match &mut redis {
                 Some(redis) => {
                     let mut conns = redis.conns(threads)?;
+                    results.mark("redis connections");
                     let mut redis_workers: Vec<Worker> =
                         (0..threads).map(|t| Worker::new(t, KEYS)).collect();
                     let redis_get =
@@ -121,23 +123,18 @@ pub(super) fn rows(
                             &redis_get,
                         )?;
                     }
-                    results.push(Row::new(
+                    results.record(
                         &format!("near get {size} (vs redis GET)"),
                         threads,
-                        on.figures(),
-                        Some(other.figures()),
-                    ));
+                        on,
+                        Some(other),
+                    );
                 }
                 None => {
                     for _ in 0..budget.slices {
                         run_slice(&mut near_ctx, &mut near_workers, budget, &mut on, &get)?;
                     }
-                    results.push(Row::new(
-                        &format!("near get {size}"),
-                        threads,
-                        on.figures(),
-                        None,
-                    ));
+                    results.record(&format!("near get {size}"), threads, on, None);
                 }
             }
         }
@@ -214,7 +211,7 @@ pub(super) fn rows(
                 run_slice(&mut on_ctx, &mut on_workers, writes, &mut on, set)?;
                 run_slice(&mut off_ctx, &mut off_workers, writes, &mut off, set)?;
             }
-            results.push(Row::new(name, threads, on.figures(), Some(off.figures())));
+            results.record(name, threads, on, Some(off));
         }
     }
     if let Some(redis) = &mut redis {
@@ -226,7 +223,7 @@ pub(super) fn rows(
 }
 
 /// Waits until the near cache's invalidation channel is current (at most 10 s).
-fn wait_current(cache: &CacheManager) -> BenchResult<()> {
+pub(crate) fn wait_current(cache: &CacheManager) -> BenchResult<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while cache
         .near_cache_stats()

@@ -1,4 +1,5 @@
-//! `pgcache bench`: the library against the physical limit, side by side in one run.
+//! `pgcache-bench ops`: the library against the physical limit, side by side in one
+//! run.
 //!
 //! Every operation is a row of [`operations`]: a library closure (through
 //! `CacheManager`, its pool and Diesel) and a raw closure (the same statement,
@@ -7,7 +8,6 @@
 //! afterwards, alternating in slices so background load hits both alike.
 
 use std::collections::HashMap;
-use std::error::Error as StdError;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -18,24 +18,25 @@ use postgres::{Client, NoTls, Statement};
 use serde_json::{json, Value};
 
 mod app_pool;
-mod near;
+pub(crate) mod near;
 mod pooler;
 mod typed;
 
-type BenchResult<T> = std::result::Result<T, Box<dyn StdError + Send + Sync>>;
+use crate::BenchResult;
 
-/// Options of `pgcache bench`.
+/// Options of `pgcache-bench ops`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Threads for the concurrent pass (library: one pool; raw: one connection each).
     #[arg(long, default_value_t = 4)]
     threads: usize,
     /// Rows pre-filled into each table before measuring (the typed caches' tables,
-    /// whose values are kilobytes, hold at most 2 000).
+    /// whose values are kilobytes, hold at most 500).
     #[arg(long, default_value_t = 10_000)]
     rows: u64,
-    /// Seconds each operation runs per side and pass.
-    #[arg(long, default_value_t = 0.6)]
+    /// Seconds each row measures, its sides together (each side gets half, in
+    /// alternating slices); set-up and warm-up come on top.
+    #[arg(long, default_value_t = 1.2)]
     duration: f64,
     /// Stop each operation after this many iterations per thread (whichever comes
     /// first with `--duration`).
@@ -73,7 +74,7 @@ fn sample_value(n: u64) -> Value {
            "tags": ["a", "b", "c"], "score": 0.75})
 }
 
-const TTL: Duration = Duration::from_secs(3600);
+pub(crate) const TTL: Duration = Duration::from_secs(3600);
 const BATCH: usize = 100;
 const PLAN_PRO_FILTER: &str = r#"{"plan": "pro"}"#;
 
@@ -266,14 +267,14 @@ impl Raw {
 
 /// A TTL bound as `interval` (microseconds, days, months), as Diesel binds it.
 #[derive(Debug)]
-struct Interval(Duration);
+pub(crate) struct Interval(pub(crate) Duration);
 
 impl ToSql for Interval {
     fn to_sql(
         &self,
         _: &Type,
         out: &mut postgres::types::private::BytesMut,
-    ) -> BenchResult<IsNull> {
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         out.extend_from_slice(&(self.0.as_micros() as i64).to_be_bytes());
         out.extend_from_slice(&0i32.to_be_bytes());
         out.extend_from_slice(&0i32.to_be_bytes());
@@ -598,21 +599,23 @@ struct Figures {
 }
 
 impl Samples {
-    fn figures(mut self) -> Figures {
+    /// The figures, or `None` without a single sample (an operation that had
+    /// nothing to do, such as `delete` with no inserted key left).
+    fn figures(mut self) -> Option<Figures> {
+        if self.nanos.is_empty() {
+            return None;
+        }
         self.nanos.sort_unstable();
         let pick = |q: f64| -> f64 {
-            if self.nanos.is_empty() {
-                return f64::NAN;
-            }
             let i = ((self.nanos.len() - 1) as f64 * q).round() as usize;
             self.nanos[i] as f64 / 1000.0
         };
-        Figures {
+        Some(Figures {
             p50_us: pick(0.50),
             p99_us: pick(0.99),
             ops_per_sec: self.nanos.len() as f64 / self.wall.as_secs_f64().max(1e-9),
             samples: self.nanos.len(),
-        }
+        })
     }
 }
 
@@ -626,6 +629,8 @@ struct Row {
     p50_ratio: Option<f64>,
     /// pgcache ops/s / raw ops/s.
     throughput_ratio: Option<f64>,
+    /// Wall time the row took, warm-up included.
+    seconds: f64,
 }
 
 /// How long and how often each side of an operation runs.
@@ -708,7 +713,7 @@ fn measure(
     sides: &mut Sides<'_>,
     op: &Operation,
     budget: Budget,
-) -> BenchResult<(Figures, Figures)> {
+) -> BenchResult<(Samples, Samples)> {
     let threads = sides.raws.len();
     let mut caches = vec![sides.cache; threads];
     let lib_step = |cache: &mut &CacheManager, w: &mut Worker| (op.lib)(cache, w);
@@ -761,12 +766,17 @@ fn measure(
     for w in &mut sides.lib_workers {
         w.held = None;
     }
-    Ok((lib.figures(), raw.figures()))
+    Ok((lib, raw))
 }
 
 /// The library side's settings: `threads` callers on `schema`, at the run's
 /// durability.
-fn bench_config(url: &str, schema: &str, threads: usize, relaxed: bool) -> CacheConfigBuilder {
+pub(crate) fn bench_config(
+    url: &str,
+    schema: &str,
+    threads: usize,
+    relaxed: bool,
+) -> CacheConfigBuilder {
     CacheConfig::builder()
         .database_url(url)
         .schema(schema)
@@ -779,9 +789,9 @@ fn bench_config(url: &str, schema: &str, threads: usize, relaxed: bool) -> Cache
 }
 
 /// The scratch schema, dropped however the run ends.
-struct Scratch {
-    url: String,
-    schema: String,
+pub(crate) struct Scratch {
+    pub(crate) url: String,
+    pub(crate) schema: String,
 }
 
 impl Drop for Scratch {
@@ -795,29 +805,18 @@ impl Drop for Scratch {
     }
 }
 
-/// Entry point of `pgcache bench`: measures the database at `database_url` (default:
-/// `DATABASE_URL` and the other `CacheConfig` variables), in a scratch schema dropped
-/// afterwards. `quiet` prints nothing but JSON (when asked for) and errors.
+/// Entry point of `pgcache-bench ops`: measures the database at `database_url`
+/// (default: `DATABASE_URL` and the other `CacheConfig` variables), in a scratch
+/// schema dropped afterwards. `quiet` prints nothing but JSON (when asked for) and
+/// errors.
 ///
 /// # Errors
 /// Configuration, connection and database errors, with what failed.
 pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchResult<()> {
+    let started = Instant::now();
     let threads = args.threads.max(1);
     let rows = args.rows.max(BATCH as u64);
-    let mut env = CacheConfigBuilder::from_env()?;
-    if let Some(url) = database_url {
-        env = env.database_url(url);
-    }
-    let env = env.build()?;
-    if !env.shards().is_empty() && database_url.is_none() {
-        // DATABASE_URL would be measured while the cache lives on the shards.
-        return Err(
-            "pgcache bench measures one database and PGCACHE_SHARDS is set: \
-                    pass --database-url with the URL of the shard to measure"
-                .into(),
-        );
-    }
-    let url = plaintext(env.database_url().expose())?;
+    let (url, shown) = crate::database_url(database_url, "pgcache-bench ops")?;
     let scratch = Scratch {
         url: url.clone(),
         schema: format!("pgcache_bench_{}", uuid::Uuid::new_v4().simple()),
@@ -836,28 +835,15 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
     // `--quiet`: the run's description is not an error.
     if !quiet {
         eprintln!(
-        "pgcache bench: {} rows, {} thread(s), {}{}, {:.1} s per side and operation, on {} (no TLS)",
-        rows,
-        threads,
-        if relaxed { "relaxed" } else { "full" },
-        if args.unlogged { " + unlogged" } else { "" },
-        args.duration,
-        env.database_url()
-    );
+            "pgcache-bench ops: {} rows, {} thread(s), {}{}, {:.2} s per row, on {} (no TLS)",
+            rows,
+            threads,
+            if relaxed { "relaxed" } else { "full" },
+            if args.unlogged { " + unlogged" } else { "" },
+            args.duration,
+            shown
+        );
     }
-    let cache = CacheManager::new(config)?;
-    if args.unlogged {
-        cache.set_tables_logged(false)?;
-    }
-    prepare_tables(&cache, &url, &scratch.schema, rows, args.unlogged)?;
-
-    let disabled_get_ns = disabled_get_cost()?;
-    let slice = Duration::from_secs_f64(args.duration.max(0.01) / f64::from(SLICES));
-    let budget = Budget {
-        slice,
-        slices: SLICES,
-        iterations: args.iterations,
-    };
     let mut results = Results::new(if args.json && !quiet {
         Echo::Stderr
     } else if args.json || quiet {
@@ -865,6 +851,30 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
     } else {
         Echo::Stdout
     });
+    results.last = started;
+    let cache = CacheManager::new(config)?;
+    if args.unlogged {
+        cache.set_tables_logged(false)?;
+    }
+    results.mark("manager and migrations");
+    prepare_tables(
+        &cache,
+        &url,
+        &scratch.schema,
+        rows,
+        args.unlogged,
+        &mut results,
+    )?;
+
+    let disabled_get_ns = disabled_get_cost()?;
+    results.mark("ENABLE_CACHING=false get cost");
+    // A row's two sides share its duration.
+    let slice = Duration::from_secs_f64(args.duration.max(0.01) / f64::from(2 * SLICES));
+    let budget = Budget {
+        slice,
+        slices: SLICES,
+        iterations: args.iterations,
+    };
     let passes = if threads == 1 {
         vec![1]
     } else {
@@ -881,9 +891,10 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
                 .collect::<BenchResult<_>>()?,
             raw_workers: (0..n).map(|t| Worker::new(ids(t), rows)).collect(),
         };
+        results.mark("raw connections");
         for op in operations() {
             let (lib, raw) = measure(&mut sides, &op, budget)?;
-            results.push(Row::new(op.name, n, lib, Some(raw)));
+            results.record(op.name, n, lib, Some(raw));
         }
         if let Some(redis_url) = &args.redis_url {
             redis_rows(redis_url, n, budget, &mut results)?;
@@ -920,7 +931,12 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
         durability: if relaxed { "relaxed" } else { "full" },
         unlogged: args.unlogged,
         disabled_get_ns,
+        duration: args.duration,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        setup_seconds: results.setup.as_secs_f64(),
+        setup: results.phases,
         results: results.rows,
+        unmeasured: results.unmeasured,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -934,7 +950,7 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
 /// (`prefer`) would encrypt the library's connections while the raw side's are
 /// plain, and TLS costs more per round trip than everything pgcache does. The raw
 /// client has no TLS, so a URL requiring it cannot be measured.
-fn plaintext(url: &str) -> BenchResult<String> {
+pub(crate) fn plaintext(url: &str) -> BenchResult<String> {
     let mut parsed = url::Url::parse(url)?;
     match parsed.query_pairs().find(|(k, _)| k == "sslmode") {
         Some((_, mode)) if !matches!(&*mode, "disable" | "allow" | "prefer") => Err(format!(
@@ -957,6 +973,7 @@ fn prepare_tables(
     schema: &str,
     rows: u64,
     unlogged: bool,
+    results: &mut Results,
 ) -> BenchResult<()> {
     let mut client = Client::connect(url, NoTls)?;
     client.batch_execute(&format!("SET search_path TO \"{schema}\""))?;
@@ -991,7 +1008,9 @@ fn prepare_tables(
          INSERT INTO raw_entries SELECT * FROM cache_entries;",
         last = rows - 1
     ))?;
+    results.mark("kv tables filled");
     typed::prepare_tables(cache, &mut client, rows, create_like)?;
+    results.mark("typed tables filled");
     // Separately: VACUUM cannot run in the implicit transaction of a multi-statement
     // query.
     let tables = ["cache_entries", "raw_entries", "bench_data"]
@@ -1001,6 +1020,7 @@ fn prepare_tables(
     for table in tables {
         client.batch_execute(&format!("VACUUM ANALYZE {table}"))?;
     }
+    results.mark("vacuum analyze");
     Ok(())
 }
 
@@ -1026,6 +1046,7 @@ fn redis_rows(url: &str, threads: usize, budget: Budget, results: &mut Results) 
     for i in 0..1000u64 {
         let _: () = conns[0].set_ex(format!("pgcache_bench:k:{i}"), &text, 3600)?;
     }
+    results.mark("redis fill");
     let get = |c: &mut redis::Connection, w: &mut Worker| -> BenchResult<bool> {
         let n = w.random() % 1000;
         let key = w.set_key(format_args!("pgcache_bench:k:{n}"));
@@ -1054,7 +1075,7 @@ fn redis_rows(url: &str, threads: usize, budget: Budget, results: &mut Results) 
         for _ in 0..budget.slices {
             run_slice(&mut conns, &mut workers, budget, &mut samples, step)?;
         }
-        results.push(Row::new(name, threads, samples.figures(), None));
+        results.record(name, threads, samples, None);
     }
     let keys: Vec<String> = (0..1000).map(|i| format!("pgcache_bench:k:{i}")).collect();
     let _: () = conns[0].del(keys)?;
@@ -1087,7 +1108,13 @@ impl Row {
         out
     }
 
-    fn new(operation: &str, threads: usize, pgcache: Figures, raw: Option<Figures>) -> Self {
+    fn new(
+        operation: &str,
+        threads: usize,
+        pgcache: Figures,
+        raw: Option<Figures>,
+        seconds: f64,
+    ) -> Self {
         let p50_ratio = raw.as_ref().map(|r| pgcache.p50_us / r.p50_us);
         let throughput_ratio = raw.as_ref().map(|r| pgcache.ops_per_sec / r.ops_per_sec);
         Row {
@@ -1097,6 +1124,7 @@ impl Row {
             raw,
             p50_ratio,
             throughput_ratio,
+            seconds,
         }
     }
 }
@@ -1106,7 +1134,30 @@ impl Row {
 /// the final document), or nowhere with `--quiet`.
 struct Results {
     rows: Vec<Row>,
+    /// Rows with no sample on a side, and why.
+    unmeasured: Vec<Unmeasured>,
     echo: Echo,
+    /// When the last row was recorded or set-up ended ([`Results::mark`]).
+    last: Instant,
+    /// Time spent outside rows: tables, managers, connections, fills.
+    setup: Duration,
+    /// The same, phase by phase.
+    phases: Vec<Phase>,
+}
+
+/// A stretch of set-up and how long it took.
+#[derive(Debug, serde::Serialize)]
+struct Phase {
+    phase: &'static str,
+    seconds: f64,
+}
+
+/// A row left out of the results: one of its sides ran no iteration.
+#[derive(Debug, serde::Serialize)]
+struct Unmeasured {
+    operation: String,
+    threads: usize,
+    reason: String,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1121,7 +1172,11 @@ impl Results {
     fn new(echo: Echo) -> Self {
         let results = Results {
             rows: Vec::new(),
+            unmeasured: Vec::new(),
             echo,
+            last: Instant::now(),
+            setup: Duration::ZERO,
+            phases: Vec::new(),
         };
         let header = format!(
             "\n{:<28} {:>3} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>6} {:>6}\n{}",
@@ -1139,6 +1194,52 @@ impl Results {
         );
         results.show(&header);
         results
+    }
+
+    /// Ends a stretch of set-up: the time since the last row is not the next row's.
+    fn mark(&mut self, phase: &'static str) {
+        let took = self.last.elapsed();
+        self.setup += took;
+        self.phases.push(Phase {
+            phase,
+            seconds: took.as_secs_f64(),
+        });
+        self.last = Instant::now();
+    }
+
+    /// Records a row from both sides' samples; a row with no sample on a side is
+    /// left out of the table and listed, with the reason, under it.
+    fn record(&mut self, operation: &str, threads: usize, pgcache: Samples, raw: Option<Samples>) {
+        let seconds = self.last.elapsed().as_secs_f64();
+        self.last = Instant::now();
+        let raw_side = raw.map(Samples::figures);
+        match (pgcache.figures(), raw_side) {
+            (Some(pgcache), None) => {
+                self.push(Row::new(operation, threads, pgcache, None, seconds))
+            }
+            (Some(pgcache), Some(Some(raw))) => {
+                self.push(Row::new(operation, threads, pgcache, Some(raw), seconds))
+            }
+            (lib, raw) => {
+                let side = if lib.is_none() { "first" } else { "second" };
+                let reason = if raw.is_some_and(|r| r.is_none()) && lib.is_none() {
+                    "no sample on either side".to_owned()
+                } else {
+                    format!("no sample on the {side} side")
+                };
+                let reason = format!(
+                    "{reason}: it had nothing to do in its time (e.g. no key left to delete)"
+                );
+                self.show(&format!(
+                    "{operation:<28} {threads:>3} | not measured: {reason}"
+                ));
+                self.unmeasured.push(Unmeasured {
+                    operation: operation.to_owned(),
+                    threads,
+                    reason,
+                });
+            }
+        }
     }
 
     fn push(&mut self, row: Row) {
@@ -1168,7 +1269,16 @@ struct Report {
     unlogged: bool,
     /// Nanoseconds per get with caching disabled.
     disabled_get_ns: f64,
+    /// Seconds each row measured (its sides together).
+    duration: f64,
+    /// Wall time of the whole run, and the part of it outside rows.
+    wall_seconds: f64,
+    setup_seconds: f64,
+    /// Where the set-up time went.
+    setup: Vec<Phase>,
     results: Vec<Row>,
+    /// Rows left out for want of samples, and why.
+    unmeasured: Vec<Unmeasured>,
 }
 
 /// The Node package's estimated "Performance Characteristics" (the design pgcache
@@ -1361,7 +1471,41 @@ fn readable(x: f64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::readable;
+    use super::{readable, Echo, Results, Samples};
+    use std::time::Duration;
+
+    fn samples(nanos: &[u64]) -> Samples {
+        Samples {
+            nanos: nanos.to_vec(),
+            wall: Duration::from_millis(10),
+        }
+    }
+
+    #[test]
+    fn a_row_without_samples_is_listed_with_its_reason_not_shown_as_nan() {
+        let mut results = Results::new(Echo::Nothing);
+        results.record(
+            "kv get hit",
+            1,
+            samples(&[1000, 2000]),
+            Some(samples(&[900])),
+        );
+        results.record("kv delete", 4, samples(&[]), Some(samples(&[1000])));
+        results.record("redis GET", 1, samples(&[]), None);
+        assert_eq!(results.rows.len(), 1);
+        let row = &results.rows[0];
+        assert!(row.pgcache.p50_us.is_finite() && row.pgcache.ops_per_sec > 0.0);
+        assert!(!row.line().contains("NaN"), "{}", row.line());
+        let unmeasured: Vec<(&str, usize)> = results
+            .unmeasured
+            .iter()
+            .map(|u| (u.operation.as_str(), u.threads))
+            .collect();
+        assert_eq!(unmeasured, [("kv delete", 4), ("redis GET", 1)]);
+        assert!(results.unmeasured[0]
+            .reason
+            .contains("no sample on the first side"));
+    }
 
     #[test]
     fn targets_are_readable() {

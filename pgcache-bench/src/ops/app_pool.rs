@@ -1,4 +1,4 @@
-//! The application-pool row of `pgcache bench`: `incr` with relaxed durability
+//! The application-pool row of `pgcache-bench ops`: `incr` with relaxed durability
 //! through a manager over an application's pool (`with_pool`: each write marked
 //! for a relaxed commit of its own transaction, the session untouched) against a
 //! manager with its own relaxed pool (the setting is the session's), alternating
@@ -8,7 +8,7 @@ use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::PgConnection;
 use pgcache::CacheManager;
 
-use super::{bench_config, run_slice, BenchResult, Budget, Results, Row, Samples, Worker, TTL};
+use super::{bench_config, run_slice, BenchResult, Budget, Results, Samples, Worker, TTL};
 
 /// The row's name (`app pool` side / `own pool` side, the "raw" columns).
 pub(super) const NAME: &str = "kv incr relaxed app/own pool";
@@ -38,6 +38,7 @@ pub(super) fn rows(
         .build(ConnectionManager::<PgConnection>::new(url))?;
     let shared = CacheManager::with_pool(app_pool, config()?)?;
     let own = CacheManager::new(config()?)?;
+    results.mark("app pool: managers");
     let incr = |cache: &mut &CacheManager, w: &mut Worker| -> BenchResult<bool> {
         let n = w.random() % COUNTERS;
         let key = w.set_key(format_args!("app-pool counter:{n}"));
@@ -70,7 +71,7 @@ pub(super) fn rows(
             }
         }
         let [(_, app), (_, own)] = sides;
-        results.push(Row::new(NAME, threads, app.figures(), Some(own.figures())));
+        results.record(NAME, threads, app, Some(own));
     }
     Ok(())
 }

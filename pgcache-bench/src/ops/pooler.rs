@@ -1,4 +1,4 @@
-//! The transaction-pooler rows of `pgcache bench --pooler-url`: kv get and set
+//! The transaction-pooler rows of `pgcache-bench ops --pooler-url`: kv get and set
 //! through a transaction pooler (PgBouncer in `pool_mode = transaction`, the
 //! library in [`Pooler::Transaction`] mode) against the same operations on the
 //! server directly, on the same tables, alternating slices.
@@ -6,8 +6,7 @@
 use pgcache::{Cache, CacheManager, Pooler};
 
 use super::{
-    bench_config, run_slice, BenchResult, Budget, Results, Row, Samples, Scratch, Worker, TTL,
-    WARMUP,
+    bench_config, run_slice, BenchResult, Budget, Results, Samples, Scratch, Worker, TTL, WARMUP,
 };
 
 /// Runs the pooler rows for each thread count in `passes` on the bench's schema
@@ -34,6 +33,7 @@ pub(super) fn rows(
             .run_migrations(false)
             .build()?,
     )?;
+    results.mark("pooler: manager");
     type Step = dyn Fn(&mut &CacheManager, &mut Worker) -> BenchResult<bool> + Sync;
     let get = |cache: &mut &CacheManager, w: &mut Worker| -> BenchResult<bool> {
         let key = w.existing_key().to_owned();
@@ -92,12 +92,7 @@ pub(super) fn rows(
                     step,
                 )?;
             }
-            results.push(Row::new(
-                name,
-                threads,
-                through.figures(),
-                Some(past.figures()),
-            ));
+            results.record(name, threads, through, Some(past));
         }
     }
     Ok(())
