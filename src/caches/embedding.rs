@@ -131,12 +131,7 @@ impl EmbeddingKey {
         }
     }
 
-    /// The same key, owned by `user`.
-    #[must_use]
-    pub fn owned_by(mut self, user: Uuid) -> Self {
-        self.owner = Some(user);
-        self
-    }
+    owned_by_builder!("key");
 
     /// The digest that identifies this key's entry (see the module docs).
     ///

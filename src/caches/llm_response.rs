@@ -133,12 +133,7 @@ impl LlmPrompt {
         self
     }
 
-    /// The same prompt, owned by `user`.
-    #[must_use]
-    pub fn owned_by(mut self, user: Uuid) -> Self {
-        self.owner = Some(user);
-        self
-    }
+    owned_by_builder!("prompt");
 
     /// The digest that identifies this prompt's entry (see the module docs).
     ///

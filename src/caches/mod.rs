@@ -2,6 +2,19 @@
 //! `&mut PgConnection` returning `QueryResult`) and the public handle that implements
 //! [`Cache`](crate::Cache) on top of it.
 
+/// Writes a key type's `owned_by` builder: the same key, owned by a user (the `owner`
+/// field). `$what` names the key in the doc comment ("key", "prompt").
+macro_rules! owned_by_builder {
+    ($what:literal) => {
+        #[doc = concat!("The same ", $what, ", owned by `user`.")]
+        #[must_use]
+        pub fn owned_by(mut self, user: ::uuid::Uuid) -> Self {
+            self.owner = Some(user);
+            self
+        }
+    };
+}
+
 pub(crate) mod audio_chunk;
 pub(crate) mod common;
 pub(crate) mod embedding;
