@@ -82,12 +82,7 @@ impl CounterSnapshot {
         snapshots
             .reduce(|mut all, shard| {
                 for (sum, c) in all.caches.iter_mut().zip(shard.caches) {
-                    sum.hits += c.hits;
-                    sum.misses += c.misses;
-                    sum.sets += c.sets;
-                    sum.deletes += c.deletes;
-                    sum.errors += c.errors;
-                    sum.fail_open_skips += c.fail_open_skips;
+                    add_counts!(sum, c; hits, misses, sets, deletes, errors, fail_open_skips);
                 }
                 all
             })

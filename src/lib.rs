@@ -70,6 +70,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
+/// Adds the named count fields of `$part` into `$sum`: how per-shard reports merge.
+macro_rules! add_counts {
+    ($sum:expr, $part:expr; $($field:ident),+ $(,)?) => {
+        $( $sum.$field += $part.$field; )+
+    };
+}
+
 // Layers, bottom to top; a module imports only from its own layer or below (see
 // ARCHITECTURE.md).
 // Foundations: facts and checks with no database.

@@ -46,14 +46,7 @@ impl NearCacheStats {
             match all.iter_mut().find(|s| s.cache == stats.cache) {
                 None => all.push(stats),
                 Some(sum) => {
-                    sum.hits += stats.hits;
-                    sum.misses += stats.misses;
-                    sum.bypasses += stats.bypasses;
-                    sum.invalidations += stats.invalidations;
-                    sum.evictions += stats.evictions;
-                    sum.entries += stats.entries;
-                    sum.bytes += stats.bytes;
-                    sum.polls += stats.polls;
+                    add_counts!(sum, stats; hits, misses, bypasses, invalidations, evictions, entries, bytes, polls);
                     sum.poll_lag_ms = sum
                         .poll_lag_ms
                         .zip(stats.poll_lag_ms)

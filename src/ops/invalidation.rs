@@ -36,10 +36,7 @@ impl InvalidationReport {
 /// Another shard's removals added in: the sums.
 impl std::ops::AddAssign for InvalidationReport {
     fn add_assign(&mut self, other: InvalidationReport) {
-        self.embeddings += other.embeddings;
-        self.vector_searches += other.vector_searches;
-        self.llm_responses += other.llm_responses;
-        self.audio_chunks += other.audio_chunks;
+        add_counts!(self, other; embeddings, vector_searches, llm_responses, audio_chunks);
         self.released_paths.extend(other.released_paths);
     }
 }

@@ -159,12 +159,7 @@ pub struct WarmupReport {
 /// Another shard's part added in: the sums.
 impl std::ops::AddAssign for WarmupReport {
     fn add_assign(&mut self, other: WarmupReport) {
-        self.kv += other.kv;
-        self.embeddings += other.embeddings;
-        self.vector_searches += other.vector_searches;
-        self.llm_responses += other.llm_responses;
-        self.audio_chunks += other.audio_chunks;
-        self.skipped_audio_chunks += other.skipped_audio_chunks;
+        add_counts!(self, other; kv, embeddings, vector_searches, llm_responses, audio_chunks, skipped_audio_chunks);
     }
 }
 
