@@ -23,17 +23,30 @@ pub enum Durability {
     Relaxed,
 }
 
+/// The choice `value` names among `choices` (trimmed, any case); else a
+/// configuration error for `setting` that says what was `expected`.
+pub(super) fn parse_keyword<T: Copy>(
+    setting: &str,
+    value: &str,
+    choices: &[(&str, T)],
+    expected: &str,
+) -> Result<T> {
+    let keyword = value.trim().to_ascii_lowercase();
+    choices
+        .iter()
+        .find(|(name, _)| *name == keyword)
+        .map(|&(_, choice)| choice)
+        .ok_or_else(|| Error::config(setting, value, expected))
+}
+
 impl Durability {
     pub(super) fn parse(setting: &str, value: &str) -> Result<Self> {
-        match value.trim().to_ascii_lowercase().as_str() {
-            "full" => Ok(Durability::Full),
-            "relaxed" => Ok(Durability::Relaxed),
-            _ => Err(Error::config(
-                setting,
-                value,
-                "expected `full` or `relaxed`",
-            )),
-        }
+        parse_keyword(
+            setting,
+            value,
+            &[("full", Durability::Full), ("relaxed", Durability::Relaxed)],
+            "expected `full` or `relaxed`",
+        )
     }
 }
 
@@ -68,15 +81,16 @@ pub enum Pooler {
 
 impl Pooler {
     pub(super) fn parse(setting: &str, value: &str) -> Result<Self> {
-        match value.trim().to_ascii_lowercase().as_str() {
-            "none" | "session" => Ok(Pooler::None),
-            "transaction" => Ok(Pooler::Transaction),
-            _ => Err(Error::config(
-                setting,
-                value,
-                "expected `none` (or `session`) or `transaction`",
-            )),
-        }
+        parse_keyword(
+            setting,
+            value,
+            &[
+                ("none", Pooler::None),
+                ("session", Pooler::None),
+                ("transaction", Pooler::Transaction),
+            ],
+            "expected `none` (or `session`) or `transaction`",
+        )
     }
 }
 
