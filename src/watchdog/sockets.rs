@@ -185,55 +185,70 @@ mod tests {
         }
     }
 
+    /// Lists the sockets, binds a listener, runs `open` against it and lists them
+    /// again: what `new_socket` then picks for a server at the listener's address,
+    /// with the listener and what `open` returned (still open). `None` where this
+    /// system's sockets cannot be listed.
+    fn pick_new_socket<T>(
+        open: impl FnOnce(&TcpListener) -> T,
+    ) -> Option<(Option<Socket>, TcpListener, T)> {
+        let before = list()?;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let opened = open(&listener);
+        let after = list().unwrap();
+        let picked = server_at(listener.local_addr().unwrap()).new_socket(&before, &after);
+        Some((picked, listener, opened))
+    }
+
+    /// Asserts that `new_socket` picks no socket among those `open` opens.
+    fn assert_none_picked<T>(open: impl FnOnce(&TcpListener) -> T) {
+        if let Some((picked, _listener, _opened)) = pick_new_socket(open) {
+            assert_eq!(picked, None);
+        }
+    }
+
     #[test]
     fn the_one_new_socket_to_the_server_is_found() {
-        let Some(before) = list() else { return };
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (_accepted, _) = listener.accept().unwrap();
-        let after = list().unwrap();
-        let found = server_at(listener.local_addr().unwrap())
-            .new_socket(&before, &after)
-            .expect("the connection's socket");
+        let Some((found, _listener, (stream, _accepted))) = pick_new_socket(|listener| {
+            let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            (stream, listener.accept().unwrap().0)
+        }) else {
+            return;
+        };
+        let found = found.expect("the connection's socket");
         assert_eq!(found.fd, std::os::fd::AsRawFd::as_raw_fd(&stream));
     }
 
     #[test]
     fn two_new_sockets_to_the_server_are_ambiguous_and_neither_is_chosen() {
-        let Some(before) = list() else { return };
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let _one = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let _two = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let after = list().unwrap();
-        assert_eq!(
-            server_at(listener.local_addr().unwrap()).new_socket(&before, &after),
-            None
-        );
+        assert_none_picked(|listener| {
+            let addr = listener.local_addr().unwrap();
+            (
+                TcpStream::connect(addr).unwrap(),
+                TcpStream::connect(addr).unwrap(),
+            )
+        });
     }
 
     #[test]
     fn a_new_socket_to_another_peer_is_not_the_connection() {
-        let Some(before) = list() else { return };
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let other = TcpListener::bind("127.0.0.1:0").unwrap();
-        let _stream = TcpStream::connect(other.local_addr().unwrap()).unwrap();
-        let after = list().unwrap();
-        assert_eq!(
-            server_at(listener.local_addr().unwrap()).new_socket(&before, &after),
-            None
-        );
+        assert_none_picked(|_| {
+            let other = TcpListener::bind("127.0.0.1:0").unwrap();
+            let stream = TcpStream::connect(other.local_addr().unwrap()).unwrap();
+            (other, stream)
+        });
     }
 
     #[test]
     fn a_socket_no_longer_open_under_its_descriptor_is_never_cut() {
-        let Some(before) = list() else { return };
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        drop(listener.accept().unwrap());
-        let after = list().unwrap();
-        let socket = server_at(listener.local_addr().unwrap())
-            .new_socket(&before, &after)
-            .unwrap();
+        let Some((socket, listener, stream)) = pick_new_socket(|listener| {
+            let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            drop(listener.accept().unwrap());
+            stream
+        }) else {
+            return;
+        };
+        let socket = socket.unwrap();
         drop(stream);
         assert!(!cut(socket), "a closed socket was cut");
         // The same descriptor number, now another socket's, is left alone.
