@@ -165,16 +165,21 @@ fn history(schema: &str) -> String {
     format!("{}.__diesel_schema_migrations", quote_ident(schema))
 }
 
-/// Whether `schema`'s history lacks an embedded migration; also when it cannot be
-/// read (missing, or not readable by this role: the run will say what is wrong).
-/// Reads only, so it takes no lock.
-fn pending(conn: &mut PgConnection, schema: &str) -> Result<bool> {
+/// Whether `schema`'s migration history exists and this role may read it.
+fn history_readable(conn: &mut PgConnection, schema: &str) -> QueryResult<bool> {
     let readable: Flag = diesel::sql_query(
         "SELECT coalesce(has_table_privilege(to_regclass($1), 'SELECT'), false) AS flag",
     )
     .bind::<Text, _>(history(schema))
     .get_result(conn)?;
-    if !readable.flag {
+    Ok(readable.flag)
+}
+
+/// Whether `schema`'s history lacks an embedded migration; also when it cannot be
+/// read (missing, or not readable by this role: the run will say what is wrong).
+/// Reads only, so it takes no lock.
+fn pending(conn: &mut PgConnection, schema: &str) -> Result<bool> {
+    if !history_readable(conn, schema)? {
         return Ok(true);
     }
     let complete: Flag = diesel::sql_query(format!(
@@ -323,12 +328,7 @@ pub(crate) fn migrated_at(conn: &mut PgConnection, schema: &str) -> Result<Optio
         at: Option<DateTime<Utc>>,
     }
     // Checked first: a statement naming a missing (or unreadable) table fails.
-    let table: Flag = diesel::sql_query(
-        "SELECT coalesce(has_table_privilege(to_regclass($1), 'SELECT'), false) AS flag",
-    )
-    .bind::<Text, _>(history(schema))
-    .get_result(conn)?;
-    if !table.flag {
+    if !history_readable(conn, schema)? {
         return Ok(None);
     }
     // `run_on` is a timestamp without time zone, written in the session's zone.
