@@ -92,18 +92,17 @@ impl CacheManager {
     /// not used for it; the near caches' poller still opens its one connection from
     /// the URL).
     ///
-    /// What changes on the application's connections: the cache's schema
-    /// ([`CacheConfig::schema`], default `pgcache`) is added at the *end* of a
-    /// connection's search path the first time the cache uses it, so every name the
-    /// application uses resolves as before. Nothing else is changed: the
-    /// application's statement timeout, application name and plan cache mode apply
-    /// to cache statements, the cache's own are not set, and the watchdog that cuts
-    /// statements a frozen server never answers does not watch these connections.
-    /// Connections the cache checks out count against the application's pool size.
-    /// With [`Durability::Relaxed`](crate::Durability::Relaxed), each write of the
-    /// cache's own runs in a transaction of its own that sets
-    /// `synchronous_commit = off` with `SET LOCAL`, so the application's sessions
-    /// keep their setting.
+    /// Nothing changes on the application's connections: every cache statement names
+    /// its table with the cache's schema ([`CacheConfig::schema`], default
+    /// `pgcache`), so no search path is touched; the application's statement
+    /// timeout, application name and plan cache mode apply to cache statements, the
+    /// cache's own are not set, and the watchdog that cuts statements a frozen server
+    /// never answers does not watch these connections. Connections the cache checks
+    /// out count against the application's pool size. With
+    /// [`Durability::Relaxed`](crate::Durability::Relaxed), each write of the cache's
+    /// own commits without waiting for the disk through a marker its statement
+    /// carries (a trigger turns `synchronous_commit` off for that statement's
+    /// transaction alone), so the application's sessions keep their setting.
     ///
     /// ```no_run
     /// use diesel::r2d2::{ConnectionManager, Pool};
@@ -119,9 +118,7 @@ impl CacheManager {
     /// ```
     ///
     /// # Errors
-    /// As [`CacheManager::new`](crate::CacheManager::new), and
-    /// [`Error::Config`](crate::Error::Config) when a table of the application's,
-    /// earlier on the search path, has a cache table's name.
+    /// As [`CacheManager::new`](crate::CacheManager::new).
     pub fn with_pool(pool: ConnectionPool, config: CacheConfig) -> Result<Self> {
         Self::start(config, Some(pool))
     }
