@@ -1,8 +1,12 @@
-DROP TRIGGER pgcache_relaxed_commit ON cache_entries;
-DROP TRIGGER pgcache_relaxed_commit ON embedding_cache;
-DROP TRIGGER pgcache_relaxed_commit ON vector_search_cache;
-DROP TRIGGER pgcache_relaxed_commit ON llm_response_cache;
-DROP TRIGGER pgcache_relaxed_commit ON audio_chunk_cache;
-DROP TRIGGER pgcache_relaxed_commit ON cache_leases;
-DROP TRIGGER pgcache_relaxed_commit ON cache_counters;
+DO $do$
+DECLARE
+    t TEXT;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['cache_entries', 'embedding_cache', 'vector_search_cache',
+        'llm_response_cache', 'audio_chunk_cache', 'cache_leases', 'cache_counters']
+    LOOP
+        EXECUTE format('DROP TRIGGER pgcache_relaxed_commit ON %I', t);
+    END LOOP;
+END
+$do$;
 DROP FUNCTION pgcache_relaxed_commit();

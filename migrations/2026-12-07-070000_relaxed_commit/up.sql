@@ -14,24 +14,19 @@ BEGIN
 END
 $fn$;
 
-CREATE TRIGGER pgcache_relaxed_commit BEFORE INSERT OR UPDATE OR DELETE ON cache_entries
-    FOR EACH STATEMENT WHEN (strpos(current_query(), '/* pgcache: relaxed commit */') > 0)
-    EXECUTE FUNCTION pgcache_relaxed_commit();
-CREATE TRIGGER pgcache_relaxed_commit BEFORE INSERT OR UPDATE OR DELETE ON embedding_cache
-    FOR EACH STATEMENT WHEN (strpos(current_query(), '/* pgcache: relaxed commit */') > 0)
-    EXECUTE FUNCTION pgcache_relaxed_commit();
-CREATE TRIGGER pgcache_relaxed_commit BEFORE INSERT OR UPDATE OR DELETE ON vector_search_cache
-    FOR EACH STATEMENT WHEN (strpos(current_query(), '/* pgcache: relaxed commit */') > 0)
-    EXECUTE FUNCTION pgcache_relaxed_commit();
-CREATE TRIGGER pgcache_relaxed_commit BEFORE INSERT OR UPDATE OR DELETE ON llm_response_cache
-    FOR EACH STATEMENT WHEN (strpos(current_query(), '/* pgcache: relaxed commit */') > 0)
-    EXECUTE FUNCTION pgcache_relaxed_commit();
-CREATE TRIGGER pgcache_relaxed_commit BEFORE INSERT OR UPDATE OR DELETE ON audio_chunk_cache
-    FOR EACH STATEMENT WHEN (strpos(current_query(), '/* pgcache: relaxed commit */') > 0)
-    EXECUTE FUNCTION pgcache_relaxed_commit();
-CREATE TRIGGER pgcache_relaxed_commit BEFORE INSERT OR UPDATE OR DELETE ON cache_leases
-    FOR EACH STATEMENT WHEN (strpos(current_query(), '/* pgcache: relaxed commit */') > 0)
-    EXECUTE FUNCTION pgcache_relaxed_commit();
-CREATE TRIGGER pgcache_relaxed_commit BEFORE INSERT OR UPDATE OR DELETE ON cache_counters
-    FOR EACH STATEMENT WHEN (strpos(current_query(), '/* pgcache: relaxed commit */') > 0)
-    EXECUTE FUNCTION pgcache_relaxed_commit();
+-- Every table pgcache writes: the five caches, single flight's leases, the counters.
+DO $do$
+DECLARE
+    t TEXT;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['cache_entries', 'embedding_cache', 'vector_search_cache',
+        'llm_response_cache', 'audio_chunk_cache', 'cache_leases', 'cache_counters']
+    LOOP
+        EXECUTE format(
+            'CREATE TRIGGER pgcache_relaxed_commit BEFORE INSERT OR UPDATE OR DELETE ON %I '
+            'FOR EACH STATEMENT '
+            'WHEN (strpos(current_query(), ''/* pgcache: relaxed commit */'') > 0) '
+            'EXECUTE FUNCTION pgcache_relaxed_commit()', t);
+    END LOOP;
+END
+$do$;
