@@ -21,13 +21,15 @@ use diesel::sql_types::{Array, BigInt, Bytea, Text};
 
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
+use crate::striped::StripedCounter;
 use crate::tables::Tables;
 
 /// One cache's totals since start; hits and misses up to `flushed_*` are written.
 #[derive(Debug, Default)]
 struct Tally {
-    hits: AtomicU64,
-    misses: AtomicU64,
+    /// Striped: every hit and miss, near-cache hits included, counts here.
+    hits: StripedCounter,
+    misses: StripedCounter,
     sets: AtomicU64,
     deletes: AtomicU64,
     errors: AtomicU64,
@@ -38,8 +40,8 @@ struct Tally {
 
 impl Tally {
     /// What is counted past the flushed mark, moving the mark up to it.
-    fn take(total: &AtomicU64, flushed: &AtomicU64) -> u64 {
-        let now = total.load(Ordering::Acquire);
+    fn take(total: &StripedCounter, flushed: &AtomicU64) -> u64 {
+        let now = total.get();
         now - flushed.swap(now, Ordering::AcqRel)
     }
 }
@@ -126,10 +128,10 @@ impl Counters {
     pub(crate) fn record_lookups(&self, kind: CacheKind, hits: u64, misses: u64) {
         let tally = &self.tallies[kind.index()];
         if hits > 0 {
-            tally.hits.fetch_add(hits, Ordering::Relaxed);
+            tally.hits.add(hits);
         }
         if misses > 0 {
-            tally.misses.fetch_add(misses, Ordering::Relaxed);
+            tally.misses.add(misses);
         }
     }
 
@@ -167,8 +169,8 @@ impl Counters {
                     let t = &self.tallies[cache.index()];
                     CacheCounters {
                         cache,
-                        hits: load(&t.hits),
-                        misses: load(&t.misses),
+                        hits: t.hits.get(),
+                        misses: t.misses.get(),
                         sets: load(&t.sets),
                         deletes: load(&t.deletes),
                         errors: load(&t.errors),
@@ -239,10 +241,10 @@ impl Counters {
     /// Pending (not yet flushed) hits and misses of one cache.
     pub(crate) fn pending(&self, kind: CacheKind) -> (u64, u64) {
         let t = &self.tallies[kind.index()];
-        let pending = |total: &AtomicU64, flushed: &AtomicU64| {
+        let pending = |total: &StripedCounter, flushed: &AtomicU64| {
             // The mark first: it never passes the total read after it.
             let flushed = flushed.load(Ordering::Acquire);
-            total.load(Ordering::Acquire).saturating_sub(flushed)
+            total.get().saturating_sub(flushed)
         };
         (
             pending(&t.hits, &t.flushed_hits),

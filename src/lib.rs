@@ -91,6 +91,7 @@ pub mod metrics;
 mod relaxed;
 mod shards;
 mod statement;
+mod striped;
 mod tables;
 mod validation;
 // Database plumbing.

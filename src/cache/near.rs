@@ -88,15 +88,13 @@ pub(super) fn get<C: NearStorage + ?Sized>(
 ) -> Result<Option<C::Entry>> {
     let near_key = C::near_key(key, checked);
     let kept = if memory {
-        near.get(C::KIND, &near_key)
+        near.get(C::KIND, &near_key, C::from_near)
     } else {
         None
     };
-    if let Some(kept) = kept {
-        if let Some(entry) = C::from_near(&kept)? {
-            cache.near_hit(checked);
-            return Ok(Some(entry));
-        }
+    if let Some(entry) = kept.transpose()?.flatten() {
+        cache.near_hit(checked);
+        return Ok(Some(entry));
     }
     let ticket = near.ticket(C::KIND, &near_key);
     let read = engine.read(C::KIND, Op::Get, None, |conn| {
@@ -117,8 +115,8 @@ pub(crate) fn get_from_memory<C: NearStorage + ?Sized>(
     // A bad key: the full get reports it.
     let checked = cache.check_key(key).ok()?;
     let engine = cache.engine_for(key, &checked);
-    let kept = near_of::<C>(engine)?.get(C::KIND, &C::near_key(key, &checked))?;
-    let entry = match C::from_near(&kept) {
+    let kept = near_of::<C>(engine)?.get(C::KIND, &C::near_key(key, &checked), C::from_near)?;
+    let entry = match kept {
         Ok(Some(entry)) => entry,
         // Not servable from memory: the database read decides.
         Ok(None) => return None,
@@ -170,8 +168,10 @@ pub(super) fn read_many<C: NearStorage + ?Sized>(
     let mut wanted = Vec::new();
     for (i, (key, checked)) in keys.iter().zip(checked).enumerate() {
         let near_key = C::near_key(key, checked);
-        let kept = near.get(C::KIND, &near_key);
-        let entry = kept.map(|kept| C::from_near(&kept)).transpose()?.flatten();
+        let entry = near
+            .get(C::KIND, &near_key, C::from_near)
+            .transpose()?
+            .flatten();
         if entry.is_some() {
             cache.near_hit(checked);
         } else {

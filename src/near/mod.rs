@@ -39,8 +39,7 @@
 //!   late.
 
 use std::any::Any;
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 #[cfg(test)]
@@ -52,7 +51,9 @@ use chrono::{DateTime, Utc};
 use crate::config::{CacheConfig, NearCache};
 use crate::kind::CacheKind;
 use crate::metrics::{self, NearOutcome};
+use crate::striped::StripedCounter;
 
+mod front;
 mod poller;
 pub(crate) mod protocol;
 mod stats;
@@ -74,6 +75,10 @@ struct Entry {
     value: NearValue,
     expires: Instant,
     weight: u64,
+    /// The generation of its slot and the epoch it was filled under (its
+    /// ticket's): a thread's front copies it only while both are current.
+    generation: u64,
+    epoch: u64,
 }
 
 #[derive(Clone)]
@@ -112,8 +117,9 @@ struct Table {
     entries: Entries,
     evictions: CountEvictions,
     max_age: Duration,
-    hits: AtomicU64,
-    misses: AtomicU64,
+    /// Striped: counted by every hit, on every core.
+    hits: StripedCounter,
+    misses: StripedCounter,
     bypasses: AtomicU64,
     invalidations: AtomicU64,
 }
@@ -128,7 +134,11 @@ pub(crate) struct Ticket {
 
 /// The near caches of one manager and the state of their poller.
 pub(crate) struct NearCaches {
+    /// Unique in the process: names this manager's copies in threads' fronts.
+    id: u64,
     tables: [Option<Table>; CacheKind::COUNT],
+    /// Hashes keys to generation slots and front slots (fast, seeded per manager).
+    hasher: quick_cache::DefaultHashBuilder,
     generations: Box<[AtomicU64]>,
     epoch: AtomicU64,
     /// Whether the poller has its baseline on its current connection: fills are safe.
@@ -166,8 +176,11 @@ impl NearCaches {
         if tables.iter().all(Option::is_none) {
             return None;
         }
+        static IDS: AtomicU64 = AtomicU64::new(0);
         Some(NearCaches {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             tables,
+            hasher: quick_cache::DefaultHashBuilder::default(),
             generations: (0..GENERATION_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             epoch: AtomicU64::new(0),
             has_baseline: AtomicBool::new(false),
@@ -218,33 +231,70 @@ impl NearCaches {
     /// Whether L1 may serve now: the change log was read up to a snapshot taken less
     /// than `S` ago.
     fn current(&self) -> bool {
-        self.nanos(Instant::now()) < self.fresh_until.load(Ordering::Acquire)
+        self.current_at(Instant::now())
     }
 
-    fn slot(kind: CacheKind, key: &[u8]) -> usize {
-        let mut hasher = DefaultHasher::new();
-        kind.hash(&mut hasher);
-        key.hash(&mut hasher);
-        hasher.finish() as usize & (GENERATION_SLOTS - 1)
+    fn current_at(&self, now: Instant) -> bool {
+        self.nanos(now) < self.fresh_until.load(Ordering::Acquire)
     }
 
-    /// The entry of `key` if L1 holds a live one and may serve it. Counts the
-    /// lookup; `None` also when `kind` has no near cache.
-    pub(crate) fn get(&self, kind: CacheKind, key: &[u8]) -> Option<NearValue> {
+    fn hash(&self, kind: CacheKind, key: &[u8]) -> u64 {
+        self.hasher.hash_one((kind, key))
+    }
+
+    fn slot(&self, kind: CacheKind, key: &[u8]) -> usize {
+        Self::slot_of(self.hash(kind, key))
+    }
+
+    fn slot_of(hash: u64) -> usize {
+        hash as usize & (GENERATION_SLOTS - 1)
+    }
+
+    /// `read` of the entry of `key` if L1 holds a live one and may serve it, first
+    /// from this thread's front (see `front.rs`). Counts the lookup; `None` also
+    /// when `kind` has no near cache. `read` sees the value in place: a hit on the
+    /// front clones no shared reference.
+    pub(crate) fn get<R>(
+        &self,
+        kind: CacheKind,
+        key: &[u8],
+        read: impl FnOnce(&NearValue) -> R,
+    ) -> Option<R> {
         let table = self.tables[kind.index()].as_ref()?;
-        if !self.current() {
+        let now = Instant::now();
+        if !self.current_at(now) {
             table.bypasses.fetch_add(1, Ordering::Relaxed);
             metrics::near_cache_lookup(kind, NearOutcome::Bypass);
             return None;
         }
+        let hit = || {
+            table.hits.add(1);
+            metrics::near_cache_lookup(kind, NearOutcome::Hit);
+        };
+        let hash = self.hash(kind, key);
+        // Both before the L1 lookup: see `front.rs`.
+        let stamp = front::Stamp {
+            owner: self.id,
+            generation: self.generations[Self::slot_of(hash)].load(Ordering::SeqCst),
+            epoch: self.epoch.load(Ordering::SeqCst),
+        };
+        let read = match front::read(kind, key, hash, stamp, now, read) {
+            Ok(found) => {
+                hit();
+                return Some(found);
+            }
+            Err(read) => read,
+        };
         match table.entries.get(key) {
-            Some(entry) if entry.expires > Instant::now() => {
-                table.hits.fetch_add(1, Ordering::Relaxed);
-                metrics::near_cache_lookup(kind, NearOutcome::Hit);
-                Some(entry.value)
+            Some(entry) if entry.expires > now => {
+                if entry.generation == stamp.generation && entry.epoch == stamp.epoch {
+                    front::keep(kind, key, hash, stamp, entry.value.clone(), entry.expires);
+                }
+                hit();
+                Some(read(&entry.value))
             }
             _ => {
-                table.misses.fetch_add(1, Ordering::Relaxed);
+                table.misses.add(1);
                 metrics::near_cache_lookup(kind, NearOutcome::Miss);
                 None
             }
@@ -260,7 +310,7 @@ impl NearCaches {
         if !self.has_baseline.load(Ordering::SeqCst) {
             return None;
         }
-        let slot = Self::slot(kind, key);
+        let slot = self.slot(kind, key);
         Some(Ticket {
             slot,
             generation: self.generations[slot].load(Ordering::SeqCst),
@@ -303,6 +353,8 @@ impl NearCaches {
                 value,
                 expires,
                 weight: weight as u64,
+                generation: ticket.generation,
+                epoch: ticket.epoch,
             },
         );
         // An invalidation may have bumped the slot between the check and the
@@ -331,7 +383,7 @@ impl NearCaches {
             return;
         };
         for key in keys {
-            self.generations[Self::slot(kind, key)].fetch_add(1, Ordering::SeqCst);
+            self.generations[self.slot(kind, key)].fetch_add(1, Ordering::SeqCst);
             table.entries.remove(key);
             table.invalidations.fetch_add(1, Ordering::Relaxed);
         }
@@ -368,8 +420,8 @@ impl NearCaches {
                 let table = self.tables[kind.index()].as_ref()?;
                 Some(NearCacheStats {
                     cache: kind,
-                    hits: table.hits.load(Ordering::Relaxed),
-                    misses: table.misses.load(Ordering::Relaxed),
+                    hits: table.hits.get(),
+                    misses: table.misses.get(),
                     bypasses: table.bypasses.load(Ordering::Relaxed),
                     invalidations: table.invalidations.load(Ordering::Relaxed),
                     evictions: table.evictions.0.load(Ordering::Relaxed),
@@ -457,8 +509,8 @@ impl Table {
             ),
             evictions,
             max_age: settings.age(),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
+            hits: StripedCounter::default(),
+            misses: StripedCounter::default(),
             bypasses: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
         }
@@ -469,276 +521,4 @@ impl Table {
 const NO_CLOCK_YET: i64 = i64::MAX / 2;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::CacheConfig;
-
-    /// Near caches for kv whose poller has not connected yet.
-    fn kv_only() -> NearCaches {
-        let config = CacheConfig::builder()
-            .near_cache(CacheKind::Kv, Some(NearCache::new()))
-            .build()
-            .unwrap();
-        NearCaches::new(&config).unwrap()
-    }
-
-    /// Now by this machine's clock, microseconds since the Unix epoch: the
-    /// database's clock in these tests.
-    fn clock_now_us() -> i64 {
-        Utc::now().timestamp_micros()
-    }
-
-    /// Near caches for kv whose poller has its baseline and is current, as if it
-    /// had just polled.
-    fn current() -> Arc<NearCaches> {
-        let near = Arc::new(kv_only());
-        near.polled(Instant::now(), Some(clock_now_us()));
-        near.has_baseline.store(true, Ordering::SeqCst);
-        near.fresh_until.store(u64::MAX, Ordering::SeqCst);
-        near
-    }
-
-    fn value(text: &str) -> NearValue {
-        Arc::new(text.to_owned())
-    }
-
-    fn held(near: &NearCaches, key: &[u8]) -> Option<String> {
-        near.get(CacheKind::Kv, key)
-            .and_then(|v| v.downcast_ref::<String>().cloned())
-    }
-
-    fn in_an_hour() -> DateTime<Utc> {
-        Utc::now() + chrono::Duration::hours(1)
-    }
-
-    /// A fill of kv `key` with `text`, live for an hour, read after `ticket`.
-    fn fill(near: &NearCaches, ticket: Ticket, key: &[u8], text: &str) {
-        near.fill(
-            CacheKind::Kv,
-            ticket,
-            key.into(),
-            value(text),
-            in_an_hour(),
-            1,
-        );
-    }
-
-    #[test]
-    fn a_fill_serves_until_its_key_is_invalidated() {
-        let near = current();
-        let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
-        fill(&near, ticket, b"k", "v1");
-        assert_eq!(held(&near, b"k").as_deref(), Some("v1"));
-        near.invalidate(CacheKind::Kv, [&b"k"[..]]);
-        assert_eq!(held(&near, b"k"), None);
-    }
-
-    #[test]
-    fn a_read_that_raced_an_invalidation_is_not_kept() {
-        let near = current();
-        // The reader notes the generation, then SELECTs the old value; the
-        // invalidation of the write that replaced it lands before the fill...
-        let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
-        near.invalidate(CacheKind::Kv, [&b"k"[..]]);
-        fill(&near, ticket, b"k", "old");
-        assert_eq!(held(&near, b"k"), None, "landed before the fill");
-        // ...or between the fill's last check and its insert.
-        let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
-        let weak = Arc::downgrade(&near);
-        near.set_before_insert(Some(Box::new(move || {
-            weak.upgrade()
-                .unwrap()
-                .invalidate(CacheKind::Kv, [&b"k"[..]]);
-        })));
-        fill(&near, ticket, b"k", "old");
-        near.set_before_insert(None);
-        assert_eq!(held(&near, b"k"), None, "landed before the insert");
-    }
-
-    #[test]
-    fn a_lost_channel_drops_everything_and_refuses_fills_taken_before() {
-        let near = current();
-        let early = near.ticket(CacheKind::Kv, b"a").unwrap();
-        let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
-        fill(&near, ticket, b"k", "v");
-        near.lost();
-        assert_eq!(held(&near, b"k"), None, "not served while not current");
-        near.has_baseline.store(true, Ordering::SeqCst);
-        near.fresh_until.store(u64::MAX, Ordering::SeqCst);
-        assert_eq!(held(&near, b"k"), None, "dropped, not just hidden");
-        fill(&near, early, b"a", "v");
-        assert_eq!(
-            held(&near, b"a"),
-            None,
-            "a read from before the loss is not kept"
-        );
-    }
-
-    #[test]
-    fn what_is_filled_right_after_the_baseline_is_served() {
-        let near = kv_only();
-        assert!(
-            near.ticket(CacheKind::Kv, b"k").is_none(),
-            "no baseline yet"
-        );
-        near.baseline_taken(Instant::now(), Some(clock_now_us()));
-        // No poll after the baseline yet: the fill is served all the same.
-        let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
-        fill(&near, ticket, b"k", "v");
-        assert_eq!(held(&near, b"k").as_deref(), Some("v"));
-        assert_eq!(near.stats()[0].bypasses, 0);
-    }
-
-    #[test]
-    fn no_fill_without_a_baseline_and_no_serving_once_the_last_poll_is_old() {
-        let near = current();
-        near.has_baseline.store(false, Ordering::SeqCst);
-        assert!(near.ticket(CacheKind::Kv, b"k").is_none());
-        near.has_baseline.store(true, Ordering::SeqCst);
-        let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
-        fill(&near, ticket, b"k", "v");
-        near.fresh_until.store(0, Ordering::SeqCst);
-        assert_eq!(held(&near, b"k"), None);
-        assert_eq!(near.stats()[0].bypasses, 1);
-    }
-
-    #[test]
-    fn the_byte_bound_evicts_and_counts_it() {
-        let config = CacheConfig::builder()
-            .near_cache(CacheKind::Kv, Some(NearCache::new().max_bytes(10_000)))
-            .build()
-            .unwrap();
-        let near = NearCaches::new(&config).unwrap();
-        near.baseline_taken(Instant::now(), Some(clock_now_us()));
-        near.fresh_until.store(u64::MAX, Ordering::SeqCst);
-        for i in 0..100u32 {
-            let key = i.to_be_bytes();
-            let ticket = near.ticket(CacheKind::Kv, &key).unwrap();
-            near.fill(
-                CacheKind::Kv,
-                ticket,
-                key[..].into(),
-                value("v"),
-                in_an_hour(),
-                1_000,
-            );
-        }
-        let stats = &near.stats()[0];
-        assert!(stats.bytes <= 10_000, "{stats:?}");
-        assert!(stats.evictions >= 90, "{stats:?}");
-        assert_eq!(stats.entries + stats.evictions, 100, "{stats:?}");
-    }
-
-    #[test]
-    fn a_replaced_entry_is_not_counted_as_an_eviction() {
-        let near = current();
-        for round in 0..50 {
-            let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
-            fill(&near, ticket, b"k", &format!("v{round}"));
-        }
-        let stats = &near.stats()[0];
-        assert_eq!(stats.entries, 1, "{stats:?}");
-        assert_eq!(stats.evictions, 0, "{stats:?}");
-    }
-
-    #[test]
-    fn a_late_poll_reply_never_extends_an_entry() {
-        let near = current();
-        // The server read its clock as the poll was sent; the reply came back 200 ms
-        // later. Guessing that the clock was read halfway would put the database
-        // 100 ms behind and keep the entry 100 ms past its expiry.
-        let sent = Instant::now();
-        let db_clock = clock_now_us();
-        std::thread::sleep(Duration::from_millis(200));
-        near.polled(sent, Some(db_clock));
-        let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
-        let expiry = Utc::now() + chrono::Duration::milliseconds(40);
-        near.fill(
-            CacheKind::Kv,
-            ticket,
-            b"k"[..].into(),
-            value("v"),
-            expiry,
-            1,
-        );
-        loop {
-            let asked = Utc::now();
-            if held(&near, b"k").is_none() {
-                break;
-            }
-            assert!(asked < expiry, "served past its database expiry");
-        }
-    }
-
-    #[test]
-    fn nothing_is_kept_before_the_database_clock_is_known() {
-        let near = kv_only();
-        near.has_baseline.store(true, Ordering::SeqCst);
-        near.fresh_until.store(u64::MAX, Ordering::SeqCst);
-        let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
-        fill(&near, ticket, b"k", "v");
-        assert_eq!(held(&near, b"k"), None);
-    }
-
-    #[test]
-    fn an_entry_lives_at_most_its_remaining_ttl() {
-        let near = current();
-        let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
-        let soon = Utc::now() + chrono::Duration::milliseconds(30);
-        near.fill(CacheKind::Kv, ticket, b"k"[..].into(), value("v"), soon, 1);
-        assert!(held(&near, b"k").is_some());
-        std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(held(&near, b"k"), None);
-        let ticket = near.ticket(CacheKind::Kv, b"gone").unwrap();
-        let past = Utc::now() - chrono::Duration::seconds(1);
-        near.fill(
-            CacheKind::Kv,
-            ticket,
-            b"gone"[..].into(),
-            value("v"),
-            past,
-            1,
-        );
-        assert_eq!(held(&near, b"gone"), None);
-    }
-
-    #[test]
-    fn a_poll_keeps_the_near_cache_serving_for_the_bound_only() {
-        let config = CacheConfig::builder()
-            .near_cache(CacheKind::Kv, Some(NearCache::new()))
-            .near_cache_staleness(Duration::from_millis(20))
-            .build()
-            .unwrap();
-        let near = NearCaches::new(&config).unwrap();
-        assert!(!near.current(), "not before the first poll");
-        near.polled(Instant::now(), Some(clock_now_us()));
-        assert!(near.current());
-        std::thread::sleep(Duration::from_millis(30));
-        assert!(
-            !near.current(),
-            "a poll older than the bound proves nothing"
-        );
-    }
-
-    #[test]
-    fn logged_changes_name_keys_or_the_whole_cache() {
-        let near = current();
-        for key in [&b"a"[..], b"b", b"c"] {
-            let ticket = near.ticket(CacheKind::Kv, key).unwrap();
-            near.fill(
-                CacheKind::Kv,
-                ticket,
-                key.into(),
-                value("v"),
-                in_an_hour(),
-                1,
-            );
-        }
-        near.apply("kv", Some(&["a".to_owned(), "x".to_owned()]));
-        assert_eq!(held(&near, b"a"), None);
-        assert!(held(&near, b"b").is_some());
-        near.apply("kv", None);
-        assert_eq!(held(&near, b"b"), None);
-        assert_eq!(held(&near, b"c"), None);
-    }
-}
+mod tests;
