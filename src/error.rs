@@ -330,9 +330,15 @@ fn missing_table_message(table: &str) -> String {
     }
 }
 
-/// Messages of a lost connection: 57P01 admin shutdown, 57P02 crash shutdown, 57P03
-/// cannot connect now, and libpq's own.
-const CONNECTION_LOST: [&str; 6] = [
+/// Messages of failures that waiting may cure: 57014 query_canceled
+/// (statement_timeout), 55P03 lock_not_available (lock_timeout), 40P01
+/// deadlock_detected, 57P03 cannot_connect_now; and a lost connection: 57P01 admin
+/// shutdown, 57P02 crash shutdown, and libpq's own.
+const TRANSIENT: [&str; 10] = [
+    "canceling statement due to statement timeout",
+    "canceling statement due to lock timeout",
+    "deadlock detected",
+    "the database system is",
     "terminating connection",
     "server closed the connection",
     "connection has been closed unexpectedly",
@@ -353,18 +359,7 @@ pub(crate) fn one_line(message: &str) -> String {
 }
 
 fn is_transient_message(message: &str) -> bool {
-    // 57014 query_canceled (statement_timeout), 55P03 lock_not_available
-    // (lock_timeout), 40P01 deadlock_detected, 57P03 cannot_connect_now.
-    const TRANSIENT: [&str; 4] = [
-        "canceling statement due to statement timeout",
-        "canceling statement due to lock timeout",
-        "deadlock detected",
-        "the database system is",
-    ];
-    TRANSIENT
-        .iter()
-        .chain(CONNECTION_LOST.iter())
-        .any(|m| message.contains(m))
+    TRANSIENT.iter().any(|m| message.contains(m))
 }
 
 /// Connection failures that waiting will not cure: 28P01 invalid_password, 28000

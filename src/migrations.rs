@@ -175,20 +175,34 @@ fn history_readable(conn: &mut PgConnection, schema: &str) -> QueryResult<bool> 
     Ok(readable.flag)
 }
 
+/// `select` (naming the history `{history}`, the embedded versions `$1`) over
+/// `schema`'s history; `None` when the history is missing or not readable by this
+/// role, checked first: a statement naming such a table fails.
+fn read_history<R: QueryableByName<Pg> + 'static>(
+    conn: &mut PgConnection,
+    schema: &str,
+    select: &str,
+) -> Result<Option<R>> {
+    if !history_readable(conn, schema)? {
+        return Ok(None);
+    }
+    Ok(Some(
+        diesel::sql_query(select.replace("{history}", &history(schema)))
+            .bind::<Array<Text>, _>(versions()?)
+            .get_result(conn)?,
+    ))
+}
+
 /// Whether `schema`'s history lacks an embedded migration; also when it cannot be
 /// read (missing, or not readable by this role: the run will say what is wrong).
 /// Reads only, so it takes no lock.
 fn pending(conn: &mut PgConnection, schema: &str) -> Result<bool> {
-    if !history_readable(conn, schema)? {
-        return Ok(true);
-    }
-    let complete: Flag = diesel::sql_query(format!(
-        "SELECT array(SELECT version::text FROM {}) @> $1 AS flag",
-        history(schema)
-    ))
-    .bind::<Array<Text>, _>(versions()?)
-    .get_result(conn)?;
-    Ok(!complete.flag)
+    let complete: Option<Flag> = read_history(
+        conn,
+        schema,
+        "SELECT array(SELECT version::text FROM {history}) @> $1 AS flag",
+    )?;
+    Ok(!complete.is_some_and(|complete| complete.flag))
 }
 
 /// Runs every pending migration on `conn`, whose search path is `lock`'s schema
@@ -327,18 +341,13 @@ pub(crate) fn migrated_at(conn: &mut PgConnection, schema: &str) -> Result<Optio
         #[diesel(sql_type = Nullable<Timestamptz>)]
         at: Option<DateTime<Utc>>,
     }
-    // Checked first: a statement naming a missing (or unreadable) table fails.
-    if !history_readable(conn, schema)? {
-        return Ok(None);
-    }
     // `run_on` is a timestamp without time zone, written in the session's zone.
-    let first: At = diesel::sql_query(format!(
-        "SELECT min(run_on)::timestamptz AS at FROM {} WHERE version = ANY($1)",
-        history(schema)
-    ))
-    .bind::<Array<Text>, _>(versions()?)
-    .get_result(conn)?;
-    Ok(first.at)
+    let first: Option<At> = read_history(
+        conn,
+        schema,
+        "SELECT min(run_on)::timestamptz AS at FROM {history} WHERE version = ANY($1)",
+    )?;
+    Ok(first.and_then(|first| first.at))
 }
 
 /// `ALTER TABLE ... SET LOGGED | UNLOGGED` on every cache table, in one transaction.

@@ -41,6 +41,14 @@ fn in_an_hour() -> DateTime<Utc> {
     Utc::now() + chrono::Duration::hours(1)
 }
 
+/// Near caches as [`current`], holding kv `key` with `text`.
+fn holding(key: &[u8], text: &str) -> Arc<NearCaches> {
+    let near = current();
+    let ticket = near.ticket(CacheKind::Kv, key).unwrap();
+    fill(&near, ticket, key, text);
+    near
+}
+
 /// A fill of kv `key` with `text`, live for an hour, read after `ticket`.
 fn fill(near: &NearCaches, ticket: Ticket, key: &[u8], text: &str) {
     near.fill(
@@ -55,9 +63,7 @@ fn fill(near: &NearCaches, ticket: Ticket, key: &[u8], text: &str) {
 
 #[test]
 fn a_fill_serves_until_its_key_is_invalidated() {
-    let near = current();
-    let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
-    fill(&near, ticket, b"k", "v1");
+    let near = holding(b"k", "v1");
     assert_eq!(held(&near, b"k").as_deref(), Some("v1"));
     near.invalidate(CacheKind::Kv, [&b"k"[..]]);
     assert_eq!(held(&near, b"k"), None);
@@ -274,33 +280,19 @@ fn logged_changes_name_keys_or_the_whole_cache() {
 
 #[test]
 fn an_entry_whose_slot_moved_before_the_lookup_is_not_copied_to_the_front() {
-    let near = current();
-    let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
-    fill(&near, ticket, b"k", "old");
+    let near = holding(b"k", "old");
     // An invalidation half done: its bump landed, its removal from L1 not yet.
     near.generations[near.slot(CacheKind::Kv, b"k")].fetch_add(1, Ordering::SeqCst);
-    assert_eq!(
-        held(&near, b"k").as_deref(),
-        Some("old"),
-        "L1 still holds it"
-    );
-    near.tables[CacheKind::Kv.index()]
-        .as_ref()
-        .unwrap()
-        .entries
-        .remove(&b"k"[..]);
-    assert_eq!(
-        held(&near, b"k"),
-        None,
-        "no copy was kept under the new generation"
-    );
+    // L1 still holds it, and serves it; the front must not keep a copy.
+    assert_eq!(held(&near, b"k").as_deref(), Some("old"));
+    let l1 = &near.tables[CacheKind::Kv.index()].as_ref().unwrap().entries;
+    l1.remove(&b"k"[..]);
+    assert_eq!(held(&near, b"k"), None, "no copy under the new generation");
 }
 
 #[test]
 fn a_whole_cache_invalidation_stops_the_fronts_copies() {
-    let near = current();
-    let ticket = near.ticket(CacheKind::Kv, b"k").unwrap();
-    fill(&near, ticket, b"k", "v");
+    let near = holding(b"k", "v");
     assert_eq!(held(&near, b"k").as_deref(), Some("v"));
     assert_eq!(held(&near, b"k").as_deref(), Some("v"), "from the front");
     near.invalidate_all(CacheKind::Kv);

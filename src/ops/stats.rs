@@ -217,18 +217,9 @@ fn shard_stats(engine: &Engine) -> Result<CacheStats> {
             });
         }
         let tables = engine.tables();
-        let top_llm_responses = top_entries(
-            conn,
-            CacheKind::LlmResponse,
-            tables.of(CacheKind::LlmResponse),
-            TOP_ENTRIES,
-        )?;
-        let audio = hit_stats(
-            conn,
-            CacheKind::AudioChunk,
-            tables.of(CacheKind::AudioChunk),
-            TOP_ENTRIES,
-        )?;
+        let (llm, audio) = (CacheKind::LlmResponse, CacheKind::AudioChunk);
+        let top_llm_responses = top_entries(conn, llm, tables.of(llm), TOP_ENTRIES)?;
+        let audio = hit_stats(conn, audio, tables.of(audio), TOP_ENTRIES)?;
         let all = caches.iter().map(|c| c.lookups).sum();
         Ok(CacheStats {
             total_entries: caches.iter().map(|c| c.entries).sum(),
