@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 mod app_pool;
 pub(crate) mod near;
 mod pooler;
+mod tags;
 mod typed;
 
 use crate::BenchResult;
@@ -57,6 +58,10 @@ pub struct BenchArgs {
     /// server directly; full durability only.
     #[arg(long)]
     pooler_url: Option<String>,
+    /// Entries carrying the tag the `kv invalidate_tag` row invalidates (filled in
+    /// one statement before it).
+    #[arg(long, default_value_t = 1_000_000)]
+    tagged_entries: u64,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -912,6 +917,15 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
         )?;
     }
     app_pool::rows(&url, &scratch.schema, &passes, budget, &mut results)?;
+    tags::rows(
+        &url,
+        &scratch.schema,
+        args.tagged_entries,
+        &passes,
+        budget,
+        &cache,
+        &mut results,
+    )?;
     // Last: its triggers live in a schema of their own, so no row above pays them.
     near::rows(
         &scratch,

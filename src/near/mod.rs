@@ -33,6 +33,9 @@
 //!   hashes to a generation slot, bumped by each invalidation; a filler notes the
 //!   slot's generation before its `SELECT`, inserts, then removes its entry again if
 //!   the generation or the epoch moved meanwhile.
+//! - A key/value entry read with tags is not served once one of them is
+//!   invalidated (logged as `kv_tags`, see `protocol.rs`) after its reader's
+//!   `SELECT` began: see `tags.rs`.
 //! - An entry lives at most `min(remaining TTL as the database computed it, max
 //!   age)`, judged by the latest time the database's clock can read: every poll
 //!   bounds it from above (see `NearCaches::polled`), so entries leave early, never
@@ -56,9 +59,12 @@ use crate::metrics::{self, NearOutcome};
 mod poller;
 pub(crate) mod protocol;
 mod stats;
+mod tags;
 
 pub(crate) use poller::{prune_changes, Poller};
 pub use stats::NearCacheStats;
+pub(crate) use tags::TagSlots;
+use tags::{TagClock, TagMark};
 
 /// A near-cache key: the entry's key digest, or a key/value key's bytes.
 pub(crate) type NearKey = Box<[u8]>;
@@ -74,6 +80,7 @@ struct Entry {
     value: NearValue,
     expires: Instant,
     weight: u64,
+    tags: Option<TagMark>,
 }
 
 #[derive(Clone)]
@@ -118,12 +125,22 @@ struct Table {
     invalidations: AtomicU64,
 }
 
-/// What a reader notes before its `SELECT`, to fill L1 only if nothing changed.
-#[derive(Debug, Clone, Copy)]
+/// What a reader notes before its `SELECT`, to fill L1 only if nothing changed,
+/// and, once it has read the entry, the slots of its tags, checked at every serve.
+#[derive(Debug, Clone)]
 pub(crate) struct Ticket {
     slot: usize,
     generation: u64,
     epoch: u64,
+    tag_clock: u64,
+    tags: Option<TagSlots>,
+}
+
+impl Ticket {
+    /// The ticket of an entry read with tags (`Some`).
+    pub(crate) fn carrying(self, tags: Option<TagSlots>) -> Self {
+        Ticket { tags, ..self }
+    }
 }
 
 /// The near caches of one manager and the state of their poller.
@@ -131,6 +148,7 @@ pub(crate) struct NearCaches {
     tables: [Option<Table>; CacheKind::COUNT],
     generations: Box<[AtomicU64]>,
     epoch: AtomicU64,
+    tags: TagClock,
     /// Whether the poller has its baseline on its current connection: fills are safe.
     has_baseline: AtomicBool,
     /// Nanoseconds since `base` until which L1 may serve (last poll sent + S).
@@ -170,6 +188,7 @@ impl NearCaches {
             tables,
             generations: (0..GENERATION_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             epoch: AtomicU64::new(0),
+            tags: TagClock::new(),
             has_baseline: AtomicBool::new(false),
             fresh_until: AtomicU64::new(0),
             polled_at: AtomicU64::new(0),
@@ -238,7 +257,7 @@ impl NearCaches {
             return None;
         }
         match table.entries.get(key) {
-            Some(entry) if entry.expires > Instant::now() => {
+            Some(entry) if entry.expires > Instant::now() && self.tags.hold(&entry.tags) => {
                 table.hits.fetch_add(1, Ordering::Relaxed);
                 metrics::near_cache_lookup(kind, NearOutcome::Hit);
                 Some(entry.value)
@@ -265,6 +284,8 @@ impl NearCaches {
             slot,
             generation: self.generations[slot].load(Ordering::SeqCst),
             epoch,
+            tag_clock: self.tags.note(),
+            tags: None,
         })
     }
 
@@ -286,6 +307,9 @@ impl NearCaches {
         let Some(expires) = self.local_expiry(expires_at, table.max_age) else {
             return;
         };
+        let tags = ticket
+            .tags
+            .map(|slots| TagMark::new(slots, ticket.tag_clock));
         let unchanged = |caches: &Self| {
             caches.generations[ticket.slot].load(Ordering::SeqCst) == ticket.generation
                 && caches.epoch.load(Ordering::SeqCst) == ticket.epoch
@@ -303,6 +327,7 @@ impl NearCaches {
                 value,
                 expires,
                 weight: weight as u64,
+                tags,
             },
         );
         // An invalidation may have bumped the slot between the check and the
@@ -334,6 +359,14 @@ impl NearCaches {
             self.generations[Self::slot(kind, key)].fetch_add(1, Ordering::SeqCst);
             table.entries.remove(key);
             table.invalidations.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Stops serving the key/value entries read with any of `tags` before now (an
+    /// invalidation of this process, or a logged one).
+    pub(crate) fn invalidate_tags<'t>(&self, tags: impl IntoIterator<Item = &'t str>) {
+        if self.serves(CacheKind::Kv) {
+            tags.into_iter().for_each(|tag| self.tags.invalidate(tag));
         }
     }
 
@@ -382,8 +415,16 @@ impl NearCaches {
             .collect()
     }
 
-    /// Applies one logged change: the keys of `cache`, or all of it (`None`).
+    /// Applies one logged change: the keys of `cache`, or all of it (`None`); or
+    /// invalidated key/value tags (every tag: `None`).
     pub(super) fn apply(&self, cache: &str, keys: Option<&[String]>) {
+        if cache == protocol::TAG_LOG_NAME {
+            match keys {
+                Some(tags) => self.invalidate_tags(tags.iter().map(String::as_str)),
+                None => self.invalidate_all(CacheKind::Kv),
+            }
+            return;
+        }
         let Some(kind) = CacheKind::from_name(cache) else {
             return;
         };

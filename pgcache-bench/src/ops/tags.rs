@@ -1,0 +1,160 @@
+//! The tag rows of `pgcache-bench ops`: a kv get of entries with 0 (the tag
+//! column empty), 1 and 5 tags against a get of untagged entries, and
+//! `invalidate_tag` of a tag that `--tagged-entries` entries carry against one that
+//! none carries, alternating slices, both sides through the library.
+
+use pgcache::{Cache, CacheManager};
+use postgres::{Client, NoTls};
+
+use super::{run_slice, BenchResult, Budget, Results, Samples, Worker, WARMUP};
+
+/// Entries per read row (and of the untagged baseline).
+const READ_ROWS: u64 = 10_000;
+
+/// Tags invalidated before the fill, so that half the tags read have a row in
+/// `cache_tags` (the other half: a tag never invalidated, generation 0).
+const INVALIDATED: u64 = 1000;
+
+/// The tag every `--tagged-entries` entry carries, and one no entry carries.
+const BIG_TAG: &str = "bench:big";
+const EMPTY_TAG: &str = "bench:none";
+
+/// The read rows: key prefix of the tagged side, and the SQL of its tags for
+/// entry `g` (`NULL` for the untagged baseline, `tags_0` = an empty array).
+const READS: [(&str, &str, &str); 3] = [
+    ("kv get 0 tags (empty) / untagged", "tags_0:", "ARRAY[]::text[]"),
+    ("kv get 1 tag / untagged", "tags_1:", "ARRAY['p:' || (g % 2000)]"),
+    (
+        "kv get 5 tags / untagged",
+        "tags_5:",
+        "ARRAY['p:' || (g % 2000), 'u:' || (g % 997), 'c:' || (g % 13), 'site', 'lang:' || (g % 7)]",
+    ),
+];
+const UNTAGGED: &str = "untagged:";
+
+/// One side of a row: the manager, and the prefix of the keys it reads or the tag
+/// it invalidates.
+#[derive(Clone, Copy)]
+struct Side<'a> {
+    cache: &'a CacheManager,
+    prefix: &'static str,
+}
+
+/// Fills the tables and measures the rows for each thread count in `passes`, on
+/// the bench's schema.
+pub(super) fn rows(
+    url: &str,
+    schema: &str,
+    tagged_entries: u64,
+    passes: &[usize],
+    budget: Budget,
+    cache: &CacheManager,
+    results: &mut Results,
+) -> BenchResult<()> {
+    let mut client = Client::connect(url, NoTls)?;
+    client.batch_execute(&format!("SET search_path TO \"{schema}\""))?;
+    // Half the `p:` tags have a generation; the entries carry the generations a
+    // write would have read (the library's expression).
+    client.batch_execute(&format!(
+        "INSERT INTO cache_tags (tag) SELECT 'p:' || g FROM generate_series(0, {last_tag}) g;
+         INSERT INTO cache_entries (key, value, expires_at)
+           SELECT '{UNTAGGED}' || g, '{{\"id\": 1}}', now() + interval '1 day'
+           FROM generate_series(0, {last}) g;",
+        last_tag = INVALIDATED - 1,
+        last = READ_ROWS - 1
+    ))?;
+    for (_, prefix, tags) in READS {
+        client.batch_execute(&format!(
+            "INSERT INTO cache_entries (key, value, expires_at, tags, tag_generations)
+               SELECT '{prefix}' || g, '{{\"id\": 1}}', now() + interval '1 day', t.tags,
+                 coalesce((SELECT array_agg(coalesce(c.generation, 0) ORDER BY x.n)
+                   FROM unnest(t.tags) WITH ORDINALITY AS x(tag, n)
+                   LEFT JOIN cache_tags c ON c.tag = x.tag), ARRAY[]::bigint[])
+               FROM generate_series(0, {last}) g, LATERAL (SELECT {tags} AS tags) t;",
+            last = READ_ROWS - 1
+        ))?;
+    }
+    results.mark("tags: read rows filled");
+    client.batch_execute(&format!(
+        "INSERT INTO cache_entries (key, value, expires_at, tags, tag_generations)
+           SELECT 'big:' || g, '1', now() + interval '1 day', ARRAY['{BIG_TAG}'], ARRAY[0::bigint]
+           FROM generate_series(1, {tagged_entries}) g;"
+    ))?;
+    // Separately: VACUUM cannot run in a multi-statement query's transaction.
+    for table in ["cache_entries", "cache_tags"] {
+        client.batch_execute(&format!("VACUUM ANALYZE {table}"))?;
+    }
+    results.mark("tags: tagged entries filled");
+    for &threads in passes {
+        for (name, prefix, _) in READS {
+            let get = |side: &mut Side<'_>, w: &mut Worker| -> BenchResult<bool> {
+                let n = w.random() % READ_ROWS;
+                let key = w.set_key(format_args!("{}{n}", side.prefix));
+                Ok(side.cache.kv().get(key)?.is_some())
+            };
+            compare(
+                name,
+                threads,
+                budget,
+                results,
+                [prefix, UNTAGGED],
+                cache,
+                &get,
+            )?;
+        }
+    }
+    // One thread: invalidations of one tag serialise on its row anyway.
+    let invalidate = |side: &mut Side<'_>, _: &mut Worker| -> BenchResult<bool> {
+        side.cache.kv().invalidate_tag(side.prefix)?;
+        Ok(true)
+    };
+    let name = format!("kv invalidate_tag {tagged_entries} / 0 entries");
+    compare(
+        &name,
+        1,
+        budget,
+        results,
+        [BIG_TAG, EMPTY_TAG],
+        cache,
+        &invalidate,
+    )?;
+    Ok(())
+}
+
+/// Measures `step` on two sides (`prefixes[0]`: the row's, `[1]`: its baseline, in
+/// the raw columns), alternating slices after a warm-up.
+fn compare(
+    name: &str,
+    threads: usize,
+    budget: Budget,
+    results: &mut Results,
+    prefixes: [&'static str; 2],
+    cache: &CacheManager,
+    step: &(dyn Fn(&mut Side<'_>, &mut Worker) -> BenchResult<bool> + Sync),
+) -> BenchResult<()> {
+    let mut sides =
+        prefixes.map(|prefix| (vec![Side { cache, prefix }; threads], Samples::default()));
+    let mut workers: Vec<Vec<Worker>> = (0..2)
+        .map(|side| {
+            (0..threads)
+                .map(|t| Worker::new(3000 + side * 100 + t, READ_ROWS))
+                .collect()
+        })
+        .collect();
+    let warm = Budget {
+        slices: 1,
+        iterations: Some(WARMUP),
+        ..budget
+    };
+    for ((ctx, _), w) in sides.iter_mut().zip(&mut workers) {
+        run_slice(ctx, w, warm, &mut Samples::default(), step)?;
+    }
+    for _ in 0..budget.slices {
+        for ((ctx, samples), w) in sides.iter_mut().zip(&mut workers) {
+            run_slice(ctx, w, budget, samples, step)?;
+        }
+    }
+    let [(_, row), (_, baseline)] = sides;
+    results.record(name, threads, row, Some(baseline));
+    Ok(())
+}
