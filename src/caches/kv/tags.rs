@@ -332,7 +332,8 @@ mod tests {
         assert!(reason(&["ok", ""]).contains("must not be empty"));
         assert!(reason(&["a\0b"]).contains(r#""a\0b""#));
         let long = "x".repeat(MAX_TAG_BYTES + 1);
-        assert!(reason(&[&long]).contains(&format!("{}... has 257", "x".repeat(32))));
+        let named = format!("{:?}... has 257", "x".repeat(32));
+        assert!(reason(&[&long]).contains(&named));
         let many = vec!["t"; MAX_TAGS_PER_ENTRY + 1];
         assert!(reason(&many).contains("at most 64 tags, not 65"));
     }
