@@ -774,6 +774,39 @@ fn measure(
     Ok((lib, raw))
 }
 
+/// Runs `step` on two sides, each with its contexts (one per thread) and workers
+/// numbered from `first_worker` (over `rows` keys), alternating slices after a
+/// warm-up that prepares the statements on every connection: each side's samples.
+/// For rows that compare two library set-ups instead of the library and raw SQL.
+fn alternate<C: Send>(
+    mut contexts: [Vec<C>; 2],
+    first_worker: usize,
+    rows: u64,
+    budget: Budget,
+    step: &(dyn Fn(&mut C, &mut Worker) -> BenchResult<bool> + Sync),
+) -> BenchResult<[Samples; 2]> {
+    let mut workers: [Vec<Worker>; 2] = [0, 1].map(|side| {
+        (0..contexts[side].len())
+            .map(|t| Worker::new(first_worker + side * 100 + t, rows))
+            .collect()
+    });
+    let warm = Budget {
+        slices: 1,
+        iterations: Some(WARMUP),
+        ..budget
+    };
+    let mut samples = [Samples::default(), Samples::default()];
+    for (ctx, w) in contexts.iter_mut().zip(&mut workers) {
+        run_slice(ctx, w, warm, &mut Samples::default(), step)?;
+    }
+    for _ in 0..budget.slices {
+        for ((ctx, w), out) in contexts.iter_mut().zip(&mut workers).zip(&mut samples) {
+            run_slice(ctx, w, budget, out, step)?;
+        }
+    }
+    Ok(samples)
+}
+
 /// The library side's settings: `threads` callers on `schema`, at the run's
 /// durability.
 pub(crate) fn bench_config(

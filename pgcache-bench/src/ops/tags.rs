@@ -6,7 +6,7 @@
 use pgcache::{Cache, CacheManager};
 use postgres::{Client, NoTls};
 
-use super::{run_slice, BenchResult, Budget, Results, Samples, Worker, WARMUP};
+use super::{alternate, BenchResult, Budget, Results, Worker};
 
 /// Entries per read row (and of the untagged baseline).
 const READ_ROWS: u64 = 10_000;
@@ -122,7 +122,7 @@ pub(super) fn rows(
 }
 
 /// Measures `step` on two sides (`prefixes[0]`: the row's, `[1]`: its baseline, in
-/// the raw columns), alternating slices after a warm-up.
+/// the raw columns).
 fn compare(
     name: &str,
     threads: usize,
@@ -132,29 +132,8 @@ fn compare(
     cache: &CacheManager,
     step: &(dyn Fn(&mut Side<'_>, &mut Worker) -> BenchResult<bool> + Sync),
 ) -> BenchResult<()> {
-    let mut sides =
-        prefixes.map(|prefix| (vec![Side { cache, prefix }; threads], Samples::default()));
-    let mut workers: Vec<Vec<Worker>> = (0..2)
-        .map(|side| {
-            (0..threads)
-                .map(|t| Worker::new(3000 + side * 100 + t, READ_ROWS))
-                .collect()
-        })
-        .collect();
-    let warm = Budget {
-        slices: 1,
-        iterations: Some(WARMUP),
-        ..budget
-    };
-    for ((ctx, _), w) in sides.iter_mut().zip(&mut workers) {
-        run_slice(ctx, w, warm, &mut Samples::default(), step)?;
-    }
-    for _ in 0..budget.slices {
-        for ((ctx, samples), w) in sides.iter_mut().zip(&mut workers) {
-            run_slice(ctx, w, budget, samples, step)?;
-        }
-    }
-    let [(_, row), (_, baseline)] = sides;
+    let sides = prefixes.map(|prefix| vec![Side { cache, prefix }; threads]);
+    let [row, baseline] = alternate(sides, 3000, READ_ROWS, budget, step)?;
     results.record(name, threads, row, Some(baseline));
     Ok(())
 }

@@ -27,7 +27,7 @@ use crate::metrics::Op;
 use crate::skipped::Skipped;
 use crate::statement::{Param, Prepared};
 use crate::tables::Tables;
-use crate::validation::check_text;
+use crate::validation::check_bounded;
 
 /// Longest tag accepted, in bytes (UTF-8).
 pub const MAX_TAG_BYTES: usize = 256;
@@ -83,25 +83,9 @@ pub(crate) use {generations, live, tags_moved};
 
 /// Checks one tag: not empty, at most [`MAX_TAG_BYTES`], no NUL; the error names it.
 fn check_tag(tag: &str) -> Result<()> {
-    if tag.is_empty() {
-        return Err(Error::invalid("tag", "a tag must not be empty"));
-    }
-    if tag.len() > MAX_TAG_BYTES {
-        let mut end = 32;
-        while !tag.is_char_boundary(end) {
-            end -= 1;
-        }
-        return Err(Error::invalid(
-            "tag",
-            format!(
-                "a tag is at most {MAX_TAG_BYTES} bytes, {:?}... has {}",
-                &tag[..end],
-                tag.len()
-            ),
-        ));
-    }
-    check_text("tag", tag).map_err(|error| match error {
-        Error::InvalidInput { what, reason } => {
+    check_bounded("tag", tag, MAX_TAG_BYTES).map_err(|error| match error {
+        // A NUL: the tag named (an empty one needs no name, a long one has its start).
+        Error::InvalidInput { what, reason } if tag.contains('\0') => {
             Error::invalid(what, format!("tag {tag:?} {reason}"))
         }
         other => other,
@@ -110,16 +94,13 @@ fn check_tag(tag: &str) -> Result<()> {
 
 /// Checks the tags of an entry: at most [`MAX_TAGS_PER_ENTRY`], each valid.
 pub(super) fn check_tags(tags: &[&str]) -> Result<()> {
-    if tags.len() > MAX_TAGS_PER_ENTRY {
-        return Err(Error::invalid(
+    match tags.len() {
+        n if n > MAX_TAGS_PER_ENTRY => Err(Error::invalid(
             "tags",
-            format!(
-                "an entry carries at most {MAX_TAGS_PER_ENTRY} tags, not {}",
-                tags.len()
-            ),
-        ));
+            format!("an entry carries at most {MAX_TAGS_PER_ENTRY} tags, not {n}"),
+        )),
+        _ => tags.iter().try_for_each(|tag| check_tag(tag)),
     }
-    tags.iter().try_for_each(|tag| check_tag(tag))
 }
 
 /// Draws a new generation for each of `tags` (checked) in `tag_table`, locking
@@ -332,7 +313,7 @@ mod tests {
         assert!(reason(&["ok", ""]).contains("must not be empty"));
         assert!(reason(&["a\0b"]).contains(r#""a\0b""#));
         let long = "x".repeat(MAX_TAG_BYTES + 1);
-        let named = format!("{:?}... has 257", "x".repeat(32));
+        let named = format!("this one has 257 (starts with {:?})", "x".repeat(32));
         assert!(reason(&[&long]).contains(&named));
         let many = vec!["t"; MAX_TAGS_PER_ENTRY + 1];
         assert!(reason(&many).contains("at most 64 tags, not 65"));
