@@ -432,3 +432,36 @@ fn near_reader_process(schema: &str) {
     std::thread::sleep(BOUND);
     assert_eq!(cache.kv().get("k").unwrap(), None);
 }
+
+#[test]
+fn reads_and_writes_probe_the_tag_table_by_index_however_many_tags_it_holds() {
+    let db = TestDb::new();
+    // Many invalidated tags: a plan joining an entry's tags with the whole table
+    // (a hash join over a sequential scan) would cost more as it grows.
+    db.exec(
+        "INSERT INTO cache_tags (tag) SELECT 'p:' || g FROM generate_series(1, 1000) g; \
+         ANALYZE cache_tags",
+    );
+    let kv = db.cache.kv();
+    let mut conn = db.cache.connection().unwrap();
+    let tags = ["p:1", "p:2", "new"];
+    for _ in 0..10 {
+        kv.tagged(&tags)
+            .set_in(&mut conn, "k", &json!(1), HOUR)
+            .unwrap();
+        assert_eq!(kv.get_in(&mut conn, "k").unwrap(), Some(json!(1)));
+    }
+    // This backend's table statistics, flushed, read from another.
+    diesel::RunQueryDsl::execute(diesel::sql_query("SELECT pg_stat_force_next_flush()"), &mut conn)
+        .unwrap();
+    diesel::RunQueryDsl::execute(diesel::sql_query("SELECT 1"), &mut conn).unwrap();
+    let scans = |kind: &str| {
+        db.count(&format!(
+            "SELECT {kind} AS n FROM pg_stat_user_tables WHERE schemaname = '{}' AND relname = 'cache_tags'",
+            db.schema
+        ))
+    };
+    // (Its index builds at migrate time scanned it empty.)
+    assert_eq!(scans("seq_tup_read"), 0, "the tag table was scanned whole");
+    assert!(scans("idx_scan") >= 20, "{} index scans", scans("idx_scan"));
+}

@@ -35,10 +35,20 @@ pub const MAX_TAG_BYTES: usize = 256;
 /// Most tags one entry may carry.
 pub const MAX_TAGS_PER_ENTRY: usize = 64;
 
+/// SQL for the generation of the tag `x.tag` in the tag table (`{g}`): 0 for a
+/// tag without a row. One index probe per tag, written as a subquery for each so
+/// that no plan scans the tag table whole (a join of the tags with it may be
+/// planned as a hash join over all of it, at a cost growing with the tags ever
+/// invalidated).
+macro_rules! generation_of_x {
+    () => {
+        "coalesce((SELECT g.generation FROM {g} AS g WHERE g.tag = x.tag), 0)"
+    };
+}
+
 /// SQL true when a row (`$row`: its name or alias followed by a dot, or nothing)
-/// carries a tag invalidated since it was written: one whose generation in the tag
-/// table (`{g}`, where a tag without a row has generation 0) is no longer the one
-/// the row keeps for it.
+/// carries a tag invalidated since it was written: one whose generation
+/// ([`generation_of_x!`]) is no longer the one the row keeps for it.
 macro_rules! tags_moved {
     ($row:literal) => {
         concat!(
@@ -46,8 +56,9 @@ macro_rules! tags_moved {
             $row,
             "tags, ",
             $row,
-            "tag_generations) AS x(tag, generation) LEFT JOIN {g} AS g ON g.tag = x.tag \
-             WHERE coalesce(g.generation, 0) <> x.generation)"
+            "tag_generations) AS x(tag, generation) WHERE ",
+            $crate::caches::kv::tags::generation_of_x!(),
+            " <> x.generation)"
         )
     };
 }
@@ -73,13 +84,17 @@ macro_rules! live {
 /// no tags.
 macro_rules! generations {
     (before) => {
-        "(SELECT array_agg(coalesce(g.generation, 0) ORDER BY x.n) FROM unnest("
+        concat!(
+            "(SELECT array_agg(",
+            $crate::caches::kv::tags::generation_of_x!(),
+            " ORDER BY x.n) FROM unnest("
+        )
     };
     (after) => {
-        "::text[]) WITH ORDINALITY AS x(tag, n) LEFT JOIN {g} AS g ON g.tag = x.tag)"
+        "::text[]) WITH ORDINALITY AS x(tag, n))"
     };
 }
-pub(crate) use {generations, live, tags_moved};
+pub(crate) use {generation_of_x, generations, live, tags_moved};
 
 /// Checks one tag: not empty, at most [`MAX_TAG_BYTES`], no NUL; the error names it.
 fn check_tag(tag: &str) -> Result<()> {
