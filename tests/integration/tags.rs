@@ -452,8 +452,11 @@ fn reads_and_writes_probe_the_tag_table_by_index_however_many_tags_it_holds() {
         assert_eq!(kv.get_in(&mut conn, "k").unwrap(), Some(json!(1)));
     }
     // This backend's table statistics, flushed, read from another.
-    diesel::RunQueryDsl::execute(diesel::sql_query("SELECT pg_stat_force_next_flush()"), &mut conn)
-        .unwrap();
+    diesel::RunQueryDsl::execute(
+        diesel::sql_query("SELECT pg_stat_force_next_flush()"),
+        &mut conn,
+    )
+    .unwrap();
     diesel::RunQueryDsl::execute(diesel::sql_query("SELECT 1"), &mut conn).unwrap();
     let scans = |kind: &str| {
         db.count(&format!(

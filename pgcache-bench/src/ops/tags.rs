@@ -1,10 +1,12 @@
 //! The tag rows of `pgcache-bench ops`: a kv get of entries with 0 (the tag
 //! column empty), 1 and 5 tags against a get of untagged entries, and
 //! `invalidate_tag` of a tag that `--tagged-entries` entries carry against one that
-//! none carries, alternating slices, both sides through the library.
+//! none carries, alternating slices, both sides through the library; and what the
+//! tag check adds to the read of an untagged entry: the get's statement against
+//! the one before tags, both on plain connections.
 
 use pgcache::{Cache, CacheManager};
-use postgres::{Client, NoTls};
+use postgres::{Client, NoTls, Statement};
 
 use super::{alternate, BenchResult, Budget, Results, Worker};
 
@@ -31,6 +33,22 @@ const READS: [(&str, &str, &str); 3] = [
     ),
 ];
 const UNTAGGED: &str = "untagged:";
+
+/// The library's kv get, with the check of an entry's tags (`caches/kv/tags.rs`,
+/// `live!`), and the same read before tags.
+const GET_CHECKED: &str = "SELECT value, bytes, expires_at, tags FROM cache_entries \
+     WHERE key = $1 AND expires_at > statement_timestamp() AND (tags IS NULL OR NOT EXISTS \
+     (SELECT FROM unnest(tags, tag_generations) AS x(tag, generation) WHERE \
+     coalesce((SELECT g.generation FROM cache_tags AS g WHERE g.tag = x.tag), 0) <> x.generation))";
+const GET_BEFORE_TAGS: &str = "SELECT value, bytes, expires_at FROM cache_entries \
+     WHERE key = $1 AND expires_at > statement_timestamp()";
+
+/// A plain connection with one of those statements prepared, planned as the
+/// library's connections plan.
+struct RawGet {
+    client: Client,
+    get: Statement,
+}
 
 /// One side of a row: the manager, and the prefix of the keys it reads or the tag
 /// it invalidates.
@@ -102,6 +120,34 @@ pub(super) fn rows(
                 &get,
             )?;
         }
+    }
+    let raw = |sql: &str| -> BenchResult<RawGet> {
+        let mut client = Client::connect(url, NoTls)?;
+        client.batch_execute(&format!(
+            "SET search_path TO \"{schema}\"; SET plan_cache_mode = force_generic_plan"
+        ))?;
+        let get = client.prepare(sql)?;
+        Ok(RawGet { client, get })
+    };
+    let raw_get = |side: &mut RawGet, w: &mut Worker| -> BenchResult<bool> {
+        let n = w.random() % READ_ROWS;
+        let key = w.set_key(format_args!("{UNTAGGED}{n}"));
+        Ok(side.client.query_opt(&side.get, &[&key])?.is_some())
+    };
+    for &threads in passes {
+        let sides = [GET_CHECKED, GET_BEFORE_TAGS].map(|sql| {
+            (0..threads)
+                .map(|_| raw(sql))
+                .collect::<BenchResult<Vec<_>>>()
+        });
+        let [checked, before] = sides;
+        let [with, without] = alternate([checked?, before?], 3000, READ_ROWS, budget, &raw_get)?;
+        results.record(
+            "untagged get SQL: tag check / none",
+            threads,
+            with,
+            Some(without),
+        );
     }
     // One thread: invalidations of one tag serialise on its row anyway.
     let invalidate = |side: &mut Side<'_>, _: &mut Worker| -> BenchResult<bool> {
