@@ -1491,6 +1491,21 @@ impl Report {
                 );
             }
         }
+        for name in tags::READ_ROW_NAMES {
+            check(
+                format!("{name} p50 ratio"),
+                self.find(name, 1).and_then(|r| r.p50_ratio),
+                1.25,
+            );
+        }
+        check(
+            "kv invalidate_tag over the tagged entries p50, milliseconds".to_owned(),
+            self.results
+                .iter()
+                .find(|r| r.operation.starts_with(tags::INVALIDATE_ROW))
+                .map(|r| r.pgcache.p50_us / 1000.0),
+            10.0,
+        );
         // Writers keep at least 0.8x their throughput: judged as its inverse.
         for name in [
             "overwrite new value",

@@ -78,6 +78,7 @@ macro_rules! live {
         )
     };
 }
+
 /// The generations of the tags bound between its `before` and `after` pieces
 /// (`text[]`), in their order, read from the tag table (`{g}`) as a write stores
 /// them with the tags: in the write's own statement, so in its snapshot. NULL for
