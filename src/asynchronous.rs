@@ -510,6 +510,15 @@ impl<T: AsyncTable> Drop for Lease<T> {
     }
 }
 
+/// Tags moved to a blocking thread, and borrowed back there.
+fn owned(tags: &[&str]) -> Vec<String> {
+    tags.iter().map(|&tag| tag.to_owned()).collect()
+}
+
+fn borrowed(tags: &[String]) -> Vec<&str> {
+    tags.iter().map(String::as_str).collect()
+}
+
 /// The key/value cache's own operations (Redis's), each on a blocking thread.
 impl<'m, V> AsyncCache<'m, KvTable<V>>
 where
@@ -604,6 +613,26 @@ where
     pub async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
         let prefix = prefix.to_owned();
         self.run(move |kv| kv.delete_prefix(&prefix)).await
+    }
+
+    /// As [`KvCache::set_tagged`] (with the default TTL).
+    ///
+    /// # Errors
+    /// As [`KvCache::set_tagged`].
+    pub async fn set_tagged(&self, key: &str, value: V, tags: &[&str]) -> Result<()> {
+        let (key, tags) = (key.to_owned(), owned(tags));
+        self.run(move |kv| kv.set_tagged(&key, &value, &borrowed(&tags)))
+            .await
+    }
+
+    /// As [`KvCache::invalidate_tags`] (one tag: `&[tag]`).
+    ///
+    /// # Errors
+    /// As [`KvCache::invalidate_tags`].
+    pub async fn invalidate_tags(&self, tags: &[&str]) -> Result<()> {
+        let tags = owned(tags);
+        self.run(move |kv| kv.invalidate_tags(&borrowed(&tags)))
+            .await
     }
 
     /// As [`KvCache::set_bytes`].

@@ -134,6 +134,7 @@ pub use uuid;
 #[cfg(feature = "tokio")]
 pub use asynchronous::{AsyncCache, AsyncCacheManager, AsyncTable, KvTable};
 pub use cache::Cache;
+pub use caches::kv::{MAX_TAGS_PER_ENTRY, MAX_TAG_BYTES};
 pub use caches::{
     AudioChunk, AudioChunkCache, AudioChunkKey, AudioChunkTable, AudioData, CachedAudioChunk,
     CachedEmbedding, CachedLlmResponse, CachedVectorSearch, EmbeddingCache, EmbeddingKey,

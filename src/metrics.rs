@@ -27,7 +27,7 @@
 //! is the operation: `get`, `get_many`, `set`, `set_many`, `delete`,
 //! `delete_many`, `lease` (single-flight polls), and the key/value cache's own
 //! (`exists`, `ttl`, `touch`, `get_touch`, `incr`, `decr`, `set_nx`,
-//! `get_del`, `delete_prefix`, `clear`, `find_containing`), `report` (popularity reports) and `evict`.
+//! `get_del`, `delete_prefix`, `clear`, `find_containing`, `invalidate_tags`), `report` (popularity reports) and `evict`.
 //! `incr`, `decr`, `set_nx`, `get_del` and `get_touch` are counted under their own
 //! `op` only, never in `pgcache_sets_total`, `pgcache_deletes_total` or the lookups.
 //! Operations on a caller's connection (the `*_in` methods) are not counted: they
@@ -195,6 +195,8 @@ ops! {
     DeletePrefix = "delete_prefix",
     Clear = "clear",
     FindContaining = "find_containing",
+    /// A key/value tag invalidation, of one tag or several.
+    InvalidateTags = "invalidate_tags",
     /// A popularity report.
     Report = "report",
     /// Eviction to a budget asked for by the caller.

@@ -50,6 +50,8 @@ diesel::table! {
         expires_at -> Timestamptz,
         bytes -> Nullable<Bytea>,
         changed_xid -> Nullable<Int8>,
+        tags -> Nullable<Array<Nullable<Text>>>,
+        tag_generations -> Nullable<Array<Nullable<Int8>>>,
     }
 }
 
@@ -58,6 +60,15 @@ diesel::table! {
         lease_key -> Bytea,
         holder -> Uuid,
         expires_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    cache_tags (tag) {
+        tag -> Text,
+        generation -> Int8,
+        swept_generation -> Nullable<Int8>,
+        invalidated_at -> Timestamptz,
     }
 }
 
@@ -108,6 +119,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     cache_counters,
     cache_entries,
     cache_leases,
+    cache_tags,
     embedding_cache,
     llm_response_cache,
     vector_search_cache,

@@ -1,7 +1,9 @@
 //! Hand-written statements whose text is fixed but for their table: [`Prepared`].
 //! Every statement pgcache prepares by hand names its table schema-qualified
 //! (from [`Tables`](crate::tables::Tables)), through [`push_with_table`], which also
-//! carries the relaxed-commit marker (see [`crate::relaxed`]).
+//! carries the relaxed-commit marker (see [`crate::relaxed`]). The key/value
+//! cache's statements that judge an entry's tags name the tag table too
+//! ([`TAGS`], [`push_with_tables`]).
 
 use std::marker::PhantomData;
 
@@ -14,6 +16,10 @@ use crate::relaxed::push_table;
 /// The token a [`Prepared`] statement's pieces write for its table.
 pub(crate) const TABLE: &str = "{t}";
 
+/// The token a key/value statement writes for the tag table (`cache_tags`), named
+/// by [`Prepared::with_tags`] or [`push_with_tables`].
+pub(crate) const TAGS: &str = "{g}";
+
 /// A hand-written statement whose text is fixed but for its table (written
 /// [`TABLE`], replaced by the schema-qualified name from
 /// [`Tables`](crate::tables::Tables)). Diesel caches it by its text (no static query
@@ -22,6 +28,7 @@ pub(crate) const TABLE: &str = "{t}";
 /// is given in pieces, one parameter between each two.
 pub(crate) struct Prepared<'q> {
     table: &'q str,
+    tags: &'q str,
     pieces: &'static [&'static str],
     params: Vec<&'q dyn BindParam>,
 }
@@ -35,19 +42,49 @@ impl<'q> Prepared<'q> {
         debug_assert_eq!(pieces.len(), params.len() + 1);
         Prepared {
             table,
+            tags: "",
             pieces,
             params,
         }
+    }
+
+    /// The statement naming the tag table (`tags`, schema-qualified) where its
+    /// pieces write [`TAGS`].
+    pub(crate) fn with_tags(mut self, tags: &'q str) -> Self {
+        self.tags = tags;
+        self
     }
 }
 
 /// Pushes `sql` with every [`TABLE`] token replaced by `table`.
 pub(crate) fn push_with_table(out: &mut AstPass<'_, '_, Pg>, sql: &str, table: &str) {
-    for (i, part) in sql.split(TABLE).enumerate() {
-        if i > 0 {
-            push_table(out, table);
-        }
-        out.push_sql(part);
+    push_with_tables(out, sql, table, "");
+}
+
+/// Pushes `sql` with every [`TABLE`] token replaced by `table` and every [`TAGS`]
+/// token by `tags`.
+pub(crate) fn push_with_tables(
+    out: &mut AstPass<'_, '_, Pg>,
+    mut sql: &str,
+    table: &str,
+    tags: &str,
+) {
+    loop {
+        let next = [(TABLE, table), (TAGS, tags)]
+            .into_iter()
+            .filter_map(|(token, name)| sql.find(token).map(|at| (at, token.len(), name)))
+            .min_by_key(|&(at, ..)| at);
+        let Some((at, len, name)) = next else {
+            out.push_sql(sql);
+            return;
+        };
+        debug_assert!(
+            !name.is_empty(),
+            "a statement names a table it was not given"
+        );
+        out.push_sql(&sql[..at]);
+        push_table(out, name);
+        sql = &sql[at + len..];
     }
 }
 
@@ -78,7 +115,7 @@ where
 impl QueryFragment<Pg> for Prepared<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         for (i, piece) in self.pieces.iter().enumerate() {
-            push_with_table(&mut out, piece, self.table);
+            push_with_tables(&mut out, piece, self.table, self.tags);
             if let Some(param) = self.params.get(i) {
                 param.bind(&mut out)?;
             }

@@ -24,6 +24,7 @@ pub(crate) struct Tables {
     counters: String,
     cleanup_runs: String,
     changes: String,
+    tags: String,
 }
 
 impl Tables {
@@ -37,6 +38,7 @@ impl Tables {
             counters: name("cache_counters"),
             cleanup_runs: name("cache_cleanup_runs"),
             changes: name("cache_changes"),
+            tags: name("cache_tags"),
         }
     }
 
@@ -63,6 +65,11 @@ impl Tables {
     /// `cache_changes` (the near caches' change log).
     pub(crate) fn changes(&self) -> &str {
         &self.changes
+    }
+
+    /// `cache_tags` (the key/value cache's tag generations).
+    pub(crate) fn tags(&self) -> &str {
+        &self.tags
     }
 }
 

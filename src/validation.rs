@@ -13,20 +13,26 @@ pub const MAX_EMBEDDING_DIMENSIONS: usize = 65_536;
 
 /// Checks a key/value key: not empty, at most [`MAX_KEY_BYTES`], no NUL character.
 pub(crate) fn check_key(key: &str) -> Result<()> {
-    if key.is_empty() {
-        return Err(Error::invalid("key", "a key must not be empty"));
+    check_bounded("key", key, MAX_KEY_BYTES)
+}
+
+/// Checks a text that names something (`what`: a key, a tag): not empty, at most
+/// `max` bytes, no NUL character.
+pub(crate) fn check_bounded(what: &'static str, text: &str, max: usize) -> Result<()> {
+    if text.is_empty() {
+        return Err(Error::invalid(what, format!("a {what} must not be empty")));
     }
-    if key.len() > MAX_KEY_BYTES {
+    if text.len() > max {
         return Err(Error::invalid(
-            "key",
+            what,
             format!(
-                "a key is at most {MAX_KEY_BYTES} bytes, this one has {} (starts with {:?})",
-                key.len(),
-                preview(key)
+                "a {what} is at most {max} bytes, this one has {} (starts with {:?})",
+                text.len(),
+                preview(text)
             ),
         ));
     }
-    check_text("key", key)
+    check_text(what, text)
 }
 
 /// PostgreSQL cannot store NUL in `text`: reject it rather than failing half way.

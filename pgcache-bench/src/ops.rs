@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 mod app_pool;
 pub(crate) mod near;
 mod pooler;
+mod tags;
 mod typed;
 
 use crate::BenchResult;
@@ -57,6 +58,10 @@ pub struct BenchArgs {
     /// server directly; full durability only.
     #[arg(long)]
     pooler_url: Option<String>,
+    /// Entries carrying the tag the `kv invalidate_tag` row invalidates (filled in
+    /// one statement before it).
+    #[arg(long, default_value_t = 1_000_000)]
+    tagged_entries: u64,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -769,6 +774,39 @@ fn measure(
     Ok((lib, raw))
 }
 
+/// Runs `step` on two sides, each with its contexts (one per thread) and workers
+/// numbered from `first_worker` (over `rows` keys), alternating slices after a
+/// warm-up that prepares the statements on every connection: each side's samples.
+/// For rows that compare two library set-ups instead of the library and raw SQL.
+fn alternate<C: Send>(
+    mut contexts: [Vec<C>; 2],
+    first_worker: usize,
+    rows: u64,
+    budget: Budget,
+    step: &(dyn Fn(&mut C, &mut Worker) -> BenchResult<bool> + Sync),
+) -> BenchResult<[Samples; 2]> {
+    let mut workers: [Vec<Worker>; 2] = [0, 1].map(|side| {
+        (0..contexts[side].len())
+            .map(|t| Worker::new(first_worker + side * 100 + t, rows))
+            .collect()
+    });
+    let warm = Budget {
+        slices: 1,
+        iterations: Some(WARMUP),
+        ..budget
+    };
+    let mut samples = [Samples::default(), Samples::default()];
+    for (ctx, w) in contexts.iter_mut().zip(&mut workers) {
+        run_slice(ctx, w, warm, &mut Samples::default(), step)?;
+    }
+    for _ in 0..budget.slices {
+        for ((ctx, w), out) in contexts.iter_mut().zip(&mut workers).zip(&mut samples) {
+            run_slice(ctx, w, budget, out, step)?;
+        }
+    }
+    Ok(samples)
+}
+
 /// The library side's settings: `threads` callers on `schema`, at the run's
 /// durability.
 pub(crate) fn bench_config(
@@ -912,6 +950,15 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
         )?;
     }
     app_pool::rows(&url, &scratch.schema, &passes, budget, &mut results)?;
+    tags::rows(
+        &url,
+        &scratch.schema,
+        args.tagged_entries,
+        &passes,
+        budget,
+        &cache,
+        &mut results,
+    )?;
     // Last: its triggers live in a schema of their own, so no row above pays them.
     near::rows(
         &scratch,
@@ -1444,6 +1491,21 @@ impl Report {
                 );
             }
         }
+        for name in tags::READ_ROW_NAMES {
+            check(
+                format!("{name} p50 ratio"),
+                self.find(name, 1).and_then(|r| r.p50_ratio),
+                1.25,
+            );
+        }
+        check(
+            "kv invalidate_tag over the tagged entries p50, milliseconds".to_owned(),
+            self.results
+                .iter()
+                .find(|r| r.operation.starts_with(tags::INVALIDATE_ROW))
+                .map(|r| r.pgcache.p50_us / 1000.0),
+            10.0,
+        );
         // Writers keep at least 0.8x their throughput: judged as its inverse.
         for name in [
             "overwrite new value",

@@ -66,6 +66,8 @@ fn ops_measures_every_row_or_says_why_and_keeps_to_its_duration() {
         &duration.to_string(),
         "--redis-url",
         &redis_url(),
+        "--tagged-entries",
+        "1000",
     ]);
     let wall = started.elapsed().as_secs_f64();
     let rows = json["results"].as_array().unwrap();
@@ -82,7 +84,12 @@ fn ops_measures_every_row_or_says_why_and_keeps_to_its_duration() {
             "{row}"
         );
     }
-    for name in ["kv get hit", "redis GET", "near get 100 B (vs redis GET)"] {
+    for name in [
+        "kv get hit",
+        "redis GET",
+        "near get 100 B (vs redis GET)",
+        "kv get 5 tags / untagged",
+    ] {
         assert!(
             rows.iter()
                 .any(|r| r["operation"] == name && r["threads"] == 2),

@@ -11,7 +11,7 @@ use super::Storage;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::metrics::Op;
-use crate::near::{NearCaches, NearKey, NearValue, Ticket};
+use crate::near::{NearCaches, NearKey, NearValue, TagSlots, Ticket};
 
 /// What a table supplies to its near cache: the keys the change log names, reads
 /// that also say what to keep and for how long, and the way back from what was
@@ -59,6 +59,8 @@ pub struct NearRead<E> {
     pub(crate) kept: NearValue,
     pub(crate) expires_at: DateTime<Utc>,
     pub(crate) weight: usize,
+    /// Its tags (key/value entries written with tags).
+    pub(crate) tags: Option<TagSlots>,
 }
 
 impl<E> std::fmt::Debug for NearRead<E> {
@@ -145,7 +147,7 @@ fn keep<C: NearStorage + ?Sized>(
     if let Some(ticket) = ticket {
         near.fill(
             C::KIND,
-            ticket,
+            ticket.carrying(read.tags),
             near_key,
             read.kept,
             read.expires_at,

@@ -3,7 +3,7 @@
 //! Here: the handle, its bytes API and what its parts share. The table's one
 //! `Storage` over its two payload columns (JSON values, bytes) is `storage.rs`; the
 //! statements and rows are `statements.rs`; the Redis-style operations beyond
-//! [`Cache`] are `redis.rs`.
+//! [`Cache`] are `redis.rs`; tags are `tags.rs`.
 
 use std::marker::PhantomData;
 use std::time::Duration;
@@ -23,9 +23,12 @@ use crate::validation::check_key;
 mod redis;
 mod statements;
 mod storage;
+mod tags;
 
 pub(crate) use statements::Row;
 use storage::KvBytes;
+pub(crate) use tags::sweep_invalidated;
+pub use tags::{MAX_TAGS_PER_ENTRY, MAX_TAG_BYTES};
 
 /// The key/value cache: string keys, values of any serde type stored as JSONB, or
 /// opaque bytes stored exactly.
@@ -59,6 +62,8 @@ use storage::KvBytes;
 /// ```
 pub struct KvCache<'a, V = serde_json::Value> {
     handle: Handle<'a>,
+    /// What its writes tag entries with ([`tagged`](Self::tagged)).
+    tags: &'a [&'a str],
     value: PhantomData<fn() -> V>,
 }
 
@@ -66,6 +71,7 @@ impl<V> std::fmt::Debug for KvCache<'_, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvCache")
             .field("ttl", &self.handle.ttl)
+            .field("tags", &self.tags)
             .field("value", &std::any::type_name::<V>())
             .finish()
     }
@@ -83,6 +89,7 @@ impl<'a> KvCache<'a> {
     pub(crate) fn new(cluster: &'a Cluster) -> Self {
         KvCache {
             handle: Handle::new(cluster),
+            tags: &[],
             value: PhantomData,
         }
     }
@@ -94,6 +101,7 @@ impl<'a, V> KvCache<'a, V> {
     pub fn typed<W>(self) -> KvCache<'a, W> {
         KvCache {
             handle: self.handle,
+            tags: self.tags,
             value: PhantomData,
         }
     }
@@ -118,6 +126,11 @@ impl<'a, V> KvCache<'a, V> {
     /// The kv table, schema-qualified.
     pub(super) fn table(&self) -> &'a str {
         self.handle.front().tables().of(CacheKind::Kv)
+    }
+
+    /// The kv table and the tag table.
+    fn tables(&self) -> statements::KvTables<'a> {
+        statements::KvTables::of(self.handle.front().tables())
     }
 
     /// The engine of the shard holding `key`.
@@ -151,6 +164,7 @@ impl<'a, V> KvCache<'a, V> {
     fn bytes(&self) -> KvBytes<'a> {
         KvBytes {
             handle: self.handle,
+            tags: self.tags,
         }
     }
 
@@ -174,7 +188,7 @@ impl<'a, V> KvCache<'a, V> {
             &self.bytes(),
             Op::SetMany,
             ttl,
-            || bytes_rows(entries),
+            || self.bytes_rows(entries),
             &entries.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
         )
     }
@@ -192,7 +206,12 @@ impl<'a, V> KvCache<'a, V> {
         ttl: Duration,
     ) -> Result<()> {
         let interval = ttl_interval(ttl)?;
-        write_rows_in(&self.bytes(), conn, &bytes_rows(&[(key, value)])?, interval)
+        write_rows_in(
+            &self.bytes(),
+            conn,
+            &self.bytes_rows(&[(key, value)])?,
+            interval,
+        )
     }
 
     /// Reads a live bytes entry, exactly as stored; `None` on a miss, on an expired
@@ -222,14 +241,17 @@ impl<'a, V> KvCache<'a, V> {
     }
 }
 
-/// Validates bytes entries into rows with distinct keys (the last value of a key
-/// wins), in write order.
-fn bytes_rows<'e>(entries: &[(&'e str, &'e [u8])]) -> Result<Vec<Row<'e>>> {
-    let rows = entries
-        .iter()
-        .map(|(key, value)| Row::bytes(key, value))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(distinct_in_write_order::<KvBytes<'e>>(rows))
+impl<V> KvCache<'_, V> {
+    /// Validates bytes entries (and this handle's tags) into rows with distinct
+    /// keys (the last value of a key wins), in write order.
+    fn bytes_rows<'e>(&self, entries: &[(&'e str, &'e [u8])]) -> Result<Vec<Row<'e>>> {
+        tags::check_tags(self.tags)?;
+        let rows = entries
+            .iter()
+            .map(|(key, value)| Row::bytes(key, value))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(distinct_in_write_order::<KvBytes<'e>>(rows))
+    }
 }
 
 /// The digest of a (checked) key/value key: it names the key's single-flight lease

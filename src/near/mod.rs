@@ -33,6 +33,9 @@
 //!   hashes to a generation slot, bumped by each invalidation; a filler notes the
 //!   slot's generation before its `SELECT`, inserts, then removes its entry again if
 //!   the generation or the epoch moved meanwhile.
+//! - A key/value entry read with tags is not served once one of them is
+//!   invalidated (logged as `kv_tags`, see `protocol.rs`) after its reader's
+//!   `SELECT` began: see `tags.rs`.
 //! - An entry lives at most `min(remaining TTL as the database computed it, max
 //!   age)`, judged by the latest time the database's clock can read: every poll
 //!   bounds it from above (see `NearCaches::polled`), so entries leave early, never
@@ -57,9 +60,12 @@ mod front;
 mod poller;
 pub(crate) mod protocol;
 mod stats;
+mod tags;
 
 pub(crate) use poller::{prune_changes, Poller};
 pub use stats::NearCacheStats;
+pub(crate) use tags::TagSlots;
+use tags::{TagClock, TagMark};
 
 /// A near-cache key: the entry's key digest, or a key/value key's bytes.
 pub(crate) type NearKey = Box<[u8]>;
@@ -79,6 +85,7 @@ struct Entry {
     /// ticket's): a thread's front copies it only while both are current.
     generation: u64,
     epoch: u64,
+    tags: Option<TagMark>,
 }
 
 #[derive(Clone)]
@@ -124,12 +131,22 @@ struct Table {
     invalidations: AtomicU64,
 }
 
-/// What a reader notes before its `SELECT`, to fill L1 only if nothing changed.
-#[derive(Debug, Clone, Copy)]
+/// What a reader notes before its `SELECT`, to fill L1 only if nothing changed,
+/// and, once it has read the entry, the slots of its tags, checked at every serve.
+#[derive(Debug, Clone)]
 pub(crate) struct Ticket {
     slot: usize,
     generation: u64,
     epoch: u64,
+    tag_clock: u64,
+    tags: Option<TagSlots>,
+}
+
+impl Ticket {
+    /// The ticket of an entry read with tags (`Some`).
+    pub(crate) fn carrying(self, tags: Option<TagSlots>) -> Self {
+        Ticket { tags, ..self }
+    }
 }
 
 /// The near caches of one manager and the state of their poller.
@@ -141,6 +158,7 @@ pub(crate) struct NearCaches {
     hasher: quick_cache::DefaultHashBuilder,
     generations: Box<[AtomicU64]>,
     epoch: AtomicU64,
+    tags: TagClock,
     /// Whether the poller has its baseline on its current connection: fills are safe.
     has_baseline: AtomicBool,
     /// Nanoseconds since `base` until which L1 may serve (last poll sent + S).
@@ -183,6 +201,7 @@ impl NearCaches {
             hasher: quick_cache::DefaultHashBuilder::default(),
             generations: (0..GENERATION_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             epoch: AtomicU64::new(0),
+            tags: TagClock::new(),
             has_baseline: AtomicBool::new(false),
             fresh_until: AtomicU64::new(0),
             polled_at: AtomicU64::new(0),
@@ -286,8 +305,11 @@ impl NearCaches {
             Err(read) => read,
         };
         match table.entries.get(key) {
-            Some(entry) if entry.expires > now => {
-                if entry.generation == stamp.generation && entry.epoch == stamp.epoch {
+            Some(entry) if entry.expires > now && self.tags.hold(&entry.tags) => {
+                // Tagged entries are checked against their tags at every serve,
+                // which the front does not do: they stay in L1 alone.
+                let current = entry.generation == stamp.generation && entry.epoch == stamp.epoch;
+                if current && entry.tags.is_none() {
                     front::keep(kind, key, hash, stamp, entry.value.clone(), entry.expires);
                 }
                 hit();
@@ -315,6 +337,8 @@ impl NearCaches {
             slot,
             generation: self.generations[slot].load(Ordering::SeqCst),
             epoch,
+            tag_clock: self.tags.note(),
+            tags: None,
         })
     }
 
@@ -336,6 +360,9 @@ impl NearCaches {
         let Some(expires) = self.local_expiry(expires_at, table.max_age) else {
             return;
         };
+        let tags = ticket
+            .tags
+            .map(|slots| TagMark::new(slots, ticket.tag_clock));
         let unchanged = |caches: &Self| {
             caches.generations[ticket.slot].load(Ordering::SeqCst) == ticket.generation
                 && caches.epoch.load(Ordering::SeqCst) == ticket.epoch
@@ -355,6 +382,7 @@ impl NearCaches {
                 weight: weight as u64,
                 generation: ticket.generation,
                 epoch: ticket.epoch,
+                tags,
             },
         );
         // An invalidation may have bumped the slot between the check and the
@@ -386,6 +414,14 @@ impl NearCaches {
             self.generations[self.slot(kind, key)].fetch_add(1, Ordering::SeqCst);
             table.entries.remove(key);
             table.invalidations.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Stops serving the key/value entries read with any of `tags` before now (an
+    /// invalidation of this process, or a logged one).
+    pub(crate) fn invalidate_tags<'t>(&self, tags: impl IntoIterator<Item = &'t str>) {
+        if self.serves(CacheKind::Kv) {
+            tags.into_iter().for_each(|tag| self.tags.invalidate(tag));
         }
     }
 
@@ -434,8 +470,16 @@ impl NearCaches {
             .collect()
     }
 
-    /// Applies one logged change: the keys of `cache`, or all of it (`None`).
+    /// Applies one logged change: the keys of `cache`, or all of it (`None`); or
+    /// invalidated key/value tags (every tag: `None`).
     pub(super) fn apply(&self, cache: &str, keys: Option<&[String]>) {
+        if cache == protocol::TAG_LOG_NAME {
+            match keys {
+                Some(tags) => self.invalidate_tags(tags.iter().map(String::as_str)),
+                None => self.invalidate_all(CacheKind::Kv),
+            }
+            return;
+        }
         let Some(kind) = CacheKind::from_name(cache) else {
             return;
         };

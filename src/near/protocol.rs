@@ -12,6 +12,12 @@
 //!   statements, and each of their updates sets `changed_xid` to its transaction id
 //!   on the rows whose content it changed ([`change_stamp!`], [`upsert_stamp`]).
 //!
+//! A key/value tag invalidation changes no row of a cache table: it moves the tag's
+//! generation in `cache_tags`, whose triggers (migration `tags`, always installed)
+//! log one row under [`TAG_LOG_NAME`] naming the tags whose generation moved (NULL
+//! for a `TRUNCATE`: every tag). The pollers read it with the rest, and a near
+//! cache stops serving the entries it holds with those tags.
+//!
 //! What counts as a change is the same on both paths: a live row whose payload
 //! ([`payload_columns`]) changed or whose expiry came earlier ([`changed_sql`]),
 //! a live row deleted, a key that appears or goes. The trigger function's branches
@@ -95,6 +101,10 @@ macro_rules! change_stamp {
 }
 pub(crate) use {change_stamp, stamp_end, stamp_then, stamp_when, stamping_setting};
 
+/// The cache name under which the change log names invalidated key/value tags.
+/// The tag table's trigger function (migration `tags`) writes it as a literal.
+pub(crate) const TAG_LOG_NAME: &str = "kv_tags";
+
 /// Whether the cache's own connections stamp their changes (a near cache is
 /// configured). Never through a transaction pooler: the setting would stay on a
 /// server connection another client then uses, whose updates would skip the
@@ -113,7 +123,8 @@ pub(crate) fn stamps_changes(config: &CacheConfig) -> bool {
 /// stamps every update without comparing.)
 pub(crate) fn payload_columns(kind: CacheKind) -> &'static [&'static str] {
     match kind {
-        CacheKind::Kv => &["value", "bytes"],
+        // The near cache keeps an entry's tags with its value.
+        CacheKind::Kv => &["value", "bytes", "tags", "tag_generations"],
         CacheKind::Embedding => &["embedding"],
         CacheKind::VectorSearch => &["results", "filters", "top_k", "user_id"],
         CacheKind::LlmResponse => &["response"],
@@ -349,6 +360,16 @@ mod tests {
             let named = format!("SELECT array_agg({})", logged_key_sql(kind, Some("o")));
             assert!(function.contains(&named), "{migration} lacks {named}");
         }
+    }
+
+    #[test]
+    fn tag_invalidations_are_logged_under_the_name_the_pollers_read() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let up = std::fs::read_to_string(dir.join("2026-12-07-100000_tags/up.sql")).unwrap();
+        let function = words(&up);
+        let logged = format!("VALUES ('{TAG_LOG_NAME}', changed)");
+        assert!(function.contains(&logged), "migration tags lacks {logged}");
+        assert!(CacheKind::from_name(TAG_LOG_NAME).is_none());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Nullable, Text, Timestamptz};
 use serde::Serialize;
 
+use crate::caches::kv::sweep_invalidated;
 use crate::cluster::Cluster;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -44,7 +45,8 @@ pub struct CleanupReport {
 pub struct TableCleanup {
     /// The cache.
     pub cache: CacheKind,
-    /// Expired rows deleted.
+    /// Expired rows deleted (and, for the key/value cache, entries with a tag
+    /// invalidated since they were written).
     pub rows_removed: u64,
     /// Rows evicted because the cache was over a configured
     /// [`SizeBounds`](crate::SizeBounds) bound.
@@ -268,7 +270,16 @@ fn clean(
         let cache = CacheKind::ALL.into_iter().find(|k| k.table() == table);
         let qualified = cache.map_or(names.leases(), |kind| names.of(kind));
         let bounded = cache.and_then(|c| Some((c, limits[c.index()]?)));
-        let cleaned = delete_expired(conn, qualified, &mut report).and_then(|removed| {
+        let cleaned = delete_expired(conn, qualified, &mut report).and_then(|expired| {
+            let removed = match cache {
+                Some(CacheKind::Kv) => {
+                    let mut delete = |conn: &mut PgConnection, condition: &str| {
+                        delete_where(conn, qualified, condition, &mut |n| report(expired + n))
+                    };
+                    expired + sweep_invalidated(conn, names, &mut delete)?
+                }
+                _ => expired,
+            };
             let evicted = match bounded {
                 Some((kind, limits)) => evict(conn, kind, qualified, &limits, &mut |e| {
                     report(removed + e.rows_removed);
@@ -363,12 +374,22 @@ fn eviction_limits(engine: &Engine) -> Result<[Option<Limits>; CacheKind::COUNT]
     Ok(limits)
 }
 
-/// Deletes expired rows of `table` batch by batch until a batch comes back short:
-/// the rest is either gone or claimed by a concurrent cleaner, which finishes it.
-/// `on_batch` gets the running total.
+/// Deletes expired rows of `table`, as [`delete_where`].
 fn delete_expired(
     conn: &mut PgConnection,
     table: &str,
+    on_batch: &mut dyn FnMut(u64),
+) -> QueryResult<u64> {
+    delete_where(conn, table, "expires_at <= now()", on_batch)
+}
+
+/// Deletes the rows of `table` matching `condition` (SQL on its columns) batch by
+/// batch until a batch comes back short: the rest is either gone or claimed by a
+/// concurrent cleaner, which finishes it. `on_batch` gets the running total.
+fn delete_where(
+    conn: &mut PgConnection,
+    table: &str,
+    condition: &str,
     on_batch: &mut dyn FnMut(u64),
 ) -> QueryResult<u64> {
     let mut removed = 0;
@@ -379,7 +400,7 @@ fn delete_expired(
         // claimed rows are locked, so their ctid is stable until the delete.
         let sql = format!(
             "DELETE FROM {leaf} WHERE ctid = ANY(ARRAY(\
-             SELECT ctid FROM {leaf} WHERE expires_at <= now() \
+             SELECT ctid FROM {leaf} WHERE {condition} \
              LIMIT $1 FOR UPDATE SKIP LOCKED))"
         );
         loop {

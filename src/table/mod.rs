@@ -461,6 +461,7 @@ fn near_read<T: TypedTable>(entry: T::Entry) -> NearRead<T::Entry> {
         entry,
         expires_at,
         weight,
+        tags: None,
     }
 }
 

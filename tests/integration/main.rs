@@ -60,6 +60,7 @@ mod standard_traits;
 mod statement_cache;
 mod stats;
 mod stress;
+mod tags;
 mod transactions;
 mod vector_search;
 mod warmup;

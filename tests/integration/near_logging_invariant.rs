@@ -241,6 +241,44 @@ fn every_key_value_write_is_logged() {
 }
 
 #[test]
+fn tagged_writes_and_the_sweep_of_invalidated_entries_are_logged() {
+    let mut h = Harness::partitioned(Some(4));
+    let tagged: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
+    h.check("tagged sets of new keys", false, |c| {
+        for key in &tagged {
+            c.kv().set_tagged(key, &json!(1), &["a"]).unwrap();
+        }
+        c.kv().tagged(&["a"]).set_bytes("b", b"1", HOUR).unwrap();
+        assert!(c.kv().tagged(&["a"]).set_nx("nx", &json!(1), HOUR).unwrap());
+    });
+    h.check("a set changing only the tags", true, |c| {
+        c.kv().set_tagged("t0", &json!(1), &["b"]).unwrap();
+    });
+    h.check("an untagged set over a tagged entry", true, |c| {
+        c.kv().set("t1", &json!(1)).unwrap();
+    });
+    h.check("incr of a tagged entry", true, |c| {
+        assert_eq!(c.kv().incr("t2", 1, HOUR).unwrap(), 2);
+    });
+    h.check("an invalidation (no cache row changes)", false, |c| {
+        c.kv().invalidate_tag("a").unwrap();
+    });
+    h.check("set_nx over an invalidated entry", true, |c| {
+        assert!(c.kv().set_nx("nx", &json!(2), HOUR).unwrap());
+    });
+    h.check("incr over an invalidated entry", true, |c| {
+        assert_eq!(c.kv().incr("t3", 1, HOUR).unwrap(), 1);
+    });
+    h.check(
+        "the sweep of invalidated entries, per partition",
+        true,
+        |c| {
+            c.cleanup().unwrap();
+        },
+    );
+}
+
+#[test]
 fn every_key_value_write_on_a_callers_connection_is_logged() {
     let mut h = Harness::new();
     let mut conn = h.db.raw_connection();

@@ -3,6 +3,8 @@
 //! `FLUSH`, and JSON containment queries. Each is one statement; a write leaves
 //! this process's near cache at once and is logged for the others' as the
 //! change-logging protocol says (a stamp on every update, the trigger for deletes).
+//! An entry with a tag invalidated since its write is not live ([`live!`]): they
+//! treat it as absent, as an expired one.
 
 use std::time::Duration;
 
@@ -12,7 +14,8 @@ use diesel::sql_types::{BigInt, Jsonb, Nullable, Text};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::statements::{delete_prefix, refuse_bytes, remaining};
+use super::statements::{delete_prefix, refuse_bytes, remaining, KvTables};
+use super::tags::{generations, live};
 use super::{wrong_type, KvCache};
 use crate::cache::{Cache, Storage};
 use crate::error::{Error, Result};
@@ -34,7 +37,7 @@ impl<V> KvCache<'_, V> {
         check_key(key)?;
         self.engine(key)
             .read(CacheKind::Kv, Op::Exists, false, |conn| {
-                Ok(remaining(conn, self.table(), key)?.is_some())
+                Ok(remaining(conn, self.tables(), key)?.is_some())
             })
     }
 
@@ -45,7 +48,7 @@ impl<V> KvCache<'_, V> {
     pub fn ttl(&self, key: &str) -> Result<Option<Duration>> {
         check_key(key)?;
         self.engine(key).read(CacheKind::Kv, Op::Ttl, None, |conn| {
-            Ok(remaining(conn, self.table(), key)?
+            Ok(remaining(conn, self.tables(), key)?
                 .map(|(expires, now)| (expires - now).to_std().unwrap_or(Duration::ZERO)))
         })
     }
@@ -64,7 +67,7 @@ impl<V> KvCache<'_, V> {
             &[
                 "UPDATE {t} SET expires_at = statement_timestamp() + ",
                 concat!(", ", change_stamp!("{t}", "true"), " WHERE key = "),
-                " AND expires_at > statement_timestamp()",
+                concat!(" AND ", live!("")),
             ],
             |conn, touch| Ok(touch.execute(conn)? > 0),
         )
@@ -97,10 +100,7 @@ impl<V> KvCache<'_, V> {
                     Param::<Text, _>::new(key),
                     Param::<diesel::sql_types::Interval, _>::new(interval),
                 );
-                finish(
-                    conn,
-                    Prepared::new(self.table(), pieces, vec![&interval, &key]),
-                )
+                finish(conn, self.tables().prepared(pieces, vec![&interval, &key]))
             },
         )
     }
@@ -207,33 +207,53 @@ impl<V> KvCache<'_, V> {
                 Param::<BigInt, _>::new(delta),
                 Param::<diesel::sql_types::Interval, _>::new(interval),
             );
-            let counted: Option<Counted> = Prepared::new(
-                self.table(),
-                &[
-                    "INSERT INTO {t} AS c (key, value, expires_at) VALUES (",
-                    ", to_jsonb(",
-                    "::int8), statement_timestamp() + ",
-                    ") ON CONFLICT (key) DO UPDATE SET value = CASE \
-                     WHEN c.expires_at <= statement_timestamp() THEN excluded.value \
-                     WHEN jsonb_typeof(c.value) = 'number' AND (c.value #>> '{}') ~ '^-?[0-9]{1,19}$' \
-                       AND (c.value #>> '{}')::numeric + ",
-                    " BETWEEN -9223372036854775808 AND 9223372036854775807 \
-                     THEN to_jsonb(((c.value #>> '{}')::numeric + ",
-                    concat!(
-                        ")::int8) ELSE NULL END, bytes = NULL, \
-                         expires_at = CASE WHEN c.expires_at <= statement_timestamp() \
-                           THEN excluded.expires_at ELSE c.expires_at END, \
-                         created_at = CASE WHEN c.expires_at <= statement_timestamp() \
-                           THEN now() ELSE c.created_at END, ",
-                        change_stamp!("c", "true"),
-                        " WHERE c.bytes IS NULL OR c.expires_at <= statement_timestamp() \
-                         RETURNING (value #>> '{}')::int8 AS n"
-                    ),
-                ],
-                vec![&key, &delta, &interval, &delta, &delta],
-            )
-            .get_result(conn)
-            .optional()?;
+            // An entry that is not live (expired, or with a tag invalidated since)
+            // starts over, without tags; a live one keeps its expiry and tags.
+            macro_rules! dead {
+                () => {
+                    concat!("NOT (", live!("c."), ")")
+                };
+            }
+            let counted: Option<Counted> = self
+                .tables()
+                .prepared(
+                    &[
+                        "INSERT INTO {t} AS c (key, value, expires_at) VALUES (",
+                        ", to_jsonb(",
+                        "::int8), statement_timestamp() + ",
+                        concat!(
+                            ") ON CONFLICT (key) DO UPDATE SET value = CASE WHEN ",
+                            dead!(),
+                            " THEN excluded.value \
+                             WHEN jsonb_typeof(c.value) = 'number' AND (c.value #>> '{}') ~ '^-?[0-9]{1,19}$' \
+                               AND (c.value #>> '{}')::numeric + "
+                        ),
+                        " BETWEEN -9223372036854775808 AND 9223372036854775807 \
+                         THEN to_jsonb(((c.value #>> '{}')::numeric + ",
+                        concat!(
+                            ")::int8) ELSE NULL END, bytes = NULL, \
+                             expires_at = CASE WHEN ",
+                            dead!(),
+                            " THEN excluded.expires_at ELSE c.expires_at END, \
+                             created_at = CASE WHEN ",
+                            dead!(),
+                            " THEN now() ELSE c.created_at END, \
+                             tags = CASE WHEN ",
+                            dead!(),
+                            " THEN NULL ELSE c.tags END, \
+                             tag_generations = CASE WHEN ",
+                            dead!(),
+                            " THEN NULL ELSE c.tag_generations END, ",
+                            change_stamp!("c", "true"),
+                            " WHERE c.bytes IS NULL OR ",
+                            dead!(),
+                            " RETURNING (value #>> '{}')::int8 AS n"
+                        ),
+                    ],
+                    vec![&key, &delta, &interval, &delta, &delta],
+                )
+                .get_result(conn)
+                .optional()?;
             counted
                 .map(|c| c.n)
                 .ok_or_else(|| wrong_type(name, "bytes", "integer"))
@@ -296,16 +316,16 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
                     Param::<Jsonb, _>::new(&filter),
                     Param::<BigInt, _>::new(limit_sql),
                 );
-                let rows: Vec<Found<V>> = Prepared::new(
-                    engine.tables().of(CacheKind::Kv),
-                    &[
-                        "SELECT key, value FROM {t} WHERE value @> ",
-                        " AND expires_at > statement_timestamp() ORDER BY key LIMIT ",
-                        "",
-                    ],
-                    vec![&filter, &limit],
-                )
-                .load(conn)?;
+                let rows: Vec<Found<V>> = KvTables::of(engine.tables())
+                    .prepared(
+                        &[
+                            "SELECT key, value FROM {t} WHERE value @> ",
+                            concat!(" AND ", live!(""), " ORDER BY key LIMIT "),
+                            "",
+                        ],
+                        vec![&filter, &limit],
+                    )
+                    .load(conn)?;
                 Ok(rows
                     .into_iter()
                     .map(
@@ -341,31 +361,55 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
                 stored: bool,
             }
             // Taken by a live entry: neither the insert nor the update writes, so
-            // the statement locks nothing and commits nothing. An expired entry is
-            // replaced by the update; of racing callers the row lock admits one.
-            let (key, value, interval) = (
+            // the statement locks nothing and commits nothing. An entry that is
+            // not live (expired, or with a tag invalidated since) is replaced by
+            // the update, stamped as it may be held unexpired; of racing callers
+            // the row lock admits one. Tags as a set's (NULL: none).
+            let tags = (!self.tags.is_empty()).then_some(self.tags);
+            let (key, value, interval, tags) = (
                 Param::<Text, _>::new(row.key),
                 Param::<Nullable<Jsonb>, _>::new(row.json()),
                 Param::<diesel::sql_types::Interval, _>::new(interval),
+                Param::<Nullable<diesel::sql_types::Array<Text>>, _>::new(tags),
             );
-            let stored: Stored = Prepared::new(
-                self.table(),
-                &[
-                    "WITH inserted AS (INSERT INTO {t} (key, value, expires_at) VALUES (",
-                    ", ",
-                    ", statement_timestamp() + ",
-                    ") ON CONFLICT (key) DO NOTHING RETURNING true), \
-                     replaced AS (UPDATE {t} SET bytes = NULL, value = ",
-                    ", expires_at = statement_timestamp() + ",
-                    ", created_at = now() WHERE key = ",
-                    " AND expires_at <= statement_timestamp() \
-                       AND NOT EXISTS (SELECT 1 FROM inserted) RETURNING true) \
-                     SELECT EXISTS (SELECT 1 FROM inserted) \
-                       OR EXISTS (SELECT 1 FROM replaced) AS stored",
-                ],
-                vec![&key, &value, &interval, &value, &interval, &key],
-            )
-            .get_result(conn)?;
+            let stored: Stored = self
+                .tables()
+                .prepared(
+                    &[
+                        "WITH inserted AS (INSERT INTO {t} \
+                         (key, value, expires_at, tags, tag_generations) VALUES (",
+                        ", ",
+                        ", statement_timestamp() + ",
+                        ", ",
+                        concat!("::text[], ", generations!(before)),
+                        concat!(
+                            generations!(after),
+                            ") ON CONFLICT (key) DO NOTHING RETURNING true), \
+                             replaced AS (UPDATE {t} SET bytes = NULL, value = "
+                        ),
+                        ", expires_at = statement_timestamp() + ",
+                        ", created_at = now(), tags = ",
+                        concat!("::text[], tag_generations = ", generations!(before)),
+                        concat!(
+                            generations!(after),
+                            ", ",
+                            change_stamp!("{t}", "true"),
+                            " WHERE key = "
+                        ),
+                        concat!(
+                            " AND NOT (",
+                            live!(""),
+                            ") AND NOT EXISTS (SELECT 1 FROM inserted) RETURNING true) \
+                             SELECT EXISTS (SELECT 1 FROM inserted) \
+                               OR EXISTS (SELECT 1 FROM replaced) AS stored"
+                        ),
+                    ],
+                    vec![
+                        &key, &value, &interval, &tags, &tags, &value, &interval, &tags, &tags,
+                        &key,
+                    ],
+                )
+                .get_result(conn)?;
             Ok(stored.stored)
         })?;
         self.evict_near(key);
@@ -390,23 +434,27 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
             }
             // A bytes entry is left alone: reading it as JSON is an error.
             let param = Param::<Text, _>::new(key);
-            let taken: Option<Taken<V>> = Prepared::new(
-                self.table(),
-                &[
-                    "DELETE FROM {t} WHERE key = ",
-                    " AND bytes IS NULL \
-                     RETURNING value, expires_at > statement_timestamp() AS live",
-                ],
-                vec![&param],
-            )
-            .get_result(conn)
-            .optional()?;
+            let taken: Option<Taken<V>> = self
+                .tables()
+                .prepared(
+                    &[
+                        "DELETE FROM {t} WHERE key = ",
+                        concat!(
+                            " AND bytes IS NULL RETURNING value, ",
+                            live!(""),
+                            " AS live"
+                        ),
+                    ],
+                    vec![&param],
+                )
+                .get_result(conn)
+                .optional()?;
             match taken {
                 Some(Taken {
                     value: JsonbIn(value),
                     live,
                 }) => Ok(live.then_some(value)),
-                None => refuse_bytes(conn, self.table(), key).map(|()| None),
+                None => refuse_bytes(conn, self.tables(), key).map(|()| None),
             }
         })?;
         self.evict_near(key);
@@ -433,8 +481,7 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
             &[
                 "UPDATE {t} SET expires_at = statement_timestamp() + ",
                 concat!(", ", change_stamp!("{t}", "true"), " WHERE key = "),
-                " AND expires_at > statement_timestamp() AND bytes IS NULL \
-                 RETURNING value",
+                concat!(" AND bytes IS NULL AND ", live!(""), " RETURNING value"),
             ],
             |conn, touch| {
                 let found: Option<Touched<V>> = touch.get_result(conn).optional()?;
@@ -442,7 +489,7 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
                     Some(Touched {
                         value: JsonbIn(value),
                     }) => Ok(Some(value)),
-                    None => refuse_bytes(conn, self.table(), key).map(|()| None),
+                    None => refuse_bytes(conn, self.tables(), key).map(|()| None),
                 }
             },
         )

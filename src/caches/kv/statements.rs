@@ -1,7 +1,8 @@
 //! The key/value table's statements: the upserts of both payload kinds, the deletes
 //! (by key, in key order, by prefix), the reads of a live entry with both columns,
 //! and the rows they take. Each is hand-written and cached by its text (which names
-//! the schema, see `Prepared`): Diesel prepares it once per connection.
+//! the schema, see `Prepared`): Diesel prepares it once per connection. What is
+//! live is [`live!`]: not expired, and no tag invalidated since the write.
 
 use std::collections::HashMap;
 
@@ -12,18 +13,47 @@ use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, Binary, Jsonb, Nullable, Text, Timestamptz, Untyped};
 
+use super::tags::{generations, live};
 use super::wrong_type;
 use crate::error::Result;
 use crate::expiry::ExpiresIn;
 use crate::jsonb::{JsonbOut, JsonbText};
 use crate::near::protocol::change_stamp;
 use crate::skipped::Skipped;
-use crate::statement::{push_with_table, Param, Prepared};
+use crate::statement::{push_with_table, push_with_tables, BindParam, Param, Prepared};
 use crate::table::write_batches;
+use crate::tables::Tables;
 use crate::validation::check_key;
 
-/// A live entry read with both payload columns (exactly one is set) and its expiry:
-/// every read of either kind takes this one shape, then its own column.
+/// The kv table and the tag table its statements judge tags by, both
+/// schema-qualified.
+#[derive(Debug, Clone, Copy)]
+pub struct KvTables<'a> {
+    pub(super) entries: &'a str,
+    pub(super) tags: &'a str,
+}
+
+impl<'a> KvTables<'a> {
+    pub(super) fn of(tables: &'a Tables) -> Self {
+        KvTables {
+            entries: tables.of(crate::kind::CacheKind::Kv),
+            tags: tables.tags(),
+        }
+    }
+
+    /// A statement naming both (`{t}`, `{g}`).
+    pub(super) fn prepared(
+        self,
+        pieces: &'static [&'static str],
+        params: Vec<&'a dyn BindParam>,
+    ) -> Prepared<'a> {
+        Prepared::new(self.entries, pieces, params).with_tags(self.tags)
+    }
+}
+
+/// A live entry read with both payload columns (exactly one is set), its expiry
+/// and its tags: every read of either kind takes this one shape, then its own
+/// column.
 #[derive(QueryableByName)]
 pub struct LiveEntry {
     #[diesel(sql_type = Nullable<Jsonb>)]
@@ -32,6 +62,8 @@ pub struct LiveEntry {
     pub(super) bytes: Option<Vec<u8>>,
     #[diesel(sql_type = Timestamptz)]
     pub(super) expires_at: DateTime<Utc>,
+    #[diesel(sql_type = Nullable<Array<Text>>)]
+    pub(super) tags: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for LiveEntry {
@@ -42,29 +74,29 @@ impl std::fmt::Debug for LiveEntry {
     }
 }
 
-/// The one-key read of both kinds of entry. `table`: the kv table, qualified.
+/// The one-key read of both kinds of entry.
 pub(super) fn read_live(
     conn: &mut PgConnection,
-    table: &str,
+    tables: KvTables<'_>,
     key: &str,
 ) -> QueryResult<Option<LiveEntry>> {
     let key = Param::<Text, _>::new(key);
-    Prepared::new(
-        table,
-        &[
-            "SELECT value, bytes, expires_at FROM {t} WHERE key = ",
-            " AND expires_at > statement_timestamp()",
-        ],
-        vec![&key],
-    )
-    .get_result(conn)
-    .optional()
+    tables
+        .prepared(
+            &[
+                "SELECT value, bytes, expires_at, tags FROM {t} WHERE key = ",
+                concat!(" AND ", live!("")),
+            ],
+            vec![&key],
+        )
+        .get_result(conn)
+        .optional()
 }
 
 /// [`read_live`] for many keys: the live entries among `keys`, each with its key.
 pub(super) fn read_live_many(
     conn: &mut PgConnection,
-    table: &str,
+    tables: KvTables<'_>,
     keys: &[&str],
 ) -> QueryResult<Vec<(String, LiveEntry)>> {
     #[derive(QueryableByName)]
@@ -75,15 +107,15 @@ pub(super) fn read_live_many(
         row: LiveEntry,
     }
     let keys = Param::<Array<Text>, _>::new(keys);
-    let rows: Vec<Keyed> = Prepared::new(
-        table,
-        &[
-            "SELECT key, value, bytes, expires_at FROM {t} WHERE key = ANY(",
-            ") AND expires_at > statement_timestamp()",
-        ],
-        vec![&keys],
-    )
-    .load(conn)?;
+    let rows: Vec<Keyed> = tables
+        .prepared(
+            &[
+                "SELECT key, value, bytes, expires_at, tags FROM {t} WHERE key = ANY(",
+                concat!(") AND ", live!("")),
+            ],
+            vec![&keys],
+        )
+        .load(conn)?;
     Ok(rows.into_iter().map(|r| (r.key, r.row)).collect())
 }
 
@@ -115,7 +147,7 @@ pub(super) fn delete_prefix(
 /// `(expires_at, now())` of a live entry.
 pub(super) fn remaining(
     conn: &mut PgConnection,
-    table: &str,
+    tables: KvTables<'_>,
     key: &str,
 ) -> QueryResult<Option<(DateTime<Utc>, DateTime<Utc>)>> {
     #[derive(QueryableByName)]
@@ -126,37 +158,37 @@ pub(super) fn remaining(
         now: DateTime<Utc>,
     }
     let key = Param::<Text, _>::new(key);
-    let found: Option<Remaining> = Prepared::new(
-        table,
-        &[
-            "SELECT expires_at, statement_timestamp() AS now FROM {t} WHERE key = ",
-            " AND expires_at > statement_timestamp()",
-        ],
-        vec![&key],
-    )
-    .get_result(conn)
-    .optional()?;
+    let found: Option<Remaining> = tables
+        .prepared(
+            &[
+                "SELECT expires_at, statement_timestamp() AS now FROM {t} WHERE key = ",
+                concat!(" AND ", live!("")),
+            ],
+            vec![&key],
+        )
+        .get_result(conn)
+        .optional()?;
     Ok(found.map(|r| (r.expires_at, r.now)))
 }
 
 /// [`Error::WrongType`] if `key` holds a live bytes entry: what a JSON operation
 /// that found no JSON entry reports, rather than a miss.
-pub(super) fn refuse_bytes(conn: &mut PgConnection, table: &str, key: &str) -> Result<()> {
+pub(super) fn refuse_bytes(conn: &mut PgConnection, tables: KvTables<'_>, key: &str) -> Result<()> {
     #[derive(QueryableByName)]
     struct Bytes {
         #[diesel(sql_type = diesel::sql_types::Bool)]
         bytes: bool,
     }
     let param = Param::<Text, _>::new(key);
-    let found: Bytes = Prepared::new(
-        table,
-        &[
-            "SELECT EXISTS (SELECT 1 FROM {t} WHERE key = ",
-            " AND expires_at > statement_timestamp() AND bytes IS NOT NULL) AS bytes",
-        ],
-        vec![&param],
-    )
-    .get_result(conn)?;
+    let found: Bytes = tables
+        .prepared(
+            &[
+                "SELECT EXISTS (SELECT 1 FROM {t} WHERE key = ",
+                concat!(" AND bytes IS NOT NULL AND ", live!(""), ") AS bytes"),
+            ],
+            vec![&param],
+        )
+        .get_result(conn)?;
     if found.bytes {
         Err(wrong_type(key, "bytes", "json"))
     } else {
@@ -183,11 +215,13 @@ pub(super) fn prefix_upper_bound(prefix: &str) -> Option<String> {
 }
 
 /// What an upsert does to an existing key: new payload (of either kind), new expiry,
-/// new `created_at`, and the change stamp. Every key/value update is stamped, values
-/// not compared (cheaper for writers; it only evicts an entry that was still right).
+/// new `created_at`, new tags (none for an untagged write), and the change stamp.
+/// Every key/value update is stamped, values not compared (cheaper for writers; it
+/// only evicts an entry that was still right).
 const ON_CONFLICT_OVERWRITE: &str = concat!(
     " ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
-     bytes = excluded.bytes, expires_at = excluded.expires_at, created_at = now(), ",
+     bytes = excluded.bytes, expires_at = excluded.expires_at, created_at = now(), \
+     tags = excluded.tags, tag_generations = excluded.tag_generations, ",
     change_stamp!("{t}", "true")
 );
 
@@ -195,30 +229,67 @@ const ON_CONFLICT_OVERWRITE: &str = concat!(
 /// schema, see `Prepared`): Diesel's own `insert_into(..).on_conflict(..)` is never
 /// put in its prepared-statement cache, and its multi-row `VALUES` list would be a
 /// new statement for every batch size. These are prepared once per connection. A
-/// row binds both value columns, one of them NULL.
+/// row binds both value columns, one of them NULL. A tagged write also stores its
+/// tags with their generations, read in the same statement ([`Tagging`]); an
+/// untagged one is the statement it was before tags.
 struct Upsert<'a> {
-    table: &'a str,
+    tables: KvTables<'a>,
     key: &'a str,
     value: Option<&'a JsonbOut>,
     bytes: Option<&'a [u8]>,
     expires: ExpiresIn,
+    tags: &'a [&'a str],
 }
 
 /// The batch as three arrays (`SELECT ... FROM unnest($keys, $values, $bytes)`): one
 /// statement text for any batch size. Must stay equivalent to [`Upsert`].
 struct UpsertMany<'a> {
-    table: &'a str,
+    tables: KvTables<'a>,
     keys: Vec<&'a str>,
     values: Vec<Option<&'a JsonbOut>>,
     bytes: Vec<Option<&'a [u8]>>,
     expires: ExpiresIn,
+    tags: &'a [&'a str],
 }
 
-const INSERT_INTO: &str = "INSERT INTO {t} (key, value, bytes, expires_at) ";
+/// The columns both upserts insert (`{t}`: the kv table).
+const INSERT_INTO: [&str; 2] = ["INSERT INTO {t} (key, value, bytes, expires_at", ") "];
+
+/// The tags of an upsert: after its columns, `, tags, tag_generations`; after its
+/// expiry, the tags and their generations. Nothing for an untagged write.
+#[derive(Clone, Copy)]
+struct Tagging<'a>(&'a [&'a str]);
+
+impl<'a> Tagging<'a> {
+    fn columns(&self, out: &mut AstPass<'_, '_, Pg>) {
+        if !self.0.is_empty() {
+            out.push_sql(", tags, tag_generations");
+        }
+    }
+
+    fn values<'b>(self, out: &mut AstPass<'_, 'b, Pg>, tags_table: &str) -> QueryResult<()>
+    where
+        'a: 'b,
+    {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(self.0)?;
+        out.push_sql("::text[], ");
+        push_with_tables(out, generations!(before), "", tags_table);
+        out.push_bind_param::<Array<Text>, _>(self.0)?;
+        push_with_tables(out, generations!(after), "", tags_table);
+        Ok(())
+    }
+}
 
 impl QueryFragment<Pg> for Upsert<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        push_with_table(&mut out, INSERT_INTO, self.table);
+        let tagging = Tagging(self.tags);
+        push_with_table(&mut out, INSERT_INTO[0], self.tables.entries);
+        tagging.columns(&mut out);
+        out.push_sql(INSERT_INTO[1]);
         out.push_sql("VALUES (");
         out.push_bind_param::<Text, _>(self.key)?;
         out.push_sql(", ");
@@ -227,17 +298,22 @@ impl QueryFragment<Pg> for Upsert<'_> {
         out.push_bind_param::<Nullable<Binary>, _>(&self.bytes)?;
         out.push_sql(", ");
         self.expires.walk_ast(out.reborrow())?;
+        tagging.values(&mut out, self.tables.tags)?;
         out.push_sql(")");
-        push_with_table(&mut out, ON_CONFLICT_OVERWRITE, self.table);
+        push_with_table(&mut out, ON_CONFLICT_OVERWRITE, self.tables.entries);
         Ok(())
     }
 }
 
 impl QueryFragment<Pg> for UpsertMany<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        push_with_table(&mut out, INSERT_INTO, self.table);
+        let tagging = Tagging(self.tags);
+        push_with_table(&mut out, INSERT_INTO[0], self.tables.entries);
+        tagging.columns(&mut out);
+        out.push_sql(INSERT_INTO[1]);
         out.push_sql("SELECT u.k, u.v, u.b, ");
         self.expires.walk_ast(out.reborrow())?;
+        tagging.values(&mut out, self.tables.tags)?;
         out.push_sql(" FROM unnest(");
         out.push_bind_param::<Array<Text>, _>(&self.keys)?;
         out.push_sql(", ");
@@ -245,7 +321,7 @@ impl QueryFragment<Pg> for UpsertMany<'_> {
         out.push_sql(", ");
         out.push_bind_param::<Array<Nullable<Binary>>, _>(&self.bytes)?;
         out.push_sql(") AS u(k, v, b)");
-        push_with_table(&mut out, ON_CONFLICT_OVERWRITE, self.table);
+        push_with_table(&mut out, ON_CONFLICT_OVERWRITE, self.tables.entries);
         Ok(())
     }
 }
@@ -353,31 +429,34 @@ impl<'a> Row<'a> {
     }
 }
 
-/// Upserts rows of either kind; a batch too large for one statement is split, in
-/// one transaction.
+/// Upserts rows of either kind, tagged with `tags` (checked; none: untagged); a
+/// batch too large for one statement is split, in one transaction.
 pub(super) fn write(
     conn: &mut PgConnection,
-    table: &str,
+    tables: KvTables<'_>,
     rows: &[Row<'_>],
     ttl: PgInterval,
+    tags: &[&str],
 ) -> Result<()> {
     let expires = ExpiresIn(ttl);
     match rows {
         [row] => Upsert {
-            table,
+            tables,
             key: row.key,
             value: row.json(),
             bytes: row.raw(),
             expires,
+            tags,
         }
         .execute(conn)?,
         rows => write_batches(conn, rows, Row::size, |conn, rows| {
             UpsertMany {
-                table,
+                tables,
                 keys: rows.iter().map(|r| r.key).collect(),
                 values: rows.iter().map(Row::json).collect(),
                 bytes: rows.iter().map(Row::raw).collect(),
                 expires,
+                tags,
             }
             .execute(conn)
         })?,

@@ -12,15 +12,17 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::statements::{
-    in_key_order, read_live, read_live_many, remove, skipped, write, LiveEntry, Payload, Row,
+    in_key_order, read_live, read_live_many, remove, skipped, write, KvTables, LiveEntry, Payload,
+    Row,
 };
+use super::tags::check_tags;
 use super::{kv_digest, wrong_type, KvCache};
 use crate::cache::{Handle, NearRead, NearStorage, Storage};
 use crate::error::{Error, Result};
 use crate::jsonb::{JsonbOut, JsonbText};
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
-use crate::near::{NearKey, NearValue};
+use crate::near::{NearKey, NearValue, TagSlots};
 use crate::skipped::Skipped;
 use crate::validation::check_key;
 
@@ -37,6 +39,14 @@ pub trait KvColumn: Sync {
 
     /// The shards and chosen TTL of this handle.
     fn column_handle(&self) -> &Handle<'_>;
+
+    /// The tags this handle's writes give their entries.
+    fn column_tags(&self) -> &[&str];
+
+    /// The kv table and the tag table.
+    fn kv_tables(&self) -> KvTables<'_> {
+        KvTables::of(self.column_handle().front().tables())
+    }
 
     /// An entry validated into a row (its key already checked).
     fn row<'a>(key: &'a str, value: &'a Self::Value) -> Result<Row<'a>>;
@@ -102,6 +112,7 @@ impl<C: KvColumn> Storage for C {
 
     fn check_entry<'a>(&self, key: &'a str, value: &'a C::Value) -> Result<Row<'a>> {
         check_key(key)?;
+        check_tags(self.column_tags())?;
         C::row(key, value)
     }
 
@@ -114,7 +125,7 @@ impl<C: KvColumn> Storage for C {
     }
 
     fn read_one(&self, conn: &mut PgConnection, key: &str, _: &()) -> Result<Option<C::Value>> {
-        read_live(conn, self.table(), key)?
+        read_live(conn, self.kv_tables(), key)?
             .map(|entry| own::<C, _>(key, C::take(entry)))
             .transpose()
     }
@@ -127,13 +138,13 @@ impl<C: KvColumn> Storage for C {
     ) -> Result<Vec<Option<C::Value>>> {
         in_key_order(
             keys,
-            &read_live_many(conn, self.table(), keys)?,
+            &read_live_many(conn, self.kv_tables(), keys)?,
             |key, e| own::<C, _>(key, C::decode(e)),
         )
     }
 
     fn write(&self, conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
-        write(conn, self.table(), rows, ttl)
+        write(conn, self.kv_tables(), rows, ttl, self.column_tags())
     }
 
     fn remove(&self, conn: &mut PgConnection, keys: &[&str], _checked: &[()]) -> Result<u64> {
@@ -156,7 +167,7 @@ impl<C: KvColumn> NearStorage for C {
         key: &str,
         _checked: &(),
     ) -> Result<Option<NearRead<C::Value>>> {
-        read_live(conn, self.table(), key)?
+        read_live(conn, self.kv_tables(), key)?
             .map(|entry| near_read::<C>(key, &entry))
             .transpose()
     }
@@ -169,7 +180,7 @@ impl<C: KvColumn> NearStorage for C {
     ) -> Result<Vec<Option<NearRead<C::Value>>>> {
         in_key_order(
             keys,
-            &read_live_many(conn, self.table(), keys)?,
+            &read_live_many(conn, self.kv_tables(), keys)?,
             near_read::<C>,
         )
     }
@@ -187,6 +198,10 @@ fn near_read<C: KvColumn>(key: &str, entry: &LiveEntry) -> Result<NearRead<C::Va
         kept,
         expires_at: entry.expires_at,
         weight,
+        tags: entry
+            .tags
+            .as_ref()
+            .and_then(|tags| TagSlots::of(tags.iter().map(String::as_str))),
     })
 }
 
@@ -199,6 +214,10 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvColumn for KvCache<'_, 
 
     fn column_handle(&self) -> &Handle<'_> {
         &self.handle
+    }
+
+    fn column_tags(&self) -> &[&str] {
+        self.tags
     }
 
     fn row<'a>(key: &'a str, value: &'a V) -> Result<Row<'a>> {
@@ -245,6 +264,7 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvColumn for KvCache<'_, 
 #[derive(Clone, Copy)]
 pub(super) struct KvBytes<'a> {
     pub(super) handle: Handle<'a>,
+    pub(super) tags: &'a [&'a str],
 }
 
 impl KvColumn for KvBytes<'_> {
@@ -254,6 +274,10 @@ impl KvColumn for KvBytes<'_> {
 
     fn column_handle(&self) -> &Handle<'_> {
         &self.handle
+    }
+
+    fn column_tags(&self) -> &[&str] {
+        self.tags
     }
 
     fn row<'a>(key: &'a str, value: &'a Vec<u8>) -> Result<Row<'a>> {
