@@ -113,6 +113,22 @@ pub(super) static VARIABLES: LazyLock<Vec<Variable>> = LazyLock::new(|| {
             "compute_wait_timeout",
             |b, n, v| Ok(b.compute_wait_timeout(parse_millis(n, v)?)),
         ),
+        var(
+            "PGCACHE_STALE_WHILE_REVALIDATE_MS",
+            "stale_while_revalidate",
+            |b, n, v| Ok(b.stale_while_revalidate(parse_millis(n, v)?)),
+        ),
+        var(
+            "PGCACHE_EARLY_REFRESH_BETA",
+            "early_refresh_beta",
+            |b, n, v| {
+                let beta = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| Error::config(n, v, "expected a number, zero or more"))?;
+                Ok(b.early_refresh_beta(beta))
+            },
+        ),
         // 0 means off, as unset.
         var(
             "PGCACHE_JANITOR_INTERVAL_SECS",

@@ -15,6 +15,7 @@ use diesel::sql_types::{Array, Binary, Jsonb, Nullable, Text, Timestamptz, Untyp
 use super::wrong_type;
 use crate::error::Result;
 use crate::expiry::ExpiresIn;
+use crate::freshness::{fact_columns, Facts};
 use crate::jsonb::{JsonbOut, JsonbText};
 use crate::near::protocol::change_stamp;
 use crate::skipped::Skipped;
@@ -22,8 +23,9 @@ use crate::statement::{push_with_table, Param, Prepared};
 use crate::table::write_batches;
 use crate::validation::check_key;
 
-/// A live entry read with both payload columns (exactly one is set) and its expiry:
-/// every read of either kind takes this one shape, then its own column.
+/// A live entry read with both payload columns (exactly one is set), its expiry and
+/// the facts of its freshness: every read of either kind takes this one shape, then
+/// its own column.
 #[derive(QueryableByName)]
 pub struct LiveEntry {
     #[diesel(sql_type = Nullable<Jsonb>)]
@@ -32,6 +34,8 @@ pub struct LiveEntry {
     pub(super) bytes: Option<Vec<u8>>,
     #[diesel(sql_type = Timestamptz)]
     pub(super) expires_at: DateTime<Utc>,
+    #[diesel(embed)]
+    pub(super) facts: Facts,
 }
 
 impl std::fmt::Debug for LiveEntry {
@@ -52,7 +56,11 @@ pub(super) fn read_live(
     Prepared::new(
         table,
         &[
-            "SELECT value, bytes, expires_at FROM {t} WHERE key = ",
+            concat!(
+                "SELECT value, bytes, expires_at, ",
+                fact_columns!(),
+                " FROM {t} WHERE key = "
+            ),
             " AND expires_at > statement_timestamp()",
         ],
         vec![&key],
@@ -78,7 +86,11 @@ pub(super) fn read_live_many(
     let rows: Vec<Keyed> = Prepared::new(
         table,
         &[
-            "SELECT key, value, bytes, expires_at FROM {t} WHERE key = ANY(",
+            concat!(
+                "SELECT key, value, bytes, expires_at, ",
+                fact_columns!(),
+                " FROM {t} WHERE key = ANY("
+            ),
             ") AND expires_at > statement_timestamp()",
         ],
         vec![&keys],

@@ -184,8 +184,8 @@ fn near_read<C: KvColumn>(key: &str, entry: &LiveEntry) -> Result<NearRead<C::Va
     Ok(NearRead {
         entry: entry_of,
         kept,
-        expires_at: entry.expires_at,
         weight,
+        fresh: entry.facts.of(entry.expires_at),
     })
 }
 
