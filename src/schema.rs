@@ -19,6 +19,9 @@ diesel::table! {
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
         changed_xid -> Nullable<Int8>,
+        fresh_until -> Nullable<Timestamptz>,
+        fresh_expiry -> Nullable<Timestamptz>,
+        compute_us -> Nullable<Int8>,
     }
 }
 
@@ -50,6 +53,9 @@ diesel::table! {
         expires_at -> Timestamptz,
         bytes -> Nullable<Bytea>,
         changed_xid -> Nullable<Int8>,
+        fresh_until -> Nullable<Timestamptz>,
+        fresh_expiry -> Nullable<Timestamptz>,
+        compute_us -> Nullable<Int8>,
     }
 }
 
@@ -71,6 +77,9 @@ diesel::table! {
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
         changed_xid -> Nullable<Int8>,
+        fresh_until -> Nullable<Timestamptz>,
+        fresh_expiry -> Nullable<Timestamptz>,
+        compute_us -> Nullable<Int8>,
     }
 }
 
@@ -86,6 +95,9 @@ diesel::table! {
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
         changed_xid -> Nullable<Int8>,
+        fresh_until -> Nullable<Timestamptz>,
+        fresh_expiry -> Nullable<Timestamptz>,
+        compute_us -> Nullable<Int8>,
     }
 }
 
@@ -99,6 +111,9 @@ diesel::table! {
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
         changed_xid -> Nullable<Int8>,
+        fresh_until -> Nullable<Timestamptz>,
+        fresh_expiry -> Nullable<Timestamptz>,
+        compute_us -> Nullable<Int8>,
     }
 }
 
