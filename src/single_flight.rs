@@ -11,6 +11,11 @@
 //! `release_lease`) are shared by the blocking loop here and the async face's, which
 //! sleeps on tokio's timer and runs the computation as a future.
 //!
+//! Lease statements commit without waiting for the disk (`relaxed`), whatever the
+//! durability: a lease is coordination, not data (a crash loses the computations
+//! it stood for anyway), and a lease insert waiting for its flush would hold up
+//! every caller trying the same key behind its row.
+//!
 //! Early refresh rides on the same lease. A live entry read from the database
 //! comes with its freshness (`freshness.rs`); when it is due (past its freshness,
 //! within the stale window, or drawn early by XFetch), the caller tries the lease
@@ -19,6 +24,8 @@
 //! caller in any process returns the value it read at once. A failed or panicking
 //! refresh releases the lease and leaves the old value in place.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -34,6 +41,7 @@ use crate::expiry::{ttl_interval, MAX_TTL};
 use crate::freshness::{random_unit, Found};
 use crate::kind::CacheKind;
 use crate::metrics::Op;
+use crate::relaxed::relaxed;
 use crate::statement::{Param, Prepared};
 
 /// First pause between polls; doubled after each poll up to [`MAX_PAUSE`].
@@ -41,6 +49,37 @@ const FIRST_PAUSE: Duration = Duration::from_millis(5);
 /// Longest pause between polls: bounds both the delay before a waiter sees the value
 /// and the load many waiters put on the pool.
 const MAX_PAUSE: Duration = Duration::from_millis(100);
+
+/// How long, after a caller found a due value's lease taken, the other callers of
+/// this process serve that value without trying the lease themselves: the refresh
+/// is under way, and a round trip each would only slow them down.
+const TAKEN_FOR: Duration = FIRST_PAUSE;
+
+/// Leases this process found taken by someone refreshing, each until when its
+/// callers skip trying it ([`TAKEN_FOR`] after). Keyed by lease key alone: two
+/// managers of one process sharing a key at worst delay each other's refresh by
+/// [`TAKEN_FOR`], serving the live value meanwhile.
+static TAKEN: OnceLock<Mutex<HashMap<Vec<u8>, Instant>>> = OnceLock::new();
+
+/// Whether a caller of this process found `lease_key` taken less than
+/// [`TAKEN_FOR`] ago.
+fn recently_taken(lease_key: &[u8]) -> bool {
+    let now = Instant::now();
+    TAKEN
+        .get_or_init(Mutex::default)
+        .lock()
+        .is_ok_and(|taken| taken.get(lease_key).is_some_and(|until| *until > now))
+}
+
+/// Notes that `lease_key` was found taken; forgets the notes that ran out, so the
+/// map holds only the keys refreshed in the last few milliseconds.
+fn note_taken(lease_key: &[u8]) {
+    let now = Instant::now();
+    if let Ok(mut taken) = TAKEN.get_or_init(Mutex::default).lock() {
+        taken.retain(|_, until| *until > now);
+        taken.insert(lease_key.to_vec(), now + TAKEN_FOR);
+    }
+}
 
 /// What one poll found.
 pub(crate) enum Poll<T> {
@@ -177,6 +216,9 @@ impl Flight {
         key: &C::Key,
         seen: DateTime<Utc>,
     ) -> Refreshing<C::Entry> {
+        if recently_taken(&self.lease_key) {
+            return Refreshing::Busy;
+        }
         let tried = cache.check_key(key).and_then(|checked| {
             let engine = cache.engine_for(key, &checked);
             engine.write(
@@ -185,28 +227,34 @@ impl Flight {
                 Refreshing::Busy,
                 || None,
                 |conn| {
-                    let (holder, table) = (Uuid::new_v4(), engine.tables().leases());
-                    if !try_acquire(conn, table, &self.lease_key, holder, self.lease_ttl)? {
-                        return Ok(Refreshing::Busy);
-                    }
-                    match cache.read_for_near(conn, key, &checked)? {
-                        Some(read) if read.fresh.expires_at != seen => {
-                            release(conn, table, &self.lease_key, holder)?;
-                            Ok(Refreshing::Newer(read.entry))
+                    relaxed(conn, |conn| {
+                        let (holder, table) = (Uuid::new_v4(), engine.tables().leases());
+                        if !try_acquire(conn, table, &self.lease_key, holder, self.lease_ttl)? {
+                            return Ok(Refreshing::Busy);
                         }
-                        // The write that was read, or none since it expired: refresh.
-                        _ => Ok(Refreshing::Won(Won {
-                            lease_key: self.lease_key.clone(),
-                            holder,
-                        })),
-                    }
+                        match cache.read_for_near(conn, key, &checked)? {
+                            Some(read) if read.fresh.expires_at != seen => {
+                                release(conn, table, &self.lease_key, holder)?;
+                                Ok(Refreshing::Newer(read.entry))
+                            }
+                            // The write that was read, or none since it expired: refresh.
+                            _ => Ok(Refreshing::Won(Won {
+                                lease_key: self.lease_key.clone(),
+                                holder,
+                            })),
+                        }
+                    })
                 },
             )
         });
-        tried.unwrap_or_else(|error| {
+        let refreshing = tried.unwrap_or_else(|error| {
             tracing::warn!(cache = %C::KIND, %error, "pgcache: an early refresh could not try the lease; the value read is served");
             Refreshing::Busy
-        })
+        });
+        if matches!(refreshing, Refreshing::Busy) {
+            note_taken(&self.lease_key);
+        }
+        refreshing
     }
 
     /// Tries to take the lease and looks for the value, on the key's shard.
@@ -221,7 +269,11 @@ impl Flight {
             Op::Lease,
             Poll::Unavailable,
             || None,
-            |conn| poll(cache, conn, key, &self.lease_key, self.lease_ttl),
+            |conn| {
+                relaxed(conn, |conn| {
+                    poll(cache, conn, key, &self.lease_key, self.lease_ttl)
+                })
+            },
         )
     }
 
@@ -577,7 +629,7 @@ fn on_lease<C: Cache + ?Sized>(
             Op::Lease,
             0,
             || None,
-            |conn| Ok(statement(conn, engine.tables().leases())?),
+            |conn| relaxed(conn, |conn| Ok(statement(conn, engine.tables().leases())?)),
         )
     });
     if let Err(error) = done {

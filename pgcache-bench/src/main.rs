@@ -5,7 +5,7 @@
 //! - `ycsb`: the YCSB core workloads (A, B, C, D, F) on pgcache with and without the
 //!   near cache, raw prepared SQL, Redis and an in-process cache.
 //! - `refresh`: one hot key under `get_or_compute` in two processes, early refresh
-//!   on and off.
+//!   on (stale-while-revalidate, then with XFetch) and off.
 //!
 //! Both work in scratch schemas dropped afterwards. Errors are one line on stderr
 //! with exit status 2.
@@ -44,7 +44,7 @@ enum Command {
     /// The YCSB core workloads on every system, at each thread count.
     Ycsb(ycsb::YcsbArgs),
     /// One hot key expiring under `get_or_compute` in two processes (this binary
-    /// runs itself again), early refresh on, then off.
+    /// runs itself again), early refresh on (two ways), then off.
     Refresh(refresh::RefreshArgs),
 }
 

@@ -1,6 +1,6 @@
 //! `pgcache-bench refresh`: one hot key under `get_or_compute` in two processes
-//! (this binary runs itself again as the second), with early refresh on
-//! (stale-while-revalidate and XFetch) and then off, in one run.
+//! (this binary runs itself again as the second): stale-while-revalidate alone,
+//! with XFetch, and early refresh off, one after the other in one run.
 //!
 //! Each thread of each process asks for the hot key and then reads a warm key
 //! (a plain hit) in turn until the mode's time is up. A computation sleeps, then
@@ -25,8 +25,14 @@ use crate::BenchResult;
 /// What the child prints once its manager is up; it then waits for a line.
 const READY: &str = "ready";
 
-/// The modes measured, in order.
-const MODES: [&str; 2] = ["early", "off"];
+/// How long both processes ask before what they ask is recorded: their pools open
+/// their connections, which is not the key expiring.
+const WARMUP: Duration = Duration::from_millis(500);
+
+/// The modes measured, in order: stale-while-revalidate alone, with XFetch, and
+/// early refresh off (today's single flight: every caller waits for the one
+/// computation).
+const MODES: [&str; 3] = ["stale", "xfetch", "off"];
 
 /// Options of `pgcache-bench refresh`.
 #[derive(Debug, Clone, clap::Args)]
@@ -43,10 +49,10 @@ pub struct RefreshArgs {
     /// Threads in each of the two processes.
     #[arg(long, default_value_t = 8)]
     threads: usize,
-    /// The stale window of the early-refresh mode, in milliseconds.
+    /// The stale window of the early-refresh modes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     stale_ms: u64,
-    /// XFetch's beta in the early-refresh mode.
+    /// XFetch's beta in the `xfetch` mode.
     #[arg(long, default_value_t = 1.0)]
     beta: f64,
     /// Print the results as JSON.
@@ -56,7 +62,7 @@ pub struct RefreshArgs {
     #[arg(long, hide = true)]
     child: Option<String>,
     /// Internal: the mode the second process runs.
-    #[arg(long, hide = true, default_value = "early")]
+    #[arg(long, hide = true, default_value = "stale")]
     mode: String,
 }
 
@@ -65,7 +71,10 @@ impl RefreshArgs {
     fn config(&self, url: &str, schema: &str, mode: &str) -> pgcache::CacheConfigBuilder {
         let config = bench_config(url, schema, self.threads + 1, false);
         match mode {
-            "early" => config
+            "stale" => config
+                .stale_while_revalidate(Duration::from_millis(self.stale_ms))
+                .early_refresh_beta(0.0),
+            "xfetch" => config
                 .stale_while_revalidate(Duration::from_millis(self.stale_ms))
                 .early_refresh_beta(self.beta),
             _ => config
@@ -92,12 +101,13 @@ fn now_us() -> u64 {
 }
 
 /// Runs `threads` threads asking for the hot key of `mode` and reading the warm key
-/// for `duration`.
+/// for [`WARMUP`], then for `duration`, recorded.
 fn ask(cache: &CacheManager, args: &RefreshArgs, mode: &str) -> BenchResult<Calls> {
     let key = format!("hot:{mode}");
     let ttl = Duration::from_millis(args.ttl_ms);
     let compute = Duration::from_millis(args.compute_ms);
-    let until = Instant::now() + Duration::from_secs_f64(args.duration);
+    let record_from = Instant::now() + WARMUP;
+    let until = record_from + Duration::from_secs_f64(args.duration);
     let parts = std::thread::scope(|s| {
         let handles: Vec<_> = (0..args.threads)
             .map(|_| {
@@ -105,17 +115,20 @@ fn ask(cache: &CacheManager, args: &RefreshArgs, mode: &str) -> BenchResult<Call
                 s.spawn(move || -> Result<Calls, String> {
                     let mut calls = Calls::default();
                     while Instant::now() < until {
-                        let (at, started) = (now_us(), Instant::now());
+                        let (at, asked_at) = (now_us(), Instant::now());
                         cache
                             .kv()
                             .get_or_compute_with_ttl(key, ttl, || {
                                 computation(cache, key, mode, compute)
                             })
                             .map_err(|e| e.to_string())?;
-                        calls.asked.push((at, started.elapsed().as_micros() as u64));
+                        let asked = asked_at.elapsed().as_micros() as u64;
                         let started = Instant::now();
                         cache.kv().get("warm").map_err(|e| e.to_string())?;
-                        calls.hits.push(started.elapsed().as_micros() as u64);
+                        if asked_at >= record_from {
+                            calls.asked.push((at, asked));
+                            calls.hits.push(started.elapsed().as_micros() as u64);
+                        }
                     }
                     Ok(calls)
                 })
@@ -239,8 +252,19 @@ fn measure(args: &RefreshArgs, url: &str, schema: &str, mode: &str) -> BenchResu
     cache
         .kv()
         .set_with_ttl("warm", &json!({"plain": "hit"}), Duration::from_secs(3600))?;
+    // The first computation (a miss, with no old value to serve) before the run:
+    // what is measured is the key expiring, not starting cold.
+    let key = format!("hot:{mode}");
+    cache
+        .kv()
+        .get_or_compute_with_ttl(&key, Duration::from_millis(args.ttl_ms), || {
+            computation(&cache, &key, mode, Duration::from_millis(args.compute_ms))
+        })?;
     let (mut process, mut out) = spawn_child(args, url, schema, mode)?;
-    let started = Instant::now();
+    let (started, from_us) = (
+        Instant::now() + WARMUP,
+        now_us() + WARMUP.as_micros() as u64,
+    );
     writeln!(process.stdin.take().ok_or("no child stdin")?)?;
     let mut calls = ask(&cache, args, mode)?;
     let mut theirs = String::new();
@@ -262,19 +286,18 @@ fn measure(args: &RefreshArgs, url: &str, schema: &str, mode: &str) -> BenchResu
         #[diesel(sql_type = BigInt)]
         finished_us: i64,
     }
-    let mut windows: Vec<Window> = diesel::sql_query(
-        "SELECT generation, started_us, finished_us FROM refresh_computations WHERE mode = $1 \
-         ORDER BY started_us",
+    let windows: Vec<Window> = diesel::sql_query(
+        "SELECT generation, started_us, finished_us FROM refresh_computations \
+         WHERE mode = $1 AND started_us >= $2 ORDER BY started_us",
     )
     .bind::<Text, _>(mode)
+    .bind::<BigInt, _>(from_us as i64)
     .load(&mut cache.connection()?)?;
-    windows.sort_by_key(|w| w.started_us);
     let computations = windows.len();
     let mut generations: Vec<i32> = windows.iter().map(|w| w.generation).collect();
     generations.sort_unstable();
     generations.dedup();
-    // A call across an expiry: one that overlapped a computation (the first miss
-    // included).
+    // A call across an expiry: one that overlapped a computation.
     let across: Vec<u64> = calls
         .asked
         .iter()
@@ -343,8 +366,8 @@ pub fn run(args: &RefreshArgs, database_url: Option<&str>, quiet: bool) -> Bench
         let result = measure(args, &url, &scratch.schema, mode)?;
         if !quiet {
             eprintln!(
-                "{mode:>5}: {} computations of {} generations ({:.3} per generation, {:.3} per TTL); \
-                 get_or_compute p50/p99 {}/{} us, across expiries {}/{} us, hits {}/{} us; \
+                "{mode:>6}: {} computations of {} generations ({:.3} per generation, {:.3} per TTL); \
+                 get_or_compute p50/p99 {}/{} us, across expiries {}/{} us ({} calls), hits {}/{} us; \
                  p99 across expiries / hit p99 = {:.2}",
                 result["computations"],
                 result["generations"],
@@ -354,6 +377,7 @@ pub fn run(args: &RefreshArgs, database_url: Option<&str>, quiet: bool) -> Bench
                 result["get_or_compute"]["p99_us"],
                 result["across_expiries"]["p50_us"],
                 result["across_expiries"]["p99_us"],
+                result["across_expiries"]["samples"],
                 result["hits"]["p50_us"],
                 result["hits"]["p99_us"],
                 result["p99_across_expiries_over_hit_p99"]

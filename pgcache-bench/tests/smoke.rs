@@ -223,7 +223,7 @@ fn refresh_measures_both_modes_in_two_processes() {
         .iter()
         .map(|r| r["mode"].as_str().unwrap())
         .collect();
-    assert_eq!(modes, ["early", "off"]);
+    assert_eq!(modes, ["stale", "xfetch", "off"]);
     for result in results {
         // The first miss at least, in either process.
         assert!(result["computations"].as_u64().unwrap() >= 1, "{result}");
