@@ -433,7 +433,7 @@ impl<'m, T: AsyncTable> AsyncCache<'m, T> {
         let mut flight = match start {
             Start::Found(value) => return Ok(value),
             Start::Alone => return compute().await,
-            Start::Refresh(due) => return self.refresh(owned, ttl, due, compute).await,
+            Start::Refresh(due) => return self.refresh((owned, ttl), due, compute).await,
             Start::Flight(flight) => flight,
         };
         let lease = loop {
@@ -474,18 +474,12 @@ impl<'m, T: AsyncTable> AsyncCache<'m, T> {
     /// runs `compute` and returns its value, the others the value read at once; a
     /// failed computation is logged and the value read returned, and a failed,
     /// panicking or dropped one releases the lease.
-    async fn refresh<E, F, Fut>(
+    async fn refresh<E: From<Error>, Fut: Future<Output = Result<T::Value, E>>>(
         &self,
-        key: T::OwnedKey,
-        ttl: Duration,
+        (key, ttl): (T::OwnedKey, Duration),
         due: Due<T::Value>,
-        compute: F,
-    ) -> Result<T::Value, E>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T::Value, E>>,
-        E: From<Error>,
-    {
+        compute: impl FnOnce() -> Fut,
+    ) -> Result<T::Value, E> {
         let (face, owned) = (self.cache.clone(), key.clone());
         let (due, tried) = self
             .run(move |cache| {

@@ -335,26 +335,16 @@ fn counted<E>(engine: &Engine, kind: CacheKind, found: Vec<Option<E>>) -> Vec<Op
     found
 }
 
-/// `set_many` (as `op`): the rows `rows` checks, written in one statement per shard
-/// and counted unless fail-open mode skipped them (remembering the delete of
-/// `keys`), then evicted from this process's near cache. Shared with the
-/// key/value cache's bytes, whose rows are checked differently.
-pub(crate) fn store_rows<'r, C: NearStorage + ?Sized + 'r>(
-    cache: &C,
-    op: Op,
-    ttl: Duration,
-    rows: impl FnOnce() -> Result<Vec<C::Row<'r>>>,
-    keys: &[&C::Key],
-) -> Result<()> {
-    store_rows_and(cache, op, ttl, rows, keys, None)
-}
-
 /// A statement run after a write on its connection, committed with it.
 pub(crate) type Then<'a> = &'a (dyn Fn(&mut PgConnection) -> Result<()> + Sync);
 
-/// [`store_rows`]; with `then`, the write and `then` on each shard in one
-/// transaction (early refresh's facts about the rows just written).
-pub(crate) fn store_rows_and<'r, C: NearStorage + ?Sized + 'r>(
+/// `set_many` (as `op`): the rows `rows` checks, written in one statement per shard
+/// and counted unless fail-open mode skipped them (remembering the delete of
+/// `keys`), then evicted from this process's near cache. Shared with the
+/// key/value cache's bytes, whose rows are checked differently. With `then`, the
+/// write and `then` on each shard in one transaction (early refresh's facts about
+/// the rows just written).
+pub(crate) fn store_rows<'r, C: NearStorage + ?Sized + 'r>(
     cache: &C,
     op: Op,
     ttl: Duration,
@@ -609,6 +599,7 @@ pub trait Cache: NearStorage {
             ttl,
             || check_entries(self, &[(key, value)]),
             &[key],
+            None,
         )
     }
 
@@ -623,6 +614,7 @@ pub trait Cache: NearStorage {
             ttl,
             || check_entries(self, entries),
             &entries.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            None,
         )
     }
 

@@ -70,8 +70,9 @@ impl Facts {
     }
 }
 
-/// A row read with its [`Facts`]: `S`, as a table decodes it, and the facts, from
-/// the same row (columns matched by name).
+/// A row read with its [`Facts`]: `S`, as a table decodes it (or the entry decoded
+/// from it), and the facts, from the same row (columns matched by name).
+#[derive(Clone)]
 pub(crate) struct WithFacts<S>(pub(crate) S, pub(crate) Facts);
 
 impl<S: QueryableByName<diesel::pg::Pg>> QueryableByName<diesel::pg::Pg> for WithFacts<S> {

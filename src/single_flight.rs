@@ -35,7 +35,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bytea, Interval, Uuid as SqlUuid};
 use uuid::Uuid;
 
-use crate::cache::{check_entries, lookup, store_rows_and, Cache};
+use crate::cache::{check_entries, lookup, store_rows, Cache};
 use crate::error::{Error, Result};
 use crate::expiry::{ttl_interval, MAX_TTL};
 use crate::freshness::{random_unit, Found};
@@ -311,7 +311,7 @@ where
     let mut flight = match Flight::start(cache, key, ttl, found)? {
         Start::Found(value) => return Ok(value),
         Start::Alone => return compute(),
-        Start::Refresh(due) => return refresh(cache, key, ttl, due, compute),
+        Start::Refresh(due) => return refresh(cache, key, (ttl, due), compute),
         Start::Flight(flight) => flight,
     };
     loop {
@@ -346,18 +346,12 @@ where
 /// returns the new value; the others return the value read at once. A failed
 /// computation is logged and the value read returned (a panic goes on up): either
 /// way the guard releases the lease and the old entry stays.
-fn refresh<C, E, F>(
+fn refresh<C: Cache + ?Sized, E: From<Error>>(
     cache: &C,
     key: &C::Key,
-    ttl: Duration,
-    due: Due<C::Value>,
-    compute: F,
-) -> Result<C::Value, E>
-where
-    C: Cache + ?Sized,
-    F: FnOnce() -> Result<C::Value, E>,
-    E: From<Error>,
-{
+    (ttl, due): (Duration, Due<C::Value>),
+    compute: impl FnOnce() -> Result<C::Value, E>,
+) -> Result<C::Value, E> {
     let won = match due.try_refresh(cache, key) {
         Refreshing::Won(won) => won,
         Refreshing::Newer(entry) => return Ok(C::into_value(entry)),
@@ -432,7 +426,7 @@ fn store_fresh<C: Cache + ?Sized>(
         write_facts(conn, table, C::KIND, &near_key, stale_for, compute_us)?;
         Ok(())
     };
-    store_rows_and(
+    store_rows(
         cache,
         Op::Set,
         hard,

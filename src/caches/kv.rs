@@ -176,6 +176,7 @@ impl<'a, V> KvCache<'a, V> {
             ttl,
             || bytes_rows(entries),
             &entries.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            None,
         )
     }
 

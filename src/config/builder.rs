@@ -441,20 +441,21 @@ impl CacheConfigBuilder {
                 "must be greater than zero (leave unset to turn the janitor off)",
             ));
         }
-        check_early_refresh_beta(c.early_refresh_beta).map_err(|reason| {
-            self.invalid(
+        let numbers: [(&str, f64, fn(f64) -> std::result::Result<(), String>); 2] = [
+            (
                 "early_refresh_beta",
-                c.early_refresh_beta.to_string(),
-                reason,
-            )
-        })?;
-        check_low_watermark(c.eviction_low_watermark).map_err(|reason| {
-            self.invalid(
+                c.early_refresh_beta,
+                check_early_refresh_beta,
+            ),
+            (
                 "eviction_low_watermark",
-                c.eviction_low_watermark.to_string(),
-                reason,
-            )
-        })?;
+                c.eviction_low_watermark,
+                check_low_watermark,
+            ),
+        ];
+        for (setting, number, check) in numbers {
+            check(number).map_err(|reason| self.invalid(setting, number.to_string(), reason))?;
+        }
         for cache in CacheKind::ALL {
             let b = c.size_bounds[cache.index()];
             for (bound, max) in [(Bound::Entries, b.max_entries), (Bound::Bytes, b.max_bytes)] {

@@ -28,7 +28,7 @@ mod statements;
 
 use crate::cluster::Cluster;
 use crate::error::Result;
-use crate::freshness::{read_at, Facts, WithFacts};
+use crate::freshness::{read_at, WithFacts};
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
 use crate::near::{NearKey, NearValue};
@@ -173,15 +173,15 @@ fn read_one<T: TypedTable>(
     conn: &mut PgConnection,
     key: &T::Key,
     digest: &KeyDigest,
-) -> Result<Option<(T::Entry, Facts)>> {
+) -> Result<Option<WithFacts<T::Entry>>> {
     if !table.table.stores(key) {
         return Ok(None);
     }
     let found = LiveRows::<T, _>::new(table.table(), digest.as_bytes().as_slice())
         .get_result::<WithFacts<T::Stored>>(conn)
         .optional()?
-        .map(|WithFacts(stored, facts)| (T::decode(stored).1, facts))
-        .filter(|(entry, _)| T::answers(key, entry));
+        .map(|WithFacts(stored, facts)| WithFacts(T::decode(stored).1, facts))
+        .filter(|WithFacts(entry, _)| T::answers(key, entry));
     count_hits(
         table.cluster(),
         T::CACHE,
@@ -198,7 +198,7 @@ fn read_many<T: TypedTable>(
     conn: &mut PgConnection,
     keys: &[&T::Key],
     digests: &[KeyDigest],
-) -> Result<Vec<Option<(T::Entry, Facts)>>> {
+) -> Result<Vec<Option<WithFacts<T::Entry>>>> {
     let wanted: Vec<&[u8]> = digests
         .iter()
         .zip(keys)
@@ -212,15 +212,20 @@ fn read_many<T: TypedTable>(
         for WithFacts(stored, facts) in rows {
             let (hash, entry) = T::decode(stored);
             if let Some(digest) = KeyDigest::from_slice(&hash) {
-                by_digest.insert(digest, (entry, facts));
+                by_digest.insert(digest, WithFacts(entry, facts));
             }
         }
     }
     // Per requested key, so a key asked for twice gets its entry twice.
-    let found: Vec<Option<(T::Entry, Facts)>> = digests
+    let found: Vec<Option<WithFacts<T::Entry>>> = digests
         .iter()
         .zip(keys)
-        .map(|(d, k)| by_digest.get(d).filter(|(e, _)| T::answers(k, e)).cloned())
+        .map(|(d, k)| {
+            by_digest
+                .get(d)
+                .filter(|WithFacts(e, _)| T::answers(k, e))
+                .cloned()
+        })
         .collect();
     count_hits(table.cluster(), T::CACHE, digests, &found);
     Ok(found)
@@ -382,7 +387,7 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
         key: &T::Key,
         digest: &KeyDigest,
     ) -> Result<Option<T::Entry>> {
-        Ok(read_one(self, conn, key, digest)?.map(|(entry, _)| entry))
+        Ok(read_one(self, conn, key, digest)?.map(|WithFacts(entry, _)| entry))
     }
 
     fn read_many(
@@ -393,7 +398,7 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
     ) -> Result<Vec<Option<T::Entry>>> {
         Ok(read_many(self, conn, keys, digests)?
             .into_iter()
-            .map(|found| found.map(|(entry, _)| entry))
+            .map(|found| found.map(|WithFacts(entry, _)| entry))
             .collect())
     }
 
@@ -464,7 +469,7 @@ impl<T: TypedTable> NearStorage for TypedCache<'_, T> {
 }
 
 /// An entry as the near cache keeps it.
-fn near_read<T: TypedTable>((entry, facts): (T::Entry, Facts)) -> NearRead<T::Entry> {
+fn near_read<T: TypedTable>(WithFacts(entry, facts): WithFacts<T::Entry>) -> NearRead<T::Entry> {
     let (expires_at, weight) = T::near_facts(&entry);
     NearRead {
         kept: Arc::new(entry.clone()),
