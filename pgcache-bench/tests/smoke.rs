@@ -204,7 +204,7 @@ fn ycsb_runs_each_workload_on_every_system_and_draws_the_chart() {
 }
 
 #[test]
-fn refresh_measures_both_modes_in_two_processes() {
+fn refresh_measures_every_mode_in_two_processes() {
     let json = json_of(&[
         "-q",
         "refresh",

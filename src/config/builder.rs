@@ -441,11 +441,12 @@ impl CacheConfigBuilder {
                 "must be greater than zero (leave unset to turn the janitor off)",
             ));
         }
-        let numbers: [(&str, f64, fn(f64) -> std::result::Result<(), String>); 2] = [
+        type Check = fn(f64) -> std::result::Result<(), String>;
+        let numbers = [
             (
                 "early_refresh_beta",
                 c.early_refresh_beta,
-                check_early_refresh_beta,
+                check_early_refresh_beta as Check,
             ),
             (
                 "eviction_low_watermark",

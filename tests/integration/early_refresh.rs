@@ -489,3 +489,38 @@ fn two_processes_of_eight_threads_compute_once_per_expiry() {
         "the key expired and was refreshed during the run"
     );
 }
+
+#[test]
+fn a_bad_beta_is_refused_naming_the_setting_or_the_variable() {
+    for beta in [-1.0, f64::NAN, f64::INFINITY] {
+        let refused = pgcache::CacheConfig::builder()
+            .early_refresh_beta(beta)
+            .build()
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("early_refresh_beta"),
+            "{refused}"
+        );
+    }
+    for value in ["-0.5", "fast"] {
+        let refused =
+            pgcache::CacheConfig::from_vars([("PGCACHE_EARLY_REFRESH_BETA", value)]).unwrap_err();
+        assert!(
+            refused.to_string().contains("PGCACHE_EARLY_REFRESH_BETA"),
+            "{refused}"
+        );
+    }
+    let config = pgcache::CacheConfig::from_vars([
+        ("PGCACHE_EARLY_REFRESH_BETA", "0"),
+        ("PGCACHE_STALE_WHILE_REVALIDATE_MS", "1500"),
+    ])
+    .unwrap();
+    assert_eq!(config.early_refresh_beta(), 0.0);
+    assert_eq!(config.stale_while_revalidate(), Duration::from_millis(1500));
+    let defaults = pgcache::CacheConfig::builder().build().unwrap();
+    assert_eq!(
+        defaults.early_refresh_beta(),
+        pgcache::DEFAULT_EARLY_REFRESH_BETA
+    );
+    assert_eq!(defaults.stale_while_revalidate(), Duration::ZERO);
+}
