@@ -12,20 +12,22 @@ use std::borrow::Borrow;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use crate::cache::{get_entry, get_from_memory, Cache, Storage};
+use crate::cache::{get_entry, get_from_memory, lookup, Cache, Storage};
 use crate::caches::{
     AudioChunkTable, EmbeddingTable, KvCache, LlmResponseTable, VectorSearchTable,
 };
 use crate::error::{Error, Result};
 use crate::kind::CacheKind;
 use crate::manager::CacheManager;
-use crate::single_flight::{release_lease, store, Flight, Poll, Start, Won};
+use crate::single_flight::{
+    refresh_failed, release_lease, store, Due, Flight, Poll, Refreshing, Start, Won,
+};
 use crate::table::{TypedCache, TypedTable};
 
 /// The async face of a [`CacheManager`]: what a tokio service calls. Cheap to clone
@@ -385,7 +387,9 @@ impl<'m, T: AsyncTable> AsyncCache<'m, T> {
     /// task that won the key's lease; the others wait on tokio's timer, holding no
     /// thread and no connection. When the computing future returns an error,
     /// panics or is dropped (its task cancelled), the lease is released at once and
-    /// a waiter computes.
+    /// a waiter computes. Early refresh as [`Cache::get_or_compute`]'s: the task
+    /// that takes the lease of a value due for refresh runs `compute` and returns
+    /// its value, the others return the current value at once.
     ///
     /// # Errors
     /// As [`Cache::get_or_compute`].
@@ -421,7 +425,7 @@ impl<'m, T: AsyncTable> AsyncCache<'m, T> {
         let start = {
             let key = owned.clone();
             self.run(move |cache| {
-                let found = get_entry(&cache, key.borrow(), false)?;
+                let found = lookup(&cache, key.borrow(), false, true)?;
                 Flight::start(&cache, key.borrow(), ttl, found)
             })
             .await?
@@ -429,6 +433,7 @@ impl<'m, T: AsyncTable> AsyncCache<'m, T> {
         let mut flight = match start {
             Start::Found(value) => return Ok(value),
             Start::Alone => return compute().await,
+            Start::Refresh(due) => return self.refresh((owned, ttl), due, compute).await,
             Start::Flight(flight) => flight,
         };
         let lease = loop {
@@ -459,12 +464,70 @@ impl<'m, T: AsyncTable> AsyncCache<'m, T> {
             }
         };
         // An `Err`, a panic or a drop of this future drops `lease`, which releases it.
+        let started = Instant::now();
         let value = compute().await?;
+        self.store(owned, ttl, value, lease, started.elapsed())
+            .await
+    }
+
+    /// A hit due for refresh, as the blocking face's: the task that takes the lease
+    /// runs `compute` and returns its value, the others the value read at once; a
+    /// failed computation is logged and the value read returned, and a failed,
+    /// panicking or dropped one releases the lease.
+    async fn refresh<E: From<Error>, Fut: Future<Output = Result<T::Value, E>>>(
+        &self,
+        (key, ttl): (T::OwnedKey, Duration),
+        due: Due<T::Value>,
+        compute: impl FnOnce() -> Fut,
+    ) -> Result<T::Value, E> {
+        let (face, owned) = (self.cache.clone(), key.clone());
+        let (due, tried) = self
+            .run(move |cache| {
+                let tried = match due.try_refresh(&cache, owned.borrow()) {
+                    Refreshing::Won(won) => Polled::Won(Lease::<T> {
+                        cache: face,
+                        key: owned,
+                        won: Some(won),
+                    }),
+                    Refreshing::Newer(entry) => Polled::Found(entry),
+                    Refreshing::Busy => Polled::Busy,
+                };
+                (due, tried)
+            })
+            .await;
+        let lease = match tried {
+            Polled::Won(lease) => lease,
+            Polled::Found(entry) => return Ok(value_of::<T>(entry)),
+            Polled::Busy | Polled::Unavailable => return Ok(due.current),
+        };
+        let started = Instant::now();
+        match compute().await {
+            Ok(value) => {
+                self.store(key, ttl, value, Some(lease), started.elapsed())
+                    .await
+            }
+            Err(_) => {
+                drop(lease);
+                refresh_failed(kind_of::<T>());
+                Ok(due.current)
+            }
+        }
+    }
+
+    /// Stores a value computed in `took` on a blocking thread and releases `lease`
+    /// (none: computed without single flight); the value back, or the store's error.
+    async fn store<E: From<Error>>(
+        &self,
+        key: T::OwnedKey,
+        ttl: Duration,
+        value: T::Value,
+        lease: Option<Lease<T>>,
+        took: Duration,
+    ) -> Result<T::Value, E> {
         let won = lease.and_then(|mut lease| lease.won.take());
-        let key = owned;
         let (value, stored) = self
             .run(move |cache| {
-                let stored = store(&cache, key.borrow(), &value, ttl, won.as_ref());
+                let stored = store(&cache, key.borrow(), &value, ttl, won.as_ref(), took);
                 if let Some(won) = &won {
                     release_lease(&cache, key.borrow(), won);
                 }

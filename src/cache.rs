@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
+use diesel::Connection;
 
 use crate::cluster::{Cluster, Part};
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::expiry::ttl_interval;
+use crate::freshness::Found;
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
 use crate::metrics::Op;
@@ -29,14 +31,36 @@ pub(crate) fn get_entry<C: NearStorage + ?Sized>(
     key: &C::Key,
     memory: bool,
 ) -> Result<Option<C::Entry>> {
+    Ok(lookup(cache, key, memory, false)?.map(|found| found.entry))
+}
+
+/// [`get_entry`], and with `fresh` the entry's freshness when it is read from the
+/// database: what `get_or_compute` decides early refresh by. A get counted and
+/// observed as such either way.
+pub(crate) fn lookup<C: NearStorage + ?Sized>(
+    cache: &C,
+    key: &C::Key,
+    memory: bool,
+    fresh: bool,
+) -> Result<Option<Found<C::Entry>>> {
     cache.front().observe(C::KIND, Op::Get, |span| {
         let checked = cache.check_key(key)?;
         let engine = cache.engine_for(key, &checked);
         let found = match near::near_of::<C>(engine) {
             Some(near) => near::get(cache, engine, near, key, &checked, memory)?,
-            None => engine.read(C::KIND, Op::Get, None, |conn| {
-                cache.read_one(conn, key, &checked)
-            })?,
+            None if fresh => engine
+                .read(C::KIND, Op::Get, None, |conn| {
+                    cache.read_for_near(conn, key, &checked)
+                })?
+                .map(|read| Found {
+                    entry: read.entry,
+                    fresh: Some(read.fresh),
+                }),
+            None => engine
+                .read(C::KIND, Op::Get, None, |conn| {
+                    cache.read_one(conn, key, &checked)
+                })?
+                .map(|entry| Found { entry, fresh: None }),
         };
         let hit = found.is_some();
         engine.record_lookups(C::KIND, u64::from(hit), u64::from(!hit));
@@ -311,16 +335,22 @@ fn counted<E>(engine: &Engine, kind: CacheKind, found: Vec<Option<E>>) -> Vec<Op
     found
 }
 
+/// A statement run after a write on its connection, committed with it.
+pub(crate) type Then<'a> = &'a (dyn Fn(&mut PgConnection) -> Result<()> + Sync);
+
 /// `set_many` (as `op`): the rows `rows` checks, written in one statement per shard
 /// and counted unless fail-open mode skipped them (remembering the delete of
 /// `keys`), then evicted from this process's near cache. Shared with the
-/// key/value cache's bytes, whose rows are checked differently.
+/// key/value cache's bytes, whose rows are checked differently. With `then`, the
+/// write and `then` on each shard in one transaction (early refresh's facts about
+/// the rows just written).
 pub(crate) fn store_rows<'r, C: NearStorage + ?Sized + 'r>(
     cache: &C,
     op: Op,
     ttl: Duration,
     rows: impl FnOnce() -> Result<Vec<C::Row<'r>>>,
     keys: &[&C::Key],
+    then: Option<Then<'_>>,
 ) -> Result<()> {
     let cluster = cache.handle().cluster;
     cache.front().observe(C::KIND, op, |span| {
@@ -341,7 +371,13 @@ pub(crate) fn store_rows<'r, C: NearStorage + ?Sized + 'r>(
                     let checked = check_keys(cache, keys).ok()?;
                     Some(cache.skipped(keys, &checked))
                 },
-                |conn| cache.write(conn, rows, interval).map(|()| true),
+                |conn| match then {
+                    None => cache.write(conn, rows, interval).map(|()| true),
+                    Some(then) => conn.transaction(|conn| {
+                        cache.write(conn, rows, interval)?;
+                        then(conn).map(|()| true)
+                    }),
+                },
             )?;
             if written {
                 engine.record_sets(C::KIND, rows.len() as u64);
@@ -563,6 +599,7 @@ pub trait Cache: NearStorage {
             ttl,
             || check_entries(self, &[(key, value)]),
             &[key],
+            None,
         )
     }
 
@@ -577,6 +614,7 @@ pub trait Cache: NearStorage {
             ttl,
             || check_entries(self, entries),
             &entries.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            None,
         )
     }
 

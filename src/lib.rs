@@ -84,6 +84,7 @@ mod config;
 mod database_url;
 mod error;
 mod expiry;
+mod freshness;
 mod jsonb;
 mod key;
 mod kind;
@@ -147,7 +148,7 @@ pub use config::{
     DEFAULT_MIGRATION_TIMEOUT, DEFAULT_SCHEMA,
 };
 pub use config::{NearCache, DEFAULT_NEAR_CACHE_STALENESS};
-pub use config::{SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK};
+pub use config::{SizeBounds, DEFAULT_EARLY_REFRESH_BETA, DEFAULT_EVICTION_LOW_WATERMARK};
 pub use counters::{CacheCounters, CounterSnapshot};
 pub use database_url::DatabaseUrl;
 pub use error::{ConnectionError, Error, MigrationError, Result};

@@ -19,6 +19,9 @@ diesel::table! {
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
         changed_xid -> Nullable<Int8>,
+        fresh_until -> Nullable<Timestamptz>,
+        fresh_expiry -> Nullable<Timestamptz>,
+        compute_us -> Nullable<Int8>,
     }
 }
 
@@ -52,6 +55,9 @@ diesel::table! {
         changed_xid -> Nullable<Int8>,
         tags -> Nullable<Array<Nullable<Text>>>,
         tag_generations -> Nullable<Array<Nullable<Int8>>>,
+        fresh_until -> Nullable<Timestamptz>,
+        fresh_expiry -> Nullable<Timestamptz>,
+        compute_us -> Nullable<Int8>,
     }
 }
 
@@ -82,6 +88,9 @@ diesel::table! {
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
         changed_xid -> Nullable<Int8>,
+        fresh_until -> Nullable<Timestamptz>,
+        fresh_expiry -> Nullable<Timestamptz>,
+        compute_us -> Nullable<Int8>,
     }
 }
 
@@ -97,6 +106,9 @@ diesel::table! {
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
         changed_xid -> Nullable<Int8>,
+        fresh_until -> Nullable<Timestamptz>,
+        fresh_expiry -> Nullable<Timestamptz>,
+        compute_us -> Nullable<Int8>,
     }
 }
 
@@ -110,6 +122,9 @@ diesel::table! {
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
         changed_xid -> Nullable<Int8>,
+        fresh_until -> Nullable<Timestamptz>,
+        fresh_expiry -> Nullable<Timestamptz>,
+        compute_us -> Nullable<Int8>,
     }
 }
 

@@ -10,20 +10,38 @@
 //! connections while they sleep. The steps ([`Flight`]: start, poll, pause; `store`;
 //! `release_lease`) are shared by the blocking loop here and the async face's, which
 //! sleeps on tokio's timer and runs the computation as a future.
+//!
+//! Lease statements commit without waiting for the disk (`relaxed`), whatever the
+//! durability: a lease is coordination, not data (a crash loses the computations
+//! it stood for anyway), and a lease insert waiting for its flush would hold up
+//! every caller trying the same key behind its row.
+//!
+//! Early refresh rides on the same lease. A live entry read from the database
+//! comes with its freshness (`freshness.rs`); when it is due (past its freshness,
+//! within the stale window, or drawn early by XFetch), the caller tries the lease
+//! once ([`Due::try_refresh`]): the one that takes it recomputes inline and
+//! stores the value with its new freshness and the computation's time, every other
+//! caller in any process returns the value it read at once. A failed or panicking
+//! refresh releases the lease and leaves the old value in place.
 
-use std::hash::{BuildHasher, Hasher};
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
+use diesel::data_types::PgInterval;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{Bytea, Interval, Uuid as SqlUuid};
+use diesel::sql_types::{BigInt, Bytea, Interval, Uuid as SqlUuid};
 use uuid::Uuid;
 
-use crate::cache::Cache;
+use crate::cache::{check_entries, lookup, store_rows, Cache};
 use crate::error::{Error, Result};
-use crate::expiry::ttl_interval;
+use crate::expiry::{ttl_interval, MAX_TTL};
+use crate::freshness::{random_unit, Found};
 use crate::kind::CacheKind;
 use crate::metrics::Op;
+use crate::relaxed::relaxed;
 use crate::statement::{Param, Prepared};
 
 /// First pause between polls; doubled after each poll up to [`MAX_PAUSE`].
@@ -31,6 +49,37 @@ const FIRST_PAUSE: Duration = Duration::from_millis(5);
 /// Longest pause between polls: bounds both the delay before a waiter sees the value
 /// and the load many waiters put on the pool.
 const MAX_PAUSE: Duration = Duration::from_millis(100);
+
+/// How long, after a caller found a due value's lease taken, the other callers of
+/// this process serve that value without trying the lease themselves: the refresh
+/// is under way, and a round trip each would only slow them down.
+const TAKEN_FOR: Duration = FIRST_PAUSE;
+
+/// Leases this process found taken by someone refreshing, each until when its
+/// callers skip trying it ([`TAKEN_FOR`] after). Keyed by lease key alone: two
+/// managers of one process sharing a key at worst delay each other's refresh by
+/// [`TAKEN_FOR`], serving the live value meanwhile.
+static TAKEN: OnceLock<Mutex<HashMap<Vec<u8>, Instant>>> = OnceLock::new();
+
+/// Whether a caller of this process found `lease_key` taken less than
+/// [`TAKEN_FOR`] ago.
+fn recently_taken(lease_key: &[u8]) -> bool {
+    let now = Instant::now();
+    TAKEN
+        .get_or_init(Mutex::default)
+        .lock()
+        .is_ok_and(|taken| taken.get(lease_key).is_some_and(|until| *until > now))
+}
+
+/// Notes that `lease_key` was found taken; forgets the notes that ran out, so the
+/// map holds only the keys refreshed in the last few milliseconds.
+fn note_taken(lease_key: &[u8]) {
+    let now = Instant::now();
+    if let Ok(mut taken) = TAKEN.get_or_init(Mutex::default).lock() {
+        taken.retain(|_, until| *until > now);
+        taken.insert(lease_key.to_vec(), now + TAKEN_FOR);
+    }
+}
 
 /// What one poll found.
 pub(crate) enum Poll<T> {
@@ -61,6 +110,39 @@ pub(crate) enum Start<T> {
     Alone,
     /// A miss: poll for the lease.
     Flight(Flight),
+    /// A hit due for refresh: try the lease once.
+    Refresh(Due<T>),
+}
+
+/// A live value due for refresh: what to serve unless this caller refreshes it.
+#[derive(Debug)]
+pub(crate) struct Due<T> {
+    /// The value read.
+    pub(crate) current: T,
+    /// The expiry it was read with: a different one means it was rewritten since.
+    seen: DateTime<Utc>,
+    flight: Flight,
+}
+
+impl<T> Due<T> {
+    /// [`Flight::try_refresh`] for this value.
+    pub(crate) fn try_refresh<C: Cache + ?Sized>(
+        &self,
+        cache: &C,
+        key: &C::Key,
+    ) -> Refreshing<C::Entry> {
+        self.flight.try_refresh(cache, key, self.seen)
+    }
+}
+
+/// What [`Flight::try_refresh`] found.
+pub(crate) enum Refreshing<E> {
+    /// This caller holds the lease: it recomputes.
+    Won(Won),
+    /// Rewritten since it was read: serve this.
+    Newer(E),
+    /// Someone else holds the lease (or it could not be tried): serve the value read.
+    Busy,
 }
 
 /// One caller's wait for a key's value: the lease it polls and its pause, which grows
@@ -76,17 +158,27 @@ pub(crate) struct Flight {
 }
 
 impl Flight {
-    /// After a get that found `found`: a hit, a computation without single flight, or
-    /// a flight to poll. A bad key or TTL fails here, before any computation.
+    /// After a lookup that found `found`: a hit, a hit due for refresh, a
+    /// computation without single flight, or a flight to poll. A bad key or TTL
+    /// fails here, before any computation.
     pub(crate) fn start<C: Cache + ?Sized>(
         cache: &C,
         key: &C::Key,
         ttl: Duration,
-        found: Option<C::Entry>,
+        found: Option<Found<C::Entry>>,
     ) -> Result<Start<C::Value>> {
-        if let Some(entry) = found {
-            return Ok(Start::Found(C::into_value(entry)));
-        }
+        let due = match found {
+            None => None,
+            Some(Found { entry, fresh }) => {
+                let beta = cache.front().config().early_refresh_beta();
+                match fresh {
+                    Some(fresh) if fresh.due(beta, random_unit()) => {
+                        Some((C::into_value(entry), fresh.expires_at))
+                    }
+                    _ => return Ok(Start::Found(C::into_value(entry))),
+                }
+            }
+        };
         let checked = cache.check_key(key)?;
         // The lease lives beside the entry, on the key's shard.
         let engine = cache.engine_for(key, &checked);
@@ -94,15 +186,75 @@ impl Flight {
         ttl_interval(ttl)?;
         // What will not be stored is not worth waiting for: no lease.
         if !engine.is_enabled() || !cache.stores(key) {
-            return Ok(Start::Alone);
+            return Ok(due.map_or(Start::Alone, |(current, _)| Start::Found(current)));
         }
-        Ok(Start::Flight(Flight {
+        let flight = Flight {
             lease_key: lease_key(C::KIND, &cache.key_digest(key)?),
             lease_ttl: engine.config().lease_ttl(),
             wait_timeout: engine.config().compute_wait_timeout(),
             started: Instant::now(),
             pause: FIRST_PAUSE,
-        }))
+        };
+        Ok(match due {
+            Some((current, seen)) => Start::Refresh(Due {
+                current,
+                seen,
+                flight,
+            }),
+            None => Start::Flight(flight),
+        })
+    }
+
+    /// Tries once to take the lease to refresh a live entry read with expiry
+    /// `seen`, on the key's shard, then looks at the entry again (as [`poll`]
+    /// does, so a caller that takes the lease just after another's refresh serves
+    /// that instead of computing again). A failure to try is logged and reads as
+    /// [`Refreshing::Busy`]: the value read is still good to serve.
+    fn try_refresh<C: Cache + ?Sized>(
+        &self,
+        cache: &C,
+        key: &C::Key,
+        seen: DateTime<Utc>,
+    ) -> Refreshing<C::Entry> {
+        if recently_taken(&self.lease_key) {
+            return Refreshing::Busy;
+        }
+        let tried = cache.check_key(key).and_then(|checked| {
+            let engine = cache.engine_for(key, &checked);
+            engine.write(
+                C::KIND,
+                Op::Lease,
+                Refreshing::Busy,
+                || None,
+                |conn| {
+                    relaxed(conn, |conn| {
+                        let (holder, table) = (Uuid::new_v4(), engine.tables().leases());
+                        if !try_acquire(conn, table, &self.lease_key, holder, self.lease_ttl)? {
+                            return Ok(Refreshing::Busy);
+                        }
+                        match cache.read_for_near(conn, key, &checked)? {
+                            Some(read) if read.fresh.expires_at != seen => {
+                                release(conn, table, &self.lease_key, holder)?;
+                                Ok(Refreshing::Newer(read.entry))
+                            }
+                            // The write that was read, or none since it expired: refresh.
+                            _ => Ok(Refreshing::Won(Won {
+                                lease_key: self.lease_key.clone(),
+                                holder,
+                            })),
+                        }
+                    })
+                },
+            )
+        });
+        let refreshing = tried.unwrap_or_else(|error| {
+            tracing::warn!(cache = %C::KIND, %error, "pgcache: an early refresh could not try the lease; the value read is served");
+            Refreshing::Busy
+        });
+        if matches!(refreshing, Refreshing::Busy) {
+            note_taken(&self.lease_key);
+        }
+        refreshing
     }
 
     /// Tries to take the lease and looks for the value, on the key's shard.
@@ -117,7 +269,11 @@ impl Flight {
             Op::Lease,
             Poll::Unavailable,
             || None,
-            |conn| poll(cache, conn, key, &self.lease_key, self.lease_ttl),
+            |conn| {
+                relaxed(conn, |conn| {
+                    poll(cache, conn, key, &self.lease_key, self.lease_ttl)
+                })
+            },
         )
     }
 
@@ -151,9 +307,11 @@ where
     F: FnOnce() -> Result<C::Value, E>,
     E: From<Error>,
 {
-    let mut flight = match Flight::start(cache, key, ttl, cache.get(key)?)? {
+    let found = lookup(cache, key, true, true)?;
+    let mut flight = match Flight::start(cache, key, ttl, found)? {
         Start::Found(value) => return Ok(value),
         Start::Alone => return compute(),
+        Start::Refresh(due) => return refresh(cache, key, (ttl, due), compute),
         Start::Flight(flight) => flight,
     };
     loop {
@@ -168,16 +326,63 @@ where
         };
         // An `Err` or a panic drops the guard, which releases the lease: nothing is
         // cached and the next caller computes.
+        let started = Instant::now();
         let value = compute()?;
-        store(cache, key, &value, ttl, guard.as_ref().map(|g| &g.won))?;
+        let took = started.elapsed();
+        store(
+            cache,
+            key,
+            &value,
+            ttl,
+            guard.as_ref().map(|g| &g.won),
+            took,
+        )?;
         drop(guard);
         return Ok(value);
     }
 }
 
-/// Stores a computed value. When the cache refuses it (a value too large, say) while
-/// `won` is held, the lease is handed to [`UNCACHEABLE`] so the waiters compute at
-/// once instead of one after another; releasing it then releases nothing.
+/// A hit due for refresh: the caller that takes the lease recomputes inline and
+/// returns the new value; the others return the value read at once. A failed
+/// computation is logged and the value read returned (a panic goes on up): either
+/// way the guard releases the lease and the old entry stays.
+fn refresh<C: Cache + ?Sized, E: From<Error>>(
+    cache: &C,
+    key: &C::Key,
+    (ttl, due): (Duration, Due<C::Value>),
+    compute: impl FnOnce() -> Result<C::Value, E>,
+) -> Result<C::Value, E> {
+    let won = match due.try_refresh(cache, key) {
+        Refreshing::Won(won) => won,
+        Refreshing::Newer(entry) => return Ok(C::into_value(entry)),
+        Refreshing::Busy => return Ok(due.current),
+    };
+    let guard = LeaseGuard { cache, key, won };
+    let started = Instant::now();
+    match compute() {
+        Ok(value) => {
+            store(cache, key, &value, ttl, Some(&guard.won), started.elapsed())?;
+            Ok(value)
+        }
+        Err(_) => {
+            refresh_failed(C::KIND);
+            Ok(due.current)
+        }
+    }
+}
+
+/// Logs an early refresh whose computation returned an error (its type need not
+/// print): the old value is served until its hard expiry.
+pub(crate) fn refresh_failed(kind: CacheKind) {
+    tracing::warn!(cache = %kind, "pgcache: an early refresh's computation failed; the current value is served");
+}
+
+/// Stores a value computed in `took`: fresh for `ttl`, then, with a stale window
+/// configured, served stale for that long more (its hard expiry), with its freshness
+/// and `took` beside it in the same transaction; with early refresh off, a plain
+/// set. When the cache refuses it (a value too large, say) while `won` is held, the
+/// lease is handed to [`UNCACHEABLE`] so the waiters compute at once instead of
+/// one after another; releasing it then releases nothing.
 ///
 /// # Errors
 /// The store's error.
@@ -187,12 +392,82 @@ pub(crate) fn store<C: Cache + ?Sized>(
     value: &C::Value,
     ttl: Duration,
     won: Option<&Won>,
+    took: Duration,
 ) -> Result<()> {
-    let stored = cache.set_with_ttl(key, value, ttl);
+    let config = cache.front().config();
+    let window = config.stale_while_revalidate();
+    let stored = if window.is_zero() && config.early_refresh_beta() == 0.0 {
+        cache.set_with_ttl(key, value, ttl)
+    } else {
+        store_fresh(cache, key, value, ttl, window, took)
+    };
     if let (Some(won), Err(Error::InvalidInput { .. })) = (won, &stored) {
         mark_uncacheable(cache, key, won);
     }
     stored
+}
+
+/// The set of [`store`] with the facts early refresh reads: expiring after `ttl`
+/// and `window` (at most [`MAX_TTL`]), fresh for `ttl`, computed in `took`.
+fn store_fresh<C: Cache + ?Sized>(
+    cache: &C,
+    key: &C::Key,
+    value: &C::Value,
+    ttl: Duration,
+    window: Duration,
+    took: Duration,
+) -> Result<()> {
+    let hard = ttl.saturating_add(window).min(MAX_TTL.max(ttl));
+    let stale_for = PgInterval::from_microseconds(hard.saturating_sub(ttl).as_micros() as i64);
+    let compute_us = i64::try_from(took.as_micros()).unwrap_or(i64::MAX);
+    let near_key = C::near_key(key, &cache.check_key(key)?);
+    let table = cache.table();
+    let facts = |conn: &mut PgConnection| -> Result<()> {
+        write_facts(conn, table, C::KIND, &near_key, stale_for, compute_us)?;
+        Ok(())
+    };
+    store_rows(
+        cache,
+        Op::Set,
+        hard,
+        || check_entries(cache, &[(key, value)]),
+        &[key],
+        Some(&facts),
+    )
+}
+
+/// Writes a just-written row's freshness and computation time: fresh until
+/// `stale_for` before its expiry, `fresh_expiry` naming that expiry. `near_key`:
+/// the row's key column as bytes (a key/value key's text, else the digest).
+fn write_facts(
+    conn: &mut PgConnection,
+    table: &str,
+    kind: CacheKind,
+    near_key: &[u8],
+    stale_for: PgInterval,
+    compute_us: i64,
+) -> QueryResult<usize> {
+    let (stale_for, compute_us, key) = (
+        Param::<Interval, _>::new(stale_for),
+        Param::<BigInt, _>::new(compute_us),
+        Param::<Bytea, _>::new(near_key),
+    );
+    let pieces: &'static [&'static str] = if matches!(kind, CacheKind::Kv) {
+        &[
+            "UPDATE {t} SET fresh_until = expires_at - ",
+            ", fresh_expiry = expires_at, compute_us = ",
+            " WHERE key = convert_from(",
+            ", 'UTF8')",
+        ]
+    } else {
+        &[
+            "UPDATE {t} SET fresh_until = expires_at - ",
+            ", fresh_expiry = expires_at, compute_us = ",
+            " WHERE key_hash = ",
+            "",
+        ]
+    };
+    Prepared::new(table, pieces, vec![&stale_for, &compute_us, &key]).execute(conn)
 }
 
 /// Tries to take the lease, then looks for the value. In this order, a caller that
@@ -280,17 +555,21 @@ fn try_acquire(
         Param::<Interval, _>::new(ttl_interval(ttl)?),
     );
     // `ON CONFLICT ... DO UPDATE ... WHERE`: take the row over only once it lapsed.
+    // A live lease found first inserts nothing, so the crowd polling a key someone
+    // holds (or serving it stale meanwhile) reads the row instead of locking it.
     let taken: Option<Holder> = Prepared::new(
         table,
         &[
-            "INSERT INTO {t} AS l (lease_key, holder, expires_at) VALUES (",
+            "INSERT INTO {t} AS l (lease_key, holder, expires_at) SELECT ",
             ", ",
             ", statement_timestamp() + ",
-            ") ON CONFLICT (lease_key) DO UPDATE SET holder = excluded.holder, \
+            " WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE lease_key = ",
+            " AND expires_at > statement_timestamp()) \
+             ON CONFLICT (lease_key) DO UPDATE SET holder = excluded.holder, \
              expires_at = excluded.expires_at WHERE l.expires_at <= statement_timestamp() \
              RETURNING holder",
         ],
-        vec![&key, &holder_param, &ttl],
+        vec![&key, &holder_param, &ttl, &key],
     )
     .get_result(conn)
     .optional()?;
@@ -344,7 +623,7 @@ fn on_lease<C: Cache + ?Sized>(
             Op::Lease,
             0,
             || None,
-            |conn| Ok(statement(conn, engine.tables().leases())?),
+            |conn| relaxed(conn, |conn| Ok(statement(conn, engine.tables().leases())?)),
         )
     });
     if let Err(error) = done {
@@ -383,11 +662,8 @@ fn mark_uncacheable<C: Cache + ?Sized>(cache: &C, key: &C::Key, won: &Won) {
     });
 }
 
-/// `pause` scaled by a random factor in [0.5, 1.5), so waiters that started together
+/// `pause` scaled by a random factor in (0.5, 1.5], so waiters that started together
 /// do not poll in lockstep.
 fn jitter(pause: Duration) -> Duration {
-    let random = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    pause.mul_f64(0.5 + (random % 1000) as f64 / 1000.0)
+    pause.mul_f64(0.5 + random_unit())
 }

@@ -4,11 +4,14 @@
 //!   and prepared (and Redis, and the near cache), side by side in one run.
 //! - `ycsb`: the YCSB core workloads (A, B, C, D, F) on pgcache with and without the
 //!   near cache, raw prepared SQL, Redis and an in-process cache.
+//! - `refresh`: one hot key under `get_or_compute` in two processes, early refresh
+//!   on (stale-while-revalidate, then with XFetch) and off.
 //!
 //! Both work in scratch schemas dropped afterwards. Errors are one line on stderr
 //! with exit status 2.
 
 mod ops;
+mod refresh;
 mod ycsb;
 
 use std::process::ExitCode;
@@ -40,6 +43,9 @@ enum Command {
     Ops(ops::BenchArgs),
     /// The YCSB core workloads on every system, at each thread count.
     Ycsb(ycsb::YcsbArgs),
+    /// One hot key expiring under `get_or_compute` in two processes (this binary
+    /// runs itself again), early refresh on (two ways), then off.
+    Refresh(refresh::RefreshArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +54,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Ops(args) => ops::run(args, url, cli.quiet),
         Command::Ycsb(args) => ycsb::run(args, url, cli.quiet),
+        Command::Refresh(args) => refresh::run(args, url, cli.quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -209,3 +209,35 @@ fn ycsb_runs_each_workload_on_every_system_and_draws_the_chart() {
         );
     }
 }
+
+#[test]
+fn refresh_measures_every_mode_in_two_processes() {
+    let json = json_of(&[
+        "-q",
+        "refresh",
+        "--json",
+        "--duration",
+        "1",
+        "--ttl-ms",
+        "200",
+        "--compute-ms",
+        "10",
+        "--threads",
+        "2",
+    ]);
+    let results = json["results"].as_array().unwrap();
+    let modes: Vec<&str> = results
+        .iter()
+        .map(|r| r["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["stale", "xfetch", "off"]);
+    for result in results {
+        // The first miss at least, in either process.
+        assert!(result["computations"].as_u64().unwrap() >= 1, "{result}");
+        assert!(result["generations"].as_u64().unwrap() >= 1, "{result}");
+        for figures in ["get_or_compute", "hits"] {
+            assert!(result[figures]["samples"].as_u64().unwrap() > 0, "{result}");
+            assert!(result[figures]["p99_us"].as_u64().is_some(), "{result}");
+        }
+    }
+}

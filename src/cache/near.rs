@@ -4,12 +4,12 @@
 //! evicted at once (read-your-writes; other processes learn of them from the
 //! change log, see `near/protocol.rs`).
 
-use chrono::{DateTime, Utc};
 use diesel::pg::PgConnection;
 
 use super::Storage;
 use crate::engine::Engine;
 use crate::error::Result;
+use crate::freshness::{random_unit, Found, Freshness};
 use crate::metrics::Op;
 use crate::near::{NearCaches, NearKey, NearValue, TagSlots, Ticket};
 
@@ -25,7 +25,8 @@ pub trait NearStorage: Storage {
     fn row_near_key(row: &Self::Row<'_>) -> NearKey;
 
     /// Reads one live entry for the near cache: the entry, what the near cache
-    /// keeps of it, its expiry (database clock) and its weight in bytes.
+    /// keeps of it, its weight in bytes and its freshness with its expiry
+    /// (database clock); also what `get_or_compute` reads, near cache or not.
     fn read_for_near(
         &self,
         conn: &mut PgConnection,
@@ -57,16 +58,17 @@ pub trait NearStorage: Storage {
 pub struct NearRead<E> {
     pub(crate) entry: E,
     pub(crate) kept: NearValue,
-    pub(crate) expires_at: DateTime<Utc>,
     pub(crate) weight: usize,
     /// Its tags (key/value entries written with tags).
     pub(crate) tags: Option<TagSlots>,
+    /// Its freshness, with its expiry (database clock).
+    pub(crate) fresh: Freshness,
 }
 
 impl<E> std::fmt::Debug for NearRead<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NearRead")
-            .field("expires_at", &self.expires_at)
+            .field("fresh", &self.fresh)
             .field("weight", &self.weight)
             .finish_non_exhaustive()
     }
@@ -79,7 +81,8 @@ pub(super) fn near_of<C: NearStorage + ?Sized>(engine: &Engine) -> Option<&NearC
 
 /// A get through the near cache: served from memory when it holds a live entry and
 /// the channel is current (unless `memory` is false: the caller looked already,
-/// [`get_from_memory`]); else read, and kept unless an invalidation came meanwhile.
+/// [`get_from_memory`]); else read with its freshness, and kept unless an
+/// invalidation came meanwhile.
 pub(super) fn get<C: NearStorage + ?Sized>(
     cache: &C,
     engine: &Engine,
@@ -87,7 +90,7 @@ pub(super) fn get<C: NearStorage + ?Sized>(
     key: &C::Key,
     checked: &C::CheckedKey,
     memory: bool,
-) -> Result<Option<C::Entry>> {
+) -> Result<Option<Found<C::Entry>>> {
     let near_key = C::near_key(key, checked);
     let kept = if memory {
         near.get(C::KIND, &near_key, C::from_near)
@@ -96,13 +99,17 @@ pub(super) fn get<C: NearStorage + ?Sized>(
     };
     if let Some(entry) = kept.transpose()?.flatten() {
         cache.near_hit(checked);
-        return Ok(Some(entry));
+        return Ok(Some(Found { entry, fresh: None }));
     }
     let ticket = near.ticket(C::KIND, &near_key);
     let read = engine.read(C::KIND, Op::Get, None, |conn| {
         cache.read_for_near(conn, key, checked)
     })?;
-    Ok(read.map(|read| keep::<C>(near, ticket, near_key, read)))
+    Ok(read.map(|read| {
+        let fresh = Some(read.fresh);
+        let entry = keep::<C>(engine, near, ticket, near_key, read);
+        Found { entry, fresh }
+    }))
 }
 
 /// A get answered from this process's near cache alone, with no connection and no
@@ -137,8 +144,12 @@ pub(crate) fn get_from_memory<C: NearStorage + ?Sized>(
 }
 
 /// Puts what a reader read after taking `ticket` into L1 (unless an invalidation
-/// came meanwhile; no ticket, no fill) and hands back its entry.
+/// came meanwhile; no ticket, no fill) and hands back its entry. L1 keeps it no
+/// longer than it is fresh, and ends that early by XFetch's draw (see
+/// [`Freshness::near_until`]), so `get_or_compute` sees an entry due for early
+/// refresh in the database, never served stale from memory.
 fn keep<C: NearStorage + ?Sized>(
+    engine: &Engine,
     near: &NearCaches,
     ticket: Option<Ticket>,
     near_key: NearKey,
@@ -150,7 +161,8 @@ fn keep<C: NearStorage + ?Sized>(
             ticket.carrying(read.tags),
             near_key,
             read.kept,
-            read.expires_at,
+            read.fresh
+                .near_until(engine.config().early_refresh_beta(), random_unit()),
             read.weight,
         );
     }
@@ -194,7 +206,7 @@ pub(super) fn read_many<C: NearStorage + ?Sized>(
             |conn| cache.read_many_for_near(conn, &wanted_keys, &wanted_checked),
         )?;
         for ((i, near_key, ticket), read) in wanted.into_iter().zip(read) {
-            found[i] = read.map(|read| keep::<C>(near, ticket, near_key, read));
+            found[i] = read.map(|read| keep::<C>(engine, near, ticket, near_key, read));
         }
     }
     Ok(found)

@@ -190,6 +190,7 @@ impl<'a, V> KvCache<'a, V> {
             ttl,
             || self.bytes_rows(entries),
             &entries.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            None,
         )
     }
 

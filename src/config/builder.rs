@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::env::{bound_setting, warn_if_misspelt, Bound, SECRET_SETTINGS, VARIABLES};
 use super::{
-    check_bound, check_low_watermark, CacheConfig, Durability, NearCache, Pooler, Shard,
-    DEFAULT_DATABASE_URL,
+    check_bound, check_early_refresh_beta, check_low_watermark, CacheConfig, Durability, NearCache,
+    Pooler, Shard, DEFAULT_DATABASE_URL,
 };
 use crate::database_url::DatabaseUrl;
 use crate::error::{Error, Result};
@@ -270,6 +270,32 @@ impl CacheConfigBuilder {
         })
     }
 
+    /// Early refresh, stale-while-revalidate: how long past its freshness (the TTL
+    /// it was computed with) `get_or_compute` still serves a value at once while
+    /// one caller, across every process, recomputes it (the one that takes the
+    /// key's lease; the others do not wait). Past the window, callers wait for one
+    /// computation as they do for a missing key. The value is stored for its TTL
+    /// plus this window, so a plain `get` (and `ttl`) sees it until then. Applies
+    /// to values stored from now on. Default: zero, off.
+    pub fn stale_while_revalidate(self, window: Duration) -> Self {
+        self.set("stale_while_revalidate", |c| {
+            c.stale_while_revalidate = window;
+        })
+    }
+
+    /// Early refresh, XFetch (Vattani et al., VLDB 2015): `get_or_compute`
+    /// recomputes a fresh value before it expires when `now - delta * beta *
+    /// ln(random) >= expiry`, `delta` being how long its last computation took (kept
+    /// with the entry, so every process weighs it alike). Larger is earlier; the
+    /// recomputation is single flight like any other (a caller that draws it but
+    /// finds the lease taken returns the current value). Zero turns it off, and
+    /// with it and [`stale_while_revalidate`](Self::stale_while_revalidate) both
+    /// off `get_or_compute` stores plain entries as before. Must be finite and not
+    /// negative. Default: [`DEFAULT_EARLY_REFRESH_BETA`](crate::DEFAULT_EARLY_REFRESH_BETA), 1.0.
+    pub fn early_refresh_beta(self, beta: f64) -> Self {
+        self.set("early_refresh_beta", |c| c.early_refresh_beta = beta)
+    }
+
     /// Runs [`cleanup`](crate::CacheManager::cleanup) on a background thread every
     /// `interval`, for services that do not schedule `pgcache cleanup` with cron. The
     /// thread stops when the last clone of the manager is dropped. Default: off.
@@ -415,13 +441,22 @@ impl CacheConfigBuilder {
                 "must be greater than zero (leave unset to turn the janitor off)",
             ));
         }
-        check_low_watermark(c.eviction_low_watermark).map_err(|reason| {
-            self.invalid(
+        type Check = fn(f64) -> std::result::Result<(), String>;
+        let numbers = [
+            (
+                "early_refresh_beta",
+                c.early_refresh_beta,
+                check_early_refresh_beta as Check,
+            ),
+            (
                 "eviction_low_watermark",
-                c.eviction_low_watermark.to_string(),
-                reason,
-            )
-        })?;
+                c.eviction_low_watermark,
+                check_low_watermark,
+            ),
+        ];
+        for (setting, number, check) in numbers {
+            check(number).map_err(|reason| self.invalid(setting, number.to_string(), reason))?;
+        }
         for cache in CacheKind::ALL {
             let b = c.size_bounds[cache.index()];
             for (bound, max) in [(Bound::Entries, b.max_entries), (Bound::Bytes, b.max_bytes)] {

@@ -113,6 +113,16 @@ pub(super) static VARIABLES: LazyLock<Vec<Variable>> = LazyLock::new(|| {
             "compute_wait_timeout",
             |b, n, v| Ok(b.compute_wait_timeout(parse_millis(n, v)?)),
         ),
+        var(
+            "PGCACHE_STALE_WHILE_REVALIDATE_MS",
+            "stale_while_revalidate",
+            stale_window,
+        ),
+        var(
+            "PGCACHE_EARLY_REFRESH_BETA",
+            "early_refresh_beta",
+            early_refresh_beta,
+        ),
         // 0 means off, as unset.
         var(
             "PGCACHE_JANITOR_INTERVAL_SECS",
@@ -128,10 +138,7 @@ pub(super) static VARIABLES: LazyLock<Vec<Variable>> = LazyLock::new(|| {
             "PGCACHE_EVICTION_LOW_WATERMARK",
             "eviction_low_watermark",
             |b, n, v| {
-                let fraction = v
-                    .trim()
-                    .parse()
-                    .map_err(|_| Error::config(n, v, "expected a fraction between 0 and 1"))?;
+                let fraction = parse_f64(n, v, "a fraction between 0 and 1")?;
                 Ok(b.eviction_low_watermark(fraction))
             },
         ),
@@ -315,6 +322,28 @@ fn parse_u64(name: &str, value: &str, unit: &str) -> Result<u64> {
 
 fn parse_secs(name: &str, value: &str) -> Result<Duration> {
     parse_u64(name, value, "seconds").map(Duration::from_secs)
+}
+
+/// A number; `expected` says what kind in the error.
+fn parse_f64(name: &str, value: &str, expected: &str) -> Result<f64> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| Error::config(name, value, format!("expected {expected}")))
+}
+
+/// `PGCACHE_STALE_WHILE_REVALIDATE_MS`.
+fn stale_window(b: CacheConfigBuilder, name: &str, value: &str) -> Result<CacheConfigBuilder> {
+    Ok(b.stale_while_revalidate(parse_millis(name, value)?))
+}
+
+/// `PGCACHE_EARLY_REFRESH_BETA`: a number here, its range checked by the builder.
+fn early_refresh_beta(
+    b: CacheConfigBuilder,
+    name: &str,
+    value: &str,
+) -> Result<CacheConfigBuilder> {
+    Ok(b.early_refresh_beta(parse_f64(name, value, "a number, zero or more")?))
 }
 
 fn parse_millis(name: &str, value: &str) -> Result<Duration> {

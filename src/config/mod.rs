@@ -14,10 +14,10 @@ use crate::kind::CacheKind;
 
 pub use builder::CacheConfigBuilder;
 pub use env::UnknownVariable;
-pub(crate) use settings::{check_bound, check_low_watermark};
+pub(crate) use settings::{check_bound, check_early_refresh_beta, check_low_watermark};
 pub use settings::{
-    Durability, NearCache, PoolSettings, Pooler, SizeBounds, DEFAULT_EVICTION_LOW_WATERMARK,
-    DEFAULT_MIGRATION_TIMEOUT, DEFAULT_NEAR_CACHE_STALENESS,
+    Durability, NearCache, PoolSettings, Pooler, SizeBounds, DEFAULT_EARLY_REFRESH_BETA,
+    DEFAULT_EVICTION_LOW_WATERMARK, DEFAULT_MIGRATION_TIMEOUT, DEFAULT_NEAR_CACHE_STALENESS,
 };
 
 /// The URL used when `DATABASE_URL` is not set.
@@ -54,6 +54,8 @@ pub struct CacheConfig {
     pub(crate) stats_flush_interval: Duration,
     pub(crate) lease_ttl: Duration,
     pub(crate) compute_wait_timeout: Duration,
+    pub(crate) stale_while_revalidate: Duration,
+    pub(crate) early_refresh_beta: f64,
     pub(crate) janitor_interval: Option<Duration>,
     pub(crate) size_bounds: [SizeBounds; CacheKind::COUNT],
     pub(crate) eviction_low_watermark: f64,
@@ -86,6 +88,8 @@ impl CacheConfig {
             stats_flush_interval: Duration::from_secs(1),
             lease_ttl: Duration::from_secs(30),
             compute_wait_timeout: Duration::from_secs(60),
+            stale_while_revalidate: Duration::ZERO,
+            early_refresh_beta: DEFAULT_EARLY_REFRESH_BETA,
             janitor_interval: None,
             size_bounds: [SizeBounds::NONE; CacheKind::COUNT],
             eviction_low_watermark: DEFAULT_EVICTION_LOW_WATERMARK,
@@ -137,6 +141,8 @@ impl CacheConfig {
     /// | `PGCACHE_STATS_FLUSH_MS` | 1000 | how often a background thread flushes hit/miss counters |
     /// | `PGCACHE_LEASE_TTL_MS` | 30000 | single flight: a dead computer's lease lapses after this |
     /// | `PGCACHE_COMPUTE_WAIT_MS` | 60000 | single flight: longest wait for another caller's computation |
+    /// | `PGCACHE_STALE_WHILE_REVALIDATE_MS` | 0 (off) | `get_or_compute`: serve a value this long past its freshness while one caller recomputes |
+    /// | `PGCACHE_EARLY_REFRESH_BETA` | 1.0 | `get_or_compute`: XFetch's beta, recomputing before expiry (0: never early) |
     /// | `PGCACHE_JANITOR_INTERVAL_SECS` | 0 (off) | run cleanup in the background this often |
     /// | `PGCACHE_<CACHE>_MAX_ENTRIES` | 0 (no bound) | cleanup evicts past this many entries |
     /// | `PGCACHE_<CACHE>_MAX_BYTES` | 0 (no bound) | cleanup evicts past this many payload bytes |
@@ -259,6 +265,18 @@ impl CacheConfig {
     /// key before giving up with [`Error::ComputeTimeout`].
     pub fn compute_wait_timeout(&self) -> Duration {
         self.compute_wait_timeout
+    }
+
+    /// How long past its freshness `get_or_compute` serves a value while one caller
+    /// recomputes it (zero: off); see [`CacheConfigBuilder::stale_while_revalidate`].
+    pub fn stale_while_revalidate(&self) -> Duration {
+        self.stale_while_revalidate
+    }
+
+    /// XFetch's `beta` of `get_or_compute`'s early recomputation (zero: off); see
+    /// [`CacheConfigBuilder::early_refresh_beta`].
+    pub fn early_refresh_beta(&self) -> f64 {
+        self.early_refresh_beta
     }
 
     /// How often the background janitor runs

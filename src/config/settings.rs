@@ -107,6 +107,21 @@ impl std::str::FromStr for Pooler {
 /// evicted down to 80 % of it, so the next few writes do not push it over again.
 pub const DEFAULT_EVICTION_LOW_WATERMARK: f64 = 0.8;
 
+/// XFetch's `beta` used unless configured otherwise: the paper's recommended
+/// value, which recomputes a key roughly one computation's time before it expires.
+pub const DEFAULT_EARLY_REFRESH_BETA: f64 = 1.0;
+
+/// Why `beta` is not a valid XFetch weight (finite, zero or more).
+pub(crate) fn check_early_refresh_beta(beta: f64) -> Result<(), String> {
+    if beta.is_finite() && beta >= 0.0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be a finite number, zero (never early) or more, got {beta}"
+        ))
+    }
+}
+
 /// Optional size bounds of one cache, enforced by
 /// [`CacheManager::cleanup`](crate::CacheManager::cleanup). Default: no bound.
 ///

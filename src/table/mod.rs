@@ -28,6 +28,7 @@ mod statements;
 
 use crate::cluster::Cluster;
 use crate::error::Result;
+use crate::freshness::{read_at, WithFacts};
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
 use crate::near::{NearKey, NearValue};
@@ -165,22 +166,22 @@ pub trait TypedTable: Sync {
     }
 }
 
-/// Reads the live entry stored under `digest` (`key`'s); counts the hit where the
-/// table tracks hits.
+/// Reads the live entry stored under `digest` (`key`'s), with the facts of its
+/// freshness; counts the hit where the table tracks hits.
 fn read_one<T: TypedTable>(
     table: &TypedCache<'_, T>,
     conn: &mut PgConnection,
     key: &T::Key,
     digest: &KeyDigest,
-) -> Result<Option<T::Entry>> {
+) -> Result<Option<WithFacts<T::Entry>>> {
     if !table.table.stores(key) {
         return Ok(None);
     }
     let found = LiveRows::<T, _>::new(table.table(), digest.as_bytes().as_slice())
-        .get_result::<T::Stored>(conn)
+        .get_result::<WithFacts<T::Stored>>(conn)
         .optional()?
-        .map(|stored| T::decode(stored).1)
-        .filter(|entry| T::answers(key, entry));
+        .map(|WithFacts(stored, facts)| WithFacts(T::decode(stored).1, facts))
+        .filter(|WithFacts(entry, _)| T::answers(key, entry));
     count_hits(
         table.cluster(),
         T::CACHE,
@@ -190,13 +191,14 @@ fn read_one<T: TypedTable>(
     Ok(found)
 }
 
-/// Reads many live entries in one statement, in `keys` order.
+/// Reads many live entries in one statement, in `keys` order, each with the facts
+/// of its freshness.
 fn read_many<T: TypedTable>(
     table: &TypedCache<'_, T>,
     conn: &mut PgConnection,
     keys: &[&T::Key],
     digests: &[KeyDigest],
-) -> Result<Vec<Option<T::Entry>>> {
+) -> Result<Vec<Option<WithFacts<T::Entry>>>> {
     let wanted: Vec<&[u8]> = digests
         .iter()
         .zip(keys)
@@ -205,18 +207,25 @@ fn read_many<T: TypedTable>(
         .collect();
     let mut by_digest = HashMap::with_capacity(wanted.len());
     if !wanted.is_empty() {
-        for stored in LiveRows::<T, _>::new(table.table(), wanted).load::<T::Stored>(conn)? {
+        let rows =
+            LiveRows::<T, _>::new(table.table(), wanted).load::<WithFacts<T::Stored>>(conn)?;
+        for WithFacts(stored, facts) in rows {
             let (hash, entry) = T::decode(stored);
             if let Some(digest) = KeyDigest::from_slice(&hash) {
-                by_digest.insert(digest, entry);
+                by_digest.insert(digest, WithFacts(entry, facts));
             }
         }
     }
     // Per requested key, so a key asked for twice gets its entry twice.
-    let found: Vec<Option<T::Entry>> = digests
+    let found: Vec<Option<WithFacts<T::Entry>>> = digests
         .iter()
         .zip(keys)
-        .map(|(d, k)| by_digest.get(d).filter(|e| T::answers(k, e)).cloned())
+        .map(|(d, k)| {
+            by_digest
+                .get(d)
+                .filter(|WithFacts(e, _)| T::answers(k, e))
+                .cloned()
+        })
         .collect();
     count_hits(table.cluster(), T::CACHE, digests, &found);
     Ok(found)
@@ -237,8 +246,9 @@ fn count_hits<E>(cluster: &Cluster, kind: CacheKind, digests: &[KeyDigest], foun
     }
 }
 
-/// `SELECT * FROM <table> WHERE key_hash = $1` (one digest, a plain index probe) or
-/// `= ANY($1)` (many) `AND expires_at > statement_timestamp()`. Cached by its text
+/// `SELECT *, statement_timestamp() AS read_at FROM <table> WHERE key_hash = $1`
+/// (one digest, a plain index probe) or `= ANY($1)` (many) `AND expires_at >
+/// statement_timestamp()`: the row with the facts of its freshness. Cached by its text
 /// (which names the schema, see `Prepared` in `statement.rs`): Diesel prepares
 /// it once per connection.
 struct LiveRows<'n, T, D> {
@@ -281,7 +291,9 @@ impl DigestParam for Vec<&[u8]> {
 
 impl<T: TypedTable, D: DigestParam> QueryFragment<Pg> for LiveRows<'_, T, D> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql("SELECT * FROM ");
+        out.push_sql("SELECT *, ");
+        out.push_sql(read_at!());
+        out.push_sql(" FROM ");
         crate::relaxed::push_table(&mut out, self.name);
         out.push_sql(" WHERE key_hash");
         self.digests.walk(&mut out)?;
@@ -375,7 +387,7 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
         key: &T::Key,
         digest: &KeyDigest,
     ) -> Result<Option<T::Entry>> {
-        read_one(self, conn, key, digest)
+        Ok(read_one(self, conn, key, digest)?.map(|WithFacts(entry, _)| entry))
     }
 
     fn read_many(
@@ -384,7 +396,10 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
         keys: &[&T::Key],
         digests: &[KeyDigest],
     ) -> Result<Vec<Option<T::Entry>>> {
-        read_many(self, conn, keys, digests)
+        Ok(read_many(self, conn, keys, digests)?
+            .into_iter()
+            .map(|found| found.map(|WithFacts(entry, _)| entry))
+            .collect())
     }
 
     /// Rows of keys this handle does not store are skipped (validated all the same).
@@ -454,14 +469,14 @@ impl<T: TypedTable> NearStorage for TypedCache<'_, T> {
 }
 
 /// An entry as the near cache keeps it.
-fn near_read<T: TypedTable>(entry: T::Entry) -> NearRead<T::Entry> {
+fn near_read<T: TypedTable>(WithFacts(entry, facts): WithFacts<T::Entry>) -> NearRead<T::Entry> {
     let (expires_at, weight) = T::near_facts(&entry);
     NearRead {
         kept: Arc::new(entry.clone()),
         entry,
-        expires_at,
         weight,
         tags: None,
+        fresh: facts.of(expires_at),
     }
 }
 

@@ -26,6 +26,7 @@ mod config;
 mod connection_budget;
 mod connection_strings;
 mod counting_off_the_request_path;
+mod early_refresh;
 mod embedding;
 mod error_messages;
 mod faults;

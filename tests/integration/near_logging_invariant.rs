@@ -44,7 +44,10 @@ CREATE TABLE witness (
 CREATE FUNCTION witness() RETURNS trigger
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
 DECLARE
-    bookkeeping text[] := ARRAY['hit_count', 'last_accessed_at', 'created_at', 'expires_at', 'changed_xid'];
+    -- Early refresh's facts too: written only in the transaction that writes the
+    -- row's value, and a later freshness, like a later expiry, is no change.
+    bookkeeping text[] := ARRAY['hit_count', 'last_accessed_at', 'created_at', 'expires_at', 'changed_xid',
+                                'fresh_until', 'fresh_expiry', 'compute_us'];
     old_key text;
     live boolean := OLD.expires_at > statement_timestamp();
 BEGIN
@@ -276,6 +279,40 @@ fn tagged_writes_and_the_sweep_of_invalidated_entries_are_logged() {
             c.cleanup().unwrap();
         },
     );
+}
+
+#[test]
+fn get_or_compute_and_its_early_refresh_are_logged() {
+    let mut h = Harness::new();
+    let key = EmbeddingKey::new("hello", "m");
+    h.check("get_or_compute of new keys", false, |c| {
+        c.kv()
+            .get_or_compute_with_ttl("g", HOUR, || Ok::<_, pgcache::Error>(json!(1)))
+            .unwrap();
+        c.embedding()
+            .get_or_compute_with_ttl(&key, HOUR, || Ok::<_, pgcache::Error>(vec![1.0]))
+            .unwrap();
+    });
+    // The last computations seem to have taken years: XFetch refreshes at once.
+    h.conn
+        .batch_execute(
+            "UPDATE cache_entries SET compute_us = 1000000000000000; \
+             UPDATE embedding_cache SET compute_us = 1000000000000000",
+        )
+        .unwrap();
+    h.judge("a longer computation time", false);
+    h.check("an early refresh", true, |c| {
+        let refreshed = c
+            .kv()
+            .get_or_compute_with_ttl("g", HOUR, || Ok::<_, pgcache::Error>(json!(2)))
+            .unwrap();
+        assert_eq!(refreshed, json!(2));
+        let refreshed = c
+            .embedding()
+            .get_or_compute_with_ttl(&key, HOUR, || Ok::<_, pgcache::Error>(vec![2.0]))
+            .unwrap();
+        assert_eq!(refreshed, vec![2.0]);
+    });
 }
 
 #[test]

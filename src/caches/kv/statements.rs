@@ -17,6 +17,7 @@ use super::tags::{generations, live};
 use super::wrong_type;
 use crate::error::Result;
 use crate::expiry::ExpiresIn;
+use crate::freshness::{fact_columns, Facts};
 use crate::jsonb::{JsonbOut, JsonbText};
 use crate::near::protocol::change_stamp;
 use crate::skipped::Skipped;
@@ -51,9 +52,9 @@ impl<'a> KvTables<'a> {
     }
 }
 
-/// A live entry read with both payload columns (exactly one is set), its expiry
-/// and its tags: every read of either kind takes this one shape, then its own
-/// column.
+/// A live entry read with both payload columns (exactly one is set), its expiry,
+/// its tags and the facts of its freshness: every read of either kind takes this
+/// one shape, then its own column.
 #[derive(QueryableByName)]
 pub struct LiveEntry {
     #[diesel(sql_type = Nullable<Jsonb>)]
@@ -64,6 +65,8 @@ pub struct LiveEntry {
     pub(super) expires_at: DateTime<Utc>,
     #[diesel(sql_type = Nullable<Array<Text>>)]
     pub(super) tags: Option<Vec<String>>,
+    #[diesel(embed)]
+    pub(super) facts: Facts,
 }
 
 impl std::fmt::Debug for LiveEntry {
@@ -84,7 +87,11 @@ pub(super) fn read_live(
     tables
         .prepared(
             &[
-                "SELECT value, bytes, expires_at, tags FROM {t} WHERE key = ",
+                concat!(
+                    "SELECT value, bytes, expires_at, tags, ",
+                    fact_columns!(),
+                    " FROM {t} WHERE key = "
+                ),
                 concat!(" AND ", live!("")),
             ],
             vec![&key],
@@ -110,7 +117,11 @@ pub(super) fn read_live_many(
     let rows: Vec<Keyed> = tables
         .prepared(
             &[
-                "SELECT key, value, bytes, expires_at, tags FROM {t} WHERE key = ANY(",
+                concat!(
+                    "SELECT key, value, bytes, expires_at, tags, ",
+                    fact_columns!(),
+                    " FROM {t} WHERE key = ANY("
+                ),
                 concat!(") AND ", live!("")),
             ],
             vec![&keys],

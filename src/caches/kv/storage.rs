@@ -196,12 +196,12 @@ fn near_read<C: KvColumn>(key: &str, entry: &LiveEntry) -> Result<NearRead<C::Va
     Ok(NearRead {
         entry: entry_of,
         kept,
-        expires_at: entry.expires_at,
         weight,
         tags: entry
             .tags
             .as_ref()
             .and_then(|tags| TagSlots::of(tags.iter().map(String::as_str))),
+        fresh: entry.facts.of(entry.expires_at),
     })
 }
 
