@@ -468,3 +468,21 @@ fn reads_and_writes_probe_the_tag_table_by_index_however_many_tags_it_holds() {
     assert_eq!(scans("seq_tup_read"), 0, "the tag table was scanned whole");
     assert!(scans("idx_scan") >= 20, "{} index scans", scans("idx_scan"));
 }
+
+#[cfg(feature = "tokio")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_work_as_futures() {
+    let db = TestDb::with(near);
+    let cache = db.cache.to_async();
+    let kv = cache.kv();
+    kv.set_tagged("k", json!(1), &["user:42"]).await.unwrap();
+    kv.set_tagged("other", json!(2), &["user:43"])
+        .await
+        .unwrap();
+    // Held in this process's near cache, read on the calling task.
+    assert_eq!(kv.get("k").await.unwrap(), Some(json!(1)));
+    assert_eq!(kv.get("k").await.unwrap(), Some(json!(1)));
+    kv.invalidate_tags(&["user:42"]).await.unwrap();
+    assert_eq!(kv.get("k").await.unwrap(), None);
+    assert_eq!(kv.get("other").await.unwrap(), Some(json!(2)));
+}
