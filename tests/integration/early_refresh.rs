@@ -524,3 +524,32 @@ fn a_bad_beta_is_refused_naming_the_setting_or_the_variable() {
     );
     assert_eq!(defaults.stale_while_revalidate(), Duration::ZERO);
 }
+
+#[test]
+fn a_refresh_through_a_tagged_handle_keeps_the_entrys_tags() {
+    let db = stale_db();
+    let tagged = db.cache.kv();
+    let tagged = tagged.tagged(&["product:7"]);
+    let compute = |value: &'static str| move || Ok::<_, Error>(json!(value));
+    assert_eq!(
+        tagged
+            .get_or_compute_with_ttl("page", HOUR, compute("old"))
+            .unwrap(),
+        json!("old")
+    );
+    end_freshness(&db, "cache_entries");
+    // The one caller refreshes (no other is waiting) and gets the new value.
+    assert_eq!(
+        tagged
+            .get_or_compute_with_ttl("page", HOUR, compute("new"))
+            .unwrap(),
+        json!("new")
+    );
+    assert_eq!(db.cache.kv().get("page").unwrap(), Some(json!("new")));
+    db.cache.kv().invalidate_tag("product:7").unwrap();
+    assert_eq!(
+        db.cache.kv().get("page").unwrap(),
+        None,
+        "the refreshed entry kept its tag"
+    );
+}
