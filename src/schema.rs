@@ -50,6 +50,8 @@ diesel::table! {
         expires_at -> Timestamptz,
         bytes -> Nullable<Bytea>,
         changed_xid -> Nullable<Int8>,
+        packed -> Nullable<Bytea>,
+        bytes_packed -> Bool,
     }
 }
 
@@ -66,11 +68,12 @@ diesel::table! {
         key_hash -> Bytea,
         model -> Text,
         dimensions -> Int4,
-        embedding -> Bytea,
+        embedding -> Nullable<Bytea>,
         owner_id -> Nullable<Uuid>,
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
         changed_xid -> Nullable<Int8>,
+        packed -> Nullable<Bytea>,
     }
 }
 
@@ -79,13 +82,14 @@ diesel::table! {
         key_hash -> Bytea,
         provider -> Text,
         model -> Nullable<Text>,
-        response -> Text,
+        response -> Nullable<Text>,
         owner_id -> Nullable<Uuid>,
         hit_count -> Int8,
         last_accessed_at -> Timestamptz,
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
         changed_xid -> Nullable<Int8>,
+        packed -> Nullable<Bytea>,
     }
 }
 
@@ -94,11 +98,12 @@ diesel::table! {
         key_hash -> Bytea,
         user_id -> Uuid,
         top_k -> Int4,
-        filters -> Jsonb,
-        results -> Jsonb,
+        filters -> Nullable<Jsonb>,
+        results -> Nullable<Jsonb>,
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
         changed_xid -> Nullable<Int8>,
+        packed -> Nullable<Bytea>,
     }
 }
 

@@ -18,6 +18,7 @@ use postgres::{Client, NoTls, Statement};
 use serde_json::{json, Value};
 
 mod app_pool;
+mod codec;
 pub(crate) mod near;
 mod pooler;
 mod typed;
@@ -702,6 +703,47 @@ fn run_slice<C: Send>(
     Ok(())
 }
 
+/// A row of two managers side by side: `step` on `sides[0]` (the "pgcache"
+/// columns) and on `sides[1]` (the "raw" ones), in alternating slices after a
+/// warm-up on each, for each thread count of `passes`.
+fn side_by_side(
+    name: &str,
+    sides: [&CacheManager; 2],
+    passes: &[usize],
+    budget: Budget,
+    results: &mut Results,
+    step: &(dyn Fn(&CacheManager, &mut Worker) -> BenchResult<bool> + Sync),
+) -> BenchResult<()> {
+    let step = |cache: &mut &CacheManager, w: &mut Worker| step(cache, w);
+    for &threads in passes {
+        let mut runs = sides.map(|cache| (vec![cache; threads], Samples::default()));
+        let mut workers: Vec<Vec<Worker>> = (0..2)
+            .map(|side| {
+                (0..threads)
+                    .map(|t| Worker::new(2000 + side * 100 + t, 1000))
+                    .collect()
+            })
+            .collect();
+        // Warm-up: prepares the statements on every connection.
+        let warm = Budget {
+            slices: 1,
+            iterations: Some(WARMUP),
+            ..budget
+        };
+        for ((ctx, _), w) in runs.iter_mut().zip(&mut workers) {
+            run_slice(ctx, w, warm, &mut Samples::default(), &step)?;
+        }
+        for _ in 0..budget.slices {
+            for ((ctx, samples), w) in runs.iter_mut().zip(&mut workers) {
+                run_slice(ctx, w, budget, samples, &step)?;
+            }
+        }
+        let [(_, first), (_, second)] = runs;
+        results.record(name, threads, first, Some(second));
+    }
+    Ok(())
+}
+
 struct Sides<'a> {
     cache: &'a CacheManager,
     lib_workers: Vec<Worker>,
@@ -912,6 +954,7 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
         )?;
     }
     app_pool::rows(&url, &scratch.schema, &passes, budget, &mut results)?;
+    codec::rows(&url, &scratch.schema, &passes, budget, &mut results)?;
     // Last: its triggers live in a schema of their own, so no row above pays them.
     near::rows(
         &scratch,
@@ -937,6 +980,7 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
         setup: results.phases,
         results: results.rows,
         unmeasured: results.unmeasured,
+        notes: results.notes,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -1134,6 +1178,8 @@ impl Row {
 /// the final document), or nowhere with `--quiet`.
 struct Results {
     rows: Vec<Row>,
+    /// Figures that are not latencies (e.g. the codec's stored sizes).
+    notes: Vec<String>,
     /// Rows with no sample on a side, and why.
     unmeasured: Vec<Unmeasured>,
     echo: Echo,
@@ -1172,6 +1218,7 @@ impl Results {
     fn new(echo: Echo) -> Self {
         let results = Results {
             rows: Vec::new(),
+            notes: Vec::new(),
             unmeasured: Vec::new(),
             echo,
             last: Instant::now(),
@@ -1242,6 +1289,12 @@ impl Results {
         }
     }
 
+    /// Records a figure that is not a latency.
+    fn note(&mut self, note: String) {
+        self.show(&note);
+        self.notes.push(note);
+    }
+
     fn push(&mut self, row: Row) {
         self.show(&row.line());
         self.rows.push(row);
@@ -1279,6 +1332,8 @@ struct Report {
     results: Vec<Row>,
     /// Rows left out for want of samples, and why.
     unmeasured: Vec<Unmeasured>,
+    /// Figures that are not latencies.
+    notes: Vec<String>,
 }
 
 /// The Node package's estimated "Performance Characteristics" (the design pgcache

@@ -27,6 +27,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::common::check_name;
+use crate::codec::Codec;
 use crate::config::SizeBounds;
 use crate::error::{Error, Result};
 use crate::eviction::{evict, EvictionReport, Limits};
@@ -414,7 +415,12 @@ impl TypedTable for AudioChunkTable {
     type Encoded = Encoded;
     type Stored = Stored;
 
-    fn encode(_key: &AudioChunkKey, chunk: &AudioChunk) -> Result<Encoded> {
+    fn encode(
+        _key: &AudioChunkKey,
+        chunk: &AudioChunk,
+        _codec: &Codec,
+        _digest: &KeyDigest,
+    ) -> Result<Encoded> {
         match &chunk.data {
             AudioData::Inline(bytes) if bytes.len() > MAX_AUDIO_BYTES => {
                 return Err(Error::invalid(
@@ -495,7 +501,7 @@ impl TypedTable for AudioChunkTable {
         )
     }
 
-    fn decode(row: Stored) -> (Vec<u8>, CachedAudioChunk) {
+    fn decode(row: Stored, _codec: &Codec) -> Option<(Vec<u8>, CachedAudioChunk)> {
         // The table's CHECKs keep exactly one of bytes and path, and the numbers
         // positive.
         let data = match (row.audio_data, row.storage_path) {
@@ -519,7 +525,7 @@ impl TypedTable for AudioChunkTable {
             created_at: row.created_at,
             expires_at: row.expires_at,
         };
-        (row.key_hash, entry)
+        Some((row.key_hash, entry))
     }
 
     fn value(entry: CachedAudioChunk) -> AudioChunk {

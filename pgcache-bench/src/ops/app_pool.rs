@@ -8,7 +8,7 @@ use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::PgConnection;
 use pgcache::CacheManager;
 
-use super::{bench_config, run_slice, BenchResult, Budget, Results, Samples, Worker, TTL};
+use super::{bench_config, side_by_side, BenchResult, Budget, Results, TTL};
 
 /// The row's name (`app pool` side / `own pool` side, the "raw" columns).
 pub(super) const NAME: &str = "kv incr relaxed app/own pool";
@@ -39,39 +39,16 @@ pub(super) fn rows(
     let shared = CacheManager::with_pool(app_pool, config()?)?;
     let own = CacheManager::new(config()?)?;
     results.mark("app pool: managers");
-    let incr = |cache: &mut &CacheManager, w: &mut Worker| -> BenchResult<bool> {
-        let n = w.random() % COUNTERS;
-        let key = w.set_key(format_args!("app-pool counter:{n}"));
-        Ok(cache.kv().incr(key, 1, TTL)? > 0)
-    };
-    for &threads in passes {
-        let mut sides = [
-            (vec![&shared; threads], Samples::default()),
-            (vec![&own; threads], Samples::default()),
-        ];
-        let mut workers: Vec<Vec<Worker>> = (0..2)
-            .map(|side| {
-                (0..threads)
-                    .map(|t| Worker::new(2000 + side * 100 + t, COUNTERS))
-                    .collect()
-            })
-            .collect();
-        // Warm-up: prepares the statement on every connection.
-        let warm = Budget {
-            slices: 1,
-            iterations: Some(super::WARMUP),
-            ..budget
-        };
-        for ((ctx, _), w) in sides.iter_mut().zip(&mut workers) {
-            run_slice(ctx, w, warm, &mut Samples::default(), &incr)?;
-        }
-        for _ in 0..budget.slices {
-            for ((ctx, samples), w) in sides.iter_mut().zip(&mut workers) {
-                run_slice(ctx, w, budget, samples, &incr)?;
-            }
-        }
-        let [(_, app), (_, own)] = sides;
-        results.record(NAME, threads, app, Some(own));
-    }
-    Ok(())
+    side_by_side(
+        NAME,
+        [&shared, &own],
+        passes,
+        budget,
+        results,
+        &|cache, w| {
+            let n = w.random() % COUNTERS;
+            let key = w.set_key(format_args!("app-pool counter:{n}"));
+            Ok(cache.kv().incr(key, 1, TTL)? > 0)
+        },
+    )
 }
