@@ -7,6 +7,10 @@
 //! prose) also shrinks what crosses the network and the WAL, and is what makes
 //! sealed values, which PostgreSQL cannot compress, small again.
 
+use std::cell::RefCell;
+
+use zstd::bulk::{Compressor, Decompressor};
+
 /// The zstd level: 3 is zstd's default, fast to compress and far faster to read.
 const LEVEL: i32 = 3;
 
@@ -14,10 +18,31 @@ const LEVEL: i32 = 3;
 /// Bounds what a tampered frame can make a reader allocate.
 const MAX_CONTENT: u64 = 1 << 30;
 
+thread_local! {
+    /// Each thread's zstd contexts, kept between calls: making one allocates and
+    /// initialises more than compressing a few kilobytes costs.
+    static CONTEXTS: RefCell<Option<(Compressor<'static>, Decompressor<'static>)>> =
+        const { RefCell::new(None) };
+}
+
+/// Runs `work` with this thread's contexts; `None` if they cannot be made.
+fn with_contexts<T>(
+    work: impl FnOnce(&mut Compressor<'static>, &mut Decompressor<'static>) -> Option<T>,
+) -> Option<T> {
+    CONTEXTS.with(|contexts| {
+        let mut contexts = contexts.try_borrow_mut().ok()?;
+        if contexts.is_none() {
+            *contexts = Some((Compressor::new(LEVEL).ok()?, Decompressor::new().ok()?));
+        }
+        let (compressor, decompressor) = contexts.as_mut()?;
+        work(compressor, decompressor)
+    })
+}
+
 /// `payload` compressed, when that makes it smaller; `None` otherwise (random or
 /// already compressed bytes), and the payload is stored as it is.
 pub(super) fn compress(payload: &[u8]) -> Option<Vec<u8>> {
-    let packed = zstd::bulk::compress(payload, LEVEL).ok()?;
+    let packed = with_contexts(|compressor, _| compressor.compress(payload).ok())?;
     (packed.len() < payload.len()).then_some(packed)
 }
 
@@ -28,7 +53,8 @@ pub(super) fn decompress(frame: &[u8]) -> Option<Vec<u8>> {
     if size > MAX_CONTENT {
         return None;
     }
-    let payload = zstd::bulk::decompress(frame, usize::try_from(size).ok()?).ok()?;
+    let capacity = usize::try_from(size).ok()?;
+    let payload = with_contexts(|_, decompressor| decompressor.decompress(frame, capacity).ok())?;
     (payload.len() as u64 == size).then_some(payload)
 }
 

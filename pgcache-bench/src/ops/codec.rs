@@ -7,7 +7,7 @@
 //! sealed with a key against the default configuration (not compressed on either
 //! side: it is under the threshold).
 
-use pgcache::{Cache, CacheManager, LlmPrompt};
+use pgcache::{Cache, CacheConfigBuilder, CacheManager, LlmPrompt};
 use serde_json::{json, Value};
 
 use super::{bench_config, side_by_side, BenchResult, Budget, Results, Worker, TTL};
@@ -52,49 +52,43 @@ times over, but a cache with a low hit rate only adds a lookup to every request.
 with exact matching and a short lifetime, look at which prompts repeat, and only then \
 consider normalisation or semantic matching for the templates where it is safe. Keep the \
 most popular answers visible to a human reviewer, since a wrong answer that is cached is \
-served to everyone who asks the same question until it expires or is removed by hand.";
+served to everyone who asks the same question until it expires or is removed by hand.\n\n\
+A few practical notes from teams that run such caches in production. Put the cache in \
+the same database as the documents it depends on, so that invalidation can be part of the \
+same transaction and never lags behind. Give every template a version and include it in the \
+key, so that editing a prompt retires its old answers without a manual purge. Log the key \
+digest rather than the prompt when a lookup fails, since prompts may contain personal data. \
+Cap the size of a cached answer, because a model that loops can produce megabytes of text \
+that nobody will ever read again. And load-test the cold start: after a deploy that changes \
+the model, every request misses at once, and the expensive backend sees the full traffic \
+until the cache is warm again, so a gradual rollout is kinder to both the budget and the \
+rate limits.";
 
-/// A JSON document of about `len` bytes: orders with ids, customers, statuses,
-/// amounts and notes drawn from a seeded sequence, as an API response would hold.
+/// A JSON document of about `len` bytes, as a product search API returns it: a
+/// page of products with names, prices, stock per warehouse and attributes, their
+/// values spread by a multiplicative hash of the product's number.
 fn document(len: usize) -> Value {
-    let words = [
-        "invoice",
-        "shipped",
-        "pending",
-        "customer",
-        "warehouse",
-        "express",
-        "refund",
-        "priority",
-        "Lisbon",
-        "Osaka",
-        "Toronto",
-        "Nairobi",
-        "blue",
-        "large",
-        "gift",
-    ];
-    let mut seed = 0x2545_F491_4F6C_DD1D_u64;
-    let mut orders = Vec::new();
-    let mut text_len = 2;
-    while text_len < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let note: Vec<&str> = (0..6)
-            .map(|i| words[((seed >> (i * 5)) % 15) as usize])
-            .collect();
-        let order = json!({
-            "id": seed % 1_000_000,
-            "customer": format!("customer-{}", seed % 977),
-            "status": words[(seed % 7) as usize],
-            "amount_cents": seed % 100_000,
-            "note": note.join(" "),
-        });
-        text_len += order.to_string().len() + 1;
-        orders.push(order);
+    const COLOURS: [&str; 5] = ["red", "blue", "black", "white", "green"];
+    const CITIES: [&str; 4] = ["Lisbon", "Osaka", "Toronto", "Nairobi"];
+    const KINDS: [&str; 6] = ["kettle", "lamp", "chair", "backpack", "jacket", "monitor"];
+    let mut page = json!({"page": 1, "per_page": 0, "products": []});
+    for n in 0u64.. {
+        if page.to_string().len() >= len {
+            break;
+        }
+        let h = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
+        let kind = KINDS[(h % 6) as usize];
+        let colour = COLOURS[(h / 7 % 5) as usize];
+        page["products"].as_array_mut().expect("an array").push(json!({
+            "sku": format!("{}-{:06}", &kind[..3].to_uppercase(), h % 1_000_000),
+            "name": format!("{colour} {kind}, model {}", h % 97),
+            "price": {"amount": (h % 50_000) as f64 / 100.0, "currency": "EUR"},
+            "stock": CITIES.iter().map(|c| json!({"warehouse": c, "units": h / 11 % 40})).collect::<Vec<_>>(),
+            "attributes": {"colour": colour, "weight_g": h % 5000, "in_sale": h % 3 == 0},
+        }));
+        page["per_page"] = json!(n + 1);
     }
-    Value::Array(orders)
+    page
 }
 
 /// Measures the codec rows for each thread count in `passes` on the bench's
@@ -107,34 +101,42 @@ pub(super) fn rows(
     results: &mut Results,
 ) -> BenchResult<()> {
     let max_threads = passes.iter().copied().max().unwrap_or(1);
-    let manager = |tweak: fn(pgcache::CacheConfigBuilder) -> pgcache::CacheConfigBuilder| {
-        CacheManager::new(
-            tweak(bench_config(url, schema, max_threads, false))
-                .application_name("pgcache-bench-codec")
-                .build()?,
-        )
-    };
-    let compressed = manager(|b| b)?;
-    let plain = manager(|b| b.compression_threshold(None))?;
-    // A fixed key: the bench measures the cipher, not the key's secrecy.
-    let sealed = manager(|b| b.encryption_key("bench", [0x42; 32]))?;
+    let tweaks: [fn(CacheConfigBuilder) -> CacheConfigBuilder; 3] = [
+        |b| b,
+        |b| b.compression_threshold(None),
+        // A fixed key: the bench measures the cipher, not the key's secrecy.
+        |b| b.encryption_key("bench", [0x42; 32]),
+    ];
+    let mut managers = tweaks
+        .into_iter()
+        .map(|tweak| -> BenchResult<CacheManager> {
+            let config = bench_config(url, schema, max_threads, false);
+            Ok(CacheManager::new(
+                tweak(config.application_name("pgcache-bench-codec")).build()?,
+            )?)
+        });
+    let mut next = || managers.next().expect("three managers");
+    let (compressed, plain, sealed) = (next()?, next()?, next()?);
     results.mark("codec: managers");
 
     let doc = document(10_000);
-    let small = document(1000);
+    // About 1 KB, under the compression threshold: each side stores it as given,
+    // sealed or not.
+    let small = json!({"id": 42, "bio": &RESPONSE[..960]});
     let response = RESPONSE.to_owned();
+    // One batch per side and kind: what each row reads, and overwrites.
+    let keys = KEYS * max_threads as u64;
     for (cache, side) in [(&compressed, "z"), (&plain, "p"), (&sealed, "s")] {
-        for n in 0..KEYS * max_threads as u64 {
-            cache
-                .kv()
-                .set_with_ttl(&format!("codec:{side}:doc:{n}"), &doc, TTL)?;
-            cache
-                .kv()
-                .set_with_ttl(&format!("codec:{side}:1k:{n}"), &small, TTL)?;
-            cache
-                .llm_response()
-                .set_with_ttl(&prompt(side, n), &response, TTL)?;
+        for (what, value) in [("doc", &doc), ("1k", &small)] {
+            let names: Vec<String> = (0..keys)
+                .map(|n| format!("codec:{side}:{what}:{n}"))
+                .collect();
+            let entries: Vec<(&str, &Value)> = names.iter().map(|k| (k.as_str(), value)).collect();
+            cache.kv().set_many(&entries, TTL)?;
         }
+        let prompts: Vec<LlmPrompt> = (0..keys).map(|n| prompt(side, n)).collect();
+        let entries: Vec<(&LlmPrompt, &String)> = prompts.iter().map(|p| (p, &response)).collect();
+        cache.llm_response().set_many(&entries, TTL)?;
     }
     results.mark("codec: fill");
     results.note(stored_sizes(&compressed, &doc, &response)?);
