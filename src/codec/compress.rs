@@ -3,9 +3,9 @@
 //!
 //! zstd rather than lz4: PostgreSQL already compresses values of more than about
 //! 2 KB itself (TOAST, pglz or lz4), so a second fast-but-light compressor would
-//! gain little over it, while zstd's better ratio (about twice lz4's on JSON and
-//! prose) also shrinks what crosses the network and the WAL, and is what makes
-//! sealed values, which PostgreSQL cannot compress, small again.
+//! gain little over it, while zstd's better ratio also shrinks what crosses the
+//! network and the WAL, and is what makes sealed values, which PostgreSQL cannot
+//! compress, small again (docs/benchmarks.md has the ratios and the cost).
 
 use std::cell::RefCell;
 

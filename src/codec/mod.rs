@@ -121,8 +121,8 @@ pub(crate) type SettingError = (&'static str, String, String);
 /// The codec of one configuration: compression, the key ring, the hashing of
 /// key/value keys. Its `Debug` shows the key ids only.
 ///
-/// Public only so [`TypedTable`](crate::TypedCache)'s methods may name it; it lives
-/// in a private module and is not reachable outside the crate.
+/// Public only so the typed tables' trait (`TypedTable`) may name it in its
+/// methods; it lives in a private module and is not reachable outside the crate.
 pub struct Codec {
     compress_above: Option<usize>,
     ring: Option<KeyRing>,
