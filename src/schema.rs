@@ -19,6 +19,7 @@ diesel::table! {
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
         changed_xid -> Nullable<Int8>,
+        packed -> Nullable<Bytea>,
     }
 }
 

@@ -29,6 +29,12 @@ ALTER TABLE vector_search_cache ALTER COLUMN results SET NOT NULL;
 COMMENT ON COLUMN vector_search_cache.filters IS 'Search filters in canonical form (object keys sorted).';
 COMMENT ON COLUMN vector_search_cache.results IS 'The cached search results.';
 
+DELETE FROM audio_chunk_cache WHERE packed IS NOT NULL;
+ALTER TABLE audio_chunk_cache DROP CONSTRAINT audio_chunk_cache_one_payload;
+ALTER TABLE audio_chunk_cache DROP COLUMN packed;
+ALTER TABLE audio_chunk_cache ADD CONSTRAINT audio_chunk_cache_check CHECK ((audio_data IS NULL) <> (storage_path IS NULL));
+COMMENT ON COLUMN audio_chunk_cache.audio_data IS 'Audio bytes, when stored inline (exactly one of audio_data and storage_path is set).';
+
 -- The near cache's trigger function as the previous migration created it.
 CREATE OR REPLACE FUNCTION pgcache_near_invalidate() RETURNS trigger
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$

@@ -12,8 +12,9 @@
 --   to tell them apart.
 -- * llm_response_cache: the response as an envelope goes to `packed` (exactly one
 --   of response and packed is set).
--- * embedding_cache, vector_search_cache: sealed (never compressed alone), the
---   vector, or the filters and results together, go to `packed`.
+-- * embedding_cache, vector_search_cache, audio_chunk_cache: sealed (never
+--   compressed alone), the vector, the filters and results together, or the inline
+--   audio go to `packed`.
 --
 -- Envelopes are compressed or encrypted already: PostgreSQL's own compression
 -- (STORAGE EXTENDED) would only spend time on them, so `packed` is EXTERNAL.
@@ -50,6 +51,13 @@ ALTER TABLE vector_search_cache ADD CONSTRAINT vector_search_cache_one_payload
 COMMENT ON COLUMN vector_search_cache.filters IS 'Search filters in canonical form (object keys sorted), when stored plain (with results).';
 COMMENT ON COLUMN vector_search_cache.results IS 'The cached search results, when stored plain (exactly one of results and packed is set).';
 COMMENT ON COLUMN vector_search_cache.packed IS 'Filters and results as a pgcache envelope (sealed JSON [filters, results]), when encryption is on.';
+
+ALTER TABLE audio_chunk_cache ADD COLUMN packed BYTEA;
+ALTER TABLE audio_chunk_cache ALTER COLUMN packed SET STORAGE EXTERNAL;
+ALTER TABLE audio_chunk_cache DROP CONSTRAINT audio_chunk_cache_check;
+ALTER TABLE audio_chunk_cache ADD CONSTRAINT audio_chunk_cache_one_payload CHECK (num_nonnulls(audio_data, packed, storage_path) = 1);
+COMMENT ON COLUMN audio_chunk_cache.audio_data IS 'Audio bytes, when stored inline and plain (exactly one of audio_data, packed and storage_path is set).';
+COMMENT ON COLUMN audio_chunk_cache.packed IS 'Inline audio as a pgcache envelope (sealed), when encryption is on.';
 
 -- The near cache's trigger function, unchanged but for the branches of the caches
 -- above: a changed envelope is a changed payload too.
@@ -104,7 +112,7 @@ BEGIN
         WHERE CASE WHEN o.key_hash IS NULL THEN true
                    WHEN o.expires_at <= statement_timestamp() THEN false
                    WHEN n.key_hash IS NULL THEN true
-                   ELSE (o.audio_data, o.storage_path) IS DISTINCT FROM (n.audio_data, n.storage_path) OR n.expires_at < o.expires_at END;
+                   ELSE (o.audio_data, o.storage_path, o.packed) IS DISTINCT FROM (n.audio_data, n.storage_path, n.packed) OR n.expires_at < o.expires_at END;
     ELSE
         -- A cache this function does not know: everything.
         INSERT INTO cache_changes (cache_name, keys) VALUES (TG_ARGV[0], NULL);

@@ -117,7 +117,7 @@ pub(crate) fn payload_columns(kind: CacheKind) -> &'static [&'static str] {
         CacheKind::Embedding => &["embedding", "packed"],
         CacheKind::VectorSearch => &["results", "filters", "top_k", "user_id", "packed"],
         CacheKind::LlmResponse => &["response", "packed"],
-        CacheKind::AudioChunk => &["audio_data", "storage_path"],
+        CacheKind::AudioChunk => &["audio_data", "storage_path", "packed"],
     }
 }
 

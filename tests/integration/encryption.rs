@@ -18,8 +18,8 @@ use base64::Engine as _;
 use common::TestDb;
 use near_support::{assert_held, wait_current, wait_polled_since};
 use pgcache::{
-    Cache, CacheConfig, CacheConfigBuilder, CacheKind, EmbeddingKey, Error, LlmPrompt, NearCache,
-    VectorSearchQuery,
+    AudioChunk, AudioChunkKey, AudioData, Cache, CacheConfig, CacheConfigBuilder, CacheKind,
+    EmbeddingKey, Error, LlmPrompt, NearCache, VectorSearchQuery,
 };
 use serde_json::json;
 
@@ -358,6 +358,39 @@ fn llm_responses_are_sealed_and_prompts_never_stored() {
     assert_eq!(cache.get(&long).unwrap().unwrap().response, essay);
     let stranger = manager(&db, |b| b.encryption_key("k1", K2));
     assert!(stranger.llm_response().get(&prompt).unwrap().is_none());
+}
+
+#[test]
+fn inline_audio_is_sealed_and_a_storage_path_is_not() {
+    let db = TestDb::with(sealed);
+    let audio = db.cache.audio_chunk();
+    let (spoken, elsewhere) = (
+        AudioChunkKey::new("your PIN is 4321", "voice-1", "xtts"),
+        AudioChunkKey::new("welcome back", "voice-1", "xtts"),
+    );
+    let speech = b"RIFF-speech-samples-4321".to_vec();
+    audio
+        .set(&spoken, &AudioChunk::inline(speech.clone(), "wav"))
+        .unwrap();
+    audio
+        .set(&elsewhere, &AudioChunk::stored("s3://bucket/welcome.wav", 9000, "wav"))
+        .unwrap();
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM audio_chunk_cache WHERE audio_data IS NULL \
+             AND packed IS NOT NULL AND position('speech' IN convert_from(packed, 'LATIN1')) = 0"
+        ),
+        1
+    );
+    let hit = audio.get(&spoken).unwrap().unwrap();
+    assert_eq!(hit.chunk.data, AudioData::Inline(speech.clone()));
+    assert_eq!(hit.chunk.byte_size(), speech.len() as u64);
+    assert!(matches!(
+        audio.get(&elsewhere).unwrap().unwrap().chunk.data,
+        AudioData::Stored { .. }
+    ));
+    let stranger = manager(&db, |b| b.encryption_key("k1", K2));
+    assert!(stranger.audio_chunk().get(&spoken).unwrap().is_none());
 }
 
 #[test]
