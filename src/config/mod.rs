@@ -153,7 +153,7 @@ impl CacheConfig {
     /// | `PGCACHE_POOLER` | `none` | `transaction`: `DATABASE_URL` goes through a transaction pooler (PgBouncer); no session state on its connections |
     /// | `PGCACHE_DIRECT_URL` | (none) | with a transaction pooler: the server itself, for migrations and the near-cache poller |
     /// | `PGCACHE_COMPRESSION_THRESHOLD_BYTES` | 1024 | values over this many bytes are stored compressed (zstd); `off`: none is |
-    /// | `PGCACHE_ENCRYPTION_KEYS` | (none: no encryption) | `id:base64key,...` (32-byte keys): values sealed with the first, read with any (key/value, LLM responses, embeddings, vector searches) |
+    /// | `PGCACHE_ENCRYPTION_KEYS` | (none: no encryption) | `id:base64key,...` (32-byte keys): values sealed with the first, read with any (key/value, LLM responses, embeddings, vector searches, inline audio) |
     /// | `PGCACHE_HASH_KV_KEYS` | (none) | a key id of `PGCACHE_ENCRYPTION_KEYS`: key/value keys stored as keyed hashes under it |
     ///
     /// `<CACHE>` is `KV`, `EMBEDDING`, `VECTOR_SEARCH`, `LLM_RESPONSE` or

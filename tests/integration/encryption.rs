@@ -373,7 +373,10 @@ fn inline_audio_is_sealed_and_a_storage_path_is_not() {
         .set(&spoken, &AudioChunk::inline(speech.clone(), "wav"))
         .unwrap();
     audio
-        .set(&elsewhere, &AudioChunk::stored("s3://bucket/welcome.wav", 9000, "wav"))
+        .set(
+            &elsewhere,
+            &AudioChunk::stored("s3://bucket/welcome.wav", 9000, "wav"),
+        )
         .unwrap();
     assert_eq!(
         db.count(
