@@ -1,12 +1,15 @@
 //! The value codec: what happens to a payload between the caller and its column,
-//! and back, for every cache that stores one (key/value JSON values and bytes, LLM
-//! responses): compression over a threshold ([`compress`]), then, with encryption
-//! keys configured, sealing with the primary key ([`seal`]). Compress, then seal: a
-//! sealed value no longer compresses. And the keyed hash of key/value keys.
+//! and back, for every cache: compression over a threshold ([`compress`]) of
+//! key/value values (JSON text, bytes) and LLM responses, then, with encryption keys
+//! configured, sealing with the primary key ([`seal`]) of those and of embeddings,
+//! vector-search results and inline audio ([`Codec::seal`]: sealed, never only
+//! compressed). Compress, then seal: a sealed value no longer compresses. And the
+//! keyed hash of key/value keys.
 //!
 //! # The envelope
 //! A payload the codec changed is stored as an envelope, in a binary column of its
-//! own (`packed`, or `bytes` marked by `bytes_packed`), so entries written before,
+//! own (`packed`, or the kv table's `bytes` marked by `bytes_packed`), so entries
+//! written before,
 //! plain, are told apart by their column and still read:
 //! - byte 0: flags, [`COMPRESSED`] (a zstd frame follows) and [`SEALED`];
 //! - sealed: the key id's length (one byte) and the key id, then the nonce, the
