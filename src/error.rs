@@ -101,6 +101,17 @@ pub enum Error {
         /// What went wrong there.
         source: Box<Error>,
     },
+    /// The operation cannot run under this configuration: prefix deletes and
+    /// containment queries on key/value keys stored as keyed hashes
+    /// (`hash_kv_keys`), which have no prefixes and no text to return, or
+    /// containment queries on values stored sealed. Nothing was changed.
+    #[error("{operation} is not available: {reason}")]
+    Unsupported {
+        /// The operation refused, e.g. `delete_prefix`.
+        operation: &'static str,
+        /// Why, and what to do instead.
+        reason: &'static str,
+    },
     /// Waiting for another caller's computation of the same key took too long.
     #[error(
         "timed out after {waited_ms} ms waiting for another caller to compute the same \
@@ -215,6 +226,7 @@ impl Error {
             Error::ComputeTimeout { .. } => "compute_timeout",
             Error::WrongType { .. } => "wrong_type",
             Error::WarmupTimeout { .. } => "warmup_timeout",
+            Error::Unsupported { .. } => "unsupported",
             Error::Shard { source, .. } => source.kind_name(),
         }
     }

@@ -40,6 +40,11 @@ impl JsonbOut {
     pub(crate) fn byte_len(&self) -> usize {
         self.0.len()
     }
+
+    /// The JSON text.
+    pub(crate) fn text(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 impl ToSql<Jsonb, Pg> for JsonbOut {

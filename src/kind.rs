@@ -100,8 +100,8 @@ impl CacheKind {
                 title: "Key/Value Cache",
                 key: "key",
                 hits: None,
-                payload_bytes:
-                    "octet_length(key) + coalesce(pg_column_size(value), pg_column_size(bytes))",
+                payload_bytes: "octet_length(key) \
+                    + coalesce(pg_column_size(value), pg_column_size(bytes), pg_column_size(packed))",
                 external_path: "NULL::text",
             },
             CacheKind::Embedding => &Descriptor {
@@ -110,7 +110,7 @@ impl CacheKind {
                 title: "Embedding Cache",
                 key: "key_hash",
                 hits: None,
-                payload_bytes: "octet_length(embedding)",
+                payload_bytes: "coalesce(octet_length(embedding), octet_length(packed))",
                 external_path: "NULL::text",
             },
             CacheKind::VectorSearch => &Descriptor {
@@ -119,7 +119,7 @@ impl CacheKind {
                 title: "Vector Search Cache",
                 key: "key_hash",
                 hits: None,
-                payload_bytes: "pg_column_size(results)",
+                payload_bytes: "coalesce(pg_column_size(results), octet_length(packed))",
                 external_path: "NULL::text",
             },
             CacheKind::LlmResponse => &Descriptor {
@@ -130,7 +130,7 @@ impl CacheKind {
                 hits: Some(HitTracking {
                     made_by: ["provider", "model"],
                 }),
-                payload_bytes: "octet_length(response)",
+                payload_bytes: "coalesce(octet_length(response), octet_length(packed))",
                 external_path: "NULL::text",
             },
             CacheKind::AudioChunk => &Descriptor {

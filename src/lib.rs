@@ -80,6 +80,7 @@ macro_rules! add_counts {
 // Layers, bottom to top; a module imports only from its own layer or below (see
 // ARCHITECTURE.md).
 // Foundations: facts and checks with no database.
+mod codec;
 mod config;
 mod database_url;
 mod error;
@@ -142,6 +143,7 @@ pub use caches::{
     EmbeddingTable, KvCache, LlmPrompt, LlmResponseCache, LlmResponseTable, VectorSearchCache,
     VectorSearchQuery, VectorSearchTable, DEFAULT_MAX_AUDIO_TEXT_CHARS, MAX_AUDIO_BYTES,
 };
+pub use codec::DEFAULT_COMPRESSION_THRESHOLD;
 pub use config::UnknownVariable;
 pub use config::{
     CacheConfig, CacheConfigBuilder, Durability, PoolSettings, Pooler, Shard, DEFAULT_DATABASE_URL,

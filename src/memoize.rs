@@ -136,7 +136,9 @@ impl<K, V> Memo<K, V> {
     /// how many were removed.
     ///
     /// # Errors
-    /// A connection or database error.
+    /// [`Error::Unsupported`](crate::Error::Unsupported) when key/value keys are
+    /// stored hashed (`hash_kv_keys`), which have no prefixes; a connection or
+    /// database error.
     pub fn clear(&self) -> Result<u64> {
         KvCache::new(&self.cluster).delete_prefix(&format!("{}:", self.name))
     }

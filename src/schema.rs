@@ -22,6 +22,7 @@ diesel::table! {
         fresh_until -> Nullable<Timestamptz>,
         fresh_expiry -> Nullable<Timestamptz>,
         compute_us -> Nullable<Int8>,
+        packed -> Nullable<Bytea>,
     }
 }
 
@@ -58,6 +59,8 @@ diesel::table! {
         fresh_until -> Nullable<Timestamptz>,
         fresh_expiry -> Nullable<Timestamptz>,
         compute_us -> Nullable<Int8>,
+        packed -> Nullable<Bytea>,
+        bytes_packed -> Bool,
     }
 }
 
@@ -83,7 +86,7 @@ diesel::table! {
         key_hash -> Bytea,
         model -> Text,
         dimensions -> Int4,
-        embedding -> Bytea,
+        embedding -> Nullable<Bytea>,
         owner_id -> Nullable<Uuid>,
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
@@ -91,6 +94,7 @@ diesel::table! {
         fresh_until -> Nullable<Timestamptz>,
         fresh_expiry -> Nullable<Timestamptz>,
         compute_us -> Nullable<Int8>,
+        packed -> Nullable<Bytea>,
     }
 }
 
@@ -99,7 +103,7 @@ diesel::table! {
         key_hash -> Bytea,
         provider -> Text,
         model -> Nullable<Text>,
-        response -> Text,
+        response -> Nullable<Text>,
         owner_id -> Nullable<Uuid>,
         hit_count -> Int8,
         last_accessed_at -> Timestamptz,
@@ -109,6 +113,7 @@ diesel::table! {
         fresh_until -> Nullable<Timestamptz>,
         fresh_expiry -> Nullable<Timestamptz>,
         compute_us -> Nullable<Int8>,
+        packed -> Nullable<Bytea>,
     }
 }
 
@@ -117,14 +122,15 @@ diesel::table! {
         key_hash -> Bytea,
         user_id -> Uuid,
         top_k -> Int4,
-        filters -> Jsonb,
-        results -> Jsonb,
+        filters -> Nullable<Jsonb>,
+        results -> Nullable<Jsonb>,
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
         changed_xid -> Nullable<Int8>,
         fresh_until -> Nullable<Timestamptz>,
         fresh_expiry -> Nullable<Timestamptz>,
         compute_us -> Nullable<Int8>,
+        packed -> Nullable<Bytea>,
     }
 }
 

@@ -18,6 +18,7 @@ use postgres::{Client, NoTls, Statement};
 use serde_json::{json, Value};
 
 mod app_pool;
+mod codec;
 pub(crate) mod near;
 mod pooler;
 mod tags;
@@ -707,6 +708,26 @@ fn run_slice<C: Send>(
     Ok(())
 }
 
+/// A row of two managers side by side: `step` on `sides[0]` (the "pgcache"
+/// columns) and on `sides[1]` (the "raw" ones), in alternating slices after a
+/// warm-up on each, for each thread count of `passes`.
+fn side_by_side(
+    name: &str,
+    sides: [&CacheManager; 2],
+    passes: &[usize],
+    budget: Budget,
+    results: &mut Results,
+    step: &(dyn Fn(&CacheManager, &mut Worker) -> BenchResult<bool> + Sync),
+) -> BenchResult<()> {
+    let step = |cache: &mut &CacheManager, w: &mut Worker| step(cache, w);
+    for &threads in passes {
+        let contexts = sides.map(|cache| vec![cache; threads]);
+        let [first, second] = alternate(contexts, 2000, 1000, budget, &step)?;
+        results.record(name, threads, first, Some(second));
+    }
+    Ok(())
+}
+
 struct Sides<'a> {
     cache: &'a CacheManager,
     lib_workers: Vec<Worker>,
@@ -808,7 +829,9 @@ fn alternate<C: Send>(
 }
 
 /// The library side's settings: `threads` callers on `schema`, at the run's
-/// durability.
+/// durability, values stored as given (no compression), as the raw statements
+/// they are compared with store them and read them back from the same tables; the
+/// codec's rows turn compression on themselves.
 pub(crate) fn bench_config(
     url: &str,
     schema: &str,
@@ -819,6 +842,7 @@ pub(crate) fn bench_config(
         .database_url(url)
         .schema(schema)
         .pool_max_size(threads as u32 + 1)
+        .compression_threshold(None)
         .durability(if relaxed {
             Durability::Relaxed
         } else {
@@ -959,6 +983,7 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
         &cache,
         &mut results,
     )?;
+    codec::rows(&url, &scratch.schema, &passes, budget, &mut results)?;
     // Last: its triggers live in a schema of their own, so no row above pays them.
     near::rows(
         &scratch,
@@ -984,6 +1009,7 @@ pub fn run(args: &BenchArgs, database_url: Option<&str>, quiet: bool) -> BenchRe
         setup: results.phases,
         results: results.rows,
         unmeasured: results.unmeasured,
+        notes: results.notes,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -1181,6 +1207,8 @@ impl Row {
 /// the final document), or nowhere with `--quiet`.
 struct Results {
     rows: Vec<Row>,
+    /// Figures that are not latencies (e.g. the codec's stored sizes).
+    notes: Vec<String>,
     /// Rows with no sample on a side, and why.
     unmeasured: Vec<Unmeasured>,
     echo: Echo,
@@ -1219,6 +1247,7 @@ impl Results {
     fn new(echo: Echo) -> Self {
         let results = Results {
             rows: Vec::new(),
+            notes: Vec::new(),
             unmeasured: Vec::new(),
             echo,
             last: Instant::now(),
@@ -1289,6 +1318,12 @@ impl Results {
         }
     }
 
+    /// Records a figure that is not a latency.
+    fn note(&mut self, note: String) {
+        self.show(&note);
+        self.notes.push(note);
+    }
+
     fn push(&mut self, row: Row) {
         self.show(&row.line());
         self.rows.push(row);
@@ -1326,6 +1361,8 @@ struct Report {
     results: Vec<Row>,
     /// Rows left out for want of samples, and why.
     unmeasured: Vec<Unmeasured>,
+    /// Figures that are not latencies.
+    notes: Vec<String>,
 }
 
 /// The Node package's estimated "Performance Characteristics" (the design pgcache

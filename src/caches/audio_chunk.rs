@@ -27,6 +27,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::common::check_name;
+use crate::codec::{Codec, Context};
 use crate::config::SizeBounds;
 use crate::error::{Error, Result};
 use crate::eviction::{evict, EvictionReport, Limits};
@@ -370,20 +371,22 @@ pub struct CachedAudioChunk {
     pub expires_at: DateTime<Utc>,
 }
 
-/// A chunk's numbers in their column types.
+/// A chunk's numbers in their column types, and its inline audio sealed when
+/// values are.
 #[derive(Debug, Clone)]
 pub struct Encoded {
     duration_ms: i32,
     sample_rate: i32,
     channels: i16,
     byte_size: i64,
+    packed: Option<Vec<u8>>,
 }
 
-/// The audio bytes stored in the row, if inline.
+/// The audio bytes stored in the row, if inline and not sealed.
 fn inline<'r>(row: &'r Row<'_, AudioChunkTable>) -> Option<&'r [u8]> {
     match &row.value.data {
-        AudioData::Inline(bytes) => Some(bytes),
-        AudioData::Stored { .. } => None,
+        AudioData::Inline(bytes) if row.encoded.packed.is_none() => Some(bytes),
+        _ => None,
     }
 }
 
@@ -394,6 +397,7 @@ pub struct Stored {
     key_hash: Vec<u8>,
     audio_data: Option<Vec<u8>>,
     storage_path: Option<String>,
+    packed: Option<Vec<u8>>,
     format: String,
     duration_ms: i32,
     sample_rate: i32,
@@ -406,6 +410,11 @@ pub struct Stored {
     expires_at: DateTime<Utc>,
 }
 
+/// Where a chunk's inline audio belongs, for the codec: the entry's digest.
+fn context(digest: &[u8]) -> Context<'_> {
+    Context::new(CacheKind::AudioChunk, "audio", digest)
+}
+
 impl TypedTable for AudioChunkTable {
     const CACHE: CacheKind = CacheKind::AudioChunk;
     type Key = AudioChunkKey;
@@ -414,7 +423,14 @@ impl TypedTable for AudioChunkTable {
     type Encoded = Encoded;
     type Stored = Stored;
 
-    fn encode(_key: &AudioChunkKey, chunk: &AudioChunk) -> Result<Encoded> {
+    /// Inline audio is sealed when values are (speech says what the text said); a
+    /// storage path is not.
+    fn encode(
+        _key: &AudioChunkKey,
+        chunk: &AudioChunk,
+        codec: &Codec,
+        digest: &KeyDigest,
+    ) -> Result<Encoded> {
         match &chunk.data {
             AudioData::Inline(bytes) if bytes.len() > MAX_AUDIO_BYTES => {
                 return Err(Error::invalid(
@@ -457,11 +473,17 @@ impl TypedTable for AudioChunkTable {
             sample_rate: fits("sample_rate", chunk.sample_rate.into(), i32::MAX as u64)? as i32,
             channels: fits("channels", chunk.channels.into(), i16::MAX as u64)? as i16,
             byte_size: fits("byte_size", chunk.byte_size(), i64::MAX as u64)? as i64,
+            packed: match &chunk.data {
+                AudioData::Inline(bytes) => codec.seal(bytes, context(digest.as_bytes()))?,
+                AudioData::Stored { .. } => None,
+            },
         })
     }
 
     fn row_bytes(row: &Row<'_, Self>) -> usize {
-        inline(row).map_or(0, <[u8]>::len)
+        inline(row)
+            .or(row.encoded.packed.as_deref())
+            .map_or(0, <[u8]>::len)
     }
 
     fn columns<'r>(rows: &'r [Row<'_, Self>]) -> impl UpsertColumns + 'r {
@@ -473,6 +495,9 @@ impl TypedTable for AudioChunkTable {
                 r.key.provider.as_str()
             }),
             column(audio_chunk_cache::audio_data, rows, inline),
+            column(audio_chunk_cache::packed, rows, |r| {
+                r.encoded.packed.as_deref()
+            }),
             column(audio_chunk_cache::storage_path, rows, |r| {
                 match &r.value.data {
                     AudioData::Inline(_) => None,
@@ -495,12 +520,15 @@ impl TypedTable for AudioChunkTable {
         )
     }
 
-    fn decode(row: Stored) -> (Vec<u8>, CachedAudioChunk) {
-        // The table's CHECKs keep exactly one of bytes and path, and the numbers
-        // positive.
-        let data = match (row.audio_data, row.storage_path) {
-            (Some(bytes), _) => AudioData::Inline(bytes),
-            (None, path) => AudioData::Stored {
+    fn decode(row: Stored, codec: &Codec) -> Option<(Vec<u8>, CachedAudioChunk)> {
+        // The table's CHECKs keep exactly one of bytes, sealed bytes and path, and
+        // the numbers positive.
+        let data = match (row.audio_data, row.packed, row.storage_path) {
+            (Some(bytes), _, _) => AudioData::Inline(bytes),
+            (None, Some(packed), _) => {
+                AudioData::Inline(codec.open(&packed, context(&row.key_hash))?)
+            }
+            (None, None, path) => AudioData::Stored {
                 path: path.unwrap_or_default(),
                 byte_size: row.byte_size.unsigned_abs(),
             },
@@ -519,7 +547,7 @@ impl TypedTable for AudioChunkTable {
             created_at: row.created_at,
             expires_at: row.expires_at,
         };
-        (row.key_hash, entry)
+        Some((row.key_hash, entry))
     }
 
     fn value(entry: CachedAudioChunk) -> AudioChunk {

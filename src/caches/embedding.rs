@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use super::common::{check_name, delete_owned};
 use crate::cache::{Cache, Storage};
+use crate::codec::{Codec, Context};
 use crate::error::{Error, Result};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
@@ -166,11 +167,13 @@ pub struct CachedEmbedding {
     pub expires_at: DateTime<Utc>,
 }
 
-/// A vector as stored: little-endian `f32` bytes and their count.
+/// A vector as stored: little-endian `f32` bytes and their count, or, when values
+/// are sealed, their envelope.
 #[derive(Debug, Clone)]
 pub struct Encoded {
     bytes: Vec<u8>,
     dimensions: i32,
+    packed: Option<Vec<u8>>,
 }
 
 /// A live row as read back.
@@ -179,7 +182,8 @@ pub struct Encoded {
 pub struct Stored {
     key_hash: Vec<u8>,
     model: String,
-    embedding: Vec<u8>,
+    embedding: Option<Vec<u8>>,
+    packed: Option<Vec<u8>>,
     owner_id: Option<Uuid>,
     created_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
@@ -193,18 +197,33 @@ impl TypedTable for EmbeddingTable {
     type Encoded = Encoded;
     type Stored = Stored;
 
-    /// Validates the vector and encodes it as little-endian `f32` bytes.
-    fn encode(_key: &EmbeddingKey, embedding: &Vec<f32>) -> Result<Encoded> {
+    /// Validates the vector and encodes it as little-endian `f32` bytes (sealed
+    /// when values are: a vector gives away much of the text it embeds).
+    fn encode(
+        _key: &EmbeddingKey,
+        embedding: &Vec<f32>,
+        codec: &Codec,
+        digest: &KeyDigest,
+    ) -> Result<Encoded> {
         check_embedding(embedding)?;
+        let bytes: Vec<u8> = embedding.iter().flat_map(|c| c.to_le_bytes()).collect();
         Ok(Encoded {
-            bytes: embedding.iter().flat_map(|c| c.to_le_bytes()).collect(),
+            packed: codec.seal(
+                &bytes,
+                Context::new(CacheKind::Embedding, "embedding", digest.as_bytes()),
+            )?,
+            bytes,
             // check_embedding caps the length far below i32::MAX.
             dimensions: embedding.len() as i32,
         })
     }
 
     fn row_bytes(row: &Row<'_, Self>) -> usize {
-        row.encoded.bytes.len()
+        row.encoded
+            .packed
+            .as_ref()
+            .unwrap_or(&row.encoded.bytes)
+            .len()
     }
 
     fn columns<'r>(rows: &'r [Row<'_, Self>]) -> impl UpsertColumns + 'r {
@@ -212,15 +231,28 @@ impl TypedTable for EmbeddingTable {
             column(embedding_cache::model, rows, |r| r.key.model.as_str()),
             column(embedding_cache::dimensions, rows, |r| r.encoded.dimensions),
             column(embedding_cache::embedding, rows, |r| {
-                r.encoded.bytes.as_slice()
+                r.encoded
+                    .packed
+                    .is_none()
+                    .then_some(r.encoded.bytes.as_slice())
+            }),
+            column(embedding_cache::packed, rows, |r| {
+                r.encoded.packed.as_deref()
             }),
             column(embedding_cache::owner_id, rows, |r| r.key.owner),
         )
     }
 
-    fn decode(row: Stored) -> (Vec<u8>, CachedEmbedding) {
-        let embedding: Vec<f32> = row
-            .embedding
+    fn decode(row: Stored, codec: &Codec) -> Option<(Vec<u8>, CachedEmbedding)> {
+        // The table's CHECK keeps exactly one of embedding and packed.
+        let bytes = match (row.embedding, row.packed) {
+            (Some(bytes), _) => bytes,
+            (None, packed) => codec.open(
+                &packed?,
+                Context::new(CacheKind::Embedding, "embedding", &row.key_hash),
+            )?,
+        };
+        let embedding: Vec<f32> = bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
@@ -232,7 +264,7 @@ impl TypedTable for EmbeddingTable {
             created_at: row.created_at,
             expires_at: row.expires_at,
         };
-        (row.key_hash, entry)
+        Some((row.key_hash, entry))
     }
 
     fn value(entry: CachedEmbedding) -> Vec<f32> {

@@ -5,6 +5,7 @@
 //! statements and rows are `statements.rs`; the Redis-style operations beyond
 //! [`Cache`] are `redis.rs`; tags are `tags.rs`.
 
+use std::borrow::Cow;
 use std::marker::PhantomData;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use diesel::pg::PgConnection;
 
 use crate::cache::{distinct_in_write_order, store_rows, write_rows_in, Cache, Handle};
 use crate::cluster::Cluster;
+use crate::codec::Codec;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::expiry::ttl_interval;
@@ -138,11 +140,22 @@ impl<'a, V> KvCache<'a, V> {
         self.handle.cluster.engine_for(|| kv_digest(key))
     }
 
-    /// Evicts `key` from this process's near cache, after a write outside the
-    /// `Cache` trait's path.
-    pub(super) fn evict_near(&self, key: &str) {
+    /// The codec of this handle's configuration.
+    pub(super) fn codec(&self) -> &'a Codec {
+        self.handle.cluster.config().codec()
+    }
+
+    /// `key` checked, as stored: itself, or its keyed hash.
+    pub(super) fn stored_key<'k>(&self, key: &'k str) -> Result<Cow<'k, str>> {
+        check_key(key)?;
+        Ok(self.codec().kv_key(key))
+    }
+
+    /// Evicts `key` (stored as `stored`) from this process's near cache, after a
+    /// write outside the `Cache` trait's path.
+    pub(super) fn evict_near(&self, key: &str, stored: &str) {
         if let Some(near) = self.engine(key).near() {
-            near.invalidate(CacheKind::Kv, [key.as_bytes()]);
+            near.invalidate(CacheKind::Kv, [stored.as_bytes()]);
         }
     }
 
@@ -207,12 +220,8 @@ impl<'a, V> KvCache<'a, V> {
         ttl: Duration,
     ) -> Result<()> {
         let interval = ttl_interval(ttl)?;
-        write_rows_in(
-            &self.bytes(),
-            conn,
-            &self.bytes_rows(&[(key, value)])?,
-            interval,
-        )
+        let rows = self.bytes_rows(&[(key, value)])?;
+        write_rows_in(&self.bytes(), conn, &rows, interval)
     }
 
     /// Reads a live bytes entry, exactly as stored; `None` on a miss, on an expired
@@ -244,12 +253,12 @@ impl<'a, V> KvCache<'a, V> {
 
 impl<V> KvCache<'_, V> {
     /// Validates bytes entries (and this handle's tags) into rows with distinct
-    /// keys (the last value of a key wins), in write order.
+    /// keys (the last value of a key wins), in write order, encoded by the codec.
     fn bytes_rows<'e>(&self, entries: &[(&'e str, &'e [u8])]) -> Result<Vec<Row<'e>>> {
         tags::check_tags(self.tags)?;
         let rows = entries
             .iter()
-            .map(|(key, value)| Row::bytes(key, value))
+            .map(|(key, value)| Row::bytes(key, value)?.encoded(self.codec()))
             .collect::<Result<Vec<_>>>()?;
         Ok(distinct_in_write_order::<KvBytes<'e>>(rows))
     }

@@ -14,6 +14,11 @@
 //! access time, in a batched `UPDATE` per flush (every `stats_flush_interval`, and
 //! before [`LlmResponseCache::top`]). The counter columns carry no index, so those
 //! updates stay HOT.
+//!
+//! # Compression and encryption
+//! A response over the compression threshold, or any response when encryption keys
+//! are configured, is stored as the codec's envelope in `packed` instead of
+//! `response`, sealed to its key's digest; one written plain reads as before.
 
 use chrono::{DateTime, Utc};
 use diesel::pg::PgConnection;
@@ -23,6 +28,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::common::{check_name, delete_owned};
+use crate::codec::{Codec, Context};
 use crate::error::Result;
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
@@ -188,7 +194,8 @@ pub struct CachedLlmResponse {
 #[diesel(table_name = llm_response_cache, check_for_backend(diesel::pg::Pg))]
 pub struct Stored {
     key_hash: Vec<u8>,
-    response: String,
+    response: Option<String>,
+    packed: Option<Vec<u8>>,
     provider: String,
     model: Option<String>,
     hit_count: i64,
@@ -202,15 +209,25 @@ impl TypedTable for LlmResponseTable {
     type Key = LlmPrompt;
     type Value = String;
     type Entry = CachedLlmResponse;
-    type Encoded = ();
+    /// The response's envelope, when the codec packs it.
+    type Encoded = Option<Vec<u8>>;
     type Stored = Stored;
 
-    fn encode(_prompt: &LlmPrompt, response: &String) -> Result<()> {
-        check_text("response", response)
+    fn encode(
+        _prompt: &LlmPrompt,
+        response: &String,
+        codec: &Codec,
+        digest: &KeyDigest,
+    ) -> Result<Option<Vec<u8>>> {
+        check_text("response", response)?;
+        codec.pack(
+            response.as_bytes(),
+            Context::new(CacheKind::LlmResponse, "response", digest.as_bytes()),
+        )
     }
 
     fn row_bytes(row: &Row<'_, Self>) -> usize {
-        row.value.len()
+        row.encoded.as_ref().map_or(row.value.len(), Vec::len)
     }
 
     fn columns<'r>(rows: &'r [Row<'_, Self>]) -> impl UpsertColumns + 'r {
@@ -219,14 +236,26 @@ impl TypedTable for LlmResponseTable {
                 r.key.provider.as_str()
             }),
             column(llm_response_cache::model, rows, |r| r.key.model.as_deref()),
-            column(llm_response_cache::response, rows, |r| r.value.as_str()),
+            column(llm_response_cache::response, rows, |r| {
+                r.encoded.is_none().then_some(r.value.as_str())
+            }),
+            column(llm_response_cache::packed, rows, |r| r.encoded.as_deref()),
             column(llm_response_cache::owner_id, rows, |r| r.key.owner),
         )
     }
 
-    fn decode(row: Stored) -> (Vec<u8>, CachedLlmResponse) {
+    fn decode(row: Stored, codec: &Codec) -> Option<(Vec<u8>, CachedLlmResponse)> {
+        // The table's CHECK keeps exactly one of response and packed.
+        let response = match (row.response, row.packed) {
+            (Some(response), _) => response,
+            (None, packed) => String::from_utf8(codec.open(
+                &packed?,
+                Context::new(CacheKind::LlmResponse, "response", &row.key_hash),
+            )?)
+            .ok()?,
+        };
         let entry = CachedLlmResponse {
-            response: row.response,
+            response,
             provider: row.provider,
             model: row.model,
             hit_count: row.hit_count.unsigned_abs(),
@@ -234,7 +263,7 @@ impl TypedTable for LlmResponseTable {
             created_at: row.created_at,
             expires_at: row.expires_at,
         };
-        (row.key_hash, entry)
+        Some((row.key_hash, entry))
     }
 
     fn value(entry: CachedLlmResponse) -> String {

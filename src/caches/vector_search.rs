@@ -18,6 +18,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::common::delete_owned;
+use crate::codec::{Codec, Context};
 use crate::error::{Error, Result};
 use crate::jsonb::JsonbOut;
 use crate::key::{canonical_json, KeyDigest, KeyHasher};
@@ -134,12 +135,14 @@ pub struct CachedVectorSearch {
     pub expires_at: DateTime<Utc>,
 }
 
-/// A search's columns as bound: `top_k`, the canonical filters and the results.
+/// A search's columns as bound: `top_k`, the canonical filters and the results,
+/// or, when values are sealed, the envelope of both (`[filters, results]`).
 #[derive(Debug, Clone)]
 pub struct Encoded {
     top_k: i32,
     filters: JsonbOut,
     results: JsonbOut,
+    packed: Option<Vec<u8>>,
 }
 
 /// A live row as read back.
@@ -149,8 +152,9 @@ pub struct Stored {
     key_hash: Vec<u8>,
     user_id: Uuid,
     top_k: i32,
-    filters: Value,
-    results: Value,
+    filters: Option<Value>,
+    results: Option<Value>,
+    packed: Option<Vec<u8>>,
     created_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
 }
@@ -163,38 +167,72 @@ impl TypedTable for VectorSearchTable {
     type Encoded = Encoded;
     type Stored = Stored;
 
-    fn encode(query: &VectorSearchQuery, results: &Value) -> Result<Encoded> {
+    /// Sealed when values are: filters and results may both hold what the user
+    /// searched for.
+    fn encode(
+        query: &VectorSearchQuery,
+        results: &Value,
+        codec: &Codec,
+        digest: &KeyDigest,
+    ) -> Result<Encoded> {
+        let filters = JsonbOut::new("filters", &canonical_json(&query.filters))?;
+        let results = JsonbOut::new("results", results)?;
+        let packed = if codec.seals() {
+            let both: [&[u8]; 5] = [b"[", filters.text(), b",", results.text(), b"]"];
+            codec.seal(&both.concat(), context(digest.as_bytes()))?
+        } else {
+            None
+        };
         Ok(Encoded {
             top_k: top_k(query)?,
-            filters: JsonbOut::new("filters", &canonical_json(&query.filters))?,
-            results: JsonbOut::new("results", results)?,
+            packed,
+            filters,
+            results,
         })
     }
 
     fn row_bytes(row: &Row<'_, Self>) -> usize {
-        row.encoded.filters.byte_len() + row.encoded.results.byte_len()
+        match &row.encoded.packed {
+            Some(packed) => packed.len(),
+            None => row.encoded.filters.byte_len() + row.encoded.results.byte_len(),
+        }
     }
 
     fn columns<'r>(rows: &'r [Row<'_, Self>]) -> impl UpsertColumns + 'r {
         (
             column(vector_search_cache::user_id, rows, |r| r.key.user_id),
             column(vector_search_cache::top_k, rows, |r| r.encoded.top_k),
-            column(vector_search_cache::filters, rows, |r| &r.encoded.filters),
-            column(vector_search_cache::results, rows, |r| &r.encoded.results),
+            column(vector_search_cache::filters, rows, |r| {
+                r.encoded.packed.is_none().then_some(&r.encoded.filters)
+            }),
+            column(vector_search_cache::results, rows, |r| {
+                r.encoded.packed.is_none().then_some(&r.encoded.results)
+            }),
+            column(vector_search_cache::packed, rows, |r| {
+                r.encoded.packed.as_deref()
+            }),
         )
     }
 
-    fn decode(row: Stored) -> (Vec<u8>, CachedVectorSearch) {
+    fn decode(row: Stored, codec: &Codec) -> Option<(Vec<u8>, CachedVectorSearch)> {
+        // The table's CHECK keeps filters and results, or packed.
+        let (filters, results) = match (row.filters, row.results, row.packed) {
+            (Some(filters), Some(results), _) => (filters, results),
+            (_, _, packed) => {
+                let both = codec.open(&packed?, context(&row.key_hash))?;
+                serde_json::from_slice(&both).ok()?
+            }
+        };
         let entry = CachedVectorSearch {
-            results: row.results,
+            results,
             user_id: row.user_id,
             // The column's CHECK keeps it positive.
             top_k: row.top_k.unsigned_abs(),
-            filters: row.filters,
+            filters,
             created_at: row.created_at,
             expires_at: row.expires_at,
         };
-        (row.key_hash, entry)
+        Some((row.key_hash, entry))
     }
 
     fn value(entry: CachedVectorSearch) -> Value {
@@ -213,6 +251,11 @@ impl TypedTable for VectorSearchTable {
     fn digest(query: &VectorSearchQuery) -> Result<KeyDigest> {
         query.digest()
     }
+}
+
+/// Where a search's results belong, for the codec: the entry's digest.
+fn context(digest: &[u8]) -> Context<'_> {
+    Context::new(CacheKind::VectorSearch, "results", digest)
 }
 
 /// Deletes every cached search of `user` from `table` (schema-qualified); returns

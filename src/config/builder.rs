@@ -9,6 +9,7 @@ use super::{
     check_bound, check_early_refresh_beta, check_low_watermark, CacheConfig, Durability, NearCache,
     Pooler, Shard, DEFAULT_DATABASE_URL,
 };
+use crate::codec::{Codec, CodecSettings};
 use crate::database_url::DatabaseUrl;
 use crate::error::{Error, Result};
 use crate::expiry::check_ttl;
@@ -31,6 +32,9 @@ pub struct CacheConfigBuilder {
     direct_url: Option<UnparsedUrl>,
     /// Setting (setter name) to the variable and value it was read from.
     from_env: HashMap<String, (String, String)>,
+    /// Compression and encryption, unchecked until [`Self::build`] (its `Debug`
+    /// shows no key material).
+    pub(super) codec: CodecSettings,
 }
 
 impl Default for CacheConfigBuilder {
@@ -41,6 +45,7 @@ impl Default for CacheConfigBuilder {
             shards: Vec::new(),
             direct_url: None,
             from_env: HashMap::new(),
+            codec: CodecSettings::default(),
         }
     }
 }
@@ -371,6 +376,49 @@ impl CacheConfigBuilder {
         self
     }
 
+    /// Values of more than `bytes` bytes (key/value JSON text and bytes, LLM
+    /// responses) are stored compressed with zstd, and read back transparently;
+    /// `None` turns compression off. Entries stored before, either way, still read.
+    /// Default: `Some(`[`DEFAULT_COMPRESSION_THRESHOLD`]`)` (1 KiB).
+    ///
+    /// [`DEFAULT_COMPRESSION_THRESHOLD`]: crate::DEFAULT_COMPRESSION_THRESHOLD
+    pub fn compression_threshold(mut self, bytes: Option<usize>) -> Self {
+        self.from_env.remove("compression_threshold");
+        self.codec.compress_above = bytes;
+        self
+    }
+
+    /// Adds an encryption key (32 bytes) under `id` (1 to 32 characters of `A-Z a-z
+    /// 0-9 . _ -`), which values are then sealed with (XChaCha20-Poly1305) or read
+    /// with. The first key added is the primary: new values are sealed with it,
+    /// and every key opens what it sealed, so keys rotate by putting a new key
+    /// first and keeping the old ones until their entries have expired (see the
+    /// guide). Keys given here replace those of `PGCACHE_ENCRYPTION_KEYS`. The key
+    /// is never shown in `Debug`, messages or logs. Default: no keys, values are
+    /// not encrypted.
+    pub fn encryption_key(mut self, id: impl Into<String>, key: impl AsRef<[u8]>) -> Self {
+        if self.from_env.remove("encryption_keys").is_some() {
+            self.codec.keys.clear();
+        }
+        self.codec.keys.push((id.into(), key.as_ref().to_vec()));
+        self
+    }
+
+    /// Stores key/value keys as keyed hashes (HMAC-SHA256 under a key derived from
+    /// the encryption key `key_id`), so the table reveals no key text. Prefixes
+    /// cannot be found among hashes: [`KvCache::delete_prefix`] and
+    /// [`KvCache::find_containing`] are then refused. Keep `key_id` in the ring
+    /// for as long as it hashes: changing it leaves every key/value entry unread
+    /// until it expires. Default: `None`, keys are stored as given.
+    ///
+    /// [`KvCache::delete_prefix`]: crate::KvCache::delete_prefix
+    /// [`KvCache::find_containing`]: crate::KvCache::find_containing
+    pub fn hash_kv_keys(mut self, key_id: Option<String>) -> Self {
+        self.from_env.remove("hash_kv_keys");
+        self.codec.hash_kv_keys = key_id;
+        self
+    }
+
     /// Checks every setting and builds the configuration.
     ///
     /// # Errors
@@ -379,7 +427,9 @@ impl CacheConfigBuilder {
     /// `max_size`, a zero timeout, a zero or over-large size bound, a low watermark
     /// outside 0..=1. The setting is named as it was given: the environment variable
     /// when it was read by [`Self::from_env`], else the setter (`pool_max_size`,
-    /// `max_entries(kv)`, ...).
+    /// `max_entries(kv)`, ...). An encryption key of the wrong length or with a
+    /// bad id, or key hashing under an id no key has, names the key's id, never the
+    /// key.
     pub fn build(self) -> Result<CacheConfig> {
         let mut config = self.config.clone();
         config.database_url = DatabaseUrl::parse(&self.database_url.0).map_err(|error| {
@@ -509,6 +559,9 @@ impl CacheConfigBuilder {
                  pooler would leave on server connections other clients then use",
             ));
         }
+        config.codec = Codec::new(&self.codec)
+            .map_err(|(setting, value, reason)| self.invalid(setting, value, reason))?
+            .into();
         Ok(config)
     }
 

@@ -6,11 +6,13 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use super::{CacheConfig, CacheConfigBuilder, Durability, Pooler};
+use crate::codec::parse_keys;
 use crate::error::{Error, Result};
 use crate::kind::CacheKind;
 
 /// The settings whose text holds a password, never kept or shown as given.
-pub(super) const SECRET_SETTINGS: [&str; 3] = ["database_url", "shards", "direct_url"];
+pub(super) const SECRET_SETTINGS: [&str; 4] =
+    ["database_url", "shards", "direct_url", "encryption_keys"];
 
 /// How an environment variable's text is applied to the builder; given the
 /// variable's name for its parse errors.
@@ -148,6 +150,32 @@ pub(super) static VARIABLES: LazyLock<Vec<Variable>> = LazyLock::new(|| {
     }));
     variables.push(var("PGCACHE_DIRECT_URL", "direct_url", |b, _, v| {
         Ok(b.direct_url(v))
+    }));
+    variables.push(var(
+        "PGCACHE_COMPRESSION_THRESHOLD_BYTES",
+        "compression_threshold",
+        |b, n, v| {
+            Ok(match v.trim() {
+                "off" => b.compression_threshold(None),
+                _ => b.compression_threshold(Some(
+                    usize::try_from(parse_u64(n, v, "bytes")?).unwrap_or(usize::MAX),
+                )),
+            })
+        },
+    ));
+    variables.push(var(
+        "PGCACHE_ENCRYPTION_KEYS",
+        "encryption_keys",
+        |mut b, n, v| {
+            // Never the text: it holds the keys.
+            b.codec.keys =
+                parse_keys(v).map_err(|reason| Error::config(n, "<not shown>", reason))?;
+            Ok(b)
+        },
+    ));
+    variables.push(var("PGCACHE_HASH_KV_KEYS", "hash_kv_keys", |b, _, v| {
+        let id = v.trim();
+        Ok(b.hash_kv_keys((!id.is_empty()).then(|| id.to_owned())))
     }));
     variables.push(var(
         "PGCACHE_NEAR_CACHE_STALENESS_MS",

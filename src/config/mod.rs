@@ -5,8 +5,10 @@ mod builder;
 mod env;
 mod settings;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::codec::Codec;
 use crate::database_url::DatabaseUrl;
 use crate::error::{Error, Result};
 use crate::expiry::TtlPresets;
@@ -64,6 +66,9 @@ pub struct CacheConfig {
     pub(crate) pooler: Pooler,
     /// The server itself, past the pooler, for what needs a session of its own.
     pub(crate) direct_url: Option<DatabaseUrl>,
+    /// Compression, encryption keys, the hashing of key/value keys (its `Debug`
+    /// shows no key material).
+    pub(crate) codec: Arc<Codec>,
 }
 
 impl CacheConfig {
@@ -97,6 +102,7 @@ impl CacheConfig {
             near_cache_staleness: DEFAULT_NEAR_CACHE_STALENESS,
             pooler: Pooler::None,
             direct_url: None,
+            codec: Arc::default(),
         }
     }
 }
@@ -152,6 +158,9 @@ impl CacheConfig {
     /// | `PGCACHE_NEAR_CACHE_STALENESS_MS` | 100 | the near caches' staleness bound |
     /// | `PGCACHE_POOLER` | `none` | `transaction`: `DATABASE_URL` goes through a transaction pooler (PgBouncer); no session state on its connections |
     /// | `PGCACHE_DIRECT_URL` | (none) | with a transaction pooler: the server itself, for migrations and the near-cache poller |
+    /// | `PGCACHE_COMPRESSION_THRESHOLD_BYTES` | 1024 | values over this many bytes are stored compressed (zstd); `off`: none is |
+    /// | `PGCACHE_ENCRYPTION_KEYS` | (none: no encryption) | `id:base64key,...` (32-byte keys): values sealed with the first, read with any (key/value, LLM responses, embeddings, vector searches, inline audio) |
+    /// | `PGCACHE_HASH_KV_KEYS` | (none) | a key id of `PGCACHE_ENCRYPTION_KEYS`: key/value keys stored as keyed hashes under it |
     ///
     /// `<CACHE>` is `KV`, `EMBEDDING`, `VECTOR_SEARCH`, `LLM_RESPONSE` or
     /// `AUDIO_CHUNK`.
@@ -315,6 +324,29 @@ impl CacheConfig {
     /// password).
     pub fn direct_url(&self) -> Option<&DatabaseUrl> {
         self.direct_url.as_ref()
+    }
+
+    /// Values (key/value JSON text and bytes, LLM responses) of more than this many
+    /// bytes are stored compressed; `None` when compression is off.
+    pub fn compression_threshold(&self) -> Option<usize> {
+        self.codec.compression_threshold()
+    }
+
+    /// The ids of the encryption keys, the primary (which seals new values) first;
+    /// empty when values are not encrypted. Never the keys themselves.
+    pub fn encryption_key_ids(&self) -> Vec<&str> {
+        self.codec.key_ids()
+    }
+
+    /// The id of the encryption key under which key/value keys are stored as keyed
+    /// hashes, if they are.
+    pub fn kv_key_hashing(&self) -> Option<&str> {
+        self.codec.kv_key_hashing()
+    }
+
+    /// The value codec: compression, sealing, key hashing.
+    pub(crate) fn codec(&self) -> &Codec {
+        &self.codec
     }
 
     /// Whether no session state may be kept on the pool's connections.

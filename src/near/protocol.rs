@@ -124,11 +124,18 @@ pub(crate) fn stamps_changes(config: &CacheConfig) -> bool {
 pub(crate) fn payload_columns(kind: CacheKind) -> &'static [&'static str] {
     match kind {
         // The near cache keeps an entry's tags with its value.
-        CacheKind::Kv => &["value", "bytes", "tags", "tag_generations"],
-        CacheKind::Embedding => &["embedding"],
-        CacheKind::VectorSearch => &["results", "filters", "top_k", "user_id"],
-        CacheKind::LlmResponse => &["response"],
-        CacheKind::AudioChunk => &["audio_data", "storage_path"],
+        CacheKind::Kv => &[
+            "value",
+            "bytes",
+            "packed",
+            "bytes_packed",
+            "tags",
+            "tag_generations",
+        ],
+        CacheKind::Embedding => &["embedding", "packed"],
+        CacheKind::VectorSearch => &["results", "filters", "top_k", "user_id", "packed"],
+        CacheKind::LlmResponse => &["response", "packed"],
+        CacheKind::AudioChunk => &["audio_data", "storage_path", "packed"],
     }
 }
 
@@ -377,8 +384,8 @@ mod tests {
         assert_eq!(
             upsert_stamp(CacheKind::Embedding, "t"),
             "changed_xid = CASE WHEN current_setting('pgcache.stamps_changes', true) = 'on' \
-             AND (t.expires_at > statement_timestamp() AND (t.embedding IS DISTINCT FROM \
-             excluded.embedding OR excluded.expires_at < t.expires_at)) \
+             AND (t.expires_at > statement_timestamp() AND ((t.embedding, t.packed) IS DISTINCT \
+             FROM (excluded.embedding, excluded.packed) OR excluded.expires_at < t.expires_at)) \
              THEN pg_current_xact_id()::text::int8 ELSE t.changed_xid END"
         );
     }

@@ -130,7 +130,7 @@ mod tests {
         let ticket = ticket.carrying(TagSlots::of(tags.iter().copied()));
         let expires = Utc::now() + chrono::Duration::hours(1);
         near.fill(CacheKind::Kv, ticket, key.into(), Arc::new(()), expires, 1);
-        assert!(near.get(CacheKind::Kv, key).is_some());
+        assert!(near.get(CacheKind::Kv, key, |_| ()).is_some());
     }
 
     #[test]
@@ -144,12 +144,12 @@ mod tests {
         holding(&near, b"a", &["t1"]);
         holding(&near, b"b", &["t2"]);
         near.apply(protocol::TAG_LOG_NAME, Some(&["t1".to_owned()]));
-        assert!(near.get(CacheKind::Kv, b"a").is_none());
+        assert!(near.get(CacheKind::Kv, b"a", |_| ()).is_none());
         assert!(
-            near.get(CacheKind::Kv, b"b").is_some(),
+            near.get(CacheKind::Kv, b"b", |_| ()).is_some(),
             "another tag's entry"
         );
         near.apply(protocol::TAG_LOG_NAME, None);
-        assert!(near.get(CacheKind::Kv, b"b").is_none(), "every tag");
+        assert!(near.get(CacheKind::Kv, b"b", |_| ()).is_none(), "every tag");
     }
 }

@@ -27,6 +27,7 @@ use crate::cache::{Handle, NearRead, NearStorage, Storage};
 mod statements;
 
 use crate::cluster::Cluster;
+use crate::codec::Codec;
 use crate::error::Result;
 use crate::freshness::{read_at, WithFacts};
 use crate::key::KeyDigest;
@@ -100,6 +101,11 @@ impl<'a, T> TypedCache<'a, T> {
     pub(crate) fn cluster(&self) -> &'a Cluster {
         self.handle.cluster
     }
+
+    /// The codec of this handle's configuration.
+    fn codec(&self) -> &'a Codec {
+        self.handle.cluster.config().codec()
+    }
 }
 
 /// What one digest-keyed cache table is; implemented by a type naming the table
@@ -131,11 +137,17 @@ pub trait TypedTable: Sync {
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key.
     fn digest(key: &Self::Key) -> Result<KeyDigest>;
 
-    /// Validates a value (the key is valid) and converts what needs converting.
+    /// Validates a value (the key is valid, its digest `digest`) and converts what
+    /// needs converting; a payload the table packs goes through `codec`.
     ///
     /// # Errors
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad value.
-    fn encode(key: &Self::Key, value: &Self::Value) -> Result<Self::Encoded>;
+    fn encode(
+        key: &Self::Key,
+        value: &Self::Value,
+        codec: &Codec,
+        digest: &KeyDigest,
+    ) -> Result<Self::Encoded>;
 
     /// The payload bytes of a row (splits very large batches).
     fn row_bytes(row: &Row<'_, Self>) -> usize;
@@ -144,8 +156,9 @@ pub trait TypedTable: Sync {
     /// [`column`] each, for their upsert.
     fn columns<'r>(rows: &'r [Row<'_, Self>]) -> impl UpsertColumns + 'r;
 
-    /// A stored row's `key_hash` and entry.
-    fn decode(stored: Self::Stored) -> (Vec<u8>, Self::Entry);
+    /// A stored row's `key_hash` and entry, a packed payload opened through
+    /// `codec`; `None` when the codec cannot vouch for it (a miss).
+    fn decode(stored: Self::Stored, codec: &Codec) -> Option<(Vec<u8>, Self::Entry)>;
 
     /// The stored value of a hit, without its metadata.
     fn value(entry: Self::Entry) -> Self::Value;
@@ -180,7 +193,9 @@ fn read_one<T: TypedTable>(
     let found = LiveRows::<T, _>::new(table.table(), digest.as_bytes().as_slice())
         .get_result::<WithFacts<T::Stored>>(conn)
         .optional()?
-        .map(|WithFacts(stored, facts)| WithFacts(T::decode(stored).1, facts))
+        .and_then(|WithFacts(stored, facts)| {
+            T::decode(stored, table.codec()).map(|(_, entry)| WithFacts(entry, facts))
+        })
         .filter(|WithFacts(entry, _)| T::answers(key, entry));
     count_hits(
         table.cluster(),
@@ -210,7 +225,9 @@ fn read_many<T: TypedTable>(
         let rows =
             LiveRows::<T, _>::new(table.table(), wanted).load::<WithFacts<T::Stored>>(conn)?;
         for WithFacts(stored, facts) in rows {
-            let (hash, entry) = T::decode(stored);
+            let Some((hash, entry)) = T::decode(stored, table.codec()) else {
+                continue;
+            };
             if let Some(digest) = KeyDigest::from_slice(&hash) {
                 by_digest.insert(digest, WithFacts(entry, facts));
             }
@@ -351,11 +368,12 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
     }
 
     fn check_entry<'a>(&self, key: &'a T::Key, value: &'a T::Value) -> Result<Row<'a, T>> {
+        let digest = T::digest(key)?;
         Ok(Row {
-            digest: T::digest(key)?,
+            digest,
             key,
             value,
-            encoded: T::encode(key, value)?,
+            encoded: T::encode(key, value, self.codec(), &digest)?,
         })
     }
 

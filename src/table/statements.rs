@@ -237,7 +237,8 @@ macro_rules! column_list {
     };
 }
 column_list!(C1 E1, C2 E2, C3 E3, C4 E4);
-column_list!(C1 E1, C2 E2, C3 E3, C4 E4, C5 E5, C6 E6, C7 E7, C8 E8, C9 E9, C10 E10, C11 E11);
+column_list!(C1 E1, C2 E2, C3 E3, C4 E4, C5 E5);
+column_list!(C1 E1, C2 E2, C3 E3, C4 E4, C5 E5, C6 E6, C7 E7, C8 E8, C9 E9, C10 E10, C11 E11, C12 E12);
 
 #[cfg(test)]
 mod tests {

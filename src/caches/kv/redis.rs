@@ -5,6 +5,13 @@
 //! change-logging protocol says (a stamp on every update, the trigger for deletes).
 //! An entry with a tag invalidated since its write is not live ([`live!`]): they
 //! treat it as absent, as an expired one.
+//!
+//! Each binds the key as stored (its keyed hash with `hash_kv_keys`) and opens what
+//! it reads through the codec. What runs on values in SQL sees plain values only:
+//! `incr` stores its counters plain (numbers, never compressed, and not sealed:
+//! the database adds to them) and refuses a sealed or compressed value as not an
+//! integer; `find_containing` finds values stored plain, and is refused when every
+//! value is sealed or keys are hashed, as `delete_prefix` is with hashed keys.
 
 use std::time::Duration;
 
@@ -14,7 +21,10 @@ use diesel::sql_types::{BigInt, Jsonb, Nullable, Text};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::statements::{delete_prefix, refuse_bytes, remaining, KvTables};
+use super::statements::{
+    delete_prefix, entry_columns, refuse_bytes, remaining, KvTables, LiveEntry,
+};
+use super::storage::KvColumn;
 use super::tags::{generations, live};
 use super::{wrong_type, KvCache};
 use crate::cache::{Cache, Storage};
@@ -34,10 +44,10 @@ impl<V> KvCache<'_, V> {
     /// # Errors
     /// A bad key, or a connection or database error.
     pub fn exists(&self, key: &str) -> Result<bool> {
-        check_key(key)?;
+        let stored = self.stored_key(key)?;
         self.engine(key)
             .read(CacheKind::Kv, Op::Exists, false, |conn| {
-                Ok(remaining(conn, self.tables(), key)?.is_some())
+                Ok(remaining(conn, self.tables(), &stored)?.is_some())
             })
     }
 
@@ -46,9 +56,9 @@ impl<V> KvCache<'_, V> {
     /// # Errors
     /// A bad key, or a connection or database error.
     pub fn ttl(&self, key: &str) -> Result<Option<Duration>> {
-        check_key(key)?;
+        let stored = self.stored_key(key)?;
         self.engine(key).read(CacheKind::Kv, Op::Ttl, None, |conn| {
-            Ok(remaining(conn, self.tables(), key)?
+            Ok(remaining(conn, self.tables(), &stored)?
                 .map(|(expires, now)| (expires - now).to_std().unwrap_or(Duration::ZERO)))
         })
     }
@@ -69,12 +79,13 @@ impl<V> KvCache<'_, V> {
                 concat!(", ", change_stamp!("{t}", "true"), " WHERE key = "),
                 concat!(" AND ", live!("")),
             ],
-            |conn, touch| Ok(touch.execute(conn)? > 0),
+            |conn, touch, _| Ok(touch.execute(conn)? > 0),
         )
     }
 
     /// Write `op` on `key`'s shard: `finish` runs the `UPDATE` written by `pieces`,
-    /// which binds the new time to live (`ttl` from now), then `key`.
+    /// which binds the new time to live (`ttl` from now), then `key` as stored, and
+    /// gets `key` as stored too.
     ///
     /// Hand-written: Diesel prepares an UPDATE anew on every call (it keeps no
     /// UPDATE in its statement cache), which cost a quarter more than the statement
@@ -86,9 +97,9 @@ impl<V> KvCache<'_, V> {
         op: Op,
         skipped: R,
         pieces: &'static [&'static str],
-        finish: impl Fn(&mut PgConnection, Prepared<'_>) -> Result<R>,
+        finish: impl Fn(&mut PgConnection, Prepared<'_>, &str) -> Result<R>,
     ) -> Result<R> {
-        check_key(key)?;
+        let stored = self.stored_key(key)?;
         let interval = ttl_interval(ttl)?;
         self.engine(key).write(
             CacheKind::Kv,
@@ -96,11 +107,15 @@ impl<V> KvCache<'_, V> {
             skipped,
             || None,
             |conn| {
-                let (key, interval) = (
-                    Param::<Text, _>::new(key),
+                let (param, interval) = (
+                    Param::<Text, _>::new(&*stored),
                     Param::<diesel::sql_types::Interval, _>::new(interval),
                 );
-                finish(conn, self.tables().prepared(pieces, vec![&interval, &key]))
+                finish(
+                    conn,
+                    self.tables().prepared(pieces, vec![&interval, &param]),
+                    &stored,
+                )
             },
         )
     }
@@ -110,9 +125,11 @@ impl<V> KvCache<'_, V> {
     /// delete is an index range scan.
     ///
     /// # Errors
-    /// An empty or bad prefix (use [`clear`](Self::clear) to delete everything), or a
+    /// An empty or bad prefix (use [`clear`](Self::clear) to delete everything),
+    /// [`Error::Unsupported`] when keys are stored hashed (`hash_kv_keys`), or a
     /// connection or database error.
     pub fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        self.refuse_with_hashed_keys("delete_prefix")?;
         check_key(prefix).map_err(|e| match e {
             Error::InvalidInput { reason, .. } => Error::invalid("prefix", reason),
             other => other,
@@ -140,11 +157,26 @@ impl<V> KvCache<'_, V> {
     /// # Errors
     /// As [`delete_prefix`](Self::delete_prefix).
     pub fn delete_prefix_in(&self, conn: &mut PgConnection, prefix: &str) -> Result<u64> {
+        self.refuse_with_hashed_keys("delete_prefix")?;
         check_key(prefix)?;
         if !self.handle.front().is_enabled() {
             return Ok(0);
         }
         Ok(delete_prefix(conn, self.table(), prefix)? as u64)
+    }
+
+    /// [`Error::Unsupported`] for `operation` when keys are stored hashed: a hash has
+    /// no prefix, and gives no key back.
+    fn refuse_with_hashed_keys(&self, operation: &'static str) -> Result<()> {
+        match self.codec().kv_key_hashing() {
+            Some(_) => Err(Error::Unsupported {
+                operation,
+                reason: "key/value keys are stored as keyed hashes (PGCACHE_HASH_KV_KEYS, \
+                         `hash_kv_keys`), which have no prefixes and give no key text back: \
+                         delete or read keys one by one, or `clear` the cache",
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Deletes every entry of the key/value cache; returns how many rows were removed.
@@ -189,7 +221,7 @@ impl<V> KvCache<'_, V> {
 
     /// [`incr`](Self::incr), labelled `op` in metrics and spans.
     fn add(&self, op: Op, key: &str, delta: i64, ttl: Duration) -> Result<i64> {
-        check_key(key)?;
+        let stored = self.stored_key(key)?;
         let interval = ttl_interval(ttl)?;
         let engine = self.engine(key);
         let result = engine.exact(CacheKind::Kv, op, |conn| {
@@ -198,12 +230,13 @@ impl<V> KvCache<'_, V> {
                 #[diesel(sql_type = BigInt)]
                 n: i64,
             }
-            // A value that is not an integer, or a sum outside int8, sets NULL: the
-            // one-payload constraint then fails the statement, and nothing changes.
-            // A live bytes entry is not updated at all: no row comes back.
+            // A value that is not an integer (a packed one too: its `value` is
+            // NULL), or a sum outside int8, sets NULL: the one-payload constraint
+            // then fails the statement, and nothing changes. A live bytes entry is
+            // not updated at all: no row comes back.
             let name = key;
             let (key, delta, interval) = (
-                Param::<Text, _>::new(key),
+                Param::<Text, _>::new(&*stored),
                 Param::<BigInt, _>::new(delta),
                 Param::<diesel::sql_types::Interval, _>::new(interval),
             );
@@ -231,7 +264,7 @@ impl<V> KvCache<'_, V> {
                         " BETWEEN -9223372036854775808 AND 9223372036854775807 \
                          THEN to_jsonb(((c.value #>> '{}')::numeric + ",
                         concat!(
-                            ")::int8) ELSE NULL END, bytes = NULL, \
+                            ")::int8) ELSE NULL END, bytes = NULL, packed = NULL, bytes_packed = false, \
                              expires_at = CASE WHEN ",
                             dead!(),
                             " THEN excluded.expires_at ELSE c.expires_at END, \
@@ -258,7 +291,7 @@ impl<V> KvCache<'_, V> {
                 .map(|c| c.n)
                 .ok_or_else(|| wrong_type(name, "bytes", "integer"))
         });
-        self.evict_near(key);
+        self.evict_near(key, &stored);
         let counted = result.map_err(|error| match error {
             Error::Database(diesel::result::Error::DatabaseError(
                 diesel::result::DatabaseErrorKind::CheckViolation,
@@ -293,14 +326,27 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
     /// (`CREATE INDEX ON cache_entries USING gin (value jsonb_path_ops)`) when such
     /// queries are frequent, at some cost to every write.
     ///
+    /// Only values stored as JSONB are searched: a value stored compressed (over
+    /// the compression threshold) is not found. Turn compression off
+    /// (`compression_threshold(None)`) for a cache queried this way.
+    ///
     /// # Errors
-    /// A filter holding NUL, a stored value that is not a `V`, or a connection or
-    /// database error.
+    /// A filter holding NUL, a stored value that is not a `V`,
+    /// [`Error::Unsupported`] when values are sealed or keys hashed, or a
+    /// connection or database error.
     pub fn find_containing(
         &self,
         filter: &serde_json::Value,
         limit: usize,
     ) -> Result<Vec<(String, V)>> {
+        self.refuse_with_hashed_keys("find_containing")?;
+        if self.codec().seals() {
+            return Err(Error::Unsupported {
+                operation: "find_containing",
+                reason: "values are stored sealed (PGCACHE_ENCRYPTION_KEYS, \
+                         `encryption_key`), and the database cannot look into them",
+            });
+        }
         let filter = JsonbOut::new("filter", filter)?;
         let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
         let per_shard = self.handle.cluster.all(|engine| {
@@ -366,9 +412,11 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
             // the update, stamped as it may be held unexpired; of racing callers
             // the row lock admits one. Tags as a set's (NULL: none).
             let tags = (!self.tags.is_empty()).then_some(self.tags);
-            let (key, value, interval, tags) = (
-                Param::<Text, _>::new(row.key),
-                Param::<Nullable<Jsonb>, _>::new(row.json()),
+            let columns = row.columns();
+            let (key, value, packed, interval, tags) = (
+                Param::<Text, _>::new(row.stored()),
+                Param::<Nullable<Jsonb>, _>::new(columns.value),
+                Param::<Nullable<diesel::sql_types::Binary>, _>::new(columns.packed),
                 Param::<diesel::sql_types::Interval, _>::new(interval),
                 Param::<Nullable<diesel::sql_types::Array<Text>>, _>::new(tags),
             );
@@ -377,7 +425,8 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
                 .prepared(
                     &[
                         "WITH inserted AS (INSERT INTO {t} \
-                         (key, value, expires_at, tags, tag_generations) VALUES (",
+                         (key, value, packed, expires_at, tags, tag_generations) VALUES (",
+                        ", ",
                         ", ",
                         ", statement_timestamp() + ",
                         ", ",
@@ -385,8 +434,10 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
                         concat!(
                             generations!(after),
                             ") ON CONFLICT (key) DO NOTHING RETURNING true), \
-                             replaced AS (UPDATE {t} SET bytes = NULL, value = "
+                             replaced AS (UPDATE {t} SET bytes = NULL, bytes_packed = false, \
+                             value = "
                         ),
+                        ", packed = ",
                         ", expires_at = statement_timestamp() + ",
                         ", created_at = now(), tags = ",
                         concat!("::text[], tag_generations = ", generations!(before)),
@@ -405,14 +456,14 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
                         ),
                     ],
                     vec![
-                        &key, &value, &interval, &tags, &tags, &value, &interval, &tags, &tags,
-                        &key,
+                        &key, &value, &packed, &interval, &tags, &tags, &value, &packed, &interval,
+                        &tags, &tags, &key,
                     ],
                 )
                 .get_result(conn)?;
             Ok(stored.stored)
         })?;
-        self.evict_near(key);
+        self.evict_near(key, row.stored());
         Ok(stored)
     }
 
@@ -423,24 +474,26 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
     /// A bad key, a stored value that is not a `V`, [`Error::WrongType`] for a bytes
     /// entry (left in place), or a connection or database error.
     pub fn get_del(&self, key: &str) -> Result<Option<V>> {
-        check_key(key)?;
+        let stored = self.stored_key(key)?;
         let taken = self.engine(key).exact(CacheKind::Kv, Op::GetDel, |conn| {
             #[derive(QueryableByName)]
-            struct Taken<V> {
-                #[diesel(sql_type = Jsonb)]
-                value: JsonbIn<V>,
+            struct Taken {
+                #[diesel(embed)]
+                entry: LiveEntry,
                 #[diesel(sql_type = diesel::sql_types::Bool)]
                 live: bool,
             }
             // A bytes entry is left alone: reading it as JSON is an error.
-            let param = Param::<Text, _>::new(key);
-            let taken: Option<Taken<V>> = self
+            let param = Param::<Text, _>::new(&*stored);
+            let taken: Option<Taken> = self
                 .tables()
                 .prepared(
                     &[
                         "DELETE FROM {t} WHERE key = ",
                         concat!(
-                            " AND bytes IS NULL RETURNING value, ",
+                            " AND bytes IS NULL RETURNING ",
+                            entry_columns!(),
+                            ", ",
                             live!(""),
                             " AS live"
                         ),
@@ -450,15 +503,22 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
                 .get_result(conn)
                 .optional()?;
             match taken {
-                Some(Taken {
-                    value: JsonbIn(value),
-                    live,
-                }) => Ok(live.then_some(value)),
-                None => refuse_bytes(conn, self.tables(), key).map(|()| None),
+                Some(Taken { entry, live: true }) => self.json_of(key, entry),
+                Some(Taken { live: false, .. }) => Ok(None),
+                None => refuse_bytes(conn, self.tables(), &stored, key).map(|()| None),
             }
         })?;
-        self.evict_near(key);
+        self.evict_near(key, &stored);
         Ok(taken)
+    }
+
+    /// The JSON value of an entry read outside the `Cache` trait's path, opened;
+    /// `None` when the codec cannot open it.
+    fn json_of(&self, key: &str, entry: LiveEntry) -> Result<Option<V>> {
+        entry
+            .opened(self.codec(), key)
+            .and_then(<Self as KvColumn>::take)
+            .transpose()
     }
 
     /// Reads a live entry and makes it expire `ttl` from now (Redis `GETEX ... EX`):
@@ -468,11 +528,6 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
     /// A bad key or TTL, a stored value that is not a `V`, [`Error::WrongType`] for a
     /// bytes entry (its expiry unchanged), or a connection or database error.
     pub fn get_touch(&self, key: &str, ttl: Duration) -> Result<Option<V>> {
-        #[derive(QueryableByName)]
-        struct Touched<V> {
-            #[diesel(sql_type = Jsonb)]
-            value: JsonbIn<V>,
-        }
         self.slide_expiry(
             key,
             ttl,
@@ -481,15 +536,18 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
             &[
                 "UPDATE {t} SET expires_at = statement_timestamp() + ",
                 concat!(", ", change_stamp!("{t}", "true"), " WHERE key = "),
-                concat!(" AND bytes IS NULL AND ", live!(""), " RETURNING value"),
+                concat!(
+                    " AND bytes IS NULL AND ",
+                    live!(""),
+                    " RETURNING ",
+                    entry_columns!()
+                ),
             ],
-            |conn, touch| {
-                let found: Option<Touched<V>> = touch.get_result(conn).optional()?;
+            |conn, touch, stored| {
+                let found: Option<LiveEntry> = touch.get_result(conn).optional()?;
                 match found {
-                    Some(Touched {
-                        value: JsonbIn(value),
-                    }) => Ok(Some(value)),
-                    None => refuse_bytes(conn, self.tables(), key).map(|()| None),
+                    Some(entry) => self.json_of(key, entry),
+                    None => refuse_bytes(conn, self.tables(), stored, key).map(|()| None),
                 }
             },
         )

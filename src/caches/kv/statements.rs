@@ -4,6 +4,7 @@
 //! the schema, see `Prepared`): Diesel prepares it once per connection. What is
 //! live is [`live!`]: not expired, and no tag invalidated since the write.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -15,10 +16,12 @@ use diesel::sql_types::{Array, Binary, Jsonb, Nullable, Text, Timestamptz, Untyp
 
 use super::tags::{generations, live};
 use super::wrong_type;
+use crate::codec::{Codec, Context};
 use crate::error::Result;
 use crate::expiry::ExpiresIn;
-use crate::freshness::{fact_columns, Facts};
+use crate::freshness::Facts;
 use crate::jsonb::{JsonbOut, JsonbText};
+use crate::kind::CacheKind;
 use crate::near::protocol::change_stamp;
 use crate::skipped::Skipped;
 use crate::statement::{push_with_table, push_with_tables, BindParam, Param, Prepared};
@@ -52,21 +55,57 @@ impl<'a> KvTables<'a> {
     }
 }
 
-/// A live entry read with both payload columns (exactly one is set), its expiry,
-/// its tags and the facts of its freshness: every read of either kind takes this
-/// one shape, then its own column.
+/// A live entry read with its payload columns (exactly one of `value`, `bytes` and
+/// `packed` is set), its expiry, its tags and the facts of its freshness: every read
+/// of either kind takes this one shape, [`opened`](Self::opened), then its own
+/// column.
+/// The columns of a [`LiveEntry`], as every statement that reads one selects (or
+/// returns) them.
+macro_rules! entry_columns {
+    () => {
+        concat!(
+            "value, bytes, packed, bytes_packed, expires_at, tags, ",
+            $crate::freshness::fact_columns!()
+        )
+    };
+}
+pub(super) use entry_columns;
+
 #[derive(QueryableByName)]
 pub struct LiveEntry {
     #[diesel(sql_type = Nullable<Jsonb>)]
     pub(super) value: Option<JsonbText>,
     #[diesel(sql_type = Nullable<Binary>)]
     pub(super) bytes: Option<Vec<u8>>,
+    /// A JSON value as the codec's envelope.
+    #[diesel(sql_type = Nullable<Binary>)]
+    packed: Option<Vec<u8>>,
+    /// Whether `bytes` is the codec's envelope.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    bytes_packed: bool,
     #[diesel(sql_type = Timestamptz)]
     pub(super) expires_at: DateTime<Utc>,
     #[diesel(sql_type = Nullable<Array<Text>>)]
     pub(super) tags: Option<Vec<String>>,
     #[diesel(embed)]
     pub(super) facts: Facts,
+}
+
+impl LiveEntry {
+    /// The entry with its envelope, if any, opened: a JSON value's text in `value`,
+    /// bytes in `bytes`. `None` when the codec cannot vouch for it (a miss; the
+    /// codec warned). `key` is the entry's key as the caller gave it.
+    pub(super) fn opened(mut self, codec: &Codec, key: &str) -> Option<Self> {
+        let context = |part| Context::new(CacheKind::Kv, part, key.as_bytes());
+        if let Some(envelope) = self.packed.take() {
+            self.value = Some(JsonbText(codec.open(&envelope, context("json"))?));
+        } else if self.bytes_packed {
+            let envelope = self.bytes.take()?;
+            self.bytes = Some(codec.open(&envelope, context("bytes"))?);
+            self.bytes_packed = false;
+        }
+        Some(self)
+    }
 }
 
 impl std::fmt::Debug for LiveEntry {
@@ -87,11 +126,7 @@ pub(super) fn read_live(
     tables
         .prepared(
             &[
-                concat!(
-                    "SELECT value, bytes, expires_at, tags, ",
-                    fact_columns!(),
-                    " FROM {t} WHERE key = "
-                ),
+                concat!("SELECT ", entry_columns!(), " FROM {t} WHERE key = "),
                 concat!(" AND ", live!("")),
             ],
             vec![&key],
@@ -118,8 +153,8 @@ pub(super) fn read_live_many(
         .prepared(
             &[
                 concat!(
-                    "SELECT key, value, bytes, expires_at, tags, ",
-                    fact_columns!(),
+                    "SELECT key, ",
+                    entry_columns!(),
                     " FROM {t} WHERE key = ANY("
                 ),
                 concat!(") AND ", live!("")),
@@ -182,15 +217,20 @@ pub(super) fn remaining(
     Ok(found.map(|r| (r.expires_at, r.now)))
 }
 
-/// [`Error::WrongType`] if `key` holds a live bytes entry: what a JSON operation
-/// that found no JSON entry reports, rather than a miss.
-pub(super) fn refuse_bytes(conn: &mut PgConnection, tables: KvTables<'_>, key: &str) -> Result<()> {
+/// [`Error::WrongType`] if `key` (stored as `stored`) holds a live bytes entry: what
+/// a JSON operation that found no JSON entry reports, rather than a miss.
+pub(super) fn refuse_bytes(
+    conn: &mut PgConnection,
+    tables: KvTables<'_>,
+    stored: &str,
+    key: &str,
+) -> Result<()> {
     #[derive(QueryableByName)]
     struct Bytes {
         #[diesel(sql_type = diesel::sql_types::Bool)]
         bytes: bool,
     }
-    let param = Param::<Text, _>::new(key);
+    let param = Param::<Text, _>::new(stored);
     let found: Bytes = tables
         .prepared(
             &[
@@ -225,13 +265,14 @@ pub(super) fn prefix_upper_bound(prefix: &str) -> Option<String> {
     None
 }
 
-/// What an upsert does to an existing key: new payload (of either kind), new expiry,
-/// new `created_at`, new tags (none for an untagged write), and the change stamp.
-/// Every key/value update is stamped, values not compared (cheaper for writers; it
-/// only evicts an entry that was still right).
+/// What an upsert does to an existing key: new payload (of either kind, plain or
+/// packed), new expiry, new `created_at`, new tags (none for an untagged write), and
+/// the change stamp. Every key/value update is stamped, values not compared (cheaper
+/// for writers; it only evicts an entry that was still right).
 const ON_CONFLICT_OVERWRITE: &str = concat!(
     " ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
-     bytes = excluded.bytes, expires_at = excluded.expires_at, created_at = now(), \
+     bytes = excluded.bytes, packed = excluded.packed, bytes_packed = excluded.bytes_packed, \
+     expires_at = excluded.expires_at, created_at = now(), \
      tags = excluded.tags, tag_generations = excluded.tag_generations, ",
     change_stamp!("{t}", "true")
 );
@@ -240,31 +281,36 @@ const ON_CONFLICT_OVERWRITE: &str = concat!(
 /// schema, see `Prepared`): Diesel's own `insert_into(..).on_conflict(..)` is never
 /// put in its prepared-statement cache, and its multi-row `VALUES` list would be a
 /// new statement for every batch size. These are prepared once per connection. A
-/// row binds both value columns, one of them NULL. A tagged write also stores its
-/// tags with their generations, read in the same statement ([`Tagging`]); an
-/// untagged one is the statement it was before tags.
+/// row binds every payload column, all but one of them NULL. A tagged write also
+/// stores its tags with their generations, read in the same statement
+/// ([`Tagging`]); an untagged one is the statement it was before tags.
 struct Upsert<'a> {
     tables: KvTables<'a>,
     key: &'a str,
-    value: Option<&'a JsonbOut>,
-    bytes: Option<&'a [u8]>,
+    columns: Columns<'a>,
     expires: ExpiresIn,
     tags: &'a [&'a str],
 }
 
-/// The batch as three arrays (`SELECT ... FROM unnest($keys, $values, $bytes)`): one
-/// statement text for any batch size. Must stay equivalent to [`Upsert`].
+/// The batch as one array per column (`SELECT ... FROM unnest($keys, $values,
+/// ...)`): one statement text for any batch size. Must stay equivalent to
+/// [`Upsert`].
 struct UpsertMany<'a> {
     tables: KvTables<'a>,
     keys: Vec<&'a str>,
     values: Vec<Option<&'a JsonbOut>>,
     bytes: Vec<Option<&'a [u8]>>,
+    packed: Vec<Option<&'a [u8]>>,
+    bytes_packed: Vec<bool>,
     expires: ExpiresIn,
     tags: &'a [&'a str],
 }
 
 /// The columns both upserts insert (`{t}`: the kv table).
-const INSERT_INTO: [&str; 2] = ["INSERT INTO {t} (key, value, bytes, expires_at", ") "];
+const INSERT_INTO: [&str; 2] = [
+    "INSERT INTO {t} (key, value, bytes, packed, bytes_packed, expires_at",
+    ") ",
+];
 
 /// The tags of an upsert: after its columns, `, tags, tag_generations`; after its
 /// expiry, the tags and their generations. Nothing for an untagged write.
@@ -304,9 +350,13 @@ impl QueryFragment<Pg> for Upsert<'_> {
         out.push_sql("VALUES (");
         out.push_bind_param::<Text, _>(self.key)?;
         out.push_sql(", ");
-        out.push_bind_param::<Nullable<Jsonb>, _>(&self.value)?;
+        out.push_bind_param::<Nullable<Jsonb>, _>(&self.columns.value)?;
         out.push_sql(", ");
-        out.push_bind_param::<Nullable<Binary>, _>(&self.bytes)?;
+        out.push_bind_param::<Nullable<Binary>, _>(&self.columns.bytes)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Binary>, _>(&self.columns.packed)?;
+        out.push_sql(", ");
+        out.push_bind_param::<diesel::sql_types::Bool, _>(&self.columns.bytes_packed)?;
         out.push_sql(", ");
         self.expires.walk_ast(out.reborrow())?;
         tagging.values(&mut out, self.tables.tags)?;
@@ -322,7 +372,7 @@ impl QueryFragment<Pg> for UpsertMany<'_> {
         push_with_table(&mut out, INSERT_INTO[0], self.tables.entries);
         tagging.columns(&mut out);
         out.push_sql(INSERT_INTO[1]);
-        out.push_sql("SELECT u.k, u.v, u.b, ");
+        out.push_sql("SELECT u.k, u.v, u.b, u.p, u.bp, ");
         self.expires.walk_ast(out.reborrow())?;
         tagging.values(&mut out, self.tables.tags)?;
         out.push_sql(" FROM unnest(");
@@ -331,7 +381,11 @@ impl QueryFragment<Pg> for UpsertMany<'_> {
         out.push_bind_param::<Array<Nullable<Jsonb>>, _>(&self.values)?;
         out.push_sql(", ");
         out.push_bind_param::<Array<Nullable<Binary>>, _>(&self.bytes)?;
-        out.push_sql(") AS u(k, v, b)");
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Binary>>, _>(&self.packed)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<diesel::sql_types::Bool>, _>(&self.bytes_packed)?;
+        out.push_sql(") AS u(k, v, b, p, bp)");
         push_with_table(&mut out, ON_CONFLICT_OVERWRITE, self.tables.entries);
         Ok(())
     }
@@ -395,49 +449,124 @@ struct Live {
 /// A key/value entry validated for writing.
 #[derive(Debug, Clone)]
 pub struct Row<'a> {
+    /// The key as the caller gave it.
     pub(super) key: &'a str,
+    /// The key as stored: itself, or its keyed hash.
+    stored: Cow<'a, str>,
     pub(super) payload: Payload<'a>,
 }
 
-/// What a key/value entry holds: exactly one of the table's two value columns.
+/// What a key/value entry holds: exactly one of the table's payload columns.
 #[derive(Debug, Clone)]
 pub(super) enum Payload<'a> {
     /// For `value` (JSONB).
     Json(JsonbOut),
     /// For `bytes`, kept exactly.
     Bytes(&'a [u8]),
+    /// Either, as the codec's envelope: in `packed` for JSON, in `bytes` (with
+    /// `bytes_packed`) for bytes.
+    Packed { json: bool, envelope: Vec<u8> },
 }
 
 impl<'a> Row<'a> {
-    pub(super) fn bytes(key: &'a str, bytes: &'a [u8]) -> Result<Self> {
-        check_key(key)?;
-        Ok(Row {
+    /// A row of `key` holding `payload`, not yet [`encoded`](Self::encoded).
+    pub(super) fn new(key: &'a str, payload: Payload<'a>) -> Self {
+        Row {
             key,
-            payload: Payload::Bytes(bytes),
-        })
-    }
-
-    pub(super) fn json(&self) -> Option<&JsonbOut> {
-        match &self.payload {
-            Payload::Json(json) => Some(json),
-            Payload::Bytes(_) => None,
+            stored: Cow::Borrowed(key),
+            payload,
         }
     }
 
-    fn raw(&self) -> Option<&'a [u8]> {
-        match self.payload {
-            Payload::Json(_) => None,
-            Payload::Bytes(bytes) => Some(bytes),
+    pub(super) fn bytes(key: &'a str, bytes: &'a [u8]) -> Result<Self> {
+        check_key(key)?;
+        Ok(Row::new(key, Payload::Bytes(bytes)))
+    }
+
+    /// The row as stored: its key hashed and its payload packed as the codec
+    /// says (compressed over the threshold, sealed with keys).
+    ///
+    /// # Errors
+    /// As [`Codec::pack`].
+    pub(super) fn encoded(self, codec: &Codec) -> Result<Self> {
+        let (part, plain) = match &self.payload {
+            Payload::Json(json) => ("json", json.text()),
+            Payload::Bytes(bytes) => ("bytes", *bytes),
+            Payload::Packed { .. } => return Ok(self),
+        };
+        let context = Context::new(CacheKind::Kv, part, self.key.as_bytes());
+        let payload = match codec.pack(plain, context)? {
+            Some(envelope) => Payload::Packed {
+                json: part == "json",
+                envelope,
+            },
+            None => self.payload,
+        };
+        Ok(Row {
+            key: self.key,
+            stored: codec.kv_key(self.key),
+            payload,
+        })
+    }
+
+    /// The key as stored.
+    pub(super) fn stored(&self) -> &str {
+        &self.stored
+    }
+
+    /// What the row binds to each payload column.
+    pub(super) fn columns(&self) -> Columns<'_> {
+        let none = Columns {
+            value: None,
+            bytes: None,
+            packed: None,
+            bytes_packed: false,
+        };
+        match &self.payload {
+            Payload::Json(json) => Columns {
+                value: Some(json),
+                ..none
+            },
+            Payload::Bytes(bytes) => Columns {
+                bytes: Some(bytes),
+                ..none
+            },
+            Payload::Packed {
+                json: true,
+                envelope,
+            } => Columns {
+                packed: Some(envelope),
+                ..none
+            },
+            Payload::Packed {
+                json: false,
+                envelope,
+            } => Columns {
+                bytes: Some(envelope),
+                bytes_packed: true,
+                ..none
+            },
         }
     }
 
     fn size(&self) -> usize {
-        self.key.len()
+        self.stored.len()
             + match &self.payload {
                 Payload::Json(json) => json.byte_len(),
                 Payload::Bytes(bytes) => bytes.len(),
+                Payload::Packed { envelope, .. } => envelope.len(),
             }
     }
+}
+
+/// A row's payload columns as bound: exactly one of `value`, `bytes` and `packed`
+/// set, and `bytes_packed` when `bytes` is an envelope.
+#[derive(Clone, Copy)]
+pub(super) struct Columns<'r> {
+    pub(super) value: Option<&'r JsonbOut>,
+    bytes: Option<&'r [u8]>,
+    pub(super) packed: Option<&'r [u8]>,
+    bytes_packed: bool,
 }
 
 /// Upserts rows of either kind, tagged with `tags` (checked; none: untagged); a
@@ -453,19 +582,21 @@ pub(super) fn write(
     match rows {
         [row] => Upsert {
             tables,
-            key: row.key,
-            value: row.json(),
-            bytes: row.raw(),
+            key: row.stored(),
+            columns: row.columns(),
             expires,
             tags,
         }
         .execute(conn)?,
         rows => write_batches(conn, rows, Row::size, |conn, rows| {
+            let columns: Vec<Columns<'_>> = rows.iter().map(Row::columns).collect();
             UpsertMany {
                 tables,
-                keys: rows.iter().map(|r| r.key).collect(),
-                values: rows.iter().map(Row::json).collect(),
-                bytes: rows.iter().map(Row::raw).collect(),
+                keys: rows.iter().map(Row::stored).collect(),
+                values: columns.iter().map(|c| c.value).collect(),
+                bytes: columns.iter().map(|c| c.bytes).collect(),
+                packed: columns.iter().map(|c| c.packed).collect(),
+                bytes_packed: columns.iter().map(|c| c.bytes_packed).collect(),
                 expires,
                 tags,
             }

@@ -1,9 +1,13 @@
 //! The key/value table's one [`Storage`] over its payload column: JSON values
 //! (`value`, [`KvCache`]) and opaque bytes (`bytes`, [`KvBytes`]) share the table,
 //! keys, rows, writes, deletes and reads, and differ only in the column a read
-//! takes ([`KvColumn`]).
+//! takes ([`KvColumn`]). Keys and payloads pass through the codec here: a key is
+//! checked into its stored form (itself, or its keyed hash), a row is encoded as it
+//! is checked, and an entry read is opened before its column is taken.
 
 use std::any::{Any, TypeId};
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use diesel::data_types::PgInterval;
@@ -18,6 +22,7 @@ use super::statements::{
 use super::tags::check_tags;
 use super::{kv_digest, wrong_type, KvCache};
 use crate::cache::{Handle, NearRead, NearStorage, Storage};
+use crate::codec::Codec;
 use crate::error::{Error, Result};
 use crate::jsonb::{JsonbOut, JsonbText};
 use crate::key::KeyDigest;
@@ -48,6 +53,11 @@ pub trait KvColumn: Sync {
         KvTables::of(self.column_handle().front().tables())
     }
 
+    /// The codec of this handle's configuration.
+    fn codec(&self) -> &Codec {
+        self.column_handle().cluster.config().codec()
+    }
+
     /// An entry validated into a row (its key already checked).
     fn row<'a>(key: &'a str, value: &'a Self::Value) -> Result<Row<'a>>;
 
@@ -67,6 +77,44 @@ pub trait KvColumn: Sync {
     fn from_kept(kept: &NearValue) -> Result<Option<Self::Value>>;
 }
 
+/// A key checked into its stored form: `None` when it is stored as it is, its keyed
+/// hash otherwise.
+pub(super) type StoredKey = Option<String>;
+
+/// `key` checked, and its stored form.
+fn checked_key(codec: &Codec, key: &str) -> Result<StoredKey> {
+    check_key(key)?;
+    Ok(match codec.kv_key(key) {
+        Cow::Owned(hashed) => Some(hashed),
+        Cow::Borrowed(_) => None,
+    })
+}
+
+/// The key `key` is stored under, from its checked form.
+fn stored<'k>(key: &'k str, checked: &'k StoredKey) -> &'k str {
+    checked.as_deref().unwrap_or(key)
+}
+
+/// The live entries of `keys` (checked as `checked`), read in one statement and
+/// opened, by the caller's keys; an entry the codec cannot open is left out (a
+/// miss).
+fn read_opened<C: KvColumn>(
+    cache: &C,
+    conn: &mut PgConnection,
+    keys: &[&str],
+    checked: &[StoredKey],
+) -> Result<Vec<(String, LiveEntry)>> {
+    let stored = stored_keys(keys, checked);
+    let given: HashMap<&str, &str> = stored.iter().copied().zip(keys.iter().copied()).collect();
+    Ok(read_live_many(conn, cache.kv_tables(), &stored)?
+        .into_iter()
+        .filter_map(|(stored, entry)| {
+            let key = *given.get(stored.as_str())?;
+            Some((key.to_owned(), entry.opened(cache.codec(), key)?))
+        })
+        .collect())
+}
+
 /// `entry`'s own column, or [`Error::WrongType`] naming the kind it holds.
 fn own<C: KvColumn, T>(key: &str, taken: Option<Result<T>>) -> Result<T> {
     taken.unwrap_or_else(|| Err(wrong_type(key, C::OTHER_NAME, C::KIND_NAME)))
@@ -75,8 +123,8 @@ fn own<C: KvColumn, T>(key: &str, taken: Option<Result<T>>) -> Result<T> {
 impl<C: KvColumn> Storage for C {
     type Value = C::Value;
     type Entry = C::Value;
-    /// Keys are stored as they are: nothing to compute.
-    type CheckedKey = ();
+    /// The key as stored.
+    type CheckedKey = StoredKey;
     type Key = str;
     type Row<'a>
         = Row<'a>
@@ -98,7 +146,7 @@ impl<C: KvColumn> Storage for C {
         Ok(kv_digest(key))
     }
 
-    fn route(key: &str, (): &()) -> KeyDigest {
+    fn route(key: &str, _: &StoredKey) -> KeyDigest {
         kv_digest(key)
     }
 
@@ -106,26 +154,33 @@ impl<C: KvColumn> Storage for C {
         kv_digest(row.key)
     }
 
-    fn check_key(&self, key: &str) -> Result<()> {
-        check_key(key)
+    fn check_key(&self, key: &str) -> Result<StoredKey> {
+        checked_key(self.codec(), key)
     }
 
     fn check_entry<'a>(&self, key: &'a str, value: &'a C::Value) -> Result<Row<'a>> {
         check_key(key)?;
         check_tags(self.column_tags())?;
-        C::row(key, value)
+        C::row(key, value)?.encoded(self.codec())
     }
 
+    /// By the key as stored: the order every multi-row statement locks rows in.
     fn row_order(a: &Row<'_>, b: &Row<'_>) -> std::cmp::Ordering {
-        a.key.cmp(b.key)
+        a.stored().cmp(b.stored())
     }
 
-    fn skipped(&self, keys: &[&str], _checked: &[()]) -> Skipped {
-        skipped(keys)
+    fn skipped(&self, keys: &[&str], checked: &[StoredKey]) -> Skipped {
+        skipped(&stored_keys(keys, checked))
     }
 
-    fn read_one(&self, conn: &mut PgConnection, key: &str, _: &()) -> Result<Option<C::Value>> {
-        read_live(conn, self.kv_tables(), key)?
+    fn read_one(
+        &self,
+        conn: &mut PgConnection,
+        key: &str,
+        checked: &StoredKey,
+    ) -> Result<Option<C::Value>> {
+        read_live(conn, self.kv_tables(), stored(key, checked))?
+            .and_then(|entry| entry.opened(self.codec(), key))
             .map(|entry| own::<C, _>(key, C::take(entry)))
             .transpose()
     }
@@ -134,40 +189,49 @@ impl<C: KvColumn> Storage for C {
         &self,
         conn: &mut PgConnection,
         keys: &[&str],
-        _checked: &[()],
+        checked: &[StoredKey],
     ) -> Result<Vec<Option<C::Value>>> {
-        in_key_order(
-            keys,
-            &read_live_many(conn, self.kv_tables(), keys)?,
-            |key, e| own::<C, _>(key, C::decode(e)),
-        )
+        in_key_order(keys, &read_opened(self, conn, keys, checked)?, |key, e| {
+            own::<C, _>(key, C::decode(e))
+        })
     }
 
     fn write(&self, conn: &mut PgConnection, rows: &[Row<'_>], ttl: PgInterval) -> Result<()> {
         write(conn, self.kv_tables(), rows, ttl, self.column_tags())
     }
 
-    fn remove(&self, conn: &mut PgConnection, keys: &[&str], _checked: &[()]) -> Result<u64> {
-        remove(conn, self.table(), keys)
+    fn remove(&self, conn: &mut PgConnection, keys: &[&str], checked: &[StoredKey]) -> Result<u64> {
+        remove(conn, self.table(), &stored_keys(keys, checked))
     }
 }
 
+/// Every key as stored.
+fn stored_keys<'k>(keys: &[&'k str], checked: &'k [StoredKey]) -> Vec<&'k str> {
+    keys.iter()
+        .zip(checked)
+        .map(|(key, checked)| stored(key, checked))
+        .collect()
+}
+
+/// Near caches hold key/value entries under their keys as stored, as the change
+/// log names them.
 impl<C: KvColumn> NearStorage for C {
-    fn near_key(key: &str, _checked: &()) -> NearKey {
-        key.as_bytes().into()
+    fn near_key(key: &str, checked: &StoredKey) -> NearKey {
+        stored(key, checked).as_bytes().into()
     }
 
     fn row_near_key(row: &Row<'_>) -> NearKey {
-        row.key.as_bytes().into()
+        row.stored().as_bytes().into()
     }
 
     fn read_for_near(
         &self,
         conn: &mut PgConnection,
         key: &str,
-        _checked: &(),
+        checked: &StoredKey,
     ) -> Result<Option<NearRead<C::Value>>> {
-        read_live(conn, self.kv_tables(), key)?
+        read_live(conn, self.kv_tables(), stored(key, checked))?
+            .and_then(|entry| entry.opened(self.codec(), key))
             .map(|entry| near_read::<C>(key, &entry))
             .transpose()
     }
@@ -176,11 +240,11 @@ impl<C: KvColumn> NearStorage for C {
         &self,
         conn: &mut PgConnection,
         keys: &[&str],
-        _checked: &[()],
+        checked: &[StoredKey],
     ) -> Result<Vec<Option<NearRead<C::Value>>>> {
         in_key_order(
             keys,
-            &read_live_many(conn, self.kv_tables(), keys)?,
+            &read_opened(self, conn, keys, checked)?,
             near_read::<C>,
         )
     }
@@ -221,10 +285,7 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvColumn for KvCache<'_, 
     }
 
     fn row<'a>(key: &'a str, value: &'a V) -> Result<Row<'a>> {
-        Ok(Row {
-            key,
-            payload: Payload::Json(JsonbOut::new("value", value)?),
-        })
+        Ok(Row::new(key, Payload::Json(JsonbOut::new("value", value)?)))
     }
 
     fn decode(entry: &LiveEntry) -> Option<Result<V>> {
@@ -281,10 +342,7 @@ impl KvColumn for KvBytes<'_> {
     }
 
     fn row<'a>(key: &'a str, value: &'a Vec<u8>) -> Result<Row<'a>> {
-        Ok(Row {
-            key,
-            payload: Payload::Bytes(value),
-        })
+        Ok(Row::new(key, Payload::Bytes(value)))
     }
 
     fn decode(entry: &LiveEntry) -> Option<Result<Vec<u8>>> {
