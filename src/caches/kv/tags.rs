@@ -35,35 +35,39 @@ pub const MAX_TAG_BYTES: usize = 256;
 /// Most tags one entry may carry.
 pub const MAX_TAGS_PER_ENTRY: usize = 64;
 
-/// SQL for the generation of the tag `x.tag` in the tag table (`{g}`): 0 for a
-/// tag without a row. One index probe per tag, written as a subquery for each so
-/// that no plan scans the tag table whole (a join of the tags with it may be
+/// SQL for the generation of the tag `$tag` (SQL) in the tag table (`{g}`): 0 for
+/// a tag without a row. One index probe per tag, written as a subquery for each
+/// so that no plan scans the tag table whole (a join of the tags with it may be
 /// planned as a hash join over all of it, at a cost growing with the tags ever
 /// invalidated).
-macro_rules! generation_of_x {
-    () => {
-        "coalesce((SELECT g.generation FROM {g} AS g WHERE g.tag = x.tag), 0)"
-    };
-}
-
-/// SQL true when a row (`$row`: its name or alias followed by a dot, or nothing)
-/// carries a tag invalidated since it was written: one whose generation
-/// ([`generation_of_x!`]) is no longer the one the row keeps for it.
-macro_rules! tags_moved {
-    ($row:literal) => {
+macro_rules! generation_of {
+    ($tag:literal) => {
         concat!(
-            "EXISTS (SELECT FROM unnest(",
-            $row,
-            "tags, ",
-            $row,
-            "tag_generations) AS x(tag, generation) WHERE ",
-            $crate::caches::kv::tags::generation_of_x!(),
-            " <> x.generation)"
+            "coalesce((SELECT g.generation FROM {g} AS g WHERE g.tag = ",
+            $tag,
+            "), 0)"
         )
     };
 }
 
-/// SQL true when a row (as for [`tags_moved!`]) is live: not expired, and none of
+/// SQL true when none of a row's tags (`$row`: its name or alias followed by a
+/// dot, or nothing) was invalidated since it was written: the generations it keeps
+/// are still its tags' ([`generation_of!`]), in order. NULL, so never true, for a
+/// row with tags and no generations.
+macro_rules! tags_hold {
+    ($row:literal) => {
+        concat!(
+            $row,
+            "tag_generations = ARRAY(SELECT ",
+            $crate::caches::kv::tags::generation_of!("t"),
+            " FROM unnest(",
+            $row,
+            "tags) AS t)"
+        )
+    };
+}
+
+/// SQL true when a row (as for [`tags_hold!`]) is live: not expired, and none of
 /// its tags invalidated since it was written. A row without tags is judged by its
 /// expiry alone (the tag check is not evaluated for it).
 macro_rules! live {
@@ -72,8 +76,8 @@ macro_rules! live {
             $row,
             "expires_at > statement_timestamp() AND (",
             $row,
-            "tags IS NULL OR NOT ",
-            $crate::caches::kv::tags::tags_moved!($row),
+            "tags IS NULL OR ",
+            $crate::caches::kv::tags::tags_hold!($row),
             ")"
         )
     };
@@ -87,7 +91,7 @@ macro_rules! generations {
     (before) => {
         concat!(
             "(SELECT array_agg(",
-            $crate::caches::kv::tags::generation_of_x!(),
+            $crate::caches::kv::tags::generation_of!("x.tag"),
             " ORDER BY x.n) FROM unnest("
         )
     };
@@ -95,7 +99,7 @@ macro_rules! generations {
         "::text[]) WITH ORDINALITY AS x(tag, n))"
     };
 }
-pub(crate) use {generation_of_x, generations, live, tags_moved};
+pub(crate) use {generation_of, generations, live, tags_hold};
 
 /// Checks one tag: not empty, at most [`MAX_TAG_BYTES`], no NUL; the error names it.
 fn check_tag(tag: &str) -> Result<()> {
@@ -293,8 +297,9 @@ pub(crate) fn sweep_invalidated(
     // Found through the partial GIN index on `tags` (`&&` implies NOT NULL).
     let condition = concat!(
         "tags && ARRAY(SELECT tag FROM {g} WHERE swept_generation IS DISTINCT FROM generation) \
-         AND ",
-        tags_moved!("")
+         AND NOT (",
+        tags_hold!(""),
+        ")"
     )
     .replace("{g}", tables.tags());
     let removed = delete(conn, &condition)?;
@@ -337,7 +342,8 @@ mod tests {
 
     #[test]
     fn the_liveness_check_judges_untagged_rows_by_expiry_first() {
-        assert!(live!("c.")
-            .starts_with("c.expires_at > statement_timestamp() AND (c.tags IS NULL OR NOT EXISTS"));
+        assert!(live!("c.").starts_with(
+            "c.expires_at > statement_timestamp() AND (c.tags IS NULL OR c.tag_generations = "
+        ));
     }
 }
