@@ -318,10 +318,13 @@ const INSERT_INTO: [&str; 2] = [
 struct Tagging<'a>(&'a [&'a str]);
 
 impl<'a> Tagging<'a> {
-    fn columns(&self, out: &mut AstPass<'_, '_, Pg>) {
+    /// `INSERT INTO {t} (...) `: the upserts' columns, and the tags' when tagged.
+    fn insert_into(&self, out: &mut AstPass<'_, '_, Pg>, entries: &str) {
+        push_with_table(out, INSERT_INTO[0], entries);
         if !self.0.is_empty() {
             out.push_sql(", tags, tag_generations");
         }
+        out.push_sql(INSERT_INTO[1]);
     }
 
     fn values<'b>(self, out: &mut AstPass<'_, 'b, Pg>, tags_table: &str) -> QueryResult<()>
@@ -344,9 +347,7 @@ impl<'a> Tagging<'a> {
 impl QueryFragment<Pg> for Upsert<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         let tagging = Tagging(self.tags);
-        push_with_table(&mut out, INSERT_INTO[0], self.tables.entries);
-        tagging.columns(&mut out);
-        out.push_sql(INSERT_INTO[1]);
+        tagging.insert_into(&mut out, self.tables.entries);
         out.push_sql("VALUES (");
         out.push_bind_param::<Text, _>(self.key)?;
         out.push_sql(", ");
@@ -369,9 +370,7 @@ impl QueryFragment<Pg> for Upsert<'_> {
 impl QueryFragment<Pg> for UpsertMany<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         let tagging = Tagging(self.tags);
-        push_with_table(&mut out, INSERT_INTO[0], self.tables.entries);
-        tagging.columns(&mut out);
-        out.push_sql(INSERT_INTO[1]);
+        tagging.insert_into(&mut out, self.tables.entries);
         out.push_sql("SELECT u.k, u.v, u.b, u.p, u.bp, ");
         self.expires.walk_ast(out.reborrow())?;
         tagging.values(&mut out, self.tables.tags)?;
