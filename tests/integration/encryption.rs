@@ -381,7 +381,7 @@ fn inline_audio_is_sealed_and_a_storage_path_is_not() {
     assert_eq!(
         db.count(
             "SELECT count(*) AS n FROM audio_chunk_cache WHERE audio_data IS NULL \
-             AND packed IS NOT NULL AND position('speech' IN convert_from(packed, 'LATIN1')) = 0"
+             AND packed IS NOT NULL AND position('speech'::bytea IN packed) = 0"
         ),
         1
     );
