@@ -56,28 +56,33 @@ const MAX_PAUSE: Duration = Duration::from_millis(100);
 const TAKEN_FOR: Duration = FIRST_PAUSE;
 
 /// Leases this process found taken by someone refreshing, each until when its
-/// callers skip trying it ([`TAKEN_FOR`] after). Keyed by lease key alone: two
-/// managers of one process sharing a key at worst delay each other's refresh by
-/// [`TAKEN_FOR`], serving the live value meanwhile.
-static TAKEN: OnceLock<Mutex<HashMap<Vec<u8>, Instant>>> = OnceLock::new();
+/// callers skip trying it ([`TAKEN_FOR`] after). Keyed by the lease table (named
+/// with its schema) and the lease key: managers of other caches in the process
+/// never hold up each other's refreshes; two managers of one cache share what
+/// they found, as the callers of one manager do.
+static TAKEN: OnceLock<Mutex<HashMap<TakenKey, Instant>>> = OnceLock::new();
 
-/// Whether a caller of this process found `lease_key` taken less than
-/// [`TAKEN_FOR`] ago.
-fn recently_taken(lease_key: &[u8]) -> bool {
+/// A lease table (named with its schema) and a lease key of it.
+type TakenKey = (String, Vec<u8>);
+
+/// Whether a caller of this process found `lease_key` of the lease table `table`
+/// taken less than [`TAKEN_FOR`] ago.
+fn recently_taken(table: &str, lease_key: &[u8]) -> bool {
     let now = Instant::now();
-    TAKEN
-        .get_or_init(Mutex::default)
-        .lock()
-        .is_ok_and(|taken| taken.get(lease_key).is_some_and(|until| *until > now))
+    TAKEN.get_or_init(Mutex::default).lock().is_ok_and(|taken| {
+        taken
+            .get(&(table.to_owned(), lease_key.to_vec()))
+            .is_some_and(|until| *until > now)
+    })
 }
 
-/// Notes that `lease_key` was found taken; forgets the notes that ran out, so the
-/// map holds only the keys refreshed in the last few milliseconds.
-fn note_taken(lease_key: &[u8]) {
+/// Notes that `lease_key` of `table` was found taken; forgets the notes that ran
+/// out, so the map holds only the keys refreshed in the last few milliseconds.
+fn note_taken(table: &str, lease_key: &[u8]) {
     let now = Instant::now();
     if let Ok(mut taken) = TAKEN.get_or_init(Mutex::default).lock() {
         taken.retain(|_, until| *until > now);
-        taken.insert(lease_key.to_vec(), now + TAKEN_FOR);
+        taken.insert((table.to_owned(), lease_key.to_vec()), now + TAKEN_FOR);
     }
 }
 
@@ -216,19 +221,28 @@ impl Flight {
         key: &C::Key,
         seen: DateTime<Utc>,
     ) -> Refreshing<C::Entry> {
-        if recently_taken(&self.lease_key) {
+        let warned = |error: Error| {
+            tracing::warn!(cache = %C::KIND, %error, "pgcache: an early refresh could not try the lease; the value read is served");
+            Refreshing::Busy
+        };
+        let checked = match cache.check_key(key) {
+            Ok(checked) => checked,
+            Err(error) => return warned(error),
+        };
+        let engine = cache.engine_for(key, &checked);
+        let leases = engine.tables().leases();
+        if recently_taken(leases, &self.lease_key) {
             return Refreshing::Busy;
         }
-        let tried = cache.check_key(key).and_then(|checked| {
-            let engine = cache.engine_for(key, &checked);
-            engine.write(
+        let refreshing = engine
+            .write(
                 C::KIND,
                 Op::Lease,
                 Refreshing::Busy,
                 || None,
                 |conn| {
                     relaxed(conn, |conn| {
-                        let (holder, table) = (Uuid::new_v4(), engine.tables().leases());
+                        let (holder, table) = (Uuid::new_v4(), leases);
                         if !try_acquire(conn, table, &self.lease_key, holder, self.lease_ttl)? {
                             return Ok(Refreshing::Busy);
                         }
@@ -246,13 +260,9 @@ impl Flight {
                     })
                 },
             )
-        });
-        let refreshing = tried.unwrap_or_else(|error| {
-            tracing::warn!(cache = %C::KIND, %error, "pgcache: an early refresh could not try the lease; the value read is served");
-            Refreshing::Busy
-        });
+            .unwrap_or_else(warned);
         if matches!(refreshing, Refreshing::Busy) {
-            note_taken(&self.lease_key);
+            note_taken(leases, &self.lease_key);
         }
         refreshing
     }

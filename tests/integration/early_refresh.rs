@@ -553,3 +553,25 @@ fn a_refresh_through_a_tagged_handle_keeps_the_entrys_tags() {
         "the refreshed entry kept its tag"
     );
 }
+
+#[test]
+fn a_lease_found_taken_in_one_cache_does_not_hold_up_another_caches_refresh() {
+    let (first, second) = (stale_db(), stale_db());
+    let calls = AtomicUsize::new(0);
+    for db in [&first, &second] {
+        ask(&db.cache, "shared", "old", &calls);
+        end_freshness(db, "cache_entries");
+    }
+    // Someone else refreshes `shared` in the first cache: its callers serve "old"
+    // and this process notes the lease taken...
+    let digest = first.cache.kv().key_digest("shared").unwrap();
+    first.exec(&format!(
+        "INSERT INTO cache_leases (lease_key, holder, expires_at) \
+         VALUES (convert_to('kv:', 'UTF8') || '\\x{}'::bytea, gen_random_uuid(), \
+                 now() + interval '1 hour')",
+        digest.to_hex()
+    ));
+    assert_eq!(ask(&first.cache, "shared", "new", &calls), json!("old"));
+    // ...which says nothing of the same key in another cache: refreshed at once.
+    assert_eq!(ask(&second.cache, "shared", "new", &calls), json!("new"));
+}
