@@ -105,7 +105,10 @@ pub(super) fn rows(
         |b| b.compression_threshold(Some(pgcache::DEFAULT_COMPRESSION_THRESHOLD)),
         |b| b.compression_threshold(None),
         // A fixed key: the bench measures the cipher, not the key's secrecy.
-        |b| b.encryption_key("bench", [0x42; 32]),
+        |b| {
+            b.compression_threshold(Some(pgcache::DEFAULT_COMPRESSION_THRESHOLD))
+                .encryption_key("bench", [0x42; 32])
+        },
     ];
     let mut managers = tweaks
         .into_iter()
