@@ -38,7 +38,8 @@ pub(super) struct Stamp {
     pub(super) epoch: u64,
 }
 
-struct Copy {
+/// A copy this thread holds, and what proves it current.
+struct Held {
     kind: CacheKind,
     key: NearKey,
     value: NearValue,
@@ -47,7 +48,7 @@ struct Copy {
 }
 
 thread_local! {
-    static FRONT: RefCell<[Option<Copy>; SLOTS]> = const { RefCell::new([const { None }; SLOTS]) };
+    static FRONT: RefCell<[Option<Held>; SLOTS]> = const { RefCell::new([const { None }; SLOTS]) };
 }
 
 fn index(hash: u64, owner: u64) -> usize {
@@ -93,7 +94,7 @@ pub(super) fn keep(
     value: NearValue,
     expires: Instant,
 ) {
-    let copy = Some(Copy {
+    let copy = Some(Held {
         kind,
         key: key.into(),
         value,
