@@ -314,11 +314,76 @@ impl fmt::Display for HealthReport {
 struct ShardFacts {
     lookups: Lookups,
     size_bytes: u64,
-    last_cleanup: Option<CleanupRun>,
-    /// When its last successful cleanup finished, else when its tables were made.
-    cleaned_since: Option<DateTime<Utc>>,
+    cleanup: CleanupFacts,
+}
+
+/// One shard's cleanup history, as the cleanup checks judge it.
+struct CleanupFacts {
+    last: Option<CleanupRun>,
     last_success: Option<DateTime<Utc>>,
+    /// When its last successful cleanup finished, else when its tables were made.
+    since: Option<DateTime<Utc>>,
+    /// The database's time of the reading.
     now: DateTime<Utc>,
+}
+
+impl CleanupFacts {
+    /// Reads the last run, the last success and the database's time in one
+    /// statement.
+    fn read(engine: &Engine, conn: &mut PgConnection) -> Result<Self> {
+        #[derive(QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = Nullable<Timestamptz>)]
+            finished_at: Option<DateTime<Utc>>,
+            #[diesel(sql_type = Nullable<Bool>)]
+            succeeded: Option<bool>,
+            #[diesel(sql_type = Nullable<BigInt>)]
+            rows_removed: Option<i64>,
+            #[diesel(sql_type = Nullable<Text>)]
+            error_message: Option<String>,
+            #[diesel(sql_type = Nullable<Timestamptz>)]
+            last_success: Option<DateTime<Utc>>,
+            #[diesel(sql_type = Timestamptz)]
+            now: DateTime<Utc>,
+        }
+        let runs = engine.tables().cleanup_runs();
+        let row: Row = diesel::sql_query(format!(
+            "SELECT last.finished_at, last.succeeded, last.rows_removed, last.error_message, \
+             (SELECT max(finished_at) FROM {runs} WHERE succeeded) AS last_success, \
+             statement_timestamp() AS now \
+             FROM (SELECT) AS one LEFT JOIN LATERAL (SELECT * FROM {runs} \
+             ORDER BY id DESC LIMIT 1) AS last ON true"
+        ))
+        .get_result(conn)?;
+        let last = match (row.finished_at, row.succeeded, row.rows_removed) {
+            (Some(finished_at), Some(succeeded), Some(rows_removed)) => Some(CleanupRun {
+                finished_at,
+                succeeded,
+                rows_removed: rows_removed.unsigned_abs(),
+                error_message: row.error_message,
+            }),
+            _ => None,
+        };
+        // Without any successful cleanup, the tables' age is the reference: a freshly
+        // migrated schema has not missed a cleanup yet.
+        let since = match row.last_success {
+            Some(at) => Some(at),
+            None => crate::migrations::migrated_at(conn, engine.config().schema())?,
+        };
+        Ok(CleanupFacts {
+            last,
+            last_success: row.last_success,
+            since,
+            now: row.now,
+        })
+    }
+
+    /// Whether the last success (or, without one, the tables' creation) is more
+    /// than `max_age` ago; unknown counts as overdue.
+    fn overdue(&self, max_age: Duration) -> bool {
+        self.since
+            .is_none_or(|at| (self.now - at).to_std().unwrap_or(Duration::ZERO) > max_age)
+    }
 }
 
 /// One shard's facts: every statement on one live connection, under the watchdog,
@@ -326,66 +391,15 @@ struct ShardFacts {
 fn shard_facts(engine: &Engine) -> Result<ShardFacts> {
     super::stats::flush_before_reading(engine)?;
     let mut conn = engine.live_connection()?;
-    watched(&mut conn, |conn| facts(engine, conn))
-}
-
-fn facts(engine: &Engine, conn: &mut PgConnection) -> Result<ShardFacts> {
-    let lookups = super::stats::lookups(engine, conn)?
-        .into_iter()
-        .map(|(_, l)| l)
-        .sum();
-    let runs = engine.tables().cleanup_runs();
-    let size_bytes = total_size(conn, engine.tables())?;
-    #[derive(QueryableByName)]
-    struct Run {
-        #[diesel(sql_type = Timestamptz)]
-        finished_at: DateTime<Utc>,
-        #[diesel(sql_type = Bool)]
-        succeeded: bool,
-        #[diesel(sql_type = BigInt)]
-        rows_removed: i64,
-        #[diesel(sql_type = Nullable<Text>)]
-        error_message: Option<String>,
-    }
-    #[derive(QueryableByName)]
-    struct Success {
-        #[diesel(sql_type = Nullable<Timestamptz>)]
-        last_success: Option<DateTime<Utc>>,
-        #[diesel(sql_type = Timestamptz)]
-        now: DateTime<Utc>,
-    }
-    let last: Option<(DateTime<Utc>, bool, i64, Option<String>)> = diesel::sql_query(format!(
-        "SELECT finished_at, succeeded, rows_removed, error_message FROM {runs} \
-         ORDER BY id DESC LIMIT 1"
-    ))
-    .get_result::<Run>(conn)
-    .optional()?
-    .map(|r| (r.finished_at, r.succeeded, r.rows_removed, r.error_message));
-    let Success { last_success, now } = diesel::sql_query(format!(
-        "SELECT max(finished_at) AS last_success, statement_timestamp() AS now \
-         FROM {runs} WHERE succeeded"
-    ))
-    .get_result(conn)?;
-    // Without any successful cleanup, the tables' age is the reference: a freshly
-    // migrated schema has not missed a cleanup yet.
-    let cleaned_since = match last_success {
-        Some(at) => Some(at),
-        None => crate::migrations::migrated_at(conn, engine.config().schema())?,
-    };
-    Ok(ShardFacts {
-        lookups,
-        size_bytes,
-        last_cleanup: last.map(|(finished_at, succeeded, rows_removed, error_message)| {
-            CleanupRun {
-                finished_at,
-                succeeded,
-                rows_removed: rows_removed as u64,
-                error_message,
-            }
-        }),
-        cleaned_since,
-        last_success,
-        now,
+    watched(&mut conn, |conn| {
+        Ok(ShardFacts {
+            lookups: super::stats::lookups(engine, conn)?
+                .into_iter()
+                .map(|(_, l)| l)
+                .sum(),
+            size_bytes: total_size(conn, engine.tables())?,
+            cleanup: CleanupFacts::read(engine, conn)?,
+        })
     })
 }
 
@@ -443,7 +457,7 @@ pub(crate) fn health(cluster: &Cluster, thresholds: &HealthThresholds) -> Result
         }
     }
     for (name, facts) in &shards {
-        if let Some(run) = facts.last_cleanup.as_ref().filter(|r| !r.succeeded) {
+        if let Some(run) = facts.cleanup.last.as_ref().filter(|r| !r.succeeded) {
             let error = run.error_message.clone().unwrap_or_default();
             alerts.push(Alert::CleanupFailed {
                 finished_at: run.finished_at,
@@ -458,24 +472,19 @@ pub(crate) fn health(cluster: &Cluster, thresholds: &HealthThresholds) -> Result
         // The shard cleaned longest ago decides.
         let oldest = shards
             .iter()
-            .map(|(_, f)| f)
-            .min_by_key(|f| f.cleaned_since);
-        if let Some(facts) = oldest {
-            let overdue = facts
-                .cleaned_since
-                .is_none_or(|at| (facts.now - at).to_std().unwrap_or(Duration::ZERO) > max_age);
-            if overdue {
-                alerts.push(Alert::CleanupOverdue {
-                    last_success: facts.last_success,
-                    max_age_secs: max_age.as_secs(),
-                });
-            }
+            .map(|(_, f)| &f.cleanup)
+            .min_by_key(|c| c.since);
+        if let Some(cleanup) = oldest.filter(|c| c.overdue(max_age)) {
+            alerts.push(Alert::CleanupOverdue {
+                last_success: cleanup.last_success,
+                max_age_secs: max_age.as_secs(),
+            });
         }
     }
     // The most recent run of any shard.
     let last_cleanup = shards
         .into_iter()
-        .filter_map(|(_, f)| f.last_cleanup)
+        .filter_map(|(_, f)| f.cleanup.last)
         .max_by_key(|run| run.finished_at);
     Ok(HealthReport {
         alerts,
