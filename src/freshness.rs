@@ -70,19 +70,6 @@ impl Facts {
     }
 }
 
-/// A row read with its [`Facts`]: `S`, as a table decodes it (or the entry decoded
-/// from it), and the facts, from the same row (columns matched by name).
-#[derive(Clone)]
-pub(crate) struct WithFacts<S>(pub(crate) S, pub(crate) Facts);
-
-impl<S: QueryableByName<diesel::pg::Pg>> QueryableByName<diesel::pg::Pg> for WithFacts<S> {
-    fn build<'a>(
-        row: &impl diesel::row::NamedRow<'a, diesel::pg::Pg>,
-    ) -> diesel::deserialize::Result<Self> {
-        Ok(WithFacts(S::build(row)?, Facts::build(row)?))
-    }
-}
-
 /// A live entry found for `get_or_compute`, with its freshness when it was read
 /// from the database; `None` when a near cache served it (it keeps entries only
 /// while fresh, see [`Freshness::near_until`]).

@@ -36,7 +36,7 @@ use crate::kind::CacheKind;
 use crate::metrics::Op;
 use crate::popularity::{flushed_reports, hit_stats, HitStats};
 use crate::schema::audio_chunk_cache;
-use crate::table::{column, Row, TypedCache, TypedTable, UpsertColumns};
+use crate::table::{column, Row, TypedCache, TypedTable, UpsertColumns, Written};
 use crate::validation::{check_json, check_text};
 
 /// The audio chunk cache; get it with [`CacheManager::audio_chunk`](crate::CacheManager::audio_chunk).
@@ -394,7 +394,6 @@ fn inline<'r>(row: &'r Row<'_, AudioChunkTable>) -> Option<&'r [u8]> {
 #[derive(Debug, QueryableByName)]
 #[diesel(table_name = audio_chunk_cache, check_for_backend(diesel::pg::Pg))]
 pub struct Stored {
-    key_hash: Vec<u8>,
     audio_data: Option<Vec<u8>>,
     storage_path: Option<String>,
     packed: Option<Vec<u8>>,
@@ -406,8 +405,6 @@ pub struct Stored {
     byte_size: i64,
     hit_count: i64,
     last_accessed_at: DateTime<Utc>,
-    created_at: DateTime<Utc>,
-    expires_at: DateTime<Utc>,
 }
 
 /// Where a chunk's inline audio belongs, for the codec: the entry's digest.
@@ -520,20 +517,20 @@ impl TypedTable for AudioChunkTable {
         )
     }
 
-    fn decode(row: Stored, codec: &Codec) -> Option<(Vec<u8>, CachedAudioChunk)> {
+    fn decode(row: Stored, written: &Written, codec: &Codec) -> Option<CachedAudioChunk> {
         // The table's CHECKs keep exactly one of bytes, sealed bytes and path, and
         // the numbers positive.
         let data = match (row.audio_data, row.packed, row.storage_path) {
             (Some(bytes), _, _) => AudioData::Inline(bytes),
             (None, Some(packed), _) => {
-                AudioData::Inline(codec.open(&packed, context(&row.key_hash))?)
+                AudioData::Inline(codec.open(&packed, context(written.digest()))?)
             }
             (None, None, path) => AudioData::Stored {
                 path: path.unwrap_or_default(),
                 byte_size: row.byte_size.unsigned_abs(),
             },
         };
-        let entry = CachedAudioChunk {
+        Some(CachedAudioChunk {
             chunk: AudioChunk {
                 data,
                 format: row.format,
@@ -544,22 +541,20 @@ impl TypedTable for AudioChunkTable {
             },
             hit_count: row.hit_count.unsigned_abs(),
             last_accessed_at: row.last_accessed_at,
-            created_at: row.created_at,
-            expires_at: row.expires_at,
-        };
-        Some((row.key_hash, entry))
+            created_at: written.created_at,
+            expires_at: written.expires_at,
+        })
     }
 
     fn value(entry: CachedAudioChunk) -> AudioChunk {
         entry.chunk
     }
 
-    fn near_facts(entry: &CachedAudioChunk) -> (DateTime<Utc>, usize) {
-        let bytes = match &entry.chunk.data {
+    fn weight(entry: &CachedAudioChunk) -> usize {
+        match &entry.chunk.data {
             AudioData::Inline(bytes) => bytes.len(),
             AudioData::Stored { path, .. } => path.len(),
-        };
-        (entry.expires_at, bytes)
+        }
     }
 
     /// Text over the handle's maximum is neither read nor written (validated all the

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::schema::embedding_cache;
-use crate::table::{column, Row, TypedCache, TypedTable, UpsertColumns};
+use crate::table::{column, Row, TypedCache, TypedTable, UpsertColumns, Written};
 use crate::validation::{check_embedding, check_text};
 
 /// The embedding cache; get it with [`CacheManager::embedding`](crate::CacheManager::embedding).
@@ -180,13 +180,10 @@ pub struct Encoded {
 #[derive(Debug, QueryableByName)]
 #[diesel(table_name = embedding_cache, check_for_backend(diesel::pg::Pg))]
 pub struct Stored {
-    key_hash: Vec<u8>,
     model: String,
     embedding: Option<Vec<u8>>,
     packed: Option<Vec<u8>>,
     owner_id: Option<Uuid>,
-    created_at: DateTime<Utc>,
-    expires_at: DateTime<Utc>,
 }
 
 impl TypedTable for EmbeddingTable {
@@ -208,10 +205,7 @@ impl TypedTable for EmbeddingTable {
         check_embedding(embedding)?;
         let bytes: Vec<u8> = embedding.iter().flat_map(|c| c.to_le_bytes()).collect();
         Ok(Encoded {
-            packed: codec.seal(
-                &bytes,
-                Context::new(CacheKind::Embedding, "embedding", digest.as_bytes()),
-            )?,
+            packed: codec.seal(&bytes, context(digest.as_bytes()))?,
             bytes,
             // check_embedding caps the length far below i32::MAX.
             dimensions: embedding.len() as i32,
@@ -243,41 +237,42 @@ impl TypedTable for EmbeddingTable {
         )
     }
 
-    fn decode(row: Stored, codec: &Codec) -> Option<(Vec<u8>, CachedEmbedding)> {
+    fn decode(row: Stored, written: &Written, codec: &Codec) -> Option<CachedEmbedding> {
         // The table's CHECK keeps exactly one of embedding and packed.
         let bytes = match (row.embedding, row.packed) {
             (Some(bytes), _) => bytes,
-            (None, packed) => codec.open(
-                &packed?,
-                Context::new(CacheKind::Embedding, "embedding", &row.key_hash),
-            )?,
+            (None, packed) => codec.open(&packed?, context(written.digest()))?,
         };
         let embedding: Vec<f32> = bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        let entry = CachedEmbedding {
+        Some(CachedEmbedding {
             dimensions: embedding.len(),
             embedding,
             model: row.model,
             owner: row.owner_id,
-            created_at: row.created_at,
-            expires_at: row.expires_at,
-        };
-        Some((row.key_hash, entry))
+            created_at: written.created_at,
+            expires_at: written.expires_at,
+        })
     }
 
     fn value(entry: CachedEmbedding) -> Vec<f32> {
         entry.embedding
     }
 
-    fn near_facts(entry: &CachedEmbedding) -> (DateTime<Utc>, usize) {
-        (entry.expires_at, entry.embedding.len() * 4)
+    fn weight(entry: &CachedEmbedding) -> usize {
+        entry.embedding.len() * 4
     }
 
     fn digest(key: &EmbeddingKey) -> Result<KeyDigest> {
         key.digest()
     }
+}
+
+/// Where a vector belongs, for the codec: the entry's digest.
+fn context(digest: &[u8]) -> Context<'_> {
+    Context::new(CacheKind::Embedding, "embedding", digest)
 }
 
 /// Deletes every embedding of `model` from `table` (schema-qualified); returns the

@@ -34,7 +34,7 @@ use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::popularity::{flushed_reports, merge_top, top_entries, TopEntry};
 use crate::schema::llm_response_cache;
-use crate::table::{column, Row, TypedCache, TypedTable, UpsertColumns};
+use crate::table::{column, Row, TypedCache, TypedTable, UpsertColumns, Written};
 use crate::validation::{check_json, check_text};
 
 /// The LLM response cache; get it with [`CacheManager::llm_response`](crate::CacheManager::llm_response).
@@ -193,15 +193,12 @@ pub struct CachedLlmResponse {
 #[derive(Debug, QueryableByName)]
 #[diesel(table_name = llm_response_cache, check_for_backend(diesel::pg::Pg))]
 pub struct Stored {
-    key_hash: Vec<u8>,
     response: Option<String>,
     packed: Option<Vec<u8>>,
     provider: String,
     model: Option<String>,
     hit_count: i64,
     last_accessed_at: DateTime<Utc>,
-    created_at: DateTime<Utc>,
-    expires_at: DateTime<Utc>,
 }
 
 impl TypedTable for LlmResponseTable {
@@ -220,10 +217,7 @@ impl TypedTable for LlmResponseTable {
         digest: &KeyDigest,
     ) -> Result<Option<Vec<u8>>> {
         check_text("response", response)?;
-        codec.pack(
-            response.as_bytes(),
-            Context::new(CacheKind::LlmResponse, "response", digest.as_bytes()),
-        )
+        codec.pack(response.as_bytes(), context(digest.as_bytes()))
     }
 
     fn row_bytes(row: &Row<'_, Self>) -> usize {
@@ -244,39 +238,41 @@ impl TypedTable for LlmResponseTable {
         )
     }
 
-    fn decode(row: Stored, codec: &Codec) -> Option<(Vec<u8>, CachedLlmResponse)> {
+    fn decode(row: Stored, written: &Written, codec: &Codec) -> Option<CachedLlmResponse> {
         // The table's CHECK keeps exactly one of response and packed.
         let response = match (row.response, row.packed) {
             (Some(response), _) => response,
-            (None, packed) => String::from_utf8(codec.open(
-                &packed?,
-                Context::new(CacheKind::LlmResponse, "response", &row.key_hash),
-            )?)
-            .ok()?,
+            (None, packed) => {
+                String::from_utf8(codec.open(&packed?, context(written.digest()))?).ok()?
+            }
         };
-        let entry = CachedLlmResponse {
+        Some(CachedLlmResponse {
             response,
             provider: row.provider,
             model: row.model,
             hit_count: row.hit_count.unsigned_abs(),
             last_accessed_at: row.last_accessed_at,
-            created_at: row.created_at,
-            expires_at: row.expires_at,
-        };
-        Some((row.key_hash, entry))
+            created_at: written.created_at,
+            expires_at: written.expires_at,
+        })
     }
 
     fn value(entry: CachedLlmResponse) -> String {
         entry.response
     }
 
-    fn near_facts(entry: &CachedLlmResponse) -> (DateTime<Utc>, usize) {
-        (entry.expires_at, entry.response.len())
+    fn weight(entry: &CachedLlmResponse) -> usize {
+        entry.response.len()
     }
 
     fn digest(prompt: &LlmPrompt) -> Result<KeyDigest> {
         prompt.digest()
     }
+}
+
+/// Where a response belongs, for the codec: the entry's digest.
+fn context(digest: &[u8]) -> Context<'_> {
+    Context::new(CacheKind::LlmResponse, "response", digest)
 }
 
 /// Deletes every response owned by `user` from `table` (schema-qualified); returns

@@ -24,7 +24,7 @@ use crate::jsonb::JsonbOut;
 use crate::key::{canonical_json, KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::schema::vector_search_cache;
-use crate::table::{column, Row, TypedCache, TypedTable, UpsertColumns};
+use crate::table::{column, Row, TypedCache, TypedTable, UpsertColumns, Written};
 use crate::validation::{check_embedding, check_json};
 
 /// The vector-search results cache; get it with [`CacheManager::vector_search`](crate::CacheManager::vector_search).
@@ -149,14 +149,11 @@ pub struct Encoded {
 #[derive(Debug, QueryableByName)]
 #[diesel(table_name = vector_search_cache, check_for_backend(diesel::pg::Pg))]
 pub struct Stored {
-    key_hash: Vec<u8>,
     user_id: Uuid,
     top_k: i32,
     filters: Option<Value>,
     results: Option<Value>,
     packed: Option<Vec<u8>>,
-    created_at: DateTime<Utc>,
-    expires_at: DateTime<Utc>,
 }
 
 impl TypedTable for VectorSearchTable {
@@ -214,33 +211,32 @@ impl TypedTable for VectorSearchTable {
         )
     }
 
-    fn decode(row: Stored, codec: &Codec) -> Option<(Vec<u8>, CachedVectorSearch)> {
+    fn decode(row: Stored, written: &Written, codec: &Codec) -> Option<CachedVectorSearch> {
         // The table's CHECK keeps filters and results, or packed.
         let (filters, results) = match (row.filters, row.results, row.packed) {
             (Some(filters), Some(results), _) => (filters, results),
             (_, _, packed) => {
-                let both = codec.open(&packed?, context(&row.key_hash))?;
+                let both = codec.open(&packed?, context(written.digest()))?;
                 serde_json::from_slice(&both).ok()?
             }
         };
-        let entry = CachedVectorSearch {
+        Some(CachedVectorSearch {
             results,
             user_id: row.user_id,
             // The column's CHECK keeps it positive.
             top_k: row.top_k.unsigned_abs(),
             filters,
-            created_at: row.created_at,
-            expires_at: row.expires_at,
-        };
-        Some((row.key_hash, entry))
+            created_at: written.created_at,
+            expires_at: written.expires_at,
+        })
     }
 
     fn value(entry: CachedVectorSearch) -> Value {
         entry.results
     }
 
-    fn near_facts(entry: &CachedVectorSearch) -> (DateTime<Utc>, usize) {
-        (entry.expires_at, entry.results.to_string().len())
+    fn weight(entry: &CachedVectorSearch) -> usize {
+        entry.results.to_string().len()
     }
 
     /// A row only answers a query of its own user (the digest covers the user too).

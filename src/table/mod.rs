@@ -12,28 +12,27 @@
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
-use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use diesel::data_types::PgInterval;
 use diesel::pg::{Pg, PgConnection};
-use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{Array, Bytea, Untyped};
 use diesel::{OptionalExtension, QueryResult, QueryableByName, RunQueryDsl};
 
 use crate::cache::{Handle, NearRead, NearStorage, Storage};
+mod live;
 mod statements;
 
 use crate::cluster::Cluster;
 use crate::codec::Codec;
 use crate::error::Result;
-use crate::freshness::{read_at, WithFacts};
+use crate::freshness::Freshness;
 use crate::key::KeyDigest;
 use crate::kind::CacheKind;
 use crate::near::{NearKey, NearValue};
 use crate::skipped::Skipped;
+pub use live::Written;
+use live::{Live, LiveRows};
 pub(crate) use statements::write_batches;
 pub(crate) use statements::{column, UpsertColumns};
 use statements::{delete_digests, UnnestUpsert};
@@ -156,15 +155,16 @@ pub trait TypedTable: Sync {
     /// [`column`] each, for their upsert.
     fn columns<'r>(rows: &'r [Row<'_, Self>]) -> impl UpsertColumns + 'r;
 
-    /// A stored row's `key_hash` and entry, a packed payload opened through
-    /// `codec`; `None` when the codec cannot vouch for it (a miss).
-    fn decode(stored: Self::Stored, codec: &Codec) -> Option<(Vec<u8>, Self::Entry)>;
+    /// The entry of a live row: its own columns (`stored`) and the ones every
+    /// table has (`written`); a packed payload opened through `codec`. `None` when
+    /// the codec cannot vouch for it (a miss).
+    fn decode(stored: Self::Stored, written: &Written, codec: &Codec) -> Option<Self::Entry>;
 
     /// The stored value of a hit, without its metadata.
     fn value(entry: Self::Entry) -> Self::Value;
 
-    /// An entry's expiry (database clock) and its payload bytes, for a near cache.
-    fn near_facts(entry: &Self::Entry) -> (DateTime<Utc>, usize);
+    /// An entry's payload bytes, what it weighs in a near cache.
+    fn weight(entry: &Self::Entry) -> usize;
 
     /// Whether an entry found under `key`'s digest answers `key`: the vector-search
     /// cache checks the user as well, so a user never sees another's results.
@@ -179,24 +179,25 @@ pub trait TypedTable: Sync {
     }
 }
 
-/// Reads the live entry stored under `digest` (`key`'s), with the facts of its
-/// freshness; counts the hit where the table tracks hits.
+/// An entry as read from its table, with its freshness.
+type Read<T> = (<T as TypedTable>::Entry, Freshness);
+
+/// Reads the live entry stored under `digest` (`key`'s), with its freshness;
+/// counts the hit where the table tracks hits.
 fn read_one<T: TypedTable>(
     table: &TypedCache<'_, T>,
     conn: &mut PgConnection,
     key: &T::Key,
     digest: &KeyDigest,
-) -> Result<Option<WithFacts<T::Entry>>> {
+) -> Result<Option<Read<T>>> {
     if !table.table.stores(key) {
         return Ok(None);
     }
     let found = LiveRows::<T, _>::new(table.table(), digest.as_bytes().as_slice())
-        .get_result::<WithFacts<T::Stored>>(conn)
+        .get_result::<Live<T::Stored>>(conn)
         .optional()?
-        .and_then(|WithFacts(stored, facts)| {
-            T::decode(stored, table.codec()).map(|(_, entry)| WithFacts(entry, facts))
-        })
-        .filter(|WithFacts(entry, _)| T::answers(key, entry));
+        .and_then(|live| decode::<T>(live, table.codec()).map(|(_, found)| found))
+        .filter(|(entry, _)| T::answers(key, entry));
     count_hits(
         table.cluster(),
         T::CACHE,
@@ -206,14 +207,14 @@ fn read_one<T: TypedTable>(
     Ok(found)
 }
 
-/// Reads many live entries in one statement, in `keys` order, each with the facts
-/// of its freshness.
+/// Reads many live entries in one statement, in `keys` order, each with its
+/// freshness.
 fn read_many<T: TypedTable>(
     table: &TypedCache<'_, T>,
     conn: &mut PgConnection,
     keys: &[&T::Key],
     digests: &[KeyDigest],
-) -> Result<Vec<Option<WithFacts<T::Entry>>>> {
+) -> Result<Vec<Option<Read<T>>>> {
     let wanted: Vec<&[u8]> = digests
         .iter()
         .zip(keys)
@@ -222,30 +223,34 @@ fn read_many<T: TypedTable>(
         .collect();
     let mut by_digest = HashMap::with_capacity(wanted.len());
     if !wanted.is_empty() {
-        let rows =
-            LiveRows::<T, _>::new(table.table(), wanted).load::<WithFacts<T::Stored>>(conn)?;
-        for WithFacts(stored, facts) in rows {
-            let Some((hash, entry)) = T::decode(stored, table.codec()) else {
-                continue;
-            };
-            if let Some(digest) = KeyDigest::from_slice(&hash) {
-                by_digest.insert(digest, WithFacts(entry, facts));
-            }
-        }
+        let rows = LiveRows::<T, _>::new(table.table(), wanted).load::<Live<T::Stored>>(conn)?;
+        by_digest.extend(
+            rows.into_iter()
+                .filter_map(|live| decode::<T>(live, table.codec())),
+        );
     }
     // Per requested key, so a key asked for twice gets its entry twice.
-    let found: Vec<Option<WithFacts<T::Entry>>> = digests
+    let found: Vec<Option<Read<T>>> = digests
         .iter()
         .zip(keys)
-        .map(|(d, k)| {
-            by_digest
-                .get(d)
-                .filter(|WithFacts(e, _)| T::answers(k, e))
-                .cloned()
-        })
+        .map(|(d, k)| by_digest.get(d).filter(|(e, _)| T::answers(k, e)).cloned())
         .collect();
     count_hits(table.cluster(), T::CACHE, digests, &found);
     Ok(found)
+}
+
+/// A live row's digest, entry and freshness; `None` when it does not decode.
+fn decode<T: TypedTable>(
+    Live {
+        stored,
+        written,
+        facts,
+    }: Live<T::Stored>,
+    codec: &Codec,
+) -> Option<(KeyDigest, Read<T>)> {
+    let digest = KeyDigest::from_slice(written.digest())?;
+    let entry = T::decode(stored, &written, codec)?;
+    Some((digest, (entry, facts.of(written.expires_at))))
 }
 
 /// Counts a hit for every entry found, where the table tracks hits per entry (by
@@ -262,73 +267,6 @@ fn count_hits<E>(cluster: &Cluster, kind: CacheKind, digests: &[KeyDigest], foun
         }
     }
 }
-
-/// `SELECT *, statement_timestamp() AS read_at FROM <table> WHERE key_hash = $1`
-/// (one digest, a plain index probe) or `= ANY($1)` (many) `AND expires_at >
-/// statement_timestamp()`: the row with the facts of its freshness. Cached by its text
-/// (which names the schema, see `Prepared` in `statement.rs`): Diesel prepares
-/// it once per connection.
-struct LiveRows<'n, T, D> {
-    /// The table, schema-qualified.
-    name: &'n str,
-    digests: D,
-    table: PhantomData<T>,
-}
-
-impl<'n, T, D> LiveRows<'n, T, D> {
-    fn new(name: &'n str, digests: D) -> Self {
-        LiveRows {
-            name,
-            digests,
-            table: PhantomData,
-        }
-    }
-}
-
-/// How the digests are bound: one, or an array.
-trait DigestParam {
-    fn walk<'b>(&'b self, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()>;
-}
-
-impl DigestParam for &[u8] {
-    fn walk<'b>(&'b self, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql(" = ");
-        out.push_bind_param::<Bytea, _>(self)
-    }
-}
-
-impl DigestParam for Vec<&[u8]> {
-    fn walk<'b>(&'b self, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql(" = ANY(");
-        out.push_bind_param::<Array<Bytea>, _>(self)?;
-        out.push_sql(")");
-        Ok(())
-    }
-}
-
-impl<T: TypedTable, D: DigestParam> QueryFragment<Pg> for LiveRows<'_, T, D> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql("SELECT *, ");
-        out.push_sql(read_at!());
-        out.push_sql(" FROM ");
-        crate::relaxed::push_table(&mut out, self.name);
-        out.push_sql(" WHERE key_hash");
-        self.digests.walk(&mut out)?;
-        out.push_sql(" AND expires_at > statement_timestamp()");
-        Ok(())
-    }
-}
-
-impl<T: TypedTable, D: DigestParam> QueryId for LiveRows<'_, T, D> {
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
-}
-
-impl<T, D> Query for LiveRows<'_, T, D> {
-    type SqlType = Untyped;
-}
-
-impl<T, D, Conn> RunQueryDsl<Conn> for LiveRows<'_, T, D> {}
 
 /// Every typed table is a cache's storage (and so a [`Cache`](crate::Cache)).
 impl<T: TypedTable> Storage for TypedCache<'_, T> {
@@ -405,7 +343,7 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
         key: &T::Key,
         digest: &KeyDigest,
     ) -> Result<Option<T::Entry>> {
-        Ok(read_one(self, conn, key, digest)?.map(|WithFacts(entry, _)| entry))
+        Ok(read_one(self, conn, key, digest)?.map(|(entry, _)| entry))
     }
 
     fn read_many(
@@ -416,7 +354,7 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
     ) -> Result<Vec<Option<T::Entry>>> {
         Ok(read_many(self, conn, keys, digests)?
             .into_iter()
-            .map(|found| found.map(|WithFacts(entry, _)| entry))
+            .map(|found| found.map(|(entry, _)| entry))
             .collect())
     }
 
@@ -487,14 +425,13 @@ impl<T: TypedTable> NearStorage for TypedCache<'_, T> {
 }
 
 /// An entry as the near cache keeps it.
-fn near_read<T: TypedTable>(WithFacts(entry, facts): WithFacts<T::Entry>) -> NearRead<T::Entry> {
-    let (expires_at, weight) = T::near_facts(&entry);
+fn near_read<T: TypedTable>((entry, fresh): Read<T>) -> NearRead<T::Entry> {
     NearRead {
         kept: Arc::new(entry.clone()),
+        weight: T::weight(&entry),
         entry,
-        weight,
         tags: None,
-        fresh: facts.of(expires_at),
+        fresh,
     }
 }
 
