@@ -27,7 +27,6 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::common::check_name;
-use crate::codec::{Codec, Context};
 use crate::config::SizeBounds;
 use crate::error::{Error, Result};
 use crate::eviction::{evict, EvictionReport, Limits};
@@ -36,7 +35,9 @@ use crate::kind::CacheKind;
 use crate::metrics::Op;
 use crate::popularity::{flushed_reports, hit_stats, HitStats};
 use crate::schema::audio_chunk_cache;
-use crate::table::{column, Row, TypedCache, TypedTable, UpsertColumns, Written};
+use crate::table::{
+    column, Packing, Row, TableEntry, TypedCache, TypedTable, UpsertColumns, Written,
+};
 use crate::validation::{check_json, check_text};
 
 /// The audio chunk cache; get it with [`CacheManager::audio_chunk`](crate::CacheManager::audio_chunk).
@@ -371,6 +372,21 @@ pub struct CachedAudioChunk {
     pub expires_at: DateTime<Utc>,
 }
 
+impl TableEntry for CachedAudioChunk {
+    type Value = AudioChunk;
+
+    fn into_value(self) -> AudioChunk {
+        self.chunk
+    }
+
+    fn weight(&self) -> usize {
+        match &self.chunk.data {
+            AudioData::Inline(bytes) => bytes.len(),
+            AudioData::Stored { path, .. } => path.len(),
+        }
+    }
+}
+
 /// A chunk's numbers in their column types, and its inline audio sealed when
 /// values are.
 #[derive(Debug, Clone)]
@@ -407,13 +423,9 @@ pub struct Stored {
     last_accessed_at: DateTime<Utc>,
 }
 
-/// Where a chunk's inline audio belongs, for the codec: the entry's digest.
-fn context(digest: &[u8]) -> Context<'_> {
-    Context::new(CacheKind::AudioChunk, "audio", digest)
-}
-
 impl TypedTable for AudioChunkTable {
     const CACHE: CacheKind = CacheKind::AudioChunk;
+    const PAYLOAD: &'static str = "audio";
     type Key = AudioChunkKey;
     type Value = AudioChunk;
     type Entry = CachedAudioChunk;
@@ -422,12 +434,7 @@ impl TypedTable for AudioChunkTable {
 
     /// Inline audio is sealed when values are (speech says what the text said); a
     /// storage path is not.
-    fn encode(
-        _key: &AudioChunkKey,
-        chunk: &AudioChunk,
-        codec: &Codec,
-        digest: &KeyDigest,
-    ) -> Result<Encoded> {
+    fn encode(_key: &AudioChunkKey, chunk: &AudioChunk, packing: Packing<'_>) -> Result<Encoded> {
         match &chunk.data {
             AudioData::Inline(bytes) if bytes.len() > MAX_AUDIO_BYTES => {
                 return Err(Error::invalid(
@@ -471,7 +478,7 @@ impl TypedTable for AudioChunkTable {
             channels: fits("channels", chunk.channels.into(), i16::MAX as u64)? as i16,
             byte_size: fits("byte_size", chunk.byte_size(), i64::MAX as u64)? as i64,
             packed: match &chunk.data {
-                AudioData::Inline(bytes) => codec.seal(bytes, context(digest.as_bytes()))?,
+                AudioData::Inline(bytes) => packing.seal(bytes)?,
                 AudioData::Stored { .. } => None,
             },
         })
@@ -517,14 +524,12 @@ impl TypedTable for AudioChunkTable {
         )
     }
 
-    fn decode(row: Stored, written: &Written, codec: &Codec) -> Option<CachedAudioChunk> {
+    fn decode(row: Stored, written: &Written, packing: Packing<'_>) -> Option<CachedAudioChunk> {
         // The table's CHECKs keep exactly one of bytes, sealed bytes and path, and
         // the numbers positive.
         let data = match (row.audio_data, row.packed, row.storage_path) {
             (Some(bytes), _, _) => AudioData::Inline(bytes),
-            (None, Some(packed), _) => {
-                AudioData::Inline(codec.open(&packed, context(written.digest()))?)
-            }
+            (None, Some(packed), _) => AudioData::Inline(packing.open(&packed)?),
             (None, None, path) => AudioData::Stored {
                 path: path.unwrap_or_default(),
                 byte_size: row.byte_size.unsigned_abs(),
@@ -544,17 +549,6 @@ impl TypedTable for AudioChunkTable {
             created_at: written.created_at,
             expires_at: written.expires_at,
         })
-    }
-
-    fn value(entry: CachedAudioChunk) -> AudioChunk {
-        entry.chunk
-    }
-
-    fn weight(entry: &CachedAudioChunk) -> usize {
-        match &entry.chunk.data {
-            AudioData::Inline(bytes) => bytes.len(),
-            AudioData::Stored { path, .. } => path.len(),
-        }
     }
 
     /// Text over the handle's maximum is neither read nor written (validated all the

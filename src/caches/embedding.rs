@@ -20,12 +20,13 @@ use uuid::Uuid;
 
 use super::common::{check_name, delete_owned};
 use crate::cache::{Cache, Storage};
-use crate::codec::{Codec, Context};
 use crate::error::{Error, Result};
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::schema::embedding_cache;
-use crate::table::{column, Row, TypedCache, TypedTable, UpsertColumns, Written};
+use crate::table::{
+    column, Packing, Row, TableEntry, TypedCache, TypedTable, UpsertColumns, Written,
+};
 use crate::validation::{check_embedding, check_text};
 
 /// The embedding cache; get it with [`CacheManager::embedding`](crate::CacheManager::embedding).
@@ -167,6 +168,18 @@ pub struct CachedEmbedding {
     pub expires_at: DateTime<Utc>,
 }
 
+impl TableEntry for CachedEmbedding {
+    type Value = Vec<f32>;
+
+    fn into_value(self) -> Vec<f32> {
+        self.embedding
+    }
+
+    fn weight(&self) -> usize {
+        self.embedding.len() * 4
+    }
+}
+
 /// A vector as stored: little-endian `f32` bytes and their count, or, when values
 /// are sealed, their envelope.
 #[derive(Debug, Clone)]
@@ -188,6 +201,7 @@ pub struct Stored {
 
 impl TypedTable for EmbeddingTable {
     const CACHE: CacheKind = CacheKind::Embedding;
+    const PAYLOAD: &'static str = "embedding";
     type Key = EmbeddingKey;
     type Value = Vec<f32>;
     type Entry = CachedEmbedding;
@@ -196,16 +210,11 @@ impl TypedTable for EmbeddingTable {
 
     /// Validates the vector and encodes it as little-endian `f32` bytes (sealed
     /// when values are: a vector gives away much of the text it embeds).
-    fn encode(
-        _key: &EmbeddingKey,
-        embedding: &Vec<f32>,
-        codec: &Codec,
-        digest: &KeyDigest,
-    ) -> Result<Encoded> {
+    fn encode(_key: &EmbeddingKey, embedding: &Vec<f32>, packing: Packing<'_>) -> Result<Encoded> {
         check_embedding(embedding)?;
         let bytes: Vec<u8> = embedding.iter().flat_map(|c| c.to_le_bytes()).collect();
         Ok(Encoded {
-            packed: codec.seal(&bytes, context(digest.as_bytes()))?,
+            packed: packing.seal(&bytes)?,
             bytes,
             // check_embedding caps the length far below i32::MAX.
             dimensions: embedding.len() as i32,
@@ -237,11 +246,11 @@ impl TypedTable for EmbeddingTable {
         )
     }
 
-    fn decode(row: Stored, written: &Written, codec: &Codec) -> Option<CachedEmbedding> {
+    fn decode(row: Stored, written: &Written, packing: Packing<'_>) -> Option<CachedEmbedding> {
         // The table's CHECK keeps exactly one of embedding and packed.
         let bytes = match (row.embedding, row.packed) {
             (Some(bytes), _) => bytes,
-            (None, packed) => codec.open(&packed?, context(written.digest()))?,
+            (None, packed) => packing.open(&packed?)?,
         };
         let embedding: Vec<f32> = bytes
             .chunks_exact(4)
@@ -257,22 +266,9 @@ impl TypedTable for EmbeddingTable {
         })
     }
 
-    fn value(entry: CachedEmbedding) -> Vec<f32> {
-        entry.embedding
-    }
-
-    fn weight(entry: &CachedEmbedding) -> usize {
-        entry.embedding.len() * 4
-    }
-
     fn digest(key: &EmbeddingKey) -> Result<KeyDigest> {
         key.digest()
     }
-}
-
-/// Where a vector belongs, for the codec: the entry's digest.
-fn context(digest: &[u8]) -> Context<'_> {
-    Context::new(CacheKind::Embedding, "embedding", digest)
 }
 
 /// Deletes every embedding of `model` from `table` (schema-qualified); returns the

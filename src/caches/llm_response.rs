@@ -28,13 +28,14 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::common::{check_name, delete_owned};
-use crate::codec::{Codec, Context};
 use crate::error::Result;
 use crate::key::{KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::popularity::{flushed_reports, merge_top, top_entries, TopEntry};
 use crate::schema::llm_response_cache;
-use crate::table::{column, Row, TypedCache, TypedTable, UpsertColumns, Written};
+use crate::table::{
+    column, Packing, Row, TableEntry, TypedCache, TypedTable, UpsertColumns, Written,
+};
 use crate::validation::{check_json, check_text};
 
 /// The LLM response cache; get it with [`CacheManager::llm_response`](crate::CacheManager::llm_response).
@@ -189,6 +190,18 @@ pub struct CachedLlmResponse {
     pub expires_at: DateTime<Utc>,
 }
 
+impl TableEntry for CachedLlmResponse {
+    type Value = String;
+
+    fn into_value(self) -> String {
+        self.response
+    }
+
+    fn weight(&self) -> usize {
+        self.response.len()
+    }
+}
+
 /// A live row as read back.
 #[derive(Debug, QueryableByName)]
 #[diesel(table_name = llm_response_cache, check_for_backend(diesel::pg::Pg))]
@@ -203,6 +216,7 @@ pub struct Stored {
 
 impl TypedTable for LlmResponseTable {
     const CACHE: CacheKind = CacheKind::LlmResponse;
+    const PAYLOAD: &'static str = "response";
     type Key = LlmPrompt;
     type Value = String;
     type Entry = CachedLlmResponse;
@@ -213,11 +227,10 @@ impl TypedTable for LlmResponseTable {
     fn encode(
         _prompt: &LlmPrompt,
         response: &String,
-        codec: &Codec,
-        digest: &KeyDigest,
+        packing: Packing<'_>,
     ) -> Result<Option<Vec<u8>>> {
         check_text("response", response)?;
-        codec.pack(response.as_bytes(), context(digest.as_bytes()))
+        packing.pack(response.as_bytes())
     }
 
     fn row_bytes(row: &Row<'_, Self>) -> usize {
@@ -238,13 +251,11 @@ impl TypedTable for LlmResponseTable {
         )
     }
 
-    fn decode(row: Stored, written: &Written, codec: &Codec) -> Option<CachedLlmResponse> {
+    fn decode(row: Stored, written: &Written, packing: Packing<'_>) -> Option<CachedLlmResponse> {
         // The table's CHECK keeps exactly one of response and packed.
         let response = match (row.response, row.packed) {
             (Some(response), _) => response,
-            (None, packed) => {
-                String::from_utf8(codec.open(&packed?, context(written.digest()))?).ok()?
-            }
+            (None, packed) => String::from_utf8(packing.open(&packed?)?).ok()?,
         };
         Some(CachedLlmResponse {
             response,
@@ -257,22 +268,9 @@ impl TypedTable for LlmResponseTable {
         })
     }
 
-    fn value(entry: CachedLlmResponse) -> String {
-        entry.response
-    }
-
-    fn weight(entry: &CachedLlmResponse) -> usize {
-        entry.response.len()
-    }
-
     fn digest(prompt: &LlmPrompt) -> Result<KeyDigest> {
         prompt.digest()
     }
-}
-
-/// Where a response belongs, for the codec: the entry's digest.
-fn context(digest: &[u8]) -> Context<'_> {
-    Context::new(CacheKind::LlmResponse, "response", digest)
 }
 
 /// Deletes every response owned by `user` from `table` (schema-qualified); returns

@@ -18,13 +18,14 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::common::delete_owned;
-use crate::codec::{Codec, Context};
 use crate::error::{Error, Result};
 use crate::jsonb::JsonbOut;
 use crate::key::{canonical_json, KeyDigest, KeyHasher};
 use crate::kind::CacheKind;
 use crate::schema::vector_search_cache;
-use crate::table::{column, Row, TypedCache, TypedTable, UpsertColumns, Written};
+use crate::table::{
+    column, Packing, Row, TableEntry, TypedCache, TypedTable, UpsertColumns, Written,
+};
 use crate::validation::{check_embedding, check_json};
 
 /// The vector-search results cache; get it with [`CacheManager::vector_search`](crate::CacheManager::vector_search).
@@ -135,6 +136,18 @@ pub struct CachedVectorSearch {
     pub expires_at: DateTime<Utc>,
 }
 
+impl TableEntry for CachedVectorSearch {
+    type Value = Value;
+
+    fn into_value(self) -> Value {
+        self.results
+    }
+
+    fn weight(&self) -> usize {
+        self.results.to_string().len()
+    }
+}
+
 /// A search's columns as bound: `top_k`, the canonical filters and the results,
 /// or, when values are sealed, the envelope of both (`[filters, results]`).
 #[derive(Debug, Clone)]
@@ -158,6 +171,7 @@ pub struct Stored {
 
 impl TypedTable for VectorSearchTable {
     const CACHE: CacheKind = CacheKind::VectorSearch;
+    const PAYLOAD: &'static str = "results";
     type Key = VectorSearchQuery;
     type Value = Value;
     type Entry = CachedVectorSearch;
@@ -166,17 +180,12 @@ impl TypedTable for VectorSearchTable {
 
     /// Sealed when values are: filters and results may both hold what the user
     /// searched for.
-    fn encode(
-        query: &VectorSearchQuery,
-        results: &Value,
-        codec: &Codec,
-        digest: &KeyDigest,
-    ) -> Result<Encoded> {
+    fn encode(query: &VectorSearchQuery, results: &Value, packing: Packing<'_>) -> Result<Encoded> {
         let filters = JsonbOut::new("filters", &canonical_json(&query.filters))?;
         let results = JsonbOut::new("results", results)?;
-        let packed = if codec.seals() {
+        let packed = if packing.seals() {
             let both: [&[u8]; 5] = [b"[", filters.text(), b",", results.text(), b"]"];
-            codec.seal(&both.concat(), context(digest.as_bytes()))?
+            packing.seal(&both.concat())?
         } else {
             None
         };
@@ -211,12 +220,12 @@ impl TypedTable for VectorSearchTable {
         )
     }
 
-    fn decode(row: Stored, written: &Written, codec: &Codec) -> Option<CachedVectorSearch> {
+    fn decode(row: Stored, written: &Written, packing: Packing<'_>) -> Option<CachedVectorSearch> {
         // The table's CHECK keeps filters and results, or packed.
         let (filters, results) = match (row.filters, row.results, row.packed) {
             (Some(filters), Some(results), _) => (filters, results),
             (_, _, packed) => {
-                let both = codec.open(&packed?, context(written.digest()))?;
+                let both = packing.open(&packed?)?;
                 serde_json::from_slice(&both).ok()?
             }
         };
@@ -231,14 +240,6 @@ impl TypedTable for VectorSearchTable {
         })
     }
 
-    fn value(entry: CachedVectorSearch) -> Value {
-        entry.results
-    }
-
-    fn weight(entry: &CachedVectorSearch) -> usize {
-        entry.results.to_string().len()
-    }
-
     /// A row only answers a query of its own user (the digest covers the user too).
     fn answers(query: &VectorSearchQuery, entry: &CachedVectorSearch) -> bool {
         entry.user_id == query.user_id
@@ -247,11 +248,6 @@ impl TypedTable for VectorSearchTable {
     fn digest(query: &VectorSearchQuery) -> Result<KeyDigest> {
         query.digest()
     }
-}
-
-/// Where a search's results belong, for the codec: the entry's digest.
-fn context(digest: &[u8]) -> Context<'_> {
-    Context::new(CacheKind::VectorSearch, "results", digest)
 }
 
 /// Deletes every cached search of `user` from `table` (schema-qualified); returns

@@ -21,6 +21,7 @@ use diesel::{OptionalExtension, QueryResult, QueryableByName, RunQueryDsl};
 
 use crate::cache::{Handle, NearRead, NearStorage, Storage};
 mod live;
+mod packing;
 mod statements;
 
 use crate::cluster::Cluster;
@@ -33,6 +34,7 @@ use crate::near::{NearKey, NearValue};
 use crate::skipped::Skipped;
 pub use live::Written;
 use live::{Live, LiveRows};
+pub use packing::Packing;
 pub(crate) use statements::write_batches;
 pub(crate) use statements::{column, UpsertColumns};
 use statements::{delete_digests, UnnestUpsert};
@@ -116,13 +118,16 @@ impl<'a, T> TypedCache<'a, T> {
 pub trait TypedTable: Sync {
     /// Which cache this is.
     const CACHE: CacheKind;
+    /// What the table calls the payload its codec packs (`response`, ...), bound
+    /// into the payload's seal.
+    const PAYLOAD: &'static str;
     /// What identifies an entry.
     type Key: ?Sized + Sync;
     /// What is stored.
     type Value: Sync;
     /// What a hit returns: the value with its metadata (also what a near cache
     /// keeps).
-    type Entry: Clone + Send + Sync + 'static;
+    type Entry: TableEntry<Value = Self::Value>;
     /// The columns an entry's key and value are converted to before the upsert binds
     /// them (`()` when they bind as they are).
     type Encoded: Clone + Send + Sync;
@@ -136,17 +141,12 @@ pub trait TypedTable: Sync {
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key.
     fn digest(key: &Self::Key) -> Result<KeyDigest>;
 
-    /// Validates a value (the key is valid, its digest `digest`) and converts what
-    /// needs converting; a payload the table packs goes through `codec`.
+    /// Validates a value (the key is valid) and converts what needs converting; a
+    /// payload the table packs goes through `packing`, bound to the entry.
     ///
     /// # Errors
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad value.
-    fn encode(
-        key: &Self::Key,
-        value: &Self::Value,
-        codec: &Codec,
-        digest: &KeyDigest,
-    ) -> Result<Self::Encoded>;
+    fn encode(key: &Self::Key, value: &Self::Value, packing: Packing<'_>) -> Result<Self::Encoded>;
 
     /// The payload bytes of a row (splits very large batches).
     fn row_bytes(row: &Row<'_, Self>) -> usize;
@@ -156,15 +156,10 @@ pub trait TypedTable: Sync {
     fn columns<'r>(rows: &'r [Row<'_, Self>]) -> impl UpsertColumns + 'r;
 
     /// The entry of a live row: its own columns (`stored`) and the ones every
-    /// table has (`written`); a packed payload opened through `codec`. `None` when
-    /// the codec cannot vouch for it (a miss).
-    fn decode(stored: Self::Stored, written: &Written, codec: &Codec) -> Option<Self::Entry>;
-
-    /// The stored value of a hit, without its metadata.
-    fn value(entry: Self::Entry) -> Self::Value;
-
-    /// An entry's payload bytes, what it weighs in a near cache.
-    fn weight(entry: &Self::Entry) -> usize;
+    /// table has (`written`); a packed payload opened through `packing`. `None`
+    /// when the codec cannot vouch for it (a miss).
+    fn decode(stored: Self::Stored, written: &Written, packing: Packing<'_>)
+        -> Option<Self::Entry>;
 
     /// Whether an entry found under `key`'s digest answers `key`: the vector-search
     /// cache checks the user as well, so a user never sees another's results.
@@ -181,6 +176,20 @@ pub trait TypedTable: Sync {
 
 /// An entry as read from its table, with its freshness.
 type Read<T> = (<T as TypedTable>::Entry, Freshness);
+
+/// What a hit of a typed table returns: its value with the metadata of its row.
+///
+/// Public only so [`TypedTable`] may name it, like that trait.
+pub trait TableEntry: Clone + Send + Sync + 'static {
+    /// The value without its metadata.
+    type Value;
+
+    /// The value, the metadata dropped.
+    fn into_value(self) -> Self::Value;
+
+    /// The payload's bytes: what the entry weighs in a near cache.
+    fn weight(&self) -> usize;
+}
 
 /// Reads the live entry stored under `digest` (`key`'s), with its freshness;
 /// counts the hit where the table tracks hits.
@@ -249,7 +258,7 @@ fn decode<T: TypedTable>(
     codec: &Codec,
 ) -> Option<(KeyDigest, Read<T>)> {
     let digest = KeyDigest::from_slice(written.digest())?;
-    let entry = T::decode(stored, &written, codec)?;
+    let entry = T::decode(stored, &written, Packing::new::<T>(codec, written.digest()))?;
     Some((digest, (entry, facts.of(written.expires_at))))
 }
 
@@ -286,7 +295,7 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
     }
 
     fn into_value(entry: T::Entry) -> T::Value {
-        T::value(entry)
+        entry.into_value()
     }
 
     fn key_digest(&self, key: &T::Key) -> Result<KeyDigest> {
@@ -311,7 +320,11 @@ impl<T: TypedTable> Storage for TypedCache<'_, T> {
             digest,
             key,
             value,
-            encoded: T::encode(key, value, self.codec(), &digest)?,
+            encoded: T::encode(
+                key,
+                value,
+                Packing::new::<T>(self.codec(), digest.as_bytes()),
+            )?,
         })
     }
 
@@ -428,7 +441,7 @@ impl<T: TypedTable> NearStorage for TypedCache<'_, T> {
 fn near_read<T: TypedTable>((entry, fresh): Read<T>) -> NearRead<T::Entry> {
     NearRead {
         kept: Arc::new(entry.clone()),
-        weight: T::weight(&entry),
+        weight: entry.weight(),
         entry,
         tags: None,
         fresh,
