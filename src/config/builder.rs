@@ -153,7 +153,7 @@ impl CacheConfigBuilder {
         self.set("pool_max_size", |c| c.pool.max_size = size)
     }
 
-    /// Idle connections the pool keeps open (see [`PoolSettings::min_idle`] before
+    /// Idle connections the pool keeps open (see [`PoolSettings::min_idle`](super::PoolSettings::min_idle) before
     /// raising it). Default: 0.
     pub fn pool_min_idle(self, min_idle: u32) -> Self {
         self.set("pool_min_idle", |c| c.pool.min_idle = min_idle)
@@ -174,7 +174,7 @@ impl CacheConfigBuilder {
     /// Schema holding the cache tables and pgcache's migration history
     /// (`__diesel_schema_migrations` inside it, never the application's); created on
     /// first start and set as the cache connections' `search_path`. Default:
-    /// [`DEFAULT_SCHEMA`] (`pgcache`).
+    /// [`DEFAULT_SCHEMA`](super::DEFAULT_SCHEMA) (`pgcache`).
     pub fn schema(self, schema: impl Into<String>) -> Self {
         let schema = schema.into();
         self.set("schema", |c| c.schema = schema)
@@ -214,7 +214,7 @@ impl CacheConfigBuilder {
     /// their transactions, which may have millions of rows to move; it also bounds the
     /// wait for the schema's migration lock while another process migrates or
     /// partitions that schema. The client-side cut of unanswered statements allows
-    /// this timeout + 1 s for them. Default: [`DEFAULT_MIGRATION_TIMEOUT`] (10 minutes).
+    /// this timeout + 1 s for them. Default: [`DEFAULT_MIGRATION_TIMEOUT`](super::DEFAULT_MIGRATION_TIMEOUT) (10 minutes).
     pub fn migration_timeout(self, timeout: Duration) -> Self {
         self.set("migration_timeout", |c| c.migration_timeout = timeout)
     }
@@ -324,7 +324,7 @@ impl CacheConfigBuilder {
         })
     }
 
-    /// The most payload bytes `cache` may hold (`None`: no bound; see [`SizeBounds`]
+    /// The most payload bytes `cache` may hold (`None`: no bound; see [`SizeBounds`](super::SizeBounds)
     /// for what counts), enforced like [`max_entries`](Self::max_entries).
     /// Default: none.
     pub fn max_bytes(self, cache: CacheKind, max: Option<u64>) -> Self {
@@ -335,7 +335,7 @@ impl CacheConfigBuilder {
 
     /// The fraction (0 to 1) of a bound that eviction brings an over-bound cache
     /// down to, so that it is not over again after a few writes. Default:
-    /// [`DEFAULT_EVICTION_LOW_WATERMARK`] (0.8).
+    /// [`DEFAULT_EVICTION_LOW_WATERMARK`](super::DEFAULT_EVICTION_LOW_WATERMARK) (0.8).
     pub fn eviction_low_watermark(self, fraction: f64) -> Self {
         self.set("eviction_low_watermark", |c| {
             c.eviction_low_watermark = fraction;
@@ -355,7 +355,7 @@ impl CacheConfigBuilder {
     /// After a write commits anywhere, how long a near cache may still return the
     /// old value at most, even if notifications are delayed or lost: past it the near
     /// caches are bypassed until the channel proves current again. Default:
-    /// [`DEFAULT_NEAR_CACHE_STALENESS`] (100 ms).
+    /// [`DEFAULT_NEAR_CACHE_STALENESS`](super::DEFAULT_NEAR_CACHE_STALENESS) (100 ms).
     pub fn near_cache_staleness(self, bound: Duration) -> Self {
         self.set("near_cache_staleness", |c| c.near_cache_staleness = bound)
     }

@@ -75,7 +75,7 @@ pub enum Pooler {
     /// A transaction pooler: pgcache keeps no session state on server connections
     /// (no prepared statement outlives its transaction, no session `SET`, no session
     /// lock); the near-cache poller and migrations use the
-    /// [direct URL](CacheConfigBuilder::direct_url).
+    /// [direct URL](super::CacheConfigBuilder::direct_url).
     Transaction,
 }
 
@@ -194,7 +194,7 @@ impl Default for PoolSettings {
 }
 
 /// An in-process near cache (L1) for one cache: see
-/// [`CacheConfigBuilder::near_cache`] and docs/design/near-cache.md.
+/// [`CacheConfigBuilder::near_cache`](super::CacheConfigBuilder::near_cache) and docs/design/near-cache.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
 pub struct NearCache {
@@ -245,7 +245,7 @@ impl Default for NearCache {
     }
 }
 
-/// Default [`CacheConfigBuilder::migration_timeout`]: 10 minutes, for moving tables
+/// Default [`CacheConfigBuilder::migration_timeout`](super::CacheConfigBuilder::migration_timeout): 10 minutes, for moving tables
 /// of many millions of rows into partitions.
 pub const DEFAULT_MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
 
