@@ -5,6 +5,8 @@
 //!   task), the same hit through `spawn_blocking` and the blocking API, and redis-rs
 //!   `GET` on a multiplexed async connection; with 1 task, and with 64 tasks sharing
 //!   the work (the time per operation is then the inverse of the throughput).
+//! - `async near batch`: `get_many` of 10 keys the near cache holds, async (answered
+//!   on the task), through `spawn_blocking`, and redis-rs `MGET` of the same keys.
 //! - `async database read`: a get the database answers (no near cache), async
 //!   against the blocking get, with and without the hop to a blocking thread.
 //!
@@ -21,6 +23,12 @@ use pgcache::{AsyncCacheManager, Cache, CacheConfig, CacheKind, CacheManager, Ne
 use serde_json::json;
 
 const KEY: &str = "user:42:profile:v2";
+
+/// The keys of the batch rows.
+const BATCH: [&str; 10] = [
+    "batch:0", "batch:1", "batch:2", "batch:3", "batch:4", "batch:5", "batch:6", "batch:7",
+    "batch:8", "batch:9",
+];
 
 struct Scratch {
     url: String,
@@ -106,6 +114,18 @@ fn async_paths(c: &mut Criterion) {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(hits() > 0, "the near cache never served the key");
+    for key in BATCH {
+        let value = json!({"key": key});
+        near.kv()
+            .set_with_ttl(key, &value, Duration::from_secs(3600))
+            .unwrap();
+        let before = hits();
+        near.kv().get(key).unwrap();
+        while hits() == before {
+            std::thread::sleep(Duration::from_millis(10));
+            near.kv().get(key).unwrap();
+        }
+    }
     let near_async = near.to_async();
 
     let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
@@ -118,6 +138,11 @@ fn async_paths(c: &mut Criterion) {
             .query_async::<()>(&mut conn)
             .await
             .ok()?;
+        let mut mset = redis::cmd("MSET");
+        for key in BATCH {
+            mset.arg(key).arg(json!({"key": key}).to_string());
+        }
+        mset.query_async::<()>(&mut conn).await.ok()?;
         Some(conn)
     });
     if redis.is_none() {
@@ -180,6 +205,64 @@ fn async_paths(c: &mut Criterion) {
                 })
             });
         }
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("async near batch");
+    group.bench_function("pgcache async get_many", |b| {
+        b.iter_custom(|iters| {
+            let cache = near_async.clone();
+            timed(&runtime, iters, 1, |share| {
+                let cache = cache.clone();
+                async move {
+                    for _ in 0..share {
+                        let found = cache.kv().get_many(&BATCH).await.unwrap();
+                        assert!(found.iter().all(Option::is_some));
+                    }
+                }
+            })
+        })
+    });
+    let blocking = near.clone();
+    group.bench_function("spawn_blocking get_many", |b| {
+        b.iter_custom(|iters| {
+            let blocking = blocking.clone();
+            timed(&runtime, iters, 1, |share| {
+                let blocking = blocking.clone();
+                async move {
+                    for _ in 0..share {
+                        let blocking = blocking.clone();
+                        let found =
+                            tokio::task::spawn_blocking(move || blocking.kv().get_many(&BATCH))
+                                .await
+                                .unwrap()
+                                .unwrap();
+                        assert!(found.iter().all(Option::is_some));
+                    }
+                }
+            })
+        })
+    });
+    if let Some(conn) = &redis {
+        let conn = conn.clone();
+        group.bench_function("redis-rs MGET", |b| {
+            b.iter_custom(|iters| {
+                let conn = conn.clone();
+                timed(&runtime, iters, 1, |share| {
+                    let mut conn = conn.clone();
+                    async move {
+                        for _ in 0..share {
+                            let found = redis::cmd("MGET")
+                                .arg(&BATCH[..])
+                                .query_async::<Vec<Option<String>>>(&mut conn)
+                                .await
+                                .unwrap();
+                            assert!(found.iter().all(Option::is_some));
+                        }
+                    }
+                })
+            })
+        });
     }
     group.finish();
 

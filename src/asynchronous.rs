@@ -18,7 +18,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use crate::cache::{get_entry, get_from_memory, lookup, Cache, Storage};
+use crate::cache::{
+    get_entry, get_from_memory, get_many_entries, get_many_from_memory, lookup, Cache, Storage,
+};
 use crate::caches::{
     AudioChunkTable, EmbeddingTable, KvCache, LlmResponseTable, VectorSearchTable,
 };
@@ -308,18 +310,38 @@ impl<'m, T: AsyncTable> AsyncCache<'m, T> {
             .await
     }
 
-    /// Reads many entries in one round trip, in `keys` order. As
+    /// Reads many entries in one round trip, in `keys` order: those the near cache
+    /// holds on the calling task, the rest (if any) on a blocking thread. As
     /// [`Cache::get_many`].
     ///
     /// # Errors
     /// As [`Cache::get_many`].
     pub async fn get_many(&self, keys: &[&T::Key]) -> Result<Vec<Option<T::Entry>>> {
-        let keys: Vec<T::OwnedKey> = keys.iter().map(|key| (*key).to_owned()).collect();
-        self.run(move |cache| {
-            let keys: Vec<&T::Key> = keys.iter().map(Borrow::borrow).collect();
-            cache.get_many(&keys)
-        })
-        .await
+        let (mut found, wanted, memory) = match get_many_from_memory(&self.here(), keys) {
+            Some(part) => {
+                let part = part?;
+                if part.missing.is_empty() {
+                    return Ok(part.found);
+                }
+                (part.found, part.missing, false)
+            }
+            // No near cache (or a bad key, which the full read reports).
+            None => (Vec::new(), (0..keys.len()).collect(), true),
+        };
+        let owned: Vec<T::OwnedKey> = wanted.iter().map(|&i| keys[i].to_owned()).collect();
+        let read = self
+            .run(move |cache| {
+                let keys: Vec<&T::Key> = owned.iter().map(Borrow::borrow).collect();
+                get_many_entries(&cache, &keys, memory)
+            })
+            .await?;
+        if memory {
+            return Ok(read);
+        }
+        for (i, entry) in wanted.into_iter().zip(read) {
+            found[i] = entry;
+        }
+        Ok(found)
     }
 
     /// Stores an entry with the handle's default TTL. As [`Cache::set`].

@@ -22,7 +22,7 @@ use crate::skipped::Skipped;
 mod near;
 
 #[cfg(feature = "tokio")]
-pub(crate) use near::get_from_memory;
+pub(crate) use near::{get_from_memory, get_many_from_memory};
 
 /// `Cache::get`; with `memory` false, the near cache is not looked in first (the
 /// caller did, `get_from_memory`), so its miss is not counted twice.
@@ -32,6 +32,36 @@ pub(crate) fn get_entry<C: NearStorage + ?Sized>(
     memory: bool,
 ) -> Result<Option<C::Entry>> {
     Ok(lookup(cache, key, memory, false)?.map(|found| found.entry))
+}
+
+/// `Cache::get_many`; with `memory` false, as [`get_entry`]'s (the caller looked
+/// in the near cache already, `get_many_from_memory`).
+pub(crate) fn get_many_entries<C: NearStorage + ?Sized>(
+    cache: &C,
+    keys: &[&C::Key],
+    memory: bool,
+) -> Result<Vec<Option<C::Entry>>> {
+    cache.front().observe(C::KIND, Op::GetMany, |span| {
+        let checked = check_keys(cache, keys)?;
+        span.record("rows", keys.len());
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut parts = per_shard(cache, keys, &checked, |engine, keys, checked| {
+            read_part(cache, engine, keys, checked, memory)
+        })?;
+        // One part (always so with one shard) holds every key, in order.
+        if let [(_, found)] = &mut parts[..] {
+            return Ok(std::mem::take(found));
+        }
+        let mut found: Vec<Option<C::Entry>> = keys.iter().map(|_| None).collect();
+        for (items, entries) in parts {
+            for (i, entry) in items.into_iter().zip(entries) {
+                found[i] = entry;
+            }
+        }
+        Ok(found)
+    })
 }
 
 /// [`get_entry`], and with `fresh` the entry's freshness when it is read from the
@@ -308,16 +338,17 @@ fn rows_per_shard<'r, C: Storage + ?Sized>(
 }
 
 /// A batch read on one shard: through its near cache if it has one (the keys it
-/// holds are served from memory, the rest read in one statement and kept as a get
-/// keeps them); lookups counted.
+/// holds are served from memory unless `memory` is false, the rest read in one
+/// statement and kept as a get keeps them); lookups counted.
 fn read_part<C: NearStorage + ?Sized>(
     cache: &C,
     engine: &Engine,
     keys: &[&C::Key],
     checked: &[C::CheckedKey],
+    memory: bool,
 ) -> Result<Vec<Option<C::Entry>>> {
     let found = match near::near_of::<C>(engine) {
-        Some(near) => near::read_many(cache, engine, near, keys, checked)?,
+        Some(near) => near::read_many(cache, engine, near, keys, checked, memory)?,
         None => engine.read_with(
             C::KIND,
             Op::GetMany,
@@ -557,27 +588,7 @@ pub trait Cache: NearStorage {
     /// # Errors
     /// As [`get`](Self::get).
     fn get_many(&self, keys: &[&Self::Key]) -> Result<Vec<Option<Self::Entry>>> {
-        self.front().observe(Self::KIND, Op::GetMany, |span| {
-            let checked = check_keys(self, keys)?;
-            span.record("rows", keys.len());
-            if keys.is_empty() {
-                return Ok(Vec::new());
-            }
-            let mut parts = per_shard(self, keys, &checked, |engine, keys, checked| {
-                read_part(self, engine, keys, checked)
-            })?;
-            // One part (always so with one shard) holds every key, in order.
-            if let [(_, found)] = &mut parts[..] {
-                return Ok(std::mem::take(found));
-            }
-            let mut found: Vec<Option<Self::Entry>> = keys.iter().map(|_| None).collect();
-            for (items, entries) in parts {
-                for (i, entry) in items.into_iter().zip(entries) {
-                    found[i] = entry;
-                }
-            }
-            Ok(found)
-        })
+        get_many_entries(self, keys, true)
     }
 
     /// Stores an entry with the cache's default TTL.

@@ -169,23 +169,87 @@ fn keep<C: NearStorage + ?Sized>(
     read.entry
 }
 
+/// What a batch found in memory on the calling task ([`get_many_from_memory`]):
+/// the entries the near cache holds, by position, and the positions still to read.
+#[cfg(feature = "tokio")]
+pub(crate) struct FromMemory<E> {
+    pub(crate) found: Vec<Option<E>>,
+    pub(crate) missing: Vec<usize>,
+}
+
+/// A batch looked up in this process's near cache alone, with no connection and no
+/// wait: the entries it holds (each hit counted; observed as a batch's when there
+/// is nothing left to read), and the positions the caller reads with
+/// [`get_many_entries`](super::get_many_entries) without `memory`, so no miss is
+/// counted twice. `None` when the table has no near cache or a key is bad (the
+/// full batch reports it).
+#[cfg(feature = "tokio")]
+pub(crate) fn get_many_from_memory<C: NearStorage + ?Sized>(
+    cache: &C,
+    keys: &[&C::Key],
+) -> Option<Result<FromMemory<C::Entry>>> {
+    let checked: Vec<C::CheckedKey> = keys
+        .iter()
+        .map(|k| cache.check_key(k).ok())
+        .collect::<Option<_>>()?;
+    let mut part = FromMemory {
+        found: Vec::with_capacity(keys.len()),
+        missing: Vec::new(),
+    };
+    for (i, (key, checked)) in keys.iter().zip(&checked).enumerate() {
+        let engine = cache.engine_for(key, checked);
+        let kept = near_of::<C>(engine)?.get(C::KIND, &C::near_key(key, checked), C::from_near);
+        match kept.transpose() {
+            Ok(Some(Some(entry))) => {
+                cache.near_hit(checked);
+                engine.record_lookups(C::KIND, 1, 0);
+                part.found.push(Some(entry));
+            }
+            Ok(_) => {
+                part.missing.push(i);
+                part.found.push(None);
+            }
+            Err(error) => {
+                return Some(cache.front().observe(C::KIND, Op::GetMany, |_| Err(error)));
+            }
+        }
+    }
+    if part.missing.is_empty() {
+        // All served here: observed as the batch's, as the full read would be.
+        let observed = cache.front().observe(C::KIND, Op::GetMany, |span| {
+            span.record("rows", keys.len());
+            Ok(())
+        });
+        if let Err(error) = observed {
+            return Some(Err(error));
+        }
+    }
+    Some(Ok(part))
+}
+
 /// A batch read on one shard through its near cache: the keys it holds are served
-/// from memory, the rest read in one statement and kept as a get keeps them.
+/// from memory (unless `memory` is false: the caller looked already,
+/// [`get_many_from_memory`]), the rest read in one statement and kept as a get
+/// keeps them.
 pub(super) fn read_many<C: NearStorage + ?Sized>(
     cache: &C,
     engine: &Engine,
     near: &NearCaches,
     keys: &[&C::Key],
     checked: &[C::CheckedKey],
+    memory: bool,
 ) -> Result<Vec<Option<C::Entry>>> {
     let mut found = Vec::with_capacity(keys.len());
     let mut wanted = Vec::new();
     for (i, (key, checked)) in keys.iter().zip(checked).enumerate() {
         let near_key = C::near_key(key, checked);
-        let entry = near
-            .get(C::KIND, &near_key, C::from_near)
-            .transpose()?
-            .flatten();
+        let entry = if memory {
+            near.get(C::KIND, &near_key, C::from_near)
+                .transpose()?
+                .flatten()
+        } else {
+            None
+        };
         if entry.is_some() {
             cache.near_hit(checked);
         } else {

@@ -149,6 +149,115 @@ async fn a_near_cache_hit_is_answered_without_a_blocking_thread() {
     assert_eq!(near_hits(), hits_before + 1, "the hit is counted once");
 }
 
+/// The kv near cache's hits and misses so far.
+fn kv_near_counts(db: &TestDb) -> (u64, u64) {
+    let stats = db.cache.near_cache_stats();
+    let kv = stats.iter().find(|s| s.cache == CacheKind::Kv).unwrap();
+    (kv.hits, kv.misses)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_near_cache_holds_is_answered_without_a_blocking_thread() {
+    let db = near_db();
+    let cache = db.cache.to_async().max_blocking(1);
+    let kv = cache.kv();
+    for key in ["a", "b", "later"] {
+        kv.set(key, json!(key)).await.unwrap();
+    }
+    // Read each until the near cache serves it (it keeps reads once its poller is
+    // current).
+    for key in ["a", "b"] {
+        let served = async {
+            loop {
+                let (hits, _) = kv_near_counts(&db);
+                assert_eq!(kv.get(key).await.unwrap(), Some(json!(key)));
+                if kv_near_counts(&db).0 > hits {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), served)
+            .await
+            .expect("the near cache never served the key");
+    }
+
+    let (release, held) = mpsc::channel::<()>();
+    let (started, running) = tokio::sync::oneshot::channel();
+    let holder = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .run(move |_| {
+                    started.send(()).unwrap();
+                    held.recv().unwrap();
+                })
+                .await
+        })
+    };
+    running.await.unwrap();
+    // The only permit is taken: a batch that needed a blocking thread would wait.
+    let all_held =
+        tokio::time::timeout(Duration::from_secs(30), kv.get_many(&["b", "a", "b"])).await;
+    let one_missing =
+        tokio::time::timeout(Duration::from_millis(200), kv.get_many(&["a", "later"])).await;
+    release.send(()).unwrap();
+    holder.await.unwrap();
+    assert_eq!(
+        all_held.expect("the batch held in memory waited").unwrap(),
+        vec![Some(json!("b")), Some(json!("a")), Some(json!("b"))]
+    );
+    assert!(
+        one_missing.is_err(),
+        "a batch with a key to read waits for a permit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partly_held_batch_reads_only_its_misses_and_counts_each_lookup_once() {
+    let db = near_db();
+    let cache = db.cache.to_async();
+    let kv = cache.kv();
+    kv.set("held", json!(1)).await.unwrap();
+    kv.set("stored", json!(2)).await.unwrap();
+    let served = async {
+        loop {
+            let (hits, _) = kv_near_counts(&db);
+            kv.get("held").await.unwrap();
+            if kv_near_counts(&db).0 > hits {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), served)
+        .await
+        .expect("the near cache never served the key");
+    let lookups_before = db.cache.stats().unwrap().lookups;
+    let (hits, misses) = kv_near_counts(&db);
+
+    let found = kv
+        .get_many(&["stored", "held", "absent", "held"])
+        .await
+        .unwrap();
+
+    assert_eq!(
+        found,
+        vec![Some(json!(2)), Some(json!(1)), None, Some(json!(1))]
+    );
+    assert_eq!(
+        kv_near_counts(&db),
+        (hits + 2, misses + 2),
+        "each key looked up in memory once: two hits, two misses"
+    );
+    let lookups = db.cache.stats().unwrap().lookups;
+    assert_eq!(
+        (lookups.hits, lookups.misses),
+        (lookups_before.hits + 3, lookups_before.misses + 1),
+        "four lookups counted, each once"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_calls_are_bounded_by_the_pool_size() {
     // The test pool holds 4 connections.
