@@ -18,9 +18,10 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, Bencher, BenchmarkId, Criterion};
 use pgcache::{AsyncCacheManager, Cache, CacheConfig, CacheKind, CacheManager, NearCache};
 use serde_json::json;
+use tokio::runtime::Runtime;
 
 const KEY: &str = "user:42:profile:v2";
 
@@ -72,25 +73,48 @@ fn manager(url: &str, near: bool) -> (CacheManager, Scratch) {
     (cache, scratch)
 }
 
-/// Runs `iters` operations split over `tasks` tasks, each running `work(its
-/// share)` (its loop inside, so no per-operation clone adds shared-counter
-/// traffic); the time it took.
-fn timed<F, Fut>(runtime: &tokio::runtime::Runtime, iters: u64, tasks: u64, work: F) -> Duration
+/// Benchmarks `op` run `iters` times split over `tasks` tasks: each task takes its
+/// own clone of `state` and runs its share in a loop, handing the state from one
+/// operation to the next (so no per-operation clone adds shared-counter traffic).
+fn bench_tasks<S, F, Fut>(b: &mut Bencher<'_>, runtime: &Runtime, tasks: u64, state: &S, op: F)
 where
-    F: Fn(u64) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
+    S: Clone + Send + 'static,
+    F: Fn(S) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = S> + Send,
 {
-    runtime.block_on(async move {
-        let started = Instant::now();
-        let handles: Vec<_> = (0..tasks)
-            // The iterations spread over the tasks, every one counted once.
-            .map(|t| tokio::spawn(work(iters / tasks + u64::from(t < iters % tasks))))
-            .collect();
-        for handle in handles {
-            handle.await.unwrap();
-        }
-        started.elapsed()
-    })
+    b.iter_custom(|iters| {
+        runtime.block_on(async {
+            let started = Instant::now();
+            let handles: Vec<_> = (0..tasks)
+                .map(|t| {
+                    // The iterations spread over the tasks, every one counted once.
+                    let share = iters / tasks + u64::from(t < iters % tasks);
+                    let (mut state, op) = (state.clone(), op.clone());
+                    tokio::spawn(async move {
+                        for _ in 0..share {
+                            state = op(state).await;
+                        }
+                    })
+                })
+                .collect();
+            for handle in handles {
+                handle.await.unwrap();
+            }
+            started.elapsed()
+        })
+    });
+}
+
+/// `work` on the blocking API through `spawn_blocking`, as a service without the
+/// async face would run it.
+async fn hop<R: Send + 'static>(
+    cache: &CacheManager,
+    work: impl FnOnce(CacheManager) -> R + Send + 'static,
+) -> R {
+    let cache = cache.clone();
+    tokio::task::spawn_blocking(move || work(cache))
+        .await
+        .unwrap()
 }
 
 fn async_paths(c: &mut Criterion) {
@@ -104,26 +128,24 @@ fn async_paths(c: &mut Criterion) {
         .unwrap();
 
     let (near, _near_scratch) = manager(&url, true);
-    // Read until the near cache serves the key.
+    // Read each key until the near cache serves it.
     let hits = || near.near_cache_stats()[0].hits;
-    for _ in 0..200 {
-        near.kv().get(KEY).unwrap();
-        if hits() > 0 {
-            break;
+    for key in std::iter::once(KEY).chain(BATCH) {
+        if key != KEY {
+            let value = json!({"key": key});
+            near.kv()
+                .set_with_ttl(key, &value, Duration::from_secs(3600))
+                .unwrap();
         }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(hits() > 0, "the near cache never served the key");
-    for key in BATCH {
-        let value = json!({"key": key});
-        near.kv()
-            .set_with_ttl(key, &value, Duration::from_secs(3600))
-            .unwrap();
         let before = hits();
-        near.kv().get(key).unwrap();
+        let started = Instant::now();
         while hits() == before {
-            std::thread::sleep(Duration::from_millis(10));
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the near cache never served {key}"
+            );
             near.kv().get(key).unwrap();
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
     let near_async = near.to_async();
@@ -132,13 +154,9 @@ fn async_paths(c: &mut Criterion) {
     let redis = runtime.block_on(async {
         let client = redis::Client::open(redis).ok()?;
         let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        redis::cmd("SET")
-            .arg(KEY)
-            .arg(json!({"id": 42, "name": "Ada"}).to_string())
-            .query_async::<()>(&mut conn)
-            .await
-            .ok()?;
         let mut mset = redis::cmd("MSET");
+        mset.arg(KEY)
+            .arg(json!({"id": 42, "name": "Ada"}).to_string());
         for key in BATCH {
             mset.arg(key).arg(json!({"key": key}).to_string());
         }
@@ -151,57 +169,28 @@ fn async_paths(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("async near hit");
     for tasks in [1u64, 64] {
-        let cache = near_async.clone();
         group.bench_function(BenchmarkId::new("pgcache async", tasks), |b| {
-            b.iter_custom(|iters| {
-                let cache = cache.clone();
-                timed(&runtime, iters, tasks, |share| {
-                    let cache = cache.clone();
-                    async move {
-                        for _ in 0..share {
-                            cache.kv().get(KEY).await.unwrap().unwrap();
-                        }
-                    }
-                })
+            bench_tasks(b, &runtime, tasks, &near_async, |cache| async move {
+                cache.kv().get(KEY).await.unwrap().unwrap();
+                cache
             })
         });
-        let blocking = near.clone();
         group.bench_function(BenchmarkId::new("spawn_blocking", tasks), |b| {
-            b.iter_custom(|iters| {
-                let blocking = blocking.clone();
-                timed(&runtime, iters, tasks, |share| {
-                    let blocking = blocking.clone();
-                    async move {
-                        for _ in 0..share {
-                            let blocking = blocking.clone();
-                            tokio::task::spawn_blocking(move || blocking.kv().get(KEY))
-                                .await
-                                .unwrap()
-                                .unwrap()
-                                .unwrap();
-                        }
-                    }
-                })
+            bench_tasks(b, &runtime, tasks, &near, |cache| async move {
+                hop(&cache, |c| c.kv().get(KEY)).await.unwrap().unwrap();
+                cache
             })
         });
         if let Some(conn) = &redis {
-            let conn = conn.clone();
             group.bench_function(BenchmarkId::new("redis-rs GET", tasks), |b| {
-                b.iter_custom(|iters| {
-                    let conn = conn.clone();
-                    timed(&runtime, iters, tasks, |share| {
-                        let mut conn = conn.clone();
-                        async move {
-                            for _ in 0..share {
-                                redis::cmd("GET")
-                                    .arg(KEY)
-                                    .query_async::<Option<String>>(&mut conn)
-                                    .await
-                                    .unwrap()
-                                    .unwrap();
-                            }
-                        }
-                    })
+                bench_tasks(b, &runtime, tasks, conn, |mut conn| async move {
+                    redis::cmd("GET")
+                        .arg(KEY)
+                        .query_async::<Option<String>>(&mut conn)
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    conn
                 })
             });
         }
@@ -210,57 +199,29 @@ fn async_paths(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("async near batch");
     group.bench_function("pgcache async get_many", |b| {
-        b.iter_custom(|iters| {
-            let cache = near_async.clone();
-            timed(&runtime, iters, 1, |share| {
-                let cache = cache.clone();
-                async move {
-                    for _ in 0..share {
-                        let found = cache.kv().get_many(&BATCH).await.unwrap();
-                        assert!(found.iter().all(Option::is_some));
-                    }
-                }
-            })
+        bench_tasks(b, &runtime, 1, &near_async, |cache| async move {
+            let found = cache.kv().get_many(&BATCH).await.unwrap();
+            assert!(found.iter().all(Option::is_some));
+            cache
         })
     });
-    let blocking = near.clone();
     group.bench_function("spawn_blocking get_many", |b| {
-        b.iter_custom(|iters| {
-            let blocking = blocking.clone();
-            timed(&runtime, iters, 1, |share| {
-                let blocking = blocking.clone();
-                async move {
-                    for _ in 0..share {
-                        let blocking = blocking.clone();
-                        let found =
-                            tokio::task::spawn_blocking(move || blocking.kv().get_many(&BATCH))
-                                .await
-                                .unwrap()
-                                .unwrap();
-                        assert!(found.iter().all(Option::is_some));
-                    }
-                }
-            })
+        bench_tasks(b, &runtime, 1, &near, |cache| async move {
+            let found = hop(&cache, |c| c.kv().get_many(&BATCH)).await.unwrap();
+            assert!(found.iter().all(Option::is_some));
+            cache
         })
     });
     if let Some(conn) = &redis {
-        let conn = conn.clone();
         group.bench_function("redis-rs MGET", |b| {
-            b.iter_custom(|iters| {
-                let conn = conn.clone();
-                timed(&runtime, iters, 1, |share| {
-                    let mut conn = conn.clone();
-                    async move {
-                        for _ in 0..share {
-                            let found = redis::cmd("MGET")
-                                .arg(&BATCH[..])
-                                .query_async::<Vec<Option<String>>>(&mut conn)
-                                .await
-                                .unwrap();
-                            assert!(found.iter().all(Option::is_some));
-                        }
-                    }
-                })
+            bench_tasks(b, &runtime, 1, conn, |mut conn| async move {
+                let found = redis::cmd("MGET")
+                    .arg(&BATCH[..])
+                    .query_async::<Vec<Option<String>>>(&mut conn)
+                    .await
+                    .unwrap();
+                assert!(found.iter().all(Option::is_some));
+                conn
             })
         });
     }
@@ -272,36 +233,16 @@ fn async_paths(c: &mut Criterion) {
     group.bench_function("blocking get", |b| {
         b.iter(|| far.kv().get(KEY).unwrap().unwrap())
     });
-    let blocking = far.clone();
     group.bench_function("spawn_blocking get", |b| {
-        b.iter_custom(|iters| {
-            let blocking = blocking.clone();
-            timed(&runtime, iters, 1, |share| {
-                let blocking = blocking.clone();
-                async move {
-                    for _ in 0..share {
-                        let blocking = blocking.clone();
-                        tokio::task::spawn_blocking(move || blocking.kv().get(KEY))
-                            .await
-                            .unwrap()
-                            .unwrap()
-                            .unwrap();
-                    }
-                }
-            })
+        bench_tasks(b, &runtime, 1, &far, |cache| async move {
+            hop(&cache, |c| c.kv().get(KEY)).await.unwrap().unwrap();
+            cache
         })
     });
     group.bench_function("pgcache async get", |b| {
-        b.iter_custom(|iters| {
-            let cache = far_async.clone();
-            timed(&runtime, iters, 1, |share| {
-                let cache = cache.clone();
-                async move {
-                    for _ in 0..share {
-                        cache.kv().get(KEY).await.unwrap().unwrap();
-                    }
-                }
-            })
+        bench_tasks(b, &runtime, 1, &far_async, |cache| async move {
+            cache.kv().get(KEY).await.unwrap().unwrap();
+            cache
         })
     });
     group.finish();

@@ -48,7 +48,7 @@ pub(crate) fn get_many_entries<C: NearStorage + ?Sized>(
             return Ok(Vec::new());
         }
         let mut parts = per_shard(cache, keys, &checked, |engine, keys, checked| {
-            read_part(cache, engine, keys, checked, memory)
+            near::read_many(cache, engine, keys, checked, memory)
         })?;
         // One part (always so with one shard) holds every key, in order.
         if let [(_, found)] = &mut parts[..] {
@@ -335,28 +335,6 @@ fn rows_per_shard<'r, C: Storage + ?Sized>(
         .enumerate()
         .filter(|(_, rows)| !rows.is_empty())
         .collect()
-}
-
-/// A batch read on one shard: through its near cache if it has one (the keys it
-/// holds are served from memory unless `memory` is false, the rest read in one
-/// statement and kept as a get keeps them); lookups counted.
-fn read_part<C: NearStorage + ?Sized>(
-    cache: &C,
-    engine: &Engine,
-    keys: &[&C::Key],
-    checked: &[C::CheckedKey],
-    memory: bool,
-) -> Result<Vec<Option<C::Entry>>> {
-    let found = match near::near_of::<C>(engine) {
-        Some(near) => near::read_many(cache, engine, near, keys, checked, memory)?,
-        None => engine.read_with(
-            C::KIND,
-            Op::GetMany,
-            || keys.iter().map(|_| None).collect(),
-            |conn| cache.read_many(conn, keys, checked),
-        )?,
-    };
-    Ok(counted(engine, C::KIND, found))
 }
 
 /// Records a batch's hits and misses; hands the batch back.

@@ -227,18 +227,26 @@ pub(crate) fn get_many_from_memory<C: NearStorage + ?Sized>(
     Some(Ok(part))
 }
 
-/// A batch read on one shard through its near cache: the keys it holds are served
-/// from memory (unless `memory` is false: the caller looked already,
-/// [`get_many_from_memory`]), the rest read in one statement and kept as a get
-/// keeps them.
+/// A batch read on one shard, its lookups counted: through its near cache if it
+/// has one (the keys it holds served from memory, unless `memory` is false: the
+/// caller looked already, [`get_many_from_memory`]; the rest read in one
+/// statement and kept as a get keeps them), else in one statement.
 pub(super) fn read_many<C: NearStorage + ?Sized>(
     cache: &C,
     engine: &Engine,
-    near: &NearCaches,
     keys: &[&C::Key],
     checked: &[C::CheckedKey],
     memory: bool,
 ) -> Result<Vec<Option<C::Entry>>> {
+    let Some(near) = near_of::<C>(engine) else {
+        let found = engine.read_with(
+            C::KIND,
+            Op::GetMany,
+            || keys.iter().map(|_| None).collect(),
+            |conn| cache.read_many(conn, keys, checked),
+        )?;
+        return Ok(super::counted(engine, C::KIND, found));
+    };
     let mut found = Vec::with_capacity(keys.len());
     let mut wanted = Vec::new();
     for (i, (key, checked)) in keys.iter().zip(checked).enumerate() {
@@ -273,7 +281,7 @@ pub(super) fn read_many<C: NearStorage + ?Sized>(
             found[i] = read.map(|read| keep::<C>(engine, near, ticket, near_key, read));
         }
     }
-    Ok(found)
+    Ok(super::counted(engine, C::KIND, found))
 }
 
 /// Evicts the keys of `rows` from the near cache of `engine`'s shard in this

@@ -8,7 +8,7 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::TestDb;
-use pgcache::{CacheKind, LlmPrompt, NearCache};
+use pgcache::{AsyncCacheManager, CacheKind, LlmPrompt, NearCache};
 use serde_json::json;
 use tracing::Instrument;
 
@@ -97,63 +97,85 @@ async fn typed_ai_caches_get_and_set_as_futures() {
     assert_eq!(top.len(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_near_cache_hit_is_answered_without_a_blocking_thread() {
-    let db = near_db();
-    // One blocking call at a time, and the test holds it.
-    let cache = db.cache.to_async().max_blocking(1);
-    cache.kv().set("hot", json!("value")).await.unwrap();
-    // Read until the near cache holds it (it keeps reads once its poller is current).
-    let near_hits = || {
-        let stats = db.cache.near_cache_stats();
-        stats
-            .iter()
-            .find(|s| s.cache == CacheKind::Kv)
-            .unwrap()
-            .hits
-    };
-    for _ in 0..200 {
-        assert_eq!(cache.kv().get("hot").await.unwrap(), Some(json!("value")));
-        if near_hits() > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let hits_before = near_hits();
-    assert!(hits_before > 0, "the near cache never served the key");
+/// The kv near cache's hits and misses so far.
+fn kv_near_counts(db: &TestDb) -> (u64, u64) {
+    let stats = db.cache.near_cache_stats();
+    let kv = stats.iter().find(|s| s.cache == CacheKind::Kv).unwrap();
+    (kv.hits, kv.misses)
+}
 
-    let (release, held) = mpsc::channel::<()>();
-    let (started, running) = tokio::sync::oneshot::channel();
-    let holder = {
+/// Reads `key` (stored) until the near cache serves it: it keeps reads once its
+/// poller is current.
+async fn until_held(db: &TestDb, cache: &AsyncCacheManager, key: &str) {
+    let served = async {
+        loop {
+            let (hits, _) = kv_near_counts(db);
+            assert!(cache.kv().get(key).await.unwrap().is_some());
+            if kv_near_counts(db).0 > hits {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), served)
+        .await
+        .expect("the near cache never served the key");
+}
+
+/// The only blocking permit of a manager made with `max_blocking(1)`, held by a
+/// blocking call until released.
+struct HeldPermit {
+    release: mpsc::Sender<()>,
+    holder: tokio::task::JoinHandle<()>,
+}
+
+impl HeldPermit {
+    async fn take(cache: &AsyncCacheManager) -> Self {
+        let (release, held) = mpsc::channel::<()>();
+        let (started, running) = tokio::sync::oneshot::channel();
         let cache = cache.clone();
-        tokio::spawn(async move {
+        let holder = tokio::spawn(async move {
             cache
                 .run(move |_| {
                     started.send(()).unwrap();
                     held.recv().unwrap();
                 })
                 .await
-        })
-    };
-    running.await.unwrap();
+        });
+        running.await.unwrap();
+        HeldPermit { release, holder }
+    }
+
+    async fn release(self) {
+        self.release.send(()).unwrap();
+        self.holder.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_near_cache_hit_is_answered_without_a_blocking_thread() {
+    let db = near_db();
+    // One blocking call at a time, and the test holds it.
+    let cache = db.cache.to_async().max_blocking(1);
+    cache.kv().set("hot", json!("value")).await.unwrap();
+    until_held(&db, &cache, "hot").await;
+    let (hits_before, _) = kv_near_counts(&db);
+
+    let permit = HeldPermit::take(&cache).await;
     // The only permit is taken: a get that needed a blocking thread would wait.
     let hit = tokio::time::timeout(Duration::from_secs(30), cache.kv().get("hot")).await;
     let miss = tokio::time::timeout(Duration::from_millis(200), cache.kv().get("cold")).await;
-    release.send(()).unwrap();
-    holder.await.unwrap();
+    permit.release().await;
     assert_eq!(
         hit.expect("the hit did not wait").unwrap(),
         Some(json!("value"))
     );
     assert!(miss.is_err(), "a miss waits for a blocking call's permit");
-    assert_eq!(near_hits(), hits_before + 1, "the hit is counted once");
-}
-
-/// The kv near cache's hits and misses so far.
-fn kv_near_counts(db: &TestDb) -> (u64, u64) {
-    let stats = db.cache.near_cache_stats();
-    let kv = stats.iter().find(|s| s.cache == CacheKind::Kv).unwrap();
-    (kv.hits, kv.misses)
+    assert_eq!(
+        kv_near_counts(&db).0,
+        hits_before + 1,
+        "the hit is counted once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,45 +186,16 @@ async fn a_batch_the_near_cache_holds_is_answered_without_a_blocking_thread() {
     for key in ["a", "b", "later"] {
         kv.set(key, json!(key)).await.unwrap();
     }
-    // Read each until the near cache serves it (it keeps reads once its poller is
-    // current).
-    for key in ["a", "b"] {
-        let served = async {
-            loop {
-                let (hits, _) = kv_near_counts(&db);
-                assert_eq!(kv.get(key).await.unwrap(), Some(json!(key)));
-                if kv_near_counts(&db).0 > hits {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(30), served)
-            .await
-            .expect("the near cache never served the key");
-    }
+    until_held(&db, &cache, "a").await;
+    until_held(&db, &cache, "b").await;
 
-    let (release, held) = mpsc::channel::<()>();
-    let (started, running) = tokio::sync::oneshot::channel();
-    let holder = {
-        let cache = cache.clone();
-        tokio::spawn(async move {
-            cache
-                .run(move |_| {
-                    started.send(()).unwrap();
-                    held.recv().unwrap();
-                })
-                .await
-        })
-    };
-    running.await.unwrap();
+    let permit = HeldPermit::take(&cache).await;
     // The only permit is taken: a batch that needed a blocking thread would wait.
     let all_held =
         tokio::time::timeout(Duration::from_secs(30), kv.get_many(&["b", "a", "b"])).await;
     let one_missing =
         tokio::time::timeout(Duration::from_millis(200), kv.get_many(&["a", "later"])).await;
-    release.send(()).unwrap();
-    holder.await.unwrap();
+    permit.release().await;
     assert_eq!(
         all_held.expect("the batch held in memory waited").unwrap(),
         vec![Some(json!("b")), Some(json!("a")), Some(json!("b"))]
@@ -220,19 +213,7 @@ async fn a_partly_held_batch_reads_only_its_misses_and_counts_each_lookup_once()
     let kv = cache.kv();
     kv.set("held", json!(1)).await.unwrap();
     kv.set("stored", json!(2)).await.unwrap();
-    let served = async {
-        loop {
-            let (hits, _) = kv_near_counts(&db);
-            kv.get("held").await.unwrap();
-            if kv_near_counts(&db).0 > hits {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), served)
-        .await
-        .expect("the near cache never served the key");
+    until_held(&db, &cache, "held").await;
     let lookups_before = db.cache.stats().unwrap().lookups;
     let (hits, misses) = kv_near_counts(&db);
 
