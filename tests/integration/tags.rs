@@ -101,6 +101,26 @@ fn redis_style_operations_treat_an_invalidated_entry_as_absent() {
 }
 
 #[test]
+fn a_tagged_set_nx_stores_its_tags_and_replaces_an_invalidated_entry() {
+    let db = TestDb::new();
+    let kv = db.cache.kv();
+    let tagged = kv.tagged(&["t", "u"]);
+    assert!(tagged.set_nx("lock", &json!(1), HOUR).unwrap());
+    assert!(!tagged.set_nx("lock", &json!(2), HOUR).unwrap(), "live: taken");
+    assert!(kv.set_nx("untagged", &json!(1), HOUR).unwrap());
+
+    kv.invalidate_tag("u").unwrap();
+    assert_eq!(kv.get("lock").unwrap(), None);
+    assert!(tagged.set_nx("lock", &json!(3), HOUR).unwrap(), "invalidated: free");
+    assert_eq!(kv.get("lock").unwrap(), Some(json!(3)));
+
+    // The replacing entry carries the tags too; the untagged one none.
+    kv.invalidate_tag("t").unwrap();
+    assert_eq!(kv.get("lock").unwrap(), None);
+    assert_eq!(kv.get("untagged").unwrap(), Some(json!(1)));
+}
+
+#[test]
 fn a_counter_keeps_its_tags_while_live() {
     let db = TestDb::new();
     let kv = db.cache.kv();

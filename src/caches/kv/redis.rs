@@ -35,8 +35,79 @@ use crate::kind::CacheKind;
 use crate::metrics::Op;
 use crate::near::protocol::change_stamp;
 use crate::skipped::Skipped;
-use crate::statement::{Param, Prepared};
+use crate::statement::{BindParam, Param, Prepared};
 use crate::validation::check_key;
+
+/// Pieces of `set_nx`'s statement, between its bind parameters. Up to the values:
+/// the insert of an absent key (`$columns`: the tags' columns, if any).
+macro_rules! set_nx_insert {
+    ($columns:literal) => {
+        concat!(
+            "WITH inserted AS (INSERT INTO {t} (key, value, packed, expires_at",
+            $columns,
+            ") VALUES ("
+        )
+    };
+}
+
+/// ... after the insert's values: the update of an entry that is not live, up to
+/// its value.
+macro_rules! set_nx_replace {
+    () => {
+        ") ON CONFLICT (key) DO NOTHING RETURNING true), \
+         replaced AS (UPDATE {t} SET bytes = NULL, bytes_packed = false, value = "
+    };
+}
+
+/// ... after the update's tags: its stamp, up to the key.
+macro_rules! set_nx_stamp {
+    () => {
+        concat!(", ", change_stamp!("{t}", "true"), " WHERE key = ")
+    };
+}
+
+/// ... after the key: the update's condition, and the answer.
+const SET_NX_WHERE: &str = concat!(
+    " AND NOT (",
+    live!(""),
+    ") AND NOT EXISTS (SELECT 1 FROM inserted) RETURNING true) \
+     SELECT EXISTS (SELECT 1 FROM inserted) OR EXISTS (SELECT 1 FROM replaced) AS stored"
+);
+
+/// `set_nx` of a handle without tags: key, value, packed, TTL, then value, packed,
+/// TTL and key again.
+const SET_NX_UNTAGGED: [&str; 9] = [
+    set_nx_insert!(""),
+    ", ",
+    ", ",
+    ", statement_timestamp() + ",
+    set_nx_replace!(),
+    ", packed = ",
+    ", expires_at = statement_timestamp() + ",
+    concat!(
+        ", created_at = now(), tags = NULL, tag_generations = NULL",
+        set_nx_stamp!()
+    ),
+    SET_NX_WHERE,
+];
+
+/// `set_nx` of a tagged handle: as [`SET_NX_UNTAGGED`], with the tags and their
+/// generations (the tags bound twice) after each TTL.
+const SET_NX_TAGGED: [&str; 13] = [
+    set_nx_insert!(", tags, tag_generations"),
+    ", ",
+    ", ",
+    ", statement_timestamp() + ",
+    ", ",
+    concat!("::text[], ", generations!(before)),
+    concat!(generations!(after), set_nx_replace!()),
+    ", packed = ",
+    ", expires_at = statement_timestamp() + ",
+    ", created_at = now(), tags = ",
+    concat!("::text[], tag_generations = ", generations!(before)),
+    concat!(generations!(after), set_nx_stamp!()),
+    SET_NX_WHERE,
+];
 
 impl<V> KvCache<'_, V> {
     /// Whether `key` holds a live entry.
@@ -410,57 +481,35 @@ impl<V: Serialize + DeserializeOwned + Send + 'static> KvCache<'_, V> {
             // the statement locks nothing and commits nothing. An entry that is
             // not live (expired, or with a tag invalidated since) is replaced by
             // the update, stamped as it may be held unexpired; of racing callers
-            // the row lock admits one. Tags as a set's (NULL: none).
-            let tags = (!self.tags.is_empty()).then_some(self.tags);
+            // the row lock admits one. A handle without tags sends the statement
+            // without the tags' subqueries, which cost their start-up on every
+            // call even when they read nothing.
             let columns = row.columns();
             let (key, value, packed, interval, tags) = (
                 Param::<Text, _>::new(row.stored()),
                 Param::<Nullable<Jsonb>, _>::new(columns.value),
                 Param::<Nullable<diesel::sql_types::Binary>, _>::new(columns.packed),
                 Param::<diesel::sql_types::Interval, _>::new(interval),
-                Param::<Nullable<diesel::sql_types::Array<Text>>, _>::new(tags),
+                Param::<diesel::sql_types::Array<Text>, _>::new(self.tags),
             );
-            let stored: Stored = self
-                .tables()
-                .prepared(
-                    &[
-                        "WITH inserted AS (INSERT INTO {t} \
-                         (key, value, packed, expires_at, tags, tag_generations) VALUES (",
-                        ", ",
-                        ", ",
-                        ", statement_timestamp() + ",
-                        ", ",
-                        concat!("::text[], ", generations!(before)),
-                        concat!(
-                            generations!(after),
-                            ") ON CONFLICT (key) DO NOTHING RETURNING true), \
-                             replaced AS (UPDATE {t} SET bytes = NULL, bytes_packed = false, \
-                             value = "
-                        ),
-                        ", packed = ",
-                        ", expires_at = statement_timestamp() + ",
-                        ", created_at = now(), tags = ",
-                        concat!("::text[], tag_generations = ", generations!(before)),
-                        concat!(
-                            generations!(after),
-                            ", ",
-                            change_stamp!("{t}", "true"),
-                            " WHERE key = "
-                        ),
-                        concat!(
-                            " AND NOT (",
-                            live!(""),
-                            ") AND NOT EXISTS (SELECT 1 FROM inserted) RETURNING true) \
-                             SELECT EXISTS (SELECT 1 FROM inserted) \
-                               OR EXISTS (SELECT 1 FROM replaced) AS stored"
-                        ),
-                    ],
-                    vec![
-                        &key, &value, &packed, &interval, &tags, &tags, &value, &packed, &interval,
-                        &tags, &tags, &key,
-                    ],
-                )
-                .get_result(conn)?;
+            let (pieces, params): (&'static [&'static str], Vec<&dyn BindParam>) =
+                if self.tags.is_empty() {
+                    (
+                        &SET_NX_UNTAGGED,
+                        vec![
+                            &key, &value, &packed, &interval, &value, &packed, &interval, &key,
+                        ],
+                    )
+                } else {
+                    (
+                        &SET_NX_TAGGED,
+                        vec![
+                            &key, &value, &packed, &interval, &tags, &tags, &value, &packed,
+                            &interval, &tags, &tags, &key,
+                        ],
+                    )
+                };
+            let stored: Stored = self.tables().prepared(pieces, params).get_result(conn)?;
             Ok(stored.stored)
         })?;
         self.evict_near(key, row.stored());
