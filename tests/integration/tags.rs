@@ -106,12 +106,18 @@ fn a_tagged_set_nx_stores_its_tags_and_replaces_an_invalidated_entry() {
     let kv = db.cache.kv();
     let tagged = kv.tagged(&["t", "u"]);
     assert!(tagged.set_nx("lock", &json!(1), HOUR).unwrap());
-    assert!(!tagged.set_nx("lock", &json!(2), HOUR).unwrap(), "live: taken");
+    assert!(
+        !tagged.set_nx("lock", &json!(2), HOUR).unwrap(),
+        "live: taken"
+    );
     assert!(kv.set_nx("untagged", &json!(1), HOUR).unwrap());
 
     kv.invalidate_tag("u").unwrap();
     assert_eq!(kv.get("lock").unwrap(), None);
-    assert!(tagged.set_nx("lock", &json!(3), HOUR).unwrap(), "invalidated: free");
+    assert!(
+        tagged.set_nx("lock", &json!(3), HOUR).unwrap(),
+        "invalidated: free"
+    );
     assert_eq!(kv.get("lock").unwrap(), Some(json!(3)));
 
     // The replacing entry carries the tags too; the untagged one none.
