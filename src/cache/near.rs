@@ -192,17 +192,26 @@ pub(crate) fn get_many_from_memory<C: NearStorage + ?Sized>(
         .iter()
         .map(|k| cache.check_key(k).ok())
         .collect::<Option<_>>()?;
+    // Every key's shard must have a near cache before anything is counted.
+    let shards: Vec<(&Engine, &NearCaches)> = keys
+        .iter()
+        .zip(&checked)
+        .map(|(key, checked)| {
+            let engine = cache.engine_for(key, checked);
+            near_of::<C>(engine).map(|near| (engine, near))
+        })
+        .collect::<Option<_>>()?;
     let mut part = FromMemory {
         found: Vec::with_capacity(keys.len()),
         missing: Vec::new(),
     };
-    for (i, (key, checked)) in keys.iter().zip(&checked).enumerate() {
-        let engine = cache.engine_for(key, checked);
-        let kept = near_of::<C>(engine)?.get(C::KIND, &C::near_key(key, checked), C::from_near);
-        match kept.transpose() {
+    for (i, ((key, checked), (_, near))) in keys.iter().zip(&checked).zip(&shards).enumerate() {
+        match near
+            .get(C::KIND, &C::near_key(key, checked), C::from_near)
+            .transpose()
+        {
             Ok(Some(Some(entry))) => {
                 cache.near_hit(checked);
-                engine.record_lookups(C::KIND, 1, 0);
                 part.found.push(Some(entry));
             }
             Ok(_) => {
@@ -212,6 +221,12 @@ pub(crate) fn get_many_from_memory<C: NearStorage + ?Sized>(
             Err(error) => {
                 return Some(cache.front().observe(C::KIND, Op::GetMany, |_| Err(error)));
             }
+        }
+    }
+    // The hits, counted by the shard holding each, as the full read counts them.
+    for ((engine, _), found) in shards.iter().zip(&part.found) {
+        if found.is_some() {
+            engine.record_lookups(C::KIND, 1, 0);
         }
     }
     if part.missing.is_empty() {

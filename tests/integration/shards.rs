@@ -847,6 +847,45 @@ fn a_manager_starts_while_a_shard_is_down_and_uses_it_once_back() {
     assert_eq!(p.dbs[2].count("cache_entries"), 1);
 }
 
+#[cfg(feature = "tokio")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_batch_over_every_shards_near_cache_answers_in_key_order() {
+    let dbs = databases(&common::database_url(), &SHARDS);
+    let all: Vec<&ShardDb> = dbs.iter().collect();
+    let cache = manager(&all, |b| {
+        b.near_cache(CacheKind::Kv, Some(NearCache::new()))
+            .near_cache_staleness(Duration::from_secs(10))
+    });
+    near_support::wait_current(&cache);
+    let keys = keys("hot:", 30);
+    for (i, key) in keys.iter().enumerate() {
+        cache.kv().set(key, &json!(i)).unwrap();
+        // Read once: kept by the near cache of the key's shard.
+        assert_eq!(cache.kv().get(key).unwrap(), Some(json!(i)));
+    }
+    let hits =
+        |cache: &CacheManager| -> u64 { cache.near_cache_stats().iter().map(|s| s.hits).sum() };
+    let before = hits(&cache);
+    let mut asked: Vec<&str> = refs(&keys).into_iter().rev().collect();
+    asked.insert(5, "missing:1");
+    let found = cache.to_async().kv().get_many(&asked).await.unwrap();
+    let expected: Vec<Option<Value>> = asked
+        .iter()
+        .map(|k| keys.iter().position(|key| key == k).map(|i| json!(i)))
+        .collect();
+    assert_eq!(found, expected);
+    assert_eq!(
+        hits(&cache),
+        before + keys.len() as u64,
+        "every held key served from its shard's near cache"
+    );
+    let spread = expected_kv(&cache, &keys);
+    assert!(
+        spread.len() == SHARDS.len() && spread.values().all(|&n| n > 0),
+        "the keys span every shard: {spread:?}"
+    );
+}
+
 #[test]
 fn each_shards_near_cache_learns_of_writes_to_that_shard() {
     let dbs = databases(&common::database_url(), &SHARDS);
