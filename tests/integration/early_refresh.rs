@@ -423,14 +423,7 @@ fn child_process_asks_for_the_hot_key() {
     let Ok(schema) = std::env::var(CHILD_SCHEMA) else {
         return;
     };
-    let config = hot_config(pgcache::CacheConfig::builder())
-        .database_url(common::database_url())
-        .schema(schema)
-        .run_migrations(false)
-        .pool_connection_timeout(common::CONNECTION_TIMEOUT)
-        .build()
-        .unwrap();
-    let cache = CacheManager::new(config).unwrap();
+    let cache = common::child_manager(schema, hot_config);
     println!("{READY}");
     std::io::stdout().flush().unwrap();
     let mut go = String::new();

@@ -277,14 +277,7 @@ fn child_process_computes_the_report() {
     let Ok(schema) = std::env::var(CHILD_SCHEMA) else {
         return;
     };
-    let config = pgcache::CacheConfig::builder()
-        .database_url(common::database_url())
-        .schema(schema)
-        .run_migrations(false)
-        .pool_connection_timeout(common::CONNECTION_TIMEOUT)
-        .build()
-        .unwrap();
-    let cache = CacheManager::new(config).unwrap();
+    let cache = common::child_manager(schema, |b| b);
     let value = cache
         .kv()
         .get_or_compute("report", || {

@@ -84,6 +84,22 @@ impl TestDb {
 /// default 2 s. Tests of the connection timeout set their own.
 pub const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// A manager on `schema`, whose migrations the parent test ran: what a test's
+/// child process uses, with `tweak` applied to the builder first.
+pub fn child_manager(
+    schema: String,
+    tweak: impl FnOnce(CacheConfigBuilder) -> CacheConfigBuilder,
+) -> CacheManager {
+    let config = tweak(CacheConfig::builder())
+        .database_url(database_url())
+        .schema(schema)
+        .run_migrations(false)
+        .pool_connection_timeout(CONNECTION_TIMEOUT)
+        .build()
+        .unwrap();
+    CacheManager::new(config).unwrap()
+}
+
 fn base_config(schema: &str) -> CacheConfigBuilder {
     CacheConfig::builder()
         .database_url(database_url())
